@@ -1,0 +1,33 @@
+//! CascadeInfer's scheduling core.
+//!
+//! Pure policy and model code: no I/O, no clock reads (time is always an argument), no pyo3
+//! outside `py`. The live scheduler service and the cluster simulator drive the same objects.
+
+pub mod balance;
+pub mod baselines;
+pub mod cost;
+pub mod error;
+pub mod grid;
+pub mod ids;
+pub mod layout;
+pub mod load;
+pub mod partition;
+pub mod policy;
+pub mod presets;
+pub mod refine;
+pub mod rng;
+pub mod router;
+pub mod workload;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use cost::{BatchShape, CostProfile};
+pub use error::CoreError;
+pub use grid::BucketGrid;
+pub use ids::{InstanceId, RequestId};
+
+pub use partition::{partition, PartitionOptions, StagePlan, StageSpec};
+
+pub use presets::Preset;
+pub use workload::{RequestSample, WorkloadSummary};

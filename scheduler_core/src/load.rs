@@ -1,0 +1,192 @@
+//! Per-instance load as the scheduler sees it: refreshed from engine step feeds, bumped
+//! optimistically on admission and migration so back-to-back decisions spread out.
+
+use crate::cost::{prefill_pairs, BatchShape, CostProfile};
+use crate::ids::{InstanceId, RequestId};
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InstanceLoad {
+    /// Running requests and their context lengths, as of the last step feed (plus moves since).
+    pub running: Vec<(RequestId, u32)>,
+    pub sum_context: u64,
+    pub max_context: u32,
+    /// Admitted requests not yet seen running, and their prompt tokens.
+    pub num_queued: u32,
+    pub queued_tokens: u64,
+}
+
+impl InstanceLoad {
+    fn push(&mut self, request: RequestId, len: u32) {
+        self.running.push((request, len));
+        self.sum_context += u64::from(len);
+        self.max_context = self.max_context.max(len);
+    }
+
+    fn remove(&mut self, request: RequestId) -> Option<u32> {
+        let pos = self.running.iter().position(|&(r, _)| r == request)?;
+        let (_, len) = self.running.swap_remove(pos);
+        self.sum_context -= u64::from(len);
+        if len == self.max_context {
+            self.max_context = self.running.iter().map(|&(_, l)| l).max().unwrap_or(0);
+        }
+        Some(len)
+    }
+
+    /// KV tokens in use or promised.
+    pub fn kv_tokens(&self) -> u64 {
+        self.sum_context + self.queued_tokens
+    }
+
+    pub fn batch(&self) -> BatchShape {
+        BatchShape {
+            num_decode: self.running.len() as u32,
+            sum_context: self.sum_context,
+            max_context: self.max_context,
+            prefill_tokens: 0,
+            prefill_pairs: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadBook {
+    loads: Vec<InstanceLoad>,
+    /// Which call last reset each instance (so one call resets an instance once).
+    epoch_of: Vec<u64>,
+    epoch: u64,
+}
+
+impl LoadBook {
+    pub fn get(&self, inst: InstanceId) -> &InstanceLoad {
+        static EMPTY: InstanceLoad =
+            InstanceLoad { running: Vec::new(), sum_context: 0, max_context: 0, num_queued: 0, queued_tokens: 0 };
+        self.loads.get(inst.index()).unwrap_or(&EMPTY)
+    }
+
+    fn get_mut(&mut self, inst: InstanceId) -> &mut InstanceLoad {
+        if self.loads.len() <= inst.index() {
+            self.loads.resize_with(inst.index() + 1, InstanceLoad::default);
+            self.epoch_of.resize(inst.index() + 1, 0);
+        }
+        &mut self.loads[inst.index()]
+    }
+
+    /// Starts a refresh: instances named in the following `record` calls are rebuilt from them.
+    pub fn begin_refresh(&mut self) {
+        self.epoch += 1;
+    }
+
+    /// One running request seen in a step feed.
+    pub fn record(&mut self, inst: InstanceId, request: RequestId, len: u32) {
+        let epoch = self.epoch;
+        self.get_mut(inst);
+        let idx = inst.index();
+        let load = &mut self.loads[idx];
+        if self.epoch_of[idx] != epoch {
+            self.epoch_of[idx] = epoch;
+            *load = InstanceLoad { running: std::mem::take(&mut load.running), ..InstanceLoad::default() };
+            load.running.clear();
+        }
+        load.push(request, len);
+    }
+
+    pub fn add_queued(&mut self, inst: InstanceId, prompt_len: u32) {
+        let load = self.get_mut(inst);
+        load.num_queued += 1;
+        load.queued_tokens += u64::from(prompt_len);
+    }
+
+    /// Moves a running request's load from one instance to another (a migration decided).
+    pub fn move_request(&mut self, request: RequestId, from: InstanceId, to: InstanceId, len: u32) {
+        self.get_mut(from).remove(request);
+        self.get_mut(to).push(request, len);
+    }
+
+    /// Forgets an instance entirely (it left the cluster).
+    pub fn clear(&mut self, inst: InstanceId) {
+        if let Some(load) = self.loads.get_mut(inst.index()) {
+            *load = InstanceLoad::default();
+        }
+    }
+
+    /// Predicted step time of `inst`, with one more request of `extra_len` when given: its
+    /// decode plus the queued prefill work spread over the token budget.
+    pub fn predicted_step(&self, profile: &CostProfile, inst: InstanceId, extra_len: Option<u32>) -> f64 {
+        let load = self.get(inst);
+        let mut batch = load.batch();
+        let mut queued = load.queued_tokens;
+        if let Some(len) = extra_len {
+            batch.num_decode += 1;
+            batch.sum_context += u64::from(len);
+            batch.max_context = batch.max_context.max(len);
+            queued += u64::from(len);
+        }
+        let chunk = queued.min(u64::from(profile.max_batch_tokens));
+        batch.prefill_tokens = chunk as u32;
+        batch.prefill_pairs = prefill_pairs(0, chunk);
+        profile.step_time(&batch)
+    }
+
+    /// Whether `inst` has KV room for `tokens` more.
+    pub fn has_room(&self, profile: &CostProfile, inst: InstanceId, tokens: u32) -> bool {
+        let load = self.get(inst);
+        load.kv_tokens() + u64::from(tokens) <= profile.kv_capacity_tokens
+            && (load.running.len() as u32 + load.num_queued) < profile.max_num_seqs
+    }
+
+    /// Among `candidates` with room for `tokens`, the one with the least predicted step time
+    /// after taking it (ties go to the first).
+    pub fn least_loaded(
+        &self,
+        profile: &CostProfile,
+        candidates: &[InstanceId],
+        tokens: u32,
+        skip: Option<InstanceId>,
+    ) -> Option<InstanceId> {
+        let mut best: Option<(f64, InstanceId)> = None;
+        for &inst in candidates {
+            if Some(inst) == skip || !self.has_room(profile, inst, tokens) {
+                continue;
+            }
+            let t = self.predicted_step(profile, inst, Some(tokens));
+            if best.is_none_or(|(bt, _)| t < bt) {
+                best = Some((t, inst));
+            }
+        }
+        best.map(|(_, inst)| inst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::tests::gpu;
+
+    #[test]
+    fn refresh_replaces_only_the_instances_it_names() {
+        let mut book = LoadBook::default();
+        book.begin_refresh();
+        book.record(InstanceId(0), RequestId(1), 100);
+        book.record(InstanceId(1), RequestId(2), 50);
+        book.begin_refresh();
+        book.record(InstanceId(0), RequestId(1), 101);
+        assert_eq!(book.get(InstanceId(0)).sum_context, 101);
+        assert_eq!(book.get(InstanceId(1)).sum_context, 50);
+    }
+
+    #[test]
+    fn least_loaded_prefers_the_lighter_instance_and_respects_room() {
+        let p = gpu();
+        let mut book = LoadBook::default();
+        book.begin_refresh();
+        book.record(InstanceId(0), RequestId(1), 300_000);
+        book.record(InstanceId(1), RequestId(2), 1000);
+        let all = [InstanceId(0), InstanceId(1)];
+        assert_eq!(book.least_loaded(&p, &all, 100, None), Some(InstanceId(1)));
+        // Only instance 0 is a candidate but it lacks room for 200K more tokens.
+        assert_eq!(book.least_loaded(&p, &all[..1], 200_000, None), None);
+        book.move_request(RequestId(1), InstanceId(0), InstanceId(1), 300_000);
+        assert_eq!(book.get(InstanceId(0)).running.len(), 0);
+        assert_eq!(book.get(InstanceId(1)).max_context, 300_000);
+    }
+}

