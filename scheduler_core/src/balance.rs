@@ -1,1 +1,159 @@
-//! TODO
+//! Within-stage balancing: when the predicted step times of a stage's instances drift apart,
+//! move one request at a time from the slowest to the fastest, with hysteresis and a cooldown
+//! so balancing never chases noise.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, Result};
+use crate::ids::InstanceId;
+use crate::policy::{Migration, MigrationReason, StepEntry};
+use crate::router::Router;
+
+#[derive(Copy, Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BalanceConfig {
+    /// Start balancing a stage when (slowest - fastest) / slowest exceeds this.
+    pub start_imbalance: f64,
+    /// Stop once it falls below this (must be below `start_imbalance`).
+    pub stop_imbalance: f64,
+    /// An instance takes part in at most one balancing move per this many seconds.
+    pub cooldown_s: f64,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig { start_imbalance: 0.3, stop_imbalance: 0.1, cooldown_s: 1.0 }
+    }
+}
+
+impl BalanceConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.stop_imbalance >= 0.0 && self.stop_imbalance < self.start_imbalance && self.start_imbalance < 1.0) {
+            return Err(CoreError::invalid(
+                "balance.start_imbalance/stop_imbalance",
+                format!("{}/{}", self.start_imbalance, self.stop_imbalance),
+                "need 0 <= stop_imbalance < start_imbalance < 1",
+            ));
+        }
+        if !(self.cooldown_s.is_finite() && self.cooldown_s >= 0.0) {
+            return Err(CoreError::invalid("balance.cooldown_s", self.cooldown_s, "must be finite and >= 0"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Balancer {
+    config: BalanceConfig,
+    /// Per stage: inside a balancing episode (between start and stop thresholds).
+    active: Vec<bool>,
+    last_move: Vec<f64>,
+}
+
+impl Balancer {
+    pub fn new(config: BalanceConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Balancer { config, active: Vec::new(), last_move: Vec::new() })
+    }
+
+    fn cooled(&self, inst: InstanceId, now: f64) -> bool {
+        self.last_move.get(inst.index()).is_none_or(|&t| now - t >= self.config.cooldown_s)
+    }
+
+    fn mark(&mut self, inst: InstanceId, now: f64) {
+        if self.last_move.len() <= inst.index() {
+            self.last_move.resize(inst.index() + 1, f64::NEG_INFINITY);
+        }
+        self.last_move[inst.index()] = now;
+    }
+
+    /// At most one move per stage per call.
+    pub fn decide(&mut self, router: &mut Router, now: f64) -> Vec<Migration> {
+        let num_stages = router.layout.stages().len();
+        self.active.resize(num_stages, false);
+        let mut out = Vec::new();
+        for stage in 0..num_stages {
+            let instances = router.layout.stages()[stage].instances.clone();
+            if instances.len() < 2 {
+                continue;
+            }
+            let step = |i: &InstanceId| router.loads.predicted_step(&router.profile, *i, None);
+            let slow = *instances.iter().max_by(|a, b| step(a).total_cmp(&step(b))).unwrap();
+            let fast = *instances.iter().min_by(|a, b| step(a).total_cmp(&step(b))).unwrap();
+            let imbalance = (step(&slow) - step(&fast)) / step(&slow);
+            let threshold = if self.active[stage] { self.config.stop_imbalance } else { self.config.start_imbalance };
+            self.active[stage] = imbalance > threshold;
+            if !self.active[stage] || !self.cooled(slow, now) || !self.cooled(fast, now) {
+                continue;
+            }
+            if let Some(m) = self.pick(router, slow, fast) {
+                self.mark(slow, now);
+                self.mark(fast, now);
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    /// The request on `slow` whose move best evens the two instances' context totals.
+    fn pick(&self, router: &mut Router, slow: InstanceId, fast: InstanceId) -> Option<Migration> {
+        let (ls, lf) = (router.loads.get(slow), router.loads.get(fast));
+        let gap = ls.sum_context.saturating_sub(lf.sum_context);
+        let ideal = gap / 2;
+        let &(request, len) = ls
+            .running
+            .iter()
+            .filter(|(r, len)| u64::from(*len) < gap && !router.in_flight.contains(r))
+            .min_by_key(|(_, len)| u64::from(*len).abs_diff(ideal))?;
+        if !router.loads.has_room(&router.profile, fast, len) {
+            return None;
+        }
+        let entry = StepEntry { request, instance: slow, context_len: len };
+        Some(router.start_migration(entry, fast, MigrationReason::Balance))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::tests::gpu;
+    use crate::ids::RequestId;
+    use crate::layout::StageLayout;
+
+    fn entry(r: u64, i: u32, len: u32) -> StepEntry {
+        StepEntry { request: RequestId(r), instance: InstanceId(i), context_len: len }
+    }
+
+    #[test]
+    fn moves_from_slow_to_fast_with_hysteresis_and_cooldown() {
+        let layout = StageLayout::single(131_072, &[InstanceId(0), InstanceId(1)]).unwrap();
+        let mut router = Router::new(gpu(), layout).unwrap();
+        let mut entries: Vec<StepEntry> = (0..40).map(|r| entry(r, 0, 20_000)).collect();
+        entries.push(entry(100, 1, 100));
+        router.check_step(&entries).unwrap();
+        let mut b = Balancer::new(BalanceConfig::default()).unwrap();
+        let moves = b.decide(&mut router, 0.0);
+        assert_eq!(moves.len(), 1);
+        assert_eq!((moves[0].from, moves[0].to), (InstanceId(0), InstanceId(1)));
+        // Cooldown: nothing new within a second even though still imbalanced.
+        assert!(b.decide(&mut router, 0.5).is_empty());
+        assert_eq!(b.decide(&mut router, 1.5).len(), 1);
+    }
+
+    #[test]
+    fn a_balanced_stage_is_left_alone() {
+        let layout = StageLayout::single(131_072, &[InstanceId(0), InstanceId(1)]).unwrap();
+        let mut router = Router::new(gpu(), layout).unwrap();
+        let entries: Vec<StepEntry> = (0..40).map(|r| entry(r, (r % 2) as u32, 5000 + r as u32)).collect();
+        router.check_step(&entries).unwrap();
+        let mut b = Balancer::new(BalanceConfig::default()).unwrap();
+        for t in 0..10 {
+            assert!(b.decide(&mut router, f64::from(t) * 2.0).is_empty());
+        }
+    }
+
+    #[test]
+    fn bad_thresholds_are_rejected() {
+        let bad = BalanceConfig { start_imbalance: 0.1, stop_imbalance: 0.2, cooldown_s: 1.0 };
+        assert!(Balancer::new(bad).unwrap_err().to_string().contains("start_imbalance"));
+    }
+}

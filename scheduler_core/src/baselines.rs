@@ -1,1 +1,253 @@
-//! TODO
+//! Baseline policies behind the same [`Policy`] interface, for honest comparison: every one
+//! sees all instances as one pool, uses the same load book and the same KV-room rule.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cost::CostProfile;
+use crate::error::{CoreError, Result};
+use crate::ids::{InstanceId, RequestId};
+use crate::layout::StageLayout;
+use crate::policy::{Admission, Migration, MigrationReason, Policy, StepEntry, TickOutcome};
+use crate::rng::Rng;
+use crate::router::Router;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BaselineKind {
+    RoundRobin,
+    LeastLoad,
+    PowerOfTwo,
+    Llumnix,
+}
+
+impl BaselineKind {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "round-robin" => Ok(BaselineKind::RoundRobin),
+            "least-load" => Ok(BaselineKind::LeastLoad),
+            "power-of-two" => Ok(BaselineKind::PowerOfTwo),
+            "llumnix" => Ok(BaselineKind::Llumnix),
+            _ => Err(CoreError::invalid("policy", name, "known: cascade, round-robin, least-load, power-of-two, llumnix")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BaselineKind::RoundRobin => "round-robin",
+            BaselineKind::LeastLoad => "least-load",
+            BaselineKind::PowerOfTwo => "power-of-two",
+            BaselineKind::Llumnix => "llumnix",
+        }
+    }
+}
+
+/// Llumnix's migration trigger (Sun et al., OSDI'24: dispatch to the freest instance, and keep
+/// migrating from the busiest to the freest while their KV usage differs).
+#[derive(Copy, Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlumnixConfig {
+    /// Migrate when the KV-usage fractions of the busiest and freest instances differ by more.
+    pub usage_gap: f64,
+    /// Most migrations started per tick.
+    pub max_moves_per_tick: u32,
+}
+
+impl Default for LlumnixConfig {
+    fn default() -> Self {
+        LlumnixConfig { usage_gap: 0.1, max_moves_per_tick: 2 }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Baseline {
+    kind: BaselineKind,
+    /// A single-stage router: its load book, KV-room rule and migration bookkeeping.
+    router: Router,
+    next_rr: usize,
+    rng: Rng,
+    llumnix: LlumnixConfig,
+}
+
+impl Baseline {
+    pub fn new(kind: BaselineKind, profile: CostProfile, instances: &[InstanceId], max_len: u32, seed: u64, llumnix: LlumnixConfig) -> Result<Self> {
+        if !(0.0..1.0).contains(&llumnix.usage_gap) {
+            return Err(CoreError::invalid("llumnix.usage_gap", llumnix.usage_gap, "must be in [0, 1)"));
+        }
+        let layout = StageLayout::single(max_len, instances)?;
+        Ok(Baseline { kind, router: Router::new(profile, layout)?, next_rr: 0, rng: Rng::new(seed), llumnix })
+    }
+
+    fn instances(&self) -> &[InstanceId] {
+        &self.router.layout.stages()[0].instances
+    }
+
+    fn has_room(&self, inst: InstanceId, tokens: u32) -> bool {
+        self.router.loads.has_room(&self.router.profile, inst, tokens)
+    }
+
+    /// Llumnix freeness: free KV tokens per running request (higher is freer).
+    fn freeness(&self, inst: InstanceId) -> f64 {
+        let load = self.router.loads.get(inst);
+        let free = self.router.profile.kv_capacity_tokens as f64 - load.kv_tokens() as f64;
+        free / (load.running.len() as f64 + f64::from(load.num_queued) + 1.0)
+    }
+
+    fn usage(&self, inst: InstanceId) -> f64 {
+        self.router.loads.get(inst).kv_tokens() as f64 / self.router.profile.kv_capacity_tokens as f64
+    }
+
+    fn choose(&mut self, prompt_len: u32) -> Option<InstanceId> {
+        let instances = self.instances().to_vec();
+        match self.kind {
+            BaselineKind::LeastLoad => self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, None),
+            BaselineKind::RoundRobin => {
+                // The next instance in turn that has room.
+                let n = instances.len();
+                let pick = (0..n).map(|k| instances[(self.next_rr + k) % n]).find(|&i| self.has_room(i, prompt_len))?;
+                self.next_rr = (instances.iter().position(|&i| i == pick).unwrap() + 1) % n;
+                Some(pick)
+            }
+            BaselineKind::PowerOfTwo => {
+                let n = instances.len() as u32;
+                let a = instances[self.rng.range_u32(0, n - 1) as usize];
+                let b = if n > 1 {
+                    let k = self.rng.range_u32(0, n - 2) as usize;
+                    instances.iter().copied().filter(|&i| i != a).nth(k).unwrap()
+                } else {
+                    a
+                };
+                let pair = [a, b];
+                self.router.loads.least_loaded(&self.router.profile, &pair, prompt_len, None)
+            }
+            BaselineKind::Llumnix => instances
+                .iter()
+                .copied()
+                .filter(|&i| self.has_room(i, prompt_len))
+                .max_by(|&a, &b| self.freeness(a).total_cmp(&self.freeness(b))),
+        }
+    }
+
+    fn llumnix_rebalance(&mut self) -> Vec<Migration> {
+        let mut out = Vec::new();
+        for _ in 0..self.llumnix.max_moves_per_tick {
+            let instances = self.instances().to_vec();
+            let busiest = *instances.iter().max_by(|&&a, &&b| self.usage(a).total_cmp(&self.usage(b))).unwrap();
+            let freest = *instances.iter().min_by(|&&a, &&b| self.usage(a).total_cmp(&self.usage(b))).unwrap();
+            if self.usage(busiest) - self.usage(freest) <= self.llumnix.usage_gap {
+                break;
+            }
+            // The shortest request moves: least KV to copy.
+            let candidate = self
+                .router
+                .loads
+                .get(busiest)
+                .running
+                .iter()
+                .filter(|(r, _)| !self.router.in_flight.contains(r))
+                .min_by_key(|(_, len)| *len)
+                .copied();
+            let Some((request, len)) = candidate else { break };
+            if !self.has_room(freest, len) {
+                break;
+            }
+            let e = StepEntry { request, instance: busiest, context_len: len };
+            out.push(self.router.start_migration(e, freest, MigrationReason::Rebalance));
+        }
+        out
+    }
+}
+
+impl Policy for Baseline {
+    fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    fn admit(&mut self, _request: RequestId, prompt_len: u32, _now: f64) -> Result<Option<Admission>> {
+        if prompt_len >= self.router.layout.max_len() {
+            return Err(CoreError::invalid("prompt_len", prompt_len, format!("must be < max_len {}", self.router.layout.max_len())));
+        }
+        let Some(instance) = self.choose(prompt_len) else { return Ok(None) };
+        self.router.loads.add_queued(instance, prompt_len);
+        Ok(Some(Admission { instance, stage: 0 }))
+    }
+
+    fn on_step(&mut self, entries: &[StepEntry], _now: f64) -> Result<Vec<Migration>> {
+        // One stage spanning every length: the check only refreshes loads and validates input.
+        self.router.check_step(entries)
+    }
+
+    fn tick(&mut self, _now: f64) -> TickOutcome {
+        let migrations = if self.kind == BaselineKind::Llumnix { self.llumnix_rebalance() } else { Vec::new() };
+        TickOutcome { migrations, new_layout: None }
+    }
+
+    fn migration_done(&mut self, migration: &Migration, succeeded: bool) {
+        self.router.migration_done(migration, succeeded);
+    }
+
+    fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
+        self.router.request_finished(request, instance);
+    }
+
+    fn layout(&self) -> &StageLayout {
+        &self.router.layout
+    }
+
+    fn add_instance(&mut self, instance: InstanceId) -> Result<()> {
+        self.router.layout.add_instance(instance, 0)
+    }
+
+    fn remove_instance(&mut self, instance: InstanceId) -> Result<()> {
+        self.router.layout.remove_instance(instance)?;
+        self.router.loads.clear(instance);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::tests::gpu;
+
+    fn ids(n: u32) -> Vec<InstanceId> {
+        (0..n).map(InstanceId).collect()
+    }
+
+    fn baseline(kind: BaselineKind) -> Baseline {
+        Baseline::new(kind, gpu(), &ids(4), 131_072, 1, LlumnixConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let mut b = baseline(BaselineKind::RoundRobin);
+        let picks: Vec<u32> = (0..8).map(|r| b.admit(RequestId(r), 100, 0.0).unwrap().unwrap().instance.0).collect();
+        assert_eq!(picks, vec![0, 1, 2, 3, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn least_load_and_llumnix_avoid_the_busy_instance() {
+        for kind in [BaselineKind::LeastLoad, BaselineKind::Llumnix, BaselineKind::PowerOfTwo] {
+            let mut b = baseline(kind);
+            let busy: Vec<StepEntry> = (0..50).map(|r| StepEntry { request: RequestId(r), instance: InstanceId(0), context_len: 5000 }).collect();
+            b.on_step(&busy, 0.0).unwrap();
+            for r in 100..103 {
+                assert_ne!(b.admit(RequestId(r), 100, 0.0).unwrap().unwrap().instance, InstanceId(0), "{kind:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn llumnix_migrates_from_busiest_to_freest() {
+        let mut b = baseline(BaselineKind::Llumnix);
+        let busy: Vec<StepEntry> = (0..50).map(|r| StepEntry { request: RequestId(r), instance: InstanceId(2), context_len: 4000 + r as u32 }).collect();
+        b.on_step(&busy, 0.0).unwrap();
+        let moves = b.tick(1.0).migrations;
+        assert_eq!(moves.len(), 2);
+        assert!(moves.iter().all(|m| m.from == InstanceId(2) && m.reason == MigrationReason::Rebalance));
+        assert_eq!(moves[0].context_len, 4000, "the shortest request moves first");
+        assert!(baseline(BaselineKind::LeastLoad).tick(1.0).migrations.is_empty());
+    }
+
+    #[test]
+    fn unknown_policy_name_is_an_error() {
+        assert!(BaselineKind::from_name("fifo").unwrap_err().to_string().contains("round-robin"));
+    }
+}

@@ -5,6 +5,7 @@
 
 pub mod balance;
 pub mod baselines;
+pub mod cascade;
 pub mod cost;
 pub mod error;
 pub mod grid;
@@ -31,3 +32,9 @@ pub use partition::{partition, PartitionOptions, StagePlan, StageSpec};
 
 pub use presets::Preset;
 pub use workload::{RequestSample, WorkloadSummary};
+pub use baselines::{Baseline, BaselineKind, LlumnixConfig};
+pub use cascade::{CascadeConfig, CascadePolicy};
+pub use layout::{StageLayout, StageRange};
+pub use policy::{Admission, Migration, MigrationReason, Policy, StepEntry, TickOutcome};
+pub use refine::{RefineConfig, Refiner};
+pub use router::Router;

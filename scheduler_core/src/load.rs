@@ -102,6 +102,11 @@ impl LoadBook {
         self.get_mut(to).push(request, len);
     }
 
+    /// Drops a finished request from an instance's load.
+    pub fn forget_request(&mut self, inst: InstanceId, request: RequestId) {
+        self.get_mut(inst).remove(request);
+    }
+
     /// Forgets an instance entirely (it left the cluster).
     pub fn clear(&mut self, inst: InstanceId) {
         if let Some(load) = self.loads.get_mut(inst.index()) {

@@ -1,1 +1,93 @@
-//! TODO
+//! The interface every scheduling policy implements, cascade and baselines alike, so the live
+//! scheduler and the simulator drive them the same way.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::ids::{InstanceId, RequestId};
+use crate::layout::StageLayout;
+
+/// One running request in an engine step feed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepEntry {
+    pub request: RequestId,
+    pub instance: InstanceId,
+    /// Prompt plus tokens generated so far.
+    pub context_len: u32,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Admission {
+    pub instance: InstanceId,
+    /// Stage index (always 0 for policies without stages).
+    pub stage: usize,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationReason {
+    /// The request's context reached its stage's upper bound.
+    StageBound,
+    /// Within-stage load balancing.
+    Balance,
+    /// A boundary moved or the plan changed and the request is now outside its stage.
+    Refinement,
+    /// Llumnix-style periodic move from the most to the least loaded instance.
+    Rebalance,
+}
+
+impl MigrationReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationReason::StageBound => "stage_bound",
+            MigrationReason::Balance => "balance",
+            MigrationReason::Refinement => "refinement",
+            MigrationReason::Rebalance => "rebalance",
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    pub request: RequestId,
+    pub from: InstanceId,
+    pub to: InstanceId,
+    pub context_len: u32,
+    pub reason: MigrationReason,
+}
+
+/// What a periodic `tick` decided besides migrations.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TickOutcome {
+    pub migrations: Vec<Migration>,
+    /// Set when the stage layout changed (boundary nudge or re-plan).
+    pub new_layout: Option<StageLayout>,
+}
+
+/// A scheduling policy: a function of the state it was told about and of `now` (seconds on the
+/// caller's clock). It never reads a clock or does I/O.
+pub trait Policy: Send {
+    fn name(&self) -> &'static str;
+
+    /// Chooses the instance for a new request with `prompt_len` prompt tokens, or `None` when
+    /// no eligible instance has room (the caller queues and asks again later).
+    fn admit(&mut self, request: RequestId, prompt_len: u32, now: f64) -> Result<Option<Admission>>;
+
+    /// Takes one engine step's running requests (one instance or several; instances named
+    /// here have their load replaced by what is listed) and returns the migrations to start.
+    fn on_step(&mut self, entries: &[StepEntry], now: f64) -> Result<Vec<Migration>>;
+
+    /// Periodic work: balancing, refinement, rebalancing.
+    fn tick(&mut self, now: f64) -> TickOutcome;
+
+    /// A migration this policy asked for ended; on failure the request stays on its source.
+    fn migration_done(&mut self, migration: &Migration, succeeded: bool);
+
+    /// A request left `instance` (finished or aborted).
+    fn request_finished(&mut self, request: RequestId, instance: InstanceId);
+
+    /// The current layout (a single stage for policies without stages).
+    fn layout(&self) -> &StageLayout;
+
+    fn add_instance(&mut self, instance: InstanceId) -> Result<()>;
+    fn remove_instance(&mut self, instance: InstanceId) -> Result<()>;
+}

@@ -1,1 +1,280 @@
-//! TODO
+//! Runtime range refinement: a decayed online histogram of observed traffic; boundaries between
+//! adjacent stages are nudged one bucket when their loads diverge, and the whole plan is
+//! re-solved when the length distribution has shifted. A change is taken only when the model
+//! predicts a clear gain, and never within the cooldown of the last one, so a steady workload
+//! settles and stays put.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cost::{prefill_pairs, CostProfile};
+use crate::error::{CoreError, Result};
+use crate::grid::BucketGrid;
+use crate::layout::{StageLayout, StageRange};
+use crate::partition::{partition, PartitionOptions, RangeTable};
+use crate::policy::StepEntry;
+use crate::workload::WorkloadSummary;
+
+#[derive(Copy, Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RefineConfig {
+    /// Observations lose half their weight every this many seconds.
+    pub half_life_s: f64,
+    /// No change within this many seconds of the previous one.
+    pub cooldown_s: f64,
+    /// Re-plan when the total-variation distance between the observed token-length
+    /// distribution and the one of the last plan exceeds this.
+    pub replan_divergence: f64,
+    /// Nudge a boundary only when the two stages' utilizations differ by more than this.
+    pub nudge_imbalance: f64,
+    /// A change must cut the predicted mean latency by at least this fraction.
+    pub min_improvement: f64,
+    /// Ignore the histogram until it holds this many seconds of (decayed) observation.
+    pub min_window_s: f64,
+}
+
+impl Default for RefineConfig {
+    fn default() -> Self {
+        RefineConfig {
+            half_life_s: 60.0,
+            cooldown_s: 30.0,
+            replan_divergence: 0.15,
+            nudge_imbalance: 0.2,
+            min_improvement: 0.05,
+            min_window_s: 30.0,
+        }
+    }
+}
+
+impl RefineConfig {
+    pub fn validate(&self) -> Result<()> {
+        let positive = [("refine.half_life_s", self.half_life_s), ("refine.min_window_s", self.min_window_s)];
+        for (field, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(CoreError::invalid(field, v, "must be finite and > 0"));
+            }
+        }
+        let fractions = [
+            ("refine.replan_divergence", self.replan_divergence),
+            ("refine.nudge_imbalance", self.nudge_imbalance),
+            ("refine.min_improvement", self.min_improvement),
+        ];
+        for (field, v) in fractions {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(CoreError::invalid(field, v, "must be in [0, 1]"));
+            }
+        }
+        if !(self.cooldown_s.is_finite() && self.cooldown_s >= 0.0) {
+            return Err(CoreError::invalid("refine.cooldown_s", self.cooldown_s, "must be finite and >= 0"));
+        }
+        Ok(())
+    }
+}
+
+/// What a refinement step changed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Refinement {
+    /// The boundary between stage `stage` and `stage + 1` moved from `from` to `to`.
+    Nudge { stage: usize, from: u32, to: u32 },
+    /// A new plan; instance counts per stage may have changed.
+    Replan,
+}
+
+#[derive(Clone, Debug)]
+pub struct Refiner {
+    config: RefineConfig,
+    grid: BucketGrid,
+    decode_tokens: Vec<f64>,
+    decode_context: Vec<f64>,
+    arrivals: Vec<f64>,
+    prefill_tokens: Vec<f64>,
+    prefill_pairs: Vec<f64>,
+    /// Decayed seconds of observation (the denominator of every rate).
+    window_s: f64,
+    last_advance: Option<f64>,
+    planned_shape: Option<Vec<f64>>,
+    last_change: f64,
+}
+
+impl Refiner {
+    pub fn new(config: RefineConfig, grid: BucketGrid) -> Result<Self> {
+        config.validate()?;
+        let nb = grid.num_buckets();
+        Ok(Refiner {
+            config,
+            grid,
+            decode_tokens: vec![0.0; nb],
+            decode_context: vec![0.0; nb],
+            arrivals: vec![0.0; nb],
+            prefill_tokens: vec![0.0; nb],
+            prefill_pairs: vec![0.0; nb],
+            window_s: 0.0,
+            last_advance: None,
+            planned_shape: None,
+            last_change: f64::NEG_INFINITY,
+        })
+    }
+
+    fn bucket(&self, len: u32) -> usize {
+        self.grid.bucket_of(len.min(self.grid.max_len() - 1)).expect("clamped below max_len")
+    }
+
+    /// One engine step: every entry is one decode token at its context length.
+    /// Records the length distribution the current plan was made for; re-planning is
+    /// considered once the observed distribution drifts from it. Without it, the first full
+    /// window of observations becomes the reference.
+    pub fn set_planned_workload(&mut self, planned: &WorkloadSummary) {
+        self.planned_shape = Some(normalized(&planned.decode_tokens));
+    }
+
+    pub fn observe_step(&mut self, entries: &[StepEntry]) {
+        for e in entries {
+            let b = self.bucket(e.context_len);
+            self.decode_tokens[b] += 1.0;
+            self.decode_context[b] += f64::from(e.context_len);
+        }
+    }
+
+    pub fn observe_arrival(&mut self, prompt_len: u32) {
+        let b = self.bucket(prompt_len);
+        self.arrivals[b] += 1.0;
+        self.prefill_tokens[b] += f64::from(prompt_len);
+        self.prefill_pairs[b] += prefill_pairs(0, u64::from(prompt_len)) as f64;
+    }
+
+    /// Ages the histogram to `now`.
+    pub fn advance(&mut self, now: f64) {
+        let Some(last) = self.last_advance.replace(now) else { return };
+        let dt = (now - last).max(0.0);
+        let keep = 0.5f64.powf(dt / self.config.half_life_s);
+        for v in [&mut self.decode_tokens, &mut self.decode_context, &mut self.arrivals, &mut self.prefill_tokens, &mut self.prefill_pairs] {
+            v.iter_mut().for_each(|x| *x *= keep);
+        }
+        // The decayed integral of dt: observations made over `dt` carry weight about `keep`..1.
+        self.window_s = self.window_s * keep + dt * (1.0 + keep) / 2.0;
+    }
+
+    /// The observed traffic as rates, or `None` before enough has been seen.
+    pub fn summary(&self) -> Option<WorkloadSummary> {
+        let arrivals: f64 = self.arrivals.iter().sum();
+        if self.window_s < self.config.min_window_s || arrivals <= 0.0 {
+            return None;
+        }
+        let rate = |v: &[f64]| v.iter().map(|x| x / self.window_s).collect::<Vec<f64>>();
+        let decode_tokens = rate(&self.decode_tokens);
+        let edges = self.grid.edges();
+        // A request passing length L leaves exactly one token-step at L, so the crossing rate
+        // of an edge is the token density just below it.
+        let mut crossings = vec![0.0; edges.len()];
+        for k in 1..edges.len() - 1 {
+            crossings[k] = decode_tokens[k - 1] / f64::from(edges[k] - edges[k - 1]);
+        }
+        let arrival_rate = arrivals / self.window_s;
+        let prompt_tokens: f64 = self.prefill_tokens.iter().sum();
+        let total_tokens: f64 = self.decode_tokens.iter().sum();
+        Some(WorkloadSummary {
+            grid: self.grid.clone(),
+            arrival_rate,
+            decode_context: rate(&self.decode_context),
+            arrivals: rate(&self.arrivals),
+            prefill_tokens: rate(&self.prefill_tokens),
+            prefill_pairs: rate(&self.prefill_pairs),
+            crossings,
+            mean_prompt_len: prompt_tokens / arrivals,
+            mean_output_len: total_tokens / arrivals,
+            decode_tokens,
+        })
+    }
+
+    fn shape(&self) -> Vec<f64> {
+        normalized(&self.decode_tokens)
+    }
+
+    /// Decides a layout change at `now`, or `None` to keep the current one.
+    pub fn decide(&mut self, layout: &StageLayout, profile: &CostProfile, now: f64) -> Option<(StageLayout, Refinement)> {
+        if now - self.last_change < self.config.cooldown_s {
+            return None;
+        }
+        let summary = self.summary()?;
+        let table = RangeTable::new(&summary, profile);
+        let cuts = self.cuts_of(layout);
+        let counts: Vec<u32> = layout.stages().iter().map(|s| s.instances.len() as u32).collect();
+        let current = layout_cost(&table, &cuts, &counts);
+        let good_enough = |candidate: f64| candidate < current * (1.0 - self.config.min_improvement);
+        let shape = self.shape();
+        let diverged = match &self.planned_shape {
+            // No reference yet: re-plan only if the current layout cannot carry the traffic.
+            None => {
+                self.planned_shape = Some(shape.clone());
+                !current.is_finite()
+            }
+            Some(planned) => 0.5 * planned.iter().zip(&shape).map(|(a, b)| (a - b).abs()).sum::<f64>() > self.config.replan_divergence,
+        };
+        if diverged {
+            let options = PartitionOptions { num_instances: layout.num_instances() as u32, max_stages: None };
+            if let Ok(plan) = partition(&summary, profile, &options) {
+                self.planned_shape = Some(shape.clone());
+                if good_enough(plan.objective_s * summary.arrival_rate) {
+                    let new_layout = layout.reassign(&plan).ok()?;
+                    self.last_change = now;
+                    return Some((new_layout, Refinement::Replan));
+                }
+            }
+        }
+        let (stage, cut, cost) = self.best_nudge(&table, layout, &cuts, &counts)?;
+        if !good_enough(cost) {
+            return None;
+        }
+        let edges = self.grid.edges();
+        let from = edges[cuts[stage + 1]];
+        let mut stages: Vec<StageRange> = layout.stages().to_vec();
+        stages[stage].max_len = edges[cut];
+        stages[stage + 1].min_len = edges[cut];
+        self.last_change = now;
+        Some((StageLayout::new(stages).ok()?, Refinement::Nudge { stage, from, to: edges[cut] }))
+    }
+
+    /// Bucket index of every stage boundary (snapped to the grid), `[0, ..., num_buckets]`.
+    fn cuts_of(&self, layout: &StageLayout) -> Vec<usize> {
+        let edges = self.grid.edges();
+        let mut cuts: Vec<usize> = layout.stages().iter().map(|s| edges.partition_point(|&e| e < s.min_len)).collect();
+        cuts.push(edges.len() - 1);
+        cuts
+    }
+
+    /// Among one-bucket moves of boundaries between stages whose utilizations diverge, the
+    /// one with the lowest predicted cost: (stage, new cut, cost).
+    fn best_nudge(&self, table: &RangeTable, layout: &StageLayout, cuts: &[usize], counts: &[u32]) -> Option<(usize, usize, f64)> {
+        let utilization = |k: usize| {
+            table.predict(&table.load(cuts[k], cuts[k + 1]), counts[k]).map_or(f64::INFINITY, |(_, p)| p.utilization)
+        };
+        let mut best: Option<(usize, usize, f64)> = None;
+        for k in 0..layout.stages().len() - 1 {
+            if (utilization(k) - utilization(k + 1)).abs() <= self.config.nudge_imbalance {
+                continue;
+            }
+            for cut in [cuts[k + 1] - 1, cuts[k + 1] + 1] {
+                if cut <= cuts[k] || cut >= cuts[k + 2] {
+                    continue;
+                }
+                let mut moved = cuts.to_vec();
+                moved[k + 1] = cut;
+                let cost = layout_cost(table, &moved, counts);
+                if best.is_none_or(|(_, _, c)| cost < c) {
+                    best = Some((k, cut, cost));
+                }
+            }
+        }
+        best
+    }
+}
+
+fn normalized(v: &[f64]) -> Vec<f64> {
+    let total: f64 = v.iter().sum();
+    v.iter().map(|x| if total > 0.0 { x / total } else { 0.0 }).collect()
+}
+
+fn layout_cost(table: &RangeTable, cuts: &[usize], counts: &[u32]) -> f64 {
+    cuts.windows(2)
+        .zip(counts)
+        .map(|(w, &m)| table.predict(&table.load(w[0], w[1]), m).map_or(f64::INFINITY, |(c, _)| c))
+        .sum()
+}

@@ -1,1 +1,164 @@
-//! TODO
+//! The cascade router: admission by prompt length, and the per-token stage-bound check.
+
+use std::collections::HashSet;
+
+use crate::cost::CostProfile;
+use crate::error::{CoreError, Result};
+use crate::ids::{InstanceId, RequestId};
+use crate::layout::StageLayout;
+use crate::load::LoadBook;
+use crate::policy::{Admission, Migration, MigrationReason, StepEntry};
+
+/// Routes requests over a stage layout. Holds the loads it has been told about and the
+/// requests whose migration is in flight (so a request is never sent twice).
+#[derive(Clone, Debug)]
+pub struct Router {
+    pub(crate) profile: CostProfile,
+    pub(crate) layout: StageLayout,
+    pub(crate) loads: LoadBook,
+    pub(crate) in_flight: HashSet<RequestId>,
+}
+
+impl Router {
+    pub fn new(profile: CostProfile, layout: StageLayout) -> Result<Self> {
+        profile.validate()?;
+        Ok(Router { profile, layout, loads: LoadBook::default(), in_flight: HashSet::new() })
+    }
+
+    pub fn layout(&self) -> &StageLayout {
+        &self.layout
+    }
+
+    pub fn loads(&self) -> &LoadBook {
+        &self.loads
+    }
+
+    fn check_len(&self, len: u32) -> Result<()> {
+        if len >= self.layout.max_len() {
+            return Err(CoreError::invalid("context_len", len, format!("must be < max_len {}", self.layout.max_len())));
+        }
+        Ok(())
+    }
+
+    /// Stage by prompt length, then the least-loaded instance of that stage with KV room.
+    pub fn admit(&mut self, prompt_len: u32) -> Result<Option<Admission>> {
+        self.check_len(prompt_len)?;
+        let stage = self.layout.stage_of_len(prompt_len);
+        let candidates = &self.layout.stages()[stage].instances;
+        let Some(instance) = self.loads.least_loaded(&self.profile, candidates, prompt_len, None) else {
+            return Ok(None);
+        };
+        self.loads.add_queued(instance, prompt_len);
+        Ok(Some(Admission { instance, stage }))
+    }
+
+    /// Refreshes the loads of the instances in `entries` and returns a migration for every
+    /// request that reached its stage's upper bound (target: the least-loaded instance of the
+    /// stage its length now belongs to). Requests already migrating are skipped.
+    pub fn check_step(&mut self, entries: &[StepEntry]) -> Result<Vec<Migration>> {
+        self.loads.begin_refresh();
+        let mut crossed: Vec<(StepEntry, usize)> = Vec::new();
+        for e in entries {
+            let Some(stage) = self.layout.stage_of_instance(e.instance) else {
+                return Err(CoreError::Unknown { kind: "instance", id: u64::from(e.instance.0) });
+            };
+            self.loads.record(e.instance, e.request, e.context_len);
+            if e.context_len >= self.layout.stages()[stage].max_len {
+                crossed.push((*e, stage));
+            }
+        }
+        let mut out = Vec::new();
+        for (e, _) in crossed {
+            if self.in_flight.contains(&e.request) {
+                continue;
+            }
+            self.check_len(e.context_len)?;
+            if let Some(m) = self.migrate_to_own_stage(e, MigrationReason::StageBound) {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A migration of `e` to the best instance of the stage its length belongs to; `None` when
+    /// that stage has no room (the request keeps decoding where it is and is retried next step).
+    pub(crate) fn migrate_to_own_stage(&mut self, e: StepEntry, reason: MigrationReason) -> Option<Migration> {
+        let target_stage = self.layout.stage_of_len(e.context_len);
+        let candidates = &self.layout.stages()[target_stage].instances;
+        let to = self.loads.least_loaded(&self.profile, candidates, e.context_len, Some(e.instance))?;
+        Some(self.start_migration(e, to, reason))
+    }
+
+    pub(crate) fn start_migration(&mut self, e: StepEntry, to: InstanceId, reason: MigrationReason) -> Migration {
+        self.in_flight.insert(e.request);
+        self.loads.move_request(e.request, e.instance, to, e.context_len);
+        Migration { request: e.request, from: e.instance, to, context_len: e.context_len, reason }
+    }
+
+    /// Ends an in-flight migration; on failure the load goes back to the source.
+    pub fn migration_done(&mut self, m: &Migration, succeeded: bool) {
+        self.in_flight.remove(&m.request);
+        if !succeeded {
+            self.loads.move_request(m.request, m.to, m.from, m.context_len);
+        }
+    }
+
+    pub fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
+        self.in_flight.remove(&request);
+        self.loads.forget_request(instance, request);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::tests::gpu;
+    use crate::layout::StageRange;
+
+    fn router() -> Router {
+        let ids = |v: &[u32]| v.iter().map(|&i| InstanceId(i)).collect::<Vec<_>>();
+        let layout = StageLayout::new(vec![
+            StageRange { min_len: 0, max_len: 1000, instances: ids(&[0, 1]) },
+            StageRange { min_len: 1000, max_len: 8000, instances: ids(&[2, 3]) },
+            StageRange { min_len: 8000, max_len: 131_072, instances: ids(&[4]) },
+        ])
+        .unwrap();
+        Router::new(gpu(), layout).unwrap()
+    }
+
+    fn entry(r: u64, i: u32, len: u32) -> StepEntry {
+        StepEntry { request: RequestId(r), instance: InstanceId(i), context_len: len }
+    }
+
+    #[test]
+    fn admission_picks_the_stage_by_prompt_and_spreads_load() {
+        let mut r = router();
+        let a = r.admit(500).unwrap().unwrap();
+        let b = r.admit(500).unwrap().unwrap();
+        assert_eq!((a.stage, b.stage), (0, 0));
+        assert_ne!(a.instance, b.instance, "the second request goes to the other instance");
+        assert_eq!(r.admit(5000).unwrap().unwrap().stage, 1);
+        assert_eq!(r.admit(100_000).unwrap().unwrap().instance, InstanceId(4));
+        assert!(r.admit(131_072).is_err());
+    }
+
+    #[test]
+    fn crossing_the_bound_migrates_once_to_the_lighter_next_stage_instance() {
+        let mut r = router();
+        r.check_step(&[entry(7, 2, 3000), entry(8, 2, 3000)]).unwrap();
+        let moves = r.check_step(&[entry(1, 0, 999), entry(2, 0, 1000), entry(3, 1, 1200)]).unwrap();
+        assert_eq!(moves.len(), 2);
+        assert!(moves.iter().all(|m| m.to == InstanceId(3) && m.reason == MigrationReason::StageBound));
+        // Still on the source next step while the move is in flight: no second migration.
+        assert!(r.check_step(&[entry(2, 0, 1001)]).unwrap().is_empty());
+        r.migration_done(&moves[0], false);
+        assert_eq!(r.check_step(&[entry(2, 0, 1002)]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn unknown_instances_and_overlong_contexts_are_errors() {
+        let mut r = router();
+        assert!(r.check_step(&[entry(1, 99, 10)]).is_err());
+        assert!(r.check_step(&[entry(1, 4, 200_000)]).is_err());
+    }
+}

@@ -1,0 +1,148 @@
+//! The cascade policy: length stages with per-token routing, within-stage balancing and
+//! runtime range refinement.
+
+use serde::{Deserialize, Serialize};
+
+use crate::balance::{BalanceConfig, Balancer};
+use crate::cost::CostProfile;
+use crate::error::Result;
+use crate::grid::BucketGrid;
+use crate::ids::{InstanceId, RequestId};
+use crate::layout::StageLayout;
+use crate::policy::{Admission, Migration, MigrationReason, Policy, StepEntry, TickOutcome};
+use crate::refine::{RefineConfig, Refiner};
+use crate::router::Router;
+use crate::workload::WorkloadSummary;
+
+#[derive(Copy, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CascadeConfig {
+    pub balance: BalanceConfig,
+    pub refine: RefineConfig,
+    /// Turn runtime refinement off (the initial plan stays).
+    pub is_refine_enabled: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct CascadePolicy {
+    router: Router,
+    balancer: Balancer,
+    refiner: Option<Refiner>,
+}
+
+impl CascadePolicy {
+    /// `grid` is the bucket grid refinement observes on; the layout's boundaries should be its
+    /// edges (a plan from the partitioner on the same grid always is).
+    /// `planned_for` is the workload the layout was planned for, when known: refinement
+    /// re-plans once observed traffic drifts away from it.
+    pub fn new(
+        profile: CostProfile,
+        layout: StageLayout,
+        grid: BucketGrid,
+        config: CascadeConfig,
+        planned_for: Option<&WorkloadSummary>,
+    ) -> Result<Self> {
+        let refiner = if config.is_refine_enabled {
+            let mut refiner = Refiner::new(config.refine, grid)?;
+            if let Some(w) = planned_for {
+                refiner.set_planned_workload(w);
+            }
+            Some(refiner)
+        } else {
+            None
+        };
+        Ok(CascadePolicy { router: Router::new(profile, layout)?, balancer: Balancer::new(config.balance)?, refiner })
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Requests now outside their instance's stage go to the stage they belong to.
+    fn realign(&mut self) -> Vec<Migration> {
+        let misplaced: Vec<StepEntry> = self
+            .router
+            .layout
+            .instances()
+            .flat_map(|inst| {
+                let stage = &self.router.layout.stages()[self.router.layout.stage_of_instance(inst).unwrap()];
+                self.router
+                    .loads
+                    .get(inst)
+                    .running
+                    .iter()
+                    .filter(|(r, len)| (*len < stage.min_len || *len >= stage.max_len) && !self.router.in_flight.contains(r))
+                    .map(move |&(request, context_len)| StepEntry { request, instance: inst, context_len })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        misplaced.into_iter().filter_map(|e| self.router.migrate_to_own_stage(e, MigrationReason::Refinement)).collect()
+    }
+}
+
+impl Policy for CascadePolicy {
+    fn name(&self) -> &'static str {
+        "cascade"
+    }
+
+    fn admit(&mut self, _request: RequestId, prompt_len: u32, _now: f64) -> Result<Option<Admission>> {
+        let admission = self.router.admit(prompt_len)?;
+        if let Some(refiner) = &mut self.refiner {
+            refiner.observe_arrival(prompt_len);
+        }
+        Ok(admission)
+    }
+
+    fn on_step(&mut self, entries: &[StepEntry], _now: f64) -> Result<Vec<Migration>> {
+        let migrations = self.router.check_step(entries)?;
+        if let Some(refiner) = &mut self.refiner {
+            refiner.observe_step(entries);
+        }
+        Ok(migrations)
+    }
+
+    fn tick(&mut self, now: f64) -> TickOutcome {
+        let mut outcome = TickOutcome::default();
+        if let Some(refiner) = &mut self.refiner {
+            refiner.advance(now);
+            if let Some((layout, _)) = refiner.decide(&self.router.layout, &self.router.profile, now) {
+                self.router.layout = layout.clone();
+                outcome.new_layout = Some(layout);
+                outcome.migrations = self.realign();
+            }
+        }
+        outcome.migrations.extend(self.balancer.decide(&mut self.router, now));
+        outcome
+    }
+
+    fn migration_done(&mut self, migration: &Migration, succeeded: bool) {
+        self.router.migration_done(migration, succeeded);
+    }
+
+    fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
+        self.router.request_finished(request, instance);
+    }
+
+    fn layout(&self) -> &StageLayout {
+        &self.router.layout
+    }
+
+    /// A new instance joins the stage whose instances are the most loaded.
+    fn add_instance(&mut self, instance: InstanceId) -> Result<()> {
+        let r = &self.router;
+        let mean_step = |k: usize| {
+            let insts = &r.layout.stages()[k].instances;
+            insts.iter().map(|&i| r.loads.predicted_step(&r.profile, i, None)).sum::<f64>() / insts.len() as f64
+        };
+        let busiest = (0..r.layout.stages().len()).max_by(|&a, &b| mean_step(a).total_cmp(&mean_step(b))).unwrap();
+        self.router.layout.add_instance(instance, busiest)
+    }
+
+    fn remove_instance(&mut self, instance: InstanceId) -> Result<()> {
+        self.router.layout.remove_instance(instance)?;
+        self.router.loads.clear(instance);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

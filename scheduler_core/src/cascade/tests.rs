@@ -1,0 +1,117 @@
+use super::*;
+use crate::cost::tests::gpu;
+use crate::partition::{partition, PartitionOptions};
+use crate::presets::Preset;
+use crate::rng::Rng;
+use crate::workload::{RequestSample, WorkloadSummary};
+
+/// Stationary synthetic traffic: each simulated second, `rate` arrivals and one token-step for
+/// every token the workload decodes per second, at lengths drawn from its token distribution.
+struct SteadyTraffic {
+    samples: Vec<RequestSample>,
+    cumulative_output: Vec<f64>,
+    rate: f64,
+    rng: Rng,
+    next_request: u64,
+}
+
+impl SteadyTraffic {
+    fn new(preset: Preset, rate: f64, seed: u64) -> Self {
+        let samples = preset.sample(20_000, seed);
+        let mut acc = 0.0;
+        let cumulative_output = samples.iter().map(|s| { acc += f64::from(s.output_len); acc }).collect();
+        SteadyTraffic { samples, cumulative_output, rate, rng: Rng::new(seed + 1), next_request: 0 }
+    }
+
+    fn token_length(&mut self) -> u32 {
+        let total = *self.cumulative_output.last().unwrap();
+        let k = self.cumulative_output.partition_point(|&c| c < self.rng.uniform() * total);
+        let s = self.samples[k.min(self.samples.len() - 1)];
+        s.prompt_len + self.rng.range_u32(0, s.output_len - 1)
+    }
+
+    /// Drives one second of traffic through `policy`; returns whether the layout changed.
+    fn second(&mut self, policy: &mut CascadePolicy, now: f64) -> bool {
+        let mean_output = *self.cumulative_output.last().unwrap() / self.samples.len() as f64;
+        for _ in 0..self.rate as usize {
+            let s = self.samples[self.rng.range_u32(0, self.samples.len() as u32 - 1) as usize];
+            policy.admit(RequestId(self.next_request), s.prompt_len, now).unwrap();
+            self.next_request += 1;
+        }
+        let layout = policy.layout().clone();
+        let entries: Vec<StepEntry> = (0..(self.rate * mean_output) as usize)
+            .map(|k| {
+                let len = self.token_length();
+                let stage = &layout.stages()[layout.stage_of_len(len)];
+                let instance = stage.instances[k % stage.instances.len()];
+                StepEntry { request: RequestId(1_000_000_000 + k as u64), instance, context_len: len }
+            })
+            .collect();
+        policy.on_step(&entries, now).unwrap();
+        policy.tick(now).new_layout.is_some()
+    }
+}
+
+fn planned_policy(preset: Preset, rate: f64, config: CascadeConfig) -> CascadePolicy {
+    let grid = BucketGrid::geometric(preset.max_len(), 64, 64).unwrap();
+    let w = WorkloadSummary::from_samples(&grid, &preset.sample(20_000, 1), rate).unwrap();
+    let plan = partition(&w, &gpu(), &PartitionOptions { num_instances: 16, max_stages: None }).unwrap();
+    let instances: Vec<InstanceId> = (0..16).map(InstanceId).collect();
+    let layout = StageLayout::from_plan(&plan, &instances).unwrap();
+    CascadePolicy::new(gpu(), layout, grid, config, Some(&w)).unwrap()
+}
+
+fn refining() -> CascadeConfig {
+    CascadeConfig { is_refine_enabled: true, ..CascadeConfig::default() }
+}
+
+#[test]
+fn a_steady_workload_never_changes_a_layout_planned_for_it() {
+    let mut policy = planned_policy(Preset::LongContextMixed, 4.0, refining());
+    let mut traffic = SteadyTraffic::new(Preset::LongContextMixed, 4.0, 7);
+    let changes = (0..600).filter(|&t| traffic.second(&mut policy, f64::from(t))).count();
+    assert_eq!(changes, 0);
+}
+
+#[test]
+fn a_steady_workload_settles_after_at_most_a_few_changes_from_a_bad_start() {
+    // Planned for chat, then serving long-context traffic: it must adapt, then stop changing.
+    let policy = planned_policy(Preset::ShortChat, 4.0, refining());
+    let grid_max = policy.layout().max_len();
+    assert_eq!(grid_max, Preset::ShortChat.max_len());
+    let mut policy = {
+        let instances: Vec<InstanceId> = (0..16).map(InstanceId).collect();
+        let stages = policy.layout().stages().iter().map(|s| (s.min_len, s.max_len.min(131_071), s.instances.len())).collect::<Vec<_>>();
+        let mut ranges = Vec::new();
+        let mut next = instances.into_iter();
+        for (k, (lo, hi, n)) in stages.iter().enumerate() {
+            let hi = if k + 1 == stages.len() { 131_072 } else { *hi };
+            ranges.push(crate::layout::StageRange { min_len: *lo, max_len: hi, instances: next.by_ref().take(*n).collect() });
+        }
+        let grid = BucketGrid::geometric(131_072, 64, 64).unwrap();
+        let chat = WorkloadSummary::from_samples(&grid, &Preset::ShortChat.sample(20_000, 1), 4.0).unwrap();
+        CascadePolicy::new(gpu(), StageLayout::new(ranges).unwrap(), grid, refining(), Some(&chat)).unwrap()
+    };
+    let before = policy.layout().clone();
+    let mut traffic = SteadyTraffic::new(Preset::LongContextMixed, 4.0, 7);
+    let mut seen = vec![before.clone()];
+    let mut changes = Vec::new();
+    for t in 0..900 {
+        if traffic.second(&mut policy, f64::from(t)) {
+            assert!(!seen.contains(policy.layout()), "returned to an earlier layout at {t}s: oscillation");
+            seen.push(policy.layout().clone());
+            changes.push(t);
+        }
+    }
+    assert!(!changes.is_empty(), "the layout must adapt to the new traffic");
+    assert_ne!(policy.layout(), &before);
+    let late = changes.iter().filter(|&&t| t >= 450).count();
+    assert_eq!(late, 0, "still changing after settling: {changes:?}");
+}
+
+#[test]
+fn without_refinement_the_layout_is_fixed() {
+    let mut policy = planned_policy(Preset::LongContextMixed, 4.0, CascadeConfig::default());
+    let mut traffic = SteadyTraffic::new(Preset::LongContextMixed, 4.0, 7);
+    assert!((0..200).all(|t| !traffic.second(&mut policy, f64::from(t))));
+}
