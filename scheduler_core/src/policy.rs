@@ -65,7 +65,7 @@ pub struct TickOutcome {
 
 /// A scheduling policy: a function of the state it was told about and of `now` (seconds on the
 /// caller's clock). It never reads a clock or does I/O.
-pub trait Policy: Send {
+pub trait Policy: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Chooses the instance for a new request with `prompt_len` prompt tokens, or `None` when

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cost::prefill_pairs;
+use crate::cost::{prefill_pairs, CostProfile};
 use crate::error::{CoreError, Result};
 use crate::grid::BucketGrid;
 
@@ -91,6 +91,19 @@ impl WorkloadSummary {
         s.mean_prompt_len /= samples.len() as f64;
         s.mean_output_len /= samples.len() as f64;
         Ok(s)
+    }
+
+    /// Seconds of engine work per second this traffic asks of a fleet (ignoring batching
+    /// heterogeneity and overheads): decode per token plus prefill. Dividing a fleet's size by
+    /// this per unit rate gives the rate at which the fleet would be fully busy.
+    pub fn work_per_second(&self, profile: &CostProfile) -> f64 {
+        let decode: f64 = self.decode_tokens.iter().zip(&self.decode_context)
+            .map(|(t, c)| profile.per_sequence_s * t + profile.per_context_token_s * c)
+            .sum();
+        let prefill: f64 = self.prefill_tokens.iter().zip(&self.prefill_pairs)
+            .map(|(t, p)| profile.per_prefill_token_s * t + profile.prefill_attention_s * p)
+            .sum();
+        decode + prefill
     }
 
     pub fn total_decode_tokens(&self) -> f64 {

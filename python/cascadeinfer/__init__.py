@@ -1,0 +1,53 @@
+"""CascadeInfer: length-aware, stage-partitioned scheduling for serving one LLM on many engines.
+
+The public names: the Rust core's types (cost profiles, grids, workloads, the partitioner and
+the policy objects) and the Python helpers that load them from names and files.
+"""
+
+from cascadeinfer._core import (
+    BucketGrid,
+    CostProfile,
+    Migration,
+    PlannedStage,
+    Scheduler,
+    StagePlan,
+    Workload,
+    partition,
+    preset_max_len,
+    preset_names,
+    sample_preset,
+)
+from cascadeinfer.config import (
+    POLICY_NAMES,
+    BalanceConfig,
+    CascadeConfig,
+    LlumnixConfig,
+    RefineConfig,
+)
+from cascadeinfer.planning import PlanResult, load_profile, plan_stages
+from cascadeinfer.traces import TraceRequest, read_trace, write_trace
+
+__all__ = [
+    "POLICY_NAMES",
+    "BalanceConfig",
+    "BucketGrid",
+    "CascadeConfig",
+    "CostProfile",
+    "LlumnixConfig",
+    "Migration",
+    "PlanResult",
+    "PlannedStage",
+    "RefineConfig",
+    "Scheduler",
+    "StagePlan",
+    "TraceRequest",
+    "Workload",
+    "load_profile",
+    "partition",
+    "plan_stages",
+    "preset_max_len",
+    "preset_names",
+    "read_trace",
+    "sample_preset",
+    "write_trace",
+]

@@ -1,0 +1,33 @@
+"""`cascade`: the command line. Each subcommand lives in its own module with `add_parser`/`run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cascadeinfer.cli import plan
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cascade", description="CascadeInfer: length-aware stage scheduling for LLM serving."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    plan.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except (ValueError, OSError) as e:
+        print(f"cascade {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

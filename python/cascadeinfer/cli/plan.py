@@ -1,0 +1,90 @@
+"""`cascade plan`: the optimal stage partition for a workload on N instances."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from cascadeinfer.planning import PlanResult, load_profile, plan_stages
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="partition N instances into length stages for a workload",
+        description="Solve the stage partition (boundaries and instances per stage) that "
+        "minimizes the predicted mean end-to-end latency.",
+    )
+    p.add_argument("--instances", type=int, required=True, help="number of engine instances")
+    p.add_argument("--workload", required=True, help="preset name or JSONL trace file")
+    p.add_argument("--profile", default="gpu-h100-llama3-8b", help="built-in profile name or JSON file")
+    p.add_argument("--rate", type=float, help="arrivals per second (default: the trace's rate, "
+                   "or 60%% of the fleet's estimated capacity for a preset)")
+    p.add_argument("--max-stages", type=int, help="at most this many stages")
+    p.add_argument("--buckets", type=int, default=128, help="length buckets (boundary resolution)")
+    p.add_argument("--seed", type=int, default=0, help="seed for preset sampling")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=run)
+
+
+def as_json(result: PlanResult) -> dict[str, Any]:
+    return {
+        "stages": [
+            {
+                "min_len": s.min_len,
+                "max_len": s.max_len,
+                "instances": s.num_instances,
+                "predicted_tpot_s": s.tpot_s,
+                "predicted_utilization": s.utilization,
+                "predicted_queue_wait_s": s.queue_wait_s,
+            }
+            for s in result.plan.stages
+        ],
+        "objective": result.plan.objective_s,
+        "objective_name": "predicted mean end-to-end latency (s)",
+        "solve_ms": result.solve_ms,
+        "rate": result.rate,
+        "dropped_requests": result.requests.num_dropped,
+        "truncated_requests": result.requests.num_truncated,
+    }
+
+
+def as_table(result: PlanResult, args: argparse.Namespace) -> str:
+    lines = [
+        f"workload {args.workload} at {result.rate:.3f} req/s on {args.instances} instances "
+        f"(profile {args.profile})",
+        f"{'stage':>5} {'min_len':>8} {'max_len':>8} {'inst':>4} {'util':>6} {'tpot_ms':>8} "
+        f"{'wait_ms':>8}",
+    ]
+    for k, s in enumerate(result.plan.stages):
+        lines.append(
+            f"{k:>5} {s.min_len:>8} {s.max_len:>8} {s.num_instances:>4} {s.utilization:>6.1%} "
+            f"{s.tpot_s * 1e3:>8.2f} {s.queue_wait_s * 1e3:>8.2f}"
+        )
+    lines.append(
+        f"predicted mean end-to-end latency {result.plan.objective_s:.3f} s; "
+        f"solved in {result.solve_ms:.1f} ms"
+    )
+    r = result.requests
+    if r.num_dropped or r.num_truncated:
+        lines.append(
+            f"note: {r.num_dropped} requests longer than the model's max length were dropped, "
+            f"{r.num_truncated} had their output cut to fit"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile)
+    result = plan_stages(
+        num_instances=args.instances,
+        workload=args.workload,
+        profile=profile,
+        rate=args.rate,
+        num_buckets=args.buckets,
+        max_stages=args.max_stages,
+        seed=args.seed,
+    )
+    print(json.dumps(as_json(result), indent=2) if args.json else as_table(result, args))
+    return 0

@@ -1,0 +1,44 @@
+"""Frozen configuration dataclasses for the core's policies; Rust reads them by attribute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    """Within-stage balancing: start above one imbalance, stop below a lower one (hysteresis)."""
+
+    start_imbalance: float = 0.3
+    stop_imbalance: float = 0.1
+    cooldown_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Runtime range refinement over a decayed histogram of observed lengths."""
+
+    half_life_s: float = 60.0
+    cooldown_s: float = 30.0
+    replan_divergence: float = 0.15
+    nudge_imbalance: float = 0.2
+    min_improvement: float = 0.05
+    min_window_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    is_refine_enabled: bool = True
+
+
+@dataclass(frozen=True)
+class LlumnixConfig:
+    """Llumnix baseline: migrate while the KV-usage gap between instances exceeds `usage_gap`."""
+
+    usage_gap: float = 0.1
+    max_moves_per_tick: int = 2
+
+
+POLICY_NAMES = ("cascade", "round-robin", "least-load", "power-of-two", "llumnix")

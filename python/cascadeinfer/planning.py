@@ -1,0 +1,110 @@
+"""Stage planning from names or files: what `cascade plan` and the scheduler service call."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from cascadeinfer import _core
+from cascadeinfer.traces import arrival_rate, read_trace
+
+DEFAULT_UTILIZATION = 0.6
+"""With no rate given, plan for this share of the fleet's estimated capacity."""
+
+PRESET_SAMPLES = 20_000
+
+
+def load_profile(name_or_path: str) -> _core.CostProfile:
+    """A built-in profile by name, or a JSON profile file."""
+    if name_or_path in _core.CostProfile.builtin_names():
+        return _core.CostProfile.builtin(name_or_path)
+    path = Path(name_or_path)
+    if not path.is_file():
+        known = ", ".join(_core.CostProfile.builtin_names())
+        raise ValueError(f"profile {name_or_path!r} is neither a built-in ({known}) nor a file")
+    return _core.CostProfile.from_json(path.read_text(encoding="utf-8"))
+
+
+def builtin_profile_path(name: str) -> Path:
+    return Path(str(resources.files("cascadeinfer.profiles") / f"{name}.json"))
+
+
+@dataclass(frozen=True)
+class Requests:
+    """Request lengths to plan for, clipped to what the model can serve."""
+
+    prompt_lens: list[int]
+    output_lens: list[int]
+    rate: float | None
+    num_dropped: int
+    """Requests whose prompt alone reaches the model's max length: they cannot be served."""
+    num_truncated: int
+    """Requests whose output was cut to fit the model's max length."""
+
+
+def load_requests(workload: str, max_len: int, seed: int = 0) -> Requests:
+    """A preset's samples, or a JSONL trace's requests (with its arrival rate)."""
+    if workload in _core.preset_names():
+        prompts, outputs = _core.sample_preset(workload, PRESET_SAMPLES, seed)
+        rate = None
+    elif Path(workload).is_file():
+        trace = read_trace(workload)
+        prompts = [r.prompt_len for r in trace]
+        outputs = [r.output_len for r in trace]
+        rate = arrival_rate(trace)
+    else:
+        known = ", ".join(_core.preset_names())
+        raise ValueError(f"workload {workload!r} is neither a preset ({known}) nor a trace file")
+    kept_p, kept_o, dropped, truncated = [], [], 0, 0
+    for p, o in zip(prompts, outputs, strict=True):
+        if p >= max_len:
+            dropped += 1
+            continue
+        if p + o > max_len:
+            truncated += 1
+            o = max_len - p
+        kept_p.append(p)
+        kept_o.append(o)
+    if not kept_p:
+        raise ValueError(f"every request of {workload!r} is longer than max_len {max_len}")
+    return Requests(kept_p, kept_o, rate, dropped, truncated)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: _core.StagePlan
+    workload: _core.Workload
+    rate: float
+    solve_ms: float
+    requests: Requests
+
+
+def plan_stages(
+    *,
+    num_instances: int,
+    workload: str,
+    profile: _core.CostProfile,
+    rate: float | None = None,
+    num_buckets: int = 128,
+    max_stages: int | None = None,
+    seed: int = 0,
+) -> PlanResult:
+    """Plans stages for a preset or trace. The rate is, in order: `rate`, the trace's own,
+    or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload."""
+    if num_instances < 1:
+        raise ValueError(f"num_instances must be >= 1, got {num_instances}")
+    if rate is not None and not rate > 0:
+        raise ValueError(f"rate must be > 0, got {rate}")
+    grid = _core.BucketGrid.geometric(profile.max_model_len, num_buckets)
+    requests = load_requests(workload, profile.max_model_len, seed)
+    chosen = rate or requests.rate
+    if chosen is None:
+        unit = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, 1.0)
+        chosen = DEFAULT_UTILIZATION * num_instances / unit.work_per_second(profile)
+    summary = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, chosen)
+    start = time.perf_counter()
+    plan = _core.partition(summary, profile, num_instances, max_stages)
+    solve_ms = (time.perf_counter() - start) * 1000.0
+    return PlanResult(plan, summary, chosen, solve_ms, requests)

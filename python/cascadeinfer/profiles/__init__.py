@@ -1,0 +1,1 @@
+"""Cost profiles shipped with the package (JSON files beside this module)."""

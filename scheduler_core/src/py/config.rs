@@ -1,0 +1,65 @@
+//! Reads the Python frozen config dataclasses (`cascadeinfer.config`) by attribute.
+
+use pyo3::prelude::*;
+
+use crate::balance::BalanceConfig;
+use crate::baselines::LlumnixConfig;
+use crate::cascade::CascadeConfig;
+use crate::refine::RefineConfig;
+
+#[derive(FromPyObject)]
+pub(crate) struct PyBalanceConfig {
+    start_imbalance: f64,
+    stop_imbalance: f64,
+    cooldown_s: f64,
+}
+
+#[derive(FromPyObject)]
+pub(crate) struct PyRefineConfig {
+    half_life_s: f64,
+    cooldown_s: f64,
+    replan_divergence: f64,
+    nudge_imbalance: f64,
+    min_improvement: f64,
+    min_window_s: f64,
+}
+
+#[derive(FromPyObject)]
+pub(crate) struct PyCascadeConfig {
+    balance: PyBalanceConfig,
+    refine: PyRefineConfig,
+    is_refine_enabled: bool,
+}
+
+#[derive(FromPyObject)]
+pub(crate) struct PyLlumnixConfig {
+    usage_gap: f64,
+    max_moves_per_tick: u32,
+}
+
+impl From<PyCascadeConfig> for CascadeConfig {
+    fn from(c: PyCascadeConfig) -> Self {
+        CascadeConfig {
+            balance: BalanceConfig {
+                start_imbalance: c.balance.start_imbalance,
+                stop_imbalance: c.balance.stop_imbalance,
+                cooldown_s: c.balance.cooldown_s,
+            },
+            refine: RefineConfig {
+                half_life_s: c.refine.half_life_s,
+                cooldown_s: c.refine.cooldown_s,
+                replan_divergence: c.refine.replan_divergence,
+                nudge_imbalance: c.refine.nudge_imbalance,
+                min_improvement: c.refine.min_improvement,
+                min_window_s: c.refine.min_window_s,
+            },
+            is_refine_enabled: c.is_refine_enabled,
+        }
+    }
+}
+
+impl From<PyLlumnixConfig> for LlumnixConfig {
+    fn from(c: PyLlumnixConfig) -> Self {
+        LlumnixConfig { usage_gap: c.usage_gap, max_moves_per_tick: c.max_moves_per_tick }
+    }
+}

@@ -1,0 +1,32 @@
+//! Python bindings (`cascadeinfer._core`): type conversion and thin wrappers only. Every core
+//! error becomes `ValueError` here, in one place.
+
+mod config;
+mod model;
+mod scheduler;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::error::CoreError;
+
+pub(crate) fn to_py(err: CoreError) -> PyErr {
+    PyValueError::new_err(err.to_string())
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<model::PyCostProfile>()?;
+    m.add_class::<model::PyBucketGrid>()?;
+    m.add_class::<model::PyWorkload>()?;
+    m.add_class::<model::PyPlannedStage>()?;
+    m.add_class::<model::PyStagePlan>()?;
+    m.add_class::<scheduler::PyMigration>()?;
+    m.add_class::<scheduler::PyScheduler>()?;
+    m.add_function(wrap_pyfunction!(model::partition, m)?)?;
+    m.add_function(wrap_pyfunction!(model::preset_names, m)?)?;
+    m.add_function(wrap_pyfunction!(model::preset_max_len, m)?)?;
+    m.add_function(wrap_pyfunction!(model::sample_preset, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! `Scheduler`: one policy object (cascade or a baseline) behind the common interface.
+
+use pyo3::prelude::*;
+
+use super::config::{PyCascadeConfig, PyLlumnixConfig};
+use super::model::{PyBucketGrid, PyCostProfile, PyStagePlan, PyWorkload};
+use super::to_py;
+use crate::baselines::{Baseline, BaselineKind, LlumnixConfig};
+use crate::cascade::CascadePolicy;
+use crate::error::CoreError;
+use crate::ids::{InstanceId, RequestId};
+use crate::layout::{StageLayout, StageRange};
+use crate::policy::{Migration, MigrationReason, Policy, StepEntry};
+
+#[pyclass(name = "Migration", module = "cascadeinfer._core", frozen, get_all, eq)]
+#[derive(Clone, PartialEq)]
+pub(crate) struct PyMigration {
+    request_id: u64,
+    from_instance: u32,
+    to_instance: u32,
+    context_len: u32,
+    /// "stage_bound", "balance", "refinement" or "rebalance".
+    reason: &'static str,
+}
+
+#[pymethods]
+impl PyMigration {
+    fn __repr__(&self) -> String {
+        format!(
+            "Migration(request_id={}, from_instance={}, to_instance={}, context_len={}, reason={:?})",
+            self.request_id, self.from_instance, self.to_instance, self.context_len, self.reason
+        )
+    }
+}
+
+impl From<&Migration> for PyMigration {
+    fn from(m: &Migration) -> Self {
+        PyMigration {
+            request_id: m.request.0,
+            from_instance: m.from.0,
+            to_instance: m.to.0,
+            context_len: m.context_len,
+            reason: m.reason.as_str(),
+        }
+    }
+}
+
+impl PyMigration {
+    fn to_core(&self) -> PyResult<Migration> {
+        let reason = match self.reason {
+            "stage_bound" => MigrationReason::StageBound,
+            "balance" => MigrationReason::Balance,
+            "refinement" => MigrationReason::Refinement,
+            _ => MigrationReason::Rebalance,
+        };
+        Ok(Migration {
+            request: RequestId(self.request_id),
+            from: InstanceId(self.from_instance),
+            to: InstanceId(self.to_instance),
+            context_len: self.context_len,
+            reason,
+        })
+    }
+}
+
+fn ids(instances: &[u32]) -> Vec<InstanceId> {
+    instances.iter().map(|&i| InstanceId(i)).collect()
+}
+
+#[pyclass(name = "Scheduler", module = "cascadeinfer._core")]
+pub(crate) struct PyScheduler {
+    policy: Box<dyn Policy>,
+}
+
+#[pymethods]
+impl PyScheduler {
+    /// The cascade policy over `plan`'s stages, with `instances` assigned to them in order.
+    #[staticmethod]
+    #[pyo3(signature = (profile, plan, instances, grid, config, planned_for=None))]
+    fn cascade(
+        profile: &PyCostProfile,
+        plan: &PyStagePlan,
+        instances: Vec<u32>,
+        grid: &PyBucketGrid,
+        config: PyCascadeConfig,
+        planned_for: Option<PyRef<'_, PyWorkload>>,
+    ) -> PyResult<Self> {
+        let layout = StageLayout::from_plan(&plan.inner, &ids(&instances)).map_err(to_py)?;
+        let w = planned_for.as_ref().map(|w| &w.inner);
+        let policy = CascadePolicy::new(profile.inner.clone(), layout, grid.inner.clone(), config.into(), w).map_err(to_py)?;
+        Ok(PyScheduler { policy: Box::new(policy) })
+    }
+
+    /// The cascade policy over explicit stages: `(min_len, max_len, [instance ids])` each.
+    #[staticmethod]
+    fn cascade_with_stages(
+        profile: &PyCostProfile,
+        stages: Vec<(u32, u32, Vec<u32>)>,
+        grid: &PyBucketGrid,
+        config: PyCascadeConfig,
+    ) -> PyResult<Self> {
+        let ranges = stages
+            .into_iter()
+            .map(|(min_len, max_len, instances)| StageRange { min_len, max_len, instances: ids(&instances) })
+            .collect();
+        let layout = StageLayout::new(ranges).map_err(to_py)?;
+        let policy = CascadePolicy::new(profile.inner.clone(), layout, grid.inner.clone(), config.into(), None).map_err(to_py)?;
+        Ok(PyScheduler { policy: Box::new(policy) })
+    }
+
+    /// A baseline: "round-robin", "least-load", "power-of-two" or "llumnix".
+    #[staticmethod]
+    #[pyo3(signature = (name, profile, instances, max_len, seed=0, llumnix=None))]
+    fn baseline(
+        name: &str,
+        profile: &PyCostProfile,
+        instances: Vec<u32>,
+        max_len: u32,
+        seed: u64,
+        llumnix: Option<PyLlumnixConfig>,
+    ) -> PyResult<Self> {
+        let kind = BaselineKind::from_name(name).map_err(to_py)?;
+        let llumnix = llumnix.map(LlumnixConfig::from).unwrap_or_default();
+        let policy = Baseline::new(kind, profile.inner.clone(), &ids(&instances), max_len, seed, llumnix).map_err(to_py)?;
+        Ok(PyScheduler { policy: Box::new(policy) })
+    }
+
+    #[getter]
+    fn name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    /// `(instance, stage)` for a new request, or `None` when no eligible instance has room.
+    fn admit(&mut self, request_id: u64, prompt_len: u32, now: f64) -> PyResult<Option<(u32, usize)>> {
+        let admission = self.policy.admit(RequestId(request_id), prompt_len, now).map_err(to_py)?;
+        Ok(admission.map(|a| (a.instance.0, a.stage)))
+    }
+
+    /// One engine step's running requests as three parallel lists; returns migrations to start.
+    fn on_step(&mut self, request_ids: Vec<u64>, instances: Vec<u32>, context_lens: Vec<u32>, now: f64) -> PyResult<Vec<PyMigration>> {
+        if request_ids.len() != instances.len() || request_ids.len() != context_lens.len() {
+            return Err(to_py(CoreError::invalid(
+                "on_step",
+                format!("{}/{}/{}", request_ids.len(), instances.len(), context_lens.len()),
+                "request_ids, instances and context_lens must have equal lengths",
+            )));
+        }
+        let entries: Vec<StepEntry> = request_ids
+            .iter()
+            .zip(&instances)
+            .zip(&context_lens)
+            .map(|((&r, &i), &l)| StepEntry { request: RequestId(r), instance: InstanceId(i), context_len: l })
+            .collect();
+        let migrations = self.policy.on_step(&entries, now).map_err(to_py)?;
+        Ok(migrations.iter().map(PyMigration::from).collect())
+    }
+
+    /// Periodic work; returns the migrations to start and whether the stage layout changed.
+    fn tick(&mut self, now: f64) -> (Vec<PyMigration>, bool) {
+        let outcome = self.policy.tick(now);
+        (outcome.migrations.iter().map(PyMigration::from).collect(), outcome.new_layout.is_some())
+    }
+
+    fn migration_done(&mut self, migration: &PyMigration, succeeded: bool) -> PyResult<()> {
+        self.policy.migration_done(&migration.to_core()?, succeeded);
+        Ok(())
+    }
+
+    fn request_finished(&mut self, request_id: u64, instance: u32) {
+        self.policy.request_finished(RequestId(request_id), InstanceId(instance));
+    }
+
+    /// Current stages as `(min_len, max_len, [instance ids])`.
+    fn stages(&self) -> Vec<(u32, u32, Vec<u32>)> {
+        self.policy
+            .layout()
+            .stages()
+            .iter()
+            .map(|s| (s.min_len, s.max_len, s.instances.iter().map(|i| i.0).collect()))
+            .collect()
+    }
+
+    fn add_instance(&mut self, instance: u32) -> PyResult<()> {
+        self.policy.add_instance(InstanceId(instance)).map_err(to_py)
+    }
+
+    fn remove_instance(&mut self, instance: u32) -> PyResult<()> {
+        self.policy.remove_instance(InstanceId(instance)).map_err(to_py)
+    }
+}
