@@ -1,6 +1,21 @@
 """Type stubs for the Rust extension `cascadeinfer._core` (kept honest by mypy.stubtest)."""
 
-from typing import Protocol
+from typing import Protocol, final
+
+__all__ = [
+    "BucketGrid",
+    "CostProfile",
+    "Migration",
+    "PlannedStage",
+    "Scheduler",
+    "StagePlan",
+    "Workload",
+    "__version__",
+    "partition",
+    "preset_max_len",
+    "preset_names",
+    "sample_preset",
+]
 
 __version__: str
 
@@ -40,6 +55,7 @@ class _LlumnixConfig(Protocol):
     @property
     def max_moves_per_tick(self) -> int: ...
 
+@final
 class CostProfile:
     @staticmethod
     def from_json(text: str) -> CostProfile: ...
@@ -63,6 +79,7 @@ class CostProfile:
         prefill_pairs: int = 0,
     ) -> float: ...
 
+@final
 class BucketGrid:
     def __new__(cls, edges: list[int]) -> BucketGrid: ...
     @staticmethod
@@ -75,6 +92,7 @@ class BucketGrid:
     def max_len(self) -> int: ...
     def bucket_of(self, length: int) -> int: ...
 
+@final
 class Workload:
     @staticmethod
     def from_samples(
@@ -96,6 +114,7 @@ class Workload:
     @property
     def crossings(self) -> list[float]: ...
 
+@final
 class PlannedStage:
     @property
     def min_len(self) -> int: ...
@@ -116,6 +135,7 @@ class PlannedStage:
     @property
     def entering_per_s(self) -> float: ...
 
+@final
 class StagePlan:
     @property
     def stages(self) -> list[PlannedStage]: ...
@@ -123,6 +143,7 @@ class StagePlan:
     def objective_s(self) -> float: ...
     def to_json(self) -> str: ...
 
+@final
 class Migration:
     @property
     def request_id(self) -> int: ...
@@ -135,6 +156,7 @@ class Migration:
     @property
     def reason(self) -> str: ...
 
+@final
 class Scheduler:
     @staticmethod
     def cascade(

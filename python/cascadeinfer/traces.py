@@ -59,7 +59,11 @@ def read_trace(path: str | Path) -> list[TraceRequest]:
 def write_trace(path: str | Path, requests: Iterable[TraceRequest]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in requests:
-            record = {"arrival_s": r.arrival_s, "prompt_len": r.prompt_len, "output_len": r.output_len}
+            record = {
+                "arrival_s": r.arrival_s,
+                "prompt_len": r.prompt_len,
+                "output_len": r.output_len,
+            }
             f.write(json.dumps(record) + "\n")
 
 

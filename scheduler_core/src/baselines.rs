@@ -26,7 +26,11 @@ impl BaselineKind {
             "least-load" => Ok(BaselineKind::LeastLoad),
             "power-of-two" => Ok(BaselineKind::PowerOfTwo),
             "llumnix" => Ok(BaselineKind::Llumnix),
-            _ => Err(CoreError::invalid("policy", name, "known: cascade, round-robin, least-load, power-of-two, llumnix")),
+            _ => Err(CoreError::invalid(
+                "policy",
+                name,
+                "known: cascade, round-robin, least-load, power-of-two, llumnix",
+            )),
         }
     }
 
@@ -67,7 +71,14 @@ pub struct Baseline {
 }
 
 impl Baseline {
-    pub fn new(kind: BaselineKind, profile: CostProfile, instances: &[InstanceId], max_len: u32, seed: u64, llumnix: LlumnixConfig) -> Result<Self> {
+    pub fn new(
+        kind: BaselineKind,
+        profile: CostProfile,
+        instances: &[InstanceId],
+        max_len: u32,
+        seed: u64,
+        llumnix: LlumnixConfig,
+    ) -> Result<Self> {
         if !(0.0..1.0).contains(&llumnix.usage_gap) {
             return Err(CoreError::invalid("llumnix.usage_gap", llumnix.usage_gap, "must be in [0, 1)"));
         }
@@ -97,7 +108,9 @@ impl Baseline {
     fn choose(&mut self, prompt_len: u32) -> Option<InstanceId> {
         let instances = self.instances().to_vec();
         match self.kind {
-            BaselineKind::LeastLoad => self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, None),
+            BaselineKind::LeastLoad => {
+                self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, None)
+            }
             BaselineKind::RoundRobin => {
                 // The next instance in turn that has room.
                 let n = instances.len();
@@ -162,7 +175,11 @@ impl Policy for Baseline {
 
     fn admit(&mut self, _request: RequestId, prompt_len: u32, _now: f64) -> Result<Option<Admission>> {
         if prompt_len >= self.router.layout.max_len() {
-            return Err(CoreError::invalid("prompt_len", prompt_len, format!("must be < max_len {}", self.router.layout.max_len())));
+            return Err(CoreError::invalid(
+                "prompt_len",
+                prompt_len,
+                format!("must be < max_len {}", self.router.layout.max_len()),
+            ));
         }
         let Some(instance) = self.choose(prompt_len) else { return Ok(None) };
         self.router.loads.add_queued(instance, prompt_len);
@@ -226,7 +243,9 @@ mod tests {
     fn least_load_and_llumnix_avoid_the_busy_instance() {
         for kind in [BaselineKind::LeastLoad, BaselineKind::Llumnix, BaselineKind::PowerOfTwo] {
             let mut b = baseline(kind);
-            let busy: Vec<StepEntry> = (0..50).map(|r| StepEntry { request: RequestId(r), instance: InstanceId(0), context_len: 5000 }).collect();
+            let busy: Vec<StepEntry> = (0..50)
+                .map(|r| StepEntry { request: RequestId(r), instance: InstanceId(0), context_len: 5000 })
+                .collect();
             b.on_step(&busy, 0.0).unwrap();
             for r in 100..103 {
                 assert_ne!(b.admit(RequestId(r), 100, 0.0).unwrap().unwrap().instance, InstanceId(0), "{kind:?}");
@@ -237,7 +256,9 @@ mod tests {
     #[test]
     fn llumnix_migrates_from_busiest_to_freest() {
         let mut b = baseline(BaselineKind::Llumnix);
-        let busy: Vec<StepEntry> = (0..50).map(|r| StepEntry { request: RequestId(r), instance: InstanceId(2), context_len: 4000 + r as u32 }).collect();
+        let busy: Vec<StepEntry> = (0..50)
+            .map(|r| StepEntry { request: RequestId(r), instance: InstanceId(2), context_len: 4000 + r as u32 })
+            .collect();
         b.on_step(&busy, 0.0).unwrap();
         let moves = b.tick(1.0).migrations;
         assert_eq!(moves.len(), 2);

@@ -70,7 +70,9 @@ impl CascadePolicy {
                     .get(inst)
                     .running
                     .iter()
-                    .filter(|(r, len)| (*len < stage.min_len || *len >= stage.max_len) && !self.router.in_flight.contains(r))
+                    .filter(|(r, len)| {
+                        (*len < stage.min_len || *len >= stage.max_len) && !self.router.in_flight.contains(r)
+                    })
                     .map(move |&(request, context_len)| StepEntry { request, instance: inst, context_len })
                     .collect::<Vec<_>>()
             })

@@ -78,8 +78,8 @@ pub fn prefill_pairs(start: u64, tokens: u64) -> u64 {
 
 impl CostProfile {
     pub fn from_json(text: &str) -> Result<Self> {
-        let profile: CostProfile = serde_json::from_str(text)
-            .map_err(|e| CoreError::invalid("profile", "<json>", e.to_string()))?;
+        let profile: CostProfile =
+            serde_json::from_str(text).map_err(|e| CoreError::invalid("profile", "<json>", e.to_string()))?;
         profile.validate()?;
         Ok(profile)
     }
@@ -150,15 +150,13 @@ impl CostProfile {
 
     /// Compute time of a whole prefill of `prompt_len` tokens (no overhead), seconds.
     pub fn prefill_work(&self, prompt_len: u64) -> f64 {
-        self.per_prefill_token_s * prompt_len as f64
-            + self.prefill_attention_s * prefill_pairs(0, prompt_len) as f64
+        self.per_prefill_token_s * prompt_len as f64 + self.prefill_attention_s * prefill_pairs(0, prompt_len) as f64
     }
 
     /// Stall of a request migrated at context length `len`: fixed pause plus the KV bytes over
     /// the link (a stop-and-copy upper bound; multi-stage copy hides part of the bytes).
     pub fn migration_stall(&self, len: u64) -> f64 {
-        self.migration_pause_s
-            + (len * self.kv_bytes_per_token) as f64 / self.migration_bandwidth_bytes_per_s
+        self.migration_pause_s + (len * self.kv_bytes_per_token) as f64 / self.migration_bandwidth_bytes_per_s
     }
 }
 
@@ -191,7 +189,8 @@ pub(crate) mod tests {
     #[test]
     fn one_long_request_stretches_the_step_when_h_is_positive() {
         let p = gpu();
-        let homogeneous = BatchShape { num_decode: 16, sum_context: 16 * 1024, max_context: 1024, ..Default::default() };
+        let homogeneous =
+            BatchShape { num_decode: 16, sum_context: 16 * 1024, max_context: 1024, ..Default::default() };
         let skewed = BatchShape { num_decode: 16, sum_context: 16 * 1024, max_context: 12_000, ..Default::default() };
         assert!(p.step_time(&skewed) > p.step_time(&homogeneous));
         let flat = CostProfile { heterogeneity: 0.0, ..p };

@@ -6,11 +6,7 @@ use thiserror::Error;
 pub enum CoreError {
     /// A configuration or input value is out of its domain.
     #[error("invalid {field} = {value}: {reason}")]
-    InvalidInput {
-        field: &'static str,
-        value: String,
-        reason: String,
-    },
+    InvalidInput { field: &'static str, value: String, reason: String },
     /// No stage plan satisfies the capacity constraints.
     #[error("infeasible: {0}")]
     Infeasible(String),
@@ -21,11 +17,7 @@ pub enum CoreError {
 
 impl CoreError {
     pub fn invalid(field: &'static str, value: impl ToString, reason: impl Into<String>) -> Self {
-        CoreError::InvalidInput {
-            field,
-            value: value.to_string(),
-            reason: reason.into(),
-        }
+        CoreError::InvalidInput { field, value: value.to_string(), reason: reason.into() }
     }
 }
 

@@ -38,11 +38,8 @@ impl BucketGrid {
             return Err(CoreError::invalid("max_len", max_len, format!("must be >= num_buckets ({num_buckets})")));
         }
         let first = f64::from(first_width.clamp(1, max_len));
-        let ratio = if num_buckets > 1 {
-            (f64::from(max_len) / first).powf(1.0 / (num_buckets - 1) as f64)
-        } else {
-            1.0
-        };
+        let ratio =
+            if num_buckets > 1 { (f64::from(max_len) / first).powf(1.0 / (num_buckets - 1) as f64) } else { 1.0 };
         let mut edges = Vec::with_capacity(num_buckets + 1);
         edges.push(0u32);
         for k in 1..num_buckets {

@@ -33,13 +33,25 @@ impl StageLayout {
         let mut stage_of: Vec<Option<usize>> = Vec::new();
         for (k, s) in stages.iter().enumerate() {
             if s.min_len >= s.max_len {
-                return Err(CoreError::invalid("stage range", format!("[{}, {})", s.min_len, s.max_len), "must be non-empty"));
+                return Err(CoreError::invalid(
+                    "stage range",
+                    format!("[{}, {})", s.min_len, s.max_len),
+                    "must be non-empty",
+                ));
             }
             if k > 0 && stages[k - 1].max_len != s.min_len {
-                return Err(CoreError::invalid("stage range", format!("[{}, {})", s.min_len, s.max_len), "stages must be contiguous"));
+                return Err(CoreError::invalid(
+                    "stage range",
+                    format!("[{}, {})", s.min_len, s.max_len),
+                    "stages must be contiguous",
+                ));
             }
             if s.instances.is_empty() {
-                return Err(CoreError::invalid("stage instances", format!("stage {k}"), "every stage needs an instance"));
+                return Err(CoreError::invalid(
+                    "stage instances",
+                    format!("stage {k}"),
+                    "every stage needs an instance",
+                ));
             }
             for &inst in &s.instances {
                 if stage_of.len() <= inst.index() {

@@ -30,11 +30,11 @@ pub use ids::{InstanceId, RequestId};
 
 pub use partition::{partition, PartitionOptions, StagePlan, StageSpec};
 
-pub use presets::Preset;
-pub use workload::{RequestSample, WorkloadSummary};
 pub use baselines::{Baseline, BaselineKind, LlumnixConfig};
 pub use cascade::{CascadeConfig, CascadePolicy};
 pub use layout::{StageLayout, StageRange};
 pub use policy::{Admission, Migration, MigrationReason, Policy, StepEntry, TickOutcome};
+pub use presets::Preset;
 pub use refine::{RefineConfig, Refiner};
 pub use router::Router;
+pub use workload::{RequestSample, WorkloadSummary};

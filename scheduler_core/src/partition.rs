@@ -372,8 +372,13 @@ pub fn partition(workload: &WorkloadSummary, profile: &CostProfile, options: &Pa
         return Err(CoreError::Infeasible(format!(
             "{} instances cannot carry {:.2} req/s of this workload: it needs about {:.1} busy instances \
              (max_utilization {}), or a context of {} tokens exceeds the KV capacity {} / max_model_len {}",
-            n, workload.arrival_rate, total.work, profile.max_utilization, total.longest_context,
-            profile.kv_capacity_tokens, profile.max_model_len
+            n,
+            workload.arrival_rate,
+            total.work,
+            profile.max_utilization,
+            total.longest_context,
+            profile.kv_capacity_tokens,
+            profile.max_model_len
         )));
     }
     let edges = workload.grid.edges();

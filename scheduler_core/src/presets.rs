@@ -32,7 +32,9 @@ impl Preset {
             "long-context-mixed" => Ok(Preset::LongContextMixed),
             "agentic" => Ok(Preset::Agentic),
             "bimodal" => Ok(Preset::Bimodal),
-            _ => Err(CoreError::invalid("workload", name, format!("unknown preset; known: {}", PRESET_NAMES.join(", ")))),
+            _ => {
+                Err(CoreError::invalid("workload", name, format!("unknown preset; known: {}", PRESET_NAMES.join(", "))))
+            }
         }
     }
 
@@ -138,13 +140,17 @@ mod tests {
             let a = p.sample(5000, 3);
             assert_eq!(a, p.sample(5000, 3));
             assert_eq!(a.len(), 5000);
-            assert!(a.iter().all(|r| r.prompt_len >= 1 && r.output_len >= 1 && r.prompt_len + r.output_len <= p.max_len()));
+            assert!(a
+                .iter()
+                .all(|r| r.prompt_len >= 1 && r.output_len >= 1 && r.prompt_len + r.output_len <= p.max_len()));
         }
     }
 
     #[test]
     fn shapes_match_their_documentation() {
-        let mean = |v: &[RequestSample], f: fn(&RequestSample) -> u32| v.iter().map(|r| f64::from(f(r))).sum::<f64>() / v.len() as f64;
+        let mean = |v: &[RequestSample], f: fn(&RequestSample) -> u32| {
+            v.iter().map(|r| f64::from(f(r))).sum::<f64>() / v.len() as f64
+        };
         let chat = Preset::ShortChat.sample(20_000, 1);
         let mp = mean(&chat, |r| r.prompt_len);
         let mo = mean(&chat, |r| r.output_len);

@@ -145,7 +145,13 @@ impl Refiner {
         let Some(last) = self.last_advance.replace(now) else { return };
         let dt = (now - last).max(0.0);
         let keep = 0.5f64.powf(dt / self.config.half_life_s);
-        for v in [&mut self.decode_tokens, &mut self.decode_context, &mut self.arrivals, &mut self.prefill_tokens, &mut self.prefill_pairs] {
+        for v in [
+            &mut self.decode_tokens,
+            &mut self.decode_context,
+            &mut self.arrivals,
+            &mut self.prefill_tokens,
+            &mut self.prefill_pairs,
+        ] {
             v.iter_mut().for_each(|x| *x *= keep);
         }
         // The decayed integral of dt: observations made over `dt` carry weight about `keep`..1.
@@ -189,7 +195,12 @@ impl Refiner {
     }
 
     /// Decides a layout change at `now`, or `None` to keep the current one.
-    pub fn decide(&mut self, layout: &StageLayout, profile: &CostProfile, now: f64) -> Option<(StageLayout, Refinement)> {
+    pub fn decide(
+        &mut self,
+        layout: &StageLayout,
+        profile: &CostProfile,
+        now: f64,
+    ) -> Option<(StageLayout, Refinement)> {
         if now - self.last_change < self.config.cooldown_s {
             return None;
         }
@@ -206,7 +217,10 @@ impl Refiner {
                 self.planned_shape = Some(shape.clone());
                 !current.is_finite()
             }
-            Some(planned) => 0.5 * planned.iter().zip(&shape).map(|(a, b)| (a - b).abs()).sum::<f64>() > self.config.replan_divergence,
+            Some(planned) => {
+                0.5 * planned.iter().zip(&shape).map(|(a, b)| (a - b).abs()).sum::<f64>()
+                    > self.config.replan_divergence
+            }
         };
         if diverged {
             let options = PartitionOptions { num_instances: layout.num_instances() as u32, max_stages: None };
@@ -242,7 +256,13 @@ impl Refiner {
 
     /// Among one-bucket moves of boundaries between stages whose utilizations diverge, the
     /// one with the lowest predicted cost: (stage, new cut, cost).
-    fn best_nudge(&self, table: &RangeTable, layout: &StageLayout, cuts: &[usize], counts: &[u32]) -> Option<(usize, usize, f64)> {
+    fn best_nudge(
+        &self,
+        table: &RangeTable,
+        layout: &StageLayout,
+        cuts: &[usize],
+        counts: &[u32],
+    ) -> Option<(usize, usize, f64)> {
         let utilization = |k: usize| {
             table.predict(&table.load(cuts[k], cuts[k + 1]), counts[k]).map_or(f64::INFINITY, |(_, p)| p.utilization)
         };

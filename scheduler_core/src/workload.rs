@@ -97,10 +97,16 @@ impl WorkloadSummary {
     /// heterogeneity and overheads): decode per token plus prefill. Dividing a fleet's size by
     /// this per unit rate gives the rate at which the fleet would be fully busy.
     pub fn work_per_second(&self, profile: &CostProfile) -> f64 {
-        let decode: f64 = self.decode_tokens.iter().zip(&self.decode_context)
+        let decode: f64 = self
+            .decode_tokens
+            .iter()
+            .zip(&self.decode_context)
             .map(|(t, c)| profile.per_sequence_s * t + profile.per_context_token_s * c)
             .sum();
-        let prefill: f64 = self.prefill_tokens.iter().zip(&self.prefill_pairs)
+        let prefill: f64 = self
+            .prefill_tokens
+            .iter()
+            .zip(&self.prefill_pairs)
             .map(|(t, p)| profile.per_prefill_token_s * t + profile.prefill_attention_s * p)
             .sum();
         decode + prefill

@@ -18,9 +18,15 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--instances", type=int, required=True, help="number of engine instances")
     p.add_argument("--workload", required=True, help="preset name or JSONL trace file")
-    p.add_argument("--profile", default="gpu-h100-llama3-8b", help="built-in profile name or JSON file")
-    p.add_argument("--rate", type=float, help="arrivals per second (default: the trace's rate, "
-                   "or 60%% of the fleet's estimated capacity for a preset)")
+    p.add_argument(
+        "--profile", default="gpu-h100-llama3-8b", help="built-in profile name or JSON file"
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="arrivals per second (default: the trace's rate, "
+        "or 60%% of the fleet's estimated capacity for a preset)",
+    )
     p.add_argument("--max-stages", type=int, help="at most this many stages")
     p.add_argument("--buckets", type=int, default=128, help="length buckets (boundary resolution)")
     p.add_argument("--seed", type=int, default=0, help="seed for preset sampling")

@@ -19,7 +19,13 @@ impl SteadyTraffic {
     fn new(preset: Preset, rate: f64, seed: u64) -> Self {
         let samples = preset.sample(20_000, seed);
         let mut acc = 0.0;
-        let cumulative_output = samples.iter().map(|s| { acc += f64::from(s.output_len); acc }).collect();
+        let cumulative_output = samples
+            .iter()
+            .map(|s| {
+                acc += f64::from(s.output_len);
+                acc
+            })
+            .collect();
         SteadyTraffic { samples, cumulative_output, rate, rng: Rng::new(seed + 1), next_request: 0 }
     }
 
@@ -81,12 +87,21 @@ fn a_steady_workload_settles_after_at_most_a_few_changes_from_a_bad_start() {
     assert_eq!(grid_max, Preset::ShortChat.max_len());
     let mut policy = {
         let instances: Vec<InstanceId> = (0..16).map(InstanceId).collect();
-        let stages = policy.layout().stages().iter().map(|s| (s.min_len, s.max_len.min(131_071), s.instances.len())).collect::<Vec<_>>();
+        let stages = policy
+            .layout()
+            .stages()
+            .iter()
+            .map(|s| (s.min_len, s.max_len.min(131_071), s.instances.len()))
+            .collect::<Vec<_>>();
         let mut ranges = Vec::new();
         let mut next = instances.into_iter();
         for (k, (lo, hi, n)) in stages.iter().enumerate() {
             let hi = if k + 1 == stages.len() { 131_072 } else { *hi };
-            ranges.push(crate::layout::StageRange { min_len: *lo, max_len: hi, instances: next.by_ref().take(*n).collect() });
+            ranges.push(crate::layout::StageRange {
+                min_len: *lo,
+                max_len: hi,
+                instances: next.by_ref().take(*n).collect(),
+            });
         }
         let grid = BucketGrid::geometric(131_072, 64, 64).unwrap();
         let chat = WorkloadSummary::from_samples(&grid, &Preset::ShortChat.sample(20_000, 1), 4.0).unwrap();

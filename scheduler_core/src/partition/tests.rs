@@ -37,9 +37,8 @@ fn best_allocation(table: &RangeTable, loads: &[StageLoad], left: usize) -> f64 
 }
 
 fn samples_strategy(max_len: u32) -> impl Strategy<Value = Vec<RequestSample>> {
-    prop::collection::vec((1u32..max_len / 2, 1u32..max_len / 2), 1..40).prop_map(|v| {
-        v.into_iter().map(|(p, o)| RequestSample { prompt_len: p, output_len: o }).collect()
-    })
+    prop::collection::vec((1u32..max_len / 2, 1u32..max_len / 2), 1..40)
+        .prop_map(|v| v.into_iter().map(|(p, o)| RequestSample { prompt_len: p, output_len: o }).collect())
 }
 
 proptest! {
@@ -136,4 +135,3 @@ fn zero_instances_is_invalid() {
     let err = partition(&w, &gpu(), &PartitionOptions { num_instances: 0, max_stages: None }).unwrap_err();
     assert!(err.to_string().contains("num_instances"));
 }
-

@@ -27,7 +27,11 @@ impl PyCostProfile {
     #[staticmethod]
     fn builtin(name: &str) -> PyResult<Self> {
         let text = builtin_profile(name).ok_or_else(|| {
-            to_py(crate::CoreError::invalid("profile", name, format!("unknown; built-in: {}", BUILTIN_PROFILES.join(", "))))
+            to_py(crate::CoreError::invalid(
+                "profile",
+                name,
+                format!("unknown; built-in: {}", BUILTIN_PROFILES.join(", ")),
+            ))
         })?;
         Self::from_json(text)
     }
@@ -58,7 +62,14 @@ impl PyCostProfile {
 
     /// Predicted seconds of one engine step over the described batch.
     #[pyo3(signature = (num_decode, sum_context, max_context, prefill_tokens=0, prefill_pairs=0))]
-    fn step_time(&self, num_decode: u32, sum_context: u64, max_context: u32, prefill_tokens: u32, prefill_pairs: u64) -> f64 {
+    fn step_time(
+        &self,
+        num_decode: u32,
+        sum_context: u64,
+        max_context: u32,
+        prefill_tokens: u32,
+        prefill_pairs: u64,
+    ) -> f64 {
         self.inner.step_time(&BatchShape { num_decode, sum_context, max_context, prefill_tokens, prefill_pairs })
     }
 
@@ -116,7 +127,12 @@ pub(crate) struct PyWorkload {
 impl PyWorkload {
     /// Summarizes requests (parallel lists) arriving at `arrival_rate` requests per second.
     #[staticmethod]
-    fn from_samples(grid: &PyBucketGrid, prompt_lens: Vec<u32>, output_lens: Vec<u32>, arrival_rate: f64) -> PyResult<Self> {
+    fn from_samples(
+        grid: &PyBucketGrid,
+        prompt_lens: Vec<u32>,
+        output_lens: Vec<u32>,
+        arrival_rate: f64,
+    ) -> PyResult<Self> {
         if prompt_lens.len() != output_lens.len() {
             return Err(to_py(crate::CoreError::invalid(
                 "output_lens",

@@ -87,7 +87,8 @@ impl PyScheduler {
     ) -> PyResult<Self> {
         let layout = StageLayout::from_plan(&plan.inner, &ids(&instances)).map_err(to_py)?;
         let w = planned_for.as_ref().map(|w| &w.inner);
-        let policy = CascadePolicy::new(profile.inner.clone(), layout, grid.inner.clone(), config.into(), w).map_err(to_py)?;
+        let policy =
+            CascadePolicy::new(profile.inner.clone(), layout, grid.inner.clone(), config.into(), w).map_err(to_py)?;
         Ok(PyScheduler { policy: Box::new(policy) })
     }
 
@@ -104,7 +105,8 @@ impl PyScheduler {
             .map(|(min_len, max_len, instances)| StageRange { min_len, max_len, instances: ids(&instances) })
             .collect();
         let layout = StageLayout::new(ranges).map_err(to_py)?;
-        let policy = CascadePolicy::new(profile.inner.clone(), layout, grid.inner.clone(), config.into(), None).map_err(to_py)?;
+        let policy = CascadePolicy::new(profile.inner.clone(), layout, grid.inner.clone(), config.into(), None)
+            .map_err(to_py)?;
         Ok(PyScheduler { policy: Box::new(policy) })
     }
 
@@ -121,7 +123,8 @@ impl PyScheduler {
     ) -> PyResult<Self> {
         let kind = BaselineKind::from_name(name).map_err(to_py)?;
         let llumnix = llumnix.map(LlumnixConfig::from).unwrap_or_default();
-        let policy = Baseline::new(kind, profile.inner.clone(), &ids(&instances), max_len, seed, llumnix).map_err(to_py)?;
+        let policy =
+            Baseline::new(kind, profile.inner.clone(), &ids(&instances), max_len, seed, llumnix).map_err(to_py)?;
         Ok(PyScheduler { policy: Box::new(policy) })
     }
 
@@ -137,7 +140,13 @@ impl PyScheduler {
     }
 
     /// One engine step's running requests as three parallel lists; returns migrations to start.
-    fn on_step(&mut self, request_ids: Vec<u64>, instances: Vec<u32>, context_lens: Vec<u32>, now: f64) -> PyResult<Vec<PyMigration>> {
+    fn on_step(
+        &mut self,
+        request_ids: Vec<u64>,
+        instances: Vec<u32>,
+        context_lens: Vec<u32>,
+        now: f64,
+    ) -> PyResult<Vec<PyMigration>> {
         if request_ids.len() != instances.len() || request_ids.len() != context_lens.len() {
             return Err(to_py(CoreError::invalid(
                 "on_step",

@@ -1,0 +1,69 @@
+"""`cascade plan` run as a user would: the installed console script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cascadeinfer import preset_names
+from cascadeinfer.traces import TraceRequest, write_trace
+
+CASCADE = str(Path(sys.executable).parent / "cascade")
+
+
+def cascade(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CASCADE, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.parametrize("preset", preset_names())
+@pytest.mark.parametrize("profile", ["gpu-h100-llama3-8b", "cpu-vllm-tiny-llama"])
+def test_plan_answers_for_every_preset(preset: str, profile: str) -> None:
+    out = cascade("plan", "--instances", "16", "--workload", preset, "--profile", profile, "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert set(doc) >= {"stages", "objective", "solve_ms"}
+    assert sum(s["instances"] for s in doc["stages"]) == 16
+    assert doc["stages"][0]["min_len"] == 0
+    assert all(set(s) >= {"min_len", "max_len", "instances"} for s in doc["stages"])
+    assert doc["objective"] > 0 and doc["solve_ms"] >= 0
+
+
+def test_plan_table_and_stage_limit() -> None:
+    out = cascade("plan", "--instances", "8", "--workload", "bimodal", "--max-stages", "2")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert 1 <= len(rows) <= 2
+    assert "predicted mean end-to-end latency" in out.stdout
+
+
+def test_plan_from_a_trace_uses_its_rate(tmp_path: Path) -> None:
+    path = tmp_path / "trace.jsonl"
+    write_trace(path, [TraceRequest(i * 0.5, 100 + 37 * i, 200 + 11 * i) for i in range(200)])
+    out = cascade("plan", "--instances", "4", "--workload", str(path), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["rate"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--instances", "0", "--workload", "short-chat"], "num_instances"),
+        (["--instances", "4", "--workload", "nope"], "neither a preset"),
+        (
+            ["--instances", "4", "--workload", "short-chat", "--profile", "nope"],
+            "neither a built-in",
+        ),
+        (["--instances", "1", "--workload", "agentic", "--rate", "1000"], "infeasible"),
+        (["--instances", "4", "--workload", "short-chat", "--rate", "-1"], "rate"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(args: list[str], message: str) -> None:
+    out = cascade("plan", *args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
