@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -24,7 +26,18 @@ def load_profile(name_or_path: str) -> _core.CostProfile:
     if not path.is_file():
         known = ", ".join(_core.CostProfile.builtin_names())
         raise ValueError(f"profile {name_or_path!r} is neither a built-in ({known}) nor a file")
-    return _core.CostProfile.from_json(path.read_text(encoding="utf-8"))
+    return profile_from_json(path.read_text(encoding="utf-8"))
+
+
+def profile_from_json(text: str) -> _core.CostProfile:
+    """Parses a profile. JSON proper has no NaN or Infinity, but Python writes them; name the
+    field holding one instead of failing on the token."""
+    doc = json.loads(text)
+    if isinstance(doc, dict):
+        for field, value in doc.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"invalid {field} = {value}: must be finite")
+    return _core.CostProfile.from_json(text)
 
 
 def builtin_profile_path(name: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from cascadeinfer import (
@@ -13,6 +14,7 @@ from cascadeinfer import (
     RefineConfig,
     Scheduler,
     Workload,
+    load_profile,
     partition,
 )
 
@@ -48,10 +50,18 @@ def test_bad_profile_values_name_the_field(
         CostProfile.from_json(json.dumps(doc))
 
 
-def test_nan_in_a_profile_is_rejected(gpu_profile: CostProfile) -> None:
-    text = gpu_profile.to_json().replace('"heterogeneity": 0.35', '"heterogeneity": NaN')
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_profile_file_names_the_field(
+    gpu_profile: CostProfile, tmp_path: Path, bad: float
+) -> None:
+    doc = json.loads(gpu_profile.to_json())
+    doc["per_sequence_s"] = bad
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="per_sequence_s"):
+        load_profile(str(path))
     with pytest.raises(ValueError, match="profile"):
-        CostProfile.from_json(text)
+        CostProfile.from_json(json.dumps(doc))
 
 
 def test_unknown_builtin_profile_lists_the_known() -> None:
