@@ -196,26 +196,16 @@ impl Policy for Baseline {
         TickOutcome { migrations, new_layout: None }
     }
 
-    fn migration_done(&mut self, migration: &Migration, succeeded: bool) {
-        self.router.migration_done(migration, succeeded);
+    fn router(&self) -> &Router {
+        &self.router
     }
 
-    fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
-        self.router.request_finished(request, instance);
-    }
-
-    fn layout(&self) -> &StageLayout {
-        &self.router.layout
+    fn router_mut(&mut self) -> &mut Router {
+        &mut self.router
     }
 
     fn add_instance(&mut self, instance: InstanceId) -> Result<()> {
         self.router.layout.add_instance(instance, 0)
-    }
-
-    fn remove_instance(&mut self, instance: InstanceId) -> Result<()> {
-        self.router.layout.remove_instance(instance)?;
-        self.router.loads.clear(instance);
-        Ok(())
     }
 }
 

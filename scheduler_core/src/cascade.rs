@@ -116,16 +116,12 @@ impl Policy for CascadePolicy {
         outcome
     }
 
-    fn migration_done(&mut self, migration: &Migration, succeeded: bool) {
-        self.router.migration_done(migration, succeeded);
+    fn router(&self) -> &Router {
+        &self.router
     }
 
-    fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
-        self.router.request_finished(request, instance);
-    }
-
-    fn layout(&self) -> &StageLayout {
-        &self.router.layout
+    fn router_mut(&mut self) -> &mut Router {
+        &mut self.router
     }
 
     /// A new instance joins the stage whose instances are the most loaded.
@@ -137,12 +133,6 @@ impl Policy for CascadePolicy {
         };
         let busiest = (0..r.layout.stages().len()).max_by(|&a, &b| mean_step(a).total_cmp(&mean_step(b))).unwrap();
         self.router.layout.add_instance(instance, busiest)
-    }
-
-    fn remove_instance(&mut self, instance: InstanceId) -> Result<()> {
-        self.router.layout.remove_instance(instance)?;
-        self.router.loads.clear(instance);
-        Ok(())
     }
 }
 

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::ids::{InstanceId, RequestId};
 use crate::layout::StageLayout;
+use crate::router::Router;
 
 /// One running request in an engine step feed.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,15 +80,32 @@ pub trait Policy: Send + Sync {
     /// Periodic work: balancing, refinement, rebalancing.
     fn tick(&mut self, now: f64) -> TickOutcome;
 
+    fn add_instance(&mut self, instance: InstanceId) -> Result<()>;
+
+    /// The router holding the policy's layout, loads and in-flight migrations.
+    fn router(&self) -> &Router;
+    fn router_mut(&mut self) -> &mut Router;
+
     /// A migration this policy asked for ended; on failure the request stays on its source.
-    fn migration_done(&mut self, migration: &Migration, succeeded: bool);
+    fn migration_done(&mut self, migration: &Migration, succeeded: bool) {
+        self.router_mut().migration_done(migration, succeeded);
+    }
 
     /// A request left `instance` (finished or aborted).
-    fn request_finished(&mut self, request: RequestId, instance: InstanceId);
+    fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
+        self.router_mut().request_finished(request, instance);
+    }
 
     /// The current layout (a single stage for policies without stages).
-    fn layout(&self) -> &StageLayout;
+    fn layout(&self) -> &StageLayout {
+        self.router().layout()
+    }
 
-    fn add_instance(&mut self, instance: InstanceId) -> Result<()>;
-    fn remove_instance(&mut self, instance: InstanceId) -> Result<()>;
+    /// An instance left the cluster: out of the layout (its stage refilled) and the loads.
+    fn remove_instance(&mut self, instance: InstanceId) -> Result<()> {
+        let router = self.router_mut();
+        router.layout.remove_instance(instance)?;
+        router.loads.clear(instance);
+        Ok(())
+    }
 }
