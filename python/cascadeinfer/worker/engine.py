@@ -1,0 +1,205 @@
+"""The engine interface the worker daemon drives, and the domain types that cross it.
+
+Two implementations: `engines/vllm_engine.py` (a real vLLM v1 engine in-process) and
+`engines/sim_engine.py` (a simulator for load tests). The daemon calls every method from one
+engine thread, between steps, so implementations need no locking of their own.
+
+Migration is stop-and-copy with an optional pre-copy: `copy_full_blocks` may be called while the
+request keeps decoding (full KV blocks never change again), then `export_kv` stops the request
+and returns the remaining blocks. A target resumes it with `import_kv`. If anything fails after
+`export_kv`, the source calls `import_kv` with its own snapshot, so the request keeps running
+where it was.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields
+from typing import Protocol
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    """max_tokens reached."""
+    STOP = "stop"
+    """EOS or a stop token."""
+    ABORT = "abort"
+    """Aborted by a client or the scheduler."""
+    MIGRATED = "migrated"
+    """Moved to another engine; the request goes on there."""
+
+
+class ErrorCode(enum.Enum):
+    """Why an engine call failed; the servicer maps each to one gRPC status."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    FAILED_PRECONDITION = "failed_precondition"
+
+
+class EngineError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 turns top-k off."""
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Raises INVALID_ARGUMENT naming the first bad field."""
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)"),
+            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, f"{name} = {getattr(self, name)!r}: {rule}")
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    output_token_ids: tuple[int, ...] = ()
+    """For a resumed request: the output it already produced elsewhere. `sampling.max_tokens`
+    still counts from the original start, so the remaining budget is max_tokens - len(this)."""
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.sampling.max_tokens - len(self.output_token_ids)
+
+
+@dataclass(frozen=True)
+class RequestProgress:
+    """One request after one engine step."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    first_index: int
+    """Output index of new_token_ids[0] (counted from the request's original start)."""
+    context_len: int
+    """Prompt plus every output token so far."""
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one engine step did; the worker turns it into one feed message."""
+
+    step_index: int
+    step_time_s: float
+    progress: tuple[RequestProgress, ...]
+    """Every request that ran this step or finished in it."""
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What must match for KV blocks to be meaningful on another engine."""
+
+    model: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+    backend: str
+    block_bytes: int
+    """Bytes of one block across all layers (K and V)."""
+
+    def mismatch(self, other: KVLayout) -> str | None:
+        """The first differing field as 'name: ours vs theirs', or None when compatible."""
+        for f in fields(self):
+            ours, theirs = getattr(self, f.name), getattr(other, f.name)
+            if ours != theirs:
+                return f"{f.name}: {ours!r} here vs {theirs!r} in the snapshot"
+        return None
+
+
+@dataclass
+class KVSnapshot:
+    """A stopped request and its KV cache, on its way to another engine."""
+
+    request: EngineRequest
+    """Prompt, original sampling, and every output token so far."""
+    layout: KVLayout
+    num_cached_tokens: int
+    """Tokens whose KV the blocks hold (the last sampled token has none yet)."""
+    blocks: list[bytes] = field(default_factory=list)
+    """One opaque blob per block, in order; len == ceil(num_cached_tokens / block_size)."""
+
+
+class Engine(Protocol):
+    """An inference engine one worker hosts. Every method runs on the worker's engine thread."""
+
+    @property
+    def name(self) -> str:
+        """'vllm' or 'sim'."""
+        ...
+
+    @property
+    def layout(self) -> KVLayout: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def num_blocks_total(self) -> int: ...
+
+    def num_free_blocks(self) -> int: ...
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queues a request (new, or resumed with output_token_ids for recompute).
+        Raises INVALID_ARGUMENT, ALREADY_EXISTS or RESOURCE_EXHAUSTED."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request and frees its blocks. Raises NOT_FOUND."""
+        ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def step(self) -> StepReport:
+        """Runs one engine step."""
+        ...
+
+    def copy_full_blocks(self, request_id: str, start_block: int) -> list[bytes]:
+        """Copies the running request's full blocks from start_block on, without stopping it."""
+        ...
+
+    def export_kv(self, request_id: str, skip_blocks: int = 0) -> KVSnapshot:
+        """Stops a running request and returns it with its KV blocks (the first skip_blocks
+        left out: the caller copied them already). Its blocks are free afterwards.
+        Raises NOT_FOUND, or FAILED_PRECONDITION when it is not running (still waiting)."""
+        ...
+
+    def import_kv(self, snapshot: KVSnapshot) -> None:
+        """Resumes a request from a complete snapshot; it decodes on from its last token.
+        Raises FAILED_PRECONDITION on a layout mismatch, RESOURCE_EXHAUSTED without room,
+        ALREADY_EXISTS, INVALID_ARGUMENT for a malformed snapshot."""
+        ...
+
+    def shutdown(self) -> None: ...
