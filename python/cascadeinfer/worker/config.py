@@ -1,0 +1,80 @@
+"""cascade-worker configuration: a frozen dataclass from a TOML file, overridden by flags."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from cascadeinfer.worker.engines.sim_engine import SimEngineConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    engine: str = "sim"
+    """'vllm' or 'sim' (the simulator)."""
+    model: str = ""
+    """vllm: a model directory or id. Empty: a tiny built-in Llama config with dummy weights."""
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 picks a free port (printed on start)."""
+    worker_id: str = ""
+    """Defaults to host:port."""
+    metrics_port: int = 0
+    """Prometheus HTTP exporter; 0 turns it off."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM, running requests get this long to finish before they are aborted."""
+    sim: SimEngineConfig = field(default_factory=SimEngineConfig)
+    vllm: dict[str, Any] = field(default_factory=dict)
+    """Extra options for the vLLM engine (see engines/vllm_engine.py)."""
+
+    def validate(self) -> None:
+        if self.engine not in ("vllm", "sim"):
+            raise ValueError(f"engine = {self.engine!r}: must be 'vllm' or 'sim'")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port = {self.port}: must be in [0, 65535]")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s = {self.drain_timeout_s}: must be >= 0")
+
+
+def from_toml(path: Path) -> WorkerConfig:
+    doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    known = {f.name for f in fields(WorkerConfig)}
+    unknown = set(doc) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    sim = SimEngineConfig(**doc.pop("sim", {}))
+    return WorkerConfig(**doc, sim=sim)
+
+
+def parse_args(argv: list[str] | None) -> WorkerConfig:
+    p = argparse.ArgumentParser(prog="cascade-worker", description="A CascadeInfer worker: one engine behind gRPC.")
+    p.add_argument("--config", type=Path, help="TOML file; flags override it")
+    p.add_argument("--engine", choices=["vllm", "sim"])
+    p.add_argument("--model", help="vllm: model directory or id (default: built-in tiny Llama, dummy weights)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--worker-id")
+    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--drain-timeout-s", type=float)
+    p.add_argument("--sim-profile", help="sim: cost profile name or file")
+    p.add_argument("--sim-time-scale", type=float, help="sim: step sleep = predicted time x this")
+    p.add_argument("--sim-kv-bytes-per-token", type=int, help="sim: KV payload size per token")
+    p.add_argument("--sim-num-blocks", type=int, help="sim: KV capacity in blocks")
+    p.add_argument("--sim-max-model-len", type=int)
+    args = p.parse_args(argv)
+    config = from_toml(args.config) if args.config else WorkerConfig()
+    top = {k: getattr(args, k) for k in ("engine", "model", "host", "port", "worker_id", "metrics_port", "drain_timeout_s")}
+    config = replace(config, **{k: v for k, v in top.items() if v is not None})
+    sim = {
+        "profile": args.sim_profile,
+        "time_scale": args.sim_time_scale,
+        "kv_bytes_per_token": args.sim_kv_bytes_per_token,
+        "num_blocks": args.sim_num_blocks,
+        "max_model_len": args.sim_max_model_len,
+    }
+    config = replace(config, sim=replace(config.sim, **{k: v for k, v in sim.items() if v is not None}))
+    config.validate()
+    return config

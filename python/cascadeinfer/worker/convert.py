@@ -1,0 +1,112 @@
+"""Proto <-> domain conversions for the worker API, in one place."""
+
+from __future__ import annotations
+
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2
+from cascadeinfer.worker.engine import (
+    EngineRequest,
+    FinishReason,
+    KVLayout,
+    RequestProgress,
+    SamplingSpec,
+    StepReport,
+)
+
+FINISH_TO_PROTO = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+    FinishReason.MIGRATED: common_pb2.FINISH_REASON_MIGRATED,
+}
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingSpec:
+    return SamplingSpec(
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p if p.top_p != 0 else 1.0,
+        top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None,
+        stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+    )
+
+
+def sampling_to_proto(s: SamplingSpec) -> common_pb2.SamplingParams:
+    p = common_pb2.SamplingParams(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+    )
+    if s.seed is not None:
+        p.seed = s.seed
+    return p
+
+
+def request_from_generate(m: worker_pb2.GenerateRequest) -> EngineRequest:
+    return EngineRequest(
+        request_id=m.request_id,
+        prompt_token_ids=tuple(m.prompt_token_ids),
+        sampling=sampling_from_proto(m.sampling),
+        output_token_ids=tuple(m.output_token_ids),
+    )
+
+
+def layout_to_proto(layout: KVLayout) -> common_pb2.KVLayout:
+    return common_pb2.KVLayout(
+        model=layout.model,
+        dtype=layout.dtype,
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_size=layout.head_size,
+        block_size=layout.block_size,
+        backend=layout.backend,
+        block_bytes=layout.block_bytes,
+    )
+
+
+def layout_from_proto(p: common_pb2.KVLayout) -> KVLayout:
+    return KVLayout(
+        model=p.model,
+        dtype=p.dtype,
+        num_layers=p.num_layers,
+        num_kv_heads=p.num_kv_heads,
+        head_size=p.head_size,
+        block_size=p.block_size,
+        backend=p.backend,
+        block_bytes=p.block_bytes,
+    )
+
+
+def progress_to_response(p: RequestProgress) -> worker_pb2.GenerateResponse:
+    return worker_pb2.GenerateResponse(
+        request_id=p.request_id,
+        tokens=common_pb2.TokenChunk(token_ids=list(p.new_token_ids), first_index=p.first_index),
+        finish_reason=FINISH_TO_PROTO[p.finish_reason],
+        context_len=p.context_len,
+    )
+
+
+def step_to_proto(worker_id: str, r: StepReport) -> worker_pb2.StepUpdate:
+    return worker_pb2.StepUpdate(
+        worker_id=worker_id,
+        step_index=r.step_index,
+        step_time_s=r.step_time_s,
+        requests=[
+            worker_pb2.RequestStep(
+                request_id=p.request_id,
+                tokens=common_pb2.TokenChunk(token_ids=list(p.new_token_ids), first_index=p.first_index),
+                context_len=p.context_len,
+                finish_reason=FINISH_TO_PROTO[p.finish_reason],
+            )
+            for p in r.progress
+        ],
+        num_running=r.num_running,
+        num_waiting=r.num_waiting,
+        kv_blocks_used=r.kv_blocks_used,
+        kv_blocks_free=r.kv_blocks_free,
+    )

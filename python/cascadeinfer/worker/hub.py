@@ -1,0 +1,84 @@
+"""Fans engine step reports out to per-request output streams and to step-feed subscribers.
+
+Lives on the asyncio loop. A request is tracked from admission (or import) until it finishes or
+leaves; each Generate/Attach stream reads its own queue; each StreamSteps subscriber gets every
+step report. Nothing here blocks the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from cascadeinfer.worker.engine import FinishReason, RequestProgress, StepReport
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """The last item of a request stream when the request ended without a final token."""
+
+    reason: FinishReason
+    context_len: int
+    migrated_to: str = ""
+
+
+StreamItem = RequestProgress | StreamEnd
+
+
+@dataclass
+class TrackedRequest:
+    context_len: int
+    num_output: int
+    subscribers: list[asyncio.Queue[StreamItem]] = field(default_factory=list)
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.requests: dict[str, TrackedRequest] = {}
+        self._step_subscribers: list[asyncio.Queue[StepReport]] = []
+        self.last_report: StepReport | None = None
+
+    def track(self, request_id: str, context_len: int, num_output: int) -> None:
+        self.requests[request_id] = TrackedRequest(context_len, num_output)
+
+    def subscribe(self, request_id: str) -> asyncio.Queue[StreamItem]:
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self.requests[request_id].subscribers.append(queue)
+        return queue
+
+    def publish(self, report: StepReport) -> None:
+        """Called on the loop for every engine step, in order."""
+        self.last_report = report
+        for p in report.progress:
+            tracked = self.requests.get(p.request_id)
+            if tracked is None:
+                continue
+            tracked.context_len = p.context_len
+            tracked.num_output = p.first_index + len(p.new_token_ids)
+            for q in tracked.subscribers:
+                q.put_nowait(p)
+            if p.finish_reason is not None:
+                del self.requests[p.request_id]
+        for sq in self._step_subscribers:
+            sq.put_nowait(report)
+
+    def end(self, request_id: str, reason: FinishReason, migrated_to: str = "") -> None:
+        """Ends a request's streams without a token (abort, migration)."""
+        tracked = self.requests.pop(request_id, None)
+        if tracked is None:
+            return
+        for q in tracked.subscribers:
+            q.put_nowait(StreamEnd(reason, tracked.context_len, migrated_to))
+
+    async def steps(self) -> AsyncIterator[StepReport]:
+        queue: asyncio.Queue[StepReport] = asyncio.Queue()
+        self._step_subscribers.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._step_subscribers.remove(queue)
+
+    def sum_context(self) -> int:
+        return sum(t.context_len for t in self.requests.values())

@@ -1,0 +1,112 @@
+"""A request's KV snapshot as a stream of KVChunk messages, and back.
+
+Order on the wire: one header (request id, layout), block chunks numbered consecutively from 0,
+one commit (token state). The reader refuses anything else with INVALID_ARGUMENT, and a layout
+mismatch with FAILED_PRECONDITION as soon as the header arrives."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.worker import convert
+from cascadeinfer.worker.engine import (
+    EngineError,
+    EngineRequest,
+    ErrorCode,
+    KVLayout,
+    KVSnapshot,
+)
+
+MAX_CHUNK_BYTES = 4 << 20
+"""Blocks per message are grouped up to this size (one block may exceed it alone)."""
+
+
+def header(request_id: str, layout: KVLayout | None) -> worker_pb2.KVChunk:
+    """`layout=None` for a recompute resume (token ids only)."""
+    h = worker_pb2.KVHeader(request_id=request_id)
+    if layout is not None:
+        h.layout.CopyFrom(convert.layout_to_proto(layout))
+    return worker_pb2.KVChunk(header=h)
+
+
+def block_chunks(blocks: list[bytes], first_block: int) -> Iterator[worker_pb2.KVChunk]:
+    start, size = 0, 0
+    for i, blob in enumerate(blocks):
+        if i > start and size + len(blob) > MAX_CHUNK_BYTES:
+            yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=first_block + start, blocks=blocks[start:i]))
+            start, size = i, 0
+        size += len(blob)
+    if start < len(blocks):
+        yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=first_block + start, blocks=blocks[start:]))
+
+
+def commit(snapshot: KVSnapshot, num_blocks: int) -> worker_pb2.KVChunk:
+    req = snapshot.request
+    return worker_pb2.KVChunk(
+        commit=worker_pb2.KVCommit(
+            prompt_token_ids=list(req.prompt_token_ids),
+            output_token_ids=list(req.output_token_ids),
+            sampling=convert.sampling_to_proto(req.sampling),
+            num_cached_tokens=snapshot.num_cached_tokens,
+            num_blocks=num_blocks,
+        )
+    )
+
+
+def snapshot_chunks(snapshot: KVSnapshot) -> Iterator[worker_pb2.KVChunk]:
+    yield header(snapshot.request.request_id, snapshot.layout)
+    yield from block_chunks(snapshot.blocks, 0)
+    yield commit(snapshot, len(snapshot.blocks))
+
+
+def _invalid(message: str) -> EngineError:
+    return EngineError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+async def read_snapshot(chunks: AsyncIterator[worker_pb2.KVChunk], expected: KVLayout) -> KVSnapshot:
+    """Assembles a snapshot; a commit with num_cached_tokens == 0 and no blocks asks for a
+    recompute resume (the layout is then not checked)."""
+    request_id: str | None = None
+    layout: KVLayout | None = None
+    has_layout = False
+    blocks: list[bytes] = []
+    async for chunk in chunks:
+        part = chunk.WhichOneof("part")
+        if part == "header":
+            if request_id is not None:
+                raise _invalid("a second KV header arrived")
+            request_id, layout = chunk.header.request_id, convert.layout_from_proto(chunk.header.layout)
+            if not request_id:
+                raise _invalid("KV header has an empty request_id")
+            # A recompute resume sends no layout; KV blocks are refused early on a mismatch.
+            has_layout = chunk.header.HasField("layout")
+            problem = expected.mismatch(layout) if has_layout else None
+            if problem is not None:
+                raise EngineError(ErrorCode.FAILED_PRECONDITION, f"KV layout mismatch: {problem}")
+        elif request_id is None or layout is None:
+            raise _invalid(f"KV {part} arrived before the header")
+        elif part == "blocks":
+            if chunk.blocks.first_block != len(blocks):
+                raise _invalid(f"KV blocks out of order: got block {chunk.blocks.first_block}, expected {len(blocks)}")
+            if not has_layout:
+                raise _invalid("KV blocks arrived after a header without a layout")
+            blocks.extend(chunk.blocks.blocks)
+        elif part == "commit":
+            c = chunk.commit
+            if c.num_blocks != len(blocks):
+                raise _invalid(f"KV stream truncated: commit says {c.num_blocks} blocks, {len(blocks)} arrived")
+            request = EngineRequest(
+                request_id,
+                tuple(c.prompt_token_ids),
+                convert.sampling_from_proto(c.sampling),
+                tuple(c.output_token_ids),
+            )
+            if c.num_cached_tokens > 0 and not has_layout:
+                raise _invalid("a KV commit with cached tokens needs a header with a layout")
+            async for _ in chunks:
+                raise _invalid("a KV chunk arrived after the commit")
+            return KVSnapshot(request, layout, c.num_cached_tokens, blocks)
+        else:
+            raise _invalid("empty KV chunk")
+    raise _invalid("KV stream truncated: it ended without a commit")

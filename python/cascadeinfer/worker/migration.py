@@ -1,0 +1,111 @@
+"""MigrateOut: move one running request to another worker, keeping it alive on failure.
+
+KV mode, Llumnix-style two-stage copy: the full blocks are copied and streamed while the request
+keeps decoding; then the request is stopped, the few blocks filled meanwhile plus the partial
+last block are sent, and the target resumes it. The pause therefore covers about one block's
+worth of copying whatever the sequence length. Recompute mode sends only token ids and the
+target re-prefills them (for workers whose KV layouts differ).
+
+On any failure after the stop, the source resumes the request from its own snapshot, so the
+client's stream goes on here without a gap.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.worker import convert, kv_stream
+from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
+from cascadeinfer.worker.state import WorkerState
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    context_len: int
+    num_bytes: int
+    pause_s: float
+    total_s: float
+
+
+class MigrationFailed(Exception):
+    """The target refused or the transfer broke; the request is running on the source again."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+async def migrate_out(state: WorkerState, request_id: str, target: str, recompute: bool) -> MigrationResult:
+    if request_id not in state.hub.requests:
+        raise EngineError(ErrorCode.NOT_FOUND, f"no request {request_id!r} on this worker")
+    started = time.perf_counter()
+    peer = state.peer(target)
+    layout = state.loop.engine.layout
+    if not recompute:
+        # Refuse before touching the request when the target could not use our blocks.
+        try:
+            info = await peer.GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            raise MigrationFailed(grpc.StatusCode.UNAVAILABLE, f"target {target} unreachable: {e.details()}") from None
+        problem = layout.mismatch(convert.layout_from_proto(info.layout))
+        if problem is not None:
+            raise MigrationFailed(grpc.StatusCode.FAILED_PRECONDITION, f"target KV layout differs: {problem}")
+        pre = await state.loop.call(lambda e: e.copy_full_blocks(request_id, 0))
+    else:
+        pre = []
+
+    call = peer.ImportKV(timeout=60)
+    snapshot: KVSnapshot | None = None
+    try:
+        await call.write(kv_stream.header(request_id, None if recompute else layout))
+        for chunk in kv_stream.block_chunks(pre, 0):
+            await call.write(chunk)
+        paused = time.perf_counter()
+        rest = await state.loop.call(lambda e: e.export_kv(request_id, skip_blocks=len(pre)))
+        snapshot = KVSnapshot(rest.request, rest.layout, rest.num_cached_tokens, pre + rest.blocks)
+        if recompute:
+            final = KVSnapshot(rest.request, rest.layout, 0, [])
+            await call.write(kv_stream.commit(final, 0))
+        else:
+            for chunk in kv_stream.block_chunks(rest.blocks, len(pre)):
+                await call.write(chunk)
+            await call.write(kv_stream.commit(snapshot, len(snapshot.blocks)))
+        await call.done_writing()
+        response = await call
+    except (grpc.aio.AioRpcError, EngineError) as e:
+        call.cancel()
+        if snapshot is not None:
+            await _resume_here(state, snapshot)
+        state.metrics.migration_failures.labels(state.engine_name, "out").inc()
+        if isinstance(e, EngineError):
+            raise
+        raise MigrationFailed(e.code(), f"target {target} refused: {e.details()}") from None
+    resumed = time.perf_counter()
+    num_bytes = sum(len(b) for b in snapshot.blocks)
+    state.hub.end(request_id, FinishReason.MIGRATED, migrated_to=target)
+    m = state.metrics
+    m.migrations.labels(state.engine_name, "out", "recompute" if recompute else "kv").inc()
+    m.migration_bytes.labels(state.engine_name, "out").inc(num_bytes if not recompute else 0)
+    m.migration_pause.observe(resumed - paused)
+    log.info(
+        "migrated_out", request_id=request_id, target=target, blocks=len(snapshot.blocks),
+        precopied=len(pre), bytes=num_bytes, pause_s=resumed - paused, imported=response.request_id,
+    )
+    return MigrationResult(snapshot.request.context_len, num_bytes, resumed - paused, resumed - started)
+
+
+async def _resume_here(state: WorkerState, snapshot: KVSnapshot) -> None:
+    def resume(e: Engine) -> None:
+        e.import_kv(snapshot)
+
+    await state.loop.call(resume)
+    log.warning("migration_failed_resumed_on_source", request_id=snapshot.request.request_id)
+

@@ -1,0 +1,125 @@
+"""cascade-worker: starts the engine and the gRPC server (WorkerService, health, reflection),
+reports SERVING after warm-up, and drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
+from cascadeinfer.worker.config import WorkerConfig, parse_args
+from cascadeinfer.worker.engine import EngineRequest, FinishReason, SamplingSpec, StepReport
+from cascadeinfer.worker.engine_loop import EngineLoop
+from cascadeinfer.worker.engines.factory import build_engine
+from cascadeinfer.worker.hub import Hub
+from cascadeinfer.worker.metrics import WorkerMetrics
+from cascadeinfer.worker.servicer import WorkerServicer
+from cascadeinfer.worker.state import CHANNEL_OPTIONS, WorkerState
+
+SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+log = structlog.get_logger("cascade-worker")
+
+
+def configure_logging() -> None:
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+
+
+async def warm_up(loop: EngineLoop) -> None:
+    """One short request through the engine before reporting SERVING."""
+    request = EngineRequest("warmup", (1, 2, 3, 4), SamplingSpec(max_tokens=2, ignore_eos=True))
+    await loop.call(lambda e: e.add_request(request))
+    while await loop.call(lambda e: e.has_unfinished()):
+        await asyncio.sleep(0.01)
+
+
+async def drain(state: WorkerState, timeout_s: float) -> None:
+    """Stops admitting; waits for running requests; aborts (visibly) what is left."""
+    state.is_draining = True
+    deadline = time.monotonic() + timeout_s
+    while state.hub.requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for rid in list(state.hub.requests):
+        await state.loop.call(lambda e, rid=rid: e.abort(rid))  # type: ignore[misc]
+        state.hub.end(rid, FinishReason.ABORT)
+        log.warning("aborted_at_shutdown", request_id=rid)
+
+
+async def serve(config: WorkerConfig) -> None:
+    engine = build_engine(config)
+    loop = asyncio.get_running_loop()
+    hub = Hub()
+    metrics = WorkerMetrics(engine.name)
+
+    def on_step(report: StepReport) -> None:
+        hub.publish(report)
+        metrics.observe_step(report)
+
+    engine_loop = EngineLoop(engine, loop, on_step)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    worker_id = config.worker_id or f"{config.host}:{port}"
+    structlog.contextvars.bind_contextvars(worker_id=worker_id, engine=engine.name)
+    state = WorkerState(worker_id, engine.name, engine_loop, hub, metrics)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, registry=state.metrics.registry)
+    engine_loop.start()
+    await server.start()
+    await warm_up(engine_loop)
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # The launcher and tests read this line to learn the port.
+    print(f"cascade-worker serving on {config.host}:{port} engine={engine.name}", flush=True)
+    log.info("serving", port=port, model=engine.layout.model, max_model_len=engine.max_model_len)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining", running=len(hub.requests))
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await drain(state, config.drain_timeout_s)
+    await server.stop(grace=5)
+    await state.close()
+    engine_loop.stop()
+    engine.shutdown()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_logging()
+    try:
+        config = parse_args(argv)
+    except ValueError as e:
+        print(f"cascade-worker: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""WorkerService handlers: short, each delegating to the engine loop, the hub or migration."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from cascadeinfer.worker import convert, kv_stream
+from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
+from cascadeinfer.worker.errors import fail
+from cascadeinfer.worker.hub import StreamEnd, StreamItem
+from cascadeinfer.worker.migration import MigrationFailed, migrate_out
+from cascadeinfer.worker.state import WorkerState
+
+log = structlog.get_logger(__name__)
+Context = grpc.aio.ServicerContext[object, object]
+
+
+def _end_response(request_id: str, end: StreamEnd) -> worker_pb2.GenerateResponse:
+    return worker_pb2.GenerateResponse(
+        request_id=request_id,
+        finish_reason=convert.FINISH_TO_PROTO[end.reason],
+        context_len=end.context_len,
+        migrated_to=end.migrated_to,
+    )
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
+
+    async def _stream(self, request_id: str, items: AsyncIterator[StreamItem] | None = None) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """Yields a request's output until it finishes; aborts it if the reader goes away."""
+        queue = self.state.hub.subscribe(request_id)
+        done = False
+        try:
+            while not done:
+                item = await queue.get()
+                if isinstance(item, StreamEnd):
+                    done = True
+                    yield _end_response(request_id, item)
+                else:
+                    done = item.finish_reason is not None
+                    yield convert.progress_to_response(item)
+        finally:
+            if not done:
+                await self._abort_quietly(request_id)
+
+    async def _abort_quietly(self, request_id: str) -> None:
+        if request_id not in self.state.hub.requests:
+            return
+        try:
+            await self.state.loop.call(lambda e: e.abort(request_id))
+        except EngineError:
+            pass
+        self.state.hub.end(request_id, FinishReason.ABORT)
+        log.info("aborted_on_disconnect", request_id=request_id)
+
+    async def Generate(self, request: worker_pb2.GenerateRequest, context: Context) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        if self.state.is_draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining; send the request elsewhere")
+        rid = request.request_id
+        try:
+            if not rid:
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, "request_id is empty")
+            if rid in self.state.hub.requests:
+                raise EngineError(ErrorCode.ALREADY_EXISTS, f"request id {rid!r} is in use")
+            req = convert.request_from_generate(request)
+            self.state.hub.track(rid, req.context_len, len(req.output_token_ids))
+            try:
+                await self.state.loop.call(lambda e: e.add_request(req))
+            except BaseException:
+                self.state.hub.requests.pop(rid, None)
+                raise
+        except Exception as e:
+            await fail(context, e, request_id=rid)
+        log.info("request_started", request_id=rid, prompt_len=len(request.prompt_token_ids))
+        async for response in self._stream(rid):
+            yield response
+
+    async def Attach(self, request: worker_pb2.AttachRequest, context: Context) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        if request.request_id not in self.state.hub.requests:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r} on this worker")
+        async for response in self._stream(request.request_id):
+            yield response
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context: Context) -> worker_pb2.AbortResponse:
+        rid = request.request_id
+        if rid not in self.state.hub.requests:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {rid!r} on this worker")
+        try:
+            await self.state.loop.call(lambda e: e.abort(rid))
+        except Exception as e:
+            await fail(context, e, request_id=rid)
+        self.state.hub.end(rid, FinishReason.ABORT)
+        return worker_pb2.AbortResponse()
+
+    async def GetLoad(self, request: worker_pb2.GetLoadRequest, context: Context) -> worker_pb2.LoadReport:
+        def counts(e: Engine) -> tuple[int, int]:
+            return e.num_free_blocks(), e.num_blocks_total
+
+        free, total = await self.state.loop.call(counts)
+        last = self.state.hub.last_report
+        return worker_pb2.LoadReport(
+            worker_id=self.state.worker_id,
+            num_running=last.num_running if last else 0,
+            num_waiting=last.num_waiting if last else 0,
+            kv_blocks_used=total - free,
+            kv_blocks_free=free,
+            kv_block_size=self.state.loop.engine.layout.block_size,
+            sum_context_tokens=self.state.hub.sum_context(),
+            mean_step_time_s=last.step_time_s if last else 0.0,
+            is_draining=self.state.is_draining,
+        )
+
+    async def StreamSteps(self, request: worker_pb2.StreamStepsRequest, context: Context) -> AsyncIterator[worker_pb2.StepUpdate]:
+        hub = self.state.hub
+        yield worker_pb2.StepUpdate(
+            worker_id=self.state.worker_id,
+            step_index=hub.last_report.step_index if hub.last_report else 0,
+            requests=[
+                worker_pb2.RequestStep(request_id=rid, context_len=t.context_len)
+                for rid, t in hub.requests.items()
+            ],
+        )
+        async for report in hub.steps():
+            yield convert.step_to_proto(self.state.worker_id, report)
+
+    async def GetInfo(self, request: worker_pb2.GetInfoRequest, context: Context) -> worker_pb2.WorkerInfo:
+        engine = self.state.loop.engine
+        return worker_pb2.WorkerInfo(
+            worker_id=self.state.worker_id,
+            engine=engine.name,
+            model=engine.layout.model,
+            max_model_len=engine.max_model_len,
+            layout=convert.layout_to_proto(engine.layout),
+            kv_blocks_total=engine.num_blocks_total,
+        )
+
+    async def ExportKV(self, request: worker_pb2.ExportKVRequest, context: Context) -> AsyncIterator[worker_pb2.KVChunk]:
+        rid = request.request_id
+        if rid not in self.state.hub.requests:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {rid!r} on this worker")
+        try:
+            snapshot = await self.state.loop.call(lambda e: e.export_kv(rid))
+        except Exception as e:
+            await fail(context, e, request_id=rid)
+        delivered = False
+        try:
+            for chunk in kv_stream.snapshot_chunks(snapshot):
+                yield chunk
+            delivered = True
+        finally:
+            if delivered:
+                self.state.hub.end(rid, FinishReason.MIGRATED, migrated_to=context.peer())
+            else:  # the reader went away: the request must not be lost
+                await self.state.loop.call(lambda e: e.import_kv(snapshot))
+
+    async def ImportKV(self, request_iterator: AsyncIterator[worker_pb2.KVChunk], context: Context) -> worker_pb2.ImportKVResponse:
+        if self.state.is_draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        engine_layout = self.state.loop.engine.layout
+        try:
+            snapshot = await kv_stream.read_snapshot(request_iterator, engine_layout)
+            await self._resume(snapshot)
+        except Exception as e:
+            self.state.metrics.migration_failures.labels(self.state.engine_name, "in").inc()
+            await fail(context, e)
+        num_bytes = sum(len(b) for b in snapshot.blocks)
+        self.state.metrics.migrations.labels(
+            self.state.engine_name, "in", "kv" if snapshot.num_cached_tokens else "recompute"
+        ).inc()
+        self.state.metrics.migration_bytes.labels(self.state.engine_name, "in").inc(num_bytes)
+        rid = snapshot.request.request_id
+        log.info("imported", request_id=rid, blocks=len(snapshot.blocks), bytes=num_bytes)
+        return worker_pb2.ImportKVResponse(request_id=rid, num_blocks=len(snapshot.blocks), num_bytes=num_bytes)
+
+    async def _resume(self, snapshot: KVSnapshot) -> None:
+        req = snapshot.request
+        if req.request_id in self.state.hub.requests:
+            raise EngineError(ErrorCode.ALREADY_EXISTS, f"request id {req.request_id!r} is in use")
+        self.state.hub.track(req.request_id, req.context_len, len(req.output_token_ids))
+        try:
+            if snapshot.num_cached_tokens == 0:
+                await self.state.loop.call(lambda e: e.add_request(req))
+            else:
+                await self.state.loop.call(lambda e: e.import_kv(snapshot))
+        except BaseException:
+            self.state.hub.requests.pop(req.request_id, None)
+            raise
+
+    async def MigrateOut(self, request: worker_pb2.MigrateOutRequest, context: Context) -> worker_pb2.MigrateOutResponse:
+        recompute = request.mode == worker_pb2.MIGRATION_MODE_RECOMPUTE
+        try:
+            result = await migrate_out(self.state, request.request_id, request.target_address, recompute)
+        except MigrationFailed as e:
+            await context.abort(e.code, e.message)
+        except Exception as e:
+            await fail(context, e, request_id=request.request_id)
+        return worker_pb2.MigrateOutResponse(
+            request_id=request.request_id,
+            context_len=result.context_len,
+            num_bytes=result.num_bytes,
+            pause_s=result.pause_s,
+            total_s=result.total_s,
+        )
+
+
+__all__ = ["WorkerServicer", "common_pb2"]

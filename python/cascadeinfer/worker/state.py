@@ -1,0 +1,49 @@
+"""What the worker's handlers share: identity, engine loop, stream hub, metrics, channels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+
+from cascadeinfer.proto.v1 import worker_pb2_grpc
+from cascadeinfer.worker.engine_loop import EngineLoop
+from cascadeinfer.worker.hub import Hub
+from cascadeinfer.worker.metrics import WorkerMetrics
+
+if TYPE_CHECKING:
+    from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
+
+GRPC_MESSAGE_LIMIT = 64 << 20
+"""Explicit send/receive limit for every channel and the server (KV chunks stay below 4 MiB)."""
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
+    ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+]
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    engine_name: str
+    loop: EngineLoop
+    hub: Hub
+    metrics: WorkerMetrics
+    is_draining: bool = False
+    _stubs: dict[str, WorkerServiceAsyncStub] = field(default_factory=dict)
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def peer(self, address: str) -> WorkerServiceAsyncStub:
+        """A cached stub for another worker (migration targets)."""
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels.append(channel)
+            stub = self._stubs[address] = worker_pb2_grpc.WorkerServiceStub(channel)
+        return stub
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()

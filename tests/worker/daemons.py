@@ -1,0 +1,76 @@
+"""Starts real cascade-worker daemons as subprocesses on loopback, for tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from cascadeinfer.proto.v1 import worker_pb2_grpc
+
+WORKER = str(Path(sys.executable).parent / "cascade-worker")
+SERVING = re.compile(r"cascade-worker serving on (\S+) engine=(\w+)")
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[str]
+    address: str
+    log_path: Path
+
+    def stub(self) -> worker_pb2_grpc.WorkerServiceStub:
+        return worker_pb2_grpc.WorkerServiceStub(grpc.insecure_channel(self.address))
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def start_worker(args: list[str], log_dir: Path, timeout: float = 180) -> Daemon:
+    """Starts `cascade-worker ARGS --port 0` and waits for its 'serving on' line."""
+    log_path = log_dir / f"worker-{time.monotonic_ns()}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+    process = subprocess.Popen(
+        [WORKER, "--host", "127.0.0.1", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        if m := SERVING.search(line):
+            return Daemon(process, m.group(1), log_path)
+    process.kill()
+    raise RuntimeError(f"worker did not start: {log_path.read_text()[-3000:]}")
+
+
+@contextmanager
+def workers(arg_lists: list[list[str]], log_dir: Path) -> Iterator[list[Daemon]]:
+    daemons: list[Daemon] = []
+    try:
+        for args in arg_lists:
+            daemons.append(start_worker(args, log_dir))
+        yield daemons
+    finally:
+        for d in daemons:
+            if d.process.poll() is None:
+                d.process.kill()
+                d.process.wait()

@@ -1,0 +1,265 @@
+"""cascade-worker daemons as real subprocesses over loopback: generation, live migration with
+token-exact splicing, block accounting, refusal paths, bad input, health, drain."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.worker.daemons import Daemon, start_worker, workers
+from tests.worker.streams import (
+    FeedReader,
+    GenerateReader,
+    Spliced,
+    generate_request,
+    run_to_end,
+    wait_free_blocks,
+)
+
+SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "256", "--sim-max-model-len", "8192"]
+PROMPT = list(range(1, 41))
+MAX_TOKENS = 300
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Daemon]]:
+    with workers([SIM, SIM], tmp_path_factory.mktemp("logs")) as daemons:
+        yield daemons
+
+
+def migrate(source: Daemon, target: Daemon, rid: str, mode: int = worker_pb2.MIGRATION_MODE_KV) -> worker_pb2.MigrateOutResponse:
+    response: worker_pb2.MigrateOutResponse = source.stub().MigrateOut(
+        worker_pb2.MigrateOutRequest(request_id=rid, target_address=target.address, mode=mode), timeout=60
+    )
+    return response
+
+
+def free_blocks(d: Daemon) -> int:
+    return int(d.stub().GetLoad(worker_pb2.GetLoadRequest()).kv_blocks_free)
+
+
+@pytest.mark.parametrize("hops", [1, 2, 3])
+@pytest.mark.parametrize("mode", [worker_pb2.MIGRATION_MODE_KV, worker_pb2.MIGRATION_MODE_RECOMPUTE])
+def test_migrated_request_yields_exactly_the_unmoved_tokens(pair: list[Daemon], hops: int, mode: int) -> None:
+    a, b = pair
+    reference = run_to_end(a.stub(), f"ref-{hops}-{mode}", PROMPT, MAX_TOKENS)
+    start_free = [free_blocks(a), free_blocks(b)]
+    rid = f"moved-{hops}-{mode}"
+    out = Spliced()
+    sink = {rid: out}
+    feeds = [FeedReader(a.stub(), sink), FeedReader(b.stub(), sink)]
+    reader = GenerateReader(a.stub(), generate_request(rid, PROMPT, MAX_TOKENS), out)
+    where = [a, b]
+    for hop in range(hops):
+        reader.wait_tokens(40 + 60 * hop)
+        result = migrate(where[hop % 2], where[(hop + 1) % 2], rid, mode)
+        assert result.context_len > len(PROMPT) + 40 + 60 * hop - 1
+        assert result.pause_s < result.total_s
+    reader.join()
+    assert reader.error is None
+    assert reader.responses[-1].finish_reason == common_pb2.FINISH_REASON_MIGRATED
+    deadline_tokens = MAX_TOKENS
+    for _ in range(200):
+        if len(out.tokens) == deadline_tokens and out.finish:
+            break
+        threading.Event().wait(0.05)
+    for f in feeds:
+        f.close()
+    assert out.ordered() == reference
+    assert out.finish == common_pb2.FINISH_REASON_LENGTH
+    assert [wait_free_blocks(a.stub(), start_free[0]), wait_free_blocks(b.stub(), start_free[1])] == start_free
+
+
+def test_abort_frees_blocks_and_unknown_ids_are_not_found(pair: list[Daemon]) -> None:
+    a, _ = pair
+    start = free_blocks(a)
+    out = Spliced()
+    reader = GenerateReader(a.stub(), generate_request("to-abort", PROMPT, 5000), out)
+    reader.wait_tokens(5)
+    assert free_blocks(a) < start
+    a.stub().Abort(worker_pb2.AbortRequest(request_id="to-abort"))
+    reader.join()
+    assert reader.responses[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+    assert wait_free_blocks(a.stub(), start) == start
+    for call in (
+        lambda: a.stub().Abort(worker_pb2.AbortRequest(request_id="nope")),
+        lambda: list(a.stub().ExportKV(worker_pb2.ExportKVRequest(request_id="nope"))),
+        lambda: migrate(a, a, "nope"),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_client_disconnect_aborts_the_request_and_frees_its_blocks(pair: list[Daemon]) -> None:
+    a, _ = pair
+    start = free_blocks(a)
+    call = a.stub().Generate(generate_request("leaver", PROMPT, 5000))
+    for i, _ in enumerate(call):
+        if i == 10:
+            break
+    call.cancel()
+    assert wait_free_blocks(a.stub(), start) == start
+    assert "aborted_on_disconnect" in a.log()
+
+
+def test_refused_migrations_leave_the_request_running_on_the_source(tmp_path: Path) -> None:
+    other_layout = ["--engine", "sim", "--sim-kv-bytes-per-token", "512", "--sim-max-model-len", "8192"]
+    tiny = [*SIM, "--sim-num-blocks", "4"]
+    with workers([SIM, other_layout, tiny], tmp_path) as (a, mismatched, full):
+        reference = run_to_end(a.stub(), "ref", PROMPT, MAX_TOKENS)
+        start = free_blocks(a)
+        out = Spliced()
+        reader = GenerateReader(a.stub(), generate_request("stay", PROMPT, MAX_TOKENS), out)
+        reader.wait_tokens(30)
+        with pytest.raises(grpc.RpcError) as info:
+            migrate(a, mismatched, "stay")
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "block_bytes" in (info.value.details() or "")
+        reader.wait_tokens(60)
+        with pytest.raises(grpc.RpcError) as info:
+            migrate(a, full, "stay")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        reader.join()
+        assert reader.error is None
+        assert out.ordered() == reference, "the request went on at the source without a gap"
+        assert out.duplicates == 0
+        assert wait_free_blocks(a.stub(), start) == start
+        assert free_blocks(full) == 4
+        assert free_blocks(mismatched) == mismatched.stub().GetInfo(worker_pb2.GetInfoRequest()).kv_blocks_total
+
+
+@pytest.mark.parametrize(
+    ("request_", "code"),
+    [
+        (generate_request("e1", [], 10), grpc.StatusCode.INVALID_ARGUMENT),
+        (generate_request("e2", list(range(1, 9000)), 10), grpc.StatusCode.INVALID_ARGUMENT),
+        (generate_request("e3", PROMPT, 0), grpc.StatusCode.INVALID_ARGUMENT),
+        (generate_request("", PROMPT, 10), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            worker_pb2.GenerateRequest(
+                request_id="e4", prompt_token_ids=PROMPT,
+                sampling=common_pb2.SamplingParams(max_tokens=5, top_p=2.0),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            worker_pb2.GenerateRequest(
+                request_id="e5", prompt_token_ids=PROMPT,
+                sampling=common_pb2.SamplingParams(max_tokens=5, temperature=-1.0),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ],
+)
+def test_bad_generate_requests_get_precise_statuses(pair: list[Daemon], request_: worker_pb2.GenerateRequest, code: grpc.StatusCode) -> None:
+    a, _ = pair
+    with pytest.raises(grpc.RpcError) as info:
+        list(a.stub().Generate(request_, timeout=30))
+    assert info.value.code() == code, info.value.details()
+    assert run_to_end(a.stub(), f"after-{request_.request_id}", PROMPT, 3), "still serving"
+
+
+def test_duplicate_request_id_is_already_exists(pair: list[Daemon]) -> None:
+    a, _ = pair
+    out = Spliced()
+    reader = GenerateReader(a.stub(), generate_request("dup", PROMPT, 2000), out)
+    reader.wait_tokens(2)
+    with pytest.raises(grpc.RpcError) as info:
+        list(a.stub().Generate(generate_request("dup", PROMPT, 5), timeout=30))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    a.stub().Abort(worker_pb2.AbortRequest(request_id="dup"))
+    reader.join()
+
+
+def kv_chunks(layout: common_pb2.KVLayout, order: list[int], commit_blocks: int | None) -> list[worker_pb2.KVChunk]:
+    chunks = [worker_pb2.KVChunk(header=worker_pb2.KVHeader(request_id="imp", layout=layout))]
+    chunks += [worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=i, blocks=[b"x" * layout.block_bytes])) for i in order]
+    if commit_blocks is not None:
+        chunks.append(
+            worker_pb2.KVChunk(
+                commit=worker_pb2.KVCommit(
+                    prompt_token_ids=PROMPT, output_token_ids=[7], num_cached_tokens=40, num_blocks=commit_blocks,
+                    sampling=common_pb2.SamplingParams(max_tokens=10),
+                )
+            )
+        )
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("order", "commit_blocks", "code", "message"),
+    [
+        ([1, 0, 2], 3, grpc.StatusCode.INVALID_ARGUMENT, "out of order"),
+        ([0, 1], None, grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+        ([0, 1], 3, grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+        ([0, 1, 2], 3, grpc.StatusCode.INVALID_ARGUMENT, "does not match"),
+    ],
+)
+def test_bad_kv_streams_are_refused(pair: list[Daemon], order: list[int], commit_blocks: int | None, code: grpc.StatusCode, message: str) -> None:
+    a, _ = pair
+    layout = a.stub().GetInfo(worker_pb2.GetInfoRequest()).layout
+    start = free_blocks(a)
+    with pytest.raises(grpc.RpcError) as info:
+        a.stub().ImportKV(iter(kv_chunks(layout, order, commit_blocks)), timeout=30)
+    assert info.value.code() == code
+    assert message in (info.value.details() or "")
+    assert free_blocks(a) == start
+
+
+def test_import_with_another_layout_is_failed_precondition(pair: list[Daemon]) -> None:
+    a, _ = pair
+    layout = a.stub().GetInfo(worker_pb2.GetInfoRequest()).layout
+    layout.head_size += 1
+    with pytest.raises(grpc.RpcError) as info:
+        a.stub().ImportKV(iter(kv_chunks(layout, [0, 1, 2], 3)), timeout=30)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "head_size" in (info.value.details() or "")
+
+
+def test_oversized_messages_are_refused_and_the_worker_keeps_serving(pair: list[Daemon]) -> None:
+    a, _ = pair
+    channel = grpc.insecure_channel(a.address, options=[("grpc.max_send_message_length", 256 << 20)])
+    stub = worker_pb2_grpc.WorkerServiceStub(channel)
+    huge = worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=0, blocks=[b"\0" * (70 << 20)]))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ImportKV(iter([huge]), timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert run_to_end(a.stub(), "after-huge", PROMPT, 3)
+
+
+def test_health_and_reflection(pair: list[Daemon]) -> None:
+    a, _ = pair
+    channel = grpc.insecure_channel(a.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    svc = "cascadeinfer.v1.WorkerService"
+    assert health.Check(health_pb2.HealthCheckRequest(service=svc)).status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answer = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert svc in [s.name for s in answer.list_services_response.service]
+
+
+def test_sigterm_drains_running_requests_then_exits(tmp_path: Path) -> None:
+    d = start_worker(SIM, tmp_path)
+    try:
+        out = Spliced()
+        reader = GenerateReader(d.stub(), generate_request("drain", PROMPT, 200), out)
+        reader.wait_tokens(5)
+        d.process.send_signal(signal.SIGTERM)
+        reader.join()
+        assert len(out.tokens) == 200, "the running request finished during the drain"
+        assert d.process.wait(timeout=60) == 0
+        assert '"event": "stopped"' in d.log()
+    finally:
+        if d.process.poll() is None:
+            d.process.kill()
