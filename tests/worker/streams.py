@@ -7,11 +7,12 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 
-def generate_request(request_id: str, prompt: list[int], max_tokens: int) -> worker_pb2.GenerateRequest:
+def generate_request(
+    request_id: str, prompt: list[int], max_tokens: int
+) -> worker_pb2.GenerateRequest:
     return worker_pb2.GenerateRequest(
         request_id=request_id,
         prompt_token_ids=prompt,
@@ -19,7 +20,9 @@ def generate_request(request_id: str, prompt: list[int], max_tokens: int) -> wor
     )
 
 
-def run_to_end(stub: worker_pb2_grpc.WorkerServiceStub, request_id: str, prompt: list[int], max_tokens: int) -> list[int]:
+def run_to_end(
+    stub: worker_pb2_grpc.WorkerServiceStub, request_id: str, prompt: list[int], max_tokens: int
+) -> list[int]:
     """Tokens of a request served on one worker, never moved."""
     tokens: dict[int, int] = {}
     for r in stub.Generate(generate_request(request_id, prompt, max_tokens), timeout=120):
@@ -46,7 +49,10 @@ class Spliced:
                 if i in self.tokens:
                     self.duplicates += 1
                 self.tokens[i] = t
-            if finish not in (common_pb2.FINISH_REASON_UNSPECIFIED, common_pb2.FINISH_REASON_MIGRATED):
+            if finish not in (
+                common_pb2.FINISH_REASON_UNSPECIFIED,
+                common_pb2.FINISH_REASON_MIGRATED,
+            ):
                 self.finish = finish
 
     def ordered(self) -> list[int]:
@@ -83,7 +89,12 @@ class FeedReader:
 class GenerateReader:
     """Consumes one Generate stream in a thread."""
 
-    def __init__(self, stub: worker_pb2_grpc.WorkerServiceStub, request: worker_pb2.GenerateRequest, out: Spliced) -> None:
+    def __init__(
+        self,
+        stub: worker_pb2_grpc.WorkerServiceStub,
+        request: worker_pb2.GenerateRequest,
+        out: Spliced,
+    ) -> None:
         self.responses: list[worker_pb2.GenerateResponse] = []
         self.error: grpc.RpcError | None = None
         self.call = stub.Generate(request, timeout=120)
@@ -110,7 +121,9 @@ class GenerateReader:
         assert not self.thread.is_alive()
 
 
-def wait_free_blocks(stub: worker_pb2_grpc.WorkerServiceStub, expected: int, timeout: float = 30) -> int:
+def wait_free_blocks(
+    stub: worker_pb2_grpc.WorkerServiceStub, expected: int, timeout: float = 30
+) -> int:
     deadline = time.monotonic() + timeout
     free = -1
     while time.monotonic() < deadline:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cascadeinfer.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.worker.daemons import Daemon, start_worker, workers
 from tests.worker.streams import (
     FeedReader,
@@ -34,9 +34,12 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Daemon]]:
         yield daemons
 
 
-def migrate(source: Daemon, target: Daemon, rid: str, mode: int = worker_pb2.MIGRATION_MODE_KV) -> worker_pb2.MigrateOutResponse:
+def migrate(
+    source: Daemon, target: Daemon, rid: str, mode: int = worker_pb2.MIGRATION_MODE_KV
+) -> worker_pb2.MigrateOutResponse:
     response: worker_pb2.MigrateOutResponse = source.stub().MigrateOut(
-        worker_pb2.MigrateOutRequest(request_id=rid, target_address=target.address, mode=mode), timeout=60
+        worker_pb2.MigrateOutRequest(request_id=rid, target_address=target.address, mode=mode),
+        timeout=60,
     )
     return response
 
@@ -46,8 +49,12 @@ def free_blocks(d: Daemon) -> int:
 
 
 @pytest.mark.parametrize("hops", [1, 2, 3])
-@pytest.mark.parametrize("mode", [worker_pb2.MIGRATION_MODE_KV, worker_pb2.MIGRATION_MODE_RECOMPUTE])
-def test_migrated_request_yields_exactly_the_unmoved_tokens(pair: list[Daemon], hops: int, mode: int) -> None:
+@pytest.mark.parametrize(
+    "mode", [worker_pb2.MIGRATION_MODE_KV, worker_pb2.MIGRATION_MODE_RECOMPUTE]
+)
+def test_migrated_request_yields_exactly_the_unmoved_tokens(
+    pair: list[Daemon], hops: int, mode: int
+) -> None:
     a, b = pair
     reference = run_to_end(a.stub(), f"ref-{hops}-{mode}", PROMPT, MAX_TOKENS)
     start_free = [free_blocks(a), free_blocks(b)]
@@ -74,7 +81,10 @@ def test_migrated_request_yields_exactly_the_unmoved_tokens(pair: list[Daemon], 
         f.close()
     assert out.ordered() == reference
     assert out.finish == common_pb2.FINISH_REASON_LENGTH
-    assert [wait_free_blocks(a.stub(), start_free[0]), wait_free_blocks(b.stub(), start_free[1])] == start_free
+    assert [
+        wait_free_blocks(a.stub(), start_free[0]),
+        wait_free_blocks(b.stub(), start_free[1]),
+    ] == start_free
 
 
 def test_abort_frees_blocks_and_unknown_ids_are_not_found(pair: list[Daemon]) -> None:
@@ -111,7 +121,14 @@ def test_client_disconnect_aborts_the_request_and_frees_its_blocks(pair: list[Da
 
 
 def test_refused_migrations_leave_the_request_running_on_the_source(tmp_path: Path) -> None:
-    other_layout = ["--engine", "sim", "--sim-kv-bytes-per-token", "512", "--sim-max-model-len", "8192"]
+    other_layout = [
+        "--engine",
+        "sim",
+        "--sim-kv-bytes-per-token",
+        "512",
+        "--sim-max-model-len",
+        "8192",
+    ]
     tiny = [*SIM, "--sim-num-blocks", "4"]
     with workers([SIM, other_layout, tiny], tmp_path) as (a, mismatched, full):
         reference = run_to_end(a.stub(), "ref", PROMPT, MAX_TOKENS)
@@ -133,7 +150,10 @@ def test_refused_migrations_leave_the_request_running_on_the_source(tmp_path: Pa
         assert out.duplicates == 0
         assert wait_free_blocks(a.stub(), start) == start
         assert free_blocks(full) == 4
-        assert free_blocks(mismatched) == mismatched.stub().GetInfo(worker_pb2.GetInfoRequest()).kv_blocks_total
+        assert (
+            free_blocks(mismatched)
+            == mismatched.stub().GetInfo(worker_pb2.GetInfoRequest()).kv_blocks_total
+        )
 
 
 @pytest.mark.parametrize(
@@ -145,21 +165,25 @@ def test_refused_migrations_leave_the_request_running_on_the_source(tmp_path: Pa
         (generate_request("", PROMPT, 10), grpc.StatusCode.INVALID_ARGUMENT),
         (
             worker_pb2.GenerateRequest(
-                request_id="e4", prompt_token_ids=PROMPT,
+                request_id="e4",
+                prompt_token_ids=PROMPT,
                 sampling=common_pb2.SamplingParams(max_tokens=5, top_p=2.0),
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         (
             worker_pb2.GenerateRequest(
-                request_id="e5", prompt_token_ids=PROMPT,
+                request_id="e5",
+                prompt_token_ids=PROMPT,
                 sampling=common_pb2.SamplingParams(max_tokens=5, temperature=-1.0),
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
     ],
 )
-def test_bad_generate_requests_get_precise_statuses(pair: list[Daemon], request_: worker_pb2.GenerateRequest, code: grpc.StatusCode) -> None:
+def test_bad_generate_requests_get_precise_statuses(
+    pair: list[Daemon], request_: worker_pb2.GenerateRequest, code: grpc.StatusCode
+) -> None:
     a, _ = pair
     with pytest.raises(grpc.RpcError) as info:
         list(a.stub().Generate(request_, timeout=30))
@@ -179,14 +203,24 @@ def test_duplicate_request_id_is_already_exists(pair: list[Daemon]) -> None:
     reader.join()
 
 
-def kv_chunks(layout: common_pb2.KVLayout, order: list[int], commit_blocks: int | None) -> list[worker_pb2.KVChunk]:
+def kv_chunks(
+    layout: common_pb2.KVLayout, order: list[int], commit_blocks: int | None
+) -> list[worker_pb2.KVChunk]:
     chunks = [worker_pb2.KVChunk(header=worker_pb2.KVHeader(request_id="imp", layout=layout))]
-    chunks += [worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=i, blocks=[b"x" * layout.block_bytes])) for i in order]
+    chunks += [
+        worker_pb2.KVChunk(
+            blocks=worker_pb2.KVBlocks(first_block=i, blocks=[b"x" * layout.block_bytes])
+        )
+        for i in order
+    ]
     if commit_blocks is not None:
         chunks.append(
             worker_pb2.KVChunk(
                 commit=worker_pb2.KVCommit(
-                    prompt_token_ids=PROMPT, output_token_ids=[7], num_cached_tokens=40, num_blocks=commit_blocks,
+                    prompt_token_ids=PROMPT,
+                    output_token_ids=[7],
+                    num_cached_tokens=40,
+                    num_blocks=commit_blocks,
                     sampling=common_pb2.SamplingParams(max_tokens=10),
                 )
             )
@@ -203,7 +237,13 @@ def kv_chunks(layout: common_pb2.KVLayout, order: list[int], commit_blocks: int 
         ([0, 1, 2], 3, grpc.StatusCode.INVALID_ARGUMENT, "does not match"),
     ],
 )
-def test_bad_kv_streams_are_refused(pair: list[Daemon], order: list[int], commit_blocks: int | None, code: grpc.StatusCode, message: str) -> None:
+def test_bad_kv_streams_are_refused(
+    pair: list[Daemon],
+    order: list[int],
+    commit_blocks: int | None,
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
     a, _ = pair
     layout = a.stub().GetInfo(worker_pb2.GetInfoRequest()).layout
     start = free_blocks(a)
@@ -226,9 +266,13 @@ def test_import_with_another_layout_is_failed_precondition(pair: list[Daemon]) -
 
 def test_oversized_messages_are_refused_and_the_worker_keeps_serving(pair: list[Daemon]) -> None:
     a, _ = pair
-    channel = grpc.insecure_channel(a.address, options=[("grpc.max_send_message_length", 256 << 20)])
+    channel = grpc.insecure_channel(
+        a.address, options=[("grpc.max_send_message_length", 256 << 20)]
+    )
     stub = worker_pb2_grpc.WorkerServiceStub(channel)
-    huge = worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=0, blocks=[b"\0" * (70 << 20)]))
+    huge = worker_pb2.KVChunk(
+        blocks=worker_pb2.KVBlocks(first_block=0, blocks=[b"\0" * (70 << 20)])
+    )
     with pytest.raises(grpc.RpcError) as info:
         stub.ImportKV(iter([huge]), timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -239,13 +283,21 @@ def test_health_and_reflection(pair: list[Daemon]) -> None:
     a, _ = pair
     channel = grpc.insecure_channel(a.address)
     health = health_pb2_grpc.HealthStub(channel)
-    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service="")).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     svc = "cascadeinfer.v1.WorkerService"
-    assert health.Check(health_pb2.HealthCheckRequest(service=svc)).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service=svc)).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
-    answer = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    answer = next(
+        refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    )
     assert svc in [s.name for s in answer.list_services_response.service]
 
 

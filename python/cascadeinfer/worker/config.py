@@ -50,10 +50,14 @@ def from_toml(path: Path) -> WorkerConfig:
 
 
 def parse_args(argv: list[str] | None) -> WorkerConfig:
-    p = argparse.ArgumentParser(prog="cascade-worker", description="A CascadeInfer worker: one engine behind gRPC.")
+    p = argparse.ArgumentParser(
+        prog="cascade-worker", description="A CascadeInfer worker: one engine behind gRPC."
+    )
     p.add_argument("--config", type=Path, help="TOML file; flags override it")
     p.add_argument("--engine", choices=["vllm", "sim"])
-    p.add_argument("--model", help="vllm: model directory or id (default: built-in tiny Llama, dummy weights)")
+    p.add_argument(
+        "--model", help="vllm: model directory or id (default: built-in tiny Llama, dummy weights)"
+    )
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--worker-id")
@@ -66,7 +70,10 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     p.add_argument("--sim-max-model-len", type=int)
     args = p.parse_args(argv)
     config = from_toml(args.config) if args.config else WorkerConfig()
-    top = {k: getattr(args, k) for k in ("engine", "model", "host", "port", "worker_id", "metrics_port", "drain_timeout_s")}
+    top = {
+        k: getattr(args, k)
+        for k in ("engine", "model", "host", "port", "worker_id", "metrics_port", "drain_timeout_s")
+    }
     config = replace(config, **{k: v for k, v in top.items() if v is not None})
     sim = {
         "profile": args.sim_profile,
@@ -75,6 +82,8 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
         "num_blocks": args.sim_num_blocks,
         "max_model_len": args.sim_max_model_len,
     }
-    config = replace(config, sim=replace(config.sim, **{k: v for k, v in sim.items() if v is not None}))
+    config = replace(
+        config, sim=replace(config.sim, **{k: v for k, v in sim.items() if v is not None})
+    )
     config.validate()
     return config

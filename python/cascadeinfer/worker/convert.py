@@ -99,7 +99,9 @@ def step_to_proto(worker_id: str, r: StepReport) -> worker_pb2.StepUpdate:
         requests=[
             worker_pb2.RequestStep(
                 request_id=p.request_id,
-                tokens=common_pb2.TokenChunk(token_ids=list(p.new_token_ids), first_index=p.first_index),
+                tokens=common_pb2.TokenChunk(
+                    token_ids=list(p.new_token_ids), first_index=p.first_index
+                ),
                 context_len=p.context_len,
                 finish_reason=FINISH_TO_PROTO[p.finish_reason],
             )

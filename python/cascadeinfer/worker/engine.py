@@ -68,7 +68,9 @@ class SamplingSpec:
         ]
         for ok, name, rule in checks:
             if not ok:
-                raise EngineError(ErrorCode.INVALID_ARGUMENT, f"{name} = {getattr(self, name)!r}: {rule}")
+                raise EngineError(
+                    ErrorCode.INVALID_ARGUMENT, f"{name} = {getattr(self, name)!r}: {rule}"
+                )
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ _IDLE_WAIT_S = 0.05
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, on_step: Callable[[StepReport], None]) -> None:
+    def __init__(
+        self, engine: Engine, loop: asyncio.AbstractEventLoop, on_step: Callable[[StepReport], None]
+    ) -> None:
         self.engine = engine
         self._loop = loop
         self._on_step = on_step
@@ -69,7 +71,9 @@ class EngineLoop:
     def _run_commands(self, block: bool) -> bool:
         """Runs queued commands; False once asked to stop."""
         try:
-            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+            command = (
+                self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+            )
         except queue.Empty:
             return True
         while True:

@@ -20,7 +20,9 @@ STATUS = {
 }
 
 
-async def fail(context: grpc.aio.ServicerContext[object, object], error: BaseException, **log_keys: object) -> NoReturn:
+async def fail(
+    context: grpc.aio.ServicerContext[object, object], error: BaseException, **log_keys: object
+) -> NoReturn:
     """Ends the RPC: an EngineError with its own status, anything else as INTERNAL after
     logging the traceback (the client gets a short message, never the exception text)."""
     if isinstance(error, EngineError):

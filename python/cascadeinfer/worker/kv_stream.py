@@ -34,11 +34,15 @@ def block_chunks(blocks: list[bytes], first_block: int) -> Iterator[worker_pb2.K
     start, size = 0, 0
     for i, blob in enumerate(blocks):
         if i > start and size + len(blob) > MAX_CHUNK_BYTES:
-            yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=first_block + start, blocks=blocks[start:i]))
+            yield worker_pb2.KVChunk(
+                blocks=worker_pb2.KVBlocks(first_block=first_block + start, blocks=blocks[start:i])
+            )
             start, size = i, 0
         size += len(blob)
     if start < len(blocks):
-        yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=first_block + start, blocks=blocks[start:]))
+        yield worker_pb2.KVChunk(
+            blocks=worker_pb2.KVBlocks(first_block=first_block + start, blocks=blocks[start:])
+        )
 
 
 def commit(snapshot: KVSnapshot, num_blocks: int) -> worker_pb2.KVChunk:
@@ -64,7 +68,9 @@ def _invalid(message: str) -> EngineError:
     return EngineError(ErrorCode.INVALID_ARGUMENT, message)
 
 
-async def read_snapshot(chunks: AsyncIterator[worker_pb2.KVChunk], expected: KVLayout) -> KVSnapshot:
+async def read_snapshot(
+    chunks: AsyncIterator[worker_pb2.KVChunk], expected: KVLayout
+) -> KVSnapshot:
     """Assembles a snapshot; a commit with num_cached_tokens == 0 and no blocks asks for a
     recompute resume (the layout is then not checked)."""
     request_id: str | None = None
@@ -76,7 +82,10 @@ async def read_snapshot(chunks: AsyncIterator[worker_pb2.KVChunk], expected: KVL
         if part == "header":
             if request_id is not None:
                 raise _invalid("a second KV header arrived")
-            request_id, layout = chunk.header.request_id, convert.layout_from_proto(chunk.header.layout)
+            request_id, layout = (
+                chunk.header.request_id,
+                convert.layout_from_proto(chunk.header.layout),
+            )
             if not request_id:
                 raise _invalid("KV header has an empty request_id")
             # A recompute resume sends no layout; KV blocks are refused early on a mismatch.
@@ -88,14 +97,18 @@ async def read_snapshot(chunks: AsyncIterator[worker_pb2.KVChunk], expected: KVL
             raise _invalid(f"KV {part} arrived before the header")
         elif part == "blocks":
             if chunk.blocks.first_block != len(blocks):
-                raise _invalid(f"KV blocks out of order: got block {chunk.blocks.first_block}, expected {len(blocks)}")
+                raise _invalid(
+                    f"KV blocks out of order: got block {chunk.blocks.first_block}, expected {len(blocks)}"
+                )
             if not has_layout:
                 raise _invalid("KV blocks arrived after a header without a layout")
             blocks.extend(chunk.blocks.blocks)
         elif part == "commit":
             c = chunk.commit
             if c.num_blocks != len(blocks):
-                raise _invalid(f"KV stream truncated: commit says {c.num_blocks} blocks, {len(blocks)} arrived")
+                raise _invalid(
+                    f"KV stream truncated: commit says {c.num_blocks} blocks, {len(blocks)} arrived"
+                )
             request = EngineRequest(
                 request_id,
                 tuple(c.prompt_token_ids),

@@ -13,30 +13,49 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         labels = ["engine"]
         r = self.registry
-        self.steps = Counter("cascade_worker_steps", "Engine steps run", labels, registry=r).labels(engine)
+        self.steps = Counter("cascade_worker_steps", "Engine steps run", labels, registry=r).labels(
+            engine
+        )
         self.step_time = Histogram(
             "cascade_worker_step_seconds", "Wall time of one engine step", labels, registry=r
         ).labels(engine)
         self.batch_size = Histogram(
-            "cascade_worker_batch_size", "Requests progressing in one step", labels,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
+            "cascade_worker_batch_size",
+            "Requests progressing in one step",
+            labels,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
         ).labels(engine)
-        self.running = Gauge("cascade_worker_running", "Running requests", labels, registry=r).labels(engine)
-        self.waiting = Gauge("cascade_worker_waiting", "Waiting requests", labels, registry=r).labels(engine)
-        self.kv_used = Gauge("cascade_worker_kv_blocks_used", "KV blocks in use", labels, registry=r).labels(engine)
-        self.kv_free = Gauge("cascade_worker_kv_blocks_free", "KV blocks free", labels, registry=r).labels(engine)
+        self.running = Gauge(
+            "cascade_worker_running", "Running requests", labels, registry=r
+        ).labels(engine)
+        self.waiting = Gauge(
+            "cascade_worker_waiting", "Waiting requests", labels, registry=r
+        ).labels(engine)
+        self.kv_used = Gauge(
+            "cascade_worker_kv_blocks_used", "KV blocks in use", labels, registry=r
+        ).labels(engine)
+        self.kv_free = Gauge(
+            "cascade_worker_kv_blocks_free", "KV blocks free", labels, registry=r
+        ).labels(engine)
         direction = [*labels, "direction"]
         self.migrations = Counter(
             "cascade_worker_migrations", "Completed migrations", [*direction, "mode"], registry=r
         )
         self.migration_failures = Counter(
-            "cascade_worker_migration_failures", "Migrations that failed (request stayed)", direction, registry=r
+            "cascade_worker_migration_failures",
+            "Migrations that failed (request stayed)",
+            direction,
+            registry=r,
         )
         self.migration_bytes = Counter(
             "cascade_worker_migration_bytes", "KV bytes moved", direction, registry=r
         )
         self.migration_pause = Histogram(
-            "cascade_worker_migration_pause_seconds", "Time a migrating request did not decode", labels, registry=r
+            "cascade_worker_migration_pause_seconds",
+            "Time a migrating request did not decode",
+            labels,
+            registry=r,
         ).labels(engine)
         self.engine = engine
 

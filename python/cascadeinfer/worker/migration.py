@@ -43,7 +43,9 @@ class MigrationFailed(Exception):
         self.message = message
 
 
-async def migrate_out(state: WorkerState, request_id: str, target: str, recompute: bool) -> MigrationResult:
+async def migrate_out(
+    state: WorkerState, request_id: str, target: str, recompute: bool
+) -> MigrationResult:
     if request_id not in state.hub.requests:
         raise EngineError(ErrorCode.NOT_FOUND, f"no request {request_id!r} on this worker")
     started = time.perf_counter()
@@ -54,10 +56,14 @@ async def migrate_out(state: WorkerState, request_id: str, target: str, recomput
         try:
             info = await peer.GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
         except grpc.aio.AioRpcError as e:
-            raise MigrationFailed(grpc.StatusCode.UNAVAILABLE, f"target {target} unreachable: {e.details()}") from None
+            raise MigrationFailed(
+                grpc.StatusCode.UNAVAILABLE, f"target {target} unreachable: {e.details()}"
+            ) from None
         problem = layout.mismatch(convert.layout_from_proto(info.layout))
         if problem is not None:
-            raise MigrationFailed(grpc.StatusCode.FAILED_PRECONDITION, f"target KV layout differs: {problem}")
+            raise MigrationFailed(
+                grpc.StatusCode.FAILED_PRECONDITION, f"target KV layout differs: {problem}"
+            )
         pre = await state.loop.call(lambda e: e.copy_full_blocks(request_id, 0))
     else:
         pre = []
@@ -96,10 +102,18 @@ async def migrate_out(state: WorkerState, request_id: str, target: str, recomput
     m.migration_bytes.labels(state.engine_name, "out").inc(num_bytes if not recompute else 0)
     m.migration_pause.observe(resumed - paused)
     log.info(
-        "migrated_out", request_id=request_id, target=target, blocks=len(snapshot.blocks),
-        precopied=len(pre), bytes=num_bytes, pause_s=resumed - paused, imported=response.request_id,
+        "migrated_out",
+        request_id=request_id,
+        target=target,
+        blocks=len(snapshot.blocks),
+        precopied=len(pre),
+        bytes=num_bytes,
+        pause_s=resumed - paused,
+        imported=response.request_id,
     )
-    return MigrationResult(snapshot.request.context_len, num_bytes, resumed - paused, resumed - started)
+    return MigrationResult(
+        snapshot.request.context_len, num_bytes, resumed - paused, resumed - started
+    )
 
 
 async def _resume_here(state: WorkerState, snapshot: KVSnapshot) -> None:
@@ -108,4 +122,3 @@ async def _resume_here(state: WorkerState, snapshot: KVSnapshot) -> None:
 
     await state.loop.call(resume)
     log.warning("migration_failed_resumed_on_source", request_id=snapshot.request.request_id)
-

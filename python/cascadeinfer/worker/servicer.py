@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 import structlog
 
-from cascadeinfer.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.worker import convert, kv_stream
 from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
 from cascadeinfer.worker.errors import fail
-from cascadeinfer.worker.hub import StreamEnd, StreamItem
+from cascadeinfer.worker.hub import StreamEnd
 from cascadeinfer.worker.migration import MigrationFailed, migrate_out
 from cascadeinfer.worker.state import WorkerState
 
@@ -32,7 +33,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, state: WorkerState) -> None:
         self.state = state
 
-    async def _stream(self, request_id: str, items: AsyncIterator[StreamItem] | None = None) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def _stream(self, request_id: str) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """Yields a request's output until it finishes; aborts it if the reader goes away."""
         queue = self.state.hub.subscribe(request_id)
         done = False
@@ -52,16 +53,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _abort_quietly(self, request_id: str) -> None:
         if request_id not in self.state.hub.requests:
             return
-        try:
+        with contextlib.suppress(EngineError):
             await self.state.loop.call(lambda e: e.abort(request_id))
-        except EngineError:
-            pass
         self.state.hub.end(request_id, FinishReason.ABORT)
         log.info("aborted_on_disconnect", request_id=request_id)
 
-    async def Generate(self, request: worker_pb2.GenerateRequest, context: Context) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: worker_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         if self.state.is_draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining; send the request elsewhere")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "worker is draining; send the request elsewhere"
+            )
         rid = request.request_id
         try:
             if not rid:
@@ -81,13 +84,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         async for response in self._stream(rid):
             yield response
 
-    async def Attach(self, request: worker_pb2.AttachRequest, context: Context) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def Attach(
+        self, request: worker_pb2.AttachRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         if request.request_id not in self.state.hub.requests:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r} on this worker")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r} on this worker"
+            )
         async for response in self._stream(request.request_id):
             yield response
 
-    async def Abort(self, request: worker_pb2.AbortRequest, context: Context) -> worker_pb2.AbortResponse:
+    async def Abort(
+        self, request: worker_pb2.AbortRequest, context: Context
+    ) -> worker_pb2.AbortResponse:
         rid = request.request_id
         if rid not in self.state.hub.requests:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {rid!r} on this worker")
@@ -98,7 +107,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.state.hub.end(rid, FinishReason.ABORT)
         return worker_pb2.AbortResponse()
 
-    async def GetLoad(self, request: worker_pb2.GetLoadRequest, context: Context) -> worker_pb2.LoadReport:
+    async def GetLoad(
+        self, request: worker_pb2.GetLoadRequest, context: Context
+    ) -> worker_pb2.LoadReport:
         def counts(e: Engine) -> tuple[int, int]:
             return e.num_free_blocks(), e.num_blocks_total
 
@@ -116,7 +127,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             is_draining=self.state.is_draining,
         )
 
-    async def StreamSteps(self, request: worker_pb2.StreamStepsRequest, context: Context) -> AsyncIterator[worker_pb2.StepUpdate]:
+    async def StreamSteps(
+        self, request: worker_pb2.StreamStepsRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.StepUpdate]:
         hub = self.state.hub
         yield worker_pb2.StepUpdate(
             worker_id=self.state.worker_id,
@@ -129,7 +142,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         async for report in hub.steps():
             yield convert.step_to_proto(self.state.worker_id, report)
 
-    async def GetInfo(self, request: worker_pb2.GetInfoRequest, context: Context) -> worker_pb2.WorkerInfo:
+    async def GetInfo(
+        self, request: worker_pb2.GetInfoRequest, context: Context
+    ) -> worker_pb2.WorkerInfo:
         engine = self.state.loop.engine
         return worker_pb2.WorkerInfo(
             worker_id=self.state.worker_id,
@@ -140,7 +155,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             kv_blocks_total=engine.num_blocks_total,
         )
 
-    async def ExportKV(self, request: worker_pb2.ExportKVRequest, context: Context) -> AsyncIterator[worker_pb2.KVChunk]:
+    async def ExportKV(
+        self, request: worker_pb2.ExportKVRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.KVChunk]:
         rid = request.request_id
         if rid not in self.state.hub.requests:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {rid!r} on this worker")
@@ -159,7 +176,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             else:  # the reader went away: the request must not be lost
                 await self.state.loop.call(lambda e: e.import_kv(snapshot))
 
-    async def ImportKV(self, request_iterator: AsyncIterator[worker_pb2.KVChunk], context: Context) -> worker_pb2.ImportKVResponse:
+    async def ImportKV(
+        self, request_iterator: AsyncIterator[worker_pb2.KVChunk], context: Context
+    ) -> worker_pb2.ImportKVResponse:
         if self.state.is_draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
         engine_layout = self.state.loop.engine.layout
@@ -176,7 +195,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.state.metrics.migration_bytes.labels(self.state.engine_name, "in").inc(num_bytes)
         rid = snapshot.request.request_id
         log.info("imported", request_id=rid, blocks=len(snapshot.blocks), bytes=num_bytes)
-        return worker_pb2.ImportKVResponse(request_id=rid, num_blocks=len(snapshot.blocks), num_bytes=num_bytes)
+        return worker_pb2.ImportKVResponse(
+            request_id=rid, num_blocks=len(snapshot.blocks), num_bytes=num_bytes
+        )
 
     async def _resume(self, snapshot: KVSnapshot) -> None:
         req = snapshot.request
@@ -192,10 +213,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self.state.hub.requests.pop(req.request_id, None)
             raise
 
-    async def MigrateOut(self, request: worker_pb2.MigrateOutRequest, context: Context) -> worker_pb2.MigrateOutResponse:
+    async def MigrateOut(
+        self, request: worker_pb2.MigrateOutRequest, context: Context
+    ) -> worker_pb2.MigrateOutResponse:
         recompute = request.mode == worker_pb2.MIGRATION_MODE_RECOMPUTE
         try:
-            result = await migrate_out(self.state, request.request_id, request.target_address, recompute)
+            result = await migrate_out(
+                self.state, request.request_id, request.target_address, recompute
+            )
         except MigrationFailed as e:
             await context.abort(e.code, e.message)
         except Exception as e:
@@ -207,6 +232,3 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             pause_s=result.pause_s,
             total_s=result.total_s,
         )
-
-
-__all__ = ["WorkerServicer", "common_pb2"]
