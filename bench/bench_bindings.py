@@ -31,8 +31,14 @@ def per_call_us(fn: Callable[[], object]) -> float:
 def make_scheduler() -> Scheduler:
     profile = CostProfile.builtin("gpu-h100-llama3-8b")
     grid = BucketGrid.geometric(131_072, 128)
-    stages = [(0, 2048, list(range(8))), (2048, 16_384, list(range(8, 12))), (16_384, 131_072, list(range(12, 16)))]
-    return Scheduler.cascade_with_stages(profile, stages, grid, CascadeConfig(is_refine_enabled=False))
+    stages = [
+        (0, 2048, list(range(8))),
+        (2048, 16_384, list(range(8, 12))),
+        (16_384, 131_072, list(range(12, 16))),
+    ]
+    return Scheduler.cascade_with_stages(
+        profile, stages, grid, CascadeConfig(is_refine_enabled=False)
+    )
 
 
 def main() -> None:
@@ -53,7 +59,9 @@ def main() -> None:
 
     admit_us = per_call_us(admit)
     print(f"on_step, 256 requests from Python: {on_step:.2f} us per call")
-    print(f"admit from Python: {admit_us:.2f} us per call (includes a scheduler rebuild every 1000 calls)")
+    print(
+        f"admit from Python: {admit_us:.2f} us per call (includes a scheduler rebuild every 1000 calls)"
+    )
 
 
 if __name__ == "__main__":

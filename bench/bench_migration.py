@@ -17,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cascadeinfer.proto.v1 import worker_pb2  # noqa: E402
-from tests.worker.daemons import workers  # noqa: E402
-from tests.worker.streams import GenerateReader, Spliced, generate_request  # noqa: E402
+from cascadeinfer.proto.v1 import worker_pb2
+
+from tests.worker.daemons import workers
+from tests.worker.streams import GenerateReader, Spliced, generate_request
 
 SIM = [
     "--engine",

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-
 from cascadeinfer.proto.v1 import worker_pb2_grpc
 
 WORKER = str(Path(sys.executable).parent / "cascade-worker")
