@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 BIN := .venv/bin
 
-.PHONY: help setup setup-engine run test lint test-rust test-python bench bench-rust bench-python clean
+.PHONY: help setup setup-engine run test lint test-rust test-python bench bench-rust bench-python bench-migration proto clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -26,8 +26,8 @@ lint: ## rustfmt, clippy (with and without the bindings), ruff, mypy, stubtest
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
-	$(BIN)/ruff check python tests
-	$(BIN)/ruff format --check python tests
+	$(BIN)/ruff check python tests bench
+	$(BIN)/ruff format --check python tests bench
 	$(BIN)/mypy
 	$(PY) -m mypy.stubtest cascadeinfer._core
 
@@ -44,6 +44,12 @@ bench-rust: ## criterion benchmarks of the core
 
 bench-python: setup ## Python-to-Rust boundary benchmark
 	$(PY) bench/bench_bindings.py
+
+bench-migration: setup ## Live migration between two worker daemons: pause, total time, KV rate
+	$(PY) bench/bench_migration.py
+
+proto: ## Regenerate the gRPC stubs from proto/ (tests fail when they are stale)
+	scripts/gen_proto.sh
 
 clean: ## Remove build outputs and the virtual environments
 	rm -rf target .venv .venv-tools .pytest_cache .mypy_cache .ruff_cache
