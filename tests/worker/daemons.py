@@ -25,6 +25,7 @@ class Daemon:
     process: subprocess.Popen[str]
     address: str
     log_path: Path
+    engine: str
 
     def stub(self) -> worker_pb2_grpc.WorkerServiceStub:
         return worker_pb2_grpc.WorkerServiceStub(grpc.insecure_channel(self.address))
@@ -38,25 +39,23 @@ class Daemon:
         return self.process.wait(timeout=timeout)
 
 
-def start_worker(args: list[str], log_dir: Path, timeout: float = 180) -> Daemon:
-    """Starts `cascade-worker ARGS --port 0` and waits for its 'serving on' line."""
+def start_worker(args: list[str], log_dir: Path, timeout: float = 240) -> Daemon:
+    """Starts `cascade-worker ARGS --port 0` and waits for its 'serving on' line. Both output
+    streams go to a log file (vLLM logs on stdout; an unread pipe would block the daemon)."""
     log_path = log_dir / f"worker-{time.monotonic_ns()}.log"
-    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
-    process = subprocess.Popen(
-        [WORKER, "--host", "127.0.0.1", "--port", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [WORKER, "--host", "127.0.0.1", "--port", "0", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     deadline = time.monotonic() + timeout
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        if m := SERVING.search(line):
-            return Daemon(process, m.group(1), log_path)
+    while time.monotonic() < deadline and process.poll() is None:
+        if m := SERVING.search(log_path.read_text()):
+            return Daemon(process, m.group(1), log_path, m.group(2))
+        time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"worker did not start: {log_path.read_text()[-3000:]}")
 

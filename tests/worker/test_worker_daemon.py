@@ -24,12 +24,25 @@ from tests.worker.streams import (
 )
 
 SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "256", "--sim-max-model-len", "8192"]
+VLLM = ["--engine", "vllm"]  # vLLM on CPU with the built-in tiny Llama (seeded dummy weights)
 PROMPT = list(range(1, 41))
-MAX_TOKENS = 300
+# Long enough that several migrations land mid-decode; vLLM's tiny model steps in about 1 ms.
+MAX_TOKENS = {"sim": 300, "vllm": 1200}
+LONG = {"sim": 5000, "vllm": 1900}
+
+
+@pytest.fixture(scope="module", params=["sim", "vllm"])
+def pair(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Daemon]]:
+    """Two workers of one engine kind; every test using it runs against both kinds."""
+    args = SIM if request.param == "sim" else VLLM
+    with workers([args, args], tmp_path_factory.mktemp("logs")) as daemons:
+        yield daemons
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Daemon]]:
+def sim_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Daemon]]:
     with workers([SIM, SIM], tmp_path_factory.mktemp("logs")) as daemons:
         yield daemons
 
@@ -56,23 +69,25 @@ def test_migrated_request_yields_exactly_the_unmoved_tokens(
     pair: list[Daemon], hops: int, mode: int
 ) -> None:
     a, b = pair
-    reference = run_to_end(a.stub(), f"ref-{hops}-{mode}", PROMPT, MAX_TOKENS)
+    max_tokens = MAX_TOKENS[a.engine]
+    prompt = [(7 * hops + 3 * mode + k) % 1000 + 1 for k in range(40)]  # no shared prefix cache
+    reference = run_to_end(a.stub(), f"ref-{hops}-{mode}", prompt, max_tokens)
     start_free = [free_blocks(a), free_blocks(b)]
     rid = f"moved-{hops}-{mode}"
     out = Spliced()
     sink = {rid: out}
     feeds = [FeedReader(a.stub(), sink), FeedReader(b.stub(), sink)]
-    reader = GenerateReader(a.stub(), generate_request(rid, PROMPT, MAX_TOKENS), out)
+    reader = GenerateReader(a.stub(), generate_request(rid, prompt, max_tokens), out)
     where = [a, b]
     for hop in range(hops):
         reader.wait_tokens(40 + 60 * hop)
         result = migrate(where[hop % 2], where[(hop + 1) % 2], rid, mode)
-        assert result.context_len > len(PROMPT) + 40 + 60 * hop - 1
+        assert result.context_len > len(prompt) + 40 + 60 * hop - 1
         assert result.pause_s < result.total_s
     reader.join()
     assert reader.error is None
     assert reader.responses[-1].finish_reason == common_pb2.FINISH_REASON_MIGRATED
-    deadline_tokens = MAX_TOKENS
+    deadline_tokens = max_tokens
     for _ in range(200):
         if len(out.tokens) == deadline_tokens and out.finish:
             break
@@ -91,7 +106,7 @@ def test_abort_frees_blocks_and_unknown_ids_are_not_found(pair: list[Daemon]) ->
     a, _ = pair
     start = free_blocks(a)
     out = Spliced()
-    reader = GenerateReader(a.stub(), generate_request("to-abort", PROMPT, 5000), out)
+    reader = GenerateReader(a.stub(), generate_request("to-abort", PROMPT, LONG[a.engine]), out)
     reader.wait_tokens(5)
     assert free_blocks(a) < start
     a.stub().Abort(worker_pb2.AbortRequest(request_id="to-abort"))
@@ -111,7 +126,7 @@ def test_abort_frees_blocks_and_unknown_ids_are_not_found(pair: list[Daemon]) ->
 def test_client_disconnect_aborts_the_request_and_frees_its_blocks(pair: list[Daemon]) -> None:
     a, _ = pair
     start = free_blocks(a)
-    call = a.stub().Generate(generate_request("leaver", PROMPT, 5000))
+    call = a.stub().Generate(generate_request("leaver", PROMPT, LONG[a.engine]))
     for i, _ in enumerate(call):
         if i == 10:
             break
@@ -131,10 +146,10 @@ def test_refused_migrations_leave_the_request_running_on_the_source(tmp_path: Pa
     ]
     tiny = [*SIM, "--sim-num-blocks", "4"]
     with workers([SIM, other_layout, tiny], tmp_path) as (a, mismatched, full):
-        reference = run_to_end(a.stub(), "ref", PROMPT, MAX_TOKENS)
+        reference = run_to_end(a.stub(), "ref", PROMPT, MAX_TOKENS["sim"])
         start = free_blocks(a)
         out = Spliced()
-        reader = GenerateReader(a.stub(), generate_request("stay", PROMPT, MAX_TOKENS), out)
+        reader = GenerateReader(a.stub(), generate_request("stay", PROMPT, MAX_TOKENS["sim"]), out)
         reader.wait_tokens(30)
         with pytest.raises(grpc.RpcError) as info:
             migrate(a, mismatched, "stay")
@@ -160,7 +175,7 @@ def test_refused_migrations_leave_the_request_running_on_the_source(tmp_path: Pa
     ("request_", "code"),
     [
         (generate_request("e1", [], 10), grpc.StatusCode.INVALID_ARGUMENT),
-        (generate_request("e2", list(range(1, 9000)), 10), grpc.StatusCode.INVALID_ARGUMENT),
+        (generate_request("e2", [5] * 9000, 10), grpc.StatusCode.INVALID_ARGUMENT),
         (generate_request("e3", PROMPT, 0), grpc.StatusCode.INVALID_ARGUMENT),
         (generate_request("", PROMPT, 10), grpc.StatusCode.INVALID_ARGUMENT),
         (
@@ -194,7 +209,7 @@ def test_bad_generate_requests_get_precise_statuses(
 def test_duplicate_request_id_is_already_exists(pair: list[Daemon]) -> None:
     a, _ = pair
     out = Spliced()
-    reader = GenerateReader(a.stub(), generate_request("dup", PROMPT, 2000), out)
+    reader = GenerateReader(a.stub(), generate_request("dup", PROMPT, LONG[a.engine]), out)
     reader.wait_tokens(2)
     with pytest.raises(grpc.RpcError) as info:
         list(a.stub().Generate(generate_request("dup", PROMPT, 5), timeout=30))
@@ -238,13 +253,13 @@ def kv_chunks(
     ],
 )
 def test_bad_kv_streams_are_refused(
-    pair: list[Daemon],
+    sim_pair: list[Daemon],
     order: list[int],
     commit_blocks: int | None,
     code: grpc.StatusCode,
     message: str,
 ) -> None:
-    a, _ = pair
+    a, _ = sim_pair
     layout = a.stub().GetInfo(worker_pb2.GetInfoRequest()).layout
     start = free_blocks(a)
     with pytest.raises(grpc.RpcError) as info:
@@ -264,8 +279,10 @@ def test_import_with_another_layout_is_failed_precondition(pair: list[Daemon]) -
     assert "head_size" in (info.value.details() or "")
 
 
-def test_oversized_messages_are_refused_and_the_worker_keeps_serving(pair: list[Daemon]) -> None:
-    a, _ = pair
+def test_oversized_messages_are_refused_and_the_worker_keeps_serving(
+    sim_pair: list[Daemon],
+) -> None:
+    a, _ = sim_pair
     channel = grpc.insecure_channel(
         a.address, options=[("grpc.max_send_message_length", 256 << 20)]
     )
@@ -315,3 +332,20 @@ def test_sigterm_drains_running_requests_then_exits(tmp_path: Path) -> None:
     finally:
         if d.process.poll() is None:
             d.process.kill()
+
+
+def test_vllm_request_refused_by_a_sim_target_keeps_running(tmp_path: Path) -> None:
+    """A layout mismatch between real and simulated engines is refused before the request is
+    touched; its tokens stay exactly those of an unmoved run."""
+    with workers([VLLM, SIM], tmp_path) as (a, sim):
+        prompt = [11 * k % 997 + 1 for k in range(40)]
+        reference = run_to_end(a.stub(), "ref", prompt, 600)
+        out = Spliced()
+        reader = GenerateReader(a.stub(), generate_request("stay", prompt, 600), out)
+        reader.wait_tokens(20)
+        with pytest.raises(grpc.RpcError) as info:
+            migrate(a, sim, "stay")
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        reader.join()
+        assert out.ordered() == reference
+        assert out.duplicates == 0
