@@ -34,26 +34,35 @@ SIM = [
 ]
 
 
+# vLLM on CPU with the built-in tiny Llama: 16 KiB of KV per 32-token block.
+VLLM = ["--engine", "vllm", "--vllm-option", "max_model_len=4096"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mode", choices=["kv", "recompute"], default="kv")
+    parser.add_argument("--engine", choices=["sim", "vllm"], default="sim")
     args = parser.parse_args()
     mode = (
         worker_pb2.MIGRATION_MODE_KV if args.mode == "kv" else worker_pb2.MIGRATION_MODE_RECOMPUTE
     )
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, workers([SIM, SIM], Path(tmp)) as (a, b):
+    engine_args = SIM if args.engine == "sim" else VLLM
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        workers([engine_args, engine_args], Path(tmp)) as (a, b),
+    ):
         for length in [int(x) for x in args.lengths.split(",")]:
             samples = []
             for rep in range(args.repeats):
                 rid = f"m{length}-{rep}"
                 out = Spliced()
                 src, dst = (a, b) if rep % 2 == 0 else (b, a)
-                reader = GenerateReader(
-                    src.stub(), generate_request(rid, list(range(1, length - 8)), 4000), out
-                )
+                prompt = [(k * 7 + rep) % 1000 + 1 for k in range(length - 8)]
+                max_tokens = 4000 if args.engine == "sim" else 4096 - len(prompt)
+                reader = GenerateReader(src.stub(), generate_request(rid, prompt, max_tokens), out)
                 reader.wait_tokens(8, timeout=300)
                 started = time.perf_counter()
                 r = src.stub().MigrateOut(

@@ -113,6 +113,8 @@ class GenerateReader:
     def wait_tokens(self, n: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while len(self.out.tokens) < n:
+            if self.error is not None:
+                raise AssertionError(f"stream failed: {self.error.code()} {self.error.details()}")
             assert time.monotonic() < deadline, f"only {len(self.out.tokens)} tokens arrived"
             time.sleep(0.002)
 

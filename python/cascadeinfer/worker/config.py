@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -68,6 +69,13 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     p.add_argument("--sim-kv-bytes-per-token", type=int, help="sim: KV payload size per token")
     p.add_argument("--sim-num-blocks", type=int, help="sim: KV capacity in blocks")
     p.add_argument("--sim-max-model-len", type=int)
+    p.add_argument(
+        "--vllm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="vllm: an engine option (VALUE as JSON, else a string), e.g. max_model_len=4096; repeatable",
+    )
     args = p.parse_args(argv)
     config = from_toml(args.config) if args.config else WorkerConfig()
     top = {
@@ -85,5 +93,17 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     config = replace(
         config, sim=replace(config.sim, **{k: v for k, v in sim.items() if v is not None})
     )
+    if args.vllm_option:
+        config = replace(config, vllm={**config.vllm, **dict(_option(o) for o in args.vllm_option)})
     config.validate()
     return config
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--vllm-option {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value

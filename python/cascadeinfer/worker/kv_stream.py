@@ -18,8 +18,9 @@ from cascadeinfer.worker.engine import (
     KVSnapshot,
 )
 
-MAX_CHUNK_BYTES = 4 << 20
-"""Blocks per message are grouped up to this size (one block may exceed it alone)."""
+MAX_CHUNK_BYTES = 1 << 20
+"""Blocks per message are grouped up to this size (one block may exceed it alone). Measured on
+loopback: 1 MiB messages moved bytes several times faster than 4 or 16 MiB ones."""
 
 
 def header(request_id: str, layout: KVLayout | None) -> worker_pb2.KVChunk:

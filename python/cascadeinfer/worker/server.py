@@ -64,16 +64,16 @@ async def drain(state: WorkerState, timeout_s: float) -> None:
 
 
 async def serve(config: WorkerConfig) -> None:
-    engine = build_engine(config)
     loop = asyncio.get_running_loop()
     hub = Hub()
-    metrics = WorkerMetrics(engine.name)
+    metrics = WorkerMetrics(config.engine)
 
     def on_step(report: StepReport) -> None:
         hub.publish(report)
         metrics.observe_step(report)
 
-    engine_loop = EngineLoop(engine, loop, on_step)
+    engine_loop = EngineLoop(lambda: build_engine(config), loop, on_step)
+    engine = await engine_loop.start()
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     worker_id = config.worker_id or f"{config.host}:{port}"
@@ -89,7 +89,6 @@ async def serve(config: WorkerConfig) -> None:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if config.metrics_port:
         start_http_server(config.metrics_port, registry=state.metrics.registry)
-    engine_loop.start()
     await server.start()
     await warm_up(engine_loop)
     for name in ("", SERVICE):

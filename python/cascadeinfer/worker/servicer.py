@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 import structlog
@@ -12,7 +14,7 @@ from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.worker import convert, kv_stream
 from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
 from cascadeinfer.worker.errors import fail
-from cascadeinfer.worker.hub import StreamEnd
+from cascadeinfer.worker.hub import StreamEnd, StreamItem
 from cascadeinfer.worker.migration import MigrationFailed, migrate_out
 from cascadeinfer.worker.state import WorkerState
 
@@ -29,6 +31,24 @@ def _end_response(request_id: str, end: StreamEnd) -> worker_pb2.GenerateRespons
     )
 
 
+def coalesce(item: StreamItem, queue: asyncio.Queue[StreamItem]) -> StreamItem:
+    """Merges the token chunks already queued behind `item` into one, so a reader that falls
+    behind gets fewer, larger messages instead of one per engine step."""
+    if isinstance(item, StreamEnd):
+        return item
+    tokens = list(item.new_token_ids)
+    last = item
+    while not queue.empty() and last.finish_reason is None:
+        nxt = queue.get_nowait()
+        if isinstance(nxt, StreamEnd):
+            # Leave the end for the next read; it must come after these tokens.
+            queue.put_nowait(nxt)  # re-queued at the back: nothing else can follow an end
+            break
+        tokens.extend(nxt.new_token_ids)
+        last = nxt
+    return replace(last, new_token_ids=tuple(tokens), first_index=item.first_index)
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, state: WorkerState) -> None:
         self.state = state
@@ -39,7 +59,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         done = False
         try:
             while not done:
-                item = await queue.get()
+                item = coalesce(await queue.get(), queue)
                 if isinstance(item, StreamEnd):
                     done = True
                     yield _end_response(request_id, item)
