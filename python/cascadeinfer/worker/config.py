@@ -25,6 +25,10 @@ class WorkerConfig:
     """Defaults to host:port."""
     metrics_port: int = 0
     """Prometheus HTTP exporter; 0 turns it off."""
+    scheduler: str = ""
+    """cascade-scheduler address to register with (and heartbeat to); empty: none."""
+    advertise_address: str = ""
+    """Address others use to reach this worker; defaults to host:port."""
     drain_timeout_s: float = 30.0
     """On SIGTERM, running requests get this long to finish before they are aborted."""
     sim: SimEngineConfig = field(default_factory=SimEngineConfig)
@@ -64,6 +68,11 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     p.add_argument("--worker-id")
     p.add_argument("--metrics-port", type=int)
     p.add_argument("--drain-timeout-s", type=float)
+    p.add_argument("--scheduler", help="cascade-scheduler address to register with")
+    p.add_argument(
+        "--advertise-address", help="address the scheduler and peers use (default host:port)"
+    )
+    p.add_argument("--load-format", help="vllm: weight loading, e.g. 'dummy' for random weights")
     p.add_argument("--sim-profile", help="sim: cost profile name or file")
     p.add_argument("--sim-time-scale", type=float, help="sim: step sleep = predicted time x this")
     p.add_argument("--sim-kv-bytes-per-token", type=int, help="sim: KV payload size per token")
@@ -80,7 +89,17 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     config = from_toml(args.config) if args.config else WorkerConfig()
     top = {
         k: getattr(args, k)
-        for k in ("engine", "model", "host", "port", "worker_id", "metrics_port", "drain_timeout_s")
+        for k in (
+            "engine",
+            "model",
+            "host",
+            "port",
+            "worker_id",
+            "metrics_port",
+            "drain_timeout_s",
+            "scheduler",
+            "advertise_address",
+        )
     }
     config = replace(config, **{k: v for k, v in top.items() if v is not None})
     sim = {
@@ -93,6 +112,8 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     config = replace(
         config, sim=replace(config.sim, **{k: v for k, v in sim.items() if v is not None})
     )
+    if args.load_format:
+        args.vllm_option.append(f"load_format={args.load_format}")
     if args.vllm_option:
         config = replace(config, vllm={**config.vllm, **dict(_option(o) for o in args.vllm_option)})
     config.validate()

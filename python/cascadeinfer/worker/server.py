@@ -22,6 +22,7 @@ from cascadeinfer.worker.engine_loop import EngineLoop
 from cascadeinfer.worker.engines.factory import build_engine
 from cascadeinfer.worker.hub import Hub
 from cascadeinfer.worker.metrics import WorkerMetrics
+from cascadeinfer.worker.registration import Registration
 from cascadeinfer.worker.servicer import WorkerServicer
 from cascadeinfer.worker.state import CHANNEL_OPTIONS, WorkerState
 
@@ -88,7 +89,7 @@ async def serve(config: WorkerConfig) -> None:
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if config.metrics_port:
-        start_http_server(config.metrics_port, registry=state.metrics.registry)
+        start_http_server(config.metrics_port, addr=config.host, registry=state.metrics.registry)
     await server.start()
     await warm_up(engine_loop)
     for name in ("", SERVICE):
@@ -96,12 +97,19 @@ async def serve(config: WorkerConfig) -> None:
     # The launcher and tests read this line to learn the port.
     print(f"cascade-worker serving on {config.host}:{port} engine={engine.name}", flush=True)
     log.info("serving", port=port, model=engine.layout.model, max_model_len=engine.max_model_len)
+    registration = None
+    if config.scheduler:
+        address = config.advertise_address or f"{config.host}:{port}"
+        registration = Registration(config.scheduler, worker_id, address, engine)
+        registration.start()
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining", running=len(hub.requests))
+    if registration is not None:
+        await registration.stop()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await drain(state, config.drain_timeout_s)

@@ -1,0 +1,68 @@
+"""Announces the worker to a scheduler (`--scheduler ADDR`): once SERVING, then as a heartbeat,
+and a goodbye on drain. A scheduler that is down or restarting is retried, never fatal: the
+worker keeps serving whoever calls it, and re-registers when the scheduler is back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import structlog
+
+from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc
+from cascadeinfer.worker import convert
+from cascadeinfer.worker.engine import Engine
+from cascadeinfer.worker.state import CHANNEL_OPTIONS
+
+log = structlog.get_logger(__name__)
+
+RETRY_S = 1.0
+
+
+class Registration:
+    def __init__(self, scheduler: str, worker_id: str, address: str, engine: Engine) -> None:
+        self._channel = grpc.aio.insecure_channel(scheduler, options=CHANNEL_OPTIONS)
+        self._stub = registry_pb2_grpc.WorkerRegistryStub(self._channel)
+        self._scheduler = scheduler
+        self._request = registry_pb2.RegisterWorkerRequest(
+            worker_id=worker_id,
+            address=address,
+            engine=engine.name,
+            model=engine.layout.model,
+            max_model_len=engine.max_model_len,
+            layout=convert.layout_to_proto(engine.layout),
+            kv_blocks_total=engine.num_blocks_total,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        is_registered = False
+        while True:
+            try:
+                response = await self._stub.RegisterWorker(self._request, timeout=5)
+                if not is_registered:
+                    log.info("registered", scheduler=self._scheduler)
+                is_registered = True
+                await asyncio.sleep(max(response.heartbeat_interval_s, 0.1))
+            except grpc.aio.AioRpcError as e:
+                if is_registered:
+                    log.warning(
+                        "scheduler_unreachable", scheduler=self._scheduler, error=e.details()
+                    )
+                is_registered = False
+                await asyncio.sleep(RETRY_S)
+
+    async def stop(self) -> None:
+        """Stops the heartbeat and tells the scheduler this worker is leaving."""
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            await self._stub.DeregisterWorker(
+                registry_pb2.DeregisterWorkerRequest(worker_id=self._request.worker_id), timeout=5
+            )
+        except grpc.aio.AioRpcError as e:
+            log.warning("deregister_failed", scheduler=self._scheduler, error=e.details())
+        await self._channel.close()
