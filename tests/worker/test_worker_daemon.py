@@ -349,3 +349,23 @@ def test_vllm_request_refused_by_a_sim_target_keeps_running(tmp_path: Path) -> N
         reader.join()
         assert out.ordered() == reference
         assert out.duplicates == 0
+
+
+def test_a_detached_request_runs_on_after_its_call_ends(pair: list[Daemon]) -> None:
+    """The scheduler's way in: admission answered at once, tokens on the feed only."""
+    a, _ = pair
+    prompt = [13 * k % 991 + 1 for k in range(30)]
+    reference = run_to_end(a.stub(), "ref-detached", prompt, 200)
+    out = Spliced()
+    feed = FeedReader(a.stub(), {"detached": out})
+    request = generate_request("detached", prompt, 200)
+    request.detach = True
+    answers = list(a.stub().Generate(request, timeout=30))
+    assert len(answers) == 1 and not answers[0].tokens.token_ids
+    for _ in range(400):
+        if out.finish:
+            break
+        threading.Event().wait(0.05)
+    feed.close()
+    assert out.ordered() == reference
+    assert out.finish == common_pb2.FINISH_REASON_LENGTH

@@ -100,7 +100,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 raise
         except Exception as e:
             await fail(context, e, request_id=rid)
-        log.info("request_started", request_id=rid, prompt_len=len(request.prompt_token_ids))
+        log.info(
+            "request_started",
+            request_id=rid,
+            prompt_len=len(request.prompt_token_ids),
+            detached=request.detach,
+        )
+        if request.detach:
+            yield worker_pb2.GenerateResponse(request_id=rid, context_len=req.context_len)
+            return
         async for response in self._stream(rid):
             yield response
 
