@@ -103,15 +103,18 @@ def plan_stages(
     num_buckets: int = 128,
     max_stages: int | None = None,
     seed: int = 0,
+    max_len: int | None = None,
 ) -> PlanResult:
     """Plans stages for a preset or trace. The rate is, in order: `rate`, the trace's own,
-    or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload."""
+    or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload. `max_len`
+    (default: the profile's max_model_len) is the longest context the fleet serves."""
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
     if rate is not None and not rate > 0:
         raise ValueError(f"rate must be > 0, got {rate}")
-    grid = _core.BucketGrid.geometric(profile.max_model_len, num_buckets)
-    requests = load_requests(workload, profile.max_model_len, seed)
+    max_len = max_len or profile.max_model_len
+    grid = _core.BucketGrid.geometric(max_len, num_buckets)
+    requests = load_requests(workload, max_len, seed)
     chosen = rate or requests.rate
     if chosen is None:
         unit = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, 1.0)

@@ -17,7 +17,8 @@ import grpc
 from cascadeinfer.proto.v1 import worker_pb2_grpc
 
 WORKER = str(Path(sys.executable).parent / "cascade-worker")
-SERVING = re.compile(r"cascade-worker serving on (\S+) engine=(\w+)")
+SCHEDULER = str(Path(sys.executable).parent / "cascade-scheduler")
+SERVING = re.compile(r"cascade-(?:worker|scheduler) serving on (\S+) (?:engine|policy)=([\w-]+)")
 
 
 @dataclass
@@ -39,13 +40,20 @@ class Daemon:
         return self.process.wait(timeout=timeout)
 
 
-def start_worker(args: list[str], log_dir: Path, timeout: float = 240) -> Daemon:
+def start_scheduler(args: list[str], log_dir: Path, timeout: float = 120) -> Daemon:
+    """Starts `cascade-scheduler ARGS --port 0`; `Daemon.engine` holds its policy."""
+    return start_worker(args, log_dir, timeout, binary=SCHEDULER)
+
+
+def start_worker(
+    args: list[str], log_dir: Path, timeout: float = 240, binary: str = WORKER
+) -> Daemon:
     """Starts `cascade-worker ARGS --port 0` and waits for its 'serving on' line. Both output
     streams go to a log file (vLLM logs on stdout; an unread pipe would block the daemon)."""
     log_path = log_dir / f"worker-{time.monotonic_ns()}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [WORKER, "--host", "127.0.0.1", "--port", "0", *args],
+            [binary, "--host", "127.0.0.1", "--port", "0", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,

@@ -143,10 +143,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         free, total = await self.state.loop.call(counts)
         last = self.state.hub.last_report
+        # The last step report goes stale once the engine idles; the hub knows what is here now.
+        present = len(self.state.hub.requests)
+        running = min(last.num_running if last else 0, present)
         return worker_pb2.LoadReport(
             worker_id=self.state.worker_id,
-            num_running=last.num_running if last else 0,
-            num_waiting=last.num_waiting if last else 0,
+            num_running=running,
+            num_waiting=present - running,
             kv_blocks_used=total - free,
             kv_blocks_free=free,
             kv_block_size=self.state.loop.engine.layout.block_size,

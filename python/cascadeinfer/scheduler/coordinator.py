@@ -1,0 +1,376 @@
+"""The scheduler's coordinator: admits requests through the Rust core, follows every worker's
+step feed, splices tokens to clients, runs the migrations the core decides, and recovers
+requests from a worker that dies.
+
+All of it runs on one asyncio loop; the core is called synchronously (microseconds a call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from cascadeinfer import _core
+from cascadeinfer.config import CascadeConfig
+from cascadeinfer.planning import load_profile, plan_stages
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2
+from cascadeinfer.scheduler.config import SchedulerConfig
+from cascadeinfer.scheduler.requests import ClientRequest
+from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool
+from cascadeinfer.worker import convert
+from cascadeinfer.worker.engine import FinishReason
+
+log = structlog.get_logger(__name__)
+
+FINISH_FROM_PROTO = {
+    common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    common_pb2.FINISH_REASON_STOP: FinishReason.STOP,
+    common_pb2.FINISH_REASON_ABORT: FinishReason.ABORT,
+}
+
+
+class SchedulingError(Exception):
+    """A request the scheduler cannot take; `code` is the gRPC status for the client."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Counters:
+    num_migrations: int = 0
+    num_failed_migrations: int = 0
+    num_plan_changes: int = 0
+    plan_changed_at: float = 0.0
+
+
+class Coordinator:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.profile = load_profile(config.profile)
+        self.pool = WorkerPool()
+        self.policy: _core.Scheduler | None = None
+        self.requests: dict[str, ClientRequest] = {}
+        self._by_core: dict[int, ClientRequest] = {}
+        self._queue: list[tuple[int, int, str]] = []
+        self._core_ids = itertools.count(1)
+        self._seq = itertools.count()
+        self._migrations = asyncio.Semaphore(config.max_concurrent_migrations)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.counters = Counters()
+        self.max_model_len = 0
+
+    # --- workers ---------------------------------------------------------------------------
+    async def add_worker(self, address: str, worker_id: str = "") -> WorkerLink:
+        for link in self.pool.by_id.values():
+            if link.address == address and link.is_healthy:
+                return link
+        link = await self.pool.connect(address, worker_id)
+        self._spawn(self._follow(link))
+        if self.policy is None:
+            if len(self.pool.healthy()) >= self.config.min_workers:
+                self._build_policy()
+        else:
+            self.policy.add_instance(link.instance)
+        log.info("worker_added", worker_id=link.worker_id, address=address, instance=link.instance)
+        return link
+
+    def _build_policy(self) -> None:
+        workers = self.pool.healthy()
+        instances = [w.instance for w in workers]
+        self.max_model_len = min(w.info.max_model_len for w in workers)
+        c = self.config
+        if c.policy != "cascade":
+            self.policy = _core.Scheduler.baseline(
+                c.policy, self.profile, instances, self.max_model_len, c.seed
+            )
+        elif c.stages:
+            grid = _core.BucketGrid.geometric(self.max_model_len, 64)
+            it = iter(instances)
+            stages = [
+                (s.min_len, s.max_len, [next(it) for _ in range(s.num_workers)]) for s in c.stages
+            ]
+            stages[-1][2].extend(it)  # workers beyond the spec join the last stage
+            self.policy = _core.Scheduler.cascade_with_stages(
+                self.profile, stages, grid, CascadeConfig()
+            )
+        else:
+            result = plan_stages(
+                num_instances=len(instances),
+                workload=c.workload,
+                profile=self.profile,
+                rate=c.rate,
+                max_len=self.max_model_len,
+                seed=c.seed,
+            )
+            self.policy = _core.Scheduler.cascade(
+                self.profile,
+                result.plan,
+                instances,
+                result.workload.grid,
+                CascadeConfig(),
+                result.workload,
+            )
+        self.counters.plan_changed_at = time.time()
+        log.info("policy_ready", policy=c.policy, stages=self.policy.stages())
+
+    async def _follow(self, link: WorkerLink) -> None:
+        """Reads a worker's step feed until it breaks; a break means the worker is gone."""
+        try:
+            async for update in link.stub.StreamSteps(worker_pb2.StreamStepsRequest()):
+                self._on_step(link, update)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                await self._worker_failed(link, e.details() or str(e.code()))
+
+    async def worker_leaving(self, link: WorkerLink) -> None:
+        """A draining worker: nothing new goes there; what runs there finishes there."""
+        if link.is_healthy:
+            link.is_healthy = False
+            if self.policy is not None:
+                try:
+                    self.policy.remove_instance(link.instance)
+                except ValueError as e:
+                    log.error("no_workers_left", error=str(e))
+            log.info("worker_leaving", worker_id=link.worker_id, requests=len(link.running))
+
+    async def _worker_failed(self, link: WorkerLink, why: str) -> None:
+        if not link.is_healthy:
+            return
+        link.is_healthy = False
+        log.warning(
+            "worker_failed", worker_id=link.worker_id, reason=why, requests=len(link.running)
+        )
+        if self.policy is not None:
+            try:
+                self.policy.remove_instance(link.instance)
+            except ValueError as e:
+                log.error("no_workers_left", error=str(e))
+        for rid in list(link.running):
+            rec = self.requests.get(rid)
+            link.running.discard(rid)
+            if rec is not None and not rec.is_done:
+                # Resume by recompute from the prompt plus what the client already has.
+                rec.pending.clear()
+                rec.worker_id = None
+                await self._place(rec)
+
+    # --- steps and routing -----------------------------------------------------------------
+    def _on_step(self, link: WorkerLink, update: worker_pb2.StepUpdate) -> None:
+        link.last_step = update
+        ids: list[int] = []
+        lens: list[int] = []
+        for r in update.requests:
+            rec = self.requests.get(r.request_id)
+            if rec is None:
+                continue
+            finish = FINISH_FROM_PROTO.get(r.finish_reason)
+            if r.tokens.token_ids or finish is not None:
+                rec.deliver(r.tokens.first_index, list(r.tokens.token_ids), finish)
+            if rec.is_done:
+                self._retire(rec)
+            elif rec.worker_id == link.worker_id:
+                ids.append(rec.core_id)
+                lens.append(r.context_len)
+        if self.policy is not None and ids and link.is_healthy:
+            for m in self.policy.on_step(ids, [link.instance] * len(ids), lens, time.monotonic()):
+                self._spawn(self._migrate(m))
+        self._drain_queue()
+
+    def _retire(self, rec: ClientRequest) -> None:
+        self.requests.pop(rec.request_id, None)
+        self._by_core.pop(rec.core_id, None)
+        link = self.pool.by_id.get(rec.worker_id or "")
+        if link is not None:
+            link.running.discard(rec.request_id)
+            if self.policy is not None:
+                self.policy.request_finished(rec.core_id, link.instance)
+
+    async def _migrate(self, m: _core.Migration) -> None:
+        rec = self._by_core.get(m.request_id)
+        src, dst = (
+            self.pool.by_instance.get(m.from_instance),
+            self.pool.by_instance.get(m.to_instance),
+        )
+        assert self.policy is not None
+        if rec is None or src is None or dst is None or rec.is_done:
+            self.policy.migration_done(m, False)
+            return
+        async with self._migrations:
+            try:
+                await src.stub.MigrateOut(
+                    worker_pb2.MigrateOutRequest(
+                        request_id=rec.request_id, target_address=dst.address
+                    ),
+                    timeout=60,
+                )
+            except grpc.aio.AioRpcError as e:
+                self.counters.num_failed_migrations += 1
+                self.policy.migration_done(m, False)
+                log.info(
+                    "migration_failed",
+                    request_id=rec.request_id,
+                    reason=m.reason,
+                    error=e.details(),
+                )
+                return
+        src.running.discard(rec.request_id)
+        if not rec.is_done:
+            dst.running.add(rec.request_id)
+            rec.worker_id = dst.worker_id
+        rec.num_migrations += 1
+        self.counters.num_migrations += 1
+        self.policy.migration_done(m, True)
+        log.info(
+            "migrated",
+            request_id=rec.request_id,
+            source=src.worker_id,
+            target=dst.worker_id,
+            reason=m.reason,
+            context_len=m.context_len,
+        )
+
+    async def tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_interval_s)
+            if self.policy is None:
+                continue
+            migrations, changed = self.policy.tick(time.monotonic())
+            if changed:
+                self.counters.num_plan_changes += 1
+                self.counters.plan_changed_at = time.time()
+                log.info("plan_changed", stages=self.policy.stages())
+            for m in migrations:
+                self._spawn(self._migrate(m))
+            self._drain_queue()
+
+    # --- admission -------------------------------------------------------------------------
+    def new_request(
+        self, request_id: str, prompt: tuple[int, ...], sampling: object, priority: int
+    ) -> ClientRequest:
+        if request_id in self.requests:
+            raise SchedulingError(
+                grpc.StatusCode.ALREADY_EXISTS, f"request id {request_id!r} is in use"
+            )
+        rec = ClientRequest(request_id, next(self._core_ids), prompt, sampling, priority)  # type: ignore[arg-type]
+        return rec
+
+    async def submit(self, rec: ClientRequest) -> None:
+        """Admits a request now or queues it; raises SchedulingError when it cannot be taken."""
+        if self.policy is None or not self.pool.healthy():
+            raise SchedulingError(grpc.StatusCode.UNAVAILABLE, "no worker is serving yet")
+        if rec.context_len >= self.max_model_len:
+            raise SchedulingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt of {rec.context_len} tokens leaves no room below max_model_len {self.max_model_len}",
+            )
+        if len(self._queue) >= self.config.max_queue and not await self._try_place(rec):
+            raise SchedulingError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"admission queue is full ({self.config.max_queue})",
+            )
+        self.requests[rec.request_id] = rec
+        self._by_core[rec.core_id] = rec
+        if not await self._try_place(rec):
+            heapq.heappush(self._queue, (-rec.priority, next(self._seq), rec.request_id))
+
+    async def _try_place(self, rec: ClientRequest) -> bool:
+        """Asks the core for an instance and starts the request there; False when none has room."""
+        assert self.policy is not None
+        try:
+            decision = self.policy.admit(rec.core_id, rec.context_len, time.monotonic())
+        except ValueError as e:
+            raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        if decision is None:
+            return False
+        link = self.pool.by_instance[decision[0]]
+        request = worker_pb2.GenerateRequest(
+            request_id=rec.request_id,
+            prompt_token_ids=list(rec.prompt_token_ids),
+            sampling=convert.sampling_to_proto(rec.sampling),
+            output_token_ids=rec.tokens,
+            detach=True,
+        )
+        rec.worker_id = link.worker_id
+        link.running.add(rec.request_id)
+        try:
+            async for _ in link.stub.Generate(request, timeout=30):
+                pass
+        except grpc.aio.AioRpcError as e:
+            link.running.discard(rec.request_id)
+            rec.worker_id = None
+            self.policy.request_finished(rec.core_id, link.instance)
+            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+                raise SchedulingError(e.code(), e.details() or "refused by the worker") from None
+            return False
+        if rec.admitted_at is None:
+            rec.admitted_at = time.monotonic()
+        return True
+
+    async def _place(self, rec: ClientRequest) -> None:
+        """Places a request that is already accepted: now, or at the head of the queue."""
+        try:
+            if await self._try_place(rec):
+                return
+        except SchedulingError as e:
+            log.error("resume_refused", request_id=rec.request_id, error=e.message)
+            rec.end(FinishReason.ABORT)
+            return
+        heapq.heappush(self._queue, (-(10**9), next(self._seq), rec.request_id))
+
+    def _drain_queue(self) -> None:
+        if self._queue:
+            self._spawn(self._drain_queue_async())
+
+    async def _drain_queue_async(self) -> None:
+        while self._queue:
+            _, _, rid = self._queue[0]
+            rec = self.requests.get(rid)
+            if rec is None or rec.is_done:
+                heapq.heappop(self._queue)
+                continue
+            heapq.heappop(self._queue)
+            try:
+                placed = await self._try_place(rec)
+            except SchedulingError as e:
+                log.error("queued_request_refused", request_id=rid, error=e.message)
+                rec.end(FinishReason.ABORT)
+                continue
+            if not placed:
+                heapq.heappush(self._queue, (-rec.priority, next(self._seq), rid))
+                return
+
+    async def abort(self, request_id: str) -> None:
+        rec = self.requests.get(request_id)
+        if rec is None:
+            raise SchedulingError(grpc.StatusCode.NOT_FOUND, f"no request {request_id!r}")
+        link = self.pool.by_id.get(rec.worker_id or "")
+        self._retire(rec)
+        rec.end(FinishReason.ABORT)
+        if link is not None and link.is_healthy:
+            try:
+                await link.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=10)
+            except grpc.aio.AioRpcError as e:
+                log.info("abort_on_worker_failed", request_id=request_id, error=e.details())
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.pool.close()

@@ -1,0 +1,78 @@
+"""One client request as the scheduler tracks it, and the splicing of its tokens by index."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from cascadeinfer.worker.engine import FinishReason, SamplingSpec
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Tokens for the client, in order; `finish` set on the last one."""
+
+    token_ids: tuple[int, ...]
+    first_index: int
+    finish: FinishReason | None = None
+
+
+@dataclass
+class ClientRequest:
+    request_id: str
+    core_id: int
+    """The id the Rust core knows this request by."""
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    priority: int = 0
+    arrived_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    worker_id: str | None = None
+    num_migrations: int = 0
+    tokens: list[int] = field(default_factory=list)
+    """Every output token delivered to the client, in order."""
+    pending: dict[int, int] = field(default_factory=dict)
+    """Tokens that arrived ahead of a gap (from a migration target's feed), by index."""
+    finish: FinishReason | None = None
+    out: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt_token_ids) + len(self.tokens)
+
+    @property
+    def is_done(self) -> bool:
+        return self.finish is not None
+
+    def deliver(
+        self, first_index: int, token_ids: list[int] | tuple[int, ...], finish: FinishReason | None
+    ) -> None:
+        """Takes tokens from any worker's feed; passes on each index exactly once, in order."""
+        if self.is_done:
+            return
+        for k, token in enumerate(token_ids):
+            index = first_index + k
+            if index >= len(self.tokens):
+                self.pending[index] = token
+        start = len(self.tokens)
+        while len(self.tokens) in self.pending:
+            self.tokens.append(self.pending.pop(len(self.tokens)))
+        fresh = tuple(self.tokens[start:])
+        if fresh and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        # A finish is final only once every token before it has arrived.
+        if finish is not None and not self.pending:
+            self.finish = finish
+            self.finished_at = time.monotonic()
+        if fresh or self.finish is not None:
+            self.out.put_nowait(Delivery(fresh, start, self.finish))
+
+    def end(self, reason: FinishReason) -> None:
+        """Ends the request without more tokens (abort, failure)."""
+        if not self.is_done:
+            self.finish = reason
+            self.finished_at = time.monotonic()
+            self.out.put_nowait(Delivery((), len(self.tokens), reason))

@@ -1,0 +1,85 @@
+"""cascade-scheduler: the gRPC server (SchedulerService, WorkerRegistry, health, reflection)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
+from cascadeinfer.scheduler.coordinator import Coordinator
+from cascadeinfer.scheduler.servicer import RegistryServicer, SchedulerServicer
+from cascadeinfer.worker.server import configure_logging
+from cascadeinfer.worker.state import CHANNEL_OPTIONS
+
+SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name
+log = structlog.get_logger("cascade-scheduler")
+
+
+async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str, ...]) -> None:
+    """Connects the --workers list, retrying those not up yet."""
+    pending = list(addresses)
+    while pending:
+        for address in list(pending):
+            try:
+                await coordinator.add_worker(address)
+                pending.remove(address)
+            except grpc.aio.AioRpcError:
+                pass
+        if pending:
+            await asyncio.sleep(0.5)
+
+
+async def serve(config: SchedulerConfig) -> None:
+    coordinator = Coordinator(config)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
+        SchedulerServicer(coordinator), server
+    )
+    registry_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(coordinator), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SCHEDULER, REGISTRY, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    structlog.contextvars.bind_contextvars(scheduler=f"{config.host}:{port}")
+    await connect_static_workers(coordinator, config.workers)
+    tick = asyncio.create_task(coordinator.tick_forever())
+    for name in ("", SCHEDULER):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(f"cascade-scheduler serving on {config.host}:{port} policy={config.policy}", flush=True)
+    log.info("serving", port=port, policy=config.policy, workers=len(config.workers))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for name in ("", SCHEDULER):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    tick.cancel()
+    await server.stop(grace=5)
+    await coordinator.close()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_logging()
+    try:
+        config = parse_args(argv)
+    except ValueError as e:
+        print(f"cascade-scheduler: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""SchedulerService and WorkerRegistry handlers: validate, hand to the coordinator, stream."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from cascadeinfer.proto.v1 import (
+    common_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
+from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
+from cascadeinfer.scheduler.requests import ClientRequest, Delivery
+from cascadeinfer.worker import convert
+from cascadeinfer.worker.engine import EngineError
+
+log = structlog.get_logger(__name__)
+Context = grpc.aio.ServicerContext[object, object]
+HEARTBEAT_S = 2.0
+
+
+def _timings(rec: ClientRequest) -> scheduler_pb2.RequestTimings:
+    end = rec.finished_at or rec.arrived_at
+    first = rec.first_token_at or end
+    decoded = max(len(rec.tokens) - 1, 1)
+    return scheduler_pb2.RequestTimings(
+        queue_s=(rec.admitted_at or end) - rec.arrived_at,
+        ttft_s=first - rec.arrived_at,
+        tpot_s=(end - first) / decoded,
+        total_s=end - rec.arrived_at,
+        num_migrations=rec.num_migrations,
+    )
+
+
+def _response(rec: ClientRequest, d: Delivery) -> scheduler_pb2.ClientGenerateResponse:
+    r = scheduler_pb2.ClientGenerateResponse(
+        request_id=rec.request_id,
+        tokens=common_pb2.TokenChunk(token_ids=list(d.token_ids), first_index=d.first_index),
+    )
+    if d.finish is not None:
+        r.finish_reason = convert.FINISH_TO_PROTO[d.finish]
+        r.timings.CopyFrom(_timings(rec))
+    return r
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
+
+    async def Generate(
+        self, request: scheduler_pb2.ClientGenerateRequest, context: Context
+    ) -> AsyncIterator[scheduler_pb2.ClientGenerateResponse]:
+        rec = await self._admit(request, context)
+        done = False
+        try:
+            while not done:
+                delivery = await rec.out.get()
+                done = delivery.finish is not None
+                yield _response(rec, delivery)
+        finally:
+            if not done:
+                log.info("client_disconnected", request_id=rec.request_id)
+                with contextlib.suppress(SchedulingError):
+                    await self.c.abort(rec.request_id)
+
+    async def _admit(
+        self, request: scheduler_pb2.ClientGenerateRequest, context: Context
+    ) -> ClientRequest:
+        try:
+            prompt = self._prompt(request)
+            sampling = convert.sampling_from_proto(request.sampling)
+            sampling.validate()
+            rid = request.request_id or uuid.uuid4().hex
+            rec = self.c.new_request(rid, prompt, sampling, request.priority)
+            await self.c.submit(rec)
+        except EngineError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+        except SchedulingError as e:
+            await context.abort(e.code, e.message)
+        log.info("request_accepted", request_id=rid, prompt_len=len(prompt))
+        return rec
+
+    @staticmethod
+    def _prompt(request: scheduler_pb2.ClientGenerateRequest) -> tuple[int, ...]:
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            raise SchedulingError(
+                grpc.StatusCode.INVALID_ARGUMENT, "give the prompt as prompt_token_ids or text"
+            )
+        if kind == "text":
+            raise SchedulingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "text prompts need a tokenizer; none is configured",
+            )
+        ids = tuple(request.prompt_token_ids.ids)
+        if not ids:
+            raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        return ids
+
+    async def Abort(
+        self, request: scheduler_pb2.ClientAbortRequest, context: Context
+    ) -> scheduler_pb2.ClientAbortResponse:
+        try:
+            await self.c.abort(request.request_id)
+        except SchedulingError as e:
+            await context.abort(e.code, e.message)
+        return scheduler_pb2.ClientAbortResponse()
+
+    async def GetClusterState(
+        self, request: scheduler_pb2.GetClusterStateRequest, context: Context
+    ) -> scheduler_pb2.ClusterState:
+        c = self.c
+        stages = c.policy.stages() if c.policy is not None else []
+        stage_of = {inst: k for k, (_, _, insts) in enumerate(stages) for inst in insts}
+        state = scheduler_pb2.ClusterState(
+            policy=c.config.policy,
+            plan_changed_at=c.counters.plan_changed_at,
+            num_plan_changes=c.counters.num_plan_changes,
+            queue_depth=c.queue_depth,
+            num_migrations=c.counters.num_migrations,
+        )
+        for lo, hi, insts in stages:
+            ids = [c.pool.by_instance[i].worker_id for i in insts]
+            state.stages.append(scheduler_pb2.StageState(min_len=lo, max_len=hi, worker_ids=ids))
+        for w in c.pool.by_id.values():
+            step = w.last_step
+            state.workers.append(
+                scheduler_pb2.WorkerState(
+                    worker_id=w.worker_id,
+                    address=w.address,
+                    stage=stage_of.get(w.instance, -1) if w.is_healthy else -1,
+                    is_healthy=w.is_healthy,
+                    num_running=step.num_running if step else 0,
+                    num_waiting=step.num_waiting if step else 0,
+                    kv_blocks_used=step.kv_blocks_used if step else 0,
+                    kv_blocks_free=step.kv_blocks_free if step else 0,
+                    engine=w.info.engine,
+                )
+            )
+        return state
+
+
+class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
+
+    async def RegisterWorker(
+        self, request: registry_pb2.RegisterWorkerRequest, context: Context
+    ) -> registry_pb2.RegisterWorkerResponse:
+        if not request.worker_id or not request.address:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "worker_id and address are required"
+            )
+        try:
+            await self.c.add_worker(request.address, request.worker_id)
+        except grpc.aio.AioRpcError as e:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"cannot reach {request.address}: {e.details()}"
+            )
+        return registry_pb2.RegisterWorkerResponse(heartbeat_interval_s=HEARTBEAT_S)
+
+    async def DeregisterWorker(
+        self, request: registry_pb2.DeregisterWorkerRequest, context: Context
+    ) -> registry_pb2.DeregisterWorkerResponse:
+        link = self.c.pool.by_id.get(request.worker_id)
+        if link is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {request.worker_id!r}")
+        await self.c.worker_leaving(link)
+        return registry_pb2.DeregisterWorkerResponse()
