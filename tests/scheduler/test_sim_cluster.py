@@ -177,3 +177,23 @@ def test_killing_a_worker_mid_stream_loses_no_request(tmp_path: Path) -> None:
             assert "worker_failed" in scheduler.log()
         finally:
             scheduler.stop()
+
+
+def test_two_vllm_workers_migrate_across_the_bound_with_exact_greedy_tokens(tmp_path: Path) -> None:
+    """Real vLLM engines on CPU: the request crosses the 128-token bound between the two
+    workers' stages, and the client's tokens equal one engine serving it alone."""
+    vllm = ["--engine", "vllm"]
+    with workers([vllm, vllm], tmp_path) as daemons:
+        prompt = [(37 * k) % 1000 + 1 for k in range(60)]
+        reference = run_to_end(daemons[0].stub(), "ref", prompt, 300)
+        addresses = ",".join(d.address for d in daemons)
+        scheduler = start_scheduler(
+            ["--workers", addresses, "--stages", "0-128:1,128-2048:1"], tmp_path
+        )
+        try:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
+            tokens, last = collect(stub, client_request(prompt, 300, "crossing"))
+            assert tokens == reference
+            assert last.timings.num_migrations == 1
+        finally:
+            scheduler.stop()
