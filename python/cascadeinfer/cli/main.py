@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cascadeinfer.cli import plan
+from cascadeinfer.cli import generate, plan, status, up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cascade", description="CascadeInfer: length-aware stage scheduling for LLM serving."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    plan.add_parser(sub)
+    for command in (plan, generate, status, up):
+        command.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,63 @@
+"""`cascade generate`: stream one request through a scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import grpc
+
+from cascadeinfer.cli.client import generate, scheduler_stub
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("generate", help="stream one request through a cascade-scheduler")
+    p.add_argument("--address", required=True, help="scheduler address HOST:PORT")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-token-ids", help="comma-separated token ids")
+    prompt.add_argument("--text", help="a text prompt (needs a tokenizer on the scheduler)")
+    p.add_argument("--max-tokens", type=int, required=True)
+    p.add_argument("--request-id", default="")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.text is not None:
+        raise ValueError("text prompts need a tokenizer on the scheduler; none is supported yet")
+    try:
+        prompt = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--prompt-token-ids {args.prompt_token_ids!r}: expected integers"
+        ) from None
+
+    def stream(tokens: list[int]) -> None:
+        if not args.json and tokens:
+            print(" ".join(map(str, tokens)), end=" ", flush=True)
+
+    try:
+        g = generate(scheduler_stub(args.address), prompt, args.max_tokens, args.request_id, stream)
+    except grpc.RpcError as e:
+        print(f"cascade generate: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    t = g.timings
+    if args.json:
+        doc = {
+            "request_id": g.request_id,
+            "token_ids": g.token_ids,
+            "finish_reason": g.finish_reason,
+            "ttft_s": t.ttft_s,
+            "tpot_s": t.tpot_s,
+            "total_s": t.total_s,
+            "migrations": t.num_migrations,
+        }
+        print(json.dumps(doc))
+    else:
+        print(
+            f"\n[{g.request_id}] {len(g.token_ids)} tokens, finish={g.finish_reason}, ttft={t.ttft_s * 1e3:.1f} ms, "
+            f"tpot={t.tpot_s * 1e3:.2f} ms, total={t.total_s:.2f} s, migrations={t.num_migrations}"
+        )
+    return 0

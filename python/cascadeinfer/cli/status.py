@@ -1,0 +1,43 @@
+"""`cascade status`: the cluster state a scheduler reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from cascadeinfer.cli.client import scheduler_stub
+from cascadeinfer.proto.v1 import scheduler_pb2
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("status", help="print a scheduler's stages and workers")
+    p.add_argument("--address", required=True, help="scheduler address HOST:PORT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run)
+
+
+def format_state(state: scheduler_pb2.ClusterState) -> str:
+    lines = [f"policy {state.policy}; {state.num_migrations} migrations; queue {state.queue_depth}"]
+    lines.append(f"{'stage':>5} {'min_len':>8} {'max_len':>8}  workers")
+    for k, s in enumerate(state.stages):
+        lines.append(f"{k:>5} {s.min_len:>8} {s.max_len:>8}  {', '.join(s.worker_ids)}")
+    lines.append(
+        f"{'worker':<24} {'stage':>5} {'healthy':>7} {'running':>7} {'kv used':>8} {'engine':>6}"
+    )
+    for w in state.workers:
+        lines.append(
+            f"{w.worker_id:<24} {w.stage:>5} {'yes' if w.is_healthy else 'no':>7} {w.num_running:>7} "
+            f"{w.kv_blocks_used:>8} {w.engine:>6}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    state = scheduler_stub(args.address).GetClusterState(
+        scheduler_pb2.GetClusterStateRequest(), timeout=10
+    )
+    print(json.dumps(MessageToDict(state), indent=2) if args.json else format_state(state))
+    return 0

@@ -1,0 +1,117 @@
+"""`cascade up`: a scheduler and N workers on this machine, a short demo, then serve until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from cascadeinfer.cli.client import generate, scheduler_stub
+from cascadeinfer.cli.status import format_state
+from cascadeinfer.config import POLICY_NAMES
+from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, start_many
+from cascadeinfer.proto.v1 import scheduler_pb2
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("up", help="start a local cluster (scheduler + workers), run a demo, serve")
+    p.add_argument("--engine", choices=["vllm", "sim"], default="vllm")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--model", default="", help="vllm: model directory (default: built-in tiny Llama)"
+    )
+    p.add_argument("--policy", choices=POLICY_NAMES, default="cascade")
+    p.add_argument("--stages", help="explicit stages MIN-MAX:WORKERS,... (default: planned)")
+    p.add_argument("--no-demo", action="store_true", help="skip the demo requests")
+    p.add_argument("--exit-after-demo", action="store_true", help="stop the cluster after the demo")
+    p.set_defaults(run=run)
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    if args.engine == "sim":
+        return [
+            "--engine",
+            "sim",
+            "--sim-max-model-len",
+            "8192",
+            "--sim-kv-bytes-per-token",
+            "1024",
+        ]
+    return ["--engine", "vllm", *(["--model", args.model] if args.model else [])]
+
+
+def default_stages(num_workers: int, max_len: int) -> str:
+    """Length stages doubling from 128 tokens, one worker each (the last takes the rest)."""
+    bounds = [0]
+    while len(bounds) < num_workers and bounds[-1] * 2 + 128 < max_len:
+        bounds.append(max(128, bounds[-1] * 2))
+    bounds.append(max_len)
+    counts = [1] * (len(bounds) - 1)
+    counts[-1] += num_workers - len(counts)
+    return ",".join(f"{lo}-{hi}:{n}" for lo, hi, n in zip(bounds, bounds[1:], counts, strict=False))
+
+
+def demo(address: str, stages: list[scheduler_pb2.StageState]) -> None:
+    """Requests that start short and grow past the first stage bounds, printed as they finish."""
+    stub = scheduler_stub(address)
+    bound = stages[0].max_len if len(stages) > 1 else 64
+    cases = [(16, 32), (max(8, bound - 40), 120), (max(8, bound + 20), 2 * bound)]
+    for i, (prompt_len, max_tokens) in enumerate(cases):
+        prompt = [(i * 97 + k * 13) % 1000 + 1 for k in range(prompt_len)]
+        g = generate(stub, prompt, max_tokens, f"demo-{i}")
+        t = g.timings
+        print(
+            f"demo-{i}: prompt {prompt_len} -> {len(g.token_ids)} tokens ({g.finish_reason}), "
+            f"migrations {t.num_migrations}, ttft {t.ttft_s * 1e3:.0f} ms, total {t.total_s:.2f} s; "
+            f"first tokens {g.token_ids[:8]}"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    log_dir = Path(tempfile.mkdtemp(prefix="cascade-up-"))
+    print(f"starting {args.workers} {args.engine} workers (logs in {log_dir}) ...", flush=True)
+    daemons: list[Daemon] = []
+    try:
+        daemons = start_many(WORKER, [worker_args(args)] * args.workers, log_dir)
+        max_len = 8192 if args.engine == "sim" else 2048
+        stages = args.stages or (
+            default_stages(args.workers, max_len) if args.policy == "cascade" else None
+        )
+        sched_args = ["--workers", ",".join(d.address for d in daemons), "--policy", args.policy]
+        if stages:
+            sched_args += ["--stages", stages]
+        if args.engine == "vllm":
+            sched_args += ["--profile", "cpu-vllm-tiny-llama"]
+        scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120)[0]
+        daemons.append(scheduler)
+        for d in daemons[:-1]:
+            print(f"worker     {d.address} ({d.engine})")
+        print(f"scheduler  {scheduler.address} (policy {scheduler.engine})\n")
+        state = scheduler_stub(scheduler.address).GetClusterState(
+            scheduler_pb2.GetClusterStateRequest()
+        )
+        print(format_state(state) + "\n")
+        if not args.no_demo:
+            demo(scheduler.address, list(state.stages))
+        if args.exit_after_demo:
+            return 0
+        print(
+            f"\nserving; try: cascade generate --address {scheduler.address} --prompt-token-ids 1,2,3 --max-tokens 16"
+        )
+        print("Ctrl-C stops the cluster.", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+        return 0
+    finally:
+        for d in reversed(daemons):
+            try:
+                d.stop(timeout=60)
+            except Exception:
+                d.kill()
+        print("cluster stopped")

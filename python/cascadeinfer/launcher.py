@@ -1,0 +1,93 @@
+"""Starts cascade daemons as subprocesses on this machine and waits until they serve; used by
+`cascade up` and by the tests (which run the real daemons, never in-process stand-ins)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from cascadeinfer.proto.v1 import worker_pb2_grpc
+
+BIN = Path(sys.executable).parent
+WORKER = str(BIN / "cascade-worker")
+SCHEDULER = str(BIN / "cascade-scheduler")
+SERVING = re.compile(r"cascade-(?:worker|scheduler) serving on (\S+) (?:engine|policy)=([\w-]+)")
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[str]
+    address: str
+    log_path: Path
+    engine: str
+    """The worker's engine, or the scheduler's policy."""
+
+    def stub(self) -> worker_pb2_grpc.WorkerServiceStub:
+        return worker_pb2_grpc.WorkerServiceStub(grpc.insecure_channel(self.address))
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then wait (the daemons drain first)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def spawn(
+    binary: str, args: list[str], log_dir: Path, host: str = "127.0.0.1"
+) -> tuple[subprocess.Popen[str], Path]:
+    """Starts a daemon on a free port; both output streams go to a log file (vLLM logs on
+    stdout, and an unread pipe would block the daemon)."""
+    log_path = log_dir / f"{Path(binary).name}-{time.monotonic_ns()}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [binary, "--host", host, "--port", "0", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    return process, log_path
+
+
+def wait_serving(process: subprocess.Popen[str], log_path: Path, timeout: float) -> Daemon:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if m := SERVING.search(log_path.read_text()):
+            return Daemon(process, m.group(1), log_path, m.group(2))
+        time.sleep(0.1)
+    if process.poll() is None:
+        process.kill()
+    raise RuntimeError(f"{log_path.name} did not start serving:\n{log_path.read_text()[-3000:]}")
+
+
+def start_many(
+    binary: str, arg_lists: list[list[str]], log_dir: Path, timeout: float = 240
+) -> list[Daemon]:
+    """Starts several daemons at once (engines load in parallel) and waits for all."""
+    spawned = [spawn(binary, args, log_dir) for args in arg_lists]
+    daemons: list[Daemon] = []
+    try:
+        for process, log_path in spawned:
+            daemons.append(wait_serving(process, log_path, timeout))
+    except BaseException:
+        for process, _ in spawned:
+            if process.poll() is None:
+                process.kill()
+        raise
+    return daemons

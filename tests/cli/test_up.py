@@ -1,0 +1,32 @@
+"""`cascade up` brings a real local cluster up, runs its demo through the scheduler, and stops."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+CASCADE = str(Path(sys.executable).parent / "cascade")
+
+
+def test_up_with_sim_workers_runs_the_demo_and_stops_cleanly() -> None:
+    out = subprocess.run(
+        [CASCADE, "up", "--engine", "sim", "--workers", "3", "--exit-after-demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    stage_rows = [
+        line
+        for line in lines
+        if line.strip()[:1].isdigit() and "127.0.0.1" in line and "yes" not in line
+    ]
+    assert len(stage_rows) == 3, out.stdout
+    demos = [line for line in lines if line.startswith("demo-")]
+    assert len(demos) == 3
+    assert "migrations 1" in demos[1], "the second demo request grows past the first bound"
+    assert all("(length)" in d for d in demos)
+    assert lines[-1] == "cluster stopped"
