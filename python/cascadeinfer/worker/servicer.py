@@ -53,9 +53,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, state: WorkerState) -> None:
         self.state = state
 
-    async def _stream(self, request_id: str) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def _stream(
+        self, request_id: str, queue: asyncio.Queue[StreamItem]
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """Yields a request's output until it finishes; aborts it if the reader goes away."""
-        queue = self.state.hub.subscribe(request_id)
         done = False
         try:
             while not done:
@@ -93,6 +94,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 raise EngineError(ErrorCode.ALREADY_EXISTS, f"request id {rid!r} is in use")
             req = convert.request_from_generate(request)
             self.state.hub.track(rid, req.context_len, len(req.output_token_ids))
+            # Subscribe before the engine sees it: a short request can finish, and leave the
+            # hub, before this coroutine runs again.
+            # A detached request is followed on the step feed only: no per-request queue.
+            queue = None if request.detach else self.state.hub.subscribe(rid)
             try:
                 await self.state.loop.call(lambda e: e.add_request(req))
             except BaseException:
@@ -106,10 +111,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             prompt_len=len(request.prompt_token_ids),
             detached=request.detach,
         )
-        if request.detach:
+        if queue is None:
             yield worker_pb2.GenerateResponse(request_id=rid, context_len=req.context_len)
             return
-        async for response in self._stream(rid):
+        async for response in self._stream(rid, queue):
             yield response
 
     async def Attach(
@@ -119,7 +124,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r} on this worker"
             )
-        async for response in self._stream(request.request_id):
+        async for response in self._stream(
+            request.request_id, self.state.hub.subscribe(request.request_id)
+        ):
             yield response
 
     async def Abort(
