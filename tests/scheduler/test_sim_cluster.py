@@ -3,6 +3,7 @@ requests cross stage bounds and migrate forward; every client gets every token e
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cascadeinfer import CostProfile
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
 from tests.worker.daemons import Daemon, start_scheduler, workers
@@ -195,5 +197,37 @@ def test_two_vllm_workers_migrate_across_the_bound_with_exact_greedy_tokens(tmp_
             tokens, last = collect(stub, client_request(prompt, 300, "crossing"))
             assert tokens == reference
             assert last.timings.num_migrations == 1
+        finally:
+            scheduler.stop()
+
+
+def test_a_full_admission_queue_is_resource_exhausted(tmp_path: Path) -> None:
+    """With room for one request in the core's view and no queue, the second is refused
+    visibly; the first still completes."""
+    profile = json.loads(CostProfile.builtin("gpu-h100-llama3-8b").to_json())
+    profile["kv_capacity_tokens"] = 300
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(profile))
+    with workers([SIM], tmp_path) as daemons:
+        args = [
+            "--workers",
+            daemons[0].address,
+            "--policy",
+            "least-load",
+            "--profile",
+            str(path),
+            "--max-queue",
+            "0",
+        ]
+        scheduler = start_scheduler(args, tmp_path)
+        try:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
+            first = stub.Generate(client_request([3] * 200, 2000, "first"))
+            next(first)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(client_request([4] * 200, 10, "second"), timeout=30))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            stub.Abort(scheduler_pb2.ClientAbortRequest(request_id="first"))
+            assert list(first)[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
         finally:
             scheduler.stop()

@@ -186,8 +186,7 @@ class Coordinator:
         self._drain_queue()
 
     def _retire(self, rec: ClientRequest) -> None:
-        self.requests.pop(rec.request_id, None)
-        self._by_core.pop(rec.core_id, None)
+        self._forget(rec)
         link = self.pool.by_id.get(rec.worker_id or "")
         if link is not None:
             link.running.discard(rec.request_id)
@@ -272,15 +271,26 @@ class Coordinator:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt of {rec.context_len} tokens leaves no room below max_model_len {self.max_model_len}",
             )
-        if len(self._queue) >= self.config.max_queue and not await self._try_place(rec):
+        self.requests[rec.request_id] = rec
+        self._by_core[rec.core_id] = rec
+        try:
+            placed = await self._try_place(rec)
+        except SchedulingError:
+            self._forget(rec)
+            raise
+        if placed:
+            return
+        if len(self._queue) >= self.config.max_queue:
+            self._forget(rec)
             raise SchedulingError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"admission queue is full ({self.config.max_queue})",
             )
-        self.requests[rec.request_id] = rec
-        self._by_core[rec.core_id] = rec
-        if not await self._try_place(rec):
-            heapq.heappush(self._queue, (-rec.priority, next(self._seq), rec.request_id))
+        heapq.heappush(self._queue, (-rec.priority, next(self._seq), rec.request_id))
+
+    def _forget(self, rec: ClientRequest) -> None:
+        self.requests.pop(rec.request_id, None)
+        self._by_core.pop(rec.core_id, None)
 
     async def _try_place(self, rec: ClientRequest) -> bool:
         """Asks the core for an instance and starts the request there; False when none has room."""
