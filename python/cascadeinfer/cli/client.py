@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from cascadeinfer.daemon import CHANNEL_OPTIONS
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from cascadeinfer.worker.state import CHANNEL_OPTIONS
 
 FINISH_NAMES = {
     v: k.removeprefix("FINISH_REASON_").lower() for k, v in common_pb2.FinishReason.items()

@@ -11,7 +11,9 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
@@ -24,7 +26,7 @@ from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.requests import ClientRequest
 from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool
 from cascadeinfer.worker import convert
-from cascadeinfer.worker.engine import FinishReason
+from cascadeinfer.worker.engine import FinishReason, SamplingSpec
 
 log = structlog.get_logger(__name__)
 
@@ -131,29 +133,28 @@ class Coordinator:
             if e.code() != grpc.StatusCode.CANCELLED:
                 await self._worker_failed(link, e.details() or str(e.code()))
 
-    async def worker_leaving(self, link: WorkerLink) -> None:
-        """A draining worker: nothing new goes there; what runs there finishes there."""
-        if link.is_healthy:
-            link.is_healthy = False
-            if self.policy is not None:
-                try:
-                    self.policy.remove_instance(link.instance)
-                except ValueError as e:
-                    log.error("no_workers_left", error=str(e))
-            log.info("worker_leaving", worker_id=link.worker_id, requests=len(link.running))
-
-    async def _worker_failed(self, link: WorkerLink, why: str) -> None:
-        if not link.is_healthy:
-            return
+    def _leave_policy(self, link: WorkerLink) -> None:
+        """Takes a worker out of routing; its stage is refilled by the core."""
         link.is_healthy = False
-        log.warning(
-            "worker_failed", worker_id=link.worker_id, reason=why, requests=len(link.running)
-        )
         if self.policy is not None:
             try:
                 self.policy.remove_instance(link.instance)
             except ValueError as e:
                 log.error("no_workers_left", error=str(e))
+
+    async def worker_leaving(self, link: WorkerLink) -> None:
+        """A draining worker: nothing new goes there; what runs there finishes there."""
+        if link.is_healthy:
+            self._leave_policy(link)
+            log.info("worker_leaving", worker_id=link.worker_id, requests=len(link.running))
+
+    async def _worker_failed(self, link: WorkerLink, why: str) -> None:
+        if not link.is_healthy:
+            return
+        self._leave_policy(link)
+        log.warning(
+            "worker_failed", worker_id=link.worker_id, reason=why, requests=len(link.running)
+        )
         for rid in list(link.running):
             rec = self.requests.get(rid)
             link.running.discard(rid)
@@ -253,14 +254,13 @@ class Coordinator:
 
     # --- admission -------------------------------------------------------------------------
     def new_request(
-        self, request_id: str, prompt: tuple[int, ...], sampling: object, priority: int
+        self, request_id: str, prompt: tuple[int, ...], sampling: SamplingSpec, priority: int
     ) -> ClientRequest:
         if request_id in self.requests:
             raise SchedulingError(
                 grpc.StatusCode.ALREADY_EXISTS, f"request id {request_id!r} is in use"
             )
-        rec = ClientRequest(request_id, next(self._core_ids), prompt, sampling, priority)  # type: ignore[arg-type]
-        return rec
+        return ClientRequest(request_id, next(self._core_ids), prompt, sampling, priority)
 
     async def submit(self, rec: ClientRequest) -> None:
         """Admits a request now or queues it; raises SchedulingError when it cannot be taken."""
@@ -342,12 +342,10 @@ class Coordinator:
 
     async def _drain_queue_async(self) -> None:
         while self._queue:
-            _, _, rid = self._queue[0]
+            _, _, rid = heapq.heappop(self._queue)
             rec = self.requests.get(rid)
             if rec is None or rec.is_done:
-                heapq.heappop(self._queue)
                 continue
-            heapq.heappop(self._queue)
             try:
                 placed = await self._try_place(rec)
             except SchedulingError as e:
@@ -375,8 +373,8 @@ class Coordinator:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cascadeinfer.daemon import CHANNEL_OPTIONS, run_daemon
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
 from cascadeinfer.scheduler.coordinator import Coordinator
 from cascadeinfer.scheduler.servicer import RegistryServicer, SchedulerServicer
-from cascadeinfer.worker.server import configure_logging
-from cascadeinfer.worker.state import CHANNEL_OPTIONS
 
 SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name
@@ -72,13 +70,7 @@ async def serve(config: SchedulerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    configure_logging()
-    try:
-        config = parse_args(argv)
-    except ValueError as e:
-        print(f"cascade-scheduler: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    asyncio.run(serve(config))
+    run_daemon("cascade-scheduler", parse_args, serve, argv)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from cascadeinfer.daemon import CHANNEL_OPTIONS
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
-from cascadeinfer.worker.state import CHANNEL_OPTIONS
 
 if TYPE_CHECKING:
     from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub

@@ -95,11 +95,12 @@ async def migrate_out(
             raise
         raise MigrationFailed(e.code(), f"target {target} refused: {e.details()}") from None
     resumed = time.perf_counter()
-    num_bytes = sum(len(b) for b in snapshot.blocks)
+    # Recompute sends token ids only.
+    num_bytes = 0 if recompute else sum(len(b) for b in snapshot.blocks)
     state.hub.end(request_id, FinishReason.MIGRATED, migrated_to=target)
     m = state.metrics
     m.migrations.labels(state.engine_name, "out", "recompute" if recompute else "kv").inc()
-    m.migration_bytes.labels(state.engine_name, "out").inc(num_bytes if not recompute else 0)
+    m.migration_bytes.labels(state.engine_name, "out").inc(num_bytes)
     m.migration_pause.observe(resumed - paused)
     log.info(
         "migrated_out",

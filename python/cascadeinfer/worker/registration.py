@@ -9,10 +9,10 @@ import asyncio
 import grpc
 import structlog
 
+from cascadeinfer.daemon import CHANNEL_OPTIONS
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import Engine
-from cascadeinfer.worker.state import CHANNEL_OPTIONS
 
 log = structlog.get_logger(__name__)
 

@@ -4,9 +4,8 @@ reports SERVING after warm-up, and drains on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import logging
+import functools
 import signal
-import sys
 import time
 
 import grpc
@@ -15,33 +14,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from cascadeinfer.daemon import CHANNEL_OPTIONS, run_daemon
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.worker.config import WorkerConfig, parse_args
-from cascadeinfer.worker.engine import EngineRequest, FinishReason, SamplingSpec, StepReport
+from cascadeinfer.worker.engine import Engine, EngineRequest, FinishReason, SamplingSpec, StepReport
 from cascadeinfer.worker.engine_loop import EngineLoop
 from cascadeinfer.worker.engines.factory import build_engine
 from cascadeinfer.worker.hub import Hub
 from cascadeinfer.worker.metrics import WorkerMetrics
 from cascadeinfer.worker.registration import Registration
 from cascadeinfer.worker.servicer import WorkerServicer
-from cascadeinfer.worker.state import CHANNEL_OPTIONS, WorkerState
+from cascadeinfer.worker.state import WorkerState
 
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 log = structlog.get_logger("cascade-worker")
-
-
-def configure_logging() -> None:
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-    )
 
 
 async def warm_up(loop: EngineLoop) -> None:
@@ -52,6 +38,10 @@ async def warm_up(loop: EngineLoop) -> None:
         await asyncio.sleep(0.01)
 
 
+def _abort(engine: Engine, request_id: str) -> None:
+    engine.abort(request_id)
+
+
 async def drain(state: WorkerState, timeout_s: float) -> None:
     """Stops admitting; waits for running requests; aborts (visibly) what is left."""
     state.is_draining = True
@@ -59,7 +49,7 @@ async def drain(state: WorkerState, timeout_s: float) -> None:
     while state.hub.requests and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     for rid in list(state.hub.requests):
-        await state.loop.call(lambda e, rid=rid: e.abort(rid))  # type: ignore[misc]
+        await state.loop.call(functools.partial(_abort, request_id=rid))
         state.hub.end(rid, FinishReason.ABORT)
         log.warning("aborted_at_shutdown", request_id=rid)
 
@@ -121,13 +111,7 @@ async def serve(config: WorkerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    configure_logging()
-    try:
-        config = parse_args(argv)
-    except ValueError as e:
-        print(f"cascade-worker: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    asyncio.run(serve(config))
+    run_daemon("cascade-worker", parse_args, serve, argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from cascadeinfer.daemon import CHANNEL_OPTIONS
 from cascadeinfer.proto.v1 import worker_pb2_grpc
 from cascadeinfer.worker.engine_loop import EngineLoop
 from cascadeinfer.worker.hub import Hub
@@ -14,14 +15,6 @@ from cascadeinfer.worker.metrics import WorkerMetrics
 
 if TYPE_CHECKING:
     from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
-
-GRPC_MESSAGE_LIMIT = 64 << 20
-"""Explicit send/receive limit for every channel and the server (KV chunks stay below 4 MiB)."""
-
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
-    ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
-]
 
 
 @dataclass

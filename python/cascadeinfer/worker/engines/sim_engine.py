@@ -11,6 +11,7 @@ so a migration costs real transfer time and an import can verify what it receive
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections import deque
@@ -58,6 +59,10 @@ class _SimRequest:
         return len(self.request.prompt_token_ids) + len(self.output)
 
     @property
+    def tokens(self) -> tuple[int, ...]:
+        return (*self.request.prompt_token_ids, *self.output)
+
+    @property
     def is_prefilling(self) -> bool:
         # A request decodes once everything but its last sampled token has KV.
         return self.num_computed < self.context_len - (1 if self.output else 0)
@@ -75,7 +80,7 @@ class SimEngine:
     def __init__(self, config: SimEngineConfig) -> None:
         self.config = config
         self.profile = load_profile(config.profile)
-        doc = _profile_fields(self.profile.to_json())
+        doc: dict[str, float] = json.loads(self.profile.to_json())
         self.block_size = int(doc["kv_block_size"])
         self.max_num_seqs = int(doc["max_num_seqs"])
         self.max_batch_tokens = int(doc["max_batch_tokens"])
@@ -286,22 +291,16 @@ class SimEngine:
         )
 
     # --- migration -------------------------------------------------------------------------
-    def _block_bytes(self, sim: _SimRequest | EngineRequest, index: int) -> bytes:
-        """Block `index` of a request: a digest of the tokens it holds, repeated to the block's
-        size (cheap to make and to check, so the transfer, not the simulator, sets the cost)."""
-        req = sim.request if isinstance(sim, _SimRequest) else sim
-        tokens = (
-            *req.prompt_token_ids,
-            *(sim.output if isinstance(sim, _SimRequest) else req.output_token_ids),
-        )
-        held = tokens[index * self.block_size : (index + 1) * self.block_size]
-        seed = _digest(held)
+    def _block_seed(self, tokens: tuple[int, ...], index: int) -> bytes:
+        """Digest of the tokens block `index` holds; it starts the block's bytes."""
+        return _digest(tokens[index * self.block_size : (index + 1) * self.block_size])
+
+    def _block_bytes(self, tokens: tuple[int, ...], index: int) -> bytes:
+        """Block `index`: its seed repeated to the block's size (cheap to make and to check,
+        so the transfer, not the simulator, sets the cost of a migration)."""
+        seed = self._block_seed(tokens, index)
         size = self._layout.block_bytes
         return (seed * (size // len(seed) + 1))[:size]
-
-    def _block_seed(self, req: EngineRequest, index: int) -> bytes:
-        tokens = (*req.prompt_token_ids, *req.output_token_ids)
-        return _digest(tokens[index * self.block_size : (index + 1) * self.block_size])
 
     def _running_request(self, request_id: str) -> _SimRequest:
         sim = self._lookup(request_id)
@@ -314,12 +313,16 @@ class SimEngine:
     def copy_full_blocks(self, request_id: str, start_block: int) -> list[bytes]:
         sim = self._running_request(request_id)
         full = (sim.context_len - 1) // self.block_size
-        return [self._block_bytes(sim, b) for b in range(start_block, full)]
+        tokens = sim.tokens
+        return [self._block_bytes(tokens, b) for b in range(start_block, full)]
 
     def export_kv(self, request_id: str, skip_blocks: int = 0) -> KVSnapshot:
         sim = self._running_request(request_id)
         cached = sim.context_len - 1
-        blocks = [self._block_bytes(sim, b) for b in range(skip_blocks, self._blocks_for(cached))]
+        tokens = sim.tokens
+        blocks = [
+            self._block_bytes(tokens, b) for b in range(skip_blocks, self._blocks_for(cached))
+        ]
         request = EngineRequest(
             sim.request.request_id,
             sim.request.prompt_token_ids,
@@ -347,10 +350,11 @@ class SimEngine:
                 f"{self._blocks_for(snapshot.num_cached_tokens)}",
             )
         size = self._layout.block_bytes
+        tokens = (*req.prompt_token_ids, *req.output_token_ids)
         for index, blob in enumerate(snapshot.blocks):
             # The digest that starts each block identifies its tokens; checking it and the size
             # keeps the import O(blocks) instead of O(bytes).
-            seed = self._block_seed(req, index)[: min(16, size)]
+            seed = self._block_seed(tokens, index)[: min(16, size)]
             if len(blob) != size or blob[: len(seed)] != seed:
                 raise EngineError(
                     ErrorCode.INVALID_ARGUMENT, f"KV block {index} does not match its tokens"
@@ -373,10 +377,3 @@ class SimEngine:
 def _digest(tokens: tuple[int, ...] | list[int]) -> bytes:
     data = b"".join(t.to_bytes(4, "little") for t in tokens)
     return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def _profile_fields(text: str) -> dict[str, float]:
-    import json
-
-    doc: dict[str, float] = json.loads(text)
-    return doc
