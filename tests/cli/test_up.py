@@ -25,8 +25,10 @@ def test_up_with_sim_workers_runs_the_demo_and_stops_cleanly() -> None:
         if line.strip()[:1].isdigit() and "127.0.0.1" in line and "yes" not in line
     ]
     assert len(stage_rows) == 3, out.stdout
-    demos = [line for line in lines if line.startswith("demo-")]
+    demos = [line for line in lines if line.startswith("demo-") and "text" not in line]
     assert len(demos) == 3
+    text_demo = [line for line in lines if line.startswith("demo-text: 24 tokens (length)")]
+    assert len(text_demo) == 1, out.stdout
     assert "migrations 1" in demos[1], "the second demo request grows past the first bound"
     assert all("(length)" in d for d in demos)
     assert lines[-1] == "cluster stopped"

@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-import grpc
-
-from cascadeinfer.daemon import CHANNEL_OPTIONS
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from cascadeinfer.security import TlsFiles, client_channel, read_token
 
 FINISH_NAMES = {
     v: k.removeprefix("FINISH_REASON_").lower() for k, v in common_pb2.FinishReason.items()
 }
 
 
-def scheduler_stub(address: str) -> scheduler_pb2_grpc.SchedulerServiceStub:
-    return scheduler_pb2_grpc.SchedulerServiceStub(
-        grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def add_connection_args(p: Any) -> None:
+    """--address plus the optional TLS and token flags every client command takes."""
+    p.add_argument("--address", required=True, help="scheduler address HOST:PORT")
+    p.add_argument("--tls-ca", default="", help="PEM CA to verify a TLS scheduler with")
+    p.add_argument("--tls-cert", default="", help="client certificate, when the scheduler asks")
+    p.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
+    p.add_argument(
+        "--auth-token-file", default="", help="bearer token file (else $CASCADE_AUTH_TOKEN)"
     )
+
+
+def scheduler_stub(
+    address: str, args: argparse.Namespace | None = None
+) -> scheduler_pb2_grpc.SchedulerServiceStub:
+    tls, token = TlsFiles(), ""
+    if args is not None:
+        tls = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+        tls.validate(is_server=False)
+        token = read_token(args.auth_token_file)
+    return scheduler_pb2_grpc.SchedulerServiceStub(client_channel(address, tls, token))
 
 
 @dataclass
@@ -26,27 +43,39 @@ class Generation:
     token_ids: list[int]
     finish_reason: str
     timings: scheduler_pb2.RequestTimings
+    text: str = ""
+    """Filled for text prompts."""
 
 
 def generate(
     stub: scheduler_pb2_grpc.SchedulerServiceStub,
-    prompt_token_ids: list[int],
+    prompt: list[int] | str,
     max_tokens: int,
     request_id: str = "",
-    on_tokens: object = None,
+    on_chunk: Callable[[scheduler_pb2.ClientGenerateResponse], None] | None = None,
 ) -> Generation:
+    """Streams one request; `prompt` is token ids or text (the scheduler needs a tokenizer)."""
     request = scheduler_pb2.ClientGenerateRequest(
         request_id=request_id,
-        prompt_token_ids=scheduler_pb2.TokenIds(ids=prompt_token_ids),
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
     )
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.prompt_token_ids.ids.extend(prompt)
     tokens: list[int] = []
+    text: list[str] = []
     last = scheduler_pb2.ClientGenerateResponse()
     for r in stub.Generate(request):
         tokens.extend(r.tokens.token_ids)
-        if callable(on_tokens):
-            on_tokens(list(r.tokens.token_ids))
+        text.append(r.text)
+        if on_chunk is not None:
+            on_chunk(r)
         last = r
     return Generation(
-        last.request_id, tokens, FINISH_NAMES.get(last.finish_reason, "?"), last.timings
+        last.request_id,
+        tokens,
+        FINISH_NAMES.get(last.finish_reason, "?"),
+        last.timings,
+        "".join(text),
     )

@@ -9,12 +9,13 @@ from typing import Any
 
 import grpc
 
-from cascadeinfer.cli.client import generate, scheduler_stub
+from cascadeinfer.cli.client import add_connection_args, generate, scheduler_stub
+from cascadeinfer.proto.v1 import scheduler_pb2
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help="stream one request through a cascade-scheduler")
-    p.add_argument("--address", required=True, help="scheduler address HOST:PORT")
+    add_connection_args(p)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-token-ids", help="comma-separated token ids")
     prompt.add_argument("--text", help="a text prompt (needs a tokenizer on the scheduler)")
@@ -24,22 +25,27 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.text is not None:
-        raise ValueError("text prompts need a tokenizer on the scheduler; none is supported yet")
+def parse_token_ids(text: str) -> list[int]:
     try:
-        prompt = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
+        return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(
-            f"--prompt-token-ids {args.prompt_token_ids!r}: expected integers"
-        ) from None
+        raise ValueError(f"--prompt-token-ids {text!r}: expected integers") from None
 
-    def stream(tokens: list[int]) -> None:
-        if not args.json and tokens:
-            print(" ".join(map(str, tokens)), end=" ", flush=True)
+
+def run(args: argparse.Namespace) -> int:
+    prompt = args.text if args.text is not None else parse_token_ids(args.prompt_token_ids)
+
+    def stream(chunk: scheduler_pb2.ClientGenerateResponse) -> None:
+        if args.json:
+            return
+        if args.text is not None:
+            print(chunk.text, end="", flush=True)
+        elif chunk.tokens.token_ids:
+            print(" ".join(map(str, chunk.tokens.token_ids)), end=" ", flush=True)
 
     try:
-        g = generate(scheduler_stub(args.address), prompt, args.max_tokens, args.request_id, stream)
+        stub = scheduler_stub(args.address, args)
+        g = generate(stub, prompt, args.max_tokens, args.request_id, stream)
     except grpc.RpcError as e:
         print(f"cascade generate: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -48,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         doc = {
             "request_id": g.request_id,
             "token_ids": g.token_ids,
+            **({"text": g.text} if args.text is not None else {}),
             "finish_reason": g.finish_reason,
             "ttft_s": t.ttft_s,
             "tpot_s": t.tpot_s,

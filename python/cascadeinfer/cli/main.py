@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from cascadeinfer.cli import generate, plan, status, up
 
 
@@ -27,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except grpc.RpcError as e:
+        print(f"cascade {args.command}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
     return code
 
 

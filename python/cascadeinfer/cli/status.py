@@ -8,13 +8,13 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from cascadeinfer.cli.client import scheduler_stub
+from cascadeinfer.cli.client import add_connection_args, scheduler_stub
 from cascadeinfer.proto.v1 import scheduler_pb2
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("status", help="print a scheduler's stages and workers")
-    p.add_argument("--address", required=True, help="scheduler address HOST:PORT")
+    add_connection_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
 
@@ -36,7 +36,7 @@ def format_state(state: scheduler_pb2.ClusterState) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    state = scheduler_stub(args.address).GetClusterState(
+    state = scheduler_stub(args.address, args).GetClusterState(
         scheduler_pb2.GetClusterStateRequest(), timeout=10
     )
     print(json.dumps(MessageToDict(state), indent=2) if args.json else format_state(state))

@@ -15,6 +15,7 @@ from cascadeinfer.cli.status import format_state
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, start_many
 from cascadeinfer.proto.v1 import scheduler_pb2
+from cascadeinfer.worker.tiny_model import write_byte_tokenizer
 
 
 def add_parser(sub: Any) -> None:
@@ -40,6 +41,8 @@ def worker_args(args: argparse.Namespace) -> list[str]:
             "8192",
             "--sim-kv-bytes-per-token",
             "1024",
+            "--sim-vocab-size",
+            "256",
         ]
     return ["--engine", "vllm", *(["--model", args.model] if args.model else [])]
 
@@ -61,7 +64,7 @@ def demo(address: str, stages: list[scheduler_pb2.StageState]) -> None:
     bound = stages[0].max_len if len(stages) > 1 else 64
     cases = [(16, 32), (max(8, bound - 40), 120), (max(8, bound + 20), 2 * bound)]
     for i, (prompt_len, max_tokens) in enumerate(cases):
-        prompt = [(i * 97 + k * 13) % 1000 + 1 for k in range(prompt_len)]
+        prompt = [(i * 97 + k * 13) % 250 + 1 for k in range(prompt_len)]
         g = generate(stub, prompt, max_tokens, f"demo-{i}")
         t = g.timings
         print(
@@ -69,6 +72,18 @@ def demo(address: str, stages: list[scheduler_pb2.StageState]) -> None:
             f"migrations {t.num_migrations}, ttft {t.ttft_s * 1e3:.0f} ms, total {t.total_s:.2f} s; "
             f"first tokens {g.token_ids[:8]}"
         )
+    g = generate(stub, "Hello from CascadeInfer!", 24, "demo-text")
+    print(
+        f"demo-text: {len(g.token_ids)} tokens ({g.finish_reason}) for a text prompt; "
+        f"text {g.text!r} (random weights and a byte tokenizer: noise, but real text)"
+    )
+
+
+def tokenizer_for(args: argparse.Namespace, log_dir: Path) -> Path:
+    """The model's tokenizer.json, else a byte-level one (the built-in model has none)."""
+    if args.model and (Path(args.model) / "tokenizer.json").is_file():
+        return Path(args.model)
+    return write_byte_tokenizer(log_dir / "tokenizer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             sched_args += ["--stages", stages]
         if args.engine == "vllm":
             sched_args += ["--profile", "cpu-vllm-tiny-llama"]
+        sched_args += ["--tokenizer", str(tokenizer_for(args, log_dir))]
         scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120)[0]
         daemons.append(scheduler)
         for d in daemons[:-1]:

@@ -1,11 +1,16 @@
-"""cascade-scheduler configuration: a frozen dataclass from flags."""
+"""cascade-scheduler configuration: a frozen dataclass from a TOML file, overridden by flags."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
 
 from cascadeinfer.config import POLICY_NAMES
+from cascadeinfer.scheduler.text import load_tokenizer
+from cascadeinfer.security import TlsFiles, read_token
 
 
 @dataclass(frozen=True)
@@ -33,17 +38,44 @@ class SchedulerConfig:
     max_queue: int = 1024
     tick_interval_s: float = 0.5
     max_concurrent_migrations: int = 8
+    max_optional_migrations_per_s: float = 4.0
+    """Balance, refinement and rebalance moves allowed per second (a token bucket); moves at a
+    stage bound are the pipeline itself and are only capped by max_concurrent_migrations."""
+    metrics_port: int = 0
+    """Prometheus HTTP exporter; 0 turns it off."""
+    tokenizer: str = ""
+    """A Hugging Face tokenizer directory or tokenizer.json for text prompts; empty: token ids only."""
+    auth_token_file: str = ""
+    """File with the bearer token clients and workers must send; else $CASCADE_AUTH_TOKEN."""
+    auth_token: str = field(default="", repr=False)
+    """Resolved from auth_token_file or the environment; never logged."""
+    tls: TlsFiles = field(default_factory=TlsFiles)
     seed: int = 0
 
     def validate(self) -> None:
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"policy = {self.policy!r}: known {', '.join(POLICY_NAMES)}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port = {self.port}: must be in [0, 65535]")
         if self.max_queue < 0:
             raise ValueError(f"max_queue = {self.max_queue}: must be >= 0")
+        if self.tick_interval_s <= 0:
+            raise ValueError(f"tick_interval_s = {self.tick_interval_s}: must be > 0")
+        if self.max_concurrent_migrations < 1:
+            raise ValueError(
+                f"max_concurrent_migrations = {self.max_concurrent_migrations}: must be >= 1"
+            )
+        if self.max_optional_migrations_per_s < 0:
+            raise ValueError(
+                f"max_optional_migrations_per_s = {self.max_optional_migrations_per_s}: must be >= 0"
+            )
         if self.stages and sum(s.num_workers for s in self.stages) > max(
             self.min_workers, len(self.workers)
         ):
             raise ValueError("stages ask for more workers than --workers / --min-workers provide")
+        self.tls.validate(is_server=True)
+        if self.tokenizer:
+            load_tokenizer(self.tokenizer)
 
 
 def parse_stages(text: str) -> tuple[StageSpec, ...]:
@@ -59,39 +91,95 @@ def parse_stages(text: str) -> tuple[StageSpec, ...]:
     return tuple(stages)
 
 
+def from_toml(path: Path) -> SchedulerConfig:
+    """Reads a config file (see services/cascade-scheduler/scheduler.example.toml)."""
+    try:
+        doc: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    known = {f.name for f in fields(SchedulerConfig)} - {"auth_token"}
+    unknown = set(doc) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    tls = TlsFiles(**doc.pop("tls", {}))
+    if isinstance(doc.get("workers"), list):
+        doc["workers"] = tuple(doc["workers"])
+    if isinstance(doc.get("stages"), str):
+        doc["stages"] = parse_stages(doc["stages"])
+    return SchedulerConfig(**doc, tls=tls)
+
+
 def parse_args(argv: list[str] | None) -> SchedulerConfig:
     p = argparse.ArgumentParser(
         prog="cascade-scheduler", description="CascadeInfer's length-aware scheduler."
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--workers", default="", help="comma-separated worker addresses")
+    p.add_argument("--config", type=Path, help="TOML file; flags override it")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", help="comma-separated worker addresses")
     p.add_argument("--min-workers", type=int, help="start routing once this many workers are known")
-    p.add_argument("--policy", default="cascade", choices=POLICY_NAMES)
-    p.add_argument("--profile", default="gpu-h100-llama3-8b", help="cost profile name or JSON file")
-    p.add_argument(
-        "--workload", default="short-chat", help="preset or trace the initial plan is for"
-    )
+    p.add_argument("--policy", choices=POLICY_NAMES)
+    p.add_argument("--profile", help="cost profile name or JSON file")
+    p.add_argument("--workload", help="preset or trace the initial plan is for")
     p.add_argument("--rate", type=float, help="arrival rate the initial plan is for")
     p.add_argument("--stages", help="explicit stages MIN-MAX:WORKERS,... instead of a plan")
-    p.add_argument("--max-queue", type=int, default=1024)
-    p.add_argument("--tick-interval-s", type=float, default=0.5)
-    p.add_argument("--max-concurrent-migrations", type=int, default=8)
+    p.add_argument("--max-queue", type=int)
+    p.add_argument("--tick-interval-s", type=float)
+    p.add_argument("--max-concurrent-migrations", type=int)
+    p.add_argument("--max-optional-migrations-per-s", type=float)
+    p.add_argument("--metrics-port", type=int, help="Prometheus exporter port (0: off)")
+    p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json for text prompts")
+    p.add_argument(
+        "--auth-token-file",
+        help="file with the bearer token clients must send (else $CASCADE_AUTH_TOKEN)",
+    )
+    p.add_argument("--tls-cert", help="PEM certificate this scheduler serves with")
+    p.add_argument("--tls-key", help="PEM key of --tls-cert")
+    p.add_argument(
+        "--tls-ca", help="PEM CA that workers (and, with mTLS, clients) are checked with"
+    )
+    p.add_argument(
+        "--tls-require-client-cert",
+        action="store_true",
+        default=None,
+        help="refuse callers without a certificate signed by --tls-ca",
+    )
     a = p.parse_args(argv)
-    workers = tuple(w for w in a.workers.split(",") if w)
-    config = SchedulerConfig(
-        host=a.host,
-        port=a.port,
-        workers=workers,
-        min_workers=a.min_workers or max(1, len(workers)),
-        policy=a.policy,
-        profile=a.profile,
-        workload=a.workload,
-        rate=a.rate,
-        stages=parse_stages(a.stages) if a.stages else (),
-        max_queue=a.max_queue,
-        tick_interval_s=a.tick_interval_s,
-        max_concurrent_migrations=a.max_concurrent_migrations,
+    config = from_toml(a.config) if a.config else SchedulerConfig()
+    flags: dict[str, Any] = {
+        k: getattr(a, k)
+        for k in (
+            "host",
+            "port",
+            "policy",
+            "profile",
+            "workload",
+            "rate",
+            "max_queue",
+            "tick_interval_s",
+            "max_concurrent_migrations",
+            "max_optional_migrations_per_s",
+            "metrics_port",
+            "tokenizer",
+            "auth_token_file",
+        )
+    }
+    if a.workers is not None:
+        flags["workers"] = tuple(w for w in a.workers.split(",") if w)
+    if a.stages:
+        flags["stages"] = parse_stages(a.stages)
+    config = replace(config, **{k: v for k, v in flags.items() if v is not None})
+    tls = {
+        "cert": a.tls_cert,
+        "key": a.tls_key,
+        "ca": a.tls_ca,
+        "require_client_cert": a.tls_require_client_cert,
+    }
+    config = replace(
+        config,
+        tls=replace(config.tls, **{k: v for k, v in tls.items() if v is not None}),
+        min_workers=a.min_workers or max(config.min_workers, len(config.workers), 1),
+        auth_token=read_token(config.auth_token_file),
     )
     config.validate()
     return config

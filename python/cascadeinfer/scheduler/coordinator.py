@@ -23,7 +23,10 @@ from cascadeinfer.config import CascadeConfig
 from cascadeinfer.planning import load_profile, plan_stages
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 from cascadeinfer.scheduler.config import SchedulerConfig
+from cascadeinfer.scheduler.metrics import SchedulerMetrics
+from cascadeinfer.scheduler.ratelimit import TokenBucket
 from cascadeinfer.scheduler.requests import ClientRequest
+from cascadeinfer.scheduler.text import load_tokenizer
 from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import FinishReason, SamplingSpec
@@ -58,7 +61,7 @@ class Coordinator:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.profile = load_profile(config.profile)
-        self.pool = WorkerPool()
+        self.pool = WorkerPool(config.tls)
         self.policy: _core.Scheduler | None = None
         self.requests: dict[str, ClientRequest] = {}
         self._by_core: dict[int, ClientRequest] = {}
@@ -69,6 +72,21 @@ class Coordinator:
         self._tasks: set[asyncio.Task[None]] = set()
         self.counters = Counters()
         self.max_model_len = 0
+        rate = config.max_optional_migrations_per_s
+        self._optional_moves = TokenBucket(rate, burst=rate, now=time.monotonic())
+        self.metrics = SchedulerMetrics()
+        self._export_gauges()
+        self.tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else None
+
+    def _export_gauges(self) -> None:
+        """Gauges read at scrape time, so no code path can forget to update them."""
+        m = self.metrics
+        m.queue_depth.set_function(lambda: len(self._queue))
+        m.running.set_function(lambda: sum(len(w.running) for w in self.pool.by_id.values()))
+        m.workers.labels("healthy").set_function(lambda: len(self.pool.healthy()))
+        m.workers.labels("unhealthy").set_function(
+            lambda: len(self.pool.by_id) - len(self.pool.healthy())
+        )
 
     # --- workers ---------------------------------------------------------------------------
     async def add_worker(self, address: str, worker_id: str = "") -> WorkerLink:
@@ -182,17 +200,40 @@ class Coordinator:
                 ids.append(rec.core_id)
                 lens.append(r.context_len)
         if self.policy is not None and ids and link.is_healthy:
-            for m in self.policy.on_step(ids, [link.instance] * len(ids), lens, time.monotonic()):
+            started = time.perf_counter()
+            moves = self.policy.on_step(ids, [link.instance] * len(ids), lens, time.monotonic())
+            self.metrics.decision.labels("on_step").observe(time.perf_counter() - started)
+            for m in moves:
                 self._spawn(self._migrate(m))
         self._drain_queue()
 
     def _retire(self, rec: ClientRequest) -> None:
+        """Forgets a finished request (it must have its finish reason) and records it."""
         self._forget(rec)
         link = self.pool.by_id.get(rec.worker_id or "")
         if link is not None:
             link.running.discard(rec.request_id)
             if self.policy is not None:
                 self.policy.request_finished(rec.core_id, link.instance)
+        self._observe_finished(rec)
+
+    def _observe_finished(self, rec: ClientRequest) -> None:
+        assert rec.finish is not None and rec.finished_at is not None
+        m = self.metrics
+        m.requests.labels(rec.finish.value).inc()
+        if rec.first_token_at is None:
+            return
+        stage = str(rec.entry_stage)
+        m.ttft.labels(stage).observe(rec.first_token_at - rec.arrived_at)
+        m.e2e.labels(stage).observe(rec.finished_at - rec.arrived_at)
+        if len(rec.tokens) > 1:
+            tpot = (rec.finished_at - rec.first_token_at) / (len(rec.tokens) - 1)
+            m.tpot.labels(stage).observe(tpot)
+
+    def _end(self, rec: ClientRequest, reason: FinishReason) -> None:
+        """Ends an accepted request that cannot go on (the client gets `reason`)."""
+        rec.end(reason)
+        self._retire(rec)
 
     async def _migrate(self, m: _core.Migration) -> None:
         rec = self._by_core.get(m.request_id)
@@ -203,6 +244,10 @@ class Coordinator:
         assert self.policy is not None
         if rec is None or src is None or dst is None or rec.is_done:
             self.policy.migration_done(m, False)
+            return
+        if m.reason != "stage_bound" and not self._optional_moves.try_take(time.monotonic()):
+            self.policy.migration_done(m, False)
+            self.metrics.migrations.labels(m.reason, "rate_limited").inc()
             return
         async with self._migrations:
             try:
@@ -215,6 +260,7 @@ class Coordinator:
             except grpc.aio.AioRpcError as e:
                 self.counters.num_failed_migrations += 1
                 self.policy.migration_done(m, False)
+                self.metrics.migrations.labels(m.reason, "failed").inc()
                 log.info(
                     "migration_failed",
                     request_id=rec.request_id,
@@ -229,6 +275,7 @@ class Coordinator:
         rec.num_migrations += 1
         self.counters.num_migrations += 1
         self.policy.migration_done(m, True)
+        self.metrics.migrations.labels(m.reason, "ok").inc()
         log.info(
             "migrated",
             request_id=rec.request_id,
@@ -243,8 +290,11 @@ class Coordinator:
             await asyncio.sleep(self.config.tick_interval_s)
             if self.policy is None:
                 continue
+            started = time.perf_counter()
             migrations, changed = self.policy.tick(time.monotonic())
+            self.metrics.decision.labels("tick").observe(time.perf_counter() - started)
             if changed:
+                self.metrics.plan_changes.inc()
                 self.counters.num_plan_changes += 1
                 self.counters.plan_changed_at = time.time()
                 log.info("plan_changed", stages=self.policy.stages())
@@ -266,10 +316,11 @@ class Coordinator:
         """Admits a request now or queues it; raises SchedulingError when it cannot be taken."""
         if self.policy is None or not self.pool.healthy():
             raise SchedulingError(grpc.StatusCode.UNAVAILABLE, "no worker is serving yet")
-        if rec.context_len >= self.max_model_len:
+        if rec.context_len + rec.sampling.max_tokens > self.max_model_len:
             raise SchedulingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt of {rec.context_len} tokens leaves no room below max_model_len {self.max_model_len}",
+                f"prompt of {rec.context_len} tokens plus max_tokens {rec.sampling.max_tokens} "
+                f"exceeds the model's length {self.max_model_len}",
             )
         self.requests[rec.request_id] = rec
         self._by_core[rec.core_id] = rec
@@ -295,10 +346,13 @@ class Coordinator:
     async def _try_place(self, rec: ClientRequest) -> bool:
         """Asks the core for an instance and starts the request there; False when none has room."""
         assert self.policy is not None
+        started = time.perf_counter()
         try:
             decision = self.policy.admit(rec.core_id, rec.context_len, time.monotonic())
         except ValueError as e:
             raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        finally:
+            self.metrics.decision.labels("admit").observe(time.perf_counter() - started)
         if decision is None:
             return False
         link = self.pool.by_instance[decision[0]]
@@ -323,6 +377,7 @@ class Coordinator:
             return False
         if rec.admitted_at is None:
             rec.admitted_at = time.monotonic()
+            rec.entry_stage = decision[1]
         return True
 
     async def _place(self, rec: ClientRequest) -> None:
@@ -332,7 +387,7 @@ class Coordinator:
                 return
         except SchedulingError as e:
             log.error("resume_refused", request_id=rec.request_id, error=e.message)
-            rec.end(FinishReason.ABORT)
+            self._end(rec, FinishReason.ABORT)
             return
         heapq.heappush(self._queue, (-(10**9), next(self._seq), rec.request_id))
 
@@ -350,7 +405,7 @@ class Coordinator:
                 placed = await self._try_place(rec)
             except SchedulingError as e:
                 log.error("queued_request_refused", request_id=rid, error=e.message)
-                rec.end(FinishReason.ABORT)
+                self._end(rec, FinishReason.ABORT)
                 continue
             if not placed:
                 heapq.heappush(self._queue, (-rec.priority, next(self._seq), rid))
@@ -361,8 +416,7 @@ class Coordinator:
         if rec is None:
             raise SchedulingError(grpc.StatusCode.NOT_FOUND, f"no request {request_id!r}")
         link = self.pool.by_id.get(rec.worker_id or "")
-        self._retire(rec)
-        rec.end(FinishReason.ABORT)
+        self._end(rec, FinishReason.ABORT)
         if link is not None and link.is_healthy:
             try:
                 await link.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=10)

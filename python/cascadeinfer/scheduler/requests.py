@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from cascadeinfer.scheduler.text import Detokenizer
 from cascadeinfer.worker.engine import FinishReason, SamplingSpec
 
 
@@ -31,6 +32,8 @@ class ClientRequest:
     first_token_at: float | None = None
     finished_at: float | None = None
     worker_id: str | None = None
+    entry_stage: int = 0
+    """The stage the request was first admitted to (metrics are labelled by it)."""
     num_migrations: int = 0
     tokens: list[int] = field(default_factory=list)
     """Every output token delivered to the client, in order."""
@@ -38,6 +41,8 @@ class ClientRequest:
     """Tokens that arrived ahead of a gap (from a migration target's feed), by index."""
     finish: FinishReason | None = None
     out: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+    detokenizer: Detokenizer | None = None
+    """Set for text prompts: the client gets text along with token ids."""
 
     @property
     def context_len(self) -> int:

@@ -9,12 +9,14 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from cascadeinfer.daemon import CHANNEL_OPTIONS, run_daemon
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
 from cascadeinfer.scheduler.coordinator import Coordinator
 from cascadeinfer.scheduler.servicer import RegistryServicer, SchedulerServicer
+from cascadeinfer.security import BearerTokenInterceptor, add_port
 
 SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name
@@ -37,7 +39,8 @@ async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str,
 
 async def serve(config: SchedulerConfig) -> None:
     coordinator = Coordinator(config)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
         SchedulerServicer(coordinator), server
     )
@@ -47,7 +50,11 @@ async def serve(config: SchedulerConfig) -> None:
     reflection.enable_server_reflection(
         (SCHEDULER, REGISTRY, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.tls)
+    if config.metrics_port:
+        start_http_server(
+            config.metrics_port, addr=config.host, registry=coordinator.metrics.registry
+        )
     await server.start()
     structlog.contextvars.bind_contextvars(scheduler=f"{config.host}:{port}")
     await connect_static_workers(coordinator, config.workers)
@@ -55,7 +62,16 @@ async def serve(config: SchedulerConfig) -> None:
     for name in ("", SCHEDULER):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"cascade-scheduler serving on {config.host}:{port} policy={config.policy}", flush=True)
-    log.info("serving", port=port, policy=config.policy, workers=len(config.workers))
+    log.info(
+        "serving",
+        port=port,
+        policy=config.policy,
+        workers=len(config.workers),
+        tls=bool(config.tls.cert),
+        mtls_to_workers=bool(config.tls.ca and config.tls.cert),
+        auth=bool(config.auth_token),
+        tokenizer=config.tokenizer or None,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,6 +18,7 @@ from cascadeinfer.proto.v1 import (
 )
 from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
 from cascadeinfer.scheduler.requests import ClientRequest, Delivery
+from cascadeinfer.scheduler.text import Detokenizer
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import EngineError
 
@@ -44,6 +45,9 @@ def _response(rec: ClientRequest, d: Delivery) -> scheduler_pb2.ClientGenerateRe
         request_id=rec.request_id,
         tokens=common_pb2.TokenChunk(token_ids=list(d.token_ids), first_index=d.first_index),
     )
+    if rec.detokenizer is not None:
+        upto = d.first_index + len(d.token_ids)
+        r.text = rec.detokenizer.delta(rec.tokens[:upto], is_last=d.finish is not None)
     if d.finish is not None:
         r.finish_reason = convert.FINISH_TO_PROTO[d.finish]
         r.timings.CopyFrom(_timings(rec))
@@ -63,6 +67,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             while not done:
                 delivery = await rec.out.get()
                 done = delivery.finish is not None
+                self.c.metrics.tokens.inc(len(delivery.token_ids))
                 yield _response(rec, delivery)
         finally:
             if not done:
@@ -79,26 +84,35 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             sampling.validate()
             rid = request.request_id or uuid.uuid4().hex
             rec = self.c.new_request(rid, prompt, sampling, request.priority)
+            if request.HasField("text"):
+                assert self.c.tokenizer is not None
+                rec.detokenizer = Detokenizer(self.c.tokenizer)
             await self.c.submit(rec)
         except EngineError as e:
+            self.c.metrics.refused.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
         except SchedulingError as e:
+            self.c.metrics.refused.labels(e.code.name).inc()
             await context.abort(e.code, e.message)
         log.info("request_accepted", request_id=rid, prompt_len=len(prompt))
         return rec
 
-    @staticmethod
-    def _prompt(request: scheduler_pb2.ClientGenerateRequest) -> tuple[int, ...]:
+    def _prompt(self, request: scheduler_pb2.ClientGenerateRequest) -> tuple[int, ...]:
         kind = request.WhichOneof("prompt")
         if kind is None:
             raise SchedulingError(
                 grpc.StatusCode.INVALID_ARGUMENT, "give the prompt as prompt_token_ids or text"
             )
         if kind == "text":
-            raise SchedulingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "text prompts need a tokenizer; none is configured",
-            )
+            if self.c.tokenizer is None:
+                raise SchedulingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "text prompts need a tokenizer; start the scheduler with --tokenizer",
+                )
+            ids = tuple(self.c.tokenizer.encode(request.text, add_special_tokens=True).ids)
+            if not ids:
+                raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, "text is empty")
+            return ids
         ids = tuple(request.prompt_token_ids.ids)
         if not ids:
             raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from cascadeinfer.daemon import CHANNEL_OPTIONS
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
+from cascadeinfer.security import TlsFiles, aio_channel
 
 if TYPE_CHECKING:
     from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
@@ -30,14 +30,15 @@ class WorkerLink:
 
 
 class WorkerPool:
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsFiles) -> None:
+        self._tls = tls
         self.by_id: dict[str, WorkerLink] = {}
         self.by_instance: dict[int, WorkerLink] = {}
         self._next_instance = 0
 
     async def connect(self, address: str, worker_id: str = "") -> WorkerLink:
         """Opens a channel and reads the worker's info; raises grpc.aio.AioRpcError when down."""
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = aio_channel(address, self._tls)
         stub: WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)
         try:
             info = await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=10)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cascadeinfer.security import TlsFiles, read_token
 from cascadeinfer.worker.engines.sim_engine import SimEngineConfig
 
 
@@ -31,6 +32,12 @@ class WorkerConfig:
     """Address others use to reach this worker; defaults to host:port."""
     drain_timeout_s: float = 30.0
     """On SIGTERM, running requests get this long to finish before they are aborted."""
+    auth_token_file: str = ""
+    """File with the scheduler's bearer token (sent when registering); else $CASCADE_AUTH_TOKEN."""
+    auth_token: str = field(default="", repr=False)
+    """Resolved from auth_token_file or the environment; never logged."""
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    """Serving TLS (mTLS with require_client_cert), and the credentials for outgoing links."""
     sim: SimEngineConfig = field(default_factory=SimEngineConfig)
     vllm: dict[str, Any] = field(default_factory=dict)
     """Extra options for the vLLM engine (see engines/vllm_engine.py)."""
@@ -42,16 +49,18 @@ class WorkerConfig:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s = {self.drain_timeout_s}: must be >= 0")
+        self.tls.validate(is_server=True)
 
 
 def from_toml(path: Path) -> WorkerConfig:
     doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    known = {f.name for f in fields(WorkerConfig)}
+    known = {f.name for f in fields(WorkerConfig)} - {"auth_token"}
     unknown = set(doc) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
     sim = SimEngineConfig(**doc.pop("sim", {}))
-    return WorkerConfig(**doc, sim=sim)
+    tls = TlsFiles(**doc.pop("tls", {}))
+    return WorkerConfig(**doc, sim=sim, tls=tls)
 
 
 def parse_args(argv: list[str] | None) -> WorkerConfig:
@@ -73,11 +82,24 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
         "--advertise-address", help="address the scheduler and peers use (default host:port)"
     )
     p.add_argument("--load-format", help="vllm: weight loading, e.g. 'dummy' for random weights")
+    p.add_argument(
+        "--auth-token-file", help="the scheduler's bearer token (else $CASCADE_AUTH_TOKEN)"
+    )
+    p.add_argument("--tls-cert", help="PEM certificate this worker serves and calls out with")
+    p.add_argument("--tls-key", help="PEM key of --tls-cert")
+    p.add_argument("--tls-ca", help="PEM CA the scheduler and peers are checked with")
+    p.add_argument(
+        "--tls-require-client-cert",
+        action="store_true",
+        default=None,
+        help="mTLS: refuse callers without a certificate signed by --tls-ca",
+    )
     p.add_argument("--sim-profile", help="sim: cost profile name or file")
     p.add_argument("--sim-time-scale", type=float, help="sim: step sleep = predicted time x this")
     p.add_argument("--sim-kv-bytes-per-token", type=int, help="sim: KV payload size per token")
     p.add_argument("--sim-num-blocks", type=int, help="sim: KV capacity in blocks")
     p.add_argument("--sim-max-model-len", type=int)
+    p.add_argument("--sim-vocab-size", type=int, help="sim: token ids are drawn below this")
     p.add_argument(
         "--vllm-option",
         action="append",
@@ -99,6 +121,7 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
             "drain_timeout_s",
             "scheduler",
             "advertise_address",
+            "auth_token_file",
         )
     }
     config = replace(config, **{k: v for k, v in top.items() if v is not None})
@@ -108,6 +131,7 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
         "kv_bytes_per_token": args.sim_kv_bytes_per_token,
         "num_blocks": args.sim_num_blocks,
         "max_model_len": args.sim_max_model_len,
+        "vocab_size": args.sim_vocab_size,
     }
     config = replace(
         config, sim=replace(config.sim, **{k: v for k, v in sim.items() if v is not None})
@@ -116,6 +140,17 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
         args.vllm_option.append(f"load_format={args.load_format}")
     if args.vllm_option:
         config = replace(config, vllm={**config.vllm, **dict(_option(o) for o in args.vllm_option)})
+    tls = {
+        "cert": args.tls_cert,
+        "key": args.tls_key,
+        "ca": args.tls_ca,
+        "require_client_cert": args.tls_require_client_cert,
+    }
+    config = replace(
+        config,
+        tls=replace(config.tls, **{k: v for k, v in tls.items() if v is not None}),
+        auth_token=read_token(config.auth_token_file),
+    )
     config.validate()
     return config
 

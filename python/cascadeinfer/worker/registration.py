@@ -9,8 +9,8 @@ import asyncio
 import grpc
 import structlog
 
-from cascadeinfer.daemon import CHANNEL_OPTIONS
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc
+from cascadeinfer.security import TlsFiles, aio_channel, token_metadata
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import Engine
 
@@ -20,8 +20,17 @@ RETRY_S = 1.0
 
 
 class Registration:
-    def __init__(self, scheduler: str, worker_id: str, address: str, engine: Engine) -> None:
-        self._channel = grpc.aio.insecure_channel(scheduler, options=CHANNEL_OPTIONS)
+    def __init__(
+        self,
+        scheduler: str,
+        worker_id: str,
+        address: str,
+        engine: Engine,
+        tls: TlsFiles,
+        token: str,
+    ) -> None:
+        self._channel = aio_channel(scheduler, tls)
+        self._metadata = token_metadata(token)
         self._stub = registry_pb2_grpc.WorkerRegistryStub(self._channel)
         self._scheduler = scheduler
         self._request = registry_pb2.RegisterWorkerRequest(
@@ -42,7 +51,9 @@ class Registration:
         is_registered = False
         while True:
             try:
-                response = await self._stub.RegisterWorker(self._request, timeout=5)
+                response = await self._stub.RegisterWorker(
+                    self._request, timeout=5, metadata=self._metadata
+                )
                 if not is_registered:
                     log.info("registered", scheduler=self._scheduler)
                 is_registered = True
@@ -61,7 +72,9 @@ class Registration:
             self._task.cancel()
         try:
             await self._stub.DeregisterWorker(
-                registry_pb2.DeregisterWorkerRequest(worker_id=self._request.worker_id), timeout=5
+                registry_pb2.DeregisterWorkerRequest(worker_id=self._request.worker_id),
+                timeout=5,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as e:
             log.warning("deregister_failed", scheduler=self._scheduler, error=e.details())

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from cascadeinfer.daemon import CHANNEL_OPTIONS
 from cascadeinfer.proto.v1 import worker_pb2_grpc
+from cascadeinfer.security import TlsFiles, aio_channel
 from cascadeinfer.worker.engine_loop import EngineLoop
 from cascadeinfer.worker.hub import Hub
 from cascadeinfer.worker.metrics import WorkerMetrics
@@ -24,6 +24,8 @@ class WorkerState:
     loop: EngineLoop
     hub: Hub
     metrics: WorkerMetrics
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    """Credentials for links to peers (migration targets)."""
     is_draining: bool = False
     _stubs: dict[str, WorkerServiceAsyncStub] = field(default_factory=dict)
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -32,7 +34,7 @@ class WorkerState:
         """A cached stub for another worker (migration targets)."""
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = aio_channel(address, self.tls)
             self._channels.append(channel)
             stub = self._stubs[address] = worker_pb2_grpc.WorkerServiceStub(channel)
         return stub

@@ -37,3 +37,22 @@ def write_tiny_llama(directory: Path, *, max_position_embeddings: int = 4096) ->
     config = {**TINY_LLAMA_CONFIG, "max_position_embeddings": max_position_embeddings}
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def write_byte_tokenizer(directory: Path, *, vocab_size: int = 1024) -> Path:
+    """Writes a byte-level tokenizer.json: ids 0-255 are bytes, the rest reserved specials.
+
+    Enough for text prompts in tests and the demo: any text encodes (one token a byte) and
+    any output decodes (reserved ids decode to nothing), deterministically, with no training.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([f"<|reserved_{i}|>" for i in range(len(vocab), vocab_size)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory

@@ -1,0 +1,77 @@
+"""Prometheus metrics of the scheduler, defined once.
+
+Latencies are labelled by the stage a request entered (its first stage), so an operator sees
+whether short requests stay fast when long ones share the fleet.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+DECISION_BUCKETS = (1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
+
+
+class SchedulerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.ttft = Histogram(
+            "cascade_scheduler_ttft_seconds",
+            "Arrival to first token, by entry stage",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "cascade_scheduler_tpot_seconds",
+            "Mean time per output token after the first, by entry stage",
+            ["stage"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "cascade_scheduler_e2e_seconds",
+            "Arrival to last token, by entry stage",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "cascade_scheduler_requests",
+            "Requests that ended, by finish reason",
+            ["finish"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "cascade_scheduler_refused",
+            "Requests refused at admission, by gRPC status",
+            ["code"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "cascade_scheduler_tokens_relayed", "Output tokens streamed to clients", registry=r
+        )
+        self.queue_depth = Gauge(
+            "cascade_scheduler_queue_depth", "Requests waiting for admission", registry=r
+        )
+        self.running = Gauge("cascade_scheduler_running", "Requests placed on a worker", registry=r)
+        self.workers = Gauge(
+            "cascade_scheduler_workers", "Workers known, by health", ["state"], registry=r
+        )
+        self.migrations = Counter(
+            "cascade_scheduler_migrations",
+            "Migrations, by reason and outcome (ok, failed, rate_limited)",
+            ["reason", "outcome"],
+            registry=r,
+        )
+        self.decision = Histogram(
+            "cascade_scheduler_core_decision_seconds",
+            "Wall time of one call into the Rust core, by call",
+            ["call"],
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.plan_changes = Counter(
+            "cascade_scheduler_plan_changes", "Stage layout changes", registry=r
+        )

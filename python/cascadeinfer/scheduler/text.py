@@ -1,0 +1,44 @@
+"""Text prompts: the scheduler's tokenizer, and the incremental detokenizer that turns a
+request's token stream into text chunks as the tokens arrive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A `tokenizer.json` file, or a model directory holding one (Hugging Face layout)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ValueError(f"tokenizer = {path!r}: no tokenizer.json there")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # the tokenizers library raises a bare Exception on bad files
+        raise ValueError(f"tokenizer = {path!r}: cannot load ({e})") from None
+
+
+class Detokenizer:
+    """Text of a growing token list, handed out as new suffixes.
+
+    Decodes only the tokens since the last complete character (vLLM's prefix/read offsets), so
+    a long output costs O(tokens), not O(tokens^2). A token may end inside a multi-byte
+    character: the text then ends in U+FFFD and is held back until a later token completes it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def delta(self, token_ids: list[int], *, is_last: bool) -> str:
+        decode = self._tokenizer.decode
+        prefix = decode(token_ids[self._prefix_offset : self._read_offset])
+        text = decode(token_ids[self._prefix_offset :])
+        if len(text) <= len(prefix) or (text.endswith("\ufffd") and not is_last):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(token_ids)
+        return text[len(prefix) :]

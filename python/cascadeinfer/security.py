@@ -1,0 +1,206 @@
+"""Transport security the daemons and the command line share: TLS and mTLS credentials for
+every gRPC link, and the bearer token that guards the scheduler's API.
+
+One `TlsFiles` describes a daemon's side of TLS. A server with `ca` set (and, for the
+scheduler, `require_client_cert`) insists on client certificates signed by that CA: that is
+mTLS for the worker links. A client with `ca` set verifies the server against it and presents
+`cert`/`key` when given.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cascadeinfer.daemon import CHANNEL_OPTIONS
+
+TOKEN_ENV = "CASCADE_AUTH_TOKEN"
+"""Environment variable holding the bearer token, for daemons and the CLI alike."""
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+"""Services any caller may use without a token: probes and schema discovery."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: str = ""
+    """PEM certificate chain of this daemon."""
+    key: str = ""
+    """PEM private key of `cert`."""
+    ca: str = ""
+    """PEM CA bundle peers are verified against."""
+    require_client_cert: bool = False
+    """Servers: refuse callers without a certificate signed by `ca` (mTLS)."""
+
+    @property
+    def is_enabled(self) -> bool:
+        return bool(self.cert or self.ca)
+
+    def validate(self, *, is_server: bool) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("tls: give both cert and key, or neither")
+        if is_server and self.ca and not self.cert:
+            raise ValueError("tls: a server with a CA needs its own cert and key")
+        if self.require_client_cert and not self.ca:
+            raise ValueError("tls: require_client_cert needs ca (the CA clients are checked with)")
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"tls: {name} = {path!r} is not a readable file")
+
+    def _read(self, name: str) -> bytes | None:
+        path = getattr(self, name)
+        return Path(path).read_bytes() if path else None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        key, cert = self._read("key"), self._read("cert")
+        assert key is not None and cert is not None
+        return grpc.ssl_server_credentials(
+            [(key, cert)],
+            root_certificates=self._read("ca"),
+            require_client_auth=self.require_client_cert,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._read("ca"),
+            private_key=self._read("key"),
+            certificate_chain=self._read("cert"),
+        )
+
+
+def add_port(server: grpc.aio.Server, address: str, tls: TlsFiles) -> int:
+    """Binds `address` with TLS when `tls` has a certificate, in the clear otherwise."""
+    if tls.cert:
+        return server.add_secure_port(address, tls.server_credentials())
+    return server.add_insecure_port(address)
+
+
+def aio_channel(address: str, tls: TlsFiles) -> grpc.aio.Channel:
+    if tls.is_enabled:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def sync_channel(address: str, tls: TlsFiles) -> grpc.Channel:
+    if tls.is_enabled:
+        return grpc.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def read_token(token_file: str) -> str:
+    """The bearer token from a file (first line) or else from $CASCADE_AUTH_TOKEN; '' for none.
+
+    Never from a flag: command lines are visible to every user of the host.
+    """
+    if token_file:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ValueError(f"auth token file {token_file!r}: {e.strerror}") from None
+        if not token:
+            raise ValueError(f"auth token file {token_file!r} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip()
+
+
+def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without `authorization: Bearer <token>` with UNAUTHENTICATED.
+
+    Health and reflection stay open so load balancers and tools can probe the port.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        given = str(metadata.get("authorization", "")).encode()
+        if hmac.compare_digest(given, self._expected):
+            return handler
+        return _refusing(handler, "missing bearer token" if not given else "bad bearer token")
+
+
+def _refusing(
+    handler: grpc.RpcMethodHandler[Any, Any], why: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        yield  # pragma: no cover - makes this an async generator
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the bearer token to every call of a synchronous channel."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = token_metadata(token)
+
+    def _with_token(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(
+            d.method,
+            d.timeout,
+            (*(d.metadata or ()), *self._metadata),
+            d.credentials,
+            getattr(d, "wait_for_ready", None),
+            getattr(d, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+
+def client_channel(address: str, tls: TlsFiles, token: str) -> grpc.Channel:
+    """A synchronous channel for the command line: TLS when given a CA, the token on every call."""
+    channel = sync_channel(address, tls)
+    return grpc.intercept_channel(channel, _TokenInterceptor(token)) if token else channel

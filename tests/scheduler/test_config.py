@@ -1,0 +1,67 @@
+"""cascade-scheduler configuration: the example file, flags over the file, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cascadeinfer.scheduler.config import SchedulerConfig, from_toml, parse_args
+from cascadeinfer.security import TOKEN_ENV
+
+EXAMPLE = Path(__file__).parents[2] / "services/cascade-scheduler/scheduler.example.toml"
+
+
+def test_example_config_parses() -> None:
+    config = from_toml(EXAMPLE)
+    assert config.port == 50051
+    assert config.tls.ca.endswith("ca.pem") and not config.tls.require_client_cert
+    assert config.max_optional_migrations_per_s == 4.0
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('policy = "llumnix"\nworkers = ["a:1", "b:2"]\nmax_queue = 7\n')
+    config = parse_args(["--config", str(path), "--policy", "least-load"])
+    assert config.policy == "least-load"
+    assert config.workers == ("a:1", "b:2") and config.min_workers == 2
+    assert config.max_queue == 7
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text("max_queu = 3\n")
+    with pytest.raises(ValueError, match="max_queu"):
+        from_toml(path)
+
+
+def test_token_comes_from_file_or_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert parse_args([]).auth_token == "from-env"
+    token = tmp_path / "token"
+    token.write_text("from-file\n")
+    config = parse_args(["--auth-token-file", str(token)])
+    assert config.auth_token == "from-file"
+    assert "from-file" not in repr(config), "the token must never reach a log line"
+    token.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        parse_args(["--auth-token-file", str(token)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tls-cert", "x.pem"], "both cert and key"),
+        (["--tls-require-client-cert"], "needs ca"),
+        (["--tokenizer", "/nonexistent"], "no tokenizer.json"),
+        (["--max-concurrent-migrations", "0"], "max_concurrent_migrations"),
+    ],
+)
+def test_bad_settings_are_refused_clearly(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv)
+
+
+def test_defaults_validate() -> None:
+    SchedulerConfig().validate()

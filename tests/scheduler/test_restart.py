@@ -1,0 +1,58 @@
+"""A scheduler that dies and comes back on the same address: the workers register again by
+themselves and the cluster serves new requests, with no operator action."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+from cascadeinfer.proto.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+from tests.scheduler.test_secure_cluster import free_port, ids_request
+from tests.worker.daemons import Daemon, start_scheduler, start_worker
+
+SIM = ["--engine", "sim", "--sim-max-model-len", "4096"]
+
+
+def healthy_workers(address: str) -> int:
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(address))
+    state = stub.GetClusterState(scheduler_pb2.GetClusterStateRequest(), timeout=10)
+    return sum(w.is_healthy for w in state.workers) if state.stages else 0
+
+
+def wait_until_workers(address: str, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if healthy_workers(address) == count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{count} workers did not register with {address}")
+
+
+def served_tokens(address: str) -> int:
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(address))
+    out = stub.Generate(ids_request(list(range(1, 80)), 60), timeout=60)
+    return sum(len(r.tokens.token_ids) for r in out)
+
+
+def test_workers_register_again_after_a_scheduler_restart(tmp_path: Path) -> None:
+    port = free_port()
+    args = ["--port", str(port), "--min-workers", "2", "--stages", "0-64:1,64-4096:1"]
+    scheduler = start_scheduler(args, tmp_path)
+    workers: list[Daemon] = []
+    try:
+        for _ in range(2):
+            workers.append(start_worker([*SIM, "--scheduler", scheduler.address], tmp_path))
+        wait_until_workers(scheduler.address, 2)
+        assert served_tokens(scheduler.address) == 60
+        scheduler.kill()  # a crash: no goodbye to the workers
+
+        scheduler = start_scheduler(args, tmp_path)
+        wait_until_workers(scheduler.address, 2)
+        assert served_tokens(scheduler.address) == 60
+        assert all(w.process.poll() is None for w in workers), "workers kept running"
+    finally:
+        for w in workers:
+            w.kill()
+        scheduler.kill()
