@@ -49,4 +49,9 @@ def run_daemon(
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ValueError as e:
+        # A setting that only shows as wrong once workers are known (an infeasible plan).
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)

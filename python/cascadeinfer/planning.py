@@ -14,6 +14,9 @@ from cascadeinfer.traces import arrival_rate, read_trace
 
 DEFAULT_UTILIZATION = 0.6
 """With no rate given, plan for this share of the fleet's estimated capacity."""
+ESTIMATE_BACKOFF = 0.7
+"""Factor an estimated default rate shrinks by while the partitioner finds it infeasible."""
+ESTIMATE_BACKOFF_TRIES = 12
 
 PRESET_SAMPLES = 20_000
 
@@ -116,11 +119,27 @@ def plan_stages(
     grid = _core.BucketGrid.geometric(max_len, num_buckets)
     requests = load_requests(workload, max_len, seed)
     chosen = rate or requests.rate
+    is_estimated = chosen is None
     if chosen is None:
         unit = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, 1.0)
         chosen = DEFAULT_UTILIZATION * num_instances / unit.work_per_second(profile)
-    summary = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, chosen)
     start = time.perf_counter()
-    plan = _core.partition(summary, profile, num_instances, max_stages)
+    for attempt in range(ESTIMATE_BACKOFF_TRIES):
+        summary = _core.Workload.from_samples(
+            grid, requests.prompt_lens, requests.output_lens, chosen
+        )
+        try:
+            plan = _core.partition(summary, profile, num_instances, max_stages)
+            break
+        except ValueError as e:
+            # The capacity estimate ignores queueing and stalls; the partitioner does not.
+            # An estimated rate backs off until the fleet can carry it; a given one is an error.
+            if (
+                not is_estimated
+                or "infeasible" not in str(e)
+                or attempt == ESTIMATE_BACKOFF_TRIES - 1
+            ):
+                raise
+            chosen *= ESTIMATE_BACKOFF
     solve_ms = (time.perf_counter() - start) * 1000.0
     return PlanResult(plan, summary, chosen, solve_ms, requests)

@@ -67,3 +67,17 @@ def test_bad_input_exits_2_with_a_clear_message(args: list[str], message: str) -
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_default_rate_backs_off_until_a_single_instance_can_carry_it() -> None:
+    """The capacity estimate ignores queueing; with no rate given, the plan must still exist
+    (a scheduler with one worker used to fail to start here)."""
+    import cascadeinfer as ci
+
+    profile = ci.load_profile("gpu-h100-llama3-8b")
+    result = ci.plan_stages(num_instances=1, workload="short-chat", profile=profile, max_len=8192)
+    assert len(result.plan.stages) == 1 and result.rate > 0
+    with pytest.raises(ValueError, match="infeasible"):
+        ci.plan_stages(
+            num_instances=1, workload="short-chat", profile=profile, max_len=8192, rate=1000.0
+        )
