@@ -179,6 +179,7 @@ class Coordinator:
             if rec is not None and not rec.is_done:
                 # Resume by recompute from the prompt plus what the client already has.
                 rec.pending.clear()
+                rec.finish_after = None
                 rec.worker_id = None
                 await self._place(rec)
 
@@ -196,7 +197,7 @@ class Coordinator:
                 rec.deliver(r.tokens.first_index, list(r.tokens.token_ids), finish)
             if rec.is_done:
                 self._retire(rec)
-            elif rec.worker_id == link.worker_id:
+            elif rec.worker_id == link.worker_id and rec.gone_from != link.worker_id:
                 ids.append(rec.core_id)
                 lens.append(r.context_len)
         if self.policy is not None and ids and link.is_healthy:
@@ -258,6 +259,10 @@ class Coordinator:
                     timeout=60,
                 )
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    # The worker finished it already; its feed is behind. Stop asking it to
+                    # move a request it no longer has (the finish is on its way).
+                    rec.gone_from = src.worker_id
                 self.counters.num_failed_migrations += 1
                 self.policy.migration_done(m, False)
                 self.metrics.migrations.labels(m.reason, "failed").inc()

@@ -32,6 +32,8 @@ class ClientRequest:
     first_token_at: float | None = None
     finished_at: float | None = None
     worker_id: str | None = None
+    gone_from: str | None = None
+    """A worker that said it no longer has this request while its feed still showed it."""
     entry_stage: int = 0
     """The stage the request was first admitted to (metrics are labelled by it)."""
     num_migrations: int = 0
@@ -40,6 +42,8 @@ class ClientRequest:
     pending: dict[int, int] = field(default_factory=dict)
     """Tokens that arrived ahead of a gap (from a migration target's feed), by index."""
     finish: FinishReason | None = None
+    finish_after: tuple[int, FinishReason] | None = None
+    """A finish that arrived with output index N: it takes effect once N tokens are here."""
     out: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
     detokenizer: Detokenizer | None = None
     """Set for text prompts: the client gets text along with token ids."""
@@ -68,9 +72,12 @@ class ClientRequest:
         fresh = tuple(self.tokens[start:])
         if fresh and self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        # A finish is final only once every token before it has arrived.
-        if finish is not None and not self.pending:
-            self.finish = finish
+        if finish is not None:
+            self.finish_after = (first_index + len(token_ids), finish)
+        # A finish is final only once every token before it has arrived: a migration target
+        # can finish the request before the source's last tokens reach the scheduler.
+        if self.finish_after is not None and len(self.tokens) >= self.finish_after[0]:
+            self.finish = self.finish_after[1]
             self.finished_at = time.monotonic()
         if fresh or self.finish is not None:
             self.out.put_nowait(Delivery(fresh, start, self.finish))
