@@ -1,7 +1,8 @@
 """CascadeInfer: length-aware, stage-partitioned scheduling for serving one LLM on many engines.
 
-The public names: the Rust core's types (cost profiles, grids, workloads, the partitioner and
-the policy objects) and the Python helpers that load them from names and files.
+The public names: the Rust core's types (cost profiles, grids, workloads, the partitioner, the
+policy objects and the cluster simulator that drives them) and the Python helpers that load them
+from names and files.
 """
 
 from cascadeinfer._core import (
@@ -10,12 +11,15 @@ from cascadeinfer._core import (
     Migration,
     PlannedStage,
     Scheduler,
+    SimReport,
     StagePlan,
     Workload,
+    generate_trace,
     partition,
     preset_max_len,
     preset_names,
     sample_preset,
+    simulate,
 )
 from cascadeinfer.config import (
     POLICY_NAMES,
@@ -39,9 +43,11 @@ __all__ = [
     "PlannedStage",
     "RefineConfig",
     "Scheduler",
+    "SimReport",
     "StagePlan",
     "TraceRequest",
     "Workload",
+    "generate_trace",
     "load_profile",
     "partition",
     "plan_stages",
@@ -49,5 +55,6 @@ __all__ = [
     "preset_names",
     "read_trace",
     "sample_preset",
+    "simulate",
     "write_trace",
 ]

@@ -1,5 +1,6 @@
 """Type stubs for the Rust extension `cascadeinfer._core` (kept honest by mypy.stubtest)."""
 
+from collections.abc import Sequence
 from typing import Protocol, final
 
 __all__ = [
@@ -8,13 +9,16 @@ __all__ = [
     "Migration",
     "PlannedStage",
     "Scheduler",
+    "SimReport",
     "StagePlan",
     "Workload",
     "__version__",
+    "generate_trace",
     "partition",
     "preset_max_len",
     "preset_names",
     "sample_preset",
+    "simulate",
 ]
 
 __version__: str
@@ -202,3 +206,38 @@ def partition(
 def preset_names() -> list[str]: ...
 def preset_max_len(name: str) -> int: ...
 def sample_preset(name: str, n: int, seed: int) -> tuple[list[int], list[int]]: ...
+
+@final
+class SimReport:
+    def summary(self) -> dict[str, float]: ...
+    def requests(self) -> dict[str, list[float]]: ...
+    def migrations_by_reason(self) -> dict[str, int]: ...
+    def failed_migrations_by_reason(self) -> dict[str, int]: ...
+    def failed_migrations_by_cause(self) -> dict[str, int]: ...
+    def stage_load(self) -> dict[str, list[float]]: ...
+    def instances(self) -> dict[str, list[float]]: ...
+    @property
+    def policy(self) -> str: ...
+    @property
+    def num_preemptions(self) -> int: ...
+    @property
+    def num_layout_changes(self) -> int: ...
+    @property
+    def num_unfinished(self) -> int: ...
+    @property
+    def total_output_tokens(self) -> int: ...
+    @property
+    def makespan_s(self) -> float: ...
+
+def simulate(
+    scheduler: Scheduler,
+    profile: CostProfile,
+    trace: Sequence[tuple[float, int, int]],
+    instances: list[int] | None = None,
+    tick_interval_s: float = 0.5,
+    max_concurrent_migrations: int = 8,
+    max_optional_migrations_per_s: float = 4.0,
+) -> SimReport: ...
+def generate_trace(
+    preset: str, n: int, rate: float, arrival: str = "poisson", cv: float = 1.0, seed: int = 0
+) -> list[tuple[float, int, int]]: ...

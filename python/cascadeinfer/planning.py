@@ -107,6 +107,7 @@ def plan_stages(
     max_stages: int | None = None,
     seed: int = 0,
     max_len: int | None = None,
+    back_off_when_infeasible: bool = False,
 ) -> PlanResult:
     """Plans stages for a preset or trace. The rate is, in order: `rate`, the trace's own,
     or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload. `max_len`
@@ -135,7 +136,7 @@ def plan_stages(
             # The capacity estimate ignores queueing and stalls; the partitioner does not.
             # An estimated rate backs off until the fleet can carry it; a given one is an error.
             if (
-                not is_estimated
+                not (is_estimated or back_off_when_infeasible)
                 or "infeasible" not in str(e)
                 or attempt == ESTIMATE_BACKOFF_TRIES - 1
             ):

@@ -1,8 +1,10 @@
 //! CascadeInfer's scheduling core.
 //!
 //! Pure policy and model code: no I/O, no clock reads (time is always an argument), no pyo3
-//! outside `py`. The live scheduler service and the cluster simulator drive the same objects.
+//! outside `py`. The live scheduler service and the cluster simulator (`sim`) drive the same
+//! objects; the simulator's one clock read times its own run.
 
+pub mod arrivals;
 pub mod balance;
 pub mod baselines;
 pub mod cascade;
@@ -18,6 +20,7 @@ pub mod presets;
 pub mod refine;
 pub mod rng;
 pub mod router;
+pub mod sim;
 pub mod workload;
 
 #[cfg(feature = "python")]
@@ -30,6 +33,7 @@ pub use ids::{InstanceId, RequestId};
 
 pub use partition::{partition, PartitionOptions, StagePlan, StageSpec};
 
+pub use arrivals::{generate_trace, ArrivalProcess, TraceRequest};
 pub use baselines::{Baseline, BaselineKind, LlumnixConfig};
 pub use cascade::{CascadeConfig, CascadePolicy};
 pub use layout::{StageLayout, StageRange};
@@ -37,4 +41,5 @@ pub use policy::{Admission, Migration, MigrationReason, Policy, StepEntry, TickO
 pub use presets::Preset;
 pub use refine::{RefineConfig, Refiner};
 pub use router::Router;
+pub use sim::{simulate, SimConfig, SimReport, SimSummary};
 pub use workload::{RequestSample, WorkloadSummary};

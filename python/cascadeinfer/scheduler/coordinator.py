@@ -19,8 +19,8 @@ import grpc
 import structlog
 
 from cascadeinfer import _core
-from cascadeinfer.config import CascadeConfig
-from cascadeinfer.planning import load_profile, plan_stages
+from cascadeinfer.planning import load_profile
+from cascadeinfer.policies import FixedStage, build_policy
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
@@ -108,37 +108,16 @@ class Coordinator:
         instances = [w.instance for w in workers]
         self.max_model_len = min(w.info.max_model_len for w in workers)
         c = self.config
-        if c.policy != "cascade":
-            self.policy = _core.Scheduler.baseline(
-                c.policy, self.profile, instances, self.max_model_len, c.seed
-            )
-        elif c.stages:
-            grid = _core.BucketGrid.geometric(self.max_model_len, 64)
-            it = iter(instances)
-            stages = [
-                (s.min_len, s.max_len, [next(it) for _ in range(s.num_workers)]) for s in c.stages
-            ]
-            stages[-1][2].extend(it)  # workers beyond the spec join the last stage
-            self.policy = _core.Scheduler.cascade_with_stages(
-                self.profile, stages, grid, CascadeConfig()
-            )
-        else:
-            result = plan_stages(
-                num_instances=len(instances),
-                workload=c.workload,
-                profile=self.profile,
-                rate=c.rate,
-                max_len=self.max_model_len,
-                seed=c.seed,
-            )
-            self.policy = _core.Scheduler.cascade(
-                self.profile,
-                result.plan,
-                instances,
-                result.workload.grid,
-                CascadeConfig(),
-                result.workload,
-            )
+        self.policy = build_policy(
+            c.policy,
+            self.profile,
+            instances,
+            max_len=self.max_model_len,
+            workload=c.workload,
+            rate=c.rate,
+            stages=[FixedStage(s.min_len, s.max_len, s.num_workers) for s in c.stages],
+            seed=c.seed,
+        )
         self.counters.plan_changed_at = time.time()
         log.info("policy_ready", policy=c.policy, stages=self.policy.stages())
 

@@ -4,6 +4,7 @@
 mod config;
 mod model;
 mod scheduler;
+mod sim;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -23,10 +24,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyStagePlan>()?;
     m.add_class::<scheduler::PyMigration>()?;
     m.add_class::<scheduler::PyScheduler>()?;
+    m.add_class::<sim::PySimReport>()?;
     m.add_function(wrap_pyfunction!(model::partition, m)?)?;
     m.add_function(wrap_pyfunction!(model::preset_names, m)?)?;
     m.add_function(wrap_pyfunction!(model::preset_max_len, m)?)?;
     m.add_function(wrap_pyfunction!(model::sample_preset, m)?)?;
+    m.add_function(wrap_pyfunction!(sim::simulate, m)?)?;
+    m.add_function(wrap_pyfunction!(sim::generate_trace, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -72,6 +72,13 @@ pub(crate) struct PyScheduler {
     policy: Box<dyn Policy>,
 }
 
+impl PyScheduler {
+    /// The policy itself, for the simulator to drive.
+    pub(crate) fn policy_mut(&mut self) -> &mut dyn Policy {
+        self.policy.as_mut()
+    }
+}
+
 #[pymethods]
 impl PyScheduler {
     /// The cascade policy over `plan`'s stages, with `instances` assigned to them in order.

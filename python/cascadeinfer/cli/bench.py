@@ -1,0 +1,113 @@
+"""`cascade bench`: simulated runs (`sim`), all policies side by side (`compare`), and the same
+measurements against a running scheduler (`live`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from cascadeinfer import _core
+from cascadeinfer.config import POLICY_NAMES
+from cascadeinfer.evaluation.simbench import (
+    SUMMARY_KEYS,
+    SimSetup,
+    Slo,
+    default_rate,
+    find_max_rate,
+    run_at_rate,
+)
+from cascadeinfer.planning import load_profile
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workload", required=True, help=f"preset ({', '.join(_core.preset_names())}) or JSONL"
+    )
+    p.add_argument("--instances", type=int, default=16)
+    p.add_argument("--requests", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default="gpu-h100-llama3-8b", help="built-in name or JSON file")
+    p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
+    p.add_argument("--cv", type=float, default=1.0, help="gamma: inter-arrival CV")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="simulated and live benchmarks of the policies")
+    benches = p.add_subparsers(dest="bench_command", required=True, metavar="KIND")
+
+    s = benches.add_parser("sim", help="one policy in the cluster simulator")
+    s.add_argument("--policy", choices=POLICY_NAMES, default="cascade")
+    _workload_args(s)
+    s.add_argument("--rate", type=float, help="requests/s (default: 60%% of estimated capacity)")
+    s.add_argument("--find-max-rate", action="store_true", help="search the highest rate in SLO")
+    s.add_argument("--slo-p99-ttft-s", type=float, default=5.0)
+    s.add_argument("--slo-p99-tpot-s", type=float, default=0.2)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=run_sim)
+
+    c = benches.add_parser("compare", help="every policy on one workload, several rates")
+    _workload_args(c)
+    c.add_argument("--rates", help="comma-separated requests/s (default: 0.25x to 1.5x of planned)")
+    c.add_argument("--slo-p99-ttft-s", type=float, default=5.0)
+    c.add_argument("--slo-p99-tpot-s", type=float, default=0.2)
+    c.add_argument("--no-max-rate", action="store_true", help="skip the sustainable-rate search")
+    c.add_argument("--out", default="bench-compare", help="directory for the table and plots")
+    c.set_defaults(run=run_compare)
+
+
+def _setup(args: argparse.Namespace, policy: str) -> SimSetup:
+    return SimSetup(
+        policy=policy,
+        profile=load_profile(args.profile),
+        workload=args.workload,
+        num_instances=args.instances,
+        num_requests=args.requests,
+        arrival=args.arrival,
+        cv=args.cv,
+        seed=args.seed,
+    )
+
+
+def _print_summary(summary: dict[str, float]) -> None:
+    for key in ("rate", *SUMMARY_KEYS):
+        value = summary[key]
+        print(f"  {key:<18} {value:.4g}" if isinstance(value, float) else f"  {key:<18} {value}")
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    setup = _setup(args, args.policy)
+    rate = args.rate or default_rate(setup)
+    if not args.find_max_rate:
+        summary, _ = run_at_rate(setup, rate)
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            print(f"{args.policy} on {args.workload}, {args.instances} instances, simulated:")
+            _print_summary(summary)
+        return 0
+    slo = Slo(args.slo_p99_ttft_s, args.slo_p99_tpot_s)
+    best, at_best, runs = find_max_rate(lambda r: run_at_rate(setup, r)[0], slo, start=rate)
+    doc = {"max_rate": best, "slo": vars(slo), "at_max_rate": at_best, "runs": len(runs)}
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(f"{args.policy}: highest rate within the SLO {vars(slo)}: {best:.4g} req/s")
+        if at_best is not None:
+            _print_summary(at_best)
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from cascadeinfer.evaluation.compare import compare
+
+    base = _setup(args, "cascade")
+    rates = (
+        [float(r) for r in args.rates.split(",")]
+        if args.rates
+        else [f * default_rate(base) for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)]
+    )
+    slo = None if args.no_max_rate else Slo(args.slo_p99_ttft_s, args.slo_p99_tpot_s)
+    path = compare(base, rates, slo, args.out)
+    print(path.read_text())
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation: simulated and live benchmark runs, policy comparisons, simulator validation."""

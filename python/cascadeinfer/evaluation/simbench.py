@@ -1,0 +1,188 @@
+"""`cascade bench sim`: one policy on one workload in the cluster simulator, and the search for
+the highest arrival rate that still meets a latency SLO.
+
+The policy object is built by `cascadeinfer.policies.build_policy`, the function the live
+scheduler uses, and the simulator drives it through the same `Policy` interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cascadeinfer import _core
+from cascadeinfer.policies import build_policy
+from cascadeinfer.traces import read_trace
+
+Trace = list[tuple[float, int, int]]
+
+SUMMARY_KEYS = (
+    "mean_e2e_s",
+    "p99_e2e_s",
+    "mean_ttft_s",
+    "p99_ttft_s",
+    "mean_tpot_s",
+    "p99_tpot_s",
+    "throughput_tok_s",
+    "completed",
+    "migrations",
+    "sim_wall_s",
+)
+
+
+def clamp(trace: Trace, max_len: int) -> Trace:
+    """Fits every request into `max_len` tokens of context (prompt first, then output)."""
+    out = []
+    for arrival, prompt, output in trace:
+        prompt = min(prompt, max_len - 1)
+        out.append((arrival, prompt, max(1, min(output, max_len - prompt))))
+    return out
+
+
+def make_trace(
+    workload: str,
+    *,
+    num_requests: int,
+    rate: float,
+    arrival: str = "poisson",
+    cv: float = 1.0,
+    seed: int = 0,
+    max_len: int,
+) -> Trace:
+    """A preset sampled at `rate`, or a JSONL trace file (its first `num_requests` requests,
+    arrivals rescaled to `rate` when one is given)."""
+    if workload in _core.preset_names():
+        trace = _core.generate_trace(workload, num_requests, rate, arrival, cv, seed)
+    else:
+        requests = read_trace(workload)[:num_requests]
+        if not requests:
+            raise ValueError(f"trace {workload!r} is empty")
+        span = requests[-1].arrival_s - requests[0].arrival_s
+        scale = (len(requests) - 1) / rate / span if rate and span > 0 else 1.0
+        t0 = requests[0].arrival_s
+        trace = [((r.arrival_s - t0) * scale, r.prompt_len, r.output_len) for r in requests]
+    return clamp(trace, max_len)
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    policy: str
+    profile: _core.CostProfile
+    workload: str
+    num_instances: int
+    num_requests: int
+    arrival: str = "poisson"
+    cv: float = 1.0
+    seed: int = 0
+    tick_interval_s: float = 0.5
+    max_concurrent_migrations: int = 8
+    max_optional_migrations_per_s: float = 4.0
+
+
+def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.SimReport]:
+    """One simulation at `rate` req/s; the cascade plan is made for this workload and rate."""
+    max_len = setup.profile.max_model_len
+    trace = make_trace(
+        setup.workload,
+        num_requests=setup.num_requests,
+        rate=rate,
+        arrival=setup.arrival,
+        cv=setup.cv,
+        seed=setup.seed,
+        max_len=max_len,
+    )
+    instances = list(range(setup.num_instances))
+    policy = build_policy(
+        setup.policy,
+        setup.profile,
+        instances,
+        max_len=max_len,
+        workload=setup.workload,
+        rate=rate,
+        seed=setup.seed,
+        plan_within_capacity=True,
+    )
+    report = _core.simulate(
+        policy,
+        setup.profile,
+        trace,
+        instances,
+        tick_interval_s=setup.tick_interval_s,
+        max_concurrent_migrations=setup.max_concurrent_migrations,
+        max_optional_migrations_per_s=setup.max_optional_migrations_per_s,
+    )
+    summary = dict(report.summary())
+    summary["rate"] = rate
+    summary["requests"] = len(trace)
+    return summary, report
+
+
+@dataclass(frozen=True)
+class Slo:
+    p99_ttft_s: float
+    p99_tpot_s: float
+
+    def is_met(self, summary: dict[str, float]) -> bool:
+        return (
+            summary["completed"] == summary["requests"]
+            and summary["p99_ttft_s"] <= self.p99_ttft_s
+            and summary["p99_tpot_s"] <= self.p99_tpot_s
+        )
+
+
+def find_max_rate(
+    run: Callable[[float], dict[str, float]],
+    slo: Slo,
+    *,
+    start: float,
+    relative_tolerance: float = 0.03,
+    max_runs: int = 24,
+) -> tuple[float, dict[str, float] | None, list[dict[str, float]]]:
+    """The highest rate meeting `slo`: doubling (or halving) from `start` to bracket it, then
+    bisection to `relative_tolerance`. Returns the rate (0 if none met), its summary, and every
+    run made. Assumes what holds for the SLO at a rate holds at every lower rate."""
+    runs: list[dict[str, float]] = []
+
+    def meets(rate: float) -> tuple[bool, dict[str, float]]:
+        summary = run(rate)
+        runs.append(summary)
+        return slo.is_met(summary), summary
+
+    ok, summary = meets(start)
+    best: tuple[float, dict[str, float] | None] = (start, summary) if ok else (0.0, None)
+    lo, hi = (start, start * 2) if ok else (start / 2, start)
+    while len(runs) < max_runs:
+        if ok:
+            ok, summary = meets(hi)
+            if not ok:
+                break
+            best, lo, hi = (hi, summary), hi, hi * 2
+        else:
+            ok, summary = meets(lo)
+            if ok:
+                best = (lo, summary)
+                break
+            hi, lo = lo, lo / 2
+            if lo < start / 64:
+                return 0.0, None, runs
+    while hi - lo > relative_tolerance * hi and len(runs) < max_runs:
+        mid = (lo + hi) / 2
+        ok, summary = meets(mid)
+        if ok:
+            best, lo = (mid, summary), mid
+        else:
+            hi = mid
+    return best[0], best[1], runs
+
+
+def default_rate(setup: SimSetup) -> float:
+    """A starting rate: what `cascade plan` would plan for on this fleet (60% of capacity)."""
+    from cascadeinfer.planning import plan_stages
+
+    return plan_stages(
+        num_instances=setup.num_instances,
+        workload=setup.workload,
+        profile=setup.profile,
+        max_len=setup.profile.max_model_len,
+        seed=setup.seed,
+    ).rate

@@ -1,0 +1,63 @@
+"""Builds a scheduling policy object the one way both the live scheduler and the simulator use,
+so a comparison in `cascade bench sim` runs exactly what `cascade-scheduler` would run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cascadeinfer import _core
+from cascadeinfer.config import POLICY_NAMES, CascadeConfig
+from cascadeinfer.planning import plan_stages
+
+
+@dataclass(frozen=True)
+class FixedStage:
+    """An explicit cascade stage: context lengths [min_len, max_len) on `num_instances`."""
+
+    min_len: int
+    max_len: int
+    num_instances: int
+
+
+def build_policy(
+    name: str,
+    profile: _core.CostProfile,
+    instances: Sequence[int],
+    *,
+    max_len: int,
+    workload: str = "short-chat",
+    rate: float | None = None,
+    stages: Sequence[FixedStage] = (),
+    seed: int = 0,
+    plan_within_capacity: bool = False,
+) -> _core.Scheduler:
+    """`name` is one of POLICY_NAMES. Cascade uses `stages` when given (instances beyond them
+    join the last stage), else a plan from the partitioner for `workload` at `rate`.
+    `plan_within_capacity`: a rate the fleet cannot carry is planned for at the highest rate it
+    can (benchmarks run past saturation on purpose); otherwise it is an error."""
+    if name not in POLICY_NAMES:
+        raise ValueError(f"policy {name!r}: known {', '.join(POLICY_NAMES)}")
+    instances = list(instances)
+    if name != "cascade":
+        return _core.Scheduler.baseline(name, profile, instances, max_len, seed)
+    if stages:
+        if sum(s.num_instances for s in stages) > len(instances):
+            raise ValueError(f"stages ask for more than the {len(instances)} instances there are")
+        grid = _core.BucketGrid.geometric(max_len, 64)
+        it = iter(instances)
+        spec = [(s.min_len, s.max_len, [next(it) for _ in range(s.num_instances)]) for s in stages]
+        spec[-1][2].extend(it)
+        return _core.Scheduler.cascade_with_stages(profile, spec, grid, CascadeConfig())
+    result = plan_stages(
+        num_instances=len(instances),
+        workload=workload,
+        profile=profile,
+        rate=rate,
+        max_len=max_len,
+        seed=seed,
+        back_off_when_infeasible=plan_within_capacity,
+    )
+    return _core.Scheduler.cascade(
+        profile, result.plan, instances, result.workload.grid, CascadeConfig(), result.workload
+    )

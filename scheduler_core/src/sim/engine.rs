@@ -1,0 +1,363 @@
+//! One engine instance: continuous batching under a token budget, chunked prefill, KV blocks
+//! and preemption by recompute (the newest running request first).
+//!
+//! It follows the `sim` worker engine (python/cascadeinfer/worker/engines/sim_engine.py) step
+//! for step, with three vLLM rules that engine lacks: a decode spends one token of the budget
+//! (none is scheduled once the budget is gone), a request gets blocks for the tokens computed in
+//! this step only, and no waiting request starts in a step that preempted one.
+
+use std::collections::VecDeque;
+
+use crate::cost::{prefill_pairs, BatchShape};
+use crate::ids::InstanceId;
+
+/// Where a request is.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    NotArrived,
+    /// In the scheduler's admission queue (the policy had no room).
+    Queued,
+    /// Admitted to an instance, waiting there for blocks and budget.
+    Waiting,
+    Running,
+    /// Stopped for the final copy of a migration: on neither engine's batch.
+    Paused,
+    Done,
+}
+
+/// A request's engine state (the hot part; times live in [`Timeline`]).
+#[derive(Copy, Clone, Debug)]
+pub(super) struct Seq {
+    pub prompt_len: u32,
+    pub output_len: u32,
+    pub num_generated: u32,
+    /// Tokens of prompt + output whose KV exists.
+    pub num_computed: u32,
+    pub num_blocks: u32,
+    /// Dense index of the instance holding the request (meaningless before admission).
+    pub slot: u32,
+    pub phase: Phase,
+    pub is_migrating: bool,
+    pub num_migrations: u32,
+    pub num_preemptions: u32,
+}
+
+impl Seq {
+    pub fn new(prompt_len: u32, output_len: u32) -> Self {
+        Seq {
+            prompt_len,
+            output_len,
+            num_generated: 0,
+            num_computed: 0,
+            num_blocks: 0,
+            slot: 0,
+            phase: Phase::NotArrived,
+            is_migrating: false,
+            num_migrations: 0,
+            num_preemptions: 0,
+        }
+    }
+
+    pub fn context_len(&self) -> u32 {
+        self.prompt_len + self.num_generated
+    }
+
+    /// A request decodes once everything but its last sampled token has KV.
+    pub fn is_prefilling(&self) -> bool {
+        self.num_computed + u32::from(self.num_generated > 0) < self.context_len()
+    }
+}
+
+/// When things happened to a request; NaN until they do.
+#[derive(Copy, Clone, Debug)]
+pub(super) struct Timeline {
+    pub arrival_s: f64,
+    pub admitted_s: f64,
+    pub first_token_s: f64,
+    pub finished_s: f64,
+}
+
+/// The engine limits every instance shares.
+#[derive(Copy, Clone, Debug)]
+pub(super) struct EngineParams {
+    pub block_size: u32,
+    pub total_blocks: u64,
+    pub max_num_seqs: u32,
+    pub max_batch_tokens: u32,
+    pub max_model_len: u32,
+}
+
+impl EngineParams {
+    pub fn blocks_for(&self, tokens: u32) -> u32 {
+        tokens.div_ceil(self.block_size)
+    }
+}
+
+/// Counters for the report.
+#[derive(Copy, Clone, Debug, Default)]
+pub(super) struct Peaks {
+    pub num_steps: u64,
+    pub busy_s: f64,
+    pub used_blocks: u64,
+    pub batch_tokens: u32,
+    pub batch_seqs: u32,
+}
+
+#[derive(Debug)]
+pub(super) struct Instance {
+    pub id: InstanceId,
+    pub waiting: VecDeque<u32>,
+    /// In start order: the last is the newest, preempted first.
+    pub running: Vec<u32>,
+    /// Blocks held by requests here, paused requests migrating away and reservations of
+    /// requests migrating in.
+    pub used_blocks: u64,
+    pub is_busy: bool,
+    /// The step in progress: decodes, then prefill chunks `(request, tokens)`.
+    pub decode: Vec<u32>,
+    pub prefill: Vec<(u32, u32)>,
+    /// Migrations whose bulk copy ended during the step in progress; they pause at its end.
+    pub pending_pauses: Vec<u32>,
+    pub peaks: Peaks,
+}
+
+impl Instance {
+    pub fn new(id: InstanceId) -> Self {
+        Instance {
+            id,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            used_blocks: 0,
+            is_busy: false,
+            decode: Vec::new(),
+            prefill: Vec::new(),
+            pending_pauses: Vec::new(),
+            peaks: Peaks::default(),
+        }
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    pub fn can_allocate(&self, p: &EngineParams, blocks: u32) -> bool {
+        self.used_blocks + u64::from(blocks) <= p.total_blocks
+    }
+
+    pub fn allocate(&mut self, blocks: u32) {
+        self.used_blocks += u64::from(blocks);
+        self.peaks.used_blocks = self.peaks.used_blocks.max(self.used_blocks);
+    }
+
+    pub fn release(&mut self, blocks: u32) {
+        debug_assert!(self.used_blocks >= u64::from(blocks));
+        self.used_blocks -= u64::from(blocks);
+    }
+
+    /// Gives `seq` blocks for `tokens` tokens; false when the pool is short.
+    fn grow(&mut self, p: &EngineParams, seq: &mut Seq, tokens: u32) -> bool {
+        let need = p.blocks_for(tokens).saturating_sub(seq.num_blocks);
+        if !self.can_allocate(p, need) {
+            return false;
+        }
+        self.allocate(need);
+        seq.num_blocks += need;
+        true
+    }
+
+    /// Frees the newest running request; it recomputes from scratch later, first in line.
+    fn preempt_last(&mut self, seqs: &mut [Seq]) {
+        let victim = self.running.pop().expect("preempting from an empty batch");
+        let seq = &mut seqs[victim as usize];
+        self.release(seq.num_blocks);
+        seq.num_blocks = 0;
+        seq.num_computed = 0;
+        seq.phase = Phase::Waiting;
+        seq.num_preemptions += 1;
+        self.waiting.push_front(victim);
+    }
+
+    /// Forms the next step's batch in `decode` and `prefill` and returns its shape.
+    pub fn schedule(&mut self, p: &EngineParams, seqs: &mut [Seq]) -> BatchShape {
+        self.decode.clear();
+        self.prefill.clear();
+        let mut shape = BatchShape::default();
+        let mut budget = p.max_batch_tokens;
+        let mut has_preempted = false;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 && self.num_scheduled() < p.max_num_seqs {
+            let r = self.running[i];
+            let seq = seqs[r as usize];
+            let ctx = seq.context_len();
+            let chunk = if seq.is_prefilling() { budget.min(ctx - seq.num_computed) } else { 1 };
+            let mut fits = true;
+            while !self.grow(p, &mut seqs[r as usize], seq.num_computed + chunk) {
+                // Preempt the newest running request, possibly this one.
+                let is_self = self.running.len() - 1 == i;
+                self.preempt_last(seqs);
+                has_preempted = true;
+                if is_self {
+                    fits = false;
+                    break;
+                }
+            }
+            if !fits {
+                break;
+            }
+            if seq.is_prefilling() {
+                self.add_prefill(&mut shape, r, seq.num_computed, chunk);
+            } else {
+                self.decode.push(r);
+                shape.num_decode += 1;
+                shape.sum_context += u64::from(ctx);
+                shape.max_context = shape.max_context.max(ctx);
+            }
+            budget -= chunk;
+            i += 1;
+        }
+        while !has_preempted && budget > 0 && (self.running.len() as u32) < p.max_num_seqs {
+            let Some(&w) = self.waiting.front() else { break };
+            let seq = &mut seqs[w as usize];
+            let chunk = budget.min(seq.context_len() - seq.num_computed);
+            let start = seq.num_computed;
+            if !self.grow(p, seq, start + chunk) {
+                break;
+            }
+            seq.phase = Phase::Running;
+            self.waiting.pop_front();
+            self.running.push(w);
+            self.add_prefill(&mut shape, w, start, chunk);
+            budget -= chunk;
+        }
+        self.peaks.batch_tokens = self.peaks.batch_tokens.max(p.max_batch_tokens - budget);
+        self.peaks.batch_seqs = self.peaks.batch_seqs.max(self.num_scheduled());
+        shape
+    }
+
+    fn num_scheduled(&self) -> u32 {
+        (self.decode.len() + self.prefill.len()) as u32
+    }
+
+    fn add_prefill(&mut self, shape: &mut BatchShape, r: u32, start: u32, chunk: u32) {
+        self.prefill.push((r, chunk));
+        shape.prefill_tokens += chunk;
+        shape.prefill_pairs += prefill_pairs(u64::from(start), u64::from(chunk));
+    }
+
+    /// Applies the step that ends at `now`: every decode and every completed prefill samples a
+    /// token. Pushes those requests to `emitted` (decodes first, as the worker's step feed
+    /// lists them); finished ones are `Phase::Done`, their blocks freed.
+    pub fn finish_step(
+        &mut self,
+        p: &EngineParams,
+        seqs: &mut [Seq],
+        times: &mut [Timeline],
+        now: f64,
+        emitted: &mut Vec<u32>,
+    ) {
+        let mut has_finished = false;
+        for &r in &self.decode {
+            let seq = &mut seqs[r as usize];
+            debug_assert_eq!(seq.phase, Phase::Running);
+            seq.num_computed = seq.context_len();
+            has_finished |= emit(p, seq, &mut times[r as usize], now);
+            emitted.push(r);
+        }
+        for &(r, chunk) in &self.prefill {
+            let seq = &mut seqs[r as usize];
+            seq.num_computed += chunk;
+            if !seq.is_prefilling() {
+                has_finished |= emit(p, seq, &mut times[r as usize], now);
+                emitted.push(r);
+            }
+        }
+        if has_finished {
+            let mut freed = 0;
+            self.running.retain(|&r| {
+                let seq = &mut seqs[r as usize];
+                if seq.phase == Phase::Done {
+                    freed += seq.num_blocks;
+                    seq.num_blocks = 0;
+                }
+                seq.phase != Phase::Done
+            });
+            self.release(freed);
+        }
+    }
+}
+
+/// Samples one token; true when the request is done (its blocks are freed by the caller).
+fn emit(p: &EngineParams, seq: &mut Seq, times: &mut Timeline, now: f64) -> bool {
+    seq.num_generated += 1;
+    if times.first_token_s.is_nan() {
+        times.first_token_s = now;
+    }
+    if seq.num_generated >= seq.output_len || seq.context_len() >= p.max_model_len {
+        seq.phase = Phase::Done;
+        times.finished_s = now;
+        return true;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(total_blocks: u64) -> EngineParams {
+        EngineParams { block_size: 16, total_blocks, max_num_seqs: 4, max_batch_tokens: 64, max_model_len: 10_000 }
+    }
+
+    fn admit(inst: &mut Instance, seqs: &mut [Seq], r: u32) {
+        seqs[r as usize].phase = Phase::Waiting;
+        inst.waiting.push_back(r);
+    }
+
+    #[test]
+    fn chunked_prefill_then_decode_under_the_budget() {
+        let p = params(1000);
+        let mut seqs = vec![Seq::new(100, 3), Seq::new(10, 2)];
+        let mut times =
+            vec![Timeline { arrival_s: 0.0, admitted_s: 0.0, first_token_s: f64::NAN, finished_s: f64::NAN }; 2];
+        let mut inst = Instance::new(InstanceId(0));
+        admit(&mut inst, &mut seqs, 0);
+        admit(&mut inst, &mut seqs, 1);
+        let shape = inst.schedule(&p, &mut seqs);
+        // 64 tokens of budget: all go to the first prompt's first chunk.
+        assert_eq!((shape.prefill_tokens, shape.num_decode, inst.prefill.len()), (64, 0, 1));
+        let mut emitted = Vec::new();
+        inst.finish_step(&p, &mut seqs, &mut times, 1.0, &mut emitted);
+        assert!(emitted.is_empty() && seqs[0].num_computed == 64);
+        let shape = inst.schedule(&p, &mut seqs);
+        assert_eq!(shape.prefill_tokens, 36 + 10, "rest of the first prompt, then the second");
+        inst.finish_step(&p, &mut seqs, &mut times, 2.0, &mut emitted);
+        assert_eq!(emitted, vec![0, 1]);
+        assert_eq!((times[0].first_token_s, seqs[0].context_len()), (2.0, 101));
+        let shape = inst.schedule(&p, &mut seqs);
+        assert_eq!((shape.num_decode, shape.sum_context, shape.max_context), (2, 101 + 11, 101));
+    }
+
+    #[test]
+    fn a_short_pool_preempts_the_newest_and_frees_everything_at_the_end() {
+        // 8 blocks of 16 tokens: two 60-token prompts fit (4 blocks each) but cannot both grow.
+        let p = params(8);
+        let mut seqs = vec![Seq::new(60, 10), Seq::new(60, 10)];
+        let mut times =
+            vec![Timeline { arrival_s: 0.0, admitted_s: 0.0, first_token_s: f64::NAN, finished_s: f64::NAN }; 2];
+        let mut inst = Instance::new(InstanceId(0));
+        admit(&mut inst, &mut seqs, 0);
+        admit(&mut inst, &mut seqs, 1);
+        let mut emitted = Vec::new();
+        let mut t = 0.0;
+        while seqs.iter().any(|s| s.phase != Phase::Done) {
+            inst.schedule(&p, &mut seqs);
+            assert!(inst.used_blocks <= p.total_blocks);
+            t += 1.0;
+            inst.finish_step(&p, &mut seqs, &mut times, t, &mut emitted);
+            assert!(t < 100.0, "no progress");
+        }
+        assert!(seqs[1].num_preemptions > 0 && seqs[0].num_preemptions == 0, "the newer request yields");
+        assert_eq!(inst.used_blocks, 0);
+        assert!(inst.peaks.used_blocks <= 8);
+    }
+}

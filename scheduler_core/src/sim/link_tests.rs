@@ -1,0 +1,175 @@
+//! The simulator drives policies only through the `Policy` trait: a recording wrapper logs every
+//! call and its answer during a run, and a fresh policy built the same way, fed the same calls,
+//! answers the same. So the simulator uses the policy objects as they are, nothing re-implemented.
+
+use super::tests::{baseline, bimodal, ids, two_stage};
+use super::*;
+use crate::baselines::BaselineKind;
+use crate::cascade::{CascadeConfig, CascadePolicy};
+use crate::cost::tests::gpu;
+use crate::grid::BucketGrid;
+use crate::ids::RequestId;
+use crate::layout::StageLayout;
+use crate::partition::{partition, PartitionOptions};
+use crate::policy::{Admission, Migration, StepEntry, TickOutcome};
+use crate::presets::Preset;
+use crate::router::Router;
+use crate::workload::WorkloadSummary;
+
+#[derive(Clone, Debug, PartialEq)]
+enum Call {
+    Admit { request: RequestId, prompt_len: u32, now: f64, answer: Result<Option<Admission>> },
+    OnStep { entries: Vec<StepEntry>, now: f64, answer: Result<Vec<Migration>> },
+    Tick { now: f64, answer: TickOutcome },
+    MigrationDone { migration: Migration, succeeded: bool },
+    RequestFinished { request: RequestId, instance: InstanceId },
+    AddInstance { instance: InstanceId, answer: Result<()> },
+    RemoveInstance { instance: InstanceId, answer: Result<()> },
+}
+
+impl Call {
+    fn now(&self) -> Option<f64> {
+        match self {
+            Call::Admit { now, .. } | Call::OnStep { now, .. } | Call::Tick { now, .. } => Some(*now),
+            _ => None,
+        }
+    }
+}
+
+struct Recording {
+    inner: Box<dyn Policy>,
+    calls: Vec<Call>,
+}
+
+impl Policy for Recording {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn admit(&mut self, request: RequestId, prompt_len: u32, now: f64) -> Result<Option<Admission>> {
+        let answer = self.inner.admit(request, prompt_len, now);
+        self.calls.push(Call::Admit { request, prompt_len, now, answer: answer.clone() });
+        answer
+    }
+
+    fn on_step(&mut self, entries: &[StepEntry], now: f64) -> Result<Vec<Migration>> {
+        let answer = self.inner.on_step(entries, now);
+        self.calls.push(Call::OnStep { entries: entries.to_vec(), now, answer: answer.clone() });
+        answer
+    }
+
+    fn tick(&mut self, now: f64) -> TickOutcome {
+        let answer = self.inner.tick(now);
+        self.calls.push(Call::Tick { now, answer: answer.clone() });
+        answer
+    }
+
+    fn add_instance(&mut self, instance: InstanceId) -> Result<()> {
+        let answer = self.inner.add_instance(instance);
+        self.calls.push(Call::AddInstance { instance, answer: answer.clone() });
+        answer
+    }
+
+    fn remove_instance(&mut self, instance: InstanceId) -> Result<()> {
+        let answer = self.inner.remove_instance(instance);
+        self.calls.push(Call::RemoveInstance { instance, answer: answer.clone() });
+        answer
+    }
+
+    fn migration_done(&mut self, migration: &Migration, succeeded: bool) {
+        self.inner.migration_done(migration, succeeded);
+        self.calls.push(Call::MigrationDone { migration: *migration, succeeded });
+    }
+
+    fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
+        self.inner.request_finished(request, instance);
+        self.calls.push(Call::RequestFinished { request, instance });
+    }
+
+    fn router(&self) -> &Router {
+        self.inner.router()
+    }
+
+    fn router_mut(&mut self) -> &mut Router {
+        panic!("the simulator changed policy state behind the policy's methods")
+    }
+}
+
+fn replay(policy: &mut dyn Policy, calls: &[Call]) {
+    for (k, call) in calls.iter().enumerate() {
+        let again = match call.clone() {
+            Call::Admit { request, prompt_len, now, .. } => {
+                Call::Admit { request, prompt_len, now, answer: policy.admit(request, prompt_len, now) }
+            }
+            Call::OnStep { entries, now, .. } => {
+                let answer = policy.on_step(&entries, now);
+                Call::OnStep { entries, now, answer }
+            }
+            Call::Tick { now, .. } => Call::Tick { now, answer: policy.tick(now) },
+            Call::MigrationDone { migration, succeeded } => {
+                policy.migration_done(&migration, succeeded);
+                Call::MigrationDone { migration, succeeded }
+            }
+            Call::RequestFinished { request, instance } => {
+                policy.request_finished(request, instance);
+                Call::RequestFinished { request, instance }
+            }
+            Call::AddInstance { instance, .. } => Call::AddInstance { instance, answer: policy.add_instance(instance) },
+            Call::RemoveInstance { instance, .. } => {
+                Call::RemoveInstance { instance, answer: policy.remove_instance(instance) }
+            }
+        };
+        assert_eq!(&again, call, "call {k} answered differently on replay");
+    }
+}
+
+/// The cascade policy as `cascade plan` makes it, with refinement on, but planned for short chat:
+/// the bimodal traffic it meets makes it re-plan (ticks change the layout).
+fn planned_cascade() -> Box<dyn Policy> {
+    let p = gpu();
+    let grid = BucketGrid::geometric(p.max_model_len, 32, 64).unwrap();
+    let w = WorkloadSummary::from_samples(&grid, &Preset::ShortChat.sample(2000, 0), 6.0).unwrap();
+    let plan = partition(&w, &p, &PartitionOptions { num_instances: 6, max_stages: None }).unwrap();
+    let layout = StageLayout::from_plan(&plan, &ids(6)).unwrap();
+    let config = CascadeConfig { is_refine_enabled: true, ..CascadeConfig::default() };
+    Box::new(CascadePolicy::new(p, layout, grid, config, Some(&w)).unwrap())
+}
+
+#[test]
+fn the_simulator_calls_the_policy_and_nothing_else() {
+    fn two_stage_cascade() -> Box<dyn Policy> {
+        Box::new(two_stage(&gpu(), 1024, 2))
+    }
+    fn llumnix() -> Box<dyn Policy> {
+        Box::new(baseline(BaselineKind::Llumnix, &gpu(), 4))
+    }
+    fn power_of_two() -> Box<dyn Policy> {
+        Box::new(baseline(BaselineKind::PowerOfTwo, &gpu(), 4))
+    }
+    let p = gpu();
+    let trace = bimodal(1500, 6.0, 8);
+    for (k, make) in [planned_cascade, two_stage_cascade, llumnix, power_of_two].into_iter().enumerate() {
+        let mut recording = Recording { inner: make(), calls: Vec::new() };
+        let n = recording.layout().num_instances() as u32;
+        let report = simulate(&mut recording, &p, &trace, &ids(n), &SimConfig::default()).unwrap();
+        let calls = recording.calls;
+        let count = |f: fn(&Call) -> bool| calls.iter().filter(|c| f(c)).count();
+        assert_eq!(count(|c| matches!(c, Call::RequestFinished { .. })), trace.len());
+        assert!(count(|c| matches!(c, Call::Admit { .. })) >= trace.len());
+        assert!(
+            count(|c| matches!(c, Call::OnStep { .. })) > trace.len()
+                && count(|c| matches!(c, Call::Tick { .. })) > 100
+        );
+        let landed = count(|c| matches!(c, Call::MigrationDone { succeeded: true, .. }));
+        assert_eq!(landed as u64, report.summary.migrations, "{}", report.policy);
+        if k == 0 {
+            assert!(count(|c| matches!(c, Call::Tick { answer, .. } if answer.new_layout.is_some())) > 0);
+        }
+        if report.policy != "power-of-two" {
+            assert!(landed > 0, "{} moved nothing: the test would prove little", report.policy);
+        }
+        let times: Vec<f64> = calls.iter().filter_map(Call::now).collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "the simulated clock never goes back");
+        replay(make().as_mut(), &calls);
+    }
+}

@@ -1,0 +1,348 @@
+//! The event loop: arrivals, engine steps, migrations and ticks, with the policy called where
+//! and in the order the live coordinator calls it (python/cascadeinfer/scheduler/coordinator.py).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::engine::{EngineParams, Instance, Phase, Seq, Timeline};
+use super::events::{EventKind, EventQueue};
+use super::flights::Flights;
+use super::inputs::{slots, validate_trace};
+use super::migrate::{Failure, REASONS};
+use super::report::{summarize, InstanceStats, RequestRecord, SimReport, StageLoadSample};
+use super::SimConfig;
+use crate::arrivals::TraceRequest;
+use crate::cost::CostProfile;
+use crate::error::{CoreError, Result};
+use crate::ids::{InstanceId, RequestId};
+use crate::policy::{Policy, StepEntry};
+
+/// A run whose admission queue is stuck (nothing running, nothing in flight, nothing left to
+/// arrive, the policy refusing every retry) ends after this many simulated seconds.
+const MAX_STALL_S: f64 = 600.0;
+
+pub(super) struct Simulation<'a> {
+    pub(super) policy: &'a mut dyn Policy,
+    pub(super) profile: &'a CostProfile,
+    pub(super) config: SimConfig,
+    pub(super) p: EngineParams,
+    pub(super) seqs: Vec<Seq>,
+    pub(super) times: Vec<Timeline>,
+    /// Trace indices by arrival time.
+    pub(super) order: Vec<u32>,
+    pub(super) num_arrived: usize,
+    pub(super) instances: Vec<Instance>,
+    /// Dense index of each `InstanceId`, `u32::MAX` for ids not simulated.
+    pub(super) slot_of: Vec<u32>,
+    /// The scheduler's admission queue (FIFO).
+    pub(super) queue: VecDeque<u32>,
+    pub(super) events: EventQueue,
+    pub(super) flights: Flights,
+    pub(super) entries: Vec<StepEntry>,
+    pub(super) emitted: Vec<u32>,
+    pub(super) now: f64,
+    pub(super) num_done: usize,
+    pub(super) num_landed: [u64; 4],
+    pub(super) num_failed: [u64; 4],
+    pub(super) num_failed_by_cause: [u64; Failure::ALL.len()],
+    pub(super) num_layout_changes: u64,
+    pub(super) total_output_tokens: u64,
+    pub(super) last_finish_s: f64,
+    pub(super) stalled_since: Option<f64>,
+    pub(super) stage_load: Vec<StageLoadSample>,
+}
+
+impl<'a> Simulation<'a> {
+    pub fn new(
+        policy: &'a mut dyn Policy,
+        profile: &'a CostProfile,
+        trace: &[TraceRequest],
+        instances: &[InstanceId],
+        config: SimConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        profile.validate()?;
+        let p = EngineParams {
+            block_size: profile.kv_block_size,
+            total_blocks: profile.kv_capacity_tokens / u64::from(profile.kv_block_size),
+            max_num_seqs: profile.max_num_seqs,
+            max_batch_tokens: profile.max_batch_tokens,
+            max_model_len: profile.max_model_len,
+        };
+        validate_trace(trace, &p, policy.layout().max_len())?;
+        let slot_of = slots(instances, policy)?;
+        let mut order: Vec<u32> = (0..trace.len() as u32).collect();
+        order.sort_by(|&a, &b| trace[a as usize].arrival_s.total_cmp(&trace[b as usize].arrival_s));
+        let nan = f64::NAN;
+        Ok(Simulation {
+            policy,
+            profile,
+            flights: Flights::new(config.max_optional_migrations_per_s),
+            config,
+            p,
+            seqs: trace.iter().map(|r| Seq::new(r.prompt_len, r.output_len)).collect(),
+            times: trace
+                .iter()
+                .map(|r| Timeline { arrival_s: r.arrival_s, admitted_s: nan, first_token_s: nan, finished_s: nan })
+                .collect(),
+            order,
+            num_arrived: 0,
+            instances: instances.iter().map(|&id| Instance::new(id)).collect(),
+            slot_of,
+            queue: VecDeque::new(),
+            events: EventQueue::default(),
+            entries: Vec::new(),
+            emitted: Vec::new(),
+            now: 0.0,
+            num_done: 0,
+            num_landed: [0; 4],
+            num_failed: [0; 4],
+            num_failed_by_cause: [0; Failure::ALL.len()],
+            num_layout_changes: 0,
+            total_output_tokens: 0,
+            last_finish_s: 0.0,
+            stalled_since: None,
+            stage_load: Vec::new(),
+        })
+    }
+
+    pub fn run(mut self) -> Result<SimReport> {
+        self.events.push(self.config.tick_interval_s, EventKind::Tick);
+        while self.num_done < self.seqs.len() {
+            let next_event = self.events.peek_time();
+            if let Some(&r) = self.order.get(self.num_arrived) {
+                let t = self.times[r as usize].arrival_s;
+                if next_event.is_none_or(|te| t < te) {
+                    self.now = t;
+                    self.num_arrived += 1;
+                    self.arrive(r)?;
+                    continue;
+                }
+            }
+            let Some((t, kind)) = self.events.pop() else { break };
+            self.now = t;
+            match kind {
+                EventKind::StepEnd(slot) => self.step_end(slot)?,
+                EventKind::BulkCopied(f) => self.bulk_copied(f),
+                EventKind::Landed(f) => self.landed(f),
+                EventKind::Tick => {
+                    if !self.tick()? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(self.into_report())
+    }
+
+    pub(super) fn slot(&self, id: InstanceId) -> Option<u32> {
+        self.slot_of.get(id.index()).copied().filter(|&s| s != u32::MAX)
+    }
+
+    // --- admission ---------------------------------------------------------------------------
+
+    fn arrive(&mut self, r: u32) -> Result<()> {
+        self.seqs[r as usize].phase = Phase::Queued;
+        if !self.try_admit(r)? {
+            self.queue.push_back(r);
+        }
+        Ok(())
+    }
+
+    fn try_admit(&mut self, r: u32) -> Result<bool> {
+        let prompt_len = self.seqs[r as usize].prompt_len;
+        let Some(a) = self.policy.admit(RequestId(u64::from(r)), prompt_len, self.now)? else { return Ok(false) };
+        let slot = self.slot(a.instance).ok_or(CoreError::Unknown { kind: "instance", id: u64::from(a.instance.0) })?;
+        let seq = &mut self.seqs[r as usize];
+        seq.phase = Phase::Waiting;
+        seq.slot = slot;
+        let times = &mut self.times[r as usize];
+        if times.admitted_s.is_nan() {
+            times.admitted_s = self.now;
+        }
+        self.instances[slot as usize].waiting.push_back(r);
+        self.kick(slot);
+        Ok(true)
+    }
+
+    /// Retries the queue head until the policy refuses one.
+    fn drain_queue(&mut self) -> Result<()> {
+        while let Some(&r) = self.queue.front() {
+            if !self.try_admit(r)? {
+                break;
+            }
+            self.queue.pop_front();
+        }
+        Ok(())
+    }
+
+    // --- engine steps ------------------------------------------------------------------------
+
+    /// Starts a step on an idle instance that has work; it stays idle when nothing fits.
+    pub(super) fn kick(&mut self, slot: u32) {
+        let inst = &mut self.instances[slot as usize];
+        if inst.is_busy || !inst.has_work() {
+            return;
+        }
+        let shape = inst.schedule(&self.p, &mut self.seqs);
+        if inst.decode.is_empty() && inst.prefill.is_empty() {
+            return;
+        }
+        let dt = self.profile.step_time(&shape);
+        inst.is_busy = true;
+        inst.peaks.num_steps += 1;
+        inst.peaks.busy_s += dt;
+        self.events.push(self.now + dt, EventKind::StepEnd(slot));
+    }
+
+    /// The coordinator's `_on_step`: finished requests leave the policy, the others form the
+    /// step entries; then migrations, pauses due here, the queue, and the next step.
+    fn step_end(&mut self, slot: u32) -> Result<()> {
+        let mut emitted = std::mem::take(&mut self.emitted);
+        emitted.clear();
+        let inst = &mut self.instances[slot as usize];
+        inst.finish_step(&self.p, &mut self.seqs, &mut self.times, self.now, &mut emitted);
+        let id = inst.id;
+        self.entries.clear();
+        for &r in &emitted {
+            let seq = &self.seqs[r as usize];
+            if seq.phase == Phase::Done {
+                self.num_done += 1;
+                self.total_output_tokens += u64::from(seq.num_generated);
+                self.last_finish_s = self.now;
+                self.policy.request_finished(RequestId(u64::from(r)), id);
+            } else {
+                self.entries.push(StepEntry {
+                    request: RequestId(u64::from(r)),
+                    instance: id,
+                    context_len: seq.context_len(),
+                });
+            }
+        }
+        self.emitted = emitted;
+        if !self.entries.is_empty() {
+            for m in self.policy.on_step(&self.entries, self.now)? {
+                self.migrate(m);
+            }
+        }
+        let mut pauses = std::mem::take(&mut self.instances[slot as usize].pending_pauses);
+        for &f in &pauses {
+            self.pause(f);
+        }
+        pauses.clear();
+        self.instances[slot as usize].pending_pauses = pauses;
+        self.drain_queue()?;
+        self.instances[slot as usize].is_busy = false;
+        self.kick(slot);
+        Ok(())
+    }
+
+    // --- ticks -------------------------------------------------------------------------------
+
+    /// The coordinator's `tick_forever` body; false ends the run (stalled too long).
+    fn tick(&mut self) -> Result<bool> {
+        let outcome = self.policy.tick(self.now);
+        self.num_layout_changes += u64::from(outcome.new_layout.is_some());
+        self.sample_stage_load();
+        for m in outcome.migrations {
+            self.migrate(m);
+        }
+        self.drain_queue()?;
+        // An engine loop polls: an idle instance whose blocks freed up without a kick starts.
+        for slot in 0..self.instances.len() as u32 {
+            self.kick(slot);
+        }
+        let is_stalled = self.num_arrived == self.order.len()
+            && self.flights.num_active == 0
+            && self.instances.iter().all(|i| !i.is_busy);
+        if !is_stalled {
+            self.stalled_since = None;
+        } else if self.now - *self.stalled_since.get_or_insert(self.now) > MAX_STALL_S {
+            return Ok(false);
+        }
+        self.events.push(self.now + self.config.tick_interval_s, EventKind::Tick);
+        Ok(true)
+    }
+
+    fn sample_stage_load(&mut self) {
+        for (k, stage) in self.policy.layout().stages().iter().enumerate() {
+            let (mut num_running, mut kv_blocks) = (0, 0);
+            for &id in &stage.instances {
+                if let Some(&slot) = self.slot_of.get(id.index()).filter(|&&s| s != u32::MAX) {
+                    let inst = &self.instances[slot as usize];
+                    num_running += inst.running.len() as u32;
+                    kv_blocks += inst.used_blocks;
+                }
+            }
+            self.stage_load.push(StageLoadSample {
+                time_s: self.now,
+                stage: k as u32,
+                min_len: stage.min_len,
+                max_len: stage.max_len,
+                num_running,
+                kv_tokens: kv_blocks * u64::from(self.p.block_size),
+            });
+        }
+    }
+
+    fn into_report(self) -> SimReport {
+        let records: Vec<RequestRecord> = self
+            .seqs
+            .iter()
+            .zip(&self.times)
+            .enumerate()
+            .map(|(i, (s, t))| {
+                let some = |x: f64| (!x.is_nan()).then_some(x);
+                RequestRecord {
+                    request: RequestId(i as u64),
+                    prompt_len: s.prompt_len,
+                    output_len: s.output_len,
+                    arrival_s: t.arrival_s,
+                    admitted_s: some(t.admitted_s),
+                    first_token_s: some(t.first_token_s),
+                    finished_s: some(t.finished_s),
+                    num_migrations: s.num_migrations,
+                    num_preemptions: s.num_preemptions,
+                }
+            })
+            .collect();
+        let first_arrival = self.order.first().map_or(0.0, |&r| self.times[r as usize].arrival_s);
+        let makespan_s = (self.last_finish_s - first_arrival).max(0.0);
+        let throughput = if makespan_s > 0.0 { self.total_output_tokens as f64 / makespan_s } else { 0.0 };
+        let by_reason = |counts: &[u64; 4]| -> BTreeMap<&'static str, u64> {
+            REASONS.iter().zip(counts).filter(|(_, &n)| n > 0).map(|(r, &n)| (r.as_str(), n)).collect()
+        };
+        let block = u64::from(self.p.block_size);
+        SimReport {
+            policy: self.policy.name().to_string(),
+            summary: summarize(&records, self.num_landed.iter().sum(), throughput),
+            migrations_by_reason: by_reason(&self.num_landed),
+            failed_migrations_by_reason: by_reason(&self.num_failed),
+            failed_migrations_by_cause: Failure::ALL
+                .iter()
+                .zip(self.num_failed_by_cause)
+                .filter(|&(_, n)| n > 0)
+                .map(|(f, n)| (f.as_str(), n))
+                .collect(),
+            num_preemptions: self.seqs.iter().map(|s| u64::from(s.num_preemptions)).sum(),
+            num_layout_changes: self.num_layout_changes,
+            num_unfinished: (self.seqs.len() - self.num_done) as u64,
+            total_output_tokens: self.total_output_tokens,
+            makespan_s,
+            stage_load: self.stage_load,
+            instances: self
+                .instances
+                .iter()
+                .map(|i| InstanceStats {
+                    instance: i.id,
+                    num_steps: i.peaks.num_steps,
+                    busy_s: i.peaks.busy_s,
+                    peak_kv_tokens: i.peaks.used_blocks * block,
+                    peak_batch_tokens: i.peaks.batch_tokens,
+                    peak_batch_seqs: i.peaks.batch_seqs,
+                    final_kv_tokens: i.used_blocks * block,
+                })
+                .collect(),
+            requests: records,
+        }
+    }
+}

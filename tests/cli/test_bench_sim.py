@@ -1,0 +1,80 @@
+"""`cascade trace gen`, `cascade bench sim` (with the SLO search) and `cascade bench compare`,
+run as a user would, on small simulated workloads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cascadeinfer.traces import read_trace
+
+CASCADE = str(Path(sys.executable).parent / "cascade")
+KEYS = {
+    "mean_e2e_s",
+    "p99_e2e_s",
+    "mean_ttft_s",
+    "p99_ttft_s",
+    "mean_tpot_s",
+    "p99_tpot_s",
+    "throughput_tok_s",
+    "completed",
+    "migrations",
+    "sim_wall_s",
+}
+
+
+def cascade(*args: str) -> str:
+    out = subprocess.run([CASCADE, *args], capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_trace_gen_writes_a_bursty_trace(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    cascade(
+        "trace", "gen", "--workload", "bimodal", "--requests", "500", "--rate", "5",
+        "--arrival", "gamma", "--cv", "3", "--max-len", "8192", "--out", str(path),
+    )  # fmt: skip
+    trace = read_trace(path)
+    assert len(trace) == 500
+    assert all(r.prompt_len + r.output_len <= 8192 for r in trace)
+    assert 50 < trace[-1].arrival_s < 200, "500 requests at 5/s span about 100 s"
+
+
+def test_bench_sim_prints_the_documented_keys_for_a_preset_and_a_trace(tmp_path: Path) -> None:
+    base = ["bench", "sim", "--instances", "4", "--requests", "400", "--rate", "2", "--json"]
+    doc = json.loads(cascade(*base, "--workload", "bimodal", "--policy", "cascade"))
+    assert set(doc) >= KEYS
+    assert doc["completed"] == 400
+    assert doc["migrations"] > 0, "bimodal requests grow across the cascade's stage bounds"
+    assert 0 < doc["mean_ttft_s"] <= doc["mean_e2e_s"] <= doc["p99_e2e_s"]
+    trace = tmp_path / "t.jsonl"
+    cascade("trace", "gen", "--workload", "short-chat", "--requests", "300", "--rate", "3",
+            "--out", str(trace))  # fmt: skip
+    doc = json.loads(cascade(*base, "--workload", str(trace), "--policy", "round-robin"))
+    assert doc["completed"] == 300 and doc["migrations"] == 0
+
+
+def test_find_max_rate_brackets_the_slo() -> None:
+    args = ["bench", "sim", "--instances", "4", "--requests", "400", "--workload", "short-chat"]
+    slo = ["--slo-p99-ttft-s", "2", "--slo-p99-tpot-s", "0.1"]
+    doc = json.loads(cascade(*args, "--find-max-rate", *slo, "--json"))
+    best = doc["max_rate"]
+    assert best > 0 and doc["at_max_rate"]["p99_ttft_s"] <= 2
+    above = json.loads(cascade(*args, "--rate", str(best * 1.5), "--json"))
+    assert above["p99_ttft_s"] > 2 or above["p99_tpot_s"] > 0.1, "1.5x the maximum breaks the SLO"
+
+
+def test_compare_writes_a_table_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    cascade(
+        "bench", "compare", "--workload", "bimodal", "--instances", "4", "--requests", "300",
+        "--rates", "1,2", "--no-max-rate", "--out", str(out),
+    )  # fmt: skip
+    table = (out / "compare.md").read_text()
+    for policy in ("cascade", "round-robin", "least-load", "power-of-two", "llumnix"):
+        assert f"| {policy} |" in table
+    for png in ("latency_cdf.png", "latency_vs_rate.png", "stage_load.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
