@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 BIN := .venv/bin
 
-.PHONY: help setup setup-engine run plan-demo test lint test-rust test-python bench bench-rust bench-python bench-migration bench-scheduler proto clean
+.PHONY: help setup setup-engine run plan-demo test lint test-rust test-python bench bench-rust bench-python bench-migration bench-scheduler evaluation proto clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench-migration: setup ## Live migration between two worker daemons: pause, tota
 
 bench-scheduler: setup-engine ## Scheduler overhead vs a direct worker call, streams/s and tokens/s with ghz, core decision latency
 	$(PY) bench/bench_scheduler.py
+
+evaluation: setup ## The headline comparison in the simulator: writes docs/evaluation/ (tables and plots)
+	$(PY) bench/evaluation.py
 
 proto: ## Regenerate the gRPC stubs from proto/ (tests fail when they are stale)
 	scripts/gen_proto.sh
