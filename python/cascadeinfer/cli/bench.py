@@ -9,6 +9,7 @@ from typing import Any
 
 from cascadeinfer import _core
 from cascadeinfer.config import POLICY_NAMES
+from cascadeinfer.evaluation import live
 from cascadeinfer.evaluation.simbench import (
     SUMMARY_KEYS,
     SimSetup,
@@ -55,6 +56,10 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--out", default="bench-compare", help="directory for the table and plots")
     c.set_defaults(run=run_compare)
 
+    live_parser = benches.add_parser("live", help="replay a trace against a running scheduler")
+    live.add_live_arguments(live_parser)
+    live_parser.set_defaults(run=run_live)
+
 
 def _setup(args: argparse.Namespace, policy: str) -> SimSetup:
     return SimSetup(
@@ -69,8 +74,10 @@ def _setup(args: argparse.Namespace, policy: str) -> SimSetup:
     )
 
 
-def _print_summary(summary: dict[str, float]) -> None:
-    for key in ("rate", *SUMMARY_KEYS):
+def _print_summary(summary: dict[str, Any]) -> None:
+    for key in ("rate", *SUMMARY_KEYS, "wall_s", "failed"):
+        if key not in summary:
+            continue
         value = summary[key]
         print(f"  {key:<18} {value:.4g}" if isinstance(value, float) else f"  {key:<18} {value}")
 
@@ -111,3 +118,13 @@ def run_compare(args: argparse.Namespace) -> int:
     path = compare(base, rates, slo, args.out)
     print(path.read_text())
     return 0
+
+
+def run_live(args: argparse.Namespace) -> int:
+    summary = live.run_live(args)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"replayed against {args.address}:")
+        _print_summary(summary)
+    return 1 if summary.get("failed") else 0

@@ -11,23 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cascadeinfer import _core
+from cascadeinfer.evaluation.summary import SUMMARY_KEYS as LIVE_KEYS
 from cascadeinfer.policies import build_policy
 from cascadeinfer.traces import read_trace
 
 Trace = list[tuple[float, int, int]]
 
-SUMMARY_KEYS = (
-    "mean_e2e_s",
-    "p99_e2e_s",
-    "mean_ttft_s",
-    "p99_ttft_s",
-    "mean_tpot_s",
-    "p99_tpot_s",
-    "throughput_tok_s",
-    "completed",
-    "migrations",
-    "sim_wall_s",
-)
+SUMMARY_KEYS = (*LIVE_KEYS, "sim_wall_s")
+"""What `cascade bench sim` prints: the keys a live run has, plus the simulator's wall time."""
 
 
 def clamp(trace: Trace, max_len: int) -> Trace:

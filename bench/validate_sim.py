@@ -1,0 +1,553 @@
+"""Simulator validation: one trace through the live system and through `cascadeinfer.simulate`,
+summarized the same way (`cascadeinfer.evaluation.summary`), and the gap on mean end-to-end
+latency (live minus simulated, over simulated).
+
+Two cases, each a scheduler plus workers started as subprocesses on loopback (as `cascade up`
+does), the trace replayed at its arrival times by `cascadeinfer.evaluation.live.replay`:
+
+1. `sim`: sim workers sleeping each step's predicted time; goal: within 10%.
+2. `vllm`: 2 vLLM-on-CPU workers (built-in tiny Llama, one OpenMP thread each); goal: within
+   25%. Profile: --vllm-profile, else `profiles/cpu-vllm-tiny-llama-calibrated.json` when
+   present, else `cpu-vllm-tiny-llama.json` (written for a larger model than the built-in one:
+   expect the simulator to be far too slow). A matching one:
+   `OMP_NUM_THREADS=1 cascade calibrate --engine vllm --out FILE`.
+
+Both sides get the same trace (a preset clamped to the cluster's length limit with the clamp
+`cascade bench` uses), the same profile file (its KV pool, block size and length limit set to
+what the workers report), the same instance count and the same cascade policy object, built by
+`cascadeinfer.policies.build_policy` from the same explicit stages.
+
+Diagnostics: before the replay, one request alone on a worker measures the daemon's decode step
+against the profile's (`step_probe`: the engine loop, step feed and streams cost time that a
+profile of the bare engine leaves out); the simulator is run a second time with that overhead
+added to every step (`sim_with_measured_step_overhead`), to see how much of the gap it explains.
+The primary gap is always the first run's. Also: client send lag, client-link time (client e2e
+minus the scheduler's own), per-request live/sim ratios, decode-time ratio, CPU seconds of each
+daemon and load averages (other jobs on the machine show there).
+
+    .venv/bin/python bench/validate_sim.py --json-out validation.json   # both cases
+    .venv/bin/python bench/validate_sim.py --case sim --sim-rates 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cascadeinfer import CostProfile, generate_trace, load_profile, simulate
+from cascadeinfer.evaluation.live import LiveRecord, replay
+from cascadeinfer.evaluation.simbench import clamp
+from cascadeinfer.evaluation.summary import SUMMARY_KEYS, summarize
+from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, start_many
+from cascadeinfer.policies import FixedStage, build_policy
+from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
+
+PROFILES = Path(__file__).resolve().parents[1] / "python" / "cascadeinfer" / "profiles"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Case:
+    name: str
+    engine_args: list[str]
+    num_workers: int
+    stages: str
+    """MIN-MAX:WORKERS,... as the scheduler's --stages."""
+    profile_doc: dict[str, Any]
+    """The profile as JSON; limits the workers report override it (see `fit_limits`)."""
+    workload: str
+    num_requests: int
+    rate: float
+    max_len: int
+    seed: int
+    goal: float
+    timeout_s: float
+    warm_up_tokens: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    """Set in the workers' environment."""
+    notes: list[str] = field(default_factory=list)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def step_counters(port: int) -> tuple[float, float]:
+    """(seconds, steps) a worker has spent in engine steps, from its Prometheus exporter."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = dict(
+        re.findall(r"^cascade_worker_step_seconds_(sum|count)\{[^}]*\} (\S+)$", text, re.M)
+    )
+    return float(values["sum"]), float(values["count"])
+
+
+def parse_stages(text: str) -> list[FixedStage]:
+    out = []
+    for part in text.split(","):
+        bounds, count = part.split(":")
+        lo, hi = bounds.split("-")
+        out.append(FixedStage(int(lo), int(hi), int(count)))
+    return out
+
+
+def fit_limits(case: Case, info: worker_pb2.WorkerInfo) -> dict[str, Any]:
+    """The profile with the KV pool, block size and length limit the workers report, so the
+    simulated engines hold what the live ones hold."""
+    doc = dict(case.profile_doc)
+    block = info.layout.block_size
+    wanted = {
+        "kv_block_size": block,
+        "kv_capacity_tokens": info.kv_blocks_total * block,
+        "kv_bytes_per_token": info.layout.block_bytes // block,
+        "max_model_len": info.max_model_len,
+    }
+    for key, value in wanted.items():
+        if doc[key] != value:
+            case.notes.append(f"profile {key} {doc[key]} -> {value} (from the workers)")
+            doc[key] = value
+    return doc
+
+
+def warm_up(daemons: list[Daemon], tokens: int) -> None:
+    """One short request on each worker directly (vLLM's first steps are slower)."""
+    for i, d in enumerate(daemons):
+        request = worker_pb2.GenerateRequest(
+            request_id=f"warm-{i}",
+            prompt_token_ids=[(7 * k) % 250 + 1 for k in range(64)],
+            sampling=common_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True),
+        )
+        for _ in d.stub().Generate(request, timeout=120):
+            pass
+
+
+def probe_step_overhead(worker: Daemon, profile_path: Path) -> dict[str, float]:
+    """How much longer a decode step takes in the worker daemon than the profile says: one
+    request alone on `worker`, its tokens' spacing against the profile's step time for one
+    sequence at the same contexts (median of 3). The difference is the daemon's own per-step
+    work (engine loop, step feed, gRPC streams), which `cascade calibrate` does not time.
+    The caller adds `engine_step_ms`: the worker's own timer over the same steps (prefills and
+    the probe's other repeats included), i.e. how much of it is inside the engine's step."""
+    profile = load_profile(str(profile_path))
+    prompt_len, tokens = 64, 129
+    samples = []
+    for rep in range(3):
+        request = worker_pb2.GenerateRequest(
+            request_id=f"probe-{rep}",
+            prompt_token_ids=[(13 * k + 29 * rep) % 250 + 1 for k in range(prompt_len)],
+            sampling=common_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True),
+        )
+        times: list[float] = []
+        for r in worker.stub().Generate(request, timeout=120):
+            now = time.perf_counter()
+            times += [now] * len(r.tokens.token_ids)
+        measured = (times[-1] - times[0]) / (len(times) - 1)
+        lens = range(prompt_len + 1, prompt_len + tokens)
+        predicted = statistics.fmean(profile.step_time(1, c, c) for c in lens)
+        samples.append((measured, predicted))
+    measured, predicted = sorted(samples)[1]
+    return {
+        "measured_step_ms": 1e3 * measured,
+        "profile_step_ms": 1e3 * predicted,
+        "overhead_ms": 1e3 * (measured - predicted),
+    }
+
+
+def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> dict[str, Any]:
+    base_path = log_dir / f"{case.name}-base-profile.json"
+    base_path.write_text(json.dumps(case.profile_doc))
+    engine_args = list(case.engine_args)
+    if "sim" in engine_args:
+        engine_args += ["--sim-profile", str(base_path)]
+    saved = {k: os.environ.get(k) for k in case.env}
+    os.environ.update(case.env)  # the launcher hands its environment to the daemons
+    ports = [free_port() for _ in range(case.num_workers)]
+    arg_lists = [[*engine_args, "--metrics-port", str(port)] for port in ports]
+    try:
+        workers = start_many(WORKER, arg_lists, log_dir)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    daemons = list(workers)
+    try:
+        info = workers[0].stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=30)
+        profile_path = log_dir / f"{case.name}-profile.json"
+        profile_path.write_text(json.dumps(fit_limits(case, info), indent=2))
+        sched_args = [
+            *("--workers", ",".join(d.address for d in workers)),
+            *("--stages", case.stages, "--profile", str(profile_path)),
+        ]
+        scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120)[0]
+        daemons.append(scheduler)
+        if case.warm_up_tokens:
+            warm_up(workers, case.warm_up_tokens)
+        probe_before = step_counters(ports[0])
+        step_probe = probe_step_overhead(workers[0], profile_path)
+        (t1, n1), (t0, n0) = step_counters(ports[0]), probe_before
+        step_probe["engine_step_ms"] = 1e3 * (t1 - t0) / (n1 - n0)
+        steps_before = [step_counters(port) for port in ports]
+        cpu_before = {d.process.pid: cpu_seconds(d.process.pid) for d in daemons}
+        load_before = os.getloadavg()
+        started = time.perf_counter()
+        records, makespan = replay(scheduler.address, trace, timeout_s=case.timeout_s)
+        wall = time.perf_counter() - started
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
+        state = stub.GetClusterState(scheduler_pb2.GetClusterStateRequest(), timeout=30)
+        cpu = {
+            d.process.pid: cpu_seconds(d.process.pid) - cpu_before[d.process.pid] for d in daemons
+        }
+        steps = [
+            (t1 - t0, n1 - n0)
+            for (t0, n0), (t1, n1) in zip(steps_before, map(step_counters, ports), strict=True)
+        ]
+        return {
+            "records": records,
+            "makespan_s": makespan,
+            "wall_s": wall,
+            "profile_path": profile_path,
+            "step_probe": step_probe,
+            "engine_steps": {
+                "num_steps": [int(n) for _, n in steps],
+                "busy_s": [t for t, _ in steps],
+            },
+            "cluster_migrations": state.num_migrations,
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
+            "cpu_s": {
+                "scheduler": cpu[scheduler.process.pid],
+                "workers": [cpu[w.process.pid] for w in workers],
+            },
+        }
+    finally:
+        for d in reversed(daemons):
+            d.kill()
+
+
+def sim_run(
+    case: Case,
+    trace: list[tuple[float, int, int]],
+    profile_path: Path,
+    extra_step_overhead_s: float = 0.0,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The simulator on the trace; `extra_step_overhead_s` is added to every step (to see how
+    much of a gap the daemon's per-step overhead explains)."""
+    doc = json.loads(profile_path.read_text())
+    doc["step_overhead_s"] += extra_step_overhead_s
+    profile = CostProfile.from_json(json.dumps(doc))
+    instances = list(range(case.num_workers))
+    policy = build_policy(
+        "cascade",
+        profile,
+        instances,
+        max_len=profile.max_model_len,
+        stages=parse_stages(case.stages),
+    )
+    report = simulate(policy, profile, trace, instances)
+    extra = {
+        "per_request": report.requests(),
+        "num_preemptions": report.num_preemptions,
+        "num_unfinished": report.num_unfinished,
+        "num_layout_changes": report.num_layout_changes,
+        "failed_migrations_by_cause": report.failed_migrations_by_cause(),
+        "makespan_s": report.makespan_s,
+        "engine_steps": {
+            "num_steps": report.instances()["num_steps"],
+            "busy_s": report.instances()["busy_s"],
+        },
+    }
+    return dict(report.summary()), extra
+
+
+def relative(live: float, sim: float) -> float:
+    return (live - sim) / sim if sim else math.nan
+
+
+def diagnostics(
+    trace: list[tuple[float, int, int]], records: list[LiveRecord], sim_requests: dict[str, Any]
+) -> dict[str, Any]:
+    """Where a gap comes from: pacing lag, the client link, and per-request pairs."""
+    done = [r for r in records if not r.error]
+    lag = [r.arrival_s - a for r, (a, _, _) in zip(records, trace, strict=True)]
+    link = [
+        (r.e2e_s or 0.0) - r.server_e2e_s
+        for r in done
+        if r.server_e2e_s is not None and r.e2e_s is not None
+    ]
+    pairs = [
+        (r.e2e_s, sim_requests["e2e_s"][r.index])
+        for r in done
+        if r.e2e_s is not None and not math.isnan(sim_requests["e2e_s"][r.index])
+    ]
+    ratios = sorted(live / sim for live, sim in pairs if sim > 0)
+    decode = [
+        (r.e2e_s - r.ttft_s, sim_requests["e2e_s"][r.index] - sim_requests["ttft_s"][r.index])
+        for r in done
+        if r.e2e_s is not None and r.ttft_s is not None and r.num_output_tokens > 1
+    ]
+    return {
+        "send_lag_mean_ms": 1e3 * statistics.fmean(lag),
+        "send_lag_max_ms": 1e3 * max(lag),
+        "client_link_e2e_mean_ms": 1e3 * statistics.fmean(link) if link else math.nan,
+        "per_request_e2e_ratio_median": statistics.median(ratios) if ratios else math.nan,
+        "per_request_e2e_ratio_p10_p90": (
+            [ratios[len(ratios) // 10], ratios[(9 * len(ratios)) // 10]] if ratios else []
+        ),
+        "decode_time_ratio": (
+            sum(x for x, _ in decode) / sum(y for _, y in decode) if decode else math.nan
+        ),
+        "ttft_live_minus_sim_mean_ms": (
+            1e3
+            * statistics.fmean(
+                (r.ttft_s or 0.0) - sim_requests["ttft_s"][r.index]
+                for r in done
+                if r.ttft_s is not None
+            )
+            if done
+            else math.nan
+        ),
+    }
+
+
+def step_comparison(live: dict[str, list[Any]], sim: dict[str, list[Any]]) -> dict[str, Any]:
+    """Engine steps, live (the workers' own step timer: for vLLM the wall time of
+    LLMEngine.step(), for sim the modelled sleep) against the simulator's, per worker in
+    instance order and in total. Live engine time above the model with the same number of
+    steps points at the engine (contention, model error); a daemon whose steps match but whose
+    requests take longer points at the time between steps."""
+
+    def mean_ms(busy: list[float], steps: list[int]) -> float:
+        return 1e3 * sum(busy) / sum(steps) if sum(steps) else math.nan
+
+    return {
+        "live_num_steps": live["num_steps"],
+        "sim_num_steps": sim["num_steps"],
+        "live_busy_s": live["busy_s"],
+        "sim_busy_s": sim["busy_s"],
+        "live_mean_step_ms": mean_ms(live["busy_s"], live["num_steps"]),
+        "sim_mean_step_ms": mean_ms(sim["busy_s"], sim["num_steps"]),
+    }
+
+
+def per_request(
+    trace: list[tuple[float, int, int]], records: list[LiveRecord], sim_requests: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Both sides of every request, for looking at where they part (--json-out keeps them)."""
+    return [
+        {
+            "arrival_s": a,
+            "prompt_len": p,
+            "output_len": o,
+            "live_ttft_s": r.ttft_s,
+            "live_e2e_s": r.e2e_s,
+            "live_migrations": r.num_migrations,
+            "live_error": r.error,
+            "sim_ttft_s": sim_requests["ttft_s"][i],
+            "sim_e2e_s": sim_requests["e2e_s"][i],
+            "sim_migrations": sim_requests["num_migrations"][i],
+        }
+        for i, ((a, p, o), r) in enumerate(zip(trace, records, strict=True))
+    ]
+
+
+def run_case(case: Case, log_dir: Path) -> dict[str, Any]:
+    trace = clamp(
+        generate_trace(case.workload, case.num_requests, case.rate, "poisson", 1.0, case.seed),
+        case.max_len,
+    )
+    print(
+        f"[{case.name}] live run: {len(trace)} requests at {case.rate:g}/s ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    live = live_run(case, trace, log_dir)
+    records: list[LiveRecord] = live["records"]
+    failed: dict[str, int] = {}
+    for r in records:
+        if r.error:
+            failed[r.error] = failed.get(r.error, 0) + 1
+    live_summary = {**summarize(records, live["makespan_s"]), "wall_s": live["wall_s"]}
+    print(f"[{case.name}] simulating ...", file=sys.stderr, flush=True)
+    sim_summary, sim_extra = sim_run(case, trace, live["profile_path"])
+    gap = relative(live_summary["mean_e2e_s"], sim_summary["mean_e2e_s"])
+    overhead_s = max(live["step_probe"]["overhead_ms"], 0.0) / 1e3
+    corrected, _ = sim_run(case, trace, live["profile_path"], overhead_s)
+    return {
+        "case": case.name,
+        "setup": {
+            "engine_args": case.engine_args,
+            "worker_env": case.env,
+            "workers": case.num_workers,
+            "stages": case.stages,
+            "profile": json.loads(live["profile_path"].read_text())["name"],
+            "workload": case.workload,
+            "requests": len(trace),
+            "rate": case.rate,
+            "max_len": case.max_len,
+            "seed": case.seed,
+            "mean_prompt_len": statistics.fmean(p for _, p, _ in trace),
+            "mean_output_len": statistics.fmean(o for _, _, o in trace),
+            "notes": case.notes,
+        },
+        "live": live_summary,
+        "sim": sim_summary,
+        "gaps": {
+            k: relative(live_summary[k], sim_summary[k])
+            for k in SUMMARY_KEYS
+            if k not in ("completed", "migrations")
+        },
+        "mean_e2e_gap": gap,
+        "step_probe": live["step_probe"],
+        "sim_with_measured_step_overhead": {
+            "added_step_overhead_ms": 1e3 * overhead_s,
+            "summary": corrected,
+            "mean_e2e_gap": relative(live_summary["mean_e2e_s"], corrected["mean_e2e_s"]),
+        },
+        "goal": case.goal,
+        "is_within_goal": abs(gap) <= case.goal,
+        "live_failed": failed,
+        "live_cluster_migrations": live["cluster_migrations"],
+        "sim_other": {
+            k: v for k, v in sim_extra.items() if k not in ("per_request", "engine_steps")
+        },
+        "engine_steps": step_comparison(live["engine_steps"], sim_extra["engine_steps"]),
+        "diagnostics": diagnostics(trace, records, sim_extra["per_request"]),
+        "per_request": per_request(trace, records, sim_extra["per_request"]),
+        "machine": {
+            "load_before": live["load_before"],
+            "load_after": live["load_after"],
+            "cpu_s": live["cpu_s"],
+            "cpus": os.cpu_count(),
+        },
+    }
+
+
+def sim_case(args: argparse.Namespace, rate: float) -> Case:
+    doc = json.loads(CostProfile.builtin(args.sim_profile).to_json())
+    # 1 KiB of KV per token (as `cascade up --engine sim`) instead of the 8B model's 128 KiB, so
+    # migrations do not push hundreds of MB through Python on loopback; the same file drives the
+    # workers, the scheduler and the simulator, so all three price migrations alike.
+    doc["kv_bytes_per_token"] = 1024
+    doc["max_model_len"] = args.sim_max_len
+    doc["name"] = f"{doc['name']}-kv1k"
+    return Case(
+        name="sim",
+        engine_args=["--engine", "sim"],
+        num_workers=args.sim_workers,
+        stages=args.sim_stages,
+        profile_doc=doc,
+        workload=args.workload,
+        num_requests=args.sim_requests,
+        rate=rate,
+        max_len=args.sim_max_len,
+        seed=args.seed,
+        goal=0.10,
+        timeout_s=300,
+    )
+
+
+def vllm_case(args: argparse.Namespace, rate: float) -> Case:
+    calibrated = PROFILES / "cpu-vllm-tiny-llama-calibrated.json"
+    if args.vllm_profile:
+        path = Path(args.vllm_profile)
+    else:
+        path = calibrated if calibrated.is_file() else PROFILES / "cpu-vllm-tiny-llama.json"
+    doc = json.loads(path.read_text())
+    # A calibrated profile (`cascade calibrate`) carries the engine's own batch limits.
+    is_calibrated = str(doc.get("description", "")).startswith("Calibrated")
+    case = Case(
+        name="vllm",
+        engine_args=["--engine", "vllm"],
+        num_workers=2,
+        stages=args.vllm_stages,
+        profile_doc=doc,
+        workload=args.workload,
+        num_requests=args.vllm_requests,
+        rate=rate,
+        max_len=args.vllm_max_len,
+        seed=args.seed,
+        goal=0.25,
+        timeout_s=600,
+        warm_up_tokens=16,
+        # One OpenMP thread per engine: with the default (one per core), an engine whose
+        # threads share a core with anything else spin-waits at every barrier, and its steps
+        # were measured up to 80x slower on this 2-core machine.
+        env={"OMP_NUM_THREADS": str(args.vllm_omp_threads)},
+    )
+    # The worker's vLLM scheduler limits (VllmEngineConfig.max_num_seqs; vLLM's default
+    # max_num_batched_tokens for an LLMEngine) where the profile was written for others.
+    for key, value in (("max_num_seqs", 64), ("max_batch_tokens", 2048)):
+        if doc[key] != value and not is_calibrated:
+            case.notes.append(f"profile {key} {doc[key]} -> {value} (the workers' vLLM config)")
+            doc[key] = value
+    case.notes.insert(0, f"profile file {path.name}")
+    return case
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", choices=["sim", "vllm", "all"], default="all")
+    p.add_argument("--workload", default="short-chat")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sim-profile", default="gpu-h100-llama3-8b")
+    p.add_argument("--sim-workers", type=int, default=4)
+    p.add_argument("--sim-stages", default="0-512:2,512-8192:2")
+    p.add_argument("--sim-requests", type=int, default=400)
+    p.add_argument("--sim-rates", default="10,25", help="requests/s, one run each")
+    p.add_argument("--sim-max-len", type=int, default=8192)
+    p.add_argument("--vllm-stages", default="0-128:1,128-2048:1")
+    p.add_argument("--vllm-requests", type=int, default=80)
+    p.add_argument("--vllm-rates", default="1,4", help="requests/s, one run each")
+    p.add_argument("--vllm-max-len", type=int, default=512)
+    p.add_argument(
+        "--vllm-profile", help="profile file for the vllm case (default: calibrated, else base)"
+    )
+    p.add_argument("--vllm-omp-threads", type=int, default=1)
+    p.add_argument("--json-out", help="also write the JSON document here")
+    args = p.parse_args()
+    results: list[dict[str, Any]] = []
+    tmp = tempfile.mkdtemp(prefix="validate-sim-")  # kept: the daemons' logs explain outliers
+    print(f"daemon logs in {tmp}", file=sys.stderr)
+    for name, make, rates in (
+        ("sim", sim_case, args.sim_rates),
+        ("vllm", vllm_case, args.vllm_rates),
+    ):
+        if args.case not in ("all", name):
+            continue
+        for rate in (float(r) for r in rates.split(",")):
+            log_dir = Path(tmp) / f"{name}-{rate:g}"
+            log_dir.mkdir()
+            results.append(run_case(make(args, rate), log_dir))
+    doc = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "runs": results}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n")
+    for run in results:
+        del run["per_request"]  # in --json-out only
+    print(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()
