@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import tempfile
 import threading
@@ -90,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="cascade-up-"))
     print(f"starting {args.workers} {args.engine} workers (logs in {log_dir}) ...", flush=True)
     daemons: list[Daemon] = []
+    # vLLM on CPU starts one OpenMP thread per core in every worker; workers sharing the cores
+    # then slow each other down many times over. Split the cores instead (a user's own
+    # OMP_NUM_THREADS wins).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     try:
         daemons = start_many(WORKER, [worker_args(args)] * args.workers, log_dir)
         max_len = 8192 if args.engine == "sim" else 2048
