@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from cascadeinfer.cli import bench, generate, plan, status, trace, up
+from cascadeinfer.cli import bench, calibrate, generate, plan, status, trace, up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cascade", description="CascadeInfer: length-aware stage scheduling for LLM serving."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (plan, generate, status, up, bench, trace):
+    for command in (plan, generate, status, up, bench, trace, calibrate):
         command.add_parser(sub)
     return parser
 

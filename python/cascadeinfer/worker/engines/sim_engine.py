@@ -45,6 +45,18 @@ class SimEngineConfig:
     model: str = "sim"
 
 
+@dataclass(frozen=True)
+class SimStepCost:
+    """One step's batch as the cost model saw it, and the time it predicted."""
+
+    num_decode: int
+    sum_context: int
+    max_context: int
+    prefill_tokens: int
+    prefill_pairs: int
+    step_time_s: float
+
+
 @dataclass
 class _SimRequest:
     request: EngineRequest
@@ -102,6 +114,8 @@ class SimEngine:
         self._waiting: deque[_SimRequest] = deque()
         self._running: list[_SimRequest] = []
         self._step_index = 0
+        self.last_step_cost: SimStepCost | None = None
+        """The batch the last step priced and its modelled time (calibration reads it)."""
 
     # --- Engine protocol: properties -------------------------------------------------------
     @property
@@ -262,9 +276,9 @@ class SimEngine:
         lens = [s.context_len for s in batch.decode]
         prefill_tokens = sum(chunk for _, chunk in batch.prefill)
         pairs = sum(chunk * s.num_computed + chunk * (chunk + 1) // 2 for s, chunk in batch.prefill)
-        predicted = self.profile.step_time(
-            len(lens), sum(lens), max(lens, default=0), prefill_tokens, pairs
-        )
+        shape = (len(lens), sum(lens), max(lens, default=0), prefill_tokens, pairs)
+        predicted = self.profile.step_time(*shape)
+        self.last_step_cost = SimStepCost(*shape, predicted)
         for sim in batch.decode:
             sim.num_computed = sim.context_len
             progress.append(self._emit(sim))

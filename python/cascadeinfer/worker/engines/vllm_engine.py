@@ -173,6 +173,11 @@ class VllmEngine:
         return self._layout
 
     @property
+    def vllm_scheduler(self) -> Scheduler:
+        """vLLM's scheduler, for tools that observe batches and limits (calibration); read only."""
+        return self._scheduler
+
+    @property
     def max_model_len(self) -> int:
         return self._config.max_model_len
 
