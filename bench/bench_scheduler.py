@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from tests.scheduler.test_secure_cluster import free_port
-from tests.worker.daemons import start_scheduler, workers
+from tests.worker.daemons import free_port, start_scheduler, workers
 from tests.worker.streams import generate_request
 
 GHZ = Path(sys.executable).parent / "ghz"

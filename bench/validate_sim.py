@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from bench_scheduler import cpu_seconds, free_port
 from cascadeinfer import CostProfile, generate_trace, load_profile, simulate
 from cascadeinfer.evaluation.live import LiveRecord, replay
 from cascadeinfer.evaluation.simbench import clamp
@@ -56,7 +56,6 @@ from cascadeinfer.policies import FixedStage, build_policy
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
 PROFILES = Path(__file__).resolve().parents[1] / "python" / "cascadeinfer" / "profiles"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -79,19 +78,6 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     """Set in the workers' environment."""
     notes: list[str] = field(default_factory=list)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def step_counters(port: int) -> tuple[float, float]:

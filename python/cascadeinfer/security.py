@@ -13,7 +13,7 @@ import collections
 import hmac
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,30 @@ class TlsFiles:
             private_key=self._read("key"),
             certificate_chain=self._read("cert"),
         )
+
+
+def add_tls_arguments(p: Any, *, cert_help: str, ca_help: str) -> None:
+    """The daemons' --tls-* flags; `tls_from_arguments` applies them over a config's TlsFiles."""
+    p.add_argument("--tls-cert", help=cert_help)
+    p.add_argument("--tls-key", help="PEM key of --tls-cert")
+    p.add_argument("--tls-ca", help=ca_help)
+    p.add_argument(
+        "--tls-require-client-cert",
+        action="store_true",
+        default=None,
+        help="mTLS: refuse callers without a certificate signed by --tls-ca",
+    )
+
+
+def tls_from_arguments(base: TlsFiles, args: Any) -> TlsFiles:
+    """`base` (from a config file) with every --tls-* flag that was given."""
+    given = {
+        "cert": args.tls_cert,
+        "key": args.tls_key,
+        "ca": args.tls_ca,
+        "require_client_cert": args.tls_require_client_cert,
+    }
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: TlsFiles) -> int:

@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 from cascadeinfer.proto.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from tests.scheduler.test_secure_cluster import free_port, ids_request
-from tests.worker.daemons import Daemon, start_scheduler, start_worker
+from tests.scheduler.test_secure_cluster import ids_request
+from tests.worker.daemons import Daemon, free_port, start_scheduler, start_worker
 
 SIM = ["--engine", "sim", "--sim-max-model-len", "4096"]
 

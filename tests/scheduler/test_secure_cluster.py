@@ -4,7 +4,6 @@ workers join by registering themselves. All real subprocesses on loopback."""
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,17 +24,11 @@ from cascadeinfer.worker.tiny_model import write_byte_tokenizer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.scheduler.certs import CertFiles, make_certs
-from tests.worker.daemons import Daemon, start_scheduler, start_worker
+from tests.worker.daemons import Daemon, free_port, start_scheduler, start_worker
 
 TOKEN = "s3cret-token"
 BOUND = 64
 MAX_MODEL_LEN = 2048
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, spawn, start_many, wait_serving
 
-__all__ = ["Daemon", "start_scheduler", "start_worker", "workers"]
+__all__ = ["Daemon", "free_port", "start_scheduler", "start_worker", "workers"]
+
+
+def free_port() -> int:
+    """A port free right now, for daemons that must come back on the same address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def start_worker(args: list[str], log_dir: Path, timeout: float = 240) -> Daemon:

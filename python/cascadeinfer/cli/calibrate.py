@@ -14,6 +14,7 @@ from cascadeinfer.calibrate.measure import Measurement
 from cascadeinfer.calibrate.profile import check_profile, write_profile
 from cascadeinfer.calibrate.session import Calibration, calibrate, make_probe
 from cascadeinfer.planning import load_profile
+from cascadeinfer.worker.config import parse_engine_option
 from cascadeinfer.worker.engine import EngineError
 
 DEFAULT_SIM_PROFILE = "gpu-h100-llama3-8b"
@@ -55,16 +56,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for prompts and point order")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)
-
-
-def _option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--vllm-option {text!r}: expected KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -175,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         args.sim_profile if args.engine == "sim" else DEFAULT_VLLM_BASE
     )
     base = load_profile(base_name)
-    options = dict(_option(o) for o in args.vllm_option)
+    options = dict(parse_engine_option(o) for o in args.vllm_option)
     if args.engine == "sim":
         load_profile(args.sim_profile)  # a bad name fails here, with the usual message
 

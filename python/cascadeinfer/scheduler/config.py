@@ -10,7 +10,7 @@ from typing import Any
 
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.scheduler.text import load_tokenizer
-from cascadeinfer.security import TlsFiles, read_token
+from cascadeinfer.security import TlsFiles, add_tls_arguments, read_token, tls_from_arguments
 
 
 @dataclass(frozen=True)
@@ -133,16 +133,10 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
         "--auth-token-file",
         help="file with the bearer token clients must send (else $CASCADE_AUTH_TOKEN)",
     )
-    p.add_argument("--tls-cert", help="PEM certificate this scheduler serves with")
-    p.add_argument("--tls-key", help="PEM key of --tls-cert")
-    p.add_argument(
-        "--tls-ca", help="PEM CA that workers (and, with mTLS, clients) are checked with"
-    )
-    p.add_argument(
-        "--tls-require-client-cert",
-        action="store_true",
-        default=None,
-        help="refuse callers without a certificate signed by --tls-ca",
+    add_tls_arguments(
+        p,
+        cert_help="PEM certificate this scheduler serves with",
+        ca_help="PEM CA that workers (and, with mTLS, clients) are checked with",
     )
     a = p.parse_args(argv)
     config = from_toml(a.config) if a.config else SchedulerConfig()
@@ -169,15 +163,9 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     if a.stages:
         flags["stages"] = parse_stages(a.stages)
     config = replace(config, **{k: v for k, v in flags.items() if v is not None})
-    tls = {
-        "cert": a.tls_cert,
-        "key": a.tls_key,
-        "ca": a.tls_ca,
-        "require_client_cert": a.tls_require_client_cert,
-    }
     config = replace(
         config,
-        tls=replace(config.tls, **{k: v for k, v in tls.items() if v is not None}),
+        tls=tls_from_arguments(config.tls, a),
         min_workers=a.min_workers or max(config.min_workers, len(config.workers), 1),
         auth_token=read_token(config.auth_token_file),
     )

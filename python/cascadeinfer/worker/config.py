@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cascadeinfer.security import TlsFiles, read_token
+from cascadeinfer.security import TlsFiles, add_tls_arguments, read_token, tls_from_arguments
 from cascadeinfer.worker.engines.sim_engine import SimEngineConfig
 
 
@@ -85,14 +85,10 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     p.add_argument(
         "--auth-token-file", help="the scheduler's bearer token (else $CASCADE_AUTH_TOKEN)"
     )
-    p.add_argument("--tls-cert", help="PEM certificate this worker serves and calls out with")
-    p.add_argument("--tls-key", help="PEM key of --tls-cert")
-    p.add_argument("--tls-ca", help="PEM CA the scheduler and peers are checked with")
-    p.add_argument(
-        "--tls-require-client-cert",
-        action="store_true",
-        default=None,
-        help="mTLS: refuse callers without a certificate signed by --tls-ca",
+    add_tls_arguments(
+        p,
+        cert_help="PEM certificate this worker serves and calls out with",
+        ca_help="PEM CA the scheduler and peers are checked with",
     )
     p.add_argument("--sim-profile", help="sim: cost profile name or file")
     p.add_argument("--sim-time-scale", type=float, help="sim: step sleep = predicted time x this")
@@ -139,23 +135,20 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     if args.load_format:
         args.vllm_option.append(f"load_format={args.load_format}")
     if args.vllm_option:
-        config = replace(config, vllm={**config.vllm, **dict(_option(o) for o in args.vllm_option)})
-    tls = {
-        "cert": args.tls_cert,
-        "key": args.tls_key,
-        "ca": args.tls_ca,
-        "require_client_cert": args.tls_require_client_cert,
-    }
+        config = replace(
+            config, vllm={**config.vllm, **dict(parse_engine_option(o) for o in args.vllm_option)}
+        )
     config = replace(
         config,
-        tls=replace(config.tls, **{k: v for k, v in tls.items() if v is not None}),
+        tls=tls_from_arguments(config.tls, args),
         auth_token=read_token(config.auth_token_file),
     )
     config.validate()
     return config
 
 
-def _option(text: str) -> tuple[str, Any]:
+def parse_engine_option(text: str) -> tuple[str, Any]:
+    """'KEY=VALUE' with VALUE as JSON when it parses, else as a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ValueError(f"--vllm-option {text!r}: expected KEY=VALUE")
