@@ -69,7 +69,7 @@ fn bench_router(c: &mut Criterion) {
     });
     // A fresh router per batch of admissions so queued load never fills the instances.
     c.bench_function("admit", |b| {
-        b.iter_batched_ref(router, |r| r.admit(black_box(700)).unwrap(), BatchSize::SmallInput)
+        b.iter_batched_ref(router, |r| r.admit(RequestId(0), black_box(700)).unwrap(), BatchSize::SmallInput)
     });
 }
 

@@ -173,7 +173,7 @@ impl Policy for Baseline {
         self.kind.name()
     }
 
-    fn admit(&mut self, _request: RequestId, prompt_len: u32, _now: f64) -> Result<Option<Admission>> {
+    fn admit(&mut self, request: RequestId, prompt_len: u32, _now: f64) -> Result<Option<Admission>> {
         if prompt_len >= self.router.layout.max_len() {
             return Err(CoreError::invalid(
                 "prompt_len",
@@ -182,7 +182,7 @@ impl Policy for Baseline {
             ));
         }
         let Some(instance) = self.choose(prompt_len) else { return Ok(None) };
-        self.router.loads.add_queued(instance, prompt_len);
+        self.router.loads.add_queued(instance, request, prompt_len);
         Ok(Some(Admission { instance, stage: 0 }))
     }
 

@@ -1,6 +1,8 @@
 //! The cascade policy: length stages with per-token routing, within-stage balancing and
 //! runtime range refinement.
 
+use std::collections::HashSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::balance::{BalanceConfig, Balancer};
@@ -27,6 +29,9 @@ pub struct CascadePolicy {
     router: Router,
     balancer: Balancer,
     refiner: Option<Refiner>,
+    /// Requests refused admission so far: the caller asks again for them, and refinement must
+    /// count each arrival once, not once per retry.
+    refused: HashSet<RequestId>,
 }
 
 impl CascadePolicy {
@@ -50,7 +55,12 @@ impl CascadePolicy {
         } else {
             None
         };
-        Ok(CascadePolicy { router: Router::new(profile, layout)?, balancer: Balancer::new(config.balance)?, refiner })
+        Ok(CascadePolicy {
+            router: Router::new(profile, layout)?,
+            balancer: Balancer::new(config.balance)?,
+            refiner,
+            refused: HashSet::new(),
+        })
     }
 
     pub fn router(&self) -> &Router {
@@ -86,9 +96,10 @@ impl Policy for CascadePolicy {
         "cascade"
     }
 
-    fn admit(&mut self, _request: RequestId, prompt_len: u32, _now: f64) -> Result<Option<Admission>> {
-        let admission = self.router.admit(prompt_len)?;
-        if let Some(refiner) = &mut self.refiner {
+    fn admit(&mut self, request: RequestId, prompt_len: u32, _now: f64) -> Result<Option<Admission>> {
+        let admission = self.router.admit(request, prompt_len)?;
+        let is_retry = if admission.is_some() { self.refused.remove(&request) } else { !self.refused.insert(request) };
+        if let (Some(refiner), false) = (&mut self.refiner, is_retry) {
             refiner.observe_arrival(prompt_len);
         }
         Ok(admission)

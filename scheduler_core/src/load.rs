@@ -10,7 +10,13 @@ pub struct InstanceLoad {
     pub running: Vec<(RequestId, u32)>,
     pub sum_context: u64,
     pub max_context: u32,
-    /// Admitted requests not yet seen running, and their prompt tokens.
+    /// Admitted requests not yet seen running, and their prompt tokens. Each is named, so it
+    /// leaves this list exactly when it shows up in a step feed, finishes, or moves: a request
+    /// that finishes inside its first step never appears in a feed, and an instance with nothing
+    /// left running sends no feed at all, so clearing the queue on a refresh would either leak
+    /// its load forever (the instance looks full and admission stalls) or drop requests still
+    /// waiting for KV room.
+    pub queued: Vec<(RequestId, u32)>,
     pub num_queued: u32,
     pub queued_tokens: u64,
 }
@@ -22,7 +28,26 @@ impl InstanceLoad {
         self.max_context = self.max_context.max(len);
     }
 
+    fn enqueue(&mut self, request: RequestId, len: u32) {
+        self.queued.push((request, len));
+        self.num_queued += 1;
+        self.queued_tokens += u64::from(len);
+    }
+
+    /// Takes `request` off the queued list; whether it was there.
+    fn dequeue(&mut self, request: RequestId) -> bool {
+        let Some(pos) = self.queued.iter().position(|&(r, _)| r == request) else { return false };
+        let (_, len) = self.queued.swap_remove(pos);
+        self.num_queued -= 1;
+        self.queued_tokens -= u64::from(len);
+        true
+    }
+
+    /// Takes `request` off this instance, queued or running.
     fn remove(&mut self, request: RequestId) -> Option<u32> {
+        if self.dequeue(request) {
+            return None;
+        }
         let pos = self.running.iter().position(|&(r, _)| r == request)?;
         let (_, len) = self.running.swap_remove(pos);
         self.sum_context -= u64::from(len);
@@ -58,8 +83,14 @@ pub struct LoadBook {
 
 impl LoadBook {
     pub fn get(&self, inst: InstanceId) -> &InstanceLoad {
-        static EMPTY: InstanceLoad =
-            InstanceLoad { running: Vec::new(), sum_context: 0, max_context: 0, num_queued: 0, queued_tokens: 0 };
+        static EMPTY: InstanceLoad = InstanceLoad {
+            running: Vec::new(),
+            sum_context: 0,
+            max_context: 0,
+            queued: Vec::new(),
+            num_queued: 0,
+            queued_tokens: 0,
+        };
         self.loads.get(inst.index()).unwrap_or(&EMPTY)
     }
 
@@ -76,7 +107,8 @@ impl LoadBook {
         self.epoch += 1;
     }
 
-    /// One running request seen in a step feed.
+    /// One running request seen in a step feed: the instance's running set is rebuilt from the
+    /// feed, and the request is no longer queued there.
     pub fn record(&mut self, inst: InstanceId, request: RequestId, len: u32) {
         let epoch = self.epoch;
         self.get_mut(inst);
@@ -84,16 +116,19 @@ impl LoadBook {
         let load = &mut self.loads[idx];
         if self.epoch_of[idx] != epoch {
             self.epoch_of[idx] = epoch;
-            *load = InstanceLoad { running: std::mem::take(&mut load.running), ..InstanceLoad::default() };
             load.running.clear();
+            load.sum_context = 0;
+            load.max_context = 0;
+        }
+        if load.num_queued > 0 {
+            load.dequeue(request);
         }
         load.push(request, len);
     }
 
-    pub fn add_queued(&mut self, inst: InstanceId, prompt_len: u32) {
-        let load = self.get_mut(inst);
-        load.num_queued += 1;
-        load.queued_tokens += u64::from(prompt_len);
+    /// An admitted request, counted on `inst` until it is seen running, finishes or moves.
+    pub fn add_queued(&mut self, inst: InstanceId, request: RequestId, prompt_len: u32) {
+        self.get_mut(inst).enqueue(request, prompt_len);
     }
 
     /// Moves a running request's load from one instance to another (a migration decided).
@@ -102,7 +137,7 @@ impl LoadBook {
         self.get_mut(to).push(request, len);
     }
 
-    /// Drops a finished request from an instance's load.
+    /// Drops a finished request (running or still queued) from an instance's load.
     pub fn forget_request(&mut self, inst: InstanceId, request: RequestId) {
         self.get_mut(inst).remove(request);
     }
@@ -177,6 +212,26 @@ mod tests {
         book.record(InstanceId(0), RequestId(1), 101);
         assert_eq!(book.get(InstanceId(0)).sum_context, 101);
         assert_eq!(book.get(InstanceId(1)).sum_context, 50);
+    }
+
+    #[test]
+    fn queued_requests_leave_exactly_when_seen_running_finished_or_moved() {
+        let mut book = LoadBook::default();
+        let (a, b) = (InstanceId(0), InstanceId(1));
+        for r in 1..=3 {
+            book.add_queued(a, RequestId(r), 100);
+        }
+        // Request 1 finishes inside its first step: it never shows up in a feed.
+        book.forget_request(a, RequestId(1));
+        // Request 2 starts running; request 3 still waits for room and must stay counted.
+        book.begin_refresh();
+        book.record(a, RequestId(2), 101);
+        assert_eq!((book.get(a).num_queued, book.get(a).queued_tokens), (1, 100));
+        assert_eq!(book.get(a).running, vec![(RequestId(2), 101)]);
+        book.move_request(RequestId(3), a, b, 100);
+        book.forget_request(a, RequestId(2));
+        assert_eq!(book.get(a).kv_tokens(), 0, "nothing leaks on an instance that sends no more feeds");
+        assert_eq!(book.get(b).kv_tokens(), 100);
     }
 
     #[test]

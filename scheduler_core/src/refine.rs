@@ -84,7 +84,7 @@ pub struct Refiner {
     grid: BucketGrid,
     decode_tokens: Vec<f64>,
     decode_context: Vec<f64>,
-    arrivals: Vec<f64>,
+    pub(crate) arrivals: Vec<f64>,
     prefill_tokens: Vec<f64>,
     prefill_pairs: Vec<f64>,
     /// Decayed seconds of observation (the denominator of every rate).

@@ -41,14 +41,14 @@ impl Router {
     }
 
     /// Stage by prompt length, then the least-loaded instance of that stage with KV room.
-    pub fn admit(&mut self, prompt_len: u32) -> Result<Option<Admission>> {
+    pub fn admit(&mut self, request: RequestId, prompt_len: u32) -> Result<Option<Admission>> {
         self.check_len(prompt_len)?;
         let stage = self.layout.stage_of_len(prompt_len);
         let candidates = &self.layout.stages()[stage].instances;
         let Some(instance) = self.loads.least_loaded(&self.profile, candidates, prompt_len, None) else {
             return Ok(None);
         };
-        self.loads.add_queued(instance, prompt_len);
+        self.loads.add_queued(instance, request, prompt_len);
         Ok(Some(Admission { instance, stage }))
     }
 
@@ -133,13 +133,13 @@ mod tests {
     #[test]
     fn admission_picks_the_stage_by_prompt_and_spreads_load() {
         let mut r = router();
-        let a = r.admit(500).unwrap().unwrap();
-        let b = r.admit(500).unwrap().unwrap();
+        let a = r.admit(RequestId(0), 500).unwrap().unwrap();
+        let b = r.admit(RequestId(0), 500).unwrap().unwrap();
         assert_eq!((a.stage, b.stage), (0, 0));
         assert_ne!(a.instance, b.instance, "the second request goes to the other instance");
-        assert_eq!(r.admit(5000).unwrap().unwrap().stage, 1);
-        assert_eq!(r.admit(100_000).unwrap().unwrap().instance, InstanceId(4));
-        assert!(r.admit(131_072).is_err());
+        assert_eq!(r.admit(RequestId(0), 5000).unwrap().unwrap().stage, 1);
+        assert_eq!(r.admit(RequestId(0), 100_000).unwrap().unwrap().instance, InstanceId(4));
+        assert!(r.admit(RequestId(0), 131_072).is_err());
     }
 
     #[test]

@@ -130,3 +130,24 @@ fn without_refinement_the_layout_is_fixed() {
     let mut traffic = SteadyTraffic::new(Preset::LongContextMixed, 4.0, 7);
     assert!((0..200).all(|t| !traffic.second(&mut policy, f64::from(t))));
 }
+
+#[test]
+fn a_refused_request_counts_as_one_arrival_however_often_it_is_retried() {
+    let mut policy = planned_policy(Preset::ShortChat, 4.0, refining());
+    let arrivals = |p: &CascadePolicy| -> f64 { p.refiner.as_ref().unwrap().arrivals.iter().sum() };
+    // Fill every instance of the first stage up to its sequence cap, then retry one more
+    // request many times.
+    let first = policy.admit(RequestId(0), 100, 0.0).unwrap().unwrap();
+    let mut request = 1;
+    while policy.admit(RequestId(request), 100, 0.0).unwrap().is_some() {
+        request += 1;
+    }
+    let before = arrivals(&policy);
+    for _ in 0..50 {
+        assert!(policy.admit(RequestId(request), 100, 0.0).unwrap().is_none());
+    }
+    assert_eq!(arrivals(&policy), before);
+    policy.request_finished(RequestId(0), first.instance);
+    assert!(policy.admit(RequestId(request), 100, 0.0).unwrap().is_some());
+    assert_eq!(arrivals(&policy), before, "admitted at last: still the same arrival");
+}

@@ -203,3 +203,28 @@ fn bad_inputs_name_what_is_wrong() {
     let msg = simulate(&mut rr, &small, &big, &ids(2), &config).unwrap_err().to_string();
     assert!(msg.contains("KV"), "{msg}");
 }
+
+/// Requests that finish inside their first step never appear in a step feed, and an instance
+/// left with nothing running sends none: their admission must not stay counted against the
+/// instance (it once did, and admission refused the queue head for good once the sequence cap
+/// filled with such ghosts).
+#[test]
+fn one_token_requests_leave_no_load_behind() {
+    let mut profile = gpu();
+    profile.max_num_seqs = 4;
+    let trace: Vec<TraceRequest> =
+        (0..200).map(|k| TraceRequest { arrival_s: k as f64 * 0.5, prompt_len: 100, output_len: 1 }).collect();
+    for policy in [
+        &mut two_stage(&profile, 2048, 1) as &mut dyn Policy,
+        &mut baseline(BaselineKind::LeastLoad, &profile, 2),
+        &mut baseline(BaselineKind::Llumnix, &profile, 2),
+    ] {
+        let report = run(policy, &profile, &trace);
+        assert_conserved(&report, &trace, &profile);
+        let worst_queue = report.requests.iter().map(|r| r.queue_s().unwrap()).fold(0.0, f64::max);
+        assert!(worst_queue < 0.5, "{}: a request waited {worst_queue} s for admission", report.policy);
+        for inst in 0..2 {
+            assert_eq!(policy.router().loads().get(InstanceId(inst)).kv_tokens(), 0, "{}", report.policy);
+        }
+    }
+}
