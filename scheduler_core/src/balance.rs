@@ -76,7 +76,7 @@ impl Balancer {
             if instances.len() < 2 {
                 continue;
             }
-            let step = |i: &InstanceId| router.loads.predicted_step(&router.profile, *i, None);
+            let step = |i: &InstanceId| router.loads.predicted_step(&router.profile, *i);
             let slow = *instances.iter().max_by(|a, b| step(a).total_cmp(&step(b))).unwrap();
             let fast = *instances.iter().min_by(|a, b| step(a).total_cmp(&step(b))).unwrap();
             let imbalance = (step(&slow) - step(&fast)) / step(&slow);

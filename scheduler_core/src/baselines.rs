@@ -109,7 +109,7 @@ impl Baseline {
         let instances = self.instances().to_vec();
         match self.kind {
             BaselineKind::LeastLoad => {
-                self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, None)
+                self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, true, None)
             }
             BaselineKind::RoundRobin => {
                 // The next instance in turn that has room.
@@ -128,7 +128,7 @@ impl Baseline {
                     a
                 };
                 let pair = [a, b];
-                self.router.loads.least_loaded(&self.router.profile, &pair, prompt_len, None)
+                self.router.loads.least_loaded(&self.router.profile, &pair, prompt_len, true, None)
             }
             BaselineKind::Llumnix => instances
                 .iter()

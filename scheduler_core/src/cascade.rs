@@ -140,7 +140,7 @@ impl Policy for CascadePolicy {
         let r = &self.router;
         let mean_step = |k: usize| {
             let insts = &r.layout.stages()[k].instances;
-            insts.iter().map(|&i| r.loads.predicted_step(&r.profile, i, None)).sum::<f64>() / insts.len() as f64
+            insts.iter().map(|&i| r.loads.predicted_step(&r.profile, i)).sum::<f64>() / insts.len() as f64
         };
         let busiest = (0..r.layout.stages().len()).max_by(|&a, &b| mean_step(a).total_cmp(&mean_step(b))).unwrap();
         self.router.layout.add_instance(instance, busiest)

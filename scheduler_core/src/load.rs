@@ -149,22 +149,35 @@ impl LoadBook {
         }
     }
 
-    /// Predicted step time of `inst`, with one more request of `extra_len` when given: its
-    /// decode plus the queued prefill work spread over the token budget.
-    pub fn predicted_step(&self, profile: &CostProfile, inst: InstanceId, extra_len: Option<u32>) -> f64 {
+    /// Predicted time of `inst`'s next step: its decodes plus a chunk of its queued prefill.
+    pub fn predicted_step(&self, profile: &CostProfile, inst: InstanceId) -> f64 {
         let load = self.get(inst);
         let mut batch = load.batch();
-        let mut queued = load.queued_tokens;
-        if let Some(len) = extra_len {
-            batch.num_decode += 1;
-            batch.sum_context += u64::from(len);
-            batch.max_context = batch.max_context.max(len);
-            queued += u64::from(len);
-        }
-        let chunk = queued.min(u64::from(profile.max_batch_tokens));
+        let chunk = load.queued_tokens.min(u64::from(profile.max_batch_tokens));
         batch.prefill_tokens = chunk as u32;
         batch.prefill_pairs = prefill_pairs(0, chunk);
         profile.step_time(&batch)
+    }
+
+    /// What one more request of `len` tokens costs on `inst`: the step time with it decoding
+    /// there, times the steps the queued prefill ahead of it (and its own, when it `needs_prefill`)
+    /// takes at the token budget. With nothing queued it is the decode step everyone there would
+    /// see; with a backlog it is about the wait for the newcomer's first token on a first-come
+    /// engine. A step time alone caps the backlog at one chunk, so an instance with minutes of
+    /// queued prompts would look as good as one with a single chunk.
+    pub fn predicted_cost(&self, profile: &CostProfile, inst: InstanceId, len: u32, needs_prefill: bool) -> f64 {
+        let load = self.get(inst);
+        let mut batch = load.batch();
+        batch.num_decode += 1;
+        batch.sum_context += u64::from(len);
+        batch.max_context = batch.max_context.max(len);
+        let queued = load.queued_tokens + if needs_prefill { u64::from(len) } else { 0 };
+        let budget = u64::from(profile.max_batch_tokens.max(1));
+        let chunk = queued.min(budget);
+        batch.prefill_tokens = chunk as u32;
+        batch.prefill_pairs = prefill_pairs(0, chunk);
+        let steps = queued.div_ceil(budget).max(1);
+        profile.step_time(&batch) * steps as f64
     }
 
     /// Whether `inst` has KV room for `tokens` more.
@@ -174,13 +187,15 @@ impl LoadBook {
             && (load.running.len() as u32 + load.num_queued) < profile.max_num_seqs
     }
 
-    /// Among `candidates` with room for `tokens`, the one with the least predicted step time
-    /// after taking it (ties go to the first).
+    /// Among `candidates` with room for `tokens`, the one where taking them costs least
+    /// ([`LoadBook::predicted_cost`]; ties go to the first). A new request `needs_prefill`; a
+    /// migrated one arrives with its KV.
     pub fn least_loaded(
         &self,
         profile: &CostProfile,
         candidates: &[InstanceId],
         tokens: u32,
+        needs_prefill: bool,
         skip: Option<InstanceId>,
     ) -> Option<InstanceId> {
         let mut best: Option<(f64, InstanceId)> = None;
@@ -188,7 +203,7 @@ impl LoadBook {
             if Some(inst) == skip || !self.has_room(profile, inst, tokens) {
                 continue;
             }
-            let t = self.predicted_step(profile, inst, Some(tokens));
+            let t = self.predicted_cost(profile, inst, tokens, needs_prefill);
             if best.is_none_or(|(bt, _)| t < bt) {
                 best = Some((t, inst));
             }
@@ -235,6 +250,27 @@ mod tests {
     }
 
     #[test]
+    fn a_long_prefill_backlog_weighs_more_than_a_few_decodes() {
+        let p = gpu();
+        let mut book = LoadBook::default();
+        let (backlogged, decoding) = (InstanceId(0), InstanceId(1));
+        for r in 0..3 {
+            book.add_queued(backlogged, RequestId(r), 32_000);
+        }
+        book.add_queued(decoding, RequestId(3), 9000);
+        book.begin_refresh();
+        for r in 10..20 {
+            book.record(decoding, RequestId(r), 1000);
+        }
+        // One step ahead, the two look alike (a full prefill chunk each, plus the decodes on one).
+        assert!(book.predicted_step(&p, decoding) > book.predicted_step(&p, backlogged));
+        let both = [backlogged, decoding];
+        assert_eq!(book.least_loaded(&p, &both, 500, true, None), Some(decoding));
+        // A migrated request skips the queue's prefill but still shares its chunks.
+        assert!(book.predicted_cost(&p, backlogged, 500, false) > book.predicted_cost(&p, decoding, 500, false));
+    }
+
+    #[test]
     fn least_loaded_prefers_the_lighter_instance_and_respects_room() {
         let p = gpu();
         let mut book = LoadBook::default();
@@ -242,9 +278,9 @@ mod tests {
         book.record(InstanceId(0), RequestId(1), 300_000);
         book.record(InstanceId(1), RequestId(2), 1000);
         let all = [InstanceId(0), InstanceId(1)];
-        assert_eq!(book.least_loaded(&p, &all, 100, None), Some(InstanceId(1)));
+        assert_eq!(book.least_loaded(&p, &all, 100, true, None), Some(InstanceId(1)));
         // Only instance 0 is a candidate but it lacks room for 200K more tokens.
-        assert_eq!(book.least_loaded(&p, &all[..1], 200_000, None), None);
+        assert_eq!(book.least_loaded(&p, &all[..1], 200_000, true, None), None);
         book.move_request(RequestId(1), InstanceId(0), InstanceId(1), 300_000);
         assert_eq!(book.get(InstanceId(0)).running.len(), 0);
         assert_eq!(book.get(InstanceId(1)).max_context, 300_000);

@@ -45,7 +45,7 @@ impl Router {
         self.check_len(prompt_len)?;
         let stage = self.layout.stage_of_len(prompt_len);
         let candidates = &self.layout.stages()[stage].instances;
-        let Some(instance) = self.loads.least_loaded(&self.profile, candidates, prompt_len, None) else {
+        let Some(instance) = self.loads.least_loaded(&self.profile, candidates, prompt_len, true, None) else {
             return Ok(None);
         };
         self.loads.add_queued(instance, request, prompt_len);
@@ -85,7 +85,7 @@ impl Router {
     pub(crate) fn migrate_to_own_stage(&mut self, e: StepEntry, reason: MigrationReason) -> Option<Migration> {
         let target_stage = self.layout.stage_of_len(e.context_len);
         let candidates = &self.layout.stages()[target_stage].instances;
-        let to = self.loads.least_loaded(&self.profile, candidates, e.context_len, Some(e.instance))?;
+        let to = self.loads.least_loaded(&self.profile, candidates, e.context_len, false, Some(e.instance))?;
         Some(self.start_migration(e, to, reason))
     }
 
