@@ -60,8 +60,19 @@ class Requests:
     """Requests whose output was cut to fit the model's max length."""
 
 
-def load_requests(workload: str, max_len: int, seed: int = 0) -> Requests:
-    """A preset's samples, or a JSONL trace's requests (with its arrival rate)."""
+def clamp_lengths(prompt_len: int, output_len: int, max_len: int) -> tuple[int, int]:
+    """Fits one request into `max_len` tokens of context: the prompt first, then the output
+    (at least one token). The benchmarks run presets and traces through this."""
+    prompt_len = min(prompt_len, max_len - 1)
+    return prompt_len, max(1, min(output_len, max_len - prompt_len))
+
+
+def load_requests(
+    workload: str, max_len: int, seed: int = 0, *, clamp_prompts: bool = False
+) -> Requests:
+    """A preset's samples, or a JSONL trace's requests (with its arrival rate). A prompt the
+    model cannot hold is dropped (a live scheduler refuses it), or with `clamp_prompts` cut
+    to fit as the benchmarks cut it, so a plan sees the lengths a benchmark runs."""
     if workload in _core.preset_names():
         prompts, outputs = _core.sample_preset(workload, PRESET_SAMPLES, seed)
         rate = None
@@ -75,7 +86,10 @@ def load_requests(workload: str, max_len: int, seed: int = 0) -> Requests:
         raise ValueError(f"workload {workload!r} is neither a preset ({known}) nor a trace file")
     kept_p, kept_o, dropped, truncated = [], [], 0, 0
     for p, o in zip(prompts, outputs, strict=True):
-        if p >= max_len:
+        if p >= max_len and clamp_prompts:
+            truncated += 1
+            p, o = clamp_lengths(p, o, max_len)
+        elif p >= max_len:
             dropped += 1
             continue
         if p + o > max_len:
@@ -108,17 +122,19 @@ def plan_stages(
     seed: int = 0,
     max_len: int | None = None,
     back_off_when_infeasible: bool = False,
+    clamp_prompts: bool = False,
 ) -> PlanResult:
     """Plans stages for a preset or trace. The rate is, in order: `rate`, the trace's own,
     or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload. `max_len`
-    (default: the profile's max_model_len) is the longest context the fleet serves."""
+    (default: the profile's max_model_len) is the longest context the fleet serves;
+    `clamp_prompts` as in `load_requests`."""
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
     if rate is not None and not rate > 0:
         raise ValueError(f"rate must be > 0, got {rate}")
     max_len = max_len or profile.max_model_len
     grid = _core.BucketGrid.geometric(max_len, num_buckets)
-    requests = load_requests(workload, max_len, seed)
+    requests = load_requests(workload, max_len, seed, clamp_prompts=clamp_prompts)
     chosen = rate or requests.rate
     is_estimated = chosen is None
     if chosen is None:

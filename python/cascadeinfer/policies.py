@@ -31,11 +31,14 @@ def build_policy(
     stages: Sequence[FixedStage] = (),
     seed: int = 0,
     plan_within_capacity: bool = False,
+    clamp_prompts: bool = False,
 ) -> _core.Scheduler:
     """`name` is one of POLICY_NAMES. Cascade uses `stages` when given (instances beyond them
     join the last stage), else a plan from the partitioner for `workload` at `rate`.
     `plan_within_capacity`: a rate the fleet cannot carry is planned for at the highest rate it
-    can (benchmarks run past saturation on purpose); otherwise it is an error."""
+    can (benchmarks run past saturation on purpose); otherwise it is an error.
+    `clamp_prompts`: plan for prompts cut to `max_len` as the benchmarks cut them, instead of
+    without the prompts no instance can hold."""
     if name not in POLICY_NAMES:
         raise ValueError(f"policy {name!r}: known {', '.join(POLICY_NAMES)}")
     instances = list(instances)
@@ -57,6 +60,7 @@ def build_policy(
         max_len=max_len,
         seed=seed,
         back_off_when_infeasible=plan_within_capacity,
+        clamp_prompts=clamp_prompts,
     )
     return _core.Scheduler.cascade(
         profile, result.plan, instances, result.workload.grid, CascadeConfig(), result.workload

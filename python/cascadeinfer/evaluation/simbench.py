@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from cascadeinfer import _core
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS as LIVE_KEYS
+from cascadeinfer.planning import clamp_lengths
 from cascadeinfer.policies import build_policy
 from cascadeinfer.traces import read_trace
 
@@ -22,12 +23,8 @@ SUMMARY_KEYS = (*LIVE_KEYS, "sim_wall_s")
 
 
 def clamp(trace: Trace, max_len: int) -> Trace:
-    """Fits every request into `max_len` tokens of context (prompt first, then output)."""
-    out = []
-    for arrival, prompt, output in trace:
-        prompt = min(prompt, max_len - 1)
-        out.append((arrival, prompt, max(1, min(output, max_len - prompt))))
-    return out
+    """Fits every request into `max_len` tokens of context (`planning.clamp_lengths`)."""
+    return [(arrival, *clamp_lengths(prompt, output, max_len)) for arrival, prompt, output in trace]
 
 
 def make_trace(
@@ -92,6 +89,7 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.S
         rate=rate,
         seed=setup.seed,
         plan_within_capacity=True,
+        clamp_prompts=True,
     )
     report = _core.simulate(
         policy,
@@ -176,4 +174,5 @@ def default_rate(setup: SimSetup) -> float:
         profile=setup.profile,
         max_len=setup.profile.max_model_len,
         seed=setup.seed,
+        clamp_prompts=True,
     ).rate
