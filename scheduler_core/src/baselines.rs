@@ -98,7 +98,7 @@ impl Baseline {
     fn freeness(&self, inst: InstanceId) -> f64 {
         let load = self.router.loads.get(inst);
         let free = self.router.profile.kv_capacity_tokens as f64 - load.kv_tokens() as f64;
-        free / (load.running.len() as f64 + f64::from(load.num_queued) + 1.0)
+        free / (load.running.len() as f64 + f64::from(load.num_queued()) + 1.0)
     }
 
     fn usage(&self, inst: InstanceId) -> f64 {

@@ -17,7 +17,6 @@ pub struct InstanceLoad {
     /// its load forever (the instance looks full and admission stalls) or drop requests still
     /// waiting for KV room.
     pub queued: Vec<(RequestId, u32)>,
-    pub num_queued: u32,
     pub queued_tokens: u64,
 }
 
@@ -30,7 +29,6 @@ impl InstanceLoad {
 
     fn enqueue(&mut self, request: RequestId, len: u32) {
         self.queued.push((request, len));
-        self.num_queued += 1;
         self.queued_tokens += u64::from(len);
     }
 
@@ -38,7 +36,6 @@ impl InstanceLoad {
     fn dequeue(&mut self, request: RequestId) -> bool {
         let Some(pos) = self.queued.iter().position(|&(r, _)| r == request) else { return false };
         let (_, len) = self.queued.swap_remove(pos);
-        self.num_queued -= 1;
         self.queued_tokens -= u64::from(len);
         true
     }
@@ -57,6 +54,11 @@ impl InstanceLoad {
         Some(len)
     }
 
+    /// Admitted requests not yet seen running.
+    pub fn num_queued(&self) -> u32 {
+        self.queued.len() as u32
+    }
+
     /// KV tokens in use or promised.
     pub fn kv_tokens(&self) -> u64 {
         self.sum_context + self.queued_tokens
@@ -73,6 +75,14 @@ impl InstanceLoad {
     }
 }
 
+/// `batch` plus one chunk (at most the token budget) of `queued` prefill tokens.
+fn with_prefill_chunk(mut batch: BatchShape, queued: u64, profile: &CostProfile) -> BatchShape {
+    let chunk = queued.min(u64::from(profile.max_batch_tokens));
+    batch.prefill_tokens = chunk as u32;
+    batch.prefill_pairs = prefill_pairs(0, chunk);
+    batch
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct LoadBook {
     loads: Vec<InstanceLoad>,
@@ -83,14 +93,8 @@ pub struct LoadBook {
 
 impl LoadBook {
     pub fn get(&self, inst: InstanceId) -> &InstanceLoad {
-        static EMPTY: InstanceLoad = InstanceLoad {
-            running: Vec::new(),
-            sum_context: 0,
-            max_context: 0,
-            queued: Vec::new(),
-            num_queued: 0,
-            queued_tokens: 0,
-        };
+        static EMPTY: InstanceLoad =
+            InstanceLoad { running: Vec::new(), sum_context: 0, max_context: 0, queued: Vec::new(), queued_tokens: 0 };
         self.loads.get(inst.index()).unwrap_or(&EMPTY)
     }
 
@@ -120,7 +124,7 @@ impl LoadBook {
             load.sum_context = 0;
             load.max_context = 0;
         }
-        if load.num_queued > 0 {
+        if !load.queued.is_empty() {
             load.dequeue(request);
         }
         load.push(request, len);
@@ -152,11 +156,7 @@ impl LoadBook {
     /// Predicted time of `inst`'s next step: its decodes plus a chunk of its queued prefill.
     pub fn predicted_step(&self, profile: &CostProfile, inst: InstanceId) -> f64 {
         let load = self.get(inst);
-        let mut batch = load.batch();
-        let chunk = load.queued_tokens.min(u64::from(profile.max_batch_tokens));
-        batch.prefill_tokens = chunk as u32;
-        batch.prefill_pairs = prefill_pairs(0, chunk);
-        profile.step_time(&batch)
+        profile.step_time(&with_prefill_chunk(load.batch(), load.queued_tokens, profile))
     }
 
     /// What one more request of `len` tokens costs on `inst`: the step time with it decoding
@@ -172,19 +172,15 @@ impl LoadBook {
         batch.sum_context += u64::from(len);
         batch.max_context = batch.max_context.max(len);
         let queued = load.queued_tokens + if needs_prefill { u64::from(len) } else { 0 };
-        let budget = u64::from(profile.max_batch_tokens.max(1));
-        let chunk = queued.min(budget);
-        batch.prefill_tokens = chunk as u32;
-        batch.prefill_pairs = prefill_pairs(0, chunk);
-        let steps = queued.div_ceil(budget).max(1);
-        profile.step_time(&batch) * steps as f64
+        let steps = queued.div_ceil(u64::from(profile.max_batch_tokens.max(1))).max(1);
+        profile.step_time(&with_prefill_chunk(batch, queued, profile)) * steps as f64
     }
 
     /// Whether `inst` has KV room for `tokens` more.
     pub fn has_room(&self, profile: &CostProfile, inst: InstanceId, tokens: u32) -> bool {
         let load = self.get(inst);
         load.kv_tokens() + u64::from(tokens) <= profile.kv_capacity_tokens
-            && (load.running.len() as u32 + load.num_queued) < profile.max_num_seqs
+            && (load.running.len() as u32 + load.num_queued()) < profile.max_num_seqs
     }
 
     /// Among `candidates` with room for `tokens`, the one where taking them costs least
@@ -241,7 +237,7 @@ mod tests {
         // Request 2 starts running; request 3 still waits for room and must stay counted.
         book.begin_refresh();
         book.record(a, RequestId(2), 101);
-        assert_eq!((book.get(a).num_queued, book.get(a).queued_tokens), (1, 100));
+        assert_eq!((book.get(a).num_queued(), book.get(a).queued_tokens), (1, 100));
         assert_eq!(book.get(a).running, vec![(RequestId(2), 101)]);
         book.move_request(RequestId(3), a, b, 100);
         book.forget_request(a, RequestId(2));
