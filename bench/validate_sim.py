@@ -17,13 +17,14 @@ Both sides get the same trace (a preset clamped to the cluster's length limit wi
 what the workers report), the same instance count and the same cascade policy object, built by
 `cascadeinfer.policies.build_policy` from the same explicit stages.
 
-Diagnostics: before the replay, one request alone on a worker measures the daemon's decode step
-against the profile's (`step_probe`: the engine loop, step feed and streams cost time that a
-profile of the bare engine leaves out); the simulator is run a second time with that overhead
-added to every step (`sim_with_measured_step_overhead`), to see how much of the gap it explains.
-The primary gap is always the first run's. Also: client send lag, client-link time (client e2e
-minus the scheduler's own), per-request live/sim ratios, decode-time ratio, CPU seconds of each
-daemon and load averages (other jobs on the machine show there).
+The profile is calibrated as an operator would: the engine's own profile (`cascade calibrate
+--engine`, or a built-in), then what the worker daemon adds to each step, measured on worker 0
+before the scheduler starts (`cascade calibrate --worker`, `cascadeinfer.calibrate.serving`).
+The scheduler and the simulator run on that serving profile; the primary gap is theirs. The
+simulator is also run on the engine profile alone (`sim_with_engine_profile`), to show what the
+daemon's overhead is worth. Also reported: client send lag, client-link time (client e2e minus
+the scheduler's own), per-request live/sim ratios, decode-time ratio, engine steps per worker,
+CPU seconds of each daemon and load averages (other jobs on the machine show there).
 
     .venv/bin/python bench/validate_sim.py --json-out validation.json   # both cases
     .venv/bin/python bench/validate_sim.py --case sim --sim-rates 10
@@ -48,6 +49,7 @@ from typing import Any
 import grpc
 from bench_scheduler import cpu_seconds, free_port
 from cascadeinfer import CostProfile, generate_trace, load_profile, simulate
+from cascadeinfer.calibrate.serving import measure_serving_overhead, serving_profile
 from cascadeinfer.evaluation.live import LiveRecord, replay
 from cascadeinfer.evaluation.simbench import clamp
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS, summarize
@@ -128,38 +130,6 @@ def warm_up(daemons: list[Daemon], tokens: int) -> None:
             pass
 
 
-def probe_step_overhead(worker: Daemon, profile_path: Path) -> dict[str, float]:
-    """How much longer a decode step takes in the worker daemon than the profile says: one
-    request alone on `worker`, its tokens' spacing against the profile's step time for one
-    sequence at the same contexts (median of 3). The difference is the daemon's own per-step
-    work (engine loop, step feed, gRPC streams), which `cascade calibrate` does not time.
-    The caller adds `engine_step_ms`: the worker's own timer over the same steps (prefills and
-    the probe's other repeats included), i.e. how much of it is inside the engine's step."""
-    profile = load_profile(str(profile_path))
-    prompt_len, tokens = 64, 129
-    samples = []
-    for rep in range(3):
-        request = worker_pb2.GenerateRequest(
-            request_id=f"probe-{rep}",
-            prompt_token_ids=[(13 * k + 29 * rep) % 250 + 1 for k in range(prompt_len)],
-            sampling=common_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True),
-        )
-        times: list[float] = []
-        for r in worker.stub().Generate(request, timeout=120):
-            now = time.perf_counter()
-            times += [now] * len(r.tokens.token_ids)
-        measured = (times[-1] - times[0]) / (len(times) - 1)
-        lens = range(prompt_len + 1, prompt_len + tokens)
-        predicted = statistics.fmean(profile.step_time(1, c, c) for c in lens)
-        samples.append((measured, predicted))
-    measured, predicted = sorted(samples)[1]
-    return {
-        "measured_step_ms": 1e3 * measured,
-        "profile_step_ms": 1e3 * predicted,
-        "overhead_ms": 1e3 * (measured - predicted),
-    }
-
-
 def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> dict[str, Any]:
     base_path = log_dir / f"{case.name}-base-profile.json"
     base_path.write_text(json.dumps(case.profile_doc))
@@ -181,20 +151,46 @@ def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> 
     daemons = list(workers)
     try:
         info = workers[0].stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=30)
+        engine_doc = fit_limits(case, info)
+        engine_path = log_dir / f"{case.name}-engine-profile.json"
+        engine_path.write_text(json.dumps(engine_doc, indent=2))
+        if case.warm_up_tokens:
+            warm_up(workers, case.warm_up_tokens)
+        # As an operator would: measure what the daemon adds to each step on one worker
+        # (`cascade calibrate --worker`), and run scheduler and simulator on that profile.
+        probe_before = step_counters(ports[0])
+        overhead = measure_serving_overhead(workers[0].stub(), load_profile(str(engine_path)))
+        (t1, n1), (t0, n0) = step_counters(ports[0]), probe_before
+        serving_doc, serving_notes = serving_profile(
+            engine_doc,
+            overhead,
+            name=f"{engine_doc['name']}-serving",
+            provenance="measured by bench/validate_sim.py on worker 0 before the replay",
+        )
         profile_path = log_dir / f"{case.name}-profile.json"
-        profile_path.write_text(json.dumps(fit_limits(case, info), indent=2))
+        profile_path.write_text(json.dumps(serving_doc, indent=2))
+        serving = {
+            "per_step_ms": 1e3 * overhead.per_step_s,
+            "per_sequence_us": 1e6 * overhead.per_sequence_s,
+            "notes": serving_notes,
+            "rounds": [
+                {
+                    "batch_size": r.batch_size,
+                    "num_steps": r.num_steps,
+                    "cadence_ms": 1e3 * r.cadence_s,
+                    "engine_step_ms": 1e3 * r.engine_step_s,
+                    "engine_profile_ms": 1e3 * r.predicted_s,
+                }
+                for r in overhead.rounds
+            ],
+            "engine_step_ms_during_calibration": 1e3 * (t1 - t0) / (n1 - n0),
+        }
         sched_args = [
             *("--workers", ",".join(d.address for d in workers)),
             *("--stages", case.stages, "--profile", str(profile_path)),
         ]
         scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120)[0]
         daemons.append(scheduler)
-        if case.warm_up_tokens:
-            warm_up(workers, case.warm_up_tokens)
-        probe_before = step_counters(ports[0])
-        step_probe = probe_step_overhead(workers[0], profile_path)
-        (t1, n1), (t0, n0) = step_counters(ports[0]), probe_before
-        step_probe["engine_step_ms"] = 1e3 * (t1 - t0) / (n1 - n0)
         steps_before = [step_counters(port) for port in ports]
         cpu_before = {d.process.pid: cpu_seconds(d.process.pid) for d in daemons}
         load_before = os.getloadavg()
@@ -215,7 +211,8 @@ def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> 
             "makespan_s": makespan,
             "wall_s": wall,
             "profile_path": profile_path,
-            "step_probe": step_probe,
+            "engine_profile_path": engine_path,
+            "serving_overhead": serving,
             "engine_steps": {
                 "num_steps": [int(n) for _, n in steps],
                 "busy_s": [t for t, _ in steps],
@@ -234,16 +231,10 @@ def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> 
 
 
 def sim_run(
-    case: Case,
-    trace: list[tuple[float, int, int]],
-    profile_path: Path,
-    extra_step_overhead_s: float = 0.0,
+    case: Case, trace: list[tuple[float, int, int]], profile_path: Path
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """The simulator on the trace; `extra_step_overhead_s` is added to every step (to see how
-    much of a gap the daemon's per-step overhead explains)."""
-    doc = json.loads(profile_path.read_text())
-    doc["step_overhead_s"] += extra_step_overhead_s
-    profile = CostProfile.from_json(json.dumps(doc))
+    """The simulator on the trace, with the profile in `profile_path`."""
+    profile = load_profile(str(profile_path))
     instances = list(range(case.num_workers))
     policy = build_policy(
         "cascade",
@@ -379,8 +370,7 @@ def run_case(case: Case, log_dir: Path) -> dict[str, Any]:
     print(f"[{case.name}] simulating ...", file=sys.stderr, flush=True)
     sim_summary, sim_extra = sim_run(case, trace, live["profile_path"])
     gap = relative(live_summary["mean_e2e_s"], sim_summary["mean_e2e_s"])
-    overhead_s = max(live["step_probe"]["overhead_ms"], 0.0) / 1e3
-    corrected, _ = sim_run(case, trace, live["profile_path"], overhead_s)
+    bare, _ = sim_run(case, trace, live["engine_profile_path"])
     return {
         "case": case.name,
         "setup": {
@@ -406,11 +396,10 @@ def run_case(case: Case, log_dir: Path) -> dict[str, Any]:
             if k not in ("completed", "migrations")
         },
         "mean_e2e_gap": gap,
-        "step_probe": live["step_probe"],
-        "sim_with_measured_step_overhead": {
-            "added_step_overhead_ms": 1e3 * overhead_s,
-            "summary": corrected,
-            "mean_e2e_gap": relative(live_summary["mean_e2e_s"], corrected["mean_e2e_s"]),
+        "serving_overhead": live["serving_overhead"],
+        "sim_with_engine_profile": {
+            "summary": bare,
+            "mean_e2e_gap": relative(live_summary["mean_e2e_s"], bare["mean_e2e_s"]),
         },
         "goal": case.goal,
         "is_within_goal": abs(gap) <= case.goal,

@@ -50,6 +50,20 @@ def add_parser(sub: Any) -> None:
         help="profile (name or file) for the fields not measured: migration figures, "
         f"max_utilization (default: {DEFAULT_VLLM_BASE} for vllm, the sim profile for sim)",
     )
+    p.add_argument(
+        "--worker",
+        metavar="HOST:PORT",
+        help="instead of timing a bare engine: measure what a running, idle worker daemon adds "
+        "to each step and write --base-profile with that overhead added",
+    )
+    p.add_argument("--tls-ca", default="", help="--worker: PEM CA to verify a TLS worker with")
+    p.add_argument("--tls-cert", default="", help="--worker: client certificate")
+    p.add_argument("--tls-key", default="", help="--worker: PEM key of --tls-cert")
+    p.add_argument(
+        "--auth-token-file",
+        default="",
+        help="--worker: bearer token file (else $CASCADE_AUTH_TOKEN)",
+    )
     p.add_argument("--name", help="name of the fitted profile")
     p.add_argument("--out", type=Path, help="write the fitted profile here")
     p.add_argument("--quick", action="store_true", help="a small grid (tests, smoke runs)")
@@ -162,6 +176,10 @@ def as_json(result: Calibration, out: Path | None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        from cascadeinfer.cli.calibrate_serving import run_serving
+
+        return run_serving(args)
     base_name = args.base_profile or (
         args.sim_profile if args.engine == "sim" else DEFAULT_VLLM_BASE
     )
