@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from cascadeinfer import _core
+from cascadeinfer.stage_count import Candidate, choose_stage_count, selection_trace
 from cascadeinfer.traces import arrival_rate, read_trace
 
 DEFAULT_UTILIZATION = 0.6
@@ -108,7 +109,10 @@ class PlanResult:
     workload: _core.Workload
     rate: float
     solve_ms: float
+    """Partitioning and, with a stage count chosen by simulation, the candidates' simulations."""
     requests: Requests
+    candidates: list[Candidate] = field(default_factory=list)
+    """Every stage count simulated (stage_count.py); empty when the count was not chosen so."""
 
 
 def plan_stages(
@@ -123,11 +127,13 @@ def plan_stages(
     max_len: int | None = None,
     back_off_when_infeasible: bool = False,
     clamp_prompts: bool = False,
+    choose_count_by_simulation: bool = True,
 ) -> PlanResult:
     """Plans stages for a preset or trace. The rate is, in order: `rate`, the trace's own,
     or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload. `max_len`
     (default: the profile's max_model_len) is the longest context the fleet serves;
-    `clamp_prompts` as in `load_requests`."""
+    `clamp_prompts` as in `load_requests`. `choose_count_by_simulation`: the number of stages
+    is the one whose plan simulates best (stage_count.py), not the partitioner's own pick."""
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
     if rate is not None and not rate > 0:
@@ -137,9 +143,15 @@ def plan_stages(
     requests = load_requests(workload, max_len, seed, clamp_prompts=clamp_prompts)
     chosen = rate or requests.rate
     is_estimated = chosen is None
+    unit = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, 1.0)
+    # Arrivals per second that keep every instance busy all the time (an upper bound).
+    capacity = num_instances / unit.work_per_second(profile)
     if chosen is None:
-        unit = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, 1.0)
-        chosen = DEFAULT_UTILIZATION * num_instances / unit.work_per_second(profile)
+        chosen = DEFAULT_UTILIZATION * capacity
+    elif back_off_when_infeasible:
+        # Far past saturation (a benchmark's rate search), back off from the fleet's capacity
+        # rather than from the asked rate, so the tries below reach a rate it can carry.
+        chosen = min(chosen, capacity)
     start = time.perf_counter()
     for attempt in range(ESTIMATE_BACKOFF_TRIES):
         summary = _core.Workload.from_samples(
@@ -158,5 +170,12 @@ def plan_stages(
             ):
                 raise
             chosen *= ESTIMATE_BACKOFF
+    candidates: list[Candidate] = []
+    if choose_count_by_simulation and len(plan.stages) > 1:
+        # At the rate asked for even when the partitioner had to plan for less (benchmarks
+        # past saturation): the simulation judges the plans under the traffic they will get.
+        target = rate or requests.rate or chosen
+        trace = selection_trace(requests.prompt_lens, requests.output_lens, target, seed)
+        plan, candidates = choose_stage_count(plan, summary, profile, num_instances, trace)
     solve_ms = (time.perf_counter() - start) * 1000.0
-    return PlanResult(plan, summary, chosen, solve_ms, requests)
+    return PlanResult(plan, summary, chosen, solve_ms, requests, candidates)

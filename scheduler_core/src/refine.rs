@@ -223,7 +223,12 @@ impl Refiner {
             }
         };
         if diverged {
-            let options = PartitionOptions { num_instances: layout.num_instances() as u32, max_stages: None };
+            // The stage count is the planner's choice (made by simulation, which the analytic
+            // objective gets wrong most often); a re-plan moves boundaries and instances only.
+            let options = PartitionOptions {
+                num_instances: layout.num_instances() as u32,
+                max_stages: Some(layout.stages().len() as u32),
+            };
             if let Ok(plan) = partition(&summary, profile, &options) {
                 self.planned_shape = Some(shape.clone());
                 if good_enough(plan.objective_s * summary.arrival_rate) {

@@ -14,7 +14,8 @@ def add_parser(sub: Any) -> None:
         "plan",
         help="partition N instances into length stages for a workload",
         description="Solve the stage partition (boundaries and instances per stage) that "
-        "minimizes the predicted mean end-to-end latency.",
+        "minimizes the predicted mean end-to-end latency; the number of stages is the one whose "
+        "best plan has the lowest mean latency in the cluster simulator.",
     )
     p.add_argument("--instances", type=int, required=True, help="number of engine instances")
     p.add_argument("--workload", required=True, help="preset name or JSONL trace file")
@@ -49,6 +50,10 @@ def as_json(result: PlanResult) -> dict[str, Any]:
         ],
         "objective": result.plan.objective_s,
         "objective_name": "predicted mean end-to-end latency (s)",
+        "stage_count_candidates": [
+            {"stages": c.num_stages, "simulated_mean_e2e_s": c.simulated_mean_e2e_s}
+            for c in result.candidates
+        ],
         "solve_ms": result.solve_ms,
         "rate": result.rate,
         "dropped_requests": result.requests.num_dropped,
@@ -72,6 +77,13 @@ def as_table(result: PlanResult, args: argparse.Namespace) -> str:
         f"predicted mean end-to-end latency {result.plan.objective_s:.3f} s; "
         f"solved in {result.solve_ms:.1f} ms"
     )
+    if result.candidates:
+        simulated = ", ".join(
+            f"{c.num_stages} stages {c.simulated_mean_e2e_s:.3f} s" for c in result.candidates
+        )
+        lines.append(
+            f"stage count chosen in the simulator (mean e2e of each count's best plan): {simulated}"
+        )
     r = result.requests
     if r.num_dropped or r.num_truncated:
         lines.append(

@@ -125,6 +125,23 @@ fn a_steady_workload_settles_after_at_most_a_few_changes_from_a_bad_start() {
 }
 
 #[test]
+fn refinement_keeps_the_planned_number_of_stages() {
+    // One stage planned for chat, then long-context traffic: the refiner re-plans (the
+    // histogram diverges) but within one stage, so the layout stays what the planner chose.
+    let grid = BucketGrid::geometric(131_072, 64, 64).unwrap();
+    let chat = WorkloadSummary::from_samples(&grid, &Preset::ShortChat.sample(20_000, 1), 4.0).unwrap();
+    let single =
+        crate::layout::StageRange { min_len: 0, max_len: 131_072, instances: (0..16).map(InstanceId).collect() };
+    let layout = StageLayout::new(vec![single]).unwrap();
+    let mut policy = CascadePolicy::new(gpu(), layout.clone(), grid, refining(), Some(&chat)).unwrap();
+    let mut traffic = SteadyTraffic::new(Preset::LongContextMixed, 4.0, 7);
+    for t in 0..300 {
+        traffic.second(&mut policy, f64::from(t));
+        assert_eq!(policy.layout().stages().len(), 1, "the refiner added stages at {t}s");
+    }
+}
+
+#[test]
 fn without_refinement_the_layout_is_fixed() {
     let mut policy = planned_policy(Preset::LongContextMixed, 4.0, CascadeConfig::default());
     let mut traffic = SteadyTraffic::new(Preset::LongContextMixed, 4.0, 7);
