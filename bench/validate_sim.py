@@ -22,7 +22,8 @@ The profile is calibrated as an operator would: the engine's own profile (`casca
 before the scheduler starts (`cascade calibrate --worker`, `cascadeinfer.calibrate.serving`).
 The scheduler and the simulator run on that serving profile; the primary gap is theirs. The
 simulator is also run on the engine profile alone (`sim_with_engine_profile`), to show what the
-daemon's overhead is worth. Also reported: client send lag, client-link time (client e2e minus
+daemon's overhead is worth, and on a serving profile measured again right after the replay
+(`sim_with_calibration_after`), to show how far the machine's speed moved while it ran. Also reported: client send lag, client-link time (client e2e minus
 the scheduler's own), per-request live/sim ratios, decode-time ratio, engine steps per worker,
 CPU seconds of each daemon and load averages (other jobs on the machine show there).
 
@@ -130,6 +131,42 @@ def warm_up(daemons: list[Daemon], tokens: int) -> None:
             pass
 
 
+def calibrate_serving(
+    worker: Daemon, metrics_port: int, engine_path: Path, label: str
+) -> tuple[Path, dict[str, Any]]:
+    """The engine profile in `engine_path` plus what `worker`'s daemon adds to each step,
+    measured now (as `cascade calibrate --worker` does); the profile's path and the figures."""
+    engine_doc = json.loads(engine_path.read_text())
+    (t0, n0) = step_counters(metrics_port)
+    overhead = measure_serving_overhead(worker.stub(), load_profile(str(engine_path)))
+    (t1, n1) = step_counters(metrics_port)
+    doc, notes = serving_profile(
+        engine_doc,
+        overhead,
+        name=f"{engine_doc['name']}-serving",
+        provenance=f"measured by bench/validate_sim.py on worker 0 {label} the replay",
+    )
+    path = engine_path.parent / f"serving-profile-{label}.json"
+    path.write_text(json.dumps(doc, indent=2))
+    measured = {
+        "per_step_ms": 1e3 * overhead.per_step_s,
+        "per_sequence_us": 1e6 * overhead.per_sequence_s,
+        "notes": notes,
+        "rounds": [
+            {
+                "batch_size": r.batch_size,
+                "num_steps": r.num_steps,
+                "cadence_ms": 1e3 * r.cadence_s,
+                "engine_step_ms": 1e3 * r.engine_step_s,
+                "engine_profile_ms": 1e3 * r.predicted_s,
+            }
+            for r in overhead.rounds
+        ],
+        "engine_step_ms_during_calibration": 1e3 * (t1 - t0) / (n1 - n0),
+    }
+    return path, measured
+
+
 def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> dict[str, Any]:
     base_path = log_dir / f"{case.name}-base-profile.json"
     base_path.write_text(json.dumps(case.profile_doc))
@@ -158,33 +195,7 @@ def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> 
             warm_up(workers, case.warm_up_tokens)
         # As an operator would: measure what the daemon adds to each step on one worker
         # (`cascade calibrate --worker`), and run scheduler and simulator on that profile.
-        probe_before = step_counters(ports[0])
-        overhead = measure_serving_overhead(workers[0].stub(), load_profile(str(engine_path)))
-        (t1, n1), (t0, n0) = step_counters(ports[0]), probe_before
-        serving_doc, serving_notes = serving_profile(
-            engine_doc,
-            overhead,
-            name=f"{engine_doc['name']}-serving",
-            provenance="measured by bench/validate_sim.py on worker 0 before the replay",
-        )
-        profile_path = log_dir / f"{case.name}-profile.json"
-        profile_path.write_text(json.dumps(serving_doc, indent=2))
-        serving = {
-            "per_step_ms": 1e3 * overhead.per_step_s,
-            "per_sequence_us": 1e6 * overhead.per_sequence_s,
-            "notes": serving_notes,
-            "rounds": [
-                {
-                    "batch_size": r.batch_size,
-                    "num_steps": r.num_steps,
-                    "cadence_ms": 1e3 * r.cadence_s,
-                    "engine_step_ms": 1e3 * r.engine_step_s,
-                    "engine_profile_ms": 1e3 * r.predicted_s,
-                }
-                for r in overhead.rounds
-            ],
-            "engine_step_ms_during_calibration": 1e3 * (t1 - t0) / (n1 - n0),
-        }
+        profile_path, serving = calibrate_serving(workers[0], ports[0], engine_path, "before")
         sched_args = [
             *("--workers", ",".join(d.address for d in workers)),
             *("--stages", case.stages, "--profile", str(profile_path)),
@@ -199,12 +210,14 @@ def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> 
         wall = time.perf_counter() - started
         stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
         state = stub.GetClusterState(scheduler_pb2.GetClusterStateRequest(), timeout=30)
+        steps_after = [step_counters(port) for port in ports]
+        # Again after the replay: how far the machine's speed moved while it ran.
+        after_path, serving_after = calibrate_serving(workers[0], ports[0], engine_path, "after")
         cpu = {
             d.process.pid: cpu_seconds(d.process.pid) - cpu_before[d.process.pid] for d in daemons
         }
         steps = [
-            (t1 - t0, n1 - n0)
-            for (t0, n0), (t1, n1) in zip(steps_before, map(step_counters, ports), strict=True)
+            (t1 - t0, n1 - n0) for (t0, n0), (t1, n1) in zip(steps_before, steps_after, strict=True)
         ]
         return {
             "records": records,
@@ -213,6 +226,8 @@ def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> 
             "profile_path": profile_path,
             "engine_profile_path": engine_path,
             "serving_overhead": serving,
+            "after_profile_path": after_path,
+            "serving_overhead_after": serving_after,
             "engine_steps": {
                 "num_steps": [int(n) for _, n in steps],
                 "busy_s": [t for t, _ in steps],
@@ -371,6 +386,7 @@ def run_case(case: Case, log_dir: Path) -> dict[str, Any]:
     sim_summary, sim_extra = sim_run(case, trace, live["profile_path"])
     gap = relative(live_summary["mean_e2e_s"], sim_summary["mean_e2e_s"])
     bare, _ = sim_run(case, trace, live["engine_profile_path"])
+    after, _ = sim_run(case, trace, live["after_profile_path"])
     return {
         "case": case.name,
         "setup": {
@@ -397,6 +413,11 @@ def run_case(case: Case, log_dir: Path) -> dict[str, Any]:
         },
         "mean_e2e_gap": gap,
         "serving_overhead": live["serving_overhead"],
+        "serving_overhead_after": live["serving_overhead_after"],
+        "sim_with_calibration_after": {
+            "summary": after,
+            "mean_e2e_gap": relative(live_summary["mean_e2e_s"], after["mean_e2e_s"]),
+        },
         "sim_with_engine_profile": {
             "summary": bare,
             "mean_e2e_gap": relative(live_summary["mean_e2e_s"], bare["mean_e2e_s"]),
