@@ -143,15 +143,18 @@ def plan_stages(
     requests = load_requests(workload, max_len, seed, clamp_prompts=clamp_prompts)
     chosen = rate or requests.rate
     is_estimated = chosen is None
-    unit = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, 1.0)
-    # Arrivals per second that keep every instance busy all the time (an upper bound).
-    capacity = num_instances / unit.work_per_second(profile)
+
+    def capacity() -> float:
+        """Arrivals per second that keep every instance busy all the time (an upper bound)."""
+        unit = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, 1.0)
+        return num_instances / unit.work_per_second(profile)
+
     if chosen is None:
-        chosen = DEFAULT_UTILIZATION * capacity
+        chosen = DEFAULT_UTILIZATION * capacity()
     elif back_off_when_infeasible:
-        # Far past saturation (a benchmark's rate search), back off from the fleet's capacity
-        # rather than from the asked rate, so the tries below reach a rate it can carry.
-        chosen = min(chosen, capacity)
+        # Past capacity (a benchmark's rate search), back off from the capacity rather than
+        # from the asked rate, so the tries below reach a rate the fleet can carry.
+        chosen = min(chosen, capacity())
     start = time.perf_counter()
     for attempt in range(ESTIMATE_BACKOFF_TRIES):
         summary = _core.Workload.from_samples(

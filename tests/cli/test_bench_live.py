@@ -15,21 +15,14 @@ from cascadeinfer.evaluation.live import add_live_arguments, replay, run_live
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS, RequestRecord, summarize
 from cascadeinfer.policies import build_policy
 
-from tests.worker.daemons import Daemon, start_scheduler, workers
-
-SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "64", "--sim-max-model-len", "8192"]
+from tests.worker.daemons import Daemon, sim_cluster
 
 
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     logs = tmp_path_factory.mktemp("logs")
-    with workers([SIM] * 3, logs) as daemons:
-        addresses = ",".join(d.address for d in daemons)
-        daemon = start_scheduler(["--workers", addresses, "--stages", "0-256:1,256-8192:2"], logs)
-        try:
-            yield daemon
-        finally:
-            daemon.stop()
+    with sim_cluster(3, ["--stages", "0-256:1,256-8192:2"], logs) as (daemon, _):
+        yield daemon
 
 
 def live_args(*argv: str) -> argparse.Namespace:

@@ -10,19 +10,9 @@ from pathlib import Path
 
 from cascadeinfer.traces import read_trace
 
+from tests.summary_keys import SIM_SUMMARY_KEYS
+
 CASCADE = str(Path(sys.executable).parent / "cascade")
-KEYS = {
-    "mean_e2e_s",
-    "p99_e2e_s",
-    "mean_ttft_s",
-    "p99_ttft_s",
-    "mean_tpot_s",
-    "p99_tpot_s",
-    "throughput_tok_s",
-    "completed",
-    "migrations",
-    "sim_wall_s",
-}
 
 
 def cascade(*args: str) -> str:
@@ -46,7 +36,7 @@ def test_trace_gen_writes_a_bursty_trace(tmp_path: Path) -> None:
 def test_bench_sim_prints_the_documented_keys_for_a_preset_and_a_trace(tmp_path: Path) -> None:
     base = ["bench", "sim", "--instances", "4", "--requests", "400", "--rate", "2", "--json"]
     doc = json.loads(cascade(*base, "--workload", "bimodal", "--policy", "cascade"))
-    assert set(doc) >= KEYS
+    assert set(doc) >= SIM_SUMMARY_KEYS
     assert doc["completed"] == 400
     assert doc["migrations"] > 0, "bimodal requests grow across the cascade's stage bounds"
     assert 0 < doc["mean_ttft_s"] <= doc["mean_e2e_s"] <= doc["p99_e2e_s"]

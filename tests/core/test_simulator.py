@@ -16,18 +16,7 @@ from cascadeinfer import (
     simulate,
 )
 
-SUMMARY_KEYS = {
-    "mean_e2e_s",
-    "p99_e2e_s",
-    "mean_ttft_s",
-    "p99_ttft_s",
-    "mean_tpot_s",
-    "p99_tpot_s",
-    "throughput_tok_s",
-    "completed",
-    "migrations",
-    "sim_wall_s",
-}
+from tests.summary_keys import SIM_SUMMARY_KEYS
 
 
 def cascade(profile: CostProfile, grid: BucketGrid) -> Scheduler:
@@ -49,7 +38,7 @@ def test_same_seed_same_report_and_another_seed_another(
         trace = generate_trace("bimodal", 300, 4.0, seed=seed)
         report = simulate(cascade(gpu_profile, grid), gpu_profile, trace)
         summary = report.summary()
-        assert set(summary) == SUMMARY_KEYS
+        assert set(summary) == SIM_SUMMARY_KEYS
         assert summary["sim_wall_s"] > 0
         del summary["sim_wall_s"]
         return summary, report.requests()

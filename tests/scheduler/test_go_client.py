@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 from cascadeinfer.cli.client import generate, scheduler_stub
 
-from tests.worker.daemons import Daemon, start_scheduler, workers
+from tests.worker.daemons import Daemon, sim_cluster
 
 GO_MODULE = Path(__file__).resolve().parents[2] / "clients" / "go"
-SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "64", "--sim-max-model-len", "8192"]
 # Exit statuses are gRPC status codes.
 INVALID_ARGUMENT, UNAVAILABLE = 3, 14
 
@@ -45,13 +44,8 @@ def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     logs = tmp_path_factory.mktemp("logs")
-    with workers([SIM] * 2, logs) as daemons:
-        addresses = ",".join(d.address for d in daemons)
-        daemon = start_scheduler(["--workers", addresses, "--stages", "0-256:1,256-8192:1"], logs)
-        try:
-            yield daemon
-        finally:
-            daemon.stop()
+    with sim_cluster(2, ["--stages", "0-256:1,256-8192:1"], logs) as (daemon, _):
+        yield daemon
 
 
 def run_go(binary: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -14,10 +14,10 @@ import pytest
 from cascadeinfer import CostProfile
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
-from tests.worker.daemons import Daemon, start_scheduler, workers
+from tests.worker.daemons import SIM_WORKER as SIM
+from tests.worker.daemons import Daemon, sim_cluster, start_scheduler, workers
 from tests.worker.streams import run_to_end
 
-SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "64", "--sim-max-model-len", "8192"]
 STAGES = "0-256:2,256-512:2,512-8192:2"
 
 
@@ -35,13 +35,8 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     logs = tmp_path_factory.mktemp("logs")
-    with workers([SIM] * 6, logs) as daemons:
-        addresses = ",".join(d.address for d in daemons)
-        scheduler = start_scheduler(["--workers", addresses, "--stages", STAGES], logs)
-        try:
-            yield Cluster(scheduler, daemons)
-        finally:
-            scheduler.stop()
+    with sim_cluster(6, ["--stages", STAGES], logs) as (scheduler, daemons):
+        yield Cluster(scheduler, daemons)
 
 
 def client_request(

@@ -9,7 +9,18 @@ from pathlib import Path
 
 from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, spawn, start_many, wait_serving
 
-__all__ = ["Daemon", "free_port", "start_scheduler", "start_worker", "workers"]
+__all__ = [
+    "SIM_WORKER",
+    "Daemon",
+    "free_port",
+    "sim_cluster",
+    "start_scheduler",
+    "start_worker",
+    "workers",
+]
+
+SIM_WORKER = ["--engine", "sim", "--sim-kv-bytes-per-token", "64", "--sim-max-model-len", "8192"]
+"""A sim worker with small KV per token, so migrations move little over loopback."""
 
 
 def free_port() -> int:
@@ -39,3 +50,18 @@ def workers(arg_lists: list[list[str]], log_dir: Path) -> Iterator[list[Daemon]]
     finally:
         for d in daemons:
             d.kill()
+
+
+@contextmanager
+def sim_cluster(
+    num_workers: int, scheduler_args: list[str], log_dir: Path
+) -> Iterator[tuple[Daemon, list[Daemon]]]:
+    """`num_workers` SIM_WORKER daemons and a scheduler over them (`--workers` filled in);
+    everything is stopped at the end."""
+    with workers([SIM_WORKER] * num_workers, log_dir) as daemons:
+        addresses = ",".join(d.address for d in daemons)
+        scheduler = start_scheduler(["--workers", addresses, *scheduler_args], log_dir)
+        try:
+            yield scheduler, daemons
+        finally:
+            scheduler.stop()

@@ -84,9 +84,6 @@ class ServingOverhead:
             out.setdefault(r.batch_size, []).append(r)
         return out
 
-    def predicted_overhead_s(self, batch_size: int) -> float:
-        return self.per_step_s + self.per_sequence_s * batch_size
-
 
 def to_feed_step(update: worker_pb2.StepUpdate, received_s: float) -> FeedStep:
     requests = update.requests
