@@ -24,6 +24,8 @@ class RefineConfig:
     nudge_imbalance: float = 0.2
     min_improvement: float = 0.05
     min_window_s: float = 30.0
+    persist_s: float = 60.0
+    """A trigger (arrival shift, stage imbalance) must hold this long before a change."""
 
 
 @dataclass(frozen=True)

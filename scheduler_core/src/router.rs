@@ -40,16 +40,34 @@ impl Router {
         Ok(())
     }
 
-    /// Stage by prompt length, then the least-loaded instance of that stage with KV room.
+    /// Stage by prompt length, then the least-loaded instance of that stage with KV room. When
+    /// the whole stage is full the request spills up to the first later stage with room: a
+    /// shorter request among longer ones only pays their step time, while waiting in the
+    /// scheduler's FIFO queue would also hold back every request behind it (work conservation).
     pub fn admit(&mut self, request: RequestId, prompt_len: u32) -> Result<Option<Admission>> {
         self.check_len(prompt_len)?;
-        let stage = self.layout.stage_of_len(prompt_len);
-        let candidates = &self.layout.stages()[stage].instances;
-        let Some(instance) = self.loads.least_loaded(&self.profile, candidates, prompt_len, true, None) else {
+        let home = self.layout.stage_of_len(prompt_len);
+        let Some((instance, stage)) = self.best_from_stage(home, prompt_len, true, None) else {
             return Ok(None);
         };
         self.loads.add_queued(instance, request, prompt_len);
         Ok(Some(Admission { instance, stage }))
+    }
+
+    /// The least-loaded instance with room for `len` tokens in stage `first`, else in the first
+    /// later stage that has one; with its stage.
+    fn best_from_stage(
+        &self,
+        first: usize,
+        len: u32,
+        needs_prefill: bool,
+        skip: Option<InstanceId>,
+    ) -> Option<(InstanceId, usize)> {
+        (first..self.layout.stages().len()).find_map(|stage| {
+            let candidates = &self.layout.stages()[stage].instances;
+            let instance = self.loads.least_loaded(&self.profile, candidates, len, needs_prefill, skip)?;
+            Some((instance, stage))
+        })
     }
 
     /// Refreshes the loads of the instances in `entries` and returns a migration for every
@@ -80,12 +98,13 @@ impl Router {
         Ok(out)
     }
 
-    /// A migration of `e` to the best instance of the stage its length belongs to; `None` when
-    /// that stage has no room (the request keeps decoding where it is and is retried next step).
+    /// A migration of `e` to the best instance of the stage its length belongs to, or of the
+    /// first later stage with room when that one is full (a long request left behind would
+    /// stretch every step of the short stage it sits in); `None` when no such stage has room
+    /// (the request keeps decoding where it is and is retried next step).
     pub(crate) fn migrate_to_own_stage(&mut self, e: StepEntry, reason: MigrationReason) -> Option<Migration> {
         let target_stage = self.layout.stage_of_len(e.context_len);
-        let candidates = &self.layout.stages()[target_stage].instances;
-        let to = self.loads.least_loaded(&self.profile, candidates, e.context_len, false, Some(e.instance))?;
+        let (to, _) = self.best_from_stage(target_stage, e.context_len, false, Some(e.instance))?;
         Some(self.start_migration(e, to, reason))
     }
 

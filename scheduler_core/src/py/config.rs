@@ -22,6 +22,7 @@ pub(crate) struct PyRefineConfig {
     nudge_imbalance: f64,
     min_improvement: f64,
     min_window_s: f64,
+    persist_s: f64,
 }
 
 #[derive(FromPyObject)]
@@ -52,6 +53,7 @@ impl From<PyCascadeConfig> for CascadeConfig {
                 nudge_imbalance: c.refine.nudge_imbalance,
                 min_improvement: c.refine.min_improvement,
                 min_window_s: c.refine.min_window_s,
+                persist_s: c.refine.persist_s,
             },
             is_refine_enabled: c.is_refine_enabled,
         }
