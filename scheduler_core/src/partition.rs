@@ -393,6 +393,25 @@ pub fn partition(workload: &WorkloadSummary, profile: &CostProfile, options: &Pa
     Ok(StagePlan { stages, objective_s: cost / workload.arrival_rate })
 }
 
+/// The one-stage plan: every length on all `num_instances` instances, which the cascade policy
+/// runs as least-load admission (the no-regret fallback the planner compares every split
+/// against). Unlike [`partition`] it never refuses: where the model calls one stage infeasible
+/// (it prices a stage's padding at its longest context, so a 128K tail makes a single stage
+/// look far slower than least-load measures) the prediction is left at zero and the objective
+/// is infinite, and the planner judges the layout by simulation instead.
+pub fn single_stage(workload: &WorkloadSummary, profile: &CostProfile, num_instances: u32) -> Result<StagePlan> {
+    profile.validate()?;
+    if num_instances == 0 {
+        return Err(CoreError::invalid("num_instances", 0, "must be >= 1"));
+    }
+    let table = RangeTable::new(workload, profile);
+    let (cost, prediction) = table
+        .predict(&table.load(0, table.num_buckets()), num_instances)
+        .unwrap_or((f64::INFINITY, StagePrediction::default()));
+    let stage = StageSpec { min_len: 0, max_len: workload.grid.max_len(), num_instances, prediction };
+    Ok(StagePlan { stages: vec![stage], objective_s: cost / workload.arrival_rate })
+}
+
 /// (start bucket, end bucket, instances) of each stage, last stage first.
 fn walk_back(layers: &[Table], nb: usize, n: usize, layered: bool) -> Vec<(usize, usize, usize)> {
     let mut out = Vec::new();

@@ -253,6 +253,17 @@ pub(crate) fn partition(
     Ok(PyStagePlan { inner: plan })
 }
 
+/// The one-stage plan on all instances (never infeasible; see `partition::single_stage`).
+#[pyfunction]
+pub(crate) fn single_stage_plan(
+    workload: &PyWorkload,
+    profile: &PyCostProfile,
+    num_instances: u32,
+) -> PyResult<PyStagePlan> {
+    let plan = crate::partition::single_stage(&workload.inner, &profile.inner, num_instances).map_err(to_py)?;
+    Ok(PyStagePlan { inner: plan })
+}
+
 #[pyfunction]
 pub(crate) fn preset_names() -> Vec<&'static str> {
     PRESET_NAMES.to_vec()
