@@ -8,7 +8,9 @@ use pyo3::types::PyDict;
 use super::model::PyCostProfile;
 use super::scheduler::PyScheduler;
 use super::to_py;
-use crate::arrivals::{arrival_times as make_arrival_times, generate_trace as make_trace, ArrivalProcess, TraceRequest};
+use crate::arrivals::{
+    arrival_times as make_arrival_times, generate_trace as make_trace, ArrivalProcess, TraceRequest,
+};
 use crate::ids::InstanceId;
 use crate::presets::Preset;
 use crate::sim::{simulate as run, RequestRecord, SimConfig, SimReport};
