@@ -35,11 +35,13 @@ def test_first_turns_have_the_documented_shape() -> None:
 
 
 def test_multi_turn_prompts_have_the_documented_shape() -> None:
-    prompts, outputs = workloads.get("sharegpt-multiturn").sample(20_000, 0)
+    # A few very long conversations move small samples a lot; 200,000 requests are near the
+    # table's own figures (docs/design/workloads.md): prompt mean 5,804, median 1,739, p99 70,587.
+    prompts, outputs = workloads.get("sharegpt-multiturn").sample(200_000, 0)
     p, o = workloads.length_stats(prompts), workloads.length_stats(outputs)
-    # docs/design/workloads.md: prompt mean 6,797, median 1,756, p99 87,095.
-    assert 5500 < p.mean < 8500 and 1400 < p.median < 2200 and p.p99 > 60_000, p
-    assert 250 < o.mean < 300, o
+    assert 5000 < p.mean < 6600 and 1600 < p.median < 1900 and 55_000 < p.p99 < 90_000, p
+    assert p.max <= sharegpt.MULTI_TURN_MAX_LEN
+    assert 260 < o.mean < 295, o
 
 
 def test_a_multi_turn_prompt_is_the_conversation_so_far(monkeypatch: pytest.MonkeyPatch) -> None:
