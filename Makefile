@@ -19,7 +19,7 @@ run: setup-engine ## The main job: a local cluster (scheduler + 2 vLLM-on-CPU wo
 	$(BIN)/cascade up --engine vllm --workers 2
 
 plan-demo: setup ## Plan stages for every built-in workload on 16 GPU-class instances
-	@for w in $$($(PY) -c "import cascadeinfer as c; print(' '.join(c.preset_names()))"); do \
+	@for w in $$($(PY) -c "import cascadeinfer as c; print(' '.join(c.workload_names()))"); do \
 		$(BIN)/cascade plan --instances 16 --workload $$w --profile gpu-h100-llama3-8b; echo; \
 	done
 

@@ -2,7 +2,8 @@
 
 The public names: the Rust core's types (cost profiles, grids, workloads, the partitioner, the
 policy objects and the cluster simulator that drives them) and the Python helpers that load them
-from names and files.
+from names and files. `preset_names` lists the core's parametric presets; `workload_names` every
+built-in workload name, the data-derived ones included (`cascadeinfer.workloads`).
 """
 
 from cascadeinfer._core import (
@@ -30,6 +31,8 @@ from cascadeinfer.config import (
 )
 from cascadeinfer.planning import PlanResult, load_profile, plan_stages
 from cascadeinfer.traces import TraceRequest, read_trace, write_trace
+from cascadeinfer.workloads import UnknownWorkloadError
+from cascadeinfer.workloads import names as workload_names
 
 __all__ = [
     "POLICY_NAMES",
@@ -46,6 +49,7 @@ __all__ = [
     "SimReport",
     "StagePlan",
     "TraceRequest",
+    "UnknownWorkloadError",
     "Workload",
     "generate_trace",
     "load_profile",
@@ -56,5 +60,6 @@ __all__ = [
     "read_trace",
     "sample_preset",
     "simulate",
+    "workload_names",
     "write_trace",
 ]

@@ -13,6 +13,7 @@ __all__ = [
     "StagePlan",
     "Workload",
     "__version__",
+    "arrival_times",
     "generate_trace",
     "partition",
     "preset_max_len",
@@ -245,3 +246,6 @@ def simulate(
 def generate_trace(
     preset: str, n: int, rate: float, arrival: str = "poisson", cv: float = 1.0, seed: int = 0
 ) -> list[tuple[float, int, int]]: ...
+def arrival_times(
+    n: int, rate: float, arrival: str = "poisson", cv: float = 1.0, seed: int = 0
+) -> list[float]: ...

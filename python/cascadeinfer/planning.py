@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from cascadeinfer import _core
+from cascadeinfer import _core, workloads
 from cascadeinfer.stage_count import Candidate, choose_stage_count, selection_trace
 from cascadeinfer.traces import arrival_rate, read_trace
 
@@ -71,11 +71,12 @@ def clamp_lengths(prompt_len: int, output_len: int, max_len: int) -> tuple[int, 
 def load_requests(
     workload: str, max_len: int, seed: int = 0, *, clamp_prompts: bool = False
 ) -> Requests:
-    """A preset's samples, or a JSONL trace's requests (with its arrival rate). A prompt the
-    model cannot hold is dropped (a live scheduler refuses it), or with `clamp_prompts` cut
-    to fit as the benchmarks cut it, so a plan sees the lengths a benchmark runs."""
-    if workload in _core.preset_names():
-        prompts, outputs = _core.sample_preset(workload, PRESET_SAMPLES, seed)
+    """A workload's samples (`cascadeinfer.workloads`), or a JSONL trace's requests (with its
+    arrival rate). A prompt the model cannot hold is dropped (a live scheduler refuses it), or
+    with `clamp_prompts` cut to fit as the benchmarks cut it, so a plan sees the lengths a
+    benchmark runs."""
+    if workloads.is_workload(workload):
+        prompts, outputs = workloads.get(workload).sample(PRESET_SAMPLES, seed)
         rate = None
     elif Path(workload).is_file():
         trace = read_trace(workload)
@@ -83,8 +84,7 @@ def load_requests(
         outputs = [r.output_len for r in trace]
         rate = arrival_rate(trace)
     else:
-        known = ", ".join(_core.preset_names())
-        raise ValueError(f"workload {workload!r} is neither a preset ({known}) nor a trace file")
+        raise workloads.not_found(workload)
     kept_p, kept_o, dropped, truncated = [], [], 0, 0
     for p, o in zip(prompts, outputs, strict=True):
         if p >= max_len and clamp_prompts:

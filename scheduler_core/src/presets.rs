@@ -17,9 +17,16 @@ pub enum Preset {
     Agentic,
     /// 80% short chat and 20% long prompts: two clearly separated length modes.
     Bimodal,
+    /// Reasoning-model traffic (DeepSeek-R1 in production, ServeGen): prompts of a few hundred
+    /// tokens, bimodal outputs of hundreds to thousands of tokens, up to 32K.
+    Reasoning,
+    /// Chat (Azure's conversation trace), reasoning and long documents (Mooncake's
+    /// conversation trace) in one fleet: 60% / 25% / 15% of the requests.
+    ProductionMix,
 }
 
-pub const PRESET_NAMES: [&str; 4] = ["short-chat", "long-context-mixed", "agentic", "bimodal"];
+pub const PRESET_NAMES: [&str; 6] =
+    ["short-chat", "long-context-mixed", "agentic", "bimodal", "reasoning", "production-mix"];
 
 fn clamp_len(x: f64, lo: u32, hi: u32) -> u32 {
     (x.round() as i64).clamp(i64::from(lo), i64::from(hi)) as u32
@@ -32,6 +39,8 @@ impl Preset {
             "long-context-mixed" => Ok(Preset::LongContextMixed),
             "agentic" => Ok(Preset::Agentic),
             "bimodal" => Ok(Preset::Bimodal),
+            "reasoning" => Ok(Preset::Reasoning),
+            "production-mix" => Ok(Preset::ProductionMix),
             _ => {
                 Err(CoreError::invalid("workload", name, format!("unknown preset; known: {}", PRESET_NAMES.join(", "))))
             }
@@ -44,6 +53,8 @@ impl Preset {
             Preset::LongContextMixed => "long-context-mixed",
             Preset::Agentic => "agentic",
             Preset::Bimodal => "bimodal",
+            Preset::Reasoning => "reasoning",
+            Preset::ProductionMix => "production-mix",
         }
     }
 
@@ -51,6 +62,7 @@ impl Preset {
     pub fn max_len(self) -> u32 {
         match self {
             Preset::ShortChat => 8192,
+            Preset::Reasoning => 65_536,
             _ => 131_072,
         }
     }
@@ -65,6 +77,8 @@ impl Preset {
                 Preset::ShortChat => out.push(chat(&mut rng)),
                 Preset::LongContextMixed => out.push(long_context(&mut rng)),
                 Preset::Bimodal => out.push(bimodal(&mut rng)),
+                Preset::Reasoning => out.push(reasoning(&mut rng)),
+                Preset::ProductionMix => out.push(production_mix(&mut rng)),
                 Preset::Agentic => agent_session(&mut rng, max_len, n - out.len(), &mut out),
             }
         }
@@ -109,6 +123,34 @@ fn bimodal(rng: &mut Rng) -> RequestSample {
         RequestSample {
             prompt_len: clamp_len(rng.lognormal(16_384.0, 0.5), 2048, 100_000),
             output_len: clamp_len(rng.lognormal(512.0, 0.6), 1, 4096),
+        }
+    }
+}
+
+/// A reasoning model's request: a log-normal prompt and an output from a two-component
+/// log-normal mixture, fitted to ServeGen's DeepSeek-R1 length distributions (short answers
+/// around 600 tokens, long chains of thought around 2,300).
+fn reasoning(rng: &mut Rng) -> RequestSample {
+    let prompt = clamp_len(rng.lognormal(210.0, 1.9), 4, 32_768);
+    let output = if rng.uniform() < 0.73 { rng.lognormal(610.0, 0.7) } else { rng.lognormal(2270.0, 0.95) };
+    RequestSample { prompt_len: prompt, output_len: clamp_len(output, 16, 32_768) }
+}
+
+/// Chat as in Azure's 2023 conversation trace, reasoning as above, and long documents as in
+/// Mooncake's conversation trace (Kimi).
+fn production_mix(rng: &mut Rng) -> RequestSample {
+    let u = rng.uniform();
+    if u < 0.60 {
+        RequestSample {
+            prompt_len: clamp_len(rng.lognormal(1020.0, 0.6), 4, 8192),
+            output_len: clamp_len(rng.lognormal(129.0, 0.8), 1, 2048),
+        }
+    } else if u < 0.85 {
+        reasoning(rng)
+    } else {
+        RequestSample {
+            prompt_len: clamp_len(rng.lognormal(6900.0, 1.05), 512, 126_000),
+            output_len: clamp_len(rng.lognormal(340.0, 0.5), 1, 2048),
         }
     }
 }
@@ -161,6 +203,47 @@ mod tests {
         assert!((0.08..0.12).contains(&frac_long), "{frac_long}");
         let agent = Preset::Agentic.sample(20_000, 1);
         assert!(mean(&agent, |r| r.prompt_len) > 8000.0);
+    }
+
+    /// The value at quantile `q` (nearest rank) of one length over `v`.
+    fn quantile(v: &[RequestSample], f: fn(&RequestSample) -> u32, q: f64) -> u32 {
+        let mut x: Vec<u32> = v.iter().map(f).collect();
+        x.sort_unstable();
+        x[((q * x.len() as f64).ceil() as usize).clamp(1, x.len()) - 1]
+    }
+
+    fn share(v: &[RequestSample], pred: fn(&RequestSample) -> bool) -> f64 {
+        v.iter().filter(|r| pred(r)).count() as f64 / v.len() as f64
+    }
+
+    #[test]
+    fn reasoning_matches_the_deepseek_r1_statistics_it_imitates() {
+        // ServeGen's DeepSeek-R1 lengths: prompt median 208; output median 792, mean 1,527,
+        // p99 12,607, at most 32,768 (docs/design/workloads.md).
+        let r = Preset::Reasoning.sample(20_000, 1);
+        let prompt_median = quantile(&r, |r| r.prompt_len, 0.5);
+        assert!((180..250).contains(&prompt_median), "prompt median {prompt_median}");
+        let output_median = quantile(&r, |r| r.output_len, 0.5);
+        assert!((700..880).contains(&output_median), "output median {output_median}");
+        let output_mean = r.iter().map(|r| f64::from(r.output_len)).sum::<f64>() / r.len() as f64;
+        assert!((1350.0..1750.0).contains(&output_mean), "output mean {output_mean}");
+        let output_p99 = quantile(&r, |r| r.output_len, 0.99);
+        assert!((10_000..16_000).contains(&output_p99), "output p99 {output_p99}");
+        assert!(r.iter().all(|r| r.output_len <= 32_768 && r.prompt_len <= 32_768));
+    }
+
+    #[test]
+    fn production_mix_holds_its_three_classes_in_the_documented_shares() {
+        let m = Preset::ProductionMix.sample(20_000, 1);
+        // Long documents (15%, 43% of them past 8K) and a reasoning prompt tail: ~7.2%.
+        let long_prompts = share(&m, |r| r.prompt_len >= 8192);
+        assert!((0.06..0.085).contains(&long_prompts), "prompts >= 8K: {long_prompts}");
+        // Reasoning (25%, 39% of them past 1,000 output tokens) and a little of the rest: ~10%.
+        let long_outputs = share(&m, |r| r.output_len >= 1000);
+        assert!((0.085..0.125).contains(&long_outputs), "outputs >= 1,000: {long_outputs}");
+        // Chat is most of the requests: the median prompt is near its median, 1,020.
+        let prompt_median = quantile(&m, |r| r.prompt_len, 0.5);
+        assert!((850..1150).contains(&prompt_median), "prompt median {prompt_median}");
     }
 
     #[test]

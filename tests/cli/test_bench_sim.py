@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from cascadeinfer import workload_names
 from cascadeinfer.traces import read_trace
 
 from tests.summary_keys import SIM_SUMMARY_KEYS
@@ -45,6 +47,14 @@ def test_bench_sim_prints_the_documented_keys_for_a_preset_and_a_trace(tmp_path:
             "--out", str(trace))  # fmt: skip
     doc = json.loads(cascade(*base, "--workload", str(trace), "--policy", "round-robin"))
     assert doc["completed"] == 300 and doc["migrations"] == 0
+
+
+@pytest.mark.parametrize("workload", [*workload_names(), "shift:short-chat,long-context-mixed"])
+def test_every_workload_runs_end_to_end_with_bursty_arrivals(workload: str) -> None:
+    args = ["--workload", workload, "--requests", "500", "--instances", "4"]
+    doc = json.loads(cascade("bench", "sim", *args, "--arrival", "gamma", "--cv", "2", "--json"))
+    assert doc["requests"] == doc["completed"] == 500
+    assert 0 < doc["mean_ttft_s"] <= doc["mean_e2e_s"] <= doc["p99_e2e_s"]
 
 
 def test_find_max_rate_brackets_the_slo() -> None:

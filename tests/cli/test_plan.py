@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cascadeinfer import preset_names
+from cascadeinfer import workload_names
 from cascadeinfer.traces import TraceRequest, write_trace
 
 CASCADE = str(Path(sys.executable).parent / "cascade")
@@ -20,7 +20,7 @@ def cascade(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("preset", preset_names())
+@pytest.mark.parametrize("preset", workload_names())
 @pytest.mark.parametrize("profile", ["gpu-h100-llama3-8b", "cpu-vllm-tiny-llama"])
 def test_plan_answers_for_every_preset(preset: str, profile: str) -> None:
     out = cascade("plan", "--instances", "16", "--workload", preset, "--profile", profile, "--json")

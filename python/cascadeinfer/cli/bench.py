@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from cascadeinfer import _core
+from cascadeinfer import workloads
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.evaluation import live
 from cascadeinfer.evaluation.simbench import (
@@ -23,7 +23,7 @@ from cascadeinfer.planning import load_profile
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--workload", required=True, help=f"preset ({', '.join(_core.preset_names())}) or JSONL"
+        "--workload", required=True, help=f"preset ({workloads.describe_names()}) or JSONL"
     )
     p.add_argument("--instances", type=int, default=16)
     p.add_argument("--requests", type=int, default=10_000)

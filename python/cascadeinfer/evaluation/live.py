@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from cascadeinfer import _core
+from cascadeinfer import workloads
 from cascadeinfer.cli.client import add_connection_args
 from cascadeinfer.evaluation.simbench import make_trace
 from cascadeinfer.evaluation.summary import RequestRecord, summarize
@@ -174,7 +174,7 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `cascade bench live` (connection, TLS and token flags included)."""
     add_connection_args(p)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workload", help=f"preset: {', '.join(_core.preset_names())}")
+    source.add_argument("--workload", help=f"preset: {workloads.describe_names()}")
     source.add_argument("--trace", help="JSONL trace file (arrival_s, prompt_len, output_len)")
     p.add_argument(
         "--rate",

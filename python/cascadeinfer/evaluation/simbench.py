@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from cascadeinfer import _core
+from cascadeinfer import _core, workloads
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS as LIVE_KEYS
 from cascadeinfer.planning import clamp_lengths
 from cascadeinfer.policies import build_policy
@@ -37,10 +38,12 @@ def make_trace(
     seed: int = 0,
     max_len: int,
 ) -> Trace:
-    """A preset sampled at `rate`, or a JSONL trace file (its first `num_requests` requests,
-    arrivals rescaled to `rate` when one is given)."""
-    if workload in _core.preset_names():
-        trace = _core.generate_trace(workload, num_requests, rate, arrival, cv, seed)
+    """A workload (`cascadeinfer.workloads`) sampled at `rate`, or a JSONL trace file (its
+    first `num_requests` requests, arrivals rescaled to `rate` when one is given)."""
+    if workloads.is_workload(workload):
+        trace = workloads.get(workload).trace(num_requests, rate, arrival, cv, seed)
+    elif not Path(workload).is_file():
+        raise workloads.not_found(workload)
     else:
         requests = read_trace(workload)[:num_requests]
         if not requests:

@@ -8,7 +8,9 @@ use pyo3::types::PyDict;
 use super::model::PyCostProfile;
 use super::scheduler::PyScheduler;
 use super::to_py;
-use crate::arrivals::{generate_trace as make_trace, ArrivalProcess, TraceRequest};
+use crate::arrivals::{
+    arrival_times as make_arrival_times, generate_trace as make_trace, ArrivalProcess, TraceRequest,
+};
 use crate::ids::InstanceId;
 use crate::presets::Preset;
 use crate::sim::{simulate as run, RequestRecord, SimConfig, SimReport};
@@ -204,4 +206,14 @@ pub(crate) fn generate_trace(
     let process = ArrivalProcess::from_name(arrival, cv).map_err(to_py)?;
     let trace = make_trace(preset, n, rate, process, seed).map_err(to_py)?;
     Ok(trace.iter().map(|r| (r.arrival_s, r.prompt_len, r.output_len)).collect())
+}
+
+/// `n` arrival times at `rate` a second, by the process of `generate_trace`: for the same
+/// `seed` they are that trace's arrivals, so lengths drawn outside the core (data-derived
+/// workloads) get the arrival process of the presets.
+#[pyfunction]
+#[pyo3(signature = (n, rate, arrival="poisson", cv=1.0, seed=0))]
+pub(crate) fn arrival_times(n: usize, rate: f64, arrival: &str, cv: f64, seed: u64) -> PyResult<Vec<f64>> {
+    let process = ArrivalProcess::from_name(arrival, cv).map_err(to_py)?;
+    make_arrival_times(process, rate, n, seed).map_err(to_py)
 }
