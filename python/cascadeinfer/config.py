@@ -33,6 +33,8 @@ class CascadeConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     is_refine_enabled: bool = True
+    is_one_stage_balanced: bool = False
+    """Balance a one-stage layout too (off: one stage is least-load admission exactly)."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from importlib import resources
 from pathlib import Path
 
 from cascadeinfer import _core, workloads
-from cascadeinfer.stage_count import Candidate, choose_stage_count, selection_trace
+from cascadeinfer.config import CascadeConfig
+from cascadeinfer.stage_count import SELECTION_SEEDS, Candidate, choose_layout, gaps_cv, selection_trace
 from cascadeinfer.traces import arrival_rate, read_trace
 
 DEFAULT_UTILIZATION = 0.6
@@ -59,6 +60,8 @@ class Requests:
     """Requests whose prompt alone reaches the model's max length: they cannot be served."""
     num_truncated: int
     """Requests whose output was cut to fit the model's max length."""
+    arrival_cv: float | None = None
+    """Coefficient of variation of a trace's inter-arrival gaps (None for a preset)."""
 
 
 def clamp_lengths(prompt_len: int, output_len: int, max_len: int) -> tuple[int, int]:
@@ -77,12 +80,13 @@ def load_requests(
     benchmark runs."""
     if workloads.is_workload(workload):
         prompts, outputs = workloads.get(workload).sample(PRESET_SAMPLES, seed)
-        rate = None
+        rate, cv = None, None
     elif Path(workload).is_file():
         trace = read_trace(workload)
         prompts = [r.prompt_len for r in trace]
         outputs = [r.output_len for r in trace]
         rate = arrival_rate(trace)
+        cv = gaps_cv([r.arrival_s for r in trace])
     else:
         raise workloads.not_found(workload)
     kept_p, kept_o, dropped, truncated = [], [], 0, 0
@@ -100,7 +104,7 @@ def load_requests(
         kept_o.append(o)
     if not kept_p:
         raise ValueError(f"every request of {workload!r} is longer than max_len {max_len}")
-    return Requests(kept_p, kept_o, rate, dropped, truncated)
+    return Requests(kept_p, kept_o, rate, dropped, truncated, cv)
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,9 @@ class PlanResult:
     """Partitioning and, with a stage count chosen by simulation, the candidates' simulations."""
     requests: Requests
     candidates: list[Candidate] = field(default_factory=list)
-    """Every stage count simulated (stage_count.py); empty when the count was not chosen so."""
+    """Every layout simulated (stage_count.py); empty when the layout was not chosen so."""
+    config: CascadeConfig = field(default_factory=CascadeConfig)
+    """The policy configuration to run the plan with (the chosen candidate's)."""
 
 
 def plan_stages(
@@ -128,12 +134,16 @@ def plan_stages(
     back_off_when_infeasible: bool = False,
     clamp_prompts: bool = False,
     choose_count_by_simulation: bool = True,
+    arrival_cv: float | None = None,
 ) -> PlanResult:
     """Plans stages for a preset or trace. The rate is, in order: `rate`, the trace's own,
     or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload. `max_len`
     (default: the profile's max_model_len) is the longest context the fleet serves;
     `clamp_prompts` as in `load_requests`. `choose_count_by_simulation`: the number of stages
-    is the one whose plan simulates best (stage_count.py), not the partitioner's own pick."""
+    and whether to split at all are chosen by simulating the candidates against one stage
+    (stage_count.py), not the partitioner's own pick. `arrival_cv`: the burstiness of the
+    traffic to plan for (the coefficient of variation of inter-arrival gaps; default: a trace's
+    own, else 1.0, Poisson)."""
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
     if rate is not None and not rate > 0:
@@ -174,11 +184,19 @@ def plan_stages(
                 raise
             chosen *= ESTIMATE_BACKOFF
     candidates: list[Candidate] = []
+    config = CascadeConfig()
     if choose_count_by_simulation and len(plan.stages) > 1:
         # At the rate asked for even when the partitioner had to plan for less (benchmarks
         # past saturation): the simulation judges the plans under the traffic they will get.
         target = rate or requests.rate or chosen
-        trace = selection_trace(requests.prompt_lens, requests.output_lens, target, seed)
-        plan, candidates = choose_stage_count(plan, summary, profile, num_instances, trace)
+        cv = arrival_cv or requests.arrival_cv or 1.0
+        traces = [
+            selection_trace(requests.prompt_lens, requests.output_lens, target, seed + k, cv)
+            for k in range(SELECTION_SEEDS)
+        ]
+        chosen_candidate, candidates = choose_layout(
+            plan, summary, profile, num_instances, traces
+        )
+        plan, config = chosen_candidate.plan, chosen_candidate.config
     solve_ms = (time.perf_counter() - start) * 1000.0
-    return PlanResult(plan, summary, chosen, solve_ms, requests, candidates)
+    return PlanResult(plan, summary, chosen, solve_ms, requests, candidates, config)

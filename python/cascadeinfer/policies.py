@@ -32,13 +32,15 @@ def build_policy(
     seed: int = 0,
     plan_within_capacity: bool = False,
     clamp_prompts: bool = False,
+    arrival_cv: float | None = None,
 ) -> _core.Scheduler:
     """`name` is one of POLICY_NAMES. Cascade uses `stages` when given (instances beyond them
     join the last stage), else a plan from the partitioner for `workload` at `rate`.
     `plan_within_capacity`: a rate the fleet cannot carry is planned for at the highest rate it
     can (benchmarks run past saturation on purpose); otherwise it is an error.
     `clamp_prompts`: plan for prompts cut to `max_len` as the benchmarks cut them, instead of
-    without the prompts no instance can hold."""
+    without the prompts no instance can hold. `arrival_cv`: the burstiness to plan for
+    (`plan_stages`)."""
     if name not in POLICY_NAMES:
         raise ValueError(f"policy {name!r}: known {', '.join(POLICY_NAMES)}")
     instances = list(instances)
@@ -61,7 +63,8 @@ def build_policy(
         seed=seed,
         back_off_when_infeasible=plan_within_capacity,
         clamp_prompts=clamp_prompts,
+        arrival_cv=arrival_cv,
     )
     return _core.Scheduler.cascade(
-        profile, result.plan, instances, result.workload.grid, CascadeConfig(), result.workload
+        profile, result.plan, instances, result.workload.grid, result.config, result.workload
     )

@@ -1,14 +1,25 @@
-"""Chooses how many stages to run by simulating the partitioner's best plan for each count.
+"""Chooses the layout to run by simulating candidates against the one-stage layout.
 
 The partitioner's objective is an analytic queueing model (docs/design/partitioner.md). It
 prices a stage's padding at the stage's longest context and a prefill chunk at an average
-step, so it overrates splitting where prompts are long and lumpy: on the agentic preset with
-the GPU profile it predicted 6.2 s mean latency for four stages and 12.2 s for one, and the
-simulator measured 10.5 s and 7.8 s. The count is the decision that model gets most wrong, and
-the cluster simulator in the core runs the very policy the scheduler will run, so each count's
-plan is simulated on a synthetic trace drawn from the same lengths at the same rate, and the
-count with the lowest simulated mean end-to-end latency wins. Boundaries and instance counts
-within a stage count stay the partitioner's; runtime refinement keeps the count it is given.
+step, and it sees neither bursts nor the KV a stage needs for the contexts that grow into it,
+so it misjudges the number of stages and, on some traffic, whether splitting pays at all. The
+cluster simulator in the core runs the very policy the scheduler will run, so each candidate
+runs there on traffic drawn like the observed one:
+
+- lengths resampled from the planning samples, arrivals Gamma with the observed coefficient of
+  variation at the planned rate (bursts included), on `SELECTION_SEEDS` seeds of their own (not
+  the benchmark's trace);
+- the policy as it will run (refinement and balancing on).
+
+The candidates are the one-stage layout (least-load admission exactly: the no-regret
+fallback), the one-stage layout with balancing moves, and the partitioner's best plan for
+several stage counts. One stage is balanced only where that simulates better on mean and p99
+together (`MIN_BALANCE_GAIN`). A split is chosen only when it beats that one-stage layout on
+the simulated mean by `MIN_GAIN` and its simulated p99 is within `MAX_P99_SLACK` of it (a p99 of
+2,000 requests is the 20th worst: a noisier figure than the mean); otherwise the fleet runs as
+one stage. Boundaries and instance counts within a count stay the
+partitioner's; runtime refinement keeps the count it is given.
 """
 
 from __future__ import annotations
@@ -16,83 +27,156 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cascadeinfer import _core
 from cascadeinfer.config import CascadeConfig
 
 SELECTION_REQUESTS = 2000
-"""Requests in a candidate's simulation: enough for a stable mean, a few ms to ~0.1 s each."""
+"""Requests in one candidate simulation: enough for a stable mean, a few ms to ~0.1 s each."""
+SELECTION_SEEDS = 2
+"""Independent selection traces per candidate; their means and p99s are averaged."""
 SELECTION_SEED_OFFSET = 7919
-"""The selection trace's seed is the planning seed plus this, so it is not a benchmark's trace
-drawn with the planning seed."""
+"""The selection traces' seeds start at the planning seed plus this, so none is a benchmark's
+trace drawn with the planning seed."""
+STAGE_COUNTS = (2, 3, 4, 6)
+"""Stage counts tried besides one stage and the partitioner's own count."""
+MIN_GAIN = 0.05
+"""A split must cut the simulated mean end-to-end latency by this share: the selection traces
+are samples, and a split that only ties in simulation can lose on the traffic that comes."""
+MAX_P99_SLACK = 0.10
+"""... and keep its simulated p99 end-to-end latency within this share above one stage's."""
+MIN_BALANCE_GAIN = 0.01
+"""Balancing one stage must cut the average of the mean and p99 ratios by this share, and
+the mean by no less than -2% (it costs migrations)."""
+
+
+BALANCED_ONE_STAGE = CascadeConfig(is_one_stage_balanced=True)
 
 
 @dataclass(frozen=True)
 class Candidate:
     num_stages: int
     plan: _core.StagePlan
+    config: CascadeConfig
+    """The policy configuration the candidate ran with (and runs with when chosen)."""
     simulated_mean_e2e_s: float
     """NaN when a request did not finish in the simulation (the plan cannot carry the rate)."""
+    simulated_p99_e2e_s: float
+
+
+def gaps_cv(arrivals: Sequence[float]) -> float:
+    """Coefficient of variation of the gaps between sorted arrival times (1.0 with too few)."""
+    times = sorted(arrivals)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    if len(gaps) < 2:
+        return 1.0
+    mean = sum(gaps) / len(gaps)
+    if mean <= 0:
+        return 1.0
+    var = sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1)
+    return math.sqrt(var) / mean
 
 
 def selection_trace(
-    prompt_lens: Sequence[int], output_lens: Sequence[int], rate: float, seed: int
+    prompt_lens: Sequence[int],
+    output_lens: Sequence[int],
+    rate: float,
+    seed: int,
+    arrival_cv: float = 1.0,
 ) -> list[tuple[float, int, int]]:
-    """Poisson arrivals at `rate`, each request's lengths drawn from the planning samples."""
+    """`SELECTION_REQUESTS` arrivals at `rate` with Gamma gaps of coefficient of variation
+    `arrival_cv` (1.0 is Poisson), each request's lengths drawn from the planning samples."""
     rng = random.Random(seed + SELECTION_SEED_OFFSET)
+    shape = 1.0 / max(arrival_cv, 1e-3) ** 2
     now, trace = 0.0, []
     for _ in range(SELECTION_REQUESTS):
-        now += rng.expovariate(rate)
+        now += rng.gammavariate(shape, 1.0 / (rate * shape))
         i = rng.randrange(len(prompt_lens))
         trace.append((now, prompt_lens[i], output_lens[i]))
     return trace
 
 
-def simulated_mean_e2e(
+def simulated_e2e(
     plan: _core.StagePlan,
     summary: _core.Workload,
     profile: _core.CostProfile,
     num_instances: int,
     trace: Sequence[tuple[float, int, int]],
-) -> float:
-    """The plan's layout, held fixed (no refinement), on `trace`."""
+    config: CascadeConfig | None = None,
+) -> tuple[float, float]:
+    """Mean and p99 end-to-end latency of the plan's layout on `trace`, with the policy as it
+    will run (`config`, default CascadeConfig()); NaN when a request did not finish."""
     instances = list(range(num_instances))
-    config = CascadeConfig(is_refine_enabled=False)
-    policy = _core.Scheduler.cascade(profile, plan, instances, summary.grid, config, summary)
-    report = _core.simulate(policy, profile, trace, instances)
-    result = report.summary()
+    policy = _core.Scheduler.cascade(
+        profile, plan, instances, summary.grid, config or CascadeConfig(), summary
+    )
+    result = _core.simulate(policy, profile, trace, instances).summary()
     if result["completed"] < len(trace):
-        return math.nan
-    return float(result["mean_e2e_s"])
+        return math.nan, math.nan
+    return float(result["mean_e2e_s"]), float(result["p99_e2e_s"])
 
 
-def choose_stage_count(
+def _candidate_plans(
+    best: _core.StagePlan, summary: _core.Workload, profile: _core.CostProfile, n: int
+) -> list[_core.StagePlan]:
+    """The one-stage plan first, then the partitioner's best plan for each count tried."""
+    plans = [_core.single_stage_plan(summary, profile, n)]
+    for k in sorted({*STAGE_COUNTS, len(best.stages)}):
+        if k > len(best.stages):
+            continue
+        try:
+            plan = best if k == len(best.stages) else _core.partition(summary, profile, n, k)
+        except ValueError:
+            continue  # this few stages cannot carry the rate
+        if all(len(p.stages) != len(plan.stages) for p in plans):
+            plans.append(plan)  # "at most k" may find a count already tried
+    return plans
+
+
+def _beats(c: Candidate, base: Candidate, gain: float, mean_slack: float, p99_slack: float) -> bool:
+    """Whether `c` finished everything and, against `base`: its mean ratio is at most
+    1 + `mean_slack`, its p99 ratio at most 1 + `p99_slack`, and the two ratios' average at
+    most 1 - `gain`. Anything that finishes beats a `base` that did not."""
+    if math.isnan(c.simulated_mean_e2e_s):
+        return False
+    if math.isnan(base.simulated_mean_e2e_s):
+        return True
+    mean = c.simulated_mean_e2e_s / base.simulated_mean_e2e_s
+    p99 = c.simulated_p99_e2e_s / base.simulated_p99_e2e_s
+    return mean <= 1.0 + mean_slack and p99 <= 1.0 + p99_slack and (mean + p99) / 2 <= 1.0 - gain
+
+
+def choose_layout(
     best: _core.StagePlan,
     summary: _core.Workload,
     profile: _core.CostProfile,
     num_instances: int,
-    trace: Sequence[tuple[float, int, int]],
-) -> tuple[_core.StagePlan, list[Candidate]]:
-    """`best` is the partitioner's unconstrained plan (K stages); candidates are its best plan
-    for every count 1..K. Returns the chosen plan (the lowest simulated mean; on a tie, the
-    fewer stages) and every candidate simulated."""
-    candidates: list[Candidate] = []
-    for k in range(1, len(best.stages) + 1):
-        try:
-            plan = (
-                best
-                if k == len(best.stages)
-                else _core.partition(summary, profile, num_instances, k)
-            )
-        except ValueError:
-            continue  # this few stages cannot carry the rate
-        if any(c.num_stages == len(plan.stages) for c in candidates):
-            continue  # "at most k" found fewer
-        mean = simulated_mean_e2e(plan, summary, profile, num_instances, trace)
-        candidates.append(Candidate(len(plan.stages), plan, mean))
-    finished = [c for c in candidates if not math.isnan(c.simulated_mean_e2e_s)]
-    if not finished:
-        return best, candidates
-    chosen = min(finished, key=lambda c: (c.simulated_mean_e2e_s, c.num_stages))
-    return chosen.plan, candidates
+    traces: Sequence[Sequence[tuple[float, int, int]]],
+    config: CascadeConfig | None = None,
+) -> tuple[Candidate, list[Candidate]]:
+    """`best` is the partitioner's unconstrained plan, `config` the policy configuration to
+    run (default CascadeConfig()). Returns the chosen candidate (one stage unless a split beats
+    it as MIN_GAIN says) and every candidate simulated."""
+    config = config or CascadeConfig()
+
+    def run(plan: _core.StagePlan, cfg: CascadeConfig) -> Candidate:
+        runs = [simulated_e2e(plan, summary, profile, num_instances, t, cfg) for t in traces]
+        mean = sum(r[0] for r in runs) / len(runs)
+        p99 = sum(r[1] for r in runs) / len(runs)
+        return Candidate(len(plan.stages), plan, cfg, mean, p99)
+
+    plans = _candidate_plans(best, summary, profile, num_instances)
+    plain = run(plans[0], replace(config, is_one_stage_balanced=False))
+    balanced = run(plans[0], replace(config, is_one_stage_balanced=True))
+    candidates = [plain, balanced, *(run(p, config) for p in plans[1:])]
+    single = balanced if _beats(balanced, plain, MIN_BALANCE_GAIN, 0.02, 1.0) else plain
+    splits = [
+        c
+        for c in candidates[2:]
+        if not math.isnan(c.simulated_mean_e2e_s)
+        and _beats(c, single, 0.0, -MIN_GAIN, MAX_P99_SLACK)
+    ]
+    if not splits:
+        return single, candidates
+    return min(splits, key=lambda c: (c.simulated_mean_e2e_s, c.num_stages)), candidates

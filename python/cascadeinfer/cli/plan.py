@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from cascadeinfer.planning import PlanResult, load_profile, plan_stages
+from cascadeinfer.stage_count import Candidate
 
 
 def add_parser(sub: Any) -> None:
@@ -51,14 +52,26 @@ def as_json(result: PlanResult) -> dict[str, Any]:
         "objective": result.plan.objective_s,
         "objective_name": "predicted mean end-to-end latency (s)",
         "stage_count_candidates": [
-            {"stages": c.num_stages, "simulated_mean_e2e_s": c.simulated_mean_e2e_s}
+            {
+                "stages": c.num_stages,
+                "one_stage_balanced": c.config.is_one_stage_balanced,
+                "simulated_mean_e2e_s": c.simulated_mean_e2e_s,
+                "simulated_p99_e2e_s": c.simulated_p99_e2e_s,
+            }
             for c in result.candidates
         ],
+        "one_stage_balanced": result.config.is_one_stage_balanced,
         "solve_ms": result.solve_ms,
         "rate": result.rate,
         "dropped_requests": result.requests.num_dropped,
         "truncated_requests": result.requests.num_truncated,
     }
+
+
+def _label(c: Candidate) -> str:
+    if c.num_stages == 1:
+        return "1 stage, balanced" if c.config.is_one_stage_balanced else "1 stage (least-load)"
+    return f"{c.num_stages} stages"
 
 
 def as_table(result: PlanResult, args: argparse.Namespace) -> str:
@@ -79,10 +92,12 @@ def as_table(result: PlanResult, args: argparse.Namespace) -> str:
     )
     if result.candidates:
         simulated = ", ".join(
-            f"{c.num_stages} stages {c.simulated_mean_e2e_s:.3f} s" for c in result.candidates
+            f"{_label(c)} {c.simulated_mean_e2e_s:.2f}/{c.simulated_p99_e2e_s:.1f} s"
+            for c in result.candidates
         )
         lines.append(
-            f"stage count chosen in the simulator (mean e2e of each count's best plan): {simulated}"
+            "layout chosen in the simulator (mean/p99 e2e of each candidate; a split must beat "
+            f"one stage): {simulated}"
         )
     r = result.requests
     if r.num_dropped or r.num_truncated:

@@ -93,6 +93,8 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.S
         seed=setup.seed,
         plan_within_capacity=True,
         clamp_prompts=True,
+        # Gamma arrivals of a preset plan for their burstiness; a trace file's own gaps say it.
+        arrival_cv=setup.cv if setup.arrival == "gamma" else None,
     )
     report = _core.simulate(
         policy,

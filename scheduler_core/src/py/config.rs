@@ -30,6 +30,7 @@ pub(crate) struct PyCascadeConfig {
     balance: PyBalanceConfig,
     refine: PyRefineConfig,
     is_refine_enabled: bool,
+    is_one_stage_balanced: bool,
 }
 
 #[derive(FromPyObject)]
@@ -56,6 +57,7 @@ impl From<PyCascadeConfig> for CascadeConfig {
                 persist_s: c.refine.persist_s,
             },
             is_refine_enabled: c.is_refine_enabled,
+            is_one_stage_balanced: c.is_one_stage_balanced,
         }
     }
 }
