@@ -19,8 +19,8 @@ __all__ = [
     "preset_max_len",
     "preset_names",
     "sample_preset",
-    "single_stage_plan",
     "simulate",
+    "single_stage_plan",
 ]
 
 __version__: str
@@ -209,7 +209,9 @@ class Scheduler:
 def partition(
     workload: Workload, profile: CostProfile, num_instances: int, max_stages: int | None = None
 ) -> StagePlan: ...
-def single_stage_plan(workload: Workload, profile: CostProfile, num_instances: int) -> StagePlan: ...
+def single_stage_plan(
+    workload: Workload, profile: CostProfile, num_instances: int
+) -> StagePlan: ...
 def preset_names() -> list[str]: ...
 def preset_max_len(name: str) -> int: ...
 def sample_preset(name: str, n: int, seed: int) -> tuple[list[int], list[int]]: ...

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from cascadeinfer import _core, workloads
 from cascadeinfer.config import CascadeConfig
-from cascadeinfer.stage_count import SELECTION_SEEDS, Candidate, choose_layout, gaps_cv, selection_trace
+from cascadeinfer.stage_count import (
+    SELECTION_SEEDS,
+    Candidate,
+    choose_layout,
+    gaps_cv,
+    selection_trace,
+)
 from cascadeinfer.traces import arrival_rate, read_trace
 
 DEFAULT_UTILIZATION = 0.6
@@ -194,9 +200,7 @@ def plan_stages(
             selection_trace(requests.prompt_lens, requests.output_lens, target, seed + k, cv)
             for k in range(SELECTION_SEEDS)
         ]
-        chosen_candidate, candidates = choose_layout(
-            plan, summary, profile, num_instances, traces
-        )
+        chosen_candidate, candidates = choose_layout(plan, summary, profile, num_instances, traces)
         plan, config = chosen_candidate.plan, chosen_candidate.config
     solve_ms = (time.perf_counter() - start) * 1000.0
     return PlanResult(plan, summary, chosen, solve_ms, requests, candidates, config)

@@ -24,6 +24,7 @@ partitioner's; runtime refinement keeps the count it is given.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Sequence
@@ -68,7 +69,7 @@ class Candidate:
 def gaps_cv(arrivals: Sequence[float]) -> float:
     """Coefficient of variation of the gaps between sorted arrival times (1.0 with too few)."""
     times = sorted(arrivals)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     if len(gaps) < 2:
         return 1.0
     mean = sum(gaps) / len(gaps)

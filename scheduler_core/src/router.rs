@@ -175,6 +175,25 @@ mod tests {
     }
 
     #[test]
+    fn a_full_stage_spills_admissions_and_moves_to_the_next_stage_with_room() {
+        let mut r = router();
+        // Fill stage 1 (instances 2 and 3) to its sequence cap.
+        let full: Vec<StepEntry> = (0..2 * 256).map(|k| entry(k, 2 + (k % 2) as u32, 2000)).collect();
+        r.check_step(&full).unwrap();
+        let a = r.admit(RequestId(9000), 5000).unwrap().unwrap();
+        assert_eq!((a.stage, a.instance), (2, InstanceId(4)), "a stage-1 prompt spills to stage 2");
+        // A stage-0 request crossing into the full stage 1 goes on to stage 2, not nowhere.
+        let moves = r.check_step(&[entry(1, 0, 1000)]).unwrap();
+        assert_eq!(moves.len(), 1);
+        assert_eq!(moves[0].to, InstanceId(4));
+        // Nothing spills downwards: with the last stage full too, a long prompt waits.
+        let last: Vec<StepEntry> = (0..256).map(|k| entry(10_000 + k, 4, 9000)).collect();
+        r.check_step(&last).unwrap();
+        assert!(r.admit(RequestId(9001), 100_000).unwrap().is_none());
+        assert_eq!(r.admit(RequestId(9002), 100).unwrap().unwrap().stage, 0);
+    }
+
+    #[test]
     fn unknown_instances_and_overlong_contexts_are_errors() {
         let mut r = router();
         assert!(r.check_step(&[entry(1, 99, 10)]).is_err());

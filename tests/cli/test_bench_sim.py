@@ -40,13 +40,19 @@ def test_bench_sim_prints_the_documented_keys_for_a_preset_and_a_trace(tmp_path:
     doc = json.loads(cascade(*base, "--workload", "bimodal", "--policy", "cascade"))
     assert set(doc) >= SIM_SUMMARY_KEYS
     assert doc["completed"] == 400
-    assert doc["migrations"] > 0, "bimodal requests grow across the cascade's stage bounds"
     assert 0 < doc["mean_ttft_s"] <= doc["mean_e2e_s"] <= doc["p99_e2e_s"]
     trace = tmp_path / "t.jsonl"
     cascade("trace", "gen", "--workload", "short-chat", "--requests", "300", "--rate", "3",
             "--out", str(trace))  # fmt: skip
     doc = json.loads(cascade(*base, "--workload", str(trace), "--policy", "round-robin"))
     assert doc["completed"] == 300 and doc["migrations"] == 0
+
+
+def test_cascade_splits_long_documents_from_chat_and_migrates_across_the_bounds() -> None:
+    args = ["--workload", "long-context-mixed", "--instances", "16", "--requests", "1000"]
+    doc = json.loads(cascade("bench", "sim", "--policy", "cascade", *args, "--rate", "8", "--json"))
+    assert doc["completed"] == 1000
+    assert doc["migrations"] > 0, "requests grow across the stage bounds of the plan"
 
 
 @pytest.mark.parametrize("workload", [*workload_names(), "shift:short-chat,long-context-mixed"])

@@ -228,3 +228,27 @@ fn one_token_requests_leave_no_load_behind() {
         }
     }
 }
+
+#[test]
+fn one_unbalanced_stage_is_least_load_exactly() {
+    // The no-regret fallback: a one-stage cascade without balancing makes least-load's every
+    // decision, refinement on or off, so the planner can always fall back to it.
+    let p = gpu();
+    let trace = bimodal(3000, 12.0, 5);
+    let mut least_load = baseline(BaselineKind::LeastLoad, &p, 8);
+    let expected = run(&mut least_load, &p, &trace);
+    for is_refine_enabled in [false, true] {
+        let config = CascadeConfig { is_refine_enabled, ..CascadeConfig::default() };
+        let layout = StageLayout::single(p.max_model_len, &ids(8)).unwrap();
+        let grid = BucketGrid::geometric(p.max_model_len, 64, 16).unwrap();
+        let mut cascade = CascadePolicy::new(p.clone(), layout, grid, config, None).unwrap();
+        let got = run(&mut cascade, &p, &trace);
+        assert_eq!(got.summary, expected.summary, "refine {is_refine_enabled}");
+        assert_eq!(got.requests, expected.requests);
+    }
+    let balanced = CascadeConfig { is_one_stage_balanced: true, ..CascadeConfig::default() };
+    let layout = StageLayout::single(p.max_model_len, &ids(8)).unwrap();
+    let grid = BucketGrid::geometric(p.max_model_len, 64, 16).unwrap();
+    let mut cascade = CascadePolicy::new(p.clone(), layout, grid, balanced, None).unwrap();
+    assert!(run(&mut cascade, &p, &trace).summary.migrations > 0, "balancing one stage moves requests");
+}
