@@ -48,8 +48,9 @@ are samples, and a split that only ties in simulation can lose on the traffic th
 MAX_P99_SLACK = 0.10
 """... and keep its simulated p99 end-to-end latency within this share above one stage's."""
 MIN_BALANCE_GAIN = 0.01
-"""Balancing one stage must cut the average of the mean and p99 ratios by this share, and
-the mean by no less than -2% (it costs migrations)."""
+"""Balancing one stage must cut the average of the mean and p99 ratios by this share without
+raising the mean at all: where it trades mean for tail in simulation it was seen to cost up to
+9% of mean latency on the real trace."""
 
 
 BALANCED_ONE_STAGE = CascadeConfig(is_one_stage_balanced=True)
@@ -171,7 +172,7 @@ def choose_layout(
     plain = run(plans[0], replace(config, is_one_stage_balanced=False))
     balanced = run(plans[0], replace(config, is_one_stage_balanced=True))
     candidates = [plain, balanced, *(run(p, config) for p in plans[1:])]
-    single = balanced if _beats(balanced, plain, MIN_BALANCE_GAIN, 0.02, 1.0) else plain
+    single = balanced if _beats(balanced, plain, MIN_BALANCE_GAIN, 0.0, 1.0) else plain
     splits = [
         c
         for c in candidates[2:]

@@ -38,7 +38,7 @@ def test_trace_gen_writes_a_bursty_trace(tmp_path: Path) -> None:
 def test_bench_sim_prints_the_documented_keys_for_a_preset_and_a_trace(tmp_path: Path) -> None:
     base = ["bench", "sim", "--instances", "4", "--requests", "400", "--rate", "2", "--json"]
     doc = json.loads(cascade(*base, "--workload", "bimodal", "--policy", "cascade"))
-    assert set(doc) >= SIM_SUMMARY_KEYS
+    assert set(doc) >= SIM_SUMMARY_KEYS | {"goodput", "goodput_req_s"}
     assert doc["completed"] == 400
     assert 0 < doc["mean_ttft_s"] <= doc["mean_e2e_s"] <= doc["p99_e2e_s"]
     trace = tmp_path / "t.jsonl"

@@ -10,6 +10,7 @@ from typing import Any
 from cascadeinfer import workloads
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.evaluation import live
+from cascadeinfer.evaluation.goodput import GoodputSlo
 from cascadeinfer.evaluation.simbench import (
     SUMMARY_KEYS,
     SimSetup,
@@ -31,6 +32,22 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="gpu-h100-llama3-8b", help="built-in name or JSON file")
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
     p.add_argument("--cv", type=float, default=1.0, help="gamma: inter-arrival CV")
+    slo = GoodputSlo()
+    p.add_argument(
+        "--goodput-ttft-s",
+        type=float,
+        default=slo.ttft_base_s,
+        help="goodput: TTFT target, fixed part (s)",
+    )
+    p.add_argument(
+        "--goodput-ttft-per-token-s",
+        type=float,
+        default=slo.ttft_per_prompt_token_s,
+        help="goodput: TTFT target, per prompt token (s)",
+    )
+    p.add_argument(
+        "--goodput-tpot-s", type=float, default=slo.tpot_s, help="goodput: TPOT target (s)"
+    )
 
 
 def add_parser(sub: Any) -> None:
@@ -71,6 +88,9 @@ def _setup(args: argparse.Namespace, policy: str) -> SimSetup:
         arrival=args.arrival,
         cv=args.cv,
         seed=args.seed,
+        goodput_slo=GoodputSlo(
+            args.goodput_ttft_s, args.goodput_ttft_per_token_s, args.goodput_tpot_s
+        ),
     )
 
 

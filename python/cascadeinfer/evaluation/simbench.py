@@ -8,10 +8,11 @@ scheduler uses, and the simulator drives it through the same `Policy` interface.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cascadeinfer import _core, workloads
+from cascadeinfer.evaluation.goodput import GOODPUT_KEYS, GoodputSlo, goodput
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS as LIVE_KEYS
 from cascadeinfer.planning import clamp_lengths
 from cascadeinfer.policies import build_policy
@@ -19,8 +20,9 @@ from cascadeinfer.traces import read_trace
 
 Trace = list[tuple[float, int, int]]
 
-SUMMARY_KEYS = (*LIVE_KEYS, "sim_wall_s")
-"""What `cascade bench sim` prints: the keys a live run has, plus the simulator's wall time."""
+SUMMARY_KEYS = (*LIVE_KEYS, *GOODPUT_KEYS, "sim_wall_s")
+"""What `cascade bench sim` prints: the keys a live run has, goodput under the setup's
+`GoodputSlo`, and the simulator's wall time."""
 
 
 def clamp(trace: Trace, max_len: int) -> Trace:
@@ -68,6 +70,7 @@ class SimSetup:
     tick_interval_s: float = 0.5
     max_concurrent_migrations: int = 8
     max_optional_migrations_per_s: float = 4.0
+    goodput_slo: GoodputSlo = field(default_factory=GoodputSlo)
 
 
 def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.SimReport]:
@@ -106,6 +109,10 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.S
         max_optional_migrations_per_s=setup.max_optional_migrations_per_s,
     )
     summary = dict(report.summary())
+    r = report.requests()
+    summary |= goodput(
+        setup.goodput_slo, r["prompt_len"], r["ttft_s"], r["tpot_s"], r["e2e_s"], r["arrival_s"]
+    )
     summary["rate"] = rate
     summary["requests"] = len(trace)
     return summary, report
