@@ -7,8 +7,8 @@ import json
 import math
 
 import pytest
-
 from cascadeinfer.evaluation.goodput import GoodputSlo, goodput
+
 from tests.cli.test_bench_sim import cascade
 
 NAN = math.nan

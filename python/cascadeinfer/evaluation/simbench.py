@@ -111,7 +111,12 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.S
     summary = dict(report.summary())
     r = report.requests()
     summary |= goodput(
-        setup.goodput_slo, r["prompt_len"], r["ttft_s"], r["tpot_s"], r["e2e_s"], r["arrival_s"]
+        setup.goodput_slo,
+        [int(p) for p in r["prompt_len"]],
+        r["ttft_s"],
+        r["tpot_s"],
+        r["e2e_s"],
+        r["arrival_s"],
     )
     summary["rate"] = rate
     summary["requests"] = len(trace)
