@@ -5,7 +5,7 @@ markdown table with cascade's ratios against the strongest baseline at each rate
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cascadeinfer import _core
@@ -19,8 +19,34 @@ def _fmt(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.3g}"
 
 
+@dataclass(frozen=True)
+class Comparison:
+    rates: list[float]
+    summaries: dict[str, list[dict[str, float]]]
+    """Per policy, one summary per rate."""
+    max_rates: dict[str, float]
+    """Per policy, the highest rate within the SLO (empty without an SLO)."""
+    path: Path
+    """The written table."""
+
+    def ratios(self, k: int) -> tuple[float, float]:
+        """Cascade's mean and p99 end-to-end latency at rate `k` over the best baseline's for
+        each figure (the lowest mean, the lowest p99: possibly two different baselines)."""
+        c = self.summaries["cascade"][k]
+        best_mean = min(self.summaries[p][k]["mean_e2e_s"] for p in BASELINES)
+        best_p99 = min(self.summaries[p][k]["p99_e2e_s"] for p in BASELINES)
+        return c["mean_e2e_s"] / best_mean, c["p99_e2e_s"] / best_p99
+
+
 def compare(base: SimSetup, rates: list[float], slo: Slo | None, out_dir: str) -> Path:
     """Runs everything, writes `compare.md` and plots into `out_dir`; returns the table's path."""
+    return run_comparison(base, rates, slo, out_dir).path
+
+
+def run_comparison(
+    base: SimSetup, rates: list[float], slo: Slo | None, out_dir: str
+) -> Comparison:
+    """`compare`, returning the figures as well."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, list[dict[str, float]]] = {}
@@ -42,7 +68,7 @@ def compare(base: SimSetup, rates: list[float], slo: Slo | None, out_dir: str) -
     lines += _plots(out, rates, summaries, reports, middle)
     path = out / "compare.md"
     path.write_text("\n".join(lines) + "\n")
-    return path
+    return Comparison(rates, summaries, max_rates, path)
 
 
 def _max_rate(setup: SimSetup, slo: Slo, start: float) -> float:
