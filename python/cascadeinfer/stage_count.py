@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from cascadeinfer import _core
@@ -161,17 +163,28 @@ def choose_layout(
     run (default CascadeConfig()). Returns the chosen candidate (one stage unless a split beats
     it as MIN_GAIN says) and every candidate simulated."""
     config = config or CascadeConfig()
-
-    def run(plan: _core.StagePlan, cfg: CascadeConfig) -> Candidate:
-        runs = [simulated_e2e(plan, summary, profile, num_instances, t, cfg) for t in traces]
-        mean = sum(r[0] for r in runs) / len(runs)
-        p99 = sum(r[1] for r in runs) / len(runs)
-        return Candidate(len(plan.stages), plan, cfg, mean, p99)
-
     plans = _candidate_plans(best, summary, profile, num_instances)
-    plain = run(plans[0], replace(config, is_one_stage_balanced=False))
-    balanced = run(plans[0], replace(config, is_one_stage_balanced=True))
-    candidates = [plain, balanced, *(run(p, config) for p in plans[1:])]
+    runs = [
+        (plans[0], replace(config, is_one_stage_balanced=False)),
+        (plans[0], replace(config, is_one_stage_balanced=True)),
+        *((p, config) for p in plans[1:]),
+    ]
+    # The simulator releases the GIL: the candidates' runs share the cores.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        futures = [
+            [
+                pool.submit(simulated_e2e, plan, summary, profile, num_instances, t, cfg)
+                for t in traces
+            ]
+            for plan, cfg in runs
+        ]
+        candidates = []
+        for (plan, cfg), fs in zip(runs, futures, strict=True):
+            results = [f.result() for f in fs]
+            mean = sum(r[0] for r in results) / len(results)
+            p99 = sum(r[1] for r in results) / len(results)
+            candidates.append(Candidate(len(plan.stages), plan, cfg, mean, p99))
+    plain, balanced = candidates[:2]
     single = balanced if _beats(balanced, plain, MIN_BALANCE_GAIN, 0.0, 1.0) else plain
     splits = [
         c

@@ -43,9 +43,7 @@ def compare(base: SimSetup, rates: list[float], slo: Slo | None, out_dir: str) -
     return run_comparison(base, rates, slo, out_dir).path
 
 
-def run_comparison(
-    base: SimSetup, rates: list[float], slo: Slo | None, out_dir: str
-) -> Comparison:
+def run_comparison(base: SimSetup, rates: list[float], slo: Slo | None, out_dir: str) -> Comparison:
     """`compare`, returning the figures as well."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
