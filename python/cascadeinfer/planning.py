@@ -12,6 +12,7 @@ from pathlib import Path
 from cascadeinfer import _core, workloads
 from cascadeinfer.config import CascadeConfig
 from cascadeinfer.stage_count import (
+    OBJECTIVES,
     SELECTION_SEEDS,
     Candidate,
     choose_layout,
@@ -141,6 +142,7 @@ def plan_stages(
     clamp_prompts: bool = False,
     choose_count_by_simulation: bool = True,
     arrival_cv: float | None = None,
+    objective: str = "mean",
 ) -> PlanResult:
     """Plans stages for a preset or trace. The rate is, in order: `rate`, the trace's own,
     or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload. `max_len`
@@ -149,11 +151,14 @@ def plan_stages(
     and whether to split at all are chosen by simulating the candidates against one stage
     (stage_count.py), not the partitioner's own pick. `arrival_cv`: the burstiness of the
     traffic to plan for (the coefficient of variation of inter-arrival gaps; default: a trace's
-    own, else 1.0, Poisson)."""
+    own, else 1.0, Poisson). `objective`: what the selection minimizes, "mean" or "p99"
+    end-to-end latency (stage_count.OBJECTIVES)."""
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
     if rate is not None and not rate > 0:
         raise ValueError(f"rate must be > 0, got {rate}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: known {', '.join(OBJECTIVES)}")
     max_len = max_len or profile.max_model_len
     grid = _core.BucketGrid.geometric(max_len, num_buckets)
     requests = load_requests(workload, max_len, seed, clamp_prompts=clamp_prompts)
@@ -200,7 +205,9 @@ def plan_stages(
             selection_trace(requests.prompt_lens, requests.output_lens, target, seed + k, cv)
             for k in range(SELECTION_SEEDS)
         ]
-        chosen_candidate, candidates = choose_layout(plan, summary, profile, num_instances, traces)
+        chosen_candidate, candidates = choose_layout(
+            plan, summary, profile, num_instances, traces, objective=objective
+        )
         plan, config = chosen_candidate.plan, chosen_candidate.config
     solve_ms = (time.perf_counter() - start) * 1000.0
     return PlanResult(plan, summary, chosen, solve_ms, requests, candidates, config)

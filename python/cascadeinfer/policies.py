@@ -33,6 +33,7 @@ def build_policy(
     plan_within_capacity: bool = False,
     clamp_prompts: bool = False,
     arrival_cv: float | None = None,
+    objective: str = "mean",
 ) -> _core.Scheduler:
     """`name` is one of POLICY_NAMES. Cascade uses `stages` when given (instances beyond them
     join the last stage), else a plan from the partitioner for `workload` at `rate`.
@@ -40,7 +41,7 @@ def build_policy(
     can (benchmarks run past saturation on purpose); otherwise it is an error.
     `clamp_prompts`: plan for prompts cut to `max_len` as the benchmarks cut them, instead of
     without the prompts no instance can hold. `arrival_cv`: the burstiness to plan for
-    (`plan_stages`)."""
+    (`plan_stages`); `objective`: what the layout selection minimizes (`plan_stages`)."""
     if name not in POLICY_NAMES:
         raise ValueError(f"policy {name!r}: known {', '.join(POLICY_NAMES)}")
     instances = list(instances)
@@ -64,6 +65,7 @@ def build_policy(
         back_off_when_infeasible=plan_within_capacity,
         clamp_prompts=clamp_prompts,
         arrival_cv=arrival_cv,
+        objective=objective,
     )
     return _core.Scheduler.cascade(
         profile, result.plan, instances, result.workload.grid, result.config, result.workload

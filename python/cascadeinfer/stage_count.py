@@ -138,17 +138,41 @@ def _candidate_plans(
     return plans
 
 
-def _beats(c: Candidate, base: Candidate, gain: float, mean_slack: float, p99_slack: float) -> bool:
-    """Whether `c` finished everything and, against `base`: its mean ratio is at most
-    1 + `mean_slack`, its p99 ratio at most 1 + `p99_slack`, and the two ratios' average at
-    most 1 - `gain`. Anything that finishes beats a `base` that did not."""
+OBJECTIVES = ("mean", "p99")
+"""What the layout selection minimizes: mean or p99 end-to-end latency; the other figure is
+the one allowed `MAX_P99_SLACK` (named for the default objective)."""
+
+
+def _figures(c: Candidate, objective: str) -> tuple[float, float]:
+    """(the objective's figure, the other one)."""
+    if objective == "p99":
+        return c.simulated_p99_e2e_s, c.simulated_mean_e2e_s
+    return c.simulated_mean_e2e_s, c.simulated_p99_e2e_s
+
+
+def _beats(
+    c: Candidate,
+    base: Candidate,
+    objective: str,
+    gain: float,
+    primary_slack: float,
+    secondary_slack: float,
+) -> bool:
+    """Whether `c` finished everything and, against `base`: the ratio of its `objective`
+    figure is at most 1 + `primary_slack`, the other figure's at most 1 + `secondary_slack`,
+    and the two ratios' average at most 1 - `gain`. Anything that finishes beats a `base` that
+    did not."""
     if math.isnan(c.simulated_mean_e2e_s):
         return False
     if math.isnan(base.simulated_mean_e2e_s):
         return True
-    mean = c.simulated_mean_e2e_s / base.simulated_mean_e2e_s
-    p99 = c.simulated_p99_e2e_s / base.simulated_p99_e2e_s
-    return mean <= 1.0 + mean_slack and p99 <= 1.0 + p99_slack and (mean + p99) / 2 <= 1.0 - gain
+    (cp, cs), (bp, bs) = _figures(c, objective), _figures(base, objective)
+    primary, secondary = cp / bp, cs / bs
+    return (
+        primary <= 1.0 + primary_slack
+        and secondary <= 1.0 + secondary_slack
+        and (primary + secondary) / 2 <= 1.0 - gain
+    )
 
 
 def choose_layout(
@@ -158,10 +182,13 @@ def choose_layout(
     num_instances: int,
     traces: Sequence[Sequence[tuple[float, int, int]]],
     config: CascadeConfig | None = None,
+    objective: str = "mean",
 ) -> tuple[Candidate, list[Candidate]]:
     """`best` is the partitioner's unconstrained plan, `config` the policy configuration to
-    run (default CascadeConfig()). Returns the chosen candidate (one stage unless a split beats
-    it as MIN_GAIN says) and every candidate simulated."""
+    run (default CascadeConfig()), `objective` one of OBJECTIVES. Returns the chosen candidate
+    (one stage unless a split beats it as MIN_GAIN says) and every candidate simulated."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: known {', '.join(OBJECTIVES)}")
     config = config or CascadeConfig()
     plans = _candidate_plans(best, summary, profile, num_instances)
     runs = [
@@ -185,13 +212,11 @@ def choose_layout(
             p99 = sum(r[1] for r in results) / len(results)
             candidates.append(Candidate(len(plan.stages), plan, cfg, mean, p99))
     plain, balanced = candidates[:2]
-    single = balanced if _beats(balanced, plain, MIN_BALANCE_GAIN, 0.0, 1.0) else plain
+    is_balanced = _beats(balanced, plain, objective, MIN_BALANCE_GAIN, 0.0, 1.0)
+    single = balanced if is_balanced else plain
     splits = [
-        c
-        for c in candidates[2:]
-        if not math.isnan(c.simulated_mean_e2e_s)
-        and _beats(c, single, 0.0, -MIN_GAIN, MAX_P99_SLACK)
+        c for c in candidates[2:] if _beats(c, single, objective, 0.0, -MIN_GAIN, MAX_P99_SLACK)
     ]
     if not splits:
         return single, candidates
-    return min(splits, key=lambda c: (c.simulated_mean_e2e_s, c.num_stages)), candidates
+    return min(splits, key=lambda c: (_figures(c, objective)[0], c.num_stages)), candidates

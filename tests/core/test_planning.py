@@ -3,6 +3,7 @@ taken only where it simulates clearly better than one stage."""
 
 from __future__ import annotations
 
+import pytest
 from cascadeinfer.evaluation.simbench import make_trace
 from cascadeinfer.planning import clamp_lengths, load_profile, load_requests, plan_stages
 from cascadeinfer.stage_count import (
@@ -96,3 +97,22 @@ def test_the_selection_trace_is_not_the_benchmark_trace_of_the_same_seed() -> No
     assert ours == selection_trace(requests.prompt_lens, requests.output_lens, 5.0, 0)
     mean_gap = ours[-1][0] / len(ours)
     assert 0.18 < mean_gap < 0.22  # Poisson at 5 req/s
+
+
+def test_the_selection_minimizes_the_objective_asked_for() -> None:
+    profile = load_profile("gpu-h100-llama3-8b")
+    by = {
+        objective: plan_stages(
+            num_instances=16, workload="long-context-mixed", profile=profile, objective=objective
+        )
+        for objective in ("mean", "p99")
+    }
+    splits = by["mean"].candidates[2:]
+    assert [c.simulated_p99_e2e_s for c in splits] == [
+        c.simulated_p99_e2e_s for c in by["p99"].candidates[2:]
+    ], "the same candidates, judged differently"
+    for objective, figure in (("mean", "simulated_mean_e2e_s"), ("p99", "simulated_p99_e2e_s")):
+        picked = next(c for c in by[objective].candidates if c.plan is by[objective].plan)
+        assert getattr(picked, figure) == min(getattr(c, figure) for c in splits)
+    with pytest.raises(ValueError, match="objective"):
+        plan_stages(num_instances=16, workload="bimodal", profile=profile, objective="median")

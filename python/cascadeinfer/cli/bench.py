@@ -20,6 +20,7 @@ from cascadeinfer.evaluation.simbench import (
     run_at_rate,
 )
 from cascadeinfer.planning import load_profile
+from cascadeinfer.stage_count import OBJECTIVES
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,12 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--goodput-tpot-s", type=float, default=slo.tpot_s, help="goodput: TPOT target (s)"
+    )
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="mean",
+        help="cascade: what the layout chosen by simulation minimizes (mean or p99 e2e)",
     )
 
 
@@ -88,6 +95,7 @@ def _setup(args: argparse.Namespace, policy: str) -> SimSetup:
         arrival=args.arrival,
         cv=args.cv,
         seed=args.seed,
+        objective=args.objective,
         goodput_slo=GoodputSlo(
             args.goodput_ttft_s, args.goodput_ttft_per_token_s, args.goodput_tpot_s
         ),

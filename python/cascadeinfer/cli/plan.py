@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from cascadeinfer.planning import PlanResult, load_profile, plan_stages
-from cascadeinfer.stage_count import Candidate
+from cascadeinfer.stage_count import OBJECTIVES, Candidate
 
 
 def add_parser(sub: Any) -> None:
@@ -30,6 +30,12 @@ def add_parser(sub: Any) -> None:
         "or 60%% of the fleet's estimated capacity for a preset)",
     )
     p.add_argument("--max-stages", type=int, help="at most this many stages")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="mean",
+        help="what the layout chosen by simulation minimizes: mean or p99 end-to-end latency",
+    )
     p.add_argument("--buckets", type=int, default=128, help="length buckets (boundary resolution)")
     p.add_argument("--seed", type=int, default=0, help="seed for preset sampling")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         rate=args.rate,
         num_buckets=args.buckets,
         max_stages=args.max_stages,
+        objective=args.objective,
         seed=args.seed,
     )
     print(json.dumps(as_json(result), indent=2) if args.json else as_table(result, args))

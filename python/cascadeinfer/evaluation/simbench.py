@@ -71,6 +71,8 @@ class SimSetup:
     max_concurrent_migrations: int = 8
     max_optional_migrations_per_s: float = 4.0
     goodput_slo: GoodputSlo = field(default_factory=GoodputSlo)
+    objective: str = "mean"
+    """What cascade's layout selection minimizes (`plan_stages`)."""
 
 
 def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.SimReport]:
@@ -98,6 +100,7 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.S
         clamp_prompts=True,
         # Gamma arrivals of a preset plan for their burstiness; a trace file's own gaps say it.
         arrival_cv=setup.cv if setup.arrival == "gamma" else None,
+        objective=setup.objective,
     )
     report = _core.simulate(
         policy,
