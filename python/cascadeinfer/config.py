@@ -12,6 +12,8 @@ class BalanceConfig:
     start_imbalance: float = 0.3
     stop_imbalance: float = 0.1
     cooldown_s: float = 1.0
+    kv_gap: float = 0.1
+    """Also even KV usage when the fullest and emptiest caches differ by more (1: off)."""
 
 
 @dataclass(frozen=True)

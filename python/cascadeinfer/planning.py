@@ -12,7 +12,9 @@ from pathlib import Path
 from cascadeinfer import _core, workloads
 from cascadeinfer.config import CascadeConfig
 from cascadeinfer.stage_count import (
+    MAX_SELECTION_REQUESTS,
     OBJECTIVES,
+    SELECTION_REQUESTS,
     SELECTION_SEEDS,
     Candidate,
     choose_layout,
@@ -69,6 +71,8 @@ class Requests:
     """Requests whose output was cut to fit the model's max length."""
     arrival_cv: float | None = None
     """Coefficient of variation of a trace's inter-arrival gaps (None for a preset)."""
+    num_trace_requests: int | None = None
+    """How many requests a trace holds (None for a preset)."""
 
 
 def clamp_lengths(prompt_len: int, output_len: int, max_len: int) -> tuple[int, int]:
@@ -111,7 +115,9 @@ def load_requests(
         kept_o.append(o)
     if not kept_p:
         raise ValueError(f"every request of {workload!r} is longer than max_len {max_len}")
-    return Requests(kept_p, kept_o, rate, dropped, truncated, cv)
+    return Requests(
+        kept_p, kept_o, rate, dropped, truncated, cv, len(prompts) if cv is not None else None
+    )
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,7 @@ def plan_stages(
     choose_count_by_simulation: bool = True,
     arrival_cv: float | None = None,
     objective: str = "mean",
+    horizon_requests: int | None = None,
 ) -> PlanResult:
     """Plans stages for a preset or trace. The rate is, in order: `rate`, the trace's own,
     or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload. `max_len`
@@ -152,7 +159,9 @@ def plan_stages(
     (stage_count.py), not the partitioner's own pick. `arrival_cv`: the burstiness of the
     traffic to plan for (the coefficient of variation of inter-arrival gaps; default: a trace's
     own, else 1.0, Poisson). `objective`: what the selection minimizes, "mean" or "p99"
-    end-to-end latency (stage_count.OBJECTIVES)."""
+    end-to-end latency (stage_count.OBJECTIVES). `horizon_requests`: how many requests the
+    traffic to plan for holds (default: a trace's own count, else SELECTION_REQUESTS); the
+    candidates' simulations run that many, up to MAX_SELECTION_REQUESTS."""
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
     if rate is not None and not rate > 0:
@@ -201,8 +210,10 @@ def plan_stages(
         # past saturation): the simulation judges the plans under the traffic they will get.
         target = rate or requests.rate or chosen
         cv = arrival_cv or requests.arrival_cv or 1.0
+        horizon = horizon_requests or requests.num_trace_requests or SELECTION_REQUESTS
+        n = max(SELECTION_REQUESTS, min(horizon, MAX_SELECTION_REQUESTS))
         traces = [
-            selection_trace(requests.prompt_lens, requests.output_lens, target, seed + k, cv)
+            selection_trace(requests.prompt_lens, requests.output_lens, target, seed + k, cv, n)
             for k in range(SELECTION_SEEDS)
         ]
         chosen_candidate, candidates = choose_layout(

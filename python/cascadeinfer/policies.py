@@ -34,6 +34,7 @@ def build_policy(
     clamp_prompts: bool = False,
     arrival_cv: float | None = None,
     objective: str = "mean",
+    horizon_requests: int | None = None,
 ) -> _core.Scheduler:
     """`name` is one of POLICY_NAMES. Cascade uses `stages` when given (instances beyond them
     join the last stage), else a plan from the partitioner for `workload` at `rate`.
@@ -41,7 +42,8 @@ def build_policy(
     can (benchmarks run past saturation on purpose); otherwise it is an error.
     `clamp_prompts`: plan for prompts cut to `max_len` as the benchmarks cut them, instead of
     without the prompts no instance can hold. `arrival_cv`: the burstiness to plan for
-    (`plan_stages`); `objective`: what the layout selection minimizes (`plan_stages`)."""
+    (`plan_stages`); `objective`: what the layout selection minimizes, `horizon_requests`: how
+    many requests it simulates (`plan_stages`)."""
     if name not in POLICY_NAMES:
         raise ValueError(f"policy {name!r}: known {', '.join(POLICY_NAMES)}")
     instances = list(instances)
@@ -66,6 +68,7 @@ def build_policy(
         clamp_prompts=clamp_prompts,
         arrival_cv=arrival_cv,
         objective=objective,
+        horizon_requests=horizon_requests,
     )
     return _core.Scheduler.cascade(
         profile, result.plan, instances, result.workload.grid, result.config, result.workload

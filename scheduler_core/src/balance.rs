@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 use crate::ids::InstanceId;
+use crate::load::KV_WATERMARK;
 use crate::policy::{Migration, MigrationReason, StepEntry};
 use crate::router::Router;
 
@@ -17,11 +18,19 @@ pub struct BalanceConfig {
     pub stop_imbalance: f64,
     /// An instance takes part in at most one balancing move per this many seconds.
     pub cooldown_s: f64,
+    /// Also move a request from the stage's fullest to its emptiest KV cache while their KV
+    /// usage fractions differ by more than this (Llumnix's trigger); 1 turns it off.
+    #[serde(default = "default_kv_gap")]
+    pub kv_gap: f64,
+}
+
+fn default_kv_gap() -> f64 {
+    0.1
 }
 
 impl Default for BalanceConfig {
     fn default() -> Self {
-        BalanceConfig { start_imbalance: 0.3, stop_imbalance: 0.1, cooldown_s: 1.0 }
+        BalanceConfig { start_imbalance: 0.3, stop_imbalance: 0.1, cooldown_s: 1.0, kv_gap: default_kv_gap() }
     }
 }
 
@@ -33,6 +42,9 @@ impl BalanceConfig {
                 format!("{}/{}", self.start_imbalance, self.stop_imbalance),
                 "need 0 <= stop_imbalance < start_imbalance < 1",
             ));
+        }
+        if !(self.kv_gap > 0.0 && self.kv_gap <= 1.0) {
+            return Err(CoreError::invalid("balance.kv_gap", self.kv_gap, "must be in (0, 1]"));
         }
         if !(self.cooldown_s.is_finite() && self.cooldown_s >= 0.0) {
             return Err(CoreError::invalid("balance.cooldown_s", self.cooldown_s, "must be finite and >= 0"));
@@ -82,16 +94,44 @@ impl Balancer {
             let imbalance = (step(&slow) - step(&fast)) / step(&slow);
             let threshold = if self.active[stage] { self.config.stop_imbalance } else { self.config.start_imbalance };
             self.active[stage] = imbalance > threshold;
-            if !self.active[stage] || !self.cooled(slow, now) || !self.cooled(fast, now) {
-                continue;
+            if self.active[stage] && self.cooled(slow, now) && self.cooled(fast, now) {
+                if let Some(m) = self.pick(router, slow, fast) {
+                    self.mark(slow, now);
+                    self.mark(fast, now);
+                    out.push(m);
+                    continue;
+                }
             }
-            if let Some(m) = self.pick(router, slow, fast) {
-                self.mark(slow, now);
-                self.mark(fast, now);
-                out.push(m);
-            }
+            out.extend(self.even_kv(router, &instances));
         }
         out
+    }
+
+    /// When the stage's fullest KV cache is past the admission watermark and differs from the
+    /// emptiest by more than `kv_gap` of the capacity, the shortest request on the fullest moves
+    /// to the emptiest (least KV to copy). Step times do not show a cache filling up until it
+    /// preempts, and a preempted request recomputes its whole context; below the watermark a
+    /// move only costs its stall.
+    fn even_kv(&self, router: &mut Router, instances: &[InstanceId]) -> Option<Migration> {
+        let capacity = router.profile.kv_capacity_tokens as f64;
+        let usage = |i: &InstanceId| router.loads.get(*i).kv_tokens() as f64 / capacity;
+        let full = *instances.iter().max_by(|a, b| usage(a).total_cmp(&usage(b)))?;
+        let empty = *instances.iter().min_by(|a, b| usage(a).total_cmp(&usage(b)))?;
+        if usage(&full) <= KV_WATERMARK || usage(&full) - usage(&empty) <= self.config.kv_gap {
+            return None;
+        }
+        let &(request, len) = router
+            .loads
+            .get(full)
+            .running
+            .iter()
+            .filter(|(r, _)| !router.in_flight.contains(r))
+            .min_by_key(|(_, len)| *len)?;
+        if !router.loads.has_room(&router.profile, empty, len) {
+            return None;
+        }
+        let entry = StepEntry { request, instance: full, context_len: len };
+        Some(router.start_migration(entry, empty, MigrationReason::Balance))
     }
 
     /// The request on `slow` whose move best evens the two instances' context totals.
@@ -153,7 +193,7 @@ mod tests {
 
     #[test]
     fn bad_thresholds_are_rejected() {
-        let bad = BalanceConfig { start_imbalance: 0.1, stop_imbalance: 0.2, cooldown_s: 1.0 };
+        let bad = BalanceConfig { start_imbalance: 0.1, stop_imbalance: 0.2, ..BalanceConfig::default() };
         assert!(Balancer::new(bad).unwrap_err().to_string().contains("start_imbalance"));
     }
 }

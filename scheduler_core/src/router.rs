@@ -78,6 +78,7 @@ impl Router {
         let mut crossed: Vec<(StepEntry, usize)> = Vec::new();
         for e in entries {
             let Some(stage) = self.layout.stage_of_instance(e.instance) else {
+                self.loads.end_refresh();
                 return Err(CoreError::Unknown { kind: "instance", id: u64::from(e.instance.0) });
             };
             self.loads.record(e.instance, e.request, e.context_len);
@@ -85,6 +86,7 @@ impl Router {
                 crossed.push((*e, stage));
             }
         }
+        self.loads.end_refresh();
         let mut out = Vec::new();
         for (e, _) in crossed {
             if self.in_flight.contains(&e.request) {
@@ -117,7 +119,11 @@ impl Router {
     /// Ends an in-flight migration; on failure the load goes back to the source.
     pub fn migration_done(&mut self, m: &Migration, succeeded: bool) {
         self.in_flight.remove(&m.request);
-        if !succeeded {
+        if succeeded {
+            // It kept decoding on the source during the bulk copy, so the source's feed may
+            // have listed it again since the move was decided.
+            self.loads.forget_request(m.from, m.request);
+        } else {
             self.loads.move_request(m.request, m.to, m.from, m.context_len);
         }
     }

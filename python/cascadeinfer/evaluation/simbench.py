@@ -101,6 +101,7 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.S
         # Gamma arrivals of a preset plan for their burstiness; a trace file's own gaps say it.
         arrival_cv=setup.cv if setup.arrival == "gamma" else None,
         objective=setup.objective,
+        horizon_requests=len(trace),
     )
     report = _core.simulate(
         policy,

@@ -12,6 +12,7 @@ pub(crate) struct PyBalanceConfig {
     start_imbalance: f64,
     stop_imbalance: f64,
     cooldown_s: f64,
+    kv_gap: f64,
 }
 
 #[derive(FromPyObject)]
@@ -46,6 +47,7 @@ impl From<PyCascadeConfig> for CascadeConfig {
                 start_imbalance: c.balance.start_imbalance,
                 stop_imbalance: c.balance.stop_imbalance,
                 cooldown_s: c.balance.cooldown_s,
+                kv_gap: c.balance.kv_gap,
             },
             refine: RefineConfig {
                 half_life_s: c.refine.half_life_s,
