@@ -167,7 +167,8 @@ mod tests {
     fn moves_from_slow_to_fast_with_hysteresis_and_cooldown() {
         let layout = StageLayout::single(131_072, &[InstanceId(0), InstanceId(1)]).unwrap();
         let mut router = Router::new(gpu(), layout).unwrap();
-        let mut entries: Vec<StepEntry> = (0..40).map(|r| entry(r, 0, 20_000)).collect();
+        // 300K of 409.6K KV tokens: below the KV watermark, so only the step-time rule acts.
+        let mut entries: Vec<StepEntry> = (0..15).map(|r| entry(r, 0, 20_000)).collect();
         entries.push(entry(100, 1, 100));
         router.check_step(&entries).unwrap();
         let mut b = Balancer::new(BalanceConfig::default()).unwrap();
@@ -177,6 +178,29 @@ mod tests {
         // Cooldown: nothing new within a second even though still imbalanced.
         assert!(b.decide(&mut router, 0.5).is_empty());
         assert_eq!(b.decide(&mut router, 1.5).len(), 1);
+    }
+
+    #[test]
+    fn a_cache_past_the_watermark_sheds_its_shortest_request_to_the_emptiest() {
+        let layout = StageLayout::single(131_072, &[InstanceId(0), InstanceId(1), InstanceId(2)]).unwrap();
+        let mut router = Router::new(gpu(), layout).unwrap();
+        // Equal step times would not trigger the step-time rule; instance 0's cache is at 88%.
+        let mut entries: Vec<StepEntry> = (0..9).map(|r| entry(r, 0, 40_000)).collect();
+        entries.push(entry(50, 0, 1000));
+        entries.extend((0..9).map(|r| entry(100 + r, 1, 20_000)));
+        entries.extend((0..9).map(|r| entry(200 + r, 2, 1000)));
+        router.check_step(&entries).unwrap();
+        let config = BalanceConfig { start_imbalance: 0.99, stop_imbalance: 0.98, ..BalanceConfig::default() };
+        let moves = Balancer::new(config).unwrap().decide(&mut router, 0.0);
+        assert_eq!(moves.len(), 1);
+        assert_eq!((moves[0].from, moves[0].to, moves[0].request), (InstanceId(0), InstanceId(2), RequestId(50)));
+        // Below the watermark a KV gap alone moves nothing (a move only costs its stall).
+        let layout = StageLayout::single(131_072, &[InstanceId(0), InstanceId(1)]).unwrap();
+        let mut router = Router::new(gpu(), layout).unwrap();
+        let mut entries: Vec<StepEntry> = (0..7).map(|r| entry(r, 0, 40_000)).collect();
+        entries.push(entry(100, 1, 100));
+        router.check_step(&entries).unwrap();
+        assert!(Balancer::new(config).unwrap().decide(&mut router, 0.0).is_empty());
     }
 
     #[test]

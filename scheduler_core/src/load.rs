@@ -296,6 +296,31 @@ mod tests {
     }
 
     #[test]
+    fn a_request_missing_from_its_feed_was_preempted_and_stays_counted_until_it_runs_again() {
+        let mut book = LoadBook::default();
+        let a = InstanceId(0);
+        book.begin_refresh();
+        book.record(a, RequestId(1), 5000);
+        book.record(a, RequestId(2), 7000);
+        book.end_refresh();
+        // Request 2 was preempted: the engine lists only request 1.
+        book.begin_refresh();
+        book.record(a, RequestId(1), 5001);
+        book.end_refresh();
+        assert_eq!(book.get(a).running, vec![(RequestId(1), 5001)]);
+        assert_eq!((book.get(a).queued.clone(), book.get(a).kv_tokens()), (vec![(RequestId(2), 7000)], 12_001));
+        // It runs again, then finishes: nothing is left behind.
+        book.begin_refresh();
+        book.record(a, RequestId(1), 5002);
+        book.record(a, RequestId(2), 7001);
+        book.end_refresh();
+        assert_eq!(book.get(a).num_queued(), 0);
+        book.forget_request(a, RequestId(1));
+        book.forget_request(a, RequestId(2));
+        assert_eq!(book.get(a).kv_tokens(), 0);
+    }
+
+    #[test]
     fn a_long_prefill_backlog_weighs_more_than_a_few_decodes() {
         let p = gpu();
         let mut book = LoadBook::default();
