@@ -53,6 +53,10 @@ impl BalanceConfig {
     }
 }
 
+/// A balancing move must cut the slower instance's predicted step by this share: it costs the
+/// moved request a stall and both caches its KV for the copy.
+const MIN_MOVE_GAIN: f64 = 0.02;
+
 #[derive(Clone, Debug)]
 pub struct Balancer {
     config: BalanceConfig,
@@ -134,17 +138,27 @@ impl Balancer {
         Some(router.start_migration(entry, empty, MigrationReason::Balance))
     }
 
-    /// The request on `slow` whose move best evens the two instances' context totals.
+    /// The request on `slow` whose move leaves the slower of the two instances fastest, when
+    /// that beats `slow`'s step now by `MIN_MOVE_GAIN`. Both sides are priced by the cost model,
+    /// padding included: evening context totals alone moved long requests onto instances of
+    /// short ones, whose every step the padding then stretched (one-stage balancing cost 25%
+    /// of mean latency on agentic traffic that way).
     fn pick(&self, router: &mut Router, slow: InstanceId, fast: InstanceId) -> Option<Migration> {
-        let (ls, lf) = (router.loads.get(slow), router.loads.get(fast));
-        let gap = ls.sum_context.saturating_sub(lf.sum_context);
-        let ideal = gap / 2;
-        let &(request, len) = ls
+        let (loads, profile) = (&router.loads, &router.profile);
+        let now = loads.predicted_step(profile, slow);
+        let (after, request, len) = loads
+            .get(slow)
             .running
             .iter()
-            .filter(|(r, len)| u64::from(*len) < gap && !router.in_flight.contains(r))
-            .min_by_key(|(_, len)| u64::from(*len).abs_diff(ideal))?;
-        if !router.loads.has_room(&router.profile, fast, len) {
+            .filter(|(r, len)| !router.in_flight.contains(r) && loads.has_room(profile, fast, *len))
+            .map(|&(r, len)| {
+                let slower = loads
+                    .predicted_step_moving(profile, slow, len, false)
+                    .max(loads.predicted_step_moving(profile, fast, len, true));
+                (slower, r, len)
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0))?;
+        if after > now * (1.0 - MIN_MOVE_GAIN) {
             return None;
         }
         let entry = StepEntry { request, instance: slow, context_len: len };

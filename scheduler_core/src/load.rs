@@ -184,6 +184,36 @@ impl LoadBook {
         profile.step_time(&with_prefill_chunk(load.batch(), load.queued_tokens, profile))
     }
 
+    /// Predicted next step of `inst` with one running request of `len` tokens taken off
+    /// (`is_added` false) or added (true): what a balancing move would leave on either side,
+    /// padding to the longest context included.
+    pub fn predicted_step_moving(&self, profile: &CostProfile, inst: InstanceId, len: u32, is_added: bool) -> f64 {
+        let load = self.get(inst);
+        let mut batch = load.batch();
+        if is_added {
+            batch.num_decode += 1;
+            batch.sum_context += u64::from(len);
+            batch.max_context = batch.max_context.max(len);
+        } else {
+            batch.num_decode = batch.num_decode.saturating_sub(1);
+            batch.sum_context = batch.sum_context.saturating_sub(u64::from(len));
+            if len == load.max_context {
+                let mut others = load.running.iter().map(|&(_, l)| l);
+                let mut skipped = false;
+                batch.max_context = others
+                    .by_ref()
+                    .filter(|&l| {
+                        let is_this_one = !skipped && l == len;
+                        skipped |= is_this_one;
+                        !is_this_one
+                    })
+                    .max()
+                    .unwrap_or(0);
+            }
+        }
+        profile.step_time(&with_prefill_chunk(batch, load.queued_tokens, profile))
+    }
+
     /// What one more request of `len` tokens costs on `inst`: the step time with it decoding
     /// there, times the steps the queued prefill ahead of it (and its own, when it `needs_prefill`)
     /// takes at the token budget. With nothing queued it is the decode step everyone there would
