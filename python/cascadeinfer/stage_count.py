@@ -45,7 +45,7 @@ MAX_SELECTION_REQUESTS = 5000
 run, so a selection trace shorter than the traffic it plans for understates the overload that
 decides between candidates (agentic at 6 req/s: 17 s mean in 2,000 requests, 40 s in 3,000);
 planning for a trace simulates as many requests as it has, up to this."""
-SELECTION_SEEDS = 2
+SELECTION_SEEDS = 3
 """Independent selection traces per candidate; their means and p99s are averaged."""
 SELECTION_BLOCK = 64
 """Consecutive planning samples drawn together: a session's turns, a burst of long documents."""
@@ -57,7 +57,7 @@ STAGE_COUNTS = (2, 3, 4, 6)
 MIN_GAIN = 0.05
 """A split must cut the simulated mean end-to-end latency by this share: the selection traces
 are samples, and a split that only ties in simulation can lose on the traffic that comes."""
-MAX_P99_SLACK = 0.10
+MAX_P99_SLACK = 0.05
 """... and keep its simulated p99 end-to-end latency within this share above one stage's."""
 MIN_BALANCE_GAIN = 0.01
 """Balancing one stage must cut the average of the mean and p99 ratios by this share without
