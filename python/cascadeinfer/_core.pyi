@@ -6,11 +6,14 @@ from typing import Protocol, final
 __all__ = [
     "BucketGrid",
     "CostProfile",
+    "InfeasibleError",
+    "InvalidArgumentError",
     "Migration",
     "PlannedStage",
     "Scheduler",
     "SimReport",
     "StagePlan",
+    "UnknownIdError",
     "Workload",
     "__version__",
     "arrival_times",
@@ -24,6 +27,22 @@ __all__ = [
 ]
 
 __version__: str
+
+class InvalidArgumentError(ValueError):
+    """A configuration or input value is out of its domain."""
+
+    field: str
+    value: str
+    reason: str
+
+class InfeasibleError(ValueError):
+    """No stage plan carries the workload on the instances given."""
+
+class UnknownIdError(ValueError):
+    """An id the core was never told about."""
+
+    kind: str
+    id: int
 
 class _BalanceConfig(Protocol):
     @property
