@@ -1,5 +1,6 @@
 """Type stubs for the Rust extension `cascadeinfer._core` (kept honest by mypy.stubtest)."""
 
+import enum
 from collections.abc import Sequence
 from typing import Protocol, final
 
@@ -9,6 +10,7 @@ __all__ = [
     "InfeasibleError",
     "InvalidArgumentError",
     "Migration",
+    "MigrationReason",
     "PlannedStage",
     "Scheduler",
     "SimReport",
@@ -43,6 +45,12 @@ class UnknownIdError(ValueError):
 
     kind: str
     id: int
+
+class MigrationReason(enum.StrEnum):
+    STAGE_BOUND = "stage_bound"
+    BALANCE = "balance"
+    REFINEMENT = "refinement"
+    REBALANCE = "rebalance"
 
 class _BalanceConfig(Protocol):
     @property
@@ -183,7 +191,7 @@ class Migration:
     @property
     def context_len(self) -> int: ...
     @property
-    def reason(self) -> str: ...
+    def reason(self) -> MigrationReason: ...
 
 @final
 class Scheduler:

@@ -19,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyPlannedStage>()?;
     m.add_class::<model::PyStagePlan>()?;
     errors::register(m)?;
+    m.add("MigrationReason", scheduler::migration_reason_type(m.py())?)?;
     m.add_class::<scheduler::PyMigration>()?;
     m.add_class::<scheduler::PyScheduler>()?;
     m.add_class::<sim::PySimReport>()?;
