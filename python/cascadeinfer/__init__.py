@@ -3,17 +3,23 @@
 The public names: the Rust core's types (cost profiles, grids, workloads, the partitioner, the
 policy objects and the cluster simulator that drives them) and the Python helpers that load them
 from names and files. `preset_names` lists the core's parametric presets; `workload_names` every
-built-in workload name, the data-derived ones included (`cascadeinfer.workloads`).
+built-in workload name, the data-derived ones included (`cascadeinfer.workloads`). The core's
+errors are `ValueError`s of one class per failure: `InvalidArgumentError`, `InfeasibleError`,
+`UnknownIdError`.
 """
 
 from cascadeinfer._core import (
     BucketGrid,
     CostProfile,
+    InfeasibleError,
+    InvalidArgumentError,
     Migration,
+    MigrationReason,
     PlannedStage,
     Scheduler,
     SimReport,
     StagePlan,
+    UnknownIdError,
     Workload,
     generate_trace,
     partition,
@@ -40,8 +46,11 @@ __all__ = [
     "BucketGrid",
     "CascadeConfig",
     "CostProfile",
+    "InfeasibleError",
+    "InvalidArgumentError",
     "LlumnixConfig",
     "Migration",
+    "MigrationReason",
     "PlanResult",
     "PlannedStage",
     "RefineConfig",
@@ -49,6 +58,7 @@ __all__ = [
     "SimReport",
     "StagePlan",
     "TraceRequest",
+    "UnknownIdError",
     "UnknownWorkloadError",
     "Workload",
     "generate_trace",

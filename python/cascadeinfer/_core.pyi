@@ -1,16 +1,21 @@
 """Type stubs for the Rust extension `cascadeinfer._core` (kept honest by mypy.stubtest)."""
 
+import enum
 from collections.abc import Sequence
 from typing import Protocol, final
 
 __all__ = [
     "BucketGrid",
     "CostProfile",
+    "InfeasibleError",
+    "InvalidArgumentError",
     "Migration",
+    "MigrationReason",
     "PlannedStage",
     "Scheduler",
     "SimReport",
     "StagePlan",
+    "UnknownIdError",
     "Workload",
     "__version__",
     "arrival_times",
@@ -24,6 +29,28 @@ __all__ = [
 ]
 
 __version__: str
+
+class InvalidArgumentError(ValueError):
+    """A configuration or input value is out of its domain."""
+
+    field: str
+    value: str
+    reason: str
+
+class InfeasibleError(ValueError):
+    """No stage plan carries the workload on the instances given."""
+
+class UnknownIdError(ValueError):
+    """An id the core was never told about."""
+
+    kind: str
+    id: int
+
+class MigrationReason(enum.StrEnum):
+    STAGE_BOUND = "stage_bound"
+    BALANCE = "balance"
+    REFINEMENT = "refinement"
+    REBALANCE = "rebalance"
 
 class _BalanceConfig(Protocol):
     @property
@@ -166,7 +193,7 @@ class Migration:
     @property
     def context_len(self) -> int: ...
     @property
-    def reason(self) -> str: ...
+    def reason(self) -> MigrationReason: ...
 
 @final
 class Scheduler:

@@ -193,12 +193,11 @@ def plan_stages(
         try:
             plan = _core.partition(summary, profile, num_instances, max_stages)
             break
-        except ValueError as e:
+        except _core.InfeasibleError:
             # The capacity estimate ignores queueing and stalls; the partitioner does not.
             # An estimated rate backs off until the fleet can carry it; a given one is an error.
             if (
                 not (is_estimated or back_off_when_infeasible)
-                or "infeasible" not in str(e)
                 or attempt == ESTIMATE_BACKOFF_TRIES - 1
             ):
                 raise

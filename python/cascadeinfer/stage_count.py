@@ -146,7 +146,7 @@ def _candidate_plans(
             continue
         try:
             plan = best if k == len(best.stages) else _core.partition(summary, profile, n, k)
-        except ValueError:
+        except _core.InfeasibleError:
             continue  # this few stages cannot carry the rate
         if all(len(p.stages) != len(plan.stages) for p in plans):
             plans.append(plan)  # "at most k" may find a count already tried

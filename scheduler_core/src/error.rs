@@ -1,4 +1,5 @@
-//! The one error type of the core; the Python layer turns every variant into `ValueError`.
+//! The one error type of the core; the Python layer turns each variant into its own exception
+//! class (`py/errors.rs`).
 
 use thiserror::Error;
 

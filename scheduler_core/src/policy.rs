@@ -37,6 +37,14 @@ pub enum MigrationReason {
 }
 
 impl MigrationReason {
+    pub const ALL: [MigrationReason; 4] = [
+        MigrationReason::StageBound,
+        MigrationReason::Balance,
+        MigrationReason::Refinement,
+        MigrationReason::Rebalance,
+    ];
+
+    /// The reason's name on the wire: metric labels, logs, the simulator report's keys.
     pub fn as_str(self) -> &'static str {
         match self {
             MigrationReason::StageBound => "stage_bound",

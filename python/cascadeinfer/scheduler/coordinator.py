@@ -225,9 +225,10 @@ class Coordinator:
         if rec is None or src is None or dst is None or rec.is_done:
             self.policy.migration_done(m, False)
             return
-        if m.reason != "stage_bound" and not self._optional_moves.try_take(time.monotonic()):
+        is_optional = m.reason is not _core.MigrationReason.STAGE_BOUND
+        if is_optional and not self._optional_moves.try_take(time.monotonic()):
             self.policy.migration_done(m, False)
-            self.metrics.migrations.labels(m.reason, "rate_limited").inc()
+            self.metrics.migrations.labels(m.reason.value, "rate_limited").inc()
             return
         async with self._migrations:
             try:
@@ -244,11 +245,11 @@ class Coordinator:
                     rec.gone_from = src.worker_id
                 self.counters.num_failed_migrations += 1
                 self.policy.migration_done(m, False)
-                self.metrics.migrations.labels(m.reason, "failed").inc()
+                self.metrics.migrations.labels(m.reason.value, "failed").inc()
                 log.info(
                     "migration_failed",
                     request_id=rec.request_id,
-                    reason=m.reason,
+                    reason=m.reason.value,
                     error=e.details(),
                 )
                 return
@@ -259,13 +260,13 @@ class Coordinator:
         rec.num_migrations += 1
         self.counters.num_migrations += 1
         self.policy.migration_done(m, True)
-        self.metrics.migrations.labels(m.reason, "ok").inc()
+        self.metrics.migrations.labels(m.reason.value, "ok").inc()
         log.info(
             "migrated",
             request_id=rec.request_id,
             source=src.worker_id,
             target=dst.worker_id,
-            reason=m.reason,
+            reason=m.reason.value,
             context_len=m.context_len,
         )
 

@@ -1,19 +1,15 @@
-//! Python bindings (`cascadeinfer._core`): type conversion and thin wrappers only. Every core
-//! error becomes `ValueError` here, in one place.
+//! Python bindings (`cascadeinfer._core`): type conversion and thin wrappers only. Core errors
+//! become Python exceptions in one place, `errors.rs`.
 
 mod config;
+mod errors;
 mod model;
 mod scheduler;
 mod sim;
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::error::CoreError;
-
-pub(crate) fn to_py(err: CoreError) -> PyErr {
-    PyValueError::new_err(err.to_string())
-}
+pub(crate) use errors::to_py;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -22,6 +18,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyWorkload>()?;
     m.add_class::<model::PyPlannedStage>()?;
     m.add_class::<model::PyStagePlan>()?;
+    errors::register(m)?;
+    m.add("MigrationReason", scheduler::migration_reason_type(m.py())?)?;
     m.add_class::<scheduler::PyMigration>()?;
     m.add_class::<scheduler::PyScheduler>()?;
     m.add_class::<sim::PySimReport>()?;

@@ -1,6 +1,8 @@
 //! `Scheduler`: one policy object (cascade or a baseline) behind the common interface.
 
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyDict;
 
 use super::config::{PyCascadeConfig, PyLlumnixConfig};
 use super::model::{PyBucketGrid, PyCostProfile, PyStagePlan, PyWorkload};
@@ -12,23 +14,55 @@ use crate::ids::{InstanceId, RequestId};
 use crate::layout::{StageLayout, StageRange};
 use crate::policy::{Migration, MigrationReason, Policy, StepEntry};
 
-#[pyclass(name = "Migration", module = "cascadeinfer._core", frozen, get_all, eq)]
+static MIGRATION_REASON: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// `cascadeinfer._core.MigrationReason`: an `enum.StrEnum` built from the core's own reasons, so
+/// its values are the wire strings (metric labels, logs, the simulator report's keys) and cannot
+/// drift from them. Members are the names upper-cased: `MigrationReason.STAGE_BOUND == "stage_bound"`.
+pub(crate) fn migration_reason_type(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    let cls = MIGRATION_REASON.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+        let members: Vec<(String, &str)> =
+            MigrationReason::ALL.iter().map(|r| (r.as_str().to_uppercase(), r.as_str())).collect();
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("module", "cascadeinfer._core")?;
+        kwargs.set_item("qualname", "MigrationReason")?;
+        let cls = py.import("enum")?.getattr("StrEnum")?.call(("MigrationReason", members), Some(&kwargs))?;
+        cls.setattr("__doc__", "Why the core moves a running request; each value is its name on the wire.")?;
+        Ok(cls.unbind())
+    })?;
+    Ok(cls.bind(py))
+}
+
+#[pyclass(name = "Migration", module = "cascadeinfer._core", frozen, eq)]
 #[derive(Clone, PartialEq)]
 pub(crate) struct PyMigration {
+    #[pyo3(get)]
     request_id: u64,
+    #[pyo3(get)]
     from_instance: u32,
+    #[pyo3(get)]
     to_instance: u32,
+    #[pyo3(get)]
     context_len: u32,
-    /// "stage_bound", "balance", "refinement" or "rebalance".
-    reason: &'static str,
+    reason: MigrationReason,
 }
 
 #[pymethods]
 impl PyMigration {
+    /// A `MigrationReason` member.
+    #[getter]
+    fn reason<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        migration_reason_type(py)?.call1((self.reason.as_str(),))
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Migration(request_id={}, from_instance={}, to_instance={}, context_len={}, reason={:?})",
-            self.request_id, self.from_instance, self.to_instance, self.context_len, self.reason
+            self.request_id,
+            self.from_instance,
+            self.to_instance,
+            self.context_len,
+            self.reason.as_str()
         )
     }
 }
@@ -40,26 +74,20 @@ impl From<&Migration> for PyMigration {
             from_instance: m.from.0,
             to_instance: m.to.0,
             context_len: m.context_len,
-            reason: m.reason.as_str(),
+            reason: m.reason,
         }
     }
 }
 
 impl PyMigration {
-    fn to_core(&self) -> PyResult<Migration> {
-        let reason = match self.reason {
-            "stage_bound" => MigrationReason::StageBound,
-            "balance" => MigrationReason::Balance,
-            "refinement" => MigrationReason::Refinement,
-            _ => MigrationReason::Rebalance,
-        };
-        Ok(Migration {
+    fn to_core(&self) -> Migration {
+        Migration {
             request: RequestId(self.request_id),
             from: InstanceId(self.from_instance),
             to: InstanceId(self.to_instance),
             context_len: self.context_len,
-            reason,
-        })
+            reason: self.reason,
+        }
     }
 }
 
@@ -177,9 +205,8 @@ impl PyScheduler {
         (outcome.migrations.iter().map(PyMigration::from).collect(), outcome.new_layout.is_some())
     }
 
-    fn migration_done(&mut self, migration: &PyMigration, succeeded: bool) -> PyResult<()> {
-        self.policy.migration_done(&migration.to_core()?, succeeded);
-        Ok(())
+    fn migration_done(&mut self, migration: &PyMigration, succeeded: bool) {
+        self.policy.migration_done(&migration.to_core(), succeeded);
     }
 
     fn request_finished(&mut self, request_id: u64, instance: u32) {
