@@ -13,7 +13,7 @@ import grpc
 import pytest
 from cascadeinfer.evaluation.live import add_live_arguments, replay, run_live
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS, RequestRecord, summarize
-from cascadeinfer.policies import build_policy
+from cascadeinfer.policies import FixedStage, build_policy
 
 from tests.worker.daemons import Daemon, sim_cluster
 
@@ -81,7 +81,9 @@ def test_the_live_summary_is_the_simulators_summary_of_the_same_records() -> Non
     """`summarize` over a simulated run's own per-request records gives its report's summary."""
     profile = ci.CostProfile.builtin("gpu-h100-llama3-8b")
     trace = ci.generate_trace("short-chat", 300, 40.0, "gamma", 2.0, 5)
-    policy = build_policy("cascade", profile, range(4), max_len=8192, rate=40.0)
+    # Fixed stages, so requests migrate (a plan for short chat on 4 instances is one stage).
+    stages = [FixedStage(0, 256, 2), FixedStage(256, 8192, 2)]
+    policy = build_policy("cascade", profile, range(4), max_len=8192, stages=stages)
     report = ci.simulate(policy, profile, trace, list(range(4)))
     r = report.requests()
     records = [
