@@ -485,6 +485,18 @@ def _sampling_params(request: EngineRequest, kv_params: dict[str, Any] | None) -
 # ---- building and inspecting the vLLM engine -----------------------------------------------
 
 
+def _request_amx_permission() -> None:
+    """Asks Linux for the AMX tile state before vLLM's CPU attention uses it. On a CPU with AMX,
+    vLLM for CPU picks its AMX attention kernel, and Linux kills with SIGILL a process that runs
+    AMX instructions without having requested the tile state (arch_prctl
+    ARCH_REQ_XCOMP_PERM). oneDNN requests it when it first uses AMX, but a fresh worker reaches
+    vLLM's own kernel first: every vLLM worker died on its first step once this VM moved to a
+    host with AMX. The request is a no-op where AMX is absent."""
+    import torch
+
+    torch._C._cpu._init_amx()
+
+
 def _build_llm_engine(config: VllmEngineConfig, hub_id: str) -> LLMEngine:
     # The connector hands bytes to this object in-process: scheduler and worker must live here.
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
@@ -494,6 +506,7 @@ def _build_llm_engine(config: VllmEngineConfig, hub_id: str) -> LLMEngine:
         )
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
+    _request_amx_permission()
     from vllm import EngineArgs
     from vllm.config import KVTransferConfig
     from vllm.v1.engine.llm_engine import LLMEngine
