@@ -40,6 +40,10 @@ from cascadeinfer.worker.engine import (
     RequestProgress,
     StepReport,
 )
+
+# Before anything here loads torch (kv_connector does): see _prepare_cpu_kernels.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+
 from cascadeinfer.worker.engines import kv_connector as kvc
 from cascadeinfer.worker.tiny_model import write_tiny_llama
 
@@ -485,13 +489,21 @@ def _sampling_params(request: EngineRequest, kv_params: dict[str, Any] | None) -
 # ---- building and inspecting the vLLM engine -----------------------------------------------
 
 
-def _request_amx_permission() -> None:
-    """Asks Linux for the AMX tile state before vLLM's CPU attention uses it. On a CPU with AMX,
-    vLLM for CPU picks its AMX attention kernel, and Linux kills with SIGILL a process that runs
-    AMX instructions without having requested the tile state (arch_prctl
-    ARCH_REQ_XCOMP_PERM). oneDNN requests it when it first uses AMX, but a fresh worker reaches
-    vLLM's own kernel first: every vLLM worker died on its first step once this VM moved to a
-    host with AMX. The request is a no-op where AMX is absent."""
+def _prepare_cpu_kernels() -> None:
+    """Two things vLLM for CPU needs on a host with AMX (this VM moved to one mid-project):
+
+    - Linux kills with SIGILL a process that runs AMX instructions without having requested the
+      tile state (arch_prctl ARCH_REQ_XCOMP_PERM). oneDNN requests it when it first uses AMX,
+      but a fresh worker reached vLLM's own AMX attention kernel first and died on its first
+      step. The request is a no-op where AMX is absent.
+    - oneDNN's AMX matrix kernels round differently with the number of rows, so a token whose
+      KV is recomputed in a prefill chunk after a migration (the partial last block) differs in
+      its last bits from the same token decoded in place, and a greedy run then diverged from
+      the unmoved one (token 612 of 1,200 after three migrations). Capping oneDNN at AVX-512
+      with BF16, the kernels this worker was validated on, keeps migrations exact; an operator
+      who prefers AMX's speed to bit-exact migration sets ONEDNN_MAX_CPU_ISA themselves. oneDNN
+      reads it once, when torch loads, so it is set where this module is imported (above).
+    """
     import torch
 
     torch._C._cpu._init_amx()
@@ -506,7 +518,7 @@ def _build_llm_engine(config: VllmEngineConfig, hub_id: str) -> LLMEngine:
         )
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
-    _request_amx_permission()
+    _prepare_cpu_kernels()
     from vllm import EngineArgs
     from vllm.config import KVTransferConfig
     from vllm.v1.engine.llm_engine import LLMEngine
