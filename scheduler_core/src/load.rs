@@ -113,6 +113,7 @@ impl LoadBook {
 
     /// One running request seen in a step feed: the instance's running set is rebuilt from the
     /// feed, and the request is no longer queued there.
+    #[inline]
     pub fn record(&mut self, inst: InstanceId, request: RequestId, len: u32) {
         let epoch = self.epoch;
         self.get_mut(inst);

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::engine::{EngineParams, Instance, Phase, Seq, Timeline};
+use super::engine::{EngineParams, Instance, Phase, Seq, StepFeed, Timeline};
 use super::events::{EventKind, EventQueue};
 use super::flights::Flights;
 use super::inputs::{slots, validate_trace};
@@ -14,7 +14,7 @@ use crate::arrivals::TraceRequest;
 use crate::cost::CostProfile;
 use crate::error::{CoreError, Result};
 use crate::ids::{InstanceId, RequestId};
-use crate::policy::{Policy, StepEntry};
+use crate::policy::Policy;
 
 /// A run whose admission queue is stuck (nothing running, nothing in flight, nothing left to
 /// arrive, the policy refusing every retry) ends after this many simulated seconds.
@@ -37,8 +37,8 @@ pub(super) struct Simulation<'a> {
     pub(super) queue: VecDeque<u32>,
     pub(super) events: EventQueue,
     pub(super) flights: Flights,
-    pub(super) entries: Vec<StepEntry>,
-    pub(super) emitted: Vec<u32>,
+    /// The last step's feed (kept to reuse its buffers).
+    pub(super) feed: StepFeed,
     pub(super) now: f64,
     pub(super) num_done: usize,
     pub(super) num_landed: [u64; 4],
@@ -89,9 +89,8 @@ impl<'a> Simulation<'a> {
             instances: instances.iter().map(|&id| Instance::new(id)).collect(),
             slot_of,
             queue: VecDeque::new(),
-            events: EventQueue::default(),
-            entries: Vec::new(),
-            emitted: Vec::new(),
+            events: EventQueue::with_slots(instances.len()),
+            feed: StepFeed::default(),
             now: 0.0,
             num_done: 0,
             num_landed: [0; 4],
@@ -197,33 +196,24 @@ impl<'a> Simulation<'a> {
     /// The coordinator's `_on_step`: finished requests leave the policy, the others form the
     /// step entries; then migrations, pauses due here, the queue, and the next step.
     fn step_end(&mut self, slot: u32) -> Result<()> {
-        let mut emitted = std::mem::take(&mut self.emitted);
-        emitted.clear();
+        let mut feed = std::mem::take(&mut self.feed);
+        feed.entries.clear();
+        feed.finished.clear();
         let inst = &mut self.instances[slot as usize];
-        inst.finish_step(&self.p, &mut self.seqs, &mut self.times, self.now, &mut emitted);
+        inst.finish_step(&self.p, &mut self.seqs, &mut self.times, self.now, &mut feed);
         let id = inst.id;
-        self.entries.clear();
-        for &r in &emitted {
-            let seq = &self.seqs[r as usize];
-            if seq.phase == Phase::Done {
-                self.num_done += 1;
-                self.total_output_tokens += u64::from(seq.num_generated);
-                self.last_finish_s = self.now;
-                self.policy.request_finished(RequestId(u64::from(r)), id);
-            } else {
-                self.entries.push(StepEntry {
-                    request: RequestId(u64::from(r)),
-                    instance: id,
-                    context_len: seq.context_len(),
-                });
-            }
+        for &r in &feed.finished {
+            self.num_done += 1;
+            self.total_output_tokens += u64::from(self.seqs[r as usize].num_generated);
+            self.last_finish_s = self.now;
+            self.policy.request_finished(RequestId(u64::from(r)), id);
         }
-        self.emitted = emitted;
-        if !self.entries.is_empty() {
-            for m in self.policy.on_step(&self.entries, self.now)? {
+        if !feed.entries.is_empty() {
+            for m in self.policy.on_step(&feed.entries, self.now)? {
                 self.migrate(m);
             }
         }
+        self.feed = feed;
         let mut pauses = std::mem::take(&mut self.instances[slot as usize].pending_pauses);
         for &f in &pauses {
             self.pause(f);
