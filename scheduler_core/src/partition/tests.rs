@@ -1,5 +1,6 @@
 use proptest::prelude::*;
 
+use super::minplus::{first_finite, is_convex, is_finite_suffix_from, min_plus_into};
 use super::*;
 use crate::cost::tests::gpu;
 use crate::grid::BucketGrid;
