@@ -24,19 +24,39 @@ pub(super) enum EventKind {
     Tick,
 }
 
-/// The bits of a time no event has: above every finite time's.
-const NONE: u64 = u64::MAX;
+/// The key of an empty leaf: after every real key (finite times have smaller bits).
+const NONE: u128 = u128::MAX;
+
+/// An event's place in the order: its time's bits, then its insertion number.
+fn key(time_bits: u64, seq: u64) -> u128 {
+    (u128::from(time_bits) << 64) | u128::from(seq)
+}
+
+fn time_of(key: u128) -> f64 {
+    f64::from_bits((key >> 64) as u64)
+}
+
+/// A node of the tree: the earliest step end below it. A key is kept as its time bits and its
+/// insertion number, so selects are between machine words.
+#[derive(Copy, Clone, Debug)]
+struct Node {
+    time_bits: u64,
+    seq: u64,
+    slot: u32,
+}
+
+impl Node {
+    fn key(&self) -> u128 {
+        key(self.time_bits, self.seq)
+    }
+}
 
 /// A winner tree over instance slots: node `k` holds the earlier of nodes `2k` and `2k + 1`,
-/// leaves sit at `size..2 * size`, the root at 1. Times are compared first; the insertion
-/// numbers of the leaves decide exact ties.
+/// leaves sit at `size..2 * size`, the root at 1.
 #[derive(Debug)]
 struct StepTree {
     size: usize,
-    time_bits: Vec<u64>,
-    slot: Vec<u32>,
-    /// Per slot: the insertion number of its step end.
-    seq: Vec<u64>,
+    nodes: Vec<Node>,
 }
 
 impl Default for StepTree {
@@ -48,66 +68,46 @@ impl Default for StepTree {
 impl StepTree {
     fn with_slots(num_slots: usize) -> Self {
         let size = num_slots.max(1).next_power_of_two();
-        StepTree {
-            size,
-            time_bits: vec![NONE; 2 * size],
-            slot: (0..2 * size).map(|k| k.saturating_sub(size) as u32).collect(),
-            seq: vec![u64::MAX; size],
-        }
+        let node = |k: usize| Node { time_bits: u64::MAX, seq: u64::MAX, slot: k.saturating_sub(size) as u32 };
+        StepTree { size, nodes: (0..2 * size).map(node).collect() }
     }
 
-    fn root(&self) -> (u64, u32) {
-        (self.time_bits[1], self.slot[1])
+    fn root(&self) -> (u128, u32) {
+        (self.nodes[1].key(), self.nodes[1].slot)
     }
 
-    fn seq_of(&self, slot: u32) -> u64 {
-        self.seq[slot as usize]
-    }
-
-    /// Puts `slot`'s step end at `time_bits` (`NONE`: none) and replays its path.
-    fn set(&mut self, slot: u32, time_bits: u64, seq: u64) {
+    /// Puts `slot`'s step end at `key` (`NONE`: none) and replays its path to the root.
+    fn set(&mut self, slot: u32, key: u128) {
         if slot as usize >= self.size {
             self.grow(slot as usize + 1);
         }
-        self.seq[slot as usize] = seq;
         let mut k = self.size + slot as usize;
-        self.time_bits[k] = time_bits;
-        let (mut t, mut s) = (time_bits, slot);
+        let mut node = Node { time_bits: (key >> 64) as u64, seq: key as u64, slot };
+        self.nodes[k] = node;
         while k > 1 {
-            let (other_t, other_s) = (self.time_bits[k ^ 1], self.slot[k ^ 1]);
-            let is_other_first = if other_t == t && t != NONE {
-                self.seq[other_s as usize] < self.seq[s as usize]
-            } else {
-                other_t < t
+            let other = self.nodes[k ^ 1];
+            let is_other_first =
+                (other.time_bits < node.time_bits) | ((other.time_bits == node.time_bits) & (other.seq < node.seq));
+            // The outcome is a coin flip: selects, not branches.
+            node = Node {
+                time_bits: select_unpredictable(is_other_first, other.time_bits, node.time_bits),
+                seq: select_unpredictable(is_other_first, other.seq, node.seq),
+                slot: select_unpredictable(is_other_first, other.slot, node.slot),
             };
-            t = select_unpredictable(is_other_first, other_t, t);
-            s = select_unpredictable(is_other_first, other_s, s);
             k /= 2;
-            self.time_bits[k] = t;
-            self.slot[k] = s;
+            self.nodes[k] = node;
         }
     }
 
     #[cold]
     fn grow(&mut self, num_slots: usize) {
         let old = std::mem::replace(self, StepTree::with_slots(num_slots));
-        for slot in 0..old.size as u32 {
-            let t = old.time_bits[old.size + slot as usize];
-            if t != NONE {
-                self.set(slot, t, old.seq_of(slot));
+        for node in &old.nodes[old.size..] {
+            if node.key() != NONE {
+                self.set(node.slot, node.key());
             }
         }
     }
-}
-
-#[derive(Debug, Default)]
-pub(super) struct EventQueue {
-    steps: StepTree,
-    /// Other events by (time bits, insertion number).
-    others: BinaryHeap<Reverse<(u64, u64, OtherKind)>>,
-    next_seq: u64,
-    /// The root step end was popped but is still in its leaf.
-    popped_slot: Option<u32>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -115,6 +115,16 @@ enum OtherKind {
     BulkCopied(u32),
     Landed(u32),
     Tick,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct EventQueue {
+    steps: StepTree,
+    /// Other events by key.
+    others: BinaryHeap<Reverse<(u128, OtherKind)>>,
+    next_seq: u64,
+    /// The root step end was popped but is still in its leaf.
+    popped_slot: Option<u32>,
 }
 
 impl EventQueue {
@@ -125,7 +135,7 @@ impl EventQueue {
 
     pub fn push(&mut self, time: f64, kind: EventKind) {
         debug_assert!(time.is_finite() && time >= 0.0 && time.is_sign_positive(), "event time {time}");
-        let (time_bits, seq) = (time.to_bits(), self.next_seq);
+        let key = key(time.to_bits(), self.next_seq);
         self.next_seq += 1;
         let other = match kind {
             EventKind::StepEnd(slot) => {
@@ -134,55 +144,63 @@ impl EventQueue {
                 } else {
                     self.settle();
                     debug_assert!(
-                        self.steps.time_bits.get(self.steps.size + slot as usize).is_none_or(|&t| t == NONE),
+                        self.steps.nodes.get(self.steps.size + slot as usize).is_none_or(|n| n.key() == NONE),
                         "two steps in progress on slot {slot}"
                     );
                 }
-                return self.steps.set(slot, time_bits, seq);
+                return self.steps.set(slot, key);
             }
             EventKind::BulkCopied(f) => OtherKind::BulkCopied(f),
             EventKind::Landed(f) => OtherKind::Landed(f),
             EventKind::Tick => OtherKind::Tick,
         };
-        self.others.push(Reverse((time_bits, seq, other)));
+        self.others.push(Reverse((key, other)));
     }
 
     /// Empties the leaf of a popped step end.
     fn settle(&mut self) {
         if let Some(slot) = self.popped_slot.take() {
-            self.steps.set(slot, NONE, u64::MAX);
+            self.steps.set(slot, NONE);
         }
     }
 
-    /// Whether the next event is the root step end (rather than the heap's top), and its time.
-    fn next(&mut self) -> Option<(bool, u64)> {
+    /// The next event's key and whether it is the root step end (rather than the heap's top).
+    fn next(&mut self) -> (u128, bool) {
         self.settle();
-        let (step_t, step_slot) = self.steps.root();
-        let Some(&Reverse((other_t, other_seq, _))) = self.others.peek() else {
-            return (step_t != NONE).then_some((true, step_t));
-        };
-        let is_step = (step_t, self.steps.seq_of(step_slot)) < (other_t, other_seq);
-        Some((is_step, if is_step { step_t } else { other_t }))
+        let step = self.steps.root().0;
+        let other = self.others.peek().map_or(NONE, |o| o.0 .0);
+        (step.min(other), step < other)
     }
 
+    #[cfg(test)]
     pub fn peek_time(&mut self) -> Option<f64> {
-        self.next().map(|(_, t)| f64::from_bits(t))
+        let (key, _) = self.next();
+        (key != NONE).then(|| time_of(key))
     }
 
-    pub fn pop(&mut self) -> Option<(f64, EventKind)> {
-        let (is_step, time_bits) = self.next()?;
+    /// Pops the next event unless it comes after `time` (then, or when there is none, `None`).
+    pub fn pop_unless_after(&mut self, time: f64) -> Option<(f64, EventKind)> {
+        let (key, is_step) = self.next();
+        if key == NONE || time < time_of(key) {
+            return None;
+        }
         if is_step {
             let slot = self.steps.root().1;
             self.popped_slot = Some(slot);
-            return Some((f64::from_bits(time_bits), EventKind::StepEnd(slot)));
+            return Some((time_of(key), EventKind::StepEnd(slot)));
         }
-        let Reverse((_, _, kind)) = self.others.pop()?;
+        let Reverse((_, kind)) = self.others.pop()?;
         let kind = match kind {
             OtherKind::BulkCopied(f) => EventKind::BulkCopied(f),
             OtherKind::Landed(f) => EventKind::Landed(f),
             OtherKind::Tick => EventKind::Tick,
         };
-        Some((f64::from_bits(time_bits), kind))
+        Some((time_of(key), kind))
+    }
+
+    #[cfg(test)]
+    pub fn pop(&mut self) -> Option<(f64, EventKind)> {
+        self.pop_unless_after(f64::INFINITY)
     }
 }
 
@@ -248,9 +266,15 @@ mod tests {
                 seq += 1;
             } else {
                 reference.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+                assert_eq!(q.peek_time(), reference.last().map(|e| e.0));
+                // An arrival at `limit` goes first when it is strictly earlier.
+                let limit = now + f64::from(rng.range_u32(0, 4)) * 0.25;
+                if reference.last().is_some_and(|e| limit < e.0) {
+                    assert_eq!(q.pop_unless_after(limit), None);
+                    continue;
+                }
                 let expected = reference.pop().map(|(t, _, k)| (t, k));
-                assert_eq!(q.peek_time(), expected.map(|e| e.0));
-                assert_eq!(q.pop(), expected);
+                assert_eq!(q.pop_unless_after(limit), expected);
                 if let Some((t, kind)) = expected {
                     now = t;
                     if let EventKind::StepEnd(slot) = kind {

@@ -11,7 +11,7 @@ use super::migrate::{Failure, REASONS};
 use super::report::{summarize, InstanceStats, RequestRecord, SimReport, StageLoadSample};
 use super::SimConfig;
 use crate::arrivals::TraceRequest;
-use crate::cost::CostProfile;
+use crate::cost::{BatchShape, CostProfile};
 use crate::error::{CoreError, Result};
 use crate::ids::{InstanceId, RequestId};
 use crate::policy::Policy;
@@ -106,18 +106,17 @@ impl<'a> Simulation<'a> {
 
     pub fn run(mut self) -> Result<SimReport> {
         self.events.push(self.config.tick_interval_s, EventKind::Tick);
+        let mut next_arrival_s = self.arrival_s(0);
         while self.num_done < self.seqs.len() {
-            let next_event = self.events.peek_time();
-            if let Some(&r) = self.order.get(self.num_arrived) {
-                let t = self.times[r as usize].arrival_s;
-                if next_event.is_none_or(|te| t < te) {
-                    self.now = t;
-                    self.num_arrived += 1;
-                    self.arrive(r)?;
-                    continue;
-                }
-            }
-            let Some((t, kind)) = self.events.pop() else { break };
+            // An arrival goes first unless an event comes no later.
+            let Some((t, kind)) = self.events.pop_unless_after(next_arrival_s) else {
+                let Some(&r) = self.order.get(self.num_arrived) else { break };
+                self.now = next_arrival_s;
+                self.num_arrived += 1;
+                next_arrival_s = self.arrival_s(self.num_arrived);
+                self.arrive(r)?;
+                continue;
+            };
             self.now = t;
             match kind {
                 EventKind::StepEnd(slot) => self.step_end(slot)?,
@@ -131,6 +130,11 @@ impl<'a> Simulation<'a> {
             }
         }
         Ok(self.into_report())
+    }
+
+    /// Arrival time of the `k`-th request by arrival, infinite past the last.
+    fn arrival_s(&self, k: usize) -> f64 {
+        self.order.get(k).map_or(f64::INFINITY, |&r| self.times[r as usize].arrival_s)
     }
 
     pub(super) fn slot(&self, id: InstanceId) -> Option<u32> {
@@ -178,11 +182,16 @@ impl<'a> Simulation<'a> {
 
     /// Starts a step on an idle instance that has work; it stays idle when nothing fits.
     pub(super) fn kick(&mut self, slot: u32) {
+        self.start_step(slot, None);
+    }
+
+    /// `kick`, with what the step that just ended there says of the next batch.
+    fn start_step(&mut self, slot: u32, next_decode: Option<BatchShape>) {
         let inst = &mut self.instances[slot as usize];
         if inst.is_busy || !inst.has_work() {
             return;
         }
-        let shape = inst.schedule(&self.p, &mut self.seqs);
+        let shape = inst.schedule(&self.p, &mut self.seqs, next_decode);
         if inst.decode.is_empty() && inst.prefill.is_empty() {
             return;
         }
@@ -196,33 +205,36 @@ impl<'a> Simulation<'a> {
     /// The coordinator's `_on_step`: finished requests leave the policy, the others form the
     /// step entries; then migrations, pauses due here, the queue, and the next step.
     fn step_end(&mut self, slot: u32) -> Result<()> {
-        let mut feed = std::mem::take(&mut self.feed);
-        feed.entries.clear();
-        feed.finished.clear();
+        self.feed.entries.clear();
+        self.feed.finished.clear();
         let inst = &mut self.instances[slot as usize];
-        inst.finish_step(&self.p, &mut self.seqs, &mut self.times, self.now, &mut feed);
+        let next_decode = inst.finish_step(&self.p, &mut self.seqs, &mut self.times, self.now, &mut self.feed);
         let id = inst.id;
-        for &r in &feed.finished {
+        for &r in &self.feed.finished {
             self.num_done += 1;
             self.total_output_tokens += u64::from(self.seqs[r as usize].num_generated);
             self.last_finish_s = self.now;
             self.policy.request_finished(RequestId(u64::from(r)), id);
         }
-        if !feed.entries.is_empty() {
-            for m in self.policy.on_step(&feed.entries, self.now)? {
-                self.migrate(m);
+        if !self.feed.entries.is_empty() {
+            let migrations = self.policy.on_step(&self.feed.entries, self.now)?;
+            if !migrations.is_empty() {
+                migrations.into_iter().for_each(|m| self.migrate(m));
             }
         }
-        self.feed = feed;
-        let mut pauses = std::mem::take(&mut self.instances[slot as usize].pending_pauses);
-        for &f in &pauses {
-            self.pause(f);
+        if !self.instances[slot as usize].pending_pauses.is_empty() {
+            let mut pauses = std::mem::take(&mut self.instances[slot as usize].pending_pauses);
+            for &f in &pauses {
+                self.pause(f);
+            }
+            pauses.clear();
+            self.instances[slot as usize].pending_pauses = pauses;
         }
-        pauses.clear();
-        self.instances[slot as usize].pending_pauses = pauses;
-        self.drain_queue()?;
+        if !self.queue.is_empty() {
+            self.drain_queue()?;
+        }
         self.instances[slot as usize].is_busy = false;
-        self.kick(slot);
+        self.start_step(slot, next_decode);
         Ok(())
     }
 
