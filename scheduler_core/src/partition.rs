@@ -321,35 +321,78 @@ fn solve(table: &RangeTable, tables: &mut [Table], n: usize) {
 
 /// The optimal plan for `workload` on `options.num_instances` instances under `profile`.
 pub fn partition(workload: &WorkloadSummary, profile: &CostProfile, options: &PartitionOptions) -> Result<StagePlan> {
-    profile.validate()?;
-    if options.num_instances == 0 {
-        return Err(CoreError::invalid("num_instances", 0, "must be >= 1"));
-    }
-    if options.max_stages == Some(0) {
-        return Err(CoreError::invalid("max_stages", 0, "must be >= 1"));
-    }
+    validate(profile, options.num_instances, options.max_stages)?;
     let table = RangeTable::new(workload, profile);
-    let nb = table.num_buckets();
-    let n = options.num_instances as usize;
-
-    // Rebuild the stage list from the parents, from the last bucket back.
-    let (cost, stages_rev) = match options.max_stages {
+    let (nb, n) = (table.num_buckets(), options.num_instances as usize);
+    match options.max_stages {
         None => {
             let mut t = [Table::empty_plan(nb, n)];
             solve(&table, &mut t, n);
-            (t[0].cost[nb][n], walk_back(&t, nb, n, false))
+            best_plan(&table, workload, &t, false)
         }
         Some(k) => {
-            let k = (k as usize).min(nb).min(n);
-            let mut layers: Vec<Table> = Vec::with_capacity(k + 1);
-            layers.push(Table::empty_plan(nb, n));
-            layers.extend((0..k).map(|_| Table::new(nb, n)));
-            solve(&table, &mut layers, n);
-            let best_layer = (1..=k).min_by(|&a, &b| layers[a].cost[nb][n].total_cmp(&layers[b].cost[nb][n])).unwrap();
-            let cost = layers[best_layer].cost[nb][n];
-            (cost, walk_back(&layers[..=best_layer], nb, n, true))
+            let layers = solve_layers(&table, (k as usize).min(nb).min(n), n);
+            best_plan(&table, workload, &layers, true)
         }
+    }
+}
+
+/// For every `k` in `1..=max_stages`, what [`partition`] returns with `max_stages = Some(k)`
+/// (`None` where that is infeasible), from one solve: layer `k` of a stage-limited DP does
+/// not depend on how many layers follow it, so the plans are the same, at the cost of one
+/// call with the largest limit instead of one call per limit.
+pub fn partition_by_stage_count(
+    workload: &WorkloadSummary,
+    profile: &CostProfile,
+    num_instances: u32,
+    max_stages: u32,
+) -> Result<Vec<Option<StagePlan>>> {
+    validate(profile, num_instances, Some(max_stages))?;
+    let table = RangeTable::new(workload, profile);
+    let (nb, n) = (table.num_buckets(), num_instances as usize);
+    let layers = solve_layers(&table, (max_stages as usize).min(nb).min(n), n);
+    (1..=max_stages as usize)
+        .map(|k| match best_plan(&table, workload, &layers[..=k.min(layers.len() - 1)], true) {
+            Ok(plan) => Ok(Some(plan)),
+            Err(CoreError::Infeasible(_)) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .collect()
+}
+
+fn validate(profile: &CostProfile, num_instances: u32, max_stages: Option<u32>) -> Result<()> {
+    profile.validate()?;
+    if num_instances == 0 {
+        return Err(CoreError::invalid("num_instances", 0, "must be >= 1"));
+    }
+    if max_stages == Some(0) {
+        return Err(CoreError::invalid("max_stages", 0, "must be >= 1"));
+    }
+    Ok(())
+}
+
+/// Tables of plans with exactly `0..=k` stages.
+fn solve_layers(table: &RangeTable, k: usize, n: usize) -> Vec<Table> {
+    let nb = table.num_buckets();
+    let mut layers: Vec<Table> = Vec::with_capacity(k + 1);
+    layers.push(Table::empty_plan(nb, n));
+    layers.extend((0..k).map(|_| Table::new(nb, n)));
+    solve(table, &mut layers, n);
+    layers
+}
+
+/// The plan covering every bucket with every instance: from the one table, or (`layered`) from
+/// the cheapest of `tables[1..]` (the first on a tie).
+fn best_plan(table: &RangeTable, workload: &WorkloadSummary, tables: &[Table], layered: bool) -> Result<StagePlan> {
+    let (nb, n) = (table.num_buckets(), tables[0].cost[0].len() - 1);
+    let tables = if layered {
+        let best = (1..tables.len()).min_by(|&a, &b| tables[a].cost[nb][n].total_cmp(&tables[b].cost[nb][n]));
+        &tables[..=best.expect("at least one layer")]
+    } else {
+        tables
     };
+    let cost = tables[tables.len() - 1].cost[nb][n];
+    let profile = table.profile;
     if !cost.is_finite() {
         let total = table.load(0, nb);
         return Err(CoreError::Infeasible(format!(
@@ -364,8 +407,9 @@ pub fn partition(workload: &WorkloadSummary, profile: &CostProfile, options: &Pa
             profile.max_model_len
         )));
     }
+    // Rebuild the stage list from the parents, from the last bucket back.
     let edges = workload.grid.edges();
-    let stages = stages_rev
+    let stages = walk_back(tables, nb, n, layered)
         .into_iter()
         .rev()
         .map(|(i, j, m)| {
