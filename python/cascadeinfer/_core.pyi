@@ -15,6 +15,7 @@ __all__ = [
     "__version__",
     "generate_trace",
     "partition",
+    "partition_by_stage_count",
     "preset_max_len",
     "preset_names",
     "sample_preset",
