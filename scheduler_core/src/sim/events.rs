@@ -1,13 +1,14 @@
 //! The simulator's future: events keyed by (time, insertion order), so equal times pop in the
 //! order they were scheduled and a run never depends on anything but its inputs.
 //!
-//! Times are finite and non-negative, so their IEEE bits order like the numbers and keys compare
-//! as integers. Step ends, nearly all events, sit in a tournament tree with one leaf per instance
-//! (an instance has at most one step in progress): a node holds the earlier of its children, so
-//! the root is the next step end. Its path from a leaf is fixed, so an update reads the siblings
-//! independently and compares without branching; a heap would chase its children. A popped step
-//! end stays in its leaf until that instance's next step replaces it (one replay per step) or
-//! anything else touches the queue. The few other events (ticks, migrations) wait in a heap.
+//! Times are finite and non-negative, so their IEEE bits order like the numbers: a key is a
+//! time's bits then an insertion number, compared as integers. Step ends, nearly all events, sit
+//! in a tournament tree with one leaf per instance (an instance has at most one step in
+//! progress): a node holds the earlier of its children, so the root is the next step end. A
+//! leaf's path is fixed, so an update reads the siblings independently and selects without
+//! branching (a heap would chase its children). A popped step end stays in its leaf until that
+//! instance's next step replaces it, one replay per step; any other step end pushed, or the next
+//! pop, empties the leaf first. The few other events (ticks, migrations) wait in a heap.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

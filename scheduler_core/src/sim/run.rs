@@ -217,9 +217,8 @@ impl<'a> Simulation<'a> {
             self.policy.request_finished(RequestId(u64::from(r)), id);
         }
         if !self.feed.entries.is_empty() {
-            let migrations = self.policy.on_step(&self.feed.entries, self.now)?;
-            if !migrations.is_empty() {
-                migrations.into_iter().for_each(|m| self.migrate(m));
+            for m in self.policy.on_step(&self.feed.entries, self.now)? {
+                self.migrate(m);
             }
         }
         if !self.instances[slot as usize].pending_pauses.is_empty() {
