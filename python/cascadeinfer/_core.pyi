@@ -21,6 +21,7 @@ __all__ = [
     "arrival_times",
     "generate_trace",
     "partition",
+    "partition_by_stage_count",
     "preset_max_len",
     "preset_names",
     "sample_preset",
@@ -241,6 +242,9 @@ def partition(
 def single_stage_plan(
     workload: Workload, profile: CostProfile, num_instances: int
 ) -> StagePlan: ...
+def partition_by_stage_count(
+    workload: Workload, profile: CostProfile, num_instances: int, max_stages: int
+) -> list[StagePlan | None]: ...
 def preset_names() -> list[str]: ...
 def preset_max_len(name: str) -> int: ...
 def sample_preset(name: str, n: int, seed: int) -> tuple[list[int], list[int]]: ...

@@ -141,12 +141,14 @@ def _candidate_plans(
 ) -> list[_core.StagePlan]:
     """The one-stage plan first, then the partitioner's best plan for each count tried."""
     plans = [_core.single_stage_plan(summary, profile, n)]
+    # One solve gives the best plan with at most k stages for every k (what partition(..., k)
+    # returns; None where infeasible).
+    by_count = _core.partition_by_stage_count(summary, profile, n, len(best.stages))
     for k in sorted({*STAGE_COUNTS, len(best.stages)}):
         if k > len(best.stages):
             continue
-        try:
-            plan = best if k == len(best.stages) else _core.partition(summary, profile, n, k)
-        except _core.InfeasibleError:
+        plan = best if k == len(best.stages) else by_count[k - 1]
+        if plan is None:
             continue  # this few stages cannot carry the rate
         if all(len(p.stages) != len(plan.stages) for p in plans):
             plans.append(plan)  # "at most k" may find a count already tried

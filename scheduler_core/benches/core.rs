@@ -34,6 +34,12 @@ fn bench_partition(c: &mut Criterion) {
             bench.iter(|| partition(black_box(w), &profile, &options).unwrap())
         });
     }
+    // A stage limit, as the stage-count selection asks for every count below the DP's own.
+    let w = workload(64, 128, &profile);
+    let options = PartitionOptions { num_instances: 64, max_stages: Some(6) };
+    group.bench_with_input(BenchmarkId::new("long-context-mixed-max6", "N64_B128"), &w, |bench, w| {
+        bench.iter(|| partition(black_box(w), &profile, &options).unwrap())
+    });
     group.finish();
 }
 

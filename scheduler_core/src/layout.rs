@@ -102,6 +102,7 @@ impl StageLayout {
         self.stages.partition_point(|s| s.max_len <= len).min(self.stages.len() - 1)
     }
 
+    #[inline]
     pub fn stage_of_instance(&self, inst: InstanceId) -> Option<usize> {
         self.stage_of.get(inst.index()).copied().flatten()
     }

@@ -31,7 +31,7 @@ pub use error::CoreError;
 pub use grid::BucketGrid;
 pub use ids::{InstanceId, RequestId};
 
-pub use partition::{partition, PartitionOptions, StagePlan, StageSpec};
+pub use partition::{partition, partition_by_stage_count, PartitionOptions, StagePlan, StageSpec};
 
 pub use arrivals::{generate_trace, ArrivalProcess, TraceRequest};
 pub use baselines::{Baseline, BaselineKind, LlumnixConfig};

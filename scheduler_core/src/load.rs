@@ -107,10 +107,15 @@ impl LoadBook {
 
     fn get_mut(&mut self, inst: InstanceId) -> &mut InstanceLoad {
         if self.loads.len() <= inst.index() {
-            self.loads.resize_with(inst.index() + 1, InstanceLoad::default);
-            self.epoch_of.resize(inst.index() + 1, 0);
+            self.grow(inst);
         }
         &mut self.loads[inst.index()]
+    }
+
+    #[cold]
+    fn grow(&mut self, inst: InstanceId) {
+        self.loads.resize_with(inst.index() + 1, InstanceLoad::default);
+        self.epoch_of.resize(inst.index() + 1, 0);
     }
 
     /// Starts a refresh: instances named in the following `record` calls are rebuilt from them.
@@ -138,13 +143,15 @@ impl LoadBook {
 
     /// One running request seen in a step feed: the instance's running set is rebuilt from the
     /// feed, and the request is no longer queued there.
+    #[inline]
     pub fn record(&mut self, inst: InstanceId, request: RequestId, len: u32) {
-        let epoch = self.epoch;
-        self.get_mut(inst);
         let idx = inst.index();
-        let load = &mut self.loads[idx];
-        if self.epoch_of[idx] != epoch {
-            self.epoch_of[idx] = epoch;
+        if self.loads.len() <= idx {
+            self.grow(inst);
+        }
+        let (load, seen) = (&mut self.loads[idx], &mut self.epoch_of[idx]);
+        if *seen != self.epoch {
+            *seen = self.epoch;
             self.before.push((inst, std::mem::take(&mut load.running)));
             load.sum_context = 0;
             load.max_context = 0;
@@ -348,6 +355,30 @@ mod tests {
         book.forget_request(a, RequestId(1));
         book.forget_request(a, RequestId(2));
         assert_eq!(book.get(a).kv_tokens(), 0);
+    }
+
+    #[test]
+    fn queued_requests_leave_the_queue_one_by_one() {
+        let mut book = LoadBook::default();
+        let inst = InstanceId(3);
+        for r in [5, 69, 133, 6] {
+            book.add_queued(inst, RequestId(r), 10);
+        }
+        book.begin_refresh();
+        book.record(inst, RequestId(69), 11);
+        book.record(inst, RequestId(7), 11);
+        assert_eq!(book.get(inst).num_queued(), 3);
+        book.forget_request(inst, RequestId(5));
+        book.begin_refresh();
+        book.record(inst, RequestId(133), 12);
+        book.record(inst, RequestId(6), 12);
+        assert_eq!((book.get(inst).num_queued(), book.get(inst).queued_tokens), (0, 0));
+        book.add_queued(inst, RequestId(197), 10);
+        book.clear(inst);
+        book.add_queued(inst, RequestId(261), 10);
+        book.begin_refresh();
+        book.record(inst, RequestId(261), 11);
+        assert_eq!(book.get(inst).kv_tokens(), 11);
     }
 
     #[test]

@@ -10,6 +10,10 @@ use crate::cost::CostProfile;
 use crate::error::{CoreError, Result};
 use crate::workload::WorkloadSummary;
 
+mod minplus;
+
+use minplus::{min_plus, Curve, Support};
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionOptions {
     pub num_instances: u32,
@@ -153,7 +157,10 @@ impl<'a> RangeTable<'a> {
         out.resize(max_m + 1, f64::INFINITY);
         let mut erlang_b = 1.0; // Erlang B with 0 servers.
         for (m, slot) in out.iter_mut().enumerate().skip(1) {
-            erlang_b = load.work * erlang_b / (m as f64 + load.work * erlang_b);
+            // Once it underflows to 0 the recurrence stays at 0: skip its serial divisions.
+            if erlang_b != 0.0 {
+                erlang_b = load.work * erlang_b / (m as f64 + load.work * erlang_b);
+            }
             if let Some((cost, _)) = stage_cost(self.profile, load, m as u32, erlang_b) {
                 *slot = cost;
             }
@@ -211,75 +218,15 @@ fn stage_cost(p: &CostProfile, load: &StageLoad, m: u32, erlang_b: f64) -> Optio
     Some((cost, prediction))
 }
 
-/// Leftmost argmin and value of `f[k] + g[n - k]` over `k` in `[k_lo, k_hi]`.
-#[inline]
-fn best_split(f: &[f64], g: &[f64], n: usize, k_lo: usize, k_hi: usize) -> (f64, usize) {
-    let mut best = (f64::INFINITY, k_lo);
-    for k in k_lo..=k_hi {
-        let v = f[k] + g[n - k];
-        if v < best.0 {
-            best = (v, k);
-        }
-    }
-    best
-}
-
-fn first_finite(v: &[f64]) -> Option<usize> {
-    v.iter().position(|x| x.is_finite())
-}
-
-fn is_finite_suffix_from(v: &[f64], start: usize) -> bool {
-    v[start..].iter().all(|x| x.is_finite())
-}
-
-fn is_convex(g: &[f64], start: usize) -> bool {
-    g[start..].windows(3).all(|w| w[2] - w[1] >= w[1] - w[0] - 1e-12 * (1.0 + w[1].abs()))
-}
-
-/// `out[n] = min_k f[k] + g[n-k]` with the chosen `k` in `arg[n]`, only where it improves `out`.
-///
-/// When `g` is convex on its finite suffix and `f` finite on a suffix, the matrix
-/// `f[k] + g[n-k]` is Monge, so the leftmost argmin is non-decreasing in `n` and a
-/// divide-and-conquer finds all row minima in O(N log N); otherwise the plain O(N^2) scan.
-fn min_plus_into(f: &[f64], g: &[f64], out: &mut [f64], arg: &mut [usize]) {
-    let n_max = out.len() - 1;
-    let (Some(f_lo), Some(g_lo)) = (first_finite(f), first_finite(g)) else { return };
-    if f_lo + g_lo > n_max {
-        return;
-    }
-    let monge = is_finite_suffix_from(f, f_lo) && is_finite_suffix_from(g, g_lo) && is_convex(g, g_lo);
-    let mut relax = |n: usize, (v, k): (f64, usize)| {
-        if v < out[n] {
-            out[n] = v;
-            arg[n] = k;
-        }
-    };
-    if !monge {
-        for n in f_lo + g_lo..=n_max {
-            relax(n, best_split(f, g, n, f_lo, n - g_lo));
-        }
-        return;
-    }
-    // Explicit stack of (n_lo, n_hi, k_lo, k_hi) ranges.
-    let mut stack = vec![(f_lo + g_lo, n_max, f_lo, n_max - g_lo)];
-    while let Some((n_lo, n_hi, k_lo, k_hi)) = stack.pop() {
-        let mid = (n_lo + n_hi) / 2;
-        let found = best_split(f, g, mid, k_lo, k_hi.min(mid - g_lo));
-        relax(mid, found);
-        if mid > n_lo {
-            stack.push((n_lo, mid - 1, k_lo, found.1));
-        }
-        if mid < n_hi {
-            stack.push((mid + 1, n_hi, found.1, k_hi));
-        }
-    }
-}
-
 /// One DP table: `cost[j][n]` = least cost of covering buckets `[0, j)` with `n` instances,
-/// with the last stage's start bucket and instance count kept to rebuild the plan.
+/// with the last stage's start bucket and instance count kept to rebuild the plan, and where
+/// each row's finite values lie.
 struct Table {
     cost: Vec<Vec<f64>>,
     parent: Vec<Vec<(usize, usize)>>,
+    support: Vec<Option<Support>>,
+    /// `least[j][n]`: the least of `cost[j][..=n]`, for bounds.
+    least: Vec<Vec<f64>>,
 }
 
 impl Table {
@@ -287,22 +234,51 @@ impl Table {
         Table {
             cost: vec![vec![f64::INFINITY; n + 1]; num_buckets + 1],
             parent: vec![vec![(0, 0); n + 1]; num_buckets + 1],
+            support: vec![None; num_buckets + 1],
+            least: vec![vec![f64::INFINITY; n + 1]; num_buckets + 1],
         }
+    }
+
+    /// Records what bounds and convolutions need to know about row `j`, once it is final.
+    fn finish_row(&mut self, j: usize) {
+        self.support[j] = Support::of(&self.cost[j]);
+        prefix_min(&self.cost[j], &mut self.least[j]);
+    }
+
+    /// The table of plans with no stage yet: nothing covered, no instance used.
+    fn empty_plan(num_buckets: usize, n: usize) -> Self {
+        let mut t = Table::new(num_buckets, n);
+        t.cost[0][0] = 0.0;
+        t.finish_row(0);
+        t
     }
 }
 
-/// Extends `prev` (plans ending at each boundary) by one more stage into `next`. When `next`
-/// is `prev` itself (no stage limit) stages are appended in boundary order, which is the same
-/// recurrence computed in place.
-fn extend(table: &RangeTable, prev: Option<&Table>, next: &mut Table, n: usize) {
+/// `out[k]` = the least of `v[..=k]`.
+fn prefix_min(v: &[f64], out: &mut [f64]) {
+    let mut least = f64::INFINITY;
+    for (o, &x) in out.iter_mut().zip(v) {
+        least = least.min(x);
+        *o = least;
+    }
+}
+
+/// Fills the DP. Unlayered (`tables` holds one table, row 0 set) stages are appended in
+/// boundary order within the one table. Layered, `tables[k]` holds plans of exactly `k`
+/// stages and extends `tables[k - 1]` by one stage. Either way row `j` is final once every
+/// stage ending at `j` has been tried, starts `i` from `j - 1` down (ties keep the later
+/// start), and a stage's cost curve is computed once for all layers.
+fn solve(table: &RangeTable, tables: &mut [Table], n: usize) {
     let nb = table.num_buckets();
+    let num_layers = tables.len().saturating_sub(1).max(1);
+    let is_layered = tables.len() > 1;
     let mut g = Vec::with_capacity(n + 1);
-    let mut row = vec![f64::INFINITY; n + 1];
-    let mut arg = vec![0usize; n + 1];
-    let mut best = vec![f64::INFINITY; n + 1];
-    let mut best_parent = vec![(0usize, 0usize); n + 1];
+    let mut g_least = vec![f64::INFINITY; n + 1];
+    let mut stack = Vec::new();
+    let mut best = vec![vec![f64::INFINITY; n + 1]; num_layers];
+    let mut best_parent = vec![vec![(0usize, 0usize); n + 1]; num_layers];
     for j in 1..=nb {
-        best.fill(f64::INFINITY);
+        best.iter_mut().for_each(|b| b.fill(f64::INFINITY));
         for i in (0..j).rev() {
             let load = table.load(i, j);
             // Work only grows as the stage widens downwards: once even n instances cannot carry
@@ -311,62 +287,112 @@ fn extend(table: &RangeTable, prev: Option<&Table>, next: &mut Table, n: usize) 
                 break;
             }
             table.stage_costs(&load, n, &mut g);
-            row.fill(f64::INFINITY);
-            let f = match prev {
-                Some(p) => &p.cost[i],
-                None => &next.cost[i],
-            };
-            min_plus_into(f, &g, &mut row, &mut arg);
-            for total in 0..=n {
-                if row[total] < best[total] {
-                    best[total] = row[total];
-                    best_parent[total] = (i, total - arg[total]);
+            let Some(curve) = Curve::new(&g) else { continue };
+            prefix_min(&g, &mut g_least);
+            for layer in 0..num_layers {
+                let from = if is_layered { &tables[layer] } else { &tables[0] };
+                let Some(f_support) = from.support[i] else { continue };
+                let (best, best_parent) = (&mut best[layer], &mut best_parent[layer]);
+                // Every sum the convolution forms for a total `t` is at least the least `f`
+                // it may use plus the least `g`; when no total could beat what is known, the
+                // convolution would change nothing.
+                let (f_lo, g_lo) = (f_support.lo, curve.support.lo);
+                let f_least = &from.least[i];
+                let can_improve = (f_lo + g_lo..=n).any(|t| f_least[t - g_lo] + g_least[t - f_lo] < best[t]);
+                if !can_improve {
+                    continue;
                 }
+                min_plus(&from.cost[i], f_support, &curve, n, &mut stack, |total, v, k| {
+                    if v < best[total] {
+                        best[total] = v;
+                        best_parent[total] = (i, total - k);
+                    }
+                });
             }
         }
-        next.cost[j].copy_from_slice(&best);
-        next.parent[j].copy_from_slice(&best_parent);
+        for layer in 0..num_layers {
+            let to = &mut tables[if is_layered { layer + 1 } else { 0 }];
+            to.cost[j].copy_from_slice(&best[layer]);
+            to.parent[j].copy_from_slice(&best_parent[layer]);
+            to.finish_row(j);
+        }
     }
 }
 
 /// The optimal plan for `workload` on `options.num_instances` instances under `profile`.
 pub fn partition(workload: &WorkloadSummary, profile: &CostProfile, options: &PartitionOptions) -> Result<StagePlan> {
-    profile.validate()?;
-    if options.num_instances == 0 {
-        return Err(CoreError::invalid("num_instances", 0, "must be >= 1"));
-    }
-    if options.max_stages == Some(0) {
-        return Err(CoreError::invalid("max_stages", 0, "must be >= 1"));
-    }
+    validate(profile, options.num_instances, options.max_stages)?;
     let table = RangeTable::new(workload, profile);
-    let nb = table.num_buckets();
-    let n = options.num_instances as usize;
-
-    // Rebuild the stage list from the parents, from the last bucket back.
-    let (cost, stages_rev) = match options.max_stages {
+    let (nb, n) = (table.num_buckets(), options.num_instances as usize);
+    match options.max_stages {
         None => {
-            let mut t = Table::new(nb, n);
-            t.cost[0][0] = 0.0;
-            extend(&table, None, &mut t, n);
-            let cost = t.cost[nb][n];
-            (cost, walk_back(&[t], nb, n, false))
+            let mut t = [Table::empty_plan(nb, n)];
+            solve(&table, &mut t, n);
+            best_plan(&table, workload, &t, false)
         }
         Some(k) => {
-            let k = (k as usize).min(nb).min(n);
-            let mut layers: Vec<Table> = Vec::with_capacity(k + 1);
-            let mut base = Table::new(nb, n);
-            base.cost[0][0] = 0.0;
-            layers.push(base);
-            for _ in 0..k {
-                let mut next = Table::new(nb, n);
-                extend(&table, layers.last(), &mut next, n);
-                layers.push(next);
-            }
-            let best_layer = (1..=k).min_by(|&a, &b| layers[a].cost[nb][n].total_cmp(&layers[b].cost[nb][n])).unwrap();
-            let cost = layers[best_layer].cost[nb][n];
-            (cost, walk_back(&layers[..=best_layer], nb, n, true))
+            let layers = solve_layers(&table, (k as usize).min(nb).min(n), n);
+            best_plan(&table, workload, &layers, true)
         }
+    }
+}
+
+/// For every `k` in `1..=max_stages`, what [`partition`] returns with `max_stages = Some(k)`
+/// (`None` where that is infeasible), from one solve: layer `k` of a stage-limited DP does
+/// not depend on how many layers follow it, so the plans are the same, at the cost of one
+/// call with the largest limit instead of one call per limit.
+pub fn partition_by_stage_count(
+    workload: &WorkloadSummary,
+    profile: &CostProfile,
+    num_instances: u32,
+    max_stages: u32,
+) -> Result<Vec<Option<StagePlan>>> {
+    validate(profile, num_instances, Some(max_stages))?;
+    let table = RangeTable::new(workload, profile);
+    let (nb, n) = (table.num_buckets(), num_instances as usize);
+    let layers = solve_layers(&table, (max_stages as usize).min(nb).min(n), n);
+    (1..=max_stages as usize)
+        .map(|k| match best_plan(&table, workload, &layers[..=k.min(layers.len() - 1)], true) {
+            Ok(plan) => Ok(Some(plan)),
+            Err(CoreError::Infeasible(_)) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .collect()
+}
+
+fn validate(profile: &CostProfile, num_instances: u32, max_stages: Option<u32>) -> Result<()> {
+    profile.validate()?;
+    if num_instances == 0 {
+        return Err(CoreError::invalid("num_instances", 0, "must be >= 1"));
+    }
+    if max_stages == Some(0) {
+        return Err(CoreError::invalid("max_stages", 0, "must be >= 1"));
+    }
+    Ok(())
+}
+
+/// Tables of plans with exactly `0..=k` stages.
+fn solve_layers(table: &RangeTable, k: usize, n: usize) -> Vec<Table> {
+    let nb = table.num_buckets();
+    let mut layers: Vec<Table> = Vec::with_capacity(k + 1);
+    layers.push(Table::empty_plan(nb, n));
+    layers.extend((0..k).map(|_| Table::new(nb, n)));
+    solve(table, &mut layers, n);
+    layers
+}
+
+/// The plan covering every bucket with every instance: from the one table, or (`layered`) from
+/// the cheapest of `tables[1..]` (the first on a tie).
+fn best_plan(table: &RangeTable, workload: &WorkloadSummary, tables: &[Table], layered: bool) -> Result<StagePlan> {
+    let (nb, n) = (table.num_buckets(), tables[0].cost[0].len() - 1);
+    let tables = if layered {
+        let best = (1..tables.len()).min_by(|&a, &b| tables[a].cost[nb][n].total_cmp(&tables[b].cost[nb][n]));
+        &tables[..=best.expect("at least one layer")]
+    } else {
+        tables
     };
+    let cost = tables[tables.len() - 1].cost[nb][n];
+    let profile = table.profile;
     if !cost.is_finite() {
         let total = table.load(0, nb);
         return Err(CoreError::Infeasible(format!(
@@ -381,8 +407,9 @@ pub fn partition(workload: &WorkloadSummary, profile: &CostProfile, options: &Pa
             profile.max_model_len
         )));
     }
+    // Rebuild the stage list from the parents, from the last bucket back.
     let edges = workload.grid.edges();
-    let stages = stages_rev
+    let stages = walk_back(tables, nb, n, layered)
         .into_iter()
         .rev()
         .map(|(i, j, m)| {

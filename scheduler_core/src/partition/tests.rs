@@ -1,5 +1,6 @@
 use proptest::prelude::*;
 
+use super::minplus::{first_finite, is_convex, is_finite_suffix_from, min_plus_into};
 use super::*;
 use crate::cost::tests::gpu;
 use crate::grid::BucketGrid;
@@ -134,4 +135,44 @@ fn zero_instances_is_invalid() {
     let w = WorkloadSummary::from_samples(&grid, &Preset::ShortChat.sample(10, 1), 1.0).unwrap();
     let err = partition(&w, &gpu(), &PartitionOptions { num_instances: 0, max_stages: None }).unwrap_err();
     assert!(err.to_string().contains("num_instances"));
+}
+
+#[test]
+fn one_solve_gives_the_plan_of_every_stage_limit() {
+    let profile = gpu();
+    let mut num_feasible = [0, 0];
+    for (preset, n, nb, rate) in [
+        (Preset::LongContextMixed, 16u32, 32usize, 4.0),
+        (Preset::Bimodal, 9, 24, 3.0),
+        (Preset::ShortChat, 4, 16, 30.0),
+        (Preset::Agentic, 12, 20, 1e6),
+    ] {
+        let grid = BucketGrid::geometric(preset.max_len(), nb, 16).unwrap();
+        let w = WorkloadSummary::from_samples(&grid, &preset.sample(2000, 3), rate).unwrap();
+        let max_stages = 7;
+        let all = partition_by_stage_count(&w, &profile, n, max_stages).unwrap();
+        assert_eq!(all.len(), max_stages as usize);
+        for (k, plan) in (1..=max_stages).zip(all) {
+            let alone = partition(&w, &profile, &PartitionOptions { num_instances: n, max_stages: Some(k) });
+            num_feasible[usize::from(plan.is_some())] += 1;
+            match (alone, plan) {
+                (Ok(a), Some(b)) => assert_eq!(format!("{a:?}"), format!("{b:?}"), "{preset:?} k={k}"),
+                (Err(CoreError::Infeasible(_)), None) => {}
+                (a, b) => panic!("{preset:?} k={k}: alone {a:?}, in one solve {b:?}"),
+            }
+        }
+    }
+    assert!(num_feasible[0] > 0 && num_feasible[1] > 0, "{num_feasible:?}");
+    assert!(partition_by_stage_count(
+        &WorkloadSummary::from_samples(
+            &BucketGrid::geometric(8192, 8, 16).unwrap(),
+            &Preset::ShortChat.sample(10, 1),
+            1.0
+        )
+        .unwrap(),
+        &profile,
+        2,
+        0
+    )
+    .is_err());
 }

@@ -5,7 +5,9 @@ use pyo3::prelude::*;
 use super::to_py;
 use crate::cost::{builtin_profile, BatchShape, CostProfile, BUILTIN_PROFILES};
 use crate::grid::BucketGrid;
-use crate::partition::{partition as solve, PartitionOptions, StagePlan, StageSpec};
+use crate::partition::{
+    partition as solve, partition_by_stage_count as solve_each, PartitionOptions, StagePlan, StageSpec,
+};
 use crate::presets::{Preset, PRESET_NAMES};
 use crate::workload::{RequestSample, WorkloadSummary};
 
@@ -262,6 +264,21 @@ pub(crate) fn single_stage_plan(
 ) -> PyResult<PyStagePlan> {
     let plan = crate::partition::single_stage(&workload.inner, &profile.inner, num_instances).map_err(to_py)?;
     Ok(PyStagePlan { inner: plan })
+}
+
+/// For every `k` in `1..=max_stages`, what `partition(..., k)` returns (`None` where infeasible),
+/// from one solve (releases the GIL while solving).
+#[pyfunction]
+pub(crate) fn partition_by_stage_count(
+    py: Python<'_>,
+    workload: &PyWorkload,
+    profile: &PyCostProfile,
+    num_instances: u32,
+    max_stages: u32,
+) -> PyResult<Vec<Option<PyStagePlan>>> {
+    let (w, p) = (&workload.inner, &profile.inner);
+    let plans = py.detach(|| solve_each(w, p, num_instances, max_stages)).map_err(to_py)?;
+    Ok(plans.into_iter().map(|plan| plan.map(|inner| PyStagePlan { inner })).collect())
 }
 
 #[pyfunction]

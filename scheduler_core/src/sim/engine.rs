@@ -9,7 +9,8 @@
 use std::collections::VecDeque;
 
 use crate::cost::{prefill_pairs, BatchShape};
-use crate::ids::InstanceId;
+use crate::ids::{InstanceId, RequestId};
+use crate::policy::StepEntry;
 
 /// Where a request is.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -165,6 +166,24 @@ impl Instance {
         true
     }
 
+    /// Gives running request `i` blocks for `tokens` tokens, preempting the newest running
+    /// requests while the pool is short. Returns whether request `i` is still running (it is
+    /// the last one preempted when nothing else frees enough) and whether anything was.
+    #[cold]
+    fn grow_or_preempt(&mut self, p: &EngineParams, seqs: &mut [Seq], i: usize, tokens: u32) -> (bool, bool) {
+        let r = self.running[i] as usize;
+        let mut has_preempted = false;
+        while !self.grow(p, &mut seqs[r], tokens) {
+            let is_self = self.running.len() - 1 == i;
+            self.preempt_last(seqs);
+            has_preempted = true;
+            if is_self {
+                return (false, true);
+            }
+        }
+        (true, has_preempted)
+    }
+
     /// Frees the newest running request; it recomputes from scratch later, first in line.
     fn preempt_last(&mut self, seqs: &mut [Seq]) {
         let victim = self.running.pop().expect("preempting from an empty batch");
@@ -178,34 +197,50 @@ impl Instance {
     }
 
     /// Forms the next step's batch in `decode` and `prefill` and returns its shape.
-    pub fn schedule(&mut self, p: &EngineParams, seqs: &mut [Seq]) -> BatchShape {
+    /// `next_decode` is what [`Instance::finish_step`] returned for the step that ended just
+    /// now (at the same time, nothing simulated in between), if anything.
+    pub fn schedule(&mut self, p: &EngineParams, seqs: &mut [Seq], next_decode: Option<BatchShape>) -> BatchShape {
+        if let Some(shape) = next_decode {
+            // Unless requests joined, left or wait since, the same requests decode again:
+            // what the loops below would find, request by request, since each decodes one
+            // token into blocks it holds.
+            let n = self.running.len() as u32;
+            let is_same = self.waiting.is_empty()
+                && self.prefill.is_empty()
+                && self.running.len() == self.decode.len()
+                && self.running.iter().zip(&self.decode).all(|(a, b)| a == b);
+            if is_same && n <= p.max_batch_tokens.min(p.max_num_seqs) && self.used_blocks <= p.total_blocks {
+                debug_assert_eq!(shape.num_decode, n);
+                self.peaks.batch_tokens = self.peaks.batch_tokens.max(n);
+                self.peaks.batch_seqs = self.peaks.batch_seqs.max(n);
+                return shape;
+            }
+        }
         self.decode.clear();
         self.prefill.clear();
         let mut shape = BatchShape::default();
         let mut budget = p.max_batch_tokens;
         let mut has_preempted = false;
         let mut i = 0;
+        let block_size = u64::from(p.block_size);
+        let mut has_pool = self.used_blocks <= p.total_blocks;
         while i < self.running.len() && budget > 0 && self.num_scheduled() < p.max_num_seqs {
             let r = self.running[i];
-            let seq = seqs[r as usize];
-            let ctx = seq.context_len();
-            let chunk = if seq.is_prefilling() { budget.min(ctx - seq.num_computed) } else { 1 };
-            let mut fits = true;
-            while !self.grow(p, &mut seqs[r as usize], seq.num_computed + chunk) {
-                // Preempt the newest running request, possibly this one.
-                let is_self = self.running.len() - 1 == i;
-                self.preempt_last(seqs);
-                has_preempted = true;
-                if is_self {
-                    fits = false;
+            let seq = &seqs[r as usize];
+            let (ctx, start, is_prefilling) = (seq.context_len(), seq.num_computed, seq.is_prefilling());
+            let chunk = if is_prefilling { budget.min(ctx - start) } else { 1 };
+            // Most steps need no new block (`grow` would find it needs none).
+            let has_blocks = has_pool && u64::from(start + chunk) <= u64::from(seq.num_blocks) * block_size;
+            if !has_blocks {
+                let (fits, preempted) = self.grow_or_preempt(p, seqs, i, start + chunk);
+                has_preempted |= preempted;
+                if !fits {
                     break;
                 }
+                has_pool = self.used_blocks <= p.total_blocks;
             }
-            if !fits {
-                break;
-            }
-            if seq.is_prefilling() {
-                self.add_prefill(&mut shape, r, seq.num_computed, chunk);
+            if is_prefilling {
+                self.add_prefill(&mut shape, r, start, chunk);
             } else {
                 self.decode.push(r);
                 shape.num_decode += 1;
@@ -245,33 +280,44 @@ impl Instance {
     }
 
     /// Applies the step that ends at `now`: every decode and every completed prefill samples a
-    /// token. Pushes those requests to `emitted` (decodes first, as the worker's step feed
-    /// lists them); finished ones are `Phase::Done`, their blocks freed.
+    /// token. Requests that go on are listed in `feed.entries` (decodes first, as the worker's
+    /// step feed lists them), finished ones in `feed.finished` (`Phase::Done`, blocks freed).
+    /// When the step was decodes only, none finished and each can decode again into blocks it
+    /// holds, returns the shape of that next batch (for `schedule`).
     pub fn finish_step(
         &mut self,
         p: &EngineParams,
         seqs: &mut [Seq],
         times: &mut [Timeline],
         now: f64,
-        emitted: &mut Vec<u32>,
-    ) {
-        let mut has_finished = false;
+        feed: &mut StepFeed,
+    ) -> Option<BatchShape> {
+        let num_finished = feed.finished.len();
+        feed.entries.reserve(self.decode.len() + self.prefill.len());
+        let block_size = u64::from(p.block_size);
+        let mut next = BatchShape::default();
+        let mut has_blocks = true;
         for &r in &self.decode {
             let seq = &mut seqs[r as usize];
             debug_assert_eq!(seq.phase, Phase::Running);
             seq.num_computed = seq.context_len();
-            has_finished |= emit(p, seq, &mut times[r as usize], now);
-            emitted.push(r);
+            emit(p, self.id, r, seq, times, now, feed);
+            // Its next decode needs KV for one more token.
+            let ctx = seq.context_len();
+            has_blocks &= u64::from(ctx) <= u64::from(seq.num_blocks) * block_size;
+            next.sum_context += u64::from(ctx);
+            next.max_context = next.max_context.max(ctx);
         }
+        next.num_decode = self.decode.len() as u32;
+        let is_plain = has_blocks && self.prefill.is_empty() && feed.finished.len() == num_finished;
         for &(r, chunk) in &self.prefill {
             let seq = &mut seqs[r as usize];
             seq.num_computed += chunk;
             if !seq.is_prefilling() {
-                has_finished |= emit(p, seq, &mut times[r as usize], now);
-                emitted.push(r);
+                emit(p, self.id, r, seq, times, now, feed);
             }
         }
-        if has_finished {
+        if feed.finished.len() > num_finished {
             let mut freed = 0;
             self.running.retain(|&r| {
                 let seq = &mut seqs[r as usize];
@@ -283,21 +329,42 @@ impl Instance {
             });
             self.release(freed);
         }
+        is_plain.then_some(next)
     }
 }
 
-/// Samples one token; true when the request is done (its blocks are freed by the caller).
-fn emit(p: &EngineParams, seq: &mut Seq, times: &mut Timeline, now: f64) -> bool {
+/// What one step produced, as the worker's step feed reports it.
+#[derive(Debug, Default)]
+pub(super) struct StepFeed {
+    /// Requests that sampled a token and go on, with their new context length.
+    pub entries: Vec<StepEntry>,
+    /// Requests that finished (their blocks are freed by the caller).
+    pub finished: Vec<u32>,
+}
+
+/// Samples one token of request `r` on instance `id` and lists it in `feed`.
+#[inline]
+fn emit(
+    p: &EngineParams,
+    id: InstanceId,
+    r: u32,
+    seq: &mut Seq,
+    times: &mut [Timeline],
+    now: f64,
+    feed: &mut StepFeed,
+) {
     seq.num_generated += 1;
-    if times.first_token_s.is_nan() {
-        times.first_token_s = now;
+    // The first token ever (a preempted request keeps the tokens it generated).
+    if seq.num_generated == 1 {
+        times[r as usize].first_token_s = now;
     }
     if seq.num_generated >= seq.output_len || seq.context_len() >= p.max_model_len {
         seq.phase = Phase::Done;
-        times.finished_s = now;
-        return true;
+        times[r as usize].finished_s = now;
+        feed.finished.push(r);
+    } else {
+        feed.entries.push(StepEntry { request: RequestId(u64::from(r)), instance: id, context_len: seq.context_len() });
     }
-    false
 }
 
 #[cfg(test)]
@@ -322,19 +389,47 @@ mod tests {
         let mut inst = Instance::new(InstanceId(0));
         admit(&mut inst, &mut seqs, 0);
         admit(&mut inst, &mut seqs, 1);
-        let shape = inst.schedule(&p, &mut seqs);
+        let shape = inst.schedule(&p, &mut seqs, None);
         // 64 tokens of budget: all go to the first prompt's first chunk.
         assert_eq!((shape.prefill_tokens, shape.num_decode, inst.prefill.len()), (64, 0, 1));
-        let mut emitted = Vec::new();
-        inst.finish_step(&p, &mut seqs, &mut times, 1.0, &mut emitted);
-        assert!(emitted.is_empty() && seqs[0].num_computed == 64);
-        let shape = inst.schedule(&p, &mut seqs);
+        let mut feed = StepFeed::default();
+        inst.finish_step(&p, &mut seqs, &mut times, 1.0, &mut feed);
+        assert!(feed.entries.is_empty() && seqs[0].num_computed == 64);
+        let shape = inst.schedule(&p, &mut seqs, None);
         assert_eq!(shape.prefill_tokens, 36 + 10, "rest of the first prompt, then the second");
-        inst.finish_step(&p, &mut seqs, &mut times, 2.0, &mut emitted);
-        assert_eq!(emitted, vec![0, 1]);
+        inst.finish_step(&p, &mut seqs, &mut times, 2.0, &mut feed);
+        let fed: Vec<(u64, u32)> = feed.entries.iter().map(|e| (e.request.0, e.context_len)).collect();
+        assert_eq!(fed, vec![(0, 101), (1, 11)]);
+        assert!(feed.finished.is_empty());
         assert_eq!((times[0].first_token_s, seqs[0].context_len()), (2.0, 101));
-        let shape = inst.schedule(&p, &mut seqs);
+        let shape = inst.schedule(&p, &mut seqs, None);
         assert_eq!((shape.num_decode, shape.sum_context, shape.max_context), (2, 101 + 11, 101));
+    }
+
+    #[test]
+    fn the_next_decode_a_step_reports_is_the_batch_formed_from_scratch() {
+        let p = params(1000);
+        let mut seqs = vec![Seq::new(30, 50), Seq::new(14, 50), Seq::new(5, 3)];
+        let mut times =
+            vec![Timeline { arrival_s: 0.0, admitted_s: 0.0, first_token_s: f64::NAN, finished_s: f64::NAN }; 3];
+        let mut inst = Instance::new(InstanceId(0));
+        for r in 0..3 {
+            admit(&mut inst, &mut seqs, r);
+        }
+        let (mut feed, mut next, mut num_reported) = (StepFeed::default(), None, 0);
+        for t in 1..40 {
+            let fast = inst.schedule(&p, &mut seqs, next);
+            let (decode, prefill) = (inst.decode.clone(), inst.prefill.clone());
+            if next.is_some() {
+                num_reported += 1;
+                assert_eq!(fast, inst.schedule(&p, &mut seqs, None), "step {t}");
+                assert_eq!((&decode, &prefill), (&inst.decode, &inst.prefill));
+            }
+            feed.entries.clear();
+            next = inst.finish_step(&p, &mut seqs, &mut times, f64::from(t), &mut feed);
+        }
+        // Steps that cross a block boundary or finish a request form the batch from scratch.
+        assert!(num_reported > 20 && num_reported < 39, "{num_reported}");
     }
 
     #[test]
@@ -347,16 +442,18 @@ mod tests {
         let mut inst = Instance::new(InstanceId(0));
         admit(&mut inst, &mut seqs, 0);
         admit(&mut inst, &mut seqs, 1);
-        let mut emitted = Vec::new();
+        let mut feed = StepFeed::default();
         let mut t = 0.0;
         while seqs.iter().any(|s| s.phase != Phase::Done) {
-            inst.schedule(&p, &mut seqs);
+            inst.schedule(&p, &mut seqs, None);
             assert!(inst.used_blocks <= p.total_blocks);
             t += 1.0;
-            inst.finish_step(&p, &mut seqs, &mut times, t, &mut emitted);
+            inst.finish_step(&p, &mut seqs, &mut times, t, &mut feed);
             assert!(t < 100.0, "no progress");
         }
         assert!(seqs[1].num_preemptions > 0 && seqs[0].num_preemptions == 0, "the newer request yields");
+        assert_eq!(feed.finished, vec![0, 1]);
+        assert!(times.iter().all(|t| t.first_token_s < t.finished_s));
         assert_eq!(inst.used_blocks, 0);
         assert!(inst.peaks.used_blocks <= 8);
     }

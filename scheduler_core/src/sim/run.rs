@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::engine::{EngineParams, Instance, Phase, Seq, Timeline};
+use super::engine::{EngineParams, Instance, Phase, Seq, StepFeed, Timeline};
 use super::events::{EventKind, EventQueue};
 use super::flights::Flights;
 use super::inputs::{slots, validate_trace};
@@ -11,10 +11,10 @@ use super::migrate::{Failure, REASONS};
 use super::report::{summarize, InstanceStats, RequestRecord, SimReport, StageLoadSample};
 use super::SimConfig;
 use crate::arrivals::TraceRequest;
-use crate::cost::CostProfile;
+use crate::cost::{BatchShape, CostProfile};
 use crate::error::{CoreError, Result};
 use crate::ids::{InstanceId, RequestId};
-use crate::policy::{Policy, StepEntry};
+use crate::policy::Policy;
 
 /// A run whose admission queue is stuck (nothing running, nothing in flight, nothing left to
 /// arrive, the policy refusing every retry) ends after this many simulated seconds.
@@ -37,8 +37,8 @@ pub(super) struct Simulation<'a> {
     pub(super) queue: VecDeque<u32>,
     pub(super) events: EventQueue,
     pub(super) flights: Flights,
-    pub(super) entries: Vec<StepEntry>,
-    pub(super) emitted: Vec<u32>,
+    /// The last step's feed (kept to reuse its buffers).
+    pub(super) feed: StepFeed,
     pub(super) now: f64,
     pub(super) num_done: usize,
     pub(super) num_landed: [u64; 4],
@@ -89,9 +89,8 @@ impl<'a> Simulation<'a> {
             instances: instances.iter().map(|&id| Instance::new(id)).collect(),
             slot_of,
             queue: VecDeque::new(),
-            events: EventQueue::default(),
-            entries: Vec::new(),
-            emitted: Vec::new(),
+            events: EventQueue::with_slots(instances.len()),
+            feed: StepFeed::default(),
             now: 0.0,
             num_done: 0,
             num_landed: [0; 4],
@@ -107,18 +106,17 @@ impl<'a> Simulation<'a> {
 
     pub fn run(mut self) -> Result<SimReport> {
         self.events.push(self.config.tick_interval_s, EventKind::Tick);
+        let mut next_arrival_s = self.arrival_s(0);
         while self.num_done < self.seqs.len() {
-            let next_event = self.events.peek_time();
-            if let Some(&r) = self.order.get(self.num_arrived) {
-                let t = self.times[r as usize].arrival_s;
-                if next_event.is_none_or(|te| t < te) {
-                    self.now = t;
-                    self.num_arrived += 1;
-                    self.arrive(r)?;
-                    continue;
-                }
-            }
-            let Some((t, kind)) = self.events.pop() else { break };
+            // An arrival goes first unless an event comes no later.
+            let Some((t, kind)) = self.events.pop_unless_after(next_arrival_s) else {
+                let Some(&r) = self.order.get(self.num_arrived) else { break };
+                self.now = next_arrival_s;
+                self.num_arrived += 1;
+                next_arrival_s = self.arrival_s(self.num_arrived);
+                self.arrive(r)?;
+                continue;
+            };
             self.now = t;
             match kind {
                 EventKind::StepEnd(slot) => self.step_end(slot)?,
@@ -132,6 +130,11 @@ impl<'a> Simulation<'a> {
             }
         }
         Ok(self.into_report())
+    }
+
+    /// Arrival time of the `k`-th request by arrival, infinite past the last.
+    fn arrival_s(&self, k: usize) -> f64 {
+        self.order.get(k).map_or(f64::INFINITY, |&r| self.times[r as usize].arrival_s)
     }
 
     pub(super) fn slot(&self, id: InstanceId) -> Option<u32> {
@@ -179,11 +182,16 @@ impl<'a> Simulation<'a> {
 
     /// Starts a step on an idle instance that has work; it stays idle when nothing fits.
     pub(super) fn kick(&mut self, slot: u32) {
+        self.start_step(slot, None);
+    }
+
+    /// `kick`, with what the step that just ended there says of the next batch.
+    fn start_step(&mut self, slot: u32, next_decode: Option<BatchShape>) {
         let inst = &mut self.instances[slot as usize];
         if inst.is_busy || !inst.has_work() {
             return;
         }
-        let shape = inst.schedule(&self.p, &mut self.seqs);
+        let shape = inst.schedule(&self.p, &mut self.seqs, next_decode);
         if inst.decode.is_empty() && inst.prefill.is_empty() {
             return;
         }
@@ -197,42 +205,35 @@ impl<'a> Simulation<'a> {
     /// The coordinator's `_on_step`: finished requests leave the policy, the others form the
     /// step entries; then migrations, pauses due here, the queue, and the next step.
     fn step_end(&mut self, slot: u32) -> Result<()> {
-        let mut emitted = std::mem::take(&mut self.emitted);
-        emitted.clear();
+        self.feed.entries.clear();
+        self.feed.finished.clear();
         let inst = &mut self.instances[slot as usize];
-        inst.finish_step(&self.p, &mut self.seqs, &mut self.times, self.now, &mut emitted);
+        let next_decode = inst.finish_step(&self.p, &mut self.seqs, &mut self.times, self.now, &mut self.feed);
         let id = inst.id;
-        self.entries.clear();
-        for &r in &emitted {
-            let seq = &self.seqs[r as usize];
-            if seq.phase == Phase::Done {
-                self.num_done += 1;
-                self.total_output_tokens += u64::from(seq.num_generated);
-                self.last_finish_s = self.now;
-                self.policy.request_finished(RequestId(u64::from(r)), id);
-            } else {
-                self.entries.push(StepEntry {
-                    request: RequestId(u64::from(r)),
-                    instance: id,
-                    context_len: seq.context_len(),
-                });
-            }
+        for &r in &self.feed.finished {
+            self.num_done += 1;
+            self.total_output_tokens += u64::from(self.seqs[r as usize].num_generated);
+            self.last_finish_s = self.now;
+            self.policy.request_finished(RequestId(u64::from(r)), id);
         }
-        self.emitted = emitted;
-        if !self.entries.is_empty() {
-            for m in self.policy.on_step(&self.entries, self.now)? {
+        if !self.feed.entries.is_empty() {
+            for m in self.policy.on_step(&self.feed.entries, self.now)? {
                 self.migrate(m);
             }
         }
-        let mut pauses = std::mem::take(&mut self.instances[slot as usize].pending_pauses);
-        for &f in &pauses {
-            self.pause(f);
+        if !self.instances[slot as usize].pending_pauses.is_empty() {
+            let mut pauses = std::mem::take(&mut self.instances[slot as usize].pending_pauses);
+            for &f in &pauses {
+                self.pause(f);
+            }
+            pauses.clear();
+            self.instances[slot as usize].pending_pauses = pauses;
         }
-        pauses.clear();
-        self.instances[slot as usize].pending_pauses = pauses;
-        self.drain_queue()?;
+        if !self.queue.is_empty() {
+            self.drain_queue()?;
+        }
         self.instances[slot as usize].is_busy = false;
-        self.kick(slot);
+        self.start_step(slot, next_decode);
         Ok(())
     }
 
