@@ -91,13 +91,14 @@ def load_requests(
     benchmark runs."""
     if workloads.is_workload(workload):
         prompts, outputs = workloads.get(workload).sample(PRESET_SAMPLES, seed)
-        rate, cv = None, None
+        rate, cv, num_trace = None, None, None
     elif Path(workload).is_file():
         trace = read_trace(workload)
         prompts = [r.prompt_len for r in trace]
         outputs = [r.output_len for r in trace]
         rate = arrival_rate(trace)
         cv = gaps_cv([r.arrival_s for r in trace])
+        num_trace = len(trace)
     else:
         raise workloads.not_found(workload)
     kept_p, kept_o, dropped, truncated = [], [], 0, 0
@@ -115,9 +116,7 @@ def load_requests(
         kept_o.append(o)
     if not kept_p:
         raise ValueError(f"every request of {workload!r} is longer than max_len {max_len}")
-    return Requests(
-        kept_p, kept_o, rate, dropped, truncated, cv, len(prompts) if cv is not None else None
-    )
+    return Requests(kept_p, kept_o, rate, dropped, truncated, cv, num_trace)
 
 
 @dataclass(frozen=True)

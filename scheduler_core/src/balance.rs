@@ -117,25 +117,13 @@ impl Balancer {
     /// preempts, and a preempted request recomputes its whole context; below the watermark a
     /// move only costs its stall.
     fn even_kv(&self, router: &mut Router, instances: &[InstanceId]) -> Option<Migration> {
-        let capacity = router.profile.kv_capacity_tokens as f64;
-        let usage = |i: &InstanceId| router.loads.get(*i).kv_tokens() as f64 / capacity;
+        let usage = |i: &InstanceId| router.kv_usage(*i);
         let full = *instances.iter().max_by(|a, b| usage(a).total_cmp(&usage(b)))?;
         let empty = *instances.iter().min_by(|a, b| usage(a).total_cmp(&usage(b)))?;
         if usage(&full) <= KV_WATERMARK || usage(&full) - usage(&empty) <= self.config.kv_gap {
             return None;
         }
-        let &(request, len) = router
-            .loads
-            .get(full)
-            .running
-            .iter()
-            .filter(|(r, _)| !router.in_flight.contains(r))
-            .min_by_key(|(_, len)| *len)?;
-        if !router.loads.has_room(&router.profile, empty, len) {
-            return None;
-        }
-        let entry = StepEntry { request, instance: full, context_len: len };
-        Some(router.start_migration(entry, empty, MigrationReason::Balance))
+        router.move_shortest(full, empty, MigrationReason::Balance)
     }
 
     /// The request on `slow` whose move leaves the slower of the two instances fastest, when

@@ -102,7 +102,7 @@ impl Baseline {
     }
 
     fn usage(&self, inst: InstanceId) -> f64 {
-        self.router.loads.get(inst).kv_tokens() as f64 / self.router.profile.kv_capacity_tokens as f64
+        self.router.kv_usage(inst)
     }
 
     fn choose(&mut self, prompt_len: u32) -> Option<InstanceId> {
@@ -147,22 +147,8 @@ impl Baseline {
             if self.usage(busiest) - self.usage(freest) <= self.llumnix.usage_gap {
                 break;
             }
-            // The shortest request moves: least KV to copy.
-            let candidate = self
-                .router
-                .loads
-                .get(busiest)
-                .running
-                .iter()
-                .filter(|(r, _)| !self.router.in_flight.contains(r))
-                .min_by_key(|(_, len)| *len)
-                .copied();
-            let Some((request, len)) = candidate else { break };
-            if !self.has_room(freest, len) {
-                break;
-            }
-            let e = StepEntry { request, instance: busiest, context_len: len };
-            out.push(self.router.start_migration(e, freest, MigrationReason::Rebalance));
+            let Some(m) = self.router.move_shortest(busiest, freest, MigrationReason::Rebalance) else { break };
+            out.push(m);
         }
         out
     }

@@ -204,18 +204,9 @@ impl LoadBook {
         } else {
             batch.num_decode = batch.num_decode.saturating_sub(1);
             batch.sum_context = batch.sum_context.saturating_sub(u64::from(len));
-            if len == load.max_context {
-                let mut others = load.running.iter().map(|&(_, l)| l);
-                let mut skipped = false;
-                batch.max_context = others
-                    .by_ref()
-                    .filter(|&l| {
-                        let is_this_one = !skipped && l == len;
-                        skipped |= is_this_one;
-                        !is_this_one
-                    })
-                    .max()
-                    .unwrap_or(0);
+            let lengths = || load.running.iter().map(|&(_, l)| l);
+            if len == load.max_context && lengths().filter(|&l| l == len).count() == 1 {
+                batch.max_context = lengths().filter(|&l| l < len).max().unwrap_or(0);
             }
         }
         profile.step_time(&with_prefill_chunk(batch, load.queued_tokens, profile))

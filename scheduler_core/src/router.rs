@@ -110,6 +110,32 @@ impl Router {
         Some(self.start_migration(e, to, reason))
     }
 
+    /// KV tokens in use or promised on `inst`, as a share of its capacity.
+    pub(crate) fn kv_usage(&self, inst: InstanceId) -> f64 {
+        self.loads.get(inst).kv_tokens() as f64 / self.profile.kv_capacity_tokens as f64
+    }
+
+    /// Starts moving the shortest request on `from` that is not migrating already to `to`
+    /// (the least KV to copy); `None` when there is none or `to` has no room for it.
+    pub(crate) fn move_shortest(
+        &mut self,
+        from: InstanceId,
+        to: InstanceId,
+        reason: MigrationReason,
+    ) -> Option<Migration> {
+        let &(request, len) = self
+            .loads
+            .get(from)
+            .running
+            .iter()
+            .filter(|(r, _)| !self.in_flight.contains(r))
+            .min_by_key(|(_, len)| *len)?;
+        if !self.loads.has_room(&self.profile, to, len) {
+            return None;
+        }
+        Some(self.start_migration(StepEntry { request, instance: from, context_len: len }, to, reason))
+    }
+
     pub(crate) fn start_migration(&mut self, e: StepEntry, to: InstanceId, reason: MigrationReason) -> Migration {
         self.in_flight.insert(e.request);
         self.loads.move_request(e.request, e.instance, to, e.context_len);
