@@ -18,6 +18,9 @@ pub struct InstanceLoad {
     /// waiting for KV room.
     pub queued: Vec<(RequestId, u32)>,
     pub queued_tokens: u64,
+    /// Bounds on the ids in `queued` (exact after every change): a feed entry outside them is
+    /// not queued, which spares most entries a scan of the list (it can hold hundreds).
+    queued_ids: (u64, u64),
 }
 
 impl InstanceLoad {
@@ -28,15 +31,25 @@ impl InstanceLoad {
     }
 
     fn enqueue(&mut self, request: RequestId, len: u32) {
+        let (lo, hi) = if self.queued.is_empty() { (u64::MAX, 0) } else { self.queued_ids };
+        self.queued_ids = (lo.min(request.0), hi.max(request.0));
         self.queued.push((request, len));
         self.queued_tokens += u64::from(len);
     }
 
     /// Takes `request` off the queued list; whether it was there.
     fn dequeue(&mut self, request: RequestId) -> bool {
+        let (lo, hi) = self.queued_ids;
+        if self.queued.is_empty() || request.0 < lo || request.0 > hi {
+            return false;
+        }
         let Some(pos) = self.queued.iter().position(|&(r, _)| r == request) else { return false };
         let (_, len) = self.queued.swap_remove(pos);
         self.queued_tokens -= u64::from(len);
+        if request.0 == lo || request.0 == hi {
+            let ids = || self.queued.iter().map(|&(r, _)| r.0);
+            self.queued_ids = (ids().min().unwrap_or(u64::MAX), ids().max().unwrap_or(0));
+        }
         true
     }
 
@@ -96,12 +109,21 @@ pub struct LoadBook {
     /// Per instance reset in this refresh, its running requests before the reset: those the
     /// feed does not list again are still there, waiting (see [`LoadBook::end_refresh`]).
     before: Vec<(InstanceId, Vec<(RequestId, u32)>)>,
+    /// Emptied running lists kept for reuse: a refresh swaps one in instead of growing a new
+    /// list per instance and step (the simulator refreshes millions of times).
+    spare: Vec<Vec<(RequestId, u32)>>,
 }
 
 impl LoadBook {
     pub fn get(&self, inst: InstanceId) -> &InstanceLoad {
-        static EMPTY: InstanceLoad =
-            InstanceLoad { running: Vec::new(), sum_context: 0, max_context: 0, queued: Vec::new(), queued_tokens: 0 };
+        static EMPTY: InstanceLoad = InstanceLoad {
+            running: Vec::new(),
+            sum_context: 0,
+            max_context: 0,
+            queued: Vec::new(),
+            queued_tokens: 0,
+            queued_ids: (u64::MAX, 0),
+        };
         self.loads.get(inst.index()).unwrap_or(&EMPTY)
     }
 
@@ -131,14 +153,26 @@ impl LoadBook {
     /// preempted request from admission, which kept filling the instances that were already
     /// preempting (least-load: 1,055 preemptions on agentic traffic near saturation).
     pub fn end_refresh(&mut self) {
-        for (inst, before) in std::mem::take(&mut self.before) {
+        let mut refreshed = std::mem::take(&mut self.before);
+        for (inst, mut before) in refreshed.drain(..) {
             let load = &mut self.loads[inst.index()];
-            for (request, len) in before {
-                if !load.running.iter().any(|&(r, _)| r == request) && !load.queued.iter().any(|&(r, _)| r == request) {
+            // Feeds list an instance's requests in a stable order, so the previous list is
+            // almost always a subsequence of the new one: one forward pass finds each request,
+            // and only one that is missing costs a full search.
+            let mut next = 0;
+            for &(request, len) in &before {
+                if let Some(k) = load.running[next..].iter().position(|&(r, _)| r == request) {
+                    next += k + 1;
+                } else if !load.running[..next].iter().any(|&(r, _)| r == request)
+                    && !load.queued.iter().any(|&(r, _)| r == request)
+                {
                     load.enqueue(request, len);
                 }
             }
+            before.clear();
+            self.spare.push(before);
         }
+        self.before = refreshed; // empty, keeping its capacity
     }
 
     /// One running request seen in a step feed: the instance's running set is rebuilt from the
@@ -152,7 +186,8 @@ impl LoadBook {
         let (load, seen) = (&mut self.loads[idx], &mut self.epoch_of[idx]);
         if *seen != self.epoch {
             *seen = self.epoch;
-            self.before.push((inst, std::mem::take(&mut load.running)));
+            let fresh = self.spare.pop().unwrap_or_default();
+            self.before.push((inst, std::mem::replace(&mut load.running, fresh)));
             load.sum_context = 0;
             load.max_context = 0;
         }
@@ -345,6 +380,42 @@ mod tests {
         book.forget_request(a, RequestId(1));
         book.forget_request(a, RequestId(2));
         assert_eq!(book.get(a).kv_tokens(), 0);
+    }
+
+    #[test]
+    fn queued_requests_are_found_whatever_their_ids_and_the_feed_order() {
+        let mut book = LoadBook::default();
+        let a = InstanceId(0);
+        for r in [10, 5, 20] {
+            book.add_queued(a, RequestId(r), 100);
+        }
+        // Running 7 (inside the queued ids' bounds, not queued) and 20 (the highest queued id).
+        book.begin_refresh();
+        book.record(a, RequestId(7), 50);
+        book.record(a, RequestId(20), 101);
+        book.end_refresh();
+        let queued = |book: &LoadBook| {
+            let mut ids: Vec<u64> = book.get(a).queued.iter().map(|&(r, _)| r.0).collect();
+            ids.sort_unstable();
+            ids
+        };
+        assert_eq!(queued(&book), vec![5, 10]);
+        // The lowest and the highest queued ids start, the feed listing them out of order.
+        book.begin_refresh();
+        for (r, len) in [(10, 101), (20, 102), (5, 101), (7, 51)] {
+            book.record(a, RequestId(r), len);
+        }
+        book.end_refresh();
+        assert!(queued(&book).is_empty());
+        // Listed in a new order with one missing: only the missing one counts as preempted.
+        book.begin_refresh();
+        for (r, len) in [(7, 52), (5, 102), (20, 103)] {
+            book.record(a, RequestId(r), len);
+        }
+        book.end_refresh();
+        assert_eq!(queued(&book), vec![10]);
+        assert_eq!(book.get(a).running.len(), 3);
+        assert_eq!(book.get(a).kv_tokens(), 52 + 102 + 103 + 101);
     }
 
     #[test]
