@@ -14,7 +14,9 @@ from cascadeinfer.config import CascadeConfig
 from cascadeinfer.stage_count import (
     MAX_SELECTION_REQUESTS,
     OBJECTIVES,
+    PRESET_SELECTION_SEEDS,
     SELECTION_REQUESTS,
+    SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
     Candidate,
     choose_layout,
@@ -119,6 +121,45 @@ def load_requests(
     return Requests(kept_p, kept_o, rate, dropped, truncated, cv, num_trace)
 
 
+def selection_traces(
+    workload: str,
+    requests: Requests,
+    rate: float,
+    seed: int,
+    arrival_cv: float,
+    num_requests: int,
+    max_len: int,
+    clamp_prompts: bool = False,
+) -> list[list[tuple[float, int, int]]]:
+    """The traces every layout candidate is simulated on, with seeds from `seed` +
+    SELECTION_SEED_OFFSET. A preset draws PRESET_SELECTION_SEEDS of them as it draws any trace
+    of that length (independent realizations: a heavy-tailed preset's short trace can be far
+    lighter or heavier than its long-run mix, and the layout must hold on the draw that
+    comes); a trace file has one realization, so SELECTION_SEEDS block resamples of its
+    requests (`stage_count.selection_trace`). Lengths are fitted as `load_requests` fits
+    them."""
+    if not workloads.is_workload(workload):
+        return [
+            selection_trace(
+                requests.prompt_lens, requests.output_lens, rate, seed + k, arrival_cv, num_requests
+            )
+            for k in range(SELECTION_SEEDS)
+        ]
+    preset = workloads.get(workload)
+    traces = []
+    for k in range(PRESET_SELECTION_SEEDS):
+        drawn = preset.trace(
+            num_requests, rate, "gamma", arrival_cv, seed + k + SELECTION_SEED_OFFSET
+        )
+        fitted = []
+        for arrival, prompt, output in drawn:
+            if prompt >= max_len and not clamp_prompts:
+                continue  # dropped, as the planning samples drop it
+            fitted.append((arrival, *clamp_lengths(prompt, output, max_len)))
+        traces.append(fitted)
+    return traces
+
+
 @dataclass(frozen=True)
 class PlanResult:
     plan: _core.StagePlan
@@ -210,10 +251,7 @@ def plan_stages(
         cv = arrival_cv or requests.arrival_cv or 1.0
         horizon = horizon_requests or requests.num_trace_requests or SELECTION_REQUESTS
         n = max(SELECTION_REQUESTS, min(horizon, MAX_SELECTION_REQUESTS))
-        traces = [
-            selection_trace(requests.prompt_lens, requests.output_lens, target, seed + k, cv, n)
-            for k in range(SELECTION_SEEDS)
-        ]
+        traces = selection_traces(workload, requests, target, seed, cv, n, max_len, clamp_prompts)
         chosen_candidate, candidates = choose_layout(
             plan, summary, profile, num_instances, traces, objective=objective
         )

@@ -3,14 +3,27 @@ taken only where it simulates clearly better than one stage."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from cascadeinfer import workloads
 from cascadeinfer.evaluation.simbench import make_trace
-from cascadeinfer.planning import clamp_lengths, load_profile, load_requests, plan_stages
+from cascadeinfer.planning import (
+    clamp_lengths,
+    load_profile,
+    load_requests,
+    plan_stages,
+    selection_traces,
+)
 from cascadeinfer.stage_count import (
     MAX_P99_SLACK,
     MIN_GAIN,
+    PRESET_SELECTION_SEEDS,
+    SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
+    Candidate,
     gaps_cv,
+    paired_ratios,
     selection_trace,
     simulated_e2e,
 )
@@ -52,21 +65,20 @@ def test_the_layout_is_chosen_by_simulation_against_one_stage() -> None:
     assert chosen.candidates[-1].plan.objective_s == analytic.plan.objective_s
     assert len(chosen.plan.stages) == 1
     picked = balanced if chosen.config.is_one_stage_balanced else plain
-    # Every split lost to one stage by the selection's own rule.
+    # Every split lost to one stage by the selection's own rule: trace by trace, on as many
+    # independent draws of the preset as a preset gets.
+    assert len(picked.per_trace) == PRESET_SELECTION_SEEDS
     for c in chosen.candidates[2:]:
-        assert not (
-            c.simulated_mean_e2e_s <= (1 - MIN_GAIN) * picked.simulated_mean_e2e_s
-            and c.simulated_p99_e2e_s <= (1 + MAX_P99_SLACK) * picked.simulated_p99_e2e_s
-        )
+        mean, p99 = paired_ratios(c, picked, "mean")
+        assert not (mean <= 1 - MIN_GAIN and p99 <= 1 + MAX_P99_SLACK)
     # Simulating the chosen layout on the selection traces again gives the same figures.
-    traces = [
-        selection_trace(chosen.requests.prompt_lens, chosen.requests.output_lens, chosen.rate, k)
-        for k in range(SELECTION_SEEDS)
-    ]
+    traces = selection_traces(
+        "agentic", chosen.requests, chosen.rate, 0, 1.0, 2000, profile.max_model_len
+    )
     again = [
         simulated_e2e(chosen.plan, chosen.workload, profile, 16, t, chosen.config) for t in traces
     ]
-    assert sum(m for m, _ in again) / len(again) == picked.simulated_mean_e2e_s
+    assert tuple(again) == picked.per_trace
 
 
 def test_a_split_is_taken_where_it_pays() -> None:
@@ -74,9 +86,40 @@ def test_a_split_is_taken_where_it_pays() -> None:
     profile = load_profile("gpu-h100-llama3-8b")
     chosen = plan_stages(num_instances=16, workload="long-context-mixed", profile=profile)
     assert len(chosen.plan.stages) > 1
-    single = min(c.simulated_mean_e2e_s for c in chosen.candidates[:2])
+    plain, balanced = chosen.candidates[:2]
     picked = next(c for c in chosen.candidates if c.plan is chosen.plan)
-    assert picked.simulated_mean_e2e_s <= (1 - MIN_GAIN) * single
+    for single in (plain, balanced):
+        mean, p99 = paired_ratios(picked, single, "mean")
+        assert (mean <= 1 - MIN_GAIN and p99 <= 1 + MAX_P99_SLACK) or single is balanced
+
+
+def test_a_preset_is_judged_on_independent_draws_and_a_trace_on_resamples_of_itself(
+    tmp_path: Path,
+) -> None:
+    # A preset's selection traces are its own draws of the run's length, with seeds no
+    # benchmark uses; short draws of a heavy-tailed preset differ widely (the reason for them).
+    preset = workloads.get("sharegpt-multiturn")
+    requests = load_requests(preset.name, preset.max_len)
+    drawn = selection_traces(preset.name, requests, 5.0, 0, 2.0, 3000, preset.max_len)
+    assert len(drawn) == PRESET_SELECTION_SEEDS
+    for k, trace in enumerate(drawn):
+        assert trace == preset.trace(3000, 5.0, "gamma", 2.0, k + SELECTION_SEED_OFFSET)
+    mean_prompts = [sum(p for _, p, _ in t) / len(t) for t in drawn]
+    assert max(mean_prompts) > 1.3 * min(mean_prompts)
+    bench = make_trace(preset.name, num_requests=3000, rate=5.0, max_len=preset.max_len)
+    assert all(t != bench for t in drawn)
+    # A trace file: block resamples of its own requests.
+    path = tmp_path / "t.jsonl"
+    path.write_text(
+        "".join(
+            f'{{"arrival_s": {i * 0.2}, "prompt_len": {100 + i}, "output_len": 50}}\n'
+            for i in range(400)
+        )
+    )
+    own = load_requests(str(path), 32_768)
+    resampled = selection_traces(str(path), own, 5.0, 0, 1.0, 2000, 32_768)
+    assert len(resampled) == SELECTION_SEEDS
+    assert {p for t in resampled for _, p, _ in t} <= set(own.prompt_lens)
 
 
 def test_selection_traces_carry_the_burstiness_asked_for() -> None:
@@ -111,8 +154,24 @@ def test_the_selection_minimizes_the_objective_asked_for() -> None:
     assert [c.simulated_p99_e2e_s for c in splits] == [
         c.simulated_p99_e2e_s for c in by["p99"].candidates[2:]
     ], "the same candidates, judged differently"
-    for objective, figure in (("mean", "simulated_mean_e2e_s"), ("p99", "simulated_p99_e2e_s")):
-        picked = next(c for c in by[objective].candidates if c.plan is by[objective].plan)
-        assert getattr(picked, figure) == min(getattr(c, figure) for c in splits)
+    for objective in ("mean", "p99"):
+        result = by[objective]
+        picked = next(c for c in result.candidates if c.plan is result.plan)
+
+        # Among the splits the rule admits, the lowest objective figure relative to one stage
+        # (plain or balanced, whichever the selection kept), trace by trace.
+        assert len(result.plan.stages) > 1, "long-context-mixed splits by either objective"
+        assert any(
+            _is_least_admitted(picked, splits, single, objective)
+            for single in result.candidates[:2]
+        )
     with pytest.raises(ValueError, match="objective"):
         plan_stages(num_instances=16, workload="bimodal", profile=profile, objective="median")
+
+
+def _is_least_admitted(
+    picked: Candidate, splits: list[Candidate], single: Candidate, objective: str
+) -> bool:
+    ratios = [paired_ratios(c, single, objective) for c in splits]
+    admitted = [r for r, s in ratios if r <= 1 - MIN_GAIN and s <= 1 + MAX_P99_SLACK]
+    return bool(admitted) and paired_ratios(picked, single, objective)[0] == min(admitted)
