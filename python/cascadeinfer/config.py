@@ -37,6 +37,9 @@ class CascadeConfig:
     is_refine_enabled: bool = True
     is_one_stage_balanced: bool = False
     """Balance a one-stage layout too (off: one stage is least-load admission exactly)."""
+    is_one_stage_kv_first: bool = False
+    """Run a one-stage layout Llumnix's way instead: admission by free KV per request, moves
+    that even KV usage (wins over `is_one_stage_balanced`)."""
 
 
 @dataclass(frozen=True)

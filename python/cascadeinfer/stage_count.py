@@ -7,11 +7,11 @@ so it misjudges the number of stages and, on some traffic, whether splitting pay
 cluster simulator in the core runs the very policy the scheduler will run, so each candidate
 runs there on traffic drawn like the observed one:
 
-- lengths resampled from the planning samples in blocks of consecutive requests (a trace's
-  order, or a preset's, whose agent sessions emit their turns together), so runs of long
-  requests stay together; arrivals Gamma with the observed coefficient of variation at the
-  planned rate (bursts included); on `SELECTION_SEEDS` seeds of their own (not the benchmark's
-  trace);
+- a preset's own draws of the run's length (`PRESET_SELECTION_SEEDS` of them), or a trace
+  file's requests resampled in blocks of consecutive ones, so runs of long requests stay
+  together (`SELECTION_SEEDS` resamples; `planning.selection_traces` picks); arrivals Gamma with
+  the observed coefficient of variation at the planned rate (bursts included); on seeds of
+  their own (never the benchmark's trace);
 - the policy as it will run (refinement and balancing on).
 
 The candidates are the one-stage layout (least-load admission exactly: the no-regret
@@ -19,9 +19,10 @@ fallback), the one-stage layout with balancing moves, and the partitioner's best
 several stage counts. One stage is balanced only where that simulates better on mean and p99
 together (`MIN_BALANCE_GAIN`). A split is chosen only when it beats that one-stage layout on
 the simulated mean by `MIN_GAIN` and its simulated p99 is within `MAX_P99_SLACK` of it (a p99 of
-2,000 requests is the 20th worst: a noisier figure than the mean); otherwise the fleet runs as
-one stage. Boundaries and instance counts within a count stay the
-partitioner's; runtime refinement keeps the count it is given.
+2,000 requests is the 20th worst: a noisier figure than the mean), both as the mean over the
+selection traces of its per-trace ratio to one stage; otherwise the fleet runs as one stage.
+Boundaries and instance counts within a count stay the partitioner's; runtime refinement keeps
+the count it is given.
 """
 
 from __future__ import annotations
@@ -66,12 +67,15 @@ are samples, and a split that only ties in simulation can lose on the traffic th
 MAX_P99_SLACK = 0.05
 """... and keep its simulated p99 end-to-end latency within this share above one stage's."""
 MIN_BALANCE_GAIN = 0.01
-"""Balancing one stage must cut the average of the mean and p99 ratios by this share without
-raising the mean at all: where it trades mean for tail in simulation it was seen to cost up to
-9% of mean latency on the real trace."""
+"""A one-stage alternative (balanced, or run Llumnix's way) must cut the average of the mean
+and p99 ratios by this share without raising the mean at all: where balancing trades mean for
+tail in simulation it was seen to cost up to 9% of mean latency on the real trace."""
 
 
-BALANCED_ONE_STAGE = CascadeConfig(is_one_stage_balanced=True)
+NUM_ONE_STAGE = 3
+"""One-stage candidates, first among the candidates: plain (least-load exactly), balanced,
+and run Llumnix's way (`CascadeConfig.is_one_stage_kv_first`). Either of the last two replaces
+the one before it only by beating it as `MIN_BALANCE_GAIN` says."""
 
 
 @dataclass(frozen=True)
@@ -232,9 +236,11 @@ def choose_layout(
         raise ValueError(f"objective {objective!r}: known {', '.join(OBJECTIVES)}")
     config = config or CascadeConfig()
     plans = _candidate_plans(best, summary, profile, num_instances)
+    one_stage = replace(config, is_one_stage_balanced=False, is_one_stage_kv_first=False)
     runs = [
-        (plans[0], replace(config, is_one_stage_balanced=False)),
-        (plans[0], replace(config, is_one_stage_balanced=True)),
+        (plans[0], one_stage),
+        (plans[0], replace(one_stage, is_one_stage_balanced=True)),
+        (plans[0], replace(one_stage, is_one_stage_kv_first=True)),
         *((p, config) for p in plans[1:]),
     ]
     # The simulator releases the GIL: the candidates' runs share the cores.
@@ -252,11 +258,15 @@ def choose_layout(
             mean = sum(r[0] for r in results) / len(results)
             p99 = sum(r[1] for r in results) / len(results)
             candidates.append(Candidate(len(plan.stages), plan, cfg, mean, p99, tuple(results)))
-    plain, balanced = candidates[:2]
-    is_balanced = _beats(balanced, plain, objective, MIN_BALANCE_GAIN, 0.0, 1.0)
-    single = balanced if is_balanced else plain
+    plain, *alternatives = candidates[:NUM_ONE_STAGE]
+    single = plain
+    for c in alternatives:
+        if _beats(c, single, objective, MIN_BALANCE_GAIN, 0.0, 1.0):
+            single = c
     splits = [
-        c for c in candidates[2:] if _beats(c, single, objective, 0.0, -MIN_GAIN, MAX_P99_SLACK)
+        c
+        for c in candidates[NUM_ONE_STAGE:]
+        if _beats(c, single, objective, 0.0, -MIN_GAIN, MAX_P99_SLACK)
     ]
     if not splits:
         return single, candidates

@@ -94,17 +94,6 @@ impl Baseline {
         self.router.loads.has_room(&self.router.profile, inst, tokens)
     }
 
-    /// Llumnix freeness: free KV tokens per running request (higher is freer).
-    fn freeness(&self, inst: InstanceId) -> f64 {
-        let load = self.router.loads.get(inst);
-        let free = self.router.profile.kv_capacity_tokens as f64 - load.kv_tokens() as f64;
-        free / (load.running.len() as f64 + f64::from(load.num_queued()) + 1.0)
-    }
-
-    fn usage(&self, inst: InstanceId) -> f64 {
-        self.router.kv_usage(inst)
-    }
-
     fn choose(&mut self, prompt_len: u32) -> Option<InstanceId> {
         let instances = self.instances().to_vec();
         match self.kind {
@@ -130,27 +119,14 @@ impl Baseline {
                 let pair = [a, b];
                 self.router.loads.least_loaded(&self.router.profile, &pair, prompt_len, true, None)
             }
-            BaselineKind::Llumnix => instances
-                .iter()
-                .copied()
-                .filter(|&i| self.has_room(i, prompt_len))
-                .max_by(|&a, &b| self.freeness(a).total_cmp(&self.freeness(b))),
+            BaselineKind::Llumnix => self.router.freest(&instances, prompt_len),
         }
     }
 
     fn llumnix_rebalance(&mut self) -> Vec<Migration> {
-        let mut out = Vec::new();
-        for _ in 0..self.llumnix.max_moves_per_tick {
-            let instances = self.instances().to_vec();
-            let busiest = *instances.iter().max_by(|&&a, &&b| self.usage(a).total_cmp(&self.usage(b))).unwrap();
-            let freest = *instances.iter().min_by(|&&a, &&b| self.usage(a).total_cmp(&self.usage(b))).unwrap();
-            if self.usage(busiest) - self.usage(freest) <= self.llumnix.usage_gap {
-                break;
-            }
-            let Some(m) = self.router.move_shortest(busiest, freest, MigrationReason::Rebalance) else { break };
-            out.push(m);
-        }
-        out
+        let instances = self.instances().to_vec();
+        let LlumnixConfig { usage_gap, max_moves_per_tick } = self.llumnix;
+        self.router.even_kv_usage(&instances, usage_gap, max_moves_per_tick, MigrationReason::Rebalance)
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use crate::balance::{BalanceConfig, Balancer};
+use crate::baselines::LlumnixConfig;
 use crate::cost::CostProfile;
 use crate::error::Result;
 use crate::grid::BucketGrid;
@@ -27,6 +28,13 @@ pub struct CascadeConfig {
     /// percent of mean latency on other traffic, so the planner chooses by simulation.
     #[serde(default)]
     pub is_one_stage_balanced: bool,
+    /// Run a one-stage layout Llumnix's way instead (it wins over `is_one_stage_balanced`):
+    /// admission to the instance with the most free KV per request, and moves from the
+    /// instance with the highest KV usage to the lowest while they differ by more than the
+    /// Llumnix gap. Where KV pressure, not step time, decides the tail (long agent sessions),
+    /// that single-pool policy beats least-load; the planner chooses by simulation.
+    #[serde(default)]
+    pub is_one_stage_kv_first: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -38,6 +46,7 @@ pub struct CascadePolicy {
     /// count each arrival once, not once per retry.
     refused: HashSet<RequestId>,
     is_one_stage_balanced: bool,
+    is_one_stage_kv_first: bool,
 }
 
 impl CascadePolicy {
@@ -67,11 +76,17 @@ impl CascadePolicy {
             refiner,
             refused: HashSet::new(),
             is_one_stage_balanced: config.is_one_stage_balanced,
+            is_one_stage_kv_first: config.is_one_stage_kv_first,
         })
     }
 
     pub fn router(&self) -> &Router {
         &self.router
+    }
+
+    /// One stage, run Llumnix's way (`CascadeConfig::is_one_stage_kv_first`).
+    fn is_kv_first(&self) -> bool {
+        self.is_one_stage_kv_first && self.router.layout.stages().len() == 1
     }
 
     /// Requests now outside their instance's stage go to the stage they belong to.
@@ -104,7 +119,11 @@ impl Policy for CascadePolicy {
     }
 
     fn admit(&mut self, request: RequestId, prompt_len: u32, _now: f64) -> Result<Option<Admission>> {
-        let admission = self.router.admit(request, prompt_len)?;
+        let admission = if self.is_kv_first() {
+            self.router.admit_freest(request, prompt_len)?
+        } else {
+            self.router.admit(request, prompt_len)?
+        };
         let is_retry = if admission.is_some() { self.refused.remove(&request) } else { !self.refused.insert(request) };
         if let (Some(refiner), false) = (&mut self.refiner, is_retry) {
             refiner.observe_arrival(prompt_len);
@@ -132,7 +151,16 @@ impl Policy for CascadePolicy {
         }
         // Without balancing, one stage is the least-load policy exactly: the fallback the
         // planner picks when no split pays.
-        if self.router.layout.stages().len() > 1 || self.is_one_stage_balanced {
+        if self.is_kv_first() {
+            let instances = self.router.layout.stages()[0].instances.clone();
+            let LlumnixConfig { usage_gap, max_moves_per_tick } = LlumnixConfig::default();
+            outcome.migrations.extend(self.router.even_kv_usage(
+                &instances,
+                usage_gap,
+                max_moves_per_tick,
+                MigrationReason::Balance,
+            ));
+        } else if self.router.layout.stages().len() > 1 || self.is_one_stage_balanced {
             outcome.migrations.extend(self.balancer.decide(&mut self.router, now));
         }
         outcome

@@ -110,6 +110,57 @@ impl Router {
         Some(self.start_migration(e, to, reason))
     }
 
+    /// Llumnix's dispatch: among `candidates` with KV room for `tokens`, the one with the most
+    /// free KV tokens per request it holds or waits for (Sun et al., OSDI'24).
+    pub(crate) fn freest(&self, candidates: &[InstanceId], tokens: u32) -> Option<InstanceId> {
+        let freeness = |inst: InstanceId| {
+            let load = self.loads.get(inst);
+            let free = self.profile.kv_capacity_tokens as f64 - load.kv_tokens() as f64;
+            free / (load.running.len() as f64 + f64::from(load.num_queued()) + 1.0)
+        };
+        candidates
+            .iter()
+            .copied()
+            .filter(|&i| self.loads.has_room(&self.profile, i, tokens))
+            .max_by(|&a, &b| freeness(a).total_cmp(&freeness(b)))
+    }
+
+    /// Llumnix's rebalancing: up to `max_moves` times, move the shortest request from the
+    /// instance of `candidates` with the highest KV usage to the one with the lowest while
+    /// their usages differ by more than `usage_gap`.
+    pub(crate) fn even_kv_usage(
+        &mut self,
+        candidates: &[InstanceId],
+        usage_gap: f64,
+        max_moves: u32,
+        reason: MigrationReason,
+    ) -> Vec<Migration> {
+        let mut out = Vec::new();
+        for _ in 0..max_moves {
+            let by_usage = |a: &&InstanceId, b: &&InstanceId| self.kv_usage(**a).total_cmp(&self.kv_usage(**b));
+            let (Some(&busiest), Some(&freest)) =
+                (candidates.iter().max_by(by_usage), candidates.iter().min_by(by_usage))
+            else {
+                break;
+            };
+            if self.kv_usage(busiest) - self.kv_usage(freest) <= usage_gap {
+                break;
+            }
+            let Some(m) = self.move_shortest(busiest, freest, reason) else { break };
+            out.push(m);
+        }
+        out
+    }
+
+    /// Admits to the freest instance of stage 0 ([`Router::freest`]): a one-stage layout run
+    /// Llumnix's way.
+    pub(crate) fn admit_freest(&mut self, request: RequestId, prompt_len: u32) -> Result<Option<Admission>> {
+        self.check_len(prompt_len)?;
+        let Some(instance) = self.freest(&self.layout.stages()[0].instances, prompt_len) else { return Ok(None) };
+        self.loads.add_queued(instance, request, prompt_len);
+        Ok(Some(Admission { instance, stage: 0 }))
+    }
+
     /// KV tokens in use or promised on `inst`, as a share of its capacity.
     pub(crate) fn kv_usage(&self, inst: InstanceId) -> f64 {
         self.loads.get(inst).kv_tokens() as f64 / self.profile.kv_capacity_tokens as f64

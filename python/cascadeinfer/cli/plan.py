@@ -61,12 +61,14 @@ def as_json(result: PlanResult) -> dict[str, Any]:
             {
                 "stages": c.num_stages,
                 "one_stage_balanced": c.config.is_one_stage_balanced,
+                "one_stage_kv_first": c.config.is_one_stage_kv_first,
                 "simulated_mean_e2e_s": c.simulated_mean_e2e_s,
                 "simulated_p99_e2e_s": c.simulated_p99_e2e_s,
             }
             for c in result.candidates
         ],
         "one_stage_balanced": result.config.is_one_stage_balanced,
+        "one_stage_kv_first": result.config.is_one_stage_kv_first,
         "solve_ms": result.solve_ms,
         "rate": result.rate,
         "dropped_requests": result.requests.num_dropped,
@@ -75,6 +77,8 @@ def as_json(result: PlanResult) -> dict[str, Any]:
 
 
 def _label(c: Candidate) -> str:
+    if c.num_stages == 1 and c.config.is_one_stage_kv_first:
+        return "1 stage, KV first (Llumnix's way)"
     if c.num_stages == 1:
         return "1 stage, balanced" if c.config.is_one_stage_balanced else "1 stage (least-load)"
     return f"{c.num_stages} stages"

@@ -32,6 +32,7 @@ pub(crate) struct PyCascadeConfig {
     refine: PyRefineConfig,
     is_refine_enabled: bool,
     is_one_stage_balanced: bool,
+    is_one_stage_kv_first: bool,
 }
 
 #[derive(FromPyObject)]
@@ -60,6 +61,7 @@ impl From<PyCascadeConfig> for CascadeConfig {
             },
             is_refine_enabled: c.is_refine_enabled,
             is_one_stage_balanced: c.is_one_stage_balanced,
+            is_one_stage_kv_first: c.is_one_stage_kv_first,
         }
     }
 }

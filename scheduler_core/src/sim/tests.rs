@@ -252,3 +252,22 @@ fn one_unbalanced_stage_is_least_load_exactly() {
     let mut cascade = CascadePolicy::new(p.clone(), layout, grid, balanced, None).unwrap();
     assert!(run(&mut cascade, &p, &trace).summary.migrations > 0, "balancing one stage moves requests");
 }
+
+#[test]
+fn one_kv_first_stage_is_llumnix_exactly() {
+    // The other single-pool fallback: one stage run Llumnix's way makes the Llumnix baseline's
+    // every decision (dispatch by free KV per request, moves that even KV usage), so the
+    // planner can pick it where that policy beats least-load.
+    let p = gpu();
+    let trace = bimodal(3000, 12.0, 5);
+    let mut llumnix = baseline(BaselineKind::Llumnix, &p, 8);
+    let expected = run(&mut llumnix, &p, &trace);
+    assert!(expected.summary.migrations > 0, "the trace makes Llumnix move requests");
+    let config = CascadeConfig { is_one_stage_kv_first: true, ..CascadeConfig::default() };
+    let layout = StageLayout::single(p.max_model_len, &ids(8)).unwrap();
+    let grid = BucketGrid::geometric(p.max_model_len, 64, 16).unwrap();
+    let mut cascade = CascadePolicy::new(p.clone(), layout, grid, config, None).unwrap();
+    let got = run(&mut cascade, &p, &trace);
+    assert_eq!(got.summary, expected.summary);
+    assert_eq!(got.requests, expected.requests);
+}
