@@ -1,0 +1,304 @@
+"""The routes of the OpenAI-compatible front (a Starlette app): bearer token, body limits,
+parsing into the typed models, and the two answer shapes, one JSON body or Server-Sent
+Events ending in `data: [DONE]`."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from cascadeinfer.scheduler.coordinator import Coordinator
+from cascadeinfer.scheduler.openai.errors import APIError, from_validation, invalid
+from cascadeinfer.scheduler.openai.generation import Runner, Step, unless_disconnected
+from cascadeinfer.scheduler.openai.model_files import ModelFiles
+from cascadeinfer.scheduler.openai.params import build_job, chat_prompt, completion_prompt
+from cascadeinfer.scheduler.openai.schema import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    FinishReasonName,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+MAX_BODY_BYTES = 4 << 20
+"""Largest request body read; a bigger one is refused with 413 before it is read whole."""
+MAX_REQUEST_ID_CHARS = 128
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class OpenAIFront:
+    def __init__(
+        self, coordinator: Coordinator, files: ModelFiles, *, auth_token: str, model_name: str
+    ) -> None:
+        self.c = coordinator
+        self.files = files
+        self.runner = Runner(coordinator)
+        self._token = auth_token.encode()
+        self._model_name = model_name
+        self.started = int(time.time())
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/v1/models", self._guard(self.models), methods=["GET"]),
+            Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
+        ]
+        return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+
+    # --- guards ----------------------------------------------------------------------------
+    def _guard(self, handler: Handler) -> Handler:
+        async def guarded(request: Request) -> Response:
+            try:
+                self._check_token(request)
+                return await handler(request)
+            except APIError as e:
+                return e.response()
+
+        return guarded
+
+    def _check_token(self, request: Request) -> None:
+        if not self._token:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self._token
+        ):
+            raise APIError(401, "missing or wrong bearer token", code="invalid_api_key")
+
+    async def _parse(self, request: Request, model: type[M]) -> M:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        try:
+            raw = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise invalid(f"body is not JSON: {e}") from None
+        try:
+            return model.model_validate(raw)
+        except ValidationError as e:
+            raise from_validation(e) from None
+
+    def _served_names(self) -> list[str]:
+        if self._model_name:
+            return [self._model_name]
+        return sorted({w.info.model for w in self.c.pool.healthy()})
+
+    def _check_model(self, name: str) -> None:
+        if self.c.policy is None or not self.c.pool.healthy():
+            raise APIError(503, "no worker is serving yet")
+        if name not in self._served_names():
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; see /v1/models",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _request_id(self, request: Request, prefix: str) -> str:
+        given = request.headers.get("x-request-id", "")
+        if len(given) > MAX_REQUEST_ID_CHARS:
+            raise invalid(f"x-request-id: longer than {MAX_REQUEST_ID_CHARS} characters")
+        return given or f"{prefix}-{uuid.uuid4().hex}"
+
+    # --- routes ----------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        """200 while some worker serves (the load balancer's probe; no token needed)."""
+        if self.c.policy is None or not self.c.pool.healthy():
+            return JSONResponse({"status": "no healthy worker"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def models(self, request: Request) -> Response:
+        cards = [
+            ModelCard(id=name, created=self.started, max_model_len=self.c.max_model_len)
+            for name in self._served_names()
+        ]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    async def completions(self, request: Request) -> Response:
+        body = await self._parse(request, CompletionRequest)
+        self._check_model(body.model)
+        prompt = completion_prompt(body, self.files)
+        job = build_job(body, prompt, self.files, self.c.max_model_len, body.max_tokens)
+        rid = self._request_id(request, "cmpl")
+        rec = await self.runner.submit(rid, job)
+        reply = Reply(rid, body.model, len(job.prompt))
+        steps = self.runner.steps(rec, job)
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return _sse(reply.completion_events(steps, usage))
+        result = await unless_disconnected(_gather(steps), request.receive)
+        if result is None:
+            return Response(status_code=499)
+        text, finish, num_tokens = result
+        return JSONResponse(reply.completion(text, finish, num_tokens).model_dump())
+
+    async def chat(self, request: Request) -> Response:
+        body = await self._parse(request, ChatCompletionRequest)
+        self._check_model(body.model)
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise invalid("give max_tokens or max_completion_tokens, not both", "max_tokens")
+        prompt = chat_prompt(body, self.files)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        job = build_job(body, prompt, self.files, self.c.max_model_len, max_tokens)
+        rid = self._request_id(request, "chatcmpl")
+        rec = await self.runner.submit(rid, job)
+        reply = Reply(rid, body.model, len(job.prompt))
+        steps = self.runner.steps(rec, job)
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return _sse(reply.chat_events(steps, usage))
+        result = await unless_disconnected(_gather(steps), request.receive)
+        if result is None:
+            return Response(status_code=499)
+        text, finish, num_tokens = result
+        return JSONResponse(reply.chat(text, finish, num_tokens).model_dump())
+
+
+class Reply:
+    """The answer objects of one request, whole or as stream chunks."""
+
+    def __init__(self, request_id: str, model: str, num_prompt_tokens: int) -> None:
+        self.id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.num_prompt_tokens = num_prompt_tokens
+
+    def usage(self, num_tokens: int) -> Usage:
+        n = self.num_prompt_tokens
+        return Usage(prompt_tokens=n, completion_tokens=num_tokens, total_tokens=n + num_tokens)
+
+    def completion(self, text: str, finish: FinishReasonName | None, num_tokens: int) -> Completion:
+        choice = CompletionChoice(text=text, finish_reason=finish)
+        return Completion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[choice],
+            usage=self.usage(num_tokens),
+        )
+
+    def chat(self, text: str, finish: FinishReasonName | None, num_tokens: int) -> ChatCompletion:
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)
+        return ChatCompletion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[choice],
+            usage=self.usage(num_tokens),
+        )
+
+    async def completion_events(
+        self, steps: AsyncIterator[Step], include_usage: bool
+    ) -> AsyncIterator[str]:
+        num_tokens = 0
+        async for step in steps:
+            num_tokens = step.num_tokens
+            choice = CompletionChoice(text=step.text, finish_reason=step.finish)
+            chunk = Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
+            yield _event(chunk)
+        if include_usage:
+            yield _event(
+                Completion(
+                    id=self.id,
+                    created=self.created,
+                    model=self.model,
+                    choices=[],
+                    usage=self.usage(num_tokens),
+                )
+            )
+
+    async def chat_events(
+        self, steps: AsyncIterator[Step], include_usage: bool
+    ) -> AsyncIterator[str]:
+        def chunk(delta: Delta, finish: FinishReasonName | None = None) -> str:
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish)
+            return _event(
+                ChatCompletionChunk(
+                    id=self.id, created=self.created, model=self.model, choices=[choice]
+                )
+            )
+
+        yield chunk(Delta(role="assistant", content=""))
+        num_tokens = 0
+        async for step in steps:
+            num_tokens = step.num_tokens
+            if step.text:
+                yield chunk(Delta(content=step.text))
+            if step.finish is not None:
+                yield chunk(Delta(), step.finish)
+        if include_usage:
+            yield _event(
+                ChatCompletionChunk(
+                    id=self.id,
+                    created=self.created,
+                    model=self.model,
+                    choices=[],
+                    usage=self.usage(num_tokens),
+                )
+            )
+
+
+async def _gather(steps: AsyncIterator[Step]) -> tuple[str, FinishReasonName | None, int]:
+    parts: list[str] = []
+    finish = None
+    num_tokens = 0
+    async for step in steps:
+        parts.append(step.text)
+        finish, num_tokens = step.finish, step.num_tokens
+    return "".join(parts), finish, num_tokens
+
+
+def _event(obj: BaseModel) -> str:
+    return f"data: {obj.model_dump_json()}\n\n"
+
+
+async def _with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Ends every stream with [DONE]; an error after the 200 went out is sent as an event."""
+    try:
+        async for e in events:
+            yield e
+    except APIError as e:
+        yield f"data: {e.body().model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        _with_errors(events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return APIError(404, f"no route {request.url.path}").response()
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return APIError(405, f"{request.method} is not allowed on {request.url.path}").response()
