@@ -57,7 +57,7 @@ def completion_prompt(body: CompletionRequest, files: ModelFiles) -> tuple[int, 
             )
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = tuple(files.tokenizer.encode(prompt, add_special_tokens=True).ids)
+        ids = tuple(files.tokenizer.encode(prompt, add_special_tokens=True).ids) if prompt else ()
     else:
         ids = tuple(prompt)
     if not ids:
