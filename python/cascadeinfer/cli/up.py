@@ -15,8 +15,8 @@ from cascadeinfer.cli.client import generate, scheduler_stub
 from cascadeinfer.cli.status import format_state
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, start_many
-from cascadeinfer.proto.v1 import scheduler_pb2
-from cascadeinfer.worker.tiny_model import write_byte_tokenizer
+from cascadeinfer.proto.v1 import scheduler_pb2, worker_pb2
+from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
 
 
 def add_parser(sub: Any) -> None:
@@ -28,6 +28,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--policy", choices=POLICY_NAMES, default="cascade")
     p.add_argument("--stages", help="explicit stages MIN-MAX:WORKERS,... (default: planned)")
+    p.add_argument("--port", type=int, default=0, help="scheduler gRPC port (default: any free)")
+    p.add_argument(
+        "--http-port", type=int, default=8000, help="OpenAI-compatible API port (0: any free)"
+    )
+    p.add_argument("--profile", help="cost profile the plan is made with (default: per engine)")
+    p.add_argument("--workload", help="preset or trace the plan is made for")
+    p.add_argument("--rate", type=float, help="arrival rate the plan is made for")
     p.add_argument("--no-demo", action="store_true", help="skip the demo requests")
     p.add_argument("--exit-after-demo", action="store_true", help="stop the cluster after the demo")
     p.set_defaults(run=run)
@@ -43,7 +50,7 @@ def worker_args(args: argparse.Namespace) -> list[str]:
             "--sim-kv-bytes-per-token",
             "1024",
             "--sim-vocab-size",
-            "256",
+            "1024",
         ]
     return ["--engine", "vllm", *(["--model", args.model] if args.model else [])]
 
@@ -80,11 +87,16 @@ def demo(address: str, stages: list[scheduler_pb2.StageState]) -> None:
     )
 
 
+def curl_example(base_url: str, model: str) -> str:
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 16}}'
+    return f"curl {base_url}/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+
+
 def tokenizer_for(args: argparse.Namespace, log_dir: Path) -> Path:
-    """The model's tokenizer.json, else a byte-level one (the built-in model has none)."""
+    """The model's tokenizer files, else the built-in tiny model's (tokenizer and chat template)."""
     if args.model and (Path(args.model) / "tokenizer.json").is_file():
         return Path(args.model)
-    return write_byte_tokenizer(log_dir / "tokenizer")
+    return write_tiny_tokenizer(log_dir / "tokenizer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,14 +116,21 @@ def run(args: argparse.Namespace) -> int:
         sched_args = ["--workers", ",".join(d.address for d in daemons), "--policy", args.policy]
         if stages:
             sched_args += ["--stages", stages]
-        if args.engine == "vllm":
-            sched_args += ["--profile", "cpu-vllm-tiny-llama"]
+        sched_args += ["--port", str(args.port), "--http-port", str(args.http_port)]
+        profile = args.profile or ("cpu-vllm-tiny-llama" if args.engine == "vllm" else None)
+        for flag, value in (("--profile", profile), ("--workload", args.workload)):
+            if value:
+                sched_args += [flag, value]
+        if args.rate is not None:
+            sched_args += ["--rate", str(args.rate)]
         sched_args += ["--tokenizer", str(tokenizer_for(args, log_dir))]
         scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120)[0]
         daemons.append(scheduler)
         for d in daemons[:-1]:
             print(f"worker     {d.address} ({d.engine})")
-        print(f"scheduler  {scheduler.address} (policy {scheduler.engine})\n")
+        print(f"scheduler  {scheduler.address} (policy {scheduler.engine})")
+        model = daemons[0].stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=30).model
+        print(f"openai     {scheduler.openai_url} (model {model!r})\n")
         state = scheduler_stub(scheduler.address).GetClusterState(
             scheduler_pb2.GetClusterStateRequest()
         )
@@ -123,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"\nserving; try: cascade generate --address {scheduler.address} --prompt-token-ids 1,2,3 --max-tokens 16"
         )
+        print(f"or: {curl_example(scheduler.openai_url, model)}")
         print("Ctrl-C stops the cluster.", flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
