@@ -137,7 +137,7 @@ def test_chat_streams_the_same_text_as_the_whole_answer(front: Front) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage == whole.usage
-    rendered = "<|begin_of_text|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi! 🙂<|im_end|>\n<|im_start|>assistant\n"
+    rendered = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi! 🙂<|im_end|>\n<|im_start|>assistant\n"
     prompt_ids = front.tokenizer.encode(rendered, add_special_tokens=False).ids
     assert whole.usage.prompt_tokens == len(prompt_ids)
     assert whole.choices[0].message.content == front.tokenizer.decode(

@@ -38,7 +38,6 @@ def test_any_text_round_trips_through_the_tiny_tokenizer(files: ModelFiles) -> N
     assert tok.get_vocab_size() == 1024
     for text in ["Hello! How are you today?", "Grüße 你好 🙂 \x00\n\t", "    def f():\n"]:
         ids = tok.encode(text).ids
-        assert ids[0] == 1, "encoding starts with <|begin_of_text|>, bos_token_id in config.json"
         assert tok.decode(ids) == text
     assert len(tok.encode("Hello! How are you today?").ids) < 1 + len("Hello! How are you today?")
     assert files.eos_token_ids == (2,), "<|im_end|>, eos_token_id in config.json"
@@ -58,7 +57,7 @@ def test_chat_template_renders_as_hugging_face_does(model_dir: Path, files: Mode
             expected = expected["input_ids"]
         assert list(chat_prompt(body, files)) == list(expected)
     text = files.tokenizer.decode(list(chat_prompt(body, files)), skip_special_tokens=False)
-    assert text.startswith("<|begin_of_text|><|im_start|>system\nYou are terse.<|im_end|>\n")
+    assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n")
 
 
 def test_text_pieces_never_split_a_character(files: ModelFiles) -> None:

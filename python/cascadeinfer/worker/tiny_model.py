@@ -38,13 +38,12 @@ SPECIAL_TOKENS = ("<|pad|>", "<|begin_of_text|>", "<|im_end|>", "<|im_start|>")
 end-of-sequence token, as in ChatML models."""
 
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-"""ChatML, the template of Qwen and many others."""
+"""ChatML, as Qwen's models use it (no BOS token, neither here nor when encoding text)."""
 
 TRAINING_TEXT = """\
 A length-aware scheduler serves one large language model on a fleet of engine instances.
@@ -75,10 +74,10 @@ def write_tiny_tokenizer(directory: Path, *, vocab_size: int = 1024) -> Path:
     template) into `directory` and returns it.
 
     A byte-level BPE trained here, offline, on `TRAINING_TEXT`: the four special tokens, the
-    256 byte symbols, merges up to `vocab_size`. Encoding adds `<|begin_of_text|>` in front (as
-    Llama's tokenizers do); the chat template writes it itself.
+    256 byte symbols, merges up to `vocab_size`. Like Qwen's, it adds no BOS token: an empty
+    text is no tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -95,15 +94,11 @@ def write_tiny_tokenizer(directory: Path, *, vocab_size: int = 1024) -> Path:
     # emit decodes (to nothing, as special tokens do).
     size = tokenizer.get_vocab_size()
     tokenizer.add_special_tokens([f"<|reserved_{i}|>" for i in range(size, vocab_size)])
-    bos = SPECIAL_TOKENS[1]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, 1)]
-    )
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos,
+        "bos_token": SPECIAL_TOKENS[1],
         "eos_token": SPECIAL_TOKENS[2],
         "pad_token": SPECIAL_TOKENS[0],
         "model_max_length": 4096,
