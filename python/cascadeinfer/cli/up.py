@@ -35,6 +35,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--profile", help="cost profile the plan is made with (default: per engine)")
     p.add_argument("--workload", help="preset or trace the plan is made for")
     p.add_argument("--rate", type=float, help="arrival rate the plan is made for")
+    p.add_argument(
+        "--sim-time-scale", type=float, default=1.0, help="sim: step time factor (0: no wait)"
+    )
     p.add_argument("--no-demo", action="store_true", help="skip the demo requests")
     p.add_argument("--exit-after-demo", action="store_true", help="stop the cluster after the demo")
     p.set_defaults(run=run)
@@ -51,6 +54,8 @@ def worker_args(args: argparse.Namespace) -> list[str]:
             "1024",
             "--sim-vocab-size",
             "1024",
+            "--sim-time-scale",
+            str(args.sim_time_scale),
         ]
     return ["--engine", "vllm", *(["--model", args.model] if args.model else [])]
 

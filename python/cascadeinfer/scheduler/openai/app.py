@@ -244,9 +244,14 @@ class Reply:
                 )
             )
 
-        yield chunk(Delta(role="assistant", content=""))
         num_tokens = 0
+        is_first = True
         async for step in steps:
+            if is_first:
+                is_first = False
+                # The role goes out with the first output, as vLLM sends it, so a client's
+                # time to first token measures a token, not the admission.
+                yield chunk(Delta(role="assistant", content=""))
             num_tokens = step.num_tokens
             if step.text:
                 yield chunk(Delta(content=step.text))
