@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import structlog
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -38,6 +39,8 @@ from cascadeinfer.scheduler.openai.schema import (
     ModelList,
     Usage,
 )
+
+log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 4 << 20
 """Largest request body read; a bigger one is refused with 413 before it is read whole."""
@@ -74,6 +77,9 @@ class OpenAIFront:
                 return await handler(request)
             except APIError as e:
                 return e.response()
+            except Exception:
+                log.exception("http_internal_error", path=request.url.path)
+                return APIError(500, "internal error").response()
 
         return guarded
 
@@ -290,6 +296,9 @@ async def _with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
             yield e
     except APIError as e:
         yield f"data: {e.body().model_dump_json()}\n\n"
+    except Exception:
+        log.exception("http_stream_error")
+        yield f"data: {APIError(500, 'internal error').body().model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -18,7 +18,7 @@ from cascadeinfer.scheduler.openai.errors import APIError, from_grpc, invalid
 from cascadeinfer.scheduler.openai.params import Job
 from cascadeinfer.scheduler.openai.schema import FinishReasonName
 from cascadeinfer.scheduler.openai.textstream import TextStream
-from cascadeinfer.scheduler.requests import ClientRequest, Delivery
+from cascadeinfer.scheduler.requests import ClientRequest
 from cascadeinfer.worker.engine import EngineError, FinishReason
 
 log = structlog.get_logger(__name__)
@@ -70,7 +70,7 @@ class Runner:
         stream = TextStream(self.c.tokenizer, job.stop)
         try:
             while True:
-                d = _coalesce(await rec.out.get(), rec.out)
+                d = await rec.next_delivery()
                 self.c.metrics.tokens.inc(len(d.token_ids))
                 piece = stream.feed(d.token_ids, is_last=d.finish is not None)
                 if piece.is_stopped:
@@ -100,19 +100,6 @@ class Runner:
     async def _abort(self, request_id: str) -> None:
         with contextlib.suppress(SchedulingError):
             await self.c.abort(request_id)
-
-
-def _coalesce(first: Delivery, queue: asyncio.Queue[Delivery]) -> Delivery:
-    """Deliveries already waiting, merged: a slow reader gets fewer, larger pieces."""
-    if queue.empty() or first.finish is not None:
-        return first
-    tokens = list(first.token_ids)
-    finish = None
-    while not queue.empty() and finish is None:
-        more = queue.get_nowait()
-        tokens.extend(more.token_ids)
-        finish = more.finish
-    return Delivery(tuple(tokens), first.first_index, finish)
 
 
 async def until_disconnect(receive: Receive) -> None:
