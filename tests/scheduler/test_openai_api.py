@@ -5,6 +5,7 @@ stages (so requests migrate mid-stream), with a bearer token and the tiny model'
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from cascadeinfer.scheduler.text import load_tokenizer
 from cascadeinfer.worker.tiny_model import write_tiny_llama
 from tokenizers import Tokenizer
 
-from tests.worker.daemons import Daemon, start_scheduler, workers
+from tests.scheduler.certs import make_certs
+from tests.worker.daemons import Daemon, start_scheduler, start_worker, workers
 from tests.worker.streams import run_to_end
 
 TOKEN = "s3cret-http"
@@ -305,3 +307,34 @@ def test_queue_full_is_429_and_no_worker_is_503(front: Front, tmp_path: Path) ->
         assert httpx.get(none.openai_url.removesuffix("/v1") + "/health").status_code == 503
     finally:
         none.stop()
+
+
+def test_https_with_the_scheduler_certificate(tmp_path: Path) -> None:
+    """With --tls-cert the HTTP API is HTTPS: a client trusting the CA streams, plain HTTP
+    to the same port gets no answer."""
+    certs = make_certs(tmp_path / "certs")
+    tls = ["--tls-cert", str(certs.cert), "--tls-key", str(certs.key), "--tls-ca", str(certs.ca)]
+    model_dir = write_tiny_llama(tmp_path / "model")
+    args = ["--tokenizer", str(model_dir), "--http-port", "0", "--min-workers", "1", *tls]
+    scheduler = start_scheduler(args, tmp_path)
+    try:
+        worker = start_worker([*SIM, "--scheduler", scheduler.address, *tls], tmp_path)
+        try:
+            assert scheduler.openai_url.startswith("https://127.0.0.1:")
+            http = httpx.Client(verify=ssl.create_default_context(cafile=str(certs.ca)))
+            client = openai.OpenAI(
+                base_url=scheduler.openai_url, api_key="none", http_client=http, max_retries=0
+            )
+            deadline = time.monotonic() + 30
+            while not client.models.list().data and time.monotonic() < deadline:
+                time.sleep(0.2)
+            chunks = list(
+                client.completions.create(model="sim", prompt="secure", max_tokens=5, stream=True)
+            )
+            assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(scheduler.openai_url.replace("https://", "http://") + "/models")
+        finally:
+            worker.kill()
+    finally:
+        scheduler.kill()
