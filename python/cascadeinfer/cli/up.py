@@ -33,8 +33,10 @@ def add_parser(sub: Any) -> None:
         "--http-port", type=int, default=8000, help="OpenAI-compatible API port (0: any free)"
     )
     p.add_argument("--profile", help="cost profile the plan is made with (default: per engine)")
-    p.add_argument("--workload", help="preset or trace the plan is made for")
-    p.add_argument("--rate", type=float, help="arrival rate the plan is made for")
+    p.add_argument(
+        "--workload", help="preset or trace to plan stages for (default: doubling stages)"
+    )
+    p.add_argument("--rate", type=float, help="arrival rate to plan stages for")
     p.add_argument(
         "--sim-time-scale", type=float, default=1.0, help="sim: step time factor (0: no wait)"
     )
@@ -88,7 +90,7 @@ def demo(address: str, stages: list[scheduler_pb2.StageState]) -> None:
     g = generate(stub, "Hello from CascadeInfer!", 24, "demo-text")
     print(
         f"demo-text: {len(g.token_ids)} tokens ({g.finish_reason}) for a text prompt; "
-        f"text {g.text!r} (random weights and a byte tokenizer: noise, but real text)"
+        f"text {g.text!r} (random weights: noise, but real text)"
     )
 
 
@@ -115,8 +117,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         daemons = start_many(WORKER, [worker_args(args)] * args.workers, log_dir)
         max_len = 8192 if args.engine == "sim" else 2048
+        # Doubling stages show migrations on any traffic; a workload or rate asks for a plan.
+        is_planned = args.workload is not None or args.rate is not None
         stages = args.stages or (
-            default_stages(args.workers, max_len) if args.policy == "cascade" else None
+            default_stages(args.workers, max_len)
+            if args.policy == "cascade" and not is_planned
+            else None
         )
         sched_args = ["--workers", ",".join(d.address for d in daemons), "--policy", args.policy]
         if stages:
