@@ -228,6 +228,12 @@ def test_bad_token_unknown_model_and_bad_json(front: Front) -> None:
         front.client().completions.create(model="sim", prompt="still serving", max_tokens=2).usage
         is not None
     )
+    metrics = httpx.get(front.scheduler.openai_url.removesuffix("/v1") + "/metrics").text
+    for status in (200, 400, 401, 404, 413):
+        line = (
+            f'cascade_scheduler_http_responses_total{{route="/v1/completions",status="{status}"}}'
+        )
+        assert line in metrics, status
 
 
 def wait_idle(front: Front, timeout: float = 20) -> None:

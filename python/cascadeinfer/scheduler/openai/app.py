@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -63,6 +64,7 @@ class OpenAIFront:
     def app(self) -> Starlette:
         routes = [
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
             Route("/v1/models", self._guard(self.models), methods=["GET"]),
             Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
             Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
@@ -74,12 +76,14 @@ class OpenAIFront:
         async def guarded(request: Request) -> Response:
             try:
                 self._check_token(request)
-                return await handler(request)
+                response = await handler(request)
             except APIError as e:
-                return e.response()
+                response = e.response()
             except Exception:
                 log.exception("http_internal_error", path=request.url.path)
-                return APIError(500, "internal error").response()
+                response = APIError(500, "internal error").response()
+            self.c.metrics.http_responses.labels(request.url.path, response.status_code).inc()
+            return response
 
         return guarded
 
@@ -138,6 +142,11 @@ class OpenAIFront:
         if self.c.policy is None or not self.c.pool.healthy():
             return JSONResponse({"status": "no healthy worker"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        """The scheduler's Prometheus metrics on the API port too (open, as /health is)."""
+        body = generate_latest(self.c.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request: Request) -> Response:
         cards = [
