@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cascadeinfer.scheduler.config import parse_args
 from cascadeinfer.scheduler.openai.errors import APIError
 from cascadeinfer.scheduler.openai.model_files import ModelFiles, load_model_files
 from cascadeinfer.scheduler.openai.params import build_job, chat_prompt, completion_prompt
@@ -126,3 +127,13 @@ def test_unsupported_values_are_refused_by_name(
         build_job(body, completion_prompt(body, files), files, 4096, None)
     assert e.value.status == 400 and e.value.param == param
     assert param in e.value.message
+
+
+def test_http_port_needs_a_tokenizer(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="http_port needs a tokenizer"):
+        parse_args(["--http-port", "8000"])
+    with pytest.raises(ValueError, match="http_port = 70000"):
+        parse_args(["--http-port", "70000", "--tokenizer", str(model_dir)])
+    config = parse_args(["--http-port", "0", "--tokenizer", str(model_dir)])
+    assert config.http_port == 0
+    assert parse_args([]).http_port is None, "off unless asked for"
