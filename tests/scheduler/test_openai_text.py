@@ -4,13 +4,19 @@ a character, stop strings across pieces, and the mapping of request fields."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 from cascadeinfer.scheduler.config import parse_args
 from cascadeinfer.scheduler.openai.errors import APIError
 from cascadeinfer.scheduler.openai.model_files import ModelFiles, load_model_files
-from cascadeinfer.scheduler.openai.params import build_job, chat_prompt, completion_prompt
+from cascadeinfer.scheduler.openai.params import (
+    INLINE_ENCODE_CHARS,
+    build_job,
+    chat_prompt,
+    completion_prompt,
+)
 from cascadeinfer.scheduler.openai.schema import ChatCompletionRequest, CompletionRequest
 from cascadeinfer.scheduler.openai.textstream import StopWatch, TextStream
 from cascadeinfer.scheduler.text import load_tokenizer
@@ -44,7 +50,9 @@ def test_any_text_round_trips_through_the_tiny_tokenizer(files: ModelFiles) -> N
     assert files.eos_token_ids == (2,), "<|im_end|>, eos_token_id in config.json"
 
 
-def test_chat_template_renders_as_hugging_face_does(model_dir: Path, files: ModelFiles) -> None:
+async def test_chat_template_renders_as_hugging_face_does(
+    model_dir: Path, files: ModelFiles
+) -> None:
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     for add_generation_prompt in (True, False):
@@ -56,8 +64,8 @@ def test_chat_template_renders_as_hugging_face_does(model_dir: Path, files: Mode
         )
         if isinstance(expected, dict) or hasattr(expected, "input_ids"):
             expected = expected["input_ids"]
-        assert list(chat_prompt(body, files)) == list(expected)
-    text = files.tokenizer.decode(list(chat_prompt(body, files)), skip_special_tokens=False)
+        assert list(await chat_prompt(body, files)) == list(expected)
+    text = files.tokenizer.decode(list(await chat_prompt(body, files)), skip_special_tokens=False)
     assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n")
 
 
@@ -82,7 +90,7 @@ def test_stop_strings_match_across_pieces_and_nothing_of_them_leaks() -> None:
     assert not any(p.is_stopped for p in out)
 
 
-def test_fields_map_to_the_worker_sampling(files: ModelFiles) -> None:
+async def test_fields_map_to_the_worker_sampling(files: ModelFiles) -> None:
     body = CompletionRequest.model_validate(
         {
             "model": "m",
@@ -96,13 +104,13 @@ def test_fields_map_to_the_worker_sampling(files: ModelFiles) -> None:
             "stop_token_ids": [7],
         }
     )
-    job = build_job(body, completion_prompt(body, files), files, 4096, body.max_tokens)
+    job = build_job(body, await completion_prompt(body, files), files, 4096, body.max_tokens)
     s = job.sampling
     assert job.prompt == (5, 6, 7) and job.stop == ("END",)
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (9, 0.5, 0.9, 0, 3)
     assert s.stop_token_ids == (7, 2), "EOS joins the client's stop tokens"
     body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "ignore_eos": True})
-    job = build_job(body, completion_prompt(body, files), files, 4096, None)
+    job = build_job(body, await completion_prompt(body, files), files, 4096, None)
     assert job.sampling.stop_token_ids == () and job.sampling.ignore_eos
     assert job.sampling.max_tokens == 4096 - len(job.prompt), "default: the rest of the length"
 
@@ -119,12 +127,12 @@ def test_fields_map_to_the_worker_sampling(files: ModelFiles) -> None:
         ({"prompt": ""}, "prompt"),
     ],
 )
-def test_unsupported_values_are_refused_by_name(
+async def test_unsupported_values_are_refused_by_name(
     files: ModelFiles, extra: dict[str, object], param: str
 ) -> None:
     body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", **extra})
     with pytest.raises(APIError) as e:
-        build_job(body, completion_prompt(body, files), files, 4096, None)
+        build_job(body, await completion_prompt(body, files), files, 4096, None)
     assert e.value.status == 400 and e.value.param == param
     assert param in e.value.message
 
@@ -137,3 +145,23 @@ def test_http_port_needs_a_tokenizer(model_dir: Path) -> None:
     config = parse_args(["--http-port", "0", "--tokenizer", str(model_dir)])
     assert config.http_port == 0
     assert parse_args([]).http_port is None, "off unless asked for"
+
+
+async def test_long_texts_tokenize_off_the_event_loop_to_the_same_ids(files: ModelFiles) -> None:
+    text = "Grüße, 你好! The quick brown fox. " * 10_000
+    assert len(text) > INLINE_ENCODE_CHARS
+    body = CompletionRequest.model_validate({"model": "m", "prompt": text})
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    ids = await completion_prompt(body, files)
+    ticker.cancel()
+    assert list(ids) == files.tokenizer.encode(text).ids
+    assert ticks >= 5, "the event loop ran while the text was tokenized"
