@@ -322,6 +322,7 @@ def test_https_with_the_scheduler_certificate(tmp_path: Path) -> None:
     tls = ["--tls-cert", str(certs.cert), "--tls-key", str(certs.key), "--tls-ca", str(certs.ca)]
     model_dir = write_tiny_llama(tmp_path / "model")
     args = ["--tokenizer", str(model_dir), "--http-port", "0", "--min-workers", "1", *tls]
+    args += ["--served-model-name", "tiny-chat"]
     scheduler = start_scheduler(args, tmp_path)
     try:
         worker = start_worker([*SIM, "--scheduler", scheduler.address, *tls], tmp_path)
@@ -331,11 +332,15 @@ def test_https_with_the_scheduler_certificate(tmp_path: Path) -> None:
             client = openai.OpenAI(
                 base_url=scheduler.openai_url, api_key="none", http_client=http, max_retries=0
             )
+            health = scheduler.openai_url.removesuffix("/v1") + "/health"
             deadline = time.monotonic() + 30
-            while not client.models.list().data and time.monotonic() < deadline:
+            while http.get(health).status_code != 200 and time.monotonic() < deadline:
                 time.sleep(0.2)
+            assert [m.id for m in client.models.list().data] == ["tiny-chat"]
             chunks = list(
-                client.completions.create(model="sim", prompt="secure", max_tokens=5, stream=True)
+                client.completions.create(
+                    model="tiny-chat", prompt="secure", max_tokens=5, stream=True
+                )
             )
             assert chunks[-1].choices[0].finish_reason in ("length", "stop")
             with pytest.raises(httpx.HTTPError):

@@ -165,3 +165,19 @@ async def test_long_texts_tokenize_off_the_event_loop_to_the_same_ids(files: Mod
     ticker.cancel()
     assert list(ids) == files.tokenizer.encode(text).ids
     assert ticks >= 5, "the event loop ran while the text was tokenized"
+
+
+async def test_a_chat_template_file_replaces_the_directory_one(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    template = tmp_path / "plain.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    files = load_model_files(load_tokenizer(str(model_dir)), str(model_dir), str(template))
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES[:2]})
+    ids = await chat_prompt(body, files)
+    assert files.tokenizer.decode(list(ids)) == (
+        "SYSTEM: You are terse.\nUSER: Grüße! 你好 🙂\nASSISTANT:"
+    )
