@@ -83,6 +83,9 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
 def test_models_and_health(front: Front) -> None:
     models = front.client().models.list()
     assert [m.id for m in models.data] == ["sim"]
+    assert front.client().models.retrieve("sim").id == "sim"
+    with pytest.raises(openai.NotFoundError):
+        front.client().models.retrieve("gpt-4o")
     health = httpx.get(front.scheduler.openai_url.removesuffix("/v1") + "/health")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
 

@@ -66,6 +66,7 @@ class OpenAIFront:
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/v1/models", self._guard(self.models), methods=["GET"]),
+            Route("/v1/models/{name:path}", self._guard(self.model), methods=["GET"]),
             Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
             Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
         ]
@@ -148,12 +149,17 @@ class OpenAIFront:
         body = generate_latest(self.c.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    def _card(self, name: str) -> ModelCard:
+        return ModelCard(id=name, created=self.started, max_model_len=self.c.max_model_len)
+
     async def models(self, request: Request) -> Response:
-        cards = [
-            ModelCard(id=name, created=self.started, max_model_len=self.c.max_model_len)
-            for name in self._served_names()
-        ]
+        cards = [self._card(name) for name in self._served_names()]
         return JSONResponse(ModelList(data=cards).model_dump())
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        self._check_model(name)
+        return JSONResponse(self._card(name).model_dump())
 
     async def completions(self, request: Request) -> Response:
         body = await self._parse(request, CompletionRequest)
