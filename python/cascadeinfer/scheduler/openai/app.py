@@ -8,7 +8,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import structlog
@@ -16,29 +16,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cascadeinfer.scheduler.coordinator import Coordinator
 from cascadeinfer.scheduler.openai.errors import APIError, from_validation, invalid
-from cascadeinfer.scheduler.openai.generation import Runner, Step, unless_disconnected
+from cascadeinfer.scheduler.openai.generation import Runner, unless_disconnected
 from cascadeinfer.scheduler.openai.model_files import ModelFiles
-from cascadeinfer.scheduler.openai.params import build_job, chat_prompt, completion_prompt
+from cascadeinfer.scheduler.openai.params import Job, build_job, chat_prompt, completion_prompt
+from cascadeinfer.scheduler.openai.replies import Reply, gather, sse
 from cascadeinfer.scheduler.openai.schema import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    Completion,
-    CompletionChoice,
     CompletionRequest,
-    Delta,
-    FinishReasonName,
     ModelCard,
     ModelList,
-    Usage,
+    SamplingFields,
 )
 
 log = structlog.get_logger(__name__)
@@ -166,18 +158,7 @@ class OpenAIFront:
         self._check_model(body.model)
         prompt = await completion_prompt(body, self.files)
         job = build_job(body, prompt, self.files, self.c.max_model_len, body.max_tokens)
-        rid = self._request_id(request, "cmpl")
-        rec = await self.runner.submit(rid, job)
-        reply = Reply(rid, body.model, len(job.prompt))
-        steps = self.runner.steps(rec, job)
-        if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return _sse(reply.completion_events(steps, usage))
-        result = await unless_disconnected(_gather(steps), request.receive)
-        if result is None:
-            return Response(status_code=499)
-        text, finish, num_tokens = result
-        return JSONResponse(reply.completion(text, finish, num_tokens).model_dump())
+        return await self._answer(request, body, job, is_chat=False)
 
     async def chat(self, request: Request) -> Response:
         body = await self._parse(request, ChatCompletionRequest)
@@ -187,142 +168,25 @@ class OpenAIFront:
         prompt = await chat_prompt(body, self.files)
         max_tokens = body.max_completion_tokens or body.max_tokens
         job = build_job(body, prompt, self.files, self.c.max_model_len, max_tokens)
-        rid = self._request_id(request, "chatcmpl")
+        return await self._answer(request, body, job, is_chat=True)
+
+    async def _answer(
+        self, request: Request, body: SamplingFields, job: Job, *, is_chat: bool
+    ) -> Response:
+        """Submits the job and answers as a stream or, once it is done, as one object."""
+        rid = self._request_id(request, "chatcmpl" if is_chat else "cmpl")
         rec = await self.runner.submit(rid, job)
         reply = Reply(rid, body.model, len(job.prompt))
         steps = self.runner.steps(rec, job)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return _sse(reply.chat_events(steps, usage))
-        result = await unless_disconnected(_gather(steps), request.receive)
+            events = reply.chat_events if is_chat else reply.completion_events
+            return sse(events(steps, usage))
+        result = await unless_disconnected(gather(steps), request.receive)
         if result is None:
-            return Response(status_code=499)
-        text, finish, num_tokens = result
-        return JSONResponse(reply.chat(text, finish, num_tokens).model_dump())
-
-
-class Reply:
-    """The answer objects of one request, whole or as stream chunks."""
-
-    def __init__(self, request_id: str, model: str, num_prompt_tokens: int) -> None:
-        self.id = request_id
-        self.model = model
-        self.created = int(time.time())
-        self.num_prompt_tokens = num_prompt_tokens
-
-    def usage(self, num_tokens: int) -> Usage:
-        n = self.num_prompt_tokens
-        return Usage(prompt_tokens=n, completion_tokens=num_tokens, total_tokens=n + num_tokens)
-
-    def completion(self, text: str, finish: FinishReasonName | None, num_tokens: int) -> Completion:
-        choice = CompletionChoice(text=text, finish_reason=finish)
-        return Completion(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[choice],
-            usage=self.usage(num_tokens),
-        )
-
-    def chat(self, text: str, finish: FinishReasonName | None, num_tokens: int) -> ChatCompletion:
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)
-        return ChatCompletion(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[choice],
-            usage=self.usage(num_tokens),
-        )
-
-    async def completion_events(
-        self, steps: AsyncIterator[Step], include_usage: bool
-    ) -> AsyncIterator[str]:
-        num_tokens = 0
-        async for step in steps:
-            num_tokens = step.num_tokens
-            choice = CompletionChoice(text=step.text, finish_reason=step.finish)
-            chunk = Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
-            yield _event(chunk)
-        if include_usage:
-            yield _event(
-                Completion(
-                    id=self.id,
-                    created=self.created,
-                    model=self.model,
-                    choices=[],
-                    usage=self.usage(num_tokens),
-                )
-            )
-
-    async def chat_events(
-        self, steps: AsyncIterator[Step], include_usage: bool
-    ) -> AsyncIterator[str]:
-        def chunk(delta: Delta, finish: FinishReasonName | None = None) -> str:
-            choice = ChatChunkChoice(delta=delta, finish_reason=finish)
-            return _event(
-                ChatCompletionChunk(
-                    id=self.id, created=self.created, model=self.model, choices=[choice]
-                )
-            )
-
-        num_tokens = 0
-        is_first = True
-        async for step in steps:
-            if is_first:
-                is_first = False
-                # The role goes out with the first output, as vLLM sends it, so a client's
-                # time to first token measures a token, not the admission.
-                yield chunk(Delta(role="assistant", content=""))
-            num_tokens = step.num_tokens
-            if step.text:
-                yield chunk(Delta(content=step.text))
-            if step.finish is not None:
-                yield chunk(Delta(), step.finish)
-        if include_usage:
-            yield _event(
-                ChatCompletionChunk(
-                    id=self.id,
-                    created=self.created,
-                    model=self.model,
-                    choices=[],
-                    usage=self.usage(num_tokens),
-                )
-            )
-
-
-async def _gather(steps: AsyncIterator[Step]) -> tuple[str, FinishReasonName | None, int]:
-    parts: list[str] = []
-    finish = None
-    num_tokens = 0
-    async for step in steps:
-        parts.append(step.text)
-        finish, num_tokens = step.finish, step.num_tokens
-    return "".join(parts), finish, num_tokens
-
-
-def _event(obj: BaseModel) -> str:
-    return f"data: {obj.model_dump_json()}\n\n"
-
-
-async def _with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Ends every stream with [DONE]; an error after the 200 went out is sent as an event."""
-    try:
-        async for e in events:
-            yield e
-    except APIError as e:
-        yield f"data: {e.body().model_dump_json()}\n\n"
-    except Exception:
-        log.exception("http_stream_error")
-        yield f"data: {APIError(500, 'internal error').body().model_dump_json()}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        _with_errors(events),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+            return Response(status_code=499)  # the client left; nobody reads this
+        whole = reply.chat(*result) if is_chat else reply.completion(*result)
+        return JSONResponse(whole.model_dump())
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -14,7 +14,7 @@ from cascadeinfer.scheduler.openai.model_files import ModelFiles
 from cascadeinfer.scheduler.openai.schema import (
     ChatCompletionRequest,
     CompletionRequest,
-    _Sampling,
+    SamplingFields,
 )
 from cascadeinfer.worker.engine import SamplingSpec
 
@@ -33,7 +33,7 @@ ONLY_DEFAULT: dict[str, tuple[Callable[[Any], bool], str]] = {
 """Fields accepted only at the value that asks for nothing: anything else is a 400."""
 
 
-def check_unsupported(body: _Sampling) -> None:
+def check_unsupported(body: SamplingFields) -> None:
     for name, (is_default, why) in ONLY_DEFAULT.items():
         if name in body.model_fields_set and not is_default(getattr(body, name)):
             raise invalid(f"{name} = {getattr(body, name)!r}: {why}", name)
@@ -112,7 +112,7 @@ async def chat_prompt(body: ChatCompletionRequest, files: ModelFiles) -> tuple[i
 
 
 def build_job(
-    body: _Sampling,
+    body: SamplingFields,
     prompt: tuple[int, ...],
     files: ModelFiles,
     max_model_len: int,

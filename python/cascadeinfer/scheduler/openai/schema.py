@@ -32,7 +32,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class SamplingFields(BaseModel):
     """Fields both endpoints share."""
 
     model_config = ConfigDict(extra="forbid")
@@ -63,7 +63,7 @@ class _Sampling(BaseModel):
     """vLLM's extension: higher is admitted first when requests wait in the queue."""
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     prompt: str | TokenIdList | list[str] | list[TokenIdList]
     echo: bool = False
     suffix: str | None = None
@@ -83,7 +83,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_U32)
     add_generation_prompt: bool = True
