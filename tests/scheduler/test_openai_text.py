@@ -125,6 +125,7 @@ async def test_fields_map_to_the_worker_sampling(files: ModelFiles) -> None:
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": ""}, "prompt"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
 async def test_unsupported_values_are_refused_by_name(

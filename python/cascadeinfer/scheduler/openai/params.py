@@ -37,6 +37,8 @@ def check_unsupported(body: SamplingFields) -> None:
     for name, (is_default, why) in ONLY_DEFAULT.items():
         if name in body.model_fields_set and not is_default(getattr(body, name)):
             raise invalid(f"{name} = {getattr(body, name)!r}: {why}", name)
+    if body.stream_options is not None and not body.stream:
+        raise invalid("stream_options: only allowed with stream = true", "stream_options")
 
 
 @dataclass(frozen=True)
