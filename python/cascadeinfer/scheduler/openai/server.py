@@ -62,6 +62,7 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
         access_log=False,
         lifespan="off",
         ws="none",
+        proxy_headers=False,  # the front reads no client address; skip the per-request rewrite
         limit_concurrency=MAX_CONNECTIONS,
         timeout_graceful_shutdown=5,
         ssl_certfile=config.tls.cert or None,
