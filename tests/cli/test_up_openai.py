@@ -18,12 +18,14 @@ import pytest
 
 CASCADE = str(Path(sys.executable).parent / "cascade")
 OPENAI_LINE = re.compile(r"^openai\s+(\S+) \(model '([^']+)'\)$")
+TOKEN_LINE = re.compile(r"^auth token (\S+)")
 
 
 @contextmanager
-def cascade_up(*args: str, timeout: float = 300) -> Iterator[tuple[str, str]]:
-    """Runs `cascade up ARGS` until its OpenAI base URL shows; yields (url, model); stops it
-    with SIGTERM (as Ctrl-C would) and checks it stopped cleanly."""
+def cascade_up(*args: str, timeout: float = 300) -> Iterator[tuple[str, str, str]]:
+    """Runs `cascade up ARGS` until it serves; yields (OpenAI base URL, model, API key: the
+    cluster's bearer token when it prints one); stops it with SIGTERM (as Ctrl-C would) and
+    checks it stopped cleanly."""
     process = subprocess.Popen(
         [CASCADE, "up", "--http-port", "0", "--no-demo", *args],
         stdout=subprocess.PIPE,
@@ -34,15 +36,16 @@ def cascade_up(*args: str, timeout: float = 300) -> Iterator[tuple[str, str]]:
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     try:
-        match = None
-        while match is None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             line = process.stdout.readline()
-            if not line:
+            if not line or line.startswith("Ctrl-C stops the cluster"):
                 break
-            lines.append(line)
-            match = OPENAI_LINE.match(line.strip())
-        assert match is not None, "".join(lines)
-        yield match.group(1), match.group(2)
+            lines.append(line.strip())
+        served = [m for m in map(OPENAI_LINE.match, lines) if m]
+        assert served, "\n".join(lines)
+        tokens = [m.group(1) for m in map(TOKEN_LINE.match, lines) if m]
+        api_key = Path(tokens[0]).read_text().strip() if tokens else "unused"
+        yield served[0].group(1), served[0].group(2), api_key
     finally:
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=120)
@@ -50,8 +53,8 @@ def cascade_up(*args: str, timeout: float = 300) -> Iterator[tuple[str, str]]:
     assert out.splitlines()[-1] == "cluster stopped"
 
 
-def chat_and_complete(url: str, model: str) -> None:
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+def chat_and_complete(url: str, model: str, api_key: str) -> None:
+    client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0)
     assert [m.id for m in client.models.list().data] == [model]
     chunks = list(
         client.chat.completions.create(
@@ -88,14 +91,14 @@ def chat_and_complete(url: str, model: str) -> None:
 
 
 def test_openai_client_through_cascade_up_with_sim_workers() -> None:
-    with cascade_up("--engine", "sim", "--workers", "2") as (url, model):
+    with cascade_up("--engine", "sim", "--workers", "2") as (url, model, api_key):
         assert model == "sim"
-        chat_and_complete(url, model)
+        chat_and_complete(url, model, api_key)
 
 
 @pytest.mark.timeout(900)
 def test_openai_client_through_cascade_up_with_vllm_on_cpu() -> None:
     pytest.importorskip("vllm")
-    with cascade_up("--engine", "vllm", "--workers", "1", timeout=600) as (url, model):
+    with cascade_up("--engine", "vllm", "--workers", "1", timeout=600) as (url, model, api_key):
         assert model == "cascade-tiny-llama"
-        chat_and_complete(url, model)
+        chat_and_complete(url, model, api_key)

@@ -15,7 +15,7 @@ from cascadeinfer.cli.client import generate, scheduler_stub
 from cascadeinfer.cli.status import format_state
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, start_many
-from cascadeinfer.proto.v1 import scheduler_pb2, worker_pb2
+from cascadeinfer.proto.v1 import scheduler_pb2
 from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
 
 
@@ -94,9 +94,11 @@ def demo(address: str, stages: list[scheduler_pb2.StageState]) -> None:
     )
 
 
-def curl_example(base_url: str, model: str) -> str:
+def curl_example(base_url: str, model: str, token_file: Path | None = None) -> str:
+    """A chat request for the printed hint (with the bearer token when the cluster has one)."""
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 16}}'
-    return f"curl {base_url}/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+    auth = f' -H "Authorization: Bearer $(cat {token_file})"' if token_file else ""
+    return f"curl {base_url}/chat/completions{auth} -H 'Content-Type: application/json' -d '{body}'"
 
 
 def tokenizer_for(args: argparse.Namespace, log_dir: Path) -> Path:
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         for d in daemons[:-1]:
             print(f"worker     {d.address} ({d.engine})")
         print(f"scheduler  {scheduler.address} (policy {scheduler.engine})")
-        model = daemons[0].stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=30).model
+        model = scheduler.openai_models[0] if scheduler.openai_models else "?"
         print(f"openai     {scheduler.openai_url} (model {model!r})\n")
         state = scheduler_stub(scheduler.address).GetClusterState(
             scheduler_pb2.GetClusterStateRequest()

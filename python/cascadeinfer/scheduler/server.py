@@ -64,7 +64,8 @@ async def serve(config: SchedulerConfig) -> None:
     for name in ("", SCHEDULER):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if http is not None:
-        print(f"cascade-scheduler openai api on {http.url}", flush=True)
+        models = ",".join(http.model_names()) or "-"
+        print(f"cascade-scheduler openai api on {http.url} models={models}", flush=True)
     print(f"cascade-scheduler serving on {config.host}:{port} policy={config.policy}", flush=True)
     log.info(
         "serving",

@@ -107,7 +107,7 @@ class OpenAIFront:
         except ValidationError as e:
             raise from_validation(e) from None
 
-    def _served_names(self) -> list[str]:
+    def served_names(self) -> list[str]:
         if self._model_name:
             return [self._model_name]
         return sorted({w.info.model for w in self.c.pool.healthy()})
@@ -115,7 +115,7 @@ class OpenAIFront:
     def _check_model(self, name: str) -> None:
         if self.c.policy is None or not self.c.pool.healthy():
             raise APIError(503, "no worker is serving yet")
-        if name not in self._served_names():
+        if name not in self.served_names():
             raise APIError(
                 404,
                 f"model {name!r} does not exist; see /v1/models",
@@ -145,7 +145,7 @@ class OpenAIFront:
         return ModelCard(id=name, created=self.started, max_model_len=self.c.max_model_len)
 
     async def models(self, request: Request) -> Response:
-        cards = [self._card(name) for name in self._served_names()]
+        cards = [self._card(name) for name in self.served_names()]
         return JSONResponse(ModelList(data=cards).model_dump())
 
     async def model(self, request: Request) -> Response:

@@ -27,11 +27,18 @@ class _Server(uvicorn.Server):
 
 
 class HttpFront:
-    def __init__(self, server: _Server, task: asyncio.Task[None], url: str) -> None:
+    def __init__(
+        self, server: _Server, task: asyncio.Task[None], url: str, front: OpenAIFront
+    ) -> None:
         self._server = server
         self._task = task
+        self._front = front
         self.url = url
         """The OpenAI base URL, http(s)://HOST:PORT/v1."""
+
+    def model_names(self) -> list[str]:
+        """The model names requests may ask for now (empty before any worker is known)."""
+        return self._front.served_names()
 
     async def stop(self) -> None:
         """Stops taking connections; streams still open get a few seconds, then are cut."""
@@ -78,4 +85,4 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
     host, port = sock.getsockname()[:2]
     scheme = "https" if config.tls.cert else "http"
     shown = f"[{host}]" if ":" in host else host
-    return HttpFront(server, task, f"{scheme}://{shown}:{port}/v1")
+    return HttpFront(server, task, f"{scheme}://{shown}:{port}/v1", front)
