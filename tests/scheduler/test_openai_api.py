@@ -5,7 +5,9 @@ stages (so requests migrate mid-stream), with a bearer token and the tiny model'
 from __future__ import annotations
 
 import json
+import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import httpx
 import openai
 import pytest
 from cascadeinfer import CostProfile
+from cascadeinfer.launcher import SCHEDULER
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.scheduler.text import load_tokenizer
 from cascadeinfer.worker.tiny_model import write_tiny_llama
@@ -343,3 +346,20 @@ def test_https_with_the_scheduler_certificate(tmp_path: Path) -> None:
             worker.kill()
     finally:
         scheduler.kill()
+
+
+def test_an_http_port_in_use_is_a_clear_configuration_error(tmp_path: Path) -> None:
+    model_dir = write_tiny_llama(tmp_path / "model")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [SCHEDULER, "--port", "0", "--http-port", str(port), "--tokenizer", str(model_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert out.returncode == 2
+    assert f"cascade-scheduler: error: http_port = {port}: cannot listen" in out.stderr
