@@ -20,6 +20,7 @@ BIN = Path(sys.executable).parent
 WORKER = str(BIN / "cascade-worker")
 SCHEDULER = str(BIN / "cascade-scheduler")
 SERVING = re.compile(r"cascade-(?:worker|scheduler) serving on (\S+) (?:engine|policy)=([\w-]+)")
+OPENAI = re.compile(r"cascade-scheduler openai api on (\S+) models=(\S+)")
 
 
 @dataclass
@@ -29,6 +30,10 @@ class Daemon:
     log_path: Path
     engine: str
     """The worker's engine, or the scheduler's policy."""
+    openai_url: str = ""
+    """A scheduler's OpenAI base URL (http://HOST:PORT/v1) when it serves one."""
+    openai_models: tuple[str, ...] = ()
+    """The model names it served when it started."""
 
     def stub(self) -> worker_pb2_grpc.WorkerServiceStub:
         return worker_pb2_grpc.WorkerServiceStub(grpc.insecure_channel(self.address))
@@ -68,8 +73,12 @@ def spawn(
 def wait_serving(process: subprocess.Popen[str], log_path: Path, timeout: float) -> Daemon:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        if m := SERVING.search(log_path.read_text()):
-            return Daemon(process, m.group(1), log_path, m.group(2))
+        text = log_path.read_text()
+        if m := SERVING.search(text):
+            http = OPENAI.search(text)
+            url, models = (http.group(1), http.group(2).split(",")) if http else ("", [])
+            models = tuple(name for name in models if name != "-")
+            return Daemon(process, m.group(1), log_path, m.group(2), url, models)
         time.sleep(0.1)
     if process.poll() is None:
         process.kill()

@@ -11,7 +11,17 @@ CASCADE = str(Path(sys.executable).parent / "cascade")
 
 def test_up_with_sim_workers_runs_the_demo_and_stops_cleanly() -> None:
     out = subprocess.run(
-        [CASCADE, "up", "--engine", "sim", "--workers", "3", "--exit-after-demo"],
+        [
+            CASCADE,
+            "up",
+            "--engine",
+            "sim",
+            "--workers",
+            "3",
+            "--http-port",
+            "0",
+            "--exit-after-demo",
+        ],
         capture_output=True,
         text=True,
         timeout=300,

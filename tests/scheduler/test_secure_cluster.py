@@ -89,7 +89,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureCluster]
                         "--engine",
                         "sim",
                         "--sim-vocab-size",
-                        "256",
+                        "1024",
                         "--sim-max-model-len",
                         str(MAX_MODEL_LEN),
                         "--scheduler",

@@ -16,7 +16,7 @@ from cascadeinfer.cli.status import format_state
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, start_many
 from cascadeinfer.proto.v1 import scheduler_pb2
-from cascadeinfer.worker.tiny_model import write_byte_tokenizer
+from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
 
 
 def add_parser(sub: Any) -> None:
@@ -28,6 +28,18 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--policy", choices=POLICY_NAMES, default="cascade")
     p.add_argument("--stages", help="explicit stages MIN-MAX:WORKERS,... (default: planned)")
+    p.add_argument("--port", type=int, default=0, help="scheduler gRPC port (default: any free)")
+    p.add_argument(
+        "--http-port", type=int, default=8000, help="OpenAI-compatible API port (0: any free)"
+    )
+    p.add_argument("--profile", help="cost profile the plan is made with (default: per engine)")
+    p.add_argument(
+        "--workload", help="preset or trace to plan stages for (default: doubling stages)"
+    )
+    p.add_argument("--rate", type=float, help="arrival rate to plan stages for")
+    p.add_argument(
+        "--sim-time-scale", type=float, default=1.0, help="sim: step time factor (0: no wait)"
+    )
     p.add_argument("--no-demo", action="store_true", help="skip the demo requests")
     p.add_argument("--exit-after-demo", action="store_true", help="stop the cluster after the demo")
     p.set_defaults(run=run)
@@ -43,7 +55,9 @@ def worker_args(args: argparse.Namespace) -> list[str]:
             "--sim-kv-bytes-per-token",
             "1024",
             "--sim-vocab-size",
-            "256",
+            "1024",
+            "--sim-time-scale",
+            str(args.sim_time_scale),
         ]
     return ["--engine", "vllm", *(["--model", args.model] if args.model else [])]
 
@@ -76,15 +90,22 @@ def demo(address: str, stages: list[scheduler_pb2.StageState]) -> None:
     g = generate(stub, "Hello from CascadeInfer!", 24, "demo-text")
     print(
         f"demo-text: {len(g.token_ids)} tokens ({g.finish_reason}) for a text prompt; "
-        f"text {g.text!r} (random weights and a byte tokenizer: noise, but real text)"
+        f"text {g.text!r} (random weights: noise, but real text)"
     )
 
 
+def curl_example(base_url: str, model: str, token_file: Path | None = None) -> str:
+    """A chat request for the printed hint (with the bearer token when the cluster has one)."""
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 16}}'
+    auth = f' -H "Authorization: Bearer $(cat {token_file})"' if token_file else ""
+    return f"curl {base_url}/chat/completions{auth} -H 'Content-Type: application/json' -d '{body}'"
+
+
 def tokenizer_for(args: argparse.Namespace, log_dir: Path) -> Path:
-    """The model's tokenizer.json, else a byte-level one (the built-in model has none)."""
+    """The model's tokenizer files, else the built-in tiny model's (tokenizer and chat template)."""
     if args.model and (Path(args.model) / "tokenizer.json").is_file():
         return Path(args.model)
-    return write_byte_tokenizer(log_dir / "tokenizer")
+    return write_tiny_tokenizer(log_dir / "tokenizer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,20 +119,31 @@ def run(args: argparse.Namespace) -> int:
     try:
         daemons = start_many(WORKER, [worker_args(args)] * args.workers, log_dir)
         max_len = 8192 if args.engine == "sim" else 2048
+        # Doubling stages show migrations on any traffic; a workload or rate asks for a plan.
+        is_planned = args.workload is not None or args.rate is not None
         stages = args.stages or (
-            default_stages(args.workers, max_len) if args.policy == "cascade" else None
+            default_stages(args.workers, max_len)
+            if args.policy == "cascade" and not is_planned
+            else None
         )
         sched_args = ["--workers", ",".join(d.address for d in daemons), "--policy", args.policy]
         if stages:
             sched_args += ["--stages", stages]
-        if args.engine == "vllm":
-            sched_args += ["--profile", "cpu-vllm-tiny-llama"]
+        sched_args += ["--port", str(args.port), "--http-port", str(args.http_port)]
+        profile = args.profile or ("cpu-vllm-tiny-llama" if args.engine == "vllm" else None)
+        for flag, value in (("--profile", profile), ("--workload", args.workload)):
+            if value:
+                sched_args += [flag, value]
+        if args.rate is not None:
+            sched_args += ["--rate", str(args.rate)]
         sched_args += ["--tokenizer", str(tokenizer_for(args, log_dir))]
         scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120)[0]
         daemons.append(scheduler)
         for d in daemons[:-1]:
             print(f"worker     {d.address} ({d.engine})")
-        print(f"scheduler  {scheduler.address} (policy {scheduler.engine})\n")
+        print(f"scheduler  {scheduler.address} (policy {scheduler.engine})")
+        model = scheduler.openai_models[0] if scheduler.openai_models else "?"
+        print(f"openai     {scheduler.openai_url} (model {model!r})\n")
         state = scheduler_stub(scheduler.address).GetClusterState(
             scheduler_pb2.GetClusterStateRequest()
         )
@@ -123,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"\nserving; try: cascade generate --address {scheduler.address} --prompt-token-ids 1,2,3 --max-tokens 16"
         )
+        print(f"or: {curl_example(scheduler.openai_url, model)}")
         print("Ctrl-C stops the cluster.", flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -51,6 +51,12 @@ class SchedulerConfig:
     """Resolved from auth_token_file or the environment; never logged."""
     tls: TlsFiles = field(default_factory=TlsFiles)
     seed: int = 0
+    http_port: int | None = None
+    """The OpenAI-compatible HTTP API (0: any free port); None turns it off. Needs tokenizer."""
+    served_model_name: str = ""
+    """The model name HTTP clients ask for; empty: the name the workers report."""
+    chat_template: str = ""
+    """A Jinja chat template file used instead of the tokenizer directory's own."""
 
     def validate(self) -> None:
         if self.policy not in POLICY_NAMES:
@@ -76,6 +82,19 @@ class SchedulerConfig:
         self.tls.validate(is_server=True)
         if self.tokenizer:
             load_tokenizer(self.tokenizer)
+        self._validate_http()
+
+    def _validate_http(self) -> None:
+        if self.http_port is None:
+            return
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port = {self.http_port}: must be in [0, 65535]")
+        if not self.tokenizer:
+            raise ValueError(
+                "http_port needs a tokenizer (the HTTP API speaks text): set --tokenizer"
+            )
+        if self.chat_template and not Path(self.chat_template).is_file():
+            raise ValueError(f"chat_template = {self.chat_template!r} is not a readable file")
 
 
 def parse_stages(text: str) -> tuple[StageSpec, ...]:
@@ -133,6 +152,9 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
         "--auth-token-file",
         help="file with the bearer token clients must send (else $CASCADE_AUTH_TOKEN)",
     )
+    p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (0: any free)")
+    p.add_argument("--served-model-name", help="model name HTTP clients ask for")
+    p.add_argument("--chat-template", help="Jinja chat template file (default: the tokenizer's)")
     add_tls_arguments(
         p,
         cert_help="PEM certificate this scheduler serves with",
@@ -156,6 +178,9 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "metrics_port",
             "tokenizer",
             "auth_token_file",
+            "http_port",
+            "served_model_name",
+            "chat_template",
         )
     }
     if a.workers is not None:

@@ -72,6 +72,12 @@ class SchedulerMetrics:
             buckets=DECISION_BUCKETS,
             registry=r,
         )
+        self.http_responses = Counter(
+            "cascade_scheduler_http_responses",
+            "Answers of the OpenAI HTTP API, by route and HTTP status (200 for a stream)",
+            ["route", "status"],
+            registry=r,
+        )
         self.plan_changes = Counter(
             "cascade_scheduler_plan_changes", "Stage layout changes", registry=r
         )

@@ -82,6 +82,20 @@ class ClientRequest:
         if fresh or self.finish is not None:
             self.out.put_nowait(Delivery(fresh, start, self.finish))
 
+    async def next_delivery(self) -> Delivery:
+        """The next delivery, merged with those already waiting: a client that reads slower
+        than the engines produce gets fewer, larger messages instead of a growing backlog."""
+        first = await self.out.get()
+        if self.out.empty() or first.finish is not None:
+            return first
+        tokens = list(first.token_ids)
+        finish = None
+        while not self.out.empty() and finish is None:
+            more = self.out.get_nowait()
+            tokens.extend(more.token_ids)
+            finish = more.finish
+        return Delivery(tuple(tokens), first.first_index, finish)
+
     def end(self, reason: FinishReason) -> None:
         """Ends the request without more tokens (abort, failure)."""
         if not self.is_done:

@@ -15,6 +15,7 @@ from cascadeinfer.daemon import CHANNEL_OPTIONS, run_daemon
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
 from cascadeinfer.scheduler.coordinator import Coordinator
+from cascadeinfer.scheduler.openai.server import start_http_front
 from cascadeinfer.scheduler.servicer import RegistryServicer, SchedulerServicer
 from cascadeinfer.security import BearerTokenInterceptor, add_port
 
@@ -56,11 +57,15 @@ async def serve(config: SchedulerConfig) -> None:
             config.metrics_port, addr=config.host, registry=coordinator.metrics.registry
         )
     await server.start()
+    http = await start_http_front(config, coordinator) if config.http_port is not None else None
     structlog.contextvars.bind_contextvars(scheduler=f"{config.host}:{port}")
     await connect_static_workers(coordinator, config.workers)
     tick = asyncio.create_task(coordinator.tick_forever())
     for name in ("", SCHEDULER):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if http is not None:
+        models = ",".join(http.model_names()) or "-"
+        print(f"cascade-scheduler openai api on {http.url} models={models}", flush=True)
     print(f"cascade-scheduler serving on {config.host}:{port} policy={config.policy}", flush=True)
     log.info(
         "serving",
@@ -71,6 +76,7 @@ async def serve(config: SchedulerConfig) -> None:
         mtls_to_workers=bool(config.tls.ca and config.tls.cert),
         auth=bool(config.auth_token),
         tokenizer=config.tokenizer or None,
+        http=http.url if http is not None else None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -80,6 +86,8 @@ async def serve(config: SchedulerConfig) -> None:
     for name in ("", SCHEDULER):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     tick.cancel()
+    if http is not None:
+        await http.stop()
     await server.stop(grace=5)
     await coordinator.close()
     log.info("stopped")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -55,20 +54,6 @@ def _response(rec: ClientRequest, d: Delivery) -> scheduler_pb2.ClientGenerateRe
     return r
 
 
-def _coalesce(first: Delivery, queue: asyncio.Queue[Delivery]) -> Delivery:
-    """Merges deliveries already waiting into one message: a client that reads slower than
-    the engines produce gets fewer, larger messages instead of a growing backlog."""
-    if queue.empty() or first.finish is not None:
-        return first
-    tokens = list(first.token_ids)
-    finish = None
-    while not queue.empty() and finish is None:
-        more = queue.get_nowait()
-        tokens.extend(more.token_ids)
-        finish = more.finish
-    return Delivery(tuple(tokens), first.first_index, finish)
-
-
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
@@ -80,7 +65,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         done = False
         try:
             while not done:
-                delivery = _coalesce(await rec.out.get(), rec.out)
+                delivery = await rec.next_delivery()
                 done = delivery.finish is not None
                 self.c.metrics.tokens.inc(len(delivery.token_ids))
                 yield _response(rec, delivery)

@@ -1,0 +1,197 @@
+"""The routes of the OpenAI-compatible front (a Starlette app): bearer token, body limits,
+parsing into the typed models, and the two answer shapes, one JSON body or Server-Sent
+Events ending in `data: [DONE]`."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cascadeinfer.scheduler.coordinator import Coordinator
+from cascadeinfer.scheduler.openai.errors import APIError, from_validation, invalid
+from cascadeinfer.scheduler.openai.generation import Runner, unless_disconnected
+from cascadeinfer.scheduler.openai.model_files import ModelFiles
+from cascadeinfer.scheduler.openai.params import Job, build_job, chat_prompt, completion_prompt
+from cascadeinfer.scheduler.openai.replies import Reply, gather, sse
+from cascadeinfer.scheduler.openai.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+)
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY_BYTES = 4 << 20
+"""Largest request body read; a bigger one is refused with 413 before it is read whole."""
+MAX_REQUEST_ID_CHARS = 128
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class OpenAIFront:
+    def __init__(
+        self, coordinator: Coordinator, files: ModelFiles, *, auth_token: str, model_name: str
+    ) -> None:
+        self.c = coordinator
+        self.files = files
+        self.runner = Runner(coordinator)
+        self._token = auth_token.encode()
+        self._model_name = model_name
+        self.started = int(time.time())
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/v1/models", self._guard(self.models), methods=["GET"]),
+            Route("/v1/models/{name:path}", self._guard(self.model), methods=["GET"]),
+            Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
+        ]
+        return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+
+    # --- guards ----------------------------------------------------------------------------
+    def _guard(self, handler: Handler) -> Handler:
+        async def guarded(request: Request) -> Response:
+            try:
+                self._check_token(request)
+                response = await handler(request)
+            except APIError as e:
+                response = e.response()
+            except Exception:
+                log.exception("http_internal_error", path=request.url.path)
+                response = APIError(500, "internal error").response()
+            self.c.metrics.http_responses.labels(request.url.path, response.status_code).inc()
+            return response
+
+        return guarded
+
+    def _check_token(self, request: Request) -> None:
+        if not self._token:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self._token
+        ):
+            raise APIError(401, "missing or wrong bearer token", code="invalid_api_key")
+
+    async def _parse(self, request: Request, model: type[M]) -> M:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        try:
+            raw = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise invalid(f"body is not JSON: {e}") from None
+        try:
+            return model.model_validate(raw)
+        except ValidationError as e:
+            raise from_validation(e) from None
+
+    def served_names(self) -> list[str]:
+        if self._model_name:
+            return [self._model_name]
+        return sorted({w.info.model for w in self.c.pool.healthy()})
+
+    def _check_model(self, name: str) -> None:
+        if self.c.policy is None or not self.c.pool.healthy():
+            raise APIError(503, "no worker is serving yet")
+        if name not in self.served_names():
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; see /v1/models",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _request_id(self, request: Request, prefix: str) -> str:
+        given = request.headers.get("x-request-id", "")
+        if len(given) > MAX_REQUEST_ID_CHARS:
+            raise invalid(f"x-request-id: longer than {MAX_REQUEST_ID_CHARS} characters")
+        return given or f"{prefix}-{uuid.uuid4().hex}"
+
+    # --- routes ----------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        """200 while some worker serves (the load balancer's probe; no token needed)."""
+        if self.c.policy is None or not self.c.pool.healthy():
+            return JSONResponse({"status": "no healthy worker"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        """The scheduler's Prometheus metrics on the API port too (open, as /health is)."""
+        body = generate_latest(self.c.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    def _card(self, name: str) -> ModelCard:
+        return ModelCard(id=name, created=self.started, max_model_len=self.c.max_model_len)
+
+    async def models(self, request: Request) -> Response:
+        cards = [self._card(name) for name in self.served_names()]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        self._check_model(name)
+        return JSONResponse(self._card(name).model_dump())
+
+    async def completions(self, request: Request) -> Response:
+        body = await self._parse(request, CompletionRequest)
+        self._check_model(body.model)
+        prompt = await completion_prompt(body, self.files)
+        job = build_job(body, prompt, self.files, self.c.max_model_len, body.max_tokens)
+        return await self._answer(request, body, job, is_chat=False)
+
+    async def chat(self, request: Request) -> Response:
+        body = await self._parse(request, ChatCompletionRequest)
+        self._check_model(body.model)
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise invalid("give max_tokens or max_completion_tokens, not both", "max_tokens")
+        prompt = await chat_prompt(body, self.files)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        job = build_job(body, prompt, self.files, self.c.max_model_len, max_tokens)
+        return await self._answer(request, body, job, is_chat=True)
+
+    async def _answer(
+        self, request: Request, body: SamplingFields, job: Job, *, is_chat: bool
+    ) -> Response:
+        """Submits the job and answers as a stream or, once it is done, as one object."""
+        rid = self._request_id(request, "chatcmpl" if is_chat else "cmpl")
+        rec = await self.runner.submit(rid, job)
+        reply = Reply(rid, body.model, len(job.prompt))
+        steps = self.runner.steps(rec, job)
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            events = reply.chat_events if is_chat else reply.completion_events
+            return sse(events(steps, usage))
+        result = await unless_disconnected(gather(steps), request.receive)
+        if result is None:
+            return Response(status_code=499)  # the client left; nobody reads this
+        whole = reply.chat(*result) if is_chat else reply.completion(*result)
+        return JSONResponse(whole.model_dump())
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return APIError(404, f"no route {request.url.path}").response()
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return APIError(405, f"{request.method} is not allowed on {request.url.path}").response()

@@ -1,0 +1,92 @@
+"""Runs the OpenAI front under uvicorn on the scheduler's own event loop, so routes call the
+coordinator directly (no thread hops, no locks). The scheduler keeps its signal handlers:
+uvicorn's are switched off and the scheduler stops it as part of its own shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from cascadeinfer.scheduler.config import SchedulerConfig
+from cascadeinfer.scheduler.coordinator import Coordinator
+from cascadeinfer.scheduler.openai.app import OpenAIFront
+from cascadeinfer.scheduler.openai.model_files import load_model_files
+
+MAX_CONNECTIONS = 8192
+"""Open HTTP connections at most; more are answered 503 by uvicorn."""
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpFront:
+    def __init__(
+        self, server: _Server, task: asyncio.Task[None], url: str, front: OpenAIFront
+    ) -> None:
+        self._server = server
+        self._task = task
+        self._front = front
+        self.url = url
+        """The OpenAI base URL, http(s)://HOST:PORT/v1."""
+
+    def model_names(self) -> list[str]:
+        """The model names requests may ask for now (empty before any worker is known)."""
+        return self._front.served_names()
+
+    async def stop(self) -> None:
+        """Stops taking connections; streams still open get a few seconds, then are cut."""
+        self._server.should_exit = True
+        await self._task
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket for host:port; a port in use is a configuration error (exit 2)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise ValueError(f"http_port = {port}: cannot listen on {host}:{port} ({e})") from None
+    sock.setblocking(False)
+    return sock
+
+
+async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) -> HttpFront:
+    """Binds --http-port (0 picks a free one) and serves until `HttpFront.stop`."""
+    assert config.http_port is not None and coordinator.tokenizer is not None
+    files = load_model_files(coordinator.tokenizer, config.tokenizer, config.chat_template)
+    front = OpenAIFront(
+        coordinator, files, auth_token=config.auth_token, model_name=config.served_model_name
+    )
+    sock = _bind(config.host, config.http_port)
+    uv_config = uvicorn.Config(
+        front.app(),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        ws="none",
+        proxy_headers=False,  # the front reads no client address; skip the per-request rewrite
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_graceful_shutdown=5,
+        ssl_certfile=config.tls.cert or None,
+        ssl_keyfile=config.tls.key or None,
+    )
+    server = _Server(uv_config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("the HTTP front stopped while starting")
+        await asyncio.sleep(0.01)
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if config.tls.cert else "http"
+    shown = f"[{host}]" if ":" in host else host
+    return HttpFront(server, task, f"{scheme}://{shown}:{port}/v1", front)

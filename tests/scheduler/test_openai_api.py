@@ -1,0 +1,365 @@
+"""The OpenAI-compatible HTTP API of cascade-scheduler, driven by the official `openai`
+client against real daemons on loopback: a scheduler in front of two sim workers in two
+stages (so requests migrate mid-stream), with a bearer token and the tiny model's tokenizer."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from cascadeinfer import CostProfile
+from cascadeinfer.launcher import SCHEDULER
+from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.scheduler.text import load_tokenizer
+from cascadeinfer.worker.tiny_model import write_tiny_llama
+from tokenizers import Tokenizer
+
+from tests.scheduler.certs import make_certs
+from tests.worker.daemons import Daemon, start_scheduler, start_worker, workers
+from tests.worker.streams import run_to_end
+
+TOKEN = "s3cret-http"
+SIM = ["--engine", "sim", "--sim-vocab-size", "1024", "--sim-max-model-len", "4096"]
+SIM += ["--sim-kv-bytes-per-token", "64"]
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class Front:
+    scheduler: Daemon
+    workers: list[Daemon]
+    tokenizer: Tokenizer
+    model_dir: Path
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.scheduler.openai_url, api_key=TOKEN, max_retries=0)
+
+    def num_running(self) -> int:
+        """Requests running or waiting on the workers, as the workers themselves report."""
+        loads = [w.stub().GetLoad(worker_pb2.GetLoadRequest(), timeout=10) for w in self.workers]
+        return sum(load.num_running + load.num_waiting for load in loads)
+
+    def reference(self, prompt: list[int], max_tokens: int) -> list[int]:
+        """The tokens the sim engine makes for `prompt` on one worker, never moved."""
+        return run_to_end(self.workers[0].stub(), f"ref-{time.monotonic_ns()}", prompt, max_tokens)
+
+
+def scheduler_args(model_dir: Path, token_file: Path, *extra: str) -> list[str]:
+    return [
+        "--tokenizer",
+        str(model_dir),
+        "--auth-token-file",
+        str(token_file),
+        "--http-port",
+        "0",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    tmp = tmp_path_factory.mktemp("openai")
+    model_dir = write_tiny_llama(tmp / "model")
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN)
+    with workers([SIM, SIM], tmp) as daemons:
+        addresses = ",".join(d.address for d in daemons)
+        args = scheduler_args(
+            model_dir, token_file, "--workers", addresses, "--stages", "0-64:1,64-4096:1"
+        )
+        scheduler = start_scheduler(args, tmp)
+        try:
+            yield Front(scheduler, daemons, load_tokenizer(str(model_dir)), model_dir)
+        finally:
+            scheduler.stop()
+
+
+def test_models_and_health(front: Front) -> None:
+    models = front.client().models.list()
+    assert [m.id for m in models.data] == ["sim"]
+    assert front.client().models.retrieve("sim").id == "sim"
+    with pytest.raises(openai.NotFoundError):
+        front.client().models.retrieve("gpt-4o")
+    health = httpx.get(front.scheduler.openai_url.removesuffix("/v1") + "/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+def test_completion_text_is_the_engine_tokens_decoded_across_a_migration(front: Front) -> None:
+    prompt = "The quick brown fox"
+    ids = front.tokenizer.encode(prompt).ids
+    expected = front.tokenizer.decode(front.reference(ids, 80))
+    client = front.client()
+    whole = client.completions.create(
+        model="sim", prompt=prompt, max_tokens=80, extra_body={"ignore_eos": True}
+    )
+    assert whole.choices[0].text == expected
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ids), 80)
+    stream = client.completions.create(
+        model="sim",
+        prompt=ids,
+        max_tokens=80,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 80
+    assert len(chunks) > 3, "text arrives in pieces, not at the end"
+
+
+def test_chat_streams_the_same_text_as_the_whole_answer(front: Front) -> None:
+    client = front.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! 🙂"}]
+    whole = client.chat.completions.create(
+        model="sim",
+        messages=messages,
+        max_completion_tokens=40,
+        extra_body={"ignore_eos": True},
+    )
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == 40
+    stream = client.chat.completions.create(
+        model="sim",
+        messages=messages,
+        max_tokens=40,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage == whole.usage
+    rendered = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi! 🙂<|im_end|>\n<|im_start|>assistant\n"
+    prompt_ids = front.tokenizer.encode(rendered, add_special_tokens=False).ids
+    assert whole.usage.prompt_tokens == len(prompt_ids)
+    assert whole.choices[0].message.content == front.tokenizer.decode(
+        front.reference(prompt_ids, 40)
+    )
+
+
+def test_stop_string_and_stop_token_end_the_text_early(front: Front) -> None:
+    prompt = [7, 8, 9, 10]
+    tokens = front.reference(prompt, 60)
+    text = front.tokenizer.decode(tokens)
+    stop = next(text[i : i + 2] for i in range(10, 40) if "\ufffd" not in text[i : i + 2])
+    expected = text[: text.find(stop)]
+    client = front.client()
+    args = {"model": "sim", "prompt": prompt, "max_tokens": 60, "stop": [stop]}
+    whole = client.completions.create(**args, extra_body={"ignore_eos": True})
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (expected, "stop")
+    chunks = [
+        c
+        for c in client.completions.create(**args, stream=True, extra_body={"ignore_eos": True})
+        if c.choices
+    ]
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    r = client.completions.create(
+        model="sim",
+        prompt=prompt,
+        max_tokens=60,
+        extra_body={"ignore_eos": True, "stop_token_ids": [tokens[5]]},
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.completion_tokens == tokens.index(tokens[5]) + 1
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"temperature": 7}, "temperature"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"max_tokens": 5000}, None),
+    ],
+)
+def test_bad_chat_requests_are_400_naming_the_field(
+    front: Front, body: dict[str, object], param: str | None
+) -> None:
+    payload = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], **body}
+    r = httpx.post(
+        f"{front.scheduler.openai_url}/chat/completions", json=payload, headers=AUTH, timeout=30
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param and error["message"].startswith(param)
+
+
+def test_bad_token_unknown_model_and_bad_json(front: Front) -> None:
+    url = f"{front.scheduler.openai_url}/completions"
+    body = {"model": "sim", "prompt": "hi", "max_tokens": 2}
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(
+            base_url=front.scheduler.openai_url, api_key="wrong", max_retries=0
+        ).models.list()
+    assert httpx.post(url, json=body, timeout=30).status_code == 401
+    with pytest.raises(openai.NotFoundError) as e:
+        front.client().completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
+    assert e.value.code == "model_not_found"
+    r = httpx.post(url, content=b"{not json", headers=AUTH, timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b"x" * (5 << 20), headers=AUTH, timeout=30)
+    assert r.status_code == 413
+    assert (
+        front.client().completions.create(model="sim", prompt="still serving", max_tokens=2).usage
+        is not None
+    )
+    metrics = httpx.get(front.scheduler.openai_url.removesuffix("/v1") + "/metrics").text
+    for status in (200, 400, 401, 404, 413):
+        line = (
+            f'cascade_scheduler_http_responses_total{{route="/v1/completions",status="{status}"}}'
+        )
+        assert line in metrics, status
+
+
+def wait_idle(front: Front, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while front.num_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert front.num_running() == 0, "the request still runs on a worker"
+
+
+def test_a_client_that_disconnects_has_its_request_aborted(front: Front) -> None:
+    left = front.scheduler.log().count('"event": "client_left"')
+    url = f"{front.scheduler.openai_url}/completions"
+    body = {
+        "model": "sim",
+        "prompt": [5] * 10,
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", url, json=body, headers=AUTH, timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert front.num_running() == 1
+    wait_idle(front)
+    body["stream"] = False
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, headers=AUTH, timeout=2)
+    wait_idle(front)
+    assert front.scheduler.log().count('"event": "client_left"') == left + 2
+
+
+def test_queue_full_is_429_and_no_worker_is_503(front: Front, tmp_path: Path) -> None:
+    profile = json.loads(CostProfile.builtin("gpu-h100-llama3-8b").to_json())
+    profile["kv_capacity_tokens"] = 300
+    (tmp_path / "small.json").write_text(json.dumps(profile))
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    small = [
+        "--profile",
+        str(tmp_path / "small.json"),
+        "--max-queue",
+        "0",
+        "--policy",
+        "least-load",
+    ]
+    full = start_scheduler(
+        scheduler_args(front.model_dir, token_file, "--workers", front.workers[1].address, *small),
+        tmp_path,
+    )
+    try:
+        client = openai.OpenAI(base_url=full.openai_url, api_key=TOKEN, max_retries=0)
+        first = client.completions.create(
+            model="sim",
+            prompt=[3] * 200,
+            max_tokens=2000,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        next(iter(first))
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="sim", prompt=[4] * 200, max_tokens=10)
+        first.close()
+    finally:
+        full.stop()
+    none = start_scheduler(
+        scheduler_args(
+            front.model_dir, token_file, "--workers", front.workers[1].address, "--min-workers", "2"
+        ),
+        tmp_path,
+    )
+    try:
+        client = openai.OpenAI(base_url=none.openai_url, api_key=TOKEN, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="sim", prompt="hi", max_tokens=2)
+        assert e.value.status_code == 503
+        assert httpx.get(none.openai_url.removesuffix("/v1") + "/health").status_code == 503
+    finally:
+        none.stop()
+
+
+def test_https_with_the_scheduler_certificate(tmp_path: Path) -> None:
+    """With --tls-cert the HTTP API is HTTPS: a client trusting the CA streams, plain HTTP
+    to the same port gets no answer."""
+    certs = make_certs(tmp_path / "certs")
+    tls = ["--tls-cert", str(certs.cert), "--tls-key", str(certs.key), "--tls-ca", str(certs.ca)]
+    model_dir = write_tiny_llama(tmp_path / "model")
+    args = ["--tokenizer", str(model_dir), "--http-port", "0", "--min-workers", "1", *tls]
+    args += ["--served-model-name", "tiny-chat"]
+    scheduler = start_scheduler(args, tmp_path)
+    try:
+        worker = start_worker([*SIM, "--scheduler", scheduler.address, *tls], tmp_path)
+        try:
+            assert scheduler.openai_url.startswith("https://127.0.0.1:")
+            http = httpx.Client(verify=ssl.create_default_context(cafile=str(certs.ca)))
+            client = openai.OpenAI(
+                base_url=scheduler.openai_url, api_key="none", http_client=http, max_retries=0
+            )
+            health = scheduler.openai_url.removesuffix("/v1") + "/health"
+            deadline = time.monotonic() + 30
+            while http.get(health).status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+            chunks = list(
+                client.completions.create(
+                    model="tiny-chat", prompt="secure", max_tokens=5, stream=True
+                )
+            )
+            assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(scheduler.openai_url.replace("https://", "http://") + "/models")
+        finally:
+            worker.kill()
+    finally:
+        scheduler.kill()
+
+
+def test_an_http_port_in_use_is_a_clear_configuration_error(tmp_path: Path) -> None:
+    model_dir = write_tiny_llama(tmp_path / "model")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [SCHEDULER, "--port", "0", "--http-port", str(port), "--tokenizer", str(model_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert out.returncode == 2
+    assert f"cascade-scheduler: error: http_port = {port}: cannot listen" in out.stderr
