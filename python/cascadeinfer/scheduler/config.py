@@ -10,7 +10,13 @@ from typing import Any
 
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.scheduler.text import load_tokenizer
-from cascadeinfer.security import TlsFiles, add_tls_arguments, read_token, tls_from_arguments
+from cascadeinfer.security import (
+    TlsFiles,
+    add_tls_arguments,
+    check_exposure,
+    read_token,
+    tls_from_arguments,
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class SchedulerConfig:
     """File with the bearer token clients and workers must send; else $CASCADE_AUTH_TOKEN."""
     auth_token: str = field(default="", repr=False)
     """Resolved from auth_token_file or the environment; never logged."""
+    insecure: bool = False
+    """Serve a non-loopback host with neither a token nor mTLS (refused otherwise)."""
     tls: TlsFiles = field(default_factory=TlsFiles)
     seed: int = 0
 
@@ -74,6 +82,7 @@ class SchedulerConfig:
         ):
             raise ValueError("stages ask for more workers than --workers / --min-workers provide")
         self.tls.validate(is_server=True)
+        check_exposure(self.host, self.auth_token, self.tls, self.insecure)
         if self.tokenizer:
             load_tokenizer(self.tokenizer)
 
@@ -133,6 +142,12 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
         "--auth-token-file",
         help="file with the bearer token clients must send (else $CASCADE_AUTH_TOKEN)",
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host with no token and no mTLS (anyone reaching it may use it)",
+    )
     add_tls_arguments(
         p,
         cert_help="PEM certificate this scheduler serves with",
@@ -156,6 +171,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "metrics_port",
             "tokenizer",
             "auth_token_file",
+            "insecure",
         )
     }
     if a.workers is not None:

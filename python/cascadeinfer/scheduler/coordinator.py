@@ -61,7 +61,7 @@ class Coordinator:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.profile = load_profile(config.profile)
-        self.pool = WorkerPool(config.tls)
+        self.pool = WorkerPool(config.tls, config.auth_token)
         self.policy: _core.Scheduler | None = None
         self.requests: dict[str, ClientRequest] = {}
         self._by_core: dict[int, ClientRequest] = {}
@@ -155,6 +155,8 @@ class Coordinator:
         for rid in list(link.running):
             rec = self.requests.get(rid)
             link.running.discard(rid)
+            if rec is not None:
+                rec.holders.discard(link.worker_id)
             if rec is not None and not rec.is_done:
                 # Resume by recompute from the prompt plus what the client already has.
                 rec.pending.clear()
@@ -170,6 +172,11 @@ class Coordinator:
         for r in update.requests:
             rec = self.requests.get(r.request_id)
             if rec is None:
+                continue
+            if link.worker_id not in rec.holders:
+                # Not where the scheduler put it: a stray or hostile copy must not write into
+                # the client's stream.
+                self.metrics.foreign_steps.inc()
                 continue
             finish = FINISH_FROM_PROTO.get(r.finish_reason)
             if r.tokens.token_ids or finish is not None:
@@ -230,6 +237,7 @@ class Coordinator:
             self.policy.migration_done(m, False)
             self.metrics.migrations.labels(m.reason.value, "rate_limited").inc()
             return
+        rec.holders.add(dst.worker_id)
         async with self._migrations:
             try:
                 await src.stub.MigrateOut(
@@ -243,6 +251,8 @@ class Coordinator:
                     # The worker finished it already; its feed is behind. Stop asking it to
                     # move a request it no longer has (the finish is on its way).
                     rec.gone_from = src.worker_id
+                if dst.worker_id != rec.worker_id:
+                    rec.holders.discard(dst.worker_id)
                 self.counters.num_failed_migrations += 1
                 self.policy.migration_done(m, False)
                 self.metrics.migrations.labels(m.reason.value, "failed").inc()
@@ -349,12 +359,14 @@ class Coordinator:
             detach=True,
         )
         rec.worker_id = link.worker_id
+        rec.holders.add(link.worker_id)
         link.running.add(rec.request_id)
         try:
             async for _ in link.stub.Generate(request, timeout=30):
                 pass
         except grpc.aio.AioRpcError as e:
             link.running.discard(rec.request_id)
+            rec.holders.discard(link.worker_id)
             rec.worker_id = None
             self.policy.request_finished(rec.core_id, link.instance)
             if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):

@@ -32,6 +32,9 @@ class ClientRequest:
     first_token_at: float | None = None
     finished_at: float | None = None
     worker_id: str | None = None
+    holders: set[str] = field(default_factory=set)
+    """Workers whose step feed may carry this request's tokens: the ones the scheduler placed it
+    on or chose as its migration target. Any other worker's feed is ignored for it."""
     gone_from: str | None = None
     """A worker that said it no longer has this request while its feed still showed it."""
     entry_stage: int = 0

@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 
 from cascadeinfer.daemon import CHANNEL_OPTIONS, run_daemon
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
-from cascadeinfer.security import add_port
+from cascadeinfer.security import BearerTokenInterceptor, add_port
 from cascadeinfer.worker.config import WorkerConfig, parse_args
 from cascadeinfer.worker.engine import Engine, EngineRequest, FinishReason, SamplingSpec, StepReport
 from cascadeinfer.worker.engine_loop import EngineLoop
@@ -66,11 +66,16 @@ async def serve(config: WorkerConfig) -> None:
 
     engine_loop = EngineLoop(lambda: build_engine(config), loop, on_step)
     engine = await engine_loop.start()
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    # Every call needs the cluster's token, or under mTLS a client certificate (checked by TLS).
+    needs_token = config.auth_token and not config.tls.require_client_cert
+    interceptors = [BearerTokenInterceptor(config.auth_token)] if needs_token else []
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     worker_id = config.worker_id or f"{config.host}:{port}"
     structlog.contextvars.bind_contextvars(worker_id=worker_id, engine=engine.name)
-    state = WorkerState(worker_id, engine.name, engine_loop, hub, metrics, tls=config.tls)
+    state = WorkerState(
+        worker_id, engine.name, engine_loop, hub, metrics, tls=config.tls, token=config.auth_token
+    )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
