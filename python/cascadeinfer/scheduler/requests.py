@@ -35,6 +35,8 @@ class ClientRequest:
     holders: set[str] = field(default_factory=set)
     """Workers whose step feed may carry this request's tokens: the ones the scheduler placed it
     on or chose as its migration target. Any other worker's feed is ignored for it."""
+    is_moving: bool = False
+    """A move off a draining worker is in flight (its outcome decides where it runs)."""
     gone_from: str | None = None
     """A worker that said it no longer has this request while its feed still showed it."""
     entry_stage: int = 0

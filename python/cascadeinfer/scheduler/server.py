@@ -21,6 +21,7 @@ from cascadeinfer.security import BearerTokenInterceptor, add_port
 SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name
 log = structlog.get_logger("cascade-scheduler")
+HEALTH_INTERVAL_S = 0.2
 
 
 async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str, ...]) -> None:
@@ -35,6 +36,23 @@ async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str,
                 pass
         if pending:
             await asyncio.sleep(0.5)
+
+
+async def report_health(servicer: health.aio.HealthServicer, coordinator: Coordinator) -> None:
+    """SERVING exactly while a request could be placed (enough workers known and healthy)."""
+    last = None
+    while True:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if coordinator.can_place
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        if status != last:
+            for name in ("", SCHEDULER):
+                await servicer.set(name, status)
+            log.info("health", serving=status == health_pb2.HealthCheckResponse.SERVING)
+            last = status
+        await asyncio.sleep(HEALTH_INTERVAL_S)
 
 
 async def serve(config: SchedulerConfig) -> None:
@@ -57,10 +75,9 @@ async def serve(config: SchedulerConfig) -> None:
         )
     await server.start()
     structlog.contextvars.bind_contextvars(scheduler=f"{config.host}:{port}")
+    health_task = asyncio.create_task(report_health(health_servicer, coordinator))
     await connect_static_workers(coordinator, config.workers)
     tick = asyncio.create_task(coordinator.tick_forever())
-    for name in ("", SCHEDULER):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"cascade-scheduler serving on {config.host}:{port} policy={config.policy}", flush=True)
     log.info(
         "serving",
@@ -77,6 +94,7 @@ async def serve(config: SchedulerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    health_task.cancel()
     for name in ("", SCHEDULER):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     tick.cancel()

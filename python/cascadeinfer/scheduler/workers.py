@@ -24,6 +24,8 @@ class WorkerLink:
     stub: WorkerServiceAsyncStub
     info: worker_pb2.WorkerInfo
     is_healthy: bool = True
+    is_gone: bool = False
+    """Its step feed ended: nothing it ran is running there any more."""
     last_step: worker_pb2.StepUpdate | None = None
     running: set[str] = field(default_factory=set)
     """Request ids the scheduler placed (or moved) here and that have not finished."""

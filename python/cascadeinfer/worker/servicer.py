@@ -176,9 +176,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 worker_pb2.RequestStep(request_id=rid, context_len=t.context_len)
                 for rid, t in hub.requests.items()
             ],
+            is_draining=self.state.is_draining,
         )
         async for report in hub.steps():
-            yield convert.step_to_proto(self.state.worker_id, report)
+            if report is None:  # a change of state, no step
+                update = worker_pb2.StepUpdate(worker_id=self.state.worker_id)
+            else:
+                update = convert.step_to_proto(self.state.worker_id, report)
+            update.is_draining = self.state.is_draining
+            yield update
 
     async def GetInfo(
         self, request: worker_pb2.GetInfoRequest, context: Context
