@@ -42,6 +42,11 @@ class SchedulerConfig:
     stages: tuple[StageSpec, ...] = ()
     """Explicit cascade stages instead of a plan: each (min_len, max_len, workers)."""
     max_queue: int = 1024
+    max_prompt_bytes: int = 0
+    """Largest text prompt in UTF-8 bytes, checked before tokenizing; 0: 16 bytes per token of
+    the model's context (a few times what a prompt that fits can take)."""
+    max_stream_lag_tokens: int = 4096
+    """Tokens a client may leave unread; beyond, its request ends with RESOURCE_EXHAUSTED."""
     tick_interval_s: float = 0.5
     max_concurrent_migrations: int = 8
     max_optional_migrations_per_s: float = 4.0
@@ -67,6 +72,10 @@ class SchedulerConfig:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
         if self.max_queue < 0:
             raise ValueError(f"max_queue = {self.max_queue}: must be >= 0")
+        if self.max_prompt_bytes < 0:
+            raise ValueError(f"max_prompt_bytes = {self.max_prompt_bytes}: must be >= 0")
+        if self.max_stream_lag_tokens < 1:
+            raise ValueError(f"max_stream_lag_tokens = {self.max_stream_lag_tokens}: must be >= 1")
         if self.tick_interval_s <= 0:
             raise ValueError(f"tick_interval_s = {self.tick_interval_s}: must be > 0")
         if self.max_concurrent_migrations < 1:
@@ -133,6 +142,8 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     p.add_argument("--rate", type=float, help="arrival rate the initial plan is for")
     p.add_argument("--stages", help="explicit stages MIN-MAX:WORKERS,... instead of a plan")
     p.add_argument("--max-queue", type=int)
+    p.add_argument("--max-prompt-bytes", type=int, help="text prompt size limit (0: from context)")
+    p.add_argument("--max-stream-lag-tokens", type=int, help="unread tokens allowed per client")
     p.add_argument("--tick-interval-s", type=float)
     p.add_argument("--max-concurrent-migrations", type=int)
     p.add_argument("--max-optional-migrations-per-s", type=float)
@@ -165,6 +176,8 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "workload",
             "rate",
             "max_queue",
+            "max_prompt_bytes",
+            "max_stream_lag_tokens",
             "tick_interval_s",
             "max_concurrent_migrations",
             "max_optional_migrations_per_s",

@@ -40,6 +40,10 @@ FINISH_FROM_PROTO = {
 }
 
 
+PROMPT_BYTES_PER_TOKEN = 16
+"""Default text prompt limit per token of context: a few times the bytes a token averages."""
+
+
 class SchedulingError(Exception):
     """A request the scheduler cannot take; `code` is the gRPC status for the client."""
 
@@ -201,6 +205,11 @@ class Coordinator:
             finish = FINISH_FROM_PROTO.get(r.finish_reason)
             if r.tokens.token_ids or finish is not None:
                 rec.deliver(r.tokens.first_index, list(r.tokens.token_ids), finish)
+                if not rec.is_done and (
+                    len(rec.tokens) - rec.num_sent > self.config.max_stream_lag_tokens
+                ):
+                    self._give_up(rec)
+                    continue
             if rec.is_done:
                 self._retire(rec)
             elif rec.worker_id == link.worker_id and rec.gone_from != link.worker_id:
@@ -236,6 +245,17 @@ class Coordinator:
         if len(rec.tokens) > 1:
             tpot = (rec.finished_at - rec.first_token_at) / (len(rec.tokens) - 1)
             m.tpot.labels(stage).observe(tpot)
+
+    def _give_up(self, rec: ClientRequest) -> None:
+        """Ends a request whose client stopped reading, so its unread tokens have a bound."""
+        log.warning(
+            "client_too_slow", request_id=rec.request_id, unread=len(rec.tokens) - rec.num_sent
+        )
+        rec.is_overflowed = True
+        link = self.pool.by_id.get(rec.worker_id or "")
+        self._end(rec, FinishReason.ABORT)
+        if link is not None and link.is_healthy:
+            self._spawn(self._abort_on(link, rec.request_id))
 
     def _end(self, rec: ClientRequest, reason: FinishReason) -> None:
         """Ends an accepted request that cannot go on (the client gets `reason`)."""
@@ -370,6 +390,33 @@ class Coordinator:
             self._drain_queue()
 
     # --- admission -------------------------------------------------------------------------
+    @property
+    def max_prompt_bytes(self) -> int:
+        return self.config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len
+
+    async def encode_text(self, text: str) -> tuple[int, ...]:
+        """Token ids of a text prompt. The size is checked first and the tokenizer runs on a
+        thread, so one huge prompt neither exhausts memory nor stalls every other stream."""
+        if self.tokenizer is None:
+            raise SchedulingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "text prompts need a tokenizer; start the scheduler with --tokenizer",
+            )
+        if not self.can_place:
+            raise SchedulingError(grpc.StatusCode.UNAVAILABLE, "no worker is serving yet")
+        limit = self.max_prompt_bytes
+        # len(text) <= its UTF-8 size: the cheap test refuses most oversized prompts.
+        if len(text) > limit or len(text.encode()) > limit:
+            raise SchedulingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"text prompt is over {limit} bytes (max_prompt_bytes)",
+            )
+        encoding = await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=True)
+        ids = tuple(encoding.ids)
+        if not ids:
+            raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, "text is empty")
+        return ids
+
     def new_request(
         self, request_id: str, prompt: tuple[int, ...], sampling: SamplingSpec, priority: int
     ) -> ClientRequest:
@@ -487,10 +534,13 @@ class Coordinator:
         link = self.pool.by_id.get(rec.worker_id or "")
         self._end(rec, FinishReason.ABORT)
         if link is not None and link.is_healthy:
-            try:
-                await link.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=10)
-            except grpc.aio.AioRpcError as e:
-                log.info("abort_on_worker_failed", request_id=request_id, error=e.details())
+            await self._abort_on(link, request_id)
+
+    async def _abort_on(self, link: WorkerLink, request_id: str) -> None:
+        try:
+            await link.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            log.info("abort_on_worker_failed", request_id=request_id, error=e.details())
 
     @property
     def can_place(self) -> bool:

@@ -50,6 +50,10 @@ class ClientRequest:
     finish_after: tuple[int, FinishReason] | None = None
     """A finish that arrived with output index N: it takes effect once N tokens are here."""
     out: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+    num_sent: int = 0
+    """Tokens the client's stream has taken; the rest wait in `out`."""
+    is_overflowed: bool = False
+    """Ended because the client fell too far behind (its stream ends RESOURCE_EXHAUSTED)."""
     detokenizer: Detokenizer | None = None
     """Set for text prompts: the client gets text along with token ids."""
 

@@ -225,9 +225,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.ImportKVResponse:
         if self.state.is_draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
-        engine_layout = self.state.loop.engine.layout
+        engine = self.state.loop.engine
+        max_blocks = -(-engine.max_model_len // engine.layout.block_size)
         try:
-            snapshot = await kv_stream.read_snapshot(request_iterator, engine_layout)
+            free = await self.state.loop.call(lambda e: e.num_free_blocks())
+            snapshot = await kv_stream.read_snapshot(
+                request_iterator, engine.layout, max_blocks, free
+            )
             await self._resume(snapshot)
         except Exception as e:
             self.state.metrics.migration_failures.labels(self.state.engine_name, "in").inc()
