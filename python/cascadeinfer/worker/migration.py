@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -79,9 +79,9 @@ async def migrate_out(
     snapshot: KVSnapshot | None = None
     is_committed = False
     try:
-        await call.write(kv_stream.header(request_id, None if recompute else layout))
+        await _write(call, kv_stream.header(request_id, None if recompute else layout))
         for chunk in kv_stream.block_chunks(pre, 0):
-            await call.write(chunk)
+            await _write(call, chunk)
         paused = time.perf_counter()
         # Shielded: a cancelled caller must not drop the snapshot of a request already stopped.
         export = asyncio.ensure_future(
@@ -92,11 +92,11 @@ async def migrate_out(
         is_committed = True
         if recompute:
             final = KVSnapshot(rest.request, rest.layout, 0, [])
-            await call.write(kv_stream.commit(final, 0))
+            await _write(call, kv_stream.commit(final, 0))
         else:
             for chunk in kv_stream.block_chunks(rest.blocks, len(pre)):
-                await call.write(chunk)
-            await call.write(kv_stream.commit(snapshot, len(snapshot.blocks)))
+                await _write(call, chunk)
+            await _write(call, kv_stream.commit(snapshot, len(snapshot.blocks)))
         await call.done_writing()
         response = await call
     except BaseException as e:
@@ -130,6 +130,15 @@ async def migrate_out(
     return MigrationResult(
         snapshot.request.context_len, num_bytes, resumed - paused, resumed - started
     )
+
+
+async def _write(call: Any, chunk: worker_pb2.KVChunk) -> None:
+    """Writes one chunk; a target that already answered (an early refusal) raises its status."""
+    try:
+        await call.write(chunk)
+    except asyncio.InvalidStateError:
+        await call  # raises grpc.aio.AioRpcError with the target's status
+        raise
 
 
 REFUSALS = frozenset(
