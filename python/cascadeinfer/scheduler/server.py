@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cascadeinfer.daemon import CHANNEL_OPTIONS, run_daemon
+from cascadeinfer.daemon import CHANNEL_OPTIONS, StrictDecoding, run_daemon
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
 from cascadeinfer.scheduler.coordinator import Coordinator
@@ -57,7 +57,10 @@ async def report_health(servicer: health.aio.HealthServicer, coordinator: Coordi
 
 async def serve(config: SchedulerConfig) -> None:
     coordinator = Coordinator(config)
-    interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = (
+        [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+    )
+    interceptors.append(StrictDecoding())  # after the token check: strangers get no parsing
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
         SchedulerServicer(coordinator), server

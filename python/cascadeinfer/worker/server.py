@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cascadeinfer.daemon import CHANNEL_OPTIONS, run_daemon
+from cascadeinfer.daemon import CHANNEL_OPTIONS, StrictDecoding, run_daemon
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.security import BearerTokenInterceptor, add_port
 from cascadeinfer.worker.config import WorkerConfig, parse_args
@@ -79,7 +79,10 @@ async def serve(config: WorkerConfig) -> None:
     engine = await engine_loop.start()
     # Every call needs the cluster's token, or under mTLS a client certificate (checked by TLS).
     needs_token = config.auth_token and not config.tls.require_client_cert
-    interceptors = [BearerTokenInterceptor(config.auth_token)] if needs_token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = (
+        [BearerTokenInterceptor(config.auth_token)] if needs_token else []
+    )
+    interceptors.append(StrictDecoding())  # after the token check: strangers get no parsing
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     worker_id = config.worker_id or f"{config.host}:{port}"
