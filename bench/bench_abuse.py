@@ -4,7 +4,9 @@ scheduler and sim worker daemons on loopback; memory is the daemons' RSS from /p
 1. A 40 MB text prompt to a scheduler with a tokenizer, while another client streams: the
    time to the refusal, the longest pause of the other stream, the scheduler's peak RSS.
 2. A 2 GiB ImportKV stream of 1 MiB blocks: the worker's peak RSS and when it refused.
-3. 500 clients that open a stream of 1,500 tokens and never read it: the scheduler's RSS.
+3. 500 clients that open a stream of 1,500 (then 6,000) tokens and read nothing for 20 s: the
+   scheduler's RSS, and how their streams end (past max_stream_lag_tokens, 4096 by default,
+   RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -96,14 +98,19 @@ def huge_import(worker: Daemon, total_mib: int) -> None:
         outcome = "OK"
     except grpc.RpcError as e:
         outcome = e.code().name
+    refused_s = time.monotonic() - started
+    after = rss_mib(worker)
+    time.sleep(5)
     print(
         f"ImportKV {total_mib} MiB of {len(block) >> 20} MiB blocks: {outcome} after "
-        f"{time.monotonic() - started:.2f} s and {sent >> 20} MiB sent; worker RSS "
-        f"{before:.0f} -> {rss_mib(worker):.0f} MiB (peak {rss_mib(worker, 'VmHWM'):.0f})"
+        f"{refused_s:.2f} s and {sent >> 20} MiB sent; worker RSS {before:.0f} -> {after:.0f} "
+        f"MiB (peak {rss_mib(worker, 'VmHWM'):.0f}, {rss_mib(worker):.0f} 5 s later)"
     )
 
 
 def idle_readers(scheduler: Daemon, num: int, max_tokens: int) -> None:
+    """Against a scheduler over a sim worker with no step sleep: all output is produced while
+    nobody reads."""
     channel = grpc.insecure_channel(scheduler.address, options=[("grpc.http2.bdp_probe", 0)])
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
     before = rss_mib(scheduler)
@@ -136,16 +143,22 @@ def main() -> None:
         tokenizer = write_byte_tokenizer(tmp / "tokenizer")
         big_blocks = ["--engine", "sim", "--sim-kv-bytes-per-token", str(1 << 16)]
         big_blocks += ["--sim-max-model-len", "8192"]
-        with workers([SIM_WORKER, big_blocks], tmp) as (worker, importer):
+        fast = [*SIM_WORKER, "--sim-time-scale", "0"]
+        with workers([SIM_WORKER, big_blocks, fast, fast], tmp) as (worker, importer, *fast_ws):
             scheduler = start_scheduler(
                 ["--workers", worker.address, "--tokenizer", str(tokenizer)], tmp
             )
             try:
                 huge_text(scheduler, args.text_mb)
                 huge_import(importer, args.import_mib)
-                idle_readers(scheduler, args.idle_readers, 1500)
             finally:
                 scheduler.stop()
+            for fw, max_tokens in zip(fast_ws, (1500, 6000), strict=True):
+                scheduler = start_scheduler(["--workers", fw.address], tmp)
+                try:
+                    idle_readers(scheduler, args.idle_readers, max_tokens)
+                finally:
+                    scheduler.stop()
 
 
 if __name__ == "__main__":

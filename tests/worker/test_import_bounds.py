@@ -1,6 +1,7 @@
 """ImportKV refuses a stream as soon as it carries more KV than any request holds, without
 buffering the rest: a 512 MiB stream of blocks leaves the worker's peak memory where it was.
-A real sim worker whose blocks are 1 MiB and whose longest request holds 64 of them."""
+Its memory then goes back to the OS. A real sim worker whose blocks are 1 MiB and whose longest
+request holds 64 of them."""
 
 from __future__ import annotations
 
@@ -25,11 +26,15 @@ BIG_BLOCKS = [
 NUM_SENT_MAX = 512
 
 
-def peak_rss_mib(d: Daemon) -> float:
+def rss_mib(d: Daemon, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{d.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    raise AssertionError(f"no {field}")
+
+
+def peak_rss_mib(d: Daemon) -> float:
+    return rss_mib(d, "VmHWM")
 
 
 def test_an_oversized_kv_stream_is_refused_early_and_not_buffered(tmp_path: Path) -> None:
@@ -63,6 +68,10 @@ def test_an_oversized_kv_stream_is_refused_early_and_not_buffered(tmp_path: Path
         growth = peak_rss_mib(d) - before
         print(f"peak RSS {before:.0f} -> {before + growth:.0f} MiB; refused after {elapsed:.2f} s")
         assert growth < 200, f"the worker buffered {growth:.0f} MiB of a refused stream"
+        deadline = time.monotonic() + 10
+        while rss_mib(d) - before > 30:  # the refused blocks' memory goes back to the OS
+            assert time.monotonic() < deadline, f"RSS stays at {rss_mib(d):.0f} MiB"
+            time.sleep(0.2)
         assert sent < NUM_SENT_MAX, "the stream was read to its end before the refusal"
         assert run_to_end(d.stub(), "after", [1, 2, 3], 3), "still serving"
     finally:

@@ -98,11 +98,26 @@ async def read_snapshot(
 
     Refuses as soon as a block is not `expected.block_bytes` long or the blocks outnumber
     `max_blocks` (what the longest request holds: INVALID_ARGUMENT) or `free_blocks`
-    (RESOURCE_EXHAUSTED), so no stream buffers more than one request's KV."""
+    (RESOURCE_EXHAUSTED), so no stream buffers more than one request's KV; on a refusal the
+    blocks read so far are dropped at once (the error's traceback must not keep them)."""
+    blocks: list[bytes] = []
+    try:
+        return await _read(chunks, expected, max_blocks, free_blocks, blocks)
+    except BaseException:
+        blocks.clear()
+        raise
+
+
+async def _read(
+    chunks: AsyncIterator[worker_pb2.KVChunk],
+    expected: KVLayout,
+    max_blocks: int,
+    free_blocks: int,
+    blocks: list[bytes],
+) -> KVSnapshot:
     request_id: str | None = None
     layout: KVLayout | None = None
     has_layout = False
-    blocks: list[bytes] = []
     async for chunk in chunks:
         part = chunk.WhichOneof("part")
         if part == "header":

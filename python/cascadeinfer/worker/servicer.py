@@ -10,6 +10,7 @@ from dataclasses import replace
 import grpc
 import structlog
 
+from cascadeinfer.daemon import release_freed_memory
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.worker import convert, kv_stream
 from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
@@ -235,6 +236,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await self._resume(snapshot)
         except Exception as e:
             self.state.metrics.migration_failures.labels(self.state.engine_name, "in").inc()
+            # Once this call is gone, return what its blocks took (up to one request's KV).
+            asyncio.get_running_loop().call_later(1.0, release_freed_memory)
             await fail(context, e)
         num_bytes = sum(len(b) for b in snapshot.blocks)
         self.state.metrics.migrations.labels(
