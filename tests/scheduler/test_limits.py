@@ -118,3 +118,14 @@ def test_a_client_that_stops_reading_is_cut_off_and_others_are_served(scheduler:
     assert "max_stream_lag_tokens" in (e.value.details() or "")
     assert received < max_tokens
     assert read_all(stub, 500) == (500, common_pb2.FINISH_REASON_LENGTH)
+
+
+def test_a_message_over_the_size_limit_is_refused_and_service_goes_on(scheduler: Daemon) -> None:
+    channel = grpc.insecure_channel(
+        scheduler.address, options=[("grpc.max_send_message_length", 128 << 20)]
+    )
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(request(4, text="x" * (70 << 20)), timeout=60))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert read_all(stub_of(scheduler.address), 5) == (5, common_pb2.FINISH_REASON_LENGTH)

@@ -27,13 +27,16 @@ HEALTH_INTERVAL_S = 0.2
 async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str, ...]) -> None:
     """Connects the --workers list, retrying those not up yet."""
     pending = list(addresses)
+    refused: set[str] = set()
     while pending:
         for address in list(pending):
             try:
                 await coordinator.add_worker(address)
                 pending.remove(address)
-            except grpc.aio.AioRpcError:
-                pass
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED and address not in refused:
+                    refused.add(address)  # said once; retried like a worker not up yet
+                    log.error("worker_refused_token", address=address, error=e.details())
         if pending:
             await asyncio.sleep(0.5)
 
