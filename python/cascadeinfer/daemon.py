@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import inspect
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -118,17 +119,21 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
             "response_serializer": handler.response_serializer,
         }
         refuse = self._refuse
-        if handler.unary_unary:
-            unary_unary = handler.unary_unary
 
+        def uu_like(behavior: Any) -> Any:
             async def uu(request: Any, context: Any) -> Any:
                 if isinstance(request, _Undecodable):
                     await refuse(context, method, request)
-                return await unary_unary(request, context)
+                return await behavior(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(uu, **kwargs)
+            return uu
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(uu_like(handler.unary_unary), **kwargs)
         if handler.unary_stream:
-            unary_stream: Any = handler.unary_stream  # an async generator function here
+            unary_stream: Any = handler.unary_stream
+            if not inspect.isasyncgenfunction(unary_stream):  # writes with context.write
+                return grpc.unary_stream_rpc_method_handler(uu_like(unary_stream), **kwargs)
 
             async def us(request: Any, context: Any) -> Any:
                 if isinstance(request, _Undecodable):
@@ -153,6 +158,12 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(su, **kwargs)
         stream_stream: Any = handler.stream_stream
         assert stream_stream is not None
+        if not inspect.isasyncgenfunction(stream_stream):
+
+            async def ss_co(requests: Any, context: Any) -> Any:
+                return await stream_stream(checked(requests, context), context)
+
+            return grpc.stream_stream_rpc_method_handler(ss_co, **kwargs)
 
         async def ss(requests: Any, context: Any) -> Any:
             async for response in stream_stream(checked(requests, context), context):

@@ -106,6 +106,9 @@ def test_health_stays_open_and_a_caller_with_the_token_is_served(cluster: Cluste
     channel = grpc.insecure_channel(cluster.workers[0].address)
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
     assert cluster.worker_stub(0).GetInfo(worker_pb2.GetInfoRequest(), timeout=10).engine == "sim"
 
 
