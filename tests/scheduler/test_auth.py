@@ -225,3 +225,42 @@ def test_no_daemon_serves_other_hosts_unauthenticated_unless_told_insecure(
     finally:
         process.kill()
         process.wait()
+
+
+def test_the_worker_a_request_left_cannot_write_into_it_afterwards(cluster: Cluster) -> None:
+    """Once the request has moved on (and a grace for the source's lagging feed has passed),
+    a copy started under its id on the worker it left is ignored too."""
+    prompt = list(range(1, 41))  # stage 1 on worker 0, crosses 64 tokens: moves to worker 1
+    max_tokens = 800
+    reference = run_to_end(cluster.worker_stub(0), "ref-left", prompt, max_tokens)
+    moved = threading.Event()
+    result: dict[str, tuple[list[int], scheduler_pb2.ClientGenerateResponse]] = {}
+
+    def victim() -> None:
+        tokens: list[int] = []
+        last = scheduler_pb2.ClientGenerateResponse()
+        request = client_request(prompt, max_tokens, "left")
+        for r in cluster.scheduler_stub().Generate(request, timeout=120):
+            assert r.tokens.first_index == len(tokens)
+            tokens.extend(r.tokens.token_ids)
+            last = r
+            if len(tokens) > 40:
+                moved.set()
+        result["left"] = (tokens, last)
+
+    thread = threading.Thread(target=victim)
+    thread.start()
+    assert moved.wait(60)
+    time.sleep(2.5)  # past the grace for the source's feed
+    hostile = worker_pb2.GenerateRequest(
+        request_id="left",
+        prompt_token_ids=[3] * 90,
+        sampling=common_pb2.SamplingParams(max_tokens=20, ignore_eos=True),
+        detach=True,
+    )
+    list(cluster.worker_stub(0).Generate(hostile, timeout=10))  # the worker it left takes it
+    thread.join(120)
+    tokens, last = result["left"]
+    assert last.timings.num_migrations == 1
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert tokens == reference

@@ -40,6 +40,9 @@ FINISH_FROM_PROTO = {
 }
 
 
+FEED_LAG_GRACE_S = 2.0
+"""How long a migration source's feed is still trusted for the request it gave away."""
+
 PROMPT_BYTES_PER_TOKEN = 16
 """Default text prompt limit per token of context: a few times the bytes a token averages."""
 
@@ -323,6 +326,11 @@ class Coordinator:
         if not rec.is_done:
             dst.running.add(rec.request_id)
             rec.worker_id = dst.worker_id
+        # The source's feed may still carry its last tokens for a moment; after that, nothing
+        # it reports under this id is this request's.
+        asyncio.get_running_loop().call_later(
+            FEED_LAG_GRACE_S, self._forget_holder, rec, src.worker_id
+        )
         rec.num_migrations += 1
         self.counters.num_migrations += 1
         self.metrics.migrations.labels(reason, "ok").inc()
@@ -334,6 +342,11 @@ class Coordinator:
             reason=reason,
             context_len=rec.context_len,
         )
+
+    @staticmethod
+    def _forget_holder(rec: ClientRequest, worker_id: str) -> None:
+        if rec.worker_id != worker_id and not rec.is_moving:
+            rec.holders.discard(worker_id)
 
     async def _move_off(self, src: WorkerLink, request_id: str) -> None:
         """Moves a request off a draining worker to the instance the core admits it to; on
