@@ -1,5 +1,6 @@
 """Transport security the daemons and the command line share: TLS and mTLS credentials for
-every gRPC link, and the bearer token that guards the scheduler's API.
+every gRPC link, and the bearer token that guards every daemon's API (the scheduler's, the
+registry, and each worker's, which the scheduler and peer workers call with it).
 
 One `TlsFiles` describes a daemon's side of TLS. A server with `ca` set (and, for the
 scheduler, `require_client_cert`) insists on client certificates signed by that CA: that is
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hmac
+import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -107,10 +109,14 @@ def add_port(server: grpc.aio.Server, address: str, tls: TlsFiles) -> int:
     return server.add_insecure_port(address)
 
 
-def aio_channel(address: str, tls: TlsFiles) -> grpc.aio.Channel:
+def aio_channel(address: str, tls: TlsFiles, token: str = "") -> grpc.aio.Channel:
+    """A channel between daemons: TLS when configured, the cluster's token on every call."""
+    interceptors = _aio_token_interceptors(token)
     if tls.is_enabled:
-        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(
+            address, tls.channel_credentials(), options=CHANNEL_OPTIONS, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 def sync_channel(address: str, tls: TlsFiles) -> grpc.Channel:
@@ -137,6 +143,27 @@ def read_token(token_file: str) -> str:
 
 def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach ('localhost', 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token: str, tls: TlsFiles, insecure: bool) -> None:
+    """Refuses to serve other machines with no authentication unless the operator said so."""
+    if is_loopback(host) or token or tls.require_client_cert or insecure:
+        return
+    raise ValueError(
+        f"host = {host!r} is reachable from other machines, but no auth token and no mTLS "
+        "(tls require_client_cert) is set: give one (--auth-token-file, $CASCADE_AUTH_TOKEN, "
+        "--tls-require-client-cert), or pass --insecure to serve without authentication"
+    )
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -222,6 +249,47 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return continuation(self._with_token(details), request)
+
+
+class _AioToken:
+    def __init__(self, token: str) -> None:
+        self._metadata = token_metadata(token)
+
+    def _with_token(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(d.metadata or ()), *self._metadata)
+        return grpc.aio.ClientCallDetails(
+            d.method, d.timeout, metadata, d.credentials, d.wait_for_ready
+        )
+
+
+# grpc.aio files an interceptor under one call type only, so one class per type.
+class _UnaryUnaryToken(_AioToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _UnaryStreamToken(_AioToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _StreamUnaryToken(_AioToken, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+
+class _StreamStreamToken(_AioToken, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+
+def _aio_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor] | None:
+    """Adds the bearer token to every call of an asyncio channel (scheduler -> worker,
+    worker -> worker, worker -> scheduler)."""
+    if not token:
+        return None
+    kinds = (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
+    return [kind(token) for kind in kinds]
 
 
 def client_channel(address: str, tls: TlsFiles, token: str) -> grpc.Channel:

@@ -29,6 +29,7 @@ def test_up_with_sim_workers_runs_the_demo_and_stops_cleanly() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
+    assert any(line.startswith("auth token ") for line in lines), "the cluster has a token"
     stage_rows = [
         line
         for line in lines

@@ -31,6 +31,7 @@ TOKEN = "s3cret-http"
 SIM = ["--engine", "sim", "--sim-vocab-size", "1024", "--sim-max-model-len", "4096"]
 SIM += ["--sim-kv-bytes-per-token", "64"]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+STREAM_LAG = 64
 
 
 @dataclass
@@ -76,6 +77,8 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         args = scheduler_args(
             model_dir, token_file, "--workers", addresses, "--stages", "0-64:1,64-4096:1"
         )
+        # Small bounds, so the tests below can show they hold for HTTP clients too.
+        args += ["--max-stream-lag-tokens", str(STREAM_LAG), "--max-prompt-bytes", "4096"]
         scheduler = start_scheduler(args, tmp)
         try:
             yield Front(scheduler, daemons, load_tokenizer(str(model_dir)), model_dir)
@@ -118,6 +121,41 @@ def test_completion_text_is_the_engine_tokens_decoded_across_a_migration(front: 
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 80
     assert len(chunks) > 3, "text arrives in pieces, not at the end"
+
+
+def test_an_answer_longer_than_the_stream_lag_bound_completes_for_a_client_that_reads(
+    front: Front,
+) -> None:
+    # The lag bound ends only clients that stop reading; the HTTP front reads as it goes.
+    client = front.client()
+    n = 6 * STREAM_LAG
+    whole = client.completions.create(
+        model="sim", prompt=[5, 6, 7], max_tokens=n, extra_body={"ignore_eos": True}
+    )
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == n
+    stream = client.completions.create(
+        model="sim",
+        prompt=[5, 6, 7],
+        max_tokens=n,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == n
+
+
+def test_a_text_prompt_over_the_byte_limit_is_400_before_tokenizing(front: Front) -> None:
+    client = front.client()
+    with pytest.raises(openai.BadRequestError, match="max_prompt_bytes"):
+        client.completions.create(model="sim", prompt="é" * 2100, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="max_prompt_bytes"):
+        client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "x" * 5000}], max_tokens=4
+        )
+    # The service goes on.
+    assert client.completions.create(model="sim", prompt="ok", max_tokens=2).choices
 
 
 def test_chat_streams_the_same_text_as_the_whole_answer(front: Front) -> None:

@@ -29,6 +29,9 @@ MESSAGES = [
     {"role": "user", "content": "Again?"},
 ]
 
+NO_BYTE_LIMIT = 1 << 30
+"""max_prompt_bytes for these tests (the limit has its own test in test_openai_api.py)."""
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -64,8 +67,10 @@ async def test_chat_template_renders_as_hugging_face_does(
         )
         if isinstance(expected, dict) or hasattr(expected, "input_ids"):
             expected = expected["input_ids"]
-        assert list(await chat_prompt(body, files)) == list(expected)
-    text = files.tokenizer.decode(list(await chat_prompt(body, files)), skip_special_tokens=False)
+        assert list(await chat_prompt(body, files, NO_BYTE_LIMIT)) == list(expected)
+    text = files.tokenizer.decode(
+        list(await chat_prompt(body, files, NO_BYTE_LIMIT)), skip_special_tokens=False
+    )
     assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n")
 
 
@@ -104,13 +109,15 @@ async def test_fields_map_to_the_worker_sampling(files: ModelFiles) -> None:
             "stop_token_ids": [7],
         }
     )
-    job = build_job(body, await completion_prompt(body, files), files, 4096, body.max_tokens)
+    job = build_job(
+        body, await completion_prompt(body, files, NO_BYTE_LIMIT), files, 4096, body.max_tokens
+    )
     s = job.sampling
     assert job.prompt == (5, 6, 7) and job.stop == ("END",)
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (9, 0.5, 0.9, 0, 3)
     assert s.stop_token_ids == (7, 2), "EOS joins the client's stop tokens"
     body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "ignore_eos": True})
-    job = build_job(body, await completion_prompt(body, files), files, 4096, None)
+    job = build_job(body, await completion_prompt(body, files, NO_BYTE_LIMIT), files, 4096, None)
     assert job.sampling.stop_token_ids == () and job.sampling.ignore_eos
     assert job.sampling.max_tokens == 4096 - len(job.prompt), "default: the rest of the length"
 
@@ -133,7 +140,7 @@ async def test_unsupported_values_are_refused_by_name(
 ) -> None:
     body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", **extra})
     with pytest.raises(APIError) as e:
-        build_job(body, await completion_prompt(body, files), files, 4096, None)
+        build_job(body, await completion_prompt(body, files, NO_BYTE_LIMIT), files, 4096, None)
     assert e.value.status == 400 and e.value.param == param
     assert param in e.value.message
 
@@ -162,7 +169,7 @@ async def test_long_texts_tokenize_off_the_event_loop_to_the_same_ids(files: Mod
 
     ticker = asyncio.create_task(tick())
     await asyncio.sleep(0)
-    ids = await completion_prompt(body, files)
+    ids = await completion_prompt(body, files, NO_BYTE_LIMIT)
     ticker.cancel()
     assert list(ids) == files.tokenizer.encode(text).ids
     assert ticks >= 5, "the event loop ran while the text was tokenized"
@@ -178,7 +185,7 @@ async def test_a_chat_template_file_replaces_the_directory_one(
     )
     files = load_model_files(load_tokenizer(str(model_dir)), str(model_dir), str(template))
     body = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES[:2]})
-    ids = await chat_prompt(body, files)
+    ids = await chat_prompt(body, files, NO_BYTE_LIMIT)
     assert files.tokenizer.decode(list(ids)) == (
         "SYSTEM: You are terse.\nUSER: Grüße! 你好 🙂\nASSISTANT:"
     )

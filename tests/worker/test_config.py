@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cascadeinfer.security import TOKEN_ENV
 from cascadeinfer.worker.config import from_toml, parse_args
 
 EXAMPLE = (
@@ -12,13 +13,27 @@ EXAMPLE = (
 )
 
 
-def test_the_shipped_example_parses_and_flags_override_it() -> None:
+def test_the_shipped_example_parses_and_flags_override_it(tmp_path: Path) -> None:
     assert from_toml(EXAMPLE).engine == "vllm"
-    config = parse_args(
-        ["--config", str(EXAMPLE), "--engine", "sim", "--port", "0", "--sim-time-scale", "0"]
-    )
+    token = tmp_path / "token"
+    token.write_text("t0k3n\n")
+    flags = ["--engine", "sim", "--port", "0", "--sim-time-scale", "0"]
+    config = parse_args(["--config", str(EXAMPLE), *flags, "--auth-token-file", str(token)])
     assert (config.engine, config.port, config.sim.time_scale) == ("sim", 0, 0.0)
     assert config.scheduler == "scheduler.internal:50051"
+    assert config.auth_token == "t0k3n"
+
+
+def test_other_hosts_need_a_token_or_mtls_unless_insecure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ValueError, match="--insecure"):
+        parse_args(["--host", "0.0.0.0"])
+    assert parse_args(["--host", "0.0.0.0", "--insecure"]).insecure
+    assert parse_args(["--host", "::1"]).host == "::1"  # loopback needs nothing
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert parse_args(["--host", "10.0.0.7"]).auth_token == "from-env"
 
 
 def test_vllm_options_and_load_format() -> None:

@@ -27,9 +27,9 @@ def add_connection_args(p: Any) -> None:
 
 
 def scheduler_stub(
-    address: str, args: argparse.Namespace | None = None
+    address: str, args: argparse.Namespace | None = None, token_file: str = ""
 ) -> scheduler_pb2_grpc.SchedulerServiceStub:
-    tls, token = TlsFiles(), ""
+    tls, token = TlsFiles(), read_token(token_file)
     if args is not None:
         tls = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
         tls.validate(is_server=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import signal
 import tempfile
 import threading
@@ -16,6 +17,7 @@ from cascadeinfer.cli.status import format_state
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, start_many
 from cascadeinfer.proto.v1 import scheduler_pb2
+from cascadeinfer.proto.v1.scheduler_pb2_grpc import SchedulerServiceStub
 from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
 
 
@@ -73,9 +75,8 @@ def default_stages(num_workers: int, max_len: int) -> str:
     return ",".join(f"{lo}-{hi}:{n}" for lo, hi, n in zip(bounds, bounds[1:], counts, strict=False))
 
 
-def demo(address: str, stages: list[scheduler_pb2.StageState]) -> None:
+def demo(stub: SchedulerServiceStub, stages: list[scheduler_pb2.StageState]) -> None:
     """Requests that start short and grow past the first stage bounds, printed as they finish."""
-    stub = scheduler_stub(address)
     bound = stages[0].max_len if len(stages) > 1 else 64
     cases = [(16, 32), (max(8, bound - 40), 120), (max(8, bound + 20), 2 * bound)]
     for i, (prompt_len, max_tokens) in enumerate(cases):
@@ -108,8 +109,18 @@ def tokenizer_for(args: argparse.Namespace, log_dir: Path) -> Path:
     return write_tiny_tokenizer(log_dir / "tokenizer")
 
 
+def write_token(log_dir: Path) -> Path:
+    """A fresh random bearer token for this cluster, readable by this user only."""
+    path = log_dir / "token"
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="cascade-up-"))
+    token_file = write_token(log_dir)
+    auth = ["--auth-token-file", str(token_file)]
     print(f"starting {args.workers} {args.engine} workers (logs in {log_dir}) ...", flush=True)
     daemons: list[Daemon] = []
     # vLLM on CPU starts one OpenMP thread per core in every worker; workers sharing the cores
@@ -117,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     # OMP_NUM_THREADS wins).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     try:
-        daemons = start_many(WORKER, [worker_args(args)] * args.workers, log_dir)
+        daemons = start_many(WORKER, [[*worker_args(args), *auth]] * args.workers, log_dir)
         max_len = 8192 if args.engine == "sim" else 2048
         # Doubling stages show migrations on any traffic; a workload or rate asks for a plan.
         is_planned = args.workload is not None or args.rate is not None
@@ -126,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
             if args.policy == "cascade" and not is_planned
             else None
         )
-        sched_args = ["--workers", ",".join(d.address for d in daemons), "--policy", args.policy]
+        sched_args = [*auth, "--workers", ",".join(d.address for d in daemons)]
+        sched_args += ["--policy", args.policy]
         if stages:
             sched_args += ["--stages", stages]
         sched_args += ["--port", str(args.port), "--http-port", str(args.http_port)]
@@ -143,19 +155,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"worker     {d.address} ({d.engine})")
         print(f"scheduler  {scheduler.address} (policy {scheduler.engine})")
         model = scheduler.openai_models[0] if scheduler.openai_models else "?"
-        print(f"openai     {scheduler.openai_url} (model {model!r})\n")
-        state = scheduler_stub(scheduler.address).GetClusterState(
-            scheduler_pb2.GetClusterStateRequest()
-        )
+        print(f"openai     {scheduler.openai_url} (model {model!r})")
+        print(f"auth token {token_file} (every call needs it: --auth-token-file, or HTTP Bearer)\n")
+        stub = scheduler_stub(scheduler.address, token_file=str(token_file))
+        state = stub.GetClusterState(scheduler_pb2.GetClusterStateRequest())
         print(format_state(state) + "\n")
         if not args.no_demo:
-            demo(scheduler.address, list(state.stages))
+            demo(stub, list(state.stages))
         if args.exit_after_demo:
             return 0
         print(
-            f"\nserving; try: cascade generate --address {scheduler.address} --prompt-token-ids 1,2,3 --max-tokens 16"
+            f"\nserving; try: cascade generate --address {scheduler.address} "
+            f"--auth-token-file {token_file} --prompt-token-ids 1,2,3 --max-tokens 16"
         )
-        print(f"or: {curl_example(scheduler.openai_url, model)}")
+        print(f"or: {curl_example(scheduler.openai_url, model, token_file)}")
         print("Ctrl-C stops the cluster.", flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

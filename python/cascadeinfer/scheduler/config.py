@@ -10,7 +10,13 @@ from typing import Any
 
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.scheduler.text import load_tokenizer
-from cascadeinfer.security import TlsFiles, add_tls_arguments, read_token, tls_from_arguments
+from cascadeinfer.security import (
+    TlsFiles,
+    add_tls_arguments,
+    check_exposure,
+    read_token,
+    tls_from_arguments,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,11 @@ class SchedulerConfig:
     stages: tuple[StageSpec, ...] = ()
     """Explicit cascade stages instead of a plan: each (min_len, max_len, workers)."""
     max_queue: int = 1024
+    max_prompt_bytes: int = 0
+    """Largest text prompt in UTF-8 bytes, checked before tokenizing; 0: 16 bytes per token of
+    the model's context (a few times what a prompt that fits can take)."""
+    max_stream_lag_tokens: int = 4096
+    """Tokens a client may leave unread; beyond, its request ends with RESOURCE_EXHAUSTED."""
     tick_interval_s: float = 0.5
     max_concurrent_migrations: int = 8
     max_optional_migrations_per_s: float = 4.0
@@ -49,6 +60,8 @@ class SchedulerConfig:
     """File with the bearer token clients and workers must send; else $CASCADE_AUTH_TOKEN."""
     auth_token: str = field(default="", repr=False)
     """Resolved from auth_token_file or the environment; never logged."""
+    insecure: bool = False
+    """Serve a non-loopback host with neither a token nor mTLS (refused otherwise)."""
     tls: TlsFiles = field(default_factory=TlsFiles)
     seed: int = 0
     http_port: int | None = None
@@ -65,6 +78,10 @@ class SchedulerConfig:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
         if self.max_queue < 0:
             raise ValueError(f"max_queue = {self.max_queue}: must be >= 0")
+        if self.max_prompt_bytes < 0:
+            raise ValueError(f"max_prompt_bytes = {self.max_prompt_bytes}: must be >= 0")
+        if self.max_stream_lag_tokens < 1:
+            raise ValueError(f"max_stream_lag_tokens = {self.max_stream_lag_tokens}: must be >= 1")
         if self.tick_interval_s <= 0:
             raise ValueError(f"tick_interval_s = {self.tick_interval_s}: must be > 0")
         if self.max_concurrent_migrations < 1:
@@ -80,6 +97,7 @@ class SchedulerConfig:
         ):
             raise ValueError("stages ask for more workers than --workers / --min-workers provide")
         self.tls.validate(is_server=True)
+        check_exposure(self.host, self.auth_token, self.tls, self.insecure)
         if self.tokenizer:
             load_tokenizer(self.tokenizer)
         self._validate_http()
@@ -143,6 +161,8 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     p.add_argument("--rate", type=float, help="arrival rate the initial plan is for")
     p.add_argument("--stages", help="explicit stages MIN-MAX:WORKERS,... instead of a plan")
     p.add_argument("--max-queue", type=int)
+    p.add_argument("--max-prompt-bytes", type=int, help="text prompt size limit (0: from context)")
+    p.add_argument("--max-stream-lag-tokens", type=int, help="unread tokens allowed per client")
     p.add_argument("--tick-interval-s", type=float)
     p.add_argument("--max-concurrent-migrations", type=int)
     p.add_argument("--max-optional-migrations-per-s", type=float)
@@ -155,6 +175,12 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (0: any free)")
     p.add_argument("--served-model-name", help="model name HTTP clients ask for")
     p.add_argument("--chat-template", help="Jinja chat template file (default: the tokenizer's)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host with no token and no mTLS (anyone reaching it may use it)",
+    )
     add_tls_arguments(
         p,
         cert_help="PEM certificate this scheduler serves with",
@@ -172,6 +198,8 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "workload",
             "rate",
             "max_queue",
+            "max_prompt_bytes",
+            "max_stream_lag_tokens",
             "tick_interval_s",
             "max_concurrent_migrations",
             "max_optional_migrations_per_s",
@@ -181,6 +209,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "http_port",
             "served_model_name",
             "chat_template",
+            "insecure",
         )
     }
     if a.workers is not None:

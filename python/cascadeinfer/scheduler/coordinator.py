@@ -40,6 +40,13 @@ FINISH_FROM_PROTO = {
 }
 
 
+FEED_LAG_GRACE_S = 2.0
+"""How long a migration source's feed is still trusted for the request it gave away."""
+
+PROMPT_BYTES_PER_TOKEN = 16
+"""Default text prompt limit per token of context: a few times the bytes a token averages."""
+
+
 class SchedulingError(Exception):
     """A request the scheduler cannot take; `code` is the gRPC status for the client."""
 
@@ -61,7 +68,7 @@ class Coordinator:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.profile = load_profile(config.profile)
-        self.pool = WorkerPool(config.tls)
+        self.pool = WorkerPool(config.tls, config.auth_token)
         self.policy: _core.Scheduler | None = None
         self.requests: dict[str, ClientRequest] = {}
         self._by_core: dict[int, ClientRequest] = {}
@@ -70,6 +77,7 @@ class Coordinator:
         self._seq = itertools.count()
         self._migrations = asyncio.Semaphore(config.max_concurrent_migrations)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._is_closing = False
         self.counters = Counters()
         self.max_model_len = 0
         rate = config.max_optional_migrations_per_s
@@ -122,13 +130,16 @@ class Coordinator:
         log.info("policy_ready", policy=c.policy, stages=self.policy.stages())
 
     async def _follow(self, link: WorkerLink) -> None:
-        """Reads a worker's step feed until it breaks; a break means the worker is gone."""
+        """Reads a worker's step feed until it ends; an end or a break means the worker is gone
+        (a drained worker ends its feed once it stopped running anything)."""
+        why = "step feed ended"
         try:
             async for update in link.stub.StreamSteps(worker_pb2.StreamStepsRequest()):
                 self._on_step(link, update)
         except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.CANCELLED:
-                await self._worker_failed(link, e.details() or str(e.code()))
+            why = e.details() or str(e.code())
+        if not self._is_closing:
+            await self._worker_gone(link, why)
 
     def _leave_policy(self, link: WorkerLink) -> None:
         """Takes a worker out of routing; its stage is refilled by the core."""
@@ -140,30 +151,48 @@ class Coordinator:
                 log.error("no_workers_left", error=str(e))
 
     async def worker_leaving(self, link: WorkerLink) -> None:
-        """A draining worker: nothing new goes there; what runs there finishes there."""
+        """A draining worker: nothing new goes there, and what runs there moves to workers the
+        core picks (what cannot move finishes there, or is resumed elsewhere when it leaves)."""
         if link.is_healthy:
             self._leave_policy(link)
             log.info("worker_leaving", worker_id=link.worker_id, requests=len(link.running))
+            for rid in list(link.running):
+                self._spawn(self._move_off(link, rid))
 
-    async def _worker_failed(self, link: WorkerLink, why: str) -> None:
-        if not link.is_healthy:
+    async def _worker_gone(self, link: WorkerLink, why: str) -> None:
+        """Resumes by recompute elsewhere whatever the scheduler still had on `link` (a request
+        being moved off it is left to its move, which resumes it if the move fails)."""
+        link.is_gone = True
+        if link.is_healthy:
+            self._leave_policy(link)
+        if not link.running:
             return
-        self._leave_policy(link)
         log.warning(
             "worker_failed", worker_id=link.worker_id, reason=why, requests=len(link.running)
         )
         for rid in list(link.running):
             rec = self.requests.get(rid)
-            link.running.discard(rid)
-            if rec is not None and not rec.is_done:
-                # Resume by recompute from the prompt plus what the client already has.
-                rec.pending.clear()
-                rec.finish_after = None
-                rec.worker_id = None
-                await self._place(rec)
+            if rec is None:
+                link.running.discard(rid)
+            elif not rec.is_moving:
+                await self._resume_elsewhere(rec, link)
+
+    async def _resume_elsewhere(self, rec: ClientRequest, link: WorkerLink) -> None:
+        """Resumes by recompute from the prompt plus what the client already has, unless it
+        left `link` meanwhile (a move that completed while other requests were resumed)."""
+        link.running.discard(rec.request_id)
+        rec.holders.discard(link.worker_id)
+        if rec.is_done or rec.worker_id != link.worker_id:
+            return
+        rec.pending.clear()
+        rec.finish_after = None
+        rec.worker_id = None
+        await self._place(rec)
 
     # --- steps and routing -----------------------------------------------------------------
     def _on_step(self, link: WorkerLink, update: worker_pb2.StepUpdate) -> None:
+        if update.is_draining and link.is_healthy:
+            self._spawn(self.worker_leaving(link))
         link.last_step = update
         ids: list[int] = []
         lens: list[int] = []
@@ -171,9 +200,19 @@ class Coordinator:
             rec = self.requests.get(r.request_id)
             if rec is None:
                 continue
+            if link.worker_id not in rec.holders:
+                # Not where the scheduler put it: a stray or hostile copy must not write into
+                # the client's stream.
+                self.metrics.foreign_steps.inc()
+                continue
             finish = FINISH_FROM_PROTO.get(r.finish_reason)
             if r.tokens.token_ids or finish is not None:
                 rec.deliver(r.tokens.first_index, list(r.tokens.token_ids), finish)
+                if not rec.is_done and (
+                    len(rec.tokens) - rec.num_sent > self.config.max_stream_lag_tokens
+                ):
+                    self._give_up(rec)
+                    continue
             if rec.is_done:
                 self._retire(rec)
             elif rec.worker_id == link.worker_id and rec.gone_from != link.worker_id:
@@ -210,6 +249,17 @@ class Coordinator:
             tpot = (rec.finished_at - rec.first_token_at) / (len(rec.tokens) - 1)
             m.tpot.labels(stage).observe(tpot)
 
+    def _give_up(self, rec: ClientRequest) -> None:
+        """Ends a request whose client stopped reading, so its unread tokens have a bound."""
+        log.warning(
+            "client_too_slow", request_id=rec.request_id, unread=len(rec.tokens) - rec.num_sent
+        )
+        rec.is_overflowed = True
+        link = self.pool.by_id.get(rec.worker_id or "")
+        self._end(rec, FinishReason.ABORT)
+        if link is not None and link.is_healthy:
+            self._spawn(self._abort_on(link, rec.request_id))
+
     def _end(self, rec: ClientRequest, reason: FinishReason) -> None:
         """Ends an accepted request that cannot go on (the client gets `reason`)."""
         rec.end(reason)
@@ -222,7 +272,14 @@ class Coordinator:
             self.pool.by_instance.get(m.to_instance),
         )
         assert self.policy is not None
-        if rec is None or src is None or dst is None or rec.is_done:
+        if (
+            rec is None
+            or src is None
+            or dst is None
+            or rec.is_done
+            or rec.is_moving
+            or rec.worker_id != src.worker_id
+        ):
             self.policy.migration_done(m, False)
             return
         is_optional = m.reason is not _core.MigrationReason.STAGE_BOUND
@@ -230,45 +287,103 @@ class Coordinator:
             self.policy.migration_done(m, False)
             self.metrics.migrations.labels(m.reason.value, "rate_limited").inc()
             return
-        async with self._migrations:
-            try:
+        rec.holders.add(dst.worker_id)
+        rec.is_moving = True
+        try:
+            async with self._migrations:
                 await src.stub.MigrateOut(
                     worker_pb2.MigrateOutRequest(
                         request_id=rec.request_id, target_address=dst.address
                     ),
                     timeout=60,
                 )
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.NOT_FOUND:
-                    # The worker finished it already; its feed is behind. Stop asking it to
-                    # move a request it no longer has (the finish is on its way).
-                    rec.gone_from = src.worker_id
-                self.counters.num_failed_migrations += 1
-                self.policy.migration_done(m, False)
-                self.metrics.migrations.labels(m.reason.value, "failed").inc()
-                log.info(
-                    "migration_failed",
-                    request_id=rec.request_id,
-                    reason=m.reason.value,
-                    error=e.details(),
-                )
-                return
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                # The worker finished it already; its feed is behind. Stop asking it to
+                # move a request it no longer has (the finish is on its way).
+                rec.gone_from = src.worker_id
+            if dst.worker_id != rec.worker_id:
+                rec.holders.discard(dst.worker_id)
+            self.counters.num_failed_migrations += 1
+            self.policy.migration_done(m, False)
+            self.metrics.migrations.labels(m.reason.value, "failed").inc()
+            log.info(
+                "migration_failed",
+                request_id=rec.request_id,
+                reason=m.reason.value,
+                error=e.details(),
+            )
+            if src.is_gone:  # its feed ended during the move: nothing runs it now
+                await self._resume_elsewhere(rec, src)
+            return
+        finally:
+            rec.is_moving = False
+        self._moved(rec, src, dst, m.reason.value)
+        self.policy.migration_done(m, True)
+
+    def _moved(self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink, reason: str) -> None:
         src.running.discard(rec.request_id)
         if not rec.is_done:
             dst.running.add(rec.request_id)
             rec.worker_id = dst.worker_id
+        # The source's feed may still carry its last tokens for a moment; after that, nothing
+        # it reports under this id is this request's.
+        asyncio.get_running_loop().call_later(
+            FEED_LAG_GRACE_S, self._forget_holder, rec, src.worker_id
+        )
         rec.num_migrations += 1
         self.counters.num_migrations += 1
-        self.policy.migration_done(m, True)
-        self.metrics.migrations.labels(m.reason.value, "ok").inc()
+        self.metrics.migrations.labels(reason, "ok").inc()
         log.info(
             "migrated",
             request_id=rec.request_id,
             source=src.worker_id,
             target=dst.worker_id,
-            reason=m.reason.value,
-            context_len=m.context_len,
+            reason=reason,
+            context_len=rec.context_len,
         )
+
+    @staticmethod
+    def _forget_holder(rec: ClientRequest, worker_id: str) -> None:
+        if rec.worker_id != worker_id and not rec.is_moving:
+            rec.holders.discard(worker_id)
+
+    async def _move_off(self, src: WorkerLink, request_id: str) -> None:
+        """Moves a request off a draining worker to the instance the core admits it to; on
+        failure it stays there (finishing there, or resumed by recompute when the worker goes)."""
+        rec = self.requests.get(request_id)
+        if rec is None or rec.is_done or self.policy is None or rec.worker_id != src.worker_id:
+            return
+        try:
+            decision = self.policy.admit(rec.core_id, rec.context_len, time.monotonic())
+        except ValueError:
+            decision = None
+        dst = self.pool.by_instance.get(decision[0]) if decision is not None else None
+        if dst is None or not dst.is_healthy:
+            log.info("drain_move_no_target", request_id=request_id, worker_id=src.worker_id)
+            return
+        rec.holders.add(dst.worker_id)
+        rec.is_moving = True
+        try:
+            async with self._migrations:
+                await src.stub.MigrateOut(
+                    worker_pb2.MigrateOutRequest(request_id=request_id, target_address=dst.address),
+                    timeout=60,
+                )
+        except grpc.aio.AioRpcError as e:
+            rec.holders.discard(dst.worker_id)
+            self.policy.request_finished(rec.core_id, dst.instance)
+            self.counters.num_failed_migrations += 1
+            self.metrics.migrations.labels("drain", "failed").inc()
+            log.info("drain_move_failed", request_id=request_id, error=e.details())
+            if src.is_gone:  # its feed ended during the move: nothing runs it now
+                await self._resume_elsewhere(rec, src)
+            return
+        finally:
+            rec.is_moving = False
+        self._moved(rec, src, dst, "drain")
+        if rec.is_done:  # finished during the move: the core placed it on dst as well
+            self.policy.request_finished(rec.core_id, dst.instance)
 
     async def tick_forever(self) -> None:
         while True:
@@ -288,6 +403,33 @@ class Coordinator:
             self._drain_queue()
 
     # --- admission -------------------------------------------------------------------------
+    @property
+    def max_prompt_bytes(self) -> int:
+        return self.config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len
+
+    async def encode_text(self, text: str) -> tuple[int, ...]:
+        """Token ids of a text prompt. The size is checked first and the tokenizer runs on a
+        thread, so one huge prompt neither exhausts memory nor stalls every other stream."""
+        if self.tokenizer is None:
+            raise SchedulingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "text prompts need a tokenizer; start the scheduler with --tokenizer",
+            )
+        if not self.can_place:
+            raise SchedulingError(grpc.StatusCode.UNAVAILABLE, "no worker is serving yet")
+        limit = self.max_prompt_bytes
+        # len(text) <= its UTF-8 size: the cheap test refuses most oversized prompts.
+        if len(text) > limit or len(text.encode()) > limit:
+            raise SchedulingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"text prompt is over {limit} bytes (max_prompt_bytes)",
+            )
+        encoding = await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=True)
+        ids = tuple(encoding.ids)
+        if not ids:
+            raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, "text is empty")
+        return ids
+
     def new_request(
         self, request_id: str, prompt: tuple[int, ...], sampling: SamplingSpec, priority: int
     ) -> ClientRequest:
@@ -349,12 +491,14 @@ class Coordinator:
             detach=True,
         )
         rec.worker_id = link.worker_id
+        rec.holders.add(link.worker_id)
         link.running.add(rec.request_id)
         try:
             async for _ in link.stub.Generate(request, timeout=30):
                 pass
         except grpc.aio.AioRpcError as e:
             link.running.discard(rec.request_id)
+            rec.holders.discard(link.worker_id)
             rec.worker_id = None
             self.policy.request_finished(rec.core_id, link.instance)
             if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
@@ -403,10 +547,18 @@ class Coordinator:
         link = self.pool.by_id.get(rec.worker_id or "")
         self._end(rec, FinishReason.ABORT)
         if link is not None and link.is_healthy:
-            try:
-                await link.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=10)
-            except grpc.aio.AioRpcError as e:
-                log.info("abort_on_worker_failed", request_id=request_id, error=e.details())
+            await self._abort_on(link, request_id)
+
+    async def _abort_on(self, link: WorkerLink, request_id: str) -> None:
+        try:
+            await link.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            log.info("abort_on_worker_failed", request_id=request_id, error=e.details())
+
+    @property
+    def can_place(self) -> bool:
+        """Whether a request arriving now could be admitted (health reports this)."""
+        return self.policy is not None and bool(self.pool.healthy())
 
     @property
     def queue_depth(self) -> int:
@@ -418,6 +570,7 @@ class Coordinator:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        self._is_closing = True
         for task in list(self._tasks):
             task.cancel()
         await self.pool.close()

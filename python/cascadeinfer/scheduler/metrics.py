@@ -81,3 +81,8 @@ class SchedulerMetrics:
         self.plan_changes = Counter(
             "cascade_scheduler_plan_changes", "Stage layout changes", registry=r
         )
+        self.foreign_steps = Counter(
+            "cascade_scheduler_foreign_steps",
+            "Step-feed entries ignored: a worker reported a request the scheduler did not put there",
+            registry=r,
+        )

@@ -32,6 +32,11 @@ class ClientRequest:
     first_token_at: float | None = None
     finished_at: float | None = None
     worker_id: str | None = None
+    holders: set[str] = field(default_factory=set)
+    """Workers whose step feed may carry this request's tokens: the ones the scheduler placed it
+    on or chose as its migration target. Any other worker's feed is ignored for it."""
+    is_moving: bool = False
+    """A move off a draining worker is in flight (its outcome decides where it runs)."""
     gone_from: str | None = None
     """A worker that said it no longer has this request while its feed still showed it."""
     entry_stage: int = 0
@@ -45,6 +50,10 @@ class ClientRequest:
     finish_after: tuple[int, FinishReason] | None = None
     """A finish that arrived with output index N: it takes effect once N tokens are here."""
     out: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+    num_sent: int = 0
+    """Tokens the client's front has taken (`next_delivery`); the rest wait in `out`."""
+    is_overflowed: bool = False
+    """Ended because the client fell too far behind (its stream ends RESOURCE_EXHAUSTED)."""
     detokenizer: Detokenizer | None = None
     """Set for text prompts: the client gets text along with token ids."""
 
@@ -87,14 +96,18 @@ class ClientRequest:
         than the engines produce gets fewer, larger messages instead of a growing backlog."""
         first = await self.out.get()
         if self.out.empty() or first.finish is not None:
-            return first
-        tokens = list(first.token_ids)
-        finish = None
-        while not self.out.empty() and finish is None:
-            more = self.out.get_nowait()
-            tokens.extend(more.token_ids)
-            finish = more.finish
-        return Delivery(tuple(tokens), first.first_index, finish)
+            delivery = first
+        else:
+            tokens = list(first.token_ids)
+            finish = None
+            while not self.out.empty() and finish is None:
+                more = self.out.get_nowait()
+                tokens.extend(more.token_ids)
+                finish = more.finish
+            delivery = Delivery(tuple(tokens), first.first_index, finish)
+        # What the client's front has taken: the coordinator bounds the rest.
+        self.num_sent = delivery.first_index + len(delivery.token_ids)
+        return delivery
 
     def end(self, reason: FinishReason) -> None:
         """Ends the request without more tokens (abort, failure)."""

@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cascadeinfer.daemon import CHANNEL_OPTIONS, run_daemon
+from cascadeinfer.daemon import CHANNEL_OPTIONS, StrictDecoding, run_daemon
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
 from cascadeinfer.scheduler.coordinator import Coordinator
@@ -22,25 +22,49 @@ from cascadeinfer.security import BearerTokenInterceptor, add_port
 SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name
 log = structlog.get_logger("cascade-scheduler")
+HEALTH_INTERVAL_S = 0.2
 
 
 async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str, ...]) -> None:
     """Connects the --workers list, retrying those not up yet."""
     pending = list(addresses)
+    refused: set[str] = set()
     while pending:
         for address in list(pending):
             try:
                 await coordinator.add_worker(address)
                 pending.remove(address)
-            except grpc.aio.AioRpcError:
-                pass
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED and address not in refused:
+                    refused.add(address)  # said once; retried like a worker not up yet
+                    log.error("worker_refused_token", address=address, error=e.details())
         if pending:
             await asyncio.sleep(0.5)
 
 
+async def report_health(servicer: health.aio.HealthServicer, coordinator: Coordinator) -> None:
+    """SERVING exactly while a request could be placed (enough workers known and healthy)."""
+    last = None
+    while True:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if coordinator.can_place
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        if status != last:
+            for name in ("", SCHEDULER):
+                await servicer.set(name, status)
+            log.info("health", serving=status == health_pb2.HealthCheckResponse.SERVING)
+            last = status
+        await asyncio.sleep(HEALTH_INTERVAL_S)
+
+
 async def serve(config: SchedulerConfig) -> None:
     coordinator = Coordinator(config)
-    interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = (
+        [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+    )
+    interceptors.append(StrictDecoding())  # after the token check: strangers get no parsing
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
         SchedulerServicer(coordinator), server
@@ -59,10 +83,9 @@ async def serve(config: SchedulerConfig) -> None:
     await server.start()
     http = await start_http_front(config, coordinator) if config.http_port is not None else None
     structlog.contextvars.bind_contextvars(scheduler=f"{config.host}:{port}")
+    health_task = asyncio.create_task(report_health(health_servicer, coordinator))
     await connect_static_workers(coordinator, config.workers)
     tick = asyncio.create_task(coordinator.tick_forever())
-    for name in ("", SCHEDULER):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if http is not None:
         models = ",".join(http.model_names()) or "-"
         print(f"cascade-scheduler openai api on {http.url} models={models}", flush=True)
@@ -83,6 +106,7 @@ async def serve(config: SchedulerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    health_task.cancel()
     for name in ("", SCHEDULER):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     tick.cancel()

@@ -67,6 +67,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             while not done:
                 delivery = await rec.next_delivery()
                 done = delivery.finish is not None
+                if done and rec.is_overflowed:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the client fell more than {self.c.config.max_stream_lag_tokens} "
+                        "tokens behind its stream (max_stream_lag_tokens); the request was ended",
+                    )
                 self.c.metrics.tokens.inc(len(delivery.token_ids))
                 yield _response(rec, delivery)
         finally:
@@ -86,7 +92,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.ClientGenerateRequest, context: Context
     ) -> ClientRequest:
         try:
-            prompt = self._prompt(request)
+            prompt = await self._prompt(request)
             sampling = convert.sampling_from_proto(request.sampling)
             sampling.validate()
             rid = request.request_id or uuid.uuid4().hex
@@ -104,22 +110,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         log.info("request_accepted", request_id=rid, prompt_len=len(prompt))
         return rec
 
-    def _prompt(self, request: scheduler_pb2.ClientGenerateRequest) -> tuple[int, ...]:
+    async def _prompt(self, request: scheduler_pb2.ClientGenerateRequest) -> tuple[int, ...]:
         kind = request.WhichOneof("prompt")
         if kind is None:
             raise SchedulingError(
                 grpc.StatusCode.INVALID_ARGUMENT, "give the prompt as prompt_token_ids or text"
             )
         if kind == "text":
-            if self.c.tokenizer is None:
-                raise SchedulingError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "text prompts need a tokenizer; start the scheduler with --tokenizer",
-                )
-            ids = tuple(self.c.tokenizer.encode(request.text, add_special_tokens=True).ids)
-            if not ids:
-                raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, "text is empty")
-            return ids
+            return await self.c.encode_text(request.text)
         ids = tuple(request.prompt_token_ids.ids)
         if not ids:
             raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")

@@ -24,21 +24,24 @@ class WorkerLink:
     stub: WorkerServiceAsyncStub
     info: worker_pb2.WorkerInfo
     is_healthy: bool = True
+    is_gone: bool = False
+    """Its step feed ended: nothing it ran is running there any more."""
     last_step: worker_pb2.StepUpdate | None = None
     running: set[str] = field(default_factory=set)
     """Request ids the scheduler placed (or moved) here and that have not finished."""
 
 
 class WorkerPool:
-    def __init__(self, tls: TlsFiles) -> None:
+    def __init__(self, tls: TlsFiles, token: str = "") -> None:
         self._tls = tls
+        self._token = token
         self.by_id: dict[str, WorkerLink] = {}
         self.by_instance: dict[int, WorkerLink] = {}
         self._next_instance = 0
 
     async def connect(self, address: str, worker_id: str = "") -> WorkerLink:
         """Opens a channel and reads the worker's info; raises grpc.aio.AioRpcError when down."""
-        channel = aio_channel(address, self._tls)
+        channel = aio_channel(address, self._tls, self._token)
         stub: WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)
         try:
             info = await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=10)

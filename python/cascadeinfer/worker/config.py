@@ -9,7 +9,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cascadeinfer.security import TlsFiles, add_tls_arguments, read_token, tls_from_arguments
+from cascadeinfer.security import (
+    TlsFiles,
+    add_tls_arguments,
+    check_exposure,
+    read_token,
+    tls_from_arguments,
+)
 from cascadeinfer.worker.engines.sim_engine import SimEngineConfig
 
 
@@ -33,9 +39,12 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0
     """On SIGTERM, running requests get this long to finish before they are aborted."""
     auth_token_file: str = ""
-    """File with the scheduler's bearer token (sent when registering); else $CASCADE_AUTH_TOKEN."""
+    """File with the cluster's bearer token, else $CASCADE_AUTH_TOKEN: every WorkerService call
+    must carry it, and this worker sends it to the scheduler and to peer workers."""
     auth_token: str = field(default="", repr=False)
     """Resolved from auth_token_file or the environment; never logged."""
+    insecure: bool = False
+    """Serve a non-loopback host with neither a token nor mTLS (refused otherwise)."""
     tls: TlsFiles = field(default_factory=TlsFiles)
     """Serving TLS (mTLS with require_client_cert), and the credentials for outgoing links."""
     sim: SimEngineConfig = field(default_factory=SimEngineConfig)
@@ -50,6 +59,7 @@ class WorkerConfig:
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s = {self.drain_timeout_s}: must be >= 0")
         self.tls.validate(is_server=True)
+        check_exposure(self.host, self.auth_token, self.tls, self.insecure)
 
 
 def from_toml(path: Path) -> WorkerConfig:
@@ -83,7 +93,14 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     )
     p.add_argument("--load-format", help="vllm: weight loading, e.g. 'dummy' for random weights")
     p.add_argument(
-        "--auth-token-file", help="the scheduler's bearer token (else $CASCADE_AUTH_TOKEN)"
+        "--auth-token-file",
+        help="the cluster's bearer token, required on every call (else $CASCADE_AUTH_TOKEN)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host with no token and no mTLS (anyone reaching it may use it)",
     )
     add_tls_arguments(
         p,
@@ -118,6 +135,7 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
             "scheduler",
             "advertise_address",
             "auth_token_file",
+            "insecure",
         )
     }
     config = replace(config, **{k: v for k, v in top.items() if v is not None})

@@ -25,6 +25,8 @@ async def fail(
 ) -> NoReturn:
     """Ends the RPC: an EngineError with its own status, anything else as INTERNAL after
     logging the traceback (the client gets a short message, never the exception text)."""
+    if isinstance(error, grpc.aio.AbortError):
+        raise error  # the status is already set (a request stream that did not parse)
     if isinstance(error, EngineError):
         await context.abort(STATUS[error.code], error.message)
     log.error("internal_error", exc_info=error, **log_keys)

@@ -24,6 +24,7 @@ class StreamEnd:
 
 
 StreamItem = RequestProgress | StreamEnd
+_FEED_END = object()
 
 
 @dataclass
@@ -36,7 +37,8 @@ class TrackedRequest:
 class Hub:
     def __init__(self) -> None:
         self.requests: dict[str, TrackedRequest] = {}
-        self._step_subscribers: list[asyncio.Queue[StepReport]] = []
+        self._step_subscribers: list[asyncio.Queue[object]] = []
+        self._is_closed = False
         self.last_report: StepReport | None = None
 
     def track(self, request_id: str, context_len: int, num_output: int) -> None:
@@ -71,12 +73,28 @@ class Hub:
         for q in tracked.subscribers:
             q.put_nowait(StreamEnd(reason, tracked.context_len, migrated_to))
 
-    async def steps(self) -> AsyncIterator[StepReport]:
-        queue: asyncio.Queue[StepReport] = asyncio.Queue()
+    def announce(self) -> None:
+        """Wakes every step feed with `None`: the worker's state changed (it is draining)."""
+        for sq in self._step_subscribers:
+            sq.put_nowait(None)
+
+    def close_feeds(self) -> None:
+        """Ends every step feed (the drain is over)."""
+        self._is_closed = True
+        for sq in self._step_subscribers:
+            sq.put_nowait(_FEED_END)
+
+    async def steps(self) -> AsyncIterator[StepReport | None]:
+        """Every step report in order; `None` when `announce` was called."""
+        queue: asyncio.Queue[object] = asyncio.Queue()
         self._step_subscribers.append(queue)
         try:
-            while True:
-                yield await queue.get()
+            while not self._is_closed:
+                item = await queue.get()
+                if item is _FEED_END:
+                    return
+                assert item is None or isinstance(item, StepReport)
+                yield item
         finally:
             self._step_subscribers.remove(queue)
 

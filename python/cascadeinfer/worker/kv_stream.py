@@ -6,7 +6,7 @@ mismatch with FAILED_PRECONDITION as soon as the header arrives."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.worker import convert
@@ -69,15 +69,55 @@ def _invalid(message: str) -> EngineError:
     return EngineError(ErrorCode.INVALID_ARGUMENT, message)
 
 
+def _check_blocks(
+    new: Sequence[bytes], num_before: int, expected: KVLayout, max_blocks: int, free_blocks: int
+) -> None:
+    num = num_before + len(new)
+    if num > max_blocks:
+        raise _invalid(f"KV stream has over {max_blocks} blocks, more than any request holds")
+    if num > free_blocks:
+        raise EngineError(
+            ErrorCode.RESOURCE_EXHAUSTED, f"KV stream has over {free_blocks} blocks, more than free"
+        )
+    for k, blob in enumerate(new):
+        if len(blob) != expected.block_bytes:
+            raise _invalid(
+                f"KV block {num_before + k} has {len(blob)} bytes; blocks have "
+                f"{expected.block_bytes}"
+            )
+
+
 async def read_snapshot(
-    chunks: AsyncIterator[worker_pb2.KVChunk], expected: KVLayout
+    chunks: AsyncIterator[worker_pb2.KVChunk],
+    expected: KVLayout,
+    max_blocks: int,
+    free_blocks: int,
 ) -> KVSnapshot:
     """Assembles a snapshot; a commit with num_cached_tokens == 0 and no blocks asks for a
-    recompute resume (the layout is then not checked)."""
+    recompute resume (the layout is then not checked).
+
+    Refuses as soon as a block is not `expected.block_bytes` long or the blocks outnumber
+    `max_blocks` (what the longest request holds: INVALID_ARGUMENT) or `free_blocks`
+    (RESOURCE_EXHAUSTED), so no stream buffers more than one request's KV; on a refusal the
+    blocks read so far are dropped at once (the error's traceback must not keep them)."""
+    blocks: list[bytes] = []
+    try:
+        return await _read(chunks, expected, max_blocks, free_blocks, blocks)
+    except BaseException:
+        blocks.clear()
+        raise
+
+
+async def _read(
+    chunks: AsyncIterator[worker_pb2.KVChunk],
+    expected: KVLayout,
+    max_blocks: int,
+    free_blocks: int,
+    blocks: list[bytes],
+) -> KVSnapshot:
     request_id: str | None = None
     layout: KVLayout | None = None
     has_layout = False
-    blocks: list[bytes] = []
     async for chunk in chunks:
         part = chunk.WhichOneof("part")
         if part == "header":
@@ -103,6 +143,7 @@ async def read_snapshot(
                 )
             if not has_layout:
                 raise _invalid("KV blocks arrived after a header without a layout")
+            _check_blocks(chunk.blocks.blocks, len(blocks), expected, max_blocks, free_blocks)
             blocks.extend(chunk.blocks.blocks)
         elif part == "commit":
             c = chunk.commit

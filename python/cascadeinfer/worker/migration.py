@@ -6,14 +6,17 @@ last block are sent, and the target resumes it. The pause therefore covers about
 worth of copying whatever the sequence length. Recompute mode sends only token ids and the
 target re-prefills them (for workers whose KV layouts differ).
 
-On any failure after the stop, the source resumes the request from its own snapshot, so the
-client's stream goes on here without a gap.
+On any failure after the stop, the caller's cancellation included, the source resumes the
+request from its own snapshot, so the client's stream goes on here without a gap; a target that
+may have resumed it too (the outcome is unknown) is told to drop its copy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -22,6 +25,9 @@ from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.worker import convert, kv_stream
 from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
 from cascadeinfer.worker.state import WorkerState
+
+if TYPE_CHECKING:
+    from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
 
 log = structlog.get_logger(__name__)
 
@@ -69,31 +75,40 @@ async def migrate_out(
         pre = []
 
     call = peer.ImportKV(timeout=60)
+    export: asyncio.Future[KVSnapshot] | None = None
     snapshot: KVSnapshot | None = None
+    is_committed = False
     try:
-        await call.write(kv_stream.header(request_id, None if recompute else layout))
+        await _write(call, kv_stream.header(request_id, None if recompute else layout))
         for chunk in kv_stream.block_chunks(pre, 0):
-            await call.write(chunk)
+            await _write(call, chunk)
         paused = time.perf_counter()
-        rest = await state.loop.call(lambda e: e.export_kv(request_id, skip_blocks=len(pre)))
+        # Shielded: a cancelled caller must not drop the snapshot of a request already stopped.
+        export = asyncio.ensure_future(
+            state.loop.call(lambda e: e.export_kv(request_id, skip_blocks=len(pre)))
+        )
+        rest = await asyncio.shield(export)
         snapshot = KVSnapshot(rest.request, rest.layout, rest.num_cached_tokens, pre + rest.blocks)
+        is_committed = True
         if recompute:
             final = KVSnapshot(rest.request, rest.layout, 0, [])
-            await call.write(kv_stream.commit(final, 0))
+            await _write(call, kv_stream.commit(final, 0))
         else:
             for chunk in kv_stream.block_chunks(rest.blocks, len(pre)):
-                await call.write(chunk)
-            await call.write(kv_stream.commit(snapshot, len(snapshot.blocks)))
+                await _write(call, chunk)
+            await _write(call, kv_stream.commit(snapshot, len(snapshot.blocks)))
         await call.done_writing()
         response = await call
-    except (grpc.aio.AioRpcError, EngineError) as e:
+    except BaseException as e:
+        # Any failure or cancellation (the caller's deadline) after the stop: resume here.
         call.cancel()
-        if snapshot is not None:
-            await _resume_here(state, snapshot)
         state.metrics.migration_failures.labels(state.engine_name, "out").inc()
-        if isinstance(e, EngineError):
-            raise
-        raise MigrationFailed(e.code(), f"target {target} refused: {e.details()}") from None
+        undecided = is_committed and not _is_refusal(e)
+        await asyncio.shield(_recover(state, export, pre, peer if undecided else None))
+        if isinstance(e, grpc.aio.AioRpcError):
+            raise MigrationFailed(e.code(), f"target {target} refused: {e.details()}") from None
+        raise
+    assert snapshot is not None
     resumed = time.perf_counter()
     # Recompute sends token ids only.
     num_bytes = 0 if recompute else sum(len(b) for b in snapshot.blocks)
@@ -117,9 +132,59 @@ async def migrate_out(
     )
 
 
-async def _resume_here(state: WorkerState, snapshot: KVSnapshot) -> None:
+async def _write(call: Any, chunk: worker_pb2.KVChunk) -> None:
+    """Writes one chunk; a target that already answered (an early refusal) raises its status."""
+    try:
+        await call.write(chunk)
+    except asyncio.InvalidStateError:
+        await call  # raises grpc.aio.AioRpcError with the target's status
+        raise
+
+
+REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+"""Answers by which the target says it did not take the request."""
+
+
+def _is_refusal(error: BaseException) -> bool:
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() in REFUSALS
+
+
+async def _recover(
+    state: WorkerState,
+    export: asyncio.Future[KVSnapshot] | None,
+    pre: list[bytes],
+    undecided_peer: WorkerServiceAsyncStub | None,
+) -> None:
+    """Resumes a request stopped for a migration that did not complete. `undecided_peer`: the
+    target got the whole request and may have resumed it; it is told to drop its copy."""
+    if export is None:
+        return  # never stopped: it is still running here
+    try:
+        rest = await export
+    except Exception:
+        log.exception("migration_export_failed")
+        return
+    snapshot = KVSnapshot(rest.request, rest.layout, rest.num_cached_tokens, pre + rest.blocks)
+    rid = snapshot.request.request_id
+
     def resume(e: Engine) -> None:
         e.import_kv(snapshot)
 
     await state.loop.call(resume)
-    log.warning("migration_failed_resumed_on_source", request_id=snapshot.request.request_id)
+    log.warning("migration_failed_resumed_on_source", request_id=rid)
+    if undecided_peer is not None:
+        try:
+            await undecided_peer.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=5)
+            log.info("migration_target_copy_dropped", request_id=rid)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("migration_target_unreachable", request_id=rid, error=e.details())

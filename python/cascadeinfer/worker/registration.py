@@ -48,7 +48,7 @@ class Registration:
         self._task = asyncio.create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
-        is_registered = False
+        is_registered = is_refused = False
         while True:
             try:
                 response = await self._stub.RegisterWorker(
@@ -59,7 +59,10 @@ class Registration:
                 is_registered = True
                 await asyncio.sleep(max(response.heartbeat_interval_s, 0.1))
             except grpc.aio.AioRpcError as e:
-                if is_registered:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED and not is_refused:
+                    is_refused = True  # said once: the tokens differ
+                    log.error("scheduler_refused_token", scheduler=self._scheduler)
+                elif is_registered:
                     log.warning(
                         "scheduler_unreachable", scheduler=self._scheduler, error=e.details()
                     )

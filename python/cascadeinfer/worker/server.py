@@ -4,6 +4,7 @@ reports SERVING after warm-up, and drains on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import signal
 import time
@@ -14,11 +15,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cascadeinfer.daemon import CHANNEL_OPTIONS, run_daemon
+from cascadeinfer.daemon import CHANNEL_OPTIONS, StrictDecoding, run_daemon
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
-from cascadeinfer.security import add_port
+from cascadeinfer.security import BearerTokenInterceptor, add_port
 from cascadeinfer.worker.config import WorkerConfig, parse_args
-from cascadeinfer.worker.engine import Engine, EngineRequest, FinishReason, SamplingSpec, StepReport
+from cascadeinfer.worker.engine import (
+    Engine,
+    EngineError,
+    EngineRequest,
+    FinishReason,
+    SamplingSpec,
+    StepReport,
+)
 from cascadeinfer.worker.engine_loop import EngineLoop
 from cascadeinfer.worker.engines.factory import build_engine
 from cascadeinfer.worker.hub import Hub
@@ -44,15 +52,18 @@ def _abort(engine: Engine, request_id: str) -> None:
 
 
 async def drain(state: WorkerState, timeout_s: float) -> None:
-    """Stops admitting; waits for running requests; aborts (visibly) what is left."""
-    state.is_draining = True
+    """Waits for running requests to finish or be moved away (a scheduler that follows the
+    step feed moves them once it sees the drain); aborts what is left at the deadline, with
+    ABORT on its direct streams, then ends the step feeds so a scheduler resumes it elsewhere."""
     deadline = time.monotonic() + timeout_s
     while state.hub.requests and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     for rid in list(state.hub.requests):
-        await state.loop.call(functools.partial(_abort, request_id=rid))
+        with contextlib.suppress(EngineError):  # already gone (finished or mid-migration)
+            await state.loop.call(functools.partial(_abort, request_id=rid))
         state.hub.end(rid, FinishReason.ABORT)
         log.warning("aborted_at_shutdown", request_id=rid)
+    state.hub.close_feeds()
 
 
 async def serve(config: WorkerConfig) -> None:
@@ -66,11 +77,19 @@ async def serve(config: WorkerConfig) -> None:
 
     engine_loop = EngineLoop(lambda: build_engine(config), loop, on_step)
     engine = await engine_loop.start()
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    # Every call needs the cluster's token, or under mTLS a client certificate (checked by TLS).
+    needs_token = config.auth_token and not config.tls.require_client_cert
+    interceptors: list[grpc.aio.ServerInterceptor] = (
+        [BearerTokenInterceptor(config.auth_token)] if needs_token else []
+    )
+    interceptors.append(StrictDecoding())  # after the token check: strangers get no parsing
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     worker_id = config.worker_id or f"{config.host}:{port}"
     structlog.contextvars.bind_contextvars(worker_id=worker_id, engine=engine.name)
-    state = WorkerState(worker_id, engine.name, engine_loop, hub, metrics, tls=config.tls)
+    state = WorkerState(
+        worker_id, engine.name, engine_loop, hub, metrics, tls=config.tls, token=config.auth_token
+    )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -101,10 +120,12 @@ async def serve(config: WorkerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining", running=len(hub.requests))
-    if registration is not None:
-        await registration.stop()
+    state.is_draining = True  # no new requests from here on
+    hub.announce()  # a scheduler on the step feed starts moving the requests away
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if registration is not None:
+        await registration.stop()
     await drain(state, config.drain_timeout_s)
     await server.stop(grace=5)
     await state.close()

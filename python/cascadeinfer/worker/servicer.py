@@ -10,6 +10,7 @@ from dataclasses import replace
 import grpc
 import structlog
 
+from cascadeinfer.daemon import release_freed_memory
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.worker import convert, kv_stream
 from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
@@ -176,9 +177,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 worker_pb2.RequestStep(request_id=rid, context_len=t.context_len)
                 for rid, t in hub.requests.items()
             ],
+            is_draining=self.state.is_draining,
         )
         async for report in hub.steps():
-            yield convert.step_to_proto(self.state.worker_id, report)
+            if report is None:  # a change of state, no step
+                update = worker_pb2.StepUpdate(worker_id=self.state.worker_id)
+            else:
+                update = convert.step_to_proto(self.state.worker_id, report)
+            update.is_draining = self.state.is_draining
+            yield update
 
     async def GetInfo(
         self, request: worker_pb2.GetInfoRequest, context: Context
@@ -219,12 +226,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.ImportKVResponse:
         if self.state.is_draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
-        engine_layout = self.state.loop.engine.layout
+        engine = self.state.loop.engine
+        max_blocks = -(-engine.max_model_len // engine.layout.block_size)
         try:
-            snapshot = await kv_stream.read_snapshot(request_iterator, engine_layout)
+            free = await self.state.loop.call(lambda e: e.num_free_blocks())
+            snapshot = await kv_stream.read_snapshot(
+                request_iterator, engine.layout, max_blocks, free
+            )
             await self._resume(snapshot)
         except Exception as e:
             self.state.metrics.migration_failures.labels(self.state.engine_name, "in").inc()
+            # Once this call is gone, return what its blocks took (up to one request's KV).
+            asyncio.get_running_loop().call_later(1.0, release_freed_memory)
             await fail(context, e)
         num_bytes = sum(len(b) for b in snapshot.blocks)
         self.state.metrics.migrations.labels(

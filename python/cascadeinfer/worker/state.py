@@ -26,6 +26,8 @@ class WorkerState:
     metrics: WorkerMetrics
     tls: TlsFiles = field(default_factory=TlsFiles)
     """Credentials for links to peers (migration targets)."""
+    token: str = field(default="", repr=False)
+    """The cluster's bearer token, sent to peers."""
     is_draining: bool = False
     _stubs: dict[str, WorkerServiceAsyncStub] = field(default_factory=dict)
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -34,7 +36,7 @@ class WorkerState:
         """A cached stub for another worker (migration targets)."""
         stub = self._stubs.get(address)
         if stub is None:
-            channel = aio_channel(address, self.tls)
+            channel = aio_channel(address, self.tls, self.token)
             self._channels.append(channel)
             stub = self._stubs[address] = worker_pb2_grpc.WorkerServiceStub(channel)
         return stub

@@ -286,6 +286,7 @@ class StepUpdate(_message.Message):
     NUM_WAITING_FIELD_NUMBER: _builtins.int
     KV_BLOCKS_USED_FIELD_NUMBER: _builtins.int
     KV_BLOCKS_FREE_FIELD_NUMBER: _builtins.int
+    IS_DRAINING_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     step_index: _builtins.int
     step_time_s: _builtins.float
@@ -293,6 +294,11 @@ class StepUpdate(_message.Message):
     num_waiting: _builtins.int
     kv_blocks_used: _builtins.int
     kv_blocks_free: _builtins.int
+    is_draining: _builtins.bool
+    """True from SIGTERM on: the worker admits nothing new, and a scheduler moves its requests
+    away. The feed ends once the drain is over; what still ran there was aborted, and a
+    scheduler resumes it elsewhere.
+    """
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestStep]: ...
     def __init__(
@@ -306,10 +312,11 @@ class StepUpdate(_message.Message):
         num_waiting: _builtins.int = ...,
         kv_blocks_used: _builtins.int = ...,
         kv_blocks_free: _builtins.int = ...,
+        is_draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_blocks_free", b"kv_blocks_free", "kv_blocks_used", b"kv_blocks_used", "num_running", b"num_running", "num_waiting", b"num_waiting", "requests", b"requests", "step_index", b"step_index", "step_time_s", b"step_time_s", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_draining", b"is_draining", "kv_blocks_free", b"kv_blocks_free", "kv_blocks_used", b"kv_blocks_used", "num_running", b"num_running", "num_waiting", b"num_waiting", "requests", b"requests", "step_index", b"step_index", "step_time_s", b"step_time_s", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -119,7 +119,8 @@ class WorkerServiceServicer:
 
     def StreamSteps(self, request, context):
         """One message per engine step with the progress of every request that ran in it: the feed
-        a scheduler routes on. Sends a snapshot of the running requests first.
+        a scheduler routes on. Sends a snapshot of the running requests first, and a message
+        without requests when the worker starts draining. Ends (OK) when the drain is over.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,7 +50,8 @@ class WorkerServiceStub:
     """This worker's load right now."""
     StreamSteps: _grpc.UnaryStreamMultiCallable[_worker_pb2.StreamStepsRequest, _worker_pb2.StepUpdate]
     """One message per engine step with the progress of every request that ran in it: the feed
-    a scheduler routes on. Sends a snapshot of the running requests first.
+    a scheduler routes on. Sends a snapshot of the running requests first, and a message
+    without requests when the worker starts draining. Ends (OK) when the drain is over.
     """
     GetInfo: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetInfoRequest, _worker_pb2.WorkerInfo]
     """Engine, model and KV layout, for compatibility checks before a migration."""
@@ -90,7 +91,8 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """This worker's load right now."""
     StreamSteps: _aio.UnaryStreamMultiCallable[_worker_pb2.StreamStepsRequest, _worker_pb2.StepUpdate]  # type: ignore[assignment]
     """One message per engine step with the progress of every request that ran in it: the feed
-    a scheduler routes on. Sends a snapshot of the running requests first.
+    a scheduler routes on. Sends a snapshot of the running requests first, and a message
+    without requests when the worker starts draining. Ends (OK) when the drain is over.
     """
     GetInfo: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetInfoRequest, _worker_pb2.WorkerInfo]  # type: ignore[assignment]
     """Engine, model and KV layout, for compatibility checks before a migration."""
@@ -157,7 +159,8 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.StepUpdate], _abc.AsyncIterator[_worker_pb2.StepUpdate]]:
         """One message per engine step with the progress of every request that ran in it: the feed
-        a scheduler routes on. Sends a snapshot of the running requests first.
+        a scheduler routes on. Sends a snapshot of the running requests first, and a message
+        without requests when the worker starts draining. Ends (OK) when the drain is over.
         """
 
     @_abc_1.abstractmethod

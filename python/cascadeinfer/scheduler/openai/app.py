@@ -156,7 +156,7 @@ class OpenAIFront:
     async def completions(self, request: Request) -> Response:
         body = await self._parse(request, CompletionRequest)
         self._check_model(body.model)
-        prompt = await completion_prompt(body, self.files)
+        prompt = await completion_prompt(body, self.files, self.c.max_prompt_bytes)
         job = build_job(body, prompt, self.files, self.c.max_model_len, body.max_tokens)
         return await self._answer(request, body, job, is_chat=False)
 
@@ -165,7 +165,7 @@ class OpenAIFront:
         self._check_model(body.model)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise invalid("give max_tokens or max_completion_tokens, not both", "max_tokens")
-        prompt = await chat_prompt(body, self.files)
+        prompt = await chat_prompt(body, self.files, self.c.max_prompt_bytes)
         max_tokens = body.max_completion_tokens or body.max_tokens
         job = build_job(body, prompt, self.files, self.c.max_model_len, max_tokens)
         return await self._answer(request, body, job, is_chat=True)

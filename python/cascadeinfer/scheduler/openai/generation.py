@@ -77,6 +77,13 @@ class Runner:
                     yield Step(piece.text, len(stream.token_ids), "stop")
                     return
                 if d.finish is not None:
+                    if rec.is_overflowed:
+                        raise APIError(
+                            429,
+                            "the client fell more than "
+                            f"{self.c.config.max_stream_lag_tokens} tokens behind its stream "
+                            "(max_stream_lag_tokens); the request was ended",
+                        )
                     if d.finish not in FINISH_NAMES:
                         raise APIError(
                             503, "the scheduler ended this request: no worker could finish it"

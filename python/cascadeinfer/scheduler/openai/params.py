@@ -57,7 +57,14 @@ in a thread, through `encode_batch`, which releases the GIL: a 4 MiB prompt take
 tokenize and would otherwise stall every stream the scheduler relays."""
 
 
-async def encode(files: ModelFiles, text: str, *, add_special_tokens: bool) -> tuple[int, ...]:
+async def encode(
+    files: ModelFiles, text: str, *, add_special_tokens: bool, max_bytes: int, field: str
+) -> tuple[int, ...]:
+    """Token ids of `text`, refused before tokenizing when it is over `max_bytes` (the
+    scheduler's max_prompt_bytes, which the gRPC front applies too)."""
+    # len(text) <= its UTF-8 size: the cheap test refuses most oversized prompts.
+    if len(text) > max_bytes or len(text.encode()) > max_bytes:
+        raise invalid(f"{field}: the prompt is over {max_bytes} bytes (max_prompt_bytes)", field)
     tokenizer = files.tokenizer
     if len(text) <= INLINE_ENCODE_CHARS:
         return tuple(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -67,7 +74,9 @@ async def encode(files: ModelFiles, text: str, *, add_special_tokens: bool) -> t
     return tuple(batch[0].ids)
 
 
-async def completion_prompt(body: CompletionRequest, files: ModelFiles) -> tuple[int, ...]:
+async def completion_prompt(
+    body: CompletionRequest, files: ModelFiles, max_bytes: int
+) -> tuple[int, ...]:
     prompt: Any = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         if len(prompt) != 1:
@@ -76,7 +85,13 @@ async def completion_prompt(body: CompletionRequest, files: ModelFiles) -> tuple
             )
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = await encode(files, prompt, add_special_tokens=True) if prompt else ()
+        ids = (
+            await encode(
+                files, prompt, add_special_tokens=True, max_bytes=max_bytes, field="prompt"
+            )
+            if prompt
+            else ()
+        )
     else:
         ids = tuple(prompt)
     if not ids:
@@ -84,7 +99,9 @@ async def completion_prompt(body: CompletionRequest, files: ModelFiles) -> tuple
     return ids
 
 
-async def chat_prompt(body: ChatCompletionRequest, files: ModelFiles) -> tuple[int, ...]:
+async def chat_prompt(
+    body: ChatCompletionRequest, files: ModelFiles, max_bytes: int
+) -> tuple[int, ...]:
     if files.chat_template is None:
         raise invalid(
             "this model has no chat template (start the scheduler with --chat-template)",
@@ -107,7 +124,7 @@ async def chat_prompt(body: ChatCompletionRequest, files: ModelFiles) -> tuple[i
     except ValueError as e:
         raise invalid(str(e), "messages") from None
     # The template writes the special tokens (BOS) itself, as Hugging Face assumes.
-    ids = await encode(files, text, add_special_tokens=False)
+    ids = await encode(files, text, add_special_tokens=False, max_bytes=max_bytes, field="messages")
     if not ids:
         raise invalid("messages: the chat template rendered them to nothing", "messages")
     return ids

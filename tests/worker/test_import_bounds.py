@@ -1,0 +1,78 @@
+"""ImportKV refuses a stream as soon as it carries more KV than any request holds, without
+buffering the rest: a 512 MiB stream of blocks leaves the worker's peak memory where it was.
+Its memory then goes back to the OS. A real sim worker whose blocks are 1 MiB and whose longest
+request holds 64 of them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
+
+from tests.worker.daemons import Daemon, start_worker
+from tests.worker.streams import run_to_end
+
+BIG_BLOCKS = [
+    "--engine",
+    "sim",
+    "--sim-kv-bytes-per-token",
+    str(1 << 16),
+    "--sim-max-model-len",
+    "1024",
+]
+NUM_SENT_MAX = 512
+
+
+def rss_mib(d: Daemon, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{d.process.pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field}")
+
+
+def peak_rss_mib(d: Daemon) -> float:
+    return rss_mib(d, "VmHWM")
+
+
+def test_an_oversized_kv_stream_is_refused_early_and_not_buffered(tmp_path: Path) -> None:
+    d = start_worker(BIG_BLOCKS, tmp_path)
+    try:
+        layout = d.stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=10).layout
+        block = b"\1" * layout.block_bytes
+        assert layout.block_bytes == 1 << 20
+        sent = 0
+
+        def chunks() -> Iterator[worker_pb2.KVChunk]:
+            nonlocal sent
+            yield worker_pb2.KVChunk(header=worker_pb2.KVHeader(request_id="big", layout=layout))
+            for i in range(NUM_SENT_MAX):
+                sent += 1
+                yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=i, blocks=[block]))
+
+        before = peak_rss_mib(d)
+        channel = grpc.insecure_channel(d.address)
+        started = time.monotonic()
+        try:
+            worker_pb2_grpc.WorkerServiceStub(channel).ImportKV(chunks(), timeout=60)
+            raise AssertionError("accepted")
+        except grpc.RpcError as e:
+            assert e.code() in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ), e.details()
+            assert "blocks" in (e.details() or "")
+        elapsed = time.monotonic() - started
+        growth = peak_rss_mib(d) - before
+        print(f"peak RSS {before:.0f} -> {before + growth:.0f} MiB; refused after {elapsed:.2f} s")
+        assert growth < 200, f"the worker buffered {growth:.0f} MiB of a refused stream"
+        deadline = time.monotonic() + 10
+        while rss_mib(d) - before > 30:  # the refused blocks' memory goes back to the OS
+            assert time.monotonic() < deadline, f"RSS stays at {rss_mib(d):.0f} MiB"
+            time.sleep(0.2)
+        assert sent < NUM_SENT_MAX, "the stream was read to its end before the refusal"
+        assert run_to_end(d.stub(), "after", [1, 2, 3], 3), "still serving"
+    finally:
+        d.kill()
