@@ -146,6 +146,19 @@ def test_an_answer_longer_than_the_stream_lag_bound_completes_for_a_client_that_
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == n
 
 
+def test_json_nested_past_the_parser_stack_is_400(front: Front) -> None:
+    deep = '{"a":' * 100_000 + "1" + "}" * 100_000
+    for route in ("/completions", "/chat/completions"):
+        r = httpx.post(
+            front.scheduler.openai_url + route,
+            content=deep,
+            headers={**AUTH, "Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert r.status_code == 400, r.text
+        assert "nested too deeply" in r.json()["error"]["message"]
+
+
 def test_a_text_prompt_over_the_byte_limit_is_400_before_tokenizing(front: Front) -> None:
     client = front.client()
     with pytest.raises(openai.BadRequestError, match="max_prompt_bytes"):

@@ -102,6 +102,9 @@ class OpenAIFront:
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise invalid(f"body is not JSON: {e}") from None
+        except RecursionError:
+            # Nesting deeper than the parser's stack (a few KiB of brackets does it).
+            raise invalid("body is not JSON this server reads: nested too deeply") from None
         try:
             return model.model_validate(raw)
         except ValidationError as e:
