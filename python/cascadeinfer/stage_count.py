@@ -72,6 +72,12 @@ and p99 ratios by this share without raising the mean at all: where balancing tr
 tail in simulation it was seen to cost up to 9% of mean latency on the real trace."""
 
 
+PRUNE_AFTER = 2
+"""Traces every candidate runs on before the splits that trail far behind are dropped."""
+PRUNE_RATIO = 1.2
+"""A split whose mean latency averages more than this ratio to plain one stage over the first
+PRUNE_AFTER traces skips the rest: to pass MIN_GAIN it would need to beat one stage by about a
+quarter on every remaining trace. Dropping biases the choice towards one stage only."""
 NUM_ONE_STAGE = 3
 """One-stage candidates, first among the candidates: plain (least-load exactly), balanced,
 and run Llumnix's way (`CascadeConfig.is_one_stage_kv_first`). Either of the last two replaces
@@ -89,7 +95,12 @@ class Candidate:
     simulated_p99_e2e_s: float
     per_trace: tuple[tuple[float, float], ...] = ()
     """(mean, p99) end-to-end latency on each selection trace, in the traces' order (NaN where
-    a request did not finish): candidates are compared trace by trace."""
+    a request did not finish): candidates are compared trace by trace. A split dropped after
+    PRUNE_AFTER traces holds only those."""
+
+    def is_pruned(self, num_traces: int) -> bool:
+        """Whether this candidate was dropped before running on all `num_traces` traces."""
+        return len(self.per_trace) < num_traces
 
 
 def gaps_cv(arrivals: Sequence[float]) -> float:
@@ -180,6 +191,18 @@ def _figures(c: Candidate, objective: str) -> tuple[float, float]:
     return c.simulated_mean_e2e_s, c.simulated_p99_e2e_s
 
 
+def _trails_by(
+    per_trace: Sequence[tuple[float, float]], plain: Sequence[tuple[float, float]]
+) -> float:
+    """Mean over traces of the mean-latency ratio to plain one stage: 0 where one stage left
+    requests unfinished (any split that finishes beats it), inf where the split did."""
+    if any(math.isnan(b[0]) for b in plain):
+        return 0.0
+    if any(math.isnan(a[0]) for a in per_trace):
+        return math.inf
+    return sum(a[0] / b[0] for a, b in zip(per_trace, plain, strict=True)) / len(per_trace)
+
+
 def paired_ratios(c: Candidate, base: Candidate, objective: str) -> tuple[float, float]:
     """`c`'s figures over `base`'s (objective's first), averaged over the selection traces
     trace by trace: each trace counts alike, where a ratio of the averages would let the
@@ -243,21 +266,37 @@ def choose_layout(
         (plans[0], replace(one_stage, is_one_stage_kv_first=True)),
         *((p, config) for p in plans[1:]),
     ]
-    # The simulator releases the GIL: the candidates' runs share the cores.
+    # The simulator releases the GIL: the candidates' runs share the cores. Every candidate
+    # runs on the first PRUNE_AFTER traces; a split that trails one stage there by
+    # PRUNE_RATIO cannot plausibly win and skips the rest.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        futures = [
-            [
-                pool.submit(simulated_e2e, plan, summary, profile, num_instances, t, cfg)
-                for t in traces
+
+        def run_all(batch: list[int], on: Sequence[Sequence[tuple[float, int, int]]]) -> None:
+            futures = [
+                [
+                    pool.submit(
+                        simulated_e2e, runs[k][0], summary, profile, num_instances, t, runs[k][1]
+                    )
+                    for t in on
+                ]
+                for k in batch
             ]
-            for plan, cfg in runs
+            for k, fs in zip(batch, futures, strict=True):
+                results[k] += [f.result() for f in fs]
+
+        results: list[list[tuple[float, float]]] = [[] for _ in runs]
+        run_all(list(range(len(runs))), traces[:PRUNE_AFTER])
+        kept = [
+            k
+            for k in range(len(runs))
+            if k < NUM_ONE_STAGE or _trails_by(results[k], results[0]) <= PRUNE_RATIO
         ]
-        candidates = []
-        for (plan, cfg), fs in zip(runs, futures, strict=True):
-            results = [f.result() for f in fs]
-            mean = sum(r[0] for r in results) / len(results)
-            p99 = sum(r[1] for r in results) / len(results)
-            candidates.append(Candidate(len(plan.stages), plan, cfg, mean, p99, tuple(results)))
+        run_all(kept, traces[PRUNE_AFTER:])
+    candidates = []
+    for (plan, cfg), per_trace in zip(runs, results, strict=True):
+        mean = sum(r[0] for r in per_trace) / len(per_trace)
+        p99 = sum(r[1] for r in per_trace) / len(per_trace)
+        candidates.append(Candidate(len(plan.stages), plan, cfg, mean, p99, tuple(per_trace)))
     plain, *alternatives = candidates[:NUM_ONE_STAGE]
     single = plain
     for c in alternatives:
@@ -266,7 +305,8 @@ def choose_layout(
     splits = [
         c
         for c in candidates[NUM_ONE_STAGE:]
-        if _beats(c, single, objective, 0.0, -MIN_GAIN, MAX_P99_SLACK)
+        if not c.is_pruned(len(traces))
+        and _beats(c, single, objective, 0.0, -MIN_GAIN, MAX_P99_SLACK)
     ]
     if not splits:
         return single, candidates

@@ -20,6 +20,7 @@ from cascadeinfer.stage_count import (
     MIN_GAIN,
     NUM_ONE_STAGE,
     PRESET_SELECTION_SEEDS,
+    PRUNE_AFTER,
     SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
     Candidate,
@@ -71,6 +72,11 @@ def test_the_layout_is_chosen_by_simulation_against_one_stage() -> None:
     # independent draws of the preset as a preset gets.
     assert len(picked.per_trace) == PRESET_SELECTION_SEEDS
     for c in chosen.candidates[NUM_ONE_STAGE:]:
+        if c.is_pruned(PRESET_SELECTION_SEEDS):
+            # Dropped after the first traces, where it trailed one stage by PRUNE_RATIO.
+            assert len(c.per_trace) == PRUNE_AFTER
+            assert c.simulated_mean_e2e_s > plain.simulated_mean_e2e_s
+            continue
         mean, p99 = paired_ratios(c, picked, "mean")
         assert not (mean <= 1 - MIN_GAIN and p99 <= 1 + MAX_P99_SLACK)
     # Simulating the chosen layout on the selection traces again gives the same figures.
@@ -175,6 +181,7 @@ def test_the_selection_minimizes_the_objective_asked_for() -> None:
 def _is_least_admitted(
     picked: Candidate, splits: list[Candidate], single: Candidate, objective: str
 ) -> bool:
-    ratios = [paired_ratios(c, single, objective) for c in splits]
+    num_traces = len(single.per_trace)
+    ratios = [paired_ratios(c, single, objective) for c in splits if not c.is_pruned(num_traces)]
     admitted = [r for r, s in ratios if r <= 1 - MIN_GAIN and s <= 1 + MAX_P99_SLACK]
     return bool(admitted) and paired_ratios(picked, single, objective)[0] == min(admitted)

@@ -64,6 +64,7 @@ def as_json(result: PlanResult) -> dict[str, Any]:
                 "one_stage_kv_first": c.config.is_one_stage_kv_first,
                 "simulated_mean_e2e_s": c.simulated_mean_e2e_s,
                 "simulated_p99_e2e_s": c.simulated_p99_e2e_s,
+                "traces_simulated": len(c.per_trace),
             }
             for c in result.candidates
         ],
@@ -101,8 +102,10 @@ def as_table(result: PlanResult, args: argparse.Namespace) -> str:
         f"solved in {result.solve_ms:.1f} ms"
     )
     if result.candidates:
+        num_traces = max(len(c.per_trace) for c in result.candidates)
         simulated = ", ".join(
             f"{_label(c)} {c.simulated_mean_e2e_s:.2f}/{c.simulated_p99_e2e_s:.1f} s"
+            + (f" (dropped after {len(c.per_trace)} traces)" if c.is_pruned(num_traces) else "")
             for c in result.candidates
         )
         lines.append(
