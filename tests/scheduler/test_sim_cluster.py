@@ -97,6 +97,10 @@ def test_requests_migrate_along_the_stages_and_every_token_arrives_once(cluster:
         w.is_healthy and w.engine == "sim" for w in state.workers
     )
     assert {w.stage for w in state.workers} == {0, 1, 2}
+    # Every request has ended: the workers are idle, and the status says so (an idle worker
+    # sends no step feed, so its last feed's counts would still show requests running).
+    assert all((w.num_running, w.num_waiting) == (0, 0) for w in state.workers), state.workers
+    assert all(w.kv_blocks_free > 0 for w in state.workers)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -15,10 +16,12 @@ from cascadeinfer.proto.v1 import (
     registry_pb2_grpc,
     scheduler_pb2,
     scheduler_pb2_grpc,
+    worker_pb2,
 )
 from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
 from cascadeinfer.scheduler.requests import ClientRequest, Delivery
 from cascadeinfer.scheduler.text import Detokenizer
+from cascadeinfer.scheduler.workers import WorkerLink
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import EngineError
 
@@ -148,18 +151,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         for lo, hi, insts in stages:
             ids = [c.pool.by_instance[i].worker_id for i in insts]
             state.stages.append(scheduler_pb2.StageState(min_len=lo, max_len=hi, worker_ids=ids))
-        for w in c.pool.by_id.values():
-            step = w.last_step
+        links = list(c.pool.by_id.values())
+        loads = await asyncio.gather(*(_live_load(w) for w in links))
+        for w, load in zip(links, loads, strict=True):
+            # An idle worker sends no step feed, so its last step report goes stale; ask it.
+            now = load or w.last_step
             state.workers.append(
                 scheduler_pb2.WorkerState(
                     worker_id=w.worker_id,
                     address=w.address,
                     stage=stage_of.get(w.instance, -1) if w.is_healthy else -1,
                     is_healthy=w.is_healthy,
-                    num_running=step.num_running if step else 0,
-                    num_waiting=step.num_waiting if step else 0,
-                    kv_blocks_used=step.kv_blocks_used if step else 0,
-                    kv_blocks_free=step.kv_blocks_free if step else 0,
+                    num_running=now.num_running if now else 0,
+                    num_waiting=now.num_waiting if now else 0,
+                    kv_blocks_used=now.kv_blocks_used if now else 0,
+                    kv_blocks_free=now.kv_blocks_free if now else 0,
                     engine=w.info.engine,
                 )
             )
@@ -193,3 +199,20 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {request.worker_id!r}")
         await self.c.worker_leaving(link)
         return registry_pb2.DeregisterWorkerResponse()
+
+
+LIVE_LOAD_TIMEOUT_S = 0.5
+"""How long GetClusterState waits for a worker's own load report before showing the counts of
+its last step feed instead (a stopped or slow worker must not stall an operator's status)."""
+
+
+async def _live_load(w: WorkerLink) -> worker_pb2.LoadReport | None:
+    if not w.is_healthy:
+        return None
+    try:
+        report: worker_pb2.LoadReport = await w.stub.GetLoad(
+            worker_pb2.GetLoadRequest(), timeout=LIVE_LOAD_TIMEOUT_S
+        )
+    except grpc.aio.AioRpcError:
+        return None
+    return report
