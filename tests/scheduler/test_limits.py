@@ -128,4 +128,9 @@ def test_a_message_over_the_size_limit_is_refused_and_service_goes_on(scheduler:
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(request(4, text="x" * (70 << 20)), timeout=60))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The scheduler's own limit (16 MiB: no KV passes through it), not the workers' 64 MiB.
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(request(4, text="x" * (20 << 20)), timeout=60))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_prompt_bytes" not in (e.value.details() or ""), "refused by size, unparsed"
     assert read_all(stub_of(scheduler.address), 5) == (5, common_pb2.FINISH_REASON_LENGTH)

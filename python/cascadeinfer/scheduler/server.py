@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cascadeinfer.daemon import CHANNEL_OPTIONS, StrictDecoding, run_daemon
+from cascadeinfer.daemon import GRPC_MESSAGE_LIMIT, StrictDecoding, run_daemon
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
 from cascadeinfer.scheduler.coordinator import Coordinator
@@ -59,13 +59,28 @@ async def report_health(servicer: health.aio.HealthServicer, coordinator: Coordi
         await asyncio.sleep(HEALTH_INTERVAL_S)
 
 
+CLIENT_MESSAGE_LIMIT = 16 << 20
+"""What one message to the scheduler may weigh, unless a larger max_prompt_bytes needs more:
+its largest messages are text prompts (16 bytes per token of context by default, 2 MiB at
+128K tokens); the workers' 64 MiB limit is for KV transfers, which never pass through here. A
+client's oversized message is refused (RESOURCE_EXHAUSTED) before it is buffered whole."""
+
+
+def server_options(config: SchedulerConfig) -> list[tuple[str, int]]:
+    limit = max(CLIENT_MESSAGE_LIMIT, config.max_prompt_bytes + (1 << 20))
+    return [
+        ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
+        ("grpc.max_receive_message_length", limit),
+    ]
+
+
 async def serve(config: SchedulerConfig) -> None:
     coordinator = Coordinator(config)
     interceptors: list[grpc.aio.ServerInterceptor] = (
         [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
     )
     interceptors.append(StrictDecoding())  # after the token check: strangers get no parsing
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
+    server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
         SchedulerServicer(coordinator), server
     )
