@@ -90,13 +90,20 @@ class Candidate:
     plan: _core.StagePlan
     config: CascadeConfig
     """The policy configuration the candidate ran with (and runs with when chosen)."""
-    simulated_mean_e2e_s: float
-    """NaN when a request did not finish in the simulation (the plan cannot carry the rate)."""
-    simulated_p99_e2e_s: float
-    per_trace: tuple[tuple[float, float], ...] = ()
+    per_trace: tuple[tuple[float, float], ...]
     """(mean, p99) end-to-end latency on each selection trace, in the traces' order (NaN where
     a request did not finish): candidates are compared trace by trace. A split dropped after
     PRUNE_AFTER traces holds only those."""
+
+    @property
+    def simulated_mean_e2e_s(self) -> float:
+        """Mean end-to-end latency averaged over the traces run; NaN when a request did not
+        finish in some simulation (the plan cannot carry the rate)."""
+        return sum(m for m, _ in self.per_trace) / len(self.per_trace)
+
+    @property
+    def simulated_p99_e2e_s(self) -> float:
+        return sum(p for _, p in self.per_trace) / len(self.per_trace)
 
     def is_pruned(self, num_traces: int) -> bool:
         """Whether this candidate was dropped before running on all `num_traces` traces."""
@@ -184,13 +191,6 @@ OBJECTIVES = ("mean", "p99")
 the one allowed `MAX_P99_SLACK` (named for the default objective)."""
 
 
-def _figures(c: Candidate, objective: str) -> tuple[float, float]:
-    """(the objective's figure, the other one)."""
-    if objective == "p99":
-        return c.simulated_p99_e2e_s, c.simulated_mean_e2e_s
-    return c.simulated_mean_e2e_s, c.simulated_p99_e2e_s
-
-
 def _trails_by(
     per_trace: Sequence[tuple[float, float]], plain: Sequence[tuple[float, float]]
 ) -> float:
@@ -207,12 +207,7 @@ def paired_ratios(c: Candidate, base: Candidate, objective: str) -> tuple[float,
     """`c`'s figures over `base`'s (objective's first), averaged over the selection traces
     trace by trace: each trace counts alike, where a ratio of the averages would let the
     heaviest trace (a heavy-tailed preset's unlucky draw) decide alone."""
-    pairs = list(zip(c.per_trace, base.per_trace, strict=True)) or [
-        (
-            (c.simulated_mean_e2e_s, c.simulated_p99_e2e_s),
-            (base.simulated_mean_e2e_s, base.simulated_p99_e2e_s),
-        )
-    ]
+    pairs = list(zip(c.per_trace, base.per_trace, strict=True))
     k = 1 if objective == "p99" else 0
     primary = sum(a[k] / b[k] for a, b in pairs) / len(pairs)
     secondary = sum(a[1 - k] / b[1 - k] for a, b in pairs) / len(pairs)
@@ -292,11 +287,10 @@ def choose_layout(
             if k < NUM_ONE_STAGE or _trails_by(results[k], results[0]) <= PRUNE_RATIO
         ]
         run_all(kept, traces[PRUNE_AFTER:])
-    candidates = []
-    for (plan, cfg), per_trace in zip(runs, results, strict=True):
-        mean = sum(r[0] for r in per_trace) / len(per_trace)
-        p99 = sum(r[1] for r in per_trace) / len(per_trace)
-        candidates.append(Candidate(len(plan.stages), plan, cfg, mean, p99, tuple(per_trace)))
+    candidates = [
+        Candidate(len(plan.stages), plan, cfg, tuple(per_trace))
+        for (plan, cfg), per_trace in zip(runs, results, strict=True)
+    ]
     plain, *alternatives = candidates[:NUM_ONE_STAGE]
     single = plain
     for c in alternatives:

@@ -12,14 +12,13 @@ from cascadeinfer.scheduler.config import parse_args
 from cascadeinfer.scheduler.openai.errors import APIError
 from cascadeinfer.scheduler.openai.model_files import ModelFiles, load_model_files
 from cascadeinfer.scheduler.openai.params import (
-    INLINE_ENCODE_CHARS,
     build_job,
     chat_prompt,
     completion_prompt,
 )
 from cascadeinfer.scheduler.openai.schema import ChatCompletionRequest, CompletionRequest
 from cascadeinfer.scheduler.openai.textstream import StopWatch, TextStream
-from cascadeinfer.scheduler.text import load_tokenizer
+from cascadeinfer.scheduler.text import INLINE_ENCODE_CHARS, load_tokenizer
 from cascadeinfer.worker.tiny_model import write_tiny_llama
 
 MESSAGES = [

@@ -26,7 +26,7 @@ from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
 from cascadeinfer.scheduler.ratelimit import TokenBucket
 from cascadeinfer.scheduler.requests import ClientRequest
-from cascadeinfer.scheduler.text import load_tokenizer
+from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
 from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import FinishReason, SamplingSpec
@@ -43,6 +43,9 @@ FINISH_FROM_PROTO = {
 FEED_LAG_GRACE_S = 2.0
 """How long a migration source's feed is still trusted for the request it gave away."""
 
+MIGRATE_OUT_TIMEOUT_S = 60.0
+"""How long a move may take before the scheduler gives up on it (the worker then resumes the
+request on the source)."""
 PROMPT_BYTES_PER_TOKEN = 16
 """Default text prompt limit per token of context: a few times the bytes a token averages."""
 
@@ -290,13 +293,7 @@ class Coordinator:
         rec.holders.add(dst.worker_id)
         rec.is_moving = True
         try:
-            async with self._migrations:
-                await src.stub.MigrateOut(
-                    worker_pb2.MigrateOutRequest(
-                        request_id=rec.request_id, target_address=dst.address
-                    ),
-                    timeout=60,
-                )
+            await self._migrate_out(rec, src, dst)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 # The worker finished it already; its feed is behind. Stop asking it to
@@ -320,6 +317,15 @@ class Coordinator:
             rec.is_moving = False
         self._moved(rec, src, dst, m.reason.value)
         self.policy.migration_done(m, True)
+
+    async def _migrate_out(self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink) -> None:
+        """Has `src` move `rec` to `dst`, within the limit of concurrent transfers; raises the
+        worker's AioRpcError on failure."""
+        async with self._migrations:
+            await src.stub.MigrateOut(
+                worker_pb2.MigrateOutRequest(request_id=rec.request_id, target_address=dst.address),
+                timeout=MIGRATE_OUT_TIMEOUT_S,
+            )
 
     def _moved(self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink, reason: str) -> None:
         src.running.discard(rec.request_id)
@@ -365,11 +371,7 @@ class Coordinator:
         rec.holders.add(dst.worker_id)
         rec.is_moving = True
         try:
-            async with self._migrations:
-                await src.stub.MigrateOut(
-                    worker_pb2.MigrateOutRequest(request_id=request_id, target_address=dst.address),
-                    timeout=60,
-                )
+            await self._migrate_out(rec, src, dst)
         except grpc.aio.AioRpcError as e:
             rec.holders.discard(dst.worker_id)
             self.policy.request_finished(rec.core_id, dst.instance)
@@ -418,14 +420,12 @@ class Coordinator:
         if not self.can_place:
             raise SchedulingError(grpc.StatusCode.UNAVAILABLE, "no worker is serving yet")
         limit = self.max_prompt_bytes
-        # len(text) <= its UTF-8 size: the cheap test refuses most oversized prompts.
-        if len(text) > limit or len(text.encode()) > limit:
+        if is_over_bytes(text, limit):
             raise SchedulingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"text prompt is over {limit} bytes (max_prompt_bytes)",
             )
-        encoding = await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=True)
-        ids = tuple(encoding.ids)
+        ids = await encode_off_loop(self.tokenizer, text, add_special_tokens=True)
         if not ids:
             raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, "text is empty")
         return ids

@@ -3,6 +3,7 @@ request's token stream into text chunks as the tokens arrive."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -19,6 +20,30 @@ def load_tokenizer(path: str) -> Tokenizer:
         return Tokenizer.from_file(str(p))
     except Exception as e:  # the tokenizers library raises a bare Exception on bad files
         raise ValueError(f"tokenizer = {path!r}: cannot load ({e})") from None
+
+
+INLINE_ENCODE_CHARS = 8192
+"""Texts up to this long are tokenized on the event loop (well under a millisecond); longer ones
+in a thread, through `encode_batch`, which releases the GIL: a 4 MiB prompt takes seconds to
+tokenize and would otherwise stall every stream the scheduler relays."""
+
+
+def is_over_bytes(text: str, limit: int) -> bool:
+    """Whether `text` is over `limit` bytes of UTF-8 (max_prompt_bytes), checked before any
+    tokenizing; len(text) <= its UTF-8 size, so the cheap test refuses most oversized texts."""
+    return len(text) > limit or len(text.encode()) > limit
+
+
+async def encode_off_loop(
+    tokenizer: Tokenizer, text: str, *, add_special_tokens: bool
+) -> tuple[int, ...]:
+    """Token ids of `text`, without stalling the event loop for a long one."""
+    if len(text) <= INLINE_ENCODE_CHARS:
+        return tuple(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+    batch = await asyncio.to_thread(
+        tokenizer.encode_batch, [text], add_special_tokens=add_special_tokens
+    )
+    return tuple(batch[0].ids)
 
 
 class Detokenizer:

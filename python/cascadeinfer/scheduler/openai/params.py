@@ -4,7 +4,6 @@ not implement are refused here by name, never ignored."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from cascadeinfer.scheduler.openai.schema import (
     CompletionRequest,
     SamplingFields,
 )
+from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes
 from cascadeinfer.worker.engine import SamplingSpec
 
 ONLY_DEFAULT: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -51,27 +51,14 @@ class Job:
     priority: int = 0
 
 
-INLINE_ENCODE_CHARS = 8192
-"""Texts up to this long are tokenized on the event loop (well under a millisecond); longer ones
-in a thread, through `encode_batch`, which releases the GIL: a 4 MiB prompt takes seconds to
-tokenize and would otherwise stall every stream the scheduler relays."""
-
-
 async def encode(
     files: ModelFiles, text: str, *, add_special_tokens: bool, max_bytes: int, field: str
 ) -> tuple[int, ...]:
     """Token ids of `text`, refused before tokenizing when it is over `max_bytes` (the
     scheduler's max_prompt_bytes, which the gRPC front applies too)."""
-    # len(text) <= its UTF-8 size: the cheap test refuses most oversized prompts.
-    if len(text) > max_bytes or len(text.encode()) > max_bytes:
+    if is_over_bytes(text, max_bytes):
         raise invalid(f"{field}: the prompt is over {max_bytes} bytes (max_prompt_bytes)", field)
-    tokenizer = files.tokenizer
-    if len(text) <= INLINE_ENCODE_CHARS:
-        return tuple(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
-    batch = await asyncio.to_thread(
-        tokenizer.encode_batch, [text], add_special_tokens=add_special_tokens
-    )
-    return tuple(batch[0].ids)
+    return await encode_off_loop(files.tokenizer, text, add_special_tokens=add_special_tokens)
 
 
 async def completion_prompt(
