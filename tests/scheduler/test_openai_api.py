@@ -257,6 +257,30 @@ def test_bad_chat_requests_are_400_naming_the_field(
         assert error["param"] == param and error["message"].startswith(param)
 
 
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        # The field's union (text, token ids, lists of either) reports the branch the input
+        # matched in shape, named by field and index, not its first branch ("a valid string").
+        ({"prompt": [5, -1]}, "prompt.1", "greater than or equal to 0"),
+        ({"prompt": [[1, 2], [3, "x"]]}, "prompt.1.1", "valid integer"),
+        ({"prompt": "hi", "stop": ["ab"] * 5000}, "stop", "at most 16 items"),
+    ],
+)
+def test_a_bad_value_inside_a_union_field_is_named_where_it_is(
+    front: Front, body: dict[str, object], param: str, words: str
+) -> None:
+    r = httpx.post(
+        f"{front.scheduler.openai_url}/completions",
+        json={"model": "sim", "max_tokens": 4, **body},
+        headers=AUTH,
+        timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
 def test_bad_token_unknown_model_and_bad_json(front: Front) -> None:
     url = f"{front.scheduler.openai_url}/completions"
     body = {"model": "sim", "prompt": "hi", "max_tokens": 2}
