@@ -70,6 +70,8 @@ class SchedulerConfig:
     """The model name HTTP clients ask for; empty: the name the workers report."""
     chat_template: str = ""
     """A Jinja chat template file used instead of the tokenizer directory's own."""
+    http_request_timeout_s: float = 30.0
+    """An HTTP request's head, and then its body, must each arrive within this (else 408)."""
 
     def validate(self) -> None:
         if self.policy not in POLICY_NAMES:
@@ -111,6 +113,8 @@ class SchedulerConfig:
             raise ValueError(
                 "http_port needs a tokenizer (the HTTP API speaks text): set --tokenizer"
             )
+        if not self.http_request_timeout_s > 0:
+            raise ValueError(f"http_request_timeout_s = {self.http_request_timeout_s}: must be > 0")
         if self.chat_template and not Path(self.chat_template).is_file():
             raise ValueError(f"chat_template = {self.chat_template!r} is not a readable file")
 
@@ -163,6 +167,11 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     p.add_argument("--max-queue", type=int)
     p.add_argument("--max-prompt-bytes", type=int, help="text prompt size limit (0: from context)")
     p.add_argument("--max-stream-lag-tokens", type=int, help="unread tokens allowed per client")
+    p.add_argument(
+        "--http-request-timeout-s",
+        type=float,
+        help="seconds an HTTP request's head, then its body, may take to arrive (else 408)",
+    )
     p.add_argument("--tick-interval-s", type=float)
     p.add_argument("--max-concurrent-migrations", type=int)
     p.add_argument("--max-optional-migrations-per-s", type=float)
@@ -209,6 +218,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "http_port",
             "served_model_name",
             "chat_template",
+            "http_request_timeout_s",
             "insecure",
         )
     }
