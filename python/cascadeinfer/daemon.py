@@ -48,6 +48,11 @@ def configure_logging() -> None:
     )
 
 
+class FatalError(Exception):
+    """The daemon cannot go on (an essential background task died): `run_daemon` exits 1 after
+    the daemon has shut down, so its supervisor restarts it."""
+
+
 def run_daemon(
     prog: str,
     parse_args: Callable[[list[str] | None], C],
@@ -66,6 +71,9 @@ def run_daemon(
         # A setting that only shows as wrong once workers are known (an infeasible plan).
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FatalError as e:
+        print(f"{prog}: fatal: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 class _Undecodable:

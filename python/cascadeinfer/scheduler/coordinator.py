@@ -26,6 +26,7 @@ from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
 from cascadeinfer.scheduler.ratelimit import TokenBucket
 from cascadeinfer.scheduler.requests import ClientRequest
+from cascadeinfer.scheduler.tasks import report_failure
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
 from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool
 from cascadeinfer.worker import convert
@@ -565,9 +566,16 @@ class Coordinator:
         return len(self._queue)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        """Runs `coro` beside the RPCs, named after its function; a failure is logged and
+        counted (`report_failure`), not dropped with the task."""
+        name = getattr(coro, "__name__", "background")
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        report_failure(task, self.metrics.background_failures)
 
     async def close(self) -> None:
         self._is_closing = True

@@ -81,6 +81,12 @@ class SchedulerMetrics:
         self.plan_changes = Counter(
             "cascade_scheduler_plan_changes", "Stage layout changes", registry=r
         )
+        self.background_failures = Counter(
+            "cascade_scheduler_background_failures",
+            "Background tasks (feeds, migrations, ticks) that died of an error, by task",
+            ["task"],
+            registry=r,
+        )
         self.foreign_steps = Counter(
             "cascade_scheduler_foreign_steps",
             "Step-feed entries ignored: a worker reported a request the scheduler did not put there",
