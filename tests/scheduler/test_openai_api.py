@@ -408,6 +408,8 @@ def test_queue_full_is_429_and_no_worker_is_503(front: Front, tmp_path: Path) ->
         "0",
         "--policy",
         "least-load",
+        "--http-max-connections",
+        "4",
     ]
     full = start_scheduler(
         scheduler_args(front.model_dir, token_file, "--workers", front.workers[1].address, *small),
@@ -426,6 +428,17 @@ def test_queue_full_is_429_and_no_worker_is_503(front: Front, tmp_path: Path) ->
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model="sim", prompt=[4] * 200, max_tokens=10)
         first.close()
+        client.close()
+        # Past the connection limit: 503 in the OpenAI error shape, like every other answer.
+        host, port = full.openai_url.removeprefix("http://").split("/")[0].split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(4)]
+        try:
+            r = httpx.get(f"{full.openai_url}/models", headers=AUTH, timeout=10)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["type"] == "service_unavailable_error"
+        finally:
+            for s in idle:
+                s.close()
     finally:
         full.stop()
     none = start_scheduler(

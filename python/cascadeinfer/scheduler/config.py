@@ -70,6 +70,8 @@ class SchedulerConfig:
     """The model name HTTP clients ask for; empty: the name the workers report."""
     chat_template: str = ""
     """A Jinja chat template file used instead of the tokenizer directory's own."""
+    http_max_connections: int = 8192
+    """Open HTTP connections at most; a request on one more is answered 503."""
     http_request_timeout_s: float = 30.0
     """An HTTP request's head, and then its body, must each arrive within this (else 408)."""
 
@@ -113,6 +115,8 @@ class SchedulerConfig:
             raise ValueError(
                 "http_port needs a tokenizer (the HTTP API speaks text): set --tokenizer"
             )
+        if self.http_max_connections < 1:
+            raise ValueError(f"http_max_connections = {self.http_max_connections}: must be >= 1")
         if not self.http_request_timeout_s > 0:
             raise ValueError(f"http_request_timeout_s = {self.http_request_timeout_s}: must be > 0")
         if self.chat_template and not Path(self.chat_template).is_file():
@@ -168,6 +172,9 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     p.add_argument("--max-prompt-bytes", type=int, help="text prompt size limit (0: from context)")
     p.add_argument("--max-stream-lag-tokens", type=int, help="unread tokens allowed per client")
     p.add_argument(
+        "--http-max-connections", type=int, help="open HTTP connections at most (more: 503)"
+    )
+    p.add_argument(
         "--http-request-timeout-s",
         type=float,
         help="seconds an HTTP request's head, then its body, may take to arrive (else 408)",
@@ -218,6 +225,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "http_port",
             "served_model_name",
             "chat_template",
+            "http_max_connections",
             "http_request_timeout_s",
             "insecure",
         )

@@ -2,7 +2,7 @@
 
 httptools buffers a request's headers without limit and uvicorn waits for them without a
 deadline: one connection sending 20 MB of headers grew the scheduler by 17 MB, and one that
-sends a byte every few seconds holds its connection (and its slot under `MAX_CONNECTIONS`)
+sends a byte every few seconds holds its connection (and its slot under `http_max_connections`)
 forever. Here a head larger than `MAX_HEAD_BYTES` is answered 431 and one not complete within
 `head_timeout_s` (the scheduler's `http_request_timeout_s`) of its first byte is answered 408;
 either way the connection closes. A connection that sends nothing is closed after that time
@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 MAX_HEAD_BYTES = 64 * 1024
 """Request line plus headers, at most (bearer tokens and the usual headers take a few hundred)."""
@@ -46,8 +48,33 @@ def _error(status: int, reason: str, message: str) -> bytes:
     return head.encode("ascii") + body
 
 
+async def _too_many_connections(
+    scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+) -> None:
+    """uvicorn's answer past `limit_concurrency` (plain text "Service Unavailable"), in the
+    OpenAI error shape every other answer of this API has."""
+    body = json.dumps(
+        {
+            "error": {
+                "message": "too many open connections to this server (http_max_connections)",
+                "type": "service_unavailable_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol that refuses an oversized or never-ending request head."""
+    """HttpToolsProtocol that refuses an oversized or never-ending request head, and answers
+    past the connection limit in JSON."""
 
     head_timeout_s = 30.0
     """From a request's first byte to the end of its headers, at most (set per server by
@@ -90,6 +117,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._in_head = False
         self._stop_head_deadline()
         super().on_headers_complete()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        if app is service_unavailable:
+            app = _too_many_connections
+        super()._start_asgi_task(cycle, app)
 
     def _start_head(self) -> None:
         self._in_head = True

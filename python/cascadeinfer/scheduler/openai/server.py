@@ -17,9 +17,6 @@ from cascadeinfer.scheduler.openai.app import OpenAIFront
 from cascadeinfer.scheduler.openai.model_files import load_model_files
 from cascadeinfer.scheduler.openai.protocol import bounded_head_protocol
 
-MAX_CONNECTIONS = 8192
-"""Open HTTP connections at most; more are answered 503 by uvicorn."""
-
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
@@ -80,7 +77,7 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
         ws="none",
         http=bounded_head_protocol(config.http_request_timeout_s),
         proxy_headers=False,  # the front reads no client address; skip the per-request rewrite
-        limit_concurrency=MAX_CONNECTIONS,
+        limit_concurrency=config.http_max_connections,
         timeout_graceful_shutdown=5,
         ssl_certfile=config.tls.cert or None,
         ssl_keyfile=config.tls.key or None,
