@@ -513,16 +513,24 @@ mod tests {
             let (mut book, mut reference) = (LoadBook::default(), Reference::default());
             for (step, (op, ids)) in ops.into_iter().enumerate() {
                 let len = step as u32 + 1;
-                // Whether a feed named any request (only that refreshes the instance and its order).
-                let is_refreshed = match op {
+                let feed: Option<Vec<(RequestId, u32)>> = match op {
+                    // A feed listing `ids` (deduplicated) in that order.
                     0 => {
-                        // A feed listing `ids` (deduplicated) in that order.
                         let mut feed: Vec<(RequestId, u32)> = Vec::new();
-                        for id in ids {
+                        for id in ids.iter().copied() {
                             if !feed.iter().any(|f| f.0 .0 == id) {
                                 feed.push((RequestId(id), len + id as u32));
                             }
                         }
+                        Some(feed)
+                    }
+                    // The feed of a step with nothing new: every running request, in order.
+                    1 => Some(reference.running.iter().map(|&(r, l)| (r, l + 1)).collect()),
+                    _ => None,
+                };
+                // Whether a feed named any request (only that refreshes the instance and its order).
+                let is_refreshed = match (op, feed) {
+                    (_, Some(feed)) => {
                         book.begin_refresh();
                         for &(r, l) in &feed {
                             book.record(inst, r, l);
@@ -531,19 +539,7 @@ mod tests {
                         reference.refresh(&feed);
                         !feed.is_empty()
                     }
-                    1 => {
-                        // The feed of a step with nothing new: every running request, in order.
-                        let feed: Vec<(RequestId, u32)> =
-                            reference.running.iter().map(|&(r, l)| (r, l + 1)).collect();
-                        book.begin_refresh();
-                        for &(r, l) in &feed {
-                            book.record(inst, r, l);
-                        }
-                        book.end_refresh();
-                        reference.refresh(&feed);
-                        !feed.is_empty()
-                    }
-                    2 => {
+                    (2, None) => {
                         if let Some(&id) = ids.first() {
                             let r = RequestId(id);
                             book.forget_request(inst, r);
