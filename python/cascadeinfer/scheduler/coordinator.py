@@ -136,13 +136,29 @@ class Coordinator:
         """Reads a worker's step feed until it ends; an end or a break means the worker is gone
         (a drained worker ends its feed once it stopped running anything)."""
         why = "step feed ended"
+        is_first = True
         try:
             async for update in link.stub.StreamSteps(worker_pb2.StreamStepsRequest()):
+                if is_first:  # the snapshot of what runs there
+                    self._reap_ghosts(link, update)
+                    is_first = False
                 self._on_step(link, update)
         except grpc.aio.AioRpcError as e:
             why = e.details() or str(e.code())
         if not self._is_closing:
             await self._worker_gone(link, why)
+
+    def _reap_ghosts(self, link: WorkerLink, snapshot: worker_pb2.StepUpdate) -> None:
+        """Aborts the detached requests a worker runs that the scheduler did not put there:
+        left by a previous scheduler that crashed (mid-migration included), or still running on
+        a worker this scheduler gave up on and resumed elsewhere. Nobody reads their tokens."""
+        for r in snapshot.requests:
+            rec = self.requests.get(r.request_id)
+            if not r.is_detached or (rec is not None and link.worker_id in rec.holders):
+                continue
+            log.warning("ghost_aborted", request_id=r.request_id, worker_id=link.worker_id)
+            self.metrics.ghosts_aborted.inc()
+            self._spawn(self._abort_on(link, r.request_id))
 
     def _leave_policy(self, link: WorkerLink) -> None:
         """Takes a worker out of routing; its stage is refilled by the core."""

@@ -31,6 +31,7 @@ from cascadeinfer.worker.engine_loop import EngineLoop
 from cascadeinfer.worker.engines.factory import build_engine
 from cascadeinfer.worker.hub import Hub
 from cascadeinfer.worker.metrics import WorkerMetrics
+from cascadeinfer.worker.reaper import reap_forever
 from cascadeinfer.worker.registration import Registration
 from cascadeinfer.worker.servicer import WorkerServicer
 from cascadeinfer.worker.state import WorkerState
@@ -64,6 +65,11 @@ async def drain(state: WorkerState, timeout_s: float) -> None:
         state.hub.end(rid, FinishReason.ABORT)
         log.warning("aborted_at_shutdown", request_id=rid)
     state.hub.close_feeds()
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background_task_failed", task=task.get_name(), error=repr(task.exception()))
 
 
 async def serve(config: WorkerConfig) -> None:
@@ -115,10 +121,13 @@ async def serve(config: WorkerConfig) -> None:
         )
         registration.start()
 
+    reaper = asyncio.create_task(reap_forever(state, config.orphan_timeout_s))
+    reaper.add_done_callback(_report_crash)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    reaper.cancel()
     log.info("draining", running=len(hub.requests))
     state.is_draining = True  # no new requests from here on
     hub.announce()  # a scheduler on the step feed starts moving the requests away
