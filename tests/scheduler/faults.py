@@ -28,6 +28,7 @@ KV_HEAVY_SIM = [
 """Sim workers whose KV weighs half an 8B model's: a move at 256 tokens carries 16 MiB, long
 enough to be caught in flight."""
 
+
 def unread_bytes(port: int) -> int:
     """Bytes queued unread on the sockets of the server on `port` (/proc/net/tcp's rx_queue):
     with the server frozen, a KV stream in flight piles up there."""

@@ -43,6 +43,8 @@ class Outcome:
     error: grpc.StatusCode | None = None
     error_details: str = ""
     num_migrations: int = 0
+    max_gap_s: float = 0.0
+    """The longest wait between two messages of the stream."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Verdict:
     """...of which had tokens already (accepted and running when the scheduler died)."""
     num_tokens: int = 0
     num_migrations: int = 0
+    max_gap_s: float = 0.0
+    """The longest any stream waited between two messages (a cut link shows here)."""
     lost: list[str] = field(default_factory=list)
     """One line per request that broke the contract."""
 
@@ -132,8 +136,11 @@ class Load:
             prompt_token_ids=scheduler_pb2.TokenIds(ids=o.prompt),
             sampling=common_pb2.SamplingParams(max_tokens=o.max_tokens, ignore_eos=True),
         )
+        last = time.monotonic()
         try:
             for r in stub.Generate(request, timeout=STREAM_DEADLINE_S, metadata=self._metadata):
+                now = time.monotonic()
+                o.max_gap_s, last = max(o.max_gap_s, now - last), now
                 if r.tokens.first_index != len(o.tokens):
                     o.num_out_of_order += 1
                 for j, token in enumerate(r.tokens.token_ids):
@@ -173,6 +180,7 @@ def check(outcomes: list[Outcome], windows: list[Window] | None = None) -> Verdi
     for o in outcomes:
         v.num_tokens += len(o.tokens)
         v.num_migrations += o.num_migrations
+        v.max_gap_s = max(v.max_gap_s, o.max_gap_s)
         problem = _problem(o, references[o.request_id], windows)
         if problem is None:
             if o.error is None:

@@ -309,7 +309,7 @@ class Coordinator:
         rec.holders.add(dst.worker_id)
         rec.is_moving = True
         try:
-            await self._migrate_out(rec, src, dst)
+            moved = await self._migrate_out(rec, src, dst)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 # The worker finished it already; its feed is behind. Stop asking it to
@@ -331,19 +331,28 @@ class Coordinator:
             return
         finally:
             rec.is_moving = False
-        self._moved(rec, src, dst, m.reason.value)
+        self._moved(rec, src, dst, m.reason.value, moved)
         self.policy.migration_done(m, True)
 
-    async def _migrate_out(self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink) -> None:
+    async def _migrate_out(
+        self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink
+    ) -> worker_pb2.MigrateOutResponse:
         """Has `src` move `rec` to `dst`, within the limit of concurrent transfers; raises the
         worker's AioRpcError on failure."""
         async with self._migrations:
-            await src.stub.MigrateOut(
+            return await src.stub.MigrateOut(
                 worker_pb2.MigrateOutRequest(request_id=rec.request_id, target_address=dst.address),
                 timeout=MIGRATE_OUT_TIMEOUT_S,
             )
 
-    def _moved(self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink, reason: str) -> None:
+    def _moved(
+        self,
+        rec: ClientRequest,
+        src: WorkerLink,
+        dst: WorkerLink,
+        reason: str,
+        moved: worker_pb2.MigrateOutResponse,
+    ) -> None:
         src.running.discard(rec.request_id)
         if not rec.is_done:
             dst.running.add(rec.request_id)
@@ -363,6 +372,9 @@ class Coordinator:
             target=dst.worker_id,
             reason=reason,
             context_len=rec.context_len,
+            num_bytes=moved.num_bytes,
+            pause_s=round(moved.pause_s, 6),
+            total_s=round(moved.total_s, 6),
         )
 
     @staticmethod
@@ -387,7 +399,7 @@ class Coordinator:
         rec.holders.add(dst.worker_id)
         rec.is_moving = True
         try:
-            await self._migrate_out(rec, src, dst)
+            moved = await self._migrate_out(rec, src, dst)
         except grpc.aio.AioRpcError as e:
             rec.holders.discard(dst.worker_id)
             self.policy.request_finished(rec.core_id, dst.instance)
@@ -399,7 +411,7 @@ class Coordinator:
             return
         finally:
             rec.is_moving = False
-        self._moved(rec, src, dst, "drain")
+        self._moved(rec, src, dst, "drain", moved)
         if rec.is_done:  # finished during the move: the core placed it on dst as well
             self.policy.request_finished(rec.core_id, dst.instance)
 
