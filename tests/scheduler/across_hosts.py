@@ -36,7 +36,9 @@ class AcrossHosts:
     migrations: list[dict[str, Any]] = field(default_factory=list)
     """The scheduler's `migrated` events: num_bytes, pause_s, total_s, timestamp."""
     cut: tuple[str, float, float] = ("", 0.0, 0.0)
-    """Which host's link was cut, when (seconds into the load) and for how long."""
+    """Which host's link was cut, when (seconds into the load) and for how long (-1: for good)."""
+    logs: dict[str, str] = field(default_factory=dict)
+    """Each daemon's log, by name (cascade-scheduler-sched, cascade-worker-w1, ...)."""
 
     def summary(self) -> dict[str, Any]:
         kv = [m for m in self.migrations if m["num_bytes"]]
@@ -50,7 +52,8 @@ class AcrossHosts:
             "lost": len(v["lost"]),
             "tokens": v["num_tokens"],
             "load_s": round(v["seconds"], 1),
-            "link_cut": f"{self.cut[0]} at {self.cut[1]:.0f} s for {self.cut[2]:.0f} s",
+            "link_cut": f"{self.cut[0]} at {self.cut[1]:.0f} s for "
+            + (f"{self.cut[2]:.0f} s" if self.cut[2] >= 0 else "good"),
             "longest_stream_stall_s": round(v["max_gap_s"], 1),
             "migrations": len(self.migrations),
             "mib_per_move": round(statistics.median(m["num_bytes"] for m in kv) / 2**20, 1)
@@ -78,10 +81,15 @@ def run_across_hosts(
     log_dir: Path,
     duration_s: float,
     cut_at_s: float,
-    cut_for_s: float,
+    cut_for_s: float | None,
     concurrency: int = 8,
     num_workers: int = 3,
+    link_timeout_s: float = 10.0,
+    orphan_timeout_s: float = 30.0,
+    stream_deadline_s: float = 90.0,
 ) -> AcrossHosts:
+    """`cut_for_s` None: the link stays cut until the load ends (a host lost for good); its
+    worker's log then tells what became of its requests (`worker_logs`)."""
     token = log_dir / "token"
     token.write_text(secrets.token_hex(16))
     auth = ["--auth-token-file", str(token)]
@@ -93,11 +101,14 @@ def run_across_hosts(
         try:
             stages = f"0-256:1,256-8192:{num_workers - 1}"
             scheduler = hosts.spawn(
-                "sched", SCHEDULER, [*auth, "--min-workers", str(num_workers), "--stages", stages],
+                "sched", SCHEDULER, [*auth, "--min-workers", str(num_workers), "--stages", stages,
+                                     "--worker-link-timeout-s", str(link_timeout_s)],
                 log_dir,
             )  # fmt: skip
             daemons.append(scheduler)
-            join = [*KV_HEAVY_SIM, *auth, "--scheduler", scheduler.address]
+            join = [*KV_HEAVY_SIM, *auth, "--scheduler", scheduler.address,
+                    "--link-timeout-s", str(link_timeout_s),
+                    "--orphan-timeout-s", str(orphan_timeout_s)]  # fmt: skip
             for name in names[1:]:
                 daemons.append(hosts.spawn(name, WORKER, join, log_dir))
             wait_until(lambda: "policy_ready" in scheduler.log(), 60, "workers did not register")
@@ -107,7 +118,7 @@ def run_across_hosts(
                     sys.executable, "-m", "tests.scheduler.remote_load",
                     "--address", scheduler.address, "--auth-token-file", str(token),
                     "--concurrency", str(concurrency), "--duration", str(duration_s),
-                    "--out", str(out),
+                    "--out", str(out), "--stream-deadline", str(stream_deadline_s),
                 ]),
                 cwd=ROOT, stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
@@ -119,12 +130,14 @@ def run_across_hosts(
                 1
             ]  # the first stage's worker (it registers first): every request starts there
             hosts.cut(cut)
-            result.cut = (cut, time.monotonic() - running, cut_for_s)
-            time.sleep(cut_for_s)
-            hosts.restore(cut)
+            result.cut = (cut, time.monotonic() - running, cut_for_s or -1)
+            if cut_for_s is not None:
+                time.sleep(cut_for_s)
+                hosts.restore(cut)
             assert client.wait(timeout=duration_s + 200) == 0, "the load process failed"
             result.verdict = json.loads(out.read_text())
             result.migrations = migrations_in(scheduler.log())
+            result.logs = {d.log_path.stem: d.log() for d in daemons}
         finally:
             for d in daemons:
                 d.kill()

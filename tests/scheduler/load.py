@@ -84,8 +84,10 @@ class Load:
         prompt_lens: tuple[int, int] = (20, 200),
         max_tokens: tuple[int, int] = (60, 300),
         metadata: tuple[tuple[str, str], ...] = (),
+        stream_deadline_s: float = STREAM_DEADLINE_S,
     ) -> None:
         self.address = address
+        self.stream_deadline_s = stream_deadline_s
         self.outcomes: list[Outcome] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -102,11 +104,11 @@ class Load:
             t.start()
         return self
 
-    def stop(self, timeout: float = STREAM_DEADLINE_S + 10) -> list[Outcome]:
+    def stop(self) -> list[Outcome]:
         """Lets every stream in flight end (or hit its deadline) and returns all outcomes."""
         self._stop.set()
         for t in self._threads:
-            t.join(timeout)
+            t.join(self.stream_deadline_s + 10)
         assert not any(t.is_alive() for t in self._threads), "a client thread never returned"
         return list(self.outcomes)
 
@@ -138,7 +140,9 @@ class Load:
         )
         last = time.monotonic()
         try:
-            for r in stub.Generate(request, timeout=STREAM_DEADLINE_S, metadata=self._metadata):
+            for r in stub.Generate(
+                request, timeout=self.stream_deadline_s, metadata=self._metadata
+            ):
                 now = time.monotonic()
                 o.max_gap_s, last = max(o.max_gap_s, now - last), now
                 if r.tokens.first_index != len(o.tokens):

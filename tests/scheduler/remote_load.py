@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cascadeinfer.security import read_token, token_metadata
 
-from tests.scheduler.load import Load, check, wait_until
+from tests.scheduler.load import STREAM_DEADLINE_S, Load, check, wait_until
 
 
 def main() -> None:
@@ -23,10 +23,13 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-deadline", type=float, default=STREAM_DEADLINE_S)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     metadata = token_metadata(read_token(a.auth_token_file))
-    load = Load(a.address, a.concurrency, seed=a.seed, metadata=metadata).start()
+    load = Load(
+        a.address, a.concurrency, a.seed, metadata=metadata, stream_deadline_s=a.stream_deadline
+    ).start()
     started = time.monotonic()
     wait_until(lambda: load.num_completed() > 0, 60, "no request completed")
     print("load running", flush=True)

@@ -71,7 +71,7 @@ class Coordinator:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.profile = load_profile(config.profile)
-        self.pool = WorkerPool(config.tls, config.auth_token)
+        self.pool = WorkerPool(config.tls, config.auth_token, config.worker_link_timeout_s)
         self.policy: _core.Scheduler | None = None
         self.requests: dict[str, ClientRequest] = {}
         self._by_core: dict[int, ClientRequest] = {}

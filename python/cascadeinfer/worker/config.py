@@ -38,6 +38,10 @@ class WorkerConfig:
     """Address others use to reach this worker; defaults to host:port."""
     drain_timeout_s: float = 30.0
     """On SIGTERM, running requests get this long to finish before they are aborted."""
+    link_timeout_s: float = 10.0
+    """A link to the scheduler or a peer that answers no keepalive ping for about this long
+    counts as broken: a step feed to a scheduler cut off ends (starting the orphan bound), a
+    migration to an unreachable target fails and the request resumes here."""
     orphan_timeout_s: float = 30.0
     """Detached requests (a scheduler's) are aborted once no step feed has been open this long:
     their scheduler is gone and nobody will read them. Longer than a scheduler restart."""
@@ -61,6 +65,8 @@ class WorkerConfig:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s = {self.drain_timeout_s}: must be >= 0")
+        if self.link_timeout_s <= 0:
+            raise ValueError(f"link_timeout_s = {self.link_timeout_s}: must be > 0")
         if self.orphan_timeout_s <= 0:
             raise ValueError(f"orphan_timeout_s = {self.orphan_timeout_s}: must be > 0")
         self.tls.validate(is_server=True)
@@ -92,6 +98,11 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     p.add_argument("--worker-id")
     p.add_argument("--metrics-port", type=int)
     p.add_argument("--drain-timeout-s", type=float)
+    p.add_argument(
+        "--link-timeout-s",
+        type=float,
+        help="a link to the scheduler or a peer silent this long (keepalive) counts as broken",
+    )
     p.add_argument(
         "--orphan-timeout-s",
         type=float,
@@ -143,6 +154,7 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
             "metrics_port",
             "drain_timeout_s",
             "orphan_timeout_s",
+            "link_timeout_s",
             "scheduler",
             "advertise_address",
             "auth_token_file",

@@ -15,7 +15,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cascadeinfer.daemon import CHANNEL_OPTIONS, StrictDecoding, run_daemon
+from cascadeinfer.daemon import (
+    CHANNEL_OPTIONS,
+    PING_TOLERANCE,
+    StrictDecoding,
+    keepalive_options,
+    run_daemon,
+)
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.security import BearerTokenInterceptor, add_port
 from cascadeinfer.worker.config import WorkerConfig, parse_args
@@ -89,12 +95,24 @@ async def serve(config: WorkerConfig) -> None:
         [BearerTokenInterceptor(config.auth_token)] if needs_token else []
     )
     interceptors.append(StrictDecoding())  # after the token check: strangers get no parsing
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
+    keepalive = keepalive_options(config.link_timeout_s)
+    # Pings both ways: the scheduler's find a cut link, and ours drop the feed of a scheduler
+    # cut off (which starts the orphan bound).
+    server = grpc.aio.server(
+        options=[*CHANNEL_OPTIONS, *keepalive, *PING_TOLERANCE], interceptors=interceptors
+    )
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     worker_id = config.worker_id or f"{config.host}:{port}"
     structlog.contextvars.bind_contextvars(worker_id=worker_id, engine=engine.name)
     state = WorkerState(
-        worker_id, engine.name, engine_loop, hub, metrics, tls=config.tls, token=config.auth_token
+        worker_id,
+        engine.name,
+        engine_loop,
+        hub,
+        metrics,
+        tls=config.tls,
+        token=config.auth_token,
+        link_options=keepalive,
     )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state), server)
     health_servicer = health.aio.HealthServicer()
