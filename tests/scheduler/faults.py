@@ -8,13 +8,14 @@ import contextlib
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from cascadeinfer.proto.v1 import scheduler_pb2, scheduler_pb2_grpc
+from cascadeinfer.proto.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
-from tests.scheduler.load import wait_until
+from tests.scheduler.load import Load, Window, wait_until
 from tests.worker.daemons import Daemon, free_port, start_scheduler, start_worker
 
 KV_HEAVY_SIM = [
@@ -162,3 +163,52 @@ def restart_scheduler(c: Cluster) -> None:
     c.scheduler.kill()
     c.scheduler = start_scheduler(["--port", str(c.port), *c.scheduler_args], c.log_dir)
     c.wait_whole()
+
+
+@dataclass
+class FaultRun:
+    windows: list[Window] = field(default_factory=list)
+    """Where a request may fail with a clear status (the scheduler's restarts)."""
+    timeline: list[str] = field(default_factory=list)
+    num_injected: dict[str, int] = field(default_factory=dict)
+
+
+def inject_all(c: Cluster, load: Load, rounds: int = 1, between: int = 12) -> FaultRun:
+    """Each fault once per round, in turn, with `between` requests completed before each one
+    (so every fault lands on a busy cluster), and as many after the last."""
+    run = FaultRun()
+
+    def step(name: str, fault: Callable[[], object]) -> object:
+        done = load.num_completed()
+        wait_until(lambda: load.num_completed() >= done + between, 60, f"no progress before {name}")
+        started = time.monotonic()
+        result = fault()
+        run.timeline.append(f"{name}: {time.monotonic() - started:.1f} s")
+        run.num_injected[name] = run.num_injected.get(name, 0) + 1
+        return result
+
+    for _ in range(rounds):
+        step("freeze 2 s", lambda: freeze(c.workers[0], 2.0))
+        step("kill", lambda: kill_worker(c, c.workers[1]))
+        step("drain", lambda: drain_worker(c, c.in_stage(256)))
+        hit = step("kill target mid-transfer", lambda: kill_target_mid_transfer(c, c.in_stage(256)))
+        assert hit, "a move into the killed target broke part way"
+        crashed = time.monotonic()
+        step("restart scheduler", lambda: restart_scheduler(c))
+        run.windows.append(
+            Window(crashed, time.monotonic(), frozenset({grpc.StatusCode.UNAVAILABLE}))
+        )
+    done = load.num_completed()
+    wait_until(lambda: load.num_completed() >= done + between, 60, "no progress after the faults")
+    return run
+
+
+def no_requests_left(c: Cluster, timeout: float = 15) -> bool:
+    """Whether every live worker runs nothing within `timeout` (no ghosts, no leftovers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        loads = [w.stub().GetLoad(worker_pb2.GetLoadRequest(), timeout=10) for w in c.workers]
+        if sum(x.num_running + x.num_waiting for x in loads) == 0:
+            return True
+        time.sleep(0.2)
+    return False
