@@ -48,6 +48,9 @@ class SchedulerConfig:
     max_stream_lag_tokens: int = 4096
     """Tokens a client may leave unread; beyond, its request ends with RESOURCE_EXHAUSTED."""
     tick_interval_s: float = 0.5
+    worker_link_timeout_s: float = 10.0
+    """A worker link that answers no keepalive ping for about this long counts as broken (a
+    cut link sends no reset): the worker leaves the plan and its requests resume elsewhere."""
     max_concurrent_migrations: int = 8
     max_optional_migrations_per_s: float = 4.0
     """Balance, refinement and rebalance moves allowed per second (a token bucket); moves at a
@@ -86,6 +89,8 @@ class SchedulerConfig:
             raise ValueError(f"max_prompt_bytes = {self.max_prompt_bytes}: must be >= 0")
         if self.max_stream_lag_tokens < 1:
             raise ValueError(f"max_stream_lag_tokens = {self.max_stream_lag_tokens}: must be >= 1")
+        if self.worker_link_timeout_s <= 0:
+            raise ValueError(f"worker_link_timeout_s = {self.worker_link_timeout_s}: must be > 0")
         if self.tick_interval_s <= 0:
             raise ValueError(f"tick_interval_s = {self.tick_interval_s}: must be > 0")
         if self.max_concurrent_migrations < 1:
@@ -180,6 +185,11 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
         help="seconds an HTTP request's head, then its body, may take to arrive (else 408)",
     )
     p.add_argument("--tick-interval-s", type=float)
+    p.add_argument(
+        "--worker-link-timeout-s",
+        type=float,
+        help="a worker link silent this long (keepalive) is broken: its requests resume elsewhere",
+    )
     p.add_argument("--max-concurrent-migrations", type=int)
     p.add_argument("--max-optional-migrations-per-s", type=float)
     p.add_argument("--metrics-port", type=int, help="Prometheus exporter port (0: off)")
@@ -217,6 +227,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "max_prompt_bytes",
             "max_stream_lag_tokens",
             "tick_interval_s",
+            "worker_link_timeout_s",
             "max_concurrent_migrations",
             "max_optional_migrations_per_s",
             "metrics_port",

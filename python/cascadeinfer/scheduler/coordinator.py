@@ -72,7 +72,7 @@ class Coordinator:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.profile = load_profile(config.profile)
-        self.pool = WorkerPool(config.tls, config.auth_token)
+        self.pool = WorkerPool(config.tls, config.auth_token, config.worker_link_timeout_s)
         self.policy: _core.Scheduler | None = None
         self.requests: dict[str, ClientRequest] = {}
         self._by_core: dict[int, ClientRequest] = {}
@@ -137,13 +137,29 @@ class Coordinator:
         """Reads a worker's step feed until it ends; an end or a break means the worker is gone
         (a drained worker ends its feed once it stopped running anything)."""
         why = "step feed ended"
+        is_first = True
         try:
             async for update in link.stub.StreamSteps(worker_pb2.StreamStepsRequest()):
+                if is_first:  # the snapshot of what runs there
+                    self._reap_ghosts(link, update)
+                    is_first = False
                 self._on_step(link, update)
         except grpc.aio.AioRpcError as e:
             why = e.details() or str(e.code())
         if not self._is_closing:
             await self._worker_gone(link, why)
+
+    def _reap_ghosts(self, link: WorkerLink, snapshot: worker_pb2.StepUpdate) -> None:
+        """Aborts the detached requests a worker runs that the scheduler did not put there:
+        left by a previous scheduler that crashed (mid-migration included), or still running on
+        a worker this scheduler gave up on and resumed elsewhere. Nobody reads their tokens."""
+        for r in snapshot.requests:
+            rec = self.requests.get(r.request_id)
+            if not r.is_detached or (rec is not None and link.worker_id in rec.holders):
+                continue
+            log.warning("ghost_aborted", request_id=r.request_id, worker_id=link.worker_id)
+            self.metrics.ghosts_aborted.inc()
+            self._spawn(self._abort_on(link, r.request_id))
 
     def _leave_policy(self, link: WorkerLink) -> None:
         """Takes a worker out of routing; its stage is refilled by the core."""
@@ -294,7 +310,7 @@ class Coordinator:
         rec.holders.add(dst.worker_id)
         rec.is_moving = True
         try:
-            await self._migrate_out(rec, src, dst)
+            moved = await self._migrate_out(rec, src, dst)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 # The worker finished it already; its feed is behind. Stop asking it to
@@ -316,19 +332,28 @@ class Coordinator:
             return
         finally:
             rec.is_moving = False
-        self._moved(rec, src, dst, m.reason.value)
+        self._moved(rec, src, dst, m.reason.value, moved)
         self.policy.migration_done(m, True)
 
-    async def _migrate_out(self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink) -> None:
+    async def _migrate_out(
+        self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink
+    ) -> worker_pb2.MigrateOutResponse:
         """Has `src` move `rec` to `dst`, within the limit of concurrent transfers; raises the
         worker's AioRpcError on failure."""
         async with self._migrations:
-            await src.stub.MigrateOut(
+            return await src.stub.MigrateOut(
                 worker_pb2.MigrateOutRequest(request_id=rec.request_id, target_address=dst.address),
                 timeout=MIGRATE_OUT_TIMEOUT_S,
             )
 
-    def _moved(self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink, reason: str) -> None:
+    def _moved(
+        self,
+        rec: ClientRequest,
+        src: WorkerLink,
+        dst: WorkerLink,
+        reason: str,
+        moved: worker_pb2.MigrateOutResponse,
+    ) -> None:
         src.running.discard(rec.request_id)
         if not rec.is_done:
             dst.running.add(rec.request_id)
@@ -348,6 +373,9 @@ class Coordinator:
             target=dst.worker_id,
             reason=reason,
             context_len=rec.context_len,
+            num_bytes=moved.num_bytes,
+            pause_s=round(moved.pause_s, 6),
+            total_s=round(moved.total_s, 6),
         )
 
     @staticmethod
@@ -372,7 +400,7 @@ class Coordinator:
         rec.holders.add(dst.worker_id)
         rec.is_moving = True
         try:
-            await self._migrate_out(rec, src, dst)
+            moved = await self._migrate_out(rec, src, dst)
         except grpc.aio.AioRpcError as e:
             rec.holders.discard(dst.worker_id)
             self.policy.request_finished(rec.core_id, dst.instance)
@@ -384,7 +412,7 @@ class Coordinator:
             return
         finally:
             rec.is_moving = False
-        self._moved(rec, src, dst, "drain")
+        self._moved(rec, src, dst, "drain", moved)
         if rec.is_done:  # finished during the move: the core placed it on dst as well
             self.policy.request_finished(rec.core_id, dst.instance)
 

@@ -87,6 +87,12 @@ class SchedulerMetrics:
             ["task"],
             registry=r,
         )
+        self.ghosts_aborted = Counter(
+            "cascade_scheduler_ghosts_aborted",
+            "Detached requests a worker's feed snapshot showed that this scheduler did not put "
+            "there (left by a crashed scheduler or a worker given up on); aborted there",
+            registry=r,
+        )
         self.foreign_steps = Counter(
             "cascade_scheduler_foreign_steps",
             "Step-feed entries ignored: a worker reported a request the scheduler did not put there",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from cascadeinfer.daemon import keepalive_options
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.security import TlsFiles, aio_channel
 
@@ -32,16 +33,17 @@ class WorkerLink:
 
 
 class WorkerPool:
-    def __init__(self, tls: TlsFiles, token: str = "") -> None:
+    def __init__(self, tls: TlsFiles, token: str = "", link_timeout_s: float = 10.0) -> None:
         self._tls = tls
         self._token = token
+        self._options = keepalive_options(link_timeout_s)
         self.by_id: dict[str, WorkerLink] = {}
         self.by_instance: dict[int, WorkerLink] = {}
         self._next_instance = 0
 
     async def connect(self, address: str, worker_id: str = "") -> WorkerLink:
         """Opens a channel and reads the worker's info; raises grpc.aio.AioRpcError when down."""
-        channel = aio_channel(address, self._tls, self._token)
+        channel = aio_channel(address, self._tls, self._token, self._options)
         stub: WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)
         try:
             info = await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
