@@ -3,6 +3,8 @@ step feed, splices tokens to clients, runs the migrations the core decides, and 
 requests from a worker that dies.
 
 All of it runs on one asyncio loop; the core is called synchronously (microseconds a call).
+Workers are reached only through `WorkerClient` (scheduler/worker_client.py), so every decision
+here can be tested with fake workers (tests/scheduler/test_coordinator.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from cascadeinfer.scheduler.ratelimit import TokenBucket
 from cascadeinfer.scheduler.requests import ClientRequest
 from cascadeinfer.scheduler.tasks import report_failure
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
-from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool
+from cascadeinfer.scheduler.worker_client import WorkerCallError
+from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool, grpc_clients
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import FinishReason, SamplingSpec
 
@@ -47,6 +50,9 @@ FEED_LAG_GRACE_S = 2.0
 MIGRATE_OUT_TIMEOUT_S = 60.0
 """How long a move may take before the scheduler gives up on it (the worker then resumes the
 request on the source)."""
+START_TIMEOUT_S = 30.0
+"""How long a worker may take to accept a request it is given."""
+ABORT_TIMEOUT_S = 10.0
 PROMPT_BYTES_PER_TOKEN = 16
 """Default text prompt limit per token of context: a few times the bytes a token averages."""
 
@@ -69,10 +75,13 @@ class Counters:
 
 
 class Coordinator:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, pool: WorkerPool | None = None) -> None:
+        """`pool` defaults to gRPC clients built from `config`; tests pass fakes."""
         self.config = config
         self.profile = load_profile(config.profile)
-        self.pool = WorkerPool(config.tls, config.auth_token, config.worker_link_timeout_s)
+        self.pool = pool or WorkerPool(
+            grpc_clients(config.tls, config.auth_token, config.worker_link_timeout_s)
+        )
         self.policy: _core.Scheduler | None = None
         self.requests: dict[str, ClientRequest] = {}
         self._by_core: dict[int, ClientRequest] = {}
@@ -139,13 +148,13 @@ class Coordinator:
         why = "step feed ended"
         is_first = True
         try:
-            async for update in link.stub.StreamSteps(worker_pb2.StreamStepsRequest()):
+            async for update in link.client.step_feed():
                 if is_first:  # the snapshot of what runs there
                     self._reap_ghosts(link, update)
                     is_first = False
                 self._on_step(link, update)
-        except grpc.aio.AioRpcError as e:
-            why = e.details() or str(e.code())
+        except WorkerCallError as e:
+            why = e.details
         if not self._is_closing:
             await self._worker_gone(link, why)
 
@@ -311,8 +320,8 @@ class Coordinator:
         rec.is_moving = True
         try:
             moved = await self._migrate_out(rec, src, dst)
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
+        except WorkerCallError as e:
+            if e.code == grpc.StatusCode.NOT_FOUND:
                 # The worker finished it already; its feed is behind. Stop asking it to
                 # move a request it no longer has (the finish is on its way).
                 rec.gone_from = src.worker_id
@@ -325,7 +334,7 @@ class Coordinator:
                 "migration_failed",
                 request_id=rec.request_id,
                 reason=m.reason.value,
-                error=e.details(),
+                error=e.details,
             )
             if src.is_gone:  # its feed ended during the move: nothing runs it now
                 await self._resume_elsewhere(rec, src)
@@ -339,12 +348,9 @@ class Coordinator:
         self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink
     ) -> worker_pb2.MigrateOutResponse:
         """Has `src` move `rec` to `dst`, within the limit of concurrent transfers; raises the
-        worker's AioRpcError on failure."""
+        worker's WorkerCallError on failure."""
         async with self._migrations:
-            return await src.stub.MigrateOut(
-                worker_pb2.MigrateOutRequest(request_id=rec.request_id, target_address=dst.address),
-                timeout=MIGRATE_OUT_TIMEOUT_S,
-            )
+            return await src.client.migrate_out(rec.request_id, dst.address, MIGRATE_OUT_TIMEOUT_S)
 
     def _moved(
         self,
@@ -401,12 +407,12 @@ class Coordinator:
         rec.is_moving = True
         try:
             moved = await self._migrate_out(rec, src, dst)
-        except grpc.aio.AioRpcError as e:
+        except WorkerCallError as e:
             rec.holders.discard(dst.worker_id)
             self.policy.request_finished(rec.core_id, dst.instance)
             self.counters.num_failed_migrations += 1
             self.metrics.migrations.labels("drain", "failed").inc()
-            log.info("drain_move_failed", request_id=request_id, error=e.details())
+            log.info("drain_move_failed", request_id=request_id, error=e.details)
             if src.is_gone:  # its feed ended during the move: nothing runs it now
                 await self._resume_elsewhere(rec, src)
             return
@@ -523,15 +529,14 @@ class Coordinator:
         rec.holders.add(link.worker_id)
         link.running.add(rec.request_id)
         try:
-            async for _ in link.stub.Generate(request, timeout=30):
-                pass
-        except grpc.aio.AioRpcError as e:
+            await link.client.start_detached(request, START_TIMEOUT_S)
+        except WorkerCallError as e:
             link.running.discard(rec.request_id)
             rec.holders.discard(link.worker_id)
             rec.worker_id = None
             self.policy.request_finished(rec.core_id, link.instance)
-            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
-                raise SchedulingError(e.code(), e.details() or "refused by the worker") from None
+            if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+                raise SchedulingError(e.code, e.details) from None
             return False
         if rec.admitted_at is None:
             rec.admitted_at = time.monotonic()
@@ -580,9 +585,9 @@ class Coordinator:
 
     async def _abort_on(self, link: WorkerLink, request_id: str) -> None:
         try:
-            await link.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=10)
-        except grpc.aio.AioRpcError as e:
-            log.info("abort_on_worker_failed", request_id=request_id, error=e.details())
+            await link.client.abort(request_id, ABORT_TIMEOUT_S)
+        except WorkerCallError as e:
+            log.info("abort_on_worker_failed", request_id=request_id, error=e.details)
 
     @property
     def can_place(self) -> bool:

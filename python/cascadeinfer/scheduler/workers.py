@@ -1,19 +1,18 @@
-"""The workers the scheduler knows: their gRPC stubs, dense instance ids for the core, health,
+"""The workers the scheduler knows: a client for each, dense instance ids for the core, health,
 and the latest load each reported."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import grpc
 
 from cascadeinfer.daemon import keepalive_options
-from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
-from cascadeinfer.security import TlsFiles, aio_channel
+from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.scheduler.worker_client import GrpcWorkerClient, WorkerCallError, WorkerClient
+from cascadeinfer.security import TlsFiles
 
-if TYPE_CHECKING:
-    from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
+INFO_TIMEOUT_S = 10.0
+"""How long a worker being connected may take to say who it is."""
 
 
 @dataclass
@@ -21,8 +20,7 @@ class WorkerLink:
     worker_id: str
     address: str
     instance: int
-    channel: grpc.aio.Channel
-    stub: WorkerServiceAsyncStub
+    client: WorkerClient
     info: worker_pb2.WorkerInfo
     is_healthy: bool = True
     is_gone: bool = False
@@ -32,31 +30,34 @@ class WorkerLink:
     """Request ids the scheduler placed (or moved) here and that have not finished."""
 
 
+ClientFactory = Callable[[str], WorkerClient]
+"""Makes the client for a worker's address (the daemon's: gRPC; tests': fakes)."""
+
+
+def grpc_clients(tls: TlsFiles, token: str = "", link_timeout_s: float = 10.0) -> ClientFactory:
+    """gRPC clients with TLS when configured, the cluster's token, and keepalive pings that
+    notice a cut link within about `link_timeout_s`."""
+    options = keepalive_options(link_timeout_s)
+    return lambda address: GrpcWorkerClient.connect(address, tls, token, options)
+
+
 class WorkerPool:
-    def __init__(self, tls: TlsFiles, token: str = "", link_timeout_s: float = 10.0) -> None:
-        self._tls = tls
-        self._token = token
-        self._options = keepalive_options(link_timeout_s)
+    def __init__(self, clients: ClientFactory) -> None:
+        self._clients = clients
         self.by_id: dict[str, WorkerLink] = {}
         self.by_instance: dict[int, WorkerLink] = {}
         self._next_instance = 0
 
     async def connect(self, address: str, worker_id: str = "") -> WorkerLink:
-        """Opens a channel and reads the worker's info; raises grpc.aio.AioRpcError when down."""
-        channel = aio_channel(address, self._tls, self._token, self._options)
-        stub: WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)
+        """Opens a client and reads the worker's info; raises WorkerCallError when down."""
+        client = self._clients(address)
         try:
-            info = await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
-        except grpc.aio.AioRpcError:
-            await channel.close()
+            info = await client.info(INFO_TIMEOUT_S)
+        except WorkerCallError:
+            await client.close()
             raise
         link = WorkerLink(
-            worker_id or info.worker_id or address,
-            address,
-            self._next_instance,
-            channel,
-            stub,
-            info,
+            worker_id or info.worker_id or address, address, self._next_instance, client, info
         )
         self._next_instance += 1
         self.by_id[link.worker_id] = link
@@ -68,4 +69,4 @@ class WorkerPool:
 
     async def close(self) -> None:
         for link in self.by_id.values():
-            await link.channel.close()
+            await link.client.close()
