@@ -51,6 +51,12 @@ class SchedulerConfig:
     worker_link_timeout_s: float = 10.0
     """A worker link that answers no keepalive ping for about this long counts as broken (a
     cut link sends no reset): the worker leaves the plan and its requests resume elsewhere."""
+    worker_call_timeout_s: float = 10.0
+    """How long a worker may take to answer a call (start a request, abort one, say who it is)
+    before the scheduler treats the call as failed."""
+    migration_timeout_s: float = 60.0
+    """How long a move may take before the scheduler gives up on it (the worker then resumes
+    the request on the source)."""
     max_concurrent_migrations: int = 8
     max_optional_migrations_per_s: float = 4.0
     """Balance, refinement and rebalance moves allowed per second (a token bucket); moves at a
@@ -91,6 +97,9 @@ class SchedulerConfig:
             raise ValueError(f"max_stream_lag_tokens = {self.max_stream_lag_tokens}: must be >= 1")
         if self.worker_link_timeout_s <= 0:
             raise ValueError(f"worker_link_timeout_s = {self.worker_link_timeout_s}: must be > 0")
+        for name in ("worker_call_timeout_s", "migration_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be > 0")
         if self.tick_interval_s <= 0:
             raise ValueError(f"tick_interval_s = {self.tick_interval_s}: must be > 0")
         if self.max_concurrent_migrations < 1:
@@ -190,6 +199,12 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
         type=float,
         help="a worker link silent this long (keepalive) is broken: its requests resume elsewhere",
     )
+    p.add_argument(
+        "--worker-call-timeout-s", type=float, help="seconds a worker may take to answer a call"
+    )
+    p.add_argument(
+        "--migration-timeout-s", type=float, help="seconds a move may take before it is given up"
+    )
     p.add_argument("--max-concurrent-migrations", type=int)
     p.add_argument("--max-optional-migrations-per-s", type=float)
     p.add_argument("--metrics-port", type=int, help="Prometheus exporter port (0: off)")
@@ -228,6 +243,8 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "max_stream_lag_tokens",
             "tick_interval_s",
             "worker_link_timeout_s",
+            "worker_call_timeout_s",
+            "migration_timeout_s",
             "max_concurrent_migrations",
             "max_optional_migrations_per_s",
             "metrics_port",

@@ -47,12 +47,6 @@ FINISH_FROM_PROTO = {
 FEED_LAG_GRACE_S = 2.0
 """How long a migration source's feed is still trusted for the request it gave away."""
 
-MIGRATE_OUT_TIMEOUT_S = 60.0
-"""How long a move may take before the scheduler gives up on it (the worker then resumes the
-request on the source)."""
-START_TIMEOUT_S = 30.0
-"""How long a worker may take to accept a request it is given."""
-ABORT_TIMEOUT_S = 10.0
 PROMPT_BYTES_PER_TOKEN = 16
 """Default text prompt limit per token of context: a few times the bytes a token averages."""
 
@@ -80,7 +74,8 @@ class Coordinator:
         self.config = config
         self.profile = load_profile(config.profile)
         self.pool = pool or WorkerPool(
-            grpc_clients(config.tls, config.auth_token, config.worker_link_timeout_s)
+            grpc_clients(config.tls, config.auth_token, config.worker_link_timeout_s),
+            config.worker_call_timeout_s,
         )
         self.policy: _core.Scheduler | None = None
         self.requests: dict[str, ClientRequest] = {}
@@ -350,7 +345,9 @@ class Coordinator:
         """Has `src` move `rec` to `dst`, within the limit of concurrent transfers; raises the
         worker's WorkerCallError on failure."""
         async with self._migrations:
-            return await src.client.migrate_out(rec.request_id, dst.address, MIGRATE_OUT_TIMEOUT_S)
+            return await src.client.migrate_out(
+                rec.request_id, dst.address, self.config.migration_timeout_s
+            )
 
     def _moved(
         self,
@@ -529,7 +526,7 @@ class Coordinator:
         rec.holders.add(link.worker_id)
         link.running.add(rec.request_id)
         try:
-            await link.client.start_detached(request, START_TIMEOUT_S)
+            await link.client.start_detached(request, self.config.worker_call_timeout_s)
         except WorkerCallError as e:
             link.running.discard(rec.request_id)
             rec.holders.discard(link.worker_id)
@@ -585,7 +582,7 @@ class Coordinator:
 
     async def _abort_on(self, link: WorkerLink, request_id: str) -> None:
         try:
-            await link.client.abort(request_id, ABORT_TIMEOUT_S)
+            await link.client.abort(request_id, self.config.worker_call_timeout_s)
         except WorkerCallError as e:
             log.info("abort_on_worker_failed", request_id=request_id, error=e.details)
 

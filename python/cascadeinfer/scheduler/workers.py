@@ -11,9 +11,6 @@ from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.scheduler.worker_client import GrpcWorkerClient, WorkerCallError, WorkerClient
 from cascadeinfer.security import TlsFiles
 
-INFO_TIMEOUT_S = 10.0
-"""How long a worker being connected may take to say who it is."""
-
 
 @dataclass
 class WorkerLink:
@@ -42,8 +39,9 @@ def grpc_clients(tls: TlsFiles, token: str = "", link_timeout_s: float = 10.0) -
 
 
 class WorkerPool:
-    def __init__(self, clients: ClientFactory) -> None:
+    def __init__(self, clients: ClientFactory, call_timeout_s: float = 10.0) -> None:
         self._clients = clients
+        self._call_timeout_s = call_timeout_s
         self.by_id: dict[str, WorkerLink] = {}
         self.by_instance: dict[int, WorkerLink] = {}
         self._next_instance = 0
@@ -52,7 +50,7 @@ class WorkerPool:
         """Opens a client and reads the worker's info; raises WorkerCallError when down."""
         client = self._clients(address)
         try:
-            info = await client.info(INFO_TIMEOUT_S)
+            info = await client.info(self._call_timeout_s)
         except WorkerCallError:
             await client.close()
             raise
