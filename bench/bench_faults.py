@@ -14,7 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.scheduler.faults import KV_HEAVY_SIM, Cluster, inject_all, no_requests_left
+from tests.scheduler.faults import (
+    KV_HEAVY_SIM,
+    LINK_TIMEOUT_S,
+    Cluster,
+    inject_all,
+    no_requests_left,
+)
 from tests.scheduler.load import Load, check
 
 
@@ -27,7 +33,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(
             Path(tmp),
-            ["--min-workers", "3", "--stages", "0-256:1,256-8192:2"],
+            [
+                "--min-workers",
+                "3",
+                "--stages",
+                "0-256:1,256-8192:2",
+                "--worker-link-timeout-s",
+                str(LINK_TIMEOUT_S),
+            ],
             [*KV_HEAVY_SIM, "--drain-timeout-s", "20"],
             num_workers=3,
         ).start()

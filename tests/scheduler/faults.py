@@ -28,6 +28,9 @@ KV_HEAVY_SIM = [
 ]
 """Sim workers whose KV weighs half an 8B model's: a move at 256 tokens carries 16 MiB, long
 enough to be caught in flight."""
+LINK_TIMEOUT_S = 3.0
+"""The scheduler's --worker-link-timeout-s in the fault runs: `hang` outlasts it, `freeze`
+does not (a break is found between half of it and all of it after the last answer)."""
 
 
 def unread_bytes(port: int) -> int:
@@ -121,6 +124,14 @@ def freeze(d: Daemon, seconds: float) -> None:
     d.process.send_signal(signal.SIGCONT)
 
 
+def hang(c: Cluster, d: Daemon, seconds: float = 7.0) -> None:
+    """Frozen longer than the scheduler's link timeout (LINK_TIMEOUT_S): it is taken as gone
+    and its requests resume elsewhere; once thawed it registers again and its copies are
+    aborted as ghosts."""
+    freeze(d, seconds)
+    c.wait_whole()
+
+
 def kill_worker(c: Cluster, d: Daemon) -> None:
     d.process.kill()
     d.process.wait()
@@ -188,7 +199,9 @@ def inject_all(c: Cluster, load: Load, rounds: int = 1, between: int = 12) -> Fa
         return result
 
     for _ in range(rounds):
-        step("freeze 2 s", lambda: freeze(c.workers[0], 2.0))
+        step("freeze 1 s", lambda: freeze(c.workers[0], 1.0))
+        # Past the link timeout: the scheduler takes it as gone while placements to it hang.
+        step("hang 7 s", lambda: hang(c, c.in_stage(0)))
         step("kill", lambda: kill_worker(c, c.workers[1]))
         step("drain", lambda: drain_worker(c, c.in_stage(256)))
         hit = step("kill target mid-transfer", lambda: kill_target_mid_transfer(c, c.in_stage(256)))

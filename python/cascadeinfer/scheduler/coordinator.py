@@ -193,7 +193,7 @@ class Coordinator:
             rec = self.requests.get(rid)
             if rec is None:
                 link.running.discard(rid)
-            elif not rec.is_moving:
+            elif not rec.is_moving and not rec.is_placing:
                 await self._resume_elsewhere(rec, link)
 
     async def _resume_elsewhere(self, rec: ClientRequest, link: WorkerLink) -> None:
@@ -521,21 +521,34 @@ class Coordinator:
         rec.worker_id = link.worker_id
         rec.holders.add(link.worker_id)
         link.running.add(rec.request_id)
+        rec.is_placing = True
         try:
             async for _ in link.stub.Generate(request, timeout=30):
                 pass
         except grpc.aio.AioRpcError as e:
-            link.running.discard(rec.request_id)
-            rec.holders.discard(link.worker_id)
-            rec.worker_id = None
-            self.policy.request_finished(rec.core_id, link.instance)
+            self._unplace(rec, link)
             if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
                 raise SchedulingError(e.code(), e.details() or "refused by the worker") from None
+            return False
+        finally:
+            rec.is_placing = False
+        if link.is_gone:
+            # Its feed ended while the request was being placed: nobody follows it there (the
+            # copy there is a ghost, aborted if the worker comes back or by its orphan bound).
+            self._unplace(rec, link)
             return False
         if rec.admitted_at is None:
             rec.admitted_at = time.monotonic()
             rec.entry_stage = decision[1]
         return True
+
+    def _unplace(self, rec: ClientRequest, link: WorkerLink) -> None:
+        """Undoes a placement on `link` that did not take."""
+        link.running.discard(rec.request_id)
+        rec.holders.discard(link.worker_id)
+        rec.worker_id = None
+        assert self.policy is not None
+        self.policy.request_finished(rec.core_id, link.instance)
 
     async def _place(self, rec: ClientRequest) -> None:
         """Places a request that is already accepted: now, or at the head of the queue."""
