@@ -29,10 +29,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=14)
+    p.add_argument("--log-dir", type=Path, help="keep the daemons' logs here (default: dropped)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        if a.log_dir is not None:
+            a.log_dir.mkdir(parents=True, exist_ok=True)
         cluster = Cluster(
-            Path(tmp),
+            a.log_dir or Path(tmp),
             [
                 "--min-workers",
                 "3",

@@ -95,14 +95,18 @@ class Cluster:
 
         wait_until(whole, timeout, "the cluster did not become whole again")
 
-    def in_stage(self, min_len: int) -> Daemon:
-        """A live worker of the stage that starts at `min_len`."""
-        for s in self.state().stages:
-            if s.min_len == min_len:
-                for w in self.workers:
-                    if w.address in s.worker_ids:
-                        return w
-        raise AssertionError(f"no live worker in the stage from {min_len}")
+    def in_stage(self, min_len: int, timeout: float = 30) -> Daemon:
+        """A live worker of the stage that starts at `min_len` (waiting while the core refills
+        a stage a lost worker left)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for s in self.state().stages:
+                if s.min_len == min_len:
+                    for w in self.workers:
+                        if w.address in s.worker_ids:
+                            return w
+            assert time.monotonic() < deadline, f"no live worker in the stage from {min_len}"
+            time.sleep(0.1)
 
     def replace(self, d: Daemon) -> None:
         self.workers.remove(d)
