@@ -24,14 +24,20 @@ def main() -> None:
     p.add_argument("--cut-at-s", type=float, default=20)
     p.add_argument("--cut-s", type=float, default=5)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--log-dir", type=Path, help="keep the daemons' logs here (default: dropped)")
+    p.add_argument("--only-cut", action="store_true", help="skip the run with a link cut for good")
     a = p.parse_args()
     reason = why_unavailable()
     if reason is not None:
         sys.exit(f"cannot emulate hosts here: {reason}")
-    for cut in (a.cut_s, None):
+    for cut in (a.cut_s,) if a.only_cut else (a.cut_s, None):
         with tempfile.TemporaryDirectory() as tmp:
+            log_dir = Path(tmp)
+            if a.log_dir is not None:
+                log_dir = a.log_dir / ("cut-for-good" if cut is None else f"cut-{cut:g}s")
+                log_dir.mkdir(parents=True, exist_ok=True)
             result = run_across_hosts(
-                Path(tmp),
+                log_dir,
                 a.duration_s,
                 a.cut_at_s,
                 cut,

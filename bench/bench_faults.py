@@ -14,7 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.scheduler.faults import KV_HEAVY_SIM, Cluster, inject_all, no_requests_left
+from tests.scheduler.faults import (
+    KV_HEAVY_SIM,
+    LINK_TIMEOUT_S,
+    Cluster,
+    inject_all,
+    no_requests_left,
+)
 from tests.scheduler.load import Load, check
 
 
@@ -23,11 +29,21 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=14)
+    p.add_argument("--log-dir", type=Path, help="keep the daemons' logs here (default: dropped)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        if a.log_dir is not None:
+            a.log_dir.mkdir(parents=True, exist_ok=True)
         cluster = Cluster(
-            Path(tmp),
-            ["--min-workers", "3", "--stages", "0-256:1,256-8192:2"],
+            a.log_dir or Path(tmp),
+            [
+                "--min-workers",
+                "3",
+                "--stages",
+                "0-256:1,256-8192:2",
+                "--worker-link-timeout-s",
+                str(LINK_TIMEOUT_S),
+            ],
             [*KV_HEAVY_SIM, "--drain-timeout-s", "20"],
             num_workers=3,
         ).start()

@@ -87,6 +87,11 @@ class FakeWorker:
         self.aborted.append(request_id)
 
     async def step_feed(self) -> AsyncIterator[worker_pb2.StepUpdate]:
+        # Like a real worker, the feed opens with a snapshot of what runs here (all detached).
+        snapshot = worker_pb2.StepUpdate(worker_id=self.address)
+        for rid in self.started:
+            snapshot.requests.append(worker_pb2.RequestStep(request_id=rid, is_detached=True))
+        yield snapshot
         while True:
             item = await self._feed.get()
             if item is None:

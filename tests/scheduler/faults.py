@@ -28,6 +28,9 @@ KV_HEAVY_SIM = [
 ]
 """Sim workers whose KV weighs half an 8B model's: a move at 256 tokens carries 16 MiB, long
 enough to be caught in flight."""
+LINK_TIMEOUT_S = 3.0
+"""The scheduler's --worker-link-timeout-s in the fault runs: `hang` outlasts it, `freeze`
+does not (a break is found between half of it and all of it after the last answer)."""
 
 
 def unread_bytes(port: int) -> int:
@@ -92,14 +95,18 @@ class Cluster:
 
         wait_until(whole, timeout, "the cluster did not become whole again")
 
-    def in_stage(self, min_len: int) -> Daemon:
-        """A live worker of the stage that starts at `min_len`."""
-        for s in self.state().stages:
-            if s.min_len == min_len:
-                for w in self.workers:
-                    if w.address in s.worker_ids:
-                        return w
-        raise AssertionError(f"no live worker in the stage from {min_len}")
+    def in_stage(self, min_len: int, timeout: float = 30) -> Daemon:
+        """A live worker of the stage that starts at `min_len` (waiting while the core refills
+        a stage a lost worker left)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for s in self.state().stages:
+                if s.min_len == min_len:
+                    for w in self.workers:
+                        if w.address in s.worker_ids:
+                            return w
+            assert time.monotonic() < deadline, f"no live worker in the stage from {min_len}"
+            time.sleep(0.1)
 
     def replace(self, d: Daemon) -> None:
         self.workers.remove(d)
@@ -119,6 +126,14 @@ def freeze(d: Daemon, seconds: float) -> None:
     d.process.send_signal(signal.SIGSTOP)
     time.sleep(seconds)
     d.process.send_signal(signal.SIGCONT)
+
+
+def hang(c: Cluster, d: Daemon, seconds: float = 7.0) -> None:
+    """Frozen longer than the scheduler's link timeout (LINK_TIMEOUT_S): it is taken as gone
+    and its requests resume elsewhere; once thawed it registers again and its copies are
+    aborted as ghosts."""
+    freeze(d, seconds)
+    c.wait_whole()
 
 
 def kill_worker(c: Cluster, d: Daemon) -> None:
@@ -188,7 +203,9 @@ def inject_all(c: Cluster, load: Load, rounds: int = 1, between: int = 12) -> Fa
         return result
 
     for _ in range(rounds):
-        step("freeze 2 s", lambda: freeze(c.workers[0], 2.0))
+        step("freeze 1 s", lambda: freeze(c.workers[0], 1.0))
+        # Past the link timeout: the scheduler takes it as gone while placements to it hang.
+        step("hang 7 s", lambda: hang(c, c.in_stage(0)))
         step("kill", lambda: kill_worker(c, c.workers[1]))
         step("drain", lambda: drain_worker(c, c.in_stage(256)))
         hit = step("kill target mid-transfer", lambda: kill_target_mid_transfer(c, c.in_stage(256)))

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cascadeinfer import CostProfile
-from cascadeinfer.proto.v1 import common_pb2
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 from cascadeinfer.scheduler.config import SchedulerConfig, StageSpec
 from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
 from cascadeinfer.scheduler.requests import ClientRequest
@@ -43,9 +43,13 @@ async def started() -> AsyncIterator[list[Coordinator]]:
 
 
 async def start(
-    started: list[Coordinator], *addresses: str, **config: object
+    started: list[Coordinator], *addresses: str, ghosts: tuple[str, ...] = (), **config: object
 ) -> tuple[Coordinator, dict[str, FakeWorker]]:
+    """A coordinator over fake workers at `addresses`; the first runs `ghosts` (requests no
+    scheduler placed there, as after a scheduler crash)."""
     fakes = fake_cluster(*addresses)
+    for rid in ghosts:
+        fakes[addresses[0]].started[rid] = worker_pb2.GenerateRequest(request_id=rid, detach=True)
     pool = WorkerPool(lambda address: fakes[address])
     settings = {"min_workers": len(addresses), "policy": "least-load", **config}
     coordinator = Coordinator(SchedulerConfig(**settings), pool)  # type: ignore[arg-type]
@@ -184,3 +188,11 @@ async def test_a_finish_that_arrives_before_the_tokens_ahead_of_it_waits_for_the
         deliveries.append(await rec.next_delivery())
     assert [t for d in deliveries for t in d.token_ids] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert deliveries[-1].finish == FinishReason.LENGTH
+
+
+async def test_a_worker_joins_once_the_ghosts_it_runs_are_aborted(
+    started: list[Coordinator],
+) -> None:
+    c, fakes = await start(started, "a", ghosts=("left-by-a-crash",))
+    assert fakes["a"].aborted == ["left-by-a-crash"]
+    assert c.can_place

@@ -2,7 +2,9 @@
 and sim worker daemons on loopback, 12 clients sending requests that cross a stage bound (so
 most migrate), and one fault after another, each once the cluster is whole again:
 
-- a worker frozen (SIGSTOP) for 2 s, then resumed;
+- a worker frozen (SIGSTOP) for 1 s, then resumed (within the link timeout: streams stall);
+- the first stage's worker frozen for 7 s (past the 3 s link timeout: taken as gone while
+  placements to it hang; its requests resume elsewhere; thawed, it registers again);
 - a worker killed (SIGKILL);
 - a worker drained (SIGTERM): its requests move away;
 - a migration target killed while a KV transfer into it is in flight;
@@ -16,10 +18,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.scheduler.faults import KV_HEAVY_SIM, Cluster, inject_all, no_requests_left
+from tests.scheduler.faults import (
+    KV_HEAVY_SIM,
+    LINK_TIMEOUT_S,
+    Cluster,
+    inject_all,
+    no_requests_left,
+)
 from tests.scheduler.load import Load, check
 
-SCHEDULER = ["--min-workers", "3", "--stages", "0-256:1,256-8192:2"]
+SCHEDULER = [
+    "--min-workers",
+    "3",
+    "--stages",
+    "0-256:1,256-8192:2",
+    "--worker-link-timeout-s",
+    str(LINK_TIMEOUT_S),
+]
 WORKER = [*KV_HEAVY_SIM, "--drain-timeout-s", "20"]
 
 

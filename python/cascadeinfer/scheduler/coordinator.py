@@ -31,7 +31,7 @@ from cascadeinfer.scheduler.requests import ClientRequest
 from cascadeinfer.scheduler.tasks import report_failure
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
-from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool, grpc_clients
+from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool, WorkerUnreachable, grpc_clients
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import FinishReason, SamplingSpec
 
@@ -47,6 +47,9 @@ FINISH_FROM_PROTO = {
 FEED_LAG_GRACE_S = 2.0
 """How long a migration source's feed is still trusted for the request it gave away."""
 
+RECONCILE_TIMEOUT_S = 10.0
+"""How long a connecting worker has to open its step feed (whose first message is reconciled)
+before its registration is refused (it registers again with its next heartbeat)."""
 PROMPT_BYTES_PER_TOKEN = 16
 """Default text prompt limit per token of context: a few times the bytes a token averages."""
 
@@ -85,6 +88,7 @@ class Coordinator:
         self._seq = itertools.count()
         self._migrations = asyncio.Semaphore(config.max_concurrent_migrations)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._connecting: dict[str, asyncio.Future[WorkerLink]] = {}
         self._is_closing = False
         self.counters = Counters()
         self.max_model_len = 0
@@ -106,11 +110,46 @@ class Coordinator:
 
     # --- workers ---------------------------------------------------------------------------
     async def add_worker(self, address: str, worker_id: str = "") -> WorkerLink:
+        """Connects a worker and puts it in the plan once its step feed is up and the ghosts
+        it ran are aborted (so nothing is placed beside a stale copy of the same request).
+        Raises WorkerCallError or WorkerUnreachable when it is not reachable."""
         for link in self.pool.by_id.values():
             if link.address == address and link.is_healthy:
                 return link
+        pending = self._connecting.get(address)
+        if pending is not None:  # a heartbeat while the first registration is under way
+            return await asyncio.shield(pending)
+        pending = self._connecting[address] = asyncio.get_running_loop().create_future()
+        try:
+            link = await self._connect(address, worker_id)
+        except asyncio.CancelledError:
+            pending.cancel()
+            raise
+        except BaseException as e:
+            pending.set_exception(e)
+            pending.exception()  # retrieved: nobody else may be waiting
+            raise
+        else:
+            pending.set_result(link)
+        finally:
+            del self._connecting[address]
+        return link
+
+    async def _connect(self, address: str, worker_id: str) -> WorkerLink:
         link = await self.pool.connect(address, worker_id)
-        self._spawn(self._follow(link))
+        link.is_healthy = False  # not placeable before its feed is reconciled
+        reconciled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        follow = self._spawn(self._follow(link, reconciled))
+        try:
+            await asyncio.wait_for(asyncio.shield(reconciled), RECONCILE_TIMEOUT_S)
+        except BaseException as e:
+            follow.cancel()
+            await self.pool.drop(link)
+            if isinstance(e, asyncio.TimeoutError):
+                why = f"{address}: no step feed within {RECONCILE_TIMEOUT_S} s"
+                raise WorkerUnreachable(why) from None
+            raise
+        link.is_healthy = True
         if self.policy is None:
             if len(self.pool.healthy()) >= self.config.min_workers:
                 self._build_policy()
@@ -137,33 +176,41 @@ class Coordinator:
         self.counters.plan_changed_at = time.time()
         log.info("policy_ready", policy=c.policy, stages=self.policy.stages())
 
-    async def _follow(self, link: WorkerLink) -> None:
+    async def _follow(self, link: WorkerLink, reconciled: asyncio.Future[None]) -> None:
         """Reads a worker's step feed until it ends; an end or a break means the worker is gone
-        (a drained worker ends its feed once it stopped running anything)."""
+        (a drained worker ends its feed once it stopped running anything). `reconciled` is
+        settled once the first message (what runs there) is reconciled, or the feed fails."""
         why = "step feed ended"
-        is_first = True
         try:
             async for update in link.client.step_feed():
-                if is_first:  # the snapshot of what runs there
-                    self._reap_ghosts(link, update)
-                    is_first = False
+                if not reconciled.done():
+                    await self._reap_ghosts(link, update)
+                    reconciled.set_result(None)
                 self._on_step(link, update)
         except WorkerCallError as e:
             why = e.details
+            if not reconciled.done():
+                reconciled.set_exception(e)
+                return
+        if not reconciled.done():
+            reconciled.set_exception(WorkerUnreachable(f"{link.address}: {why}"))
+            return
         if not self._is_closing:
             await self._worker_gone(link, why)
 
-    def _reap_ghosts(self, link: WorkerLink, snapshot: worker_pb2.StepUpdate) -> None:
+    async def _reap_ghosts(self, link: WorkerLink, snapshot: worker_pb2.StepUpdate) -> None:
         """Aborts the detached requests a worker runs that the scheduler did not put there:
         left by a previous scheduler that crashed (mid-migration included), or still running on
         a worker this scheduler gave up on and resumed elsewhere. Nobody reads their tokens."""
+        ghosts = []
         for r in snapshot.requests:
             rec = self.requests.get(r.request_id)
             if not r.is_detached or (rec is not None and link.worker_id in rec.holders):
                 continue
             log.warning("ghost_aborted", request_id=r.request_id, worker_id=link.worker_id)
             self.metrics.ghosts_aborted.inc()
-            self._spawn(self._abort_on(link, r.request_id))
+            ghosts.append(self._abort_on(link, r.request_id))
+        await asyncio.gather(*ghosts)
 
     def _leave_policy(self, link: WorkerLink) -> None:
         """Takes a worker out of routing; its stage is refilled by the core."""
@@ -198,7 +245,7 @@ class Coordinator:
             rec = self.requests.get(rid)
             if rec is None:
                 link.running.discard(rid)
-            elif not rec.is_moving:
+            elif not rec.is_moving and not rec.is_placing:
                 await self._resume_elsewhere(rec, link)
 
     async def _resume_elsewhere(self, rec: ClientRequest, link: WorkerLink) -> None:
@@ -525,20 +572,33 @@ class Coordinator:
         rec.worker_id = link.worker_id
         rec.holders.add(link.worker_id)
         link.running.add(rec.request_id)
+        rec.is_placing = True
         try:
             await link.client.start_detached(request, self.config.worker_call_timeout_s)
         except WorkerCallError as e:
-            link.running.discard(rec.request_id)
-            rec.holders.discard(link.worker_id)
-            rec.worker_id = None
-            self.policy.request_finished(rec.core_id, link.instance)
+            self._unplace(rec, link)
             if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
                 raise SchedulingError(e.code, e.details) from None
+            return False
+        finally:
+            rec.is_placing = False
+        if link.is_gone:
+            # Its feed ended while the request was being placed: nobody follows it there (the
+            # copy there is a ghost, aborted if the worker comes back or by its orphan bound).
+            self._unplace(rec, link)
             return False
         if rec.admitted_at is None:
             rec.admitted_at = time.monotonic()
             rec.entry_stage = decision[1]
         return True
+
+    def _unplace(self, rec: ClientRequest, link: WorkerLink) -> None:
+        """Undoes a placement on `link` that did not take."""
+        link.running.discard(rec.request_id)
+        rec.holders.discard(link.worker_id)
+        rec.worker_id = None
+        assert self.policy is not None
+        self.policy.request_finished(rec.core_id, link.instance)
 
     async def _place(self, rec: ClientRequest) -> None:
         """Places a request that is already accepted: now, or at the head of the queue."""
@@ -595,13 +655,14 @@ class Coordinator:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Runs `coro` beside the RPCs, named after its function; a failure is logged and
         counted (`report_failure`), not dropped with the task."""
         name = getattr(coro, "__name__", "background")
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

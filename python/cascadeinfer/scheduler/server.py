@@ -19,6 +19,7 @@ from cascadeinfer.scheduler.openai.server import start_http_front
 from cascadeinfer.scheduler.servicer import RegistryServicer, SchedulerServicer
 from cascadeinfer.scheduler.tasks import watch_essential
 from cascadeinfer.scheduler.worker_client import WorkerCallError
+from cascadeinfer.scheduler.workers import WorkerUnreachable
 from cascadeinfer.security import BearerTokenInterceptor, add_port
 
 SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
@@ -36,6 +37,8 @@ async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str,
             try:
                 await coordinator.add_worker(address)
                 pending.remove(address)
+            except WorkerUnreachable:
+                pass  # retried like a worker not up yet
             except WorkerCallError as e:
                 if e.code == grpc.StatusCode.UNAUTHENTICATED and address not in refused:
                     refused.add(address)  # said once; retried like a worker not up yet

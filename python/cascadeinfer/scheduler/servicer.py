@@ -22,7 +22,7 @@ from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
 from cascadeinfer.scheduler.requests import ClientRequest, Delivery
 from cascadeinfer.scheduler.text import Detokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
-from cascadeinfer.scheduler.workers import WorkerLink
+from cascadeinfer.scheduler.workers import WorkerLink, WorkerUnreachable
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import EngineError
 
@@ -190,6 +190,8 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"cannot reach {request.address}: {e.details}"
             )
+        except WorkerUnreachable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return registry_pb2.RegisterWorkerResponse(heartbeat_interval_s=HEARTBEAT_S)
 
     async def DeregisterWorker(

@@ -12,6 +12,10 @@ from cascadeinfer.scheduler.worker_client import GrpcWorkerClient, WorkerCallErr
 from cascadeinfer.security import TlsFiles
 
 
+class WorkerUnreachable(Exception):
+    """A worker answered its info call but its step feed did not come up."""
+
+
 @dataclass
 class WorkerLink:
     worker_id: str
@@ -61,6 +65,13 @@ class WorkerPool:
         self.by_id[link.worker_id] = link
         self.by_instance[link.instance] = link
         return link
+
+    async def drop(self, link: WorkerLink) -> None:
+        """Forgets a link that never joined (its feed did not come up) and closes it."""
+        if self.by_id.get(link.worker_id) is link:
+            del self.by_id[link.worker_id]
+        self.by_instance.pop(link.instance, None)
+        await link.client.close()
 
     def healthy(self) -> list[WorkerLink]:
         return [w for w in self.by_id.values() if w.is_healthy]
