@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 from cascadeinfer import CostProfile
+from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 from cascadeinfer.scheduler.config import SchedulerConfig, StageSpec
 from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
 from cascadeinfer.scheduler.requests import ClientRequest
 from cascadeinfer.scheduler.workers import WorkerPool
-from cascadeinfer.worker.engine import FinishReason, SamplingSpec
 
 from tests.scheduler.fake_workers import FakeWorker, Step, fake_cluster
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.scheduler.requests import ClientRequest, Delivery
-from cascadeinfer.worker.engine import FinishReason, SamplingSpec
 
 
 def request() -> ClientRequest:

@@ -13,9 +13,9 @@ from typing import Any
 from cascadeinfer.calibrate.measure import Measurement
 from cascadeinfer.calibrate.profile import check_profile, write_profile
 from cascadeinfer.calibrate.session import Calibration, calibrate, make_probe
+from cascadeinfer.domain import EngineError
 from cascadeinfer.planning import load_profile
 from cascadeinfer.worker.config import parse_engine_option
-from cascadeinfer.worker.engine import EngineError
 
 DEFAULT_SIM_PROFILE = "gpu-h100-llama3-8b"
 DEFAULT_VLLM_BASE = "cpu-vllm-tiny-llama"

@@ -21,9 +21,10 @@ import grpc
 import structlog
 
 from cascadeinfer import _core
+from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.planning import load_profile
 from cascadeinfer.policies import FixedStage, build_policy
-from cascadeinfer.proto.v1 import common_pb2, worker_pb2
+from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
 from cascadeinfer.scheduler.ratelimit import TokenBucket
@@ -32,16 +33,9 @@ from cascadeinfer.scheduler.tasks import report_failure
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
 from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool, WorkerUnreachable, grpc_clients
-from cascadeinfer.worker import convert
-from cascadeinfer.worker.engine import FinishReason, SamplingSpec
+from cascadeinfer.wire import FINISH_FROM_PROTO, sampling_to_proto
 
 log = structlog.get_logger(__name__)
-
-FINISH_FROM_PROTO = {
-    common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    common_pb2.FINISH_REASON_STOP: FinishReason.STOP,
-    common_pb2.FINISH_REASON_ABORT: FinishReason.ABORT,
-}
 
 
 FEED_LAG_GRACE_S = 2.0
@@ -565,7 +559,7 @@ class Coordinator:
         request = worker_pb2.GenerateRequest(
             request_id=rec.request_id,
             prompt_token_ids=list(rec.prompt_token_ids),
-            sampling=convert.sampling_to_proto(rec.sampling),
+            sampling=sampling_to_proto(rec.sampling),
             output_token_ids=rec.tokens,
             detach=True,
         )

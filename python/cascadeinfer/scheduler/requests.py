@@ -6,8 +6,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.scheduler.text import Detokenizer
-from cascadeinfer.worker.engine import FinishReason, SamplingSpec
 
 
 @dataclass(frozen=True)

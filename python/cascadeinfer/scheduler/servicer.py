@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
+from cascadeinfer.domain import EngineError
 from cascadeinfer.proto.v1 import (
     common_pb2,
     registry_pb2,
@@ -23,8 +24,7 @@ from cascadeinfer.scheduler.requests import ClientRequest, Delivery
 from cascadeinfer.scheduler.text import Detokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
 from cascadeinfer.scheduler.workers import WorkerLink, WorkerUnreachable
-from cascadeinfer.worker import convert
-from cascadeinfer.worker.engine import EngineError
+from cascadeinfer.wire import FINISH_TO_PROTO, sampling_from_proto
 
 log = structlog.get_logger(__name__)
 Context = grpc.aio.ServicerContext[object, object]
@@ -53,7 +53,7 @@ def _response(rec: ClientRequest, d: Delivery) -> scheduler_pb2.ClientGenerateRe
         upto = d.first_index + len(d.token_ids)
         r.text = rec.detokenizer.delta(rec.tokens[:upto], is_last=d.finish is not None)
     if d.finish is not None:
-        r.finish_reason = convert.FINISH_TO_PROTO[d.finish]
+        r.finish_reason = FINISH_TO_PROTO[d.finish]
         r.timings.CopyFrom(_timings(rec))
     return r
 
@@ -97,7 +97,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> ClientRequest:
         try:
             prompt = await self._prompt(request)
-            sampling = convert.sampling_from_proto(request.sampling)
+            sampling = sampling_from_proto(request.sampling)
             sampling.validate()
             rid = request.request_id or uuid.uuid4().hex
             rec = self.c.new_request(rid, prompt, sampling, request.priority)

@@ -1,50 +1,13 @@
-"""Proto <-> domain conversions for the worker API, in one place."""
+"""Proto <-> domain conversions of the worker's own types (requests, progress, steps, KV
+layouts); what the scheduler shares (sampling, finish reasons) is in `cascadeinfer.wire`."""
 
 from __future__ import annotations
 
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
-from cascadeinfer.worker.engine import (
-    EngineRequest,
-    FinishReason,
-    KVLayout,
-    RequestProgress,
-    SamplingSpec,
-    StepReport,
-)
-
-FINISH_TO_PROTO = {
-    None: common_pb2.FINISH_REASON_UNSPECIFIED,
-    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
-    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
-    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
-    FinishReason.MIGRATED: common_pb2.FINISH_REASON_MIGRATED,
-}
-
-
-def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingSpec:
-    return SamplingSpec(
-        max_tokens=p.max_tokens,
-        temperature=p.temperature,
-        top_p=p.top_p if p.top_p != 0 else 1.0,
-        top_k=p.top_k,
-        seed=p.seed if p.HasField("seed") else None,
-        stop_token_ids=tuple(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-    )
-
-
-def sampling_to_proto(s: SamplingSpec) -> common_pb2.SamplingParams:
-    p = common_pb2.SamplingParams(
-        max_tokens=s.max_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        stop_token_ids=list(s.stop_token_ids),
-        ignore_eos=s.ignore_eos,
-    )
-    if s.seed is not None:
-        p.seed = s.seed
-    return p
+from cascadeinfer.wire import FINISH_TO_PROTO as FINISH_TO_PROTO
+from cascadeinfer.wire import sampling_from_proto as sampling_from_proto
+from cascadeinfer.wire import sampling_to_proto as sampling_to_proto
+from cascadeinfer.worker.engine import EngineRequest, KVLayout, RequestProgress, StepReport
 
 
 def request_from_generate(m: worker_pb2.GenerateRequest) -> EngineRequest:

@@ -13,13 +13,13 @@ from typing import TypeVar
 import structlog
 from starlette.types import Receive
 
+from cascadeinfer.domain import EngineError, FinishReason
 from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
 from cascadeinfer.scheduler.openai.errors import APIError, from_grpc, invalid
 from cascadeinfer.scheduler.openai.params import Job
 from cascadeinfer.scheduler.openai.schema import FinishReasonName
 from cascadeinfer.scheduler.openai.textstream import TextStream
 from cascadeinfer.scheduler.requests import ClientRequest
-from cascadeinfer.worker.engine import EngineError, FinishReason
 
 log = structlog.get_logger(__name__)
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cascadeinfer.domain import SamplingSpec
 from cascadeinfer.scheduler.openai.errors import invalid
 from cascadeinfer.scheduler.openai.model_files import ModelFiles
 from cascadeinfer.scheduler.openai.schema import (
@@ -16,7 +17,6 @@ from cascadeinfer.scheduler.openai.schema import (
     SamplingFields,
 )
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes
-from cascadeinfer.worker.engine import SamplingSpec
 
 ONLY_DEFAULT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n": (lambda v: v in (None, 1), "only n = 1 is supported"),

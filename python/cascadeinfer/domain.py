@@ -1,0 +1,63 @@
+"""The domain types both daemons use: why a request ended, its sampling settings, and the
+errors an engine call fails with. The scheduler and the worker each convert them to and from
+the wire in `cascadeinfer.wire`, so neither daemon imports the other's internals."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    """max_tokens reached."""
+    STOP = "stop"
+    """EOS or a stop token."""
+    ABORT = "abort"
+    """Aborted by a client or the scheduler."""
+    MIGRATED = "migrated"
+    """Moved to another engine; the request goes on there."""
+
+
+class ErrorCode(enum.Enum):
+    """Why an engine call failed; the servicer maps each to one gRPC status."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    FAILED_PRECONDITION = "failed_precondition"
+
+
+class EngineError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 turns top-k off."""
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Raises INVALID_ARGUMENT naming the first bad field."""
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)"),
+            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise EngineError(
+                    ErrorCode.INVALID_ARGUMENT, f"{name} = {getattr(self, name)!r}: {rule}"
+                )
