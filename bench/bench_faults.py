@@ -46,19 +46,17 @@ def main() -> None:
             ],
             [*KV_HEAVY_SIM, "--drain-timeout-s", "20"],
             num_workers=3,
-        ).start()
-        started = time.monotonic()
-        load = Load(cluster.address, a.concurrency, seed=a.seed).start()
-        try:
-            run = inject_all(cluster, load, rounds=a.rounds)
-        finally:
-            outcomes = load.stop()
-        seconds = time.monotonic() - started
-        try:
+        )
+        with cluster:
+            started = time.monotonic()
+            load = Load(cluster.address, a.concurrency, seed=a.seed).start()
+            try:
+                run = inject_all(cluster, load, rounds=a.rounds)
+            finally:
+                outcomes = load.stop()
+            seconds = time.monotonic() - started
             v = check(outcomes, run.windows)
             idle = no_requests_left(cluster)
-        finally:
-            cluster.stop()
     print(f"{a.rounds} rounds, {a.concurrency} clients, {seconds:.0f} s under load")
     print("faults injected:", ", ".join(f"{k} x{n}" for k, n in run.num_injected.items()))
     print(

@@ -40,28 +40,28 @@ def main() -> None:
             ["--min-workers", "3", "--stages", "0-256:1,256-8192:2"],
             KV_HEAVY_SIM,
             num_workers=3,
-        ).start()
-        assert cluster.scheduler is not None
-        daemons = {"scheduler": cluster.scheduler} | {
-            f"worker {k}": w for k, w in enumerate(cluster.workers)
-        }
-        samples: list[tuple[float, dict[str, float]]] = []
-        started = time.monotonic()
-        load = Load(cluster.address, a.concurrency, seed=a.seed).start()
-        try:
-            while (elapsed := time.monotonic() - started) < 60 * a.minutes:
-                samples.append((elapsed, {n: rss_mib(d) for n, d in daemons.items()}))
-                print(f"{elapsed:6.0f} s  completed {load.num_completed():6d}  ", samples[-1][1])
-                time.sleep(a.sample_s)
-        finally:
-            outcomes = load.stop()
-        seconds = time.monotonic() - started
-        samples.append((seconds, {n: rss_mib(d) for n, d in daemons.items()}))
-        try:
+        )
+        with cluster:
+            assert cluster.scheduler is not None
+            daemons = {"scheduler": cluster.scheduler} | {
+                f"worker {k}": w for k, w in enumerate(cluster.workers)
+            }
+            samples: list[tuple[float, dict[str, float]]] = []
+            started = time.monotonic()
+            load = Load(cluster.address, a.concurrency, seed=a.seed).start()
+            try:
+                while (elapsed := time.monotonic() - started) < 60 * a.minutes:
+                    samples.append((elapsed, {n: rss_mib(d) for n, d in daemons.items()}))
+                    print(
+                        f"{elapsed:6.0f} s  completed {load.num_completed():6d}  ", samples[-1][1]
+                    )
+                    time.sleep(a.sample_s)
+            finally:
+                outcomes = load.stop()
+            seconds = time.monotonic() - started
+            samples.append((seconds, {n: rss_mib(d) for n, d in daemons.items()}))
             idle = no_requests_left(cluster)
             v = check(outcomes)
-        finally:
-            cluster.stop()
     warm = next(s for t, s in samples if t >= a.warm_up_s)
     print(f"\n{seconds:.0f} s, {a.concurrency} clients: {v.num_requests} requests, "
           f"{v.num_completed} completed, {len(v.lost)} lost, {v.num_tokens} tokens "

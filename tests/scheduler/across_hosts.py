@@ -96,6 +96,7 @@ def run_across_hosts(
     names = ["sched", *(f"w{k}" for k in range(1, num_workers + 1))]
     result = AcrossHosts()
     daemons: list[Daemon] = []
+    client: subprocess.Popen[str] | None = None
     with emulated_hosts(names) as hosts:
         result.shaping = hosts.shaping
         try:
@@ -139,6 +140,9 @@ def run_across_hosts(
             result.migrations = migrations_in(scheduler.log())
             result.logs = {d.log_path.stem: d.log() for d in daemons}
         finally:
+            if client is not None and client.poll() is None:
+                client.kill()
+                client.wait()
             for d in daemons:
                 d.kill()
     return result

@@ -65,13 +65,25 @@ class Cluster:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> Cluster:
-        self.scheduler = start_scheduler(
-            ["--port", str(self.port), *self.scheduler_args], self.log_dir
-        )
-        for _ in range(self.num_workers):
-            self.add_worker()
-        self.wait_whole()
+        """Starts every daemon; stops those already started if one fails."""
+        try:
+            self.scheduler = start_scheduler(
+                ["--port", str(self.port), *self.scheduler_args], self.log_dir
+            )
+            for _ in range(self.num_workers):
+                self.add_worker()
+            self.wait_whole()
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        """Every daemon it ever started is killed, whatever happened in the block."""
+        self.stop()
 
     def add_worker(self) -> Daemon:
         d = start_worker([*self.worker_args, "--scheduler", self.address], self.log_dir)

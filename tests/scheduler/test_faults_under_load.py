@@ -39,13 +39,12 @@ WORKER = [*KV_HEAVY_SIM, "--drain-timeout-s", "20"]
 
 
 def test_no_request_is_lost_to_worker_and_scheduler_faults(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path, SCHEDULER, WORKER, num_workers=3).start()
-    load = Load(cluster.address, concurrency=12, seed=14).start()
-    try:
-        run = inject_all(cluster, load)
-    finally:
-        outcomes = load.stop()
-    try:
+    with Cluster(tmp_path, SCHEDULER, WORKER, num_workers=3) as cluster:
+        load = Load(cluster.address, concurrency=12, seed=14).start()
+        try:
+            run = inject_all(cluster, load)
+        finally:
+            outcomes = load.stop()
         verdict = check(outcomes, run.windows)
         print(
             f"{verdict.num_requests} requests: {verdict.num_completed} completed, "
@@ -57,5 +56,3 @@ def test_no_request_is_lost_to_worker_and_scheduler_faults(tmp_path: Path) -> No
         assert verdict.num_completed >= 60
         assert verdict.num_migrations >= 30, "requests crossed the stage bound"
         assert no_requests_left(cluster), "requests still run on the workers after the load ended"
-    finally:
-        cluster.stop()
