@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.scheduler.faults import (
-    KV_HEAVY_SIM,
-    LINK_TIMEOUT_S,
+    FAULT_SCHEDULER,
+    FAULT_WORKER,
     Cluster,
     inject_all,
     no_requests_left,
@@ -34,19 +34,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if a.log_dir is not None:
             a.log_dir.mkdir(parents=True, exist_ok=True)
-        cluster = Cluster(
-            a.log_dir or Path(tmp),
-            [
-                "--min-workers",
-                "3",
-                "--stages",
-                "0-256:1,256-8192:2",
-                "--worker-link-timeout-s",
-                str(LINK_TIMEOUT_S),
-            ],
-            [*KV_HEAVY_SIM, "--drain-timeout-s", "20"],
-            num_workers=3,
-        )
+        cluster = Cluster(a.log_dir or Path(tmp), FAULT_SCHEDULER, FAULT_WORKER, num_workers=3)
         with cluster:
             started = time.monotonic()
             load = Load(cluster.address, a.concurrency, seed=a.seed).start()

@@ -33,6 +33,19 @@ LINK_TIMEOUT_S = 3.0
 does not (a break is found between half of it and all of it after the last answer)."""
 
 
+FAULT_SCHEDULER = [
+    "--min-workers",
+    "3",
+    "--stages",
+    "0-256:1,256-8192:2",
+    "--worker-link-timeout-s",
+    str(LINK_TIMEOUT_S),
+]
+"""The scheduler of the fault runs (CI test and benchmark): three workers in two stages."""
+FAULT_WORKER = [*KV_HEAVY_SIM, "--drain-timeout-s", "20"]
+"""... and its workers."""
+
+
 def unread_bytes(port: int) -> int:
     """Bytes queued unread on the sockets of the server on `port` (/proc/net/tcp's rx_queue):
     with the server frozen, a KV stream in flight piles up there."""

@@ -19,27 +19,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.scheduler.faults import (
-    KV_HEAVY_SIM,
-    LINK_TIMEOUT_S,
+    FAULT_SCHEDULER,
+    FAULT_WORKER,
     Cluster,
     inject_all,
     no_requests_left,
 )
 from tests.scheduler.load import Load, check
 
-SCHEDULER = [
-    "--min-workers",
-    "3",
-    "--stages",
-    "0-256:1,256-8192:2",
-    "--worker-link-timeout-s",
-    str(LINK_TIMEOUT_S),
-]
-WORKER = [*KV_HEAVY_SIM, "--drain-timeout-s", "20"]
-
 
 def test_no_request_is_lost_to_worker_and_scheduler_faults(tmp_path: Path) -> None:
-    with Cluster(tmp_path, SCHEDULER, WORKER, num_workers=3) as cluster:
+    with Cluster(tmp_path, FAULT_SCHEDULER, FAULT_WORKER, num_workers=3) as cluster:
         load = Load(cluster.address, concurrency=12, seed=14).start()
         try:
             run = inject_all(cluster, load)
