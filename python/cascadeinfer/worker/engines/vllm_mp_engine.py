@@ -220,7 +220,7 @@ class VllmMpEngine:
         self._llm.shutdown()
         # Dropped now, while the interpreter is whole: AsyncLLM's finalizer shuts down again.
         del self._llm
-        self._aloop.close()
+        _close_loop(self._aloop)
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -277,6 +277,15 @@ class VllmMpEngine:
         if tracked is None:
             raise EngineError(ErrorCode.NOT_FOUND, f"request_id = {request_id!r}: unknown")
         return tracked
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Lets AsyncLLM's background tasks (output handler, socket reader) end before closing."""
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.close()
 
 
 _NO_KV_MOVES = (

@@ -1,0 +1,280 @@
+"""VllmMpEngine on a real vLLM CPU engine whose engine core runs in its own process (AsyncLLM).
+
+Two engines are built once for the module (each start takes about 40 s on CPU). Prefix caching
+is off, so a request's tokens do not depend on what ran on an engine before, and the unmoved
+reference can run on either engine. Migration here is recompute mode: the engine refuses to
+move KV blocks, and the refusal must leave the request running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from cascadeinfer.worker.engine import (
+    EngineError,
+    EngineRequest,
+    ErrorCode,
+    FinishReason,
+    KVSnapshot,
+    SamplingSpec,
+    StepReport,
+)
+from cascadeinfer.worker.engines.vllm_engine import SEEDED_DUMMY_LOAD_FORMAT, VllmEngineConfig
+from cascadeinfer.worker.engines.vllm_mp_engine import VllmMpEngine
+from cascadeinfer.worker.tiny_model import write_tiny_llama
+
+BLOCK = 32
+PROMPT_LEN = 45
+MAX_TOKENS = 80
+
+
+def prompt_for(name: str, length: int = PROMPT_LEN) -> tuple[int, ...]:
+    rng = random.Random(zlib.crc32(name.encode()))
+    return tuple(rng.randrange(3, 1024) for _ in range(length))
+
+
+def request(request_id: str, max_tokens: int = MAX_TOKENS) -> EngineRequest:
+    return EngineRequest(
+        request_id, prompt_for(request_id), SamplingSpec(max_tokens=max_tokens, ignore_eos=True)
+    )
+
+
+class Transcript:
+    """Every request's tokens as the step reports tell them, checking that indexes run on."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.finish: dict[str, FinishReason] = {}
+
+    def start(self, engine: VllmMpEngine, req: EngineRequest) -> None:
+        engine.add_request(req)
+        self.tokens.setdefault(req.request_id, list(req.output_token_ids))
+
+    def record(self, report: StepReport) -> None:
+        for p in report.progress:
+            tokens = self.tokens[p.request_id]
+            assert p.first_index == len(tokens), f"{p.request_id}: gap or overlap"
+            tokens.extend(p.new_token_ids)
+            if p.finish_reason is not None:
+                self.finish[p.request_id] = p.finish_reason
+
+    def step_until(self, engine: VllmMpEngine, request_id: str, num_tokens: int) -> None:
+        while len(self.tokens[request_id]) < num_tokens:
+            self.record(engine.step())
+
+    def finish_all(self, engine: VllmMpEngine) -> None:
+        while engine.has_unfinished():
+            self.record(engine.step())
+
+
+@pytest.fixture(scope="module")
+def mp_config(tmp_path_factory: pytest.TempPathFactory) -> VllmEngineConfig:
+    model = write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return VllmEngineConfig(
+        model=str(model),
+        served_model_name="tiny",
+        load_format=SEEDED_DUMMY_LOAD_FORMAT,
+        block_size=BLOCK,
+        max_model_len=1024,
+        num_blocks=64,
+        enable_prefix_caching=False,
+        multiprocess=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def mp_pair(mp_config: VllmEngineConfig) -> Iterator[tuple[VllmMpEngine, VllmMpEngine]]:
+    source = VllmMpEngine(mp_config)
+    try:
+        target = VllmMpEngine(mp_config)
+    except BaseException:
+        source.shutdown()
+        raise
+    yield source, target
+    target.shutdown()
+    source.shutdown()
+
+
+@pytest.fixture()
+def engines(
+    mp_pair: tuple[VllmMpEngine, VllmMpEngine],
+) -> Iterator[tuple[VllmMpEngine, VllmMpEngine]]:
+    """The pair, idle, checked to hold no blocks and no requests afterwards."""
+    source, target = mp_pair
+    yield source, target
+    assert not source.has_unfinished() and not target.has_unfinished()
+    assert (source.num_free_blocks(), target.num_free_blocks()) == (63, 63)
+
+
+def unmoved(engine: VllmMpEngine, req: EngineRequest) -> list[int]:
+    transcript = Transcript()
+    transcript.start(engine, req)
+    transcript.finish_all(engine)
+    assert transcript.finish[req.request_id] is FinishReason.LENGTH
+    return transcript.tokens[req.request_id]
+
+
+def test_the_model_runs_in_other_processes(engines: tuple[VllmMpEngine, VllmMpEngine]) -> None:
+    source, target = engines
+    pids = source.engine_core_pids() + target.engine_core_pids()
+    assert os.getpid() not in pids and len(set(pids)) == 2
+    assert source.num_blocks_total == 63  # num_blocks = 64, less vLLM's null block
+    layout = source.layout
+    assert (layout.num_layers, layout.num_kv_heads, layout.head_size) == (2, 2, 32)
+    assert layout.block_bytes == 2 * 2 * BLOCK * 2 * 32 * 2
+    assert layout == target.layout
+
+
+def test_tokens_match_the_in_process_engine(
+    engines: tuple[VllmMpEngine, VllmMpEngine], mp_config: VllmEngineConfig, tmp_path: Path
+) -> None:
+    """The same request on the in-process engine (built in a fresh process, as it needs
+    VLLM_ENABLE_V1_MULTIPROCESSING=0) gives the same greedy tokens, and depends on its prompt."""
+    source, _ = engines
+    req = request("same-as-in-process")
+    tokens = unmoved(source, req)
+    config = replace(mp_config, multiprocess=False, enable_prefix_caching=True)
+    (tmp_path / "job.json").write_text(
+        json.dumps({"config": config.__dict__, "prompt": list(req.prompt_token_ids)})
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _IN_PROCESS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "tokens.json").read_text()) == tokens
+    other = unmoved(source, replace(req, prompt_token_ids=(5, *req.prompt_token_ids[1:])))
+    assert other != tokens and len(set(tokens)) > MAX_TOKENS // 2
+
+
+_IN_PROCESS = """
+import json, sys
+from pathlib import Path
+from cascadeinfer.worker.engine import EngineRequest, SamplingSpec
+from cascadeinfer.worker.engines.vllm_engine import VllmEngine, VllmEngineConfig
+directory = Path(sys.argv[1])
+job = json.loads((directory / "job.json").read_text())
+engine = VllmEngine(VllmEngineConfig(**job["config"]))
+sampling = SamplingSpec(max_tokens=%d, ignore_eos=True)
+engine.add_request(EngineRequest("r", tuple(job["prompt"]), sampling))
+tokens = []
+while engine.has_unfinished():
+    for p in engine.step().progress:
+        tokens.extend(p.new_token_ids)
+(directory / "tokens.json").write_text(json.dumps(tokens))
+engine.shutdown()
+""" % MAX_TOKENS
+
+
+@pytest.mark.parametrize("hops", [1, 2, 3])
+def test_request_migrated_in_recompute_mode_yields_the_unmoved_tokens(
+    engines: tuple[VllmMpEngine, VllmMpEngine], hops: int
+) -> None:
+    source, target = engines
+    rid = f"hops-{hops}"
+    reference = unmoved(target, request(rid))
+    transcript = Transcript()
+    transcript.start(source, request(rid))
+    where = [source, target]
+    for hop in range(hops):
+        here, there = where[hop % 2], where[(hop + 1) % 2]
+        # 7 + 19 * hop: stops mid-block and, for hop 1, right at a block boundary (45 + 19).
+        transcript.step_until(here, rid, 7 + 19 * hop)
+        snapshot = here.export_kv(rid)
+        assert snapshot.blocks == [] and snapshot.num_cached_tokens == 0
+        assert list(snapshot.request.output_token_ids) == transcript.tokens[rid]
+        assert snapshot.request.output_token_ids == tuple(reference[: len(transcript.tokens[rid])])
+        assert not here.has_unfinished() and here.num_free_blocks() == here.num_blocks_total
+        there.import_kv(snapshot)
+    transcript.finish_all(where[hops % 2])
+    assert transcript.tokens[rid] == reference
+    assert transcript.finish[rid] is FinishReason.LENGTH
+
+
+def test_kv_mode_is_refused_and_the_request_runs_on(
+    engines: tuple[VllmMpEngine, VllmMpEngine],
+) -> None:
+    source, target = engines
+    reference = unmoved(target, request("kv-refused"))
+    transcript = Transcript()
+    transcript.start(source, request("kv-refused"))
+    transcript.step_until(source, "kv-refused", 10)
+    for refused in (
+        lambda: source.copy_full_blocks("kv-refused", 0),
+        lambda: source.export_kv("kv-refused", skip_blocks=1),
+    ):
+        with pytest.raises(EngineError) as error:
+            refused()
+        assert error.value.code in (ErrorCode.FAILED_PRECONDITION, ErrorCode.INVALID_ARGUMENT)
+    snapshot = KVSnapshot(request("kv-import"), source.layout, PROMPT_LEN - 1, [b"\0" * 16384] * 2)
+    with pytest.raises(EngineError) as error:
+        target.import_kv(snapshot)
+    assert error.value.code is ErrorCode.FAILED_PRECONDITION
+    assert not target.has_unfinished()
+    transcript.finish_all(source)
+    assert transcript.tokens["kv-refused"] == reference
+
+
+def test_batch_usage_and_abort(engines: tuple[VllmMpEngine, VllmMpEngine]) -> None:
+    """Several requests decode together; the step feed reports their blocks; an abort frees
+    them and leaves the others running."""
+    source, _ = engines
+    transcript = Transcript()
+    names = [f"batch-{i}" for i in range(4)]
+    for name in names:
+        transcript.start(source, request(name, max_tokens=200))
+    seen_running, seen_used = 0, 0
+    while min(len(transcript.tokens[n]) for n in names) < 20:
+        report = source.step()
+        transcript.record(report)
+        seen_running = max(seen_running, report.num_running)
+        seen_used = max(seen_used, report.kv_blocks_used)
+    assert seen_running == 4
+    assert seen_used >= 4 * 2  # 45 + 20 tokens each: at least 2 blocks of 32
+    assert source.num_free_blocks() <= source.num_blocks_total - 8
+    for name in names[:3]:
+        source.abort(name)
+    assert source.has_unfinished()
+    count = len(transcript.tokens[names[3]])
+    while len(transcript.tokens[names[3]]) < count + 5:
+        report = source.step()
+        transcript.record(report)
+        assert {p.request_id for p in report.progress} <= {names[3]}
+    assert report.kv_blocks_used in (3, 4)  # only the last request's blocks are held
+    source.abort(names[3])
+    assert not source.has_unfinished()
+
+
+def test_error_codes(engines: tuple[VllmMpEngine, VllmMpEngine]) -> None:
+    source, _ = engines
+
+    def code_of(call: Callable[[], object]) -> ErrorCode:
+        with pytest.raises(EngineError) as error:
+            call()
+        return error.value.code
+
+    assert code_of(lambda: source.abort("nobody")) is ErrorCode.NOT_FOUND
+    assert code_of(lambda: source.export_kv("nobody")) is ErrorCode.NOT_FOUND
+    assert code_of(lambda: source.copy_full_blocks("nobody", 0)) is ErrorCode.NOT_FOUND
+    bad = replace(request("bad"), prompt_token_ids=(1, 1024))
+    assert code_of(lambda: source.add_request(bad)) is ErrorCode.INVALID_ARGUMENT
+    too_long = replace(request("long"), prompt_token_ids=(3,) * 1024)
+    assert code_of(lambda: source.add_request(too_long)) is ErrorCode.INVALID_ARGUMENT
+    source.add_request(request("codes"))
+    assert code_of(lambda: source.add_request(request("codes"))) is ErrorCode.ALREADY_EXISTS
+    source.abort("codes")
