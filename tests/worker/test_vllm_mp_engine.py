@@ -147,7 +147,13 @@ def test_tokens_match_the_in_process_engine(
     tokens = unmoved(source, req)
     config = replace(mp_config, multiprocess=False, enable_prefix_caching=True)
     (tmp_path / "job.json").write_text(
-        json.dumps({"config": config.__dict__, "prompt": list(req.prompt_token_ids)})
+        json.dumps(
+            {
+                "config": config.__dict__,
+                "prompt": list(req.prompt_token_ids),
+                "max_tokens": MAX_TOKENS,
+            }
+        )
     )
     out = subprocess.run(
         [sys.executable, "-c", _IN_PROCESS, str(tmp_path)],
@@ -170,7 +176,7 @@ from cascadeinfer.worker.engines.vllm_engine import VllmEngine, VllmEngineConfig
 directory = Path(sys.argv[1])
 job = json.loads((directory / "job.json").read_text())
 engine = VllmEngine(VllmEngineConfig(**job["config"]))
-sampling = SamplingSpec(max_tokens=%d, ignore_eos=True)
+sampling = SamplingSpec(max_tokens=job["max_tokens"], ignore_eos=True)
 engine.add_request(EngineRequest("r", tuple(job["prompt"]), sampling))
 tokens = []
 while engine.has_unfinished():
@@ -178,7 +184,7 @@ while engine.has_unfinished():
         tokens.extend(p.new_token_ids)
 (directory / "tokens.json").write_text(json.dumps(tokens))
 engine.shutdown()
-""" % MAX_TOKENS
+"""
 
 
 @pytest.mark.parametrize("hops", [1, 2, 3])

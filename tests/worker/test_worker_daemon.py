@@ -25,18 +25,21 @@ from tests.worker.streams import (
 
 SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "256", "--sim-max-model-len", "8192"]
 VLLM = ["--engine", "vllm"]  # vLLM on CPU with the built-in tiny Llama (seeded dummy weights)
+# The same with vLLM's engine core in its own process (AsyncLLM): recompute-mode migration only.
+VLLM_MP = [*VLLM, "--vllm-option", "multiprocess=true"]
+ARGS = {"sim": SIM, "vllm": VLLM, "vllm-mp": VLLM_MP}
 PROMPT = list(range(1, 41))
 # Long enough that several migrations land mid-decode; vLLM's tiny model steps in about 1 ms.
 MAX_TOKENS = {"sim": 300, "vllm": 1200}
 LONG = {"sim": 5000, "vllm": 1900}
 
 
-@pytest.fixture(scope="module", params=["sim", "vllm"])
+@pytest.fixture(scope="module", params=["sim", "vllm", "vllm-mp"])
 def pair(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[Daemon]]:
-    """Two workers of one engine kind; every test using it runs against both kinds."""
-    args = SIM if request.param == "sim" else VLLM
+    """Two workers of one engine kind; every test using it runs against every kind."""
+    args = ARGS[request.param]
     with workers([args, args], tmp_path_factory.mktemp("logs")) as daemons:
         yield daemons
 
@@ -55,6 +58,13 @@ def migrate(
         timeout=60,
     )
     return response
+
+
+def moves_kv(d: Daemon) -> bool:
+    """False for a multiprocess vLLM worker, which migrates in recompute mode only (also when
+    asked for KV mode)."""
+    backend = d.stub().GetInfo(worker_pb2.GetInfoRequest()).layout.backend
+    return not backend.endswith("+mp-recompute-only")
 
 
 def free_blocks(d: Daemon) -> int:
@@ -84,6 +94,8 @@ def test_migrated_request_yields_exactly_the_unmoved_tokens(
         result = migrate(where[hop % 2], where[(hop + 1) % 2], rid, mode)
         assert result.context_len > len(prompt) + 40 + 60 * hop - 1
         assert result.pause_s < result.total_s
+        if not moves_kv(a):  # a multiprocess vLLM worker moves it in recompute mode
+            assert result.num_bytes == 0
     reader.join()
     assert reader.error is None
     assert reader.responses[-1].finish_reason == common_pb2.FINISH_REASON_MIGRATED

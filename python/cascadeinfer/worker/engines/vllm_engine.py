@@ -49,12 +49,12 @@ from cascadeinfer.worker.tiny_model import write_tiny_llama
 
 if TYPE_CHECKING:
     import torch
-
-    from cascadeinfer.worker.engines.vllm_mp_engine import VllmMpEngine
     from vllm.outputs import RequestOutput
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.llm_engine import LLMEngine
     from vllm.v1.request import Request
+
+    from cascadeinfer.worker.engines.vllm_mp_engine import VllmMpEngine
 
 SEEDED_DUMMY_LOAD_FORMAT = "cascade-dummy"
 """Like vLLM's "dummy" load format, but with per-tensor seeds and realistic scales. vLLM's own
@@ -124,6 +124,16 @@ class VllmEngineConfig:
 def build_vllm_engine(model: str, options: Mapping[str, Any]) -> VllmEngine | VllmMpEngine:
     """The daemon's entry point. `options` are VllmEngineConfig fields (the `[vllm]` table).
     An empty `model` is the built-in tiny Llama with seeded dummy weights."""
+    config = resolve_config(model, options)
+    if config.multiprocess:
+        from cascadeinfer.worker.engines.vllm_mp_engine import VllmMpEngine
+
+        return VllmMpEngine(config)
+    return VllmEngine(config)
+
+
+def resolve_config(model: str, options: Mapping[str, Any]) -> VllmEngineConfig:
+    """The engine configuration the daemon would use (benchmarks build the same)."""
     known = {f.name for f in fields(VllmEngineConfig)} - {"model"}
     unknown = set(options) - known
     if unknown:
@@ -136,12 +146,7 @@ def build_vllm_engine(model: str, options: Mapping[str, Any]) -> VllmEngine | Vl
         }
         options = {**defaults, **options}
         model = str(write_tiny_llama(directory))
-    config = VllmEngineConfig(model=model, **options)
-    if config.multiprocess:
-        from cascadeinfer.worker.engines.vllm_mp_engine import VllmMpEngine
-
-        return VllmMpEngine(config)
-    return VllmEngine(config)
+    return VllmEngineConfig(model=model, **options)
 
 
 @dataclass
@@ -190,6 +195,10 @@ class VllmEngine:
     @property
     def name(self) -> str:
         return "vllm"
+
+    @property
+    def can_move_kv(self) -> bool:
+        return True
 
     @property
     def layout(self) -> KVLayout:

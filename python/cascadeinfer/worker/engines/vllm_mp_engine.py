@@ -48,6 +48,7 @@ from cascadeinfer.worker.engines.vllm_engine import (
 )
 
 if TYPE_CHECKING:
+    from vllm import AsyncEngineArgs
     from vllm.outputs import RequestOutput
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.output_processor import RequestOutputCollector
@@ -107,6 +108,10 @@ class VllmMpEngine:
     @property
     def name(self) -> str:
         return "vllm"
+
+    @property
+    def can_move_kv(self) -> bool:
+        return False
 
     @property
     def layout(self) -> KVLayout:
@@ -195,7 +200,9 @@ class VllmMpEngine:
         """Stops the request and returns its tokens, without KV blocks (recompute mode)."""
         tracked = self._get(request_id)
         if skip_blocks != 0:
-            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"skip_blocks = {skip_blocks}: {_NO_KV_MOVES}")
+            raise EngineError(
+                ErrorCode.INVALID_ARGUMENT, f"skip_blocks = {skip_blocks}: {_NO_KV_MOVES}"
+            )
         # Tokens the engine core computed after this point are dropped and computed again by
         # whoever resumes the request: greedy decoding yields the same ones.
         self._take(tracked)
@@ -262,7 +269,7 @@ class VllmMpEngine:
         rid = tracked.request.request_id
         self._tracked.pop(rid, None)
         self._pending.pop(rid, None)
-        tracked.collector.close()
+        tracked.collector.close()  # type: ignore[no-untyped-call]
         self._aloop.run_until_complete(self._llm.abort(rid))
 
     def _check_new(self, request: EngineRequest) -> None:
@@ -296,13 +303,20 @@ _NO_KV_MOVES = (
 
 async def _start(config: VllmEngineConfig, batches: _Batches) -> AsyncLLM:
     """Builds AsyncLLM inside the private loop, so its output handler runs on that loop."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = engine_args(config)
+    return AsyncLLM.from_engine_args(args, stat_loggers=[_batch_logger_factory(batches)])
+
+
+def engine_args(config: VllmEngineConfig) -> AsyncEngineArgs:
+    """vLLM's arguments for `config` (benchmarks drive AsyncLLM directly with the same)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
     from vllm import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
 
     if config.load_format == SEEDED_DUMMY_LOAD_FORMAT:
         register_seeded_dummy_loader()
-    args = AsyncEngineArgs(
+    return AsyncEngineArgs(
         model=config.model,
         served_model_name=config.served_model_name,
         load_format=config.load_format,
@@ -320,7 +334,6 @@ async def _start(config: VllmEngineConfig, batches: _Batches) -> AsyncLLM:
         disable_log_stats=True,
         enable_log_requests=False,
     )
-    return AsyncLLM.from_engine_args(args, stat_loggers=[_batch_logger_factory(batches)])
 
 
 def _batch_logger_factory(batches: _Batches) -> Any:
