@@ -36,6 +36,8 @@ SIM = [
 
 # vLLM on CPU with the built-in tiny Llama: 16 KiB of KV per 32-token block.
 VLLM = ["--engine", "vllm", "--vllm-option", "max_model_len=4096"]
+# The same with the engine core in its own process (AsyncLLM): it migrates by recompute only.
+ENGINES = {"sim": SIM, "vllm": VLLM, "vllm-mp": [*VLLM, "--vllm-option", "multiprocess=true"]}
 
 
 def main() -> None:
@@ -43,13 +45,13 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mode", choices=["kv", "recompute"], default="kv")
-    parser.add_argument("--engine", choices=["sim", "vllm"], default="sim")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="sim")
     args = parser.parse_args()
     mode = (
         worker_pb2.MIGRATION_MODE_KV if args.mode == "kv" else worker_pb2.MIGRATION_MODE_RECOMPUTE
     )
     rows = []
-    engine_args = SIM if args.engine == "sim" else VLLM
+    engine_args = ENGINES[args.engine]
     with (
         tempfile.TemporaryDirectory() as tmp,
         workers([engine_args, engine_args], Path(tmp)) as (a, b),

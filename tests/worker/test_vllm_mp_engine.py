@@ -284,3 +284,8 @@ def test_error_codes(engines: tuple[VllmMpEngine, VllmMpEngine]) -> None:
     source.add_request(request("codes"))
     assert code_of(lambda: source.add_request(request("codes"))) is ErrorCode.ALREADY_EXISTS
     source.abort("codes")
+
+
+def test_tensor_parallelism_needs_the_multiprocess_engine(mp_config: VllmEngineConfig) -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        replace(mp_config, multiprocess=False, tensor_parallel_size=2).validate()
