@@ -1,8 +1,10 @@
 """Live migration between two cascade-worker daemons on loopback (`make bench-migration`).
 
 For several sequence lengths: a request decodes on worker A, then A.MigrateOut moves it to B.
-Reports the pause (time the request did not decode), the total time, the KV bytes moved and the
-transfer rate (bytes / total time). Engine: `sim` with 32 KiB of KV per token (a Llama-3.2-1B
+Reports the pause (time the request did not decode, as MigrateOut measures it: from the stop to
+the target's answer), the gap a client sees (from the stop to the target's first new token on its
+step feed: for recompute mode this includes the target's prefill, which the pause does not), the
+total time, the KV bytes moved and the transfer rate (bytes / total time). Engine: `sim` with 32 KiB of KV per token (a Llama-3.2-1B
 sized cache: 16 layers x 8 KV heads x 64 x K,V x 2 bytes) unless --engine vllm is given.
 """
 
@@ -17,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 
 from tests.worker.daemons import workers
-from tests.worker.streams import GenerateReader, Spliced, generate_request
+from tests.worker.streams import FeedReader, GenerateReader, Spliced, generate_request
 
 SIM = [
     "--engine",
@@ -38,6 +40,17 @@ SIM = [
 VLLM = ["--engine", "vllm", "--vllm-option", "max_model_len=4096"]
 # The same with the engine core in its own process (AsyncLLM): it migrates by recompute only.
 ENGINES = {"sim": SIM, "vllm": VLLM, "vllm-mp": [*VLLM, "--vllm-option", "multiprocess=true"]}
+
+
+class FirstArrival(Spliced):
+    """Records when the first tokens arrive (on the target's step feed)."""
+
+    arrived_at: float = 0.0
+
+    def add(self, chunk: common_pb2.TokenChunk, finish: int) -> None:
+        if not self.arrived_at:
+            self.arrived_at = time.perf_counter()
+        super().add(chunk, finish)
 
 
 def main() -> None:
@@ -66,27 +79,38 @@ def main() -> None:
                 max_tokens = 4000 if args.engine == "sim" else 4096 - len(prompt)
                 reader = GenerateReader(src.stub(), generate_request(rid, prompt, max_tokens), out)
                 reader.wait_tokens(8, timeout=300)
-                started = time.perf_counter()
+                first = FirstArrival()
+                feed = FeedReader(dst.stub(), {rid: first})
                 r = src.stub().MigrateOut(
                     worker_pb2.MigrateOutRequest(
                         request_id=rid, target_address=dst.address, mode=mode
                     ),
                     timeout=300,
                 )
-                wall = time.perf_counter() - started
+                answered = time.perf_counter()
+                while not first.arrived_at and time.perf_counter() - answered < 60:
+                    time.sleep(0.001)
+                # The stop came pause_s before the answer.
+                gap = first.arrived_at - (answered - r.pause_s)
+                feed.close()
                 dst.stub().Abort(worker_pb2.AbortRequest(request_id=rid))
                 reader.join()
-                samples.append((r.context_len, r.pause_s, r.total_s, r.num_bytes, wall))
+                samples.append((r.context_len, r.pause_s, r.total_s, r.num_bytes, gap))
             ctx = samples[0][0]
             pause = statistics.median(s[1] for s in samples)
             total = statistics.median(s[2] for s in samples)
             nbytes = samples[0][3]
-            rows.append((ctx, pause, total, nbytes, nbytes / total if total else 0.0))
-    print(f"| context tokens | pause ms (median of {args.repeats}) | total ms | KV MiB | MiB/s |")
-    print("|---|---|---|---|---|")
-    for ctx, pause, total, nbytes, rate in rows:
+            gap = statistics.median(s[4] for s in samples)
+            rows.append((ctx, pause, gap, total, nbytes, nbytes / total if total else 0.0))
+    print(
+        f"| context tokens | pause ms (median of {args.repeats}) | gap to first token ms "
+        "| total ms | KV MiB | MiB/s |"
+    )
+    print("|---|---|---|---|---|---|")
+    for ctx, pause, gap, total, nbytes, rate in rows:
         print(
-            f"| {ctx} | {pause * 1e3:.1f} | {total * 1e3:.1f} | {nbytes / 2**20:.1f} | {rate / 2**20:.0f} |"
+            f"| {ctx} | {pause * 1e3:.1f} | {gap * 1e3:.1f} | {total * 1e3:.1f} "
+            f"| {nbytes / 2**20:.1f} | {rate / 2**20:.0f} |"
         )
 
 
