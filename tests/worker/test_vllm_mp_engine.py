@@ -1,9 +1,11 @@
-"""VllmMpEngine on a real vLLM CPU engine whose engine core runs in its own process (AsyncLLM).
+"""VllmMpEngine on real vLLM CPU engines whose engine core runs in its own process (AsyncLLM).
 
-Two engines are built once for the module (each start takes about 40 s on CPU). Prefix caching
-is off, so a request's tokens do not depend on what ran on an engine before, and the unmoved
-reference can run on either engine. Migration here is recompute mode: the engine refuses to
-move KV blocks, and the refusal must leave the request running.
+Three engines are built once for the module (each start takes about 40 s on CPU): a pair with
+the cross-process KV connector (`move_kv`, the default) that requests move between, and one
+without it (recompute only). Prefix caching is off, so a request's tokens do not depend on what
+ran on an engine before, and the unmoved reference can run on either engine of the pair; the
+target then holds none of the request's blocks, so its tokens depend on the imported bytes
+(test_corrupted_blocks_change_the_tokens checks that they do).
 """
 
 from __future__ import annotations
@@ -107,15 +109,39 @@ def mp_pair(mp_config: VllmEngineConfig) -> Iterator[tuple[VllmMpEngine, VllmMpE
     source.shutdown()
 
 
+@pytest.fixture(scope="module")
+def recompute_only(mp_config: VllmEngineConfig) -> Iterator[VllmMpEngine]:
+    engine = VllmMpEngine(replace(mp_config, move_kv=False))
+    yield engine
+    engine.shutdown()
+
+
+def blocks_in_use(engine: VllmMpEngine) -> int:
+    """KV blocks vLLM holds while one fresh 2-block request runs, less that request's own:
+    what earlier requests left allocated (an idle engine reports no usage of its own, and
+    blocks an export holds until the ranks sent them would show here)."""
+    transcript = Transcript()
+    probe = request("probe", max_tokens=6)
+    transcript.start(engine, probe)
+    used = 0
+    while engine.has_unfinished():
+        report = engine.step()
+        transcript.record(report)
+        if report.num_running:
+            used = max(used, report.kv_blocks_used)
+    return used - 2  # 45 prompt + 6 output tokens: 2 blocks of 32
+
+
 @pytest.fixture()
 def engines(
     mp_pair: tuple[VllmMpEngine, VllmMpEngine],
 ) -> Iterator[tuple[VllmMpEngine, VllmMpEngine]]:
-    """The pair, idle, checked to hold no blocks and no requests afterwards."""
+    """The pair, idle, checked to hold no requests and no blocks afterwards (no leak on either
+    side, delayed frees of exports included)."""
     source, target = mp_pair
     yield source, target
     assert not source.has_unfinished() and not target.has_unfinished()
-    assert (source.num_free_blocks(), target.num_free_blocks()) == (63, 63)
+    assert (blocks_in_use(source), blocks_in_use(target)) == (0, 0)
 
 
 def unmoved(engine: VllmMpEngine, req: EngineRequest) -> list[int]:
@@ -134,7 +160,8 @@ def test_the_model_runs_in_other_processes(engines: tuple[VllmMpEngine, VllmMpEn
     layout = source.layout
     assert (layout.num_layers, layout.num_kv_heads, layout.head_size) == (2, 2, 32)
     assert layout.block_bytes == 2 * 2 * BLOCK * 2 * 32 * 2
-    assert layout == target.layout
+    assert layout == target.layout and layout.backend == "vllm-mp-tp1"
+    assert source.can_move_kv
 
 
 def test_tokens_match_the_in_process_engine(
@@ -188,52 +215,127 @@ engine.shutdown()
 
 
 @pytest.mark.parametrize("hops", [1, 2, 3])
-def test_request_migrated_in_recompute_mode_yields_the_unmoved_tokens(
-    engines: tuple[VllmMpEngine, VllmMpEngine], hops: int
+@pytest.mark.parametrize("mode", ["kv", "recompute"])
+def test_migrated_request_yields_the_unmoved_tokens(
+    engines: tuple[VllmMpEngine, VllmMpEngine], hops: int, mode: str
 ) -> None:
     source, target = engines
-    rid = f"hops-{hops}"
+    rid = f"hops-{hops}-{mode}"
     reference = unmoved(target, request(rid))
     transcript = Transcript()
     transcript.start(source, request(rid))
     where = [source, target]
     for hop in range(hops):
         here, there = where[hop % 2], where[(hop + 1) % 2]
-        # 7 + 19 * hop: stops mid-block and, for hop 1, right at a block boundary (45 + 19).
+        # A different offset in the last block on each hop (the stop lands a token or two later).
         transcript.step_until(here, rid, 7 + 19 * hop)
         snapshot = here.export_kv(rid)
-        assert snapshot.blocks == [] and snapshot.num_cached_tokens == 0
+        transcript.record(here.step())  # the tokens computed until the stop took effect
         assert list(snapshot.request.output_token_ids) == transcript.tokens[rid]
         assert snapshot.request.output_token_ids == tuple(reference[: len(transcript.tokens[rid])])
-        assert not here.has_unfinished() and here.num_free_blocks() == here.num_blocks_total
-        there.import_kv(snapshot)
+        cached = snapshot.request.context_len - 1
+        assert snapshot.num_cached_tokens == cached
+        assert len(snapshot.blocks) == -(-cached // BLOCK)
+        assert not here.has_unfinished()
+        if mode == "kv":
+            there.import_kv(snapshot)
+        else:
+            there.add_request(snapshot.request)
     transcript.finish_all(where[hops % 2])
     assert transcript.tokens[rid] == reference
     assert transcript.finish[rid] is FinishReason.LENGTH
 
 
-def test_kv_mode_is_refused_and_the_request_runs_on(
+def test_corrupted_blocks_change_the_tokens(engines: tuple[VllmMpEngine, VllmMpEngine]) -> None:
+    """Proves the imported bytes are what the target attends to (not a silent recompute)."""
+    source, target = engines
+    reference = unmoved(target, request("corrupt"))
+    transcript = Transcript()
+    transcript.start(source, request("corrupt"))
+    transcript.step_until(source, "corrupt", 20)
+    snapshot = source.export_kv("corrupt")
+    transcript.record(source.step())
+    num_before = len(snapshot.request.output_token_ids)
+    target.import_kv(replace(snapshot, blocks=[bytes(len(b)) for b in snapshot.blocks]))
+    transcript.finish_all(target)
+    assert transcript.tokens["corrupt"][:num_before] == reference[:num_before]
+    assert transcript.tokens["corrupt"][num_before:] != reference[num_before:]
+
+
+def test_bytes_that_never_arrive_are_recomputed(
+    engines: tuple[VllmMpEngine, VllmMpEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kv_load_failure_policy = recompute: a load whose bytes are lost (the side channel cut)
+    recomputes the tokens, and the request still yields the unmoved tokens."""
+    source, target = engines
+    reference = unmoved(target, request("lost"))
+    transcript = Transcript()
+    transcript.start(source, request("lost"))
+    transcript.step_until(source, "lost", 15)
+    snapshot = source.export_kv("lost")
+    transcript.record(source.step())
+    channel = target._channel
+    assert channel is not None
+    monkeypatch.setattr(channel, "send_import", lambda migration_id, blocks: None)
+    target.import_kv(snapshot)
+    transcript.finish_all(target)
+    assert transcript.tokens["lost"] == reference
+
+
+def test_refused_imports_take_nothing_and_the_source_resumes(
     engines: tuple[VllmMpEngine, VllmMpEngine],
 ) -> None:
     source, target = engines
+    reference = unmoved(target, request("refused"))
+    transcript = Transcript()
+    transcript.start(source, request("refused"))
+    transcript.step_until(source, "refused", 12)
+    snapshot = source.export_kv("refused")
+    transcript.record(source.step())
+    bad = [
+        (replace(snapshot, blocks=snapshot.blocks[:-1]), ErrorCode.INVALID_ARGUMENT),
+        (replace(snapshot, blocks=[b[:-1] for b in snapshot.blocks]), ErrorCode.INVALID_ARGUMENT),
+        (
+            replace(snapshot, layout=replace(snapshot.layout, block_size=64)),
+            ErrorCode.FAILED_PRECONDITION,
+        ),
+    ]
+    for snap, code in bad:
+        with pytest.raises(EngineError) as error:
+            target.import_kv(snap)
+        assert error.value.code is code
+    assert not target.has_unfinished()
+    source.import_kv(snapshot)  # as migrate_out resumes a request whose move failed
+    transcript.finish_all(source)
+    assert transcript.tokens["refused"] == reference
+
+
+def test_recompute_only_engine_refuses_kv_and_the_request_runs_on(
+    recompute_only: VllmMpEngine, engines: tuple[VllmMpEngine, VllmMpEngine]
+) -> None:
+    source, target = engines
+    assert not recompute_only.can_move_kv
+    assert recompute_only.layout.backend == "vllm-mp-tp1+mp-recompute-only"
     reference = unmoved(target, request("kv-refused"))
     transcript = Transcript()
-    transcript.start(source, request("kv-refused"))
-    transcript.step_until(source, "kv-refused", 10)
-    for refused in (
-        lambda: source.copy_full_blocks("kv-refused", 0),
-        lambda: source.export_kv("kv-refused", skip_blocks=1),
-    ):
-        with pytest.raises(EngineError) as error:
-            refused()
-        assert error.value.code in (ErrorCode.FAILED_PRECONDITION, ErrorCode.INVALID_ARGUMENT)
-    snapshot = KVSnapshot(request("kv-import"), source.layout, PROMPT_LEN - 1, [b"\0" * 16384] * 2)
+    transcript.start(recompute_only, request("kv-refused"))
+    transcript.step_until(recompute_only, "kv-refused", 10)
     with pytest.raises(EngineError) as error:
-        target.import_kv(snapshot)
+        recompute_only.copy_full_blocks("kv-refused", 0)
     assert error.value.code is ErrorCode.FAILED_PRECONDITION
-    assert not target.has_unfinished()
-    transcript.finish_all(source)
+    transcript.step_until(recompute_only, "kv-refused", 20)
+    snapshot = recompute_only.export_kv("kv-refused")
+    assert snapshot.blocks == [] and snapshot.num_cached_tokens == 0
+    transcript.record(recompute_only.step())
+    assert not recompute_only.has_unfinished()
+    kv_snapshot = KVSnapshot(request("kv-import"), source.layout, PROMPT_LEN - 1, [b"\0"] * 2)
+    with pytest.raises(EngineError) as error:
+        recompute_only.import_kv(kv_snapshot)
+    assert error.value.code is ErrorCode.FAILED_PRECONDITION
+    recompute_only.import_kv(snapshot)  # no blocks: resumed by recompute
+    transcript.finish_all(recompute_only)
     assert transcript.tokens["kv-refused"] == reference
+    assert recompute_only.num_free_blocks() == recompute_only.num_blocks_total
 
 
 def test_batch_usage_and_abort(engines: tuple[VllmMpEngine, VllmMpEngine]) -> None:

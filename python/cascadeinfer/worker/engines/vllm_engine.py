@@ -98,6 +98,9 @@ class VllmEngineConfig:
     today; a multiprocess worker migrates in recompute mode."""
     tensor_parallel_size: int = 1
     """Multiprocess engine only: workers (GPUs) the model is split over."""
+    move_kv: bool = True
+    """Multiprocess engine only: load the cross-process KV connector (`mp_kv_connector.py`) so
+    migrations can move KV blocks; False leaves vLLM without a connector (recompute only)."""
 
     def validate(self) -> None:
         """ValueError naming the first bad field."""

@@ -13,11 +13,15 @@ engine core has sent one more batch of outputs (the stat logger sees each batch)
 each running request's new tokens in one pass. The engine core does not wait for the daemon:
 it schedules its next step while the daemon handles the last one.
 
-Migration: recompute mode only. `export_kv` stops the request and returns its tokens with no
-KV blocks; `import_kv` resumes such a snapshot by re-prefilling it. `copy_full_blocks`, and
-`import_kv` of a snapshot with blocks, are refused with FAILED_PRECONDITION before anything is
-stopped, so a KV-mode migration leaves the request running where it was. Known limits as in
-`vllm_engine.py` (greedy decoding is reproduced exactly; penalties and seeded sampling are not).
+Migration with `move_kv` (the default): KV blocks leave and enter vLLM's worker processes
+through `mp_kv_connector.py` and its side channels (`mp_kv_channel.py`): `export_kv` orders the
+engine core to stop the request, collects its final tokens from the request's last output and
+its blocks from every rank; `import_kv` sends a snapshot's blocks to the ranks and adds the
+request with a migration id. There is no pre-copy (`copy_full_blocks` returns nothing), so the
+pause grows with the length. Without `move_kv`, recompute only: `export_kv` returns the tokens
+without blocks, and `copy_full_blocks` (and importing blocks) is refused with
+FAILED_PRECONDITION before anything is stopped. Known limits as in `vllm_engine.py` (greedy
+decoding is reproduced exactly; penalties and seeded sampling are not).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import asyncio
 import math
 import os
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from cascadeinfer.worker.engine import (
@@ -39,6 +44,8 @@ from cascadeinfer.worker.engine import (
     RequestProgress,
     StepReport,
 )
+from cascadeinfer.worker.engines import mp_kv_connector as mkc
+from cascadeinfer.worker.engines.mp_kv_channel import KVChannel
 from cascadeinfer.worker.engines.vllm_engine import (
     SEEDED_DUMMY_LOAD_FORMAT,
     VllmEngineConfig,
@@ -55,6 +62,8 @@ if TYPE_CHECKING:
     from vllm.v1.metrics.stats import SchedulerStats
 
 _FINISH_REASONS = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP}
+_EXPORT_TIMEOUT_S = 30.0
+"""Longest an export waits for the stopped request's last output and for its blocks."""
 _BATCH_WAIT_S = 0.05
 """Longest a step waits for the engine core's next batch before returning (so the engine
 thread can run the daemon's commands meanwhile)."""
@@ -87,16 +96,21 @@ class VllmMpEngine:
         self._config = config
         self._aloop = asyncio.new_event_loop()
         self._batches = _Batches()
+        self._channel = KVChannel(config.tensor_parallel_size) if config.move_kv else None
         started = time.perf_counter()
         try:
-            self._llm = self._aloop.run_until_complete(_start(config, self._batches))
+            self._llm = self._aloop.run_until_complete(_start(config, self._batches, self._channel))
         except BaseException:
             self._aloop.close()
+            if self._channel is not None:
+                self._channel.close()
             raise
+        if self._channel is not None:
+            self._channel.connect()
         self.start_time_s = time.perf_counter() - started
         # The engine core reports its pool size back to the client; block 0 is the null block.
         self._num_blocks_total = int(self._llm.vllm_config.cache_config.num_gpu_blocks or 1) - 1
-        self._layout = _layout_of(self._llm, config)
+        self._layout = _layout_of(self._llm, config, self._channel is not None)
         self._vocab_size = self._llm.model_config.get_vocab_size()
         self._tracked: dict[str, _Tracked] = {}
         self._pending: dict[str, RequestProgress] = {}
@@ -111,7 +125,7 @@ class VllmMpEngine:
 
     @property
     def can_move_kv(self) -> bool:
-        return False
+        return self._channel is not None
 
     @property
     def layout(self) -> KVLayout:
@@ -152,7 +166,10 @@ class VllmMpEngine:
                 f"context_len = {request.context_len}: needs {blocks_needed} KV blocks, "
                 f"the engine has {self._num_blocks_total}",
             )
-        params = to_sampling_params(request, None)
+        self._submit(request, {mkc.TAG_KEY: request.request_id})
+
+    def _submit(self, request: EngineRequest, kv_params: dict[str, Any]) -> None:
+        params = to_sampling_params(request, kv_params if self._channel is not None else None)
         prompt = list(request.prompt_token_ids + request.output_token_ids)
         try:
             collector = self._aloop.run_until_complete(
@@ -190,19 +207,24 @@ class VllmMpEngine:
             kv_blocks_free=free,
         )
 
-    # ---- migration (recompute) ------------------------------------------------------------
+    # ---- migration --------------------------------------------------------------------------
 
     def copy_full_blocks(self, request_id: str, start_block: int) -> list[bytes]:
+        """No pre-copy: everything moves at the export."""
         self._get(request_id)
-        raise EngineError(ErrorCode.FAILED_PRECONDITION, _NO_KV_MOVES)
+        if self._channel is None:
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, _NO_KV_MOVES)
+        return []
 
     def export_kv(self, request_id: str, skip_blocks: int = 0) -> KVSnapshot:
-        """Stops the request and returns its tokens, without KV blocks (recompute mode)."""
+        """Stops the request and returns its tokens, with its KV blocks under `move_kv`."""
         tracked = self._get(request_id)
         if skip_blocks != 0:
             raise EngineError(
-                ErrorCode.INVALID_ARGUMENT, f"skip_blocks = {skip_blocks}: {_NO_KV_MOVES}"
+                ErrorCode.INVALID_ARGUMENT, f"skip_blocks = {skip_blocks}: no pre-copy here"
             )
+        if self._channel is not None:
+            return self._export_with_kv(tracked, self._channel)
         # Tokens the engine core computed after this point are dropped and computed again by
         # whoever resumes the request: greedy decoding yields the same ones.
         self._take(tracked)
@@ -216,10 +238,97 @@ class VllmMpEngine:
         return KVSnapshot(request, self._layout, 0, [])
 
     def import_kv(self, snapshot: KVSnapshot) -> None:
-        """Resumes a snapshot by recomputing its KV; refuses one that carries KV blocks."""
-        if snapshot.blocks or snapshot.num_cached_tokens:
+        """Resumes a snapshot: its blocks go to the ranks first (without `move_kv`, a snapshot
+        with blocks is refused and one without is recomputed)."""
+        if not snapshot.blocks and not snapshot.num_cached_tokens:
+            self.add_request(snapshot.request)
+            return
+        if self._channel is None:
             raise EngineError(ErrorCode.FAILED_PRECONDITION, _NO_KV_MOVES)
-        self.add_request(snapshot.request)
+        mismatch = self._layout.mismatch(snapshot.layout)
+        if mismatch is not None:
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, f"KV layout mismatch: {mismatch}")
+        request = snapshot.request
+        self._check_new(request)
+        _check_snapshot(snapshot, self._layout)
+        blocks_needed = math.ceil((request.context_len + 1) / self._layout.block_size)
+        free = self.num_free_blocks()
+        if blocks_needed > free:
+            raise EngineError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{request.request_id!r} needs {blocks_needed} KV blocks, {free} are free",
+            )
+        migration_id = uuid.uuid4().hex
+        self._channel.send_import(migration_id, snapshot.blocks)
+        self._submit(
+            request,
+            {
+                mkc.TAG_KEY: request.request_id,
+                mkc.MIGRATION_ID_KEY: migration_id,
+                mkc.NUM_CACHED_TOKENS_KEY: snapshot.num_cached_tokens,
+            },
+        )
+
+    def _export_with_kv(self, tracked: _Tracked, channel: KVChannel) -> KVSnapshot:
+        rid = tracked.request.request_id
+        self._take(tracked)
+        if rid not in self._tracked:
+            raise EngineError(ErrorCode.NOT_FOUND, f"request_id = {rid!r}: finished")
+        if len(tracked.outputs) == len(tracked.request.output_token_ids):
+            # The connector learns of a request when vLLM schedules it.
+            raise EngineError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"request_id = {rid!r}: not decoding yet (waiting or in prefill)",
+            )
+        channel.stop(rid)
+        params = self._take_until_finished(tracked)
+        if params is None or mkc.NUM_CACHED_TOKENS_KEY not in params:
+            # It finished on its own before the stop took effect: report that finish.
+            raise EngineError(ErrorCode.NOT_FOUND, f"request_id = {rid!r}: finished")
+        blocks = channel.receive_export(rid, _EXPORT_TIMEOUT_S)
+        request = EngineRequest(
+            request_id=rid,
+            prompt_token_ids=tracked.request.prompt_token_ids,
+            sampling=tracked.request.sampling,
+            output_token_ids=tuple(tracked.outputs),
+        )
+        if request.remaining_tokens < 1:
+            self._pending[rid] = replace(self._pending[rid], finish_reason=FinishReason.LENGTH)
+            raise EngineError(ErrorCode.NOT_FOUND, f"request_id = {rid!r}: finished")
+        num_cached = int(params[mkc.NUM_CACHED_TOKENS_KEY])
+        if num_cached != request.context_len - 1:
+            raise RuntimeError(f"{rid!r}: vLLM cached {num_cached} tokens of {request.context_len}")
+        return KVSnapshot(request, self._layout, num_cached, blocks)
+
+    def _take_until_finished(self, tracked: _Tracked) -> dict[str, Any] | None:
+        """Moves a stopping request's outputs into `_pending` (as progress: it does not end
+        here) until its last one; returns that output's kv_transfer_params."""
+        rid = tracked.request.request_id
+        deadline = time.monotonic() + _EXPORT_TIMEOUT_S
+        while True:
+            output: RequestOutput | None = tracked.collector.get_nowait()  # type: ignore[assignment]
+            if output is not None and output.outputs:
+                completion = output.outputs[0]
+                earlier = self._pending.get(rid)
+                first = earlier.first_index if earlier else len(tracked.outputs)
+                tracked.outputs.extend(completion.token_ids)
+                context_len = len(tracked.request.prompt_token_ids) + len(tracked.outputs)
+                new = tuple(tracked.outputs[first:])
+                finished_alone = output.finished and not (
+                    output.kv_transfer_params
+                    and mkc.NUM_CACHED_TOKENS_KEY in output.kv_transfer_params
+                )
+                reason = None
+                if finished_alone:
+                    reason = _FINISH_REASONS.get(str(completion.finish_reason), FinishReason.ABORT)
+                self._pending[rid] = RequestProgress(rid, new, first, context_len, reason)
+            if output is not None and output.finished:
+                del self._tracked[rid]
+                tracked.collector.close()  # type: ignore[no-untyped-call]
+                return output.kv_transfer_params
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{rid!r} did not stop within {_EXPORT_TIMEOUT_S} s")
+            self._aloop.run_until_complete(self._next_batch())
 
     def shutdown(self) -> None:
         for tracked in list(self._tracked.values()):
@@ -228,6 +337,8 @@ class VllmMpEngine:
         # Dropped now, while the interpreter is whole: AsyncLLM's finalizer shuts down again.
         del self._llm
         _close_loop(self._aloop)
+        if self._channel is not None:
+            self._channel.close()
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -301,11 +412,23 @@ _NO_KV_MOVES = (
 )
 
 
-async def _start(config: VllmEngineConfig, batches: _Batches) -> AsyncLLM:
+async def _start(
+    config: VllmEngineConfig, batches: _Batches, channel: KVChannel | None
+) -> AsyncLLM:
     """Builds AsyncLLM inside the private loop, so its output handler runs on that loop."""
+    from vllm.config import KVTransferConfig
     from vllm.v1.engine.async_llm import AsyncLLM
 
     args = engine_args(config)
+    if channel is not None:
+        args.kv_transfer_config = KVTransferConfig(
+            kv_connector=mkc.CascadeMpConnector.__name__,
+            kv_role="kv_both",
+            kv_connector_module_path=mkc.__name__,
+            kv_connector_extra_config=channel.extra_config(),
+            # A load whose bytes did not arrive recomputes those tokens instead of failing.
+            kv_load_failure_policy="recompute",
+        )
     return AsyncLLM.from_engine_args(args, stat_loggers=[_batch_logger_factory(batches)])
 
 
@@ -364,12 +487,35 @@ def _batch_logger_factory(batches: _Batches) -> Any:
     return BatchLogger
 
 
-def _layout_of(llm: AsyncLLM, config: VllmEngineConfig) -> KVLayout:
+def _check_snapshot(snapshot: KVSnapshot, layout: KVLayout) -> None:
+    """INVALID_ARGUMENT for a snapshot whose blocks cannot be the request's cache."""
+    request = snapshot.request
+    if snapshot.num_cached_tokens != request.context_len - 1:
+        raise EngineError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"num_cached_tokens = {snapshot.num_cached_tokens}: must be context_len - 1 "
+            f"= {request.context_len - 1}",
+        )
+    num_blocks = math.ceil(snapshot.num_cached_tokens / layout.block_size)
+    if len(snapshot.blocks) != num_blocks:
+        raise EngineError(
+            ErrorCode.INVALID_ARGUMENT, f"blocks: {len(snapshot.blocks)} given, {num_blocks} needed"
+        )
+    for i, blob in enumerate(snapshot.blocks):
+        if len(blob) != layout.block_bytes:
+            raise EngineError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"blocks[{i}]: {len(blob)} bytes, expected {layout.block_bytes}",
+            )
+
+
+def _layout_of(llm: AsyncLLM, config: VllmEngineConfig, moves_kv: bool) -> KVLayout:
     """The KV geometry from the model config (the tensors live in other processes)."""
     model_config = llm.model_config
     parallel = llm.vllm_config.parallel_config
     num_layers = model_config.get_num_layers(parallel)
-    num_kv_heads = model_config.get_num_kv_heads(parallel)
+    # Per rank; a block's bytes are every rank's shard, joined.
+    num_kv_heads = model_config.get_num_kv_heads(parallel) * parallel.tensor_parallel_size
     head_size = model_config.get_head_size()
     dtype = str(model_config.dtype).removeprefix("torch.")
     itemsize = {"float32": 4}.get(dtype, 2)
@@ -381,6 +527,7 @@ def _layout_of(llm: AsyncLLM, config: VllmEngineConfig) -> KVLayout:
         num_kv_heads=num_kv_heads,
         head_size=head_size,
         block_size=block_size,
-        backend=f"vllm-tp{parallel.tensor_parallel_size}{MP_BACKEND_SUFFIX}",
+        backend=f"vllm-mp-tp{parallel.tensor_parallel_size}"
+        + ("" if moves_kv else MP_BACKEND_SUFFIX),
         block_bytes=num_layers * num_kv_heads * block_size * 2 * head_size * itemsize,
     )
