@@ -381,3 +381,20 @@ def test_a_detached_request_runs_on_after_its_call_ends(pair: list[Daemon]) -> N
     feed.close()
     assert out.ordered() == reference
     assert out.finish == common_pb2.FINISH_REASON_LENGTH
+
+
+def test_a_killed_multiprocess_vllm_worker_takes_its_engine_processes_along(
+    tmp_path: Path,
+) -> None:
+    """vLLM's engine core would outlive a daemon killed with SIGKILL, holding its memory."""
+    psutil = pytest.importorskip("psutil")
+    d = start_worker(VLLM_MP, tmp_path)
+    try:
+        helpers = psutil.Process(d.process.pid).children(recursive=True)
+        names = [p.name() for p in helpers]
+        assert any("EngineCore" in n for n in names) and any("Worker" in n for n in names)
+        assert run_to_end(d.stub(), "before-kill", PROMPT, 5)
+    finally:
+        d.kill()
+    _, alive = psutil.wait_procs(helpers, timeout=30)
+    assert not alive, [(p.pid, p.name()) for p in alive]

@@ -47,6 +47,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from cascadeinfer.worker.engines.kv_connector import layer_caches_of, read_blocks, write_blocks
+from cascadeinfer.worker.engines.parent_watch import watch_parent
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -115,6 +116,7 @@ class CascadeMpConnector(KVConnectorBase_V1):
         self._block_size = vllm_config.cache_config.block_size
         self._num_blocks = kv_cache_config.num_blocks
         self._context = zmq.Context()
+        watch_parent()  # the engine core and the ranks end with the daemon that started them
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = _SchedulerSide(self, str(extra[CONTROL_KEY]))
         else:
