@@ -391,3 +391,41 @@ def test_error_codes(engines: tuple[VllmMpEngine, VllmMpEngine]) -> None:
 def test_tensor_parallelism_needs_the_multiprocess_engine(mp_config: VllmEngineConfig) -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         replace(mp_config, multiprocess=False, tensor_parallel_size=2).validate()
+
+
+def test_tensor_parallel_ranks_send_and_receive_their_shards(
+    mp_config: VllmEngineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensor parallelism 2 on CPU: two model-worker processes, each holding half the KV heads.
+    A request exported from it (each rank sends its shard, joined per block) and imported back
+    (each rank gets its slice) yields the unmoved tokens, and zeroed shards change them. vLLM for
+    CPU binds each rank's threads to its own cores: one core each here."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallelism 2 on CPU needs 2 cores")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    engine = VllmMpEngine(replace(mp_config, tensor_parallel_size=2))
+    try:
+        assert len(set(engine.engine_core_pids())) == 2
+        assert engine.layout.backend == "vllm-mp-tp2" and engine.layout.num_kv_heads == 2
+        reference = unmoved(engine, request("tp"))
+        transcript = Transcript()
+        transcript.start(engine, request("tp"))
+        transcript.step_until(engine, "tp", 20)
+        snapshot = engine.export_kv("tp")
+        transcript.record(engine.step())
+        engine.import_kv(snapshot)
+        transcript.finish_all(engine)
+        assert transcript.tokens["tp"] == reference
+        zeroed = replace(
+            snapshot,
+            request=replace(snapshot.request, request_id="tp-zeroed"),
+            blocks=[bytes(len(b)) for b in snapshot.blocks],
+        )
+        engine.import_kv(zeroed)
+        transcript.tokens["tp-zeroed"] = list(snapshot.request.output_token_ids)
+        transcript.finish_all(engine)
+        assert transcript.tokens["tp-zeroed"] != reference
+        assert blocks_in_use(engine) == 0
+    finally:
+        engine.shutdown()
