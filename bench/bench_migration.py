@@ -11,6 +11,7 @@ sized cache: 16 layers x 8 KV heads x 64 x K,V x 2 bytes) unless --engine vllm i
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -38,8 +39,37 @@ SIM = [
 
 # vLLM on CPU with the built-in tiny Llama: 16 KiB of KV per 32-token block.
 VLLM = ["--engine", "vllm", "--vllm-option", "max_model_len=4096"]
-# The same with the engine core in its own process (AsyncLLM): it migrates by recompute only.
+# The same with the engine core in its own process (AsyncLLM; KV through mp_kv_connector).
 ENGINES = {"sim": SIM, "vllm": VLLM, "vllm-mp": [*VLLM, "--vllm-option", "multiprocess=true"]}
+LLAMA_8B_KV = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+}
+"""--kv-geometry 8b: Llama-3-8B's KV cache (32 layers x 8 KV heads x 128, bf16: 128 KiB per
+token) on a model whose other weights are small, so CPU prefill stays affordable."""
+
+
+def llama_8b_kv_args(directory: Path, max_model_len: int) -> list[str]:
+    from cascadeinfer.worker.tiny_model import write_tiny_llama
+
+    path = write_tiny_llama(directory, max_position_embeddings=max_model_len)
+    config = path / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **LLAMA_8B_KV}))
+    options = {
+        "load_format": "cascade-dummy",
+        "served_model_name": "llama-8b-kv",
+        "max_model_len": max_model_len,
+        # Two requests of max_model_len tokens, at 128 KiB each.
+        "cpu_kv_cache_gib": -(-2 * max_model_len * 128 // 2**20),
+    }
+    args = ["--model", str(path)]
+    for k, v in options.items():
+        args += ["--vllm-option", f"{k}={v}"]
+    return args
 
 
 class FirstArrival(Spliced):
@@ -59,24 +89,33 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mode", choices=["kv", "recompute"], default="kv")
     parser.add_argument("--engine", choices=sorted(ENGINES), default="sim")
+    parser.add_argument(
+        "--kv-geometry",
+        choices=["tiny", "8b"],
+        default="tiny",
+        help="vllm engines: see LLAMA_8B_KV",
+    )
     args = parser.parse_args()
     mode = (
         worker_pb2.MIGRATION_MODE_KV if args.mode == "kv" else worker_pb2.MIGRATION_MODE_RECOMPUTE
     )
     rows = []
     engine_args = ENGINES[args.engine]
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        workers([engine_args, engine_args], Path(tmp)) as (a, b),
-    ):
-        for length in [int(x) for x in args.lengths.split(",")]:
+    lengths = [int(x) for x in args.lengths.split(",")]
+    max_model_len = 4096
+    tmp = tempfile.mkdtemp(prefix="bench-migration-")
+    if args.kv_geometry == "8b":
+        max_model_len = max(4096, 2 ** (max(lengths) + 64).bit_length())
+        engine_args = [*engine_args, *llama_8b_kv_args(Path(tmp) / "model", max_model_len)]
+    with workers([engine_args, engine_args], Path(tmp)) as (a, b):
+        for length in lengths:
             samples = []
             for rep in range(args.repeats):
                 rid = f"m{length}-{rep}"
                 out = Spliced()
                 src, dst = (a, b) if rep % 2 == 0 else (b, a)
                 prompt = [(k * 7 + rep) % 1000 + 1 for k in range(length - 8)]
-                max_tokens = 4000 if args.engine == "sim" else 4096 - len(prompt)
+                max_tokens = 4000 if args.engine == "sim" else max_model_len - len(prompt)
                 reader = GenerateReader(src.stub(), generate_request(rid, prompt, max_tokens), out)
                 reader.wait_tokens(8, timeout=300)
                 first = FirstArrival()

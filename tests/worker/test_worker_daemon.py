@@ -25,7 +25,7 @@ from tests.worker.streams import (
 
 SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "256", "--sim-max-model-len", "8192"]
 VLLM = ["--engine", "vllm"]  # vLLM on CPU with the built-in tiny Llama (seeded dummy weights)
-# The same with vLLM's engine core in its own process (AsyncLLM): recompute-mode migration only.
+# The same with vLLM's engine core in its own process (AsyncLLM; KV through mp_kv_connector).
 VLLM_MP = [*VLLM, "--vllm-option", "multiprocess=true"]
 ARGS = {"sim": SIM, "vllm": VLLM, "vllm-mp": VLLM_MP}
 PROMPT = list(range(1, 41))
@@ -61,8 +61,8 @@ def migrate(
 
 
 def moves_kv(d: Daemon) -> bool:
-    """False for a multiprocess vLLM worker, which migrates in recompute mode only (also when
-    asked for KV mode)."""
+    """False for a worker that migrates in recompute mode only, also when asked for KV mode
+    (a multiprocess vLLM worker with move_kv=false)."""
     backend = d.stub().GetInfo(worker_pb2.GetInfoRequest()).layout.backend
     return not backend.endswith("+mp-recompute-only")
 
@@ -94,7 +94,7 @@ def test_migrated_request_yields_exactly_the_unmoved_tokens(
         result = migrate(where[hop % 2], where[(hop + 1) % 2], rid, mode)
         assert result.context_len > len(prompt) + 40 + 60 * hop - 1
         assert result.pause_s < result.total_s
-        if not moves_kv(a):  # a multiprocess vLLM worker moves it in recompute mode
+        if not moves_kv(a):  # moved in recompute mode
             assert result.num_bytes == 0
     reader.join()
     assert reader.error is None

@@ -94,8 +94,7 @@ class VllmEngineConfig:
     """Steps to wait for the worker to copy blocks before giving up (one is enough normally)."""
     multiprocess: bool = False
     """Run vLLM as operators deploy it: AsyncLLM with the engine core (and its workers) in
-    their own processes (`vllm_mp_engine.py`). KV-mode migration needs the in-process engine
-    today; a multiprocess worker migrates in recompute mode."""
+    their own processes (`vllm_mp_engine.py`); KV blocks move through `mp_kv_connector.py`."""
     tensor_parallel_size: int = 1
     """Multiprocess engine only: workers (GPUs) the model is split over."""
     move_kv: bool = True
