@@ -215,7 +215,7 @@ engine.shutdown()
 
 
 @pytest.mark.parametrize("hops", [1, 2, 3])
-@pytest.mark.parametrize("mode", ["kv", "recompute"])
+@pytest.mark.parametrize("mode", ["kv", "precopy", "recompute"])
 def test_migrated_request_yields_the_unmoved_tokens(
     engines: tuple[VllmMpEngine, VllmMpEngine], hops: int, mode: str
 ) -> None:
@@ -229,7 +229,13 @@ def test_migrated_request_yields_the_unmoved_tokens(
         here, there = where[hop % 2], where[(hop + 1) % 2]
         # A different offset in the last block on each hop (the stop lands a token or two later).
         transcript.step_until(here, rid, 7 + 19 * hop)
-        snapshot = here.export_kv(rid)
+        pre: list[bytes] = []
+        if mode == "precopy":  # full blocks first, while it decodes on
+            pre = here.copy_full_blocks(rid, 0)
+            assert len(pre) >= 1
+            transcript.step_until(here, rid, len(transcript.tokens[rid]) + 3)
+        rest = here.export_kv(rid, skip_blocks=len(pre))
+        snapshot = replace(rest, blocks=pre + rest.blocks)
         transcript.record(here.step())  # the tokens computed until the stop took effect
         assert list(snapshot.request.output_token_ids) == transcript.tokens[rid]
         assert snapshot.request.output_token_ids == tuple(reference[: len(transcript.tokens[rid])])
@@ -237,7 +243,7 @@ def test_migrated_request_yields_the_unmoved_tokens(
         assert snapshot.num_cached_tokens == cached
         assert len(snapshot.blocks) == -(-cached // BLOCK)
         assert not here.has_unfinished()
-        if mode == "kv":
+        if mode != "recompute":
             there.import_kv(snapshot)
         else:
             there.add_request(snapshot.request)
@@ -290,6 +296,9 @@ def test_refused_imports_take_nothing_and_the_source_resumes(
     transcript = Transcript()
     transcript.start(source, request("refused"))
     transcript.step_until(source, "refused", 12)
+    with pytest.raises(EngineError) as error:
+        source.export_kv("refused", skip_blocks=99)
+    assert error.value.code is ErrorCode.INVALID_ARGUMENT
     snapshot = source.export_kv("refused")
     transcript.record(source.step())
     bad = [

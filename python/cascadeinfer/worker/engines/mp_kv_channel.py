@@ -54,25 +54,34 @@ class KVChannel:
             socket.connect(mkc.import_address(self._address("import"), rank))
             self._imports.append(socket)
 
-    def stop(self, tag: str) -> None:
-        """Orders the engine core to stop request `tag` for export; raises on no answer."""
+    def stop(self, tag: str, first_block: int) -> None:
+        """Orders the engine core to stop request `tag` for export (its blocks from
+        `first_block` on); raises on no answer."""
+        self._order({"op": "stop", "tag": tag, "first_block": first_block})
+
+    def copy(self, tag: str, first_block: int) -> None:
+        """Orders a copy of request `tag`'s full blocks from `first_block` on (it runs on)."""
+        self._order({"op": "copy", "tag": tag, "first_block": first_block})
+
+    def _order(self, order: dict[str, object]) -> None:
         if self._control is None:
             self._control = self._context.socket(zmq.REQ)
             self._control.setsockopt(zmq.RCVTIMEO, _CONTROL_TIMEOUT_MS)
             self._control.setsockopt(zmq.LINGER, 0)
             self._control.connect(self._address("control"))
-        self._control.send_multipart([self._secret, tag.encode()])
+        self._control.send_multipart([self._secret, json.dumps(order).encode()])
         try:
             answer = self._control.recv()
         except zmq.Again:
             self._control.close()  # a REQ socket that missed its answer cannot send again
             self._control = None
-            raise RuntimeError("the engine core did not answer the stop order") from None
+            raise RuntimeError(f"the engine core did not answer the {order['op']} order") from None
         if answer != b"queued":
-            raise RuntimeError(f"the engine core refused the stop order: {answer!r}")
+            raise RuntimeError(f"the engine core refused the {order['op']} order: {answer!r}")
 
     def receive_export(self, tag: str, timeout_s: float) -> list[bytes]:
-        """Every rank's shards of an export, joined per block (rank order)."""
+        """Every rank's shards of an export (or of a pre-copy: the tag plus COPY_SUFFIX),
+        joined per block (rank order)."""
         deadline = time.monotonic() + timeout_s
         while len(self._stash.get(tag, {})) < self._tp_size:
             left_ms = int((deadline - time.monotonic()) * 1000)

@@ -6,7 +6,10 @@ exchange goes over ZeroMQ side channels, each message carrying the engine's shar
 (random per engine, handed to vLLM in `kv_connector_extra_config`; the sockets are ipc files in
 a directory only the daemon's user can enter):
 
-- control (daemon -> scheduler role, REQ/REP): "stop request TAG for export". Requests carry
+- control (daemon -> scheduler role, REQ/REP): "copy the full blocks of request TAG from block
+  N on" (a pre-copy: the request keeps decoding; full blocks never change again, so only the
+  blocks filled meanwhile and the partial last one move while it is stopped), and "stop
+  request TAG for export, leaving out its first N blocks". Requests carry
   their daemon-side id as a tag in `kv_transfer_params` (vLLM adds a random suffix to its own
   ids). The order is applied in `build_connector_meta`, on the engine core's thread, by capping
   the request's `max_tokens` at its next token: vLLM ends it with finish reason "length" and
@@ -22,8 +25,7 @@ a directory only the daemon's user can enter):
   bytes into the allocated blocks before the forward pass. Bytes that do not arrive in time are
   reported as failed blocks, and `kv_load_failure_policy = "recompute"` recomputes them.
 
-Known limits: no pre-copy (all blocks move while the request is stopped, so the pause grows
-with the length), the load is synchronous, and the bytes pass through both daemons (gRPC in
+Known limits: the load is synchronous, and the bytes pass through both daemons (gRPC in
 between), not rank to rank between hosts.
 """
 
@@ -95,7 +97,14 @@ class Load:
 class Save:
     request_id: str
     tag: str
+    """What the shards are sent under: the request's tag, or COPY_SUFFIX added for a pre-copy."""
     block_ids: tuple[int, ...]
+    releases: bool
+    """An export: report the request in finished_sending so vLLM frees its blocks."""
+
+
+COPY_SUFFIX = "#copy"
+"""Pre-copied shards are sent under the request's tag plus this."""
 
 
 @dataclass
@@ -201,10 +210,11 @@ class _SchedulerSide:
 
     def __init__(self, connector: CascadeMpConnector, control_address: str) -> None:
         self._c = connector
-        self._orders: queue.Queue[str] = queue.Queue()
+        self._orders: queue.Queue[dict[str, Any]] = queue.Queue()
         self._running: dict[str, Request] = {}
         """Tag -> the live request, seen when vLLM first asked about it."""
-        self._exporting: set[str] = set()
+        self._exporting: dict[str, int] = {}
+        """Tag -> blocks already pre-copied (left out of the export)."""
         self._started: set[str] = set()
         self._loads: list[Load] = []
         self._saves: list[Save] = []
@@ -218,7 +228,7 @@ class _SchedulerSide:
             if len(frames) != 2 or not is_authentic(self._c._secret, frames[0]):
                 socket.send(b"refused")
                 continue
-            self._orders.put(frames[1].decode())
+            self._orders.put(json.loads(frames[1]))
             socket.send(b"queued")
 
     def matched(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -249,12 +259,17 @@ class _SchedulerSide:
     def build_meta(self) -> MpConnectorMetadata:
         while True:
             try:
-                tag = self._orders.get_nowait()
+                order = self._orders.get_nowait()
             except queue.Empty:
                 break
+            tag, first = str(order["tag"]), int(order["first_block"])
             request = self._running.get(tag)
-            if request is not None and not request.is_finished():
-                self._exporting.add(tag)
+            is_live = request is not None and not request.is_finished()
+            if order["op"] == "copy":
+                blocks = self._full_blocks(request)[first:] if is_live else ()
+                self._saves.append(Save("", tag + COPY_SUFFIX, tuple(blocks), releases=False))
+            elif is_live and request is not None:
+                self._exporting[tag] = first
                 # Ends the request with "length" after the token this step computes.
                 request.max_tokens = min(request.max_tokens, request.num_output_tokens + 1)
         meta = MpConnectorMetadata(loads=self._loads, saves=self._saves)
@@ -270,13 +285,20 @@ class _SchedulerSide:
         migration_id = params.get(MIGRATION_ID_KEY)
         if migration_id is not None:
             self._started.discard(str(migration_id))
-        if tag not in self._exporting:
+        first = self._exporting.pop(tag, None)
+        if first is None:
             return False, None
-        self._exporting.discard(tag)
         num_cached = request.num_computed_tokens
-        blocks = tuple(block_ids[: math.ceil(num_cached / self._c._block_size)])
-        self._saves.append(Save(request.request_id, tag, blocks))
+        blocks = tuple(block_ids[first : math.ceil(num_cached / self._c._block_size)])
+        self._saves.append(Save(request.request_id, tag, blocks, releases=True))
         return True, {TAG_KEY: tag, NUM_CACHED_TOKENS_KEY: num_cached}
+
+    def _full_blocks(self, request: Request | None) -> list[int]:
+        manager = self._c._kv_cache_manager
+        if request is None or manager is None:
+            return []
+        num_full = request.num_computed_tokens // self._c._block_size
+        return list(manager.get_block_ids(request.request_id)[0][:num_full])
 
     def has_work(self) -> bool:
         return bool(self._saves or self._loads or not self._orders.empty())
@@ -332,4 +354,5 @@ class _WorkerSide:
             blobs = read_blocks(self.caches, self._c._num_blocks, save.block_ids)
             header = json.dumps({"tag": save.tag, "rank": self._rank}).encode()
             self._out.send_multipart([self._c._secret, header, *blobs])
-            self.sent.add(save.request_id)
+            if save.releases:
+                self.sent.add(save.request_id)

@@ -210,21 +210,29 @@ class VllmMpEngine:
     # ---- migration --------------------------------------------------------------------------
 
     def copy_full_blocks(self, request_id: str, start_block: int) -> list[bytes]:
-        """No pre-copy: everything moves at the export."""
-        self._get(request_id)
+        """The request's full blocks from start_block on, copied by the ranks while the engine
+        core goes on decoding it (this thread waits; vLLM does not)."""
+        tracked = self._get(request_id)
         if self._channel is None:
             raise EngineError(ErrorCode.FAILED_PRECONDITION, _NO_KV_MOVES)
-        return []
+        if start_block < 0:
+            raise EngineError(
+                ErrorCode.INVALID_ARGUMENT, f"start_block = {start_block}: must be >= 0"
+            )
+        self._require_decoding(tracked)
+        self._channel.copy(request_id, start_block)
+        return self._channel.receive_export(request_id + mkc.COPY_SUFFIX, _EXPORT_TIMEOUT_S)
 
     def export_kv(self, request_id: str, skip_blocks: int = 0) -> KVSnapshot:
-        """Stops the request and returns its tokens, with its KV blocks under `move_kv`."""
+        """Stops the request and returns its tokens, with its KV blocks under `move_kv` (the
+        first skip_blocks left out: copied already)."""
         tracked = self._get(request_id)
+        if self._channel is not None:
+            return self._export_with_kv(tracked, self._channel, skip_blocks)
         if skip_blocks != 0:
             raise EngineError(
-                ErrorCode.INVALID_ARGUMENT, f"skip_blocks = {skip_blocks}: no pre-copy here"
+                ErrorCode.INVALID_ARGUMENT, f"skip_blocks = {skip_blocks}: {_NO_KV_MOVES}"
             )
-        if self._channel is not None:
-            return self._export_with_kv(tracked, self._channel)
         # Tokens the engine core computed after this point are dropped and computed again by
         # whoever resumes the request: greedy decoding yields the same ones.
         self._take(tracked)
@@ -269,18 +277,30 @@ class VllmMpEngine:
             },
         )
 
-    def _export_with_kv(self, tracked: _Tracked, channel: KVChannel) -> KVSnapshot:
+    def _require_decoding(self, tracked: _Tracked) -> None:
+        """The connector learns of a request when vLLM schedules it: refuse one not yet."""
         rid = tracked.request.request_id
         self._take(tracked)
         if rid not in self._tracked:
             raise EngineError(ErrorCode.NOT_FOUND, f"request_id = {rid!r}: finished")
         if len(tracked.outputs) == len(tracked.request.output_token_ids):
-            # The connector learns of a request when vLLM schedules it.
             raise EngineError(
                 ErrorCode.FAILED_PRECONDITION,
                 f"request_id = {rid!r}: not decoding yet (waiting or in prefill)",
             )
-        channel.stop(rid)
+
+    def _export_with_kv(self, tracked: _Tracked, channel: KVChannel, skip: int) -> KVSnapshot:
+        rid = tracked.request.request_id
+        self._require_decoding(tracked)
+        # Tokens with KV now: every token but the last sampled one.
+        num_cached = len(tracked.request.prompt_token_ids) + len(tracked.outputs) - 1
+        num_full = num_cached // self._layout.block_size
+        if not 0 <= skip <= num_full:
+            raise EngineError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"skip_blocks = {skip}: must be in [0, {num_full}] (full blocks)",
+            )
+        channel.stop(rid, skip)
         params = self._take_until_finished(tracked)
         if params is None or mkc.NUM_CACHED_TOKENS_KEY not in params:
             # It finished on its own before the stop took effect: report that finish.
