@@ -8,7 +8,8 @@ distinct prompts, greedy, ignore EOS. Reports the best of R runs for each path.
 --layout inprocess: VllmEngine stepped directly against a worker with the in-process engine
 (needs VLLM_ENABLE_V1_MULTIPROCESSING=0). --layout mp: AsyncLLM driven directly (its engine core
 in its own process, N `generate` streams on one asyncio loop) against a worker started with
-`--vllm-option multiprocess=true` (the same process layout behind gRPC)."""
+`--vllm-option multiprocess=true --vllm-option move_kv=false` (the same process layout and vLLM
+settings behind gRPC: neither loads the KV connector)."""
 
 from __future__ import annotations
 
@@ -168,7 +169,9 @@ def main() -> None:
         args += [arg for k, v in options.items() for arg in ("--vllm-option", f"{k}={v}")]
         if a.layout == "mp":
             d = direct_async_llm(*shape, model, options)
-            w = through_daemon(*shape, [*args, "--vllm-option", "multiprocess=true"])
+            # move_kv=false: no KV connector, as in the AsyncLLM driven directly.
+            mp = ["--vllm-option", "multiprocess=true", "--vllm-option", "move_kv=false"]
+            w = through_daemon(*shape, [*args, *mp])
             what = "AsyncLLM driven directly (engine core in its own process)"
         else:
             d = direct(*shape, model, options)

@@ -17,8 +17,8 @@ Migration with `move_kv` (the default): KV blocks leave and enter vLLM's worker 
 through `mp_kv_connector.py` and its side channels (`mp_kv_channel.py`): `export_kv` orders the
 engine core to stop the request, collects its final tokens from the request's last output and
 its blocks from every rank; `import_kv` sends a snapshot's blocks to the ranks and adds the
-request with a migration id. There is no pre-copy (`copy_full_blocks` returns nothing), so the
-pause grows with the length. Without `move_kv`, recompute only: `export_kv` returns the tokens
+request with a migration id; `copy_full_blocks` has the ranks send a request's full blocks
+while vLLM goes on decoding it (the pre-copy). Without `move_kv`, recompute only: `export_kv` returns the tokens
 without blocks, and `copy_full_blocks` (and importing blocks) is refused with
 FAILED_PRECONDITION before anything is stopped. Known limits as in `vllm_engine.py` (greedy
 decoding is reproduced exactly; penalties and seeded sampling are not).
