@@ -3,6 +3,7 @@ p99 end-to-end latency over the best baseline's, cell by cell, and how many cell
 
     python bench/no_regret.py [--kinds p2,prod,reasoning,r2,lc] [--seeds 200-203]
                               [--rates 4,8,12,16] [--instances 16] [--out FILE.jsonl]
+                              [--baselines-from EARLIER.jsonl]
 
 Each trace is one of `bench/bursty_traces.py`'s kinds drawn with a seed of its own (3,000
 requests, Gamma arrivals at the kind's coefficient of variation), rescaled to each rate. Every
@@ -36,10 +37,12 @@ REGRET = 1.02
 """The issue's bound: cascade at most 2% above the best baseline on mean and on p99."""
 
 
-def _cell(args: tuple[str, float, int]) -> dict[str, object]:
-    trace, rate, instances = args
-    figures = {}
+def _cell(args: tuple[str, float, int, dict[str, list[float]]]) -> dict[str, object]:
+    trace, rate, instances, known = args
+    figures: dict[str, object] = dict(known)
     for policy in POLICY_NAMES:
+        if policy in figures:
+            continue
         setup = SimSetup(
             policy=policy,
             profile=load_profile(PROFILE),
@@ -75,7 +78,19 @@ def main() -> None:
     p.add_argument("--rates", default="4,8,12,16")
     p.add_argument("--instances", type=int, default=16)
     p.add_argument("--out", type=Path, help="also write every cell's figures as JSONL")
+    p.add_argument(
+        "--baselines-from",
+        type=Path,
+        help="an earlier --out file: its baselines' figures are reused and only cascade runs "
+        "(valid while the baselines' code and the simulator's results are unchanged)",
+    )
     args = p.parse_args()
+    known: dict[tuple[str, float], dict[str, list[float]]] = {}
+    if args.baselines_from:
+        for line in args.baselines_from.read_text().splitlines():
+            cell = json.loads(line)
+            figures = {k: v for k, v in cell["figures"].items() if k != "cascade"}
+            known[(cell["trace"], float(cell["rate"]))] = figures
     tmp = Path(tempfile.mkdtemp(prefix="no-regret-"))
     jobs = []
     for kind in args.kinds.split(","):
@@ -83,7 +98,10 @@ def main() -> None:
         for seed in _seeds(args.seeds):
             path = tmp / f"{kind}-{seed}.jsonl"
             bursty_traces.write(path, lengths, cv, seed)
-            jobs += [(str(path), float(r), args.instances) for r in args.rates.split(",")]
+            jobs += [
+                (str(path), float(r), args.instances, known.get((path.stem, float(r)), {}))
+                for r in args.rates.split(",")
+            ]
     print("| trace | rate | cascade mean / best | best (mean) | cascade p99 / best | best (p99) |")
     print("|---|---|---|---|---|---|")
     cells = []

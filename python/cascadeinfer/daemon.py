@@ -23,6 +23,28 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
 ]
 
+
+def keepalive_options(timeout_s: float) -> list[tuple[str, int]]:
+    """Pings that find a silent peer within about `timeout_s`: a ping every half of it, and
+    the link is broken when one goes unanswered for the other half. Without them a cut link
+    (a host or switch gone, no TCP reset) leaves calls waiting for many minutes."""
+    half_ms = max(int(timeout_s * 500), 100)
+    return [
+        ("grpc.keepalive_time_ms", half_ms),
+        ("grpc.keepalive_timeout_ms", half_ms),
+        ("grpc.http2.ping_timeout_ms", half_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+PING_TOLERANCE = [
+    ("grpc.http2.min_ping_interval_without_data_ms", 100),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+"""Server side: accept the peers' keepalive pings however idle the calls are (gRPC's default
+answers pings more often than every 5 minutes with GOAWAY, which would break an idle step feed)."""
+
 C = TypeVar("C")
 
 
@@ -48,6 +70,11 @@ def configure_logging() -> None:
     )
 
 
+class FatalError(Exception):
+    """The daemon cannot go on (an essential background task died): `run_daemon` exits 1 after
+    the daemon has shut down, so its supervisor restarts it."""
+
+
 def run_daemon(
     prog: str,
     parse_args: Callable[[list[str] | None], C],
@@ -66,6 +93,9 @@ def run_daemon(
         # A setting that only shows as wrong once workers are known (an infeasible plan).
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FatalError as e:
+        print(f"{prog}: fatal: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 class _Undecodable:

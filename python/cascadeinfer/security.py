@@ -14,7 +14,7 @@ import collections
 import hmac
 import ipaddress
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -109,14 +109,18 @@ def add_port(server: grpc.aio.Server, address: str, tls: TlsFiles) -> int:
     return server.add_insecure_port(address)
 
 
-def aio_channel(address: str, tls: TlsFiles, token: str = "") -> grpc.aio.Channel:
-    """A channel between daemons: TLS when configured, the cluster's token on every call."""
+def aio_channel(
+    address: str, tls: TlsFiles, token: str = "", options: Sequence[tuple[str, int]] = ()
+) -> grpc.aio.Channel:
+    """A channel between daemons: TLS when configured, the cluster's token on every call;
+    `options` add to the message limits (keepalive, for links that must notice a cut)."""
     interceptors = _aio_token_interceptors(token)
+    all_options = [*CHANNEL_OPTIONS, *options]
     if tls.is_enabled:
         return grpc.aio.secure_channel(
-            address, tls.channel_credentials(), options=CHANNEL_OPTIONS, interceptors=interceptors
+            address, tls.channel_credentials(), options=all_options, interceptors=interceptors
         )
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=all_options, interceptors=interceptors)
 
 
 def sync_channel(address: str, tls: TlsFiles) -> grpc.Channel:

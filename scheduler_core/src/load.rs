@@ -106,13 +106,21 @@ pub struct LoadBook {
     /// Which call last reset each instance (so one call resets an instance once).
     epoch_of: Vec<u64>,
     epoch: u64,
-    /// Per instance reset in this refresh, its running requests before the reset: those the
-    /// feed does not list again are still there, waiting (see [`LoadBook::end_refresh`]).
+    /// Per instance, how many running requests the current refresh has confirmed in the order
+    /// they were listed before; `OUT_OF_ORDER` once the feed strayed from that order.
+    confirmed_of: Vec<u32>,
+    /// Instances refreshed by the current refresh.
+    refreshed: Vec<InstanceId>,
+    /// Per instance whose feed strayed from the old order, its running requests not confirmed
+    /// by then: those the feed does not list again are still there, waiting (see
+    /// [`LoadBook::end_refresh`]).
     before: Vec<(InstanceId, Vec<(RequestId, u32)>)>,
-    /// Emptied running lists kept for reuse: a refresh swaps one in instead of growing a new
-    /// list per instance and step (the simulator refreshes millions of times).
+    /// Emptied lists kept for reuse (the simulator refreshes millions of times).
     spare: Vec<Vec<(RequestId, u32)>>,
 }
+
+/// `LoadBook::confirmed_of` of an instance whose refresh left the old order.
+const OUT_OF_ORDER: u32 = u32::MAX;
 
 impl LoadBook {
     pub fn get(&self, inst: InstanceId) -> &InstanceLoad {
@@ -138,11 +146,22 @@ impl LoadBook {
     fn grow(&mut self, inst: InstanceId) {
         self.loads.resize_with(inst.index() + 1, InstanceLoad::default);
         self.epoch_of.resize(inst.index() + 1, 0);
+        self.confirmed_of.resize(inst.index() + 1, 0);
     }
 
     /// Starts a refresh: instances named in the following `record` calls are rebuilt from them.
     pub fn begin_refresh(&mut self) {
+        // A refresh left open (no `end_refresh`) keeps what its feed listed, nothing more.
+        for k in 0..self.refreshed.len() {
+            let inst = self.refreshed[k];
+            let confirmed = self.confirmed_of[inst.index()];
+            if confirmed != OUT_OF_ORDER {
+                let load = &mut self.loads[inst.index()];
+                load.running.truncate(confirmed as usize);
+            }
+        }
         self.epoch += 1;
+        self.refreshed.clear();
         self.before.clear();
     }
 
@@ -153,19 +172,31 @@ impl LoadBook {
     /// preempted request from admission, which kept filling the instances that were already
     /// preempting (least-load: 1,055 preemptions on agentic traffic near saturation).
     pub fn end_refresh(&mut self) {
+        // Whatever an in-order refresh did not reach was not listed again.
+        for k in 0..self.refreshed.len() {
+            let inst = self.refreshed[k];
+            let confirmed = self.confirmed_of[inst.index()];
+            if confirmed != OUT_OF_ORDER && (confirmed as usize) < self.loads[inst.index()].running.len() {
+                self.set_aside_unconfirmed(inst, confirmed as usize);
+            }
+        }
+        self.refreshed.clear();
         let mut refreshed = std::mem::take(&mut self.before);
         for (inst, mut before) in refreshed.drain(..) {
             let load = &mut self.loads[inst.index()];
-            // Feeds list an instance's requests in a stable order, so the previous list is
-            // almost always a subsequence of the new one: one forward pass finds each request,
-            // and only one that is missing costs a full search.
+            // Feeds list an instance's requests in a stable order, so the requests set aside are
+            // almost always a subsequence of the new list, give or take one moved from the end
+            // into a hole (`InstanceLoad::remove`): a pass that goes on from where the last one
+            // was found, wrapping around, finds each, and only one that is missing costs a
+            // full search.
             let mut next = 0;
             for &(request, len) in &before {
-                if let Some(k) = load.running[next..].iter().position(|&(r, _)| r == request) {
+                let is_at = |&(r, _): &(RequestId, u32)| r == request;
+                if let Some(k) = load.running[next..].iter().position(is_at) {
                     next += k + 1;
-                } else if !load.running[..next].iter().any(|&(r, _)| r == request)
-                    && !load.queued.iter().any(|&(r, _)| r == request)
-                {
+                } else if let Some(k) = load.running[..next].iter().position(is_at) {
+                    next = k + 1;
+                } else if !load.queued.iter().any(is_at) {
                     load.enqueue(request, len);
                 }
             }
@@ -175,22 +206,53 @@ impl LoadBook {
         self.before = refreshed; // empty, keeping its capacity
     }
 
+    /// Moves `inst`'s running requests from position `confirmed` on aside, to be looked for
+    /// among the rest of the feed at the end of the refresh.
+    fn set_aside_unconfirmed(&mut self, inst: InstanceId, confirmed: usize) {
+        let mut rest = self.spare.pop().unwrap_or_default();
+        rest.extend(self.loads[inst.index()].running.drain(confirmed..));
+        self.before.push((inst, rest));
+        self.confirmed_of[inst.index()] = OUT_OF_ORDER;
+    }
+
     /// One running request seen in a step feed: the instance's running set is rebuilt from the
-    /// feed, and the request is no longer queued there.
+    /// feed, and the request is no longer queued there. A feed that lists the requests in the
+    /// order the book holds them (a step with nothing started, finished or moved) only
+    /// updates their lengths in place.
     #[inline]
     pub fn record(&mut self, inst: InstanceId, request: RequestId, len: u32) {
         let idx = inst.index();
         if self.loads.len() <= idx {
             self.grow(inst);
         }
-        let (load, seen) = (&mut self.loads[idx], &mut self.epoch_of[idx]);
-        if *seen != self.epoch {
-            *seen = self.epoch;
-            let fresh = self.spare.pop().unwrap_or_default();
-            self.before.push((inst, std::mem::replace(&mut load.running, fresh)));
+        if self.epoch_of[idx] != self.epoch {
+            self.epoch_of[idx] = self.epoch;
+            self.confirmed_of[idx] = 0;
+            self.refreshed.push(inst);
+            let load = &mut self.loads[idx];
             load.sum_context = 0;
             load.max_context = 0;
         }
+        let confirmed = self.confirmed_of[idx];
+        if confirmed != OUT_OF_ORDER {
+            let num_running = self.loads[idx].running.len();
+            let at = confirmed as usize;
+            if at < num_running && self.loads[idx].running[at].0 != request {
+                self.set_aside_unconfirmed(inst, at);
+            } else {
+                self.confirmed_of[idx] += 1;
+                if at < num_running {
+                    // Already running here, so not queued here: no request is both.
+                    let load = &mut self.loads[idx];
+                    debug_assert!(!load.queued.iter().any(|&(r, _)| r == request));
+                    load.running[at].1 = len;
+                    load.sum_context += u64::from(len);
+                    load.max_context = load.max_context.max(len);
+                    return;
+                }
+            }
+        }
+        let load = &mut self.loads[idx];
         if !load.queued.is_empty() {
             load.dequeue(request);
         }
@@ -416,6 +478,106 @@ mod tests {
         assert_eq!(queued(&book), vec![10]);
         assert_eq!(book.get(a).running.len(), 3);
         assert_eq!(book.get(a).kv_tokens(), 52 + 102 + 103 + 101);
+    }
+
+    /// The book as a plain rebuild from each feed: what `record`'s in-place refresh must equal.
+    #[derive(Default)]
+    struct Reference {
+        running: Vec<(RequestId, u32)>,
+        queued: Vec<(RequestId, u32)>,
+    }
+
+    impl Reference {
+        fn refresh(&mut self, feed: &[(RequestId, u32)]) {
+            if feed.is_empty() {
+                return; // a feed that names no request of the instance leaves it as it was
+            }
+            let before = std::mem::replace(&mut self.running, feed.to_vec());
+            self.queued.retain(|q| !feed.iter().any(|f| f.0 == q.0));
+            for e in before {
+                if !feed.iter().any(|f| f.0 == e.0) && !self.queued.iter().any(|q| q.0 == e.0) {
+                    self.queued.push(e);
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Feeds that keep, reorder, drop and add requests, with finishes between them: the
+        /// book holds what a rebuild from each feed holds, in the feed's order.
+        #[test]
+        fn an_in_place_refresh_equals_a_rebuild_from_the_feed(
+            ops in proptest::collection::vec((0u8..4, proptest::collection::vec(0u64..12, 0..10)), 1..30)
+        ) {
+            let inst = InstanceId(1);
+            let (mut book, mut reference) = (LoadBook::default(), Reference::default());
+            for (step, (op, ids)) in ops.into_iter().enumerate() {
+                let len = step as u32 + 1;
+                let feed: Option<Vec<(RequestId, u32)>> = match op {
+                    // A feed listing `ids` (deduplicated) in that order.
+                    0 => {
+                        let mut feed: Vec<(RequestId, u32)> = Vec::new();
+                        for id in ids.iter().copied() {
+                            if !feed.iter().any(|f| f.0 .0 == id) {
+                                feed.push((RequestId(id), len + id as u32));
+                            }
+                        }
+                        Some(feed)
+                    }
+                    // The feed of a step with nothing new: every running request, in order.
+                    1 => Some(reference.running.iter().map(|&(r, l)| (r, l + 1)).collect()),
+                    _ => None,
+                };
+                // Whether a feed named any request (only that refreshes the instance and its order).
+                let is_refreshed = match (op, feed) {
+                    (_, Some(feed)) => {
+                        book.begin_refresh();
+                        for &(r, l) in &feed {
+                            book.record(inst, r, l);
+                        }
+                        book.end_refresh();
+                        reference.refresh(&feed);
+                        !feed.is_empty()
+                    }
+                    (2, None) => {
+                        if let Some(&id) = ids.first() {
+                            let r = RequestId(id);
+                            book.forget_request(inst, r);
+                            reference.running.retain(|e| e.0 != r);
+                            reference.queued.retain(|e| e.0 != r);
+                        }
+                        false
+                    }
+                    _ => {
+                        if let Some(&id) = ids.first() {
+                            let r = RequestId(id + 100);
+                            if !reference.queued.iter().any(|q| q.0 == r) {
+                                book.add_queued(inst, r, 7);
+                                reference.queued.push((r, 7));
+                            }
+                        }
+                        false
+                    }
+                };
+                let load = book.get(inst);
+                let mut running = reference.running.clone();
+                let mut held = load.running.clone();
+                if !is_refreshed {
+                    // A finish reorders the book's list (swap_remove) until the next feed.
+                    running.sort_unstable();
+                    held.sort_unstable();
+                }
+                proptest::prop_assert_eq!(&held, &running);
+                let mut queued = load.queued.clone();
+                queued.sort_unstable();
+                let mut expected = reference.queued.clone();
+                expected.sort_unstable();
+                proptest::prop_assert_eq!(queued, expected);
+                proptest::prop_assert_eq!(load.sum_context, running.iter().map(|e| u64::from(e.1)).sum::<u64>());
+                proptest::prop_assert_eq!(load.max_context, running.iter().map(|e| e.1).max().unwrap_or(0));
+                proptest::prop_assert_eq!(load.queued_tokens, reference.queued.iter().map(|e| u64::from(e.1)).sum::<u64>());
+            }
+        }
     }
 
     #[test]

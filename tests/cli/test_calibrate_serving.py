@@ -98,8 +98,10 @@ def test_calibrating_a_sim_worker_reads_the_batches_it_stepped(tmp_path: Path) -
     assert {r["batch_size"] for r in report["rounds"]} == {1, 4, 16}
     for r in report["rounds"]:
         # The sim engine sleeps the profile's time for the batch it holds: the batch read off
-        # the feed must be that batch, and the time between steps at least the sleep.
-        assert r["engine_step_s"] == pytest.approx(r["predicted_s"], rel=0.05), r
+        # the feed must be that batch, and the time between steps at least the sleep. A sleep
+        # never ends early but overshoots on a loaded machine (8.9 ms for 6.0 ms at load 20),
+        # so the bound above is loose.
+        assert r["predicted_s"] * 0.95 <= r["engine_step_s"] <= r["predicted_s"] * 3, r
         assert r["cadence_s"] >= r["engine_step_s"] * 0.99, r
         assert r["num_steps"] >= 100, r
     base = json.loads(load_profile(PROFILE).to_json())

@@ -32,6 +32,7 @@ SIM = ["--engine", "sim", "--sim-vocab-size", "1024", "--sim-max-model-len", "40
 SIM += ["--sim-kv-bytes-per-token", "64"]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STREAM_LAG = 64
+REQUEST_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -79,6 +80,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         )
         # Small bounds, so the tests below can show they hold for HTTP clients too.
         args += ["--max-stream-lag-tokens", str(STREAM_LAG), "--max-prompt-bytes", "4096"]
+        args += ["--http-request-timeout-s", str(REQUEST_TIMEOUT_S)]
         scheduler = start_scheduler(args, tmp)
         try:
             yield Front(scheduler, daemons, load_tokenizer(str(model_dir)), model_dir)
@@ -257,6 +259,85 @@ def test_bad_chat_requests_are_400_naming_the_field(
         assert error["param"] == param and error["message"].startswith(param)
 
 
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        # The field's union (text, token ids, lists of either) reports the branch the input
+        # matched in shape, named by field and index, not its first branch ("a valid string").
+        ({"prompt": [5, -1]}, "prompt.1", "greater than or equal to 0"),
+        ({"prompt": [[1, 2], [3, "x"]]}, "prompt.1.1", "valid integer"),
+        ({"prompt": "hi", "stop": ["ab"] * 5000}, "stop", "at most 16 items"),
+    ],
+)
+def test_a_bad_value_inside_a_union_field_is_named_where_it_is(
+    front: Front, body: dict[str, object], param: str, words: str
+) -> None:
+    r = httpx.post(
+        f"{front.scheduler.openai_url}/completions",
+        json={"model": "sim", "max_tokens": 4, **body},
+        headers=AUTH,
+        timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def _raw_exchange(front: Front, parts: list[bytes], pause_s: float = 0.0) -> tuple[bytes, float]:
+    """Sends `parts` on one connection (pausing `pause_s` before the last) and reads until the
+    server closes it; returns what came back and how long the server took to close."""
+    host, port = front.scheduler.openai_url.removeprefix("http://").split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        start = time.monotonic()
+        for k, part in enumerate(parts):
+            if k == len(parts) - 1 and pause_s:
+                time.sleep(pause_s)
+            try:
+                s.sendall(part)
+            except OSError:
+                break  # the server closed it already
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        return answer, time.monotonic() - start
+
+
+def _still_serves(front: Front) -> None:
+    r = httpx.get(f"{front.scheduler.openai_url}/models", headers=AUTH, timeout=10)
+    assert r.status_code == 200
+
+
+def test_an_oversized_request_head_is_431_and_the_connection_closes(front: Front) -> None:
+    head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+    headers = [b"X-Filler-%d: %s\r\n" % (k, b"b" * 8000) for k in range(40)]  # 320 KB
+    answer, _ = _raw_exchange(front, [head, *headers, b"\r\n"])
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"request head over" in answer
+    _still_serves(front)
+
+
+def test_a_request_head_or_body_that_never_completes_is_408(front: Front) -> None:
+    # Headers that stop coming (a slowloris): answered and closed after the timeout.
+    answer, took = _raw_exchange(front, [b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"])
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert REQUEST_TIMEOUT_S * 0.9 <= took < REQUEST_TIMEOUT_S + 10
+    # A body shorter than its declared length: the handler gives up with an OpenAI error.
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + TOKEN.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    answer, took = _raw_exchange(front, [head, b'{"model": "sim"'])
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"].startswith(
+        "request body not received"
+    )
+    # A connection that never sends a byte is closed, not kept forever.
+    answer, took = _raw_exchange(front, [])
+    assert answer == b"" and took < REQUEST_TIMEOUT_S + 10
+    _still_serves(front)
+
+
 def test_bad_token_unknown_model_and_bad_json(front: Front) -> None:
     url = f"{front.scheduler.openai_url}/completions"
     body = {"model": "sim", "prompt": "hi", "max_tokens": 2}
@@ -327,6 +408,8 @@ def test_queue_full_is_429_and_no_worker_is_503(front: Front, tmp_path: Path) ->
         "0",
         "--policy",
         "least-load",
+        "--http-max-connections",
+        "4",
     ]
     full = start_scheduler(
         scheduler_args(front.model_dir, token_file, "--workers", front.workers[1].address, *small),
@@ -345,6 +428,17 @@ def test_queue_full_is_429_and_no_worker_is_503(front: Front, tmp_path: Path) ->
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model="sim", prompt=[4] * 200, max_tokens=10)
         first.close()
+        client.close()
+        # Past the connection limit: 503 in the OpenAI error shape, like every other answer.
+        host, port = full.openai_url.removeprefix("http://").split("/")[0].split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(4)]
+        try:
+            r = httpx.get(f"{full.openai_url}/models", headers=AUTH, timeout=10)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["type"] == "service_unavailable_error"
+        finally:
+            for s in idle:
+                s.close()
     finally:
         full.stop()
     none = start_scheduler(

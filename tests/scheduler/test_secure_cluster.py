@@ -28,6 +28,7 @@ from tests.worker.daemons import Daemon, free_port, start_scheduler, start_worke
 
 TOKEN = "s3cret-token"
 BOUND = 64
+MAX_TOKENS = 200
 MAX_MODEL_LEN = 2048
 
 
@@ -145,13 +146,15 @@ def test_text_prompt_over_tls_migrates_and_streams_text(cluster: SecureCluster) 
     tokens: list[int] = []
     text = []
     last = None
-    for r in stub.Generate(text_request(prompt, 40), metadata=AUTH, timeout=60):
+    # Long enough past the bound that the move lands before the end on a loaded machine (with
+    # 40 tokens the request once finished on its source while the move was still under way).
+    for r in stub.Generate(text_request(prompt, MAX_TOKENS), metadata=AUTH, timeout=60):
         assert r.tokens.first_index == len(tokens)
         tokens.extend(r.tokens.token_ids)
         text.append(r.text)
         last = r
     assert last is not None and last.finish_reason == common_pb2.FINISH_REASON_LENGTH
-    assert len(tokens) == 40
+    assert len(tokens) == MAX_TOKENS
     assert last.timings.num_migrations == 1, "the request crossed the stage bound"
     assert "".join(text) == tokenizer.decode(tokens)
     assert "".join(text), "byte tokens decode to some text"

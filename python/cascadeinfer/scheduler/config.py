@@ -48,6 +48,15 @@ class SchedulerConfig:
     max_stream_lag_tokens: int = 4096
     """Tokens a client may leave unread; beyond, its request ends with RESOURCE_EXHAUSTED."""
     tick_interval_s: float = 0.5
+    worker_link_timeout_s: float = 10.0
+    """A worker link that answers no keepalive ping for about this long counts as broken (a
+    cut link sends no reset): the worker leaves the plan and its requests resume elsewhere."""
+    worker_call_timeout_s: float = 10.0
+    """How long a worker may take to answer a call (start a request, abort one, say who it is)
+    before the scheduler treats the call as failed."""
+    migration_timeout_s: float = 60.0
+    """How long a move may take before the scheduler gives up on it (the worker then resumes
+    the request on the source)."""
     max_concurrent_migrations: int = 8
     max_optional_migrations_per_s: float = 4.0
     """Balance, refinement and rebalance moves allowed per second (a token bucket); moves at a
@@ -70,6 +79,10 @@ class SchedulerConfig:
     """The model name HTTP clients ask for; empty: the name the workers report."""
     chat_template: str = ""
     """A Jinja chat template file used instead of the tokenizer directory's own."""
+    http_max_connections: int = 8192
+    """Open HTTP connections at most; a request on one more is answered 503."""
+    http_request_timeout_s: float = 30.0
+    """An HTTP request's head, and then its body, must each arrive within this (else 408)."""
 
     def validate(self) -> None:
         if self.policy not in POLICY_NAMES:
@@ -82,6 +95,11 @@ class SchedulerConfig:
             raise ValueError(f"max_prompt_bytes = {self.max_prompt_bytes}: must be >= 0")
         if self.max_stream_lag_tokens < 1:
             raise ValueError(f"max_stream_lag_tokens = {self.max_stream_lag_tokens}: must be >= 1")
+        if self.worker_link_timeout_s <= 0:
+            raise ValueError(f"worker_link_timeout_s = {self.worker_link_timeout_s}: must be > 0")
+        for name in ("worker_call_timeout_s", "migration_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be > 0")
         if self.tick_interval_s <= 0:
             raise ValueError(f"tick_interval_s = {self.tick_interval_s}: must be > 0")
         if self.max_concurrent_migrations < 1:
@@ -111,6 +129,10 @@ class SchedulerConfig:
             raise ValueError(
                 "http_port needs a tokenizer (the HTTP API speaks text): set --tokenizer"
             )
+        if self.http_max_connections < 1:
+            raise ValueError(f"http_max_connections = {self.http_max_connections}: must be >= 1")
+        if not self.http_request_timeout_s > 0:
+            raise ValueError(f"http_request_timeout_s = {self.http_request_timeout_s}: must be > 0")
         if self.chat_template and not Path(self.chat_template).is_file():
             raise ValueError(f"chat_template = {self.chat_template!r} is not a readable file")
 
@@ -163,7 +185,26 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     p.add_argument("--max-queue", type=int)
     p.add_argument("--max-prompt-bytes", type=int, help="text prompt size limit (0: from context)")
     p.add_argument("--max-stream-lag-tokens", type=int, help="unread tokens allowed per client")
+    p.add_argument(
+        "--http-max-connections", type=int, help="open HTTP connections at most (more: 503)"
+    )
+    p.add_argument(
+        "--http-request-timeout-s",
+        type=float,
+        help="seconds an HTTP request's head, then its body, may take to arrive (else 408)",
+    )
     p.add_argument("--tick-interval-s", type=float)
+    p.add_argument(
+        "--worker-link-timeout-s",
+        type=float,
+        help="a worker link silent this long (keepalive) is broken: its requests resume elsewhere",
+    )
+    p.add_argument(
+        "--worker-call-timeout-s", type=float, help="seconds a worker may take to answer a call"
+    )
+    p.add_argument(
+        "--migration-timeout-s", type=float, help="seconds a move may take before it is given up"
+    )
     p.add_argument("--max-concurrent-migrations", type=int)
     p.add_argument("--max-optional-migrations-per-s", type=float)
     p.add_argument("--metrics-port", type=int, help="Prometheus exporter port (0: off)")
@@ -201,6 +242,9 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "max_prompt_bytes",
             "max_stream_lag_tokens",
             "tick_interval_s",
+            "worker_link_timeout_s",
+            "worker_call_timeout_s",
+            "migration_timeout_s",
             "max_concurrent_migrations",
             "max_optional_migrations_per_s",
             "metrics_port",
@@ -209,6 +253,8 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "http_port",
             "served_model_name",
             "chat_template",
+            "http_max_connections",
+            "http_request_timeout_s",
             "insecure",
         )
     }

@@ -3,6 +3,8 @@ step feed, splices tokens to clients, runs the migrations the core decides, and 
 requests from a worker that dies.
 
 All of it runs on one asyncio loop; the core is called synchronously (microseconds a call).
+Workers are reached only through `WorkerClient` (scheduler/worker_client.py), so every decision
+here can be tested with fake workers (tests/scheduler/test_coordinator.py).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
 from cascadeinfer.scheduler.ratelimit import TokenBucket
 from cascadeinfer.scheduler.requests import ClientRequest
+from cascadeinfer.scheduler.tasks import report_failure
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
-from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool
+from cascadeinfer.scheduler.worker_client import WorkerCallError
+from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool, WorkerUnreachable, grpc_clients
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import FinishReason, SamplingSpec
 
@@ -43,9 +47,9 @@ FINISH_FROM_PROTO = {
 FEED_LAG_GRACE_S = 2.0
 """How long a migration source's feed is still trusted for the request it gave away."""
 
-MIGRATE_OUT_TIMEOUT_S = 60.0
-"""How long a move may take before the scheduler gives up on it (the worker then resumes the
-request on the source)."""
+RECONCILE_TIMEOUT_S = 10.0
+"""How long a connecting worker has to open its step feed (whose first message is reconciled)
+before its registration is refused (it registers again with its next heartbeat)."""
 PROMPT_BYTES_PER_TOKEN = 16
 """Default text prompt limit per token of context: a few times the bytes a token averages."""
 
@@ -68,10 +72,14 @@ class Counters:
 
 
 class Coordinator:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, pool: WorkerPool | None = None) -> None:
+        """`pool` defaults to gRPC clients built from `config`; tests pass fakes."""
         self.config = config
         self.profile = load_profile(config.profile)
-        self.pool = WorkerPool(config.tls, config.auth_token)
+        self.pool = pool or WorkerPool(
+            grpc_clients(config.tls, config.auth_token, config.worker_link_timeout_s),
+            config.worker_call_timeout_s,
+        )
         self.policy: _core.Scheduler | None = None
         self.requests: dict[str, ClientRequest] = {}
         self._by_core: dict[int, ClientRequest] = {}
@@ -80,6 +88,7 @@ class Coordinator:
         self._seq = itertools.count()
         self._migrations = asyncio.Semaphore(config.max_concurrent_migrations)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._connecting: dict[str, asyncio.Future[WorkerLink]] = {}
         self._is_closing = False
         self.counters = Counters()
         self.max_model_len = 0
@@ -101,11 +110,46 @@ class Coordinator:
 
     # --- workers ---------------------------------------------------------------------------
     async def add_worker(self, address: str, worker_id: str = "") -> WorkerLink:
+        """Connects a worker and puts it in the plan once its step feed is up and the ghosts
+        it ran are aborted (so nothing is placed beside a stale copy of the same request).
+        Raises WorkerCallError or WorkerUnreachable when it is not reachable."""
         for link in self.pool.by_id.values():
             if link.address == address and link.is_healthy:
                 return link
+        pending = self._connecting.get(address)
+        if pending is not None:  # a heartbeat while the first registration is under way
+            return await asyncio.shield(pending)
+        pending = self._connecting[address] = asyncio.get_running_loop().create_future()
+        try:
+            link = await self._connect(address, worker_id)
+        except asyncio.CancelledError:
+            pending.cancel()
+            raise
+        except BaseException as e:
+            pending.set_exception(e)
+            pending.exception()  # retrieved: nobody else may be waiting
+            raise
+        else:
+            pending.set_result(link)
+        finally:
+            del self._connecting[address]
+        return link
+
+    async def _connect(self, address: str, worker_id: str) -> WorkerLink:
         link = await self.pool.connect(address, worker_id)
-        self._spawn(self._follow(link))
+        link.is_healthy = False  # not placeable before its feed is reconciled
+        reconciled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        follow = self._spawn(self._follow(link, reconciled))
+        try:
+            await asyncio.wait_for(asyncio.shield(reconciled), RECONCILE_TIMEOUT_S)
+        except BaseException as e:
+            follow.cancel()
+            await self.pool.drop(link)
+            if isinstance(e, asyncio.TimeoutError):
+                why = f"{address}: no step feed within {RECONCILE_TIMEOUT_S} s"
+                raise WorkerUnreachable(why) from None
+            raise
+        link.is_healthy = True
         if self.policy is None:
             if len(self.pool.healthy()) >= self.config.min_workers:
                 self._build_policy()
@@ -132,17 +176,41 @@ class Coordinator:
         self.counters.plan_changed_at = time.time()
         log.info("policy_ready", policy=c.policy, stages=self.policy.stages())
 
-    async def _follow(self, link: WorkerLink) -> None:
+    async def _follow(self, link: WorkerLink, reconciled: asyncio.Future[None]) -> None:
         """Reads a worker's step feed until it ends; an end or a break means the worker is gone
-        (a drained worker ends its feed once it stopped running anything)."""
+        (a drained worker ends its feed once it stopped running anything). `reconciled` is
+        settled once the first message (what runs there) is reconciled, or the feed fails."""
         why = "step feed ended"
         try:
-            async for update in link.stub.StreamSteps(worker_pb2.StreamStepsRequest()):
+            async for update in link.client.step_feed():
+                if not reconciled.done():
+                    await self._reap_ghosts(link, update)
+                    reconciled.set_result(None)
                 self._on_step(link, update)
-        except grpc.aio.AioRpcError as e:
-            why = e.details() or str(e.code())
+        except WorkerCallError as e:
+            why = e.details
+            if not reconciled.done():
+                reconciled.set_exception(e)
+                return
+        if not reconciled.done():
+            reconciled.set_exception(WorkerUnreachable(f"{link.address}: {why}"))
+            return
         if not self._is_closing:
             await self._worker_gone(link, why)
+
+    async def _reap_ghosts(self, link: WorkerLink, snapshot: worker_pb2.StepUpdate) -> None:
+        """Aborts the detached requests a worker runs that the scheduler did not put there:
+        left by a previous scheduler that crashed (mid-migration included), or still running on
+        a worker this scheduler gave up on and resumed elsewhere. Nobody reads their tokens."""
+        ghosts = []
+        for r in snapshot.requests:
+            rec = self.requests.get(r.request_id)
+            if not r.is_detached or (rec is not None and link.worker_id in rec.holders):
+                continue
+            log.warning("ghost_aborted", request_id=r.request_id, worker_id=link.worker_id)
+            self.metrics.ghosts_aborted.inc()
+            ghosts.append(self._abort_on(link, r.request_id))
+        await asyncio.gather(*ghosts)
 
     def _leave_policy(self, link: WorkerLink) -> None:
         """Takes a worker out of routing; its stage is refilled by the core."""
@@ -177,7 +245,7 @@ class Coordinator:
             rec = self.requests.get(rid)
             if rec is None:
                 link.running.discard(rid)
-            elif not rec.is_moving:
+            elif not rec.is_moving and not rec.is_placing:
                 await self._resume_elsewhere(rec, link)
 
     async def _resume_elsewhere(self, rec: ClientRequest, link: WorkerLink) -> None:
@@ -293,9 +361,9 @@ class Coordinator:
         rec.holders.add(dst.worker_id)
         rec.is_moving = True
         try:
-            await self._migrate_out(rec, src, dst)
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
+            moved = await self._migrate_out(rec, src, dst)
+        except WorkerCallError as e:
+            if e.code == grpc.StatusCode.NOT_FOUND:
                 # The worker finished it already; its feed is behind. Stop asking it to
                 # move a request it no longer has (the finish is on its way).
                 rec.gone_from = src.worker_id
@@ -308,26 +376,34 @@ class Coordinator:
                 "migration_failed",
                 request_id=rec.request_id,
                 reason=m.reason.value,
-                error=e.details(),
+                error=e.details,
             )
             if src.is_gone:  # its feed ended during the move: nothing runs it now
                 await self._resume_elsewhere(rec, src)
             return
         finally:
             rec.is_moving = False
-        self._moved(rec, src, dst, m.reason.value)
+        self._moved(rec, src, dst, m.reason.value, moved)
         self.policy.migration_done(m, True)
 
-    async def _migrate_out(self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink) -> None:
+    async def _migrate_out(
+        self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink
+    ) -> worker_pb2.MigrateOutResponse:
         """Has `src` move `rec` to `dst`, within the limit of concurrent transfers; raises the
-        worker's AioRpcError on failure."""
+        worker's WorkerCallError on failure."""
         async with self._migrations:
-            await src.stub.MigrateOut(
-                worker_pb2.MigrateOutRequest(request_id=rec.request_id, target_address=dst.address),
-                timeout=MIGRATE_OUT_TIMEOUT_S,
+            return await src.client.migrate_out(
+                rec.request_id, dst.address, self.config.migration_timeout_s
             )
 
-    def _moved(self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink, reason: str) -> None:
+    def _moved(
+        self,
+        rec: ClientRequest,
+        src: WorkerLink,
+        dst: WorkerLink,
+        reason: str,
+        moved: worker_pb2.MigrateOutResponse,
+    ) -> None:
         src.running.discard(rec.request_id)
         if not rec.is_done:
             dst.running.add(rec.request_id)
@@ -347,6 +423,9 @@ class Coordinator:
             target=dst.worker_id,
             reason=reason,
             context_len=rec.context_len,
+            num_bytes=moved.num_bytes,
+            pause_s=round(moved.pause_s, 6),
+            total_s=round(moved.total_s, 6),
         )
 
     @staticmethod
@@ -371,19 +450,19 @@ class Coordinator:
         rec.holders.add(dst.worker_id)
         rec.is_moving = True
         try:
-            await self._migrate_out(rec, src, dst)
-        except grpc.aio.AioRpcError as e:
+            moved = await self._migrate_out(rec, src, dst)
+        except WorkerCallError as e:
             rec.holders.discard(dst.worker_id)
             self.policy.request_finished(rec.core_id, dst.instance)
             self.counters.num_failed_migrations += 1
             self.metrics.migrations.labels("drain", "failed").inc()
-            log.info("drain_move_failed", request_id=request_id, error=e.details())
+            log.info("drain_move_failed", request_id=request_id, error=e.details)
             if src.is_gone:  # its feed ended during the move: nothing runs it now
                 await self._resume_elsewhere(rec, src)
             return
         finally:
             rec.is_moving = False
-        self._moved(rec, src, dst, "drain")
+        self._moved(rec, src, dst, "drain", moved)
         if rec.is_done:  # finished during the move: the core placed it on dst as well
             self.policy.request_finished(rec.core_id, dst.instance)
 
@@ -493,21 +572,33 @@ class Coordinator:
         rec.worker_id = link.worker_id
         rec.holders.add(link.worker_id)
         link.running.add(rec.request_id)
+        rec.is_placing = True
         try:
-            async for _ in link.stub.Generate(request, timeout=30):
-                pass
-        except grpc.aio.AioRpcError as e:
-            link.running.discard(rec.request_id)
-            rec.holders.discard(link.worker_id)
-            rec.worker_id = None
-            self.policy.request_finished(rec.core_id, link.instance)
-            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
-                raise SchedulingError(e.code(), e.details() or "refused by the worker") from None
+            await link.client.start_detached(request, self.config.worker_call_timeout_s)
+        except WorkerCallError as e:
+            self._unplace(rec, link)
+            if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+                raise SchedulingError(e.code, e.details) from None
+            return False
+        finally:
+            rec.is_placing = False
+        if link.is_gone:
+            # Its feed ended while the request was being placed: nobody follows it there (the
+            # copy there is a ghost, aborted if the worker comes back or by its orphan bound).
+            self._unplace(rec, link)
             return False
         if rec.admitted_at is None:
             rec.admitted_at = time.monotonic()
             rec.entry_stage = decision[1]
         return True
+
+    def _unplace(self, rec: ClientRequest, link: WorkerLink) -> None:
+        """Undoes a placement on `link` that did not take."""
+        link.running.discard(rec.request_id)
+        rec.holders.discard(link.worker_id)
+        rec.worker_id = None
+        assert self.policy is not None
+        self.policy.request_finished(rec.core_id, link.instance)
 
     async def _place(self, rec: ClientRequest) -> None:
         """Places a request that is already accepted: now, or at the head of the queue."""
@@ -551,9 +642,9 @@ class Coordinator:
 
     async def _abort_on(self, link: WorkerLink, request_id: str) -> None:
         try:
-            await link.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=10)
-        except grpc.aio.AioRpcError as e:
-            log.info("abort_on_worker_failed", request_id=request_id, error=e.details())
+            await link.client.abort(request_id, self.config.worker_call_timeout_s)
+        except WorkerCallError as e:
+            log.info("abort_on_worker_failed", request_id=request_id, error=e.details)
 
     @property
     def can_place(self) -> bool:
@@ -564,10 +655,18 @@ class Coordinator:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Runs `coro` beside the RPCs, named after its function; a failure is logged and
+        counted (`report_failure`), not dropped with the task."""
+        name = getattr(coro, "__name__", "background")
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        report_failure(task, self.metrics.background_failures)
 
     async def close(self) -> None:
         self._is_closing = True

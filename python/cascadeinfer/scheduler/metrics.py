@@ -81,6 +81,18 @@ class SchedulerMetrics:
         self.plan_changes = Counter(
             "cascade_scheduler_plan_changes", "Stage layout changes", registry=r
         )
+        self.background_failures = Counter(
+            "cascade_scheduler_background_failures",
+            "Background tasks (feeds, migrations, ticks) that died of an error, by task",
+            ["task"],
+            registry=r,
+        )
+        self.ghosts_aborted = Counter(
+            "cascade_scheduler_ghosts_aborted",
+            "Detached requests a worker's feed snapshot showed that this scheduler did not put "
+            "there (left by a crashed scheduler or a worker given up on); aborted there",
+            registry=r,
+        )
         self.foreign_steps = Counter(
             "cascade_scheduler_foreign_steps",
             "Step-feed entries ignored: a worker reported a request the scheduler did not put there",

@@ -37,6 +37,9 @@ class ClientRequest:
     on or chose as its migration target. Any other worker's feed is ignored for it."""
     is_moving: bool = False
     """A move off a draining worker is in flight (its outcome decides where it runs)."""
+    is_placing: bool = False
+    """The Generate that places it is in flight (its outcome decides where it runs: a worker
+    lost meanwhile must not also re-place it, or it would be placed twice)."""
     gone_from: str | None = None
     """A worker that said it no longer has this request while its feed still showed it."""
     entry_stage: int = 0

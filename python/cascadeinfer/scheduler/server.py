@@ -11,12 +11,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cascadeinfer.daemon import GRPC_MESSAGE_LIMIT, StrictDecoding, run_daemon
+from cascadeinfer.daemon import GRPC_MESSAGE_LIMIT, FatalError, StrictDecoding, run_daemon
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
 from cascadeinfer.scheduler.coordinator import Coordinator
 from cascadeinfer.scheduler.openai.server import start_http_front
 from cascadeinfer.scheduler.servicer import RegistryServicer, SchedulerServicer
+from cascadeinfer.scheduler.tasks import watch_essential
+from cascadeinfer.scheduler.worker_client import WorkerCallError
+from cascadeinfer.scheduler.workers import WorkerUnreachable
 from cascadeinfer.security import BearerTokenInterceptor, add_port
 
 SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
@@ -34,10 +37,12 @@ async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str,
             try:
                 await coordinator.add_worker(address)
                 pending.remove(address)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED and address not in refused:
+            except WorkerUnreachable:
+                pass  # retried like a worker not up yet
+            except WorkerCallError as e:
+                if e.code == grpc.StatusCode.UNAUTHENTICATED and address not in refused:
                     refused.add(address)  # said once; retried like a worker not up yet
-                    log.error("worker_refused_token", address=address, error=e.details())
+                    log.error("worker_refused_token", address=address, error=e.details)
         if pending:
             await asyncio.sleep(0.5)
 
@@ -98,9 +103,15 @@ async def serve(config: SchedulerConfig) -> None:
     await server.start()
     http = await start_http_front(config, coordinator) if config.http_port is not None else None
     structlog.contextvars.bind_contextvars(scheduler=f"{config.host}:{port}")
-    health_task = asyncio.create_task(report_health(health_servicer, coordinator))
+    stop = asyncio.Event()
+    failures = coordinator.metrics.background_failures
+    health_task = asyncio.create_task(
+        report_health(health_servicer, coordinator), name="report_health"
+    )
+    watch_essential(health_task, failures, stop)
     await connect_static_workers(coordinator, config.workers)
-    tick = asyncio.create_task(coordinator.tick_forever())
+    tick = asyncio.create_task(coordinator.tick_forever(), name="tick_forever")
+    watch_essential(tick, failures, stop)
     if http is not None:
         models = ",".join(http.model_names()) or "-"
         print(f"cascade-scheduler openai api on {http.url} models={models}", flush=True)
@@ -116,7 +127,6 @@ async def serve(config: SchedulerConfig) -> None:
         tokenizer=config.tokenizer or None,
         http=http.url if http is not None else None,
     )
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -130,6 +140,9 @@ async def serve(config: SchedulerConfig) -> None:
     await server.stop(grace=5)
     await coordinator.close()
     log.info("stopped")
+    for task in (tick, health_task):
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise FatalError(f"{task.get_name()} failed: {task.exception()!r}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,8 @@ from cascadeinfer.proto.v1 import (
 from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
 from cascadeinfer.scheduler.requests import ClientRequest, Delivery
 from cascadeinfer.scheduler.text import Detokenizer
-from cascadeinfer.scheduler.workers import WorkerLink
+from cascadeinfer.scheduler.worker_client import WorkerCallError
+from cascadeinfer.scheduler.workers import WorkerLink, WorkerUnreachable
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import EngineError
 
@@ -185,10 +186,12 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
             )
         try:
             await self.c.add_worker(request.address, request.worker_id)
-        except grpc.aio.AioRpcError as e:
+        except WorkerCallError as e:
             await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"cannot reach {request.address}: {e.details()}"
+                grpc.StatusCode.UNAVAILABLE, f"cannot reach {request.address}: {e.details}"
             )
+        except WorkerUnreachable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return registry_pb2.RegisterWorkerResponse(heartbeat_interval_s=HEARTBEAT_S)
 
     async def DeregisterWorker(
@@ -210,9 +213,7 @@ async def _live_load(w: WorkerLink) -> worker_pb2.LoadReport | None:
     if not w.is_healthy:
         return None
     try:
-        report: worker_pb2.LoadReport = await w.stub.GetLoad(
-            worker_pb2.GetLoadRequest(), timeout=LIVE_LOAD_TIMEOUT_S
-        )
-    except grpc.aio.AioRpcError:
+        report = await w.client.load(LIVE_LOAD_TIMEOUT_S)
+    except WorkerCallError:
         return None
     return report

@@ -1,18 +1,19 @@
-"""The workers the scheduler knows: their gRPC stubs, dense instance ids for the core, health,
+"""The workers the scheduler knows: a client for each, dense instance ids for the core, health,
 and the latest load each reported."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-import grpc
+from cascadeinfer.daemon import keepalive_options
+from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.scheduler.worker_client import GrpcWorkerClient, WorkerCallError, WorkerClient
+from cascadeinfer.security import TlsFiles
 
-from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
-from cascadeinfer.security import TlsFiles, aio_channel
 
-if TYPE_CHECKING:
-    from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
+class WorkerUnreachable(Exception):
+    """A worker answered its info call but its step feed did not come up."""
 
 
 @dataclass
@@ -20,8 +21,7 @@ class WorkerLink:
     worker_id: str
     address: str
     instance: int
-    channel: grpc.aio.Channel
-    stub: WorkerServiceAsyncStub
+    client: WorkerClient
     info: worker_pb2.WorkerInfo
     is_healthy: bool = True
     is_gone: bool = False
@@ -31,39 +31,51 @@ class WorkerLink:
     """Request ids the scheduler placed (or moved) here and that have not finished."""
 
 
+ClientFactory = Callable[[str], WorkerClient]
+"""Makes the client for a worker's address (the daemon's: gRPC; tests': fakes)."""
+
+
+def grpc_clients(tls: TlsFiles, token: str = "", link_timeout_s: float = 10.0) -> ClientFactory:
+    """gRPC clients with TLS when configured, the cluster's token, and keepalive pings that
+    notice a cut link within about `link_timeout_s`."""
+    options = keepalive_options(link_timeout_s)
+    return lambda address: GrpcWorkerClient.connect(address, tls, token, options)
+
+
 class WorkerPool:
-    def __init__(self, tls: TlsFiles, token: str = "") -> None:
-        self._tls = tls
-        self._token = token
+    def __init__(self, clients: ClientFactory, call_timeout_s: float = 10.0) -> None:
+        self._clients = clients
+        self._call_timeout_s = call_timeout_s
         self.by_id: dict[str, WorkerLink] = {}
         self.by_instance: dict[int, WorkerLink] = {}
         self._next_instance = 0
 
     async def connect(self, address: str, worker_id: str = "") -> WorkerLink:
-        """Opens a channel and reads the worker's info; raises grpc.aio.AioRpcError when down."""
-        channel = aio_channel(address, self._tls, self._token)
-        stub: WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)
+        """Opens a client and reads the worker's info; raises WorkerCallError when down."""
+        client = self._clients(address)
         try:
-            info = await stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
-        except grpc.aio.AioRpcError:
-            await channel.close()
+            info = await client.info(self._call_timeout_s)
+        except WorkerCallError:
+            await client.close()
             raise
         link = WorkerLink(
-            worker_id or info.worker_id or address,
-            address,
-            self._next_instance,
-            channel,
-            stub,
-            info,
+            worker_id or info.worker_id or address, address, self._next_instance, client, info
         )
         self._next_instance += 1
         self.by_id[link.worker_id] = link
         self.by_instance[link.instance] = link
         return link
 
+    async def drop(self, link: WorkerLink) -> None:
+        """Forgets a link that never joined (its feed did not come up) and closes it."""
+        if self.by_id.get(link.worker_id) is link:
+            del self.by_id[link.worker_id]
+        self.by_instance.pop(link.instance, None)
+        await link.client.close()
+
     def healthy(self) -> list[WorkerLink]:
         return [w for w in self.by_id.values() if w.is_healthy]
 
     async def close(self) -> None:
         for link in self.by_id.values():
-            await link.channel.close()
+            await link.client.close()

@@ -38,6 +38,13 @@ class WorkerConfig:
     """Address others use to reach this worker; defaults to host:port."""
     drain_timeout_s: float = 30.0
     """On SIGTERM, running requests get this long to finish before they are aborted."""
+    link_timeout_s: float = 10.0
+    """A link to the scheduler or a peer that answers no keepalive ping for about this long
+    counts as broken: a step feed to a scheduler cut off ends (starting the orphan bound), a
+    migration to an unreachable target fails and the request resumes here."""
+    orphan_timeout_s: float = 30.0
+    """Detached requests (a scheduler's) are aborted once no step feed has been open this long:
+    their scheduler is gone and nobody will read them. Longer than a scheduler restart."""
     auth_token_file: str = ""
     """File with the cluster's bearer token, else $CASCADE_AUTH_TOKEN: every WorkerService call
     must carry it, and this worker sends it to the scheduler and to peer workers."""
@@ -58,6 +65,10 @@ class WorkerConfig:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s = {self.drain_timeout_s}: must be >= 0")
+        if self.link_timeout_s <= 0:
+            raise ValueError(f"link_timeout_s = {self.link_timeout_s}: must be > 0")
+        if self.orphan_timeout_s <= 0:
+            raise ValueError(f"orphan_timeout_s = {self.orphan_timeout_s}: must be > 0")
         self.tls.validate(is_server=True)
         check_exposure(self.host, self.auth_token, self.tls, self.insecure)
 
@@ -87,6 +98,16 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     p.add_argument("--worker-id")
     p.add_argument("--metrics-port", type=int)
     p.add_argument("--drain-timeout-s", type=float)
+    p.add_argument(
+        "--link-timeout-s",
+        type=float,
+        help="a link to the scheduler or a peer silent this long (keepalive) counts as broken",
+    )
+    p.add_argument(
+        "--orphan-timeout-s",
+        type=float,
+        help="abort detached requests once no step feed has followed them this long",
+    )
     p.add_argument("--scheduler", help="cascade-scheduler address to register with")
     p.add_argument(
         "--advertise-address", help="address the scheduler and peers use (default host:port)"
@@ -132,6 +153,8 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
             "worker_id",
             "metrics_port",
             "drain_timeout_s",
+            "orphan_timeout_s",
+            "link_timeout_s",
             "scheduler",
             "advertise_address",
             "auth_token_file",

@@ -8,6 +8,7 @@ step report. Nothing here blocks the engine thread.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -32,6 +33,12 @@ class TrackedRequest:
     context_len: int
     num_output: int
     subscribers: list[asyncio.Queue[StreamItem]] = field(default_factory=list)
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def is_detached(self) -> bool:
+        """No client streams its output directly: only step feeds follow it."""
+        return not self.subscribers
 
 
 class Hub:
@@ -40,6 +47,9 @@ class Hub:
         self._step_subscribers: list[asyncio.Queue[object]] = []
         self._is_closed = False
         self.last_report: StepReport | None = None
+        self.unfollowed_since: float | None = time.monotonic()
+        """Since when no step feed is open (None while one is): detached requests are leased
+        to the feeds, and the orphan reaper reads this."""
 
     def track(self, request_id: str, context_len: int, num_output: int) -> None:
         self.requests[request_id] = TrackedRequest(context_len, num_output)
@@ -88,6 +98,7 @@ class Hub:
         """Every step report in order; `None` when `announce` was called."""
         queue: asyncio.Queue[object] = asyncio.Queue()
         self._step_subscribers.append(queue)
+        self.unfollowed_since = None
         try:
             while not self._is_closed:
                 item = await queue.get()
@@ -97,6 +108,8 @@ class Hub:
                 yield item
         finally:
             self._step_subscribers.remove(queue)
+            if not self._step_subscribers:
+                self.unfollowed_since = time.monotonic()
 
     def sum_context(self) -> int:
         return sum(t.context_len for t in self.requests.values())

@@ -57,6 +57,12 @@ class WorkerMetrics:
             labels,
             registry=r,
         ).labels(engine)
+        self.orphans_reaped = Counter(
+            "cascade_worker_orphans_reaped",
+            "Detached requests aborted because no step feed followed them (orphan_timeout_s)",
+            labels,
+            registry=r,
+        ).labels(engine)
         self.engine = engine
 
     def observe_step(self, r: StepReport) -> None:

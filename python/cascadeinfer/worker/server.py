@@ -15,7 +15,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cascadeinfer.daemon import CHANNEL_OPTIONS, StrictDecoding, run_daemon
+from cascadeinfer.daemon import (
+    CHANNEL_OPTIONS,
+    PING_TOLERANCE,
+    StrictDecoding,
+    keepalive_options,
+    run_daemon,
+)
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.security import BearerTokenInterceptor, add_port
 from cascadeinfer.worker.config import WorkerConfig, parse_args
@@ -31,6 +37,7 @@ from cascadeinfer.worker.engine_loop import EngineLoop
 from cascadeinfer.worker.engines.factory import build_engine
 from cascadeinfer.worker.hub import Hub
 from cascadeinfer.worker.metrics import WorkerMetrics
+from cascadeinfer.worker.reaper import reap_forever
 from cascadeinfer.worker.registration import Registration
 from cascadeinfer.worker.servicer import WorkerServicer
 from cascadeinfer.worker.state import WorkerState
@@ -66,6 +73,11 @@ async def drain(state: WorkerState, timeout_s: float) -> None:
     state.hub.close_feeds()
 
 
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background_task_failed", task=task.get_name(), error=repr(task.exception()))
+
+
 async def serve(config: WorkerConfig) -> None:
     loop = asyncio.get_running_loop()
     hub = Hub()
@@ -83,12 +95,24 @@ async def serve(config: WorkerConfig) -> None:
         [BearerTokenInterceptor(config.auth_token)] if needs_token else []
     )
     interceptors.append(StrictDecoding())  # after the token check: strangers get no parsing
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
+    keepalive = keepalive_options(config.link_timeout_s)
+    # Pings both ways: the scheduler's find a cut link, and ours drop the feed of a scheduler
+    # cut off (which starts the orphan bound).
+    server = grpc.aio.server(
+        options=[*CHANNEL_OPTIONS, *keepalive, *PING_TOLERANCE], interceptors=interceptors
+    )
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     worker_id = config.worker_id or f"{config.host}:{port}"
     structlog.contextvars.bind_contextvars(worker_id=worker_id, engine=engine.name)
     state = WorkerState(
-        worker_id, engine.name, engine_loop, hub, metrics, tls=config.tls, token=config.auth_token
+        worker_id,
+        engine.name,
+        engine_loop,
+        hub,
+        metrics,
+        tls=config.tls,
+        token=config.auth_token,
+        link_options=keepalive,
     )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state), server)
     health_servicer = health.aio.HealthServicer()
@@ -115,10 +139,13 @@ async def serve(config: WorkerConfig) -> None:
         )
         registration.start()
 
+    reaper = asyncio.create_task(reap_forever(state, config.orphan_timeout_s))
+    reaper.add_done_callback(_report_crash)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    reaper.cancel()
     log.info("draining", running=len(hub.requests))
     state.is_draining = True  # no new requests from here on
     hub.announce()  # a scheduler on the step feed starts moving the requests away

@@ -174,7 +174,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             worker_id=self.state.worker_id,
             step_index=hub.last_report.step_index if hub.last_report else 0,
             requests=[
-                worker_pb2.RequestStep(request_id=rid, context_len=t.context_len)
+                worker_pb2.RequestStep(
+                    request_id=rid, context_len=t.context_len, is_detached=t.is_detached
+                )
                 for rid, t in hub.requests.items()
             ],
             is_draining=self.state.is_draining,

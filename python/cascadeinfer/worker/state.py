@@ -28,6 +28,8 @@ class WorkerState:
     """Credentials for links to peers (migration targets)."""
     token: str = field(default="", repr=False)
     """The cluster's bearer token, sent to peers."""
+    link_options: list[tuple[str, int]] = field(default_factory=list)
+    """Channel options for links to peers (keepalive)."""
     is_draining: bool = False
     _stubs: dict[str, WorkerServiceAsyncStub] = field(default_factory=dict)
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -36,7 +38,7 @@ class WorkerState:
         """A cached stub for another worker (migration targets)."""
         stub = self._stubs.get(address)
         if stub is None:
-            channel = aio_channel(address, self.tls, self.token)
+            channel = aio_channel(address, self.tls, self.token, self.link_options)
             self._channels.append(channel)
             stub = self._stubs[address] = worker_pb2_grpc.WorkerServiceStub(channel)
         return stub

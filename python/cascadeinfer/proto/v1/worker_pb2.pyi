@@ -253,9 +253,16 @@ class RequestStep(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     CONTEXT_LEN_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    IS_DETACHED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     context_len: _builtins.int
     finish_reason: _common_pb2.FinishReason.ValueType
+    is_detached: _builtins.bool
+    """Set in the feed's first message (the snapshot of what runs here): no client streams this
+    request's output directly (a detached Generate, or an import nobody attached to), so only
+    step feeds follow it. A scheduler aborts such a request when it does not know it there (a
+    ghost left by a scheduler that crashed or lost the worker for a while).
+    """
     @_builtins.property
     def tokens(self) -> _common_pb2.TokenChunk: ...
     def __init__(
@@ -265,10 +272,11 @@ class RequestStep(_message.Message):
         tokens: _common_pb2.TokenChunk | None = ...,
         context_len: _builtins.int = ...,
         finish_reason: _common_pb2.FinishReason.ValueType = ...,
+        is_detached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_len", b"context_len", "finish_reason", b"finish_reason", "request_id", b"request_id", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_len", b"context_len", "finish_reason", b"finish_reason", "is_detached", b"is_detached", "request_id", b"request_id", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

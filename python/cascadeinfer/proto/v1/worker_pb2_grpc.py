@@ -121,6 +121,8 @@ class WorkerServiceServicer:
         """One message per engine step with the progress of every request that ran in it: the feed
         a scheduler routes on. Sends a snapshot of the running requests first, and a message
         without requests when the worker starts draining. Ends (OK) when the drain is over.
+        Detached requests are leased to the feeds: when no feed has been open for the worker's
+        orphan_timeout_s, they are aborted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,6 +52,8 @@ class WorkerServiceStub:
     """One message per engine step with the progress of every request that ran in it: the feed
     a scheduler routes on. Sends a snapshot of the running requests first, and a message
     without requests when the worker starts draining. Ends (OK) when the drain is over.
+    Detached requests are leased to the feeds: when no feed has been open for the worker's
+    orphan_timeout_s, they are aborted.
     """
     GetInfo: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetInfoRequest, _worker_pb2.WorkerInfo]
     """Engine, model and KV layout, for compatibility checks before a migration."""
@@ -93,6 +95,8 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """One message per engine step with the progress of every request that ran in it: the feed
     a scheduler routes on. Sends a snapshot of the running requests first, and a message
     without requests when the worker starts draining. Ends (OK) when the drain is over.
+    Detached requests are leased to the feeds: when no feed has been open for the worker's
+    orphan_timeout_s, they are aborted.
     """
     GetInfo: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetInfoRequest, _worker_pb2.WorkerInfo]  # type: ignore[assignment]
     """Engine, model and KV layout, for compatibility checks before a migration."""
@@ -161,6 +165,8 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         """One message per engine step with the progress of every request that ran in it: the feed
         a scheduler routes on. Sends a snapshot of the running requests first, and a message
         without requests when the worker starts draining. Ends (OK) when the drain is over.
+        Detached requests are leased to the feeds: when no feed has been open for the worker's
+        orphan_timeout_s, they are aborted.
         """
 
     @_abc_1.abstractmethod

@@ -4,6 +4,7 @@ Events ending in `data: [DONE]`."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -44,9 +45,18 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 class OpenAIFront:
     def __init__(
-        self, coordinator: Coordinator, files: ModelFiles, *, auth_token: str, model_name: str
+        self,
+        coordinator: Coordinator,
+        files: ModelFiles,
+        *,
+        auth_token: str,
+        model_name: str,
+        body_timeout_s: float = 30.0,
     ) -> None:
         self.c = coordinator
+        self.body_timeout_s = body_timeout_s
+        """A body not received whole within this is refused with 408: a client that declares a
+        length and never sends it would otherwise hold its connection and handler forever."""
         self.files = files
         self.runner = Runner(coordinator)
         self._token = auth_token.encode()
@@ -94,10 +104,16 @@ class OpenAIFront:
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > MAX_BODY_BYTES:
+                        raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        except TimeoutError:
+            raise APIError(
+                408, f"request body not received within {self.body_timeout_s:g} s"
+            ) from None
         try:
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

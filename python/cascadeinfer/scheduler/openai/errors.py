@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 from starlette.responses import JSONResponse
 
 from cascadeinfer.scheduler.openai.schema import ErrorBody, ErrorResponse
@@ -24,6 +25,8 @@ TYPE_OF_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -63,10 +66,33 @@ def from_grpc(code: grpc.StatusCode, message: str) -> APIError:
     return APIError(status, message if status != 500 else "internal error")
 
 
+_UNION_BRANCHES = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _is_union_branch(part: str | int) -> bool:
+    """Whether a location part names a union's branch (`list[constrained-int]`), not a field."""
+    return isinstance(part, str) and ("[" in part or "-" in part or part in _UNION_BRANCHES)
+
+
+def _most_telling(errors: list[ErrorDetails]) -> ErrorDetails:
+    """Of a union's errors, one per branch, the branch the input matched in shape: a value that
+    broke a constraint (`greater_than_equal`, `too_long`) rather than a type mismatch, else the
+    one that got deepest. A list of token ids with a negative one then reads "prompt.1: ...
+    greater than or equal to 0", not "prompt: should be a valid string"."""
+    constraint = [x for x in errors if not x["type"].endswith("_type")]
+    if constraint:
+        return constraint[0]
+    return max(errors, key=lambda x: len(x["loc"]))
+
+
 def from_validation(e: ValidationError) -> APIError:
-    """The first problem pydantic found, named by its field path (`messages.0.role`)."""
-    first = e.errors(include_url=False)[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    """The most telling problem pydantic found, named by its field path (`messages.0.role`)."""
+    errors = e.errors(include_url=False)
+    first = errors[0]
+    if first["loc"]:
+        same_field = [x for x in errors if x["loc"][:1] == first["loc"][:1]]
+        first = _most_telling(same_field)
+    param = ".".join(str(p) for p in first["loc"] if not _is_union_branch(p)) or None
     message = f"{param}: {first['msg']}" if param else first["msg"]
     if first["type"] == "extra_forbidden":
         message = f"{param}: not supported by this server"

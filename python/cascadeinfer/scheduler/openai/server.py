@@ -15,9 +15,7 @@ from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.coordinator import Coordinator
 from cascadeinfer.scheduler.openai.app import OpenAIFront
 from cascadeinfer.scheduler.openai.model_files import load_model_files
-
-MAX_CONNECTIONS = 8192
-"""Open HTTP connections at most; more are answered 503 by uvicorn."""
+from cascadeinfer.scheduler.openai.protocol import bounded_head_protocol
 
 
 class _Server(uvicorn.Server):
@@ -64,7 +62,11 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
     assert config.http_port is not None and coordinator.tokenizer is not None
     files = load_model_files(coordinator.tokenizer, config.tokenizer, config.chat_template)
     front = OpenAIFront(
-        coordinator, files, auth_token=config.auth_token, model_name=config.served_model_name
+        coordinator,
+        files,
+        auth_token=config.auth_token,
+        model_name=config.served_model_name,
+        body_timeout_s=config.http_request_timeout_s,
     )
     sock = _bind(config.host, config.http_port)
     uv_config = uvicorn.Config(
@@ -73,8 +75,9 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
         access_log=False,
         lifespan="off",
         ws="none",
+        http=bounded_head_protocol(config.http_request_timeout_s),
         proxy_headers=False,  # the front reads no client address; skip the per-request rewrite
-        limit_concurrency=MAX_CONNECTIONS,
+        limit_concurrency=config.http_max_connections,
         timeout_graceful_shutdown=5,
         ssl_certfile=config.tls.cert or None,
         ssl_keyfile=config.tls.key or None,

@@ -1,0 +1,166 @@
+"""uvicorn's HTTP protocol (httptools) with the bounds it lacks on a request's head.
+
+httptools buffers a request's headers without limit and uvicorn waits for them without a
+deadline: one connection sending 20 MB of headers grew the scheduler by 17 MB, and one that
+sends a byte every few seconds holds its connection (and its slot under `http_max_connections`)
+forever. Here a head larger than `MAX_HEAD_BYTES` is answered 431 and one not complete within
+`head_timeout_s` (the scheduler's `http_request_timeout_s`) of its first byte is answered 408;
+either way the connection closes. A connection that sends nothing is closed after that time
+too. (The body has its own bounds in the app: `MAX_BODY_BYTES` and the same timeout.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+MAX_HEAD_BYTES = 64 * 1024
+"""Request line plus headers, at most (bearer tokens and the usual headers take a few hundred)."""
+
+
+LINGER_S = 2.0
+"""After a refusal, input is read and dropped this long before the connection closes: closing a
+socket with unread input sends a reset, which can destroy the answer before the client reads
+it (a client still sending its oversized head would see a reset, not the 431)."""
+MAX_LINGER_BYTES = 1 << 20
+"""... or until this much was dropped."""
+
+
+def _error(status: int, reason: str, message: str) -> bytes:
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+async def _too_many_connections(
+    scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+) -> None:
+    """uvicorn's answer past `limit_concurrency` (plain text "Service Unavailable"), in the
+    OpenAI error shape every other answer of this API has."""
+    body = json.dumps(
+        {
+            "error": {
+                "message": "too many open connections to this server (http_max_connections)",
+                "type": "service_unavailable_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol that refuses an oversized or never-ending request head, and answers
+    past the connection limit in JSON."""
+
+    head_timeout_s = 30.0
+    """From a request's first byte to the end of its headers, at most (set per server by
+    `bounded_head_protocol`)."""
+    _head_bytes = 0
+    _in_head = False
+    _dropped_bytes = -1
+    """Bytes dropped since a refusal; -1 before any."""
+    _head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._dropped_bytes >= 0:
+            self._dropped_bytes += len(data)
+            if self._dropped_bytes > MAX_LINGER_BYTES:
+                self.transport.close()
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Still in the head after this chunk (a head that ended in it does not count).
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(
+                431, "Request Header Fields Too Large", f"request head over {MAX_HEAD_BYTES} bytes"
+            )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._in_head:
+            self._start_head()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._stop_head_deadline()
+        super().on_headers_complete()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        if app is service_unavailable:
+            app = _too_many_connections
+        super()._start_asgi_task(cycle, app)
+
+    def _start_head(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._stop_head_deadline()
+        self._head_deadline = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _stop_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if self._in_head and self._head_bytes > 0:
+            self._refuse(
+                408,
+                "Request Timeout",
+                f"request head not complete within {self.head_timeout_s:g} s",
+            )
+        elif self._in_head:
+            # Opened and silent: nothing to answer. uvicorn's keep-alive timeout covers idle
+            # connections between requests, not before the first one.
+            self.transport.close()
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        self._in_head = False
+        self._stop_head_deadline()
+        if self.transport.is_closing():
+            return
+        self.transport.write(_error(status, reason, message))
+        if not self.transport.can_write_eof():
+            self.transport.close()  # TLS: no half-close
+            return
+        self.transport.write_eof()
+        self._dropped_bytes = 0
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+
+def bounded_head_protocol(head_timeout_s: float) -> type[BoundedHeadProtocol]:
+    """The protocol class for one server, with its head timeout."""
+    return type("BoundedHeadProtocol", (BoundedHeadProtocol,), {"head_timeout_s": head_timeout_s})

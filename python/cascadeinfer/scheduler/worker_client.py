@@ -1,0 +1,125 @@
+"""What the coordinator asks of one worker, as an interface: the gRPC client the daemon uses,
+and the seam tests put fakes into (tests/scheduler/fake_workers.py), so the coordinator's
+decisions (admission, back-pressure, migrations, recovery) run without daemons.
+
+Every failed call raises `WorkerCallError` with the gRPC status the coordinator decides by
+(NOT_FOUND: the worker no longer has the request; INVALID_ARGUMENT/ALREADY_EXISTS: it refuses
+it; anything else: it could not be reached), never a transport's own exception type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import grpc
+
+from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
+from cascadeinfer.security import TlsFiles, aio_channel
+
+if TYPE_CHECKING:
+    from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
+
+
+class WorkerCallError(Exception):
+    """A call to a worker that failed, with the gRPC status it failed with."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details or code.name
+
+
+class WorkerClient(Protocol):
+    """One worker, as the scheduler uses it."""
+
+    async def info(self, timeout_s: float) -> worker_pb2.WorkerInfo:
+        """Its id, model and limits."""
+        ...
+
+    async def start_detached(self, request: worker_pb2.GenerateRequest, timeout_s: float) -> None:
+        """Starts a request that runs on after the call returns (its tokens come on the step
+        feed); returns once the worker accepted it."""
+        ...
+
+    async def migrate_out(
+        self, request_id: str, target_address: str, timeout_s: float
+    ) -> worker_pb2.MigrateOutResponse:
+        """Moves a running request to the worker at `target_address`; returns once it runs
+        there (a failure leaves it running here, or resumed here)."""
+        ...
+
+    async def abort(self, request_id: str, timeout_s: float) -> None: ...
+
+    def step_feed(self) -> AsyncIterator[worker_pb2.StepUpdate]:
+        """Every engine step's update, from a snapshot of what runs there; ends (or raises
+        WorkerCallError) when the worker is gone."""
+        ...
+
+    async def load(self, timeout_s: float) -> worker_pb2.LoadReport: ...
+
+    async def close(self) -> None: ...
+
+
+class GrpcWorkerClient:
+    """A worker over its gRPC API (the channel carries TLS and the cluster's token)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self._stub: WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)
+
+    @classmethod
+    def connect(
+        cls, address: str, tls: TlsFiles, token: str, options: Sequence[tuple[str, int]] = ()
+    ) -> GrpcWorkerClient:
+        return cls(aio_channel(address, tls, token, options))
+
+    async def info(self, timeout_s: float) -> worker_pb2.WorkerInfo:
+        try:
+            return await self._stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _call_error(e) from None
+
+    async def start_detached(self, request: worker_pb2.GenerateRequest, timeout_s: float) -> None:
+        try:
+            async for _ in self._stub.Generate(request, timeout=timeout_s):
+                pass
+        except grpc.aio.AioRpcError as e:
+            raise _call_error(e) from None
+
+    async def migrate_out(
+        self, request_id: str, target_address: str, timeout_s: float
+    ) -> worker_pb2.MigrateOutResponse:
+        request = worker_pb2.MigrateOutRequest(request_id=request_id, target_address=target_address)
+        try:
+            return await self._stub.MigrateOut(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _call_error(e) from None
+
+    async def abort(self, request_id: str, timeout_s: float) -> None:
+        try:
+            await self._stub.Abort(
+                worker_pb2.AbortRequest(request_id=request_id), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as e:
+            raise _call_error(e) from None
+
+    async def step_feed(self) -> AsyncIterator[worker_pb2.StepUpdate]:
+        try:
+            async for update in self._stub.StreamSteps(worker_pb2.StreamStepsRequest()):
+                yield update
+        except grpc.aio.AioRpcError as e:
+            raise _call_error(e) from None
+
+    async def load(self, timeout_s: float) -> worker_pb2.LoadReport:
+        try:
+            return await self._stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _call_error(e) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def _call_error(e: grpc.aio.AioRpcError) -> WorkerCallError:
+    return WorkerCallError(e.code(), e.details() or "")

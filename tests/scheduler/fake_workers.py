@@ -1,0 +1,115 @@
+"""Fake workers behind the coordinator's `WorkerClient` seam: each records what it was asked,
+fails or stalls a call when a test says so, and emits the step updates a test writes, so the
+coordinator's decisions run in-process without daemons. (The daemons' own behaviour is tested
+against real workers elsewhere; these fakes stand in only for the wire.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2
+from cascadeinfer.scheduler.worker_client import WorkerCallError
+
+
+@dataclass
+class Step:
+    """One request's part of a step update."""
+
+    request_id: str
+    first_index: int = 0
+    token_ids: tuple[int, ...] = ()
+    context_len: int = 0
+    finish: int = common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+@dataclass
+class FakeWorker:
+    address: str
+    max_model_len: int = 4096
+    started: dict[str, worker_pb2.GenerateRequest] = field(default_factory=dict)
+    """Requests started here, by id (moved-in ones included)."""
+    aborted: list[str] = field(default_factory=list)
+    refuse_start: grpc.StatusCode | None = None
+    """Fail every start_detached with this status."""
+    fail_migrate: grpc.StatusCode | None = None
+    """Fail every migrate_out with this status."""
+    hold_migrate: asyncio.Event | None = None
+    """migrate_out waits for this before it answers (a transfer in flight)."""
+    peers: dict[str, FakeWorker] = field(default_factory=dict)
+    _feed: asyncio.Queue[worker_pb2.StepUpdate | WorkerCallError | None] = field(
+        default_factory=asyncio.Queue
+    )
+
+    # --- what a test does ---------------------------------------------------------------
+    def step(self, *steps: Step, is_draining: bool = False) -> None:
+        """Emits one step update on this worker's feed."""
+        update = worker_pb2.StepUpdate(worker_id=self.address, is_draining=is_draining)
+        for s in steps:
+            update.requests.append(
+                worker_pb2.RequestStep(
+                    request_id=s.request_id,
+                    tokens=common_pb2.TokenChunk(first_index=s.first_index, token_ids=s.token_ids),
+                    context_len=s.context_len,
+                    finish_reason=s.finish,
+                )
+            )
+        self._feed.put_nowait(update)
+
+    def die(self) -> None:
+        """Its feed breaks, as when the process is killed."""
+        self._feed.put_nowait(WorkerCallError(grpc.StatusCode.UNAVAILABLE, "worker died"))
+
+    # --- the WorkerClient interface -------------------------------------------------------
+    async def info(self, timeout_s: float) -> worker_pb2.WorkerInfo:
+        return worker_pb2.WorkerInfo(
+            worker_id=self.address, engine="fake", max_model_len=self.max_model_len
+        )
+
+    async def start_detached(self, request: worker_pb2.GenerateRequest, timeout_s: float) -> None:
+        if self.refuse_start is not None:
+            raise WorkerCallError(self.refuse_start, "refused by the fake")
+        self.started[request.request_id] = request
+
+    async def migrate_out(
+        self, request_id: str, target_address: str, timeout_s: float
+    ) -> worker_pb2.MigrateOutResponse:
+        if self.hold_migrate is not None:
+            await self.hold_migrate.wait()
+        if self.fail_migrate is not None:
+            raise WorkerCallError(self.fail_migrate, "migration failed in the fake")
+        self.peers[target_address].started[request_id] = self.started.pop(request_id)
+        return worker_pb2.MigrateOutResponse()
+
+    async def abort(self, request_id: str, timeout_s: float) -> None:
+        self.aborted.append(request_id)
+
+    async def step_feed(self) -> AsyncIterator[worker_pb2.StepUpdate]:
+        # Like a real worker, the feed opens with a snapshot of what runs here (all detached).
+        snapshot = worker_pb2.StepUpdate(worker_id=self.address)
+        for rid in self.started:
+            snapshot.requests.append(worker_pb2.RequestStep(request_id=rid, is_detached=True))
+        yield snapshot
+        while True:
+            item = await self._feed.get()
+            if item is None:
+                return
+            if isinstance(item, WorkerCallError):
+                raise item
+            yield item
+
+    async def load(self, timeout_s: float) -> worker_pb2.LoadReport:
+        return worker_pb2.LoadReport(num_running=len(self.started))
+
+    async def close(self) -> None:
+        self._feed.put_nowait(None)
+
+
+def fake_cluster(*addresses: str) -> dict[str, FakeWorker]:
+    """Fake workers that know each other (a migration moves a request between them)."""
+    fakes = {a: FakeWorker(a) for a in addresses}
+    for f in fakes.values():
+        f.peers = fakes
+    return fakes

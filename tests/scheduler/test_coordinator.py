@@ -1,0 +1,198 @@
+"""The coordinator's decisions with fake workers behind its `WorkerClient` seam (in process, no
+daemons, well under a second each): the admission queue and its priorities, back-pressure on a
+full queue and on a client that stops reading, a migration that fails, a worker that dies
+while a migration out of it is in flight, and a finish that arrives before the tokens ahead of
+it. The Rust core deciding admissions and migrations is the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cascadeinfer import CostProfile
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2
+from cascadeinfer.scheduler.config import SchedulerConfig, StageSpec
+from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
+from cascadeinfer.scheduler.requests import ClientRequest
+from cascadeinfer.scheduler.workers import WorkerPool
+from cascadeinfer.worker.engine import FinishReason, SamplingSpec
+
+from tests.scheduler.fake_workers import FakeWorker, Step, fake_cluster
+
+LENGTH = common_pb2.FINISH_REASON_LENGTH
+TWO_STAGES = (StageSpec(0, 64, 1), StageSpec(64, 4096, 1))
+"""Stage 0 on worker a, stage 1 on worker b: a request reaching 64 tokens moves a -> b."""
+
+
+async def settle() -> None:
+    """Lets the coordinator's background tasks (placements, migrations) run."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[list[Coordinator]]:
+    coordinators: list[Coordinator] = []
+    yield coordinators
+    for c in coordinators:
+        await c.close()
+
+
+async def start(
+    started: list[Coordinator], *addresses: str, ghosts: tuple[str, ...] = (), **config: object
+) -> tuple[Coordinator, dict[str, FakeWorker]]:
+    """A coordinator over fake workers at `addresses`; the first runs `ghosts` (requests no
+    scheduler placed there, as after a scheduler crash)."""
+    fakes = fake_cluster(*addresses)
+    for rid in ghosts:
+        fakes[addresses[0]].started[rid] = worker_pb2.GenerateRequest(request_id=rid, detach=True)
+    pool = WorkerPool(lambda address: fakes[address])
+    settings = {"min_workers": len(addresses), "policy": "least-load", **config}
+    coordinator = Coordinator(SchedulerConfig(**settings), pool)  # type: ignore[arg-type]
+    started.append(coordinator)
+    for address in addresses:  # in order: instance k is the k-th address
+        await coordinator.add_worker(address)
+    return coordinator, fakes
+
+
+async def submit(
+    c: Coordinator, rid: str, prompt_len: int, max_tokens: int = 1000, priority: int = 0
+) -> ClientRequest:
+    rec = c.new_request(rid, tuple(range(1, prompt_len + 1)), SamplingSpec(max_tokens), priority)
+    await c.submit(rec)
+    await settle()
+    return rec
+
+
+def small_kv_profile(tmp_path: Path, tokens: int) -> str:
+    profile = json.loads(CostProfile.builtin("gpu-h100-llama3-8b").to_json())
+    profile["kv_capacity_tokens"] = tokens
+    path = tmp_path / "small-kv.json"
+    path.write_text(json.dumps(profile))
+    return str(path)
+
+
+async def test_queued_requests_start_by_priority_once_room_frees(
+    started: list[Coordinator], tmp_path: Path
+) -> None:
+    c, fakes = await start(started, "a", profile=small_kv_profile(tmp_path, 300))
+    a = fakes["a"]
+    await submit(c, "first", 200)
+    await submit(c, "low", 200, priority=0)
+    await submit(c, "high", 200, priority=5)
+    assert set(a.started) == {"first"} and c.queue_depth == 2
+    a.step(Step("first", 0, (7,), 201, LENGTH))
+    await settle()
+    assert set(a.started) == {"first", "high"}, "the higher priority goes first"
+    assert c.queue_depth == 1
+
+
+async def test_a_full_queue_refuses_with_resource_exhausted(
+    started: list[Coordinator], tmp_path: Path
+) -> None:
+    c, _ = await start(started, "a", profile=small_kv_profile(tmp_path, 300), max_queue=1)
+    await submit(c, "running", 200)
+    await submit(c, "queued", 200)
+    with pytest.raises(SchedulingError) as refused:
+        await submit(c, "one-too-many", 200)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "one-too-many" not in c.requests
+
+
+async def test_a_worker_that_refuses_a_request_fails_it_with_the_workers_status(
+    started: list[Coordinator],
+) -> None:
+    c, fakes = await start(started, "a")
+    fakes["a"].refuse_start = grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(SchedulingError) as refused:
+        await submit(c, "r", 10)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not c.requests
+
+
+async def test_a_client_that_stops_reading_has_its_request_ended_and_aborted(
+    started: list[Coordinator],
+) -> None:
+    c, fakes = await start(started, "a", max_stream_lag_tokens=8)
+    rec = await submit(c, "slow", 10)
+    fakes["a"].step(Step("slow", 0, tuple(range(5)), 15))
+    await settle()
+    assert not rec.is_done  # 5 unread tokens: within the bound
+    fakes["a"].step(Step("slow", 5, tuple(range(5)), 20))
+    await settle()
+    assert rec.is_overflowed and rec.finish == FinishReason.ABORT
+    assert fakes["a"].aborted == ["slow"]
+    assert "slow" not in c.requests
+
+
+async def test_a_failed_migration_leaves_the_request_streaming_from_its_source(
+    started: list[Coordinator],
+) -> None:
+    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
+    a, b = fakes["a"], fakes["b"]
+    a.fail_migrate = grpc.StatusCode.UNAVAILABLE
+    rec = await submit(c, "r", 60)
+    assert set(a.started) == {"r"}
+    a.step(Step("r", 0, (1, 2, 3, 4), 64))  # at the stage bound: the core moves it to b
+    await settle()
+    assert c.counters.num_failed_migrations >= 1 and not b.started
+    assert rec.worker_id == "a" and rec.holders == {"a"}
+    a.step(Step("r", 4, (5,), 65, LENGTH))
+    await settle()
+    assert rec.tokens == [1, 2, 3, 4, 5] and rec.finish == FinishReason.LENGTH
+
+
+async def test_a_source_dying_mid_migration_resumes_the_request_where_it_fits(
+    started: list[Coordinator],
+) -> None:
+    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
+    a, b = fakes["a"], fakes["b"]
+    a.hold_migrate = asyncio.Event()
+    a.fail_migrate = grpc.StatusCode.UNAVAILABLE
+    rec = await submit(c, "r", 60)
+    a.step(Step("r", 0, (1, 2, 3, 4), 64))
+    await settle()
+    assert rec.is_moving
+    a.die()  # its feed breaks while the move is in flight
+    await settle()
+    assert not b.started, "the move decides, not the broken feed"
+    a.hold_migrate.set()  # the move fails: a is gone, so nothing runs the request
+    await settle()
+    resumed = b.started["r"]
+    assert list(resumed.output_token_ids) == [1, 2, 3, 4], "resumed from what the client has"
+    assert rec.worker_id == "b" and not rec.is_done
+
+
+async def test_a_finish_that_arrives_before_the_tokens_ahead_of_it_waits_for_them(
+    started: list[Coordinator],
+) -> None:
+    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
+    a, b = fakes["a"], fakes["b"]
+    rec = await submit(c, "r", 60, max_tokens=8)
+    a.step(Step("r", 0, (1, 2, 3, 4), 64))
+    await settle()
+    assert set(b.started) == {"r"} and rec.worker_id == "b"
+    # The target's feed runs ahead of the source's last tokens (indices 4-5).
+    b.step(Step("r", 6, (7, 8), 68, LENGTH))
+    await settle()
+    assert not rec.is_done and rec.tokens == [1, 2, 3, 4]
+    a.step(Step("r", 4, (5, 6), 66))  # within the source's grace after the move
+    await settle()
+    assert rec.tokens == [1, 2, 3, 4, 5, 6, 7, 8] and rec.finish == FinishReason.LENGTH
+    deliveries = []
+    while not rec.out.empty():
+        deliveries.append(await rec.next_delivery())
+    assert [t for d in deliveries for t in d.token_ids] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert deliveries[-1].finish == FinishReason.LENGTH
+
+
+async def test_a_worker_joins_once_the_ghosts_it_runs_are_aborted(
+    started: list[Coordinator],
+) -> None:
+    c, fakes = await start(started, "a", ghosts=("left-by-a-crash",))
+    assert fakes["a"].aborted == ["left-by-a-crash"]
+    assert c.can_place
