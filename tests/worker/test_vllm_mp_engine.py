@@ -288,6 +288,33 @@ def test_bytes_that_never_arrive_are_recomputed(
     assert transcript.tokens["lost"] == reference
 
 
+def test_export_whose_bytes_never_come_resumes_by_recompute(
+    engines: tuple[VllmMpEngine, VllmMpEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The side channel breaks after the stop (after a pre-copy, too): the export still hands
+    back the request, with no cached tokens, and resuming it recomputes the unmoved tokens."""
+    source, target = engines
+    reference = unmoved(target, request("cut"))
+    transcript = Transcript()
+    transcript.start(source, request("cut"))
+    transcript.step_until(source, "cut", 15)
+    pre = source.copy_full_blocks("cut", 0)
+    channel = source._channel
+    assert channel is not None and pre
+
+    def cut(tag: str, timeout_s: float) -> list[bytes]:
+        raise RuntimeError("side channel cut")
+
+    monkeypatch.setattr(channel, "receive_export", cut)
+    rest = source.export_kv("cut", skip_blocks=len(pre))
+    transcript.record(source.step())
+    assert rest.num_cached_tokens == 0 and rest.blocks == []
+    assert list(rest.request.output_token_ids) == transcript.tokens["cut"]
+    source.import_kv(replace(rest, blocks=pre))  # as migrate_out resumes it on failure
+    transcript.finish_all(source)
+    assert transcript.tokens["cut"] == reference
+
+
 def test_refused_imports_take_nothing_and_the_source_resumes(
     engines: tuple[VllmMpEngine, VllmMpEngine],
 ) -> None:

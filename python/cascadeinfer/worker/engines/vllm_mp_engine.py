@@ -34,6 +34,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from cascadeinfer.worker.engine import (
     EngineError,
     EngineRequest,
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from vllm.v1.engine.output_processor import RequestOutputCollector
     from vllm.v1.metrics.stats import SchedulerStats
 
+log = structlog.get_logger(__name__)
 _FINISH_REASONS = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP}
 _EXPORT_TIMEOUT_S = 30.0
 """Longest an export waits for the stopped request's last output and for its blocks."""
@@ -248,7 +251,9 @@ class VllmMpEngine:
     def import_kv(self, snapshot: KVSnapshot) -> None:
         """Resumes a snapshot: its blocks go to the ranks first (without `move_kv`, a snapshot
         with blocks is refused and one without is recomputed)."""
-        if not snapshot.blocks and not snapshot.num_cached_tokens:
+        if not snapshot.num_cached_tokens:
+            # No cached tokens: recompute (pre-copied blocks of an export that then broke
+            # are not enough to resume from).
             self.add_request(snapshot.request)
             return
         if self._channel is None:
@@ -305,7 +310,13 @@ class VllmMpEngine:
         if params is None or mkc.NUM_CACHED_TOKENS_KEY not in params:
             # It finished on its own before the stop took effect: report that finish.
             raise EngineError(ErrorCode.NOT_FOUND, f"request_id = {rid!r}: finished")
-        blocks = channel.receive_export(rid, _EXPORT_TIMEOUT_S)
+        try:
+            blocks: list[bytes] | None = channel.receive_export(rid, _EXPORT_TIMEOUT_S)
+        except RuntimeError:
+            # The side channel broke after the stop: the request is resumed by recompute
+            # (a snapshot with no cached tokens), never lost.
+            log.warning("kv_export_incomplete_recompute", request_id=rid)
+            blocks = None
         request = EngineRequest(
             request_id=rid,
             prompt_token_ids=tracked.request.prompt_token_ids,
@@ -315,6 +326,8 @@ class VllmMpEngine:
         if request.remaining_tokens < 1:
             self._pending[rid] = replace(self._pending[rid], finish_reason=FinishReason.LENGTH)
             raise EngineError(ErrorCode.NOT_FOUND, f"request_id = {rid!r}: finished")
+        if blocks is None:
+            return KVSnapshot(request, self._layout, 0, [])
         num_cached = int(params[mkc.NUM_CACHED_TOKENS_KEY])
         if num_cached != request.context_len - 1:
             raise RuntimeError(f"{rid!r}: vLLM cached {num_cached} tokens of {request.context_len}")
