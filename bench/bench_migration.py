@@ -1,14 +1,17 @@
 """Live migration between two cascade-worker daemons on loopback (`make bench-migration`).
 
 For several sequence lengths: a request decodes on worker A, then A.MigrateOut moves it to B.
-Reports the pause (time the request did not decode), the total time, the KV bytes moved and the
-transfer rate (bytes / total time). Engine: `sim` with 32 KiB of KV per token (a Llama-3.2-1B
+Reports the pause (time the request did not decode, as MigrateOut measures it: from the stop to
+the target's answer), the gap a client sees (from the stop to the target's first new token on its
+step feed: for recompute mode this includes the target's prefill, which the pause does not), the
+total time, the KV bytes moved and the transfer rate (bytes / total time). Engine: `sim` with 32 KiB of KV per token (a Llama-3.2-1B
 sized cache: 16 layers x 8 KV heads x 64 x K,V x 2 bytes) unless --engine vllm is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -17,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 
 from tests.worker.daemons import workers
-from tests.worker.streams import GenerateReader, Spliced, generate_request
+from tests.worker.streams import FeedReader, GenerateReader, Spliced, generate_request
 
 SIM = [
     "--engine",
@@ -36,6 +39,48 @@ SIM = [
 
 # vLLM on CPU with the built-in tiny Llama: 16 KiB of KV per 32-token block.
 VLLM = ["--engine", "vllm", "--vllm-option", "max_model_len=4096"]
+# The same with the engine core in its own process (AsyncLLM; KV through mp_kv_connector).
+ENGINES = {"sim": SIM, "vllm": VLLM, "vllm-mp": [*VLLM, "--vllm-option", "multiprocess=true"]}
+LLAMA_8B_KV = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+}
+"""--kv-geometry 8b: Llama-3-8B's KV cache (32 layers x 8 KV heads x 128, bf16: 128 KiB per
+token) on a model whose other weights are small, so CPU prefill stays affordable."""
+
+
+def llama_8b_kv_args(directory: Path, max_model_len: int) -> list[str]:
+    from cascadeinfer.worker.tiny_model import write_tiny_llama
+
+    path = write_tiny_llama(directory, max_position_embeddings=max_model_len)
+    config = path / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **LLAMA_8B_KV}))
+    options = {
+        "load_format": "cascade-dummy",
+        "served_model_name": "llama-8b-kv",
+        "max_model_len": max_model_len,
+        # Two requests of max_model_len tokens, at 128 KiB each.
+        "cpu_kv_cache_gib": -(-2 * max_model_len * 128 // 2**20),
+    }
+    args = ["--model", str(path)]
+    for k, v in options.items():
+        args += ["--vllm-option", f"{k}={v}"]
+    return args
+
+
+class FirstArrival(Spliced):
+    """Records when the first tokens arrive (on the target's step feed)."""
+
+    arrived_at: float = 0.0
+
+    def add(self, chunk: common_pb2.TokenChunk, finish: int) -> None:
+        if not self.arrived_at:
+            self.arrived_at = time.perf_counter()
+        super().add(chunk, finish)
 
 
 def main() -> None:
@@ -43,48 +88,68 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mode", choices=["kv", "recompute"], default="kv")
-    parser.add_argument("--engine", choices=["sim", "vllm"], default="sim")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="sim")
+    parser.add_argument(
+        "--kv-geometry",
+        choices=["tiny", "8b"],
+        default="tiny",
+        help="vllm engines: see LLAMA_8B_KV",
+    )
     args = parser.parse_args()
     mode = (
         worker_pb2.MIGRATION_MODE_KV if args.mode == "kv" else worker_pb2.MIGRATION_MODE_RECOMPUTE
     )
     rows = []
-    engine_args = SIM if args.engine == "sim" else VLLM
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        workers([engine_args, engine_args], Path(tmp)) as (a, b),
-    ):
-        for length in [int(x) for x in args.lengths.split(",")]:
+    engine_args = ENGINES[args.engine]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    max_model_len = 4096
+    tmp = tempfile.mkdtemp(prefix="bench-migration-")
+    if args.kv_geometry == "8b":
+        max_model_len = max(4096, 2 ** (max(lengths) + 64).bit_length())
+        engine_args = [*engine_args, *llama_8b_kv_args(Path(tmp) / "model", max_model_len)]
+    with workers([engine_args, engine_args], Path(tmp)) as (a, b):
+        for length in lengths:
             samples = []
             for rep in range(args.repeats):
                 rid = f"m{length}-{rep}"
                 out = Spliced()
                 src, dst = (a, b) if rep % 2 == 0 else (b, a)
                 prompt = [(k * 7 + rep) % 1000 + 1 for k in range(length - 8)]
-                max_tokens = 4000 if args.engine == "sim" else 4096 - len(prompt)
+                max_tokens = 4000 if args.engine == "sim" else max_model_len - len(prompt)
                 reader = GenerateReader(src.stub(), generate_request(rid, prompt, max_tokens), out)
                 reader.wait_tokens(8, timeout=300)
-                started = time.perf_counter()
+                first = FirstArrival()
+                feed = FeedReader(dst.stub(), {rid: first})
                 r = src.stub().MigrateOut(
                     worker_pb2.MigrateOutRequest(
                         request_id=rid, target_address=dst.address, mode=mode
                     ),
                     timeout=300,
                 )
-                wall = time.perf_counter() - started
+                answered = time.perf_counter()
+                while not first.arrived_at and time.perf_counter() - answered < 60:
+                    time.sleep(0.001)
+                # The stop came pause_s before the answer.
+                gap = first.arrived_at - (answered - r.pause_s)
+                feed.close()
                 dst.stub().Abort(worker_pb2.AbortRequest(request_id=rid))
                 reader.join()
-                samples.append((r.context_len, r.pause_s, r.total_s, r.num_bytes, wall))
+                samples.append((r.context_len, r.pause_s, r.total_s, r.num_bytes, gap))
             ctx = samples[0][0]
             pause = statistics.median(s[1] for s in samples)
             total = statistics.median(s[2] for s in samples)
             nbytes = samples[0][3]
-            rows.append((ctx, pause, total, nbytes, nbytes / total if total else 0.0))
-    print(f"| context tokens | pause ms (median of {args.repeats}) | total ms | KV MiB | MiB/s |")
-    print("|---|---|---|---|---|")
-    for ctx, pause, total, nbytes, rate in rows:
+            gap = statistics.median(s[4] for s in samples)
+            rows.append((ctx, pause, gap, total, nbytes, nbytes / total if total else 0.0))
+    print(
+        f"| context tokens | pause ms (median of {args.repeats}) | gap to first token ms "
+        "| total ms | KV MiB | MiB/s |"
+    )
+    print("|---|---|---|---|---|---|")
+    for ctx, pause, gap, total, nbytes, rate in rows:
         print(
-            f"| {ctx} | {pause * 1e3:.1f} | {total * 1e3:.1f} | {nbytes / 2**20:.1f} | {rate / 2**20:.0f} |"
+            f"| {ctx} | {pause * 1e3:.1f} | {gap * 1e3:.1f} | {total * 1e3:.1f} "
+            f"| {nbytes / 2**20:.1f} | {rate / 2**20:.0f} |"
         )
 
 

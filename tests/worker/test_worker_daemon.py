@@ -25,18 +25,21 @@ from tests.worker.streams import (
 
 SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "256", "--sim-max-model-len", "8192"]
 VLLM = ["--engine", "vllm"]  # vLLM on CPU with the built-in tiny Llama (seeded dummy weights)
+# The same with vLLM's engine core in its own process (AsyncLLM; KV through mp_kv_connector).
+VLLM_MP = [*VLLM, "--vllm-option", "multiprocess=true"]
+ARGS = {"sim": SIM, "vllm": VLLM, "vllm-mp": VLLM_MP}
 PROMPT = list(range(1, 41))
 # Long enough that several migrations land mid-decode; vLLM's tiny model steps in about 1 ms.
 MAX_TOKENS = {"sim": 300, "vllm": 1200}
 LONG = {"sim": 5000, "vllm": 1900}
 
 
-@pytest.fixture(scope="module", params=["sim", "vllm"])
+@pytest.fixture(scope="module", params=["sim", "vllm", "vllm-mp"])
 def pair(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[Daemon]]:
-    """Two workers of one engine kind; every test using it runs against both kinds."""
-    args = SIM if request.param == "sim" else VLLM
+    """Two workers of one engine kind; every test using it runs against every kind."""
+    args = ARGS[request.param]
     with workers([args, args], tmp_path_factory.mktemp("logs")) as daemons:
         yield daemons
 
@@ -55,6 +58,13 @@ def migrate(
         timeout=60,
     )
     return response
+
+
+def moves_kv(d: Daemon) -> bool:
+    """False for a worker that migrates in recompute mode only, also when asked for KV mode
+    (a multiprocess vLLM worker with move_kv=false)."""
+    backend = d.stub().GetInfo(worker_pb2.GetInfoRequest()).layout.backend
+    return not backend.endswith("+mp-recompute-only")
 
 
 def free_blocks(d: Daemon) -> int:
@@ -84,6 +94,8 @@ def test_migrated_request_yields_exactly_the_unmoved_tokens(
         result = migrate(where[hop % 2], where[(hop + 1) % 2], rid, mode)
         assert result.context_len > len(prompt) + 40 + 60 * hop - 1
         assert result.pause_s < result.total_s
+        if not moves_kv(a):  # moved in recompute mode
+            assert result.num_bytes == 0
     reader.join()
     assert reader.error is None
     assert reader.responses[-1].finish_reason == common_pb2.FINISH_REASON_MIGRATED
@@ -369,3 +381,22 @@ def test_a_detached_request_runs_on_after_its_call_ends(pair: list[Daemon]) -> N
     feed.close()
     assert out.ordered() == reference
     assert out.finish == common_pb2.FINISH_REASON_LENGTH
+
+
+def test_a_killed_multiprocess_vllm_worker_takes_its_engine_processes_along(
+    tmp_path: Path,
+) -> None:
+    """vLLM's engine core would outlive a daemon killed with SIGKILL, holding its memory."""
+    psutil = pytest.importorskip("psutil")
+    d = start_worker(VLLM_MP, tmp_path)
+    try:
+        helpers = psutil.Process(d.process.pid).children(recursive=True)
+        # The engine core, its model worker and multiprocessing's resource tracker (titles
+        # vary: vLLM retitles argv, torch renames the main thread).
+        titles = " ".join(" ".join(p.cmdline()) for p in helpers)
+        assert len(helpers) >= 2 and "EngineCore" in titles, titles
+        assert run_to_end(d.stub(), "before-kill", PROMPT, 5)
+    finally:
+        d.kill()
+    _, alive = psutil.wait_procs(helpers, timeout=30)
+    assert not alive, [(p.pid, p.name()) for p in alive]

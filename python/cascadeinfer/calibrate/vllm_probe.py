@@ -55,9 +55,12 @@ class VllmProbe:
     def __init__(self, model: str, options: Mapping[str, Any]) -> None:
         # vLLM logs to stdout by default; keep stdout for the command's own output.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-        from cascadeinfer.worker.engines.vllm_engine import build_vllm_engine
+        from cascadeinfer.worker.engines.vllm_engine import VllmEngine, resolve_config
 
-        self._engine: VllmEngine = build_vllm_engine(model, options)
+        config = resolve_config(model, options)
+        if config.multiprocess:
+            raise ValueError("calibration observes vLLM's scheduler in-process: multiprocess=false")
+        self._engine: VllmEngine = VllmEngine(config)
         self._scheduler: Any = self._engine.vllm_scheduler
         self._last: Shape | None = None
         original: Callable[..., Any] = self._scheduler.schedule

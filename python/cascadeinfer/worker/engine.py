@@ -117,6 +117,12 @@ class Engine(Protocol):
     def layout(self) -> KVLayout: ...
 
     @property
+    def can_move_kv(self) -> bool:
+        """False where KV blocks cannot leave the engine (vLLM with its engine core in another
+        process): migrations from it go in recompute mode."""
+        ...
+
+    @property
     def max_model_len(self) -> int: ...
 
     @property

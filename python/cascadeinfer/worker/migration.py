@@ -4,7 +4,8 @@ KV mode, Llumnix-style two-stage copy: the full blocks are copied and streamed w
 keeps decoding; then the request is stopped, the few blocks filled meanwhile plus the partial
 last block are sent, and the target resumes it. The pause therefore covers about one block's
 worth of copying whatever the sequence length. Recompute mode sends only token ids and the
-target re-prefills them (for workers whose KV layouts differ).
+target re-prefills them (for workers whose KV layouts differ, and always from an engine that
+cannot move KV blocks: vLLM with its engine core in another process).
 
 On any failure after the stop, the caller's cancellation included, the source resumes the
 request from its own snapshot, so the client's stream goes on here without a gap; a target that
@@ -57,6 +58,10 @@ async def migrate_out(
     started = time.perf_counter()
     peer = state.peer(target)
     layout = state.loop.engine.layout
+    if not recompute and not state.loop.engine.can_move_kv:
+        # The scheduler asks for KV mode; an engine whose blocks cannot leave resumes the
+        # request on the target by recompute instead of refusing the move.
+        recompute = True
     if not recompute:
         # Refuse before touching the request when the target could not use our blocks.
         try:

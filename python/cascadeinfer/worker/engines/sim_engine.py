@@ -123,6 +123,10 @@ class SimEngine:
         return "sim"
 
     @property
+    def can_move_kv(self) -> bool:
+        return True
+
+    @property
     def layout(self) -> KVLayout:
         return self._layout
 

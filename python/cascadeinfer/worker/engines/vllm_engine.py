@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from vllm.v1.engine.llm_engine import LLMEngine
     from vllm.v1.request import Request
 
+    from cascadeinfer.worker.engines.vllm_mp_engine import VllmMpEngine
+
 SEEDED_DUMMY_LOAD_FORMAT = "cascade-dummy"
 """Like vLLM's "dummy" load format, but with per-tensor seeds and realistic scales. vLLM's own
 dummy weights are so small that greedy output ignores the context (it repeats two tokens), which
@@ -90,6 +92,14 @@ class VllmEngineConfig:
     seed: int = 0
     max_transfer_steps: int = 4
     """Steps to wait for the worker to copy blocks before giving up (one is enough normally)."""
+    multiprocess: bool = False
+    """Run vLLM as operators deploy it: AsyncLLM with the engine core (and its workers) in
+    their own processes (`vllm_mp_engine.py`); KV blocks move through `mp_kv_connector.py`."""
+    tensor_parallel_size: int = 1
+    """Multiprocess engine only: workers (GPUs) the model is split over."""
+    move_kv: bool = True
+    """Multiprocess engine only: load the cross-process KV connector (`mp_kv_connector.py`) so
+    migrations can move KV blocks; False leaves vLLM without a connector (recompute only)."""
 
     def validate(self) -> None:
         """ValueError naming the first bad field."""
@@ -101,15 +111,31 @@ class VllmEngineConfig:
             (self.num_blocks is None or self.num_blocks >= 2, "num_blocks", "None or >= 2"),
             (self.cpu_kv_cache_gib >= 1, "cpu_kv_cache_gib", "must be >= 1"),
             (self.max_transfer_steps >= 1, "max_transfer_steps", "must be >= 1"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1"),
+            (
+                self.multiprocess or self.tensor_parallel_size == 1,
+                "tensor_parallel_size",
+                "> 1 needs multiprocess = true",
+            ),
         ]
         for ok, name, rule in checks:
             if not ok:
                 raise ValueError(f"vllm.{name} = {getattr(self, name)!r}: {rule}")
 
 
-def build_vllm_engine(model: str, options: Mapping[str, Any]) -> VllmEngine:
+def build_vllm_engine(model: str, options: Mapping[str, Any]) -> VllmEngine | VllmMpEngine:
     """The daemon's entry point. `options` are VllmEngineConfig fields (the `[vllm]` table).
     An empty `model` is the built-in tiny Llama with seeded dummy weights."""
+    config = resolve_config(model, options)
+    if config.multiprocess:
+        from cascadeinfer.worker.engines.vllm_mp_engine import VllmMpEngine
+
+        return VllmMpEngine(config)
+    return VllmEngine(config)
+
+
+def resolve_config(model: str, options: Mapping[str, Any]) -> VllmEngineConfig:
+    """The engine configuration the daemon would use (benchmarks build the same)."""
     known = {f.name for f in fields(VllmEngineConfig)} - {"model"}
     unknown = set(options) - known
     if unknown:
@@ -122,7 +148,7 @@ def build_vllm_engine(model: str, options: Mapping[str, Any]) -> VllmEngine:
         }
         options = {**defaults, **options}
         model = str(write_tiny_llama(directory))
-    return VllmEngine(VllmEngineConfig(model=model, **options))
+    return VllmEngineConfig(model=model, **options)
 
 
 @dataclass
@@ -171,6 +197,10 @@ class VllmEngine:
     @property
     def name(self) -> str:
         return "vllm"
+
+    @property
+    def can_move_kv(self) -> bool:
+        return True
 
     @property
     def layout(self) -> KVLayout:
@@ -321,7 +351,7 @@ class VllmEngine:
             raise EngineError(
                 ErrorCode.ALREADY_EXISTS, f"request_id = {request.request_id!r}: exists"
             )
-        _validate_request(request, self._vocab_size, self._config.max_model_len)
+        validate_request(request, self._vocab_size, self._config.max_model_len)
 
     def _check_snapshot(self, snapshot: KVSnapshot) -> None:
         request, block_size = snapshot.request, self._layout.block_size
@@ -345,7 +375,7 @@ class VllmEngine:
                 )
 
     def _submit(self, request: EngineRequest, kv_params: dict[str, Any] | None) -> None:
-        params = _sampling_params(request, kv_params)
+        params = to_sampling_params(request, kv_params)
         prompt = list(request.prompt_token_ids + request.output_token_ids)
         try:
             internal_id = self._llm.add_request(
@@ -439,7 +469,7 @@ class VllmEngine:
         )
 
 
-def _validate_request(request: EngineRequest, vocab_size: int, max_model_len: int) -> None:
+def validate_request(request: EngineRequest, vocab_size: int, max_model_len: int) -> None:
     """INVALID_ARGUMENT naming the first bad field."""
     request.sampling.validate()
     tokens = request.prompt_token_ids + request.output_token_ids
@@ -465,7 +495,7 @@ def _validate_request(request: EngineRequest, vocab_size: int, max_model_len: in
             raise EngineError(ErrorCode.INVALID_ARGUMENT, message)
 
 
-def _sampling_params(request: EngineRequest, kv_params: dict[str, Any] | None) -> Any:
+def to_sampling_params(request: EngineRequest, kv_params: dict[str, Any] | None) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -524,7 +554,7 @@ def _build_llm_engine(config: VllmEngineConfig, hub_id: str) -> LLMEngine:
     from vllm.v1.engine.llm_engine import LLMEngine
 
     if config.load_format == SEEDED_DUMMY_LOAD_FORMAT:
-        _register_seeded_dummy_loader()
+        register_seeded_dummy_loader()
     transfer = KVTransferConfig(
         kv_connector=kvc.CascadeKVConnector.__name__,
         kv_role="kv_both",
@@ -592,7 +622,7 @@ them also keeps vLLM's finalizers, which would tear the shared state down, from 
 _seeded_loader_registered = False
 
 
-def _register_seeded_dummy_loader() -> None:
+def register_seeded_dummy_loader() -> None:
     global _seeded_loader_registered
     if _seeded_loader_registered:
         return
