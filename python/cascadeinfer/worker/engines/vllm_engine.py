@@ -315,7 +315,7 @@ class VllmEngine:
             raise EngineError(ErrorCode.FAILED_PRECONDITION, f"KV layout mismatch: {mismatch}")
         request = snapshot.request
         self._check_new(request)
-        self._check_snapshot(snapshot)
+        check_snapshot(snapshot, self._layout)
         blocks_needed = math.ceil((request.context_len + 1) / self._layout.block_size)
         free = self.num_free_blocks()
         if blocks_needed > free:
@@ -352,27 +352,6 @@ class VllmEngine:
                 ErrorCode.ALREADY_EXISTS, f"request_id = {request.request_id!r}: exists"
             )
         validate_request(request, self._vocab_size, self._config.max_model_len)
-
-    def _check_snapshot(self, snapshot: KVSnapshot) -> None:
-        request, block_size = snapshot.request, self._layout.block_size
-        if snapshot.num_cached_tokens != request.context_len - 1:
-            raise EngineError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"num_cached_tokens = {snapshot.num_cached_tokens}: must be context_len - 1 "
-                f"= {request.context_len - 1}",
-            )
-        num_blocks = math.ceil(snapshot.num_cached_tokens / block_size)
-        if len(snapshot.blocks) != num_blocks:
-            raise EngineError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"blocks: {len(snapshot.blocks)} given, {num_blocks} needed",
-            )
-        for i, blob in enumerate(snapshot.blocks):
-            if len(blob) != self._layout.block_bytes:
-                raise EngineError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"blocks[{i}]: {len(blob)} bytes, expected {self._layout.block_bytes}",
-                )
 
     def _submit(self, request: EngineRequest, kv_params: dict[str, Any] | None) -> None:
         params = to_sampling_params(request, kv_params)
@@ -467,6 +446,29 @@ class VllmEngine:
             f"the KV connector copied nothing for {internal_id!r} in "
             f"{self._config.max_transfer_steps} steps"
         )
+
+
+def check_snapshot(snapshot: KVSnapshot, layout: KVLayout) -> None:
+    """INVALID_ARGUMENT for a snapshot whose blocks cannot be the request's cache in `layout`
+    (both vLLM engines check an import with it before touching the engine)."""
+    request = snapshot.request
+    if snapshot.num_cached_tokens != request.context_len - 1:
+        raise EngineError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"num_cached_tokens = {snapshot.num_cached_tokens}: must be context_len - 1 "
+            f"= {request.context_len - 1}",
+        )
+    num_blocks = math.ceil(snapshot.num_cached_tokens / layout.block_size)
+    if len(snapshot.blocks) != num_blocks:
+        raise EngineError(
+            ErrorCode.INVALID_ARGUMENT, f"blocks: {len(snapshot.blocks)} given, {num_blocks} needed"
+        )
+    for i, blob in enumerate(snapshot.blocks):
+        if len(blob) != layout.block_bytes:
+            raise EngineError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"blocks[{i}]: {len(blob)} bytes, expected {layout.block_bytes}",
+            )
 
 
 def validate_request(request: EngineRequest, vocab_size: int, max_model_len: int) -> None:

@@ -51,6 +51,7 @@ from cascadeinfer.worker.engines.mp_kv_channel import KVChannel
 from cascadeinfer.worker.engines.vllm_engine import (
     SEEDED_DUMMY_LOAD_FORMAT,
     VllmEngineConfig,
+    check_snapshot,
     register_seeded_dummy_loader,
     to_sampling_params,
     validate_request,
@@ -263,7 +264,7 @@ class VllmMpEngine:
             raise EngineError(ErrorCode.FAILED_PRECONDITION, f"KV layout mismatch: {mismatch}")
         request = snapshot.request
         self._check_new(request)
-        _check_snapshot(snapshot, self._layout)
+        check_snapshot(snapshot, self._layout)
         blocks_needed = math.ceil((request.context_len + 1) / self._layout.block_size)
         free = self.num_free_blocks()
         if blocks_needed > free:
@@ -518,28 +519,6 @@ def _batch_logger_factory(batches: _Batches) -> Any:
             return
 
     return BatchLogger
-
-
-def _check_snapshot(snapshot: KVSnapshot, layout: KVLayout) -> None:
-    """INVALID_ARGUMENT for a snapshot whose blocks cannot be the request's cache."""
-    request = snapshot.request
-    if snapshot.num_cached_tokens != request.context_len - 1:
-        raise EngineError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"num_cached_tokens = {snapshot.num_cached_tokens}: must be context_len - 1 "
-            f"= {request.context_len - 1}",
-        )
-    num_blocks = math.ceil(snapshot.num_cached_tokens / layout.block_size)
-    if len(snapshot.blocks) != num_blocks:
-        raise EngineError(
-            ErrorCode.INVALID_ARGUMENT, f"blocks: {len(snapshot.blocks)} given, {num_blocks} needed"
-        )
-    for i, blob in enumerate(snapshot.blocks):
-        if len(blob) != layout.block_bytes:
-            raise EngineError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"blocks[{i}]: {len(blob)} bytes, expected {layout.block_bytes}",
-            )
 
 
 def _layout_of(llm: AsyncLLM, config: VllmEngineConfig, moves_kv: bool) -> KVLayout:
