@@ -18,8 +18,8 @@ The candidates are the one-stage layout (least-load admission exactly: the no-re
 fallback), the one-stage layout with balancing moves, and the partitioner's best plan for
 several stage counts. One stage is balanced only where that simulates better on mean and p99
 together (`MIN_BALANCE_GAIN`). A split is chosen only when it beats that one-stage layout on
-the simulated mean by `MIN_GAIN` and its simulated p99 is within `MAX_P99_SLACK` of it (a p99 of
-2,000 requests is the 20th worst: a noisier figure than the mean), both as the mean over the
+the simulated mean by `MIN_GAIN` and its simulated p99 is not above it (`MAX_P99_SLACK`; a p99
+of 2,000 requests is the 20th worst, a noisier figure than the mean), both as the mean over the
 selection traces of its per-trace ratio to one stage; otherwise the fleet runs as one stage.
 Boundaries and instance counts within a count stay the partitioner's; runtime refinement keeps
 the count it is given.
@@ -46,9 +46,14 @@ MAX_SELECTION_REQUESTS = 5000
 run, so a selection trace shorter than the traffic it plans for understates the overload that
 decides between candidates (agentic at 6 req/s: 17 s mean in 2,000 requests, 40 s in 3,000);
 planning for a trace simulates as many requests as it has, up to this."""
-SELECTION_SEEDS = 3
+SELECTION_SEEDS = 6
 """Selection traces per candidate for a trace file (block resamples of its one realization);
-the candidates' ratios to one stage are averaged over them."""
+the candidates' ratios to one stage are averaged over them. Six, not three: on 160 bursty trace
+files the planner had not seen (`bench/no_regret.py`, seeds 200-203 and 300-303), three
+resamples let a split through that ran at up to 1.19x the best baseline's p99; six halved the
+noise of the averaged p99 ratio enough to bring the worst to 1.14x at the same geometric
+means (docs/benchmarks.md, "No regret on unseen bursty traces"). Splits that trail far behind
+still stop after PRUNE_AFTER traces."""
 PRESET_SELECTION_SEEDS = 5
 """Selection traces per candidate for a preset (independent realizations): a heavy-tailed
 preset's short traces differ far more than resamples of one trace do (3,000 requests of
@@ -64,8 +69,12 @@ STAGE_COUNTS = (2, 3, 4, 6)
 MIN_GAIN = 0.05
 """A split must cut the simulated mean end-to-end latency by this share: the selection traces
 are samples, and a split that only ties in simulation can lose on the traffic that comes."""
-MAX_P99_SLACK = 0.05
-"""... and keep its simulated p99 end-to-end latency within this share above one stage's."""
+MAX_P99_SLACK = 0.0
+"""... and keep its simulated p99 end-to-end latency within this share above one stage's. None:
+a split that wins on the mean but gives back some p99 in simulation was the usual way to lose
+on the tail of the traffic that came (a 5% allowance let through splits that ran at 1.04-1.19x
+the best baseline's p99), and with six selection traces the averaged p99 ratio is steady
+enough to hold the split to it."""
 MIN_BALANCE_GAIN = 0.01
 """A one-stage alternative (balanced, or run Llumnix's way) must cut the average of the mean
 and p99 ratios by this share without raising the mean at all: where balancing trades mean for
