@@ -184,8 +184,8 @@ async def test_a_finish_that_arrives_before_the_tokens_ahead_of_it_waits_for_the
     await settle()
     assert rec.tokens == [1, 2, 3, 4, 5, 6, 7, 8] and rec.finish == FinishReason.LENGTH
     deliveries = []
-    while not rec.out.empty():
-        deliveries.append(await rec.next_delivery())
+    while (d := rec.take_delivery()) is not None:
+        deliveries.append(d)
     assert [t for d in deliveries for t in d.token_ids] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert deliveries[-1].finish == FinishReason.LENGTH
 

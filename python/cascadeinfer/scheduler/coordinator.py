@@ -256,31 +256,36 @@ class Coordinator:
 
     # --- steps and routing -----------------------------------------------------------------
     def _on_step(self, link: WorkerLink, update: worker_pb2.StepUpdate) -> None:
+        """Splices one feed message (one engine step, or several the worker merged while this
+        scheduler was busy) into the clients' streams and tells the core the new lengths."""
         if update.is_draining and link.is_healthy:
             self._spawn(self.worker_leaving(link))
         link.last_step = update
         ids: list[int] = []
         lens: list[int] = []
+        requests = self.requests
+        worker_id = link.worker_id
+        max_lag = self.config.max_stream_lag_tokens
         for r in update.requests:
-            rec = self.requests.get(r.request_id)
+            rec = requests.get(r.request_id)
             if rec is None:
                 continue
-            if link.worker_id not in rec.holders:
+            if worker_id not in rec.holders:
                 # Not where the scheduler put it: a stray or hostile copy must not write into
                 # the client's stream.
                 self.metrics.foreign_steps.inc()
                 continue
-            finish = FINISH_FROM_PROTO.get(r.finish_reason)
-            if r.tokens.token_ids or finish is not None:
-                rec.deliver(r.tokens.first_index, list(r.tokens.token_ids), finish)
-                if not rec.is_done and (
-                    len(rec.tokens) - rec.num_sent > self.config.max_stream_lag_tokens
-                ):
+            chunk = r.tokens
+            token_ids = chunk.token_ids
+            finish = FINISH_FROM_PROTO.get(r.finish_reason) if r.finish_reason else None
+            if token_ids or finish is not None:
+                rec.deliver(chunk.first_index, token_ids, finish)
+                if rec.finish is None and rec.num_unsent > max_lag:
                     self._give_up(rec)
                     continue
-            if rec.is_done:
+            if rec.finish is not None:
                 self._retire(rec)
-            elif rec.worker_id == link.worker_id and rec.gone_from != link.worker_id:
+            elif rec.worker_id == worker_id and rec.gone_from != worker_id:
                 ids.append(rec.core_id)
                 lens.append(r.context_len)
         if self.policy is not None and ids and link.is_healthy:
@@ -316,9 +321,7 @@ class Coordinator:
 
     def _give_up(self, rec: ClientRequest) -> None:
         """Ends a request whose client stopped reading, so its unread tokens have a bound."""
-        log.warning(
-            "client_too_slow", request_id=rec.request_id, unread=len(rec.tokens) - rec.num_sent
-        )
+        log.warning("client_too_slow", request_id=rec.request_id, unread=rec.num_unsent)
         rec.is_overflowed = True
         link = self.pool.by_id.get(rec.worker_id or "")
         self._end(rec, FinishReason.ABORT)
