@@ -38,6 +38,7 @@ from tests.worker.streams import generate_request
 
 GHZ = Path(sys.executable).parent / "ghz"
 PY_SPY = Path(sys.executable).parent / "py-spy"
+NATIVE = ["--native"] if os.environ.get("PY_SPY_NATIVE") else []
 PROTO = Path(__file__).resolve().parents[1] / "proto"
 SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "64", "--sim-max-model-len", "8192"]
 
@@ -118,7 +119,7 @@ def py_spy(pid: int, out: Path | None) -> Iterator[None]:
         yield
         return
     record = subprocess.Popen(
-        [str(PY_SPY), "record", "-p", str(pid), "-r", "250", "-f", "raw", "-t", "-o", str(out)],
+        [str(PY_SPY), "record", "-p", str(pid), "-r", "250", "-f", "raw", "-t", *NATIVE, "-o", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
