@@ -136,6 +136,9 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         self._logged: set[tuple[str, str]] = set()
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
 
     async def intercept_service(
         self,
@@ -147,7 +150,14 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return self._wrap(handler, details.method)
+        # The same method's handler comes back call after call: wrap it once. One entry per
+        # method the server has (unknown methods have no handler), so the cache is bounded.
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
 
     async def _refuse(self, context: Any, method: str, bad: _Undecodable) -> None:
         if (method, bad.cause) not in self._logged:

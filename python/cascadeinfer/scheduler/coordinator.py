@@ -291,7 +291,7 @@ class Coordinator:
         if self.policy is not None and ids and link.is_healthy:
             started = time.perf_counter()
             moves = self.policy.on_step(ids, [link.instance] * len(ids), lens, time.monotonic())
-            self.metrics.decision.labels("on_step").observe(time.perf_counter() - started)
+            self.metrics.on_step_seconds.observe(time.perf_counter() - started)
             for m in moves:
                 self._spawn(self._migrate(m))
         self._drain_queue()
@@ -312,12 +312,12 @@ class Coordinator:
         m.requests.labels(rec.finish.value).inc()
         if rec.first_token_at is None:
             return
-        stage = str(rec.entry_stage)
-        m.ttft.labels(stage).observe(rec.first_token_at - rec.arrived_at)
-        m.e2e.labels(stage).observe(rec.finished_at - rec.arrived_at)
+        stage = m.stage(rec.entry_stage)
+        stage.ttft.observe(rec.first_token_at - rec.arrived_at)
+        stage.e2e.observe(rec.finished_at - rec.arrived_at)
         if len(rec.tokens) > 1:
             tpot = (rec.finished_at - rec.first_token_at) / (len(rec.tokens) - 1)
-            m.tpot.labels(stage).observe(tpot)
+            stage.tpot.observe(tpot)
 
     def _give_up(self, rec: ClientRequest) -> None:
         """Ends a request whose client stopped reading, so its unread tokens have a bound."""
@@ -470,7 +470,7 @@ class Coordinator:
                 continue
             started = time.perf_counter()
             migrations, changed = self.policy.tick(time.monotonic())
-            self.metrics.decision.labels("tick").observe(time.perf_counter() - started)
+            self.metrics.tick_seconds.observe(time.perf_counter() - started)
             if changed:
                 self.metrics.plan_changes.inc()
                 self.counters.num_plan_changes += 1
@@ -555,7 +555,7 @@ class Coordinator:
         except ValueError as e:
             raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         finally:
-            self.metrics.decision.labels("admit").observe(time.perf_counter() - started)
+            self.metrics.admit_seconds.observe(time.perf_counter() - started)
         if decision is None:
             return False
         link = self.pool.by_instance[decision[0]]

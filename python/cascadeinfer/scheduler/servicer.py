@@ -113,7 +113,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         except SchedulingError as e:
             self.c.metrics.refused.labels(e.code.name).inc()
             await context.abort(e.code, e.message)
-        log.info("request_accepted", request_id=rid, prompt_len=len(prompt))
+        log.debug("request_accepted", request_id=rid, prompt_len=len(prompt))
         return rec
 
     async def _prompt(self, request: scheduler_pb2.ClientGenerateRequest) -> tuple[int, ...]:
