@@ -42,20 +42,16 @@ def bench_serve(
     base_url: str, tokenizer: Path, row: str, prompts: int, concurrency: int, result: Path
 ) -> dict[str, Any]:
     shape = ROWS[row]
-    subprocess.run(
-        [
-            sys.executable, str(HERE / "vllm_bench_serve.py"),
-            "--backend", "openai", "--base-url", base_url, "--model", "sim",
-            "--tokenizer", str(tokenizer), "--dataset-name", "random",
-            "--random-input-len", str(shape["input"]), "--random-output-len", str(shape["output"]),
-            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
-            "--ignore-eos", "--seed", "0", "--disable-tqdm",
-            "--save-result", "--save-detailed", "--result-dir", str(result.parent), "--result-filename", result.name,
-        ],  # fmt: skip
-        check=True,
-        stdout=subprocess.DEVNULL,
-        timeout=1800,
-    )
+    command = [
+        sys.executable, str(HERE / "vllm_bench_serve.py"),
+        "--backend", "openai", "--base-url", base_url, "--model", "sim",
+        "--tokenizer", str(tokenizer), "--dataset-name", "random",
+        "--random-input-len", str(shape["input"]), "--random-output-len", str(shape["output"]),
+        "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+        "--ignore-eos", "--seed", "0", "--disable-tqdm", "--save-result", "--save-detailed",
+        "--result-dir", str(result.parent), "--result-filename", result.name,
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=1800)
     out: dict[str, Any] = json.loads(result.read_text())
     return out
 
@@ -79,13 +75,11 @@ def main() -> None:
         with workers([SIM] * args.workers, tmp) as daemons:
             third = args.workers // 3
             stages = f"0-256:{third},256-512:{third},512-8192:{args.workers - 2 * third}"
-            scheduler = start_scheduler(
-                [
-                    "--workers", ",".join(d.address for d in daemons), "--stages", stages,
-                    "--tokenizer", str(tokenizer), "--http-port", "0", "--max-queue", "100000",
-                ],  # fmt: skip
-                tmp,
-            )
+            args_ = [
+                "--workers", ",".join(d.address for d in daemons), "--stages", stages,
+                "--tokenizer", str(tokenizer), "--http-port", "0", "--max-queue", "100000",
+            ]  # fmt: skip
+            scheduler = start_scheduler(args_, tmp)
             try:
                 base = scheduler.openai_url.removesuffix("/v1")
                 pid = scheduler.process.pid
