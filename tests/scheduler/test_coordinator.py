@@ -129,6 +129,26 @@ async def test_a_client_that_stops_reading_has_its_request_ended_and_aborted(
     assert "slow" not in c.requests
 
 
+async def test_a_burst_larger_than_the_lag_bound_reaches_a_client_that_waits_for_it(
+    started: list[Coordinator],
+) -> None:
+    """A worker's feed merges the steps the scheduler had no time to read, so one message can
+    carry more tokens than the lag bound: a client waiting for them is not behind."""
+    c, fakes = await start(started, "a", max_stream_lag_tokens=8)
+    rec = await submit(c, "burst", 10)
+    reader = asyncio.ensure_future(rec.next_delivery())
+    await settle()
+    assert rec.is_front_waiting
+    fakes["a"].step(Step("burst", 0, tuple(range(20)), 30))
+    await settle()
+    assert not rec.is_done
+    assert (await reader).token_ids == list(range(20))
+    # Now it stops reading: the next tokens past the bound end the request.
+    fakes["a"].step(Step("burst", 20, tuple(range(9)), 39))
+    await settle()
+    assert rec.is_overflowed and fakes["a"].aborted == ["burst"]
+
+
 async def test_a_failed_migration_leaves_the_request_streaming_from_its_source(
     started: list[Coordinator],
 ) -> None:

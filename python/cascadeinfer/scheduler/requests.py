@@ -57,6 +57,10 @@ class ClientRequest:
     """Tokens the client's front has taken (`take_delivery`); the coordinator bounds the rest
     (`tokens[num_sent:]`, at most max_stream_lag_tokens)."""
     is_finish_sent: bool = False
+    is_front_waiting: bool = False
+    """The client's front is waiting for news (it took everything and its last write is done):
+    whatever arrives now goes out at once, however much it is, so it is not lag. A worker's
+    feed can bring hundreds of tokens in one message when the scheduler was busy for a moment."""
     has_news: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when tokens or the finish arrived that the front has not taken. One flag, not a
     queue of deliveries: the front wakes once for whatever piled up, and takes it as one
@@ -126,7 +130,11 @@ class ClientRequest:
             delivery = self.take_delivery()
             if delivery is not None:
                 return delivery
-            await self.has_news.wait()
+            self.is_front_waiting = True
+            try:
+                await self.has_news.wait()
+            finally:
+                self.is_front_waiting = False
 
     def end(self, reason: FinishReason) -> None:
         """Ends the request without more tokens (abort, failure)."""
