@@ -26,6 +26,9 @@ from cascadeinfer.scheduler.worker_errors import WorkerCallError
 
 log = structlog.get_logger(__name__)
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+BROKE = (grpc.StatusCode.UNAVAILABLE, "the start stream broke")
+UNANSWERED = (grpc.StatusCode.DEADLINE_EXCEEDED, "the worker did not answer a batch of starts")
+FAILED = (grpc.StatusCode.INTERNAL, "the start stream failed")
 
 
 class StartStream:
@@ -41,12 +44,16 @@ class StartStream:
         self._in_flight: deque[tuple[str, asyncio.Future[None]]] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._timeout_s = 10.0
+        """How long the worker has to answer a batch (the callers' timeout) before the stream
+        is taken to be broken."""
 
     async def start(self, request: worker_pb2.GenerateRequest, timeout_s: float) -> None:
         """Returns once the worker admitted `request`; raises WorkerCallError with its refusal
         (or the stream's failure, or DEADLINE_EXCEEDED)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queued.append((request, future))
+        self._timeout_s = timeout_s
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(
                 self._write(), name="start_stream_write"
@@ -69,8 +76,10 @@ class StartStream:
         return self._call
 
     async def _write(self) -> None:
-        """Sends what is queued, one batch per write; placements made during a write go in the
-        next batch."""
+        """Sends what is queued, one batch per write, with at most one batch unanswered: the
+        placements made until the worker answers go out together in the next one (Nagle's rule,
+        for placements). At low load a placement goes out at once; under load batches grow to
+        what arrives in one round trip, and the worker's engine thread takes each in one call."""
         try:
             while self._queued:
                 batch, self._queued = self._queued, []
@@ -82,22 +91,22 @@ class StartStream:
                 try:
                     await call.write(worker_pb2.StartBatch(requests=[r for r, _ in live]))
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-                    # The stream broke; its reader fails what is in flight on it.
-                    self._broken(
-                        call, WorkerCallError(grpc.StatusCode.UNAVAILABLE, "start stream broke")
-                    )
+                    # The stream broke; what is in flight on it fails with its status.
+                    self._broken(call, BROKE)
+                    continue
+                answered, _ = await asyncio.wait([live[-1][1]], timeout=self._timeout_s)
+                if not answered:
+                    self._broken(call, UNANSWERED)
         except Exception:
             log.exception("start_stream_write_failed")
-            self._broken(
-                self._call, WorkerCallError(grpc.StatusCode.INTERNAL, "start stream failed")
-            )
+            self._broken(self._call, FAILED)
         finally:
             self._writer = None
 
     async def _read(
         self, call: grpc.aio.StreamStreamCall[worker_pb2.StartBatch, worker_pb2.StartResults]
     ) -> None:
-        error = WorkerCallError(grpc.StatusCode.UNAVAILABLE, "start stream ended")
+        error = (grpc.StatusCode.UNAVAILABLE, "the start stream ended")
         try:
             while True:
                 message = await call.read()
@@ -106,9 +115,7 @@ class StartStream:
                 assert isinstance(message, worker_pb2.StartResults)
                 for result in message.results:
                     if not self._in_flight or self._in_flight[0][0] != result.request_id:
-                        error = WorkerCallError(
-                            grpc.StatusCode.INTERNAL, "start results out of order"
-                        )
+                        error = (grpc.StatusCode.INTERNAL, "start results out of order")
                         call.cancel()
                         return
                     _, future = self._in_flight.popleft()
@@ -120,9 +127,9 @@ class StartStream:
                         code = STATUS_BY_NUMBER.get(result.code, grpc.StatusCode.UNKNOWN)
                         future.set_exception(WorkerCallError(code, result.message))
         except grpc.aio.AioRpcError as e:
-            error = WorkerCallError(e.code(), e.details() or "")
+            error = (e.code(), e.details() or "")
         except asyncio.CancelledError:
-            error = WorkerCallError(grpc.StatusCode.CANCELLED, "start stream closed")
+            error = (grpc.StatusCode.CANCELLED, "the start stream was closed")
             raise
         finally:
             self._broken(call, error)
@@ -130,10 +137,10 @@ class StartStream:
     def _broken(
         self,
         call: grpc.aio.StreamStreamCall[worker_pb2.StartBatch, worker_pb2.StartResults] | None,
-        error: WorkerCallError,
+        error: tuple[grpc.StatusCode, str],
     ) -> None:
-        """Fails every start in flight on `call` with `error`; the next start opens a new
-        stream."""
+        """Fails every start in flight on `call` with the status `error`; the next start opens
+        a new stream."""
         if call is None or call is not self._call:
             return
         self._call = None
@@ -141,7 +148,7 @@ class StartStream:
         while self._in_flight:
             _, future = self._in_flight.popleft()
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(WorkerCallError(*error))
                 future.exception()  # retrieved: its caller may have gone
 
     async def close(self) -> None:
