@@ -119,7 +119,20 @@ def py_spy(pid: int, out: Path | None) -> Iterator[None]:
         yield
         return
     record = subprocess.Popen(
-        [str(PY_SPY), "record", "-p", str(pid), "-r", "250", "-f", "raw", "-t", *NATIVE, "-o", str(out)],
+        [
+            str(PY_SPY),
+            "record",
+            "-p",
+            str(pid),
+            "-r",
+            "250",
+            "-f",
+            "raw",
+            "-t",
+            *NATIVE,
+            "-o",
+            str(out),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -259,9 +272,7 @@ def load(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
             with py_spy(pid, profiles / "streams.txt" if profiles else None):
                 streams = ghz(scheduler.address, args.calls, args.concurrency, 8, pid)
             with py_spy(pid, profiles / "relay.txt" if profiles else None):
-                relay = ghz(
-                    scheduler.address, args.relay_calls, args.relay_concurrency, 1000, pid
-                )
+                relay = ghz(scheduler.address, args.relay_calls, args.relay_concurrency, 1000, pid)
             decisions = decision_latency(port)
         finally:
             scheduler.stop()

@@ -17,12 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
 
-from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
+from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.scheduler.worker_errors import WorkerCallError
+
+if TYPE_CHECKING:
+    from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
+
+Call = grpc.aio.StreamStreamCall[worker_pb2.StartBatch, worker_pb2.StartResults]
 
 log = structlog.get_logger(__name__)
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -35,11 +41,9 @@ class StartStream:
     """Batched detached starts on one worker; `start` is what `WorkerClient.start_detached`
     does."""
 
-    def __init__(self, stub: worker_pb2_grpc.WorkerServiceStub) -> None:
+    def __init__(self, stub: WorkerServiceAsyncStub) -> None:
         self._stub = stub
-        self._call: (
-            grpc.aio.StreamStreamCall[worker_pb2.StartBatch, worker_pb2.StartResults] | None
-        ) = None
+        self._call: Call | None = None
         self._queued: list[tuple[worker_pb2.GenerateRequest, asyncio.Future[None]]] = []
         self._in_flight: deque[tuple[str, asyncio.Future[None]]] = deque()
         self._writer: asyncio.Task[None] | None = None
@@ -66,14 +70,15 @@ class StartStream:
                 grpc.StatusCode.DEADLINE_EXCEEDED, "the worker did not answer the start in time"
             ) from None
 
-    def _open(self) -> grpc.aio.StreamStreamCall[worker_pb2.StartBatch, worker_pb2.StartResults]:
-        if self._call is None:
-            call = self._stub.StartDetached()
-            self._call = call
-            self._reader = asyncio.get_running_loop().create_task(
-                self._read(call), name="start_stream_read"
-            )
-        return self._call
+    def _open(self) -> Call:
+        if self._call is not None:
+            return self._call
+        call: Call = self._stub.StartDetached()
+        self._call = call
+        self._reader = asyncio.get_running_loop().create_task(
+            self._read(call), name="start_stream_read"
+        )
+        return call
 
     async def _write(self) -> None:
         """Sends what is queued, one batch per write, with at most one batch unanswered: the
@@ -103,9 +108,7 @@ class StartStream:
         finally:
             self._writer = None
 
-    async def _read(
-        self, call: grpc.aio.StreamStreamCall[worker_pb2.StartBatch, worker_pb2.StartResults]
-    ) -> None:
+    async def _read(self, call: Call) -> None:
         error = (grpc.StatusCode.UNAVAILABLE, "the start stream ended")
         try:
             while True:
@@ -134,11 +137,7 @@ class StartStream:
         finally:
             self._broken(call, error)
 
-    def _broken(
-        self,
-        call: grpc.aio.StreamStreamCall[worker_pb2.StartBatch, worker_pb2.StartResults] | None,
-        error: tuple[grpc.StatusCode, str],
-    ) -> None:
+    def _broken(self, call: Call | None, error: tuple[grpc.StatusCode, str]) -> None:
         """Fails every start in flight on `call` with the status `error`; the next start opens
         a new stream."""
         if call is None or call is not self._call:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import structlog
 from pydantic import BaseModel
@@ -175,7 +175,7 @@ def _event(obj: BaseModel) -> str:
     return f"data: {obj.model_dump_json()}\n\n"
 
 
-async def _with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _with_errors(events: AsyncIterator[str]) -> AsyncGenerator[str, None]:
     """Ends every stream with [DONE]; an error after the 200 went out is sent as an event."""
     try:
         async for e in events:
