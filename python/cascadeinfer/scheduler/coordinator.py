@@ -280,9 +280,11 @@ class Coordinator:
             finish = FINISH_FROM_PROTO.get(r.finish_reason) if r.finish_reason else None
             if token_ids or finish is not None:
                 rec.deliver(chunk.first_index, token_ids, finish)
-                # Lag is what waits while the front is busy writing (a slow reader holds it
-                # up); what arrives while it waits for news goes out at once.
-                if rec.finish is None and rec.num_unsent > max_lag and not rec.is_front_waiting:
+                if (
+                    rec.finish is None
+                    and rec.num_unsent > max_lag
+                    and rec.is_stalled(time.monotonic())
+                ):
                     self._give_up(rec)
                     continue
             if rec.finish is not None:

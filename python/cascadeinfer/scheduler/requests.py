@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.scheduler.text import Detokenizer
 
+STALLED_WRITE_S = 1.0
+"""How long one write to a client may take before the tokens waiting behind it count against
+max_stream_lag_tokens. Counting every unsent token would cut off clients that read: a worker's
+feed can bring hundreds of tokens in one message, and a busy event loop resumes a stream a few
+milliseconds after its write completed."""
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -57,10 +63,9 @@ class ClientRequest:
     """Tokens the client's front has taken (`take_delivery`); the coordinator bounds the rest
     (`tokens[num_sent:]`, at most max_stream_lag_tokens)."""
     is_finish_sent: bool = False
-    is_front_waiting: bool = False
-    """The client's front is waiting for news (it took everything and its last write is done):
-    whatever arrives now goes out at once, however much it is, so it is not lag. A worker's
-    feed can bring hundreds of tokens in one message when the scheduler was busy for a moment."""
+    front_busy_since: float | None = field(default_factory=time.monotonic)
+    """Since when the client's front has been writing what it took last (from arrival until
+    its first take); None while it waits for news, when whatever arrives goes out at once."""
     has_news: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when tokens or the finish arrived that the front has not taken. One flag, not a
     queue of deliveries: the front wakes once for whatever piled up, and takes it as one
@@ -112,6 +117,12 @@ class ClientRequest:
     def num_unsent(self) -> int:
         return len(self.tokens) - self.num_sent
 
+    def is_stalled(self, now: float) -> bool:
+        """Whether the client's front has been held up by one write for STALLED_WRITE_S: its
+        reader stopped. (A reading client holds it up for a moment at most, and a burst that
+        arrives while it waits goes out in one message.)"""
+        return self.front_busy_since is not None and now - self.front_busy_since >= STALLED_WRITE_S
+
     def take_delivery(self) -> Delivery | None:
         """Every token the front has not taken, with the finish once the request is done;
         None when there is nothing new."""
@@ -129,12 +140,10 @@ class ClientRequest:
         while True:
             delivery = self.take_delivery()
             if delivery is not None:
+                self.front_busy_since = time.monotonic()
                 return delivery
-            self.is_front_waiting = True
-            try:
-                await self.has_news.wait()
-            finally:
-                self.is_front_waiting = False
+            self.front_busy_since = None
+            await self.has_news.wait()
 
     def end(self, reason: FinishReason) -> None:
         """Ends the request without more tokens (abort, failure)."""
