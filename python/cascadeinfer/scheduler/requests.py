@@ -61,7 +61,7 @@ class ClientRequest:
     """A finish that arrived with output index N: it takes effect once N tokens are here."""
     num_sent: int = 0
     """Tokens the client's front has taken (`take_delivery`); the coordinator bounds the rest
-    (`tokens[num_sent:]`, at most max_stream_lag_tokens)."""
+    (`tokens[num_sent:]`) by max_stream_lag_tokens once the front stalls (`is_stalled`)."""
     is_finish_sent: bool = False
     front_busy_since: float | None = field(default_factory=time.monotonic)
     """Since when the client's front has been writing what it took last (from arrival until
