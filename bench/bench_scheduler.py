@@ -15,14 +15,17 @@ scheduler, not the engines, is what is measured. Prints a JSON document.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,6 +37,8 @@ from tests.worker.daemons import free_port, start_scheduler, workers
 from tests.worker.streams import generate_request
 
 GHZ = Path(sys.executable).parent / "ghz"
+PY_SPY = Path(sys.executable).parent / "py-spy"
+NATIVE = ["--native"] if os.environ.get("PY_SPY_NATIVE") else []
 PROTO = Path(__file__).resolve().parents[1] / "proto"
 SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "64", "--sim-max-model-len", "8192"]
 
@@ -104,6 +109,39 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def py_spy(pid: int, out: Path | None) -> Iterator[None]:
+    """Samples `pid` with py-spy (`pip install py-spy`) into `out` (collapsed stacks, thread
+    names included) while the block runs; nothing when `out` is None."""
+    if out is None:
+        yield
+        return
+    record = subprocess.Popen(
+        [
+            str(PY_SPY),
+            "record",
+            "-p",
+            str(pid),
+            "-r",
+            "250",
+            "-f",
+            "raw",
+            "-t",
+            *NATIVE,
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1.0)  # py-spy attaches
+        yield
+    finally:
+        record.send_signal(signal.SIGINT)
+        record.wait(timeout=60)
 
 
 def ghz(
@@ -228,8 +266,13 @@ def load(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
         try:
             pid = scheduler.process.pid
             ghz(scheduler.address, 500, args.concurrency, 8, pid)  # warm-up
-            streams = ghz(scheduler.address, args.calls, args.concurrency, 8, pid)
-            relay = ghz(scheduler.address, args.relay_calls, args.relay_concurrency, 1000, pid)
+            profiles = Path(args.profile_dir) if args.profile_dir else None
+            if profiles is not None:
+                profiles.mkdir(parents=True, exist_ok=True)
+            with py_spy(pid, profiles / "streams.txt" if profiles else None):
+                streams = ghz(scheduler.address, args.calls, args.concurrency, 8, pid)
+            with py_spy(pid, profiles / "relay.txt" if profiles else None):
+                relay = ghz(scheduler.address, args.relay_calls, args.relay_concurrency, 1000, pid)
             decisions = decision_latency(port)
         finally:
             scheduler.stop()
@@ -244,12 +287,17 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--relay-calls", type=int, default=200)
     p.add_argument("--relay-concurrency", type=int, default=100)
+    p.add_argument(
+        "--profile-dir",
+        help="py-spy the scheduler during the two ghz runs into DIR/streams.txt and "
+        "DIR/relay.txt (collapsed stacks; summarize with bench/profile_summary.py)",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = {
-            "overhead": overhead(args.overhead_requests, Path(tmp)),
-            **load(args, Path(tmp)),
-        }
+        result: dict[str, object] = {}
+        if args.overhead_requests:
+            result["overhead"] = overhead(args.overhead_requests, Path(tmp))
+        result.update(load(args, Path(tmp)))
     print(json.dumps(result, indent=2))
 
 

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import inspect
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -70,6 +71,27 @@ def configure_logging() -> None:
     )
 
 
+EVENT_LOOP_ENV = "CASCADE_EVENT_LOOP"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (a dependency on Linux and macOS), else
+    asyncio's; CASCADE_EVENT_LOOP=asyncio picks asyncio's. A daemon's data plane is made of
+    loop callbacks (gRPC completions, stream wakeups, HTTP writes): uvloop runs them at a
+    fraction of the cost (docs/benchmarks.md, "Data plane")."""
+    choice = os.environ.get(EVENT_LOOP_ENV, "uvloop")
+    if choice not in ("uvloop", "asyncio"):
+        raise ValueError(f"{EVENT_LOOP_ENV}={choice!r}: use uvloop or asyncio")
+    if choice == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 class FatalError(Exception):
     """The daemon cannot go on (an essential background task died): `run_daemon` exits 1 after
     the daemon has shut down, so its supervisor restarts it."""
@@ -84,11 +106,14 @@ def run_daemon(
     configure_logging()
     try:
         config = parse_args(argv)
+        loop_factory = new_event_loop
+        loop_factory().close()  # a bad CASCADE_EVENT_LOOP is a configuration error
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(config))
     except ValueError as e:
         # A setting that only shows as wrong once workers are known (an infeasible plan).
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -111,6 +136,9 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         self._logged: set[tuple[str, str]] = set()
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
 
     async def intercept_service(
         self,
@@ -122,7 +150,14 @@ class StrictDecoding(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return self._wrap(handler, details.method)
+        # The same method's handler comes back call after call: wrap it once. One entry per
+        # method the server has (unknown methods have no handler), so the cache is bounded.
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
 
     async def _refuse(self, context: Any, method: str, bad: _Undecodable) -> None:
         if (method, bad.cause) not in self._logged:

@@ -78,6 +78,9 @@ def client_request(
 
 WORKER_CALLS = {
     "Generate": lambda s, md: list(s.Generate(generate_request("x", [1, 2], 2), metadata=md)),
+    "StartDetached": lambda s, md: list(
+        s.StartDetached(iter([worker_pb2.StartBatch()]), metadata=md)
+    ),
     "Attach": lambda s, md: list(s.Attach(worker_pb2.AttachRequest(request_id="x"), metadata=md)),
     "Abort": lambda s, md: s.Abort(worker_pb2.AbortRequest(request_id="x"), metadata=md),
     "GetLoad": lambda s, md: s.GetLoad(worker_pb2.GetLoadRequest(), metadata=md),

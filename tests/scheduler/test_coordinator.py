@@ -16,6 +16,7 @@ import pytest
 from cascadeinfer import CostProfile
 from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
+from cascadeinfer.scheduler import requests
 from cascadeinfer.scheduler.config import SchedulerConfig, StageSpec
 from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
 from cascadeinfer.scheduler.requests import ClientRequest
@@ -115,8 +116,10 @@ async def test_a_worker_that_refuses_a_request_fails_it_with_the_workers_status(
 
 
 async def test_a_client_that_stops_reading_has_its_request_ended_and_aborted(
-    started: list[Coordinator],
+    started: list[Coordinator], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Its front has been held up by one write for longer than the grace (here: no grace).
+    monkeypatch.setattr(requests, "STALLED_WRITE_S", 0.0)
     c, fakes = await start(started, "a", max_stream_lag_tokens=8)
     rec = await submit(c, "slow", 10)
     fakes["a"].step(Step("slow", 0, tuple(range(5)), 15))
@@ -127,6 +130,26 @@ async def test_a_client_that_stops_reading_has_its_request_ended_and_aborted(
     assert rec.is_overflowed and rec.finish == FinishReason.ABORT
     assert fakes["a"].aborted == ["slow"]
     assert "slow" not in c.requests
+
+
+async def test_bursts_larger_than_the_lag_bound_reach_a_client_that_reads(
+    started: list[Coordinator],
+) -> None:
+    """A worker's feed merges the steps the scheduler had no time to read, so one message can
+    carry more tokens than the lag bound; a client that reads is not behind, whether it waits
+    for them or is in the middle of a write."""
+    c, fakes = await start(started, "a", max_stream_lag_tokens=8)
+    rec = await submit(c, "burst", 10)
+    reader = asyncio.ensure_future(rec.next_delivery())
+    await settle()
+    assert rec.front_busy_since is None  # waiting for news
+    fakes["a"].step(Step("burst", 0, tuple(range(20)), 30))
+    await settle()
+    assert (await reader).token_ids == list(range(20))
+    # Its front is writing those 20 now; 20 more arrive at once: a moment, not a stall.
+    fakes["a"].step(Step("burst", 20, tuple(range(20)), 50))
+    await settle()
+    assert not rec.is_done and rec.num_unsent == 20
 
 
 async def test_a_failed_migration_leaves_the_request_streaming_from_its_source(
@@ -184,8 +207,8 @@ async def test_a_finish_that_arrives_before_the_tokens_ahead_of_it_waits_for_the
     await settle()
     assert rec.tokens == [1, 2, 3, 4, 5, 6, 7, 8] and rec.finish == FinishReason.LENGTH
     deliveries = []
-    while not rec.out.empty():
-        deliveries.append(await rec.next_delivery())
+    while (d := rec.take_delivery()) is not None:
+        deliveries.append(d)
     assert [t for d in deliveries for t in d.token_ids] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert deliveries[-1].finish == FinishReason.LENGTH
 

@@ -23,8 +23,10 @@ MAX_LAG = 500
 def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     tmp = tmp_path_factory.mktemp("limits")
     tokenizer = write_byte_tokenizer(tmp / "tokenizer")
-    fast = [*SIM_WORKER, "--sim-time-scale", "0"]
-    with workers([fast], tmp) as (worker,):
+    # Steps take a tenth of their predicted time: an 8000-token output takes seconds, so a
+    # stalled client's write is held up past STALLED_WRITE_S while tokens still arrive.
+    paced = [*SIM_WORKER, "--sim-time-scale", "0.1"]
+    with workers([paced], tmp) as (worker,):
         s = start_scheduler(
             [
                 "--workers",
@@ -108,7 +110,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_others_are_served(scheduler:
     stub = stub_of(scheduler.address)
     max_tokens = 8000
     stalled = stub.Generate(request(max_tokens), timeout=60)
-    time.sleep(3.0)  # reads nothing while the engine produces everything
+    time.sleep(3.0)  # reads nothing while the engine produces
     assert read_all(stub, 500) == (500, common_pb2.FINISH_REASON_LENGTH)
     received = 0
     with pytest.raises(grpc.RpcError) as e:

@@ -12,8 +12,8 @@ def request() -> ClientRequest:
 
 def drain(rec: ClientRequest) -> list[Delivery]:
     out = []
-    while not rec.out.empty():
-        out.append(rec.out.get_nowait())
+    while (d := rec.take_delivery()) is not None:
+        out.append(d)
     return out
 
 

@@ -230,6 +230,35 @@ def test_duplicate_request_id_is_already_exists(pair: list[Daemon]) -> None:
     reader.join()
 
 
+def test_start_detached_answers_every_request_of_each_batch_in_order(pair: list[Daemon]) -> None:
+    """StartDetached admits or refuses each request of a batch as a detached Generate would,
+    and answers batches in order, one result per request."""
+    a, _ = pair
+    first = worker_pb2.StartBatch(
+        requests=[
+            generate_request("batched", PROMPT, LONG[a.engine]),
+            generate_request("batched", PROMPT, 5),  # the same id again
+            generate_request("", PROMPT, 5),
+            generate_request("no-tokens", PROMPT, 0),
+        ]
+    )
+    second = worker_pb2.StartBatch(requests=[generate_request("batched-2", PROMPT, 3)])
+    answers = list(a.stub().StartDetached(iter([first, second]), timeout=60))
+    codes = [[(r.request_id, r.code) for r in answer.results] for answer in answers]
+    assert codes == [
+        [
+            ("batched", grpc.StatusCode.OK.value[0]),
+            ("batched", grpc.StatusCode.ALREADY_EXISTS.value[0]),
+            ("", grpc.StatusCode.INVALID_ARGUMENT.value[0]),
+            ("no-tokens", grpc.StatusCode.INVALID_ARGUMENT.value[0]),
+        ],
+        [("batched-2", grpc.StatusCode.OK.value[0])],
+    ]
+    assert answers[0].results[0].context_len == len(PROMPT)
+    a.stub().Abort(worker_pb2.AbortRequest(request_id="batched"), timeout=30)  # it runs there
+    assert run_to_end(a.stub(), "after-batches", PROMPT, 3), "still serving"
+
+
 def kv_chunks(
     layout: common_pb2.KVLayout, order: list[int], commit_blocks: int | None
 ) -> list[worker_pb2.KVChunk]:

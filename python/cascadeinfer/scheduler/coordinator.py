@@ -256,37 +256,46 @@ class Coordinator:
 
     # --- steps and routing -----------------------------------------------------------------
     def _on_step(self, link: WorkerLink, update: worker_pb2.StepUpdate) -> None:
+        """Splices one feed message (one engine step, or several the worker merged while this
+        scheduler was busy) into the clients' streams and tells the core the new lengths."""
         if update.is_draining and link.is_healthy:
             self._spawn(self.worker_leaving(link))
         link.last_step = update
         ids: list[int] = []
         lens: list[int] = []
+        requests = self.requests
+        worker_id = link.worker_id
+        max_lag = self.config.max_stream_lag_tokens
         for r in update.requests:
-            rec = self.requests.get(r.request_id)
+            rec = requests.get(r.request_id)
             if rec is None:
                 continue
-            if link.worker_id not in rec.holders:
+            if worker_id not in rec.holders:
                 # Not where the scheduler put it: a stray or hostile copy must not write into
                 # the client's stream.
                 self.metrics.foreign_steps.inc()
                 continue
-            finish = FINISH_FROM_PROTO.get(r.finish_reason)
-            if r.tokens.token_ids or finish is not None:
-                rec.deliver(r.tokens.first_index, list(r.tokens.token_ids), finish)
-                if not rec.is_done and (
-                    len(rec.tokens) - rec.num_sent > self.config.max_stream_lag_tokens
+            chunk = r.tokens
+            token_ids = chunk.token_ids
+            finish = FINISH_FROM_PROTO.get(r.finish_reason) if r.finish_reason else None
+            if token_ids or finish is not None:
+                rec.deliver(chunk.first_index, token_ids, finish)
+                if (
+                    rec.finish is None
+                    and rec.num_unsent > max_lag
+                    and rec.is_stalled(time.monotonic())
                 ):
                     self._give_up(rec)
                     continue
-            if rec.is_done:
+            if rec.finish is not None:
                 self._retire(rec)
-            elif rec.worker_id == link.worker_id and rec.gone_from != link.worker_id:
+            elif rec.worker_id == worker_id and rec.gone_from != worker_id:
                 ids.append(rec.core_id)
                 lens.append(r.context_len)
         if self.policy is not None and ids and link.is_healthy:
             started = time.perf_counter()
             moves = self.policy.on_step(ids, [link.instance] * len(ids), lens, time.monotonic())
-            self.metrics.decision.labels("on_step").observe(time.perf_counter() - started)
+            self.metrics.on_step_seconds.observe(time.perf_counter() - started)
             for m in moves:
                 self._spawn(self._migrate(m))
         self._drain_queue()
@@ -307,18 +316,16 @@ class Coordinator:
         m.requests.labels(rec.finish.value).inc()
         if rec.first_token_at is None:
             return
-        stage = str(rec.entry_stage)
-        m.ttft.labels(stage).observe(rec.first_token_at - rec.arrived_at)
-        m.e2e.labels(stage).observe(rec.finished_at - rec.arrived_at)
+        stage = m.stage(rec.entry_stage)
+        stage.ttft.observe(rec.first_token_at - rec.arrived_at)
+        stage.e2e.observe(rec.finished_at - rec.arrived_at)
         if len(rec.tokens) > 1:
             tpot = (rec.finished_at - rec.first_token_at) / (len(rec.tokens) - 1)
-            m.tpot.labels(stage).observe(tpot)
+            stage.tpot.observe(tpot)
 
     def _give_up(self, rec: ClientRequest) -> None:
         """Ends a request whose client stopped reading, so its unread tokens have a bound."""
-        log.warning(
-            "client_too_slow", request_id=rec.request_id, unread=len(rec.tokens) - rec.num_sent
-        )
+        log.warning("client_too_slow", request_id=rec.request_id, unread=rec.num_unsent)
         rec.is_overflowed = True
         link = self.pool.by_id.get(rec.worker_id or "")
         self._end(rec, FinishReason.ABORT)
@@ -467,7 +474,7 @@ class Coordinator:
                 continue
             started = time.perf_counter()
             migrations, changed = self.policy.tick(time.monotonic())
-            self.metrics.decision.labels("tick").observe(time.perf_counter() - started)
+            self.metrics.tick_seconds.observe(time.perf_counter() - started)
             if changed:
                 self.metrics.plan_changes.inc()
                 self.counters.num_plan_changes += 1
@@ -552,7 +559,7 @@ class Coordinator:
         except ValueError as e:
             raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         finally:
-            self.metrics.decision.labels("admit").observe(time.perf_counter() - started)
+            self.metrics.admit_seconds.observe(time.perf_counter() - started)
         if decision is None:
             return False
         link = self.pool.by_instance[decision[0]]

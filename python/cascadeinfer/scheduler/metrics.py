@@ -6,11 +6,23 @@ whether short requests stay fast when long ones share the fleet.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 DECISION_BUCKETS = (1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
+
+
+@dataclass(frozen=True)
+class StageLatency:
+    """One entry stage's latency histograms, looked up once (a `labels` call per finished
+    request and histogram is a lock and a dictionary look-up each)."""
+
+    ttft: Histogram
+    e2e: Histogram
+    tpot: Histogram
 
 
 class SchedulerMetrics:
@@ -98,3 +110,17 @@ class SchedulerMetrics:
             "Step-feed entries ignored: a worker reported a request the scheduler did not put there",
             registry=r,
         )
+        self.admit_seconds = self.decision.labels("admit")
+        self.on_step_seconds = self.decision.labels("on_step")
+        self.tick_seconds = self.decision.labels("tick")
+        self._stages: dict[int, StageLatency] = {}
+
+    def stage(self, stage: int) -> StageLatency:
+        """The latency histograms of requests that entered `stage`."""
+        found = self._stages.get(stage)
+        if found is None:
+            label = str(stage)
+            found = self._stages[stage] = StageLatency(
+                self.ttft.labels(label), self.e2e.labels(label), self.tpot.labels(label)
+            )
+        return found

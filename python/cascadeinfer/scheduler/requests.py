@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.scheduler.text import Detokenizer
+
+STALLED_WRITE_S = 1.0
+"""How long one write to a client may take before the tokens waiting behind it count against
+max_stream_lag_tokens. Counting every unsent token would cut off clients that read: a worker's
+feed can bring hundreds of tokens in one message, and a busy event loop resumes a stream a few
+milliseconds after its write completed."""
 
 
 @dataclass(frozen=True)
 class Delivery:
     """Tokens for the client, in order; `finish` set on the last one."""
 
-    token_ids: tuple[int, ...]
+    token_ids: list[int]
     first_index: int
     finish: FinishReason | None = None
 
@@ -52,9 +59,17 @@ class ClientRequest:
     finish: FinishReason | None = None
     finish_after: tuple[int, FinishReason] | None = None
     """A finish that arrived with output index N: it takes effect once N tokens are here."""
-    out: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
     num_sent: int = 0
-    """Tokens the client's front has taken (`next_delivery`); the rest wait in `out`."""
+    """Tokens the client's front has taken (`take_delivery`); the coordinator bounds the rest
+    (`tokens[num_sent:]`) by max_stream_lag_tokens once the front stalls (`is_stalled`)."""
+    is_finish_sent: bool = False
+    front_busy_since: float | None = field(default_factory=time.monotonic)
+    """Since when the client's front has been writing what it took last (from arrival until
+    its first take); None while it waits for news, when whatever arrives goes out at once."""
+    has_news: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when tokens or the finish arrived that the front has not taken. One flag, not a
+    queue of deliveries: the front wakes once for whatever piled up, and takes it as one
+    message (a client that reads slower than the engines produce gets fewer, larger ones)."""
     is_overflowed: bool = False
     """Ended because the client fell too far behind (its stream ends RESOURCE_EXHAUSTED)."""
     detokenizer: Detokenizer | None = None
@@ -69,52 +84,70 @@ class ClientRequest:
         return self.finish is not None
 
     def deliver(
-        self, first_index: int, token_ids: list[int] | tuple[int, ...], finish: FinishReason | None
+        self, first_index: int, token_ids: Sequence[int], finish: FinishReason | None
     ) -> None:
         """Takes tokens from any worker's feed; passes on each index exactly once, in order."""
-        if self.is_done:
+        if self.finish is not None:
             return
-        for k, token in enumerate(token_ids):
-            index = first_index + k
-            if index >= len(self.tokens):
-                self.pending[index] = token
-        start = len(self.tokens)
-        while len(self.tokens) in self.pending:
-            self.tokens.append(self.pending.pop(len(self.tokens)))
-        fresh = tuple(self.tokens[start:])
-        if fresh and self.first_token_at is None:
+        tokens = self.tokens
+        start = len(tokens)
+        if first_index == start and not self.pending:
+            tokens.extend(token_ids)  # the usual case: the next tokens, from one feed
+        else:
+            for k, token in enumerate(token_ids):
+                index = first_index + k
+                if index >= start:
+                    self.pending[index] = token
+            while len(tokens) in self.pending:
+                tokens.append(self.pending.pop(len(tokens)))
+        is_fresh = len(tokens) > start
+        if is_fresh and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if finish is not None:
             self.finish_after = (first_index + len(token_ids), finish)
         # A finish is final only once every token before it has arrived: a migration target
         # can finish the request before the source's last tokens reach the scheduler.
-        if self.finish_after is not None and len(self.tokens) >= self.finish_after[0]:
+        if self.finish_after is not None and len(tokens) >= self.finish_after[0]:
             self.finish = self.finish_after[1]
             self.finished_at = time.monotonic()
-        if fresh or self.finish is not None:
-            self.out.put_nowait(Delivery(fresh, start, self.finish))
+        if is_fresh or self.finish is not None:
+            self.has_news.set()
+
+    @property
+    def num_unsent(self) -> int:
+        return len(self.tokens) - self.num_sent
+
+    def is_stalled(self, now: float) -> bool:
+        """Whether the client's front has been held up by one write for STALLED_WRITE_S: its
+        reader stopped. (A reading client holds it up for a moment at most, and a burst that
+        arrives while it waits goes out in one message.)"""
+        return self.front_busy_since is not None and now - self.front_busy_since >= STALLED_WRITE_S
+
+    def take_delivery(self) -> Delivery | None:
+        """Every token the front has not taken, with the finish once the request is done;
+        None when there is nothing new."""
+        self.has_news.clear()
+        if self.is_finish_sent or (self.num_sent == len(self.tokens) and self.finish is None):
+            return None
+        first = self.num_sent
+        delivery = Delivery(self.tokens[first:], first, self.finish)
+        self.num_sent = len(self.tokens)
+        self.is_finish_sent = self.finish is not None
+        return delivery
 
     async def next_delivery(self) -> Delivery:
-        """The next delivery, merged with those already waiting: a client that reads slower
-        than the engines produce gets fewer, larger messages instead of a growing backlog."""
-        first = await self.out.get()
-        if self.out.empty() or first.finish is not None:
-            delivery = first
-        else:
-            tokens = list(first.token_ids)
-            finish = None
-            while not self.out.empty() and finish is None:
-                more = self.out.get_nowait()
-                tokens.extend(more.token_ids)
-                finish = more.finish
-            delivery = Delivery(tuple(tokens), first.first_index, finish)
-        # What the client's front has taken: the coordinator bounds the rest.
-        self.num_sent = delivery.first_index + len(delivery.token_ids)
-        return delivery
+        """The next delivery: waits until there is one."""
+        while True:
+            delivery = self.take_delivery()
+            if delivery is not None:
+                self.front_busy_since = time.monotonic()
+                return delivery
+            self.front_busy_since = None
+            await self.has_news.wait()
 
     def end(self, reason: FinishReason) -> None:
         """Ends the request without more tokens (abort, failure)."""
         if not self.is_done:
             self.finish = reason
             self.finished_at = time.monotonic()
-            self.out.put_nowait(Delivery((), len(self.tokens), reason))
+            self.has_news.set()

@@ -47,11 +47,13 @@ def _timings(rec: ClientRequest) -> scheduler_pb2.RequestTimings:
 def _response(rec: ClientRequest, d: Delivery) -> scheduler_pb2.ClientGenerateResponse:
     r = scheduler_pb2.ClientGenerateResponse(
         request_id=rec.request_id,
-        tokens=common_pb2.TokenChunk(token_ids=list(d.token_ids), first_index=d.first_index),
+        tokens=common_pb2.TokenChunk(token_ids=d.token_ids, first_index=d.first_index),
     )
     if rec.detokenizer is not None:
         upto = d.first_index + len(d.token_ids)
-        r.text = rec.detokenizer.delta(rec.tokens[:upto], is_last=d.finish is not None)
+        # The delivery was just taken, so it usually ends where the tokens do: no copy.
+        sent = rec.tokens if upto == len(rec.tokens) else rec.tokens[:upto]
+        r.text = rec.detokenizer.delta(sent, is_last=d.finish is not None)
     if d.finish is not None:
         r.finish_reason = FINISH_TO_PROTO[d.finish]
         r.timings.CopyFrom(_timings(rec))
@@ -111,7 +113,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         except SchedulingError as e:
             self.c.metrics.refused.labels(e.code.name).inc()
             await context.abort(e.code, e.message)
-        log.info("request_accepted", request_id=rid, prompt_len=len(prompt))
+        log.debug("request_accepted", request_id=rid, prompt_len=len(prompt))
         return rec
 
     async def _prompt(self, request: scheduler_pb2.ClientGenerateRequest) -> tuple[int, ...]:

@@ -15,19 +15,14 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
+from cascadeinfer.scheduler.start_stream import StartStream
+from cascadeinfer.scheduler.worker_errors import WorkerCallError
 from cascadeinfer.security import TlsFiles, aio_channel
+
+__all__ = ["GrpcWorkerClient", "WorkerCallError", "WorkerClient"]
 
 if TYPE_CHECKING:
     from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
-
-
-class WorkerCallError(Exception):
-    """A call to a worker that failed, with the gRPC status it failed with."""
-
-    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details or code.name
 
 
 class WorkerClient(Protocol):
@@ -67,6 +62,9 @@ class GrpcWorkerClient:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._channel = channel
         self._stub: WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)
+        self._starts: StartStream | None = StartStream(self._stub)
+        """Batched starts; None for a worker without StartDetached (an older version), which
+        gets one detached Generate call per start."""
 
     @classmethod
     def connect(
@@ -81,6 +79,14 @@ class GrpcWorkerClient:
             raise _call_error(e) from None
 
     async def start_detached(self, request: worker_pb2.GenerateRequest, timeout_s: float) -> None:
+        if self._starts is not None:
+            try:
+                return await self._starts.start(request, timeout_s)
+            except WorkerCallError as e:
+                if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+            starts, self._starts = self._starts, None
+            await starts.close()
         try:
             async for _ in self._stub.Generate(request, timeout=timeout_s):
                 pass
@@ -118,6 +124,8 @@ class GrpcWorkerClient:
             raise _call_error(e) from None
 
     async def close(self) -> None:
+        if self._starts is not None:
+            await self._starts.close()
         await self._channel.close()
 
 

@@ -2,7 +2,8 @@
 
 Lives on the asyncio loop. A request is tracked from admission (or import) until it finishes or
 leaves; each Generate/Attach stream reads its own queue; each StreamSteps subscriber gets every
-step report. Nothing here blocks the engine thread.
+step report, merged with the others it has not sent yet (worker/feed.py). Nothing here blocks
+the engine thread.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from cascadeinfer.worker.engine import FinishReason, RequestProgress, StepReport
+from cascadeinfer.worker.feed import FeedBuffer
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,6 @@ class StreamEnd:
 
 
 StreamItem = RequestProgress | StreamEnd
-_FEED_END = object()
 
 
 @dataclass
@@ -44,7 +45,7 @@ class TrackedRequest:
 class Hub:
     def __init__(self) -> None:
         self.requests: dict[str, TrackedRequest] = {}
-        self._step_subscribers: list[asyncio.Queue[object]] = []
+        self._step_subscribers: list[FeedBuffer] = []
         self._is_closed = False
         self.last_report: StepReport | None = None
         self.unfollowed_since: float | None = time.monotonic()
@@ -72,8 +73,8 @@ class Hub:
                 q.put_nowait(p)
             if p.finish_reason is not None:
                 del self.requests[p.request_id]
-        for sq in self._step_subscribers:
-            sq.put_nowait(report)
+        for feed in self._step_subscribers:
+            feed.add(report)
 
     def end(self, request_id: str, reason: FinishReason, migrated_to: str = "") -> None:
         """Ends a request's streams without a token (abort, migration)."""
@@ -85,29 +86,30 @@ class Hub:
 
     def announce(self) -> None:
         """Wakes every step feed with `None`: the worker's state changed (it is draining)."""
-        for sq in self._step_subscribers:
-            sq.put_nowait(None)
+        for feed in self._step_subscribers:
+            feed.announce()
 
     def close_feeds(self) -> None:
         """Ends every step feed (the drain is over)."""
         self._is_closed = True
-        for sq in self._step_subscribers:
-            sq.put_nowait(_FEED_END)
+        for feed in self._step_subscribers:
+            feed.end()
 
     async def steps(self) -> AsyncIterator[StepReport | None]:
-        """Every step report in order; `None` when `announce` was called."""
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        self._step_subscribers.append(queue)
+        """The step reports in order, those that piled up while the reader was busy merged
+        into one; `None` when `announce` was called and no step came since."""
+        feed = FeedBuffer()
+        self._step_subscribers.append(feed)
         self.unfollowed_since = None
         try:
             while not self._is_closed:
-                item = await queue.get()
-                if item is _FEED_END:
+                try:
+                    item = await feed.take()
+                except EOFError:
                     return
-                assert item is None or isinstance(item, StepReport)
                 yield item
         finally:
-            self._step_subscribers.remove(queue)
+            self._step_subscribers.remove(feed)
             if not self._step_subscribers:
                 self.unfollowed_since = time.monotonic()
 

@@ -17,6 +17,7 @@ from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishRea
 from cascadeinfer.worker.errors import fail
 from cascadeinfer.worker.hub import StreamEnd, StreamItem
 from cascadeinfer.worker.migration import MigrationFailed, migrate_out
+from cascadeinfer.worker.starts import start_batch
 from cascadeinfer.worker.state import WorkerState
 
 log = structlog.get_logger(__name__)
@@ -117,6 +118,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return
         async for response in self._stream(rid, queue):
             yield response
+
+    async def StartDetached(
+        self, request_iterator: AsyncIterator[worker_pb2.StartBatch], context: Context
+    ) -> AsyncIterator[worker_pb2.StartResults]:
+        async for batch in request_iterator:
+            yield await start_batch(self.state, batch.requests)
 
     async def Attach(
         self, request: worker_pb2.AttachRequest, context: Context

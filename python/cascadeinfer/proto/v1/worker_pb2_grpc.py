@@ -39,6 +39,11 @@ class WorkerServiceStub:
                 request_serializer=cascadeinfer_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=cascadeinfer_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.StartDetached = channel.stream_stream(
+                '/cascadeinfer.v1.WorkerService/StartDetached',
+                request_serializer=cascadeinfer_dot_v1_dot_worker__pb2.StartBatch.SerializeToString,
+                response_deserializer=cascadeinfer_dot_v1_dot_worker__pb2.StartResults.FromString,
+                _registered_method=True)
         self.Attach = channel.unary_stream(
                 '/cascadeinfer.v1.WorkerService/Attach',
                 request_serializer=cascadeinfer_dot_v1_dot_worker__pb2.AttachRequest.SerializeToString,
@@ -90,6 +95,17 @@ class WorkerServiceServicer:
         request continues on another worker (the scheduler splices the streams by index).
         Errors: INVALID_ARGUMENT (empty or too long prompt, max_tokens < 1, bad sampling values),
         ALREADY_EXISTS (request id in use), RESOURCE_EXHAUSTED (no KV room), UNAVAILABLE (draining).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartDetached(self, request_iterator, context):
+        """Starts detached requests (as Generate with detach set), many per message: a scheduler keeps
+        one such stream open to each worker and sends the placements of one event-loop turn as one
+        batch, so a new stream costs it a share of a message instead of a call. Batches are answered
+        in order, one StartResults per StartBatch, one result per request in the batch's order.
+        A draining worker answers UNAVAILABLE in every result; the stream stays open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +186,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     request_deserializer=cascadeinfer_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=cascadeinfer_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
             ),
+            'StartDetached': grpc.stream_stream_rpc_method_handler(
+                    servicer.StartDetached,
+                    request_deserializer=cascadeinfer_dot_v1_dot_worker__pb2.StartBatch.FromString,
+                    response_serializer=cascadeinfer_dot_v1_dot_worker__pb2.StartResults.SerializeToString,
+            ),
             'Attach': grpc.unary_stream_rpc_method_handler(
                     servicer.Attach,
                     request_deserializer=cascadeinfer_dot_v1_dot_worker__pb2.AttachRequest.FromString,
@@ -238,6 +259,33 @@ class WorkerService:
             '/cascadeinfer.v1.WorkerService/Generate',
             cascadeinfer_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             cascadeinfer_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartDetached(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cascadeinfer.v1.WorkerService/StartDetached',
+            cascadeinfer_dot_v1_dot_worker__pb2.StartBatch.SerializeToString,
+            cascadeinfer_dot_v1_dot_worker__pb2.StartResults.FromString,
             options,
             channel_credentials,
             insecure,

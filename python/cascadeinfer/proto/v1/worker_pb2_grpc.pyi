@@ -40,6 +40,13 @@ class WorkerServiceStub:
     Errors: INVALID_ARGUMENT (empty or too long prompt, max_tokens < 1, bad sampling values),
     ALREADY_EXISTS (request id in use), RESOURCE_EXHAUSTED (no KV room), UNAVAILABLE (draining).
     """
+    StartDetached: _grpc.StreamStreamMultiCallable[_worker_pb2.StartBatch, _worker_pb2.StartResults]
+    """Starts detached requests (as Generate with detach set), many per message: a scheduler keeps
+    one such stream open to each worker and sends the placements of one event-loop turn as one
+    batch, so a new stream costs it a share of a message instead of a call. Batches are answered
+    in order, one StartResults per StartBatch, one result per request in the batch's order.
+    A draining worker answers UNAVAILABLE in every result; the stream stays open.
+    """
     Attach: _grpc.UnaryStreamMultiCallable[_worker_pb2.AttachRequest, _worker_pb2.GenerateResponse]
     """Streams the output of a request already on this worker (e.g. one that was imported),
     starting after the tokens it had when attached. NOT_FOUND for an unknown id.
@@ -82,6 +89,13 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     request continues on another worker (the scheduler splices the streams by index).
     Errors: INVALID_ARGUMENT (empty or too long prompt, max_tokens < 1, bad sampling values),
     ALREADY_EXISTS (request id in use), RESOURCE_EXHAUSTED (no KV room), UNAVAILABLE (draining).
+    """
+    StartDetached: _aio.StreamStreamMultiCallable[_worker_pb2.StartBatch, _worker_pb2.StartResults]  # type: ignore[assignment]
+    """Starts detached requests (as Generate with detach set), many per message: a scheduler keeps
+    one such stream open to each worker and sends the placements of one event-loop turn as one
+    batch, so a new stream costs it a share of a message instead of a call. Batches are answered
+    in order, one StartResults per StartBatch, one result per request in the batch's order.
+    A draining worker answers UNAVAILABLE in every result; the stream stays open.
     """
     Attach: _aio.UnaryStreamMultiCallable[_worker_pb2.AttachRequest, _worker_pb2.GenerateResponse]  # type: ignore[assignment]
     """Streams the output of a request already on this worker (e.g. one that was imported),
@@ -128,6 +142,19 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         request continues on another worker (the scheduler splices the streams by index).
         Errors: INVALID_ARGUMENT (empty or too long prompt, max_tokens < 1, bad sampling values),
         ALREADY_EXISTS (request id in use), RESOURCE_EXHAUSTED (no KV room), UNAVAILABLE (draining).
+        """
+
+    @_abc_1.abstractmethod
+    def StartDetached(
+        self,
+        request_iterator: _MaybeAsyncIterator[_worker_pb2.StartBatch],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_worker_pb2.StartResults], _abc.AsyncIterator[_worker_pb2.StartResults]]:
+        """Starts detached requests (as Generate with detach set), many per message: a scheduler keeps
+        one such stream open to each worker and sends the placements of one event-loop turn as one
+        batch, so a new stream costs it a share of a message instead of a call. Batches are answered
+        in order, one StartResults per StartBatch, one result per request in the batch's order.
+        A draining worker answers UNAVAILABLE in every result; the stream stays open.
         """
 
     @_abc_1.abstractmethod

@@ -60,7 +60,7 @@ class Runner:
         except SchedulingError as e:
             c.metrics.refused.labels(e.code.name).inc()
             raise from_grpc(e.code, e.message) from None
-        log.info("request_accepted", request_id=request_id, prompt_len=len(job.prompt), api="http")
+        log.debug("request_accepted", request_id=request_id, prompt_len=len(job.prompt), api="http")
         return rec
 
     async def steps(self, rec: ClientRequest, job: Job) -> AsyncIterator[Step]:

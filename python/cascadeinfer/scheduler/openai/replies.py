@@ -1,17 +1,24 @@
 """The answer shapes of the HTTP front: one JSON object with `usage`, or Server-Sent Events
 (a chunk per text piece, an optional usage chunk, then `data: [DONE]`), built from a
-generation's steps."""
+generation's steps.
+
+Stream chunks are the hot path of the front (one per piece of text): each kind of chunk is
+rendered once per request by its model with the text left as a slot (`ChunkTemplate`), so an
+event costs a JSON string encoding, not a model built and serialized; the last piece, the usage
+chunk and `[DONE]` go out in one write.
+"""
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import structlog
 from pydantic import BaseModel
-from starlette.responses import StreamingResponse
 
 from cascadeinfer.scheduler.openai.errors import APIError
+from cascadeinfer.scheduler.openai.events import DONE, EventStream
 from cascadeinfer.scheduler.openai.generation import Step
 from cascadeinfer.scheduler.openai.schema import (
     AssistantMessage,
@@ -27,6 +34,23 @@ from cascadeinfer.scheduler.openai.schema import (
 )
 
 log = structlog.get_logger(__name__)
+SLOT = "@@text-slot@@"
+
+
+class ChunkTemplate:
+    """One kind of stream chunk as its model renders it, with the text as a slot. The text is
+    the last field the client chooses a value of: what follows it is fixed by the schema, so
+    the slot is found from the end (an id or model name that contains SLOT cannot move it)."""
+
+    def __init__(self, rendered: str) -> None:
+        head, found, tail = rendered.rpartition(json.dumps(SLOT))
+        if not found:
+            raise ValueError("the chunk has no text slot")
+        self._head = "data: " + head
+        self._tail = tail + "\n\n"
+
+    def event(self, text: str) -> str:
+        return self._head + json.dumps(text, ensure_ascii=False) + self._tail
 
 
 class Reply:
@@ -65,22 +89,43 @@ class Reply:
     async def completion_events(
         self, steps: AsyncIterator[Step], include_usage: bool
     ) -> AsyncIterator[str]:
+        templates: dict[FinishReasonName | None, ChunkTemplate] = {}
+
+        def chunk(text: str, finish: FinishReasonName | None) -> str:
+            template = templates.get(finish)
+            if template is None:
+                choice = CompletionChoice(text=SLOT, finish_reason=finish)
+                model = Completion(
+                    id=self.id, created=self.created, model=self.model, choices=[choice]
+                )
+                template = templates[finish] = ChunkTemplate(model.model_dump_json())
+            return template.event(text)
+
         num_tokens = 0
         async for step in steps:
             num_tokens = step.num_tokens
-            choice = CompletionChoice(text=step.text, finish_reason=step.finish)
-            chunk = Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
-            yield _event(chunk)
-        if include_usage:
-            yield _event(
-                Completion(
-                    id=self.id,
-                    created=self.created,
-                    model=self.model,
-                    choices=[],
-                    usage=self.usage(num_tokens),
-                )
+            if step.finish is None:
+                yield chunk(step.text, None)
+                continue
+            yield chunk(step.text, step.finish) + self._usage_event(num_tokens, include_usage)
+            return
+        yield self._usage_event(num_tokens, include_usage)
+
+    def _usage_event(self, num_tokens: int, include_usage: bool, *, is_chat: bool = False) -> str:
+        """The usage chunk (when asked for) and `[DONE]`: the end of a stream."""
+        if not include_usage:
+            return DONE
+        usage = self.usage(num_tokens)
+        last: BaseModel
+        if is_chat:
+            last = ChatCompletionChunk(
+                id=self.id, created=self.created, model=self.model, choices=[], usage=usage
             )
+        else:
+            last = Completion(
+                id=self.id, created=self.created, model=self.model, choices=[], usage=usage
+            )
+        return _event(last) + DONE
 
     async def chat_events(
         self, steps: AsyncIterator[Step], include_usage: bool
@@ -93,29 +138,27 @@ class Reply:
                 )
             )
 
+        content = ChunkTemplate(chunk(Delta(content=SLOT)).removeprefix("data: ").rstrip())
         num_tokens = 0
         is_first = True
         async for step in steps:
-            if is_first:
-                is_first = False
-                # The role goes out with the first output, as vLLM sends it, so a client's
-                # time to first token measures a token, not the admission.
-                yield chunk(Delta(role="assistant", content=""))
+            # The role goes out with the first output, as vLLM sends it, so a client's time to
+            # first token measures a token, not the admission.
+            events = chunk(Delta(role="assistant", content="")) if is_first else ""
+            is_first = False
             num_tokens = step.num_tokens
             if step.text:
-                yield chunk(Delta(content=step.text))
+                events += content.event(step.text)
             if step.finish is not None:
-                yield chunk(Delta(), step.finish)
-        if include_usage:
-            yield _event(
-                ChatCompletionChunk(
-                    id=self.id,
-                    created=self.created,
-                    model=self.model,
-                    choices=[],
-                    usage=self.usage(num_tokens),
+                yield (
+                    events
+                    + chunk(Delta(), step.finish)
+                    + self._usage_event(num_tokens, include_usage, is_chat=True)
                 )
-            )
+                return
+            if events:
+                yield events
+        yield self._usage_event(num_tokens, include_usage, is_chat=True)
 
 
 async def gather(steps: AsyncIterator[Step]) -> tuple[str, FinishReasonName | None, int]:
@@ -132,22 +175,19 @@ def _event(obj: BaseModel) -> str:
     return f"data: {obj.model_dump_json()}\n\n"
 
 
-async def _with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _with_errors(events: AsyncIterator[str]) -> AsyncGenerator[str, None]:
     """Ends every stream with [DONE]; an error after the 200 went out is sent as an event."""
     try:
         async for e in events:
             yield e
+            if e.endswith(DONE):
+                return
     except APIError as e:
-        yield f"data: {e.body().model_dump_json()}\n\n"
+        yield f"data: {e.body().model_dump_json()}\n\n" + DONE
     except Exception:
         log.exception("http_stream_error")
-        yield f"data: {APIError(500, 'internal error').body().model_dump_json()}\n\n"
-    yield "data: [DONE]\n\n"
+        yield f"data: {APIError(500, 'internal error').body().model_dump_json()}\n\n" + DONE
 
 
-def sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        _with_errors(events),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+def sse(events: AsyncIterator[str]) -> EventStream:
+    return EventStream(_with_errors(events))

@@ -8,6 +8,7 @@ is held back until it is clear it is not one, so a client never sees any part of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
@@ -52,7 +53,7 @@ class TextStream:
         self._stops = StopWatch(stops)
         self.token_ids: list[int] = []
 
-    def feed(self, token_ids: tuple[int, ...], *, is_last: bool) -> Piece:
+    def feed(self, token_ids: Sequence[int], *, is_last: bool) -> Piece:
         self.token_ids.extend(token_ids)
         text = self._detokenizer.delta(self.token_ids, is_last=is_last)
         return self._stops.feed(text, is_last=is_last)
