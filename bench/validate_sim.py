@@ -361,7 +361,7 @@ def per_request(
             "sim_e2e_s": sim_requests["e2e_s"][i],
             "sim_migrations": sim_requests["num_migrations"][i],
         }
-        for i, ((a, p, o), r) in enumerate(zip(trace, records, strict=True))
+        for i, ((a, p, o, *_session), r) in enumerate(zip(trace, records, strict=True))
     ]
 
 

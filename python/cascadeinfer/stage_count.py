@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+from cascadeinfer.traces import TraceEntry
 from cascadeinfer import _core
 from cascadeinfer.config import CascadeConfig
 
@@ -152,7 +153,7 @@ def simulated_e2e(
     summary: _core.Workload,
     profile: _core.CostProfile,
     num_instances: int,
-    trace: Sequence[tuple[float, int, int]],
+    trace: Sequence[TraceEntry],
     config: CascadeConfig | None = None,
 ) -> tuple[float, float]:
     """Mean and p99 end-to-end latency of the plan's layout on `trace`, with the policy as it
@@ -243,7 +244,7 @@ def choose_layout(
     summary: _core.Workload,
     profile: _core.CostProfile,
     num_instances: int,
-    traces: Sequence[Sequence[tuple[float, int, int]]],
+    traces: Sequence[Sequence[TraceEntry]],
     config: CascadeConfig | None = None,
     objective: str = "mean",
 ) -> tuple[Candidate, list[Candidate]]:
@@ -266,7 +267,7 @@ def choose_layout(
     # PRUNE_RATIO cannot plausibly win and skips the rest.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
 
-        def run_all(batch: list[int], on: Sequence[Sequence[tuple[float, int, int]]]) -> None:
+        def run_all(batch: list[int], on: Sequence[Sequence[TraceEntry]]) -> None:
             futures = [
                 [
                     pool.submit(

@@ -20,6 +20,7 @@ pub mod presets;
 pub mod refine;
 pub mod rng;
 pub mod router;
+pub mod session;
 pub mod sim;
 pub mod workload;
 
@@ -41,5 +42,6 @@ pub use policy::{Admission, Migration, MigrationReason, Policy, StepEntry, TickO
 pub use presets::Preset;
 pub use refine::{RefineConfig, Refiner};
 pub use router::Router;
+pub use session::{SessionId, SessionTurn};
 pub use sim::{simulate, SimConfig, SimReport, SimSummary};
 pub use workload::{RequestSample, WorkloadSummary};

@@ -31,6 +31,7 @@ import grpc
 from cascadeinfer import workloads
 from cascadeinfer.cli.client import add_connection_args
 from cascadeinfer.evaluation.simbench import make_trace
+from cascadeinfer.traces import TraceEntry
 from cascadeinfer.evaluation.summary import RequestRecord, summarize
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.security import TlsFiles, aio_channel, read_token, token_metadata
@@ -38,7 +39,7 @@ from cascadeinfer.security import TlsFiles, aio_channel, read_token, token_metad
 if TYPE_CHECKING:
     from cascadeinfer.proto.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
 
-Trace = Sequence[tuple[float, int, int]]
+Trace = Sequence[TraceEntry]
 PromptBuilder = Callable[[int, int], list[int]]
 
 DEFAULT_PRESET_REQUESTS = 200
@@ -125,7 +126,7 @@ async def _replay(
             prompt_token_ids=scheduler_pb2.TokenIds(ids=prompt_token_ids(i, prompt_len)),
             sampling=common_pb2.SamplingParams(max_tokens=output_len, ignore_eos=True),
         )
-        for i, (_, prompt_len, output_len) in enumerate(trace)
+        for i, (_, prompt_len, output_len, *_session) in enumerate(trace)
     ]
     metadata = token_metadata(token)
     async with aio_channel(address, tls) as channel:
@@ -136,7 +137,7 @@ async def _replay(
         )
         t0 = time.perf_counter()
         tasks = []
-        for i, ((arrival_s, _, _), request) in enumerate(zip(trace, requests, strict=True)):
+        for i, ((arrival_s, *_lengths), request) in enumerate(zip(trace, requests, strict=True)):
             delay = t0 + arrival_s * time_scale - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -203,7 +204,7 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def trace_from_args(args: argparse.Namespace) -> list[tuple[float, int, int]]:
+def trace_from_args(args: argparse.Namespace) -> list[TraceEntry]:
     """The trace `--workload`/`--trace` and the shaping flags describe, clamped to --max-len."""
     if args.workload is not None and args.rate is None:
         raise ValueError("--rate is required with --workload")
