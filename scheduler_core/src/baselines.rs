@@ -5,9 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cost::CostProfile;
 use crate::error::{CoreError, Result};
-use crate::ids::{InstanceId, RequestId};
+use crate::ids::InstanceId;
 use crate::layout::StageLayout;
-use crate::policy::{Admission, Migration, MigrationReason, Policy, StepEntry, TickOutcome};
+use crate::policy::{Admission, Migration, MigrationReason, NewRequest, Policy, StepEntry, TickOutcome};
 use crate::rng::Rng;
 use crate::router::Router;
 
@@ -135,7 +135,8 @@ impl Policy for Baseline {
         self.kind.name()
     }
 
-    fn admit(&mut self, request: RequestId, prompt_len: u32, _now: f64) -> Result<Option<Admission>> {
+    fn admit(&mut self, request: &NewRequest, _now: f64) -> Result<Option<Admission>> {
+        let NewRequest { id: request, prompt_len, .. } = *request;
         if prompt_len >= self.router.layout.max_len() {
             return Err(CoreError::invalid(
                 "prompt_len",
@@ -175,6 +176,7 @@ impl Policy for Baseline {
 mod tests {
     use super::*;
     use crate::cost::tests::gpu;
+    use crate::ids::RequestId;
 
     fn ids(n: u32) -> Vec<InstanceId> {
         (0..n).map(InstanceId).collect()
@@ -187,7 +189,7 @@ mod tests {
     #[test]
     fn round_robin_cycles() {
         let mut b = baseline(BaselineKind::RoundRobin);
-        let picks: Vec<u32> = (0..8).map(|r| b.admit(RequestId(r), 100, 0.0).unwrap().unwrap().instance.0).collect();
+        let picks: Vec<u32> = (0..8).map(|r| b.admit(&NewRequest::new(RequestId(r), 100), 0.0).unwrap().unwrap().instance.0).collect();
         assert_eq!(picks, vec![0, 1, 2, 3, 0, 1, 2, 3]);
     }
 
@@ -200,7 +202,7 @@ mod tests {
                 .collect();
             b.on_step(&busy, 0.0).unwrap();
             for r in 100..103 {
-                assert_ne!(b.admit(RequestId(r), 100, 0.0).unwrap().unwrap().instance, InstanceId(0), "{kind:?}");
+                assert_ne!(b.admit(&NewRequest::new(RequestId(r), 100), 0.0).unwrap().unwrap().instance, InstanceId(0), "{kind:?}");
             }
         }
     }

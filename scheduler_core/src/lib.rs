@@ -38,7 +38,7 @@ pub use arrivals::{generate_trace, ArrivalProcess, TraceRequest};
 pub use baselines::{Baseline, BaselineKind, LlumnixConfig};
 pub use cascade::{CascadeConfig, CascadePolicy};
 pub use layout::{StageLayout, StageRange};
-pub use policy::{Admission, Migration, MigrationReason, Policy, StepEntry, TickOutcome};
+pub use policy::{Admission, Migration, MigrationReason, NewRequest, Policy, StepEntry, TickOutcome};
 pub use presets::Preset;
 pub use refine::{RefineConfig, Refiner};
 pub use router::Router;

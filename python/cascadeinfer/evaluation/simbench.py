@@ -20,9 +20,10 @@ from cascadeinfer.traces import TraceEntry, read_trace, to_entries, with_lengths
 
 Trace = list[TraceEntry]
 
-SUMMARY_KEYS = (*LIVE_KEYS, *GOODPUT_KEYS, "sim_wall_s")
+SUMMARY_KEYS = (*LIVE_KEYS, *GOODPUT_KEYS, "prefix_cache_hit_rate", "sim_wall_s")
 """What `cascade bench sim` prints: the keys a live run has, goodput under the setup's
-`GoodputSlo`, and the simulator's wall time."""
+`GoodputSlo`, the share of prompt tokens served from prefix caches (0 without sessions), and
+the simulator's wall time."""
 
 
 def clamp(trace: Trace, max_len: int) -> Trace:

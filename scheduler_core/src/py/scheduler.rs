@@ -12,7 +12,7 @@ use crate::cascade::CascadePolicy;
 use crate::error::CoreError;
 use crate::ids::{InstanceId, RequestId};
 use crate::layout::{StageLayout, StageRange};
-use crate::policy::{Migration, MigrationReason, Policy, StepEntry};
+use crate::policy::{Migration, MigrationReason, NewRequest, Policy, StepEntry};
 
 static MIGRATION_REASON: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -170,7 +170,7 @@ impl PyScheduler {
 
     /// `(instance, stage)` for a new request, or `None` when no eligible instance has room.
     fn admit(&mut self, request_id: u64, prompt_len: u32, now: f64) -> PyResult<Option<(u32, usize)>> {
-        let admission = self.policy.admit(RequestId(request_id), prompt_len, now).map_err(to_py)?;
+        let admission = self.policy.admit(&NewRequest::new(RequestId(request_id), prompt_len), now).map_err(to_py)?;
         Ok(admission.map(|a| (a.instance.0, a.stage)))
     }
 

@@ -27,8 +27,9 @@ fn or_nan(x: Option<f64>) -> f64 {
 
 #[pymethods]
 impl PySimReport {
-    /// mean/p99 of e2e, TTFT and TPOT (seconds), throughput_tok_s, completed, migrations and
-    /// sim_wall_s (the simulator's own wall time).
+    /// mean/p99 of e2e, TTFT and TPOT (seconds), throughput_tok_s, completed, migrations,
+    /// prefix_cache_hit_rate (prompt tokens served from prefix caches over all prompt tokens)
+    /// and sim_wall_s (the simulator's own wall time).
     fn summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = &self.inner.summary;
         let d = PyDict::new(py);
@@ -40,6 +41,7 @@ impl PySimReport {
             ("mean_tpot_s", s.mean_tpot_s),
             ("p99_tpot_s", s.p99_tpot_s),
             ("throughput_tok_s", s.throughput_tok_s),
+            ("prefix_cache_hit_rate", s.prefix_cache_hit_rate),
         ] {
             d.set_item(key, value)?;
         }
@@ -65,6 +67,7 @@ impl PySimReport {
         d.set_item("output_len", counts(|x| x.output_len))?;
         d.set_item("num_migrations", counts(|x| x.num_migrations))?;
         d.set_item("num_preemptions", counts(|x| x.num_preemptions))?;
+        d.set_item("num_cached_prompt_tokens", counts(|x| x.num_cached_prompt_tokens))?;
         Ok(d)
     }
 
