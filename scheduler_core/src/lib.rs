@@ -16,6 +16,7 @@ pub mod layout;
 pub mod load;
 pub mod partition;
 pub mod policy;
+pub mod prefix_index;
 pub mod presets;
 pub mod refine;
 pub mod rng;

@@ -8,6 +8,8 @@ use crate::ids::{InstanceId, RequestId};
 use crate::layout::StageLayout;
 use crate::load::LoadBook;
 use crate::policy::{Admission, Migration, MigrationReason, StepEntry};
+use crate::prefix_index::PrefixIndex;
+use crate::session::SessionTurn;
 
 /// Routes requests over a stage layout. Holds the loads it has been told about and the
 /// requests whose migration is in flight (so a request is never sent twice).
@@ -17,12 +19,16 @@ pub struct Router {
     pub(crate) layout: StageLayout,
     pub(crate) loads: LoadBook,
     pub(crate) in_flight: HashSet<RequestId>,
+    /// Where sessions' KV is probably cached; filled only by policies that place sessions'
+    /// requests by it (empty, and without effect, otherwise).
+    pub(crate) prefixes: PrefixIndex,
 }
 
 impl Router {
     pub fn new(profile: CostProfile, layout: StageLayout) -> Result<Self> {
         profile.validate()?;
-        Ok(Router { profile, layout, loads: LoadBook::default(), in_flight: HashSet::new() })
+        let prefixes = PrefixIndex::new(profile.kv_capacity_tokens);
+        Ok(Router { profile, layout, loads: LoadBook::default(), in_flight: HashSet::new(), prefixes })
     }
 
     pub fn layout(&self) -> &StageLayout {
@@ -52,6 +58,45 @@ impl Router {
         };
         self.loads.add_queued(instance, request, prompt_len);
         Ok(Some(Admission { instance, stage }))
+    }
+
+    /// `admit` for a turn of a session: the cheapest instance counting the prompt tokens each
+    /// would serve from its prefix cache ([`Router::cheapest_with_cache`]); where no instance
+    /// is known to hold the session, exactly `admit`'s choice.
+    pub fn admit_turn(&mut self, request: RequestId, prompt_len: u32, turn: SessionTurn) -> Result<Option<Admission>> {
+        self.check_len(prompt_len)?;
+        let home = self.layout.stage_of_len(prompt_len);
+        let choice = if self.prefixes.holdings(turn.session).is_empty() {
+            self.best_from_stage(home, prompt_len, true, None)
+        } else {
+            self.cheapest_with_cache(home, prompt_len, turn).or_else(|| self.best_from_stage(home, prompt_len, true, None))
+        };
+        let Some((instance, stage)) = choice else { return Ok(None) };
+        self.loads.add_queued(instance, request, prompt_len);
+        self.prefixes.placed(request, turn.session, instance, prompt_len);
+        Ok(Some(Admission { instance, stage }))
+    }
+
+    /// Among the instances of stage `home` and those holding `turn`'s session, the one where
+    /// the turn costs least when it prefills only what that instance has not cached. A holder in
+    /// an earlier stage (the conversation grew past it) also pays the stall of the migration
+    /// that takes the turn to its stage after its prefill: the conversation's KV then follows
+    /// it there, prefill done where the prefix is. A holder in a later stage takes it as a
+    /// spill would.
+    fn cheapest_with_cache(&self, home: usize, len: u32, turn: SessionTurn) -> Option<(InstanceId, usize)> {
+        let usable = turn.prefix_len.min(len - 1);
+        let cached = |inst: InstanceId| self.prefixes.cached_tokens(turn.session, inst).min(usable);
+        let mut candidates: Vec<(InstanceId, u32, f64)> =
+            self.layout.stages()[home].instances.iter().map(|&i| (i, len - cached(i), 0.0)).collect();
+        for h in self.prefixes.holdings(turn.session) {
+            let Some(stage) = self.layout.stage_of_instance(h.instance) else { continue };
+            if stage != home {
+                let stall = if stage < home { self.profile.migration_stall(u64::from(len)) } else { 0.0 };
+                candidates.push((h.instance, len - cached(h.instance), stall));
+            }
+        }
+        let instance = self.loads.cheapest_with_prefill(&self.profile, &candidates, len)?;
+        Some((instance, self.layout.stage_of_instance(instance)?))
     }
 
     /// The least-loaded instance with room for `len` tokens in stage `first`, else in the first
@@ -200,6 +245,7 @@ impl Router {
             // It kept decoding on the source during the bulk copy, so the source's feed may
             // have listed it again since the move was decided.
             self.loads.forget_request(m.from, m.request);
+            self.prefixes.moved(m.request, m.to, m.context_len);
         } else {
             self.loads.move_request(m.request, m.to, m.from, m.context_len);
         }
@@ -207,6 +253,11 @@ impl Router {
 
     pub fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
         self.in_flight.remove(&request);
+        if self.prefixes.follows(request) {
+            let running = &self.loads.get(instance).running;
+            let context_len = running.iter().find(|&&(r, _)| r == request).map(|&(_, len)| len);
+            self.prefixes.finished(request, instance, context_len);
+        }
         self.loads.forget_request(instance, request);
     }
 }
