@@ -118,9 +118,12 @@ impl Policy for CascadePolicy {
         "cascade"
     }
 
-    fn admit(&mut self, request: &NewRequest, _now: f64) -> Result<Option<Admission>> {
-        let NewRequest { id: request, prompt_len, .. } = *request;
-        let admission = if self.is_kv_first() {
+    fn admit(&mut self, new: &NewRequest, _now: f64) -> Result<Option<Admission>> {
+        let NewRequest { id: request, prompt_len, session } = *new;
+        // A turn of a session goes where its conversation's KV makes it cheapest.
+        let admission = if let Some(turn) = session {
+            self.router.admit_turn(request, prompt_len, turn)?
+        } else if self.is_kv_first() {
             self.router.admit_freest(request, prompt_len)?
         } else {
             self.router.admit(request, prompt_len)?

@@ -328,6 +328,28 @@ mod tests {
     }
 
     #[test]
+    fn a_turn_goes_where_its_session_is_cached_when_that_is_cheaper() {
+        use crate::session::{SessionId, SessionTurn};
+        let mut r = router();
+        let turn = |prefix_len| SessionTurn { session: SessionId(5), turn: 1, prefix_len };
+        // Nothing known of the session: exactly admit's choice.
+        let first = r.admit_turn(RequestId(1), 3000, turn(0)).unwrap().unwrap();
+        assert_eq!(first, Admission { instance: InstanceId(2), stage: 1 });
+        r.check_step(&[entry(1, 2, 3400)]).unwrap();
+        r.request_finished(RequestId(1), InstanceId(2));
+        assert_eq!(r.prefixes.cached_tokens(SessionId(5), InstanceId(2)), 3400);
+        // Instance 2 is now the busier of its stage: a new prompt goes to 3, the session's
+        // next turn stays with its 3,400 cached tokens on 2.
+        r.check_step(&(10..14).map(|k| entry(k, 2, 2000)).collect::<Vec<_>>()).unwrap();
+        assert_eq!(r.admit(RequestId(2), 7000).unwrap().unwrap().instance, InstanceId(3));
+        r.request_finished(RequestId(2), InstanceId(3));
+        assert_eq!(r.admit_turn(RequestId(3), 7000, turn(3400)).unwrap().unwrap().instance, InstanceId(2));
+        // Far busier, it is no longer worth it.
+        r.check_step(&(10..200).map(|k| entry(k, 2, 6000)).collect::<Vec<_>>()).unwrap();
+        assert_eq!(r.admit_turn(RequestId(4), 7000, turn(3400)).unwrap().unwrap().instance, InstanceId(3));
+    }
+
+    #[test]
     fn unknown_instances_and_overlong_contexts_are_errors() {
         let mut r = router();
         assert!(r.check_step(&[entry(1, 99, 10)]).is_err());
