@@ -36,7 +36,10 @@ def test_round_trip_sorted_by_arrival(tmp_path: Path) -> None:
         ('{"arrival_s": -1, "prompt_len": 3, "output_len": 5}', "arrival_s"),
         ('{"arrival_s": 0, "prompt_len": "3", "output_len": 5}', "prompt_len"),
         ('{"arrival_s": 0, "prompt_len": 3, "output_len": 5, "session_id": [1]}', "session_id"),
-        ('{"arrival_s": 0, "prompt_len": 3, "output_len": 5, "session_id": "a", "turn": -1}', "turn"),
+        (
+            '{"arrival_s": 0, "prompt_len": 3, "output_len": 5, "session_id": "a", "turn": -1}',
+            "turn",
+        ),
         (
             '{"arrival_s": 0, "prompt_len": 3, "output_len": 5, "session_id": "a", "prefix_len": 3}',
             "prefix_len",

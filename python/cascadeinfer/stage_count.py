@@ -35,9 +35,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from cascadeinfer.traces import TraceEntry
 from cascadeinfer import _core
 from cascadeinfer.config import CascadeConfig
+from cascadeinfer.traces import TraceEntry
 
 SELECTION_REQUESTS = 2000
 """Requests in one candidate simulation when the horizon to plan for is not known: enough for
@@ -131,14 +131,15 @@ def selection_trace(
     seed: int,
     arrival_cv: float = 1.0,
     num_requests: int = SELECTION_REQUESTS,
-) -> list[tuple[float, int, int]]:
+) -> list[TraceEntry]:
     """`num_requests` arrivals at `rate` with Gamma gaps of coefficient of variation
     `arrival_cv` (1.0 is Poisson); lengths are the planning samples taken in blocks of
     `SELECTION_BLOCK` consecutive ones from random starts (a block bootstrap)."""
     rng = random.Random(seed + SELECTION_SEED_OFFSET)
     shape = 1.0 / max(arrival_cv, 1e-3) ** 2
     n = len(prompt_lens)
-    now, trace, i = 0.0, [], 0
+    now, i = 0.0, 0
+    trace: list[TraceEntry] = []
     for k in range(num_requests):
         if k % SELECTION_BLOCK == 0:
             i = rng.randrange(n)

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-
 TraceEntry = tuple[float, int, int] | tuple[float, int, int, int, int, int]
 
 
@@ -39,7 +38,9 @@ def with_lengths(entry: TraceEntry, prompt_len: int, output_len: int) -> TraceEn
     return (entry[0], prompt_len, output_len, session, turn, min(prefix_len, prompt_len - 1))
 
 
-def to_entries(requests: Iterable[TraceRequest], t0: float = 0.0, scale: float = 1.0) -> list[TraceEntry]:
+def to_entries(
+    requests: Iterable[TraceRequest], t0: float = 0.0, scale: float = 1.0
+) -> list[TraceEntry]:
     """Trace tuples for `requests`, arrivals `(arrival_s - t0) * scale`; session ids become
     dense integers in order of first appearance."""
     dense: dict[str, int] = {}
@@ -95,7 +96,9 @@ def _parse_line(line: str, where: str) -> TraceRequest:
         return TraceRequest(arrival, int(prompt), int(output))
     session = obj["session_id"]
     if isinstance(session, bool) or not isinstance(session, str | int):
-        raise TraceError(f"{where}: field 'session_id' must be a string or an integer, got {session!r}")
+        raise TraceError(
+            f"{where}: field 'session_id' must be a string or an integer, got {session!r}"
+        )
     turn = _field(obj, "turn", where) if "turn" in obj else 0.0
     prefix = _field(obj, "prefix_len", where) if "prefix_len" in obj else 0.0
     if turn < 0 or turn != int(turn):

@@ -118,7 +118,10 @@ pub fn generate_trace(
         .into_iter()
         .zip(sessions)
         .zip(times)
-        .map(|((s, session), arrival_s)| TraceRequest { session, ..TraceRequest::new(arrival_s, s.prompt_len, s.output_len) })
+        .map(|((s, session), arrival_s)| TraceRequest {
+            session,
+            ..TraceRequest::new(arrival_s, s.prompt_len, s.output_len)
+        })
         .collect();
     trace.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
     Ok(trace)
@@ -180,7 +183,8 @@ mod tests {
         }
         // The lengths are the preset's, only their order changed.
         let mut a: Vec<(u32, u32)> = t.iter().map(|r| (r.prompt_len, r.output_len)).collect();
-        let mut b: Vec<(u32, u32)> = Preset::Agentic.sample(2000, 5).iter().map(|r| (r.prompt_len, r.output_len)).collect();
+        let mut b: Vec<(u32, u32)> =
+            Preset::Agentic.sample(2000, 5).iter().map(|r| (r.prompt_len, r.output_len)).collect();
         a.sort_unstable();
         b.sort_unstable();
         assert_eq!(a, b);

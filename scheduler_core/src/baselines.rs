@@ -133,8 +133,7 @@ impl Baseline {
         let instances = self.instances().to_vec();
         match self.kind {
             BaselineKind::CacheAware => {
-                let least =
-                    self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, true, None)?;
+                let least = self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, true, None)?;
                 Some(self.cache_holder(request, least).unwrap_or(least))
             }
             BaselineKind::LeastLoad => {
@@ -260,7 +259,8 @@ mod tests {
     #[test]
     fn round_robin_cycles() {
         let mut b = baseline(BaselineKind::RoundRobin);
-        let picks: Vec<u32> = (0..8).map(|r| b.admit(&NewRequest::new(RequestId(r), 100), 0.0).unwrap().unwrap().instance.0).collect();
+        let picks: Vec<u32> =
+            (0..8).map(|r| b.admit(&NewRequest::new(RequestId(r), 100), 0.0).unwrap().unwrap().instance.0).collect();
         assert_eq!(picks, vec![0, 1, 2, 3, 0, 1, 2, 3]);
     }
 
@@ -273,7 +273,11 @@ mod tests {
                 .collect();
             b.on_step(&busy, 0.0).unwrap();
             for r in 100..103 {
-                assert_ne!(b.admit(&NewRequest::new(RequestId(r), 100), 0.0).unwrap().unwrap().instance, InstanceId(0), "{kind:?}");
+                assert_ne!(
+                    b.admit(&NewRequest::new(RequestId(r), 100), 0.0).unwrap().unwrap().instance,
+                    InstanceId(0),
+                    "{kind:?}"
+                );
             }
         }
     }

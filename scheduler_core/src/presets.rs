@@ -98,7 +98,8 @@ impl Preset {
                     agent_session(&mut rng, max_len, n - out.len(), &mut out);
                     num_sessions += 1;
                     sessions.extend(
-                        (first..out.len()).map(|i| Some(SessionTurn { session, turn: (i - first) as u32, prefix_len: 0 })),
+                        (first..out.len())
+                            .map(|i| Some(SessionTurn { session, turn: (i - first) as u32, prefix_len: 0 })),
                     );
                 }
             }

@@ -69,7 +69,8 @@ impl Router {
         let choice = if self.prefixes.holdings(turn.session).is_empty() {
             self.best_from_stage(home, prompt_len, true, None)
         } else {
-            self.cheapest_with_cache(home, prompt_len, turn).or_else(|| self.best_from_stage(home, prompt_len, true, None))
+            self.cheapest_with_cache(home, prompt_len, turn)
+                .or_else(|| self.best_from_stage(home, prompt_len, true, None))
         };
         let Some((instance, stage)) = choice else { return Ok(None) };
         self.loads.add_queued(instance, request, prompt_len);

@@ -17,6 +17,17 @@ use crate::rng::Rng;
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SessionId(pub u64);
 
+impl SessionId {
+    /// The id of a client's session key (64-bit FNV-1a of its bytes): the same key gives the
+    /// same id in every process and version, so a restarted scheduler keeps its sessions'
+    /// affinity once it has seen them again.
+    pub fn from_key(key: &str) -> Self {
+        let hash =
+            key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        SessionId(hash)
+    }
+}
+
 /// A request's place in its session.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionTurn {
@@ -72,11 +83,7 @@ pub fn session_arrival_times(
     Ok(starts
         .iter()
         .map(|&is_start| {
-            t = if is_start {
-                next_start.next().unwrap_or(t)
-            } else {
-                t + mean_turn_gap_s * (0.5 + rng.uniform())
-            };
+            t = if is_start { next_start.next().unwrap_or(t) } else { t + mean_turn_gap_s * (0.5 + rng.uniform()) };
             t
         })
         .collect())
@@ -88,6 +95,13 @@ mod tests {
 
     fn turn(session: u64, turn: u32) -> Option<SessionTurn> {
         Some(SessionTurn { session: SessionId(session), turn, prefix_len: 0 })
+    }
+
+    #[test]
+    fn a_session_key_hashes_to_a_fixed_id() {
+        assert_eq!(SessionId::from_key(""), SessionId(0xcbf2_9ce4_8422_2325));
+        assert_eq!(SessionId::from_key("a"), SessionId(0xaf63_dc4c_8601_ec8c));
+        assert_ne!(SessionId::from_key("conv-1"), SessionId::from_key("conv-2"));
     }
 
     #[test]

@@ -109,7 +109,8 @@ def test_multi_turn_presets_give_sessions_whose_turns_come_in_order(name: str) -
     for arrival, prompt, output, session, turn, prefix in trace:
         if session in last:
             prev_turn, prev_arrival, prev_context = last[session]
-            assert turn == prev_turn + 1 and arrival > prev_arrival
+            assert turn == prev_turn + 1
+            assert 15.0 <= arrival - prev_arrival < 45.0, "30 s (MEAN_TURN_GAP_S) x [0.5, 1.5)"
             assert prefix == min(prev_context, prompt - 1)
         else:
             assert (turn, prefix) == (0, 0)

@@ -31,10 +31,10 @@ import grpc
 from cascadeinfer import workloads
 from cascadeinfer.cli.client import add_connection_args
 from cascadeinfer.evaluation.simbench import make_trace
-from cascadeinfer.traces import TraceEntry
 from cascadeinfer.evaluation.summary import RequestRecord, summarize
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.security import TlsFiles, aio_channel, read_token, token_metadata
+from cascadeinfer.traces import TraceEntry
 
 if TYPE_CHECKING:
     from cascadeinfer.proto.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub

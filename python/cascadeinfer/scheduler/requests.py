@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.scheduler.text import Detokenizer
 
+MAX_SESSION_ID_CHARS = 256
+"""Longest session key a client may give (gRPC `session_id`, HTTP `X-Session-Id` or `user`)."""
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -27,6 +30,9 @@ class ClientRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingSpec
     priority: int = 0
+    session_id: str | None = None
+    """The conversation the request continues, as the client named it (policies that follow
+    sessions place it where the conversation's KV is likely cached)."""
     arrived_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None

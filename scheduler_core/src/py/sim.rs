@@ -13,7 +13,7 @@ use crate::arrivals::{
 };
 use crate::ids::InstanceId;
 use crate::presets::Preset;
-use crate::session::{session_arrival_times as make_session_arrival_times, SessionId, SessionTurn, MEAN_TURN_GAP_S};
+use crate::session::{session_arrival_times as make_session_arrival_times, SessionId, SessionTurn};
 use crate::sim::{simulate as run, RequestRecord, SimConfig, SimReport};
 
 #[pyclass(name = "SimReport", module = "cascadeinfer._core", frozen)]
@@ -246,7 +246,8 @@ fn trace_tuple<'py>(py: Python<'py>, r: &TraceRequest) -> PyResult<Bound<'py, Py
 /// session's turns consecutive): sessions start by the process at the rate that makes `rate`
 /// requests a second, each later turn `mean_turn_gap_s` (on average) after the one before.
 #[pyfunction]
-#[pyo3(signature = (sessions, rate, arrival="poisson", cv=1.0, seed=0, mean_turn_gap_s=MEAN_TURN_GAP_S))]
+// The default is MEAN_TURN_GAP_S, written out so Python sees it (tests/workloads check it).
+#[pyo3(signature = (sessions, rate, arrival="poisson", cv=1.0, seed=0, mean_turn_gap_s=30.0))]
 pub(crate) fn session_arrival_times(
     sessions: Vec<Option<(u64, u32, u32)>>,
     rate: f64,

@@ -41,11 +41,7 @@ fn other_requests_evict_the_least_recently_used_prefix_tail_first() {
     let total = (2048 / block) as i64;
     // A's 1,009 computed tokens are cached (63 blocks); B then needs ceil(1510 / 16) blocks
     // of the pool at its peak, which evicts A's tail down to what stays free beside B.
-    let trace = [
-        turn(0.0, 1000, 10, 1, 0, 0),
-        TraceRequest::new(5.0, 1500, 10),
-        turn(30.0, 1200, 10, 1, 1, 1010),
-    ];
+    let trace = [turn(0.0, 1000, 10, 1, 0, 0), TraceRequest::new(5.0, 1500, 10), turn(30.0, 1200, 10, 1, 1, 1010)];
     let report = run(&mut baseline(BaselineKind::LeastLoad, &p, 1), &p, &trace);
     let a_blocks = 1009 / block as i64;
     let b_blocks = (1500 + 10 - 1 + block as i64 - 1) / block as i64;

@@ -159,10 +159,7 @@ fn a_migration_to_a_full_target_fails_and_the_request_finishes_where_it_is() {
     // Instance 1 (second stage) holds a long request that leaves it 24 free blocks; the short
     // request crossing 512 on instance 0 needs 33.
     let engines = CostProfile { kv_capacity_tokens: 8192, ..gpu() };
-    let trace = [
-        TraceRequest::new(0.0, 7800, 300),
-        TraceRequest::new(0.001, 500, 100),
-    ];
+    let trace = [TraceRequest::new(0.0, 7800, 300), TraceRequest::new(0.001, 500, 100)];
     let report = run(&mut two_stage(&gpu(), 512, 1), &engines, &trace);
     assert_conserved(&report, &trace, &engines);
     assert_eq!(report.summary.migrations, 0);
@@ -214,8 +211,7 @@ fn bad_inputs_name_what_is_wrong() {
 fn one_token_requests_leave_no_load_behind() {
     let mut profile = gpu();
     profile.max_num_seqs = 4;
-    let trace: Vec<TraceRequest> =
-        (0..200).map(|k| TraceRequest::new(k as f64 * 0.5, 100, 1)).collect();
+    let trace: Vec<TraceRequest> = (0..200).map(|k| TraceRequest::new(k as f64 * 0.5, 100, 1)).collect();
     for policy in [
         &mut two_stage(&profile, 2048, 1) as &mut dyn Policy,
         &mut baseline(BaselineKind::LeastLoad, &profile, 2),
