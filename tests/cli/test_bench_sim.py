@@ -91,5 +91,6 @@ def test_compare_writes_a_table_and_plots(tmp_path: Path) -> None:
         "cache-aware",
     ):
         assert f"| {policy} |" in table
+    assert "| prefix-cache hits |" in table
     for png in ("latency_cdf.png", "latency_vs_rate.png", "stage_load.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import random
 import sys
 import time
 import uuid
@@ -50,6 +51,32 @@ COMPLETE = (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
 def default_prompt(index: int, length: int) -> list[int]:
     """Request `index`'s prompt: ids in [1, 250], so they fit even a byte-sized vocabulary."""
     return [(index * 31 + k) % 250 + 1 for k in range(length)]
+
+
+def session_prompt(session: int, length: int) -> list[int]:
+    """A prompt of session `session`: every turn's prompt starts with the same stream of ids
+    in [1, 250], so it extends the previous turn's prompt and the engine's prefix cache can
+    serve that part (the previous answer's tokens, which the replay cannot know in advance,
+    are not in it); streams of different sessions differ from their first ids."""
+    rng = random.Random(session)
+    return [rng.randrange(1, 251) for _ in range(length)]
+
+
+def _request(
+    run: str, i: int, entry: TraceEntry, prompt_token_ids: PromptBuilder
+) -> scheduler_pb2.ClientGenerateRequest:
+    """The replay's request for trace entry `i`, a turn of a session with its session key."""
+    prompt_len, output_len = entry[1], entry[2]
+    session = entry[3] if len(entry) == 6 else None
+    ids = (
+        prompt_token_ids(i, prompt_len) if session is None else session_prompt(session, prompt_len)
+    )
+    return scheduler_pb2.ClientGenerateRequest(
+        request_id=f"replay-{run}-{i}",
+        prompt_token_ids=scheduler_pb2.TokenIds(ids=ids),
+        sampling=common_pb2.SamplingParams(max_tokens=output_len, ignore_eos=True),
+        session_id="" if session is None else f"replay-{run}-session-{session}",
+    )
 
 
 @dataclass(frozen=True)
@@ -120,14 +147,7 @@ async def _replay(
     prompt_token_ids: PromptBuilder,
 ) -> list[LiveRecord]:
     run = uuid.uuid4().hex[:8]  # concurrent replays against one scheduler must not collide
-    requests = [
-        scheduler_pb2.ClientGenerateRequest(
-            request_id=f"replay-{run}-{i}",
-            prompt_token_ids=scheduler_pb2.TokenIds(ids=prompt_token_ids(i, prompt_len)),
-            sampling=common_pb2.SamplingParams(max_tokens=output_len, ignore_eos=True),
-        )
-        for i, (_, prompt_len, output_len, *_session) in enumerate(trace)
-    ]
+    requests = [_request(run, i, entry, prompt_token_ids) for i, entry in enumerate(trace)]
     metadata = token_metadata(token)
     async with aio_channel(address, tls) as channel:
         stub: SchedulerServiceAsyncStub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
@@ -156,7 +176,8 @@ def replay(
     prompt_token_ids: PromptBuilder = default_prompt,
 ) -> tuple[list[LiveRecord], float]:
     """Sends every `(arrival_s, prompt_len, output_len)` of `trace` at `arrival_s * time_scale`
-    seconds after the start and waits for all; each call gets `timeout_s`. Returns the records in
+    seconds after the start and waits for all (a turn of a session with its session key and a
+    prompt extending the session's previous one, `session_prompt`); each call gets `timeout_s`. Returns the records in
     trace order and the makespan: first arrival to last completion, as the simulator's."""
     if time_scale < 0:
         raise ValueError(f"time_scale = {time_scale}: must be >= 0")
