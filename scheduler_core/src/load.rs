@@ -377,20 +377,25 @@ impl LoadBook {
                 if !self.has_room_within(profile, inst, tokens, fraction) {
                     continue;
                 }
-                let load = self.get(inst);
-                let mut batch = load.batch();
-                batch.num_decode += 1;
-                batch.sum_context += u64::from(tokens);
-                batch.max_context = batch.max_context.max(tokens);
-                let queued = load.queued_tokens + u64::from(prefill);
-                let steps = queued.div_ceil(u64::from(profile.max_batch_tokens.max(1))).max(1);
-                let t = profile.step_time(&with_prefill_chunk(batch, queued, profile)) * steps as f64 + extra;
+                let t = self.cost_with_prefill(profile, inst, tokens, prefill) + extra;
                 if best.is_none_or(|(bt, _)| t < bt) {
                     best = Some((t, inst));
                 }
             }
             best.map(|(_, inst)| inst)
         })
+    }
+
+    /// [`LoadBook::predicted_cost`] of a request of `tokens` that prefills `prefill` of them.
+    pub fn cost_with_prefill(&self, profile: &CostProfile, inst: InstanceId, tokens: u32, prefill: u32) -> f64 {
+        let load = self.get(inst);
+        let mut batch = load.batch();
+        batch.num_decode += 1;
+        batch.sum_context += u64::from(tokens);
+        batch.max_context = batch.max_context.max(tokens);
+        let queued = load.queued_tokens + u64::from(prefill);
+        let steps = queued.div_ceil(u64::from(profile.max_batch_tokens.max(1))).max(1);
+        profile.step_time(&with_prefill_chunk(batch, queued, profile)) * steps as f64
     }
 
     fn least_loaded_within(
