@@ -75,12 +75,21 @@ impl Preset {
 
     /// `n` requests, deterministic for `seed`. Every sample has `prompt + output <= max_len()`.
     pub fn sample(self, n: usize, seed: u64) -> Vec<RequestSample> {
-        self.sample_turns(n, seed).0
+        self.draw(n, seed).0
     }
 
     /// `sample`, with each request's session where the preset has sessions (`None` elsewhere);
     /// a session's turns are consecutive and in order.
     pub fn sample_turns(self, n: usize, seed: u64) -> (Vec<RequestSample>, Vec<Option<SessionTurn>>) {
+        let (out, mut sessions) = self.draw(n, seed);
+        if sessions.is_empty() {
+            sessions = vec![None; out.len()];
+        }
+        (out, sessions)
+    }
+
+    /// The samples, and their sessions for a multi-turn preset (empty for the others).
+    fn draw(self, n: usize, seed: u64) -> (Vec<RequestSample>, Vec<Option<SessionTurn>>) {
         let mut rng = Rng::new(seed);
         let max_len = self.max_len();
         let mut out = Vec::with_capacity(n);
@@ -116,9 +125,6 @@ impl Preset {
                     cur.prefix_len = context.min(out[i].prompt_len - 1);
                 }
             }
-        }
-        if sessions.is_empty() {
-            sessions = vec![None; out.len()];
         }
         (out, sessions)
     }
