@@ -152,8 +152,16 @@ impl Instance {
     pub fn allocate(&mut self, blocks: u32) {
         self.used_blocks += u64::from(blocks);
         self.peaks.used_blocks = self.peaks.used_blocks.max(self.used_blocks);
+        if self.cache.is_some() {
+            self.fit_cache();
+        }
+    }
+
+    /// The blocks just allocated came from the free pool, cached contents or not.
+    #[cold]
+    #[inline(never)]
+    fn fit_cache(&mut self) {
         if let Some(cache) = &mut self.cache {
-            // The blocks came from the free pool, cached contents or not.
             cache.fit(self.used_blocks);
         }
     }
