@@ -157,7 +157,8 @@ def _write(rows: list[str], sustainable: list[str], refinement: list[str], wall_
         "## No regret: cascade over the best baseline",
         "",
         "Cascade's mean and p99 end-to-end latency over the best baseline's for that figure (the "
-        "lowest mean and the lowest p99 among round-robin, least-load, power-of-two and llumnix, "
+        "lowest mean and the lowest p99 among round-robin, least-load, power-of-two, llumnix and "
+        "cache-aware, "
         "possibly two different baselines). The worst seed first, then the range over seeds. "
         "Rates are multiples of the rate `cascade plan` plans for by default.",
         "",

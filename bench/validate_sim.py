@@ -361,7 +361,7 @@ def per_request(
             "sim_e2e_s": sim_requests["e2e_s"][i],
             "sim_migrations": sim_requests["num_migrations"][i],
         }
-        for i, ((a, p, o), r) in enumerate(zip(trace, records, strict=True))
+        for i, ((a, p, o, *_session), r) in enumerate(zip(trace, records, strict=True))
     ]
 
 
@@ -400,7 +400,7 @@ def run_case(case: Case, log_dir: Path) -> dict[str, Any]:
             "rate": case.rate,
             "max_len": case.max_len,
             "seed": case.seed,
-            "mean_prompt_len": statistics.fmean(p for _, p, _ in trace),
+            "mean_prompt_len": statistics.fmean(e[1] for e in trace),
             "mean_output_len": statistics.fmean(o for _, _, o in trace),
             "notes": case.notes,
         },

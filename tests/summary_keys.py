@@ -11,5 +11,6 @@ SIM_SUMMARY_KEYS = {
     "throughput_tok_s",
     "completed",
     "migrations",
+    "prefix_cache_hit_rate",
     "sim_wall_s",
 }

@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cascadeinfer.traces import TraceError, TraceRequest, arrival_rate, read_trace, write_trace
+from cascadeinfer.traces import (
+    TraceError,
+    TraceRequest,
+    arrival_rate,
+    from_entries,
+    read_trace,
+    to_entries,
+    with_lengths,
+    write_trace,
+)
 
 
 def test_round_trip_sorted_by_arrival(tmp_path: Path) -> None:
@@ -26,6 +35,15 @@ def test_round_trip_sorted_by_arrival(tmp_path: Path) -> None:
         ('{"arrival_s": 0, "prompt_len": 3, "output_len": 1.5}', "output_len"),
         ('{"arrival_s": -1, "prompt_len": 3, "output_len": 5}', "arrival_s"),
         ('{"arrival_s": 0, "prompt_len": "3", "output_len": 5}', "prompt_len"),
+        ('{"arrival_s": 0, "prompt_len": 3, "output_len": 5, "session_id": [1]}', "session_id"),
+        (
+            '{"arrival_s": 0, "prompt_len": 3, "output_len": 5, "session_id": "a", "turn": -1}',
+            "turn",
+        ),
+        (
+            '{"arrival_s": 0, "prompt_len": 3, "output_len": 5, "session_id": "a", "prefix_len": 3}',
+            "prefix_len",
+        ),
     ],
 )
 def test_bad_lines_name_file_line_and_field(tmp_path: Path, line: str, message: str) -> None:
@@ -34,3 +52,30 @@ def test_bad_lines_name_file_line_and_field(tmp_path: Path, line: str, message: 
     with pytest.raises(TraceError, match=message) as info:
         read_trace(path)
     assert f"{path}:2" in str(info.value)
+
+
+def test_sessions_round_trip_and_a_trace_without_them_reads_as_before(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    reqs = [
+        TraceRequest(0.0, 100, 20, "conv-a", 0, 0),
+        TraceRequest(0.5, 50, 5),
+        TraceRequest(30.0, 180, 10, "conv-a", 1, 120),
+        TraceRequest(31.0, 40, 10, "7", 0, 0),
+    ]
+    write_trace(path, reqs)
+    assert read_trace(path) == reqs
+    lines = path.read_text().splitlines()
+    assert "session_id" not in lines[1], "a request outside any session is written as before"
+    # Session ids become dense integers for the core, in order of first appearance.
+    assert to_entries(reqs) == [
+        (0.0, 100, 20, 0, 0, 0),
+        (0.5, 50, 5),
+        (30.0, 180, 10, 0, 1, 120),
+        (31.0, 40, 10, 1, 0, 0),
+    ]
+    assert [r.session_id for r in from_entries(to_entries(reqs))] == ["0", None, "0", "1"]
+
+
+def test_shortening_a_prompt_keeps_its_shared_prefix_inside_it() -> None:
+    assert with_lengths((0.0, 100, 20, 3, 1, 90), 50, 20) == (0.0, 50, 20, 3, 1, 49)
+    assert with_lengths((0.0, 100, 20), 50, 10) == (0.0, 50, 10)

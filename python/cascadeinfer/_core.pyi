@@ -25,6 +25,7 @@ __all__ = [
     "preset_max_len",
     "preset_names",
     "sample_preset",
+    "session_arrival_times",
     "simulate",
     "single_stage_plan",
 ]
@@ -227,7 +228,9 @@ class Scheduler:
     ) -> Scheduler: ...
     @property
     def name(self) -> str: ...
-    def admit(self, request_id: int, prompt_len: int, now: float) -> tuple[int, int] | None: ...
+    def admit(
+        self, request_id: int, prompt_len: int, now: float, session: str | None = None
+    ) -> tuple[int, int] | None: ...
     def on_step(
         self, request_ids: list[int], instances: list[int], context_lens: list[int], now: float
     ) -> list[Migration]: ...
@@ -276,7 +279,7 @@ class SimReport:
 def simulate(
     scheduler: Scheduler,
     profile: CostProfile,
-    trace: Sequence[tuple[float, int, int]],
+    trace: Sequence[tuple[float, int, int] | tuple[float, int, int, int, int, int]],
     instances: list[int] | None = None,
     tick_interval_s: float = 0.5,
     max_concurrent_migrations: int = 8,
@@ -284,7 +287,15 @@ def simulate(
 ) -> SimReport: ...
 def generate_trace(
     preset: str, n: int, rate: float, arrival: str = "poisson", cv: float = 1.0, seed: int = 0
-) -> list[tuple[float, int, int]]: ...
+) -> list[tuple[float, int, int] | tuple[float, int, int, int, int, int]]: ...
 def arrival_times(
     n: int, rate: float, arrival: str = "poisson", cv: float = 1.0, seed: int = 0
+) -> list[float]: ...
+def session_arrival_times(
+    sessions: Sequence[tuple[int, int, int] | None],
+    rate: float,
+    arrival: str = "poisson",
+    cv: float = 1.0,
+    seed: int = 0,
+    mean_turn_gap_s: float = 30.0,
 ) -> list[float]: ...

@@ -50,4 +50,4 @@ class LlumnixConfig:
     max_moves_per_tick: int = 2
 
 
-POLICY_NAMES = ("cascade", "round-robin", "least-load", "power-of-two", "llumnix")
+POLICY_NAMES = ("cascade", "round-robin", "least-load", "power-of-two", "llumnix", "cache-aware")

@@ -23,7 +23,7 @@ from cascadeinfer.stage_count import (
     gaps_cv,
     selection_trace,
 )
-from cascadeinfer.traces import arrival_rate, read_trace
+from cascadeinfer.traces import TraceEntry, arrival_rate, read_trace, with_lengths
 
 DEFAULT_UTILIZATION = 0.6
 """With no rate given, plan for this share of the fleet's estimated capacity."""
@@ -130,7 +130,7 @@ def selection_traces(
     num_requests: int,
     max_len: int,
     clamp_prompts: bool = False,
-) -> list[list[tuple[float, int, int]]]:
+) -> list[list[TraceEntry]]:
     """The traces every layout candidate is simulated on, with seeds from `seed` +
     SELECTION_SEED_OFFSET. A preset draws PRESET_SELECTION_SEEDS of them as it draws any trace
     of that length (independent realizations: a heavy-tailed preset's short trace can be far
@@ -152,10 +152,11 @@ def selection_traces(
             num_requests, rate, "gamma", arrival_cv, seed + k + SELECTION_SEED_OFFSET
         )
         fitted = []
-        for arrival, prompt, output in drawn:
+        for entry in drawn:
+            prompt, output = entry[1], entry[2]
             if prompt >= max_len and not clamp_prompts:
                 continue  # dropped, as the planning samples drop it
-            fitted.append((arrival, *clamp_lengths(prompt, output, max_len)))
+            fitted.append(with_lengths(entry, *clamp_lengths(prompt, output, max_len)))
         traces.append(fitted)
     return traces
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 
 from cascadeinfer import _core
 from cascadeinfer.config import CascadeConfig
+from cascadeinfer.traces import TraceEntry
 
 SELECTION_REQUESTS = 2000
 """Requests in one candidate simulation when the horizon to plan for is not known: enough for
@@ -139,14 +140,15 @@ def selection_trace(
     seed: int,
     arrival_cv: float = 1.0,
     num_requests: int = SELECTION_REQUESTS,
-) -> list[tuple[float, int, int]]:
+) -> list[TraceEntry]:
     """`num_requests` arrivals at `rate` with Gamma gaps of coefficient of variation
     `arrival_cv` (1.0 is Poisson); lengths are the planning samples taken in blocks of
     `SELECTION_BLOCK` consecutive ones from random starts (a block bootstrap)."""
     rng = random.Random(seed + SELECTION_SEED_OFFSET)
     shape = 1.0 / max(arrival_cv, 1e-3) ** 2
     n = len(prompt_lens)
-    now, trace, i = 0.0, [], 0
+    now, i = 0.0, 0
+    trace: list[TraceEntry] = []
     for k in range(num_requests):
         if k % SELECTION_BLOCK == 0:
             i = rng.randrange(n)
@@ -161,7 +163,7 @@ def simulated_e2e(
     summary: _core.Workload,
     profile: _core.CostProfile,
     num_instances: int,
-    trace: Sequence[tuple[float, int, int]],
+    trace: Sequence[TraceEntry],
     config: CascadeConfig | None = None,
 ) -> tuple[float, float]:
     """Mean and p99 end-to-end latency of the plan's layout on `trace`, with the policy as it
@@ -252,7 +254,7 @@ def choose_layout(
     summary: _core.Workload,
     profile: _core.CostProfile,
     num_instances: int,
-    traces: Sequence[Sequence[tuple[float, int, int]]],
+    traces: Sequence[Sequence[TraceEntry]],
     config: CascadeConfig | None = None,
     objective: str = "mean",
 ) -> tuple[Candidate, list[Candidate]]:
@@ -275,7 +277,7 @@ def choose_layout(
     # PRUNE_RATIO cannot plausibly win and skips the rest.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
 
-        def run_all(batch: list[int], on: Sequence[Sequence[tuple[float, int, int]]]) -> None:
+        def run_all(batch: list[int], on: Sequence[Sequence[TraceEntry]]) -> None:
             futures = [
                 [
                     pool.submit(

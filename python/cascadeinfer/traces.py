@@ -1,4 +1,12 @@
-"""JSONL request traces: one request a line, `{"arrival_s": ..., "prompt_len": ..., "output_len": ...}`."""
+"""JSONL request traces: one request a line, `{"arrival_s": ..., "prompt_len": ..., "output_len": ...}`,
+and for a turn of a multi-turn session also `"session_id"` (string or integer), `"turn"` (0 for
+the first) and `"prefix_len"` (leading prompt tokens shared with the previous turn's prompt and
+output); docs/design/workloads.md describes the format.
+
+In memory a trace is a list of tuples (`TraceEntry`): `(arrival_s, prompt_len, output_len)`, or
+`(arrival_s, prompt_len, output_len, session, turn, prefix_len)` with a dense integer session;
+`_core.simulate` takes either.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +15,55 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+TraceEntry = tuple[float, int, int] | tuple[float, int, int, int, int, int]
+
 
 @dataclass(frozen=True)
 class TraceRequest:
     arrival_s: float
     prompt_len: int
     output_len: int
+    session_id: str | None = None
+    """The conversation the request is a turn of; None outside any session."""
+    turn: int = 0
+    prefix_len: int = 0
+    """Leading prompt tokens identical to the previous turn's prompt and output."""
+
+
+def with_lengths(entry: TraceEntry, prompt_len: int, output_len: int) -> TraceEntry:
+    """`entry` with new lengths; a session's shared prefix stays inside the prompt."""
+    if len(entry) == 3:
+        return (entry[0], prompt_len, output_len)
+    _, _, _, session, turn, prefix_len = entry
+    return (entry[0], prompt_len, output_len, session, turn, min(prefix_len, prompt_len - 1))
+
+
+def to_entries(
+    requests: Iterable[TraceRequest], t0: float = 0.0, scale: float = 1.0
+) -> list[TraceEntry]:
+    """Trace tuples for `requests`, arrivals `(arrival_s - t0) * scale`; session ids become
+    dense integers in order of first appearance."""
+    dense: dict[str, int] = {}
+    out: list[TraceEntry] = []
+    for r in requests:
+        arrival = (r.arrival_s - t0) * scale
+        if r.session_id is None:
+            out.append((arrival, r.prompt_len, r.output_len))
+        else:
+            session = dense.setdefault(r.session_id, len(dense))
+            out.append((arrival, r.prompt_len, r.output_len, session, r.turn, r.prefix_len))
+    return out
+
+
+def from_entries(entries: Iterable[TraceEntry]) -> list[TraceRequest]:
+    """The inverse of `to_entries` (session ids written as their integers)."""
+    out = []
+    for e in entries:
+        if len(e) == 3:
+            out.append(TraceRequest(e[0], e[1], e[2]))
+        else:
+            out.append(TraceRequest(e[0], e[1], e[2], str(e[3]), e[4], e[5]))
+    return out
 
 
 class TraceError(ValueError):
@@ -41,7 +92,20 @@ def _parse_line(line: str, where: str) -> TraceRequest:
     for name, value in (("prompt_len", prompt), ("output_len", output)):
         if value < 1 or value != int(value):
             raise TraceError(f"{where}: {name} must be a positive integer, got {value}")
-    return TraceRequest(arrival, int(prompt), int(output))
+    if "session_id" not in obj:
+        return TraceRequest(arrival, int(prompt), int(output))
+    session = obj["session_id"]
+    if isinstance(session, bool) or not isinstance(session, str | int):
+        raise TraceError(
+            f"{where}: field 'session_id' must be a string or an integer, got {session!r}"
+        )
+    turn = _field(obj, "turn", where) if "turn" in obj else 0.0
+    prefix = _field(obj, "prefix_len", where) if "prefix_len" in obj else 0.0
+    if turn < 0 or turn != int(turn):
+        raise TraceError(f"{where}: turn must be an integer >= 0, got {turn}")
+    if prefix < 0 or prefix != int(prefix) or prefix >= prompt:
+        raise TraceError(f"{where}: prefix_len must be an integer in [0, prompt_len), got {prefix}")
+    return TraceRequest(arrival, int(prompt), int(output), str(session), int(turn), int(prefix))
 
 
 def read_trace(path: str | Path) -> list[TraceRequest]:
@@ -59,11 +123,13 @@ def read_trace(path: str | Path) -> list[TraceRequest]:
 def write_trace(path: str | Path, requests: Iterable[TraceRequest]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in requests:
-            record = {
+            record: dict[str, object] = {
                 "arrival_s": r.arrival_s,
                 "prompt_len": r.prompt_len,
                 "output_len": r.output_len,
             }
+            if r.session_id is not None:
+                record |= {"session_id": r.session_id, "turn": r.turn, "prefix_len": r.prefix_len}
             f.write(json.dumps(record) + "\n")
 
 

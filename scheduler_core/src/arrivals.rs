@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CoreError, Result};
 use crate::presets::Preset;
 use crate::rng::Rng;
+use crate::session::{session_arrival_times, SessionTurn, MEAN_TURN_GAP_S};
 
 /// How arrival times are spread.
 #[derive(Copy, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,6 +63,16 @@ pub struct TraceRequest {
     pub arrival_s: f64,
     pub prompt_len: u32,
     pub output_len: u32,
+    /// The request's session and turn, when the trace has sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionTurn>,
+}
+
+impl TraceRequest {
+    /// A request outside any session.
+    pub fn new(arrival_s: f64, prompt_len: u32, output_len: u32) -> Self {
+        TraceRequest { arrival_s, prompt_len, output_len, session: None }
+    }
 }
 
 /// `n` arrival times (the first one gap after 0) at `rate` per second, deterministic for `seed`.
@@ -82,7 +93,9 @@ pub fn arrival_times(process: ArrivalProcess, rate: f64, n: usize, seed: u64) ->
 }
 
 /// A trace of `n` requests whose lengths follow `preset` and whose arrivals follow `process` at
-/// `rate` requests per second; deterministic for `seed`.
+/// `rate` requests per second; deterministic for `seed`. A multi-turn preset's requests carry
+/// their sessions, the process times the sessions' starts and turns follow
+/// ([`session_arrival_times`]); the trace is sorted by arrival.
 pub fn generate_trace(
     preset: Preset,
     n: usize,
@@ -90,13 +103,28 @@ pub fn generate_trace(
     process: ArrivalProcess,
     seed: u64,
 ) -> Result<Vec<TraceRequest>> {
-    let times = arrival_times(process, rate, n, seed)?;
-    Ok(preset
-        .sample(n, seed)
+    if !preset.is_multi_turn() {
+        let times = arrival_times(process, rate, n, seed)?;
+        return Ok(preset
+            .sample(n, seed)
+            .into_iter()
+            .zip(times)
+            .map(|(s, arrival_s)| TraceRequest::new(arrival_s, s.prompt_len, s.output_len))
+            .collect());
+    }
+    let (samples, sessions) = preset.sample_turns(n, seed);
+    let times = session_arrival_times(&sessions, rate, process, MEAN_TURN_GAP_S, seed)?;
+    let mut trace: Vec<TraceRequest> = samples
         .into_iter()
+        .zip(sessions)
         .zip(times)
-        .map(|(s, arrival_s)| TraceRequest { arrival_s, prompt_len: s.prompt_len, output_len: s.output_len })
-        .collect())
+        .map(|((s, session), arrival_s)| TraceRequest {
+            session,
+            ..TraceRequest::new(arrival_s, s.prompt_len, s.output_len)
+        })
+        .collect();
+    trace.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
+    Ok(trace)
 }
 
 #[cfg(test)]
@@ -134,6 +162,32 @@ mod tests {
         assert!(a.windows(2).all(|w| w[0].arrival_s <= w[1].arrival_s) && a[0].arrival_s > 0.0);
         let lens = Preset::Bimodal.sample(1000, 3);
         assert!(a.iter().zip(&lens).all(|(r, s)| (r.prompt_len, r.output_len) == (s.prompt_len, s.output_len)));
+        assert!(a.iter().all(|r| r.session.is_none()));
+    }
+
+    #[test]
+    fn a_multi_turn_trace_keeps_each_sessions_turns_in_order() {
+        let t = generate_trace(Preset::Agentic, 2000, 4.0, ArrivalProcess::Poisson, 5).unwrap();
+        assert!(t.windows(2).all(|w| w[0].arrival_s <= w[1].arrival_s));
+        assert!(t.iter().all(|r| r.session.is_some_and(|s| s.prefix_len < r.prompt_len)));
+        let mut last: std::collections::HashMap<u64, (u32, u32)> = std::collections::HashMap::new();
+        for r in &t {
+            let s = r.session.unwrap();
+            if let Some(&(turn, context)) = last.get(&s.session.0) {
+                assert_eq!(s.turn, turn + 1, "turns arrive in order");
+                assert_eq!(s.prefix_len, context, "the prefix is the previous prompt and output");
+            } else {
+                assert_eq!((s.turn, s.prefix_len), (0, 0));
+            }
+            last.insert(s.session.0, (s.turn, r.prompt_len + r.output_len));
+        }
+        // The lengths are the preset's, only their order changed.
+        let mut a: Vec<(u32, u32)> = t.iter().map(|r| (r.prompt_len, r.output_len)).collect();
+        let mut b: Vec<(u32, u32)> =
+            Preset::Agentic.sample(2000, 5).iter().map(|r| (r.prompt_len, r.output_len)).collect();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -5,9 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cost::CostProfile;
 use crate::error::{CoreError, Result};
-use crate::ids::{InstanceId, RequestId};
+use crate::ids::InstanceId;
 use crate::layout::StageLayout;
-use crate::policy::{Admission, Migration, MigrationReason, Policy, StepEntry, TickOutcome};
+use crate::policy::{Admission, Migration, MigrationReason, NewRequest, Policy, StepEntry, TickOutcome};
 use crate::rng::Rng;
 use crate::router::Router;
 
@@ -17,6 +17,9 @@ pub enum BaselineKind {
     LeastLoad,
     PowerOfTwo,
     Llumnix,
+    /// Prefix-cache affinity as the peer routers ship it (SGLang's gateway `cache_aware`,
+    /// Dynamo's KV router, llm-d's prefix scorer): [`CacheAwareConfig`].
+    CacheAware,
 }
 
 impl BaselineKind {
@@ -26,10 +29,11 @@ impl BaselineKind {
             "least-load" => Ok(BaselineKind::LeastLoad),
             "power-of-two" => Ok(BaselineKind::PowerOfTwo),
             "llumnix" => Ok(BaselineKind::Llumnix),
+            "cache-aware" => Ok(BaselineKind::CacheAware),
             _ => Err(CoreError::invalid(
                 "policy",
                 name,
-                "known: cascade, round-robin, least-load, power-of-two, llumnix",
+                "known: cascade, round-robin, least-load, power-of-two, llumnix, cache-aware",
             )),
         }
     }
@@ -40,6 +44,7 @@ impl BaselineKind {
             BaselineKind::LeastLoad => "least-load",
             BaselineKind::PowerOfTwo => "power-of-two",
             BaselineKind::Llumnix => "llumnix",
+            BaselineKind::CacheAware => "cache-aware",
         }
     }
 }
@@ -60,6 +65,27 @@ impl Default for LlumnixConfig {
     }
 }
 
+/// When the cache-aware baseline follows a session's cache: SGLang's gateway defaults
+/// (`cache_threshold` 0.3, `balance_abs_threshold` 64, `balance_rel_threshold` 1.5). A turn
+/// goes to the instance holding the longest part of its prompt when that part is more than
+/// `cache_threshold` of the prompt, unless that instance's load (requests running or waiting
+/// there) exceeds the least-loaded instance's by more than `balance_abs_threshold` and by a
+/// factor over `balance_rel_threshold`; otherwise, and for requests without a session, it is
+/// least-load. The record of where sessions are cached is the router's own
+/// ([`crate::prefix_index::PrefixIndex`]), as SGLang's approximate tree is.
+#[derive(Copy, Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheAwareConfig {
+    pub cache_threshold: f64,
+    pub balance_abs_threshold: u32,
+    pub balance_rel_threshold: f64,
+}
+
+impl Default for CacheAwareConfig {
+    fn default() -> Self {
+        CacheAwareConfig { cache_threshold: 0.3, balance_abs_threshold: 64, balance_rel_threshold: 1.5 }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Baseline {
     kind: BaselineKind,
@@ -68,6 +94,7 @@ pub struct Baseline {
     next_rr: usize,
     rng: Rng,
     llumnix: LlumnixConfig,
+    cache_aware: CacheAwareConfig,
 }
 
 impl Baseline {
@@ -83,7 +110,14 @@ impl Baseline {
             return Err(CoreError::invalid("llumnix.usage_gap", llumnix.usage_gap, "must be in [0, 1)"));
         }
         let layout = StageLayout::single(max_len, instances)?;
-        Ok(Baseline { kind, router: Router::new(profile, layout)?, next_rr: 0, rng: Rng::new(seed), llumnix })
+        Ok(Baseline {
+            kind,
+            router: Router::new(profile, layout)?,
+            next_rr: 0,
+            rng: Rng::new(seed),
+            llumnix,
+            cache_aware: CacheAwareConfig::default(),
+        })
     }
 
     fn instances(&self) -> &[InstanceId] {
@@ -94,9 +128,14 @@ impl Baseline {
         self.router.loads.has_room(&self.router.profile, inst, tokens)
     }
 
-    fn choose(&mut self, prompt_len: u32) -> Option<InstanceId> {
+    fn choose(&mut self, request: &NewRequest) -> Option<InstanceId> {
+        let prompt_len = request.prompt_len;
         let instances = self.instances().to_vec();
         match self.kind {
+            BaselineKind::CacheAware => {
+                let least = self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, true, None)?;
+                Some(self.cache_holder(request, least).unwrap_or(least))
+            }
             BaselineKind::LeastLoad => {
                 self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, true, None)
             }
@@ -123,6 +162,33 @@ impl Baseline {
         }
     }
 
+    /// The instance with room holding the longest part of `request`'s prompt, when the
+    /// cache-aware rule prefers it to `least` (the least-loaded instance).
+    fn cache_holder(&self, request: &NewRequest, least: InstanceId) -> Option<InstanceId> {
+        let turn = request.session?;
+        let num_requests = |inst: InstanceId| {
+            let load = self.router.loads.get(inst);
+            load.running.len() as u32 + load.num_queued()
+        };
+        let holder = self
+            .router
+            .prefixes
+            .holdings(turn.session)
+            .iter()
+            .filter(|h| self.router.layout.stage_of_instance(h.instance).is_some())
+            .filter(|h| self.has_room(h.instance, request.prompt_len))
+            .max_by_key(|h| (h.tokens.min(turn.prefix_len), std::cmp::Reverse(num_requests(h.instance))))?;
+        let matched = holder.tokens.min(turn.prefix_len);
+        let CacheAwareConfig { cache_threshold, balance_abs_threshold, balance_rel_threshold } = self.cache_aware;
+        if f64::from(matched) <= cache_threshold * f64::from(request.prompt_len) {
+            return None;
+        }
+        let (busy, free) = (num_requests(holder.instance), num_requests(least));
+        let is_imbalanced =
+            busy > free + balance_abs_threshold && f64::from(busy) > balance_rel_threshold * f64::from(free);
+        (!is_imbalanced).then_some(holder.instance)
+    }
+
     fn llumnix_rebalance(&mut self) -> Vec<Migration> {
         let instances = self.instances().to_vec();
         let LlumnixConfig { usage_gap, max_moves_per_tick } = self.llumnix;
@@ -135,7 +201,8 @@ impl Policy for Baseline {
         self.kind.name()
     }
 
-    fn admit(&mut self, request: RequestId, prompt_len: u32, _now: f64) -> Result<Option<Admission>> {
+    fn admit(&mut self, new: &NewRequest, _now: f64) -> Result<Option<Admission>> {
+        let NewRequest { id: request, prompt_len, .. } = *new;
         if prompt_len >= self.router.layout.max_len() {
             return Err(CoreError::invalid(
                 "prompt_len",
@@ -143,8 +210,11 @@ impl Policy for Baseline {
                 format!("must be < max_len {}", self.router.layout.max_len()),
             ));
         }
-        let Some(instance) = self.choose(prompt_len) else { return Ok(None) };
+        let Some(instance) = self.choose(new) else { return Ok(None) };
         self.router.loads.add_queued(instance, request, prompt_len);
+        if let (BaselineKind::CacheAware, Some(turn)) = (self.kind, new.session) {
+            self.router.prefixes.placed(request, turn.session, instance, prompt_len);
+        }
         Ok(Some(Admission { instance, stage: 0 }))
     }
 
@@ -175,6 +245,8 @@ impl Policy for Baseline {
 mod tests {
     use super::*;
     use crate::cost::tests::gpu;
+    use crate::ids::RequestId;
+    use crate::session::{SessionId, SessionTurn};
 
     fn ids(n: u32) -> Vec<InstanceId> {
         (0..n).map(InstanceId).collect()
@@ -187,7 +259,8 @@ mod tests {
     #[test]
     fn round_robin_cycles() {
         let mut b = baseline(BaselineKind::RoundRobin);
-        let picks: Vec<u32> = (0..8).map(|r| b.admit(RequestId(r), 100, 0.0).unwrap().unwrap().instance.0).collect();
+        let picks: Vec<u32> =
+            (0..8).map(|r| b.admit(&NewRequest::new(RequestId(r), 100), 0.0).unwrap().unwrap().instance.0).collect();
         assert_eq!(picks, vec![0, 1, 2, 3, 0, 1, 2, 3]);
     }
 
@@ -200,7 +273,11 @@ mod tests {
                 .collect();
             b.on_step(&busy, 0.0).unwrap();
             for r in 100..103 {
-                assert_ne!(b.admit(RequestId(r), 100, 0.0).unwrap().unwrap().instance, InstanceId(0), "{kind:?}");
+                assert_ne!(
+                    b.admit(&NewRequest::new(RequestId(r), 100), 0.0).unwrap().unwrap().instance,
+                    InstanceId(0),
+                    "{kind:?}"
+                );
             }
         }
     }
@@ -217,6 +294,35 @@ mod tests {
         assert!(moves.iter().all(|m| m.from == InstanceId(2) && m.reason == MigrationReason::Rebalance));
         assert_eq!(moves[0].context_len, 4000, "the shortest request moves first");
         assert!(baseline(BaselineKind::LeastLoad).tick(1.0).migrations.is_empty());
+    }
+
+    fn turn(request: u64, session: u64, prompt_len: u32, prefix_len: u32) -> NewRequest {
+        let session = SessionTurn { session: SessionId(session), turn: 1, prefix_len };
+        NewRequest { session: Some(session), ..NewRequest::new(RequestId(request), prompt_len) }
+    }
+
+    fn busy(b: &mut Baseline, instance: u32, num_requests: u64) {
+        let entries: Vec<StepEntry> = (0..num_requests)
+            .map(|r| StepEntry { request: RequestId(10_000 + r), instance: InstanceId(instance), context_len: 500 })
+            .collect();
+        b.on_step(&entries, 0.0).unwrap();
+    }
+
+    #[test]
+    fn cache_aware_follows_a_sessions_cache_unless_its_holder_is_much_busier() {
+        let mut b = baseline(BaselineKind::CacheAware);
+        let first = b.admit(&turn(1, 7, 2000, 0), 0.0).unwrap().unwrap().instance;
+        b.request_finished(RequestId(1), first);
+        busy(&mut b, first.0, 20);
+        // Least-load would avoid the busy holder; the cache keeps the turn there.
+        assert_eq!(b.admit(&turn(2, 7, 3000, 2100), 0.0).unwrap().unwrap().instance, first);
+        b.request_finished(RequestId(2), first);
+        assert_ne!(b.admit(&NewRequest::new(RequestId(3), 3000), 0.0).unwrap().unwrap().instance, first);
+        // A prefix of 30% or less of the prompt is not worth following.
+        assert_ne!(b.admit(&turn(4, 7, 10_000, 2100), 0.0).unwrap().unwrap().instance, first);
+        // Past the imbalance thresholds (64 more requests and 1.5x), least-load wins.
+        busy(&mut b, first.0, 100);
+        assert_ne!(b.admit(&turn(5, 7, 3000, 2100), 0.0).unwrap().unwrap().instance, first);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::grid::BucketGrid;
 use crate::ids::{InstanceId, RequestId};
 use crate::layout::StageLayout;
-use crate::policy::{Admission, Migration, MigrationReason, Policy, StepEntry, TickOutcome};
+use crate::policy::{Admission, Migration, MigrationReason, NewRequest, Policy, StepEntry, TickOutcome};
 use crate::refine::{RefineConfig, Refiner};
 use crate::router::Router;
 use crate::workload::WorkloadSummary;
@@ -118,8 +118,12 @@ impl Policy for CascadePolicy {
         "cascade"
     }
 
-    fn admit(&mut self, request: RequestId, prompt_len: u32, _now: f64) -> Result<Option<Admission>> {
-        let admission = if self.is_kv_first() {
+    fn admit(&mut self, new: &NewRequest, _now: f64) -> Result<Option<Admission>> {
+        let NewRequest { id: request, prompt_len, session } = *new;
+        // A turn of a session goes where its conversation's KV makes it cheapest.
+        let admission = if let Some(turn) = session {
+            self.router.admit_turn(request, prompt_len, turn)?
+        } else if self.is_kv_first() {
             self.router.admit_freest(request, prompt_len)?
         } else {
             self.router.admit(request, prompt_len)?

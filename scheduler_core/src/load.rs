@@ -359,6 +359,45 @@ impl LoadBook {
             .or_else(|| self.least_loaded_within(profile, candidates, tokens, needs_prefill, skip, 1.0))
     }
 
+    /// Among `candidates` (instance, prompt tokens it would prefill there, a fixed extra cost
+    /// in seconds) with room for `tokens`, the one where the request costs least
+    /// ([`LoadBook::predicted_cost`] with that prefill, plus the extra); ties go to the first.
+    /// The same watermark rule as [`LoadBook::least_loaded`]. A session's turn prefills only
+    /// what an instance's prefix cache lacks, so the instance holding its conversation can be
+    /// the cheaper one though busier.
+    pub fn cheapest_with_prefill(
+        &self,
+        profile: &CostProfile,
+        candidates: &[(InstanceId, u32, f64)],
+        tokens: u32,
+    ) -> Option<InstanceId> {
+        [KV_WATERMARK, 1.0].into_iter().find_map(|fraction| {
+            let mut best: Option<(f64, InstanceId)> = None;
+            for &(inst, prefill, extra) in candidates {
+                if !self.has_room_within(profile, inst, tokens, fraction) {
+                    continue;
+                }
+                let t = self.cost_with_prefill(profile, inst, tokens, prefill) + extra;
+                if best.is_none_or(|(bt, _)| t < bt) {
+                    best = Some((t, inst));
+                }
+            }
+            best.map(|(_, inst)| inst)
+        })
+    }
+
+    /// [`LoadBook::predicted_cost`] of a request of `tokens` that prefills `prefill` of them.
+    pub fn cost_with_prefill(&self, profile: &CostProfile, inst: InstanceId, tokens: u32, prefill: u32) -> f64 {
+        let load = self.get(inst);
+        let mut batch = load.batch();
+        batch.num_decode += 1;
+        batch.sum_context += u64::from(tokens);
+        batch.max_context = batch.max_context.max(tokens);
+        let queued = load.queued_tokens + u64::from(prefill);
+        let steps = queued.div_ceil(u64::from(profile.max_batch_tokens.max(1))).max(1);
+        profile.step_time(&with_prefill_chunk(batch, queued, profile)) * steps as f64
+    }
+
     fn least_loaded_within(
         &self,
         profile: &CostProfile,

@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::ids::{InstanceId, RequestId};
 use crate::layout::StageLayout;
 use crate::router::Router;
+use crate::session::SessionTurn;
 
 /// One running request in an engine step feed.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,6 +16,23 @@ pub struct StepEntry {
     pub instance: InstanceId,
     /// Prompt plus tokens generated so far.
     pub context_len: u32,
+}
+
+/// What a policy is told about a request to place.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewRequest {
+    pub id: RequestId,
+    pub prompt_len: u32,
+    /// The conversation the request continues, when the client named one: a policy that
+    /// keeps a session's KV where it is cached reads it, the others ignore it.
+    pub session: Option<SessionTurn>,
+}
+
+impl NewRequest {
+    /// A request outside any session.
+    pub fn new(id: RequestId, prompt_len: u32) -> Self {
+        NewRequest { id, prompt_len, session: None }
+    }
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,9 +95,9 @@ pub struct TickOutcome {
 pub trait Policy: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// Chooses the instance for a new request with `prompt_len` prompt tokens, or `None` when
-    /// no eligible instance has room (the caller queues and asks again later).
-    fn admit(&mut self, request: RequestId, prompt_len: u32, now: f64) -> Result<Option<Admission>>;
+    /// Chooses the instance for a new request, or `None` when no eligible instance has room
+    /// (the caller queues and asks again later, with the same request).
+    fn admit(&mut self, request: &NewRequest, now: f64) -> Result<Option<Admission>>;
 
     /// Takes one engine step's running requests (one instance or several; instances named
     /// here have their load replaced by what is listed) and returns the migrations to start.

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 use crate::rng::Rng;
+use crate::session::{SessionId, SessionTurn};
 use crate::workload::RequestSample;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,11 +68,33 @@ impl Preset {
         }
     }
 
+    /// Whether the preset's requests are turns of sessions ([`Preset::sample_turns`]).
+    pub fn is_multi_turn(self) -> bool {
+        self == Preset::Agentic
+    }
+
     /// `n` requests, deterministic for `seed`. Every sample has `prompt + output <= max_len()`.
     pub fn sample(self, n: usize, seed: u64) -> Vec<RequestSample> {
+        self.draw(n, seed).0
+    }
+
+    /// `sample`, with each request's session where the preset has sessions (`None` elsewhere);
+    /// a session's turns are consecutive and in order.
+    pub fn sample_turns(self, n: usize, seed: u64) -> (Vec<RequestSample>, Vec<Option<SessionTurn>>) {
+        let (out, mut sessions) = self.draw(n, seed);
+        if sessions.is_empty() {
+            sessions = vec![None; out.len()];
+        }
+        (out, sessions)
+    }
+
+    /// The samples, and their sessions for a multi-turn preset (empty for the others).
+    fn draw(self, n: usize, seed: u64) -> (Vec<RequestSample>, Vec<Option<SessionTurn>>) {
         let mut rng = Rng::new(seed);
         let max_len = self.max_len();
         let mut out = Vec::with_capacity(n);
+        let mut sessions = Vec::new();
+        let mut num_sessions = 0;
         while out.len() < n {
             match self {
                 Preset::ShortChat => out.push(chat(&mut rng)),
@@ -79,14 +102,31 @@ impl Preset {
                 Preset::Bimodal => out.push(bimodal(&mut rng)),
                 Preset::Reasoning => out.push(reasoning(&mut rng)),
                 Preset::ProductionMix => out.push(production_mix(&mut rng)),
-                Preset::Agentic => agent_session(&mut rng, max_len, n - out.len(), &mut out),
+                Preset::Agentic => {
+                    let (first, session) = (out.len(), SessionId(num_sessions));
+                    agent_session(&mut rng, max_len, n - out.len(), &mut out);
+                    num_sessions += 1;
+                    sessions.extend(
+                        (first..out.len())
+                            .map(|i| Some(SessionTurn { session, turn: (i - first) as u32, prefix_len: 0 })),
+                    );
+                }
             }
         }
         for r in &mut out {
             r.prompt_len = r.prompt_len.min(max_len - 1);
             r.output_len = r.output_len.min(max_len - r.prompt_len).max(1);
         }
-        out
+        // A later turn shares the previous turn's prompt and output (clamped, as they are).
+        for i in 1..sessions.len() {
+            if let (Some(prev), Some(cur)) = (sessions[i - 1], &mut sessions[i]) {
+                if prev.session == cur.session {
+                    let context = out[i - 1].prompt_len + out[i - 1].output_len;
+                    cur.prefix_len = context.min(out[i].prompt_len - 1);
+                }
+            }
+        }
+        (out, sessions)
     }
 }
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import cascadeinfer as ci
 import grpc
 import pytest
-from cascadeinfer.evaluation.live import add_live_arguments, replay, run_live
+from cascadeinfer.evaluation.live import add_live_arguments, replay, run_live, session_prompt
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS, RequestRecord, summarize
 from cascadeinfer.policies import FixedStage, build_policy
 
@@ -66,6 +66,18 @@ def test_every_request_is_accounted_for_and_failures_carry_their_code(
     assert records[1].finished_s is None
     assert 0 < makespan < 30
     assert records[2].tpot_s is None, "a single-token output has no TPOT"
+
+
+def test_turns_of_a_session_replay_with_its_key_and_prompts_extending_each_other(
+    scheduler: Daemon,
+) -> None:
+    trace = [(0.0, 40, 4, 0, 0, 0), (0.1, 30, 2), (0.3, 60, 4, 0, 1, 43)]
+    records, _ = replay(scheduler.address, trace, timeout_s=60)
+    assert [r.error for r in records] == ["", "", ""]
+    assert [r.num_output_tokens for r in records] == [4, 2, 4]
+    first, second = session_prompt(0, 40), session_prompt(0, 60)
+    assert second[:40] == first and session_prompt(1, 40)[:16] != first[:16]
+    assert all(1 <= t <= 250 for t in second)
 
 
 def test_an_unreachable_scheduler_is_an_error_not_an_empty_run() -> None:

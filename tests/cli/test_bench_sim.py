@@ -82,7 +82,15 @@ def test_compare_writes_a_table_and_plots(tmp_path: Path) -> None:
         "--rates", "1,2", "--no-max-rate", "--out", str(out),
     )  # fmt: skip
     table = (out / "compare.md").read_text()
-    for policy in ("cascade", "round-robin", "least-load", "power-of-two", "llumnix"):
+    for policy in (
+        "cascade",
+        "round-robin",
+        "least-load",
+        "power-of-two",
+        "llumnix",
+        "cache-aware",
+    ):
         assert f"| {policy} |" in table
+    assert "| prefix-cache hits |" in table
     for png in ("latency_cdf.png", "latency_vs_rate.png", "stage_load.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

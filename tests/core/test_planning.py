@@ -113,7 +113,8 @@ def test_a_preset_is_judged_on_independent_draws_and_a_trace_on_resamples_of_its
     assert len(drawn) == PRESET_SELECTION_SEEDS
     for k, trace in enumerate(drawn):
         assert trace == preset.trace(3000, 5.0, "gamma", 2.0, k + SELECTION_SEED_OFFSET)
-    mean_prompts = [sum(p for _, p, _ in t) / len(t) for t in drawn]
+    mean_prompts = [sum(e[1] for e in t) / len(t) for t in drawn]
+    assert all(len(e) == 6 for e in drawn[0]), "the draws keep their sessions"
     assert max(mean_prompts) > 1.3 * min(mean_prompts)
     bench = make_trace(preset.name, num_requests=3000, rate=5.0, max_len=preset.max_len)
     assert all(t != bench for t in drawn)

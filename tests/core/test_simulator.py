@@ -103,3 +103,28 @@ def test_bad_inputs_raise_value_errors_naming_them(gpu_profile: CostProfile) -> 
         generate_trace("short-chat", 10, 1.0, "gamma", -1.0)
     with pytest.raises(ValueError, match="arrival"):
         generate_trace("short-chat", 10, 1.0, "uniform")
+
+
+def test_a_multi_turn_trace_reuses_cached_prefixes_and_a_plain_one_does_not(
+    gpu_profile: CostProfile,
+) -> None:
+    trace = generate_trace("agentic", 600, 1.0, seed=4)
+    assert all(len(e) == 6 for e in trace)
+    plain = [e[:3] for e in trace]
+
+    def run(t: list) -> tuple[dict[str, float], dict[str, list[float]]]:
+        policy = Scheduler.baseline("least-load", gpu_profile, [0, 1], gpu_profile.max_model_len)
+        report = simulate(policy, gpu_profile, t)
+        return report.summary(), report.requests()
+
+    (warm, warm_requests), (cold, cold_requests) = run(trace), run(plain)
+    assert cold["prefix_cache_hit_rate"] == 0.0
+    assert sum(cold_requests["num_cached_prompt_tokens"]) == 0
+    cached = warm_requests["num_cached_prompt_tokens"]
+    prompts = warm_requests["prompt_len"]
+    assert warm["prefix_cache_hit_rate"] == pytest.approx(sum(cached) / sum(prompts))
+    assert warm["prefix_cache_hit_rate"] > 0.2
+    # Only later turns hit, never past their shared prefix.
+    for c, e in zip(cached, trace, strict=True):
+        assert c <= e[5]
+    assert warm["mean_ttft_s"] < cold["mean_ttft_s"]

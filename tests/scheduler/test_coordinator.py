@@ -61,9 +61,15 @@ async def start(
 
 
 async def submit(
-    c: Coordinator, rid: str, prompt_len: int, max_tokens: int = 1000, priority: int = 0
+    c: Coordinator,
+    rid: str,
+    prompt_len: int,
+    max_tokens: int = 1000,
+    priority: int = 0,
+    session: str | None = None,
 ) -> ClientRequest:
-    rec = c.new_request(rid, tuple(range(1, prompt_len + 1)), SamplingSpec(max_tokens), priority)
+    prompt = tuple(range(1, prompt_len + 1))
+    rec = c.new_request(rid, prompt, SamplingSpec(max_tokens), priority, session)
     await c.submit(rec)
     await settle()
     return rec
@@ -90,6 +96,27 @@ async def test_queued_requests_start_by_priority_once_room_frees(
     await settle()
     assert set(a.started) == {"first", "high"}, "the higher priority goes first"
     assert c.queue_depth == 1
+
+
+async def test_a_sessions_next_turn_follows_its_kv_under_a_policy_that_follows_sessions(
+    started: list[Coordinator],
+) -> None:
+    c, fakes = await start(started, "a", "b", policy="cache-aware")
+    await submit(c, "turn-1", 500, session="conv")
+    assert set(fakes["a"].started) == {"turn-1"}
+    fakes["a"].step(Step("turn-1", 0, (7,), 501, LENGTH))
+    await settle()
+    await submit(c, "busy", 300)  # both idle: the first instance takes it
+    assert set(fakes["a"].started) == {"turn-1", "busy"}
+    # b is idle, but a holds the conversation's 500 tokens of KV.
+    await submit(c, "turn-2", 800, session="conv")
+    assert "turn-2" in fakes["a"].started
+    await submit(c, "plain", 800)
+    await submit(c, "other-conv", 800, session="another")
+    assert {"plain", "other-conv"} <= set(fakes["b"].started)
+    with pytest.raises(SchedulingError) as refused:
+        await submit(c, "long-key", 10, session="k" * 257)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_a_full_queue_refuses_with_resource_exhausted(

@@ -173,6 +173,17 @@ def test_a_text_prompt_over_the_byte_limit_is_400_before_tokenizing(front: Front
     assert client.completions.create(model="sim", prompt="ok", max_tokens=2).choices
 
 
+def test_a_session_key_comes_as_a_header_or_the_user_field_and_is_bounded(front: Front) -> None:
+    client = front.client()
+    for extra in ({"extra_headers": {"X-Session-Id": "conv-1"}}, {"user": "agent-7"}):
+        first = client.completions.create(model="sim", prompt="turn one", max_tokens=3, **extra)
+        assert first.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="x-session-id"):
+        client.completions.create(
+            model="sim", prompt="x", max_tokens=2, extra_headers={"X-Session-Id": "s" * 257}
+        )
+
+
 def test_chat_streams_the_same_text_as_the_whole_answer(front: Front) -> None:
     client = front.client()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! 🙂"}]

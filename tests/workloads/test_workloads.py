@@ -83,7 +83,8 @@ def test_planning_and_the_benchmarks_accept_data_presets_and_shifts(name: str) -
     requests = load_requests(name, 32_768, clamp_prompts=True)
     assert len(requests.prompt_lens) == 20_000 and requests.rate is None
     trace = make_trace(name, num_requests=500, rate=4.0, max_len=32_768)
-    assert len(trace) == 500 and all(p + o <= 32_768 for _, p, o in trace)
+    assert len(trace) == 500 and all(e[1] + e[2] <= 32_768 for e in trace)
+    assert all(e[5] < e[1] for e in trace if len(e) == 6), "a shared prefix stays inside its prompt"
 
 
 def test_an_unknown_name_that_is_no_file_lists_the_workloads() -> None:
@@ -97,3 +98,32 @@ def test_an_unknown_name_that_is_no_file_lists_the_workloads() -> None:
 def test_length_stats_are_nearest_rank() -> None:
     stats = workloads.length_stats(list(range(1, 201)))
     assert (stats.mean, stats.median, stats.p99, stats.max) == (100.5, 100.5, 198, 200)
+
+
+@pytest.mark.parametrize("name", ["agentic", "sharegpt-multiturn"])
+def test_multi_turn_presets_give_sessions_whose_turns_come_in_order(name: str) -> None:
+    trace = workloads.get(name).trace(3000, 5.0, seed=2)
+    assert all(len(e) == 6 for e in trace)
+    assert [e[0] for e in trace] == sorted(e[0] for e in trace)
+    last: dict[int, tuple[int, float, int]] = {}
+    for arrival, prompt, output, session, turn, prefix in trace:
+        if session in last:
+            prev_turn, prev_arrival, prev_context = last[session]
+            assert turn == prev_turn + 1
+            assert 15.0 <= arrival - prev_arrival < 45.0, "30 s (MEAN_TURN_GAP_S) x [0.5, 1.5)"
+            assert prefix == min(prev_context, prompt - 1)
+        else:
+            assert (turn, prefix) == (0, 0)
+        last[session] = (turn, arrival, prompt + output)
+    # Sessions start at the rate that makes 5 requests/s once they overlap in steady state.
+    starts = [e[0] for e in trace if e[4] == 0]
+    session_rate = 5.0 * len(starts) / len(trace)
+    assert 0.75 < (len(starts) / starts[-1]) / session_rate < 1.25
+    # The lengths are the preset's own draw, only their order changed.
+    prompts, _ = workloads.get(name).sample(3000, 2)
+    assert sorted(e[1] for e in trace) == sorted(prompts)
+
+
+def test_single_turn_presets_have_no_sessions() -> None:
+    for name in ("short-chat", "sharegpt", "production-mix", "shift:sharegpt,agentic"):
+        assert all(len(e) == 3 for e in workloads.get(name).trace(200, 5.0, seed=1))

@@ -107,7 +107,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if key not in summary:
             continue
         value = summary[key]
-        print(f"  {key:<18} {value:.4g}" if isinstance(value, float) else f"  {key:<18} {value}")
+        print(f"  {key:<21} {value:.4g}" if isinstance(value, float) else f"  {key:<21} {value}")
 
 
 def run_sim(args: argparse.Namespace) -> int:

@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from cascadeinfer import workloads
-from cascadeinfer.traces import TraceRequest, read_trace, write_trace
+from cascadeinfer.traces import from_entries, read_trace, write_trace
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("trace", help="request traces (JSONL: arrival_s, prompt_len, output_len)")
+    p = sub.add_parser(
+        "trace",
+        help="request traces (JSONL: arrival_s, prompt_len, output_len[, session_id, turn, prefix_len])",
+    )
     traces = p.add_subparsers(dest="trace_command", required=True, metavar="ACTION")
     g = traces.add_parser("gen", help="write a trace sampled from a workload preset")
     g.add_argument("--workload", required=True, help=f"preset: {workloads.describe_names()}")
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         from cascadeinfer.evaluation.simbench import clamp
 
         trace = clamp(trace, args.max_len)
-    write_trace(args.out, [TraceRequest(a, p, o) for a, p, o in trace])
+    write_trace(args.out, from_entries(trace))
     span = trace[-1][0] if trace else 0.0
     print(f"wrote {len(trace)} requests over {span:.1f} s to {args.out}")
     return 0

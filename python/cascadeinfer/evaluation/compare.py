@@ -93,8 +93,9 @@ def _table(
         f"prompt token and TPOT <= {base.goodput_slo.tpot_s} s.",
         "",
         "| rate (req/s) | policy | mean e2e (s) | p99 e2e (s) | mean TTFT (s) | p99 TTFT (s) "
-        "| mean TPOT (s) | p99 TPOT (s) | tokens/s | goodput | completed | migrations |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mean TPOT (s) | p99 TPOT (s) | tokens/s | goodput | completed | migrations "
+        "| prefix-cache hits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, rate in enumerate(rates):
         for policy in POLICY_NAMES:
@@ -104,7 +105,7 @@ def _table(
                 f"| {_fmt(s['mean_ttft_s'])} | {_fmt(s['p99_ttft_s'])} | {_fmt(s['mean_tpot_s'])} "
                 f"| {_fmt(s['p99_tpot_s'])} | {s['throughput_tok_s']:.0f} "
                 f"| {s['goodput']:.1%} | {s['completed']:.0f} "
-                f"| {s['migrations']:.0f} |"
+                f"| {s['migrations']:.0f} | {s['prefix_cache_hit_rate']:.1%} |"
             )
     lines += [
         "",

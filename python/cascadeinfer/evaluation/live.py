@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import random
 import sys
 import time
 import uuid
@@ -34,11 +35,12 @@ from cascadeinfer.evaluation.simbench import make_trace
 from cascadeinfer.evaluation.summary import RequestRecord, summarize
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.security import TlsFiles, aio_channel, read_token, token_metadata
+from cascadeinfer.traces import TraceEntry
 
 if TYPE_CHECKING:
     from cascadeinfer.proto.v1.scheduler_pb2_grpc import SchedulerServiceAsyncStub
 
-Trace = Sequence[tuple[float, int, int]]
+Trace = Sequence[TraceEntry]
 PromptBuilder = Callable[[int, int], list[int]]
 
 DEFAULT_PRESET_REQUESTS = 200
@@ -49,6 +51,32 @@ COMPLETE = (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
 def default_prompt(index: int, length: int) -> list[int]:
     """Request `index`'s prompt: ids in [1, 250], so they fit even a byte-sized vocabulary."""
     return [(index * 31 + k) % 250 + 1 for k in range(length)]
+
+
+def session_prompt(session: int, length: int) -> list[int]:
+    """A prompt of session `session`: every turn's prompt starts with the same stream of ids
+    in [1, 250], so it extends the previous turn's prompt and the engine's prefix cache can
+    serve that part (the previous answer's tokens, which the replay cannot know in advance,
+    are not in it); streams of different sessions differ from their first ids."""
+    rng = random.Random(session)
+    return [rng.randrange(1, 251) for _ in range(length)]
+
+
+def _request(
+    run: str, i: int, entry: TraceEntry, prompt_token_ids: PromptBuilder
+) -> scheduler_pb2.ClientGenerateRequest:
+    """The replay's request for trace entry `i`, a turn of a session with its session key."""
+    prompt_len, output_len = entry[1], entry[2]
+    session = entry[3] if len(entry) == 6 else None
+    ids = (
+        prompt_token_ids(i, prompt_len) if session is None else session_prompt(session, prompt_len)
+    )
+    return scheduler_pb2.ClientGenerateRequest(
+        request_id=f"replay-{run}-{i}",
+        prompt_token_ids=scheduler_pb2.TokenIds(ids=ids),
+        sampling=common_pb2.SamplingParams(max_tokens=output_len, ignore_eos=True),
+        session_id="" if session is None else f"replay-{run}-session-{session}",
+    )
 
 
 @dataclass(frozen=True)
@@ -119,14 +147,7 @@ async def _replay(
     prompt_token_ids: PromptBuilder,
 ) -> list[LiveRecord]:
     run = uuid.uuid4().hex[:8]  # concurrent replays against one scheduler must not collide
-    requests = [
-        scheduler_pb2.ClientGenerateRequest(
-            request_id=f"replay-{run}-{i}",
-            prompt_token_ids=scheduler_pb2.TokenIds(ids=prompt_token_ids(i, prompt_len)),
-            sampling=common_pb2.SamplingParams(max_tokens=output_len, ignore_eos=True),
-        )
-        for i, (_, prompt_len, output_len) in enumerate(trace)
-    ]
+    requests = [_request(run, i, entry, prompt_token_ids) for i, entry in enumerate(trace)]
     metadata = token_metadata(token)
     async with aio_channel(address, tls) as channel:
         stub: SchedulerServiceAsyncStub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
@@ -136,7 +157,7 @@ async def _replay(
         )
         t0 = time.perf_counter()
         tasks = []
-        for i, ((arrival_s, _, _), request) in enumerate(zip(trace, requests, strict=True)):
+        for i, ((arrival_s, *_lengths), request) in enumerate(zip(trace, requests, strict=True)):
             delay = t0 + arrival_s * time_scale - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -155,7 +176,8 @@ def replay(
     prompt_token_ids: PromptBuilder = default_prompt,
 ) -> tuple[list[LiveRecord], float]:
     """Sends every `(arrival_s, prompt_len, output_len)` of `trace` at `arrival_s * time_scale`
-    seconds after the start and waits for all; each call gets `timeout_s`. Returns the records in
+    seconds after the start and waits for all (a turn of a session with its session key and a
+    prompt extending the session's previous one, `session_prompt`); each call gets `timeout_s`. Returns the records in
     trace order and the makespan: first arrival to last completion, as the simulator's."""
     if time_scale < 0:
         raise ValueError(f"time_scale = {time_scale}: must be >= 0")
@@ -203,7 +225,7 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def trace_from_args(args: argparse.Namespace) -> list[tuple[float, int, int]]:
+def trace_from_args(args: argparse.Namespace) -> list[TraceEntry]:
     """The trace `--workload`/`--trace` and the shaping flags describe, clamped to --max-len."""
     if args.workload is not None and args.rate is None:
         raise ValueError("--rate is required with --workload")

@@ -16,18 +16,19 @@ from cascadeinfer.evaluation.goodput import GOODPUT_KEYS, GoodputSlo, goodput
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS as LIVE_KEYS
 from cascadeinfer.planning import clamp_lengths
 from cascadeinfer.policies import build_policy
-from cascadeinfer.traces import read_trace
+from cascadeinfer.traces import TraceEntry, read_trace, to_entries, with_lengths
 
-Trace = list[tuple[float, int, int]]
+Trace = list[TraceEntry]
 
-SUMMARY_KEYS = (*LIVE_KEYS, *GOODPUT_KEYS, "sim_wall_s")
+SUMMARY_KEYS = (*LIVE_KEYS, *GOODPUT_KEYS, "prefix_cache_hit_rate", "sim_wall_s")
 """What `cascade bench sim` prints: the keys a live run has, goodput under the setup's
-`GoodputSlo`, and the simulator's wall time."""
+`GoodputSlo`, the share of prompt tokens served from prefix caches (0 without sessions), and
+the simulator's wall time."""
 
 
 def clamp(trace: Trace, max_len: int) -> Trace:
     """Fits every request into `max_len` tokens of context (`planning.clamp_lengths`)."""
-    return [(arrival, *clamp_lengths(prompt, output, max_len)) for arrival, prompt, output in trace]
+    return [with_lengths(e, *clamp_lengths(e[1], e[2], max_len)) for e in trace]
 
 
 def make_trace(
@@ -52,8 +53,7 @@ def make_trace(
             raise ValueError(f"trace {workload!r} is empty")
         span = requests[-1].arrival_s - requests[0].arrival_s
         scale = (len(requests) - 1) / rate / span if rate and span > 0 else 1.0
-        t0 = requests[0].arrival_s
-        trace = [((r.arrival_s - t0) * scale, r.prompt_len, r.output_len) for r in requests]
+        trace = to_entries(requests, requests[0].arrival_s, scale)
     return clamp(trace, max_len)
 
 

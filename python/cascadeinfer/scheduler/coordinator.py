@@ -28,7 +28,7 @@ from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
 from cascadeinfer.scheduler.ratelimit import TokenBucket
-from cascadeinfer.scheduler.requests import ClientRequest
+from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS, ClientRequest
 from cascadeinfer.scheduler.tasks import report_failure
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
@@ -511,13 +511,24 @@ class Coordinator:
         return ids
 
     def new_request(
-        self, request_id: str, prompt: tuple[int, ...], sampling: SamplingSpec, priority: int
+        self,
+        request_id: str,
+        prompt: tuple[int, ...],
+        sampling: SamplingSpec,
+        priority: int,
+        session_id: str | None = None,
     ) -> ClientRequest:
         if request_id in self.requests:
             raise SchedulingError(
                 grpc.StatusCode.ALREADY_EXISTS, f"request id {request_id!r} is in use"
             )
-        return ClientRequest(request_id, next(self._core_ids), prompt, sampling, priority)
+        if session_id is not None and len(session_id) > MAX_SESSION_ID_CHARS:
+            raise SchedulingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"session_id is longer than {MAX_SESSION_ID_CHARS} characters",
+            )
+        core_id = next(self._core_ids)
+        return ClientRequest(request_id, core_id, prompt, sampling, priority, session_id or None)
 
     async def submit(self, rec: ClientRequest) -> None:
         """Admits a request now or queues it; raises SchedulingError when it cannot be taken."""
@@ -555,7 +566,9 @@ class Coordinator:
         assert self.policy is not None
         started = time.perf_counter()
         try:
-            decision = self.policy.admit(rec.core_id, rec.context_len, time.monotonic())
+            decision = self.policy.admit(
+                rec.core_id, rec.context_len, time.monotonic(), rec.session_id
+            )
         except ValueError as e:
             raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         finally:

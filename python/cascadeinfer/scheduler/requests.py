@@ -16,6 +16,9 @@ max_stream_lag_tokens. Counting every unsent token would cut off clients that re
 feed can bring hundreds of tokens in one message, and a busy event loop resumes a stream a few
 milliseconds after its write completed."""
 
+MAX_SESSION_ID_CHARS = 256
+"""Longest session key a client may give (gRPC `session_id`, HTTP `X-Session-Id` or `user`)."""
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -34,6 +37,9 @@ class ClientRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingSpec
     priority: int = 0
+    session_id: str | None = None
+    """The conversation the request continues, as the client named it (policies that follow
+    sessions place it where the conversation's KV is likely cached)."""
     arrived_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None

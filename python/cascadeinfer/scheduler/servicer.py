@@ -102,7 +102,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             sampling = sampling_from_proto(request.sampling)
             sampling.validate()
             rid = request.request_id or uuid.uuid4().hex
-            rec = self.c.new_request(rid, prompt, sampling, request.priority)
+            rec = self.c.new_request(
+                rid, prompt, sampling, request.priority, request.session_id or None
+            )
             if request.HasField("text"):
                 assert self.c.tokenizer is not None
                 rec.detokenizer = Detokenizer(self.c.tokenizer)

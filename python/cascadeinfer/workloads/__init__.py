@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cascadeinfer import _core
+from cascadeinfer.traces import TraceEntry
 from cascadeinfer.workloads import sharegpt
 
 Lengths = tuple[list[int], list[int]]
-Trace = list[tuple[float, int, int]]
+Trace = list[TraceEntry]
 
 SHIFT_PREFIX = "shift:"
 SHIFT_SYNTAX = "shift:A,B[,C...][@F1[,F2...]]"
@@ -37,6 +38,8 @@ class Preset:
     name: str
     max_len: int
     draw: Callable[[int, int], Lengths]
+    draw_turns: Callable[[int, int], sharegpt.Turns] | None = None
+    """For a multi-turn preset drawn outside the core: `draw` with each request's session."""
 
     def sample(self, n: int, seed: int = 0) -> Lengths:
         """`n` pairs as two lists."""
@@ -48,8 +51,21 @@ class Preset:
         self, n: int, rate: float, arrival: str = "poisson", cv: float = 1.0, seed: int = 0
     ) -> Trace:
         """`(arrival_s, prompt_len, output_len)` for `n` requests arriving at `rate` a second
-        ("poisson", or "gamma" with inter-arrival coefficient of variation `cv`). For a core
-        preset this is `_core.generate_trace` for the same arguments."""
+        ("poisson", or "gamma" with inter-arrival coefficient of variation `cv`), sorted by
+        arrival. A multi-turn preset's requests are `(arrival_s, prompt_len, output_len,
+        session, turn, prefix_len)`, its sessions starting by the process and their turns
+        following (`_core.session_arrival_times`). For a core preset this is
+        `_core.generate_trace` for the same arguments."""
+        if self.draw_turns is not None:
+            prompts, outputs, sessions = self.draw_turns(n, seed)
+            times = _core.session_arrival_times(sessions, rate, arrival, cv, seed)
+            entries: Trace = [
+                (t, p, o) if s is None else (t, p, o, *s)
+                for t, p, o, s in zip(times, prompts, outputs, sessions, strict=True)
+            ]
+            return sorted(entries, key=lambda e: e[0])
+        if self.name in _CORE_NAMES:
+            return _core.generate_trace(self.name, n, rate, arrival, cv, seed)
         times = _core.arrival_times(n, rate, arrival, cv, seed)
         prompts, outputs = self.sample(n, seed)
         return list(zip(times, prompts, outputs, strict=True))
@@ -62,9 +78,15 @@ def _core_preset(name: str) -> Preset:
     return Preset(name, _core.preset_max_len(name), draw)
 
 
+_CORE_NAMES = frozenset(_core.preset_names())
 _DATA_PRESETS = (
     Preset("sharegpt", sharegpt.SINGLE_TURN_MAX_LEN, sharegpt.first_turns),
-    Preset("sharegpt-multiturn", sharegpt.MULTI_TURN_MAX_LEN, sharegpt.multi_turn),
+    Preset(
+        "sharegpt-multiturn",
+        sharegpt.MULTI_TURN_MAX_LEN,
+        sharegpt.multi_turn,
+        sharegpt.multi_turn_sessions,
+    ),
 )
 _BUILTINS: dict[str, Preset] = {
     **{name: _core_preset(name) for name in _core.preset_names()},

@@ -23,6 +23,9 @@ MULTI_TURN_MAX_LEN = 131_072
 
 Turn = tuple[int, int, int]
 Lengths = tuple[list[int], list[int]]
+Session = tuple[int, int, int]
+"""`(session, turn, prefix_len)` of a request (`cascadeinfer.traces`)."""
+Turns = tuple[list[int], list[int], list[Session | None]]
 
 
 @dataclass(frozen=True)
@@ -62,17 +65,28 @@ def multi_turn(n: int, seed: int) -> Lengths:
     whose prompt is the conversation so far (every earlier message, then the user's new one).
     A conversation ends early where a turn would pass MULTI_TURN_MAX_LEN; the last one drawn
     is cut to the `n` requests asked for."""
+    prompts, outputs, _ = multi_turn_sessions(n, seed)
+    return prompts, outputs
+
+
+def multi_turn_sessions(n: int, seed: int) -> Turns:
+    """`multi_turn` with each request's session: one session per conversation drawn, and the
+    prefix a turn shares with the previous one (that turn's prompt and reply)."""
     conversations = load_table().conversations
     rng = random.Random(seed)
     prompts: list[int] = []
     outputs: list[int] = []
+    sessions: list[Session | None] = []
+    session = 0
     while len(prompts) < n:
         context = 0
-        for gap, user, reply in conversations[rng.randrange(len(conversations))]:
+        for turn, (gap, user, reply) in enumerate(conversations[rng.randrange(len(conversations))]):
             prompt, output = max(context + gap + user, 1), max(reply, 1)
             if len(prompts) == n or prompt + output > MULTI_TURN_MAX_LEN:
                 break
             prompts.append(prompt)
             outputs.append(output)
+            sessions.append((session, turn, min(context, prompt - 1)))
             context += gap + user + reply
-    return prompts, outputs
+        session += 1
+    return prompts, outputs, sessions

@@ -41,7 +41,7 @@ impl SteadyTraffic {
         let mean_output = *self.cumulative_output.last().unwrap() / self.samples.len() as f64;
         for _ in 0..self.rate as usize {
             let s = self.samples[self.rng.range_u32(0, self.samples.len() as u32 - 1) as usize];
-            policy.admit(RequestId(self.next_request), s.prompt_len, now).unwrap();
+            policy.admit(&NewRequest::new(RequestId(self.next_request), s.prompt_len), now).unwrap();
             self.next_request += 1;
         }
         let layout = policy.layout().clone();
@@ -154,17 +154,17 @@ fn a_refused_request_counts_as_one_arrival_however_often_it_is_retried() {
     let arrivals = |p: &CascadePolicy| -> f64 { p.refiner.as_ref().unwrap().arrivals.iter().sum() };
     // Fill every instance of the first stage up to its sequence cap, then retry one more
     // request many times.
-    let first = policy.admit(RequestId(0), 100, 0.0).unwrap().unwrap();
+    let first = policy.admit(&NewRequest::new(RequestId(0), 100), 0.0).unwrap().unwrap();
     let mut request = 1;
-    while policy.admit(RequestId(request), 100, 0.0).unwrap().is_some() {
+    while policy.admit(&NewRequest::new(RequestId(request), 100), 0.0).unwrap().is_some() {
         request += 1;
     }
     let before = arrivals(&policy);
     for _ in 0..50 {
-        assert!(policy.admit(RequestId(request), 100, 0.0).unwrap().is_none());
+        assert!(policy.admit(&NewRequest::new(RequestId(request), 100), 0.0).unwrap().is_none());
     }
     assert_eq!(arrivals(&policy), before);
     policy.request_finished(RequestId(0), first.instance);
-    assert!(policy.admit(RequestId(request), 100, 0.0).unwrap().is_some());
+    assert!(policy.admit(&NewRequest::new(RequestId(request), 100), 0.0).unwrap().is_some());
     assert_eq!(arrivals(&policy), before, "admitted at last: still the same arrival");
 }

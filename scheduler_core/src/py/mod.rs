@@ -32,6 +32,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sim::simulate, m)?)?;
     m.add_function(wrap_pyfunction!(sim::generate_trace, m)?)?;
     m.add_function(wrap_pyfunction!(sim::arrival_times, m)?)?;
+    m.add_function(wrap_pyfunction!(sim::session_arrival_times, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

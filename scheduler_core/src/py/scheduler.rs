@@ -12,7 +12,8 @@ use crate::cascade::CascadePolicy;
 use crate::error::CoreError;
 use crate::ids::{InstanceId, RequestId};
 use crate::layout::{StageLayout, StageRange};
-use crate::policy::{Migration, MigrationReason, Policy, StepEntry};
+use crate::policy::{Migration, MigrationReason, NewRequest, Policy, StepEntry};
+use crate::session::{SessionId, SessionTurn};
 
 static MIGRATION_REASON: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -169,8 +170,21 @@ impl PyScheduler {
     }
 
     /// `(instance, stage)` for a new request, or `None` when no eligible instance has room.
-    fn admit(&mut self, request_id: u64, prompt_len: u32, now: f64) -> PyResult<Option<(u32, usize)>> {
-        let admission = self.policy.admit(RequestId(request_id), prompt_len, now).map_err(to_py)?;
+    /// `session` is the client's key of the conversation the request continues, if any: its
+    /// prompt is taken to extend what the session left cached (the scheduler sees no tokens of
+    /// earlier turns), so a policy that follows sessions' KV may place it where that is.
+    #[pyo3(signature = (request_id, prompt_len, now, session=None))]
+    fn admit(
+        &mut self,
+        request_id: u64,
+        prompt_len: u32,
+        now: f64,
+        session: Option<&str>,
+    ) -> PyResult<Option<(u32, usize)>> {
+        let session =
+            session.map(|key| SessionTurn { session: SessionId::from_key(key), turn: 0, prefix_len: prompt_len });
+        let request = NewRequest { session, ..NewRequest::new(RequestId(request_id), prompt_len) };
+        let admission = self.policy.admit(&request, now).map_err(to_py)?;
         Ok(admission.map(|a| (a.instance.0, a.stage)))
     }
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 
 use super::model::PyCostProfile;
 use super::scheduler::PyScheduler;
@@ -13,6 +13,7 @@ use crate::arrivals::{
 };
 use crate::ids::InstanceId;
 use crate::presets::Preset;
+use crate::session::{session_arrival_times as make_session_arrival_times, SessionId, SessionTurn};
 use crate::sim::{simulate as run, RequestRecord, SimConfig, SimReport};
 
 #[pyclass(name = "SimReport", module = "cascadeinfer._core", frozen)]
@@ -26,8 +27,9 @@ fn or_nan(x: Option<f64>) -> f64 {
 
 #[pymethods]
 impl PySimReport {
-    /// mean/p99 of e2e, TTFT and TPOT (seconds), throughput_tok_s, completed, migrations and
-    /// sim_wall_s (the simulator's own wall time).
+    /// mean/p99 of e2e, TTFT and TPOT (seconds), throughput_tok_s, completed, migrations,
+    /// prefix_cache_hit_rate (prompt tokens served from prefix caches over all prompt tokens)
+    /// and sim_wall_s (the simulator's own wall time).
     fn summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = &self.inner.summary;
         let d = PyDict::new(py);
@@ -39,6 +41,7 @@ impl PySimReport {
             ("mean_tpot_s", s.mean_tpot_s),
             ("p99_tpot_s", s.p99_tpot_s),
             ("throughput_tok_s", s.throughput_tok_s),
+            ("prefix_cache_hit_rate", s.prefix_cache_hit_rate),
         ] {
             d.set_item(key, value)?;
         }
@@ -64,6 +67,7 @@ impl PySimReport {
         d.set_item("output_len", counts(|x| x.output_len))?;
         d.set_item("num_migrations", counts(|x| x.num_migrations))?;
         d.set_item("num_preemptions", counts(|x| x.num_preemptions))?;
+        d.set_item("num_cached_prompt_tokens", counts(|x| x.num_cached_prompt_tokens))?;
         Ok(d)
     }
 
@@ -144,7 +148,30 @@ impl PySimReport {
     }
 }
 
-/// Simulates `trace` (`(arrival_s, prompt_len, output_len)` each) on engines running `profile`,
+/// One trace request from Python: `(arrival_s, prompt_len, output_len)`, or with its session
+/// `(arrival_s, prompt_len, output_len, session, turn, prefix_len)`.
+#[derive(FromPyObject)]
+pub(crate) enum PyTraceEntry {
+    Plain((f64, u32, u32)),
+    Turn((f64, u32, u32, u64, u32, u32)),
+}
+
+impl From<PyTraceEntry> for TraceRequest {
+    fn from(entry: PyTraceEntry) -> Self {
+        match entry {
+            PyTraceEntry::Plain((arrival_s, prompt_len, output_len)) => {
+                TraceRequest::new(arrival_s, prompt_len, output_len)
+            }
+            PyTraceEntry::Turn((arrival_s, prompt_len, output_len, session, turn, prefix_len)) => TraceRequest {
+                session: Some(SessionTurn { session: SessionId(session), turn, prefix_len }),
+                ..TraceRequest::new(arrival_s, prompt_len, output_len)
+            },
+        }
+    }
+}
+
+/// Simulates `trace` (`(arrival_s, prompt_len, output_len)` each, or
+/// `(arrival_s, prompt_len, output_len, session, turn, prefix_len)` for a turn of a session) on engines running `profile`,
 /// scheduled by `scheduler`'s policy, which is used as is and left in its final state.
 /// `instances` defaults to the policy's; `max_optional_migrations_per_s = math.inf` lifts the
 /// rate limit. Releases the GIL while it runs.
@@ -163,16 +190,13 @@ pub(crate) fn simulate(
     py: Python<'_>,
     mut scheduler: PyRefMut<'_, PyScheduler>,
     profile: &PyCostProfile,
-    trace: Vec<(f64, u32, u32)>,
+    trace: Vec<PyTraceEntry>,
     instances: Option<Vec<u32>>,
     tick_interval_s: f64,
     max_concurrent_migrations: u32,
     max_optional_migrations_per_s: f64,
 ) -> PyResult<PySimReport> {
-    let trace: Vec<TraceRequest> = trace
-        .into_iter()
-        .map(|(arrival_s, prompt_len, output_len)| TraceRequest { arrival_s, prompt_len, output_len })
-        .collect();
+    let trace: Vec<TraceRequest> = trace.into_iter().map(TraceRequest::from).collect();
     let is_unlimited = max_optional_migrations_per_s == f64::INFINITY;
     let config = SimConfig {
         tick_interval_s,
@@ -191,21 +215,56 @@ pub(crate) fn simulate(
 
 /// `n` requests of a preset arriving at `rate` a second: `"poisson"`, or `"gamma"` with
 /// inter-arrival coefficient of variation `cv` (1 is Poisson-like, above 1 bursty). Returns
-/// `(arrival_s, prompt_len, output_len)` tuples sorted by arrival, deterministic for `seed`.
+/// `(arrival_s, prompt_len, output_len)` tuples sorted by arrival, deterministic for `seed`;
+/// a multi-turn preset's are `(arrival_s, prompt_len, output_len, session, turn, prefix_len)`,
+/// its sessions' starts following the process (`session_arrival_times`).
 #[pyfunction]
 #[pyo3(signature = (preset, n, rate, arrival="poisson", cv=1.0, seed=0))]
-pub(crate) fn generate_trace(
+pub(crate) fn generate_trace<'py>(
+    py: Python<'py>,
     preset: &str,
     n: usize,
     rate: f64,
     arrival: &str,
     cv: f64,
     seed: u64,
-) -> PyResult<Vec<(f64, u32, u32)>> {
+) -> PyResult<Vec<Bound<'py, PyTuple>>> {
     let preset = Preset::from_name(preset).map_err(to_py)?;
     let process = ArrivalProcess::from_name(arrival, cv).map_err(to_py)?;
     let trace = make_trace(preset, n, rate, process, seed).map_err(to_py)?;
-    Ok(trace.iter().map(|r| (r.arrival_s, r.prompt_len, r.output_len)).collect())
+    trace.iter().map(|r| trace_tuple(py, r)).collect()
+}
+
+fn trace_tuple<'py>(py: Python<'py>, r: &TraceRequest) -> PyResult<Bound<'py, PyTuple>> {
+    match r.session {
+        None => (r.arrival_s, r.prompt_len, r.output_len).into_pyobject(py),
+        Some(s) => (r.arrival_s, r.prompt_len, r.output_len, s.session.0, s.turn, s.prefix_len).into_pyobject(py),
+    }
+}
+
+/// Arrival times for `sessions` (`(session, turn, prefix_len)` or `None` per request, a
+/// session's turns consecutive): sessions start by the process at the rate that makes `rate`
+/// requests a second, each later turn `mean_turn_gap_s` (on average) after the one before.
+#[pyfunction]
+// The default is MEAN_TURN_GAP_S, written out so Python sees it (tests/workloads check it).
+#[pyo3(signature = (sessions, rate, arrival="poisson", cv=1.0, seed=0, mean_turn_gap_s=30.0))]
+pub(crate) fn session_arrival_times(
+    sessions: Vec<Option<(u64, u32, u32)>>,
+    rate: f64,
+    arrival: &str,
+    cv: f64,
+    seed: u64,
+    mean_turn_gap_s: f64,
+) -> PyResult<Vec<f64>> {
+    let process = ArrivalProcess::from_name(arrival, cv).map_err(to_py)?;
+    let sessions: Vec<Option<SessionTurn>> = sessions
+        .into_iter()
+        .map(|s| s.map(|(session, turn, prefix_len)| SessionTurn { session: SessionId(session), turn, prefix_len }))
+        .collect();
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(to_py(crate::error::CoreError::invalid("rate", rate, "must be finite and > 0")));
+    }
+    make_session_arrival_times(&sessions, rate, process, mean_turn_gap_s, seed).map_err(to_py)
 }
 
 /// `n` arrival times at `rate` a second, by the process of `generate_trace`: for the same

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 
+use super::prefix::PrefixCache;
 use crate::cost::{prefill_pairs, BatchShape};
 use crate::ids::{InstanceId, RequestId};
 use crate::policy::StepEntry;
@@ -120,6 +121,8 @@ pub(super) struct Instance {
     /// Migrations whose bulk copy ended during the step in progress; they pause at its end.
     pub pending_pauses: Vec<u32>,
     pub peaks: Peaks,
+    /// Sessions' KV kept in free blocks; `None` when the trace has no sessions.
+    pub cache: Option<Box<PrefixCache>>,
 }
 
 impl Instance {
@@ -134,6 +137,7 @@ impl Instance {
             prefill: Vec::new(),
             pending_pauses: Vec::new(),
             peaks: Peaks::default(),
+            cache: None,
         }
     }
 
@@ -148,6 +152,18 @@ impl Instance {
     pub fn allocate(&mut self, blocks: u32) {
         self.used_blocks += u64::from(blocks);
         self.peaks.used_blocks = self.peaks.used_blocks.max(self.used_blocks);
+        if self.cache.is_some() {
+            self.fit_cache();
+        }
+    }
+
+    /// The blocks just allocated came from the free pool, cached contents or not.
+    #[cold]
+    #[inline(never)]
+    fn fit_cache(&mut self) {
+        if let Some(cache) = &mut self.cache {
+            cache.fit(self.used_blocks);
+        }
     }
 
     pub fn release(&mut self, blocks: u32) {

@@ -11,14 +11,14 @@ use crate::grid::BucketGrid;
 use crate::ids::RequestId;
 use crate::layout::StageLayout;
 use crate::partition::{partition, PartitionOptions};
-use crate::policy::{Admission, Migration, StepEntry, TickOutcome};
+use crate::policy::{Admission, Migration, NewRequest, StepEntry, TickOutcome};
 use crate::presets::Preset;
 use crate::router::Router;
 use crate::workload::WorkloadSummary;
 
 #[derive(Clone, Debug, PartialEq)]
 enum Call {
-    Admit { request: RequestId, prompt_len: u32, now: f64, answer: Result<Option<Admission>> },
+    Admit { request: NewRequest, now: f64, answer: Result<Option<Admission>> },
     OnStep { entries: Vec<StepEntry>, now: f64, answer: Result<Vec<Migration>> },
     Tick { now: f64, answer: TickOutcome },
     MigrationDone { migration: Migration, succeeded: bool },
@@ -46,9 +46,9 @@ impl Policy for Recording {
         self.inner.name()
     }
 
-    fn admit(&mut self, request: RequestId, prompt_len: u32, now: f64) -> Result<Option<Admission>> {
-        let answer = self.inner.admit(request, prompt_len, now);
-        self.calls.push(Call::Admit { request, prompt_len, now, answer: answer.clone() });
+    fn admit(&mut self, request: &NewRequest, now: f64) -> Result<Option<Admission>> {
+        let answer = self.inner.admit(request, now);
+        self.calls.push(Call::Admit { request: *request, now, answer: answer.clone() });
         answer
     }
 
@@ -98,9 +98,7 @@ impl Policy for Recording {
 fn replay(policy: &mut dyn Policy, calls: &[Call]) {
     for (k, call) in calls.iter().enumerate() {
         let again = match call.clone() {
-            Call::Admit { request, prompt_len, now, .. } => {
-                Call::Admit { request, prompt_len, now, answer: policy.admit(request, prompt_len, now) }
-            }
+            Call::Admit { request, now, .. } => Call::Admit { request, now, answer: policy.admit(&request, now) },
             Call::OnStep { entries, now, .. } => {
                 let answer = policy.on_step(&entries, now);
                 Call::OnStep { entries, now, answer }

@@ -187,6 +187,10 @@ impl Simulation<'_> {
         seq.is_migrating = false;
         seq.num_migrations += 1;
         self.instances[to as usize].running.push(r as u32);
+        if !self.sessions.is_empty() {
+            // The source frees its copy of the KV into its prefix cache.
+            self.cache_prefix(r as u32, from);
+        }
         self.num_landed[reason_index(m.reason)] += 1;
         self.policy.migration_done(&m, true);
         self.kick(from);

@@ -36,11 +36,14 @@ mod events;
 mod flights;
 mod inputs;
 mod migrate;
+mod prefix;
 mod report;
 mod run;
 
 #[cfg(test)]
 mod link_tests;
+#[cfg(test)]
+mod prefix_tests;
 #[cfg(test)]
 mod tests;
 

@@ -19,6 +19,8 @@ pub struct RequestRecord {
     pub finished_s: Option<f64>,
     pub num_migrations: u32,
     pub num_preemptions: u32,
+    /// Prompt tokens served from the prefix cache of the instance it was admitted to.
+    pub num_cached_prompt_tokens: u32,
 }
 
 impl RequestRecord {
@@ -57,6 +59,9 @@ pub struct SimSummary {
     pub completed: u64,
     /// Migrations that landed.
     pub migrations: u64,
+    /// Prompt tokens served from prefix caches over all prompt tokens of admitted requests
+    /// (0 on a trace without sessions).
+    pub prefix_cache_hit_rate: f64,
     /// The simulator's own wall time, seconds (0 unless measured by [`super::simulate`]).
     pub sim_wall_s: f64,
 }
@@ -137,6 +142,9 @@ pub(super) fn summarize(records: &[RequestRecord], migrations: u64, throughput_t
     };
     let (mut e2e, mut ttft, mut tpot) =
         (collect(RequestRecord::e2e_s), collect(RequestRecord::ttft_s), collect(RequestRecord::tpot_s));
+    let admitted = || records.iter().filter(|r| r.admitted_s.is_some());
+    let num_prompt_tokens: u64 = admitted().map(|r| u64::from(r.prompt_len)).sum();
+    let num_cached: u64 = admitted().map(|r| u64::from(r.num_cached_prompt_tokens)).sum();
     SimSummary {
         mean_e2e_s: mean(&e2e),
         p99_e2e_s: percentile(&mut e2e, 0.99),
@@ -147,6 +155,7 @@ pub(super) fn summarize(records: &[RequestRecord], migrations: u64, throughput_t
         throughput_tok_s,
         completed: e2e.len() as u64,
         migrations,
+        prefix_cache_hit_rate: if num_prompt_tokens > 0 { num_cached as f64 / num_prompt_tokens as f64 } else { 0.0 },
         sim_wall_s: 0.0,
     }
 }
@@ -176,6 +185,7 @@ mod tests {
             finished_s: Some(2.5),
             num_migrations: 0,
             num_preemptions: 0,
+            num_cached_prompt_tokens: 0,
         };
         assert_eq!((r.ttft_s(), r.e2e_s(), r.tpot_s()), (Some(0.5), Some(1.5), Some(0.25)));
         assert_eq!(RequestRecord { output_len: 1, ..r }.tpot_s(), None);

@@ -8,13 +8,15 @@ use super::events::{EventKind, EventQueue};
 use super::flights::Flights;
 use super::inputs::{slots, validate_trace};
 use super::migrate::{Failure, REASONS};
+use super::prefix::PrefixCache;
 use super::report::{summarize, InstanceStats, RequestRecord, SimReport, StageLoadSample};
 use super::SimConfig;
 use crate::arrivals::TraceRequest;
 use crate::cost::{BatchShape, CostProfile};
 use crate::error::{CoreError, Result};
 use crate::ids::{InstanceId, RequestId};
-use crate::policy::Policy;
+use crate::policy::{NewRequest, Policy};
+use crate::session::SessionTurn;
 
 /// A run whose admission queue is stuck (nothing running, nothing in flight, nothing left to
 /// arrive, the policy refusing every retry) ends after this many simulated seconds.
@@ -27,6 +29,10 @@ pub(super) struct Simulation<'a> {
     pub(super) p: EngineParams,
     pub(super) seqs: Vec<Seq>,
     pub(super) times: Vec<Timeline>,
+    /// Each request's session; empty when the trace has none (then no instance caches).
+    pub(super) sessions: Vec<Option<SessionTurn>>,
+    /// Prompt tokens each request found cached where it was admitted; empty without sessions.
+    pub(super) cached_tokens: Vec<u32>,
     /// Trace indices by arrival time.
     pub(super) order: Vec<u32>,
     pub(super) num_arrived: usize,
@@ -73,6 +79,15 @@ impl<'a> Simulation<'a> {
         let mut order: Vec<u32> = (0..trace.len() as u32).collect();
         order.sort_by(|&a, &b| trace[a as usize].arrival_s.total_cmp(&trace[b as usize].arrival_s));
         let nan = f64::NAN;
+        let has_sessions = trace.iter().any(|r| r.session.is_some());
+        let sessions: Vec<Option<SessionTurn>> =
+            if has_sessions { trace.iter().map(|r| r.session).collect() } else { Vec::new() };
+        let mut engines: Vec<Instance> = instances.iter().map(|&id| Instance::new(id)).collect();
+        if has_sessions {
+            for inst in &mut engines {
+                inst.cache = Some(Box::new(PrefixCache::new(p.total_blocks)));
+            }
+        }
         Ok(Simulation {
             policy,
             profile,
@@ -84,9 +99,11 @@ impl<'a> Simulation<'a> {
                 .iter()
                 .map(|r| Timeline { arrival_s: r.arrival_s, admitted_s: nan, first_token_s: nan, finished_s: nan })
                 .collect(),
+            cached_tokens: vec![0; sessions.len()],
+            sessions,
             order,
             num_arrived: 0,
-            instances: instances.iter().map(|&id| Instance::new(id)).collect(),
+            instances: engines,
             slot_of,
             queue: VecDeque::new(),
             events: EventQueue::with_slots(instances.len()),
@@ -152,9 +169,16 @@ impl<'a> Simulation<'a> {
     }
 
     fn try_admit(&mut self, r: u32) -> Result<bool> {
-        let prompt_len = self.seqs[r as usize].prompt_len;
-        let Some(a) = self.policy.admit(RequestId(u64::from(r)), prompt_len, self.now)? else { return Ok(false) };
+        let request = NewRequest {
+            id: RequestId(u64::from(r)),
+            prompt_len: self.seqs[r as usize].prompt_len,
+            session: self.sessions.get(r as usize).copied().flatten(),
+        };
+        let Some(a) = self.policy.admit(&request, self.now)? else { return Ok(false) };
         let slot = self.slot(a.instance).ok_or(CoreError::Unknown { kind: "instance", id: u64::from(a.instance.0) })?;
+        if let Some(turn) = request.session {
+            self.reuse_prefix(r, slot, turn);
+        }
         let seq = &mut self.seqs[r as usize];
         seq.phase = Phase::Waiting;
         seq.slot = slot;
@@ -165,6 +189,38 @@ impl<'a> Simulation<'a> {
         self.instances[slot as usize].waiting.push_back(r);
         self.kick(slot);
         Ok(true)
+    }
+
+    /// Gives request `r`, just admitted to `slot`, the leading blocks of its prompt its
+    /// session left cached there (vLLM's prefix cache lookup; done at admission rather than
+    /// when the engine first schedules it, so a waiting turn holds its cached blocks). At least
+    /// one prompt token is always computed, as in vLLM.
+    fn reuse_prefix(&mut self, r: u32, slot: u32, turn: SessionTurn) {
+        let block_size = self.p.block_size;
+        let inst = &mut self.instances[slot as usize];
+        let seq = &mut self.seqs[r as usize];
+        let Some(cache) = inst.cache.as_mut() else { return };
+        let cached = cache.take(turn.session);
+        let usable = turn.prefix_len.min(seq.prompt_len - 1) / block_size;
+        let hit = cached.min(usable);
+        if hit == 0 || seq.num_blocks > 0 {
+            return;
+        }
+        inst.allocate(hit);
+        seq.num_blocks = hit;
+        seq.num_computed = hit * block_size;
+        self.cached_tokens[r as usize] = hit * block_size;
+    }
+
+    /// Request `r` left `slot` (finished, or migrated away): its session's KV up to its last
+    /// computed token stays cached there, in whole blocks.
+    pub(super) fn cache_prefix(&mut self, r: u32, slot: u32) {
+        let Some(turn) = self.sessions.get(r as usize).copied().flatten() else { return };
+        let computed = self.seqs[r as usize].context_len() - 1;
+        let inst = &mut self.instances[slot as usize];
+        if let Some(cache) = inst.cache.as_mut() {
+            cache.insert(turn.session, computed / self.p.block_size, inst.used_blocks);
+        }
     }
 
     /// Retries the queue head until the policy refuses one.
@@ -210,7 +266,11 @@ impl<'a> Simulation<'a> {
         let inst = &mut self.instances[slot as usize];
         let next_decode = inst.finish_step(&self.p, &mut self.seqs, &mut self.times, self.now, &mut self.feed);
         let id = inst.id;
-        for &r in &self.feed.finished {
+        for k in 0..self.feed.finished.len() {
+            let r = self.feed.finished[k];
+            if !self.sessions.is_empty() {
+                self.cache_prefix(r, slot);
+            }
             self.num_done += 1;
             self.total_output_tokens += u64::from(self.seqs[r as usize].num_generated);
             self.last_finish_s = self.now;
@@ -303,6 +363,7 @@ impl<'a> Simulation<'a> {
                     finished_s: some(t.finished_s),
                     num_migrations: s.num_migrations,
                     num_preemptions: s.num_preemptions,
+                    num_cached_prompt_tokens: self.cached_tokens.get(i).copied().unwrap_or(0),
                 }
             })
             .collect();

@@ -48,6 +48,7 @@ fn crossing_trace(n: usize, bound: u32, seed: u64) -> Vec<TraceRequest> {
             arrival_s: k as f64 * 0.05,
             prompt_len: rng.range_u32(bound / 2, bound - 100),
             output_len: rng.range_u32(bound / 2 + 100, bound),
+            session: None,
         })
         .collect()
 }
@@ -124,7 +125,7 @@ fn crossing_a_stage_bound_migrates_under_cascade_and_not_under_round_robin() {
 fn a_migration_stalls_for_the_pause_and_the_delta_not_the_whole_copy() {
     // A slow link makes the whole context's copy (~70 ms) larger than the fixed pause (25 ms).
     let p = CostProfile { migration_bandwidth_bytes_per_s: 1e9, ..gpu() };
-    let trace = [TraceRequest { arrival_s: 0.0, prompt_len: 500, output_len: 600 }];
+    let trace = [TraceRequest::new(0.0, 500, 600)];
     let moved = run(&mut two_stage(&p, 512, 1), &p, &trace);
     let stayed = run(&mut baseline(BaselineKind::RoundRobin, &p, 2), &p, &trace);
     assert_eq!((moved.summary.migrations, stayed.summary.migrations), (1, 0));
@@ -144,6 +145,7 @@ fn a_tiny_kv_cache_preempts_and_still_finishes_everything() {
             arrival_s: k as f64 * 0.01,
             prompt_len: rng.range_u32(100, 400),
             output_len: rng.range_u32(200, 600),
+            session: None,
         })
         .collect();
     let report = run(&mut baseline(BaselineKind::RoundRobin, &gpu(), 2), &engines, &trace);
@@ -157,10 +159,7 @@ fn a_migration_to_a_full_target_fails_and_the_request_finishes_where_it_is() {
     // Instance 1 (second stage) holds a long request that leaves it 24 free blocks; the short
     // request crossing 512 on instance 0 needs 33.
     let engines = CostProfile { kv_capacity_tokens: 8192, ..gpu() };
-    let trace = [
-        TraceRequest { arrival_s: 0.0, prompt_len: 7800, output_len: 300 },
-        TraceRequest { arrival_s: 0.001, prompt_len: 500, output_len: 100 },
-    ];
+    let trace = [TraceRequest::new(0.0, 7800, 300), TraceRequest::new(0.001, 500, 100)];
     let report = run(&mut two_stage(&gpu(), 512, 1), &engines, &trace);
     assert_conserved(&report, &trace, &engines);
     assert_eq!(report.summary.migrations, 0);
@@ -192,14 +191,14 @@ fn bad_inputs_name_what_is_wrong() {
     let mut rr = baseline(BaselineKind::RoundRobin, &p, 2);
     assert!(err(&mut rr, &trace, &ids(3), &config).contains("instances"));
     assert!(err(&mut rr, &[], &ids(2), &config).contains("trace"));
-    let too_long = [TraceRequest { arrival_s: 0.0, prompt_len: 131_000, output_len: 100 }];
+    let too_long = [TraceRequest::new(0.0, 131_000, 100)];
     assert!(err(&mut rr, &too_long, &ids(2), &config).contains("max_len"));
-    let zero = [TraceRequest { arrival_s: 0.0, prompt_len: 10, output_len: 0 }];
+    let zero = [TraceRequest::new(0.0, 10, 0)];
     assert!(err(&mut rr, &zero, &ids(2), &config).contains("output_len"));
     let no_ticks = SimConfig { tick_interval_s: 0.0, ..config };
     assert!(err(&mut rr, &trace, &ids(2), &no_ticks).contains("tick_interval_s"));
     let small = CostProfile { kv_capacity_tokens: 1024, ..p.clone() };
-    let big = [TraceRequest { arrival_s: 0.0, prompt_len: 1000, output_len: 100 }];
+    let big = [TraceRequest::new(0.0, 1000, 100)];
     let msg = simulate(&mut rr, &small, &big, &ids(2), &config).unwrap_err().to_string();
     assert!(msg.contains("KV"), "{msg}");
 }
@@ -212,8 +211,7 @@ fn bad_inputs_name_what_is_wrong() {
 fn one_token_requests_leave_no_load_behind() {
     let mut profile = gpu();
     profile.max_num_seqs = 4;
-    let trace: Vec<TraceRequest> =
-        (0..200).map(|k| TraceRequest { arrival_s: k as f64 * 0.5, prompt_len: 100, output_len: 1 }).collect();
+    let trace: Vec<TraceRequest> = (0..200).map(|k| TraceRequest::new(k as f64 * 0.5, 100, 1)).collect();
     for policy in [
         &mut two_stage(&profile, 2048, 1) as &mut dyn Policy,
         &mut baseline(BaselineKind::LeastLoad, &profile, 2),

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cascadeinfer.proto.v1 import common_pb2 as cascadeinfer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61scadeinfer/v1/scheduler.proto\x12\x0f\x63\x61scadeinfer.v1\x1a\x1c\x63\x61scadeinfer/v1/common.proto\"\xc1\x01\n\x15\x43lientGenerateRequest\x12\x35\n\x10prompt_token_ids\x18\x01 \x01(\x0b\x32\x19.cascadeinfer.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.cascadeinfer.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x42\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"j\n\x0eRequestTimings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x16\n\x0enum_migrations\x18\x05 \x01(\r\"\xcf\x01\n\x16\x43lientGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x01(\x0b\x32\x1b.cascadeinfer.v1.TokenChunk\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.cascadeinfer.v1.FinishReason\x12\x30\n\x07timings\x18\x05 \x01(\x0b\x32\x1f.cascadeinfer.v1.RequestTimings\"(\n\x12\x43lientAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x15\n\x13\x43lientAbortResponse\"\x18\n\x16GetClusterStateRequest\"B\n\nStageState\x12\x0f\n\x07min_len\x18\x01 \x01(\r\x12\x0f\n\x07max_len\x18\x02 \x01(\r\x12\x12\n\nworker_ids\x18\x03 \x03(\t\"\xbe\x01\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x12\n\nis_healthy\x18\x04 \x01(\x08\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\"\xda\x01\n\x0c\x43lusterState\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12+\n\x06stages\x18\x02 \x03(\x0b\x32\x1b.cascadeinfer.v1.StageState\x12-\n\x07workers\x18\x03 \x03(\x0b\x32\x1c.cascadeinfer.v1.WorkerState\x12\x17\n\x0fplan_changed_at\x18\x04 \x01(\x01\x12\x18\n\x10num_plan_changes\x18\x05 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x16\n\x0enum_migrations\x18\x07 \x01(\x04\x32\xa0\x02\n\x10SchedulerService\x12]\n\x08Generate\x12&.cascadeinfer.v1.ClientGenerateRequest\x1a\'.cascadeinfer.v1.ClientGenerateResponse0\x01\x12R\n\x05\x41\x62ort\x12#.cascadeinfer.v1.ClientAbortRequest\x1a$.cascadeinfer.v1.ClientAbortResponse\x12Y\n\x0fGetClusterState\x12\'.cascadeinfer.v1.GetClusterStateRequest\x1a\x1d.cascadeinfer.v1.ClusterStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61scadeinfer/v1/scheduler.proto\x12\x0f\x63\x61scadeinfer.v1\x1a\x1c\x63\x61scadeinfer/v1/common.proto\"\xd5\x01\n\x15\x43lientGenerateRequest\x12\x35\n\x10prompt_token_ids\x18\x01 \x01(\x0b\x32\x19.cascadeinfer.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.cascadeinfer.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nsession_id\x18\x06 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"j\n\x0eRequestTimings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x16\n\x0enum_migrations\x18\x05 \x01(\r\"\xcf\x01\n\x16\x43lientGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x01(\x0b\x32\x1b.cascadeinfer.v1.TokenChunk\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.cascadeinfer.v1.FinishReason\x12\x30\n\x07timings\x18\x05 \x01(\x0b\x32\x1f.cascadeinfer.v1.RequestTimings\"(\n\x12\x43lientAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x15\n\x13\x43lientAbortResponse\"\x18\n\x16GetClusterStateRequest\"B\n\nStageState\x12\x0f\n\x07min_len\x18\x01 \x01(\r\x12\x0f\n\x07max_len\x18\x02 \x01(\r\x12\x12\n\nworker_ids\x18\x03 \x03(\t\"\xbe\x01\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x12\n\nis_healthy\x18\x04 \x01(\x08\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\"\xda\x01\n\x0c\x43lusterState\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12+\n\x06stages\x18\x02 \x03(\x0b\x32\x1b.cascadeinfer.v1.StageState\x12-\n\x07workers\x18\x03 \x03(\x0b\x32\x1c.cascadeinfer.v1.WorkerState\x12\x17\n\x0fplan_changed_at\x18\x04 \x01(\x01\x12\x18\n\x10num_plan_changes\x18\x05 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x16\n\x0enum_migrations\x18\x07 \x01(\x04\x32\xa0\x02\n\x10SchedulerService\x12]\n\x08Generate\x12&.cascadeinfer.v1.ClientGenerateRequest\x1a\'.cascadeinfer.v1.ClientGenerateResponse0\x01\x12R\n\x05\x41\x62ort\x12#.cascadeinfer.v1.ClientAbortRequest\x1a$.cascadeinfer.v1.ClientAbortResponse\x12Y\n\x0fGetClusterState\x12\'.cascadeinfer.v1.GetClusterStateRequest\x1a\x1d.cascadeinfer.v1.ClusterStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cascadeinfer.v1.scheduler_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLIENTGENERATEREQUEST']._serialized_start=83
-  _globals['_CLIENTGENERATEREQUEST']._serialized_end=276
-  _globals['_TOKENIDS']._serialized_start=278
-  _globals['_TOKENIDS']._serialized_end=301
-  _globals['_REQUESTTIMINGS']._serialized_start=303
-  _globals['_REQUESTTIMINGS']._serialized_end=409
-  _globals['_CLIENTGENERATERESPONSE']._serialized_start=412
-  _globals['_CLIENTGENERATERESPONSE']._serialized_end=619
-  _globals['_CLIENTABORTREQUEST']._serialized_start=621
-  _globals['_CLIENTABORTREQUEST']._serialized_end=661
-  _globals['_CLIENTABORTRESPONSE']._serialized_start=663
-  _globals['_CLIENTABORTRESPONSE']._serialized_end=684
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=686
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=710
-  _globals['_STAGESTATE']._serialized_start=712
-  _globals['_STAGESTATE']._serialized_end=778
-  _globals['_WORKERSTATE']._serialized_start=781
-  _globals['_WORKERSTATE']._serialized_end=971
-  _globals['_CLUSTERSTATE']._serialized_start=974
-  _globals['_CLUSTERSTATE']._serialized_end=1192
-  _globals['_SCHEDULERSERVICE']._serialized_start=1195
-  _globals['_SCHEDULERSERVICE']._serialized_end=1483
+  _globals['_CLIENTGENERATEREQUEST']._serialized_end=296
+  _globals['_TOKENIDS']._serialized_start=298
+  _globals['_TOKENIDS']._serialized_end=321
+  _globals['_REQUESTTIMINGS']._serialized_start=323
+  _globals['_REQUESTTIMINGS']._serialized_end=429
+  _globals['_CLIENTGENERATERESPONSE']._serialized_start=432
+  _globals['_CLIENTGENERATERESPONSE']._serialized_end=639
+  _globals['_CLIENTABORTREQUEST']._serialized_start=641
+  _globals['_CLIENTABORTREQUEST']._serialized_end=681
+  _globals['_CLIENTABORTRESPONSE']._serialized_start=683
+  _globals['_CLIENTABORTRESPONSE']._serialized_end=704
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=706
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=730
+  _globals['_STAGESTATE']._serialized_start=732
+  _globals['_STAGESTATE']._serialized_end=798
+  _globals['_WORKERSTATE']._serialized_start=801
+  _globals['_WORKERSTATE']._serialized_end=991
+  _globals['_CLUSTERSTATE']._serialized_start=994
+  _globals['_CLUSTERSTATE']._serialized_end=1212
+  _globals['_SCHEDULERSERVICE']._serialized_start=1215
+  _globals['_SCHEDULERSERVICE']._serialized_end=1503
 # @@protoc_insertion_point(module_scope)

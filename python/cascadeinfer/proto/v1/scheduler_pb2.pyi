@@ -30,12 +30,18 @@ class ClientGenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Needs a tokenizer configured on the scheduler."""
     request_id: _builtins.str
     """Optional; the scheduler makes one when empty. Must be unique among running requests."""
     priority: _builtins.int
     """Higher is admitted first when the queue is not empty."""
+    session_id: _builtins.str
+    """Optional, at most 256 characters: the conversation (chat or agent session) this request
+    continues. Its prompt should extend the session's previous turn; policies that follow
+    sessions (cascade, cache-aware) place it where that turn's KV is likely cached.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> Global___TokenIds: ...
     @_builtins.property
@@ -48,10 +54,11 @@ class ClientGenerateRequest(_message.Message):
         sampling: _common_pb2.SamplingParams | None = ...,
         request_id: _builtins.str = ...,
         priority: _builtins.int = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "session_id", b"session_id", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_prompt: _TypeAlias = _typing.Literal["prompt_token_ids", "text"]  # noqa: Y015
     _WhichOneofArgType_prompt: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015

@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TypeVar
 
 import structlog
@@ -34,6 +35,7 @@ from cascadeinfer.scheduler.openai.schema import (
     ModelList,
     SamplingFields,
 )
+from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS
 
 log = structlog.get_logger(__name__)
 
@@ -166,6 +168,16 @@ class OpenAIFront:
             raise invalid(f"x-request-id: longer than {MAX_REQUEST_ID_CHARS} characters")
         return given or f"{prefix}-{uuid.uuid4().hex}"
 
+    @staticmethod
+    def _session_id(request: Request, body: SamplingFields) -> str | None:
+        """The conversation a request continues: the `X-Session-Id` header, else the body's
+        `user` (OpenAI's end-user id, which names one conversation for clients that keep one
+        per user, as agents do). None without either."""
+        given = request.headers.get("x-session-id", "")
+        if len(given) > MAX_SESSION_ID_CHARS:
+            raise invalid(f"x-session-id: longer than {MAX_SESSION_ID_CHARS} characters")
+        return given or body.user or None
+
     # --- routes ----------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         """200 while some worker serves (the load balancer's probe; no token needed)."""
@@ -212,6 +224,7 @@ class OpenAIFront:
     ) -> Response:
         """Submits the job and answers as a stream or, once it is done, as one object."""
         rid = self._request_id(request, "chatcmpl" if is_chat else "cmpl")
+        job = replace(job, session_id=self._session_id(request, body))
         rec = await self.runner.submit(rid, job)
         reply = Reply(rid, body.model, len(job.prompt))
         steps = self.runner.steps(rec, job)

@@ -52,7 +52,7 @@ class Runner:
         c = self.c
         try:
             job.sampling.validate()
-            rec = c.new_request(request_id, job.prompt, job.sampling, job.priority)
+            rec = c.new_request(request_id, job.prompt, job.sampling, job.priority, job.session_id)
             await c.submit(rec)
         except EngineError as e:
             c.metrics.refused.labels("INVALID_ARGUMENT").inc()

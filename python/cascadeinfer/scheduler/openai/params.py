@@ -49,6 +49,8 @@ class Job:
     sampling: SamplingSpec
     stop: tuple[str, ...]
     priority: int = 0
+    session_id: str | None = None
+    """The conversation it continues: the `X-Session-Id` header, else the body's `user`."""
 
 
 async def encode(

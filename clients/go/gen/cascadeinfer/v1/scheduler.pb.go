@@ -35,7 +35,11 @@ type ClientGenerateRequest struct {
 	// Optional; the scheduler makes one when empty. Must be unique among running requests.
 	RequestId string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Higher is admitted first when the queue is not empty.
-	Priority      int32 `protobuf:"varint,5,opt,name=priority,proto3" json:"priority,omitempty"`
+	Priority int32 `protobuf:"varint,5,opt,name=priority,proto3" json:"priority,omitempty"`
+	// Optional, at most 256 characters: the conversation (chat or agent session) this request
+	// continues. Its prompt should extend the session's previous turn; policies that follow
+	// sessions (cascade, cache-aware) place it where that turn's KV is likely cached.
+	SessionId     string `protobuf:"bytes,6,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -114,6 +118,13 @@ func (x *ClientGenerateRequest) GetPriority() int32 {
 		return x.Priority
 	}
 	return 0
+}
+
+func (x *ClientGenerateRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
 }
 
 type isClientGenerateRequest_Prompt interface {
@@ -717,14 +728,16 @@ var File_cascadeinfer_v1_scheduler_proto protoreflect.FileDescriptor
 
 const file_cascadeinfer_v1_scheduler_proto_rawDesc = "" +
 	"\n" +
-	"\x1fcascadeinfer/v1/scheduler.proto\x12\x0fcascadeinfer.v1\x1a\x1ccascadeinfer/v1/common.proto\"\xf6\x01\n" +
+	"\x1fcascadeinfer/v1/scheduler.proto\x12\x0fcascadeinfer.v1\x1a\x1ccascadeinfer/v1/common.proto\"\x95\x02\n" +
 	"\x15ClientGenerateRequest\x12E\n" +
 	"\x10prompt_token_ids\x18\x01 \x01(\v2\x19.cascadeinfer.v1.TokenIdsH\x00R\x0epromptTokenIds\x12\x14\n" +
 	"\x04text\x18\x02 \x01(\tH\x00R\x04text\x12;\n" +
 	"\bsampling\x18\x03 \x01(\v2\x1f.cascadeinfer.v1.SamplingParamsR\bsampling\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x04 \x01(\tR\trequestId\x12\x1a\n" +
-	"\bpriority\x18\x05 \x01(\x05R\bpriorityB\b\n" +
+	"\bpriority\x18\x05 \x01(\x05R\bpriority\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x06 \x01(\tR\tsessionIdB\b\n" +
 	"\x06prompt\"\x1c\n" +
 	"\bTokenIds\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\rR\x03ids\"\x97\x01\n" +
