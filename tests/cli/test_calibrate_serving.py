@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,33 @@ def test_a_round_is_timed_over_its_longest_clean_run_only() -> None:
     assert result.cadence_s == pytest.approx(0.010)
     # A batch of another size is not this round's.
     assert summarize_round(steps, 3, profile) is None
+
+
+def test_an_update_merging_several_steps_continues_the_run_and_counts_each() -> None:
+    profile = load_profile(PROFILE)
+    contexts = (100, 200, 300, 400)
+    first = decode_steps(1, 0.0, 0.010, contexts, 10)
+    # The reader fell behind: steps 11-13 reach it as one update, 3 tokens per request.
+    merged = FeedStep(
+        received_s=first[-1].received_s + 0.030,
+        step_index=13,
+        engine_step_s=0.010,
+        num_running=4,
+        num_waiting=0,
+        contexts=tuple(c + 12 for c in contexts),
+        is_decode_only=True,
+        num_steps=3,
+    )
+    after = decode_steps(14, merged.received_s + 0.010, 0.010, contexts, 10)
+    steps = [*first, merged, *after]
+    assert longest_clean_run(steps, 4) == steps
+    result = summarize_round(steps, 4, profile)
+    assert result is not None
+    assert result.num_steps == 22
+    assert result.cadence_s == pytest.approx(0.010)
+    # An update that covers fewer steps than the index moved by left some out: the run breaks.
+    short = replace(merged, num_steps=2)
+    assert longest_clean_run([*first, short, *after], 4) == [short, *after]
 
 
 def test_fit_separates_per_step_from_per_sequence_overhead() -> None:

@@ -51,7 +51,12 @@ class FeedStep:
     num_waiting: int
     contexts: tuple[int, ...]
     is_decode_only: bool
-    """Every listed request produced a token after its first (no prefill in the step)."""
+    """Every listed request produced tokens after its first (no prefill in the step), the same
+    number each."""
+    num_steps: int = 1
+    """Engine steps the update covers: the tokens each request got in it. A worker merges the
+    steps a feed's reader has not taken yet into one update (worker/feed.py), so a reader
+    that falls behind for a moment sees one update for several steps."""
 
 
 @dataclass(frozen=True)
@@ -95,19 +100,23 @@ def to_feed_step(update: worker_pb2.StepUpdate, received_s: float) -> FeedStep:
         num_waiting=update.num_waiting,
         contexts=tuple(r.context_len for r in requests),
         is_decode_only=bool(requests)
-        and all(r.tokens.first_index > 0 and len(r.tokens.token_ids) == 1 for r in requests),
+        and all(r.tokens.first_index > 0 for r in requests)
+        and len({len(r.tokens.token_ids) for r in requests}) == 1,
+        num_steps=len(requests[0].tokens.token_ids) if requests else 0,
     )
 
 
 def longest_clean_run(steps: Sequence[FeedStep], batch_size: int) -> list[FeedStep]:
-    """The longest run of consecutive steps (by index) that each held exactly the batch's
-    `batch_size` decodes, nothing waiting, and followed the step before them directly. The first
-    step of a run only marks the start: its own interval may include a prefill."""
+    """The longest run of consecutive updates that each held exactly the batch's `batch_size`
+    decodes, nothing waiting, and covered every step since the update before them (one, or
+    several merged). The first update of a run only marks the start: its own interval may
+    include a prefill."""
     best: list[FeedStep] = []
     run: list[FeedStep] = []
     for prev, step in itertools.pairwise(steps):
         clean = (
-            step.step_index == prev.step_index + 1
+            step.num_steps >= 1
+            and step.step_index == prev.step_index + step.num_steps
             and step.is_decode_only
             and step.num_waiting == 0
             and step.num_running == batch_size
@@ -116,11 +125,16 @@ def longest_clean_run(steps: Sequence[FeedStep], batch_size: int) -> list[FeedSt
         if clean:
             run = run or [prev]
             run.append(step)
-            if len(run) > len(best):
+            if _steps_timed(run) > _steps_timed(best):
                 best = list(run)
         else:
             run = []
     return best
+
+
+def _steps_timed(run: Sequence[FeedStep]) -> int:
+    """Engine steps a run times: those its updates after the first cover."""
+    return sum(s.num_steps for s in run[1:])
 
 
 def summarize_round(
@@ -128,16 +142,21 @@ def summarize_round(
 ) -> RoundResult | None:
     run = longest_clean_run(steps, batch_size)
     timed = run[1:]
-    if len(timed) < MIN_RUN_STEPS:
+    if _steps_timed(run) < MIN_RUN_STEPS:
         return None
+    # A merged update holds its last step's contexts and engine time; it stands for each of
+    # the steps it covers.
+    weights = [s.num_steps for s in timed]
+    num_steps = sum(weights)
     predicted = statistics.fmean(
-        profile.step_time(len(s.contexts), sum(s.contexts), max(s.contexts)) for s in timed
+        [profile.step_time(len(s.contexts), sum(s.contexts), max(s.contexts)) for s in timed],
+        weights,
     )
     return RoundResult(
         batch_size=batch_size,
-        num_steps=len(timed),
-        cadence_s=(run[-1].received_s - run[0].received_s) / len(timed),
-        engine_step_s=statistics.fmean(s.engine_step_s for s in timed),
+        num_steps=num_steps,
+        cadence_s=(run[-1].received_s - run[0].received_s) / num_steps,
+        engine_step_s=statistics.fmean([s.engine_step_s for s in timed], weights),
         predicted_s=predicted,
     )
 
