@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 from cascadeinfer import workloads
@@ -123,9 +124,22 @@ def run_sim(args: argparse.Namespace) -> int:
         return 0
     slo = Slo(args.slo_p99_ttft_s, args.slo_p99_tpot_s)
     best, at_best, runs = find_max_rate(lambda r: run_at_rate(setup, r)[0], slo, start=rate)
-    doc = {"max_rate": best, "slo": vars(slo), "at_max_rate": at_best, "runs": len(runs)}
+    bounded = math.isfinite(best)
+    doc = {
+        "max_rate": best if bounded else None,
+        "is_bounded": bounded,
+        "slo": vars(slo),
+        "at_max_rate": at_best,
+        "runs": len(runs),
+    }
     if args.json:
         print(json.dumps(doc))
+    elif not bounded:
+        print(
+            f"{args.policy}: the SLO {vars(slo)} held at every rate tried, up to 64x {rate:.4g} "
+            "req/s: this workload's load does not grow with the rate (multi-turn sessions are "
+            "paced by their think time)"
+        )
     else:
         print(f"{args.policy}: highest rate within the SLO {vars(slo)}: {best:.4g} req/s")
         if at_best is not None:

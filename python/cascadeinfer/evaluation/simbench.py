@@ -7,6 +7,7 @@ scheduler uses, and the simulator drives it through the same `Policy` interface.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,10 +148,16 @@ def find_max_rate(
     start: float,
     relative_tolerance: float = 0.03,
     max_runs: int = 24,
+    max_factor: float = 64.0,
 ) -> tuple[float, dict[str, float] | None, list[dict[str, float]]]:
     """The highest rate meeting `slo`: doubling (or halving) from `start` to bracket it, then
-    bisection to `relative_tolerance`. Returns the rate (0 if none met), its summary, and every
-    run made. Assumes what holds for the SLO at a rate holds at every lower rate."""
+    bisection to `relative_tolerance`. Returns the rate (0 if none met; `math.inf` if the SLO
+    still holds at `max_factor` times `start`, with that run's summary), its summary, and every
+    run made. Assumes what holds for the SLO at a rate holds at every lower rate.
+
+    The cap is for traffic whose load does not follow the rate: the turns of a multi-turn
+    preset come one think time after the last, so past the rate at which every session has
+    started the trace offers no more load, and doubling would go on for ever."""
     runs: list[dict[str, float]] = []
 
     def meets(rate: float) -> tuple[bool, dict[str, float]]:
@@ -163,6 +170,8 @@ def find_max_rate(
     lo, hi = (start, start * 2) if ok else (start / 2, start)
     while len(runs) < max_runs:
         if ok:
+            if hi > start * max_factor:
+                return math.inf, best[1], runs
             ok, summary = meets(hi)
             if not ok:
                 break
