@@ -77,3 +77,14 @@ fn sessions_that_share_nothing_simulate_exactly_as_no_sessions() {
     let b = run(&mut two_stage(&p, 4096, 2), &p, &alone);
     assert_eq!(a, b, "cascade");
 }
+
+#[test]
+fn cache_aware_is_least_load_exactly_on_requests_without_sessions() {
+    let p = gpu();
+    let trace = bimodal(1500, 14.0, 5);
+    let mut ours = run(&mut baseline(BaselineKind::CacheAware, &p, 4), &p, &trace);
+    let theirs = run(&mut baseline(BaselineKind::LeastLoad, &p, 4), &p, &trace);
+    assert_eq!(ours.policy, "cache-aware");
+    ours.policy = theirs.policy.clone();
+    assert_eq!(ours, theirs);
+}
