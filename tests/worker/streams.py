@@ -59,6 +59,22 @@ class Spliced:
         assert sorted(self.tokens) == list(range(len(self.tokens))), "gap in the token indices"
         return [self.tokens[i] for i in range(len(self.tokens))]
 
+    def wait_finished(self, num_tokens: int, stall_s: float = 60, timeout: float = 900) -> None:
+        """Waits until the finish and `num_tokens` tokens arrived, however long the generation
+        takes while tokens keep coming (a loaded machine decodes slowly): fails only after
+        `stall_s` seconds without a new token, or `timeout` in all."""
+        started = last_change = time.monotonic()
+        seen = -1
+        while not (self.finish and len(self.tokens) >= num_tokens):
+            now = time.monotonic()
+            if len(self.tokens) != seen:
+                seen, last_change = len(self.tokens), now
+            assert now - last_change < stall_s, (
+                f"no token for {stall_s} s: {seen} of {num_tokens} arrived, finish = {self.finish}"
+            )
+            assert now - started < timeout, f"{seen} of {num_tokens} tokens after {timeout} s"
+            time.sleep(0.05)
+
 
 class FeedReader:
     """Consumes a worker's StreamSteps feed into per-request spliced outputs."""
@@ -121,6 +137,26 @@ class GenerateReader:
     def join(self, timeout: float = 120) -> None:
         self.thread.join(timeout)
         assert not self.thread.is_alive()
+
+
+def wait_idle(stub: worker_pb2_grpc.WorkerServiceStub, timeout: float = 60) -> int:
+    """Waits until the worker serves no request; returns how many it still serves."""
+    deadline = time.monotonic() + timeout
+    while True:
+        load = stub.GetLoad(worker_pb2.GetLoadRequest())
+        present = int(load.num_running + load.num_waiting)
+        if present == 0 or time.monotonic() > deadline:
+            return present
+        time.sleep(0.05)
+
+
+def abort_if_present(stub: worker_pb2_grpc.WorkerServiceStub, request_id: str) -> None:
+    """Aborts a request a failed test may have left running (nothing if it is gone)."""
+    try:
+        stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=30)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.NOT_FOUND:
+            raise
 
 
 def wait_free_blocks(

@@ -10,6 +10,7 @@ target then holds none of the request's blocks, so its tokens depend on the impo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -383,6 +384,26 @@ def test_recompute_only_engine_refuses_kv_and_the_request_runs_on(
     transcript.finish_all(recompute_only)
     assert transcript.tokens["kv-refused"] == reference
     assert recompute_only.num_free_blocks() == recompute_only.num_blocks_total
+
+
+def test_a_recompute_export_delivers_the_tokens_it_takes(recompute_only: VllmMpEngine) -> None:
+    """Outputs that reached the request's collector since the last step (any command that runs
+    AsyncLLM's loop lets them in: adding another request, say) go into the snapshot, so they
+    must reach the request's stream too: the target resumes after them."""
+    reference = unmoved(recompute_only, request("taken", 400))
+    transcript = Transcript()
+    transcript.start(recompute_only, request("taken", 400))
+    transcript.step_until(recompute_only, "taken", 10)
+    # The engine core decodes on; let its outputs in without a step taking them.
+    recompute_only._aloop.run_until_complete(asyncio.sleep(0.1))
+    snapshot = recompute_only.export_kv("taken")
+    assert len(snapshot.request.output_token_ids) > len(transcript.tokens["taken"])
+    while recompute_only.has_unfinished():
+        transcript.record(recompute_only.step())
+    assert transcript.tokens["taken"] == list(snapshot.request.output_token_ids)
+    recompute_only.import_kv(snapshot)
+    transcript.finish_all(recompute_only)
+    assert transcript.tokens["taken"] == reference
 
 
 def test_batch_usage_and_abort(engines: tuple[VllmMpEngine, VllmMpEngine]) -> None:

@@ -240,7 +240,15 @@ class VllmMpEngine:
         # Tokens the engine core computed after this point are dropped and computed again by
         # whoever resumes the request: greedy decoding yields the same ones.
         self._take(tracked)
+        if request_id not in self._tracked:
+            # It finished on its own (its finish is in _pending, for the next step).
+            raise EngineError(ErrorCode.NOT_FOUND, f"request_id = {request_id!r}: finished")
+        # What _take found (outputs let into the collector by a command since the last step)
+        # is in the snapshot: the target resumes after it, so the next step delivers it here.
+        taken = self._pending.get(request_id)
         self._stop(tracked)
+        if taken is not None:
+            self._pending[request_id] = taken
         request = EngineRequest(
             request_id=request_id,
             prompt_token_ids=tracked.request.prompt_token_ids,
