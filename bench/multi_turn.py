@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cascadeinfer.config import POLICY_NAMES
-from cascadeinfer.evaluation.simbench import SimSetup, default_rate, make_trace, run_at_rate
+from cascadeinfer.evaluation.simbench import SimSetup, default_rate, run_at_rate, setup_trace
 from cascadeinfer.planning import load_profile
 
 WORKLOADS = ("agentic", "sharegpt-multiturn")
@@ -80,15 +80,7 @@ def main() -> None:
 
 def _offered(setup: SimSetup, rate: float) -> float:
     """Requests a second from the first arrival to the last session's start."""
-    trace = make_trace(
-        setup.workload,
-        num_requests=setup.num_requests,
-        rate=rate,
-        arrival=setup.arrival,
-        cv=setup.cv,
-        seed=setup.seed,
-        max_len=setup.profile.max_model_len,
-    )
+    trace = setup_trace(setup, rate)
     last_start = max(e[0] for e in trace if len(e) == 6 and e[4] == 0)
     num_before = sum(1 for e in trace if e[0] <= last_start)
     return (num_before - 1) / (last_start - trace[0][0])

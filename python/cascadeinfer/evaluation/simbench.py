@@ -76,18 +76,23 @@ class SimSetup:
     """What cascade's layout selection minimizes (`plan_stages`)."""
 
 
-def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.SimReport]:
-    """One simulation at `rate` req/s; the cascade plan is made for this workload and rate."""
-    max_len = setup.profile.max_model_len
-    trace = make_trace(
+def setup_trace(setup: SimSetup, rate: float) -> Trace:
+    """The trace `run_at_rate` simulates for `setup` at `rate` req/s."""
+    return make_trace(
         setup.workload,
         num_requests=setup.num_requests,
         rate=rate,
         arrival=setup.arrival,
         cv=setup.cv,
         seed=setup.seed,
-        max_len=max_len,
+        max_len=setup.profile.max_model_len,
     )
+
+
+def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.SimReport]:
+    """One simulation at `rate` req/s; the cascade plan is made for this workload and rate."""
+    max_len = setup.profile.max_model_len
+    trace = setup_trace(setup, rate)
     instances = list(range(setup.num_instances))
     policy = build_policy(
         setup.policy,
