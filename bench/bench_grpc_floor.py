@@ -23,7 +23,7 @@ import grpc
 from cascadeinfer.daemon import new_event_loop
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from bench.bench_scheduler import GHZ, PROTO, cpu_seconds
+from bench.bench_scheduler import cpu_seconds, ghz_generate
 
 
 class Idle(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -53,32 +53,7 @@ async def serve(port_file: Path, messages: int) -> None:
 
 def ghz(address: str, total: int, concurrency: int) -> dict[str, float]:
     data = {"prompt_token_ids": {"ids": list(range(1, 17))}, "sampling": {"max_tokens": 8}}
-    out = subprocess.run(
-        [
-            str(GHZ),
-            "--proto",
-            str(PROTO / "cascadeinfer/v1/scheduler.proto"),
-            "--import-paths",
-            str(PROTO),
-            "--call",
-            "cascadeinfer.v1.SchedulerService.Generate",
-            "--insecure",
-            "--total",
-            str(total),
-            "--concurrency",
-            str(concurrency),
-            "--data",
-            json.dumps(data),
-            "--format",
-            "json",
-            address,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    report = json.loads(out.stdout)
+    report = ghz_generate(address, total, concurrency, data, [], timeout_s=600)
     return {"ok": report["statusCodeDistribution"].get("OK", 0), "seconds": report["total"] / 1e9}
 
 

@@ -27,6 +27,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -144,15 +145,16 @@ def py_spy(pid: int, out: Path | None) -> Iterator[None]:
         record.wait(timeout=60)
 
 
-def ghz(
-    address: str, total: int, concurrency: int, max_tokens: int, scheduler_pid: int
-) -> dict[str, float]:
-    """One ghz run; also the scheduler's CPU time per call (what one core would sustain)."""
-    cpu_before = cpu_seconds(scheduler_pid)
-    data = {
-        "prompt_token_ids": {"ids": list(range(1, 17))},
-        "sampling": {"max_tokens": max_tokens, "ignore_eos": True},
-    }
+def ghz_generate(
+    address: str,
+    total: int,
+    concurrency: int,
+    data: dict[str, object],
+    extra_args: list[str],
+    timeout_s: float,
+) -> dict[str, Any]:
+    """`total` insecure SchedulerService.Generate calls with `data` through ghz, `concurrency`
+    at a time; ghz's JSON report."""
     out = subprocess.run(
         [
             str(GHZ),
@@ -167,8 +169,7 @@ def ghz(
             str(total),
             "--concurrency",
             str(concurrency),
-            "--timeout",
-            "120s",
+            *extra_args,
             "--data",
             json.dumps(data),
             "--format",
@@ -177,11 +178,24 @@ def ghz(
         ],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout_s,
         check=True,
     )
+    report: dict[str, Any] = json.loads(out.stdout)
+    return report
+
+
+def ghz(
+    address: str, total: int, concurrency: int, max_tokens: int, scheduler_pid: int
+) -> dict[str, float]:
+    """One ghz run; also the scheduler's CPU time per call (what one core would sustain)."""
+    cpu_before = cpu_seconds(scheduler_pid)
+    data = {
+        "prompt_token_ids": {"ids": list(range(1, 17))},
+        "sampling": {"max_tokens": max_tokens, "ignore_eos": True},
+    }
+    report = ghz_generate(address, total, concurrency, data, ["--timeout", "120s"], timeout_s=900)
     cpu = cpu_seconds(scheduler_pid) - cpu_before
-    report = json.loads(out.stdout)
     seconds = report["total"] / 1e9
     ok = report["statusCodeDistribution"].get("OK", 0)
     return {
