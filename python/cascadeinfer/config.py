@@ -31,6 +31,17 @@ class RefineConfig:
 
 
 @dataclass(frozen=True)
+class CapacityConfig:
+    """The capacity guard: move an instance to a stage whose decode steps run slower than the
+    pooled fleet's by more than `margin`, once that has held `persist_s` seconds, at most one
+    move per `cooldown_s`."""
+
+    margin: float = 0.1
+    persist_s: float = 10.0
+    cooldown_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class CascadeConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -40,6 +51,10 @@ class CascadeConfig:
     is_one_stage_kv_first: bool = False
     """Run a one-stage layout Llumnix's way instead: admission by free KV per request, moves
     that even KV usage (wins over `is_one_stage_balanced`)."""
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    is_capacity_guarded: bool = True
+    """Move whole instances to a stage whose decode steps run slower than the pooled fleet's
+    (`scheduler_core/src/capacity.rs`); off, stage sizes change only by refinement."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::balance::{BalanceConfig, Balancer};
 use crate::baselines::LlumnixConfig;
+use crate::capacity::{CapacityConfig, CapacityGuard};
 use crate::cost::CostProfile;
 use crate::error::Result;
 use crate::grid::BucketGrid;
@@ -35,6 +36,14 @@ pub struct CascadeConfig {
     /// that single-pool policy beats least-load; the planner chooses by simulation.
     #[serde(default)]
     pub is_one_stage_kv_first: bool,
+    #[serde(default)]
+    pub capacity: CapacityConfig,
+    /// Move whole instances to a stage whose decode steps run slower than the pooled fleet's
+    /// ([`CapacityGuard`]). Off in `Default`, like refinement, so a layout built by hand stays
+    /// as built; the Python config (`cascadeinfer.config`), which the planner, the scheduler
+    /// and the benchmarks use, turns both on.
+    #[serde(default)]
+    pub is_capacity_guarded: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -42,6 +51,7 @@ pub struct CascadePolicy {
     router: Router,
     balancer: Balancer,
     refiner: Option<Refiner>,
+    capacity: Option<CapacityGuard>,
     /// Requests refused admission so far: the caller asks again for them, and refinement must
     /// count each arrival once, not once per retry.
     refused: HashSet<RequestId>,
@@ -70,10 +80,12 @@ impl CascadePolicy {
         } else {
             None
         };
+        let capacity = if config.is_capacity_guarded { Some(CapacityGuard::new(config.capacity)?) } else { None };
         Ok(CascadePolicy {
             router: Router::new(profile, layout)?,
             balancer: Balancer::new(config.balance)?,
             refiner,
+            capacity,
             refused: HashSet::new(),
             is_one_stage_balanced: config.is_one_stage_balanced,
             is_one_stage_kv_first: config.is_one_stage_kv_first,
@@ -151,6 +163,12 @@ impl Policy for CascadePolicy {
                 self.router.layout = layout.clone();
                 outcome.new_layout = Some(layout);
                 outcome.migrations = self.realign();
+            }
+        }
+        if let Some(guard) = &mut self.capacity {
+            if let Some(layout) = guard.decide(&self.router.layout, &self.router.loads, &self.router.profile, now) {
+                self.router.layout = layout.clone();
+                outcome.new_layout = Some(layout);
             }
         }
         // Without balancing, one stage is the least-load policy exactly: the fallback the

@@ -133,6 +133,20 @@ impl StageLayout {
         Ok(())
     }
 
+    /// Moves an instance to stage `stage`; its own stage must keep at least one other.
+    pub fn move_instance(&mut self, inst: InstanceId, stage: usize) -> Result<()> {
+        let from =
+            self.stage_of_instance(inst).ok_or(CoreError::Unknown { kind: "instance", id: u64::from(inst.0) })?;
+        if stage >= self.stages.len() || self.stages[from].instances.len() < 2 {
+            return Err(CoreError::invalid("instance", inst.0, format!("cannot move from stage {from} to {stage}")));
+        }
+        let mut stages = self.stages.clone();
+        stages[from].instances.retain(|&i| i != inst);
+        stages[stage].instances.push(inst);
+        *self = StageLayout::new(stages)?;
+        Ok(())
+    }
+
     /// Removes an instance; a stage left empty takes one from its most populous neighbour, or
     /// merges into its neighbour when no neighbour can spare one.
     pub fn remove_instance(&mut self, inst: InstanceId) -> Result<()> {

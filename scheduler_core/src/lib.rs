@@ -7,6 +7,7 @@
 pub mod arrivals;
 pub mod balance;
 pub mod baselines;
+pub mod capacity;
 pub mod cascade;
 pub mod cost;
 pub mod error;

@@ -51,13 +51,13 @@ def test_clamp_keeps_at_least_one_output_token() -> None:
 
 
 def test_the_layout_is_chosen_by_simulation_against_one_stage() -> None:
-    # Agentic on the GPU profile: the analytic objective prefers four stages; in simulation no
-    # split beats one stage, so the fleet runs as one stage.
+    # Short chat on the GPU profile: the analytic objective prefers ten stages; in simulation
+    # no split beats one stage, so the fleet runs as one stage.
     profile = load_profile("gpu-h100-llama3-8b")
     analytic = plan_stages(
-        num_instances=16, workload="agentic", profile=profile, choose_count_by_simulation=False
+        num_instances=16, workload="short-chat", profile=profile, choose_count_by_simulation=False
     )
-    chosen = plan_stages(num_instances=16, workload="agentic", profile=profile)
+    chosen = plan_stages(num_instances=16, workload="short-chat", profile=profile)
     assert analytic.candidates == [] and len(analytic.plan.stages) > 1
     plain, balanced, kv_first = chosen.candidates[:NUM_ONE_STAGE]
     assert (plain.num_stages, balanced.num_stages, kv_first.num_stages) == (1, 1, 1)
@@ -81,7 +81,7 @@ def test_the_layout_is_chosen_by_simulation_against_one_stage() -> None:
         assert not (mean <= 1 - MIN_GAIN and p99 <= 1 + MAX_P99_SLACK)
     # Simulating the chosen layout on the selection traces again gives the same figures.
     traces = selection_traces(
-        "agentic", chosen.requests, chosen.rate, 0, 1.0, 2000, profile.max_model_len
+        "short-chat", chosen.requests, chosen.rate, 0, 1.0, 2000, profile.max_model_len
     )
     again = [
         simulated_e2e(chosen.plan, chosen.workload, profile, 16, t, chosen.config) for t in traces

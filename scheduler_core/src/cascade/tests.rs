@@ -168,3 +168,68 @@ fn a_refused_request_counts_as_one_arrival_however_often_it_is_retried() {
     assert!(policy.admit(&NewRequest::new(RequestId(request), 100), 0.0).unwrap().is_some());
     assert_eq!(arrivals(&policy), before, "admitted at last: still the same arrival");
 }
+
+#[test]
+fn the_capacity_guard_settles_on_a_steady_workload() {
+    // Long-context traffic on a layout that gives its long stage a quarter of the fleet: the
+    // guard moves instances there, then stops, and never returns to a layout it left.
+    let grid = BucketGrid::geometric(131_072, 64, 64).unwrap();
+    let layout = StageLayout::new(vec![
+        crate::layout::StageRange { min_len: 0, max_len: 2048, instances: (0..12).map(InstanceId).collect() },
+        crate::layout::StageRange { min_len: 2048, max_len: 131_072, instances: (12..16).map(InstanceId).collect() },
+    ])
+    .unwrap();
+    let config = CascadeConfig { is_capacity_guarded: true, ..CascadeConfig::default() };
+    let mut policy = CascadePolicy::new(gpu(), layout, grid, config, None).unwrap();
+    let mut traffic = SteadyTraffic::new(Preset::LongContextMixed, 4.0, 7);
+    let mut seen = vec![policy.layout().clone()];
+    let mut changes = Vec::new();
+    for t in 0..900 {
+        if traffic.second(&mut policy, f64::from(t)) {
+            assert!(!seen.contains(policy.layout()), "back to an earlier layout at {t}s");
+            seen.push(policy.layout().clone());
+            changes.push(t);
+        }
+    }
+    assert!(!changes.is_empty(), "the starved long stage must get instances");
+    assert!(policy.layout().stages()[1].instances.len() > 4);
+    assert!(changes.iter().all(|&t| t < 450), "still changing: {changes:?}");
+}
+
+#[test]
+fn a_capacity_move_to_a_later_stage_migrates_nothing() {
+    // Two stages; the long one holds far more decode work than the pooled fleet would give it.
+    let grid = BucketGrid::geometric(131_072, 64, 64).unwrap();
+    let layout = StageLayout::new(vec![
+        crate::layout::StageRange { min_len: 0, max_len: 4096, instances: (0..3).map(InstanceId).collect() },
+        crate::layout::StageRange { min_len: 4096, max_len: 131_072, instances: vec![InstanceId(3)] },
+    ])
+    .unwrap();
+    let config = CascadeConfig { is_capacity_guarded: true, ..CascadeConfig::default() };
+    let mut policy = CascadePolicy::new(gpu(), layout, grid, config, None).unwrap();
+    let mut entries: Vec<StepEntry> = (0..24)
+        .map(|r| StepEntry { request: RequestId(r), instance: InstanceId((r % 3) as u32), context_len: 500 })
+        .collect();
+    entries.extend((100..140).map(|r| StepEntry {
+        request: RequestId(r),
+        instance: InstanceId(3),
+        context_len: 20_000,
+    }));
+    let mut moved = None;
+    for t in 0..30 {
+        assert!(policy.on_step(&entries, f64::from(t)).unwrap().is_empty());
+        let outcome = policy.tick(f64::from(t));
+        if outcome.new_layout.is_some() {
+            assert!(
+                outcome.migrations.iter().all(|m| m.reason != MigrationReason::Refinement),
+                "a move to a later stage realigns nothing"
+            );
+            moved = Some(t);
+            break;
+        }
+    }
+    assert!(moved.is_some(), "the hot last stage must get an instance");
+    assert_eq!(policy.layout().stages()[1].instances.len(), 2);
+    // The short requests on the moved instance keep decoding there: no bound was crossed.
+    assert!(policy.on_step(&entries, 31.0).unwrap().is_empty());
+}

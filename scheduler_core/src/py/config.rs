@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 
 use crate::balance::BalanceConfig;
 use crate::baselines::LlumnixConfig;
+use crate::capacity::CapacityConfig;
 use crate::cascade::CascadeConfig;
 use crate::refine::RefineConfig;
 
@@ -27,12 +28,21 @@ pub(crate) struct PyRefineConfig {
 }
 
 #[derive(FromPyObject)]
+pub(crate) struct PyCapacityConfig {
+    margin: f64,
+    persist_s: f64,
+    cooldown_s: f64,
+}
+
+#[derive(FromPyObject)]
 pub(crate) struct PyCascadeConfig {
     balance: PyBalanceConfig,
     refine: PyRefineConfig,
     is_refine_enabled: bool,
     is_one_stage_balanced: bool,
     is_one_stage_kv_first: bool,
+    capacity: PyCapacityConfig,
+    is_capacity_guarded: bool,
 }
 
 #[derive(FromPyObject)]
@@ -62,6 +72,12 @@ impl From<PyCascadeConfig> for CascadeConfig {
             is_refine_enabled: c.is_refine_enabled,
             is_one_stage_balanced: c.is_one_stage_balanced,
             is_one_stage_kv_first: c.is_one_stage_kv_first,
+            capacity: CapacityConfig {
+                margin: c.capacity.margin,
+                persist_s: c.capacity.persist_s,
+                cooldown_s: c.capacity.cooldown_s,
+            },
+            is_capacity_guarded: c.is_capacity_guarded,
         }
     }
 }
