@@ -191,8 +191,8 @@ mod tests {
         v.iter().map(|&i| InstanceId(i)).collect()
     }
 
-    /// Two short-stage instances with a few short requests each, one long-stage instance with
-    /// many long ones.
+    /// Three short-stage instances with a few short requests each, one long-stage instance
+    /// with many long ones.
     fn skewed() -> (StageLayout, LoadBook) {
         let layout = StageLayout::new(vec![
             StageRange { min_len: 0, max_len: 4096, instances: ids(&[0, 1, 2]) },
