@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::grid::BucketGrid;
 use crate::ids::{InstanceId, RequestId};
 use crate::layout::StageLayout;
-use crate::policy::{Admission, Migration, MigrationReason, NewRequest, Policy, StepEntry, TickOutcome};
+use crate::policy::{Admission, LayoutChange, Migration, MigrationReason, NewRequest, Policy, StepEntry, TickOutcome};
 use crate::refine::{RefineConfig, Refiner};
 use crate::router::Router;
 use crate::workload::WorkloadSummary;
@@ -161,14 +161,14 @@ impl Policy for CascadePolicy {
             refiner.advance(now);
             if let Some((layout, _)) = refiner.decide(&self.router.layout, &self.router.profile, now) {
                 self.router.layout = layout.clone();
-                outcome.new_layout = Some(layout);
+                outcome.new_layout = Some((layout, LayoutChange::Refinement));
                 outcome.migrations = self.realign();
             }
         }
         if let Some(guard) = &mut self.capacity {
             if let Some(layout) = guard.decide(&self.router.layout, &self.router.loads, &self.router.profile, now) {
                 self.router.layout = layout.clone();
-                outcome.new_layout = Some(layout);
+                outcome.new_layout = Some((layout, LayoutChange::CapacityMove));
             }
         }
         // Without balancing, one stage is the least-load policy exactly: the fallback the

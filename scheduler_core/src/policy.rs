@@ -82,12 +82,30 @@ pub struct Migration {
     pub reason: MigrationReason,
 }
 
+/// Why a stage layout changed at runtime.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LayoutChange {
+    /// Refinement nudged a boundary or re-planned (`refine.rs`).
+    Refinement,
+    /// The capacity guard moved one instance to another stage (`capacity.rs`).
+    CapacityMove,
+}
+
+impl LayoutChange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayoutChange::Refinement => "refinement",
+            LayoutChange::CapacityMove => "capacity",
+        }
+    }
+}
+
 /// What a periodic `tick` decided besides migrations.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TickOutcome {
     pub migrations: Vec<Migration>,
-    /// Set when the stage layout changed (boundary nudge or re-plan).
-    pub new_layout: Option<StageLayout>,
+    /// Set when the stage layout changed, with why (the last change when a tick made two).
+    pub new_layout: Option<(StageLayout, LayoutChange)>,
 }
 
 /// A scheduling policy: a function of the state it was told about and of `now` (seconds on the

@@ -473,13 +473,13 @@ class Coordinator:
             if self.policy is None:
                 continue
             started = time.perf_counter()
-            migrations, changed = self.policy.tick(time.monotonic())
+            migrations, change = self.policy.tick(time.monotonic())
             self.metrics.tick_seconds.observe(time.perf_counter() - started)
-            if changed:
-                self.metrics.plan_changes.inc()
+            if change is not None:
+                self.metrics.plan_changes.labels(change).inc()
                 self.counters.num_plan_changes += 1
                 self.counters.plan_changed_at = time.time()
-                log.info("plan_changed", stages=self.policy.stages())
+                log.info("plan_changed", kind=change, stages=self.policy.stages())
             for m in migrations:
                 self._spawn(self._migrate(m))
             self._drain_queue()

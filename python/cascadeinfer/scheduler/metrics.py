@@ -91,7 +91,11 @@ class SchedulerMetrics:
             registry=r,
         )
         self.plan_changes = Counter(
-            "cascade_scheduler_plan_changes", "Stage layout changes", registry=r
+            "cascade_scheduler_plan_changes",
+            "Stage layout changes, by kind: refinement (boundaries, re-plans) or capacity (the "
+            "capacity guard moved one worker to another stage)",
+            ["kind"],
+            registry=r,
         )
         self.background_failures = Counter(
             "cascade_scheduler_background_failures",

@@ -219,7 +219,8 @@ fn a_capacity_move_to_a_later_stage_migrates_nothing() {
     for t in 0..30 {
         assert!(policy.on_step(&entries, f64::from(t)).unwrap().is_empty());
         let outcome = policy.tick(f64::from(t));
-        if outcome.new_layout.is_some() {
+        if let Some((_, change)) = &outcome.new_layout {
+            assert_eq!(*change, LayoutChange::CapacityMove);
             assert!(
                 outcome.migrations.iter().all(|m| m.reason != MigrationReason::Refinement),
                 "a move to a later stage realigns nothing"

@@ -213,10 +213,12 @@ impl PyScheduler {
         Ok(migrations.iter().map(PyMigration::from).collect())
     }
 
-    /// Periodic work; returns the migrations to start and whether the stage layout changed.
-    fn tick(&mut self, now: f64) -> (Vec<PyMigration>, bool) {
+    /// Periodic work; returns the migrations to start and, when the stage layout changed, why
+    /// ("refinement" or "capacity").
+    fn tick(&mut self, now: f64) -> (Vec<PyMigration>, Option<&'static str>) {
         let outcome = self.policy.tick(now);
-        (outcome.migrations.iter().map(PyMigration::from).collect(), outcome.new_layout.is_some())
+        let change = outcome.new_layout.map(|(_, why)| why.as_str());
+        (outcome.migrations.iter().map(PyMigration::from).collect(), change)
     }
 
     fn migration_done(&mut self, migration: &PyMigration, succeeded: bool) {

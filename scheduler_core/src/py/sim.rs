@@ -127,6 +127,10 @@ impl PySimReport {
         self.inner.num_layout_changes
     }
     #[getter]
+    fn num_capacity_moves(&self) -> u64 {
+        self.inner.num_capacity_moves
+    }
+    #[getter]
     fn num_unfinished(&self) -> u64 {
         self.inner.num_unfinished
     }

@@ -111,6 +111,8 @@ pub struct SimReport {
     pub num_preemptions: u64,
     /// Ticks at which the policy changed its stage layout.
     pub num_layout_changes: u64,
+    /// Of those, the capacity guard's instance moves (the rest are refinement's).
+    pub num_capacity_moves: u64,
     /// Requests not completed when the run stopped (the admission queue stalled).
     pub num_unfinished: u64,
     pub total_output_tokens: u64,

@@ -51,6 +51,7 @@ pub(super) struct Simulation<'a> {
     pub(super) num_failed: [u64; 4],
     pub(super) num_failed_by_cause: [u64; Failure::ALL.len()],
     pub(super) num_layout_changes: u64,
+    pub(super) num_capacity_moves: u64,
     pub(super) total_output_tokens: u64,
     pub(super) last_finish_s: f64,
     pub(super) stalled_since: Option<f64>,
@@ -114,6 +115,7 @@ impl<'a> Simulation<'a> {
             num_failed: [0; 4],
             num_failed_by_cause: [0; Failure::ALL.len()],
             num_layout_changes: 0,
+            num_capacity_moves: 0,
             total_output_tokens: 0,
             last_finish_s: 0.0,
             stalled_since: None,
@@ -303,6 +305,8 @@ impl<'a> Simulation<'a> {
     fn tick(&mut self) -> Result<bool> {
         let outcome = self.policy.tick(self.now);
         self.num_layout_changes += u64::from(outcome.new_layout.is_some());
+        self.num_capacity_moves +=
+            u64::from(matches!(outcome.new_layout, Some((_, crate::policy::LayoutChange::CapacityMove))));
         self.sample_stage_load();
         for m in outcome.migrations {
             self.migrate(m);
@@ -387,6 +391,7 @@ impl<'a> Simulation<'a> {
                 .collect(),
             num_preemptions: self.seqs.iter().map(|s| u64::from(s.num_preemptions)).sum(),
             num_layout_changes: self.num_layout_changes,
+            num_capacity_moves: self.num_capacity_moves,
             num_unfinished: (self.seqs.len() - self.num_done) as u64,
             total_output_tokens: self.total_output_tokens,
             makespan_s,
