@@ -246,3 +246,36 @@ async def test_a_worker_joins_once_the_ghosts_it_runs_are_aborted(
     c, fakes = await start(started, "a", ghosts=("left-by-a-crash",))
     assert fakes["a"].aborted == ["left-by-a-crash"]
     assert c.can_place
+
+
+class _ChangingPolicy:
+    """The real core, except that its next tick reports a layout change of `kind`."""
+
+    def __init__(self, inner: object, kind: str) -> None:
+        self._inner = inner
+        self._kind: str | None = kind
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def tick(self, now: float) -> tuple[list[object], str | None]:
+        migrations, _ = self._inner.tick(now)  # type: ignore[attr-defined]
+        kind, self._kind = self._kind, None
+        return migrations, kind
+
+
+async def test_a_layout_change_is_counted_by_its_kind(started: list[Coordinator]) -> None:
+    c, _ = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES, tick_interval_s=0.01)
+    c.policy = _ChangingPolicy(c.policy, "capacity")  # type: ignore[assignment]
+    ticking = asyncio.create_task(c.tick_forever())
+    try:
+        await asyncio.sleep(0.1)
+    finally:
+        ticking.cancel()
+
+    def counted(kind: str) -> float | None:
+        name = "cascade_scheduler_plan_changes_total"
+        return c.metrics.registry.get_sample_value(name, {"kind": kind})
+
+    assert counted("capacity") == 1 and counted("refinement") is None
+    assert c.counters.num_plan_changes == 1
