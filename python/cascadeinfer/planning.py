@@ -191,6 +191,7 @@ def plan_stages(
     arrival_cv: float | None = None,
     objective: str = "mean",
     horizon_requests: int | None = None,
+    config: CascadeConfig | None = None,
 ) -> PlanResult:
     """Plans stages for a preset or trace. The rate is, in order: `rate`, the trace's own,
     or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload. `max_len`
@@ -202,7 +203,8 @@ def plan_stages(
     own, else 1.0, Poisson). `objective`: what the selection minimizes, "mean" or "p99"
     end-to-end latency (stage_count.OBJECTIVES). `horizon_requests`: how many requests the
     traffic to plan for holds (default: a trace's own count, else SELECTION_REQUESTS); the
-    candidates' simulations run that many, up to MAX_SELECTION_REQUESTS."""
+    candidates' simulations run that many, up to MAX_SELECTION_REQUESTS. `config`: the
+    cascade settings the candidates run with (default CascadeConfig())."""
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
     if rate is not None and not rate > 0:
@@ -244,7 +246,7 @@ def plan_stages(
                 raise
             chosen *= ESTIMATE_BACKOFF
     candidates: list[Candidate] = []
-    config = CascadeConfig()
+    config = config or CascadeConfig()
     if choose_count_by_simulation and len(plan.stages) > 1:
         # At the rate asked for even when the partitioner had to plan for less (benchmarks
         # past saturation): the simulation judges the plans under the traffic they will get.
@@ -254,7 +256,7 @@ def plan_stages(
         n = max(SELECTION_REQUESTS, min(horizon, MAX_SELECTION_REQUESTS))
         traces = selection_traces(workload, requests, target, seed, cv, n, max_len, clamp_prompts)
         chosen_candidate, candidates = choose_layout(
-            plan, summary, profile, num_instances, traces, objective=objective
+            plan, summary, profile, num_instances, traces, config, objective=objective
         )
         plan, config = chosen_candidate.plan, chosen_candidate.config
     solve_ms = (time.perf_counter() - start) * 1000.0

@@ -35,6 +35,7 @@ def build_policy(
     arrival_cv: float | None = None,
     objective: str = "mean",
     horizon_requests: int | None = None,
+    cascade_config: CascadeConfig | None = None,
 ) -> _core.Scheduler:
     """`name` is one of POLICY_NAMES. Cascade uses `stages` when given (instances beyond them
     join the last stage), else a plan from the partitioner for `workload` at `rate`.
@@ -43,7 +44,8 @@ def build_policy(
     `clamp_prompts`: plan for prompts cut to `max_len` as the benchmarks cut them, instead of
     without the prompts no instance can hold. `arrival_cv`: the burstiness to plan for
     (`plan_stages`); `objective`: what the layout selection minimizes, `horizon_requests`: how
-    many requests it simulates (`plan_stages`)."""
+    many requests it simulates (`plan_stages`). `cascade_config`: cascade's settings (default
+    `CascadeConfig()`); the layout selection simulates with them."""
     if name not in POLICY_NAMES:
         raise ValueError(f"policy {name!r}: known {', '.join(POLICY_NAMES)}")
     instances = list(instances)
@@ -56,7 +58,9 @@ def build_policy(
         it = iter(instances)
         spec = [(s.min_len, s.max_len, [next(it) for _ in range(s.num_instances)]) for s in stages]
         spec[-1][2].extend(it)
-        return _core.Scheduler.cascade_with_stages(profile, spec, grid, CascadeConfig())
+        return _core.Scheduler.cascade_with_stages(
+            profile, spec, grid, cascade_config or CascadeConfig()
+        )
     result = plan_stages(
         num_instances=len(instances),
         workload=workload,
@@ -69,6 +73,7 @@ def build_policy(
         arrival_cv=arrival_cv,
         objective=objective,
         horizon_requests=horizon_requests,
+        config=cascade_config,
     )
     return _core.Scheduler.cascade(
         profile, result.plan, instances, result.workload.grid, result.config, result.workload

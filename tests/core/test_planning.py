@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from cascadeinfer import workloads
+from cascadeinfer.config import CascadeConfig
 from cascadeinfer.evaluation.simbench import make_trace
 from cascadeinfer.planning import (
     clamp_lengths,
@@ -87,6 +88,20 @@ def test_the_layout_is_chosen_by_simulation_against_one_stage() -> None:
         simulated_e2e(chosen.plan, chosen.workload, profile, 16, t, chosen.config) for t in traces
     ]
     assert tuple(again) == picked.per_trace
+
+
+def test_the_selection_simulates_the_settings_it_is_given() -> None:
+    # Without the capacity guard the chosen layout is one the selection simulated without it.
+    profile = load_profile("gpu-h100-llama3-8b")
+    unguarded = CascadeConfig(is_capacity_guarded=False)
+    chosen = plan_stages(
+        num_instances=16, workload="long-context-mixed", profile=profile, config=unguarded
+    )
+    assert all(not c.config.is_capacity_guarded for c in chosen.candidates)
+    assert not chosen.config.is_capacity_guarded
+    assert plan_stages(
+        num_instances=16, workload="long-context-mixed", profile=profile
+    ).config.is_capacity_guarded
 
 
 def test_a_split_is_taken_where_it_pays() -> None:

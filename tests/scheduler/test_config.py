@@ -27,6 +27,14 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     assert config.max_queue == 7
 
 
+def test_the_capacity_guard_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert parse_args([]).is_capacity_guarded
+    assert not parse_args(["--no-capacity-guard"]).is_capacity_guarded
+    path = tmp_path / "s.toml"
+    path.write_text("is_capacity_guarded = false\n")
+    assert not parse_args(["--config", str(path)]).is_capacity_guarded
+
+
 def test_unknown_key_is_named(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text("max_queu = 3\n")

@@ -41,6 +41,10 @@ class SchedulerConfig:
     rate: float | None = None
     stages: tuple[StageSpec, ...] = ()
     """Explicit cascade stages instead of a plan: each (min_len, max_len, workers)."""
+    is_capacity_guarded: bool = True
+    """Cascade's capacity guard: a stage whose decode steps run 10% slower than the pooled
+    fleet's for 10 s gets a worker from another stage (docs/design/partitioner.md). Off
+    (`--no-capacity-guard`), stage sizes stay as planned; the plan is then chosen for that."""
     max_queue: int = 1024
     max_prompt_bytes: int = 0
     """Largest text prompt in UTF-8 bytes, checked before tokenizing; 0: 16 bytes per token of
@@ -207,6 +211,13 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     )
     p.add_argument("--max-concurrent-migrations", type=int)
     p.add_argument("--max-optional-migrations-per-s", type=float)
+    p.add_argument(
+        "--no-capacity-guard",
+        dest="is_capacity_guarded",
+        action="store_const",
+        const=False,
+        help="keep cascade's stage sizes as planned (no worker moves between stages)",
+    )
     p.add_argument("--metrics-port", type=int, help="Prometheus exporter port (0: off)")
     p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json for text prompts")
     p.add_argument(
@@ -247,6 +258,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "migration_timeout_s",
             "max_concurrent_migrations",
             "max_optional_migrations_per_s",
+            "is_capacity_guarded",
             "metrics_port",
             "tokenizer",
             "auth_token_file",

@@ -21,6 +21,7 @@ import grpc
 import structlog
 
 from cascadeinfer import _core
+from cascadeinfer.config import CascadeConfig
 from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.planning import load_profile
 from cascadeinfer.policies import FixedStage, build_policy
@@ -166,6 +167,7 @@ class Coordinator:
             rate=c.rate,
             stages=[FixedStage(s.min_len, s.max_len, s.num_workers) for s in c.stages],
             seed=c.seed,
+            cascade_config=CascadeConfig(is_capacity_guarded=c.is_capacity_guarded),
         )
         self.counters.plan_changed_at = time.time()
         log.info("policy_ready", policy=c.policy, stages=self.policy.stages())
