@@ -64,9 +64,9 @@ const MIN_GAIN: f64 = 0.05;
 /// What a stage's instances hold together.
 #[derive(Copy, Clone, Debug, Default)]
 struct StageLoad {
-    num_decode: f64,
-    sum_context: f64,
-    max_context: f64,
+    num_decode: u64,
+    sum_context: u64,
+    max_context: u32,
 }
 
 impl StageLoad {
@@ -74,9 +74,9 @@ impl StageLoad {
         let mut s = StageLoad::default();
         for &i in instances {
             let l = loads.get(i);
-            s.num_decode += l.running.len() as f64;
-            s.sum_context += l.sum_context as f64;
-            s.max_context = s.max_context.max(f64::from(l.max_context));
+            s.num_decode += l.running.len() as u64;
+            s.sum_context += l.sum_context;
+            s.max_context = s.max_context.max(l.max_context);
         }
         s
     }
@@ -88,9 +88,9 @@ impl StageLoad {
     fn step_over(&self, profile: &CostProfile, instances: usize) -> f64 {
         let k = instances.max(1) as f64;
         profile.step_time(&BatchShape {
-            num_decode: (self.num_decode / k).round() as u32,
-            sum_context: (self.sum_context / k) as u64,
-            max_context: self.max_context as u32,
+            num_decode: (self.num_decode as f64 / k).round() as u32,
+            sum_context: (self.sum_context as f64 / k) as u64,
+            max_context: self.max_context,
             ..Default::default()
         })
     }
@@ -168,14 +168,14 @@ fn pooled_step(layout: &StageLayout, loads: &LoadBook, profile: &CostProfile) ->
         layout.instances().flat_map(|i| loads.get(i).running.iter().map(|&(_, len)| len)).collect();
     let num_instances = layout.num_instances().max(1);
     let mut total = StageLoad {
-        num_decode: contexts.len() as f64,
-        sum_context: contexts.iter().map(|&c| f64::from(c)).sum(),
-        max_context: 0.0,
+        num_decode: contexts.len() as u64,
+        sum_context: contexts.iter().map(|&c| u64::from(c)).sum(),
+        max_context: 0,
     };
     if !contexts.is_empty() {
-        let per_instance = total.num_decode / num_instances as f64;
+        let per_instance = total.num_decode as f64 / num_instances as f64;
         let rank = ((contexts.len() as f64 * per_instance / (per_instance + 1.0)) as usize).min(contexts.len() - 1);
-        total.max_context = f64::from(*contexts.select_nth_unstable(rank).1);
+        total.max_context = *contexts.select_nth_unstable(rank).1;
     }
     total.step_over(profile, num_instances)
 }
