@@ -94,3 +94,17 @@ def test_compare_writes_a_table_and_plots(tmp_path: Path) -> None:
     assert "| prefix-cache hits |" in table
     for png in ("latency_cdf.png", "latency_vs_rate.png", "stage_load.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_sim_counts_the_capacity_guards_moves_and_can_turn_it_off() -> None:
+    """Bursty long documents load the long stage unevenly; with the guard on, instances move to
+    it (counted among the layout changes), and --no-capacity-guard runs the plan unchanged."""
+    args = ["--workload", "long-context-mixed", "--instances", "16", "--requests", "2000"]
+    args += ["--rate", "8", "--arrival", "gamma", "--cv", "2", "--json"]
+    guarded = json.loads(cascade("bench", "sim", *args))
+    assert 0 < guarded["capacity_moves"] <= guarded["layout_changes"]
+    plain = json.loads(cascade("bench", "sim", *args, "--no-capacity-guard"))
+    assert plain["capacity_moves"] == 0
+    assert plain["completed"] == guarded["completed"] == 2000
+    baseline = json.loads(cascade("bench", "sim", *args, "--policy", "least-load"))
+    assert baseline["capacity_moves"] == baseline["layout_changes"] == 0

@@ -49,6 +49,14 @@ def test_plan_from_a_trace_uses_its_rate(tmp_path: Path) -> None:
     assert json.loads(out.stdout)["rate"] == pytest.approx(2.0)
 
 
+def test_plan_says_whether_it_planned_for_the_capacity_guard() -> None:
+    base = ["plan", "--instances", "8", "--workload", "long-context-mixed", "--json"]
+    guarded, plain = cascade(*base), cascade(*base, "--no-capacity-guard")
+    assert guarded.returncode == plain.returncode == 0, guarded.stderr + plain.stderr
+    assert json.loads(guarded.stdout)["capacity_guarded"] is True
+    assert json.loads(plain.stdout)["capacity_guarded"] is False
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -56,6 +56,11 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
         default="mean",
         help="cascade: what the layout chosen by simulation minimizes (mean or p99 e2e)",
     )
+    p.add_argument(
+        "--no-capacity-guard",
+        action="store_true",
+        help="cascade: run without the capacity guard (stage sizes change only by refinement)",
+    )
 
 
 def add_parser(sub: Any) -> None:
@@ -97,6 +102,7 @@ def _setup(args: argparse.Namespace, policy: str) -> SimSetup:
         cv=args.cv,
         seed=args.seed,
         objective=args.objective,
+        is_capacity_guarded=not args.no_capacity_guard,
         goodput_slo=GoodputSlo(
             args.goodput_ttft_s, args.goodput_ttft_per_token_s, args.goodput_tpot_s
         ),

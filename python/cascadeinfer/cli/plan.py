@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from cascadeinfer.config import CascadeConfig
 from cascadeinfer.planning import PlanResult, load_profile, plan_stages
 from cascadeinfer.stage_count import OBJECTIVES, Candidate
 
@@ -35,6 +36,11 @@ def add_parser(sub: Any) -> None:
         choices=OBJECTIVES,
         default="mean",
         help="what the layout chosen by simulation minimizes: mean or p99 end-to-end latency",
+    )
+    p.add_argument(
+        "--no-capacity-guard",
+        action="store_true",
+        help="plan for a scheduler run with --no-capacity-guard (stage sizes stay as planned)",
     )
     p.add_argument("--buckets", type=int, default=128, help="length buckets (boundary resolution)")
     p.add_argument("--seed", type=int, default=0, help="seed for preset sampling")
@@ -70,6 +76,7 @@ def as_json(result: PlanResult) -> dict[str, Any]:
         ],
         "one_stage_balanced": result.config.is_one_stage_balanced,
         "one_stage_kv_first": result.config.is_one_stage_kv_first,
+        "capacity_guarded": result.config.is_capacity_guarded,
         "solve_ms": result.solve_ms,
         "rate": result.rate,
         "dropped_requests": result.requests.num_dropped,
@@ -112,6 +119,12 @@ def as_table(result: PlanResult, args: argparse.Namespace) -> str:
             "layout chosen in the simulator (mean/p99 e2e of each candidate; a split must beat "
             f"one stage): {simulated}"
         )
+    lines.append(
+        "capacity guard on: at run time whole instances move to a stage whose decode steps "
+        "run slower than the pooled fleet's (--no-capacity-guard keeps these sizes)"
+        if result.config.is_capacity_guarded
+        else "capacity guard off: stage sizes change only by refinement"
+    )
     r = result.requests
     if r.num_dropped or r.num_truncated:
         lines.append(
@@ -132,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         max_stages=args.max_stages,
         objective=args.objective,
         seed=args.seed,
+        config=CascadeConfig(is_capacity_guarded=not args.no_capacity_guard),
     )
     print(json.dumps(as_json(result), indent=2) if args.json else as_table(result, args))
     return 0

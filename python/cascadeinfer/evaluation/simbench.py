@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cascadeinfer import _core, workloads
+from cascadeinfer.config import CascadeConfig
 from cascadeinfer.evaluation.goodput import GOODPUT_KEYS, GoodputSlo, goodput
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS as LIVE_KEYS
 from cascadeinfer.planning import clamp_lengths
@@ -21,10 +22,18 @@ from cascadeinfer.traces import TraceEntry, read_trace, to_entries, with_lengths
 
 Trace = list[TraceEntry]
 
-SUMMARY_KEYS = (*LIVE_KEYS, *GOODPUT_KEYS, "prefix_cache_hit_rate", "sim_wall_s")
+SUMMARY_KEYS = (
+    *LIVE_KEYS,
+    *GOODPUT_KEYS,
+    "prefix_cache_hit_rate",
+    "layout_changes",
+    "capacity_moves",
+    "sim_wall_s",
+)
 """What `cascade bench sim` prints: the keys a live run has, goodput under the setup's
-`GoodputSlo`, the share of prompt tokens served from prefix caches (0 without sessions), and
-the simulator's wall time."""
+`GoodputSlo`, the share of prompt tokens served from prefix caches (0 without sessions), the
+times cascade changed its stage layout (of them, the capacity guard's instance moves; 0 for
+the baselines), and the simulator's wall time."""
 
 
 def clamp(trace: Trace, max_len: int) -> Trace:
@@ -74,6 +83,9 @@ class SimSetup:
     goodput_slo: GoodputSlo = field(default_factory=GoodputSlo)
     objective: str = "mean"
     """What cascade's layout selection minimizes (`plan_stages`)."""
+    is_capacity_guarded: bool = True
+    """Cascade runs with the capacity guard (`CascadeConfig.is_capacity_guarded`), as the
+    scheduler does unless started with --no-capacity-guard."""
 
 
 def setup_trace(setup: SimSetup, rate: float) -> Trace:
@@ -108,6 +120,7 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.S
         arrival_cv=setup.cv if setup.arrival == "gamma" else None,
         objective=setup.objective,
         horizon_requests=len(trace),
+        cascade_config=CascadeConfig(is_capacity_guarded=setup.is_capacity_guarded),
     )
     report = _core.simulate(
         policy,
@@ -130,6 +143,8 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.S
     )
     summary["rate"] = rate
     summary["requests"] = len(trace)
+    summary["layout_changes"] = report.num_layout_changes
+    summary["capacity_moves"] = report.num_capacity_moves
     return summary, report
 
 
