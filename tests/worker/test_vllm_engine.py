@@ -451,3 +451,34 @@ def test_error_codes(engines: tuple[VllmEngine, VllmEngine]) -> None:
     assert code_of(lambda: target.import_kv(snapshot)) is ErrorCode.ALREADY_EXISTS
     target.abort("codes")
     assert target.num_free_blocks() == target.num_blocks_total
+
+
+def test_a_prompt_extending_a_finished_one_is_counted_as_served_by_the_prefix_cache(
+    engines: tuple[VllmEngine, VllmEngine],
+) -> None:
+    """The step reports count a fresh request's prompt tokens and those vLLM's prefix cache
+    served (full blocks of a finished request's prompt), and nothing for a migrated-in one."""
+    source, target = engines
+    first = request("turn-1", max_tokens=4, prompt=prompt_for("turn-1", 100))
+    second = request("turn-2", max_tokens=4, prompt=first.prompt_token_ids + prompt_for("x", 20))
+    counted: list[tuple[int, int]] = []
+    for req in (first, second):
+        transcript = Transcript()
+        transcript.start(source, req)
+        totals = [0, 0]
+        while source.has_unfinished():
+            report = source.step()
+            transcript.record(report)
+            totals[0] += report.prompt_tokens
+            totals[1] += report.prompt_tokens_cached
+        counted.append((totals[0], totals[1]))
+    assert counted == [(100, 0), (120, 96)]  # 3 full blocks of 32 of the first prompt
+    transcript = Transcript()
+    transcript.start(source, request("moved-in", max_tokens=40))
+    transcript.step_until(source, "moved-in", 5)
+    snapshot = source.export_kv("moved-in")
+    target.import_kv(snapshot)
+    reports = []
+    while target.has_unfinished():
+        reports.append(target.step())
+    assert sum(r.prompt_tokens for r in reports) == 0

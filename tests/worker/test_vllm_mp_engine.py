@@ -497,3 +497,31 @@ def test_tensor_parallel_ranks_send_and_receive_their_shards(
         assert blocks_in_use(engine) == 0
     finally:
         engine.shutdown()
+
+
+def test_a_prompt_extending_a_finished_one_is_counted_as_served_by_the_prefix_cache(
+    mp_config: VllmEngineConfig,
+) -> None:
+    """As with the in-process engine: the step reports count a fresh request's prompt tokens
+    and those the engine core's prefix cache served (`RequestOutput.num_cached_tokens`). An
+    engine of its own: the pair runs without prefix caching."""
+    engine = VllmMpEngine(replace(mp_config, enable_prefix_caching=True))
+    try:
+        first_prompt = prompt_for("turn-1", 100)
+        counted: list[tuple[int, int]] = []
+        for name, prompt in (
+            ("turn-1", first_prompt),
+            ("turn-2", first_prompt + prompt_for("x", 20)),
+        ):
+            transcript = Transcript()
+            transcript.start(engine, EngineRequest(name, prompt, SamplingSpec(4, ignore_eos=True)))
+            totals = [0, 0]
+            while engine.has_unfinished():
+                report = engine.step()
+                transcript.record(report)
+                totals[0] += report.prompt_tokens
+                totals[1] += report.prompt_tokens_cached
+            counted.append((totals[0], totals[1]))
+        assert counted == [(100, 0), (120, 96)]  # 3 full blocks of 32 of the first prompt
+    finally:
+        engine.shutdown()

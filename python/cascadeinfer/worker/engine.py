@@ -67,6 +67,11 @@ class StepReport:
     num_waiting: int
     kv_blocks_used: int
     kv_blocks_free: int
+    prompt_tokens: int = 0
+    """Prompt tokens of the requests that started here and produced their first token in this
+    step (imported and resumed requests are not counted: their KV came with them)..."""
+    prompt_tokens_cached: int = 0
+    """... and of those, the ones the engine's prefix cache served instead of a prefill."""
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,18 @@ class WorkerMetrics:
             labels,
             registry=r,
         ).labels(engine)
+        self.prompt_tokens = Counter(
+            "cascade_worker_prompt_tokens",
+            "Prompt tokens of requests started here (not migrated in)",
+            labels,
+            registry=r,
+        ).labels(engine)
+        self.prompt_tokens_cached = Counter(
+            "cascade_worker_prompt_tokens_cached",
+            "Of cascade_worker_prompt_tokens, those served by the engine's prefix cache",
+            labels,
+            registry=r,
+        ).labels(engine)
         self.orphans_reaped = Counter(
             "cascade_worker_orphans_reaped",
             "Detached requests aborted because no step feed followed them (orphan_timeout_s)",
@@ -73,3 +85,5 @@ class WorkerMetrics:
         self.waiting.set(r.num_waiting)
         self.kv_used.set(r.kv_blocks_used)
         self.kv_free.set(r.kv_blocks_free)
+        self.prompt_tokens.inc(r.prompt_tokens)
+        self.prompt_tokens_cached.inc(r.prompt_tokens_cached)

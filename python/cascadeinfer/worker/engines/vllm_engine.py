@@ -191,6 +191,10 @@ class VllmEngine:
         self._by_internal: dict[str, str] = {}
         self._pending: dict[str, _Pending] = {}
         self._step_index = 0
+        self._prompt_tokens = 0
+        """Prompt tokens of fresh requests whose first token came since the last StepReport."""
+        self._prompt_tokens_cached = 0
+        """Of those, served by vLLM's prefix cache (`RequestOutput.num_cached_tokens`)."""
 
     # ---- Engine protocol: properties ------------------------------------------------------
 
@@ -256,6 +260,8 @@ class VllmEngine:
         self._step_index += 1
         num_running, num_waiting = self._scheduler.get_request_counts()
         free = self.num_free_blocks()
+        prompt = (self._prompt_tokens, self._prompt_tokens_cached)
+        self._prompt_tokens = self._prompt_tokens_cached = 0
         return StepReport(
             step_index=self._step_index,
             step_time_s=elapsed,
@@ -264,6 +270,8 @@ class VllmEngine:
             num_waiting=num_waiting,
             kv_blocks_used=self.num_blocks_total - free,
             kv_blocks_free=free,
+            prompt_tokens=prompt[0],
+            prompt_tokens_cached=prompt[1],
         )
 
     # ---- migration ------------------------------------------------------------------------
@@ -414,6 +422,9 @@ class VllmEngine:
         if tracked is None or not output.outputs:
             return
         completion = output.outputs[0]
+        if not tracked.outputs and completion.token_ids:  # a fresh request's first token
+            self._prompt_tokens += len(tracked.request.prompt_token_ids)
+            self._prompt_tokens_cached += output.num_cached_tokens or 0
         pending = self._pending_for(tracked)
         pending.token_ids.extend(completion.token_ids)
         tracked.outputs.extend(completion.token_ids)

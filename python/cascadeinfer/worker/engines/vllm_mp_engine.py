@@ -120,6 +120,10 @@ class VllmMpEngine:
         self._pending: dict[str, RequestProgress] = {}
         """Progress taken out of collectors between steps (before an export or abort)."""
         self._step_index = 0
+        self._prompt_tokens = 0
+        """Prompt tokens of fresh requests whose first token came since the last StepReport."""
+        self._prompt_tokens_cached = 0
+        """Of those, served by vLLM's prefix cache (`RequestOutput.num_cached_tokens`)."""
 
     # ---- Engine protocol: properties ------------------------------------------------------
 
@@ -201,6 +205,8 @@ class VllmMpEngine:
         self._step_index += 1
         stats = self._batches.stats
         free = self.num_free_blocks()
+        prompt = (self._prompt_tokens, self._prompt_tokens_cached)
+        self._prompt_tokens = self._prompt_tokens_cached = 0
         return StepReport(
             step_index=self._step_index,
             step_time_s=time.perf_counter() - started,
@@ -209,6 +215,8 @@ class VllmMpEngine:
             num_waiting=stats.num_waiting_reqs if stats is not None else 0,
             kv_blocks_used=self._num_blocks_total - free,
             kv_blocks_free=free,
+            prompt_tokens=prompt[0],
+            prompt_tokens_cached=prompt[1],
         )
 
     # ---- migration --------------------------------------------------------------------------
@@ -402,6 +410,9 @@ class VllmMpEngine:
             return
         rid = tracked.request.request_id
         completion = output.outputs[0]
+        if not tracked.outputs and completion.token_ids:  # a fresh request's first token
+            self._prompt_tokens += len(tracked.request.prompt_token_ids)
+            self._prompt_tokens_cached += output.num_cached_tokens or 0
         earlier = self._pending.get(rid)
         first_index = earlier.first_index if earlier else len(tracked.outputs)
         tracked.outputs.extend(completion.token_ids)
