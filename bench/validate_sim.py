@@ -12,6 +12,13 @@ does), the trace replayed at its arrival times by `cascadeinfer.evaluation.live.
    expect the simulator to be far too slow). A matching one:
    `OMP_NUM_THREADS=1 cascade calibrate --engine vllm --out FILE`.
 
+3. `vllm-sessions`: the same 2 vLLM workers with prefix caching (the worker's default) on a
+   multi-turn trace (`session_trace`: short conversations sized to the built-in model, each
+   turn's prompt extending the previous one), stages that the conversations grow across; the
+   same 25% goal, plus the prefix-cache hit rate: live from the workers'
+   `cascade_worker_prompt_tokens{,_cached}` counters over the replay, simulated from the
+   simulator's per-instance prefix caches (`prefix_cache_hit_rate`).
+
 Both sides get the same trace (a preset clamped to the cluster's length limit with the clamp
 `cascade bench` uses), the same profile file (its KV pool, block size and length limit set to
 what the workers report), the same instance count and the same cascade policy object, built by
@@ -29,6 +36,7 @@ CPU seconds of each daemon and load averages (other jobs on the machine show the
 
     .venv/bin/python bench/validate_sim.py --json-out validation.json   # both cases
     .venv/bin/python bench/validate_sim.py --case sim --sim-rates 10
+    .venv/bin/python bench/validate_sim.py --case vllm-sessions --vllm-profile ENGINE.json
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import statistics
 import sys
@@ -57,6 +66,7 @@ from cascadeinfer.evaluation.summary import SUMMARY_KEYS, summarize
 from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, start_many
 from cascadeinfer.policies import FixedStage, build_policy
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
+from cascadeinfer.traces import TraceEntry
 
 PROFILES = Path(__file__).resolve().parents[1] / "python" / "cascadeinfer" / "profiles"
 
@@ -80,6 +90,8 @@ class Case:
     warm_up_tokens: int = 0
     env: dict[str, str] = field(default_factory=dict)
     """Set in the workers' environment."""
+    sessions: bool = False
+    """Replay `session_trace` (multi-turn) instead of the `workload` preset."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,6 +102,43 @@ def step_counters(port: int) -> tuple[float, float]:
         re.findall(r"^cascade_worker_step_seconds_(sum|count)\{[^}]*\} (\S+)$", text, re.M)
     )
     return float(values["sum"]), float(values["count"])
+
+
+def prompt_counters(port: int) -> tuple[float, float]:
+    """(prompt tokens started, of them served by the prefix cache) of a worker so far."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = dict(
+        re.findall(r"^cascade_worker_prompt_tokens(|_cached)_total\{[^}]*\} (\S+)$", text, re.M)
+    )
+    return float(values[""]), float(values["_cached"])
+
+
+def session_trace(
+    num_sessions: int, rate: float, seed: int, max_len: int, think_s: float = 4.0
+) -> list[TraceEntry]:
+    """Conversations sized to the built-in model: sessions start at `rate` per second
+    (Poisson), 2-6 turns each, `think_s` seconds (exponential) between a turn's arrival and the
+    next; a first prompt of 100-300 tokens, outputs of 32-192 (six turns then stay within the
+    model's 2,048 tokens), and each later prompt the previous one plus the previous output's
+    length plus a new message of 16-64 tokens. The replay
+    (`evaluation.live.session_prompt`) cannot send the previous answer's own tokens, so what a
+    turn shares with the one before is that turn's prompt: `prefix_len` says so, and the
+    simulator's cache serves no more than vLLM's can."""
+    rng = random.Random(seed)
+    entries: list[TraceEntry] = []
+    start = 0.0
+    for session in range(num_sessions):
+        start += rng.expovariate(rate)
+        at, prompt, prefix = start, rng.randint(100, 300), 0
+        for turn in range(rng.randint(2, 6)):
+            output = rng.randint(32, 192)
+            if prompt + output >= max_len:
+                break
+            entries.append((at, prompt, output, session, turn, prefix))
+            prefix, prompt = prompt, prompt + output + rng.randint(16, 64)
+            at += rng.expovariate(1.0 / think_s)
+    entries.sort(key=lambda e: e[0])
+    return entries
 
 
 def parse_stages(text: str) -> list[FixedStage]:
@@ -167,7 +216,7 @@ def calibrate_serving(
     return path, measured
 
 
-def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> dict[str, Any]:
+def live_run(case: Case, trace: list[TraceEntry], log_dir: Path) -> dict[str, Any]:
     base_path = log_dir / f"{case.name}-base-profile.json"
     base_path.write_text(json.dumps(case.profile_doc))
     engine_args = list(case.engine_args)
@@ -203,6 +252,7 @@ def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> 
         scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120)[0]
         daemons.append(scheduler)
         steps_before = [step_counters(port) for port in ports]
+        prompts_before = [prompt_counters(port) for port in ports]
         cpu_before = {d.process.pid: cpu_seconds(d.process.pid) for d in daemons}
         load_before = os.getloadavg()
         started = time.perf_counter()
@@ -211,6 +261,9 @@ def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> 
         stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
         state = stub.GetClusterState(scheduler_pb2.GetClusterStateRequest(), timeout=30)
         steps_after = [step_counters(port) for port in ports]
+        prompts_after = [prompt_counters(port) for port in ports]
+        prompt_tokens = sum(a[0] - b[0] for a, b in zip(prompts_after, prompts_before, strict=True))
+        cached_tokens = sum(a[1] - b[1] for a, b in zip(prompts_after, prompts_before, strict=True))
         # Again after the replay: how far the machine's speed moved while it ran.
         after_path, serving_after = calibrate_serving(workers[0], ports[0], engine_path, "after")
         cpu = {
@@ -233,6 +286,7 @@ def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> 
                 "busy_s": [t for t, _ in steps],
             },
             "cluster_migrations": state.num_migrations,
+            "prefix_cache_hit_rate": cached_tokens / prompt_tokens if prompt_tokens else 0.0,
             "load_before": load_before,
             "load_after": os.getloadavg(),
             "cpu_s": {
@@ -246,7 +300,7 @@ def live_run(case: Case, trace: list[tuple[float, int, int]], log_dir: Path) -> 
 
 
 def sim_run(
-    case: Case, trace: list[tuple[float, int, int]], profile_path: Path
+    case: Case, trace: list[TraceEntry], profile_path: Path
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """The simulator on the trace, with the profile in `profile_path`."""
     profile = load_profile(str(profile_path))
@@ -279,11 +333,11 @@ def relative(live: float, sim: float) -> float:
 
 
 def diagnostics(
-    trace: list[tuple[float, int, int]], records: list[LiveRecord], sim_requests: dict[str, Any]
+    trace: list[TraceEntry], records: list[LiveRecord], sim_requests: dict[str, Any]
 ) -> dict[str, Any]:
     """Where a gap comes from: pacing lag, the client link, and per-request pairs."""
     done = [r for r in records if not r.error]
-    lag = [r.arrival_s - a for r, (a, _, _) in zip(records, trace, strict=True)]
+    lag = [r.arrival_s - e[0] for r, e in zip(records, trace, strict=True)]
     link = [
         (r.e2e_s or 0.0) - r.server_e2e_s
         for r in done
@@ -345,7 +399,7 @@ def step_comparison(live: dict[str, list[Any]], sim: dict[str, list[Any]]) -> di
 
 
 def per_request(
-    trace: list[tuple[float, int, int]], records: list[LiveRecord], sim_requests: dict[str, Any]
+    trace: list[TraceEntry], records: list[LiveRecord], sim_requests: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Both sides of every request, for looking at where they part (--json-out keeps them)."""
     return [
@@ -366,10 +420,13 @@ def per_request(
 
 
 def run_case(case: Case, log_dir: Path) -> dict[str, Any]:
-    trace = clamp(
-        generate_trace(case.workload, case.num_requests, case.rate, "poisson", 1.0, case.seed),
-        case.max_len,
-    )
+    if case.sessions:
+        trace = session_trace(case.num_requests, case.rate, case.seed, case.max_len)
+    else:
+        trace = clamp(
+            generate_trace(case.workload, case.num_requests, case.rate, "poisson", 1.0, case.seed),
+            case.max_len,
+        )
     print(
         f"[{case.name}] live run: {len(trace)} requests at {case.rate:g}/s ...",
         file=sys.stderr,
@@ -401,7 +458,8 @@ def run_case(case: Case, log_dir: Path) -> dict[str, Any]:
             "max_len": case.max_len,
             "seed": case.seed,
             "mean_prompt_len": statistics.fmean(e[1] for e in trace),
-            "mean_output_len": statistics.fmean(o for _, _, o in trace),
+            "mean_output_len": statistics.fmean(e[2] for e in trace),
+            "sessions": len({e[3] for e in trace if len(e) == 6}),
             "notes": case.notes,
         },
         "live": live_summary,
@@ -426,6 +484,10 @@ def run_case(case: Case, log_dir: Path) -> dict[str, Any]:
         "is_within_goal": abs(gap) <= case.goal,
         "live_failed": failed,
         "live_cluster_migrations": live["cluster_migrations"],
+        "prefix_cache_hit_rate": {
+            "live": live["prefix_cache_hit_rate"],
+            "sim": sim_summary["prefix_cache_hit_rate"],
+        },
         "sim_other": {
             k: v for k, v in sim_extra.items() if k not in ("per_request", "engine_steps")
         },
@@ -503,9 +565,22 @@ def vllm_case(args: argparse.Namespace, rate: float) -> Case:
     return case
 
 
+def vllm_sessions_case(args: argparse.Namespace, rate: float) -> Case:
+    """The vllm case on conversations (`session_trace`); `rate` is sessions started per second
+    and `num_requests` the number of sessions."""
+    case = vllm_case(args, rate)
+    case.name = "vllm-sessions"
+    case.sessions = True
+    case.stages = args.sessions_stages
+    case.num_requests = args.sessions
+    case.max_len = args.sessions_max_len
+    case.workload = "session_trace"
+    return case
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--case", choices=["sim", "vllm", "all"], default="all")
+    p.add_argument("--case", choices=["sim", "vllm", "vllm-sessions", "all"], default="all")
     p.add_argument("--workload", default="short-chat")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sim-profile", default="gpu-h100-llama3-8b")
@@ -522,6 +597,12 @@ def main() -> None:
         "--vllm-profile", help="profile file for the vllm case (default: calibrated, else base)"
     )
     p.add_argument("--vllm-omp-threads", type=int, default=1)
+    p.add_argument("--sessions", type=int, default=40, help="vllm-sessions: conversations")
+    p.add_argument(
+        "--sessions-rates", default="0.5,2", help="vllm-sessions: sessions started per second"
+    )
+    p.add_argument("--sessions-stages", default="0-512:1,512-2048:1")
+    p.add_argument("--sessions-max-len", type=int, default=2048)
     p.add_argument("--json-out", help="also write the JSON document here")
     args = p.parse_args()
     results: list[dict[str, Any]] = []
@@ -530,6 +611,7 @@ def main() -> None:
     for name, make, rates in (
         ("sim", sim_case, args.sim_rates),
         ("vllm", vllm_case, args.vllm_rates),
+        ("vllm-sessions", vllm_sessions_case, args.sessions_rates),
     ):
         if args.case not in ("all", name):
             continue
