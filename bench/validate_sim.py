@@ -114,11 +114,17 @@ def prompt_counters(port: int) -> tuple[float, float]:
 
 
 def session_trace(
-    num_sessions: int, rate: float, seed: int, max_len: int, think_s: float = 4.0
+    num_sessions: int,
+    rate: float,
+    seed: int,
+    max_len: int,
+    min_gap_s: float = 2.0,
+    think_s: float = 4.0,
 ) -> list[TraceEntry]:
     """Conversations sized to the built-in model: sessions start at `rate` per second
-    (Poisson), 2-6 turns each, `think_s` seconds (exponential) between a turn's arrival and the
-    next; a first prompt of 100-300 tokens, outputs of 32-192 (six turns then stay within the
+    (Poisson), 2-6 turns each, `min_gap_s` plus `think_s` seconds (exponential) between a
+    turn's arrival and the next, so the answer (well under `min_gap_s` here) has come before
+    the user writes again, as in a conversation; a first prompt of 100-300 tokens, outputs of 32-192 (six turns then stay within the
     model's 2,048 tokens), and each later prompt the previous one plus the previous output's
     length plus a new message of 16-64 tokens. The replay
     (`evaluation.live.session_prompt`) cannot send the previous answer's own tokens, so what a
@@ -136,7 +142,7 @@ def session_trace(
                 break
             entries.append((at, prompt, output, session, turn, prefix))
             prefix, prompt = prompt, prompt + output + rng.randint(16, 64)
-            at += rng.expovariate(1.0 / think_s)
+            at += min_gap_s + rng.expovariate(1.0 / think_s)
     entries.sort(key=lambda e: e[0])
     return entries
 
