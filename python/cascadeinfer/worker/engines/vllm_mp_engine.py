@@ -48,6 +48,7 @@ from cascadeinfer.worker.engine import (
 )
 from cascadeinfer.worker.engines import mp_kv_connector as mkc
 from cascadeinfer.worker.engines.mp_kv_channel import KVChannel
+from cascadeinfer.worker.engines.parent_watch import mark_daemon
 from cascadeinfer.worker.engines.vllm_engine import (
     SEEDED_DUMMY_LOAD_FORMAT,
     VllmEngineConfig,
@@ -101,6 +102,7 @@ class VllmMpEngine:
         self._aloop = asyncio.new_event_loop()
         self._batches = _Batches()
         self._channel = KVChannel(config.tensor_parallel_size) if config.move_kv else None
+        mark_daemon()  # the engine core and its workers end with this process (parent_watch.py)
         started = time.perf_counter()
         try:
             self._llm = self._aloop.run_until_complete(_start(config, self._batches, self._channel))
