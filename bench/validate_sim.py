@@ -95,9 +95,14 @@ class Case:
     notes: list[str] = field(default_factory=list)
 
 
+def metrics_text(port: int) -> str:
+    """A worker's Prometheus exposition."""
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
 def step_counters(port: int) -> tuple[float, float]:
     """(seconds, steps) a worker has spent in engine steps, from its Prometheus exporter."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = metrics_text(port)
     values = dict(
         re.findall(r"^cascade_worker_step_seconds_(sum|count)\{[^}]*\} (\S+)$", text, re.M)
     )
@@ -106,7 +111,7 @@ def step_counters(port: int) -> tuple[float, float]:
 
 def prompt_counters(port: int) -> tuple[float, float]:
     """(prompt tokens started, of them served by the prefix cache) of a worker so far."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = metrics_text(port)
     values = dict(
         re.findall(r"^cascade_worker_prompt_tokens(|_cached)_total\{[^}]*\} (\S+)$", text, re.M)
     )

@@ -160,6 +160,26 @@ class _Tracked:
 
 
 @dataclass
+class PromptTally:
+    """Prompt tokens of the fresh requests whose first token came since the last StepReport
+    (imported and resumed ones bring their KV and are not counted), and of those the ones
+    vLLM's prefix cache served (`RequestOutput.num_cached_tokens`)."""
+
+    tokens: int = 0
+    cached: int = 0
+
+    def first_output(self, prompt_len: int, num_cached_tokens: int | None) -> None:
+        self.tokens += prompt_len
+        self.cached += num_cached_tokens or 0
+
+    def take(self) -> tuple[int, int]:
+        """The counts so far, starting over."""
+        counts = (self.tokens, self.cached)
+        self.tokens = self.cached = 0
+        return counts
+
+
+@dataclass
 class _Pending:
     """Progress gathered since the last StepReport."""
 
@@ -191,10 +211,7 @@ class VllmEngine:
         self._by_internal: dict[str, str] = {}
         self._pending: dict[str, _Pending] = {}
         self._step_index = 0
-        self._prompt_tokens = 0
-        """Prompt tokens of fresh requests whose first token came since the last StepReport."""
-        self._prompt_tokens_cached = 0
-        """Of those, served by vLLM's prefix cache (`RequestOutput.num_cached_tokens`)."""
+        self._prompts = PromptTally()
 
     # ---- Engine protocol: properties ------------------------------------------------------
 
@@ -260,8 +277,7 @@ class VllmEngine:
         self._step_index += 1
         num_running, num_waiting = self._scheduler.get_request_counts()
         free = self.num_free_blocks()
-        prompt = (self._prompt_tokens, self._prompt_tokens_cached)
-        self._prompt_tokens = self._prompt_tokens_cached = 0
+        prompt = self._prompts.take()
         return StepReport(
             step_index=self._step_index,
             step_time_s=elapsed,
@@ -423,8 +439,9 @@ class VllmEngine:
             return
         completion = output.outputs[0]
         if not tracked.outputs and completion.token_ids:  # a fresh request's first token
-            self._prompt_tokens += len(tracked.request.prompt_token_ids)
-            self._prompt_tokens_cached += output.num_cached_tokens or 0
+            self._prompts.first_output(
+                len(tracked.request.prompt_token_ids), output.num_cached_tokens
+            )
         pending = self._pending_for(tracked)
         pending.token_ids.extend(completion.token_ids)
         tracked.outputs.extend(completion.token_ids)

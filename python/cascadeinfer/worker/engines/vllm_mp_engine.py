@@ -51,6 +51,7 @@ from cascadeinfer.worker.engines.mp_kv_channel import KVChannel
 from cascadeinfer.worker.engines.parent_watch import mark_daemon
 from cascadeinfer.worker.engines.vllm_engine import (
     SEEDED_DUMMY_LOAD_FORMAT,
+    PromptTally,
     VllmEngineConfig,
     check_snapshot,
     register_seeded_dummy_loader,
@@ -122,10 +123,7 @@ class VllmMpEngine:
         self._pending: dict[str, RequestProgress] = {}
         """Progress taken out of collectors between steps (before an export or abort)."""
         self._step_index = 0
-        self._prompt_tokens = 0
-        """Prompt tokens of fresh requests whose first token came since the last StepReport."""
-        self._prompt_tokens_cached = 0
-        """Of those, served by vLLM's prefix cache (`RequestOutput.num_cached_tokens`)."""
+        self._prompts = PromptTally()
 
     # ---- Engine protocol: properties ------------------------------------------------------
 
@@ -207,8 +205,7 @@ class VllmMpEngine:
         self._step_index += 1
         stats = self._batches.stats
         free = self.num_free_blocks()
-        prompt = (self._prompt_tokens, self._prompt_tokens_cached)
-        self._prompt_tokens = self._prompt_tokens_cached = 0
+        prompt = self._prompts.take()
         return StepReport(
             step_index=self._step_index,
             step_time_s=time.perf_counter() - started,
@@ -413,8 +410,9 @@ class VllmMpEngine:
         rid = tracked.request.request_id
         completion = output.outputs[0]
         if not tracked.outputs and completion.token_ids:  # a fresh request's first token
-            self._prompt_tokens += len(tracked.request.prompt_token_ids)
-            self._prompt_tokens_cached += output.num_cached_tokens or 0
+            self._prompts.first_output(
+                len(tracked.request.prompt_token_ids), output.num_cached_tokens
+            )
         earlier = self._pending.get(rid)
         first_index = earlier.first_index if earlier else len(tracked.outputs)
         tracked.outputs.extend(completion.token_ids)
