@@ -300,6 +300,40 @@ def test_bytes_that_never_arrive_are_recomputed(
     assert transcript.tokens["lost"] == reference
 
 
+def test_an_import_waits_for_its_bytes_without_stalling_the_batch(
+    engines: tuple[VllmMpEngine, VllmMpEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target loads asynchronously: while an imported request's bytes are late, the
+    requests already running there go on decoding and the imported one waits (no tokens, no
+    recompute); the bytes, once they come, are the ones it attends to (zeroed bytes sent late
+    change its tokens, so they were not recomputed)."""
+    source, target = engines
+    reference = unmoved(target, request("late"))
+    transcript = Transcript()
+    transcript.start(source, request("late"))
+    transcript.step_until(source, "late", 15)
+    snapshot = source.export_kv("late")
+    transcript.record(source.step())
+    num_before = len(transcript.tokens["late"])
+    transcript.start(target, request("neighbour", max_tokens=200))
+    transcript.step_until(target, "neighbour", 3)
+    channel = target._channel
+    assert channel is not None
+    held: list[tuple[str, list[bytes]]] = []
+    send_import = channel.send_import
+    monkeypatch.setattr(channel, "send_import", lambda m, blocks: held.append((m, blocks)))
+    target.import_kv(snapshot)
+    neighbour_at_import = len(transcript.tokens["neighbour"])
+    transcript.step_until(target, "neighbour", neighbour_at_import + 20)
+    assert len(transcript.tokens["late"]) == num_before  # waiting for its bytes
+    (migration_id, blocks) = held[0]
+    send_import(migration_id, [bytes(len(b)) for b in blocks])
+    transcript.finish_all(target)
+    assert transcript.tokens["late"][:num_before] == reference[:num_before]
+    assert len(transcript.tokens["late"]) == len(reference)
+    assert transcript.tokens["late"][num_before:] != reference[num_before:]
+
+
 def test_export_whose_bytes_never_come_resumes_by_recompute(
     engines: tuple[VllmMpEngine, VllmMpEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,12 +21,16 @@ a directory only the daemon's user can enter):
   `finished_sending`; vLLM frees the blocks once every rank has.
 - import (daemon -> each worker rank, PUSH/PULL): the daemon sends each rank its shard of a
   snapshot under a migration id, then adds the request with that id in `kv_transfer_params`;
-  the scheduler role reports the cached tokens as externally matched, and the rank writes the
-  bytes into the allocated blocks before the forward pass. Bytes that do not arrive in time are
-  reported as failed blocks, and `kv_load_failure_policy = "recompute"` recomputes them.
+  the scheduler role reports the cached tokens as externally matched and loaded
+  asynchronously, so vLLM allocates the blocks and parks the request (WAITING_FOR_REMOTE_KVS)
+  while the batch goes on. Each rank's loader thread writes the bytes into the allocated blocks
+  as soon as both they and the load order are there (`shard_inbox.py`) and reports the request
+  in `finished_recving`; vLLM then schedules it from the loaded tokens on. Bytes that do not
+  arrive within LOAD_WAIT_S are reported in `failed_recving`, and `kv_load_failure_policy =
+  "recompute"` recomputes the request's context instead.
 
-Known limits: the load is synchronous, and the bytes pass through both daemons (gRPC in
-between), not rank to rank between hosts.
+Known limit: the bytes pass through both daemons (gRPC in between), not rank to rank between
+hosts.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import json
 import math
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,10 +49,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
 )
 
 from cascadeinfer.worker.engines.kv_connector import layer_caches_of, read_blocks, write_blocks
 from cascadeinfer.worker.engines.parent_watch import watch_parent
+from cascadeinfer.worker.engines.shard_inbox import ShardInbox
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -72,10 +77,13 @@ EXPORT_KEY = "cascade_export"
 IMPORT_PREFIX_KEY = "cascade_import_prefix"
 """kv_connector_extra_config keys: the shared secret and the side channels' addresses (the
 import address gets `.RANK` appended)."""
-LOAD_WAIT_S = 2.0
-"""How long a rank waits for an import's bytes before reporting its blocks as failed (the
+LOAD_WAIT_S = 10.0
+"""How long a load waits for its bytes before it is reported failed (and recomputed). The
 daemon sends them before it adds the request, so they are normally there already; the wait
-stalls the rank's step, hence short)."""
+stalls nothing but the request itself."""
+INBOX_TTL_S = 60.0
+INBOX_MAX_SNAPSHOTS = 64
+"""Bounds on the imported bytes a rank holds for loads not ordered (yet)."""
 
 
 def import_address(prefix: str, rank: int) -> str:
@@ -88,6 +96,8 @@ def is_authentic(secret: bytes, frame: bytes) -> bool:
 
 @dataclass(frozen=True)
 class Load:
+    request_id: str
+    """vLLM's id, what `finished_recving` reports."""
     migration_id: str
     block_ids: tuple[int, ...]
     first_block: int
@@ -111,6 +121,8 @@ COPY_SUFFIX = "#copy"
 class MpConnectorMetadata(KVConnectorMetadata):
     loads: list[Load] = field(default_factory=list)
     saves: list[Save] = field(default_factory=list)
+    discards: list[str] = field(default_factory=list)
+    """Migration ids whose bytes no load will read (their tokens were cached locally)."""
 
 
 class CascadeMpConnector(KVConnectorBase_V1):
@@ -182,13 +194,17 @@ class CascadeMpConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         self._worker.save(self._metadata())
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        done, self._worker.sent = self._worker.sent, set()
-        return (done or None), None
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        return self._worker.take_results()
 
-    def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._worker.load_errors = self._worker.load_errors, set()
-        return errors
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        results = self._worker.take_results()
+        return (results.finished_sending or None), (results.finished_recving or None)
+
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        # A snapshot holds the request's own blocks of every group, not hash-addressed
+        # prefixes: vLLM must not zero any of them behind the loader's back.
+        return tuple(self._kv_cache_config.transfer_group_ids)
 
     def _metadata(self) -> MpConnectorMetadata:
         meta = self._get_connector_metadata()
@@ -218,6 +234,7 @@ class _SchedulerSide:
         self._started: set[str] = set()
         self._loads: list[Load] = []
         self._saves: list[Save] = []
+        self._discards: list[str] = []
         socket = connector._context.socket(zmq.REP)
         socket.bind(control_address)
         threading.Thread(target=self._serve, args=(socket,), daemon=True).start()
@@ -239,9 +256,10 @@ class _SchedulerSide:
         migration_id = params.get(MIGRATION_ID_KEY)
         if migration_id is None or migration_id in self._started:
             return 0, False
-        # A sync load must leave one token to compute; a snapshot never covers the last one.
+        # A snapshot never covers the last token (it is computed to sample the next one).
         num_cached = min(int(params[NUM_CACHED_TOKENS_KEY]), request.num_tokens - 1)
-        return max(num_cached - num_computed_tokens, 0), False
+        num_external = max(num_cached - num_computed_tokens, 0)
+        return num_external, num_external > 0
 
     def allocated(self, request: Request, block_ids: list[int], num_external: int) -> None:
         params = request.kv_transfer_params or {}
@@ -250,11 +268,13 @@ class _SchedulerSide:
             return
         self._started.add(str(migration_id))
         if num_external == 0:
-            return  # all cached locally; the ranks drop the bytes after LOAD_WAIT_S unread
-        num_cached = int(params[NUM_CACHED_TOKENS_KEY])
+            self._discards.append(str(migration_id))  # all cached locally
+            return
+        num_cached = min(int(params[NUM_CACHED_TOKENS_KEY]), request.num_tokens - 1)
         first = (num_cached - num_external) // self._c._block_size
         end = math.ceil(num_cached / self._c._block_size)
-        self._loads.append(Load(str(migration_id), tuple(block_ids[first:end]), first))
+        load = Load(request.request_id, str(migration_id), tuple(block_ids[first:end]), first)
+        self._loads.append(load)
 
     def build_meta(self) -> MpConnectorMetadata:
         while True:
@@ -272,8 +292,8 @@ class _SchedulerSide:
                 self._exporting[tag] = first
                 # Ends the request with "length" after the token this step computes.
                 request.max_tokens = min(request.max_tokens, request.num_output_tokens + 1)
-        meta = MpConnectorMetadata(loads=self._loads, saves=self._saves)
-        self._loads, self._saves = [], []
+        meta = MpConnectorMetadata(loads=self._loads, saves=self._saves, discards=self._discards)
+        self._loads, self._saves, self._discards = [], [], []
         return meta
 
     def finished(
@@ -301,11 +321,12 @@ class _SchedulerSide:
         return list(manager.get_block_ids(request.request_id)[0][:num_full])
 
     def has_work(self) -> bool:
-        return bool(self._saves or self._loads or not self._orders.empty())
+        return bool(self._saves or self._loads or self._discards or not self._orders.empty())
 
 
 class _WorkerSide:
-    """Runs in each worker process: sends exported shards, receives and writes imported ones."""
+    """Runs in each worker process: sends exported shards; a receiver thread takes imported
+    ones into the inbox and a loader thread writes them into their blocks (see module)."""
 
     def __init__(
         self, connector: CascadeMpConnector, rank: int, export_address: str, import_prefix: str
@@ -313,15 +334,19 @@ class _WorkerSide:
         self._c = connector
         self._rank = rank
         self.caches: list[torch.Tensor] = []
-        self.sent: set[str] = set()
-        self.load_errors: set[int] = set()
+        self._sent: set[str] = set()
+        self._results = threading.Lock()
+        self._received: set[str] = set()
+        self._failed: set[str] = set()
         self._out = connector._context.socket(zmq.PUSH)
         self._out.connect(export_address)
-        self._inbox: dict[str, list[bytes]] = {}
-        self._arrived = threading.Condition()
+        self._inbox: ShardInbox[Load] = ShardInbox(
+            wait_s=LOAD_WAIT_S, ttl_s=INBOX_TTL_S, max_entries=INBOX_MAX_SNAPSHOTS
+        )
         inbound = connector._context.socket(zmq.PULL)
         inbound.bind(import_address(import_prefix, rank))
         threading.Thread(target=self._receive, args=(inbound,), daemon=True).start()
+        threading.Thread(target=self._load_forever, daemon=True).start()
 
     def _receive(self, socket: zmq.Socket[bytes]) -> None:
         while True:
@@ -329,25 +354,48 @@ class _WorkerSide:
             if len(frames) < 2 or not is_authentic(self._c._secret, frames[0]):
                 continue
             header = json.loads(frames[1])
-            with self._arrived:
-                self._inbox[str(header["migration_id"])] = list(frames[2:])
-                self._arrived.notify_all()
+            self._inbox.put(str(header["migration_id"]), list(frames[2:]))
 
     def load(self, meta: MpConnectorMetadata) -> None:
+        """Hands the step's load orders to the loader thread; returns at once."""
+        for migration_id in meta.discards:
+            self._inbox.discard(migration_id)
         for load in meta.loads:
-            blobs = self._wait_for(load.migration_id)
-            wanted = None if blobs is None else blobs[load.first_block :][: len(load.block_ids)]
-            if wanted is None or len(wanted) != len(load.block_ids):
-                self.load_errors.update(load.block_ids)  # recomputed (kv_load_failure_policy)
-                continue
-            write_blocks(self.caches, self._c._num_blocks, load.block_ids, wanted)
+            self._inbox.expect(load.migration_id, load)
 
-    def _wait_for(self, migration_id: str) -> list[bytes] | None:
-        deadline = time.monotonic() + LOAD_WAIT_S
-        with self._arrived:
-            while migration_id not in self._inbox and time.monotonic() < deadline:
-                self._arrived.wait(deadline - time.monotonic())
-            return self._inbox.pop(migration_id, None)
+    def _load_forever(self) -> None:
+        # The blocks written here belong to requests vLLM parks until they are reported
+        # received: no forward pass reads or writes them meanwhile.
+        while True:
+            due = self._inbox.next_due(timeout_s=1.0)  # the timeout lets stale bytes expire
+            for load, shards in due.ready:
+                wanted = shards[load.first_block :][: len(load.block_ids)]
+                is_written = len(wanted) == len(load.block_ids)
+                if is_written:
+                    try:
+                        write_blocks(self.caches, self._c._num_blocks, load.block_ids, wanted)
+                    except (RuntimeError, ValueError):
+                        is_written = False  # bytes of the wrong size: recomputed instead
+                self._settle(load, is_written)
+            for load in due.expired:
+                self._settle(load, False)
+
+    def _settle(self, load: Load, is_written: bool) -> None:
+        with self._results:
+            self._received.add(load.request_id)
+            if not is_written:
+                self._failed.add(load.request_id)  # recomputed (kv_load_failure_policy)
+
+    def take_results(self) -> KVConnectorTransferResults:
+        """Exports sent and loads settled since the last step (a failed load is reported
+        received too: vLLM releases it from its wait and recomputes it)."""
+        sent, self._sent = self._sent, set()
+        with self._results:
+            received, self._received = self._received, set()
+            failed, self._failed = self._failed, set()
+        return KVConnectorTransferResults(
+            finished_sending=sent, finished_recving=received, failed_recving=failed
+        )
 
     def save(self, meta: MpConnectorMetadata) -> None:
         for save in meta.saves:
@@ -355,4 +403,4 @@ class _WorkerSide:
             header = json.dumps({"tag": save.tag, "rank": self._rank}).encode()
             self._out.send_multipart([self._c._secret, header, *blobs])
             if save.releases:
-                self.sent.add(save.request_id)
+                self._sent.add(save.request_id)
