@@ -103,10 +103,18 @@ def tls_from_arguments(base: TlsFiles, args: Any) -> TlsFiles:
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: TlsFiles) -> int:
-    """Binds `address` with TLS when `tls` has a certificate, in the clear otherwise."""
-    if tls.cert:
-        return server.add_secure_port(address, tls.server_credentials())
-    return server.add_insecure_port(address)
+    """Binds `address` with TLS when `tls` has a certificate, in the clear otherwise. An
+    address that cannot be bound (a port in use: the server needs daemon.SERVER_OPTIONS for
+    that to show) is a configuration error (ValueError, exit 2), not gRPC's RuntimeError."""
+    try:
+        if tls.cert:
+            return server.add_secure_port(address, tls.server_credentials())
+        return server.add_insecure_port(address)
+    except RuntimeError:
+        raise ValueError(
+            f"cannot listen on {address}: the port is in use, or the host is not an address "
+            "of this machine"
+        ) from None
 
 
 def aio_channel(

@@ -11,7 +11,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cascadeinfer.daemon import GRPC_MESSAGE_LIMIT, FatalError, StrictDecoding, run_daemon
+from cascadeinfer.daemon import (
+    GRPC_MESSAGE_LIMIT,
+    SERVER_OPTIONS,
+    FatalError,
+    StrictDecoding,
+    run_daemon,
+)
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
 from cascadeinfer.scheduler.coordinator import Coordinator
@@ -76,6 +82,7 @@ def server_options(config: SchedulerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
         ("grpc.max_receive_message_length", limit),
+        *SERVER_OPTIONS,
     ]
 
 
