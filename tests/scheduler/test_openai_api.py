@@ -173,6 +173,32 @@ def test_a_text_prompt_over_the_byte_limit_is_400_before_tokenizing(front: Front
     assert client.completions.create(model="sim", prompt="ok", max_tokens=2).choices
 
 
+def test_text_with_a_lone_surrogate_is_400_naming_the_field(front: Front) -> None:
+    """JSON may escape half of a UTF-16 pair (`"\\ud800"`): Python decodes it to a str that
+    has no UTF-8 form, which the prompt's byte count and the tokenizer cannot take (it was a
+    500 "internal error")."""
+    bodies = {
+        "/completions": {"model": "sim", "prompt": "hi \ud800 there", "max_tokens": 2},
+        "/chat/completions": {
+            "model": "sim",
+            "messages": [{"role": "user", "content": "\udfff"}],
+            "max_tokens": 2,
+        },
+    }
+    for route, body in bodies.items():
+        r = httpx.post(
+            front.scheduler.openai_url + route,
+            content=json.dumps(body),  # ASCII, the surrogate escaped
+            headers={**AUTH, "Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == ("prompt" if route == "/completions" else "messages")
+        assert "surrogate" in error["message"]
+    assert front.client().completions.create(model="sim", prompt="ok", max_tokens=2).choices
+
+
 def test_a_session_key_comes_as_a_header_or_the_user_field_and_is_bounded(front: Front) -> None:
     client = front.client()
     for extra in ({"extra_headers": {"X-Session-Id": "conv-1"}}, {"user": "agent-7"}):
