@@ -270,6 +270,49 @@ def test_stop_string_and_stop_token_end_the_text_early(front: Front) -> None:
     assert r.usage is not None and r.usage.completion_tokens == tokens.index(tokens[5]) + 1
 
 
+OPENAI_NULLABLE = [
+    "temperature",
+    "top_p",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "user",
+]
+"""Optional fields OpenAI's API documents as nullable: null asks for the default."""
+
+
+def test_null_in_an_optional_field_means_its_default(front: Front) -> None:
+    """Clients that write every field (null for those they leave unset) are served as if they
+    had left them out; a required field that is null is still a 400 naming it."""
+    url = front.scheduler.openai_url
+    nulls = dict.fromkeys(OPENAI_NULLABLE)
+    bodies = {
+        "/completions": {"model": "sim", "prompt": [5, 6, 7], "max_tokens": 4},
+        "/chat/completions": {
+            "model": "sim",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+        },
+    }
+    extra = {"/completions": ["echo", "best_of", "suffix"], "/chat/completions": []}
+    for route, body in bodies.items():
+        plain = httpx.post(url + route, json=body, headers=AUTH, timeout=30)
+        assert plain.status_code == 200, plain.text
+        with_nulls = {**body, **nulls, **dict.fromkeys(extra[route])}
+        r = httpx.post(url + route, json=with_nulls, headers=AUTH, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"] == plain.json()["choices"]
+        r = httpx.post(url + route, json={**body, "model": None}, headers=AUTH, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
