@@ -39,6 +39,12 @@ def keepalive_options(timeout_s: float) -> list[tuple[str, int]]:
     ]
 
 
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+"""Every server: gRPC binds with SO_REUSEPORT by default, so a second daemon started on a port
+another one serves on would share it, the kernel spreading new connections over both (clients
+and workers reaching a server other than the one they were given). Without it, that second
+bind fails (`security.add_port` turns that into a configuration error)."""
+
 PING_TOLERANCE = [
     ("grpc.http2.min_ping_interval_without_data_ms", 100),
     ("grpc.http2.max_ping_strikes", 0),

@@ -14,6 +14,7 @@ import collections
 import hmac
 import ipaddress
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,6 +57,30 @@ class TlsFiles:
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise ValueError(f"tls: {name} = {path!r} is not a readable file")
+        self._check_loads()
+
+    def _check_loads(self) -> None:
+        """The files hold what they are named for, with `ssl` (OpenSSL, as gRPC uses): gRPC
+        itself takes them unread and fails later, naming neither file (a server's bind fails
+        as if its port were in use, a client's handshakes fail)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        for name in ("cert", "ca"):
+            path = getattr(self, name)
+            try:
+                if path:
+                    context.load_verify_locations(cafile=path)
+            except ssl.SSLError as e:
+                raise ValueError(
+                    f"tls: {name} = {path!r} does not load as PEM certificates ({e.reason or e})"
+                ) from None
+        if self.cert:
+            try:
+                context.load_cert_chain(self.cert, self.key, password=_no_password)
+            except ssl.SSLError as e:
+                raise ValueError(
+                    f"tls: key = {self.key!r} does not load as the PEM private key of "
+                    f"cert = {self.cert!r} ({e.reason or e})"
+                ) from None
 
     def _read(self, name: str) -> bytes | None:
         path = getattr(self, name)
@@ -76,6 +101,12 @@ class TlsFiles:
             private_key=self._read("key"),
             certificate_chain=self._read("cert"),
         )
+
+
+def _no_password() -> bytes:
+    """OpenSSL's password callback for a key file: never prompt on the terminal (gRPC cannot
+    use an encrypted key anyway)."""
+    raise ValueError("tls: key is encrypted; give an unencrypted PEM key")
 
 
 def add_tls_arguments(p: Any, *, cert_help: str, ca_help: str) -> None:
@@ -103,10 +134,18 @@ def tls_from_arguments(base: TlsFiles, args: Any) -> TlsFiles:
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: TlsFiles) -> int:
-    """Binds `address` with TLS when `tls` has a certificate, in the clear otherwise."""
-    if tls.cert:
-        return server.add_secure_port(address, tls.server_credentials())
-    return server.add_insecure_port(address)
+    """Binds `address` with TLS when `tls` has a certificate, in the clear otherwise. An
+    address that cannot be bound (a port in use: the server needs daemon.SERVER_OPTIONS for
+    that to show) is a configuration error (ValueError, exit 2), not gRPC's RuntimeError."""
+    try:
+        if tls.cert:
+            return server.add_secure_port(address, tls.server_credentials())
+        return server.add_insecure_port(address)
+    except RuntimeError:
+        raise ValueError(
+            f"cannot listen on {address}: the port is in use, or the host is not an address "
+            "of this machine"
+        ) from None
 
 
 def aio_channel(

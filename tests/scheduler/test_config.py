@@ -8,6 +8,8 @@ import pytest
 from cascadeinfer.scheduler.config import SchedulerConfig, from_toml, parse_args
 from cascadeinfer.security import TOKEN_ENV
 
+from tests.scheduler.certs import make_certs
+
 EXAMPLE = Path(__file__).parents[2] / "services/cascade-scheduler/scheduler.example.toml"
 
 
@@ -73,3 +75,23 @@ def test_bad_settings_are_refused_clearly(argv: list[str], message: str) -> None
 
 def test_defaults_validate() -> None:
     SchedulerConfig().validate()
+
+
+def test_tls_files_that_do_not_load_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """Before, a file that is not PEM (or a key of another certificate) passed the check and
+    gRPC failed to bind with a RuntimeError traceback, exit 1, naming neither file."""
+    good = make_certs(tmp_path / "good")
+    other = make_certs(tmp_path / "other")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    parse_args(["--tls-cert", str(good.cert), "--tls-key", str(good.key), "--tls-ca", str(good.ca)])
+    cases = [
+        (garbage, good.key, good.ca, "cert"),
+        (good.cert, garbage, good.ca, "key"),
+        (good.cert, other.key, good.ca, "key"),
+        (good.cert, good.key, garbage, "ca"),
+    ]
+    for cert, key, ca, bad in cases:
+        argv = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
+        with pytest.raises(ValueError, match=f"tls: {bad} = .* does not load"):
+            parse_args(argv)

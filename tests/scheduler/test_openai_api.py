@@ -173,6 +173,32 @@ def test_a_text_prompt_over_the_byte_limit_is_400_before_tokenizing(front: Front
     assert client.completions.create(model="sim", prompt="ok", max_tokens=2).choices
 
 
+def test_text_with_a_lone_surrogate_is_400_naming_the_field(front: Front) -> None:
+    """JSON may escape half of a UTF-16 pair (`"\\ud800"`): Python decodes it to a str that
+    has no UTF-8 form, which the prompt's byte count and the tokenizer cannot take (it was a
+    500 "internal error")."""
+    bodies = {
+        "/completions": {"model": "sim", "prompt": "hi \ud800 there", "max_tokens": 2},
+        "/chat/completions": {
+            "model": "sim",
+            "messages": [{"role": "user", "content": "\udfff"}],
+            "max_tokens": 2,
+        },
+    }
+    for route, body in bodies.items():
+        r = httpx.post(
+            front.scheduler.openai_url + route,
+            content=json.dumps(body),  # ASCII, the surrogate escaped
+            headers={**AUTH, "Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == ("prompt" if route == "/completions" else "messages")
+        assert "surrogate" in error["message"]
+    assert front.client().completions.create(model="sim", prompt="ok", max_tokens=2).choices
+
+
 def test_a_session_key_comes_as_a_header_or_the_user_field_and_is_bounded(front: Front) -> None:
     client = front.client()
     for extra in ({"extra_headers": {"X-Session-Id": "conv-1"}}, {"user": "agent-7"}):
@@ -242,6 +268,49 @@ def test_stop_string_and_stop_token_end_the_text_early(front: Front) -> None:
     )
     assert r.choices[0].finish_reason == "stop"
     assert r.usage is not None and r.usage.completion_tokens == tokens.index(tokens[5]) + 1
+
+
+OPENAI_NULLABLE = [
+    "temperature",
+    "top_p",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "user",
+]
+"""Optional fields OpenAI's API documents as nullable: null asks for the default."""
+
+
+def test_null_in_an_optional_field_means_its_default(front: Front) -> None:
+    """Clients that write every field (null for those they leave unset) are served as if they
+    had left them out; a required field that is null is still a 400 naming it."""
+    url = front.scheduler.openai_url
+    nulls = dict.fromkeys(OPENAI_NULLABLE)
+    bodies = {
+        "/completions": {"model": "sim", "prompt": [5, 6, 7], "max_tokens": 4},
+        "/chat/completions": {
+            "model": "sim",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+        },
+    }
+    extra = {"/completions": ["echo", "best_of", "suffix"], "/chat/completions": []}
+    for route, body in bodies.items():
+        plain = httpx.post(url + route, json=body, headers=AUTH, timeout=30)
+        assert plain.status_code == 200, plain.text
+        with_nulls = {**body, **nulls, **dict.fromkeys(extra[route])}
+        r = httpx.post(url + route, json=with_nulls, headers=AUTH, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"] == plain.json()["choices"]
+        r = httpx.post(url + route, json={**body, "model": None}, headers=AUTH, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
 
 
 @pytest.mark.parametrize(

@@ -596,6 +596,12 @@ class Coordinator:
             if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
                 raise SchedulingError(e.code, e.details) from None
             return False
+        except asyncio.CancelledError:
+            # The caller left mid-placement (a gRPC client that cancelled, or whose deadline
+            # passed): nobody will read the request, so it ends here, and its placement with
+            # it (the client tells the worker, `start_detached`).
+            self._end(rec, FinishReason.ABORT)
+            raise
         finally:
             rec.is_placing = False
         if link.is_gone:

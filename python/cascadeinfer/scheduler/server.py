@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc
 import structlog
@@ -11,11 +14,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from cascadeinfer.daemon import GRPC_MESSAGE_LIMIT, FatalError, StrictDecoding, run_daemon
+from cascadeinfer.daemon import (
+    GRPC_MESSAGE_LIMIT,
+    SERVER_OPTIONS,
+    FatalError,
+    StrictDecoding,
+    run_daemon,
+)
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
 from cascadeinfer.scheduler.coordinator import Coordinator
-from cascadeinfer.scheduler.openai.server import start_http_front
+from cascadeinfer.scheduler.openai.server import HttpFront, start_http_front
 from cascadeinfer.scheduler.servicer import RegistryServicer, SchedulerServicer
 from cascadeinfer.scheduler.tasks import watch_essential
 from cascadeinfer.scheduler.worker_client import WorkerCallError
@@ -76,10 +85,18 @@ def server_options(config: SchedulerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
         ("grpc.max_receive_message_length", limit),
+        *SERVER_OPTIONS,
     ]
 
 
 async def serve(config: SchedulerConfig) -> None:
+    # From the start, so a scheduler stopped while it waits for its workers shuts down as one
+    # stopped later does (asyncio's own SIGINT handling ends in tracebacks; SIGTERM's default
+    # kills it).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     coordinator = Coordinator(config)
     interceptors: list[grpc.aio.ServerInterceptor] = (
         [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
@@ -103,15 +120,26 @@ async def serve(config: SchedulerConfig) -> None:
     await server.start()
     http = await start_http_front(config, coordinator) if config.http_port is not None else None
     structlog.contextvars.bind_contextvars(scheduler=f"{config.host}:{port}")
-    stop = asyncio.Event()
     failures = coordinator.metrics.background_failures
     health_task = asyncio.create_task(
         report_health(health_servicer, coordinator), name="report_health"
     )
     watch_essential(health_task, failures, stop)
-    await connect_static_workers(coordinator, config.workers)
-    tick = asyncio.create_task(coordinator.tick_forever(), name="tick_forever")
-    watch_essential(tick, failures, stop)
+    essential = [health_task]
+    if await _unless_stopped(connect_static_workers(coordinator, config.workers), stop):
+        tick = asyncio.create_task(coordinator.tick_forever(), name="tick_forever")
+        watch_essential(tick, failures, stop)
+        essential.append(tick)
+        _announce(config, port, http)
+        await stop.wait()
+    await _shut_down(health_servicer, essential, http, server, coordinator)
+    for task in essential:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise FatalError(f"{task.get_name()} failed: {task.exception()!r}")
+
+
+def _announce(config: SchedulerConfig, port: int, http: HttpFront | None) -> None:
+    """The lines the launcher and operators read once the scheduler serves."""
     if http is not None:
         models = ",".join(http.model_names()) or "-"
         print(f"cascade-scheduler openai api on {http.url} models={models}", flush=True)
@@ -127,22 +155,41 @@ async def serve(config: SchedulerConfig) -> None:
         tokenizer=config.tokenizer or None,
         http=http.url if http is not None else None,
     )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    health_task.cancel()
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Runs `work` to its end (True), unless `stop` is set first (False: `work` is cancelled)."""
+    task = asyncio.create_task(work)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()
+    return True
+
+
+async def _shut_down(
+    health_servicer: health.aio.HealthServicer,
+    tasks: list[asyncio.Task[None]],
+    http: HttpFront | None,
+    server: grpc.aio.Server,
+    coordinator: Coordinator,
+) -> None:
+    """NOT_SERVING, the background tasks cancelled, the HTTP front and the gRPC server stopped
+    (open streams get a few seconds), the worker links closed."""
+    for task in tasks:
+        task.cancel()
     for name in ("", SCHEDULER):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    tick.cancel()
     if http is not None:
         await http.stop()
     await server.stop(grace=5)
     await coordinator.close()
     log.info("stopped")
-    for task in (tick, health_task):
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise FatalError(f"{task.get_name()} failed: {task.exception()!r}")
 
 
 def main(argv: list[str] | None = None) -> None:

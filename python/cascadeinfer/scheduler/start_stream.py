@@ -7,7 +7,8 @@ every placement made while a batch is being written goes out in the next one, an
 worker answers each batch with one message. Each `start` still gets its own result, as the
 single call gave it.
 
-Bounds: what waits here is placements the coordinator made and awaits (each with a timeout);
+Bounds: what waits here is placements the coordinator made and awaits (each with a timeout),
+and aborts of starts whose caller left meanwhile (one short call each);
 the stream is reopened on the next placement after it breaks, and the placements in flight on a
 broken stream fail with its status (the coordinator re-places them).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -48,6 +50,8 @@ class StartStream:
         self._in_flight: deque[tuple[str, asyncio.Future[None]]] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._aborts: set[asyncio.Task[None]] = set()
+        """Aborts of starts whose caller left (`_abandon`)."""
         self._timeout_s = 10.0
         """How long the worker has to answer a batch (the callers' timeout) before the stream
         is taken to be broken."""
@@ -64,11 +68,41 @@ class StartStream:
             )
         try:
             async with asyncio.timeout(timeout_s):
-                await future
+                # Shielded: a caller cancelled while the start is in flight must not lose its
+                # answer (see `_abandon`).
+                await asyncio.shield(future)
         except TimeoutError:
+            future.cancel()  # not sent yet: never sent; answered late: the answer is ignored
             raise WorkerCallError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "the worker did not answer the start in time"
             ) from None
+        except asyncio.CancelledError:
+            self._abandon(request.request_id, future)
+            raise
+
+    def _abandon(self, request_id: str, future: asyncio.Future[None]) -> None:
+        """The caller left (its client cancelled, or its deadline passed, while the request was
+        being placed). A start not sent yet is dropped; one the worker may accept would run
+        there with nobody reading it, to its max_tokens: it is aborted once accepted."""
+        if any(f is future for _, f in self._queued):
+            future.cancel()
+            return
+        future.add_done_callback(functools.partial(self._abort_if_started, request_id))
+
+    def _abort_if_started(self, request_id: str, future: asyncio.Future[None]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return  # refused, or the stream broke: nothing runs there for this start
+        task = asyncio.get_running_loop().create_task(self._abort(request_id))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    async def _abort(self, request_id: str) -> None:
+        try:
+            await self._stub.Abort(
+                worker_pb2.AbortRequest(request_id=request_id), timeout=self._timeout_s
+            )
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+            log.info("abandoned_start_abort_failed", request_id=request_id, error=str(e))
 
     def _open(self) -> Call:
         if self._call is not None:
@@ -151,7 +185,7 @@ class StartStream:
                 future.exception()  # retrieved: its caller may have gone
 
     async def close(self) -> None:
-        for task in (self._writer, self._reader):
+        for task in (self._writer, self._reader, *self._aborts):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

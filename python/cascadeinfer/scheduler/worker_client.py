@@ -34,7 +34,8 @@ class WorkerClient(Protocol):
 
     async def start_detached(self, request: worker_pb2.GenerateRequest, timeout_s: float) -> None:
         """Starts a request that runs on after the call returns (its tokens come on the step
-        feed); returns once the worker accepted it."""
+        feed); returns once the worker accepted it. A caller cancelled meanwhile leaves no
+        copy running there (the worker is told to abort it once it has accepted it)."""
         ...
 
     async def migrate_out(

@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 from cascadeinfer.daemon import (
     CHANNEL_OPTIONS,
     PING_TOLERANCE,
+    SERVER_OPTIONS,
     StrictDecoding,
     keepalive_options,
     run_daemon,
@@ -87,8 +88,6 @@ async def serve(config: WorkerConfig) -> None:
         hub.publish(report)
         metrics.observe_step(report)
 
-    engine_loop = EngineLoop(lambda: build_engine(config), loop, on_step)
-    engine = await engine_loop.start()
     # Every call needs the cluster's token, or under mTLS a client certificate (checked by TLS).
     needs_token = config.auth_token and not config.tls.require_client_cert
     interceptors: list[grpc.aio.ServerInterceptor] = (
@@ -99,9 +98,13 @@ async def serve(config: WorkerConfig) -> None:
     # Pings both ways: the scheduler's find a cut link, and ours drop the feed of a scheduler
     # cut off (which starts the orphan bound).
     server = grpc.aio.server(
-        options=[*CHANNEL_OPTIONS, *keepalive, *PING_TOLERANCE], interceptors=interceptors
+        options=[*CHANNEL_OPTIONS, *keepalive, *PING_TOLERANCE, *SERVER_OPTIONS],
+        interceptors=interceptors,
     )
+    # Bound before the engine is built: a port in use fails at once, not after a model load.
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
+    engine_loop = EngineLoop(lambda: build_engine(config), loop, on_step)
+    engine = await engine_loop.start()
     worker_id = config.worker_id or f"{config.host}:{port}"
     structlog.contextvars.bind_contextvars(worker_id=worker_id, engine=engine.name)
     state = WorkerState(

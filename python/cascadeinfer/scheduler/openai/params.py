@@ -57,8 +57,18 @@ async def encode(
     files: ModelFiles, text: str, *, add_special_tokens: bool, max_bytes: int, field: str
 ) -> tuple[int, ...]:
     """Token ids of `text`, refused before tokenizing when it is over `max_bytes` (the
-    scheduler's max_prompt_bytes, which the gRPC front applies too)."""
-    if is_over_bytes(text, max_bytes):
+    scheduler's max_prompt_bytes, which the gRPC front applies too) or has no UTF-8 form: JSON
+    may escape half of a UTF-16 pair (`"\\ud800"`), which decodes to a lone surrogate (gRPC's
+    strings are UTF-8 already)."""
+    try:
+        is_over = is_over_bytes(text, max_bytes)
+    except UnicodeEncodeError as e:
+        raise invalid(
+            f"{field}: not valid Unicode text: character {e.start} is a lone surrogate "
+            f"({text[e.start]!r})",
+            field,
+        ) from None
+    if is_over:
         raise invalid(f"{field}: the prompt is over {max_bytes} bytes (max_prompt_bytes)", field)
     return await encode_off_loop(files.tokenizer, text, add_special_tokens=add_special_tokens)
 

@@ -7,9 +7,9 @@ that are known but only accepted at their default, such as n=1).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -32,10 +32,37 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _defaulted(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of `model` that are optional with a default other than None."""
+    found = _DEFAULTED.get(model)
+    if found is None:
+        found = _DEFAULTED[model] = frozenset(
+            name
+            for name, f in model.model_fields.items()
+            if not f.is_required() and (f.default is not None or f.default_factory is not None)
+        )
+    return found
+
+
+_DEFAULTED: dict[type[BaseModel], frozenset[str]] = {}
+
+
 class SamplingFields(BaseModel):
     """Fields both endpoints share."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI documents its optional fields as nullable, and some clients send every field,
+        null for those they leave unset: a null then asks for the field's default, as if it
+        were absent (and it counts as unset for `params.check_unsupported`). Required fields
+        and unknown ones are checked as given."""
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        defaulted = _defaulted(cls)
+        return {k: v for k, v in data.items() if v is not None or k not in defaulted}
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_U32)
