@@ -166,6 +166,8 @@ def main() -> None:
             else {}
         )
         args = ["--model", model] if model else []
+        if a.layout == "inprocess":
+            options["multiprocess"] = False
         args += [arg for k, v in options.items() for arg in ("--vllm-option", f"{k}={v}")]
         if a.layout == "mp":
             d = direct_async_llm(*shape, model, options)

@@ -549,7 +549,8 @@ def vllm_case(args: argparse.Namespace, rate: float) -> Case:
     is_calibrated = str(doc.get("description", "")).startswith("Calibrated")
     case = Case(
         name="vllm",
-        engine_args=["--engine", "vllm"],
+        # The in-process engine, as calibrated (`cascade calibrate` observes its scheduler).
+        engine_args=["--engine", "vllm", "--vllm-option", "multiprocess=false"],
         num_workers=2,
         stages=args.vllm_stages,
         profile_doc=doc,

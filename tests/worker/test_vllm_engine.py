@@ -100,6 +100,7 @@ def vllm_config(tmp_path_factory: pytest.TempPathFactory) -> VllmEngineConfig:
         block_size=BLOCK,
         max_model_len=1024,
         num_blocks=64,
+        multiprocess=False,
     )
 
 

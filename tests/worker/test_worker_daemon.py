@@ -25,9 +25,10 @@ from tests.worker.streams import (
 )
 
 SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "256", "--sim-max-model-len", "8192"]
-VLLM = ["--engine", "vllm"]  # vLLM on CPU with the built-in tiny Llama (seeded dummy weights)
-# The same with vLLM's engine core in its own process (AsyncLLM; KV through mp_kv_connector).
-VLLM_MP = [*VLLM, "--vllm-option", "multiprocess=true"]
+# vLLM on CPU with the built-in tiny Llama (seeded dummy weights): by default AsyncLLM with the
+# engine core in its own process (KV through mp_kv_connector); "vllm" is the in-process engine.
+VLLM_MP = ["--engine", "vllm"]
+VLLM = [*VLLM_MP, "--vllm-option", "multiprocess=false"]
 ARGS = {"sim": SIM, "vllm": VLLM, "vllm-mp": VLLM_MP}
 PROMPT = list(range(1, 41))
 # Long enough that several migrations land mid-decode; vLLM's tiny model steps in about 1 ms.

@@ -57,7 +57,8 @@ class VllmProbe:
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from cascadeinfer.worker.engines.vllm_engine import VllmEngine, resolve_config
 
-        config = resolve_config(model, options)
+        # The in-process engine unless told otherwise (then refused: it cannot be observed).
+        config = resolve_config(model, {"multiprocess": False, **options})
         if config.multiprocess:
             raise ValueError("calibration observes vLLM's scheduler in-process: multiprocess=false")
         self._engine: VllmEngine = VllmEngine(config)

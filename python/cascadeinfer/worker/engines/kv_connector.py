@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -377,11 +378,14 @@ def read_blocks(
 
 
 def write_blocks(
-    caches: list[torch.Tensor], num_blocks: int, block_ids: tuple[int, ...], blobs: list[bytes]
+    caches: list[torch.Tensor],
+    num_blocks: int,
+    block_ids: tuple[int, ...],
+    blobs: Sequence[bytes | memoryview],
 ) -> None:
     """The inverse of `read_blocks`: blob i goes into block_ids[i]."""
     num = len(block_ids)
-    table = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8).reshape(num, -1)
+    table = torch.frombuffer(bytearray().join(blobs), dtype=torch.uint8).reshape(num, -1)
     offset = 0
     for cache in caches:
         rows = _kernel_rows(cache, num_blocks, block_ids)

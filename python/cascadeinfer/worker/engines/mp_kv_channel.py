@@ -93,6 +93,8 @@ class KVChannel:
             header = json.loads(frames[1])
             self._stash.setdefault(str(header["tag"]), {})[int(header["rank"])] = frames[2:]
         shards = self._stash.pop(tag)
+        if self._tp_size == 1:
+            return shards[0]
         by_rank = [shards[r] for r in range(self._tp_size)]
         return [b"".join(parts) for parts in zip(*by_rank, strict=True)]
 
@@ -101,7 +103,8 @@ class KVChannel:
         header = json.dumps({"migration_id": migration_id}).encode()
         for rank, socket in enumerate(self._imports):
             shards = [_slice(b, rank, self._tp_size) for b in blocks]
-            socket.send_multipart([self._secret, header, *shards])
+            # copy=False: ZeroMQ sends from the blocks' own buffers (megabytes each).
+            socket.send_multipart([self._secret, header, *shards], copy=False)
 
     def close(self) -> None:
         self._context.destroy(linger=0)

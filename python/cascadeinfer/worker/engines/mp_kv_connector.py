@@ -54,7 +54,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from cascadeinfer.worker.engines.kv_connector import layer_caches_of, read_blocks, write_blocks
 from cascadeinfer.worker.engines.parent_watch import watch_parent
-from cascadeinfer.worker.engines.shard_inbox import ShardInbox
+from cascadeinfer.worker.engines.shard_inbox import Shard, ShardInbox
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -350,11 +350,13 @@ class _WorkerSide:
 
     def _receive(self, socket: zmq.Socket[bytes]) -> None:
         while True:
-            frames = socket.recv_multipart()
-            if len(frames) < 2 or not is_authentic(self._c._secret, frames[0]):
+            frames = socket.recv_multipart(copy=False)
+            if len(frames) < 2 or not is_authentic(self._c._secret, frames[0].bytes):
                 continue
-            header = json.loads(frames[1])
-            self._inbox.put(str(header["migration_id"]), list(frames[2:]))
+            header = json.loads(frames[1].bytes)
+            # Views of ZeroMQ's own buffers: the shards are copied once, into the blocks.
+            shards: list[Shard] = [frame.buffer for frame in frames[2:]]
+            self._inbox.put(str(header["migration_id"]), shards)
 
     def load(self, meta: MpConnectorMetadata) -> None:
         """Hands the step's load orders to the loader thread; returns at once."""
@@ -401,6 +403,6 @@ class _WorkerSide:
         for save in meta.saves:
             blobs = read_blocks(self.caches, self._c._num_blocks, save.block_ids)
             header = json.dumps({"tag": save.tag, "rank": self._rank}).encode()
-            self._out.send_multipart([self._c._secret, header, *blobs])
+            self._out.send_multipart([self._c._secret, header, *blobs], copy=False)
             if save.releases:
                 self._sent.add(save.request_id)

@@ -23,13 +23,15 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 Order = TypeVar("Order")
+Shard = bytes | memoryview
+"""One block's bytes for this rank (a view of the receiving socket's buffer, or bytes)."""
 
 
 @dataclass(frozen=True)
 class Due(Generic[Order]):
     """What the loader settles now: orders with their bytes, and orders past their deadline."""
 
-    ready: list[tuple[Order, list[bytes]]]
+    ready: list[tuple[Order, list[Shard]]]
     expired: list[Order]
 
 
@@ -51,12 +53,12 @@ class ShardInbox(Generic[Order]):
         self._max_entries = max_entries
         self._clock = clock
         self._changed = threading.Condition()
-        self._shards: OrderedDict[str, tuple[float, list[bytes]]] = OrderedDict()
+        self._shards: OrderedDict[str, tuple[float, list[Shard]]] = OrderedDict()
         """Migration id -> (arrival time, the rank's shard of each block), oldest first."""
         self._waiting: list[tuple[str, float, Order]] = []
         """(migration id, deadline, order) of loads whose bytes are not here yet."""
 
-    def put(self, migration_id: str, shards: list[bytes]) -> None:
+    def put(self, migration_id: str, shards: list[Shard]) -> None:
         """A snapshot's bytes arrived (receiver thread)."""
         with self._changed:
             now = self._clock()
@@ -97,7 +99,7 @@ class ShardInbox(Generic[Order]):
             return len(self._shards)
 
     def _take_due(self, now: float) -> Due[Order]:
-        ready: list[tuple[Order, list[bytes]]] = []
+        ready: list[tuple[Order, list[Shard]]] = []
         expired: list[Order] = []
         still: list[tuple[str, float, Order]] = []
         for migration_id, deadline, order in self._waiting:

@@ -92,9 +92,11 @@ class VllmEngineConfig:
     seed: int = 0
     max_transfer_steps: int = 4
     """Steps to wait for the worker to copy blocks before giving up (one is enough normally)."""
-    multiprocess: bool = False
-    """Run vLLM as operators deploy it: AsyncLLM with the engine core (and its workers) in
-    their own processes (`vllm_mp_engine.py`); KV blocks move through `mp_kv_connector.py`."""
+    multiprocess: bool = True
+    """Run vLLM as operators deploy it (the default): AsyncLLM with the engine core (and its
+    workers) in their own processes (`vllm_mp_engine.py`); KV blocks move through
+    `mp_kv_connector.py`. False hosts one LLMEngine in the daemon's process (`VllmEngine`),
+    which calibration needs (it observes vLLM's scheduler) and which shares the daemon's GIL."""
     tensor_parallel_size: int = 1
     """Multiprocess engine only: workers (GPUs) the model is split over."""
     move_kv: bool = True
