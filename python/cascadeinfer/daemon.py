@@ -63,7 +63,9 @@ def release_freed_memory() -> None:
 
 
 def configure_logging() -> None:
-    """structlog JSON lines on stderr; handlers bind request_id, daemons bind their own id."""
+    """structlog JSON lines on stderr; handlers bind request_id, daemons bind their own id.
+    Records of the standard `logging` module (uvicorn's, grpc's, asyncio's) at WARNING and
+    above come out the same way, named by their `logger`, a traceback as `exception`."""
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -75,6 +77,25 @@ def configure_logging() -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso"),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)  # what logging's last-resort handler showed before
 
 
 EVENT_LOOP_ENV = "CASCADE_EVENT_LOOP"

@@ -36,6 +36,10 @@ class FakeWorker:
     """Fail every start_detached with this status."""
     fail_migrate: grpc.StatusCode | None = None
     """Fail every migrate_out with this status."""
+    hold_start: asyncio.Event | None = None
+    """start_detached waits for this before it takes the request (a placement in flight)."""
+    is_abort_unanswered: bool = False
+    """abort gets no answer: it fails with DEADLINE_EXCEEDED once its timeout passes."""
     hold_migrate: asyncio.Event | None = None
     """migrate_out waits for this before it answers (a transfer in flight)."""
     peers: dict[str, FakeWorker] = field(default_factory=dict)
@@ -71,6 +75,8 @@ class FakeWorker:
     async def start_detached(self, request: worker_pb2.GenerateRequest, timeout_s: float) -> None:
         if self.refuse_start is not None:
             raise WorkerCallError(self.refuse_start, "refused by the fake")
+        if self.hold_start is not None:
+            await self.hold_start.wait()
         self.started[request.request_id] = request
 
     async def migrate_out(
@@ -84,6 +90,9 @@ class FakeWorker:
         return worker_pb2.MigrateOutResponse()
 
     async def abort(self, request_id: str, timeout_s: float) -> None:
+        if self.is_abort_unanswered:
+            await asyncio.sleep(timeout_s)
+            raise WorkerCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer from the fake")
         self.aborted.append(request_id)
 
     async def step_feed(self) -> AsyncIterator[worker_pb2.StepUpdate]:

@@ -18,7 +18,7 @@ from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 from cascadeinfer.scheduler import requests
 from cascadeinfer.scheduler.config import SchedulerConfig, StageSpec
-from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
+from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator, SchedulingError
 from cascadeinfer.scheduler.requests import ClientRequest
 from cascadeinfer.scheduler.workers import WorkerPool
 
@@ -157,6 +157,42 @@ async def test_a_client_that_stops_reading_has_its_request_ended_and_aborted(
     assert rec.is_overflowed and rec.finish == FinishReason.ABORT
     assert fakes["a"].aborted == ["slow"]
     assert "slow" not in c.requests
+
+
+async def test_a_stopping_scheduler_ends_every_request_and_aborts_it_on_its_worker(
+    started: list[Coordinator], tmp_path: Path
+) -> None:
+    profile = small_kv_profile(tmp_path, 300)
+    c, fakes = await start(started, "a", "b", profile=profile, worker_call_timeout_s=0.2)
+    a, b = fakes["a"], fakes["b"]
+    running = await submit(c, "running", 200)
+    b.hold_start = asyncio.Event()
+    placing_task = asyncio.create_task(submit(c, "placing", 200))
+    await settle()
+    queued = await submit(c, "queued", 200)
+    assert c.queue_depth == 1 and "running" in a.started and not b.started
+
+    placed = c.cut_off()
+    assert not c.requests, "every accepted request is ended at once"
+    for rec in (running, queued):
+        assert rec.is_cut_off and rec.finish == FinishReason.ABORT
+    assert sorted((link.worker_id, rid) for link, rid in placed) == [
+        ("a", "running"),
+        ("b", "placing"),
+    ]
+    with pytest.raises(SchedulingError) as refused:
+        await submit(c, "late", 10)
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.message == SHUTTING_DOWN
+
+    b.is_abort_unanswered = True  # b is stuck: its abort is bounded, and a's still goes out
+    await asyncio.wait_for(c.abort_all(placed), 2)
+    assert a.aborted == ["running"]
+    # The placement that was in flight lands after the abort: it is aborted once it does.
+    b.is_abort_unanswered = False
+    b.hold_start.set()
+    await asyncio.wait_for(placing_task, 2)
+    assert "placing" in b.started and b.aborted == ["placing"]
 
 
 async def test_bursts_larger_than_the_lag_bound_reach_a_client_that_reads(

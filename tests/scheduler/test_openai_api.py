@@ -363,6 +363,36 @@ def test_a_bad_value_inside_a_union_field_is_named_where_it_is(
     assert error["param"] == param and words in error["message"], error
 
 
+@pytest.mark.parametrize(
+    ("route", "field", "param"),
+    [
+        ("chat/completions", '"temperature": NaN', "temperature"),
+        ("completions", '"temperature": Infinity', "temperature"),
+        ("completions", '"top_p": -Infinity', "top_p"),
+        ("chat/completions", '"presence_penalty": NaN', "presence_penalty"),
+        ("completions", '"logit_bias": {"5": NaN}', "logit_bias.5"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_400_naming_the_field(
+    front: Front, route: str, field: str, param: str
+) -> None:
+    """Python's JSON parser reads NaN and Infinity; NaN was refused as over the upper bound
+    ("less than or equal to 2"), and NaN in a field with no bound was not refused there."""
+    prompt = (
+        '"messages": [{"role": "user", "content": "hi"}]' if "chat" in route else '"prompt": "hi"'
+    )
+    r = httpx.post(
+        f"{front.scheduler.openai_url}/{route}",
+        content=f'{{"model": "sim", "max_tokens": 4, {prompt}, {field}}}',
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param, error
+    assert error["message"] == f"{param}: Input should be a finite number", error
+
+
 def _raw_exchange(front: Front, parts: list[bytes], pause_s: float = 0.0) -> tuple[bytes, float]:
     """Sends `parts` on one connection (pausing `pause_s` before the last) and reads until the
     server closes it; returns what came back and how long the server took to close."""

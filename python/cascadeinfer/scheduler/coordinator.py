@@ -47,6 +47,10 @@ RECONCILE_TIMEOUT_S = 10.0
 before its registration is refused (it registers again with its next heartbeat)."""
 PROMPT_BYTES_PER_TOKEN = 16
 """Default text prompt limit per token of context: a few times the bytes a token averages."""
+SHUTTING_DOWN = "the scheduler is shutting down"
+SHUTDOWN_ABORT_TIMEOUT_S = 2.0
+"""How long a stopping scheduler waits for a worker to abort the requests it cut off; a worker
+that does not answer in time is left to its own orphan bound (`orphan_timeout_s`)."""
 
 
 class SchedulingError(Exception):
@@ -85,6 +89,8 @@ class Coordinator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._connecting: dict[str, asyncio.Future[WorkerLink]] = {}
         self._is_closing = False
+        self.is_stopping = False
+        """Set by `cut_off`: new requests are refused with UNAVAILABLE."""
         self.counters = Counters()
         self.max_model_len = 0
         rate = config.max_optional_migrations_per_s
@@ -499,8 +505,7 @@ class Coordinator:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "text prompts need a tokenizer; start the scheduler with --tokenizer",
             )
-        if not self.can_place:
-            raise SchedulingError(grpc.StatusCode.UNAVAILABLE, "no worker is serving yet")
+        self._check_open()
         limit = self.max_prompt_bytes
         if is_over_bytes(text, limit):
             raise SchedulingError(
@@ -534,8 +539,7 @@ class Coordinator:
 
     async def submit(self, rec: ClientRequest) -> None:
         """Admits a request now or queues it; raises SchedulingError when it cannot be taken."""
-        if self.policy is None or not self.pool.healthy():
-            raise SchedulingError(grpc.StatusCode.UNAVAILABLE, "no worker is serving yet")
+        self._check_open()
         if rec.context_len + rec.sampling.max_tokens > self.max_model_len:
             raise SchedulingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -558,6 +562,13 @@ class Coordinator:
                 f"admission queue is full ({self.config.max_queue})",
             )
         heapq.heappush(self._queue, (-rec.priority, next(self._seq), rec.request_id))
+
+    def _check_open(self) -> None:
+        """Raises UNAVAILABLE unless a request arriving now could be admitted."""
+        if self.is_stopping:
+            raise SchedulingError(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        if not self.can_place:
+            raise SchedulingError(grpc.StatusCode.UNAVAILABLE, "no worker is serving yet")
 
     def _forget(self, rec: ClientRequest) -> None:
         self.requests.pop(rec.request_id, None)
@@ -604,6 +615,11 @@ class Coordinator:
             raise
         finally:
             rec.is_placing = False
+        if rec.is_cut_off:
+            # The scheduler began to stop while the worker took it: nobody will read it, and
+            # the abort `cut_off` sent may have come before the request.
+            await self.abort_all([(link, rec.request_id)])
+            return True
         if link.is_gone:
             # Its feed ended while the request was being placed: nobody follows it there (the
             # copy there is a ghost, aborted if the worker comes back or by its orphan bound).
@@ -661,6 +677,51 @@ class Coordinator:
         self._end(rec, FinishReason.ABORT)
         if link is not None and link.is_healthy:
             await self._abort_on(link, request_id)
+
+    def cut_off(self) -> list[tuple[WorkerLink, str]]:
+        """The first step of a graceful stop: refuses new requests from now on (UNAVAILABLE)
+        and ends every accepted one, placed or queued, so each client stream ends at once
+        with UNAVAILABLE (HTTP: 503, or an error event mid-stream) rather than being cut when
+        the servers stop. Returns where the ended requests may still run, for `abort_all`."""
+        self.is_stopping = True
+        placed = []
+        accepted = list(self.requests.values())
+        for rec in accepted:
+            for worker_id in rec.holders:
+                link = self.pool.by_id.get(worker_id)
+                if link is not None and not link.is_gone:
+                    placed.append((link, rec.request_id))
+            rec.is_cut_off = True
+            self._end(rec, FinishReason.ABORT)
+        self._queue.clear()
+        if accepted:
+            log.info("requests_cut_off", requests=len(accepted), placed=len(placed))
+        return placed
+
+    async def abort_all(self, placed: list[tuple[WorkerLink, str]]) -> None:
+        """Aborts requests on their workers, all at once, each call bounded by
+        SHUTDOWN_ABORT_TIMEOUT_S; never raises (a worker that does not answer is logged once
+        and left to its orphan bound)."""
+        timeout = min(self.config.worker_call_timeout_s, SHUTDOWN_ABORT_TIMEOUT_S)
+
+        async def one(link: WorkerLink, request_id: str) -> WorkerCallError | None:
+            try:
+                await link.client.abort(request_id, timeout)
+            except WorkerCallError as e:
+                if e.code != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: it ended there already
+                    return e
+            return None
+
+        errors = await asyncio.gather(*(one(link, rid) for link, rid in placed))
+        failed: dict[str, tuple[int, WorkerCallError]] = {}
+        for (link, _), e in zip(placed, errors, strict=True):
+            if e is not None:
+                count, _ = failed.get(link.worker_id, (0, e))
+                failed[link.worker_id] = (count + 1, e)
+        for worker_id, (count, e) in failed.items():
+            log.warning(
+                "abort_on_worker_failed", worker_id=worker_id, requests=count, error=e.details
+            )
 
     async def _abort_on(self, link: WorkerLink, request_id: str) -> None:
         try:

@@ -78,6 +78,8 @@ class ClientRequest:
     message (a client that reads slower than the engines produce gets fewer, larger ones)."""
     is_overflowed: bool = False
     """Ended because the client fell too far behind (its stream ends RESOURCE_EXHAUSTED)."""
+    is_cut_off: bool = False
+    """Ended because the scheduler is stopping (its stream ends UNAVAILABLE)."""
     detokenizer: Detokenizer | None = None
     """Set for text prompts: the client gets text along with token ids."""
 

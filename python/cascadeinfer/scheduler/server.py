@@ -24,7 +24,7 @@ from cascadeinfer.daemon import (
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
 from cascadeinfer.scheduler.coordinator import Coordinator
-from cascadeinfer.scheduler.openai.server import HttpFront, start_http_front
+from cascadeinfer.scheduler.openai.server import STOP_GRACE_S, HttpFront, start_http_front
 from cascadeinfer.scheduler.servicer import RegistryServicer, SchedulerServicer
 from cascadeinfer.scheduler.tasks import watch_essential
 from cascadeinfer.scheduler.worker_client import WorkerCallError
@@ -179,15 +179,20 @@ async def _shut_down(
     server: grpc.aio.Server,
     coordinator: Coordinator,
 ) -> None:
-    """NOT_SERVING, the background tasks cancelled, the HTTP front and the gRPC server stopped
-    (open streams get a few seconds), the worker links closed."""
+    """In this order: new requests refused (HTTP 503, gRPC UNAVAILABLE) and every accepted one
+    ended, so each open stream ends at once with a clear error (`Coordinator.cut_off`); the
+    background tasks cancelled and NOT_SERVING; then at the same time the ended requests aborted
+    on their workers (each call bounded) and both servers stopped (connections still open get
+    STOP_GRACE_S to write their last answer); then the worker links closed."""
+    placed = coordinator.cut_off()
     for task in tasks:
         task.cancel()
     for name in ("", SCHEDULER):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    stopping = [coordinator.abort_all(placed), server.stop(grace=STOP_GRACE_S)]
     if http is not None:
-        await http.stop()
-    await server.stop(grace=5)
+        stopping.append(http.stop())
+    await asyncio.gather(*stopping)
     await coordinator.close()
     log.info("stopped")
 

@@ -19,7 +19,7 @@ from cascadeinfer.proto.v1 import (
     scheduler_pb2_grpc,
     worker_pb2,
 )
-from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
+from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator, SchedulingError
 from cascadeinfer.scheduler.requests import ClientRequest, Delivery
 from cascadeinfer.scheduler.text import Detokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
@@ -73,6 +73,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             while not done:
                 delivery = await rec.next_delivery()
                 done = delivery.finish is not None
+                if done and rec.is_cut_off:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"{SHUTTING_DOWN}; the request was ended"
+                    )
                 if done and rec.is_overflowed:
                     await context.abort(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,

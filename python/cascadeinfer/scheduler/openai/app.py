@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cascadeinfer.scheduler.coordinator import Coordinator
+from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator
 from cascadeinfer.scheduler.openai.errors import APIError, from_validation, invalid
 from cascadeinfer.scheduler.openai.generation import Runner, unless_disconnected
 from cascadeinfer.scheduler.openai.model_files import ModelFiles
@@ -98,6 +98,8 @@ class OpenAIFront:
         async def guarded(request: Request) -> Response:
             try:
                 self._check_token(request)
+                if self.c.is_stopping:
+                    raise APIError(503, SHUTTING_DOWN)
                 response = await handler(request)
             except APIError as e:
                 response = e.response()
@@ -181,6 +183,8 @@ class OpenAIFront:
     # --- routes ----------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         """200 while some worker serves (the load balancer's probe; no token needed)."""
+        if self.c.is_stopping:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         if self.c.policy is None or not self.c.pool.healthy():
             return JSONResponse({"status": "no healthy worker"}, status_code=503)
         return JSONResponse({"status": "ok"})

@@ -14,7 +14,7 @@ import structlog
 from starlette.types import Receive
 
 from cascadeinfer.domain import EngineError, FinishReason
-from cascadeinfer.scheduler.coordinator import Coordinator, SchedulingError
+from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator, SchedulingError
 from cascadeinfer.scheduler.openai.errors import APIError, from_grpc, invalid
 from cascadeinfer.scheduler.openai.params import Job
 from cascadeinfer.scheduler.openai.schema import FinishReasonName
@@ -77,6 +77,8 @@ class Runner:
                     yield Step(piece.text, len(stream.token_ids), "stop")
                     return
                 if d.finish is not None:
+                    if rec.is_cut_off:
+                        raise APIError(503, f"{SHUTTING_DOWN}; the request was ended")
                     if rec.is_overflowed:
                         raise APIError(
                             429,

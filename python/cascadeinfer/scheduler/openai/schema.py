@@ -48,9 +48,10 @@ _DEFAULTED: dict[type[BaseModel], frozenset[str]] = {}
 
 
 class SamplingFields(BaseModel):
-    """Fields both endpoints share."""
+    """Fields both endpoints share. Numbers must be finite: Python's JSON parser reads `NaN`
+    and `Infinity`, which no bound check refuses clearly (NaN fails every comparison)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

@@ -17,6 +17,10 @@ from cascadeinfer.scheduler.openai.app import OpenAIFront
 from cascadeinfer.scheduler.openai.model_files import load_model_files
 from cascadeinfer.scheduler.openai.protocol import bounded_head_protocol
 
+STOP_GRACE_S = 3
+"""How long connections still open when the scheduler stops get to finish their answers (the
+scheduler ended their requests first, so they only have a last event to write), then are cut."""
+
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
@@ -39,7 +43,7 @@ class HttpFront:
         return self._front.served_names()
 
     async def stop(self) -> None:
-        """Stops taking connections; streams still open get a few seconds, then are cut."""
+        """Stops taking connections; those still open get STOP_GRACE_S, then are cut."""
         self._server.should_exit = True
         await self._task
 
@@ -78,7 +82,7 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
         http=bounded_head_protocol(config.http_request_timeout_s),
         proxy_headers=False,  # the front reads no client address; skip the per-request rewrite
         limit_concurrency=config.http_max_connections,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=STOP_GRACE_S,
         ssl_certfile=config.tls.cert or None,
         ssl_keyfile=config.tls.key or None,
     )
