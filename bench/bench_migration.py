@@ -37,10 +37,15 @@ SIM = [
 ]
 
 
-# vLLM on CPU with the built-in tiny Llama: 16 KiB of KV per 32-token block.
-VLLM = ["--engine", "vllm", "--vllm-option", "max_model_len=4096"]
-# The same with the engine core in its own process (AsyncLLM; KV through mp_kv_connector).
-ENGINES = {"sim": SIM, "vllm": VLLM, "vllm-mp": [*VLLM, "--vllm-option", "multiprocess=true"]}
+# vLLM on CPU with the built-in tiny Llama (16 KiB of KV per 32-token block): "vllm-mp" with the
+# engine core in its own process (AsyncLLM, KV through mp_kv_connector: the worker's default),
+# "vllm" the in-process engine.
+VLLM_MP = ["--engine", "vllm", "--vllm-option", "max_model_len=4096"]
+ENGINES = {
+    "sim": SIM,
+    "vllm": [*VLLM_MP, "--vllm-option", "multiprocess=false"],
+    "vllm-mp": VLLM_MP,
+}
 LLAMA_8B_KV = {
     "hidden_size": 256,
     "intermediate_size": 512,
