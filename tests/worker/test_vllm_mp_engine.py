@@ -264,15 +264,25 @@ def test_migrated_request_yields_the_unmoved_tokens(
     assert transcript.finish[rid] is FinishReason.LENGTH
 
 
+def exported_midway(
+    engines: tuple[VllmMpEngine, VllmMpEngine], rid: str, num_tokens: int
+) -> tuple[list[int], Transcript, KVSnapshot]:
+    """The unmoved tokens of request `rid` (run on the target), and the same request run on the
+    source for num_tokens tokens, then exported: its transcript so far and its snapshot."""
+    source, target = engines
+    reference = unmoved(target, request(rid))
+    transcript = Transcript()
+    transcript.start(source, request(rid))
+    transcript.step_until(source, rid, num_tokens)
+    snapshot = source.export_kv(rid)
+    transcript.record(source.step())  # the tokens computed until the stop took effect
+    return reference, transcript, snapshot
+
+
 def test_corrupted_blocks_change_the_tokens(engines: tuple[VllmMpEngine, VllmMpEngine]) -> None:
     """Proves the imported bytes are what the target attends to (not a silent recompute)."""
-    source, target = engines
-    reference = unmoved(target, request("corrupt"))
-    transcript = Transcript()
-    transcript.start(source, request("corrupt"))
-    transcript.step_until(source, "corrupt", 20)
-    snapshot = source.export_kv("corrupt")
-    transcript.record(source.step())
+    _, target = engines
+    reference, transcript, snapshot = exported_midway(engines, "corrupt", 20)
     num_before = len(snapshot.request.output_token_ids)
     target.import_kv(replace(snapshot, blocks=[bytes(len(b)) for b in snapshot.blocks]))
     transcript.finish_all(target)
@@ -285,13 +295,8 @@ def test_bytes_that_never_arrive_are_recomputed(
 ) -> None:
     """kv_load_failure_policy = recompute: a load whose bytes are lost (the side channel cut)
     recomputes the tokens, and the request still yields the unmoved tokens."""
-    source, target = engines
-    reference = unmoved(target, request("lost"))
-    transcript = Transcript()
-    transcript.start(source, request("lost"))
-    transcript.step_until(source, "lost", 15)
-    snapshot = source.export_kv("lost")
-    transcript.record(source.step())
+    _, target = engines
+    reference, transcript, snapshot = exported_midway(engines, "lost", 15)
     channel = target._channel
     assert channel is not None
     monkeypatch.setattr(channel, "send_import", lambda migration_id, blocks: None)
@@ -307,13 +312,8 @@ def test_an_import_waits_for_its_bytes_without_stalling_the_batch(
     requests already running there go on decoding and the imported one waits (no tokens, no
     recompute); the bytes, once they come, are the ones it attends to (zeroed bytes sent late
     change its tokens, so they were not recomputed)."""
-    source, target = engines
-    reference = unmoved(target, request("late"))
-    transcript = Transcript()
-    transcript.start(source, request("late"))
-    transcript.step_until(source, "late", 15)
-    snapshot = source.export_kv("late")
-    transcript.record(source.step())
+    _, target = engines
+    reference, transcript, snapshot = exported_midway(engines, "late", 15)
     num_before = len(transcript.tokens["late"])
     transcript.start(target, request("neighbour", max_tokens=200))
     transcript.step_until(target, "neighbour", 3)
