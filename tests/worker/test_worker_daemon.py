@@ -374,8 +374,10 @@ def test_health_and_reflection(pair: list[Daemon]) -> None:
     assert svc in [s.name for s in answer.list_services_response.service]
 
 
-def test_sigterm_drains_running_requests_then_exits(tmp_path: Path) -> None:
-    d = start_worker(SIM, tmp_path)
+@pytest.mark.parametrize("kind", ["sim", "vllm-mp"])
+def test_sigterm_drains_running_requests_then_exits(kind: str, tmp_path: Path) -> None:
+    """vllm-mp: the engine (and its own asyncio loop) shuts down cleanly, exit 0."""
+    d = start_worker(ARGS[kind], tmp_path)
     try:
         out = Spliced()
         reader = GenerateReader(d.stub(), generate_request("drain", PROMPT, 200), out)

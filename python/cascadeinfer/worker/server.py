@@ -160,7 +160,9 @@ async def serve(config: WorkerConfig) -> None:
     await server.stop(grace=5)
     await state.close()
     engine_loop.stop()
-    engine.shutdown()
+    # Off the event loop: the multiprocess vLLM engine runs its own asyncio loop to shut down,
+    # which cannot run on a thread that runs another (it raised, and the daemon exited 1).
+    await asyncio.to_thread(engine.shutdown)
     log.info("stopped")
 
 
