@@ -374,8 +374,10 @@ def test_health_and_reflection(pair: list[Daemon]) -> None:
     assert svc in [s.name for s in answer.list_services_response.service]
 
 
-def test_sigterm_drains_running_requests_then_exits(tmp_path: Path) -> None:
-    d = start_worker(SIM, tmp_path)
+@pytest.mark.parametrize("kind", ["sim", "vllm-mp"])
+def test_sigterm_drains_running_requests_then_exits(kind: str, tmp_path: Path) -> None:
+    """vllm-mp: the engine (and its own asyncio loop) shuts down cleanly, exit 0."""
+    d = start_worker(ARGS[kind], tmp_path)
     try:
         out = Spliced()
         reader = GenerateReader(d.stub(), generate_request("drain", PROMPT, 200), out)
@@ -442,4 +444,47 @@ def test_a_killed_multiprocess_vllm_worker_takes_its_engine_processes_along(
     finally:
         d.kill()
     _, alive = psutil.wait_procs(helpers, timeout=30)
+    assert not alive, [(p.pid, p.name()) for p in alive]
+
+
+@pytest.mark.parametrize("victim", ["VLLM::EngineCore", "VLLM::Worker"])
+def test_a_dead_vllm_process_ends_every_request_and_the_daemon_exits_1(
+    victim: str, tmp_path: Path
+) -> None:
+    """vLLM's engine core or its model worker killed under load (OOM killer, kill -9): the
+    direct streams end with ABORT, the step feed ends (a scheduler resumes its requests
+    elsewhere), and the daemon exits 1 at once, its other vLLM process gone too. Before, the
+    streams and the feed hung, health stayed SERVING and the daemon ran on."""
+    psutil = pytest.importorskip("psutil")
+    d = start_worker(VLLM_MP, tmp_path)
+    try:
+        helpers = psutil.Process(d.process.pid).children(recursive=True)
+        target = [p for p in helpers if p.name().startswith(victim)]
+        assert len(target) == 1, [(p.pid, p.name()) for p in helpers]
+        direct = [Spliced() for _ in range(3)]
+        readers = [
+            GenerateReader(d.stub(), generate_request(f"direct-{i}", PROMPT, 1900), out)
+            for i, out in enumerate(direct)
+        ]
+        followed = Spliced()
+        feed = FeedReader(d.stub(), {"detached": followed})
+        detached = generate_request("detached", PROMPT, 1900)
+        detached.detach = True
+        list(d.stub().Generate(detached, timeout=30))
+        for reader in readers:
+            reader.wait_tokens(5)
+        target[0].kill()
+        for reader in readers:
+            reader.join(timeout=20)  # fails on a hung stream
+            assert reader.error is None, reader.error
+            assert reader.responses[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+        feed.thread.join(timeout=5)
+        assert not feed.thread.is_alive(), "the step feed did not end"
+        assert d.process.wait(timeout=30) == 1
+        log = d.log()
+        assert '"event": "engine_died"' in log and '"requests_ended": 4' in log
+        assert "cascade-worker: fatal: the engine died" in log
+    finally:
+        d.kill()
+    _, alive = psutil.wait_procs(helpers, timeout=10)
     assert not alive, [(p.pid, p.name()) for p in alive]

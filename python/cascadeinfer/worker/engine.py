@@ -146,6 +146,11 @@ class Engine(Protocol):
 
     def has_unfinished(self) -> bool: ...
 
+    def check_health(self) -> None:
+        """Raises once the engine can serve no more (a process it runs in died); called
+        between steps, also while idle."""
+        ...
+
     def step(self) -> StepReport:
         """Runs one engine step."""
         ...

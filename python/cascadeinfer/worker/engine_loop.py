@@ -6,6 +6,10 @@ result, so commands and steps never overlap. Step reports reach the asyncio side
 `call_soon_threadsafe`, in order, and always before the result of a command issued after them.
 The engine is also built on that thread: CPU backends bind their compute threads to the thread
 that creates the engine, and stepping from another thread was measured 25-40% slower.
+
+An engine that dies (a step raises, or `check_health` does: vLLM's engine core or model worker
+process is gone) ends the thread: `died` resolves with the error, and every call queued or made
+after that fails with `EngineDead` instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-import structlog
-
 from cascadeinfer.worker.engine import Engine, StepReport
 
 T = TypeVar("T")
-log = structlog.get_logger(__name__)
 
 _IDLE_WAIT_S = 0.05
+_Command = tuple[Callable[[], None], Callable[[BaseException], None]]
+"""A queued call: what runs on the engine thread, and how it fails if it never runs."""
+
+
+class EngineDead(Exception):
+    """The engine can serve no more (its process died, or a step failed)."""
 
 
 class EngineLoop:
@@ -36,10 +43,15 @@ class EngineLoop:
         self._build = build
         self._loop = loop
         self._on_step = on_step
-        self._commands: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._commands: queue.Queue[_Command | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._stopped = threading.Event()
+        self._stopping = threading.Lock()
+        """Held while queueing a command and while marking the loop stopped: nothing is queued
+        after the thread's last look at the queue."""
         self._ready: asyncio.Future[Engine] = loop.create_future()
+        self.died: asyncio.Future[BaseException] = loop.create_future()
+        """Resolves with the error that ended the engine thread (never on a plain `stop`)."""
         self._engine: Engine | None = None
 
     @property
@@ -54,11 +66,12 @@ class EngineLoop:
 
     def stop(self) -> None:
         """Ends the thread after the command queue drains."""
-        self._commands.put(None)
+        self._put(None)
         self._thread.join(timeout=30)
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
-        """Runs `fn(engine)` on the engine thread and returns its result (or raises its error)."""
+        """Runs `fn(engine)` on the engine thread and returns its result (or raises its error;
+        EngineDead once the engine died)."""
         future: asyncio.Future[T] = self._loop.create_future()
 
         def settle(result: T | None, error: BaseException | None) -> None:
@@ -73,14 +86,37 @@ class EngineLoop:
             try:
                 result = fn(self.engine)
             except BaseException as e:  # handed to the awaiting coroutine
-                self._loop.call_soon_threadsafe(settle, None, e)
+                dead = self._death()
+                self._loop.call_soon_threadsafe(settle, None, dead or e)
             else:
                 self._loop.call_soon_threadsafe(settle, result, None)
 
-        if self._stopped.is_set():
-            raise RuntimeError("engine loop is stopped")
-        self._commands.put(command)
+        def fail(error: BaseException) -> None:
+            self._loop.call_soon_threadsafe(settle, None, error)
+
+        if not self._put((command, fail)):
+            raise self._dead_error()
         return await future
+
+    def _put(self, command: _Command | None) -> bool:
+        with self._stopping:
+            if self._stopped.is_set():
+                return False
+            self._commands.put(command)
+            return True
+
+    def _dead_error(self) -> EngineDead:
+        if self.died.done():
+            return EngineDead(f"the engine died: {self.died.result()!r}")
+        return EngineDead("the engine loop is stopped")
+
+    def _death(self) -> EngineDead | None:
+        """EngineDead when the engine can serve no more (a command failed because of that)."""
+        try:
+            self.engine.check_health()
+        except Exception as e:
+            return EngineDead(f"the engine died: {e!r}")
+        return None
 
     def _run_commands(self, block: bool) -> bool:
         """Runs queued commands; False once asked to stop."""
@@ -93,7 +129,7 @@ class EngineLoop:
         while True:
             if command is None:
                 return False
-            command()
+            command[0]()
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
@@ -107,13 +143,33 @@ class EngineLoop:
             self._loop.call_soon_threadsafe(self._ready.set_exception, e)
             return
         self._loop.call_soon_threadsafe(self._ready.set_result, engine)
+        error: BaseException | None = None
         try:
             while self._run_commands(block=not engine.has_unfinished()):
+                # Also while idle: a dead engine process is noticed without a request.
+                engine.check_health()
                 if engine.has_unfinished():
                     report = engine.step()
                     self._loop.call_soon_threadsafe(self._on_step, report)
-        except Exception:
-            log.exception("engine_loop_crashed", engine=engine.name)
-            raise
+        except Exception as e:
+            error = e  # the daemon logs it and exits (server.py)
         finally:
-            self._stopped.set()
+            with self._stopping:
+                self._stopped.set()
+            if error is not None:
+                self._loop.call_soon_threadsafe(self.died.set_result, error)
+            self._fail_queued(error)
+
+    def _fail_queued(self, error: BaseException | None) -> None:
+        """Commands queued when the thread ended will never run: they fail instead."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command is not None:
+                command[1](
+                    EngineDead(
+                        f"the engine died: {error!r}" if error else "the engine loop is stopped"
+                    )
+                )

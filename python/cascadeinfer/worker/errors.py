@@ -8,6 +8,7 @@ import grpc
 import structlog
 
 from cascadeinfer.worker.engine import EngineError, ErrorCode
+from cascadeinfer.worker.engine_loop import EngineDead
 
 log = structlog.get_logger(__name__)
 
@@ -19,15 +20,20 @@ STATUS = {
     ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
+ENGINE_DEAD = "the worker's engine died; send the request elsewhere"
+
 
 async def fail(
     context: grpc.aio.ServicerContext[object, object], error: BaseException, **log_keys: object
 ) -> NoReturn:
-    """Ends the RPC: an EngineError with its own status, anything else as INTERNAL after
-    logging the traceback (the client gets a short message, never the exception text)."""
+    """Ends the RPC: an EngineError with its own status, a dead engine as UNAVAILABLE (the
+    daemon is exiting), anything else as INTERNAL after logging the traceback (the client
+    gets a short message, never the exception text)."""
     if isinstance(error, grpc.aio.AbortError):
         raise error  # the status is already set (a request stream that did not parse)
     if isinstance(error, EngineError):
         await context.abort(STATUS[error.code], error.message)
+    if isinstance(error, EngineDead):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_DEAD)
     log.error("internal_error", exc_info=error, **log_keys)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the worker's log")

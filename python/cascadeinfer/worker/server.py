@@ -19,6 +19,7 @@ from cascadeinfer.daemon import (
     CHANNEL_OPTIONS,
     PING_TOLERANCE,
     SERVER_OPTIONS,
+    FatalError,
     StrictDecoding,
     keepalive_options,
     run_daemon,
@@ -34,7 +35,7 @@ from cascadeinfer.worker.engine import (
     SamplingSpec,
     StepReport,
 )
-from cascadeinfer.worker.engine_loop import EngineLoop
+from cascadeinfer.worker.engine_loop import EngineDead, EngineLoop
 from cascadeinfer.worker.engines.factory import build_engine
 from cascadeinfer.worker.hub import Hub
 from cascadeinfer.worker.metrics import WorkerMetrics
@@ -64,13 +65,28 @@ async def drain(state: WorkerState, timeout_s: float) -> None:
     step feed moves them once it sees the drain); aborts what is left at the deadline, with
     ABORT on its direct streams, then ends the step feeds so a scheduler resumes it elsewhere."""
     deadline = time.monotonic() + timeout_s
-    while state.hub.requests and time.monotonic() < deadline:
+    while state.hub.requests and time.monotonic() < deadline and not state.loop.died.done():
         await asyncio.sleep(0.05)
     for rid in list(state.hub.requests):
-        with contextlib.suppress(EngineError):  # already gone (finished or mid-migration)
+        # EngineError: already gone (finished or mid-migration); EngineDead: nothing runs.
+        with contextlib.suppress(EngineError, EngineDead):
             await state.loop.call(functools.partial(_abort, request_id=rid))
         state.hub.end(rid, FinishReason.ABORT)
         log.warning("aborted_at_shutdown", request_id=rid)
+    state.hub.close_feeds()
+
+
+async def abandon(state: WorkerState, error: BaseException) -> None:
+    """The engine died (vLLM's engine core or model worker process is gone): nothing here can
+    run a request again. Ends every request at once, as a drain's deadline does (ABORT on the
+    direct streams; the step feeds end, so a scheduler resumes its requests elsewhere by
+    recompute), and stops taking requests; the daemon then exits 1."""
+    log.error(
+        "engine_died", error=repr(error), requests_ended=len(state.hub.requests), exc_info=error
+    )
+    state.is_draining = True  # new requests: UNAVAILABLE
+    for rid in list(state.hub.requests):
+        state.hub.end(rid, FinishReason.ABORT)
     state.hub.close_feeds()
 
 
@@ -147,9 +163,13 @@ async def serve(config: WorkerConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    engine_loop.died.add_done_callback(lambda _: stop.set())
     await stop.wait()
     reaper.cancel()
-    log.info("draining", running=len(hub.requests))
+    if engine_loop.died.done():
+        await abandon(state, engine_loop.died.result())
+    else:
+        log.info("draining", running=len(hub.requests))
     state.is_draining = True  # no new requests from here on
     hub.announce()  # a scheduler on the step feed starts moving the requests away
     for name in ("", SERVICE):
@@ -157,10 +177,20 @@ async def serve(config: WorkerConfig) -> None:
     if registration is not None:
         await registration.stop()
     await drain(state, config.drain_timeout_s)
-    await server.stop(grace=5)
+    # After an engine death the streams have their ends already; a scheduler's open
+    # StartDetached stream would otherwise hold the exit for the whole grace.
+    await server.stop(grace=1 if engine_loop.died.done() else 5)
     await state.close()
     engine_loop.stop()
-    engine.shutdown()
+    if engine_loop.died.done():
+        try:  # whatever of vLLM's processes is left (they also end with this process)
+            await asyncio.wait_for(asyncio.to_thread(engine.shutdown), 30)
+        except Exception as e:
+            log.warning("engine_shutdown_failed", error=repr(e))
+        raise FatalError(f"the engine died ({engine_loop.died.result()!r}); see engine_died")
+    # Off the event loop: the multiprocess vLLM engine runs its own asyncio loop to shut down,
+    # which cannot run on a thread that runs another (it raised, and the daemon exited 1).
+    await asyncio.to_thread(engine.shutdown)
     log.info("stopped")
 
 

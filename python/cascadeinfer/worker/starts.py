@@ -16,7 +16,8 @@ import structlog
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import Engine, EngineError, EngineRequest, ErrorCode
-from cascadeinfer.worker.errors import STATUS
+from cascadeinfer.worker.engine_loop import EngineDead
+from cascadeinfer.worker.errors import ENGINE_DEAD, STATUS
 from cascadeinfer.worker.state import WorkerState
 
 log = structlog.get_logger(__name__)
@@ -32,6 +33,8 @@ def _error_result(request_id: str, error: Exception) -> worker_pb2.StartResult:
     (the scheduler gets a short message, never the exception text)."""
     if isinstance(error, EngineError):
         return _refused(request_id, STATUS[error.code], error.message)
+    if isinstance(error, EngineDead):
+        return _refused(request_id, grpc.StatusCode.UNAVAILABLE, ENGINE_DEAD)
     log.error("internal_error", exc_info=error, request_id=request_id)
     return _refused(request_id, grpc.StatusCode.INTERNAL, "internal error; see the worker's log")
 
@@ -43,6 +46,7 @@ def _add_all(engine: Engine, requests: list[EngineRequest]) -> list[Exception | 
         try:
             engine.add_request(r)
         except Exception as e:
+            engine.check_health()  # a dead engine fails the whole call (EngineDead)
             outcomes.append(e)
         else:
             outcomes.append(None)

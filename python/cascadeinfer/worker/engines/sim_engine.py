@@ -144,6 +144,9 @@ class SimEngine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    def check_health(self) -> None:
+        return  # runs in the daemon's process: it dies with it
+
     # --- requests --------------------------------------------------------------------------
     def _validate(self, request: EngineRequest) -> None:
         request.sampling.validate()

@@ -249,6 +249,9 @@ class VllmEngine:
     def has_unfinished(self) -> bool:
         return bool(self._pending) or bool(self._llm.has_unfinished_requests())
 
+    def check_health(self) -> None:
+        return  # runs in the daemon's process (uniproc executor): it dies with it
+
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(self, request: EngineRequest) -> None:

@@ -158,6 +158,13 @@ class VllmMpEngine:
     def has_unfinished(self) -> bool:
         return bool(self._tracked) or bool(self._pending)
 
+    def check_health(self) -> None:
+        """vLLM marks its client dead once the engine core process is gone (a monitor thread
+        watches it) or its output handler failed (the engine core reported its model worker
+        dead, or its socket broke); the engine core does not outlive its model worker."""
+        if self._llm.errored:
+            raise self._llm.dead_error
+
     def engine_core_pids(self) -> list[int]:
         """Process ids of vLLM's workers (tests check they are not this process)."""
         pids = self._aloop.run_until_complete(self._llm.collective_rpc("cascade_ping"))
@@ -380,8 +387,9 @@ class VllmMpEngine:
             self._aloop.run_until_complete(self._next_batch())
 
     def shutdown(self) -> None:
-        for tracked in list(self._tracked.values()):
-            self._stop(tracked)
+        if not self._llm.errored:  # a dead engine has nothing to abort
+            for tracked in list(self._tracked.values()):
+                self._stop(tracked)
         self._llm.shutdown()
         # Dropped now, while the interpreter is whole: AsyncLLM's finalizer shuts down again.
         del self._llm
@@ -455,7 +463,8 @@ def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
     tasks = asyncio.all_tasks(loop)
     for task in tasks:
         task.cancel()
-    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    if tasks:  # gather() of nothing would look for the calling thread's loop
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
     loop.close()
 
 
