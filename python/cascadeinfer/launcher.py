@@ -65,9 +65,18 @@ def spawn(
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=_daemon_env(),
         )
     return process, log_path
+
+
+def _daemon_env() -> dict[str, str]:
+    """This process's environment, less VLLM_ENABLE_V1_MULTIPROCESSING: the in-process vLLM
+    engine sets it to 0 in the process that hosts it (a test run, a calibration), and a worker
+    inheriting that would run its multiprocess engine's model inside the engine core, not in
+    a worker process per rank. Each worker's engine sets what it needs."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 def wait_serving(process: subprocess.Popen[str], log_path: Path, timeout: float) -> Daemon:
