@@ -138,10 +138,13 @@ async def migrate_out(
 
 
 async def _write(call: Any, chunk: worker_pb2.KVChunk) -> None:
-    """Writes one chunk; a target that already answered (an early refusal) raises its status."""
+    """Writes one chunk; a target that already answered (an early refusal) raises its status.
+    A write racing that answer can also fail in grpc's core ("Internal error from Core",
+    INTERNAL; seen once in CI on a refusal for want of blocks): the call's own status is then
+    the target's answer too."""
     try:
         await call.write(chunk)
-    except asyncio.InvalidStateError:
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
         await call  # raises grpc.aio.AioRpcError with the target's status
         raise
 
