@@ -32,6 +32,11 @@ _Command = tuple[Callable[[], None], Callable[[BaseException], None]]
 class EngineDead(Exception):
     """The engine can serve no more (its process died, or a step failed)."""
 
+    @classmethod
+    def of(cls, cause: BaseException | None) -> EngineDead:
+        """What calls get once the thread ended: `cause` killed the engine (None: stopped)."""
+        return cls(f"the engine died: {cause!r}" if cause else "the engine loop is stopped")
+
 
 class EngineLoop:
     def __init__(
@@ -106,16 +111,14 @@ class EngineLoop:
             return True
 
     def _dead_error(self) -> EngineDead:
-        if self.died.done():
-            return EngineDead(f"the engine died: {self.died.result()!r}")
-        return EngineDead("the engine loop is stopped")
+        return EngineDead.of(self.died.result() if self.died.done() else None)
 
     def _death(self) -> EngineDead | None:
         """EngineDead when the engine can serve no more (a command failed because of that)."""
         try:
             self.engine.check_health()
         except Exception as e:
-            return EngineDead(f"the engine died: {e!r}")
+            return EngineDead.of(e)
         return None
 
     def _run_commands(self, block: bool) -> bool:
@@ -168,8 +171,4 @@ class EngineLoop:
             except queue.Empty:
                 return
             if command is not None:
-                command[1](
-                    EngineDead(
-                        f"the engine died: {error!r}" if error else "the engine loop is stopped"
-                    )
-                )
+                command[1](EngineDead.of(error))

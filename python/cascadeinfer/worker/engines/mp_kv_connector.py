@@ -256,8 +256,7 @@ class _SchedulerSide:
         migration_id = params.get(MIGRATION_ID_KEY)
         if migration_id is None or migration_id in self._started:
             return 0, False
-        # A snapshot never covers the last token (it is computed to sample the next one).
-        num_cached = min(int(params[NUM_CACHED_TOKENS_KEY]), request.num_tokens - 1)
+        num_cached = _snapshot_tokens(request, params)
         num_external = max(num_cached - num_computed_tokens, 0)
         return num_external, num_external > 0
 
@@ -270,7 +269,7 @@ class _SchedulerSide:
         if num_external == 0:
             self._discards.append(str(migration_id))  # all cached locally
             return
-        num_cached = min(int(params[NUM_CACHED_TOKENS_KEY]), request.num_tokens - 1)
+        num_cached = _snapshot_tokens(request, params)
         first = (num_cached - num_external) // self._c._block_size
         end = math.ceil(num_cached / self._c._block_size)
         load = Load(request.request_id, str(migration_id), tuple(block_ids[first:end]), first)
@@ -322,6 +321,12 @@ class _SchedulerSide:
 
     def has_work(self) -> bool:
         return bool(self._saves or self._loads or self._discards or not self._orders.empty())
+
+
+def _snapshot_tokens(request: Request, params: dict[str, Any]) -> int:
+    """Tokens an imported snapshot restores: never the last one, which is computed again to
+    sample the next."""
+    return min(int(params[NUM_CACHED_TOKENS_KEY]), request.num_tokens - 1)
 
 
 class _WorkerSide:
