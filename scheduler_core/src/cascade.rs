@@ -81,8 +81,12 @@ impl CascadePolicy {
             None
         };
         let capacity = if config.is_capacity_guarded { Some(CapacityGuard::new(config.capacity)?) } else { None };
+        let mut router = Router::new(profile, layout)?;
+        if let Some(w) = planned_for.filter(|w| w.mean_output_len > 0.0) {
+            router.set_output_horizon(w.mean_output_len);
+        }
         Ok(CascadePolicy {
-            router: Router::new(profile, layout)?,
+            router,
             balancer: Balancer::new(config.balance)?,
             refiner,
             capacity,

@@ -355,8 +355,56 @@ impl LoadBook {
         needs_prefill: bool,
         skip: Option<InstanceId>,
     ) -> Option<InstanceId> {
-        self.least_loaded_within(profile, candidates, tokens, needs_prefill, skip, KV_WATERMARK)
-            .or_else(|| self.least_loaded_within(profile, candidates, tokens, needs_prefill, skip, 1.0))
+        let cost = |inst| self.predicted_cost(profile, inst, tokens, needs_prefill);
+        self.cheapest_within(profile, candidates, tokens, skip, KV_WATERMARK, cost)
+            .or_else(|| self.cheapest_within(profile, candidates, tokens, skip, 1.0, cost))
+    }
+
+    /// What one more request of `len` tokens costs everyone on `inst` over the next `horizon`
+    /// decode steps, in request-seconds: its own wait for its first token
+    /// ([`LoadBook::predicted_cost`]) and decode steps, plus what it adds to each of the `n`
+    /// requests already there, running or queued: the time of its prefill, which every step of
+    /// theirs waits for, and the longer step its context makes (padding to the longest
+    /// included). [`LoadBook::predicted_cost`] is the newcomer's view alone, so it puts a long
+    /// prompt on the instance where that prompt starts soonest even when a dozen short decodes
+    /// there then stall for its whole prefill; this is the cost a sum of latencies pays.
+    pub fn marginal_cost(
+        &self,
+        profile: &CostProfile,
+        inst: InstanceId,
+        len: u32,
+        needs_prefill: bool,
+        horizon: f64,
+    ) -> f64 {
+        let load = self.get(inst);
+        let others = load.running.len() as f64 + f64::from(load.num_queued());
+        let before = profile.step_time(&load.batch());
+        let mut batch = load.batch();
+        batch.num_decode += 1;
+        batch.sum_context += u64::from(len);
+        batch.max_context = batch.max_context.max(len);
+        let after = profile.step_time(&batch);
+        let prefill = if needs_prefill { profile.prefill_work(u64::from(len)) } else { 0.0 };
+        let horizon = horizon.max(1.0);
+        self.predicted_cost(profile, inst, len, needs_prefill)
+            + (horizon - 1.0) * after
+            + others * (prefill + horizon * (after - before))
+    }
+
+    /// [`LoadBook::least_loaded`] by [`LoadBook::marginal_cost`]: the instance where one more
+    /// request of `tokens` costs everyone least over `horizon` decode steps.
+    pub fn least_marginal_cost(
+        &self,
+        profile: &CostProfile,
+        candidates: &[InstanceId],
+        tokens: u32,
+        needs_prefill: bool,
+        skip: Option<InstanceId>,
+        horizon: f64,
+    ) -> Option<InstanceId> {
+        let cost = |inst| self.marginal_cost(profile, inst, tokens, needs_prefill, horizon);
+        self.cheapest_within(profile, candidates, tokens, skip, KV_WATERMARK, cost)
+            .or_else(|| self.cheapest_within(profile, candidates, tokens, skip, 1.0, cost))
     }
 
     /// Among `candidates` (instance, prompt tokens it would prefill there, a fixed extra cost
@@ -398,21 +446,23 @@ impl LoadBook {
         profile.step_time(&with_prefill_chunk(batch, queued, profile)) * steps as f64
     }
 
-    fn least_loaded_within(
+    /// Among `candidates` other than `skip` with room for `tokens` within `fraction` of their
+    /// KV capacity, the one of least `cost`; ties go to the first.
+    fn cheapest_within(
         &self,
         profile: &CostProfile,
         candidates: &[InstanceId],
         tokens: u32,
-        needs_prefill: bool,
         skip: Option<InstanceId>,
         fraction: f64,
+        cost: impl Fn(InstanceId) -> f64,
     ) -> Option<InstanceId> {
         let mut best: Option<(f64, InstanceId)> = None;
         for &inst in candidates {
             if Some(inst) == skip || !self.has_room_within(profile, inst, tokens, fraction) {
                 continue;
             }
-            let t = self.predicted_cost(profile, inst, tokens, needs_prefill);
+            let t = cost(inst);
             if best.is_none_or(|(bt, _)| t < bt) {
                 best = Some((t, inst));
             }
@@ -641,6 +691,30 @@ mod tests {
         book.begin_refresh();
         book.record(inst, RequestId(261), 11);
         assert_eq!(book.get(inst).kv_tokens(), 11);
+    }
+
+    #[test]
+    fn a_long_prompt_goes_where_its_prefill_stalls_fewest_requests() {
+        let p = gpu();
+        let mut book = LoadBook::default();
+        let (crowded, backlogged) = (InstanceId(0), InstanceId(1));
+        book.add_queued(backlogged, RequestId(0), 4000);
+        book.begin_refresh();
+        for r in 10..22 {
+            book.record(crowded, RequestId(r), 600);
+        }
+        book.record(backlogged, RequestId(30), 600);
+        book.end_refresh();
+        let both = [crowded, backlogged];
+        // Its own first token comes sooner on the instance with no prompt queued...
+        assert_eq!(book.least_loaded(&p, &both, 8000, true, None), Some(crowded));
+        // ... but there its prefill stalls twelve decodes, and on the other two requests.
+        assert_eq!(book.least_marginal_cost(&p, &both, 8000, true, None, 64.0), Some(backlogged));
+        // A short prompt stalls no one for long: it goes where it starts soonest either way.
+        assert_eq!(book.least_marginal_cost(&p, &both, 100, true, None, 64.0), Some(crowded));
+        // The cost to the others grows with what they share: the newcomer's steps over the horizon.
+        let short = book.marginal_cost(&p, backlogged, 8000, true, 1.0);
+        assert!(book.marginal_cost(&p, backlogged, 8000, true, 64.0) > short);
     }
 
     #[test]

@@ -20,6 +20,10 @@ use crate::session::SessionTurn;
 /// cache-aware baseline on agent sessions, 3.0 up to 6% of p99 end-to-end latency.
 const HOLDER_STICKINESS: f64 = 1.5;
 
+/// Decode steps a newcomer is expected to share an instance with the requests there, when the
+/// workload the layout was planned for is not known ([`Router::set_output_horizon`]).
+pub const DEFAULT_OUTPUT_HORIZON: f64 = 512.0;
+
 /// Routes requests over a stage layout. Holds the loads it has been told about and the
 /// requests whose migration is in flight (so a request is never sent twice).
 #[derive(Clone, Debug)]
@@ -31,13 +35,35 @@ pub struct Router {
     /// Where sessions' KV is probably cached; filled only by policies that place sessions'
     /// requests by it (empty, and without effect, otherwise).
     pub(crate) prefixes: PrefixIndex,
+    /// Output tokens a request is expected to decode (the planned workload's mean): with the
+    /// stage's upper bound, how long a newcomer shares its instance ([`Router::horizon`]).
+    output_horizon: f64,
 }
 
 impl Router {
     pub fn new(profile: CostProfile, layout: StageLayout) -> Result<Self> {
         profile.validate()?;
         let prefixes = PrefixIndex::new(profile.kv_capacity_tokens);
-        Ok(Router { profile, layout, loads: LoadBook::default(), in_flight: HashSet::new(), prefixes })
+        Ok(Router {
+            profile,
+            layout,
+            loads: LoadBook::default(),
+            in_flight: HashSet::new(),
+            prefixes,
+            output_horizon: DEFAULT_OUTPUT_HORIZON,
+        })
+    }
+
+    /// Sets the output tokens a request is expected to decode (at least 1).
+    pub fn set_output_horizon(&mut self, tokens: f64) {
+        self.output_horizon = tokens.max(1.0);
+    }
+
+    /// Decode steps a request of `len` tokens placed in `stage` is expected to stay there: its
+    /// expected output, cut at the stage's upper bound, where it moves on.
+    fn horizon(&self, stage: usize, len: u32) -> f64 {
+        let room = self.layout.stages()[stage].max_len.saturating_sub(len);
+        self.output_horizon.min(f64::from(room)).max(1.0)
     }
 
     pub fn layout(&self) -> &StageLayout {
@@ -122,8 +148,16 @@ impl Router {
         Some((instance, self.layout.stage_of_instance(instance)?))
     }
 
-    /// The least-loaded instance with room for `len` tokens in stage `first`, else in the first
-    /// later stage that has one; with its stage.
+    /// The best instance with room for `len` tokens in stage `first`, else in the first later
+    /// stage that has one; with its stage. Across stages, the one where the request costs
+    /// everyone there least ([`LoadBook::marginal_cost`]): within a stage of similar lengths,
+    /// what a long prompt's prefill and a longer context do to the requests beside it is what
+    /// sets their latency. One stage keeps least-load's choice exactly
+    /// ([`LoadBook::least_loaded`]), so the one-stage fallback is the least-load baseline
+    /// decision for decision and the layout chosen by simulation cannot do worse than it on the
+    /// traffic it was chosen on. (On bursty production-like traces, marginal cost in one stage
+    /// gained about 1% of mean latency and lost up to 5% of p99 at low load; in splits it gained
+    /// on both: `docs/benchmarks.md`, "Marginal-cost placement within stages".)
     fn best_from_stage(
         &self,
         first: usize,
@@ -131,9 +165,15 @@ impl Router {
         needs_prefill: bool,
         skip: Option<InstanceId>,
     ) -> Option<(InstanceId, usize)> {
+        let is_split = self.layout.stages().len() > 1;
         (first..self.layout.stages().len()).find_map(|stage| {
             let candidates = &self.layout.stages()[stage].instances;
-            let instance = self.loads.least_loaded(&self.profile, candidates, len, needs_prefill, skip)?;
+            let instance = if is_split {
+                let horizon = self.horizon(stage, len);
+                self.loads.least_marginal_cost(&self.profile, candidates, len, needs_prefill, skip, horizon)?
+            } else {
+                self.loads.least_loaded(&self.profile, candidates, len, needs_prefill, skip)?
+            };
             Some((instance, stage))
         })
     }
