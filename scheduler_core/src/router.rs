@@ -20,6 +20,12 @@ use crate::session::SessionTurn;
 /// cache-aware baseline on agent sessions, 3.0 up to 6% of p99 end-to-end latency.
 const HOLDER_STICKINESS: f64 = 1.5;
 
+/// How many times cheaper per shared decode step the next stage must be for a new request to
+/// start there rather than in its own stage ([`Router::admit`]). Chosen from 1, 1.5, 2 and 3 on
+/// bursty production-like and long-context traces (`docs/benchmarks.md`, "Marginal-cost
+/// placement within stages"): 1.5-2 gave the lowest mean and p99, 1 and 3 about 1% more.
+const NEXT_STAGE_ADVANTAGE: f64 = 2.0;
+
 /// Decode steps a newcomer is expected to share an instance with the requests there, when the
 /// workload the layout was planned for is not known ([`Router::set_output_horizon`]).
 pub const DEFAULT_OUTPUT_HORIZON: f64 = 512.0;
@@ -85,14 +91,36 @@ impl Router {
     /// the whole stage is full the request spills up to the first later stage with room: a
     /// shorter request among longer ones only pays their step time, while waiting in the
     /// scheduler's FIFO queue would also hold back every request behind it (work conservation).
+    /// It also starts in the next stage when that is much cheaper per step there
+    /// ([`Router::cheaper_next_stage`]): a burst can swamp a stage while the next one idles.
     pub fn admit(&mut self, request: RequestId, prompt_len: u32) -> Result<Option<Admission>> {
         self.check_len(prompt_len)?;
         let home = self.layout.stage_of_len(prompt_len);
-        let Some((instance, stage)) = self.best_from_stage(home, prompt_len, true, None) else {
+        let Some((mut instance, mut stage)) = self.best_from_stage(home, prompt_len, true, None) else {
             return Ok(None);
         };
+        if stage == home {
+            if let Some(next) = self.cheaper_next_stage(home, instance, prompt_len) {
+                (instance, stage) = (next, home + 1);
+            }
+        }
         self.loads.add_queued(instance, request, prompt_len);
         Ok(Some(Admission { instance, stage }))
+    }
+
+    /// The best instance of the stage after `home` when a new request of `len` tokens would cost
+    /// less than a `1 / NEXT_STAGE_ADVANTAGE` share there, per decode step it shares, than on
+    /// `chosen`, the best of its own stage ([`LoadBook::marginal_cost`]); `None` otherwise.
+    /// A stage sized for the average can be swamped by a burst while the next one idles; the
+    /// request pays the longer contexts' step time there, which the cost counts, and saves the
+    /// wait and the stalls it would add at home.
+    fn cheaper_next_stage(&self, home: usize, chosen: InstanceId, len: u32) -> Option<InstanceId> {
+        let next = self.layout.stages().get(home + 1)?;
+        let (home_horizon, next_horizon) = (self.horizon(home, len), self.horizon(home + 1, len));
+        let alt = self.loads.least_marginal_cost(&self.profile, &next.instances, len, true, None, next_horizon)?;
+        let per_step_home = self.loads.marginal_cost(&self.profile, chosen, len, true, home_horizon) / home_horizon;
+        let per_step_next = self.loads.marginal_cost(&self.profile, alt, len, true, next_horizon) / next_horizon;
+        (per_step_next * NEXT_STAGE_ADVANTAGE < per_step_home).then_some(alt)
     }
 
     /// `admit` for a turn of a session: the cheapest instance counting the prompt tokens each
@@ -356,6 +384,23 @@ mod tests {
         assert_eq!(r.admit(RequestId(0), 5000).unwrap().unwrap().stage, 1);
         assert_eq!(r.admit(RequestId(0), 100_000).unwrap().unwrap().instance, InstanceId(4));
         assert!(r.admit(RequestId(0), 131_072).is_err());
+    }
+
+    #[test]
+    fn a_swamped_stage_sends_new_requests_to_a_next_stage_that_idles() {
+        let mut r = router();
+        // A burst of prompts waits on both instances of the short stage.
+        for i in 0..2 {
+            for q in 0..40 {
+                r.loads.add_queued(InstanceId(i), RequestId(1000 + u64::from(i) * 100 + q), 900);
+            }
+        }
+        let a = r.admit(RequestId(1), 500).unwrap().unwrap();
+        assert_eq!((a.stage, a.instance), (1, InstanceId(2)), "the middle stage is idle");
+        // Without the burst, the short stage keeps its own requests.
+        let mut r = router();
+        r.loads.add_queued(InstanceId(0), RequestId(2000), 900);
+        assert_eq!(r.admit(RequestId(2), 500).unwrap().unwrap().stage, 0);
     }
 
     #[test]

@@ -40,12 +40,14 @@ pub(super) fn bimodal(n: usize, rate: f64, seed: u64) -> Vec<TraceRequest> {
     generate_trace(Preset::Bimodal, n, rate, ArrivalProcess::Poisson, seed).unwrap()
 }
 
-/// Requests that all cross `bound` while decoding.
+/// Requests whose prompts fit under `bound` and whose outputs take them past it, 0.5 s apart:
+/// light enough that none starts in a second stage (a swamped stage sends new requests on to
+/// the next, `Router::cheaper_next_stage`).
 fn crossing_trace(n: usize, bound: u32, seed: u64) -> Vec<TraceRequest> {
     let mut rng = Rng::new(seed);
     (0..n)
         .map(|k| TraceRequest {
-            arrival_s: k as f64 * 0.05,
+            arrival_s: k as f64 * 0.5,
             prompt_len: rng.range_u32(bound / 2, bound - 100),
             output_len: rng.range_u32(bound / 2 + 100, bound),
             session: None,
