@@ -71,6 +71,16 @@ pub struct BatchShape {
     pub prefill_pairs: u64,
 }
 
+impl BatchShape {
+    /// This batch with one more decode request of `len` tokens of context.
+    pub fn with_decode(mut self, len: u32) -> BatchShape {
+        self.num_decode += 1;
+        self.sum_context += u64::from(len);
+        self.max_context = self.max_context.max(len);
+        self
+    }
+}
+
 /// Attention pairs of a prefill chunk of `tokens` tokens placed after `start` cached tokens.
 pub fn prefill_pairs(start: u64, tokens: u64) -> u64 {
     tokens * start + tokens * (tokens + 1) / 2

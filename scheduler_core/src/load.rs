@@ -295,9 +295,7 @@ impl LoadBook {
         let load = self.get(inst);
         let mut batch = load.batch();
         if is_added {
-            batch.num_decode += 1;
-            batch.sum_context += u64::from(len);
-            batch.max_context = batch.max_context.max(len);
+            batch = batch.with_decode(len);
         } else {
             batch.num_decode = batch.num_decode.saturating_sub(1);
             batch.sum_context = batch.sum_context.saturating_sub(u64::from(len));
@@ -317,10 +315,7 @@ impl LoadBook {
     /// queued prompts would look as good as one with a single chunk.
     pub fn predicted_cost(&self, profile: &CostProfile, inst: InstanceId, len: u32, needs_prefill: bool) -> f64 {
         let load = self.get(inst);
-        let mut batch = load.batch();
-        batch.num_decode += 1;
-        batch.sum_context += u64::from(len);
-        batch.max_context = batch.max_context.max(len);
+        let batch = load.batch().with_decode(len);
         let queued = load.queued_tokens + if needs_prefill { u64::from(len) } else { 0 };
         let steps = queued.div_ceil(u64::from(profile.max_batch_tokens.max(1))).max(1);
         profile.step_time(&with_prefill_chunk(batch, queued, profile)) * steps as f64
@@ -355,9 +350,9 @@ impl LoadBook {
         needs_prefill: bool,
         skip: Option<InstanceId>,
     ) -> Option<InstanceId> {
-        let cost = |inst| self.predicted_cost(profile, inst, tokens, needs_prefill);
-        self.cheapest_within(profile, candidates, tokens, skip, KV_WATERMARK, cost)
-            .or_else(|| self.cheapest_within(profile, candidates, tokens, skip, 1.0, cost))
+        self.cheapest(profile, candidates, tokens, skip, |inst| {
+            self.predicted_cost(profile, inst, tokens, needs_prefill)
+        })
     }
 
     /// What one more request of `len` tokens costs everyone on `inst` over the next `horizon`
@@ -379,11 +374,7 @@ impl LoadBook {
         let load = self.get(inst);
         let others = load.running.len() as f64 + f64::from(load.num_queued());
         let before = profile.step_time(&load.batch());
-        let mut batch = load.batch();
-        batch.num_decode += 1;
-        batch.sum_context += u64::from(len);
-        batch.max_context = batch.max_context.max(len);
-        let after = profile.step_time(&batch);
+        let after = profile.step_time(&load.batch().with_decode(len));
         let prefill = if needs_prefill { profile.prefill_work(u64::from(len)) } else { 0.0 };
         let horizon = horizon.max(1.0);
         self.predicted_cost(profile, inst, len, needs_prefill)
@@ -402,7 +393,21 @@ impl LoadBook {
         skip: Option<InstanceId>,
         horizon: f64,
     ) -> Option<InstanceId> {
-        let cost = |inst| self.marginal_cost(profile, inst, tokens, needs_prefill, horizon);
+        self.cheapest(profile, candidates, tokens, skip, |inst| {
+            self.marginal_cost(profile, inst, tokens, needs_prefill, horizon)
+        })
+    }
+
+    /// Among `candidates` other than `skip` with room for `tokens`, the one of least `cost`,
+    /// those staying below `KV_WATERMARK` first ([`LoadBook::least_loaded`]).
+    fn cheapest(
+        &self,
+        profile: &CostProfile,
+        candidates: &[InstanceId],
+        tokens: u32,
+        skip: Option<InstanceId>,
+        cost: impl Fn(InstanceId) -> f64 + Copy,
+    ) -> Option<InstanceId> {
         self.cheapest_within(profile, candidates, tokens, skip, KV_WATERMARK, cost)
             .or_else(|| self.cheapest_within(profile, candidates, tokens, skip, 1.0, cost))
     }
@@ -437,10 +442,7 @@ impl LoadBook {
     /// [`LoadBook::predicted_cost`] of a request of `tokens` that prefills `prefill` of them.
     pub fn cost_with_prefill(&self, profile: &CostProfile, inst: InstanceId, tokens: u32, prefill: u32) -> f64 {
         let load = self.get(inst);
-        let mut batch = load.batch();
-        batch.num_decode += 1;
-        batch.sum_context += u64::from(tokens);
-        batch.max_context = batch.max_context.max(tokens);
+        let batch = load.batch().with_decode(tokens);
         let queued = load.queued_tokens + u64::from(prefill);
         let steps = queued.div_ceil(u64::from(profile.max_batch_tokens.max(1))).max(1);
         profile.step_time(&with_prefill_chunk(batch, queued, profile)) * steps as f64
