@@ -28,7 +28,7 @@ const NEXT_STAGE_ADVANTAGE: f64 = 2.0;
 
 /// Decode steps a newcomer is expected to share an instance with the requests there, when the
 /// workload the layout was planned for is not known ([`Router::set_output_horizon`]).
-pub const DEFAULT_OUTPUT_HORIZON: f64 = 512.0;
+const DEFAULT_OUTPUT_HORIZON: f64 = 512.0;
 
 /// Routes requests over a stage layout. Holds the loads it has been told about and the
 /// requests whose migration is in flight (so a request is never sent twice).
@@ -181,9 +181,8 @@ impl Router {
     /// everyone there least ([`LoadBook::marginal_cost`]): within a stage of similar lengths,
     /// what a long prompt's prefill and a longer context do to the requests beside it is what
     /// sets their latency. One stage keeps least-load's choice exactly
-    /// ([`LoadBook::least_loaded`]), so the one-stage fallback is the least-load baseline
-    /// decision for decision and the layout chosen by simulation cannot do worse than it on the
-    /// traffic it was chosen on. (On bursty production-like traces, marginal cost in one stage
+    /// ([`LoadBook::least_loaded`]), so the one-stage fallback the layout selection compares
+    /// every split with is the least-load baseline decision for decision. (On bursty production-like traces, marginal cost in one stage
     /// gained about 1% of mean latency and lost up to 5% of p99 at low load; in splits it gained
     /// on both: `docs/benchmarks.md`, "Marginal-cost placement within stages".)
     fn best_from_stage(
