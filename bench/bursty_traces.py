@@ -42,6 +42,21 @@ def production(rng: random.Random) -> Lengths:
     return chat(rng) if u < 0.55 else reasoning(rng) if u < 0.8 else documents(rng)
 
 
+def summaries(rng: random.Random) -> Lengths:
+    """Long inputs, short answers (summaries, extraction): prefill-heavy."""
+    return _ln(rng, 4000, 0.9, 256, 32_000), _ln(rng, 150, 0.7, 1, 1024)
+
+
+def code(rng: random.Random) -> Lengths:
+    """Code assistants: a file or two of context, a short completion or a longer edit."""
+    return _ln(rng, 1500, 1.0, 32, 16_000), _ln(rng, 120, 1.2, 1, 4096)
+
+
+def shifting(rng: random.Random, progress: float) -> Lengths:
+    """Chat for the first half of the trace, then production traffic (reasoning, documents)."""
+    return chat(rng) if progress < 0.5 else production(rng)
+
+
 def long_context(rng: random.Random) -> Lengths:
     u = rng.random()
     if u < 0.6:
@@ -53,24 +68,38 @@ def long_context(rng: random.Random) -> Lengths:
     return prompt, _ln(rng, 200, 0.8, 1, 4096)
 
 
-TRACES: dict[str, tuple[Callable[[random.Random], Lengths], float, int]] = {
-    # name: (lengths, inter-arrival CV, seed)
-    "reasoning": (reasoning, 2.0, 11),
-    "prod": (production, 2.0, 11),
-    "lc": (long_context, 2.0, 11),
-    "r2": (reasoning, 3.0, 23),
-    "p2": (production, 2.5, 29),
-    "l2": (long_context, 1.5, 31),
-    "c2": (chat, 2.0, 37),
+def _steady(
+    lengths: Callable[[random.Random], Lengths],
+) -> Callable[[random.Random, float], Lengths]:
+    return lambda rng, _progress: lengths(rng)
+
+
+TRACES: dict[str, tuple[Callable[[random.Random, float], Lengths], float, int]] = {
+    # name: (lengths at a share of the trace done, inter-arrival CV, seed). The first seven
+    # are those the policy work was checked on; the rest (added 2026-12-02) are kinds it was
+    # never tuned on, to check that it generalizes.
+    "reasoning": (_steady(reasoning), 2.0, 11),
+    "prod": (_steady(production), 2.0, 11),
+    "lc": (_steady(long_context), 2.0, 11),
+    "r2": (_steady(reasoning), 3.0, 23),
+    "p2": (_steady(production), 2.5, 29),
+    "l2": (_steady(long_context), 1.5, 31),
+    "c2": (_steady(chat), 2.0, 37),
+    "sum": (_steady(summaries), 1.5, 41),
+    "code": (_steady(code), 2.0, 43),
+    "prod1": (_steady(production), 1.0, 47),
+    "shift": (shifting, 2.0, 53),
 }
 
 
-def write(path: Path, lengths: Callable[[random.Random], Lengths], cv: float, seed: int) -> None:
-    rng, now, shape, rate = random.Random(seed), 0.0, 1.0 / cv**2, 5.0
+def write(
+    path: Path, lengths: Callable[[random.Random, float], Lengths], cv: float, seed: int
+) -> None:
+    rng, now, shape, rate, count = random.Random(seed), 0.0, 1.0 / cv**2, 5.0, 3000
     with path.open("w") as f:
-        for _ in range(3000):
+        for i in range(count):
             now += rng.gammavariate(shape, 1.0 / (rate * shape))
-            prompt, output = lengths(rng)
+            prompt, output = lengths(rng, i / count)
             row = {"arrival_s": round(now, 4), "prompt_len": prompt, "output_len": output}
             f.write(json.dumps(row) + "\n")
 

@@ -92,20 +92,52 @@ impl Router {
     /// shorter request among longer ones only pays their step time, while waiting in the
     /// scheduler's FIFO queue would also hold back every request behind it (work conservation).
     /// It also starts in the next stage when that is much cheaper per step there
-    /// ([`Router::cheaper_next_stage`]): a burst can swamp a stage while the next one idles.
+    /// ([`Router::cheaper_next_stage`]): a burst can swamp a stage while the next one idles;
+    /// or it is prefilled in the stage before and moves home after (a burst of long prompts
+    /// swamps the stage of long contexts: [`Router::cheaper_prefill_before`]).
     pub fn admit(&mut self, request: RequestId, prompt_len: u32) -> Result<Option<Admission>> {
         self.check_len(prompt_len)?;
-        let home = self.layout.stage_of_len(prompt_len);
-        let Some((mut instance, mut stage)) = self.best_from_stage(home, prompt_len, true, None) else {
-            return Ok(None);
-        };
-        if stage == home {
-            if let Some(next) = self.cheaper_next_stage(home, instance, prompt_len) {
-                (instance, stage) = (next, home + 1);
-            }
-        }
+        let Some((instance, stage)) = self.place_new(prompt_len) else { return Ok(None) };
         self.loads.add_queued(instance, request, prompt_len);
         Ok(Some(Admission { instance, stage }))
+    }
+
+    /// [`Router::admit`]'s choice for a new request of `len` tokens, without admitting it.
+    fn place_new(&self, len: u32) -> Option<(InstanceId, usize)> {
+        let home = self.layout.stage_of_len(len);
+        let (instance, stage) = self.best_from_stage(home, len, true, None)?;
+        if stage != home {
+            return Some((instance, stage));
+        }
+        if let Some(next) = self.cheaper_next_stage(home, instance, len) {
+            return Some((next, home + 1));
+        }
+        if let Some(earlier) = self.cheaper_prefill_before(home, instance, len) {
+            return Some((earlier, home - 1));
+        }
+        Some((instance, home))
+    }
+
+    /// The best instance of the stage before `home` when prefilling a new request of `len`
+    /// tokens there, then moving it home with its KV, costs everyone less than starting it on
+    /// `chosen`, the best of its own stage ([`LoadBook::marginal_cost`] on both sides, the
+    /// migration stall on the way back); `None` otherwise. A burst of long prompts swamps the stage sized for their average
+    /// while the stage of shorter ones idles; a prompt is the heaviest work a request brings,
+    /// and where the prompts are long and the answers short (summaries, documents) it is most
+    /// of it. The request crosses the earlier stage's bound with its first token and moves
+    /// home like any request that grew past its stage. No advantage is asked for, unlike
+    /// [`Router::cheaper_next_stage`]: both sides price the same decode at home, and asking
+    /// 1.5 or 2 times cheaper left the p99 loss on bursty summaries that this removes
+    /// (`docs/benchmarks.md`, "Prefill in the stage before").
+    fn cheaper_prefill_before(&self, home: usize, chosen: InstanceId, len: u32) -> Option<InstanceId> {
+        let earlier = &self.layout.stages()[home.checked_sub(1)?];
+        let alt = self.loads.least_marginal_cost(&self.profile, &earlier.instances, len, true, None, 1.0)?;
+        let home_horizon = self.horizon(home, len);
+        let at_home = self.loads.marginal_cost(&self.profile, chosen, len, true, home_horizon);
+        let by_way_of_earlier = self.loads.marginal_cost(&self.profile, alt, len, true, 1.0)
+            + self.profile.migration_stall(u64::from(len))
+            + self.loads.marginal_cost(&self.profile, chosen, len, false, home_horizon);
+        (by_way_of_earlier < at_home).then_some(alt)
     }
 
     /// The best instance of the stage after `home` when a new request of `len` tokens would cost
@@ -130,10 +162,9 @@ impl Router {
         self.check_len(prompt_len)?;
         let home = self.layout.stage_of_len(prompt_len);
         let choice = if self.prefixes.holdings(turn.session).is_empty() {
-            self.best_from_stage(home, prompt_len, true, None)
+            self.place_new(prompt_len)
         } else {
-            self.cheapest_with_cache(home, prompt_len, turn)
-                .or_else(|| self.best_from_stage(home, prompt_len, true, None))
+            self.cheapest_with_cache(home, prompt_len, turn).or_else(|| self.place_new(prompt_len))
         };
         let Some((instance, stage)) = choice else { return Ok(None) };
         self.loads.add_queued(instance, request, prompt_len);
@@ -400,6 +431,24 @@ mod tests {
         let mut r = router();
         r.loads.add_queued(InstanceId(0), RequestId(2000), 900);
         assert_eq!(r.admit(RequestId(2), 500).unwrap().unwrap().stage, 0);
+    }
+
+    #[test]
+    fn a_burst_of_long_prompts_prefills_in_the_stage_before_and_moves_home() {
+        let mut r = router();
+        // Ten long documents wait on the last stage's only instance; the middle stage idles.
+        for q in 0..10 {
+            r.loads.add_queued(InstanceId(4), RequestId(1000 + q), 20_000);
+        }
+        let a = r.admit(RequestId(1), 12_000).unwrap().unwrap();
+        assert_eq!(a.stage, 1, "prefilled where it stalls no queue");
+        // Its first token takes it past the middle stage's bound: it moves home with its KV.
+        let moves = r.check_step(&[entry(1, a.instance.0, 12_001)]).unwrap();
+        assert_eq!(moves.len(), 1);
+        assert_eq!((moves[0].to, moves[0].reason), (InstanceId(4), MigrationReason::StageBound));
+        // With its own stage idle, a long prompt starts at home (the move would only add a
+        // stall).
+        assert_eq!(router().admit(RequestId(2), 12_000).unwrap().unwrap().stage, 2);
     }
 
     #[test]
