@@ -90,6 +90,14 @@ async def abandon(state: WorkerState, error: BaseException) -> None:
     state.hub.close_feeds()
 
 
+async def _shut_down_dead(engine: Engine) -> None:
+    """Ends whatever of a dead engine's processes is left (they also end with this process)."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(engine.shutdown), 30)
+    except Exception as e:
+        log.warning("engine_shutdown_failed", error=repr(e))
+
+
 def _report_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background_task_failed", task=task.get_name(), error=repr(task.exception()))
@@ -144,7 +152,15 @@ async def serve(config: WorkerConfig) -> None:
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.host, registry=state.metrics.registry)
     await server.start()
-    await warm_up(engine_loop)
+    try:
+        await warm_up(engine_loop)
+    except EngineDead as e:
+        # Nothing was served yet: no request to end, no scheduler told of this worker.
+        log.error("engine_died", error=str(e), during="warm-up")
+        await server.stop(grace=None)
+        engine_loop.stop()
+        await _shut_down_dead(engine)
+        raise FatalError(f"the engine died during warm-up, before serving ({e})") from e
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     # The launcher and tests read this line to learn the port.
@@ -183,10 +199,7 @@ async def serve(config: WorkerConfig) -> None:
     await state.close()
     engine_loop.stop()
     if engine_loop.died.done():
-        try:  # whatever of vLLM's processes is left (they also end with this process)
-            await asyncio.wait_for(asyncio.to_thread(engine.shutdown), 30)
-        except Exception as e:
-            log.warning("engine_shutdown_failed", error=repr(e))
+        await _shut_down_dead(engine)
         raise FatalError(f"the engine died ({engine_loop.died.result()!r}); see engine_died")
     # Off the event loop: the multiprocess vLLM engine runs its own asyncio loop to shut down,
     # which cannot run on a thread that runs another (it raised, and the daemon exited 1).
