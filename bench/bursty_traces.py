@@ -93,9 +93,13 @@ TRACES: dict[str, tuple[Callable[[random.Random, float], Lengths], float, int]] 
 
 
 def write(
-    path: Path, lengths: Callable[[random.Random, float], Lengths], cv: float, seed: int
+    path: Path,
+    lengths: Callable[[random.Random, float], Lengths],
+    cv: float,
+    seed: int,
+    count: int = 3000,
 ) -> None:
-    rng, now, shape, rate, count = random.Random(seed), 0.0, 1.0 / cv**2, 5.0, 3000
+    rng, now, shape, rate = random.Random(seed), 0.0, 1.0 / cv**2, 5.0
     with path.open("w") as f:
         for i in range(count):
             now += rng.gammavariate(shape, 1.0 / (rate * shape))

@@ -2,11 +2,11 @@
 p99 end-to-end latency over the best baseline's, cell by cell, and how many cells exceed 1.02x.
 
     python bench/no_regret.py [--kinds p2,prod,reasoning,r2,lc] [--seeds 200-203]
-                              [--rates 4,8,12,16] [--instances 16] [--out FILE.jsonl]
-                              [--baselines-from EARLIER.jsonl]
+                              [--rates 4,8,12,16] [--instances 16] [--requests 3000]
+                              [--out FILE.jsonl] [--baselines-from EARLIER.jsonl]
 
 Each trace is one of `bench/bursty_traces.py`'s kinds drawn with a seed of its own (3,000
-requests, Gamma arrivals at the kind's coefficient of variation), rescaled to each rate. Every
+requests unless `--requests` says otherwise, Gamma arrivals at the kind's coefficient of variation), rescaled to each rate. Every
 cell runs all six policies exactly as `cascade bench sim --workload TRACE --rate R --seed 1`
 does (default profile `gpu-h100-llama3-8b`); cascade plans from the trace's lengths and gap
 variation, and its layout selection simulates its own bootstrap traces, never this one. The
@@ -37,8 +37,8 @@ REGRET = 1.02
 """The issue's bound: cascade at most 2% above the best baseline on mean and on p99."""
 
 
-def _cell(args: tuple[str, float, int, dict[str, list[float]]]) -> dict[str, object]:
-    trace, rate, instances, known = args
+def _cell(args: tuple[str, float, int, int, dict[str, list[float]]]) -> dict[str, object]:
+    trace, rate, instances, requests, known = args
     figures: dict[str, object] = dict(known)
     for policy in POLICY_NAMES:
         if policy in figures:
@@ -48,7 +48,7 @@ def _cell(args: tuple[str, float, int, dict[str, list[float]]]) -> dict[str, obj
             profile=load_profile(PROFILE),
             workload=trace,
             num_instances=instances,
-            num_requests=3000,
+            num_requests=requests,
             seed=1,
         )
         summary, report = run_at_rate(setup, rate)
@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--seeds", default="200-203", help="trace seeds, FIRST-LAST")
     p.add_argument("--rates", default="4,8,12,16")
     p.add_argument("--instances", type=int, default=16)
+    p.add_argument("--requests", type=int, default=3000, help="requests per trace")
     p.add_argument("--out", type=Path, help="also write every cell's figures as JSONL")
     p.add_argument(
         "--baselines-from",
@@ -97,9 +98,15 @@ def main() -> None:
         lengths, cv, _ = bursty_traces.TRACES[kind]
         for seed in _seeds(args.seeds):
             path = tmp / f"{kind}-{seed}.jsonl"
-            bursty_traces.write(path, lengths, cv, seed)
+            bursty_traces.write(path, lengths, cv, seed, args.requests)
             jobs += [
-                (str(path), float(r), args.instances, known.get((path.stem, float(r)), {}))
+                (
+                    str(path),
+                    float(r),
+                    args.instances,
+                    args.requests,
+                    known.get((path.stem, float(r)), {}),
+                )
                 for r in args.rates.split(",")
             ]
     print("| trace | rate | cascade mean / best | best (mean) | cascade p99 / best | best (p99) |")
