@@ -121,14 +121,14 @@ impl Router {
     /// The best instance of the stage before `home` when prefilling a new request of `len`
     /// tokens there, then moving it home with its KV, costs everyone less than starting it on
     /// `chosen`, the best of its own stage ([`LoadBook::marginal_cost`] on both sides, the
-    /// migration stall on the way back); `None` otherwise. A burst of long prompts swamps the stage sized for their average
-    /// while the stage of shorter ones idles; a prompt is the heaviest work a request brings,
-    /// and where the prompts are long and the answers short (summaries, documents) it is most
-    /// of it. The request crosses the earlier stage's bound with its first token and moves
-    /// home like any request that grew past its stage. No advantage is asked for, unlike
-    /// [`Router::cheaper_next_stage`]: both sides price the same decode at home, and asking
-    /// 1.5 or 2 times cheaper left the p99 loss on bursty summaries that this removes
-    /// (`docs/benchmarks.md`, "Prefill in the stage before").
+    /// migration stall on the way back); `None` otherwise. A burst of long prompts swamps the
+    /// stage sized for their average while the stage of shorter ones idles; a prompt is the
+    /// heaviest work a request brings, and where the prompts are long and the answers short
+    /// (summaries, documents) it is most of it. The request crosses the earlier stage's bound
+    /// with its first token and moves home like any request that grew past its stage. No
+    /// advantage is asked for, unlike [`Router::cheaper_next_stage`]: both sides price the
+    /// same decode at home, and asking 1.5 or 2 times cheaper left the p99 loss on bursty
+    /// summaries that this removes (`docs/benchmarks.md`, "Prefill in the stage before").
     fn cheaper_prefill_before(&self, home: usize, chosen: InstanceId, len: u32) -> Option<InstanceId> {
         let earlier = &self.layout.stages()[home.checked_sub(1)?];
         let alt = self.loads.least_marginal_cost(&self.profile, &earlier.instances, len, true, None, 1.0)?;
