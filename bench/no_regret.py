@@ -6,8 +6,8 @@ p99 end-to-end latency over the best baseline's, cell by cell, and how many cell
                               [--out FILE.jsonl] [--baselines-from EARLIER.jsonl]
 
 Each trace is one of `bench/bursty_traces.py`'s kinds drawn with a seed of its own (3,000
-requests unless `--requests` says otherwise, Gamma arrivals at the kind's coefficient of variation), rescaled to each rate. Every
-cell runs all six policies exactly as `cascade bench sim --workload TRACE --rate R --seed 1`
+requests unless `--requests` says otherwise, Gamma arrivals at the kind's coefficient of
+variation), rescaled to each rate. Every cell runs all six policies exactly as `cascade bench sim --workload TRACE --rate R --seed 1`
 does (default profile `gpu-h100-llama3-8b`); cascade plans from the trace's lengths and gap
 variation, and its layout selection simulates its own bootstrap traces, never this one. The
 simulator is deterministic, so a cell reproduces exactly. Takes about 5 minutes for the

@@ -106,22 +106,27 @@ impl Router {
     fn place_new(&self, len: u32) -> Option<(InstanceId, usize)> {
         let home = self.layout.stage_of_len(len);
         let (instance, stage) = self.best_from_stage(home, len, true, None)?;
-        if stage != home {
+        if stage != home || self.layout.stages().len() == 1 {
             return Some((instance, stage));
         }
-        if let Some(next) = self.cheaper_next_stage(home, instance, len) {
+        // What the request costs on the best instance of its own stage, which both ways out
+        // of it are weighed against.
+        let home_horizon = self.horizon(home, len);
+        let at_home = self.loads.marginal_cost(&self.profile, instance, len, true, home_horizon);
+        if let Some(next) = self.cheaper_next_stage(home, at_home / home_horizon, len) {
             return Some((next, home + 1));
         }
-        if let Some(earlier) = self.cheaper_prefill_before(home, instance, len) {
+        if let Some(earlier) = self.cheaper_prefill_before(home, instance, at_home, home_horizon, len) {
             return Some((earlier, home - 1));
         }
         Some((instance, home))
     }
 
     /// The best instance of the stage before `home` when prefilling a new request of `len`
-    /// tokens there, then moving it home with its KV, costs everyone less than starting it on
-    /// `chosen`, the best of its own stage ([`LoadBook::marginal_cost`] on both sides, the
-    /// migration stall on the way back); `None` otherwise. A burst of long prompts swamps the
+    /// tokens there, then moving it home with its KV, costs everyone less than `at_home`, its
+    /// marginal cost over `home_horizon` steps on `chosen`, the best of its own stage
+    /// ([`LoadBook::marginal_cost`] on both sides, the migration stall on the way back); `None`
+    /// otherwise. A burst of long prompts swamps the
     /// stage sized for their average while the stage of shorter ones idles; a prompt is the
     /// heaviest work a request brings, and where the prompts are long and the answers short
     /// (summaries, documents) it is most of it. The request crosses the earlier stage's bound
@@ -129,11 +134,16 @@ impl Router {
     /// advantage is asked for, unlike [`Router::cheaper_next_stage`]: both sides price the
     /// same decode at home, and asking 1.5 or 2 times cheaper left the p99 loss on bursty
     /// summaries that this removes (`docs/benchmarks.md`, "Prefill in the stage before").
-    fn cheaper_prefill_before(&self, home: usize, chosen: InstanceId, len: u32) -> Option<InstanceId> {
+    fn cheaper_prefill_before(
+        &self,
+        home: usize,
+        chosen: InstanceId,
+        at_home: f64,
+        home_horizon: f64,
+        len: u32,
+    ) -> Option<InstanceId> {
         let earlier = &self.layout.stages()[home.checked_sub(1)?];
         let alt = self.loads.least_marginal_cost(&self.profile, &earlier.instances, len, true, None, 1.0)?;
-        let home_horizon = self.horizon(home, len);
-        let at_home = self.loads.marginal_cost(&self.profile, chosen, len, true, home_horizon);
         let by_way_of_earlier = self.loads.marginal_cost(&self.profile, alt, len, true, 1.0)
             + self.profile.migration_stall(u64::from(len))
             + self.loads.marginal_cost(&self.profile, chosen, len, false, home_horizon);
@@ -141,16 +151,16 @@ impl Router {
     }
 
     /// The best instance of the stage after `home` when a new request of `len` tokens would cost
-    /// less than a `1 / NEXT_STAGE_ADVANTAGE` share there, per decode step it shares, than on
-    /// `chosen`, the best of its own stage ([`LoadBook::marginal_cost`]); `None` otherwise.
+    /// less than a `1 / NEXT_STAGE_ADVANTAGE` share there, per decode step it shares, than
+    /// `per_step_home`, its marginal cost per shared step on the best instance of its own
+    /// stage ([`LoadBook::marginal_cost`]); `None` otherwise.
     /// A stage sized for the average can be swamped by a burst while the next one idles; the
     /// request pays the longer contexts' step time there, which the cost counts, and saves the
     /// wait and the stalls it would add at home.
-    fn cheaper_next_stage(&self, home: usize, chosen: InstanceId, len: u32) -> Option<InstanceId> {
+    fn cheaper_next_stage(&self, home: usize, per_step_home: f64, len: u32) -> Option<InstanceId> {
         let next = self.layout.stages().get(home + 1)?;
-        let (home_horizon, next_horizon) = (self.horizon(home, len), self.horizon(home + 1, len));
+        let next_horizon = self.horizon(home + 1, len);
         let alt = self.loads.least_marginal_cost(&self.profile, &next.instances, len, true, None, next_horizon)?;
-        let per_step_home = self.loads.marginal_cost(&self.profile, chosen, len, true, home_horizon) / home_horizon;
         let per_step_next = self.loads.marginal_cost(&self.profile, alt, len, true, next_horizon) / next_horizon;
         (per_step_next * NEXT_STAGE_ADVANTAGE < per_step_home).then_some(alt)
     }
