@@ -393,6 +393,55 @@ def test_a_number_that_is_not_finite_is_400_naming_the_field(
     assert error["message"] == f"{param}: Input should be a finite number", error
 
 
+@pytest.mark.parametrize(
+    ("route", "field", "param", "message"),
+    [
+        ("completions", {"max_tokens": "5"}, "max_tokens", "valid integer, got a string"),
+        ("completions", {"max_tokens": True}, "max_tokens", "valid integer, got a boolean"),
+        ("completions", {"max_tokens": 5.0}, "max_tokens", "valid integer, got a decimal number"),
+        ("chat/completions", {"max_completion_tokens": "3"}, "max_completion_tokens", "integer"),
+        ("chat/completions", {"temperature": "0.5"}, "temperature", "valid number, got a string"),
+        ("chat/completions", {"stream": "true"}, "stream", "valid boolean, got a string"),
+        ("chat/completions", {"stream": 1}, "stream", "valid boolean, got an integer"),
+        ("completions", {"ignore_eos": 1}, "ignore_eos", "valid boolean"),
+        ("completions", {"seed": "1"}, "seed", "valid integer"),
+        ("completions", {"n": "1"}, "n", "valid integer"),
+        ("completions", {"stop_token_ids": ["1"]}, "stop_token_ids.0", "valid integer"),
+        ("completions", {"prompt": [1.0, 2.0]}, "prompt.0", "valid integer"),
+        ("completions", {"prompt": [True]}, "prompt.0", "valid integer"),
+    ],
+)
+def test_a_value_of_the_wrong_json_type_is_400_not_coerced(
+    front: Front, route: str, field: dict[str, object], param: str, message: str
+) -> None:
+    """OpenAI's API refuses `"max_tokens": "5"`, `true` or `5.0`; pydantic's lax mode read them
+    as 5, 1 and 5 and served the request."""
+    prompt = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {}
+    body = {"model": "sim", "prompt": "hi", "max_tokens": 4, **prompt, **field}
+    if "chat" in route:
+        body.pop("prompt")
+        if "max_completion_tokens" in field:
+            body.pop("max_tokens")
+    r = httpx.post(f"{front.scheduler.openai_url}/{route}", json=body, headers=AUTH, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert error["message"].startswith(f"{param}: "), error
+    # An integer where a number is expected is a number (JSON has one number type).
+    ok = {"model": "sim", "prompt": "hi", "max_tokens": 2, "temperature": 1, "top_p": 1}
+    r = httpx.post(f"{front.scheduler.openai_url}/completions", json=ok, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_a_body_that_is_not_a_json_object_is_400_saying_so(front: Front) -> None:
+    for raw, kind in [(b"[]", "an array"), (b'"x"', "a string"), (b"null", "null")]:
+        r = httpx.post(
+            f"{front.scheduler.openai_url}/completions", content=raw, headers=AUTH, timeout=30
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == f"the body should be a JSON object, got {kind}"
+
+
 def _raw_exchange(front: Front, parts: list[bytes], pause_s: float = 0.0) -> tuple[bytes, float]:
     """Sends `parts` on one connection (pausing `pause_s` before the last) and reads until the
     server closes it; returns what came back and how long the server took to close."""

@@ -85,15 +85,39 @@ def _most_telling(errors: list[ErrorDetails]) -> ErrorDetails:
     return max(errors, key=lambda x: len(x["loc"]))
 
 
+def _json_type(value: object) -> str:
+    """The JSON type of a parsed value, as a client wrote it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
 def from_validation(e: ValidationError) -> APIError:
-    """The most telling problem pydantic found, named by its field path (`messages.0.role`)."""
+    """The most telling problem pydantic found, named by its field path (`messages.0.role`).
+    A value of the wrong JSON type says which type it was ("max_tokens: Input should be a
+    valid integer, got a string"), as OpenAI's own errors do."""
     errors = e.errors(include_url=False)
     first = errors[0]
     if first["loc"]:
         same_field = [x for x in errors if x["loc"][:1] == first["loc"][:1]]
         first = _most_telling(same_field)
     param = ".".join(str(p) for p in first["loc"] if not _is_union_branch(p)) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
+    if not first["loc"] and first["type"] == "model_type":
+        return APIError(400, f"the body should be a JSON object, got {_json_type(first['input'])}")
+    why = first["msg"]
+    if first["type"].endswith("_type"):
+        why = f"{why}, got {_json_type(first['input'])}"
+    message = f"{param}: {why}" if param else why
     if first["type"] == "extra_forbidden":
         message = f"{param}: not supported by this server"
     return APIError(400, message, param=param)

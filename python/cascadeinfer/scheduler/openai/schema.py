@@ -2,7 +2,9 @@
 
 Requests forbid unknown fields: a client asking for something this server does not do gets a
 400 naming the field instead of an answer that silently ignored it (`params` adds the fields
-that are known but only accepted at their default, such as n=1).
+that are known but only accepted at their default, such as n=1). They are also strict about
+JSON types, as OpenAI's API is: `"max_tokens": "5"`, `true` or `5.0` is a 400 naming the
+field, not a quiet 5 or 1 (an integer is still a valid number where a float is expected).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ TokenIdList = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
@@ -51,7 +53,7 @@ class SamplingFields(BaseModel):
     """Fields both endpoints share. Numbers must be finite: Python's JSON parser reads `NaN`
     and `Infinity`, which no bound check refuses clearly (NaN fails every comparison)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -99,13 +101,13 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
