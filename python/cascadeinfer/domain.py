@@ -36,6 +36,12 @@ class EngineError(Exception):
         self.message = message
 
 
+MAX_STOP_TOKEN_IDS = 1024
+"""Most stop tokens one request may name: engines test each new token against the list (the
+sim engine and vLLM alike scan it), so a list of millions (what a 16 MiB message holds) made
+every step of the worker slow for all its requests."""
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     max_tokens: int
@@ -49,6 +55,11 @@ class SamplingSpec:
 
     def validate(self) -> None:
         """Raises INVALID_ARGUMENT naming the first bad field."""
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise EngineError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"stop_token_ids: {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}",
+            )
         checks = [
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]"),

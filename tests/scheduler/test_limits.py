@@ -136,3 +136,31 @@ def test_a_message_over_the_size_limit_is_refused_and_service_goes_on(scheduler:
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_prompt_bytes" not in (e.value.details() or ""), "refused by size, unparsed"
     assert read_all(stub_of(scheduler.address), 5) == (5, common_pb2.FINISH_REASON_LENGTH)
+
+
+def test_a_long_request_id_or_stop_list_is_refused_naming_the_field(scheduler: Daemon) -> None:
+    """The request id travels in every step-feed message about the request: six clients with
+    12 MB ids made a worker's feed outgrow its 64 MiB message limit, and the scheduler dropped
+    that healthy worker. A list of millions of stop tokens made every engine step scan it."""
+    stub = stub_of(scheduler.address)
+    long_id = request(4)
+    long_id.request_id = "r" * 129
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(long_id, timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "request_id is longer than 128 characters"
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Abort(scheduler_pb2.ClientAbortRequest(request_id="r" * 10_000), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    many_stops = request(4)
+    many_stops.sampling.stop_token_ids.extend(range(2000, 3025))
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(many_stops, timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "stop_token_ids: 1025 ids; at most 1024"
+    ok = request(4)
+    ok.request_id = "r" * 128
+    ok.sampling.stop_token_ids.extend(range(2000, 3024))
+    last = list(stub.Generate(ok, timeout=30))[-1]
+    assert last.request_id == ok.request_id
+    assert last.finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)

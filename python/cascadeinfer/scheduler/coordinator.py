@@ -29,7 +29,11 @@ from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
 from cascadeinfer.scheduler.ratelimit import TokenBucket
-from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS, ClientRequest
+from cascadeinfer.scheduler.requests import (
+    MAX_REQUEST_ID_CHARS,
+    MAX_SESSION_ID_CHARS,
+    ClientRequest,
+)
 from cascadeinfer.scheduler.tasks import report_failure
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
@@ -525,6 +529,11 @@ class Coordinator:
         priority: int,
         session_id: str | None = None,
     ) -> ClientRequest:
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise SchedulingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters",
+            )
         if request_id in self.requests:
             raise SchedulingError(
                 grpc.StatusCode.ALREADY_EXISTS, f"request id {request_id!r} is in use"
@@ -670,6 +679,11 @@ class Coordinator:
                 return
 
     async def abort(self, request_id: str) -> None:
+        if len(request_id) > MAX_REQUEST_ID_CHARS:  # never an id in use; not echoed whole
+            raise SchedulingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters",
+            )
         rec = self.requests.get(request_id)
         if rec is None:
             raise SchedulingError(grpc.StatusCode.NOT_FOUND, f"no request {request_id!r}")

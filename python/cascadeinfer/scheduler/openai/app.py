@@ -35,13 +35,12 @@ from cascadeinfer.scheduler.openai.schema import (
     ModelList,
     SamplingFields,
 )
-from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS
+from cascadeinfer.scheduler.requests import MAX_REQUEST_ID_CHARS, MAX_SESSION_ID_CHARS
 
 log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 4 << 20
 """Largest request body read; a bigger one is refused with 413 before it is read whole."""
-MAX_REQUEST_ID_CHARS = 128
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[Request], Awaitable[Response]]
 
