@@ -43,6 +43,8 @@ class FakeWorker:
     hold_migrate: asyncio.Event | None = None
     """migrate_out waits for this before it answers (a transfer in flight)."""
     peers: dict[str, FakeWorker] = field(default_factory=dict)
+    is_draining: bool = False
+    """Its feed opens saying it drains (SIGTERM came before the scheduler connected)."""
     _feed: asyncio.Queue[worker_pb2.StepUpdate | WorkerCallError | None] = field(
         default_factory=asyncio.Queue
     )
@@ -97,7 +99,7 @@ class FakeWorker:
 
     async def step_feed(self) -> AsyncIterator[worker_pb2.StepUpdate]:
         # Like a real worker, the feed opens with a snapshot of what runs here (all detached).
-        snapshot = worker_pb2.StepUpdate(worker_id=self.address)
+        snapshot = worker_pb2.StepUpdate(worker_id=self.address, is_draining=self.is_draining)
         for rid in self.started:
             snapshot.requests.append(worker_pb2.RequestStep(request_id=rid, is_detached=True))
         yield snapshot

@@ -20,7 +20,7 @@ from cascadeinfer.scheduler import requests
 from cascadeinfer.scheduler.config import SchedulerConfig, StageSpec
 from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator, SchedulingError
 from cascadeinfer.scheduler.requests import ClientRequest
-from cascadeinfer.scheduler.workers import WorkerPool
+from cascadeinfer.scheduler.workers import WorkerPool, WorkerUnreachable
 
 from tests.scheduler.fake_workers import FakeWorker, Step, fake_cluster
 
@@ -282,6 +282,24 @@ async def test_a_worker_joins_once_the_ghosts_it_runs_are_aborted(
     c, fakes = await start(started, "a", ghosts=("left-by-a-crash",))
     assert fakes["a"].aborted == ["left-by-a-crash"]
     assert c.can_place
+
+
+async def test_a_worker_that_is_draining_is_not_taken_into_the_plan(
+    started: list[Coordinator],
+) -> None:
+    """A static worker reconnected, or any worker connected, while it drains would get
+    requests it refuses; it is refused until it is back, not draining."""
+    c, fakes = await start(started, "a", "b")
+    fakes["b"].die()
+    await settle()
+    assert [w.address for w in c.pool.healthy()] == ["a"]
+    fakes["b"].is_draining = True
+    with pytest.raises(WorkerUnreachable, match="draining"):
+        await c.add_worker("b")
+    assert [w.address for w in c.pool.healthy()] == ["a"]
+    fakes["b"].is_draining = False
+    await c.add_worker("b")
+    assert sorted(w.address for w in c.pool.healthy()) == ["a", "b"]
 
 
 class _ChangingPolicy:

@@ -56,3 +56,23 @@ def test_workers_register_again_after_a_scheduler_restart(tmp_path: Path) -> Non
         for w in workers:
             w.kill()
         scheduler.kill()
+
+
+def test_a_static_worker_that_restarts_is_taken_back(tmp_path: Path) -> None:
+    """A worker of the `--workers` list sends no heartbeat: once its feed ended (killed), the
+    scheduler never placed a request on it again, even after it was back on its address."""
+    ports = [free_port(), free_port()]
+    workers = [start_worker([*SIM, "--port", str(p)], tmp_path) for p in ports]
+    addresses = ",".join(w.address for w in workers)
+    scheduler = start_scheduler(["--workers", addresses, "--stages", "0-64:1,64-4096:1"], tmp_path)
+    try:
+        wait_until_workers(scheduler.address, 2)
+        workers[0].kill()
+        wait_until_workers(scheduler.address, 1, timeout=10)
+        workers[0] = start_worker([*SIM, "--port", str(ports[0])], tmp_path)
+        wait_until_workers(scheduler.address, 2, timeout=15)
+        assert served_tokens(scheduler.address) == 60, "both stages serve again"
+    finally:
+        for w in workers:
+            w.kill()
+        scheduler.kill()

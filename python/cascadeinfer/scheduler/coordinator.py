@@ -190,6 +190,10 @@ class Coordinator:
         try:
             async for update in link.client.step_feed():
                 if not reconciled.done():
+                    if update.is_draining:  # leaving: nothing may be placed there
+                        draining = WorkerUnreachable(f"{link.address}: the worker is draining")
+                        reconciled.set_exception(draining)
+                        return
                     await self._reap_ghosts(link, update)
                     reconciled.set_result(None)
                 self._on_step(link, update)

@@ -56,6 +56,29 @@ async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str,
             await asyncio.sleep(0.5)
 
 
+STATIC_RETRY_S = 1.0
+"""How often a --workers worker that is gone is tried again."""
+
+
+async def keep_static_workers(coordinator: Coordinator, addresses: tuple[str, ...]) -> None:
+    """Adds back a --workers worker whose step feed ended (killed and restarted, or cut off
+    past the link timeout) as soon as it answers again: unlike a worker started with
+    `--scheduler`, it sends no heartbeat to come back by, and was left out of the plan for good
+    (a restarted worker on the same address got no request again). A worker still draining is
+    not taken back (`Coordinator.add_worker` refuses it)."""
+    while True:
+        await asyncio.sleep(STATIC_RETRY_S)
+        for address in addresses:
+            links = [w for w in coordinator.pool.by_id.values() if w.address == address]
+            if links and not all(w.is_gone for w in links):
+                continue
+            try:
+                link = await coordinator.add_worker(address)
+            except (WorkerUnreachable, WorkerCallError):
+                continue  # still down; tried again next round
+            log.info("static_worker_back", worker_id=link.worker_id, address=address)
+
+
 async def report_health(servicer: health.aio.HealthServicer, coordinator: Coordinator) -> None:
     """SERVING exactly while a request could be placed (enough workers known and healthy)."""
     last = None
@@ -130,6 +153,12 @@ async def serve(config: SchedulerConfig) -> None:
         tick = asyncio.create_task(coordinator.tick_forever(), name="tick_forever")
         watch_essential(tick, failures, stop)
         essential.append(tick)
+        if config.workers:
+            keep = asyncio.create_task(
+                keep_static_workers(coordinator, config.workers), name="keep_static_workers"
+            )
+            watch_essential(keep, failures, stop)
+            essential.append(keep)
         _announce(config, port, http)
         await stop.wait()
     await _shut_down(health_servicer, essential, http, server, coordinator)
