@@ -433,6 +433,39 @@ def test_a_value_of_the_wrong_json_type_is_400_not_coerced(
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        (
+            [{"role": "user", "content": "a"}] * 4097,
+            "messages: List should have at most 4096 items after validation, not 4097",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": "a"}] * 41}] * 100,
+            "messages: 4100 text parts in all; at most 4096",
+        ),
+    ],
+)
+def test_a_chat_of_too_many_messages_or_parts_is_400_before_it_is_rendered(
+    front: Front, messages: list[object], message: str
+) -> None:
+    """The chat template renders message by message on the front's event loop: 120,000
+    one-letter messages (within the 4 MiB body bound) held every other stream for a second."""
+    r = httpx.post(
+        f"{front.scheduler.openai_url}/chat/completions",
+        json={"model": "sim", "max_tokens": 2, "messages": messages},
+        headers=AUTH,
+        timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": None,
+    }
+
+
 def test_a_body_that_is_not_a_json_object_is_400_saying_so(front: Front) -> None:
     for raw, kind in [(b"[]", "an array"), (b'"x"', "a string"), (b"null", "null")]:
         r = httpx.post(

@@ -112,6 +112,8 @@ def from_validation(e: ValidationError) -> APIError:
         same_field = [x for x in errors if x["loc"][:1] == first["loc"][:1]]
         first = _most_telling(same_field)
     param = ".".join(str(p) for p in first["loc"] if not _is_union_branch(p)) or None
+    if not first["loc"] and "field" in first.get("ctx", {}):
+        return APIError(400, first["msg"], param=str(first["ctx"]["field"]))  # ours, worded
     if not first["loc"] and first["type"] == "model_type":
         return APIError(400, f"the body should be a JSON object, got {_json_type(first['input'])}")
     why = first["msg"]

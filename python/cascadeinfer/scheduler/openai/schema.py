@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -100,6 +101,13 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
+MAX_MESSAGES = 4096
+MAX_TEXT_PARTS = 4096
+"""A chat's messages, and its text parts (content given as a list) in all, at most. The chat
+template renders them one by one on the front's event loop: 120,000 one-letter messages (a
+4 MiB body) held every other stream of the front for over a second."""
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
@@ -114,7 +122,28 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    @model_validator(mode="before")
+    @classmethod
+    def _few_enough_parts(cls, data: Any) -> Any:
+        """Counts the text parts before any is validated (a count after would come too late
+        to spare the work). Too many messages are refused by the field's own bound."""
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or len(messages) > MAX_MESSAGES:
+            return data
+        num_parts = sum(
+            len(m["content"])
+            for m in messages
+            if isinstance(m, dict) and isinstance(m.get("content"), list)
+        )
+        if num_parts > MAX_TEXT_PARTS:
+            raise PydanticCustomError(
+                "too_long",
+                "messages: {num_parts} text parts in all; at most {max_parts}",
+                {"num_parts": num_parts, "max_parts": MAX_TEXT_PARTS, "field": "messages"},
+            )
+        return data
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_U32)
     add_generation_prompt: bool = True
     """vLLM's extension; Hugging Face's apply_chat_template argument."""
