@@ -4,9 +4,11 @@ with Gamma inter-arrival gaps, independent of the presets `cascade bench sim` kn
 
     python bench/bursty_traces.py OUT_DIR
 
-Lengths are log-normal (median, sigma) and clamped; arrivals are Gamma with the given
-coefficient of variation at 5 req/s (`cascade bench sim --rate R` rescales them, keeping the
-burstiness).
+Lengths are log-normal (median, sigma) and clamped; arrivals average 5 req/s (`cascade bench
+sim --rate R` rescales them, keeping the burstiness): Gamma gaps with a given coefficient of
+variation (a renewal process: bursts a few requests long), or, for the kinds added in the tenth
+session, Poisson arrivals whose rate moves over minutes (on/off phases, or a wave over the trace),
+as rate changes in real logs do (BurstGPT, Azure's traces).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 Lengths = tuple[int, int]
+Arrivals = Callable[[random.Random, float], float]
+"""The next inter-arrival gap (s), given the share of the trace written so far."""
+RATE = 5.0
+"""Mean arrival rate of a written trace (req/s), before `--rate` rescales it."""
 
 
 def _ln(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
@@ -52,6 +58,16 @@ def code(rng: random.Random) -> Lengths:
     return _ln(rng, 1500, 1.0, 32, 16_000), _ln(rng, 120, 1.2, 1, 4096)
 
 
+def code_completion(rng: random.Random) -> Lengths:
+    """Code completion as Azure's 2023 code trace has it: prompts ~2,000 tokens, a few dozen out."""
+    return _ln(rng, 2000, 0.8, 16, 16_000), _ln(rng, 24, 1.0, 1, 1024)
+
+
+def mooncake(rng: random.Random) -> Lengths:
+    """Long-document serving as Mooncake's trace has it: prompts ~8,000 tokens, answers ~300."""
+    return _ln(rng, 8000, 0.9, 256, 120_000), _ln(rng, 300, 0.6, 1, 2048)
+
+
 def shifting(rng: random.Random, progress: float) -> Lengths:
     """Chat for the first half of the trace, then production traffic (reasoning, documents)."""
     return chat(rng) if progress < 0.5 else production(rng)
@@ -74,35 +90,82 @@ def _steady(
     return lambda rng, _progress: lengths(rng)
 
 
-TRACES: dict[str, tuple[Callable[[random.Random, float], Lengths], float, int]] = {
-    # name: (lengths at a share of the trace done, inter-arrival CV, seed). The first seven
+def gamma(cv: float) -> Callable[[], Arrivals]:
+    """Gamma gaps with coefficient of variation `cv` (1: Poisson)."""
+    shape = 1.0 / cv**2
+    return lambda: lambda rng, _progress: rng.gammavariate(shape, 1.0 / (RATE * shape))
+
+
+def on_off(
+    high: float = 1.8, low: float = 0.2, mean_phase_s: float = 40.0
+) -> Callable[[], Arrivals]:
+    """Poisson arrivals at `high` or `low` times the mean rate, in phases of exponential length
+    (a two-state Markov-modulated Poisson process): bursts that last tens of seconds."""
+
+    def arrivals() -> Arrivals:
+        state = {"high": True, "left_s": mean_phase_s}
+
+        def gap(rng: random.Random, _progress: float) -> float:
+            waited = 0.0
+            while True:
+                g = rng.expovariate(RATE * (high if state["high"] else low))
+                if g < state["left_s"]:
+                    state["left_s"] -= g
+                    return waited + g
+                # Memoryless: the wait starts over at the next phase's rate.
+                waited += state["left_s"]
+                state["high"] = not state["high"]
+                state["left_s"] = rng.expovariate(1.0 / mean_phase_s)
+
+        return gap
+
+    return arrivals
+
+
+def wave(depth: float = 0.6) -> Callable[[], Arrivals]:
+    """Poisson arrivals whose rate follows one sine period over the trace, between 1 - `depth`
+    and 1 + `depth` times the mean (a day's rise and fall, compressed)."""
+    return lambda: (
+        lambda rng, progress: rng.expovariate(
+            RATE * (1.0 + depth * math.sin(2 * math.pi * progress))
+        )
+    )
+
+
+TRACES: dict[str, tuple[Callable[[random.Random, float], Lengths], Callable[[], Arrivals], int]] = {
+    # name: (lengths at a share of the trace done, arrival process, seed). The first seven
     # are those the policy work was checked on; the rest (added 2026-12-02) are kinds it was
     # never tuned on, to check that it generalizes.
-    "reasoning": (_steady(reasoning), 2.0, 11),
-    "prod": (_steady(production), 2.0, 11),
-    "lc": (_steady(long_context), 2.0, 11),
-    "r2": (_steady(reasoning), 3.0, 23),
-    "p2": (_steady(production), 2.5, 29),
-    "l2": (_steady(long_context), 1.5, 31),
-    "c2": (_steady(chat), 2.0, 37),
-    "sum": (_steady(summaries), 1.5, 41),
-    "code": (_steady(code), 2.0, 43),
-    "prod1": (_steady(production), 1.0, 47),
-    "shift": (shifting, 2.0, 53),
+    "reasoning": (_steady(reasoning), gamma(2.0), 11),
+    "prod": (_steady(production), gamma(2.0), 11),
+    "lc": (_steady(long_context), gamma(2.0), 11),
+    "r2": (_steady(reasoning), gamma(3.0), 23),
+    "p2": (_steady(production), gamma(2.5), 29),
+    "l2": (_steady(long_context), gamma(1.5), 31),
+    "c2": (_steady(chat), gamma(2.0), 37),
+    "sum": (_steady(summaries), gamma(1.5), 41),
+    "code": (_steady(code), gamma(2.0), 43),
+    "prod1": (_steady(production), gamma(1.0), 47),
+    "shift": (shifting, gamma(2.0), 53),
+    "pmmpp": (_steady(production), on_off(), 59),
+    "lwave": (_steady(long_context), wave(), 61),
+    "rmmpp": (_steady(reasoning), on_off(2.5, 0.4, 60.0), 67),
+    "azcode": (_steady(code_completion), gamma(2.0), 71),
+    "moon": (_steady(mooncake), gamma(1.5), 73),
 }
 
 
 def write(
     path: Path,
     lengths: Callable[[random.Random, float], Lengths],
-    cv: float,
+    arrivals: Callable[[], Arrivals],
     seed: int,
     count: int = 3000,
 ) -> None:
-    rng, now, shape, rate = random.Random(seed), 0.0, 1.0 / cv**2, 5.0
+    rng, now, gap = random.Random(seed), 0.0, arrivals()
     with path.open("w") as f:
         for i in range(count):
-            now += rng.gammavariate(shape, 1.0 / (rate * shape))
+            now += gap(rng, i / count)
             prompt, output = lengths(rng, i / count)
             row = {"arrival_s": round(now, 4), "prompt_len": prompt, "output_len": output}
             f.write(json.dumps(row) + "\n")
@@ -111,8 +174,8 @@ def write(
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "bursty-traces")
     out.mkdir(parents=True, exist_ok=True)
-    for name, (lengths, cv, seed) in TRACES.items():
-        write(out / f"{name}.jsonl", lengths, cv, seed)
+    for name, (lengths, arrivals, seed) in TRACES.items():
+        write(out / f"{name}.jsonl", lengths, arrivals, seed)
 
 
 if __name__ == "__main__":

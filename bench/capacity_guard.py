@@ -34,9 +34,9 @@ def _cell(args: tuple[str, int]) -> str:
     kind, seed, rate_text = spec.split(":")
     rate = float(rate_text)
     profile = load_profile(PROFILE)
-    lengths, cv, _ = bursty_traces.TRACES[kind]
+    lengths, arrivals, _ = bursty_traces.TRACES[kind]
     path = Path(tempfile.mkdtemp(prefix="guard-")) / f"{kind}-{seed}.jsonl"
-    bursty_traces.write(path, lengths, cv, int(seed))
+    bursty_traces.write(path, lengths, arrivals, int(seed))
     trace = make_trace(str(path), num_requests=REQUESTS, rate=rate, max_len=profile.max_model_len)
     chosen = plan_stages(
         num_instances=instances, workload=str(path), profile=profile, rate=rate,

@@ -95,10 +95,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="no-regret-"))
     jobs = []
     for kind in args.kinds.split(","):
-        lengths, cv, _ = bursty_traces.TRACES[kind]
+        lengths, arrivals, _ = bursty_traces.TRACES[kind]
         for seed in _seeds(args.seeds):
             path = tmp / f"{kind}-{seed}.jsonl"
-            bursty_traces.write(path, lengths, cv, seed, args.requests)
+            bursty_traces.write(path, lengths, arrivals, seed, args.requests)
             jobs += [
                 (
                     str(path),
