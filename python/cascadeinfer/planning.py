@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -75,6 +77,9 @@ class Requests:
     """Coefficient of variation of a trace's inter-arrival gaps (None for a preset)."""
     num_trace_requests: int | None = None
     """How many requests a trace holds (None for a preset)."""
+    arrival_gaps: list[float] | None = None
+    """A trace's inter-arrival gaps in arrival order (None for a preset): the selection
+    traces resample them, so bursts keep the length they had."""
 
 
 def clamp_lengths(prompt_len: int, output_len: int, max_len: int) -> tuple[int, int]:
@@ -93,13 +98,15 @@ def load_requests(
     benchmark runs."""
     if workloads.is_workload(workload):
         prompts, outputs = workloads.get(workload).sample(PRESET_SAMPLES, seed)
-        rate, cv, num_trace = None, None, None
+        rate, cv, num_trace, gaps = None, None, None, None
     elif Path(workload).is_file():
         trace = read_trace(workload)
         prompts = [r.prompt_len for r in trace]
         outputs = [r.output_len for r in trace]
         rate = arrival_rate(trace)
-        cv = gaps_cv([r.arrival_s for r in trace])
+        arrivals = sorted(r.arrival_s for r in trace)
+        cv = gaps_cv(arrivals)
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         num_trace = len(trace)
     else:
         raise workloads.not_found(workload)
@@ -118,7 +125,7 @@ def load_requests(
         kept_o.append(o)
     if not kept_p:
         raise ValueError(f"every request of {workload!r} is longer than max_len {max_len}")
-    return Requests(kept_p, kept_o, rate, dropped, truncated, cv, num_trace)
+    return Requests(kept_p, kept_o, rate, dropped, truncated, cv, num_trace, gaps)
 
 
 def selection_traces(
@@ -130,18 +137,25 @@ def selection_traces(
     num_requests: int,
     max_len: int,
     clamp_prompts: bool = False,
+    gaps: Sequence[float] | None = None,
 ) -> list[list[TraceEntry]]:
     """The traces every layout candidate is simulated on, with seeds from `seed` +
     SELECTION_SEED_OFFSET. A preset draws PRESET_SELECTION_SEEDS of them as it draws any trace
     of that length (independent realizations: a heavy-tailed preset's short trace can be far
     lighter or heavier than its long-run mix, and the layout must hold on the draw that
     comes); a trace file has one realization, so SELECTION_SEEDS block resamples of its
-    requests (`stage_count.selection_trace`). Lengths are fitted as `load_requests` fits
-    them."""
+    requests and of its gaps between arrivals, `gaps` (`stage_count.selection_trace`; Gamma
+    gaps of `arrival_cv` without them). Lengths are fitted as `load_requests` fits them."""
     if not workloads.is_workload(workload):
         return [
             selection_trace(
-                requests.prompt_lens, requests.output_lens, rate, seed + k, arrival_cv, num_requests
+                requests.prompt_lens,
+                requests.output_lens,
+                rate,
+                seed + k,
+                arrival_cv,
+                num_requests,
+                gaps,
             )
             for k in range(SELECTION_SEEDS)
         ]
@@ -254,7 +268,11 @@ def plan_stages(
         cv = arrival_cv or requests.arrival_cv or 1.0
         horizon = horizon_requests or requests.num_trace_requests or SELECTION_REQUESTS
         n = max(SELECTION_REQUESTS, min(horizon, MAX_SELECTION_REQUESTS))
-        traces = selection_traces(workload, requests, target, seed, cv, n, max_len, clamp_prompts)
+        # A trace's own gaps unless a burstiness was asked for.
+        gaps = requests.arrival_gaps if arrival_cv is None else None
+        traces = selection_traces(
+            workload, requests, target, seed, cv, n, max_len, clamp_prompts, gaps
+        )
         chosen_candidate, candidates = choose_layout(
             plan, summary, profile, num_instances, traces, config, objective=objective
         )

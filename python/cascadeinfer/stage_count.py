@@ -9,9 +9,10 @@ runs there on traffic drawn like the observed one:
 
 - a preset's own draws of the run's length (`PRESET_SELECTION_SEEDS` of them), or a trace
   file's requests resampled in blocks of consecutive ones, so runs of long requests stay
-  together (`SELECTION_SEEDS` resamples; `planning.selection_traces` picks); arrivals Gamma with
-  the observed coefficient of variation at the planned rate (bursts included); on seeds of
-  their own (never the benchmark's trace);
+  together (`SELECTION_SEEDS` resamples; `planning.selection_traces` picks); arrivals at the
+  planned rate, for a trace file its own gaps resampled in long blocks (bursts that last
+  minutes included), for a preset Gamma with the coefficient of variation asked for; on seeds
+  of their own (never the benchmark's trace);
 - the policy as it will run (refinement and balancing on).
 
 The candidates are the one-stage layout (least-load admission exactly: the no-regret
@@ -31,7 +32,7 @@ import itertools
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -62,6 +63,13 @@ sharegpt-multiturn: mean prompt 2,069 to 9,168 tokens over 12 seeds), and three 
 be heavy where most traces that come are light (a split chosen so ran at 1.5-2.6x)."""
 SELECTION_BLOCK = 64
 """Consecutive planning samples drawn together: a session's turns, a burst of long documents."""
+GAP_BLOCK = 256
+"""Consecutive inter-arrival gaps of a trace drawn together (independently of the lengths'
+blocks): a phase of high rate that lasts minutes, as in Markov-modulated or diurnal traffic,
+stays one. Gamma gaps with the trace's coefficient of variation make bursts a few requests long
+whatever the trace had: on production traffic whose rate switched between 1.8x and 0.2x of its
+mean every ~40 s they predicted splits 7% ahead of one stage that ran at 1.09-1.10x its p99
+(docs/benchmarks.md, "Bursts that last minutes")."""
 SELECTION_SEED_OFFSET = 7919
 """The selection traces' seeds start at the planning seed plus this, so none is a benchmark's
 trace drawn with the planning seed."""
@@ -140,22 +148,49 @@ def selection_trace(
     seed: int,
     arrival_cv: float = 1.0,
     num_requests: int = SELECTION_REQUESTS,
+    gaps: Sequence[float] | None = None,
 ) -> list[TraceEntry]:
-    """`num_requests` arrivals at `rate` with Gamma gaps of coefficient of variation
-    `arrival_cv` (1.0 is Poisson); lengths are the planning samples taken in blocks of
-    `SELECTION_BLOCK` consecutive ones from random starts (a block bootstrap)."""
+    """`num_requests` arrivals at `rate`: `gaps` (a trace's inter-arrival gaps, in order)
+    rescaled to `rate` and taken in blocks of `GAP_BLOCK` consecutive ones from random starts,
+    or without them Gamma gaps of coefficient of variation `arrival_cv` (1.0 is Poisson);
+    lengths are the planning samples taken in blocks of `SELECTION_BLOCK` consecutive ones from
+    random starts (a block bootstrap)."""
     rng = random.Random(seed + SELECTION_SEED_OFFSET)
-    shape = 1.0 / max(arrival_cv, 1e-3) ** 2
+    next_gap = _gamma_gaps(rng, rate, arrival_cv)
+    if gaps and sum(gaps) > 0:
+        # Its own generator, so the lengths drawn are those drawn with Gamma gaps.
+        next_gap = _resampled_gaps(random.Random(-(seed + SELECTION_SEED_OFFSET)), gaps, rate)
     n = len(prompt_lens)
     now, i = 0.0, 0
     trace: list[TraceEntry] = []
     for k in range(num_requests):
         if k % SELECTION_BLOCK == 0:
             i = rng.randrange(n)
-        now += rng.gammavariate(shape, 1.0 / (rate * shape))
+        now += next_gap()
         trace.append((now, prompt_lens[i], output_lens[i]))
         i = (i + 1) % n
     return trace
+
+
+def _gamma_gaps(rng: random.Random, rate: float, cv: float) -> Callable[[], float]:
+    shape = 1.0 / max(cv, 1e-3) ** 2
+    return lambda: rng.gammavariate(shape, 1.0 / (rate * shape))
+
+
+def _resampled_gaps(rng: random.Random, gaps: Sequence[float], rate: float) -> Callable[[], float]:
+    """`gaps` scaled to a mean of 1 / `rate`, in blocks of GAP_BLOCK from random starts."""
+    scale = len(gaps) / (rate * sum(gaps))
+    state = {"drawn": 0, "at": 0}
+
+    def next_gap() -> float:
+        if state["drawn"] % GAP_BLOCK == 0:
+            state["at"] = rng.randrange(len(gaps))
+        gap = gaps[state["at"]] * scale
+        state["drawn"] += 1
+        state["at"] = (state["at"] + 1) % len(gaps)
+        return gap
+
+    return next_gap
 
 
 def simulated_e2e(

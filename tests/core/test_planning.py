@@ -3,6 +3,8 @@ taken only where it simulates clearly better than one stage."""
 
 from __future__ import annotations
 
+import itertools
+import statistics
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,40 @@ def test_selection_traces_carry_the_burstiness_asked_for() -> None:
     assert 0.9 < gaps_cv([t for t, _, _ in poisson]) < 1.1
     assert 2.2 < gaps_cv([t for t, _, _ in bursty]) < 2.8
     assert abs(bursty[-1][0] / len(bursty) - 0.2) < 0.05
+
+
+def test_a_trace_files_bursts_keep_their_length_in_the_selection_traces(tmp_path: Path) -> None:
+    # Phases of 300 arrivals: 0.05 s apart, then 1 s apart. Gamma gaps of the same coefficient
+    # of variation would make bursts a few arrivals long; resampled blocks keep them long.
+    path = tmp_path / "phases.jsonl"
+    now, rows = 0.0, []
+    for i in range(3000):
+        now += 0.05 if (i // 300) % 2 == 0 else 1.0
+        rows.append(f'{{"arrival_s": {now:.3f}, "prompt_len": {100 + i % 7}, "output_len": 50}}\n')
+    path.write_text("".join(rows))
+    own = load_requests(str(path), 32_768)
+    assert own.arrival_gaps is not None and len(own.arrival_gaps) == 2999
+    rate = 4.0
+    for trace in selection_traces(
+        str(path), own, rate, 0, 1.0, 2000, 32_768, gaps=own.arrival_gaps
+    ):
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(trace)]
+        assert abs(len(trace) / trace[-1][0] - rate) / rate < 0.25
+        short = [g < statistics.mean(gaps) for g in gaps]
+        # Neighbouring gaps agree almost everywhere (a switch at most every block and phase).
+        assert sum(a != b for a, b in itertools.pairwise(short)) < 40
+    gamma = selection_traces(
+        str(path),
+        own,
+        rate,
+        0,
+        gaps_cv([0.0, *itertools.accumulate(own.arrival_gaps)]),
+        2000,
+        32_768,
+    )
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(gamma[0])]
+    short = [g < statistics.mean(gaps) for g in gaps]
+    assert sum(a != b for a, b in itertools.pairwise(short)) > 500
 
 
 def test_the_selection_trace_is_not_the_benchmark_trace_of_the_same_seed() -> None:
