@@ -32,7 +32,7 @@ import itertools
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -156,41 +156,36 @@ def selection_trace(
     lengths are the planning samples taken in blocks of `SELECTION_BLOCK` consecutive ones from
     random starts (a block bootstrap)."""
     rng = random.Random(seed + SELECTION_SEED_OFFSET)
-    next_gap = _gamma_gaps(rng, rate, arrival_cv)
     if gaps and sum(gaps) > 0:
-        # Its own generator, so the lengths drawn are those drawn with Gamma gaps.
-        next_gap = _resampled_gaps(random.Random(-(seed + SELECTION_SEED_OFFSET)), gaps, rate)
+        # A generator of their own, so the lengths drawn are those drawn with Gamma gaps.
+        gap_stream = _resampled_gaps(random.Random(-(seed + SELECTION_SEED_OFFSET)), gaps, rate)
+    else:
+        gap_stream = _gamma_gaps(rng, rate, arrival_cv)
     n = len(prompt_lens)
     now, i = 0.0, 0
     trace: list[TraceEntry] = []
     for k in range(num_requests):
         if k % SELECTION_BLOCK == 0:
             i = rng.randrange(n)
-        now += next_gap()
+        now += next(gap_stream)
         trace.append((now, prompt_lens[i], output_lens[i]))
         i = (i + 1) % n
     return trace
 
 
-def _gamma_gaps(rng: random.Random, rate: float, cv: float) -> Callable[[], float]:
+def _gamma_gaps(rng: random.Random, rate: float, cv: float) -> Iterator[float]:
     shape = 1.0 / max(cv, 1e-3) ** 2
-    return lambda: rng.gammavariate(shape, 1.0 / (rate * shape))
+    while True:
+        yield rng.gammavariate(shape, 1.0 / (rate * shape))
 
 
-def _resampled_gaps(rng: random.Random, gaps: Sequence[float], rate: float) -> Callable[[], float]:
+def _resampled_gaps(rng: random.Random, gaps: Sequence[float], rate: float) -> Iterator[float]:
     """`gaps` scaled to a mean of 1 / `rate`, in blocks of GAP_BLOCK from random starts."""
     scale = len(gaps) / (rate * sum(gaps))
-    state = {"drawn": 0, "at": 0}
-
-    def next_gap() -> float:
-        if state["drawn"] % GAP_BLOCK == 0:
-            state["at"] = rng.randrange(len(gaps))
-        gap = gaps[state["at"]] * scale
-        state["drawn"] += 1
-        state["at"] = (state["at"] + 1) % len(gaps)
-        return gap
-
-    return next_gap
+    while True:
+        at = rng.randrange(len(gaps))
+        for k in range(GAP_BLOCK):
+            yield gaps[(at + k) % len(gaps)] * scale
 
 
 def simulated_e2e(
