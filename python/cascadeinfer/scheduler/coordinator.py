@@ -533,11 +533,7 @@ class Coordinator:
         priority: int,
         session_id: str | None = None,
     ) -> ClientRequest:
-        if len(request_id) > MAX_REQUEST_ID_CHARS:
-            raise SchedulingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters",
-            )
+        _refuse_long_request_id(request_id)
         if request_id in self.requests:
             raise SchedulingError(
                 grpc.StatusCode.ALREADY_EXISTS, f"request id {request_id!r} is in use"
@@ -683,11 +679,7 @@ class Coordinator:
                 return
 
     async def abort(self, request_id: str) -> None:
-        if len(request_id) > MAX_REQUEST_ID_CHARS:  # never an id in use; not echoed whole
-            raise SchedulingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters",
-            )
+        _refuse_long_request_id(request_id)  # never an id in use; not echoed whole
         rec = self.requests.get(request_id)
         if rec is None:
             raise SchedulingError(grpc.StatusCode.NOT_FOUND, f"no request {request_id!r}")
@@ -774,3 +766,12 @@ class Coordinator:
         for task in list(self._tasks):
             task.cancel()
         await self.pool.close()
+
+
+def _refuse_long_request_id(request_id: str) -> None:
+    """INVALID_ARGUMENT for an id over MAX_REQUEST_ID_CHARS, which names the limit, not the id."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise SchedulingError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters",
+        )
