@@ -36,6 +36,25 @@ class EngineError(Exception):
         self.message = message
 
 
+MAX_REQUEST_ID_CHARS = 128
+"""Longest request id either daemon takes (gRPC `request_id`, HTTP `X-Request-Id`). The id
+travels in every message about the request, the worker's step feed included: a 12 MB id from
+one client made that feed's messages outgrow the 64 MiB limit, and the scheduler dropped a
+healthy worker."""
+
+
+def check_request_id(request_id: str) -> None:
+    """Raises INVALID_ARGUMENT for an empty id or one over MAX_REQUEST_ID_CHARS (the message
+    names the limit, not the id)."""
+    if not request_id:
+        raise EngineError(ErrorCode.INVALID_ARGUMENT, "request_id is empty")
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise EngineError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters",
+        )
+
+
 MAX_STOP_TOKEN_IDS = 1024
 """Most stop tokens one request may name: engines test each new token against the list (the
 sim engine and vLLM alike scan it), so a list of millions (what a 16 MiB message holds) made

@@ -275,6 +275,37 @@ def test_start_detached_answers_every_request_of_each_batch_in_order(pair: list[
     assert run_to_end(a.stub(), "after-batches", PROMPT, 3), "still serving"
 
 
+def test_over_long_request_ids_are_refused_without_being_echoed(sim_pair: list[Daemon]) -> None:
+    """A request id travels in every step feed message: the worker takes none longer than the
+    scheduler does (128 characters), on every RPC that names one."""
+    a, _ = sim_pair
+    longest, too_long = "i" * 128, "j" * 129
+    assert run_to_end(a.stub(), longest, PROMPT, 3)
+    with pytest.raises(grpc.RpcError) as info:
+        list(a.stub().Generate(generate_request(too_long, PROMPT, 5), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "longer than 128" in info.value.details()
+    answer = next(
+        a.stub().StartDetached(
+            iter([worker_pb2.StartBatch(requests=[generate_request(too_long, PROMPT, 5)])]),
+            timeout=30,
+        )
+    )
+    assert answer.results[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    huge = "k" * 1_000_000
+    for call in (
+        lambda: a.stub().Abort(worker_pb2.AbortRequest(request_id=huge), timeout=30),
+        lambda: list(a.stub().Attach(worker_pb2.AttachRequest(request_id=huge), timeout=30)),
+        lambda: list(a.stub().ExportKV(worker_pb2.ExportKVRequest(request_id=huge), timeout=30)),
+        lambda: migrate(a, a, huge),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert huge[:200] not in info.value.details()
+    assert run_to_end(a.stub(), "after-long-ids", PROMPT, 3), "still serving"
+
+
 def kv_chunks(
     layout: common_pb2.KVLayout, order: list[int], commit_blocks: int | None
 ) -> list[worker_pb2.KVChunk]:

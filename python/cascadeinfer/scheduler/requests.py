@@ -18,11 +18,6 @@ milliseconds after its write completed."""
 
 MAX_SESSION_ID_CHARS = 256
 """Longest session key a client may give (gRPC `session_id`, HTTP `X-Session-Id` or `user`)."""
-MAX_REQUEST_ID_CHARS = 128
-"""Longest request id a client may give (gRPC `request_id`, HTTP `X-Request-Id`). The id
-travels in every message about the request, the worker's step feed included: a 12 MB id from
-one client made that feed's messages outgrow the 64 MiB limit, and the scheduler dropped a
-healthy worker."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
+from cascadeinfer.domain import check_request_id
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.worker import convert, kv_stream
 from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
@@ -53,6 +54,7 @@ class MigrationFailed(Exception):
 async def migrate_out(
     state: WorkerState, request_id: str, target: str, recompute: bool
 ) -> MigrationResult:
+    check_request_id(request_id)
     if request_id not in state.hub.requests:
         raise EngineError(ErrorCode.NOT_FOUND, f"no request {request_id!r} on this worker")
     started = time.perf_counter()

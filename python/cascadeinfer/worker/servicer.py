@@ -11,6 +11,7 @@ import grpc
 import structlog
 
 from cascadeinfer.daemon import release_freed_memory
+from cascadeinfer.domain import check_request_id
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.worker import convert, kv_stream
 from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
@@ -22,6 +23,16 @@ from cascadeinfer.worker.state import WorkerState
 
 log = structlog.get_logger(__name__)
 Context = grpc.aio.ServicerContext[object, object]
+
+
+async def _abort_unknown(context: Context, request_id: str) -> None:
+    """NOT_FOUND for an id this worker does not hold; INVALID_ARGUMENT, without echoing it, for
+    one no request can have (over MAX_REQUEST_ID_CHARS)."""
+    try:
+        check_request_id(request_id)
+    except EngineError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+    await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request_id!r} on this worker")
 
 
 def _end_response(request_id: str, end: StreamEnd) -> worker_pb2.GenerateResponse:
@@ -90,8 +101,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
         rid = request.request_id
         try:
-            if not rid:
-                raise EngineError(ErrorCode.INVALID_ARGUMENT, "request_id is empty")
+            check_request_id(rid)
             if rid in self.state.hub.requests:
                 raise EngineError(ErrorCode.ALREADY_EXISTS, f"request id {rid!r} is in use")
             req = convert.request_from_generate(request)
@@ -129,9 +139,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.AttachRequest, context: Context
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         if request.request_id not in self.state.hub.requests:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r} on this worker"
-            )
+            await _abort_unknown(context, request.request_id)
         async for response in self._stream(
             request.request_id, self.state.hub.subscribe(request.request_id)
         ):
@@ -142,7 +150,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.AbortResponse:
         rid = request.request_id
         if rid not in self.state.hub.requests:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {rid!r} on this worker")
+            await _abort_unknown(context, rid)
         try:
             await self.state.loop.call(lambda e: e.abort(rid))
         except Exception as e:
@@ -214,7 +222,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[worker_pb2.KVChunk]:
         rid = request.request_id
         if rid not in self.state.hub.requests:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {rid!r} on this worker")
+            await _abort_unknown(context, rid)
         try:
             snapshot = await self.state.loop.call(lambda e: e.export_kv(rid))
         except Exception as e:
@@ -261,6 +269,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def _resume(self, snapshot: KVSnapshot) -> None:
         req = snapshot.request
+        check_request_id(req.request_id)
         if req.request_id in self.state.hub.requests:
             raise EngineError(ErrorCode.ALREADY_EXISTS, f"request id {req.request_id!r} is in use")
         self.state.hub.track(req.request_id, req.context_len, len(req.output_token_ids))

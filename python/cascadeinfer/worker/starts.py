@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import grpc
 import structlog
 
+from cascadeinfer.domain import check_request_id
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import Engine, EngineError, EngineRequest, ErrorCode
@@ -67,8 +68,7 @@ async def start_batch(
             )
             continue
         try:
-            if not rid:
-                raise EngineError(ErrorCode.INVALID_ARGUMENT, "request_id is empty")
+            check_request_id(rid)
             if rid in hub.requests:
                 raise EngineError(ErrorCode.ALREADY_EXISTS, f"request id {rid!r} is in use")
             req = convert.request_from_generate(m)

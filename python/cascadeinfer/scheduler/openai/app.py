@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cascadeinfer.domain import MAX_REQUEST_ID_CHARS
 from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator
 from cascadeinfer.scheduler.openai.errors import APIError, from_validation, invalid
 from cascadeinfer.scheduler.openai.generation import Runner, unless_disconnected
@@ -35,7 +36,7 @@ from cascadeinfer.scheduler.openai.schema import (
     ModelList,
     SamplingFields,
 )
-from cascadeinfer.scheduler.requests import MAX_REQUEST_ID_CHARS, MAX_SESSION_ID_CHARS
+from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS
 
 log = structlog.get_logger(__name__)
 
