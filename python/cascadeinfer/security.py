@@ -11,6 +11,7 @@ mTLS for the worker links. A client with `ca` set verifies the server against it
 from __future__ import annotations
 
 import collections
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -25,7 +26,9 @@ import grpc
 from cascadeinfer.daemon import CHANNEL_OPTIONS
 
 TOKEN_ENV = "CASCADE_AUTH_TOKEN"
-"""Environment variable holding the bearer token, for daemons and the CLI alike."""
+"""Environment variable holding the cluster's bearer token, for daemons and the CLI alike."""
+CLIENT_TOKEN_ENV = "CASCADE_CLIENT_TOKEN"
+"""Environment variable holding a client token (`read_client_tokens`)."""
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Services any caller may use without a token: probes and schema discovery."""
@@ -184,6 +187,34 @@ def read_token(token_file: str) -> str:
     return os.environ.get(TOKEN_ENV, "").strip()
 
 
+def read_client_tokens(tokens_file: str) -> tuple[str, ...]:
+    """The tokens clients may call the scheduler's client API with: one per line of a file
+    (blank lines and lines starting with # skipped), else $CASCADE_CLIENT_TOKEN; () for none,
+    and then clients use the cluster's token (`read_token`)."""
+    if tokens_file:
+        try:
+            lines = Path(tokens_file).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise ValueError(f"client tokens file {tokens_file!r}: {e.strerror}") from None
+        tokens = tuple(t for t in (line.strip() for line in lines) if t and not t.startswith("#"))
+        if not tokens:
+            raise ValueError(f"client tokens file {tokens_file!r} holds no token")
+        return tokens
+    token = os.environ.get(CLIENT_TOKEN_ENV, "").strip()
+    return (token,) if token else ()
+
+
+def credential_owner(authorization: str) -> str:
+    """Who a request belongs to, for Abort: a digest of the `authorization` value it came with
+    ('' without one), so the token itself is never kept. Callers with the same credential are
+    one owner."""
+    if not authorization:
+        return ""
+    scheme, _, token = authorization.partition(" ")
+    key = token.strip() if scheme.lower() == "bearer" else authorization  # HTTP: any case
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -212,11 +243,21 @@ def check_exposure(host: str, token: str, tls: TlsFiles, insecure: bool) -> None
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without `authorization: Bearer <token>` with UNAUTHENTICATED.
 
-    Health and reflection stay open so load balancers and tools can probe the port.
+    `token` is the cluster's: it opens every method. The methods in `client_methods` also
+    take any of `client_tokens`, which open nothing else (not worker registration, not the
+    cluster's state). A method no token guards is open. Health and reflection stay open so load balancers and tools can
+    probe the port.
     """
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(
+        self,
+        token: str,
+        client_tokens: Sequence[str] = (),
+        client_methods: Sequence[str] = (),
+    ) -> None:
+        self._cluster = [f"Bearer {token}".encode()] if token else []
+        self._clients = [f"Bearer {t}".encode() for t in client_tokens]
+        self._client_methods = frozenset(client_methods)
 
     async def intercept_service(
         self,
@@ -229,9 +270,15 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         method: str = details.method
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler
+        is_client = method in self._client_methods
+        expected = self._cluster + self._clients if is_client else self._cluster
+        if not expected:
+            return handler
         metadata = dict(details.invocation_metadata or ())
         given = str(metadata.get("authorization", "")).encode()
-        if hmac.compare_digest(given, self._expected):
+        # Every candidate is compared, so the time taken does not say which one matched.
+        matches = [hmac.compare_digest(given, e) for e in expected]
+        if any(matches):
             return handler
         return _refusing(handler, "missing bearer token" if not given else "bad bearer token")
 

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from cascadeinfer import workloads
+from cascadeinfer import _core, workloads
 from cascadeinfer.config import CascadeConfig
 from cascadeinfer.evaluation.simbench import make_trace
 from cascadeinfer.planning import (
@@ -28,6 +28,7 @@ from cascadeinfer.stage_count import (
     SELECTION_SEEDS,
     Candidate,
     gaps_cv,
+    one_stage_form,
     paired_ratios,
     selection_trace,
     simulated_e2e,
@@ -90,6 +91,31 @@ def test_the_layout_is_chosen_by_simulation_against_one_stage() -> None:
         simulated_e2e(chosen.plan, chosen.workload, profile, 16, t, chosen.config) for t in traces
     ]
     assert tuple(again) == picked.per_trace
+
+
+def _one_stage(config: CascadeConfig, per_trace: list[tuple[float, float]]) -> Candidate:
+    plan = _core.single_stage_plan(
+        _core.Workload.from_samples(_core.BucketGrid.geometric(4096, 16), [100], [100], 1.0),
+        load_profile("gpu-h100-llama3-8b"),
+        4,
+    )
+    return Candidate(1, plan, config, tuple(per_trace))
+
+
+def test_balancing_is_kept_only_where_the_mean_gains() -> None:
+    plain = _one_stage(CascadeConfig(), [(10.0, 100.0), (10.0, 100.0), (10.0, 100.0)])
+    balanced = CascadeConfig(is_one_stage_balanced=True)
+    # A p99 gain with the mean unmoved: what a low load shows by chance.
+    tail_only = _one_stage(balanced, [(10.0, 95.0), (10.02, 93.0), (9.98, 96.0)])
+    assert one_stage_form([plain, tail_only]) is plain
+    # The mean gains 3% and the p99 with it.
+    both = _one_stage(balanced, [(9.7, 97.0), (9.6, 98.0), (9.8, 99.0)])
+    assert one_stage_form([plain, both]) is both
+    # The mean gains but the tail gives back more than that.
+    tail_worse = _one_stage(balanced, [(9.8, 110.0), (9.8, 112.0), (9.8, 108.0)])
+    assert one_stage_form([plain, tail_worse]) is plain
+    # With the p99 as the objective the figures swap roles.
+    assert one_stage_form([plain, tail_only], "p99") is tail_only
 
 
 def test_the_selection_simulates_the_settings_it_is_given() -> None:

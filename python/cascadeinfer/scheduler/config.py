@@ -14,6 +14,7 @@ from cascadeinfer.security import (
     TlsFiles,
     add_tls_arguments,
     check_exposure,
+    read_client_tokens,
     read_token,
     tls_from_arguments,
 )
@@ -70,9 +71,16 @@ class SchedulerConfig:
     tokenizer: str = ""
     """A Hugging Face tokenizer directory or tokenizer.json for text prompts; empty: token ids only."""
     auth_token_file: str = ""
-    """File with the bearer token clients and workers must send; else $CASCADE_AUTH_TOKEN."""
+    """File with the cluster's bearer token, which workers send (and clients too, unless there
+    are client tokens); else $CASCADE_AUTH_TOKEN."""
     auth_token: str = field(default="", repr=False)
     """Resolved from auth_token_file or the environment; never logged."""
+    client_tokens_file: str = ""
+    """File with the tokens clients send, one per line; else $CASCADE_CLIENT_TOKEN. A client's
+    token opens Generate, Abort and the HTTP API only; what workers and the operator do
+    (registering a worker, the cluster's state) takes the cluster's token."""
+    client_tokens: tuple[str, ...] = field(default=(), repr=False)
+    """Resolved from client_tokens_file or the environment; never logged."""
     insecure: bool = False
     """Serve a non-loopback host with neither a token nor mTLS (refused otherwise)."""
     tls: TlsFiles = field(default_factory=TlsFiles)
@@ -120,9 +128,20 @@ class SchedulerConfig:
             raise ValueError("stages ask for more workers than --workers / --min-workers provide")
         self.tls.validate(is_server=True)
         check_exposure(self.host, self.auth_token, self.tls, self.insecure)
+        if self.auth_token and self.auth_token in self.client_tokens:
+            raise ValueError(
+                "a client token is the cluster's token (--auth-token-file): give clients "
+                "tokens of their own, or none"
+            )
         if self.tokenizer:
             load_tokenizer(self.tokenizer)
         self._validate_http()
+
+    @property
+    def client_api_tokens(self) -> tuple[str, ...]:
+        """The tokens that open the client API (gRPC Generate and Abort, the HTTP API): the
+        client tokens and the cluster's; () when it is open."""
+        return self.client_tokens + ((self.auth_token,) if self.auth_token else ())
 
     def _validate_http(self) -> None:
         if self.http_port is None:
@@ -160,7 +179,7 @@ def from_toml(path: Path) -> SchedulerConfig:
         doc: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"{path}: {e}") from None
-    known = {f.name for f in fields(SchedulerConfig)} - {"auth_token"}
+    known = {f.name for f in fields(SchedulerConfig)} - {"auth_token", "client_tokens"}
     unknown = set(doc) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -222,7 +241,13 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json for text prompts")
     p.add_argument(
         "--auth-token-file",
-        help="file with the bearer token clients must send (else $CASCADE_AUTH_TOKEN)",
+        help="file with the cluster's bearer token: workers send it, and clients too unless "
+        "--client-tokens-file is given (else $CASCADE_AUTH_TOKEN)",
+    )
+    p.add_argument(
+        "--client-tokens-file",
+        help="file with the tokens clients send, one per line; they open the client API only "
+        "(else $CASCADE_CLIENT_TOKEN)",
     )
     p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (0: any free)")
     p.add_argument("--served-model-name", help="model name HTTP clients ask for")
@@ -262,6 +287,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "metrics_port",
             "tokenizer",
             "auth_token_file",
+            "client_tokens_file",
             "http_port",
             "served_model_name",
             "chat_template",
@@ -280,6 +306,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
         tls=tls_from_arguments(config.tls, a),
         min_workers=a.min_workers or max(config.min_workers, len(config.workers), 1),
         auth_token=read_token(config.auth_token_file),
+        client_tokens=read_client_tokens(config.client_tokens_file),
     )
     config.validate()
     return config

@@ -528,6 +528,7 @@ class Coordinator:
         sampling: SamplingSpec,
         priority: int,
         session_id: str | None = None,
+        owner: str = "",
     ) -> ClientRequest:
         _refuse_long_request_id(request_id)
         if request_id in self.requests:
@@ -540,7 +541,9 @@ class Coordinator:
                 f"session_id is longer than {MAX_SESSION_ID_CHARS} characters",
             )
         core_id = next(self._core_ids)
-        return ClientRequest(request_id, core_id, prompt, sampling, priority, session_id or None)
+        return ClientRequest(
+            request_id, core_id, prompt, sampling, priority, session_id or None, owner=owner
+        )
 
     async def submit(self, rec: ClientRequest) -> None:
         """Admits a request now or queues it; raises SchedulingError when it cannot be taken."""
@@ -674,10 +677,13 @@ class Coordinator:
                 heapq.heappush(self._queue, (-rec.priority, next(self._seq), rid))
                 return
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, owner: str | None = None) -> None:
+        """Ends the request on behalf of `owner` (None: the scheduler itself). A request
+        another owner started is not found, as if it did not exist: ids are the clients' to
+        choose, so one client must not end or probe another's."""
         _refuse_long_request_id(request_id)  # never an id in use; not echoed whole
         rec = self.requests.get(request_id)
-        if rec is None:
+        if rec is None or (owner is not None and owner != rec.owner):
             raise SchedulingError(grpc.StatusCode.NOT_FOUND, f"no request {request_id!r}")
         link = self.pool.by_id.get(rec.worker_id or "")
         self._end(rec, FinishReason.ABORT)

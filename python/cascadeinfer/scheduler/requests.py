@@ -40,6 +40,8 @@ class ClientRequest:
     session_id: str | None = None
     """The conversation the request continues, as the client named it (policies that follow
     sessions place it where the conversation's KV is likely cached)."""
+    owner: str = ""
+    """Who may abort it: `security.credential_owner` of the credential it came with."""
     arrived_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None

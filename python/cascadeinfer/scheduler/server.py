@@ -33,6 +33,9 @@ from cascadeinfer.security import BearerTokenInterceptor, add_port
 
 SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name
+CLIENT_METHODS = tuple(f"/{SCHEDULER}/{m}" for m in ("Generate", "Abort"))
+"""What a client token opens (`SchedulerConfig.client_tokens`); the rest (worker registration,
+cluster state) takes the cluster's token."""
 log = structlog.get_logger("cascade-scheduler")
 HEALTH_INTERVAL_S = 0.2
 
@@ -122,7 +125,9 @@ async def serve(config: SchedulerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     coordinator = Coordinator(config)
     interceptors: list[grpc.aio.ServerInterceptor] = (
-        [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        [BearerTokenInterceptor(config.auth_token, config.client_tokens, CLIENT_METHODS)]
+        if config.auth_token or config.client_tokens
+        else []
     )
     interceptors.append(StrictDecoding())  # after the token check: strangers get no parsing
     server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
@@ -181,6 +186,7 @@ def _announce(config: SchedulerConfig, port: int, http: HttpFront | None) -> Non
         tls=bool(config.tls.cert),
         mtls_to_workers=bool(config.tls.ca and config.tls.cert),
         auth=bool(config.auth_token),
+        client_tokens=len(config.client_tokens),
         tokenizer=config.tokenizer or None,
         http=http.url if http is not None else None,
     )

@@ -24,11 +24,18 @@ from cascadeinfer.scheduler.requests import ClientRequest, Delivery
 from cascadeinfer.scheduler.text import Detokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
 from cascadeinfer.scheduler.workers import WorkerLink, WorkerUnreachable
+from cascadeinfer.security import credential_owner
 from cascadeinfer.wire import FINISH_TO_PROTO, sampling_from_proto
 
 log = structlog.get_logger(__name__)
 Context = grpc.aio.ServicerContext[object, object]
 HEARTBEAT_S = 2.0
+
+
+def _owner(context: Context) -> str:
+    """The caller's credential as an owner (`security.credential_owner`)."""
+    metadata = dict(context.invocation_metadata() or ())
+    return credential_owner(str(metadata.get("authorization", "")))
 
 
 def _timings(rec: ClientRequest) -> scheduler_pb2.RequestTimings:
@@ -107,7 +114,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             sampling.validate()
             rid = request.request_id or uuid.uuid4().hex
             rec = self.c.new_request(
-                rid, prompt, sampling, request.priority, request.session_id or None
+                rid,
+                prompt,
+                sampling,
+                request.priority,
+                request.session_id or None,
+                owner=_owner(context),
             )
             if request.HasField("text"):
                 assert self.c.tokenizer is not None
@@ -139,7 +151,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.ClientAbortRequest, context: Context
     ) -> scheduler_pb2.ClientAbortResponse:
         try:
-            await self.c.abort(request.request_id)
+            await self.c.abort(request.request_id, owner=_owner(context))
         except SchedulingError as e:
             await context.abort(e.code, e.message)
         return scheduler_pb2.ClientAbortResponse()

@@ -9,7 +9,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
@@ -37,6 +37,7 @@ from cascadeinfer.scheduler.openai.schema import (
     SamplingFields,
 )
 from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS
+from cascadeinfer.security import credential_owner
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +53,7 @@ class OpenAIFront:
         coordinator: Coordinator,
         files: ModelFiles,
         *,
-        auth_token: str,
+        tokens: Sequence[str],
         model_name: str,
         body_timeout_s: float = 30.0,
     ) -> None:
@@ -62,7 +63,8 @@ class OpenAIFront:
         length and never sends it would otherwise hold its connection and handler forever."""
         self.files = files
         self.runner = Runner(coordinator)
-        self._token = auth_token.encode()
+        self._tokens = [t.encode() for t in tokens]
+        """Any of these opens the API (the scheduler's client tokens); none: it is open."""
         self._model_name = model_name
         self.started = int(time.time())
 
@@ -113,12 +115,13 @@ class OpenAIFront:
         return guarded
 
     def _check_token(self, request: Request) -> None:
-        if not self._token:
+        if not self._tokens:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), self._token
-        ):
+        key = given.strip().encode()
+        # Every token is compared, so the time taken does not say which one matched.
+        matches = [hmac.compare_digest(key, t) for t in self._tokens]
+        if scheme.lower() != "bearer" or not any(matches):
             raise APIError(401, "missing or wrong bearer token", code="invalid_api_key")
 
     async def _parse(self, request: Request, model: type[M]) -> M:
@@ -229,7 +232,8 @@ class OpenAIFront:
         """Submits the job and answers as a stream or, once it is done, as one object."""
         rid = self._request_id(request, "chatcmpl" if is_chat else "cmpl")
         job = replace(job, session_id=self._session_id(request, body))
-        rec = await self.runner.submit(rid, job)
+        owner = credential_owner(request.headers.get("authorization", ""))
+        rec = await self.runner.submit(rid, job, owner)
         reply = Reply(rid, body.model, len(job.prompt))
         steps = self.runner.steps(rec, job)
         if body.stream:

@@ -47,12 +47,15 @@ class Runner:
         self.c = coordinator
         self._aborts: set[asyncio.Task[None]] = set()
 
-    async def submit(self, request_id: str, job: Job) -> ClientRequest:
-        """Admits or queues the request; raises APIError with the status for a refusal."""
+    async def submit(self, request_id: str, job: Job, owner: str = "") -> ClientRequest:
+        """Admits or queues the request for `owner` (`security.credential_owner`); raises
+        APIError with the status for a refusal."""
         c = self.c
         try:
             job.sampling.validate()
-            rec = c.new_request(request_id, job.prompt, job.sampling, job.priority, job.session_id)
+            rec = c.new_request(
+                request_id, job.prompt, job.sampling, job.priority, job.session_id, owner
+            )
             await c.submit(rec)
         except EngineError as e:
             c.metrics.refused.labels("INVALID_ARGUMENT").inc()

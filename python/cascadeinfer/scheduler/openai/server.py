@@ -68,7 +68,7 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
     front = OpenAIFront(
         coordinator,
         files,
-        auth_token=config.auth_token,
+        tokens=config.client_api_tokens,
         model_name=config.served_model_name,
         body_timeout_s=config.http_request_timeout_s,
     )
