@@ -292,6 +292,11 @@ def test_over_long_request_ids_are_refused_without_being_echoed(sim_pair: list[D
         )
     )
     assert answer.results[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    info_ = a.stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
+    header = worker_pb2.KVHeader(request_id=too_long, layout=info_.layout)
+    with pytest.raises(grpc.RpcError) as info:
+        a.stub().ImportKV(iter([worker_pb2.KVChunk(header=header)]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     huge = "k" * 1_000_000
     for call in (
         lambda: a.stub().Abort(worker_pb2.AbortRequest(request_id=huge), timeout=30),

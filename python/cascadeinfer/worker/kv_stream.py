@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 
+from cascadeinfer.domain import check_request_id
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import (
@@ -127,8 +128,7 @@ async def _read(
                 chunk.header.request_id,
                 convert.layout_from_proto(chunk.header.layout),
             )
-            if not request_id:
-                raise _invalid("KV header has an empty request_id")
+            check_request_id(request_id)  # before any block is buffered for it
             # A recompute resume sends no layout; KV blocks are refused early on a mismatch.
             has_layout = chunk.header.HasField("layout")
             problem = expected.mismatch(layout) if has_layout else None

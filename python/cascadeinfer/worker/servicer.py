@@ -269,7 +269,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def _resume(self, snapshot: KVSnapshot) -> None:
         req = snapshot.request
-        check_request_id(req.request_id)
         if req.request_id in self.state.hub.requests:
             raise EngineError(ErrorCode.ALREADY_EXISTS, f"request id {req.request_id!r} is in use")
         self.state.hub.track(req.request_id, req.context_len, len(req.output_token_ids))
