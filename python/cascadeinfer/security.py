@@ -187,6 +187,14 @@ def read_token(token_file: str) -> str:
     return os.environ.get(TOKEN_ENV, "").strip()
 
 
+def read_caller_token(token_file: str) -> str:
+    """The token a client presents to the scheduler: the file's, else $CASCADE_CLIENT_TOKEN,
+    else $CASCADE_AUTH_TOKEN (the cluster's, which opens the client API too); '' for none."""
+    if token_file:
+        return read_token(token_file)
+    return os.environ.get(CLIENT_TOKEN_ENV, "").strip() or read_token("")
+
+
 def read_client_tokens(tokens_file: str) -> tuple[str, ...]:
     """The tokens clients may call the scheduler's client API with: one per line of a file
     (blank lines and lines starting with # skipped), else $CASCADE_CLIENT_TOKEN; () for none,

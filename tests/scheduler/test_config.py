@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from cascadeinfer.scheduler.config import SchedulerConfig, from_toml, parse_args
-from cascadeinfer.security import TOKEN_ENV
+from cascadeinfer.security import CLIENT_TOKEN_ENV, TOKEN_ENV, read_caller_token
 
 from tests.scheduler.certs import make_certs
 
@@ -42,6 +42,19 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
     path.write_text("max_queu = 3\n")
     with pytest.raises(ValueError, match="max_queu"):
         from_toml(path)
+
+
+def test_a_client_presents_its_file_its_client_token_or_the_clusters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(CLIENT_TOKEN_ENV, raising=False)
+    monkeypatch.setenv(TOKEN_ENV, "cluster")
+    assert read_caller_token("") == "cluster"
+    monkeypatch.setenv(CLIENT_TOKEN_ENV, "client")
+    assert read_caller_token("") == "client"
+    token = tmp_path / "token"
+    token.write_text("from-file\n")
+    assert read_caller_token(str(token)) == "from-file"
 
 
 def test_token_comes_from_file_or_environment(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from cascadeinfer.security import TlsFiles, client_channel, read_token
+from cascadeinfer.security import TlsFiles, client_channel, read_caller_token
 
 FINISH_NAMES = {
     v: k.removeprefix("FINISH_REASON_").lower() for k, v in common_pb2.FinishReason.items()
@@ -22,18 +22,20 @@ def add_connection_args(p: Any) -> None:
     p.add_argument("--tls-cert", default="", help="client certificate, when the scheduler asks")
     p.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
     p.add_argument(
-        "--auth-token-file", default="", help="bearer token file (else $CASCADE_AUTH_TOKEN)"
+        "--auth-token-file",
+        default="",
+        help="bearer token file (else $CASCADE_CLIENT_TOKEN, else $CASCADE_AUTH_TOKEN)",
     )
 
 
 def scheduler_stub(
     address: str, args: argparse.Namespace | None = None, token_file: str = ""
 ) -> scheduler_pb2_grpc.SchedulerServiceStub:
-    tls, token = TlsFiles(), read_token(token_file)
+    tls, token = TlsFiles(), read_caller_token(token_file)
     if args is not None:
         tls = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
         tls.validate(is_server=False)
-        token = read_token(args.auth_token_file)
+        token = read_caller_token(args.auth_token_file)
     return scheduler_pb2_grpc.SchedulerServiceStub(client_channel(address, tls, token))
 
 

@@ -34,7 +34,7 @@ from cascadeinfer.cli.client import add_connection_args
 from cascadeinfer.evaluation.simbench import make_trace
 from cascadeinfer.evaluation.summary import RequestRecord, summarize
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from cascadeinfer.security import TlsFiles, aio_channel, read_token, token_metadata
+from cascadeinfer.security import TlsFiles, aio_channel, read_caller_token, token_metadata
 from cascadeinfer.traces import TraceEntry
 
 if TYPE_CHECKING:
@@ -254,7 +254,7 @@ def run_live(args: argparse.Namespace) -> dict[str, Any]:
         args.address,
         trace,
         tls=tls,
-        token=read_token(args.auth_token_file),
+        token=read_caller_token(args.auth_token_file),
         time_scale=args.time_scale,
         timeout_s=args.timeout_s,
     )
