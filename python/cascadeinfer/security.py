@@ -198,7 +198,7 @@ def read_caller_token(token_file: str) -> str:
 def read_client_tokens(tokens_file: str) -> tuple[str, ...]:
     """The tokens clients may call the scheduler's client API with: one per line of a file
     (blank lines and lines starting with # skipped), else $CASCADE_CLIENT_TOKEN; () for none,
-    and then clients use the cluster's token (`read_token`)."""
+    and then only the cluster's token (`read_token`) opens the client API."""
     if tokens_file:
         try:
             lines = Path(tokens_file).read_text(encoding="utf-8").splitlines()
@@ -251,10 +251,10 @@ def check_exposure(host: str, token: str, tls: TlsFiles, insecure: bool) -> None
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without `authorization: Bearer <token>` with UNAUTHENTICATED.
 
-    `token` is the cluster's: it opens every method. The methods in `client_methods` also
-    take any of `client_tokens`, which open nothing else (not worker registration, not the
-    cluster's state). A method no token guards is open. Health and reflection stay open so load balancers and tools can
-    probe the port.
+    `token` (the cluster's) opens every method except those in `client_methods`, which take
+    any of `client_tokens` instead (`SchedulerConfig.client_api_tokens`: the clients' and the
+    cluster's). A method no token guards is open. Health and reflection stay open so load
+    balancers and tools can probe the port.
     """
 
     def __init__(
@@ -278,8 +278,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         method: str = details.method
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler
-        is_client = method in self._client_methods
-        expected = self._cluster + self._clients if is_client else self._cluster
+        expected = self._clients if method in self._client_methods else self._cluster
         if not expected:
             return handler
         metadata = dict(details.invocation_metadata or ())

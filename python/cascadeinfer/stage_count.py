@@ -18,10 +18,11 @@ runs there on traffic drawn like the observed one:
 The candidates are the one-stage layout (least-load admission exactly: the no-regret
 fallback), the one-stage layout with balancing moves, and the partitioner's best plan for
 several stage counts. One stage is balanced only where that simulates better on the mean, and
-on mean and p99 together (`MIN_BALANCE_GAIN`). A split is chosen only when it beats that one-stage layout on
-the simulated mean by `MIN_GAIN` and its simulated p99 is not above it (`MAX_P99_SLACK`; a p99
-of 2,000 requests is the 20th worst, a noisier figure than the mean), both as the mean over the
-selection traces of its per-trace ratio to one stage; otherwise the fleet runs as one stage.
+on mean and p99 together (`MIN_BALANCE_GAIN`). A split is chosen only when it beats that
+one-stage layout on the simulated mean by `MIN_GAIN` and its simulated p99 is not above it
+(`MAX_P99_SLACK`; a p99 of 2,000 requests is the 20th worst, a noisier figure than the mean),
+both as the mean over the selection traces of its per-trace ratio to one stage; otherwise the
+fleet runs as one stage.
 Boundaries and instance counts within a count stay the partitioner's; runtime refinement keeps
 the count it is given.
 """

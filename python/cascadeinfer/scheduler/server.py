@@ -125,7 +125,7 @@ async def serve(config: SchedulerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     coordinator = Coordinator(config)
     interceptors: list[grpc.aio.ServerInterceptor] = (
-        [BearerTokenInterceptor(config.auth_token, config.client_tokens, CLIENT_METHODS)]
+        [BearerTokenInterceptor(config.auth_token, config.client_api_tokens, CLIENT_METHODS)]
         if config.auth_token or config.client_tokens
         else []
     )
