@@ -530,6 +530,21 @@ def test_a_request_head_or_body_that_never_completes_is_408(front: Front) -> Non
     _still_serves(front)
 
 
+def test_a_connection_answered_before_its_body_arrived_is_not_held_forever(front: Front) -> None:
+    # Answered (401: no token) while most of the declared body is still to come. One more
+    # byte then disarmed uvicorn's keep-alive timer and nothing re-armed it: the connection,
+    # and its slot under --http-max-connections, stayed open with no deadline, unauthenticated.
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"
+    answer, took = _raw_exchange(front, [head, b" "], pause_s=0.5)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert took < REQUEST_TIMEOUT_S + 8, took
+    # The body sent whole after the early answer, then silence: closed like any idle one.
+    answer, took = _raw_exchange(front, [head, b" " * (100000 - 1)], pause_s=0.5)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert took < REQUEST_TIMEOUT_S + 8, took
+    _still_serves(front)
+
+
 def test_bad_token_unknown_model_and_bad_json(front: Front) -> None:
     url = f"{front.scheduler.openai_url}/completions"
     body = {"model": "sim", "prompt": "hi", "max_tokens": 2}

@@ -7,6 +7,12 @@ forever. Here a head larger than `MAX_HEAD_BYTES` is answered 431 and one not co
 `head_timeout_s` (the scheduler's `http_request_timeout_s`) of its first byte is answered 408;
 either way the connection closes. A connection that sends nothing is closed after that time
 too. (The body has its own bounds in the app: `MAX_BODY_BYTES` and the same timeout.)
+
+A request answered before its body came in whole (401, 404, 413) is another gap: uvicorn drops
+the rest of the body as it arrives, but its first byte cancels the keep-alive timer and nothing
+arms it again, so the connection stayed open with no deadline. Here the rest of the body must
+arrive within `head_timeout_s` of the answer, and the connection is then idle under uvicorn's
+keep-alive timeout as after any answer.
 """
 
 from __future__ import annotations
@@ -84,6 +90,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _dropped_bytes = -1
     """Bytes dropped since a refusal; -1 before any."""
     _head_deadline: asyncio.TimerHandle | None = None
+    _body_deadline: asyncio.TimerHandle | None = None
+    """Armed while the body of a request that was answered already is still coming."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -91,6 +99,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_deadline()
+        self._stop_body_deadline()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -110,6 +119,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # In the chunk that ended an answered request's body, the keep-alive timer armed then
+        # must not cut the next request.
+        self._unset_keepalive_if_required()
         if not self._in_head:
             self._start_head()
 
@@ -117,6 +129,27 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._in_head = False
         self._stop_head_deadline()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._body_deadline is not None:  # the rest of an answered request's body is in
+            self._stop_body_deadline()
+            if not self.pipeline and not self.transport.is_closing():
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if cycle.response_complete and cycle.more_body and not self.transport.is_closing():
+            self._stop_body_deadline()
+            self._body_deadline = self.loop.call_later(self.head_timeout_s, self.transport.close)
+
+    def _stop_body_deadline(self) -> None:
+        if self._body_deadline is not None:
+            self._body_deadline.cancel()
+            self._body_deadline = None
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         if app is service_unavailable:
