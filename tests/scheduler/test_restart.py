@@ -3,11 +3,13 @@ themselves and the cluster serves new requests, with no operator action."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import grpc
-from cascadeinfer.proto.v1 import scheduler_pb2, scheduler_pb2_grpc
+import pytest
+from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from tests.scheduler.test_secure_cluster import ids_request
 from tests.worker.daemons import Daemon, free_port, start_scheduler, start_worker
@@ -75,4 +77,88 @@ def test_a_static_worker_that_restarts_is_taken_back(tmp_path: Path) -> None:
     finally:
         for w in workers:
             w.kill()
+        scheduler.kill()
+
+
+def test_accepted_requests_end_clearly_when_no_worker_is_left(tmp_path: Path) -> None:
+    """The only worker killed under load: the streams it served end with ABORT once no worker
+    has come back within the link timeout (they waited with no end, retried on the dead worker
+    every tick, while new requests were refused at once), and the scheduler serves again when
+    the worker is back."""
+    port = free_port()
+    worker = start_worker([*SIM, "--port", str(port)], tmp_path)
+    args = ["--workers", worker.address, "--worker-link-timeout-s", "2"]
+    scheduler = start_scheduler(args, tmp_path)
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
+    ends: list[tuple[str, float]] = []
+
+    def stream() -> None:
+        try:
+            replies = list(stub.Generate(ids_request([1, 2, 3], 4000), timeout=30))
+            finish = common_pb2.FinishReason.Name(replies[-1].finish_reason)
+        except grpc.RpcError as e:
+            finish = e.code().name
+        ends.append((finish, time.monotonic()))
+
+    try:
+        wait_until_workers(scheduler.address, 1)
+        threads = [threading.Thread(target=stream) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        worker.kill()
+        killed_at = time.monotonic()
+        for t in threads:
+            t.join(timeout=40)
+        assert [finish for finish, _ in ends] == ["FINISH_REASON_ABORT"] * 3
+        assert max(at for _, at in ends) - killed_at < 10
+        with pytest.raises(grpc.RpcError) as refused:
+            served_tokens(scheduler.address)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        worker = start_worker([*SIM, "--port", str(port)], tmp_path)
+        wait_until_workers(scheduler.address, 1, timeout=15)
+        assert served_tokens(scheduler.address) == 60
+    finally:
+        worker.kill()
+        scheduler.kill()
+
+
+def test_requests_waiting_for_the_last_worker_go_on_when_it_is_back(tmp_path: Path) -> None:
+    """The only worker killed and restarted on its address: the requests it ran complete once
+    it is back. The core keeps the last instance in its plan (it cannot remove it), and the
+    scheduler kept placing the waiting requests on that dead link; the restarted worker took
+    them there before it rejoined, and their copies then made the real placements fail with
+    "request id in use", ending the requests with ABORT."""
+    port = free_port()
+    worker = start_worker([*SIM, "--port", str(port)], tmp_path)
+    args = ["--workers", worker.address, "--worker-link-timeout-s", "30"]
+    scheduler = start_scheduler(args, tmp_path)
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
+    ends: list[tuple[str, int]] = []
+
+    def stream() -> None:
+        num_tokens = 0
+        try:
+            last = None
+            for last in stub.Generate(ids_request([1, 2, 3], 600), timeout=60):
+                num_tokens += len(last.tokens.token_ids)
+            finish = common_pb2.FinishReason.Name(last.finish_reason) if last else "none"
+        except grpc.RpcError as e:
+            finish = e.code().name
+        ends.append((finish, num_tokens))
+
+    try:
+        wait_until_workers(scheduler.address, 1)
+        threads = [threading.Thread(target=stream) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        worker.kill()
+        worker = start_worker([*SIM, "--port", str(port)], tmp_path)
+        for t in threads:
+            t.join(timeout=70)
+        assert ends == [("FINISH_REASON_LENGTH", 600)] * 6
+        assert served_tokens(scheduler.address) == 60
+    finally:
+        worker.kill()
         scheduler.kill()

@@ -55,7 +55,8 @@ class SchedulerConfig:
     tick_interval_s: float = 0.5
     worker_link_timeout_s: float = 10.0
     """A worker link that answers no keepalive ping for about this long counts as broken (a
-    cut link sends no reset): the worker leaves the plan and its requests resume elsewhere."""
+    cut link sends no reset): the worker leaves the plan and its requests resume elsewhere.
+    With no worker left, accepted requests wait this long for one, then end with ABORT."""
     worker_call_timeout_s: float = 10.0
     """How long a worker may take to answer a call (start a request, abort one, say who it is)
     before the scheduler treats the call as failed."""

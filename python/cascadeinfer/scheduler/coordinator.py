@@ -91,6 +91,11 @@ class Coordinator:
         self._is_closing = False
         self.is_stopping = False
         """Set by `cut_off`: new requests are refused with UNAVAILABLE."""
+        self._no_worker_since: float | None = None
+        """Since when no worker has been healthy (None while one is)."""
+        self._left_in_plan: set[int] = set()
+        """Instances of workers gone or leaving that the core kept (it cannot remove its last
+        one); removed once another worker joins."""
         self.counters = Counters()
         self.max_model_len = 0
         rate = config.max_optional_migrations_per_s
@@ -156,6 +161,9 @@ class Coordinator:
                 self._build_policy()
         else:
             self.policy.add_instance(link.instance)
+            for instance in list(self._left_in_plan):
+                self.policy.remove_instance(instance)
+                self._left_in_plan.discard(instance)
         log.info("worker_added", worker_id=link.worker_id, address=address, instance=link.instance)
         return link
 
@@ -225,6 +233,7 @@ class Coordinator:
             try:
                 self.policy.remove_instance(link.instance)
             except ValueError as e:
+                self._left_in_plan.add(link.instance)
                 log.error("no_workers_left", error=str(e))
 
     async def worker_leaving(self, link: WorkerLink) -> None:
@@ -494,7 +503,30 @@ class Coordinator:
                 log.info("plan_changed", kind=change, stages=self.policy.stages())
             for m in migrations:
                 self._spawn(self._migrate(m))
+            self._end_stranded(time.monotonic())
             self._drain_queue()
+
+    def _end_stranded(self, now: float) -> None:
+        """Ends with ABORT the accepted requests that wait for a worker (queued, or resumed
+        from one that failed) once none has been healthy for `worker_link_timeout_s`. New
+        requests are refused at once then (UNAVAILABLE); without this bound the accepted ones
+        waited with no end, the dead worker tried again every tick, until one came back."""
+        if self.pool.healthy():
+            self._no_worker_since = None
+            return
+        if self._no_worker_since is None:
+            self._no_worker_since = now
+        if now - self._no_worker_since < self.config.worker_link_timeout_s:
+            return
+        stranded = [
+            rec
+            for rec in self.requests.values()
+            if rec.worker_id is None and not rec.is_placing and not rec.is_done
+        ]
+        if stranded:
+            log.warning("stranded_requests_ended", requests=len(stranded))
+        for rec in stranded:
+            self._end(rec, FinishReason.ABORT)
 
     # --- admission -------------------------------------------------------------------------
     @property
@@ -597,6 +629,12 @@ class Coordinator:
         if decision is None:
             return False
         link = self.pool.by_instance[decision[0]]
+        if not link.is_healthy:
+            # The last worker, gone or leaving, that the core kept: a worker restarted on its
+            # address would take the request there unfollowed, and its copy would then refuse
+            # the real placement ("request id in use").
+            self.policy.request_finished(rec.core_id, link.instance)
+            return False
         request = worker_pb2.GenerateRequest(
             request_id=rec.request_id,
             prompt_token_ids=list(rec.prompt_token_ids),
