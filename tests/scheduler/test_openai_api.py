@@ -530,6 +530,21 @@ def test_a_request_head_or_body_that_never_completes_is_408(front: Front) -> Non
     _still_serves(front)
 
 
+def test_a_request_http_cannot_parse_is_400_in_the_openai_error_shape(front: Front) -> None:
+    # uvicorn answered these in plain text ("Invalid HTTP request received.").
+    for head in [
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+    ]:
+        answer, _ = _raw_exchange(front, [head])
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["type"] == "invalid_request_error" and error["message"], error
+    _still_serves(front)
+
+
 def test_a_connection_answered_before_its_body_arrived_is_not_held_forever(front: Front) -> None:
     # Answered (401: no token) while most of the declared body is still to come. One more
     # byte then disarmed uvicorn's keep-alive timer and nothing re-armed it: the connection,

@@ -117,6 +117,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 431, "Request Header Fields Too Large", f"request head over {MAX_HEAD_BYTES} bytes"
             )
 
+    def send_400_response(self, msg: str) -> None:
+        """A request the HTTP parser refuses (a bad Content-Length, both it and chunked, no
+        request line), in the OpenAI error shape rather than uvicorn's plain text."""
+        self.transport.write(_error(400, "Bad Request", msg))
+        self.transport.close()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         # In the chunk that ended an answered request's body, the keep-alive timer armed then
