@@ -219,13 +219,17 @@ def _candidate_plans(
 ) -> list[_core.StagePlan]:
     """The one-stage plan first, then the partitioner's best plan for each count tried."""
     plans = [_core.single_stage_plan(summary, profile, n)]
-    # One solve gives the best plan with at most k stages for every k (what partition(..., k)
-    # returns; None where infeasible).
-    by_count = _core.partition_by_stage_count(summary, profile, n, len(best.stages))
+    # One solve gives the best plan with at most k stages for every k up to its limit (what
+    # partition(..., k) returns; None where infeasible). The solve's cost grows with the limit
+    # and a layer does not depend on the layers above it, so it stops at the largest count
+    # tried: at 512 instances the partitioner's best has 24 stages, and solving all 24 layers
+    # was most of the planning time (docs/benchmarks.md, "Planning time").
+    limit = min(len(best.stages), max(STAGE_COUNTS))
+    by_count = _core.partition_by_stage_count(summary, profile, n, limit)
     for k in sorted({*STAGE_COUNTS, len(best.stages)}):
         if k > len(best.stages):
             continue
-        plan = best if k == len(best.stages) else by_count[k - 1]
+        plan = best if k == len(best.stages) else by_count[k - 1]  # k <= limit here
         if plan is None:
             continue  # this few stages cannot carry the rate
         if all(len(p.stages) != len(plan.stages) for p in plans):
