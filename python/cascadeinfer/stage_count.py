@@ -34,7 +34,7 @@ import math
 import os
 import random
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from cascadeinfer import _core
@@ -214,11 +214,10 @@ def simulated_e2e(
     return float(result["mean_e2e_s"]), float(result["p99_e2e_s"])
 
 
-def _candidate_plans(
+def _split_plans(
     best: _core.StagePlan, summary: _core.Workload, profile: _core.CostProfile, n: int
 ) -> list[_core.StagePlan]:
-    """The one-stage plan first, then the partitioner's best plan for each count tried."""
-    plans = [_core.single_stage_plan(summary, profile, n)]
+    """The partitioner's best plan for each stage count tried, fewest stages first."""
     # One solve gives the best plan with at most k stages for every k up to its limit (what
     # partition(..., k) returns; None where infeasible). The solve's cost grows with the limit
     # and a layer does not depend on the layers above it, so it stops at the largest count
@@ -226,13 +225,14 @@ def _candidate_plans(
     # was most of the planning time (docs/benchmarks.md, "Planning time").
     limit = min(len(best.stages), max(STAGE_COUNTS))
     by_count = _core.partition_by_stage_count(summary, profile, n, limit)
+    plans: list[_core.StagePlan] = []
     for k in sorted({*STAGE_COUNTS, len(best.stages)}):
         if k > len(best.stages):
             continue
         plan = best if k == len(best.stages) else by_count[k - 1]  # k <= limit here
         if plan is None:
             continue  # this few stages cannot carry the rate
-        if all(len(p.stages) != len(plan.stages) for p in plans):
+        if len(plan.stages) > 1 and all(len(p.stages) != len(plan.stages) for p in plans):
             plans.append(plan)  # "at most k" may find a count already tried
     return plans
 
@@ -315,40 +315,39 @@ def choose_layout(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}: known {', '.join(OBJECTIVES)}")
     config = config or CascadeConfig()
-    plans = _candidate_plans(best, summary, profile, num_instances)
+    single_plan = _core.single_stage_plan(summary, profile, num_instances)
     one_stage = replace(config, is_one_stage_balanced=False, is_one_stage_kv_first=False)
     runs = [
-        (plans[0], one_stage),
-        (plans[0], replace(one_stage, is_one_stage_balanced=True)),
-        (plans[0], replace(one_stage, is_one_stage_kv_first=True)),
-        *((p, config) for p in plans[1:]),
+        (single_plan, one_stage),
+        (single_plan, replace(one_stage, is_one_stage_balanced=True)),
+        (single_plan, replace(one_stage, is_one_stage_kv_first=True)),
     ]
-    # The simulator releases the GIL: the candidates' runs share the cores. Every candidate
-    # runs on the first PRUNE_AFTER traces; a split that trails one stage there by
-    # PRUNE_RATIO cannot plausibly win and skips the rest.
+    # The simulator and the partitioner release the GIL: the candidates' runs share the cores,
+    # and the one-stage candidates run while the split plans are solved. Every candidate runs
+    # on the first PRUNE_AFTER traces; a split that trails one stage there by PRUNE_RATIO
+    # cannot plausibly win and skips the rest.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
 
-        def run_all(batch: list[int], on: Sequence[Sequence[TraceEntry]]) -> None:
-            futures = [
-                [
-                    pool.submit(
-                        simulated_e2e, runs[k][0], summary, profile, num_instances, t, runs[k][1]
-                    )
-                    for t in on
-                ]
-                for k in batch
+        def submit(k: int, on: Sequence[Sequence[TraceEntry]]) -> list[Future[tuple[float, float]]]:
+            plan, cfg = runs[k]
+            return [
+                pool.submit(simulated_e2e, plan, summary, profile, num_instances, t, cfg)
+                for t in on
             ]
-            for k, fs in zip(batch, futures, strict=True):
-                results[k] += [f.result() for f in fs]
 
-        results: list[list[tuple[float, float]]] = [[] for _ in runs]
-        run_all(list(range(len(runs))), traces[:PRUNE_AFTER])
+        split_plans = pool.submit(_split_plans, best, summary, profile, num_instances)
+        first = [submit(k, traces[:PRUNE_AFTER]) for k in range(NUM_ONE_STAGE)]
+        runs += [(plan, config) for plan in split_plans.result()]
+        first += [submit(k, traces[:PRUNE_AFTER]) for k in range(NUM_ONE_STAGE, len(runs))]
+        results = [[f.result() for f in fs] for fs in first]
         kept = [
             k
             for k in range(len(runs))
             if k < NUM_ONE_STAGE or _trails_by(results[k], results[0]) <= PRUNE_RATIO
         ]
-        run_all(kept, traces[PRUNE_AFTER:])
+        rest = {k: submit(k, traces[PRUNE_AFTER:]) for k in kept}
+        for k, fs in rest.items():
+            results[k] += [f.result() for f in fs]
     candidates = [
         Candidate(len(plan.stages), plan, cfg, tuple(per_trace))
         for (plan, cfg), per_trace in zip(runs, results, strict=True)
