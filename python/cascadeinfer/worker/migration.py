@@ -26,7 +26,7 @@ from cascadeinfer.domain import check_request_id
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.worker import convert, kv_stream
 from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
-from cascadeinfer.worker.state import WorkerState
+from cascadeinfer.worker.state import MIGRATION_DEADLINE_S, WorkerState
 
 if TYPE_CHECKING:
     from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
@@ -51,10 +51,26 @@ class MigrationFailed(Exception):
         self.message = message
 
 
+MAX_TARGET_CHARS = 512
+"""Longest target address taken (a DNS name has at most 253 characters, a unix socket path
+108); a longer one is refused without being echoed into the status."""
+
+
+def check_target(target: str) -> None:
+    if not target:
+        raise EngineError(ErrorCode.INVALID_ARGUMENT, "target_address is empty")
+    if len(target) > MAX_TARGET_CHARS:
+        raise EngineError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"target_address is longer than {MAX_TARGET_CHARS} characters",
+        )
+
+
 async def migrate_out(
     state: WorkerState, request_id: str, target: str, recompute: bool
 ) -> MigrationResult:
     check_request_id(request_id)
+    check_target(target)
     if request_id not in state.hub.requests:
         raise EngineError(ErrorCode.NOT_FOUND, f"no request {request_id!r} on this worker")
     started = time.perf_counter()
@@ -81,7 +97,7 @@ async def migrate_out(
     else:
         pre = []
 
-    call = peer.ImportKV(timeout=60)
+    call = peer.ImportKV(timeout=MIGRATION_DEADLINE_S)
     export: asyncio.Future[KVSnapshot] | None = None
     snapshot: KVSnapshot | None = None
     is_committed = False

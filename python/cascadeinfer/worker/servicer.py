@@ -62,6 +62,10 @@ def coalesce(item: StreamItem, queue: asyncio.Queue[StreamItem]) -> StreamItem:
     return replace(last, new_token_ids=tuple(tokens), first_index=item.first_index)
 
 
+class _Draining(Exception):
+    """An import completed after the worker began to drain."""
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, state: WorkerState) -> None:
         self.state = state
@@ -255,6 +259,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self.state.metrics.migration_failures.labels(self.state.engine_name, "in").inc()
             # Once this call is gone, return what its blocks took (up to one request's KV).
             asyncio.get_running_loop().call_later(1.0, release_freed_memory)
+            if isinstance(e, _Draining):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
             await fail(context, e)
         num_bytes = sum(len(b) for b in snapshot.blocks)
         self.state.metrics.migrations.labels(
@@ -269,6 +275,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def _resume(self, snapshot: KVSnapshot) -> None:
         req = snapshot.request
+        if self.state.is_draining:
+            # Checked again once the stream is in: an import that began before SIGTERM and
+            # ends after the drain looked for requests would run in a process about to exit.
+            raise _Draining()
         if req.request_id in self.state.hub.requests:
             raise EngineError(ErrorCode.ALREADY_EXISTS, f"request id {req.request_id!r} is in use")
         self.state.hub.track(req.request_id, req.context_len, len(req.output_token_ids))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,6 +14,11 @@ from cascadeinfer.security import TlsFiles, aio_channel
 from cascadeinfer.worker.engine_loop import EngineLoop
 from cascadeinfer.worker.hub import Hub
 from cascadeinfer.worker.metrics import WorkerMetrics
+
+MAX_PEERS = 64
+"""Peer channels kept open (more workers than a cluster migrates between at once)."""
+MIGRATION_DEADLINE_S = 60
+"""How long a migration's transfer may take (MigrateOut's ImportKV deadline)."""
 
 if TYPE_CHECKING:
     from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
@@ -31,18 +38,31 @@ class WorkerState:
     link_options: list[tuple[str, int]] = field(default_factory=list)
     """Channel options for links to peers (keepalive)."""
     is_draining: bool = False
-    _stubs: dict[str, WorkerServiceAsyncStub] = field(default_factory=dict)
-    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+    _peers: OrderedDict[str, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = field(
+        default_factory=OrderedDict
+    )
+    _closing: set[asyncio.Task[None]] = field(default_factory=set)
 
     def peer(self, address: str) -> WorkerServiceAsyncStub:
-        """A cached stub for another worker (migration targets)."""
-        stub = self._stubs.get(address)
-        if stub is None:
-            channel = aio_channel(address, self.tls, self.token, self.link_options)
-            self._channels.append(channel)
-            stub = self._stubs[address] = worker_pb2_grpc.WorkerServiceStub(channel)
+        """A cached stub for another worker (migration targets). The cache keeps the
+        MAX_PEERS most recently used: a caller naming ever new targets must not grow it."""
+        entry = self._peers.get(address)
+        if entry is not None:
+            self._peers.move_to_end(address)
+            return entry[1]
+        channel = aio_channel(address, self.tls, self.token, self.link_options)
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        self._peers[address] = (channel, stub)
+        if len(self._peers) > MAX_PEERS:
+            _, (oldest, _) = self._peers.popitem(last=False)
+            # A migration may still use it: its calls get their deadline's time to end.
+            task = asyncio.create_task(oldest.close(grace=MIGRATION_DEADLINE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         return stub
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel, _ in self._peers.values():
             await channel.close()
+        for task in list(self._closing):
+            task.cancel()
