@@ -46,12 +46,17 @@ healthy worker."""
 def check_request_id(request_id: str) -> None:
     """Raises INVALID_ARGUMENT for an empty id or one over MAX_REQUEST_ID_CHARS (the message
     names the limit, not the id)."""
-    if not request_id:
-        raise EngineError(ErrorCode.INVALID_ARGUMENT, "request_id is empty")
-    if len(request_id) > MAX_REQUEST_ID_CHARS:
+    check_bounded_text("request_id", request_id, MAX_REQUEST_ID_CHARS)
+
+
+def check_bounded_text(name: str, value: str, max_chars: int) -> None:
+    """Raises INVALID_ARGUMENT when field `name` is empty or longer than `max_chars`; the
+    message names the field and the limit, never the value (which may be megabytes)."""
+    if not value:
+        raise EngineError(ErrorCode.INVALID_ARGUMENT, f"{name} is empty")
+    if len(value) > max_chars:
         raise EngineError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters",
+            ErrorCode.INVALID_ARGUMENT, f"{name} is longer than {max_chars} characters"
         )
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
-from cascadeinfer.domain import check_request_id
+from cascadeinfer.domain import check_bounded_text, check_request_id
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.worker import convert, kv_stream
 from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
@@ -56,21 +56,11 @@ MAX_TARGET_CHARS = 512
 108); a longer one is refused without being echoed into the status."""
 
 
-def check_target(target: str) -> None:
-    if not target:
-        raise EngineError(ErrorCode.INVALID_ARGUMENT, "target_address is empty")
-    if len(target) > MAX_TARGET_CHARS:
-        raise EngineError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"target_address is longer than {MAX_TARGET_CHARS} characters",
-        )
-
-
 async def migrate_out(
     state: WorkerState, request_id: str, target: str, recompute: bool
 ) -> MigrationResult:
     check_request_id(request_id)
-    check_target(target)
+    check_bounded_text("target_address", target, MAX_TARGET_CHARS)
     if request_id not in state.hub.requests:
         raise EngineError(ErrorCode.NOT_FOUND, f"no request {request_id!r} on this worker")
     started = time.perf_counter()
