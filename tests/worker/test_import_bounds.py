@@ -5,6 +5,7 @@ request holds 64 of them."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,51 @@ def test_an_oversized_kv_stream_is_refused_early_and_not_buffered(tmp_path: Path
             assert time.monotonic() < deadline, f"RSS stays at {rss_mib(d):.0f} MiB"
             time.sleep(0.2)
         assert sent < NUM_SENT_MAX, "the stream was read to its end before the refusal"
+        assert run_to_end(d.stub(), "after", [1, 2, 3], 3), "still serving"
+    finally:
+        d.kill()
+
+
+def test_kv_imports_in_flight_are_bounded_together_by_the_free_kv(tmp_path: Path) -> None:
+    """Two imports that stall before their commit (header and blocks sent, then nothing): each
+    fits in the free KV alone, not both together. The second is refused RESOURCE_EXHAUSTED
+    while the first holds its blocks (before, each stream was bounded alone: eight stalled ones
+    held eight times the free KV), and once the first ends its blocks count no more."""
+    d = start_worker([*BIG_BLOCKS, "--sim-num-blocks", "96"], tmp_path)
+    try:
+        layout = d.stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=10).layout
+        block = b"\1" * layout.block_bytes
+        release = threading.Event()
+
+        def stalled(request_id: str, wait: bool) -> Iterator[worker_pb2.KVChunk]:
+            yield worker_pb2.KVChunk(
+                header=worker_pb2.KVHeader(request_id=request_id, layout=layout)
+            )
+            for i in range(60):  # of 96 free; a request holds at most 64
+                yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=i, blocks=[block]))
+            if wait:
+                release.wait(30)
+            # Ends without a commit: the worker refuses it as truncated.
+
+        def refusal(request_id: str, wait: bool) -> grpc.RpcError:
+            try:
+                d.stub().ImportKV(stalled(request_id, wait), timeout=30)
+            except grpc.RpcError as e:
+                return e
+            raise AssertionError("accepted")
+
+        errors: dict[str, grpc.RpcError] = {}
+        first = threading.Thread(target=lambda: errors.setdefault("a", refusal("a", True)))
+        first.start()
+        time.sleep(2)  # its 60 blocks are in
+        second = refusal("b", False)
+        assert second.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, second.details()
+        release.set()
+        first.join(30)
+        assert errors["a"].code() == grpc.StatusCode.INVALID_ARGUMENT, errors["a"].details()
+        third = refusal("c", False)
+        assert third.code() == grpc.StatusCode.INVALID_ARGUMENT, third.details()
+        assert "truncated" in (third.details() or ""), "all 60 blocks were taken"
         assert run_to_end(d.stub(), "after", [1, 2, 3], 3), "still serving"
     finally:
         d.kill()

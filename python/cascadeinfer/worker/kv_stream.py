@@ -6,7 +6,8 @@ mismatch with FAILED_PRECONDITION as soon as the header arrives."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from cascadeinfer.domain import check_request_id
 from cascadeinfer.proto.v1 import worker_pb2
@@ -70,16 +71,44 @@ def _invalid(message: str) -> EngineError:
     return EngineError(ErrorCode.INVALID_ARGUMENT, message)
 
 
+class ImportBudget:
+    """The KV blocks that the imports in flight on one worker hold in memory, together. Each
+    stream alone was bounded by the free KV it could land in; eight stalled ones (header and
+    blocks sent, no commit) held eight times that (600 MiB of one-MiB blocks, until their
+    callers' deadlines). Now their sum is bounded by the free KV each sees at its start."""
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    @contextlib.contextmanager
+    def stream(self, free_blocks: int) -> Iterator[Callable[[int], None]]:
+        """One import's share: the function it gets reserves blocks as they arrive (raising
+        RESOURCE_EXHAUSTED once the imports in flight would hold more than `free_blocks`);
+        what it reserved is given back when the import ends, landed in the engine or not."""
+        mine = 0
+
+        def reserve(num_blocks: int) -> None:
+            nonlocal mine
+            if self.held + num_blocks > free_blocks:
+                raise EngineError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"KV imports in flight would hold over {free_blocks} blocks, more than free",
+                )
+            self.held += num_blocks
+            mine += num_blocks
+
+        try:
+            yield reserve
+        finally:
+            self.held -= mine
+
+
 def _check_blocks(
-    new: Sequence[bytes], num_before: int, expected: KVLayout, max_blocks: int, free_blocks: int
+    new: Sequence[bytes], num_before: int, expected: KVLayout, max_blocks: int
 ) -> None:
     num = num_before + len(new)
     if num > max_blocks:
         raise _invalid(f"KV stream has over {max_blocks} blocks, more than any request holds")
-    if num > free_blocks:
-        raise EngineError(
-            ErrorCode.RESOURCE_EXHAUSTED, f"KV stream has over {free_blocks} blocks, more than free"
-        )
     for k, blob in enumerate(new):
         if len(blob) != expected.block_bytes:
             raise _invalid(
@@ -92,18 +121,19 @@ async def read_snapshot(
     chunks: AsyncIterator[worker_pb2.KVChunk],
     expected: KVLayout,
     max_blocks: int,
-    free_blocks: int,
+    reserve: Callable[[int], None],
 ) -> KVSnapshot:
     """Assembles a snapshot; a commit with num_cached_tokens == 0 and no blocks asks for a
     recompute resume (the layout is then not checked).
 
     Refuses as soon as a block is not `expected.block_bytes` long or the blocks outnumber
-    `max_blocks` (what the longest request holds: INVALID_ARGUMENT) or `free_blocks`
-    (RESOURCE_EXHAUSTED), so no stream buffers more than one request's KV; on a refusal the
-    blocks read so far are dropped at once (the error's traceback must not keep them)."""
+    `max_blocks` (what the longest request holds: INVALID_ARGUMENT), or `reserve` (an
+    `ImportBudget.stream`) refuses them (RESOURCE_EXHAUSTED), so no stream buffers more than
+    one request's KV and all of them together no more than is free; on a refusal the blocks
+    read so far are dropped at once (the error's traceback must not keep them)."""
     blocks: list[bytes] = []
     try:
-        return await _read(chunks, expected, max_blocks, free_blocks, blocks)
+        return await _read(chunks, expected, max_blocks, reserve, blocks)
     except BaseException:
         blocks.clear()
         raise
@@ -113,7 +143,7 @@ async def _read(
     chunks: AsyncIterator[worker_pb2.KVChunk],
     expected: KVLayout,
     max_blocks: int,
-    free_blocks: int,
+    reserve: Callable[[int], None],
     blocks: list[bytes],
 ) -> KVSnapshot:
     request_id: str | None = None
@@ -143,7 +173,8 @@ async def _read(
                 )
             if not has_layout:
                 raise _invalid("KV blocks arrived after a header without a layout")
-            _check_blocks(chunk.blocks.blocks, len(blocks), expected, max_blocks, free_blocks)
+            _check_blocks(chunk.blocks.blocks, len(blocks), expected, max_blocks)
+            reserve(len(chunk.blocks.blocks))
             blocks.extend(chunk.blocks.blocks)
         elif part == "commit":
             c = chunk.commit

@@ -251,10 +251,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         max_blocks = -(-engine.max_model_len // engine.layout.block_size)
         try:
             free = await self.state.loop.call(lambda e: e.num_free_blocks())
-            snapshot = await kv_stream.read_snapshot(
-                request_iterator, engine.layout, max_blocks, free
-            )
-            await self._resume(snapshot)
+            with self.state.import_budget.stream(free) as reserve:
+                snapshot = await kv_stream.read_snapshot(
+                    request_iterator, engine.layout, max_blocks, reserve
+                )
+                await self._resume(snapshot)
         except Exception as e:
             self.state.metrics.migration_failures.labels(self.state.engine_name, "in").inc()
             # Once this call is gone, return what its blocks took (up to one request's KV).

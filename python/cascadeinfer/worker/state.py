@@ -13,6 +13,7 @@ from cascadeinfer.proto.v1 import worker_pb2_grpc
 from cascadeinfer.security import TlsFiles, aio_channel
 from cascadeinfer.worker.engine_loop import EngineLoop
 from cascadeinfer.worker.hub import Hub
+from cascadeinfer.worker.kv_stream import ImportBudget
 from cascadeinfer.worker.metrics import WorkerMetrics
 
 MAX_PEERS = 64
@@ -38,6 +39,8 @@ class WorkerState:
     link_options: list[tuple[str, int]] = field(default_factory=list)
     """Channel options for links to peers (keepalive)."""
     is_draining: bool = False
+    import_budget: ImportBudget = field(default_factory=ImportBudget)
+    """KV blocks the imports in flight hold in memory, bounded together by the free KV."""
     _peers: OrderedDict[str, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = field(
         default_factory=OrderedDict
     )
