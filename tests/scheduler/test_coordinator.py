@@ -1,8 +1,9 @@
 """The coordinator's decisions with fake workers behind its `WorkerClient` seam (in process, no
 daemons, well under a second each): the admission queue and its priorities, back-pressure on a
 full queue and on a client that stops reading, a migration that fails, a worker that dies
-while a migration out of it is in flight, and a finish that arrives before the tokens ahead of
-it. The Rust core deciding admissions and migrations is the real one."""
+while a migration out of it is in flight, a finish that arrives before the tokens ahead of
+it, and a request whose last worker died. The Rust core deciding admissions and migrations is
+the real one."""
 
 from __future__ import annotations
 
@@ -333,3 +334,48 @@ async def test_a_layout_change_is_counted_by_its_kind(started: list[Coordinator]
 
     assert counted("capacity") == 1 and counted("refinement") is None
     assert c.counters.num_plan_changes == 1
+
+
+async def test_a_request_left_without_any_worker_ends_once_the_link_timeout_passes(
+    started: list[Coordinator],
+) -> None:
+    """The only worker dies with a request on it. The core keeps its last instance, but nothing
+    is placed on that dead link (a worker restarted on its address would run the copy nobody
+    follows); the request waits for a worker, and once none has been healthy for
+    `worker_link_timeout_s` it ends with ABORT instead of waiting with no end."""
+    c, fakes = await start(started, "a", tick_interval_s=0.01, worker_link_timeout_s=0.3)
+    a = fakes["a"]
+    rec = await submit(c, "r", 10)
+    assert set(a.started) == {"r"}
+    a.die()
+    await settle()
+    a.started.clear()
+    ticking = asyncio.create_task(c.tick_forever())
+    try:
+        await asyncio.sleep(0.1)
+        assert not rec.is_done, "within the link timeout it waits for a worker"
+        assert not a.started, "placed on the dead link"
+        await asyncio.sleep(0.5)
+        assert rec.is_done and rec.finish == FinishReason.ABORT
+        assert not a.started
+    finally:
+        ticking.cancel()
+
+
+async def test_a_request_left_without_any_worker_goes_on_when_one_joins(
+    started: list[Coordinator],
+) -> None:
+    c, fakes = await start(started, "a", tick_interval_s=0.01, worker_link_timeout_s=5)
+    fakes["b"] = FakeWorker("b")
+    rec = await submit(c, "r", 10)
+    fakes["a"].die()
+    await settle()
+    ticking = asyncio.create_task(c.tick_forever())
+    try:
+        await asyncio.sleep(0.05)
+        await c.add_worker("b")
+        await asyncio.sleep(0.1)
+        assert set(fakes["b"].started) == {"r"} and rec.worker_id == "b" and not rec.is_done
+        assert [w.address for w in c.pool.healthy()] == ["b"]
+    finally:
+        ticking.cancel()
