@@ -26,6 +26,13 @@ const HOLDER_STICKINESS: f64 = 1.5;
 /// placement within stages"): 1.5-2 gave the lowest mean and p99, 1 and 3 about 1% more.
 const NEXT_STAGE_ADVANTAGE: f64 = 2.0;
 
+/// The first-token service level a new request is placed to meet: this much plus
+/// `FIRST_TOKEN_SLO_PER_TOKEN_S` per prompt token, the DistServe-style target the goodput of
+/// `cascade bench sim` counts by default (`cascadeinfer.evaluation.goodput.GoodputSlo`).
+/// [`Router::first_token_target`] aims inside it.
+const FIRST_TOKEN_SLO_S: f64 = 1.0;
+const FIRST_TOKEN_SLO_PER_TOKEN_S: f64 = 2e-4;
+
 /// Decode steps a newcomer is expected to share an instance with the requests there, when the
 /// workload the layout was planned for is not known ([`Router::set_output_horizon`]).
 const DEFAULT_OUTPUT_HORIZON: f64 = 512.0;
@@ -119,7 +126,72 @@ impl Router {
         if let Some(earlier) = self.cheaper_prefill_before(home, instance, at_home, home_horizon, len) {
             return Some((earlier, home - 1));
         }
+        if let Some(in_time) = self.first_token_in_time(home, instance, at_home, len) {
+            return Some(in_time);
+        }
         Some((instance, home))
+    }
+
+    /// What [`Router::first_token_in_time`] aims at for a prompt of `len` tokens: halfway
+    /// between the time its own prefill takes on an idle instance and the first-token service
+    /// level (`FIRST_TOKEN_SLO_S`). The prediction at admission sees the prefill queued ahead,
+    /// not what lands after it (migrations in, contexts that grow, the next burst), so it aims
+    /// at half the slack the service level leaves; a fixed share of the level itself would be
+    /// out of reach of the longest prompts, whose own prefill takes most of it.
+    fn first_token_target(&self, len: u32) -> f64 {
+        let level = FIRST_TOKEN_SLO_S + FIRST_TOKEN_SLO_PER_TOKEN_S * f64::from(len);
+        0.5 * (level + self.profile.prefill_work(u64::from(len)))
+    }
+
+    /// Another stage's instance for a new request of `len` tokens whose first token would come
+    /// too late on `chosen`, the best instance of its own stage `home`: predicted
+    /// ([`LoadBook::predicted_cost`]) past [`Router::first_token_target`]. Of the instances of
+    /// the other stages predicted to meet the target, the one where the request costs everyone
+    /// least ([`LoadBook::marginal_cost`]; in an earlier stage, its prefill there plus the stall
+    /// of the move home its first token starts, as in [`Router::cheaper_prefill_before`]),
+    /// provided that is no more than `at_home`, its marginal cost on `chosen`; `None` otherwise.
+    ///
+    /// Stages sized for the mean put the long prompts on a few instances, where a burst of
+    /// documents queues for prefill: on bursty production-like traffic their first token came
+    /// 1.2-1.8 times later than under least-load, which spreads them over the whole fleet, and
+    /// a request in 50 missed the service level where least-load missed none
+    /// (`docs/benchmarks.md`, "First token in time"). A mean-latency cost alone cannot see
+    /// this: the wait of one long prompt weighs as much as the same wait spread over the short
+    /// decodes its prefill would stall elsewhere.
+    fn first_token_in_time(
+        &self,
+        home: usize,
+        chosen: InstanceId,
+        at_home: f64,
+        len: u32,
+    ) -> Option<(InstanceId, usize)> {
+        let target = self.first_token_target(len);
+        if self.loads.predicted_cost(&self.profile, chosen, len, true) <= target {
+            return None;
+        }
+        let mut best: Option<(f64, InstanceId, usize)> = None;
+        for (k, stage) in self.layout.stages().iter().enumerate() {
+            if k == home {
+                continue;
+            }
+            let (stall, horizon) = if k < home {
+                (self.profile.migration_stall(u64::from(len)), 1.0)
+            } else {
+                (0.0, self.horizon(k, len))
+            };
+            for &inst in &stage.instances {
+                if !self.loads.has_room(&self.profile, inst, len)
+                    || self.loads.predicted_cost(&self.profile, inst, len, true) + stall > target
+                {
+                    continue;
+                }
+                let cost = self.loads.marginal_cost(&self.profile, inst, len, true, horizon) + stall;
+                if cost <= at_home && best.is_none_or(|(b, _, _)| cost < b) {
+                    best = Some((cost, inst, k));
+                }
+            }
+        }
+        best.map(|(_, inst, k)| (inst, k))
     }
 
     /// The best instance of the stage before `home` when prefilling a new request of `len`
@@ -459,6 +531,47 @@ mod tests {
         // With its own stage idle, a long prompt starts at home (the move would only add a
         // stall).
         assert_eq!(router().admit(RequestId(2), 12_000).unwrap().unwrap().stage, 2);
+    }
+
+    #[test]
+    fn a_long_prompt_whose_first_token_would_be_late_at_home_prefills_where_it_is_in_time() {
+        // `docs` prompts of `doc_len` tokens wait on the last stage's only instance, thirty of
+        // 7,000 on each of the middle stage's; the short stage idles.
+        let busy = |docs: u64, doc_len: u32| {
+            let mut r = router();
+            for q in 0..docs {
+                r.loads.add_queued(InstanceId(4), RequestId(1000 + q), doc_len);
+            }
+            for i in [2, 3] {
+                for q in 0..30 {
+                    r.loads.add_queued(InstanceId(i), RequestId(2000 + u64::from(i) * 100 + q), 7000);
+                }
+            }
+            r
+        };
+        let mut r = busy(10, 20_000);
+        let target = r.first_token_target(12_000);
+        assert!(r.loads.predicted_cost(&r.profile, InstanceId(4), 12_000, true) > target);
+        assert!(r.loads.predicted_cost(&r.profile, InstanceId(2), 12_000, true) > target);
+        let a = r.admit(RequestId(1), 12_000).unwrap().unwrap();
+        assert_eq!(a.stage, 0, "the idle short stage gives it its first token in time");
+        // Its first token takes it home with its KV, like any request past its stage's bound.
+        let moves = r.check_step(&[entry(1, a.instance.0, 12_001)]).unwrap();
+        assert_eq!((moves.len(), moves[0].to), (1, InstanceId(4)));
+        // With one short document ahead at home its first token is in time there: it stays.
+        let mut r = busy(1, 2000);
+        assert!(r.loads.predicted_cost(&r.profile, InstanceId(4), 12_000, true) <= r.first_token_target(12_000));
+        assert_eq!(r.admit(RequestId(1), 12_000).unwrap().unwrap().stage, 2);
+    }
+
+    #[test]
+    fn first_token_targets_leave_the_longest_prompts_room_for_their_own_prefill() {
+        let r = router();
+        for len in [1, 1000, 32_000, 130_000] {
+            let (own, target) = (r.profile.prefill_work(u64::from(len)), r.first_token_target(len));
+            let level = FIRST_TOKEN_SLO_S + FIRST_TOKEN_SLO_PER_TOKEN_S * f64::from(len);
+            assert!(own < target && target < level, "{len}: {own} {target} {level}");
+        }
     }
 
     #[test]
