@@ -1,5 +1,7 @@
 """Measures the no-regret property on bursty traces the planner has not seen: cascade's mean and
-p99 end-to-end latency over the best baseline's, cell by cell, and how many cells exceed 1.02x.
+p99 end-to-end latency over the best baseline's, cell by cell, and how many cells exceed 1.02x;
+then the same for time to first token, and the cells where cascade's goodput (default SLO of
+`cascade bench sim`) is below the best baseline's.
 
     python bench/no_regret.py [--kinds p2,prod,reasoning,r2,lc] [--seeds 200-203]
                               [--rates 4,8,12,16] [--instances 16] [--requests 3000]
@@ -52,8 +54,14 @@ def _cell(args: tuple[str, float, int, int, dict[str, list[float]]]) -> dict[str
             seed=1,
         )
         summary, report = run_at_rate(setup, rate)
-        unfinished = report.num_unfinished
-        figures[policy] = (summary["mean_e2e_s"], summary["p99_e2e_s"], unfinished)
+        figures[policy] = (
+            summary["mean_e2e_s"],
+            summary["p99_e2e_s"],
+            report.num_unfinished,
+            summary["mean_ttft_s"],
+            summary["p99_ttft_s"],
+            summary["goodput"],
+        )
     return {"trace": Path(trace).stem, "rate": rate, "figures": figures}
 
 
@@ -62,8 +70,24 @@ def _ratios(cell: dict[str, object]) -> tuple[float, float, str, str]:
     baselines = {p: f for p, f in figures.items() if p != "cascade"}
     best_mean = min(baselines, key=lambda p: baselines[p][0])
     best_p99 = min(baselines, key=lambda p: baselines[p][1])
-    mean, p99, _ = figures["cascade"]
+    mean, p99 = figures["cascade"][:2]
     return mean / baselines[best_mean][0], p99 / baselines[best_p99][1], best_mean, best_p99
+
+
+def _first_token(cell: dict[str, object]) -> tuple[float, float, float, float] | None:
+    """Cascade's mean and p99 TTFT over the best baseline's, its goodput and the best
+    baseline's; None for a cell from a file written before TTFT and goodput were recorded."""
+    figures: dict[str, list[float]] = cell["figures"]  # type: ignore[assignment]
+    if any(len(f) < 6 for f in figures.values()):
+        return None
+    baselines = [f for p, f in figures.items() if p != "cascade"]
+    c = figures["cascade"]
+    return (
+        c[3] / min(f[3] for f in baselines),
+        c[4] / min(f[4] for f in baselines),
+        c[5],
+        max(f[5] for f in baselines),
+    )
 
 
 def _seeds(text: str) -> list[int]:
@@ -112,10 +136,12 @@ def main() -> None:
     print("| trace | rate | cascade mean / best | best (mean) | cascade p99 / best | best (p99) |")
     print("|---|---|---|---|---|---|")
     cells = []
+    first_tokens = []
     with ProcessPoolExecutor(2) as pool:
         for cell in pool.map(_cell, jobs):
             mean, p99, by_mean, by_p99 = _ratios(cell)
             cells.append((mean, p99))
+            first_tokens.append(_first_token(cell))
             flag = " **over**" if max(mean, p99) > REGRET else ""
             print(
                 f"| {cell['trace']} | {cell['rate']:g} | {mean:.2f}x | {by_mean} "
@@ -132,6 +158,15 @@ def main() -> None:
         f"ratios {geo[0]:.3f} (mean), {geo[1]:.3f} (p99); worst {max(c[0] for c in cells):.2f}x "
         f"(mean), {max(c[1] for c in cells):.2f}x (p99)"
     )
+    if all(first_tokens):
+        ft = [f for f in first_tokens if f is not None]
+        ttft = [math.exp(statistics.mean(math.log(f[k]) for f in ft)) for k in (0, 1)]
+        print(
+            f"time to first token over the best baseline's: geometric mean {ttft[0]:.3f} (mean), "
+            f"{ttft[1]:.3f} (p99); goodput below the best baseline's in "
+            f"{sum(f[2] < f[3] for f in ft)} cells (mean goodput {statistics.mean(f[2] for f in ft):.4f}, "
+            f"best baselines' {statistics.mean(f[3] for f in ft):.4f})"
+        )
 
 
 if __name__ == "__main__":

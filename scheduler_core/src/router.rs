@@ -152,9 +152,9 @@ impl Router {
     /// provided that is no more than `at_home`, its marginal cost on `chosen`; `None` otherwise.
     ///
     /// Stages sized for the mean put the long prompts on a few instances, where a burst of
-    /// documents queues for prefill: on bursty production-like traffic their first token came
-    /// 1.2-1.8 times later than under least-load, which spreads them over the whole fleet, and
-    /// a request in 50 missed the service level where least-load missed none
+    /// documents queues for prefill: on bursty production-like traffic the mean first token
+    /// came up to 1.85 times later than under least-load, which spreads them over the whole
+    /// fleet, and up to 3.1% of requests missed the service level against 0.8%
     /// (`docs/benchmarks.md`, "First token in time"). A mean-latency cost alone cannot see
     /// this: the wait of one long prompt weighs as much as the same wait spread over the short
     /// decodes its prefill would stall elsewhere.
