@@ -148,8 +148,10 @@ impl Router {
     /// ([`LoadBook::predicted_cost`]) past [`Router::first_token_target`]. Of the instances of
     /// the other stages predicted to meet the target, the one where the request costs everyone
     /// least ([`LoadBook::marginal_cost`]; in an earlier stage, its prefill there plus the stall
-    /// of the move home its first token starts, as in [`Router::cheaper_prefill_before`]),
-    /// provided that is no more than `at_home`, its marginal cost on `chosen`; `None` otherwise.
+    /// of the move home its first token starts), provided that is no more than `at_home`, its
+    /// marginal cost on `chosen`; `None` otherwise. Unlike [`Router::cheaper_prefill_before`],
+    /// an earlier stage's side leaves out the decode at home: counted there too, fewer first
+    /// tokens came in time for the same end-to-end latency (the variants in the benchmarks).
     ///
     /// Stages sized for the mean put the long prompts on a few instances, where a burst of
     /// documents queues for prefill: on bursty production-like traffic the mean first token
