@@ -33,6 +33,11 @@ const NEXT_STAGE_ADVANTAGE: f64 = 2.0;
 const FIRST_TOKEN_SLO_S: f64 = 1.0;
 const FIRST_TOKEN_SLO_PER_TOKEN_S: f64 = 2e-4;
 
+/// The first-token service level of a prompt of `len` tokens, seconds.
+fn first_token_level(len: u32) -> f64 {
+    FIRST_TOKEN_SLO_S + FIRST_TOKEN_SLO_PER_TOKEN_S * f64::from(len)
+}
+
 /// Decode steps a newcomer is expected to share an instance with the requests there, when the
 /// workload the layout was planned for is not known ([`Router::set_output_horizon`]).
 const DEFAULT_OUTPUT_HORIZON: f64 = 512.0;
@@ -139,8 +144,7 @@ impl Router {
     /// at half the slack the service level leaves; a fixed share of the level itself would be
     /// out of reach of the longest prompts, whose own prefill takes most of it.
     fn first_token_target(&self, len: u32) -> f64 {
-        let level = FIRST_TOKEN_SLO_S + FIRST_TOKEN_SLO_PER_TOKEN_S * f64::from(len);
-        0.5 * (level + self.profile.prefill_work(u64::from(len)))
+        0.5 * (first_token_level(len) + self.profile.prefill_work(u64::from(len)))
     }
 
     /// Another stage's instance for a new request of `len` tokens whose first token would come
@@ -571,7 +575,7 @@ mod tests {
         let r = router();
         for len in [1, 1000, 32_000, 130_000] {
             let (own, target) = (r.profile.prefill_work(u64::from(len)), r.first_token_target(len));
-            let level = FIRST_TOKEN_SLO_S + FIRST_TOKEN_SLO_PER_TOKEN_S * f64::from(len);
+            let level = first_token_level(len);
             assert!(own < target && target < level, "{len}: {own} {target} {level}");
         }
     }
