@@ -68,6 +68,37 @@ def mooncake(rng: random.Random) -> Lengths:
     return _ln(rng, 8000, 0.9, 256, 120_000), _ln(rng, 300, 0.6, 1, 2048)
 
 
+def capped_reasoning(rng: random.Random) -> Lengths:
+    """Reasoning answers cut at a 16K max_tokens: a spike of requests at the cap."""
+    return _ln(rng, 200, 1.0, 8, 3000), min(16_384, _ln(rng, 5000, 1.1, 32, 10**6))
+
+
+def uniform(rng: random.Random) -> Lengths:
+    """No tail at all: prompts and answers uniform over their ranges."""
+    return rng.randint(1, 8000), rng.randint(1, 2000)
+
+
+def pareto_chat(rng: random.Random) -> Lengths:
+    """Chat whose answers have a Pareto tail (shape 1.3) instead of a log-normal one."""
+    return _ln(rng, 150, 1.0, 4, 8000), min(16_000, int(50 * rng.paretovariate(1.3)))
+
+
+def three_clusters(rng: random.Random) -> Lengths:
+    """Equal shares of short chat, 30K-token documents with short answers, and short prompts
+    with 8K-token answers: three length classes far apart, none the majority."""
+    u = rng.random()
+    if u < 1 / 3:
+        return _ln(rng, 80, 0.6, 4, 1000), _ln(rng, 150, 0.6, 1, 1000)
+    if u < 2 / 3:
+        return _ln(rng, 30_000, 0.4, 8000, 100_000), _ln(rng, 100, 0.6, 1, 600)
+    return _ln(rng, 100, 0.6, 4, 1000), _ln(rng, 8000, 0.4, 1000, 30_000)
+
+
+def agent_steps(rng: random.Random) -> Lengths:
+    """Agent steps: a long context (tools, history) and a short tool call or reply."""
+    return _ln(rng, 6000, 0.7, 500, 60_000), _ln(rng, 60, 0.8, 1, 800)
+
+
 def shifting(rng: random.Random, progress: float) -> Lengths:
     """Chat for the first half of the trace, then production traffic (reasoning, documents)."""
     return chat(rng) if progress < 0.5 else production(rng)
@@ -152,6 +183,14 @@ TRACES: dict[str, tuple[Callable[[random.Random, float], Lengths], Callable[[], 
     "rmmpp": (_steady(reasoning), on_off(2.5, 0.4, 60.0), 67),
     "azcode": (_steady(code_completion), gamma(2.0), 71),
     "moon": (_steady(mooncake), gamma(1.5), 73),
+    # Added in the fourteenth session, again never tuned on: other shapes of length
+    # distribution (a cap, no tail, a power-law tail, three far-apart classes) and agent steps
+    # under minute-long bursts.
+    "rcap": (_steady(capped_reasoning), gamma(2.0), 79),
+    "uni": (_steady(uniform), gamma(1.0), 83),
+    "pareto": (_steady(pareto_chat), gamma(2.5), 89),
+    "mix3": (_steady(three_clusters), gamma(2.0), 97),
+    "agent": (_steady(agent_steps), on_off(), 101),
 }
 
 
