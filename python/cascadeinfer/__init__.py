@@ -32,6 +32,7 @@ from cascadeinfer.config import (
     POLICY_NAMES,
     BalanceConfig,
     CascadeConfig,
+    FirstTokenSlo,
     LlumnixConfig,
     RefineConfig,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "BucketGrid",
     "CascadeConfig",
     "CostProfile",
+    "FirstTokenSlo",
     "InfeasibleError",
     "InvalidArgumentError",
     "LlumnixConfig",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -42,6 +43,23 @@ class CapacityConfig:
 
 
 @dataclass(frozen=True)
+class FirstTokenSlo:
+    """The first-token service level a deployment promises: `base_s` plus `per_prompt_token_s`
+    per prompt token (the DistServe-style TTFT target; the default is `cascade bench sim`'s
+    goodput target). A new request whose first token is predicted to miss it in its own stage
+    starts where it comes in time (`Router::first_token_in_time` in the core)."""
+
+    base_s: float = 1.0
+    per_prompt_token_s: float = 2e-4
+
+    def __post_init__(self) -> None:
+        for name in ("base_s", "per_prompt_token_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"first-token SLO {name} must be finite and >= 0, got {value}")
+
+
+@dataclass(frozen=True)
 class CascadeConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -55,6 +73,7 @@ class CascadeConfig:
     is_capacity_guarded: bool = True
     """Move whole instances to a stage whose decode steps run slower than the pooled fleet's
     (`scheduler_core/src/capacity.rs`); off, stage sizes change only by refinement."""
+    first_token: FirstTokenSlo = field(default_factory=FirstTokenSlo)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ use crate::ids::{InstanceId, RequestId};
 use crate::layout::StageLayout;
 use crate::policy::{Admission, LayoutChange, Migration, MigrationReason, NewRequest, Policy, StepEntry, TickOutcome};
 use crate::refine::{RefineConfig, Refiner};
-use crate::router::Router;
+use crate::router::{FirstTokenSlo, Router};
 use crate::workload::WorkloadSummary;
 
 #[derive(Copy, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -44,6 +44,10 @@ pub struct CascadeConfig {
     /// and the benchmarks use, turns both on.
     #[serde(default)]
     pub is_capacity_guarded: bool,
+    /// The first-token service level the deployment promises: a new request whose first token
+    /// is predicted to miss it at home starts where it comes in time (`Router::first_token_in_time`).
+    #[serde(default)]
+    pub first_token: FirstTokenSlo,
 }
 
 #[derive(Clone, Debug)]
@@ -85,6 +89,7 @@ impl CascadePolicy {
         if let Some(w) = planned_for.filter(|w| w.mean_output_len > 0.0) {
             router.set_output_horizon(w.mean_output_len);
         }
+        router.set_first_token_slo(config.first_token)?;
         Ok(CascadePolicy {
             router,
             balancer: Balancer::new(config.balance)?,

@@ -43,6 +43,7 @@ pub use layout::{StageLayout, StageRange};
 pub use policy::{Admission, Migration, MigrationReason, NewRequest, Policy, StepEntry, TickOutcome};
 pub use presets::Preset;
 pub use refine::{RefineConfig, Refiner};
+pub use router::FirstTokenSlo;
 pub use router::Router;
 pub use session::{SessionId, SessionTurn};
 pub use sim::{simulate, SimConfig, SimReport, SimSummary};

@@ -2,6 +2,8 @@
 
 use std::collections::HashSet;
 
+use serde::{Deserialize, Serialize};
+
 use crate::cost::CostProfile;
 use crate::error::{CoreError, Result};
 use crate::ids::{InstanceId, RequestId};
@@ -26,16 +28,38 @@ const HOLDER_STICKINESS: f64 = 1.5;
 /// placement within stages"): 1.5-2 gave the lowest mean and p99, 1 and 3 about 1% more.
 const NEXT_STAGE_ADVANTAGE: f64 = 2.0;
 
-/// The first-token service level a new request is placed to meet: this much plus
-/// `FIRST_TOKEN_SLO_PER_TOKEN_S` per prompt token, the DistServe-style target the goodput of
-/// `cascade bench sim` counts by default (`cascadeinfer.evaluation.goodput.GoodputSlo`).
-/// [`Router::first_token_target`] aims inside it.
-const FIRST_TOKEN_SLO_S: f64 = 1.0;
-const FIRST_TOKEN_SLO_PER_TOKEN_S: f64 = 2e-4;
+/// The first-token service level a deployment promises: `base_s` plus `per_prompt_token_s` per
+/// prompt token (the DistServe-style TTFT target; by default the one the goodput of
+/// `cascade bench sim` counts, `cascadeinfer.evaluation.goodput.GoodputSlo`, which passes its
+/// own to cascade). [`Router::first_token_target`] aims inside it.
+#[derive(Copy, Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FirstTokenSlo {
+    pub base_s: f64,
+    pub per_prompt_token_s: f64,
+}
 
-/// The first-token service level of a prompt of `len` tokens, seconds.
-fn first_token_level(len: u32) -> f64 {
-    FIRST_TOKEN_SLO_S + FIRST_TOKEN_SLO_PER_TOKEN_S * f64::from(len)
+impl Default for FirstTokenSlo {
+    fn default() -> Self {
+        FirstTokenSlo { base_s: 1.0, per_prompt_token_s: 2e-4 }
+    }
+}
+
+impl FirstTokenSlo {
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in
+            [("first_token.base_s", self.base_s), ("first_token.per_prompt_token_s", self.per_prompt_token_s)]
+        {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(CoreError::invalid(field, v, "must be finite and >= 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first-token service level of a prompt of `len` tokens, seconds.
+    pub fn level(&self, len: u32) -> f64 {
+        self.base_s + self.per_prompt_token_s * f64::from(len)
+    }
 }
 
 /// Decode steps a newcomer is expected to share an instance with the requests there, when the
@@ -56,6 +80,8 @@ pub struct Router {
     /// Output tokens a request is expected to decode (the planned workload's mean): with the
     /// stage's upper bound, how long a newcomer shares its instance ([`Router::horizon`]).
     output_horizon: f64,
+    /// The first-token service level new requests are placed to meet.
+    first_token: FirstTokenSlo,
 }
 
 impl Router {
@@ -69,12 +95,20 @@ impl Router {
             in_flight: HashSet::new(),
             prefixes,
             output_horizon: DEFAULT_OUTPUT_HORIZON,
+            first_token: FirstTokenSlo::default(),
         })
     }
 
     /// Sets the output tokens a request is expected to decode (at least 1).
     pub fn set_output_horizon(&mut self, tokens: f64) {
         self.output_horizon = tokens.max(1.0);
+    }
+
+    /// Sets the first-token service level new requests are placed to meet.
+    pub fn set_first_token_slo(&mut self, slo: FirstTokenSlo) -> Result<()> {
+        slo.validate()?;
+        self.first_token = slo;
+        Ok(())
     }
 
     /// Decode steps a request of `len` tokens placed in `stage` is expected to stay there: its
@@ -139,12 +173,12 @@ impl Router {
 
     /// What [`Router::first_token_in_time`] aims at for a prompt of `len` tokens: halfway
     /// between the time its own prefill takes on an idle instance and the first-token service
-    /// level (`FIRST_TOKEN_SLO_S`). The prediction at admission sees the prefill queued ahead,
+    /// level ([`FirstTokenSlo`]). The prediction at admission sees the prefill queued ahead,
     /// not what lands after it (migrations in, contexts that grow, the next burst), so it aims
     /// at half the slack the service level leaves; a fixed share of the level itself would be
     /// out of reach of the longest prompts, whose own prefill takes most of it.
     fn first_token_target(&self, len: u32) -> f64 {
-        0.5 * (first_token_level(len) + self.profile.prefill_work(u64::from(len)))
+        0.5 * (self.first_token.level(len) + self.profile.prefill_work(u64::from(len)))
     }
 
     /// Another stage's instance for a new request of `len` tokens whose first token would come
@@ -568,6 +602,28 @@ mod tests {
         let mut r = busy(1, 2000);
         assert!(r.loads.predicted_cost(&r.profile, InstanceId(4), 12_000, true) <= r.first_token_target(12_000));
         assert_eq!(r.admit(RequestId(1), 12_000).unwrap().unwrap().stage, 2);
+        // Two documents ahead at home still leave its first token in time by default; a
+        // deployment that promises it sooner than they allow, though not sooner than the idle
+        // short stage and the move home take, has the short stage take the prefill.
+        assert_eq!(busy(2, 6000).admit(RequestId(1), 12_000).unwrap().unwrap().stage, 2);
+        let mut r = busy(2, 6000);
+        let home = r.loads.predicted_cost(&r.profile, InstanceId(4), 12_000, true);
+        let away = r.loads.predicted_cost(&r.profile, InstanceId(0), 12_000, true) + r.profile.migration_stall(12_000);
+        assert!(away < home, "{away} {home}");
+        let level = (home + away) - r.profile.prefill_work(12_000);
+        r.set_first_token_slo(FirstTokenSlo { base_s: level, per_prompt_token_s: 0.0 }).unwrap();
+        assert!(home > r.first_token_target(12_000) && away < r.first_token_target(12_000));
+        assert_eq!(r.admit(RequestId(1), 12_000).unwrap().unwrap().stage, 0);
+    }
+
+    #[test]
+    fn a_first_token_slo_must_be_finite_and_not_negative() {
+        let mut r = router();
+        for (base_s, per_prompt_token_s) in [(-1.0, 2e-4), (1.0, f64::NAN), (f64::INFINITY, 0.0)] {
+            assert!(r.set_first_token_slo(FirstTokenSlo { base_s, per_prompt_token_s }).is_err());
+        }
+        assert_eq!(r.first_token, FirstTokenSlo::default(), "a refused level leaves the old one");
+        r.set_first_token_slo(FirstTokenSlo { base_s: 0.0, per_prompt_token_s: 0.0 }).unwrap();
     }
 
     #[test]
@@ -575,7 +631,7 @@ mod tests {
         let r = router();
         for len in [1, 1000, 32_000, 130_000] {
             let (own, target) = (r.profile.prefill_work(u64::from(len)), r.first_token_target(len));
-            let level = first_token_level(len);
+            let level = r.first_token.level(len);
             assert!(own < target && target < level, "{len}: {own} {target} {level}");
         }
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from cascadeinfer import (
     BucketGrid,
     CascadeConfig,
     CostProfile,
+    FirstTokenSlo,
     RefineConfig,
     Scheduler,
     Workload,
@@ -99,6 +101,18 @@ def test_bad_configs_name_the_field(gpu_profile: CostProfile, grid: BucketGrid) 
     bad_refine = CascadeConfig(refine=RefineConfig(half_life_s=0.0))
     with pytest.raises(ValueError, match="half_life_s"):
         Scheduler.cascade_with_stages(gpu_profile, stages, grid, bad_refine)
+
+
+def test_a_first_token_level_must_be_finite_and_not_negative(
+    gpu_profile: CostProfile, grid: BucketGrid
+) -> None:
+    with pytest.raises(ValueError, match="base_s"):
+        FirstTokenSlo(base_s=-1.0)
+    with pytest.raises(ValueError, match="per_prompt_token_s"):
+        FirstTokenSlo(per_prompt_token_s=math.inf)
+    stages = [(0, 1000, [0]), (1000, 131_072, [1])]
+    config = CascadeConfig(first_token=FirstTokenSlo(0.0, 0.0))
+    Scheduler.cascade_with_stages(gpu_profile, stages, grid, config)
 
 
 def test_unknown_instance_and_policy(gpu_profile: CostProfile) -> None:

@@ -8,6 +8,8 @@ import math
 
 import pytest
 from cascadeinfer.evaluation.goodput import GoodputSlo, goodput
+from cascadeinfer.evaluation.simbench import SimSetup, run_at_rate
+from cascadeinfer.planning import load_profile
 
 from tests.cli.test_bench_sim import cascade
 
@@ -50,3 +52,29 @@ def test_bench_sim_reports_goodput_under_the_targets_given() -> None:
     strict = json.loads(cascade(*base, "--goodput-tpot-s", "0.001"))
     assert 0.5 < loose["goodput"] <= 1.0 and loose["goodput_req_s"] > 0
     assert strict["goodput"] < 0.05, "no decode step takes under 1 ms on the GPU profile"
+
+
+def test_cascade_places_for_the_first_token_level_the_run_counts() -> None:
+    # The goodput SLO of `cascade bench sim` is the deployment's: cascade's first-token rule
+    # aims inside it, so a stricter one changes where cascade starts requests, and nothing
+    # about least-load.
+    profile = load_profile("gpu-h100-llama3-8b")
+
+    def ttfts(policy: str, slo: GoodputSlo) -> list[float]:
+        setup = SimSetup(
+            policy=policy,
+            profile=profile,
+            workload="long-context-mixed",
+            num_instances=16,
+            num_requests=1000,
+            arrival="gamma",
+            cv=2.0,
+            seed=3,
+            goodput_slo=slo,
+        )
+        _, report = run_at_rate(setup, 12.0)
+        return list(report.requests()["ttft_s"])
+
+    strict = GoodputSlo(ttft_base_s=0.2, ttft_per_prompt_token_s=5e-5)
+    assert ttfts("cascade", GoodputSlo()) != ttfts("cascade", strict)
+    assert ttfts("least-load", GoodputSlo()) == ttfts("least-load", strict)

@@ -37,6 +37,20 @@ def test_the_capacity_guard_is_on_unless_turned_off(tmp_path: Path) -> None:
     assert not parse_args(["--config", str(path)]).is_capacity_guarded
 
 
+def test_the_first_token_level_comes_from_flags_or_the_file(tmp_path: Path) -> None:
+    default = parse_args([])
+    assert (default.ttft_slo_s, default.ttft_slo_per_token_s) == (1.0, 2e-4)
+    flags = parse_args(["--ttft-slo-s", "0.5", "--ttft-slo-per-token-s", "1e-4"])
+    assert (flags.ttft_slo_s, flags.ttft_slo_per_token_s) == (0.5, 1e-4)
+    path = tmp_path / "s.toml"
+    path.write_text("ttft_slo_s = 2\nttft_slo_per_token_s = 0.0\n")
+    config = parse_args(["--config", str(path)])
+    assert (config.ttft_slo_s, config.ttft_slo_per_token_s) == (2, 0.0)
+    path.write_text('ttft_slo_s = "fast"\n')
+    with pytest.raises(ValueError, match="ttft_slo_s = 'fast'"):
+        parse_args(["--config", str(path)])
+
+
 def test_unknown_key_is_named(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text("max_queu = 3\n")
@@ -79,6 +93,8 @@ def test_token_comes_from_file_or_environment(
         (["--tls-require-client-cert"], "needs ca"),
         (["--tokenizer", "/nonexistent"], "no tokenizer.json"),
         (["--max-concurrent-migrations", "0"], "max_concurrent_migrations"),
+        (["--ttft-slo-s", "-1"], "ttft_slo_s"),
+        (["--ttft-slo-per-token-s", "nan"], "ttft_slo_per_token_s"),
     ],
 )
 def test_bad_settings_are_refused_clearly(argv: list[str], message: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cascadeinfer import _core, workloads
-from cascadeinfer.config import CascadeConfig
+from cascadeinfer.config import CascadeConfig, FirstTokenSlo
 from cascadeinfer.evaluation.goodput import GOODPUT_KEYS, GoodputSlo, goodput
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS as LIVE_KEYS
 from cascadeinfer.planning import clamp_lengths
@@ -120,7 +120,13 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.S
         arrival_cv=setup.cv if setup.arrival == "gamma" else None,
         objective=setup.objective,
         horizon_requests=len(trace),
-        cascade_config=CascadeConfig(is_capacity_guarded=setup.is_capacity_guarded),
+        # The first-token level the run's goodput counts is the one cascade places for.
+        cascade_config=CascadeConfig(
+            is_capacity_guarded=setup.is_capacity_guarded,
+            first_token=FirstTokenSlo(
+                setup.goodput_slo.ttft_base_s, setup.goodput_slo.ttft_per_prompt_token_s
+            ),
+        ),
     )
     report = _core.simulate(
         policy,

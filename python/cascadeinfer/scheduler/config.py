@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -46,6 +47,11 @@ class SchedulerConfig:
     """Cascade's capacity guard: a stage whose decode steps run 10% slower than the pooled
     fleet's for 10 s gets a worker from another stage (docs/design/partitioner.md). Off
     (`--no-capacity-guard`), stage sizes stay as planned; the plan is then chosen for that."""
+    ttft_slo_s: float = 1.0
+    ttft_slo_per_token_s: float = 2e-4
+    """The first-token service level: ttft_slo_s plus this per prompt token. Cascade starts a
+    new request whose first token is predicted to miss it in its own stage where it comes in
+    time (docs/design/partitioner.md)."""
     max_queue: int = 1024
     max_prompt_bytes: int = 0
     """Largest text prompt in UTF-8 bytes, checked before tokenizing; 0: 16 bytes per token of
@@ -113,6 +119,10 @@ class SchedulerConfig:
         for name in ("worker_call_timeout_s", "migration_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be > 0")
+        for name in ("ttft_slo_s", "ttft_slo_per_token_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} = {value!r}: must be a number, finite and >= 0")
         if self.tick_interval_s <= 0:
             raise ValueError(f"tick_interval_s = {self.tick_interval_s}: must be > 0")
         if self.max_concurrent_migrations < 1:
@@ -238,6 +248,17 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
         const=False,
         help="keep cascade's stage sizes as planned (no worker moves between stages)",
     )
+    p.add_argument(
+        "--ttft-slo-s",
+        type=float,
+        help="first-token service level, fixed part (s; default 1): cascade places new "
+        "requests to meet it",
+    )
+    p.add_argument(
+        "--ttft-slo-per-token-s",
+        type=float,
+        help="first-token service level, per prompt token (s; default 0.0002)",
+    )
     p.add_argument("--metrics-port", type=int, help="Prometheus exporter port (0: off)")
     p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json for text prompts")
     p.add_argument(
@@ -285,6 +306,8 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "max_concurrent_migrations",
             "max_optional_migrations_per_s",
             "is_capacity_guarded",
+            "ttft_slo_s",
+            "ttft_slo_per_token_s",
             "metrics_port",
             "tokenizer",
             "auth_token_file",

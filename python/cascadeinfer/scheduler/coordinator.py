@@ -21,7 +21,7 @@ import grpc
 import structlog
 
 from cascadeinfer import _core
-from cascadeinfer.config import CascadeConfig
+from cascadeinfer.config import CascadeConfig, FirstTokenSlo
 from cascadeinfer.domain import MAX_REQUEST_ID_CHARS, FinishReason, SamplingSpec
 from cascadeinfer.planning import load_profile
 from cascadeinfer.policies import FixedStage, build_policy
@@ -181,7 +181,10 @@ class Coordinator:
             rate=c.rate,
             stages=[FixedStage(s.min_len, s.max_len, s.num_workers) for s in c.stages],
             seed=c.seed,
-            cascade_config=CascadeConfig(is_capacity_guarded=c.is_capacity_guarded),
+            cascade_config=CascadeConfig(
+                is_capacity_guarded=c.is_capacity_guarded,
+                first_token=FirstTokenSlo(c.ttft_slo_s, c.ttft_slo_per_token_s),
+            ),
         )
         self.counters.plan_changed_at = time.time()
         log.info("policy_ready", policy=c.policy, stages=self.policy.stages())

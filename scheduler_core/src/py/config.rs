@@ -7,6 +7,7 @@ use crate::baselines::LlumnixConfig;
 use crate::capacity::CapacityConfig;
 use crate::cascade::CascadeConfig;
 use crate::refine::RefineConfig;
+use crate::router::FirstTokenSlo;
 
 #[derive(FromPyObject)]
 pub(crate) struct PyBalanceConfig {
@@ -35,6 +36,12 @@ pub(crate) struct PyCapacityConfig {
 }
 
 #[derive(FromPyObject)]
+pub(crate) struct PyFirstTokenSlo {
+    base_s: f64,
+    per_prompt_token_s: f64,
+}
+
+#[derive(FromPyObject)]
 pub(crate) struct PyCascadeConfig {
     balance: PyBalanceConfig,
     refine: PyRefineConfig,
@@ -43,6 +50,7 @@ pub(crate) struct PyCascadeConfig {
     is_one_stage_kv_first: bool,
     capacity: PyCapacityConfig,
     is_capacity_guarded: bool,
+    first_token: PyFirstTokenSlo,
 }
 
 #[derive(FromPyObject)]
@@ -78,6 +86,10 @@ impl From<PyCascadeConfig> for CascadeConfig {
                 cooldown_s: c.capacity.cooldown_s,
             },
             is_capacity_guarded: c.is_capacity_guarded,
+            first_token: FirstTokenSlo {
+                base_s: c.first_token.base_s,
+                per_prompt_token_s: c.first_token.per_prompt_token_s,
+            },
         }
     }
 }
