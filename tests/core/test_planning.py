@@ -109,9 +109,16 @@ def _one_stage(config: CascadeConfig, per_trace: list[tuple[float, float]]) -> C
 def test_balancing_is_kept_only_where_the_mean_gains() -> None:
     plain = _one_stage(CascadeConfig(), [(10.0, 100.0), (10.0, 100.0), (10.0, 100.0)])
     balanced = CascadeConfig(is_one_stage_balanced=True)
-    # A p99 gain with the mean unmoved: what a low load shows by chance.
-    tail_only = _one_stage(balanced, [(10.0, 95.0), (10.02, 93.0), (9.98, 96.0)])
+    # A p99 gain with the mean unmoved that one trace contradicts: what a low load shows by
+    # chance.
+    tail_only = _one_stage(balanced, [(10.0, 95.0), (10.02, 93.0), (9.98, 103.0)])
     assert one_stage_form([plain, tail_only]) is plain
+    # The same gain on every trace: the traffic's, not a draw's.
+    steady_tail = _one_stage(balanced, [(10.0, 95.0), (10.02, 93.0), (9.98, 96.0)])
+    assert one_stage_form([plain, steady_tail]) is steady_tail
+    # ... but not at a higher mean.
+    dearer = _one_stage(balanced, [(10.1, 95.0), (10.12, 93.0), (10.08, 96.0)])
+    assert one_stage_form([plain, dearer]) is plain
     # The mean gains 3% and the p99 with it.
     both = _one_stage(balanced, [(9.7, 97.0), (9.6, 98.0), (9.8, 99.0)])
     assert one_stage_form([plain, both]) is both
