@@ -326,10 +326,11 @@ def _gains_on_every_trace(c: Candidate, base: Candidate, objective: str) -> bool
     its other figure is at least STEADY_TAIL_GAIN below `base`'s on every selection trace."""
     if math.isnan(c.simulated_mean_e2e_s) or math.isnan(base.simulated_mean_e2e_s):
         return False
-    k = 1 if objective == "p99" else 0
-    pairs = list(zip(c.per_trace, base.per_trace, strict=True))
-    primary = sum(a[k] / b[k] for a, b in pairs) / len(pairs)
-    return primary <= 1.0 and all(a[1 - k] / b[1 - k] <= 1.0 - STEADY_TAIL_GAIN for a, b in pairs)
+    other = 0 if objective == "p99" else 1
+    return paired_ratios(c, base, objective)[0] <= 1.0 and all(
+        a[other] / b[other] <= 1.0 - STEADY_TAIL_GAIN
+        for a, b in zip(c.per_trace, base.per_trace, strict=True)
+    )
 
 
 def split_beats(split: Candidate, single: Candidate, objective: str = "mean") -> bool:
