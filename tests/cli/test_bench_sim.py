@@ -48,6 +48,22 @@ def test_bench_sim_prints_the_documented_keys_for_a_preset_and_a_trace(tmp_path:
     assert doc["completed"] == 300 and doc["migrations"] == 0
 
 
+@pytest.mark.parametrize("policy", ["least-load", "cascade"])
+def test_a_trace_recorded_past_capacity_replays_at_its_own_rate(
+    tmp_path: Path, policy: str
+) -> None:
+    """Without --rate a trace runs as recorded, overload included (it used to be refused: the
+    default rate was planned for, and no plan carries an overload)."""
+    trace = tmp_path / "overload.jsonl"
+    cascade("trace", "gen", "--workload", "long-context-mixed", "--requests", "300",
+            "--rate", "100", "--out", str(trace))  # fmt: skip
+    args = ["bench", "sim", "--workload", str(trace), "--instances", "2", "--json"]
+    doc = json.loads(cascade(*args, "--policy", policy))
+    assert doc["completed"] == 300
+    assert doc["rate"] == pytest.approx(100, rel=0.2)
+    assert doc["mean_ttft_s"] > 1.0, "two instances cannot keep up with the recorded rate"
+
+
 def test_cascade_splits_long_documents_from_chat_and_migrates_across_the_bounds() -> None:
     args = ["--workload", "long-context-mixed", "--instances", "16", "--requests", "1000"]
     doc = json.loads(cascade("bench", "sim", "--policy", "cascade", *args, "--rate", "8", "--json"))

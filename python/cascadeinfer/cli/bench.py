@@ -70,7 +70,11 @@ def add_parser(sub: Any) -> None:
     s = benches.add_parser("sim", help="one policy in the cluster simulator")
     s.add_argument("--policy", choices=POLICY_NAMES, default="cascade")
     _workload_args(s)
-    s.add_argument("--rate", type=float, help="requests/s (default: 60%% of estimated capacity)")
+    s.add_argument(
+        "--rate",
+        type=float,
+        help="requests/s (default: a trace's own rate; for a preset, 60%% of the estimated capacity)",
+    )
     s.add_argument("--find-max-rate", action="store_true", help="search the highest rate in SLO")
     s.add_argument("--slo-p99-ttft-s", type=float, default=5.0)
     s.add_argument("--slo-p99-tpot-s", type=float, default=0.2)
@@ -79,7 +83,10 @@ def add_parser(sub: Any) -> None:
 
     c = benches.add_parser("compare", help="every policy on one workload, several rates")
     _workload_args(c)
-    c.add_argument("--rates", help="comma-separated requests/s (default: 0.25x to 1.5x of planned)")
+    c.add_argument(
+        "--rates",
+        help="comma-separated requests/s (default: 0.25x to 1.5x of a trace's own rate, or of the rate planned for a preset)",
+    )
     c.add_argument("--slo-p99-ttft-s", type=float, default=5.0)
     c.add_argument("--slo-p99-tpot-s", type=float, default=0.2)
     c.add_argument("--no-max-rate", action="store_true", help="skip the sustainable-rate search")

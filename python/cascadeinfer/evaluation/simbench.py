@@ -221,9 +221,16 @@ def find_max_rate(
 
 
 def default_rate(setup: SimSetup) -> float:
-    """A starting rate: what `cascade plan` would plan for on this fleet (60% of capacity)."""
-    from cascadeinfer.planning import plan_stages
+    """The rate a run takes when none is given: a trace's own arrival rate, as recorded (past
+    the fleet's capacity too: replaying an overload is a benchmark, not an error); for a
+    preset, what `cascade plan` would plan for on this fleet (60% of capacity)."""
+    from cascadeinfer.planning import load_requests, plan_stages
 
+    own = load_requests(
+        setup.workload, setup.profile.max_model_len, setup.seed, clamp_prompts=True
+    ).rate
+    if own is not None:
+        return own
     return plan_stages(
         num_instances=setup.num_instances,
         workload=setup.workload,
