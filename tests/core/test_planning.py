@@ -3,7 +3,10 @@ taken only where it simulates clearly better than one stage."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
+import random
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -95,6 +98,29 @@ def test_the_layout_is_chosen_by_simulation_against_one_stage() -> None:
         simulated_e2e(chosen.plan, chosen.workload, profile, 16, t, chosen.config) for t in traces
     ]
     assert tuple(again) == picked.per_trace
+
+
+def test_a_one_stage_partition_still_gets_the_one_stage_forms_compared(tmp_path: Path) -> None:
+    # Documents of 60-100K tokens: one stage is the partitioner's own plan, and the selection
+    # still weighs plain one stage against balancing and Llumnix's admission (past capacity
+    # the latter had run 12% faster than least-load on such traffic, and was never tried).
+    rng, now, path = random.Random(3), 0.0, tmp_path / "documents.jsonl"
+    with path.open("w") as f:
+        for _ in range(600):
+            now += rng.expovariate(1.0)
+            row = {"arrival_s": now, "prompt_len": rng.randint(60_000, 100_000), "output_len": 200}
+            f.write(json.dumps(row) + "\n")
+    profile = load_profile("gpu-h100-llama3-8b")
+    plan = functools.partial(
+        plan_stages, num_instances=4, workload=str(path), profile=profile, rate=0.3
+    )
+    analytic = plan(choose_count_by_simulation=False)
+    chosen = plan()
+    assert len(analytic.plan.stages) == 1 and analytic.candidates == []
+    forms = chosen.candidates[:NUM_ONE_STAGE]
+    assert [c.num_stages for c in forms] == [1, 1, 1]
+    assert all(len(c.per_trace) == SELECTION_SEEDS for c in forms)
+    assert chosen.config == one_stage_form(forms).config
 
 
 def _one_stage(config: CascadeConfig, per_trace: list[tuple[float, float]]) -> Candidate:
