@@ -99,6 +99,33 @@ def agent_steps(rng: random.Random) -> Lengths:
     return _ln(rng, 6000, 0.7, 500, 60_000), _ln(rng, 60, 0.8, 1, 800)
 
 
+def prefill_only(rng: random.Random) -> Lengths:
+    """Prompts with a one-token answer (classification, scoring, embedding-like use)."""
+    return _ln(rng, 2000, 1.0, 16, 32_000), 1
+
+
+def long_documents(rng: random.Random) -> Lengths:
+    """Every prompt 40-120K tokens: one length class, all of it long."""
+    return _ln(rng, 80_000, 0.2, 40_000, 120_000), _ln(rng, 200, 0.8, 1, 2000)
+
+
+def rare_documents(rng: random.Random) -> Lengths:
+    """Chat with one request in twenty a 20-120K-token document."""
+    if rng.random() < 0.05:
+        return _ln(rng, 60_000, 0.3, 20_000, 120_000), _ln(rng, 200, 0.6, 1, 1000)
+    return chat(rng)
+
+
+def identical(_rng: random.Random) -> Lengths:
+    """Every request alike (a synthetic load test): only growth during decode differs."""
+    return 1000, 500
+
+
+def long_prompt_reasoning(rng: random.Random) -> Lengths:
+    """Retrieval-augmented reasoning: prompts around 2,000 tokens, answers around 4,000."""
+    return _ln(rng, 2000, 1.0, 16, 30_000), _ln(rng, 4000, 0.5, 64, 16_000)
+
+
 def shifting(rng: random.Random, progress: float) -> Lengths:
     """Chat for the first half of the trace, then production traffic (reasoning, documents)."""
     return chat(rng) if progress < 0.5 else production(rng)
@@ -191,6 +218,15 @@ TRACES: dict[str, tuple[Callable[[random.Random, float], Lengths], Callable[[], 
     "pareto": (_steady(pareto_chat), gamma(2.5), 89),
     "mix3": (_steady(three_clusters), gamma(2.0), 97),
     "agent": (_steady(agent_steps), on_off(), 101),
+    # Added in the fifteenth session, never tuned on: prefill-only traffic, a single class of
+    # very long prompts, extreme burstiness, rare huge documents, identical requests, long
+    # prompts with long answers (rates in docs/benchmarks.md follow each kind's capacity).
+    "prefill": (_steady(prefill_only), gamma(2.0), 103),
+    "huge": (_steady(long_documents), gamma(1.0), 107),
+    "cv6": (_steady(production), gamma(6.0), 109),
+    "docmix": (_steady(rare_documents), gamma(2.0), 113),
+    "flat": (_steady(identical), gamma(1.0), 127),
+    "longout": (_steady(long_prompt_reasoning), gamma(1.5), 131),
 }
 
 
