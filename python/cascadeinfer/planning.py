@@ -264,10 +264,11 @@ def plan_stages(
     if choose_count_by_simulation:
         # Also where the partitioner's own plan is one stage: its objective is the mean of a
         # steady state, and the selection's candidates are more than splits. Past capacity,
-        # prompts of 40-120K tokens ran 12% slower on mean and 13% on p99 than Llumnix's
+        # prompts of 40-120K tokens ran 13-16% slower on mean and 13-14% on p99 than Llumnix's
         # admission, which the one-stage candidates include, and short of it a split the
         # partitioner did not propose ran 26% faster than one stage (docs/benchmarks.md,
         # "A selection for every plan").
+        #
         # At the rate asked for even when the partitioner had to plan for less (benchmarks
         # past saturation): the simulation judges the plans under the traffic they will get.
         target = rate or requests.rate or chosen

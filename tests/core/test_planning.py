@@ -103,7 +103,7 @@ def test_the_layout_is_chosen_by_simulation_against_one_stage() -> None:
 def test_a_one_stage_partition_still_gets_the_one_stage_forms_compared(tmp_path: Path) -> None:
     # Documents of 60-100K tokens: one stage is the partitioner's own plan, and the selection
     # still weighs plain one stage against balancing and Llumnix's admission (past capacity
-    # the latter had run 12% faster than least-load on such traffic, and was never tried).
+    # the latter had run 11-14% faster than least-load on such traffic, and was never tried).
     rng, now, path = random.Random(3), 0.0, tmp_path / "documents.jsonl"
     with path.open("w") as f:
         for _ in range(600):

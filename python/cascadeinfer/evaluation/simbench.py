@@ -18,7 +18,7 @@ from cascadeinfer.evaluation.goodput import GOODPUT_KEYS, GoodputSlo, goodput
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS as LIVE_KEYS
 from cascadeinfer.planning import clamp_lengths
 from cascadeinfer.policies import build_policy
-from cascadeinfer.traces import TraceEntry, read_trace, to_entries, with_lengths
+from cascadeinfer.traces import TraceEntry, arrival_rate, read_trace, to_entries, with_lengths
 
 Trace = list[TraceEntry]
 
@@ -224,13 +224,10 @@ def default_rate(setup: SimSetup) -> float:
     """The rate a run takes when none is given: a trace's own arrival rate, as recorded (past
     the fleet's capacity too: replaying an overload is a benchmark, not an error); for a
     preset, what `cascade plan` would plan for on this fleet (60% of capacity)."""
-    from cascadeinfer.planning import load_requests, plan_stages
+    from cascadeinfer.planning import plan_stages
 
-    own = load_requests(
-        setup.workload, setup.profile.max_model_len, setup.seed, clamp_prompts=True
-    ).rate
-    if own is not None:
-        return own
+    if not workloads.is_workload(setup.workload):
+        return arrival_rate(read_trace(setup.workload))
     return plan_stages(
         num_instances=setup.num_instances,
         workload=setup.workload,
