@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +39,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 from vllm.forward_context import get_forward_context
+
+from cascadeinfer.worker.engines.kv_blocks import read_blocks, write_blocks
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -349,47 +350,3 @@ def layer_caches_of(layers: dict[str, Any]) -> list[torch.Tensor]:
             seen.add(kv.data_ptr())
             caches.append(kv)
     return caches
-
-
-def _kernel_rows(cache: torch.Tensor, num_blocks: int, block_ids: tuple[int, ...]) -> torch.Tensor:
-    """Rows of `cache` holding the given scheduler blocks (a kernel may split each block)."""
-    split = cache.shape[0] // num_blocks
-    ids = torch.tensor(block_ids, dtype=torch.long)
-    return (ids[:, None] * split + torch.arange(split)[None, :]).reshape(-1)
-
-
-def block_bytes_of(caches: list[torch.Tensor], num_blocks: int) -> int:
-    """Bytes one scheduler block takes across all layers."""
-    return sum(c.numel() * c.element_size() // num_blocks for c in caches)
-
-
-def read_blocks(
-    caches: list[torch.Tensor], num_blocks: int, block_ids: tuple[int, ...]
-) -> list[bytes]:
-    """One opaque blob per block: each layer's rows for it, layer after layer."""
-    if not block_ids:
-        return []
-    parts = []
-    for cache in caches:
-        rows = cache[_kernel_rows(cache, num_blocks, block_ids)].contiguous()
-        parts.append(rows.view(torch.uint8).reshape(len(block_ids), -1))
-    table = torch.cat(parts, dim=1).numpy()
-    return [row.tobytes() for row in table]
-
-
-def write_blocks(
-    caches: list[torch.Tensor],
-    num_blocks: int,
-    block_ids: tuple[int, ...],
-    blobs: Sequence[bytes | memoryview],
-) -> None:
-    """The inverse of `read_blocks`: blob i goes into block_ids[i]."""
-    num = len(block_ids)
-    table = torch.frombuffer(bytearray().join(blobs), dtype=torch.uint8).reshape(num, -1)
-    offset = 0
-    for cache in caches:
-        rows = _kernel_rows(cache, num_blocks, block_ids)
-        width = rows.numel() // num * cache[0].numel() * cache.element_size()
-        chunk = table[:, offset : offset + width].contiguous().view(cache.dtype)
-        cache[rows] = chunk.reshape(rows.numel(), *cache.shape[1:])
-        offset += width

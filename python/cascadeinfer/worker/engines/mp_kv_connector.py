@@ -52,7 +52,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
-from cascadeinfer.worker.engines.kv_connector import layer_caches_of, read_blocks, write_blocks
+from cascadeinfer.worker.engines.kv_blocks import read_block_rows, write_blocks
+from cascadeinfer.worker.engines.kv_connector import layer_caches_of
 from cascadeinfer.worker.engines.parent_watch import watch_parent
 from cascadeinfer.worker.engines.shard_inbox import Shard, ShardInbox
 
@@ -406,7 +407,7 @@ class _WorkerSide:
 
     def save(self, meta: MpConnectorMetadata) -> None:
         for save in meta.saves:
-            blobs = read_blocks(self.caches, self._c._num_blocks, save.block_ids)
+            blobs = read_block_rows(self.caches, self._c._num_blocks, save.block_ids)
             header = json.dumps({"tag": save.tag, "rank": self._rank}).encode()
             self._out.send_multipart([self._c._secret, header, *blobs], copy=False)
             if save.releases:

@@ -45,6 +45,7 @@ from cascadeinfer.worker.engine import (
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
 from cascadeinfer.worker.engines import kv_connector as kvc
+from cascadeinfer.worker.engines.kv_blocks import block_bytes_of
 from cascadeinfer.worker.tiny_model import write_tiny_llama
 
 if TYPE_CHECKING:
@@ -645,7 +646,7 @@ def _read_layout(llm: LLMEngine, scheduler: Scheduler, config: VllmEngineConfig)
         head_size=int(spec.head_size),
         block_size=int(spec.block_size),
         backend=f"{backend}/{isa}" if isa else backend,
-        block_bytes=kvc.block_bytes_of(caches, num_blocks),
+        block_bytes=block_bytes_of(caches, num_blocks),
     )
 
 
