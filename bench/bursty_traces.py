@@ -126,6 +126,31 @@ def long_prompt_reasoning(rng: random.Random) -> Lengths:
     return _ln(rng, 2000, 1.0, 16, 30_000), _ln(rng, 4000, 0.5, 64, 16_000)
 
 
+def chat_and_reasoning(rng: random.Random) -> Lengths:
+    """Chat with three requests in ten reasoning-style (no documents)."""
+    return chat(rng) if rng.random() < 0.7 else reasoning(rng)
+
+
+def pareto_prompts(rng: random.Random) -> Lengths:
+    """Prompts with a Pareto tail (shape 1.2 from 200 tokens, up to 100K), answers ~300."""
+    return min(100_000, int(200 * rng.paretovariate(1.2))), _ln(rng, 300, 0.8, 1, 4096)
+
+
+def shrinking(rng: random.Random, progress: float) -> Lengths:
+    """Production traffic for the first half of the trace, then chat: the reverse shift."""
+    return production(rng) if progress < 0.5 else chat(rng)
+
+
+def long_answers(rng: random.Random) -> Lengths:
+    """Short prompts, answers uniform up to 16K tokens (no tail, a wide flat spread)."""
+    return _ln(rng, 100, 0.8, 4, 2000), rng.randint(1, 16_000)
+
+
+def retrieval(rng: random.Random) -> Lengths:
+    """Retrieval-augmented chat: prompts uniform over 3-6K tokens, answers ~400."""
+    return rng.randint(3000, 6000), _ln(rng, 400, 0.7, 1, 4096)
+
+
 def shifting(rng: random.Random, progress: float) -> Lengths:
     """Chat for the first half of the trace, then production traffic (reasoning, documents)."""
     return chat(rng) if progress < 0.5 else production(rng)
@@ -190,6 +215,12 @@ def wave(depth: float = 0.6) -> Callable[[], Arrivals]:
     )
 
 
+def ramp(low: float = 0.3, high: float = 1.7) -> Callable[[], Arrivals]:
+    """Poisson arrivals whose rate climbs linearly from `low` to `high` times the mean over the
+    trace: load that only grows."""
+    return lambda: lambda rng, progress: rng.expovariate(RATE * (low + (high - low) * progress))
+
+
 TRACES: dict[str, tuple[Callable[[random.Random, float], Lengths], Callable[[], Arrivals], int]] = {
     # name: (lengths at a share of the trace done, arrival process, seed). The first seven
     # are those the policy work was checked on; the rest (added 2026-12-02) are kinds it was
@@ -227,6 +258,16 @@ TRACES: dict[str, tuple[Callable[[random.Random, float], Lengths], Callable[[], 
     "docmix": (_steady(rare_documents), gamma(2.0), 113),
     "flat": (_steady(identical), gamma(1.0), 127),
     "longout": (_steady(long_prompt_reasoning), gamma(1.5), 131),
+    # Added in the sixteenth session, never tuned on: a load ramp, chat with reasoning, a
+    # power-law tail of prompts, the shift reversed, reasoning in 20-second bursts, a flat
+    # spread of long answers, retrieval-sized prompts under heavy burstiness.
+    "ramp": (_steady(production), ramp(), 1201),
+    "chatr": (_steady(chat_and_reasoning), gamma(2.5), 1203),
+    "pprompt": (_steady(pareto_prompts), gamma(2.0), 1207),
+    "rshift": (shrinking, gamma(2.0), 1211),
+    "spiky": (_steady(reasoning), on_off(4.0, 0.25, 20.0), 1213),
+    "bigout": (_steady(long_answers), gamma(1.0), 1217),
+    "rag": (_steady(retrieval), gamma(3.0), 1223),
 }
 
 

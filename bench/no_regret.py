@@ -4,13 +4,16 @@ then the same for time to first token, and the cells where cascade's goodput (de
 `cascade bench sim`) is below the best baseline's.
 
     python bench/no_regret.py [--kinds p2,prod,reasoning,r2,lc] [--seeds 200-203]
-                              [--rates 4,8,12,16] [--instances 16] [--requests 3000]
+                              [--rates 4,8,12,16 | --capacity-factors 0.3,0.6,0.9,1.5]
+                              [--instances 16] [--requests 3000]
                               [--out FILE.jsonl] [--baselines-from EARLIER.jsonl]
 
 Each trace is one of `bench/bursty_traces.py`'s kinds drawn with a seed of its own (3,000
 requests unless `--requests` says otherwise, Gamma arrivals at the kind's coefficient of
-variation), rescaled to each rate. Every cell runs all six policies exactly as `cascade bench sim --workload TRACE --rate R --seed 1`
-does (default profile `gpu-h100-llama3-8b`); cascade plans from the trace's lengths and gap
+variation), rescaled to each rate (`--capacity-factors`: those multiples of the trace's own
+capacity on the fleet, the planner's upper bound `Workload.work_per_second`, rounded to 0.001
+req/s). Every cell runs all six policies exactly as `cascade bench sim --workload TRACE --rate R
+--seed 1` does (default profile `gpu-h100-llama3-8b`); cascade plans from the trace's lengths and gap
 variation, and its layout selection simulates its own bootstrap traces, never this one. The
 simulator is deterministic, so a cell reproduces exactly. Takes about 5 minutes for the
 default 80 cells on 2 cores.
@@ -30,9 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bursty_traces
+from cascadeinfer import _core
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.evaluation.simbench import SimSetup, run_at_rate
-from cascadeinfer.planning import load_profile
+from cascadeinfer.planning import load_profile, load_requests
 
 PROFILE = "gpu-h100-llama3-8b"
 REGRET = 1.02
@@ -90,6 +94,16 @@ def _first_token(cell: dict[str, object]) -> tuple[float, float, float, float] |
     )
 
 
+def _capacity(trace: Path, instances: int) -> float:
+    """Arrivals per second that would keep every instance busy all the time on this trace's
+    lengths (the planner's upper bound; queueing and stalls make the real one lower)."""
+    profile = load_profile(PROFILE)
+    requests = load_requests(str(trace), profile.max_model_len, 0, clamp_prompts=True)
+    grid = _core.BucketGrid.geometric(profile.max_model_len, 128)
+    unit = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, 1.0)
+    return instances / unit.work_per_second(profile)
+
+
 def _seeds(text: str) -> list[int]:
     lo, _, hi = text.partition("-")
     return list(range(int(lo), int(hi or lo) + 1))
@@ -100,6 +114,10 @@ def main() -> None:
     p.add_argument("--kinds", default="p2,prod,reasoning,r2,lc")
     p.add_argument("--seeds", default="200-203", help="trace seeds, FIRST-LAST")
     p.add_argument("--rates", default="4,8,12,16")
+    p.add_argument(
+        "--capacity-factors",
+        help="instead of --rates: multiples of each trace's capacity on the fleet, e.g. 0.3,0.9",
+    )
     p.add_argument("--instances", type=int, default=16)
     p.add_argument("--requests", type=int, default=3000, help="requests per trace")
     p.add_argument("--out", type=Path, help="also write every cell's figures as JSONL")
@@ -123,15 +141,20 @@ def main() -> None:
         for seed in _seeds(args.seeds):
             path = tmp / f"{kind}-{seed}.jsonl"
             bursty_traces.write(path, lengths, arrivals, seed, args.requests)
+            if args.capacity_factors:
+                capacity = _capacity(path, args.instances)
+                rates = [round(float(f) * capacity, 3) for f in args.capacity_factors.split(",")]
+            else:
+                rates = [float(r) for r in args.rates.split(",")]
             jobs += [
                 (
                     str(path),
-                    float(r),
+                    r,
                     args.instances,
                     args.requests,
                     known.get((path.stem, float(r)), {}),
                 )
-                for r in args.rates.split(",")
+                for r in rates
             ]
     print("| trace | rate | cascade mean / best | best (mean) | cascade p99 / best | best (p99) |")
     print("|---|---|---|---|---|---|")
