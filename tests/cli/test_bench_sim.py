@@ -112,6 +112,20 @@ def test_compare_writes_a_table_and_plots(tmp_path: Path) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_on_a_trace_says_it_replays_the_trace(tmp_path: Path) -> None:
+    """The table's header names what ran: the trace's own requests, not a preset's draws."""
+    trace, out = tmp_path / "t.jsonl", tmp_path / "cmp"
+    cascade("trace", "gen", "--workload", "bimodal", "--requests", "120", "--rate", "2",
+            "--out", str(trace))  # fmt: skip
+    cascade(
+        "bench", "compare", "--workload", str(trace), "--instances", "2", "--rates", "1",
+        "--no-max-rate", "--out", str(out),
+    )  # fmt: skip
+    table = (out / "compare.md").read_text()
+    assert "The trace's first 120 requests a run" in table
+    assert "poisson arrivals" not in table
+
+
 def test_bench_sim_counts_the_capacity_guards_moves_and_can_turn_it_off() -> None:
     """Bursty long documents load the long stage unevenly; with the guard on, instances move to
     it (counted among the layout changes), and --no-capacity-guard runs the plan unchanged."""

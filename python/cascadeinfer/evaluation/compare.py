@@ -8,9 +8,10 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cascadeinfer import _core
+from cascadeinfer import _core, workloads
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.evaluation.simbench import SimSetup, Slo, find_max_rate, run_at_rate
+from cascadeinfer.traces import read_trace
 
 BASELINES = tuple(p for p in POLICY_NAMES if p != "cascade")
 
@@ -76,6 +77,15 @@ def _max_rate(setup: SimSetup, slo: Slo, start: float) -> float:
     return find_max_rate(run, slo, start=start)[0]
 
 
+def _traffic(base: SimSetup) -> str:
+    """What each run replays: a preset's draws, or a trace file's own requests and gaps."""
+    if workloads.is_workload(base.workload):
+        cv = f" (CV {base.cv})" if base.arrival == "gamma" else ""
+        return f"{base.num_requests} requests a run, {base.arrival} arrivals{cv}"
+    count = min(base.num_requests, len(read_trace(base.workload)))
+    return f"The trace's first {count} requests a run, its own arrival gaps rescaled to each rate"
+
+
 def _table(
     base: SimSetup,
     rates: list[float],
@@ -86,9 +96,7 @@ def _table(
     lines = [
         f"## {base.workload} on {base.num_instances} instances of `{base.profile.name}`",
         "",
-        f"{base.num_requests} requests a run, {base.arrival} arrivals"
-        + (f" (CV {base.cv})" if base.arrival == "gamma" else "")
-        + f", seed {base.seed}; simulated. Goodput: requests with TTFT <= "
+        _traffic(base) + f", seed {base.seed}; simulated. Goodput: requests with TTFT <= "
         f"{base.goodput_slo.ttft_base_s} s + {base.goodput_slo.ttft_per_prompt_token_s} s per "
         f"prompt token and TPOT <= {base.goodput_slo.tpot_s} s.",
         "",
