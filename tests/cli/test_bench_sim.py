@@ -64,6 +64,25 @@ def test_a_trace_recorded_past_capacity_replays_at_its_own_rate(
     assert doc["mean_ttft_s"] > 1.0, "two instances cannot keep up with the recorded rate"
 
 
+def test_a_trace_arriving_all_at_once_is_not_run_under_a_rate_it_cannot_have(
+    tmp_path: Path,
+) -> None:
+    """Rescaling multiplies a trace's gaps; with none, --rate would only relabel a run of
+    everything at once. Refused, with the reason, as a trace without a rate is."""
+    trace = tmp_path / "batch.jsonl"
+    trace.write_text('{"arrival_s": 5.0, "prompt_len": 100, "output_len": 10}\n' * 8)
+    for rate in ([], ["--rate", "5"]):
+        out = subprocess.run(
+            [CASCADE, "bench", "sim", "--workload", str(trace), "--instances", "2", *rate],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert "arrive at once" in out.stderr or "two distinct arrival times" in out.stderr
+
+
 def test_cascade_splits_long_documents_from_chat_and_migrates_across_the_bounds() -> None:
     args = ["--workload", "long-context-mixed", "--instances", "16", "--requests", "1000"]
     doc = json.loads(cascade("bench", "sim", "--policy", "cascade", *args, "--rate", "8", "--json"))

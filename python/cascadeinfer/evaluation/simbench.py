@@ -62,6 +62,13 @@ def make_trace(
         if not requests:
             raise ValueError(f"trace {workload!r} is empty")
         span = requests[-1].arrival_s - requests[0].arrival_s
+        if rate and span == 0 and len(requests) > 1:
+            # Rescaling multiplies gaps; none to multiply would run the trace at once under
+            # the label of `rate`.
+            raise ValueError(
+                f"trace {workload!r}: its {len(requests)} requests all arrive at once, so "
+                f"there are no gaps to rescale to {rate:g} req/s"
+            )
         scale = (len(requests) - 1) / rate / span if rate and span > 0 else 1.0
         trace = to_entries(requests, requests[0].arrival_s, scale)
     return clamp(trace, max_len)
