@@ -62,6 +62,8 @@ def test_a_strided_cache_is_copied_by_indexing_with_the_same_blobs() -> None:
     assert not strided.is_contiguous() and torch.equal(strided, caches[0])
     ids = [2, 8, 9]
     mixed = [strided, *caches[1:]]
+    assert kv_blocks.copies_as_byte_rows(caches, NUM_BLOCKS)
+    assert not kv_blocks.copies_as_byte_rows(mixed, NUM_BLOCKS)
     assert kv_blocks.read_blocks(mixed, NUM_BLOCKS, ids) == kv_blocks.read_blocks(
         caches, NUM_BLOCKS, ids
     )

@@ -33,6 +33,8 @@ from cascadeinfer.worker.engine import (
     SamplingSpec,
     StepReport,
 )
+from cascadeinfer.worker.engines import kv_blocks
+from cascadeinfer.worker.engines import kv_connector as kvc
 from cascadeinfer.worker.engines.vllm_engine import (
     SEEDED_DUMMY_LOAD_FORMAT,
     VllmEngine,
@@ -176,6 +178,10 @@ def test_layout_describes_the_kv_cache(engines: tuple[VllmEngine, VllmEngine]) -
     assert layout.backend.startswith("CPU_ATTN/")
     assert layout.block_bytes == 2 * 2 * BLOCK * 2 * 32 * 2  # layers * heads * tokens * K,V * 2 B
     assert engines[0].layout == engines[1].layout
+    # vLLM's CPU caches are contiguous per layer, so migrations copy byte rows (kv_blocks.py).
+    llm, scheduler = engines[0]._llm, engines[0]._scheduler
+    caches = kvc.layer_caches_of(llm.vllm_config.compilation_config.static_forward_context)
+    assert kv_blocks.copies_as_byte_rows(caches, scheduler.kv_cache_config.num_blocks)
 
 
 # ---- migration keeps the greedy tokens --------------------------------------------------------

@@ -25,6 +25,11 @@ def block_bytes_of(caches: Sequence[torch.Tensor], num_blocks: int) -> int:
     return sum(_layer_block_bytes(c, num_blocks) for c in caches)
 
 
+def copies_as_byte_rows(caches: Sequence[torch.Tensor], num_blocks: int) -> bool:
+    """Whether every cache takes the byte-row path (else the blocks go by indexing)."""
+    return all(_byte_rows(c, num_blocks) is not None for c in caches)
+
+
 def read_block_rows(
     caches: Sequence[torch.Tensor], num_blocks: int, block_ids: Sequence[int]
 ) -> list[memoryview]:
