@@ -36,7 +36,7 @@ import bursty_traces
 from cascadeinfer import _core
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.evaluation.simbench import SimSetup, run_at_rate
-from cascadeinfer.planning import load_profile, load_requests
+from cascadeinfer.planning import fleet_capacity, load_profile, load_requests
 
 PROFILE = "gpu-h100-llama3-8b"
 REGRET = 1.02
@@ -95,13 +95,11 @@ def _first_token(cell: dict[str, object]) -> tuple[float, float, float, float] |
 
 
 def _capacity(trace: Path, instances: int) -> float:
-    """Arrivals per second that would keep every instance busy all the time on this trace's
-    lengths (the planner's upper bound; queueing and stalls make the real one lower)."""
+    """The fleet's capacity for this trace's lengths, as the planner bounds it."""
     profile = load_profile(PROFILE)
     requests = load_requests(str(trace), profile.max_model_len, 0, clamp_prompts=True)
     grid = _core.BucketGrid.geometric(profile.max_model_len, 128)
-    unit = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, 1.0)
-    return instances / unit.work_per_second(profile)
+    return fleet_capacity(requests, grid, profile, instances)
 
 
 def _seeds(text: str) -> list[int]:

@@ -189,6 +189,15 @@ class PlanResult:
     """The policy configuration to run the plan with (the chosen candidate's)."""
 
 
+def fleet_capacity(
+    requests: Requests, grid: _core.BucketGrid, profile: _core.CostProfile, num_instances: int
+) -> float:
+    """Arrivals per second of these lengths that keep every instance busy all the time: an
+    upper bound (queueing and stalls make what the fleet carries lower)."""
+    unit = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, 1.0)
+    return num_instances / unit.work_per_second(profile)
+
+
 def plan_stages(
     *,
     num_instances: int,
@@ -231,17 +240,12 @@ def plan_stages(
     chosen = rate or requests.rate
     is_estimated = chosen is None
 
-    def capacity() -> float:
-        """Arrivals per second that keep every instance busy all the time (an upper bound)."""
-        unit = _core.Workload.from_samples(grid, requests.prompt_lens, requests.output_lens, 1.0)
-        return num_instances / unit.work_per_second(profile)
-
     if chosen is None:
-        chosen = DEFAULT_UTILIZATION * capacity()
+        chosen = DEFAULT_UTILIZATION * fleet_capacity(requests, grid, profile, num_instances)
     elif back_off_when_infeasible:
         # Past capacity (a benchmark's rate search), back off from the capacity rather than
         # from the asked rate, so the tries below reach a rate the fleet can carry.
-        chosen = min(chosen, capacity())
+        chosen = min(chosen, fleet_capacity(requests, grid, profile, num_instances))
     start = time.perf_counter()
     for attempt in range(ESTIMATE_BACKOFF_TRIES):
         summary = _core.Workload.from_samples(

@@ -11,7 +11,6 @@ from pathlib import Path
 from cascadeinfer import _core, workloads
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.evaluation.simbench import SimSetup, Slo, find_max_rate, run_at_rate
-from cascadeinfer.traces import read_trace
 
 BASELINES = tuple(p for p in POLICY_NAMES if p != "cascade")
 
@@ -77,13 +76,13 @@ def _max_rate(setup: SimSetup, slo: Slo, start: float) -> float:
     return find_max_rate(run, slo, start=start)[0]
 
 
-def _traffic(base: SimSetup) -> str:
-    """What each run replays: a preset's draws, or a trace file's own requests and gaps."""
+def _traffic(base: SimSetup, num_requests: int) -> str:
+    """What each run replays (`num_requests` a run): a preset's draws, or a trace file's own
+    requests and gaps."""
     if workloads.is_workload(base.workload):
         cv = f" (CV {base.cv})" if base.arrival == "gamma" else ""
-        return f"{base.num_requests} requests a run, {base.arrival} arrivals{cv}"
-    count = min(base.num_requests, len(read_trace(base.workload)))
-    return f"The trace's first {count} requests a run, its own arrival gaps rescaled to each rate"
+        return f"{num_requests} requests a run, {base.arrival} arrivals{cv}"
+    return f"The trace's first {num_requests} requests a run, its own arrival gaps rescaled to each rate"
 
 
 def _table(
@@ -96,7 +95,8 @@ def _table(
     lines = [
         f"## {base.workload} on {base.num_instances} instances of `{base.profile.name}`",
         "",
-        _traffic(base) + f", seed {base.seed}; simulated. Goodput: requests with TTFT <= "
+        _traffic(base, int(summaries[POLICY_NAMES[0]][0]["requests"]))
+        + f", seed {base.seed}; simulated. Goodput: requests with TTFT <= "
         f"{base.goodput_slo.ttft_base_s} s + {base.goodput_slo.ttft_per_prompt_token_s} s per "
         f"prompt token and TPOT <= {base.goodput_slo.tpot_s} s.",
         "",

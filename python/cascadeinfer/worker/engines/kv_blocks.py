@@ -23,12 +23,12 @@ import torch
 
 def block_bytes_of(caches: Sequence[torch.Tensor], num_blocks: int) -> int:
     """Bytes one scheduler block takes across all layers."""
-    return sum(_layer_block_bytes(c, num_blocks) for c in caches)
+    return sum(c.numel() * c.element_size() // num_blocks for c in caches)
 
 
 def copies_as_byte_rows(caches: Sequence[torch.Tensor], num_blocks: int) -> bool:
     """Whether every cache takes the byte-row path (else the blocks go by indexing)."""
-    return all(_byte_rows(c, num_blocks) is not None for c in caches)
+    return _all_byte_rows(caches, num_blocks) is not None
 
 
 def read_block_rows(
@@ -39,15 +39,15 @@ def read_block_rows(
     (ZeroMQ's `copy=False`). The buffer lives as long as any view of it."""
     if not block_ids:
         return []
-    views = [_byte_rows(c, num_blocks) for c in caches]
-    if any(v is None for v in views):
+    layers = _all_byte_rows(caches, num_blocks)
+    if layers is None:
         return [row.data for row in _gathered_table(caches, num_blocks, block_ids)]
-    widths = [_layer_block_bytes(c, num_blocks) for c in caches]
-    table = np.empty((len(block_ids), sum(widths)), dtype=np.uint8)
+    table = np.empty((len(block_ids), sum(rows.shape[1] for rows in layers)), dtype=np.uint8)
+    runs = list(_runs(block_ids))
     offset = 0
-    for rows, width in zip(views, widths, strict=True):
-        assert rows is not None
-        for at, first, count in _runs(block_ids):
+    for rows in layers:
+        width = rows.shape[1]
+        for at, first, count in runs:
             table[at : at + count, offset : offset + width] = rows[first : first + count]
         offset += width
     return [row.data for row in table]
@@ -69,29 +69,36 @@ def write_blocks(
     """The inverse of `read_blocks`: blob i goes into block_ids[i]. Raises ValueError, writing
     nothing, when the blobs do not match the blocks in number or size (an export from an
     engine with another KV geometry)."""
-    widths = [_layer_block_bytes(c, num_blocks) for c in caches]
     if len(blobs) != len(block_ids):
         raise ValueError(f"{len(blobs)} KV blobs for {len(block_ids)} blocks")
+    block_bytes = block_bytes_of(caches, num_blocks)
     sources = [np.frombuffer(blob, dtype=np.uint8) for blob in blobs]
     for src in sources:
-        if src.size != sum(widths):
-            raise ValueError(f"a KV blob of {src.size} bytes for blocks of {sum(widths)}")
+        if src.size != block_bytes:
+            raise ValueError(f"a KV blob of {src.size} bytes for blocks of {block_bytes}")
     if not block_ids:
         return
-    views = [_byte_rows(c, num_blocks) for c in caches]
-    if any(v is None for v in views):
+    layers = _all_byte_rows(caches, num_blocks)
+    if layers is None:
         _scatter(caches, num_blocks, block_ids, np.stack(sources))
         return
     for block, src in zip(block_ids, sources, strict=True):
         offset = 0
-        for rows, width in zip(views, widths, strict=True):
-            assert rows is not None
+        for rows in layers:
+            width = rows.shape[1]
             rows[block] = src[offset : offset + width]
             offset += width
 
 
-def _layer_block_bytes(cache: torch.Tensor, num_blocks: int) -> int:
-    return cache.numel() * cache.element_size() // num_blocks
+def _all_byte_rows(caches: Sequence[torch.Tensor], num_blocks: int) -> list[np.ndarray] | None:
+    """Every cache as byte rows (`_byte_rows`), or None when one cannot be."""
+    layers = []
+    for cache in caches:
+        rows = _byte_rows(cache, num_blocks)
+        if rows is None:
+            return None
+        layers.append(rows)
+    return layers
 
 
 def _byte_rows(cache: torch.Tensor, num_blocks: int) -> np.ndarray | None:
