@@ -14,15 +14,14 @@ from pathlib import Path
 from cascadeinfer import _core, workloads
 from cascadeinfer.config import CascadeConfig
 from cascadeinfer.stage_count import (
-    MAX_SELECTION_REQUESTS,
     OBJECTIVES,
     PRESET_SELECTION_SEEDS,
-    SELECTION_REQUESTS,
     SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
     Candidate,
     choose_layout,
     gaps_cv,
+    selection_shape,
     selection_trace,
 )
 from cascadeinfer.traces import TraceEntry, arrival_rate, read_trace, with_lengths
@@ -138,6 +137,7 @@ def selection_traces(
     max_len: int,
     clamp_prompts: bool = False,
     gaps: Sequence[float] | None = None,
+    num_traces: int | None = None,
 ) -> list[list[TraceEntry]]:
     """The traces every layout candidate is simulated on, with seeds from `seed` +
     SELECTION_SEED_OFFSET. A preset draws PRESET_SELECTION_SEEDS of them as it draws any trace
@@ -145,7 +145,8 @@ def selection_traces(
     lighter or heavier than its long-run mix, and the layout must hold on the draw that
     comes); a trace file has one realization, so SELECTION_SEEDS block resamples of its
     requests and of its gaps between arrivals, `gaps` (`stage_count.selection_trace`; Gamma
-    gaps of `arrival_cv` without them). Lengths are fitted as `load_requests` fits them."""
+    gaps of `arrival_cv` without them); `num_traces` of them instead where given
+    (`stage_count.selection_shape`). Lengths are fitted as `load_requests` fits them."""
     if not workloads.is_workload(workload):
         return [
             selection_trace(
@@ -157,11 +158,11 @@ def selection_traces(
                 num_requests,
                 gaps,
             )
-            for k in range(SELECTION_SEEDS)
+            for k in range(num_traces or SELECTION_SEEDS)
         ]
     preset = workloads.get(workload)
     traces = []
-    for k in range(PRESET_SELECTION_SEEDS):
+    for k in range(num_traces or PRESET_SELECTION_SEEDS):
         drawn = preset.trace(
             num_requests, rate, "gamma", arrival_cv, seed + k + SELECTION_SEED_OFFSET
         )
@@ -225,8 +226,9 @@ def plan_stages(
     traffic to plan for (the coefficient of variation of inter-arrival gaps; default: a trace's
     own, else 1.0, Poisson). `objective`: what the selection minimizes, "mean" or "p99"
     end-to-end latency (stage_count.OBJECTIVES). `horizon_requests`: how many requests the
-    traffic to plan for holds (default: a trace's own count, else SELECTION_REQUESTS); the
-    candidates' simulations run that many, up to MAX_SELECTION_REQUESTS. `config`: the
+    traffic to plan for holds (default: a trace's own count, else not known); the candidates'
+    simulations run that many, up to MAX_SELECTION_REQUESTS, on more selection traces when
+    fewer than SELECTION_REQUESTS (`stage_count.selection_shape`). `config`: the
     cascade settings the candidates run with (default CascadeConfig())."""
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
@@ -277,12 +279,14 @@ def plan_stages(
         # past saturation): the simulation judges the plans under the traffic they will get.
         target = rate or requests.rate or chosen
         cv = arrival_cv or requests.arrival_cv or 1.0
-        horizon = horizon_requests or requests.num_trace_requests or SELECTION_REQUESTS
-        n = max(SELECTION_REQUESTS, min(horizon, MAX_SELECTION_REQUESTS))
+        n, num_traces = selection_shape(
+            horizon_requests or requests.num_trace_requests,
+            PRESET_SELECTION_SEEDS if workloads.is_workload(workload) else SELECTION_SEEDS,
+        )
         # A trace's own gaps unless a burstiness was asked for.
         gaps = requests.arrival_gaps if arrival_cv is None else None
         traces = selection_traces(
-            workload, requests, target, seed, cv, n, max_len, clamp_prompts, gaps
+            workload, requests, target, seed, cv, n, max_len, clamp_prompts, gaps, num_traces
         )
         chosen_candidate, candidates = choose_layout(
             plan, summary, profile, num_instances, traces, config, objective=objective

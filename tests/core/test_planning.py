@@ -24,16 +24,20 @@ from cascadeinfer.planning import (
 )
 from cascadeinfer.stage_count import (
     MAX_P99_SLACK,
+    MAX_SELECTION_REQUESTS,
+    MAX_SELECTION_TRACES,
     MIN_GAIN,
     NUM_ONE_STAGE,
     PRESET_SELECTION_SEEDS,
     PRUNE_AFTER,
+    SELECTION_REQUESTS,
     SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
     Candidate,
     gaps_cv,
     one_stage_form,
     paired_ratios,
+    selection_shape,
     selection_trace,
     simulated_e2e,
     split_beats,
@@ -119,7 +123,8 @@ def test_a_one_stage_partition_still_gets_the_one_stage_forms_compared(tmp_path:
     assert len(analytic.plan.stages) == 1 and analytic.candidates == []
     forms = chosen.candidates[:NUM_ONE_STAGE]
     assert [c.num_stages for c in forms] == [1, 1, 1]
-    assert all(len(c.per_trace) == SELECTION_SEEDS for c in forms)
+    # 600 requests: more resamples than SELECTION_SEEDS, each as long as the trace.
+    assert all(len(c.per_trace) == selection_shape(600, SELECTION_SEEDS)[1] for c in forms)
     assert chosen.config == one_stage_form(forms).config
 
 
@@ -200,6 +205,47 @@ def test_a_split_is_taken_where_it_pays() -> None:
         and sum(paired_ratios(picked, single, "mean")) / 2 <= 1 - MIN_GAIN
         for single in chosen.candidates[:NUM_ONE_STAGE]
     )
+
+
+def test_selection_traces_are_as_long_as_the_traffic_and_more_of_them_when_it_is_short(
+    tmp_path: Path,
+) -> None:
+    assert selection_shape(None, 6) == (SELECTION_REQUESTS, 6)
+    assert selection_shape(3000, 6) == (3000, 6)
+    assert selection_shape(10**6, 6) == (MAX_SELECTION_REQUESTS, 6)
+    # Shorter than SELECTION_REQUESTS: as many requests in all as six full-length traces.
+    assert selection_shape(800, 6) == (800, 15)
+    assert selection_shape(800, 5) == (800, 13)
+    assert selection_shape(10, 6) == (10, MAX_SELECTION_TRACES)
+    # A trace file of 300 requests is judged on resamples of 300 requests, 30 of them.
+    rng, now, path = random.Random(5), 0.0, tmp_path / "short.jsonl"
+    with path.open("w") as f:
+        for _ in range(300):
+            now += rng.expovariate(2.0)
+            row = {"arrival_s": now, "prompt_len": rng.randint(50, 3000), "output_len": 300}
+            f.write(json.dumps(row) + "\n")
+    profile = load_profile("gpu-h100-llama3-8b")
+    result = plan_stages(num_instances=4, workload=str(path), profile=profile)
+    assert all(len(c.per_trace) in (MAX_SELECTION_TRACES, PRUNE_AFTER) for c in result.candidates)
+    traces = selection_traces(
+        str(path),
+        result.requests,
+        result.rate,
+        0,
+        1.0,
+        300,
+        profile.max_model_len,
+        gaps=result.requests.arrival_gaps,
+        num_traces=MAX_SELECTION_TRACES,
+    )
+    assert {len(t) for t in traces} == {300}
+    picked = next(
+        c for c in result.candidates if c.config == result.config and c.plan is result.plan
+    )
+    again = [
+        simulated_e2e(result.plan, result.workload, profile, 4, t, result.config) for t in traces
+    ]
+    assert tuple(again) == picked.per_trace
 
 
 def test_a_preset_is_judged_on_independent_draws_and_a_trace_on_resamples_of_itself(
