@@ -12,7 +12,8 @@ runs there on traffic drawn like the observed one:
   together (`SELECTION_SEEDS` resamples; `planning.selection_traces` picks); arrivals at the
   planned rate, for a trace file its own gaps resampled in long blocks (bursts that last
   minutes included), for a preset Gamma with the coefficient of variation asked for; on seeds
-  of their own (never the benchmark's trace);
+  of their own (never the benchmark's trace); each as long as the traffic planned for, more of
+  them when that is short (`selection_shape`);
 - the policy as it will run (refinement and balancing on).
 
 The candidates are the one-stage layout (least-load admission exactly: the no-regret
@@ -63,31 +64,8 @@ PRESET_SELECTION_SEEDS = 5
 preset's short traces differ far more than resamples of one trace do (3,000 requests of
 sharegpt-multiturn: mean prompt 2,069 to 9,168 tokens over 12 seeds), and three draws can all
 be heavy where most traces that come are light (a split chosen so ran at 1.5-2.6x)."""
-
 MAX_SELECTION_TRACES = 30
 """The most selection traces per candidate (`selection_shape`)."""
-
-
-def selection_shape(horizon_requests: int | None, num_traces: int) -> tuple[int, int]:
-    """Requests per selection trace and selection traces per candidate, for traffic of
-    `horizon_requests` requests (None: not known) and `num_traces` traces at full length.
-
-    A trace as long as the traffic planned for, up to MAX_SELECTION_REQUESTS: how far queues
-    grow, and how much of the run is the fill from an empty fleet, depend on the length. On
-    bursty traces of 800 requests, selection traces of 2,000 found splits 14-24% ahead of one
-    stage on the mean; on the traces themselves they ran at up to 1.12x the best baseline's mean
-    and 1.26x its p99, where traces of 800 requests put the same splits behind one stage
-    (docs/benchmarks.md, "Short traces"). A shorter trace is a noisier sample, so there are
-    more of them, as many requests in all as `num_traces` of SELECTION_REQUESTS (at most
-    MAX_SELECTION_TRACES); the simulation time stays about the same."""
-    if horizon_requests is None:
-        return SELECTION_REQUESTS, num_traces
-    n = max(1, min(horizon_requests, MAX_SELECTION_REQUESTS))
-    if n >= SELECTION_REQUESTS:
-        return n, num_traces
-    return n, min(MAX_SELECTION_TRACES, math.ceil(num_traces * SELECTION_REQUESTS / n))
-
-
 SELECTION_BLOCK = 64
 """Consecutive planning samples drawn together: a session's turns, a burst of long documents."""
 GAP_BLOCK = 256
@@ -175,6 +153,26 @@ class Candidate:
     def is_pruned(self, num_traces: int) -> bool:
         """Whether this candidate was dropped before running on all `num_traces` traces."""
         return len(self.per_trace) < num_traces
+
+
+def selection_shape(horizon_requests: int | None, num_traces: int) -> tuple[int, int]:
+    """Requests per selection trace and selection traces per candidate, for traffic of
+    `horizon_requests` requests (None: not known) and `num_traces` traces at full length.
+
+    A trace as long as the traffic planned for, up to MAX_SELECTION_REQUESTS: how far queues
+    grow, and how much of the run is the fill from an empty fleet, depend on the length. On
+    bursty traces of 800 requests, selection traces of 2,000 found splits 14-24% ahead of one
+    stage on the mean; on the traces themselves they ran at up to 1.12x the best baseline's mean
+    and 1.26x its p99, where traces of 800 requests put the same splits behind one stage
+    (docs/benchmarks.md, "Short traces"). A shorter trace is a noisier sample, so there are
+    more of them, as many requests in all as `num_traces` of SELECTION_REQUESTS (at most
+    MAX_SELECTION_TRACES); the simulation time stays about the same."""
+    if horizon_requests is None:
+        return SELECTION_REQUESTS, num_traces
+    n = max(1, min(horizon_requests, MAX_SELECTION_REQUESTS))
+    if n >= SELECTION_REQUESTS:
+        return n, num_traces
+    return n, min(MAX_SELECTION_TRACES, math.ceil(num_traces * SELECTION_REQUESTS / n))
 
 
 def gaps_cv(arrivals: Sequence[float]) -> float:
