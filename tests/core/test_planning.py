@@ -37,6 +37,7 @@ from cascadeinfer.stage_count import (
     gaps_cv,
     one_stage_form,
     paired_ratios,
+    pick,
     selection_shape,
     selection_trace,
     simulated_e2e,
@@ -177,6 +178,37 @@ def test_a_split_must_show_its_gain_on_mean_and_tail_together() -> None:
     # With the p99 as the objective the figures swap roles.
     assert split_beats(split([(10.0, 88.0), (9.9, 89.0), (10.0, 89.0)]), plain, "p99")
     assert not split_beats(split([(10.0, 89.0), (9.9, 89.0), (10.0, 89.0)]), plain)
+
+
+def test_a_split_is_held_to_plain_one_stage_on_the_tail_and_the_pick_weighs_both_figures() -> None:
+    def split(num_stages: int, per_trace: list[tuple[float, float]]) -> Candidate:
+        return replace(_one_stage(CascadeConfig(), per_trace), num_stages=num_stages)
+
+    plain = _one_stage(CascadeConfig(), [(10.0, 100.0), (10.0, 100.0), (10.0, 100.0)])
+    # Balancing kept for a 3% gain on the mean and 10% on the tail.
+    balanced = _one_stage(
+        CascadeConfig(is_one_stage_balanced=True), [(9.7, 90.0), (9.7, 90.0), (9.7, 90.0)]
+    )
+    kv_first = _one_stage(
+        CascadeConfig(is_one_stage_kv_first=True), [(12.0, 99.0), (12.0, 99.0), (12.0, 99.0)]
+    )
+    forms = [plain, balanced, kv_first]
+    # 35% ahead of one stage on the mean, 9% on the tail, but 1% behind the balanced form's
+    # tail: taken (the p99 bound is plain one stage's).
+    ahead = split(4, [(6.5, 91.0), (6.5, 91.0), (6.5, 91.0)])
+    assert pick([*forms, ahead], 3) is ahead
+    # Behind plain one stage on the tail: never taken, whatever the mean gains.
+    tail_worse = split(4, [(6.0, 101.0), (6.0, 101.0), (6.0, 101.0)])
+    assert pick([*forms, tail_worse], 3) is balanced
+    # Ahead of plain one stage but not of the balanced form by MIN_GAIN on both together.
+    marginal = split(3, [(9.2, 89.0), (9.2, 89.0), (9.2, 89.0)])
+    assert pick([*forms, marginal], 3) is balanced
+    # Of two splits within 1% on the mean, the one far ahead on the tail.
+    sharper_tail = split(2, [(6.6, 75.0), (6.6, 75.0), (6.6, 75.0)])
+    assert pick([*forms, ahead, sharper_tail], 3) is sharper_tail
+    # A split dropped before the last trace is not a candidate.
+    pruned = split(6, [(1.0, 10.0), (1.0, 10.0)])
+    assert pick([*forms, pruned], 3) is balanced
 
 
 def test_the_selection_simulates_the_settings_it_is_given() -> None:
