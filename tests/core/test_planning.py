@@ -105,16 +105,24 @@ def test_the_layout_is_chosen_by_simulation_against_one_stage() -> None:
     assert tuple(again) == picked.per_trace
 
 
+def _poisson_trace(
+    path: Path, num_requests: int, rate: float, prompts: tuple[int, int], output_len: int, seed: int
+) -> Path:
+    """A trace file of Poisson arrivals, prompts uniform over `prompts`, fixed output length."""
+    rng, now = random.Random(seed), 0.0
+    with path.open("w") as f:
+        for _ in range(num_requests):
+            now += rng.expovariate(rate)
+            row = {"arrival_s": now, "prompt_len": rng.randint(*prompts), "output_len": output_len}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
 def test_a_one_stage_partition_still_gets_the_one_stage_forms_compared(tmp_path: Path) -> None:
     # Documents of 60-100K tokens: one stage is the partitioner's own plan, and the selection
     # still weighs plain one stage against balancing and Llumnix's admission (past capacity
     # the latter had run 11-14% faster than least-load on such traffic, and was never tried).
-    rng, now, path = random.Random(3), 0.0, tmp_path / "documents.jsonl"
-    with path.open("w") as f:
-        for _ in range(600):
-            now += rng.expovariate(1.0)
-            row = {"arrival_s": now, "prompt_len": rng.randint(60_000, 100_000), "output_len": 200}
-            f.write(json.dumps(row) + "\n")
+    path = _poisson_trace(tmp_path / "documents.jsonl", 600, 1.0, (60_000, 100_000), 200, seed=3)
     profile = load_profile("gpu-h100-llama3-8b")
     plan = functools.partial(
         plan_stages, num_instances=4, workload=str(path), profile=profile, rate=0.3
@@ -250,12 +258,7 @@ def test_selection_traces_are_as_long_as_the_traffic_and_more_of_them_when_it_is
     assert selection_shape(800, 5) == (800, 13)
     assert selection_shape(10, 6) == (10, MAX_SELECTION_TRACES)
     # A trace file of 300 requests is judged on resamples of 300 requests, 30 of them.
-    rng, now, path = random.Random(5), 0.0, tmp_path / "short.jsonl"
-    with path.open("w") as f:
-        for _ in range(300):
-            now += rng.expovariate(2.0)
-            row = {"arrival_s": now, "prompt_len": rng.randint(50, 3000), "output_len": 300}
-            f.write(json.dumps(row) + "\n")
+    path = _poisson_trace(tmp_path / "short.jsonl", 300, 2.0, (50, 3000), 300, seed=5)
     profile = load_profile("gpu-h100-llama3-8b")
     result = plan_stages(num_instances=4, workload=str(path), profile=profile)
     assert all(len(c.per_trace) in (MAX_SELECTION_TRACES, PRUNE_AFTER) for c in result.candidates)
