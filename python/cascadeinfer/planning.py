@@ -16,6 +16,7 @@ from cascadeinfer.config import CascadeConfig
 from cascadeinfer.stage_count import (
     OBJECTIVES,
     PRESET_SELECTION_SEEDS,
+    SELECTION_REQUESTS,
     SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
     Candidate,
@@ -226,9 +227,10 @@ def plan_stages(
     traffic to plan for (the coefficient of variation of inter-arrival gaps; default: a trace's
     own, else 1.0, Poisson). `objective`: what the selection minimizes, "mean" or "p99"
     end-to-end latency (stage_count.OBJECTIVES). `horizon_requests`: how many requests the
-    traffic to plan for holds (default: a trace's own count, else not known); the candidates'
-    simulations run that many, up to MAX_SELECTION_REQUESTS, on more selection traces when
-    fewer than SELECTION_REQUESTS (`stage_count.selection_shape`). `config`: the
+    traffic to plan for holds (a benchmark's run; default: a trace's own count but at least
+    SELECTION_REQUESTS, else SELECTION_REQUESTS); the candidates' simulations run that many, up
+    to MAX_SELECTION_REQUESTS, on more selection traces when fewer than SELECTION_REQUESTS
+    (`stage_count.selection_shape`). `config`: the
     cascade settings the candidates run with (default CascadeConfig())."""
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
@@ -279,8 +281,11 @@ def plan_stages(
         # past saturation): the simulation judges the plans under the traffic they will get.
         target = rate or requests.rate or chosen
         cv = arrival_cv or requests.arrival_cv or 1.0
+        # A run's own length where one is planned for (a benchmark); a service planned from a
+        # trace file serves far more than the file holds, so never less than a full-length
+        # selection trace there.
         n, num_traces = selection_shape(
-            horizon_requests or requests.num_trace_requests,
+            horizon_requests or max(requests.num_trace_requests or 0, SELECTION_REQUESTS),
             PRESET_SELECTION_SEEDS if workloads.is_workload(workload) else SELECTION_SEEDS,
         )
         # A trace's own gaps unless a burstiness was asked for.

@@ -132,8 +132,7 @@ def test_a_one_stage_partition_still_gets_the_one_stage_forms_compared(tmp_path:
     assert len(analytic.plan.stages) == 1 and analytic.candidates == []
     forms = chosen.candidates[:NUM_ONE_STAGE]
     assert [c.num_stages for c in forms] == [1, 1, 1]
-    # 600 requests: more resamples than SELECTION_SEEDS, each as long as the trace.
-    assert all(len(c.per_trace) == selection_shape(600, SELECTION_SEEDS)[1] for c in forms)
+    assert all(len(c.per_trace) == SELECTION_SEEDS for c in forms)
     assert chosen.config == one_stage_form(forms).config
 
 
@@ -257,10 +256,14 @@ def test_selection_traces_are_as_long_as_the_traffic_and_more_of_them_when_it_is
     assert selection_shape(800, 6) == (800, 15)
     assert selection_shape(800, 5) == (800, 13)
     assert selection_shape(10, 6) == (10, MAX_SELECTION_TRACES)
-    # A trace file of 300 requests is judged on resamples of 300 requests, 30 of them.
+    # A run of 300 requests is judged on 30 resamples of 300 requests; a service planned from
+    # the same file (no run length given) on full-length ones.
     path = _poisson_trace(tmp_path / "short.jsonl", 300, 2.0, (50, 3000), 300, seed=5)
     profile = load_profile("gpu-h100-llama3-8b")
-    result = plan_stages(num_instances=4, workload=str(path), profile=profile)
+    plan = functools.partial(plan_stages, num_instances=4, workload=str(path), profile=profile)
+    service = plan()
+    assert all(len(c.per_trace) in (SELECTION_SEEDS, PRUNE_AFTER) for c in service.candidates)
+    result = plan(horizon_requests=300)
     assert all(len(c.per_trace) in (MAX_SELECTION_TRACES, PRUNE_AFTER) for c in result.candidates)
     traces = selection_traces(
         str(path),
