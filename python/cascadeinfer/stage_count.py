@@ -439,6 +439,8 @@ def pick(candidates: Sequence[Candidate], num_traces: int, objective: str = "mea
         for c in candidates[NUM_ONE_STAGE:]
         if not c.is_pruned(num_traces)
         and split_beats(c, plain, objective)
+        # No tail bound of its own against the form kept (1.0 admits up to twice its figure):
+        # plain one stage's, just above, is the one that holds.
         and _beats(c, single, objective, MIN_GAIN, -MIN_GAIN, 1.0)
     ]
     if not splits:
