@@ -59,6 +59,10 @@ class FirstTokenSlo:
                 raise ValueError(f"first-token SLO {name} must be finite and >= 0, got {value}")
 
 
+ONE_STAGE_TURNS = ("cheapest", "least-load", "cache-aware")
+"""The ways a one-stage layout can place a turn of a session (`CascadeConfig.one_stage_turns`)."""
+
+
 @dataclass(frozen=True)
 class CascadeConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
@@ -69,11 +73,22 @@ class CascadeConfig:
     is_one_stage_kv_first: bool = False
     """Run a one-stage layout Llumnix's way instead: admission by free KV per request, moves
     that even KV usage (wins over `is_one_stage_balanced`)."""
+    one_stage_turns: str = "cheapest"
+    """Where a one-stage layout places a turn of a session (ONE_STAGE_TURNS): "cheapest"
+    (cascade's: where it costs least counting what each instance has cached, the holder kept
+    unless another is much cheaper), "least-load" (as a request without a session: least-load
+    exactly) or "cache-aware" (the cache-aware baseline's rule exactly)."""
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     is_capacity_guarded: bool = True
     """Move whole instances to a stage whose decode steps run slower than the pooled fleet's
     (`scheduler_core/src/capacity.rs`); off, stage sizes change only by refinement."""
     first_token: FirstTokenSlo = field(default_factory=FirstTokenSlo)
+
+    def __post_init__(self) -> None:
+        if self.one_stage_turns not in ONE_STAGE_TURNS:
+            raise ValueError(
+                f"one_stage_turns {self.one_stage_turns!r}: known {', '.join(ONE_STAGE_TURNS)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,20 @@ from cascadeinfer.stage_count import (
     SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
     Candidate,
+    Conversation,
     choose_layout,
+    conversation_trace,
     gaps_cv,
     selection_shape,
     selection_trace,
 )
-from cascadeinfer.traces import TraceEntry, arrival_rate, read_trace, with_lengths
+from cascadeinfer.traces import (
+    TraceEntry,
+    TraceRequest,
+    arrival_rate,
+    read_trace,
+    with_lengths,
+)
 
 DEFAULT_UTILIZATION = 0.6
 """With no rate given, plan for this share of the fleet's estimated capacity."""
@@ -80,6 +88,10 @@ class Requests:
     arrival_gaps: list[float] | None = None
     """A trace's inter-arrival gaps in arrival order (None for a preset): the selection
     traces resample them, so bursts keep the length they had."""
+    conversations: list[Conversation] | None = None
+    """A trace's sessions and lone requests in order of their first arrival, lengths fitted as
+    the others (None for a preset or a trace without sessions): the selection traces redraw
+    them whole (`stage_count.conversation_trace`)."""
 
 
 def clamp_lengths(prompt_len: int, output_len: int, max_len: int) -> tuple[int, int]:
@@ -96,6 +108,7 @@ def load_requests(
     arrival rate). A prompt the model cannot hold is dropped (a live scheduler refuses it), or
     with `clamp_prompts` cut to fit as the benchmarks cut it, so a plan sees the lengths a
     benchmark runs."""
+    conversations = None
     if workloads.is_workload(workload):
         prompts, outputs = workloads.get(workload).sample(PRESET_SAMPLES, seed)
         rate, cv, num_trace, gaps = None, None, None, None
@@ -108,6 +121,8 @@ def load_requests(
         cv = gaps_cv(arrivals)
         gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         num_trace = len(trace)
+        if any(r.session_id is not None for r in trace):
+            conversations = _conversations(trace, max_len, clamp_prompts)
     else:
         raise workloads.not_found(workload)
     kept_p, kept_o, dropped, truncated = [], [], 0, 0
@@ -125,7 +140,31 @@ def load_requests(
         kept_o.append(o)
     if not kept_p:
         raise ValueError(f"every request of {workload!r} is longer than max_len {max_len}")
-    return Requests(kept_p, kept_o, rate, dropped, truncated, cv, num_trace, gaps)
+    return Requests(kept_p, kept_o, rate, dropped, truncated, cv, num_trace, gaps, conversations)
+
+
+def _conversations(
+    trace: Sequence[TraceRequest], max_len: int, clamp_prompts: bool
+) -> list[Conversation] | None:
+    """`trace`'s sessions and lone requests (`Requests.conversations`), lengths fitted as
+    `load_requests` fits them; None when no request is left."""
+    grouped: dict[tuple[bool, object], list[TraceRequest]] = {}
+    for k, r in enumerate(trace):
+        key = (True, r.session_id) if r.session_id is not None else (False, k)
+        grouped.setdefault(key, []).append(r)
+    conversations = []
+    for (is_session, _), requests in grouped.items():
+        start = requests[0].arrival_s
+        kept = []
+        for r in requests:
+            if r.prompt_len >= max_len and not clamp_prompts:
+                continue  # dropped, as load_requests drops it
+            prompt, output = clamp_lengths(r.prompt_len, r.output_len, max_len)
+            prefix = min(r.prefix_len, prompt - 1)
+            kept.append((r.arrival_s - start, prompt, output, r.turn, prefix))
+        if kept:
+            conversations.append(Conversation(start, tuple(kept), is_session))
+    return conversations or None
 
 
 def selection_traces(
@@ -147,7 +186,20 @@ def selection_traces(
     comes); a trace file has one realization, so SELECTION_SEEDS block resamples of its
     requests and of its gaps between arrivals, `gaps` (`stage_count.selection_trace`; Gamma
     gaps of `arrival_cv` without them); `num_traces` of them instead where given
-    (`stage_count.selection_shape`). Lengths are fitted as `load_requests` fits them."""
+    (`stage_count.selection_shape`). A trace with sessions has its conversations redrawn whole
+    instead (`stage_count.conversation_trace`), so the prefix caches its turns reuse are
+    simulated. Lengths are fitted as `load_requests` fits them."""
+    if requests.conversations and requests.rate:
+        return [
+            conversation_trace(
+                requests.conversations,
+                requests.rate / rate,
+                seed + k,
+                num_requests,
+                None if gaps else arrival_cv,
+            )
+            for k in range(num_traces or SELECTION_SEEDS)
+        ]
     if not workloads.is_workload(workload):
         return [
             selection_trace(

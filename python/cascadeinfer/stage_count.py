@@ -127,7 +127,14 @@ quarter on every remaining trace. Dropping biases the choice towards one stage o
 NUM_ONE_STAGE = 3
 """One-stage candidates, first among the candidates: plain (least-load exactly), balanced,
 and run Llumnix's way (`CascadeConfig.is_one_stage_kv_first`). Either of the last two replaces
-the one before it only by beating it as `MIN_BALANCE_GAIN` says."""
+the one before it only by beating it as `MIN_BALANCE_GAIN` says. Where the selection traces
+carry sessions, SESSION_TURNS add one more each, after them."""
+SESSION_TURNS = ("least-load", "cache-aware")
+"""Ways of placing a session's turns (`CascadeConfig.one_stage_turns`) tried as one-stage
+candidates besides cascade's own ("cheapest", which plain one stage runs) where the selection
+traces carry sessions: on ShareGPT conversations least-load, blind to the caches, kept the p99
+far lower than following them, and the cache-aware baseline's rule is the peers' own
+(docs/benchmarks.md, "Sessions in the selection traces")."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,72 @@ def selection_trace(
         trace.append((now, prompt_lens[i], output_lens[i]))
         i = (i + 1) % n
     return trace
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A trace file's session, or a request outside any, as the selection traces redraw it:
+    a session's turns stay together, with the time between them, so the prefix caches the
+    simulator keeps see the turns that reuse them."""
+
+    start_s: float
+    """When its first request arrives."""
+    requests: tuple[tuple[float, int, int, int, int], ...]
+    """`(arrival_s - start_s, prompt_len, output_len, turn, prefix_len)` in arrival order."""
+    is_session: bool
+
+
+def conversation_trace(
+    conversations: Sequence[Conversation],
+    time_scale: float,
+    seed: int,
+    num_requests: int = SELECTION_REQUESTS,
+    arrival_cv: float | None = None,
+) -> list[TraceEntry]:
+    """As many conversations as `conversations` holds, redrawn whole in blocks of
+    `SELECTION_BLOCK` consecutive ones from random starts, every time (the gaps between
+    conversations' starts and the turns' times within one) multiplied by `time_scale`, as a
+    benchmark rescales the trace to its rate; the first `num_requests` arrivals of them, as a
+    benchmark runs the first requests of the trace. The gaps between starts are the trace's
+    own resampled in blocks of `GAP_BLOCK` (`selection_trace`), or Gamma gaps of `arrival_cv`
+    where one is given. Every draw of a session is a session of its own.
+
+    Resampling requests one by one, as `selection_trace` does, loses the sessions and with them
+    the prefix caches: on ShareGPT conversations (70% of prompt tokens cached) one stage then
+    simulated at 7x its figure on the trace itself, and a split was chosen that ran at 3.1x
+    least-load's mean latency. A stream of conversations cut at `num_requests` misses how a
+    finite trace ends, its longest conversations running on alone; a draw of the trace's
+    whole population keeps it (docs/benchmarks.md, "Sessions in the selection traces")."""
+    rng = random.Random(seed + SELECTION_SEED_OFFSET)
+    starts = [c.start_s for c in conversations]
+    start_gaps = [b - a for a, b in itertools.pairwise(starts)]
+    gap_stream: Iterator[float]
+    if sum(start_gaps) <= 0:
+        gap_stream = itertools.repeat(0.0)  # one conversation, or all starting at once
+    elif arrival_cv is None:
+        rate = len(start_gaps) / (sum(start_gaps) * time_scale)
+        gap_stream = _resampled_gaps(
+            random.Random(-(seed + SELECTION_SEED_OFFSET)), start_gaps, rate
+        )
+    else:
+        gap_stream = _gamma_gaps(rng, len(start_gaps) / (sum(start_gaps) * time_scale), arrival_cv)
+    trace: list[TraceEntry] = []
+    now, i = 0.0, 0
+    for drawn in range(len(conversations)):
+        if drawn % SELECTION_BLOCK == 0:
+            i = rng.randrange(len(conversations))
+        if drawn > 0:
+            now += next(gap_stream)
+        c = conversations[i]
+        for offset, prompt, output, turn, prefix in c.requests:
+            at = now + offset * time_scale
+            if c.is_session:
+                trace.append((at, prompt, output, drawn, turn, prefix))
+            else:
+                trace.append((at, prompt, output))
+        i = (i + 1) % len(conversations)
+    trace.sort(key=lambda e: e[0])
+    return trace[:num_requests]
 
 
 def _gamma_gaps(rng: random.Random, rate: float, cv: float) -> Iterator[float]:
@@ -386,6 +459,9 @@ def choose_layout(
         (single_plan, replace(one_stage, is_one_stage_balanced=True)),
         (single_plan, replace(one_stage, is_one_stage_kv_first=True)),
     ]
+    if any(len(entry) > 3 for trace in traces for entry in trace):
+        runs += [(single_plan, replace(one_stage, one_stage_turns=t)) for t in SESSION_TURNS]
+    num_one_stage = len(runs)
     # The simulator and the partitioner release the GIL: the candidates' runs share the cores,
     # and the one-stage candidates run while the split plans are solved. Every candidate runs
     # on the first PRUNE_AFTER traces; a split that trails one stage there by PRUNE_RATIO
@@ -400,14 +476,14 @@ def choose_layout(
             ]
 
         split_plans = pool.submit(_split_plans, best, summary, profile, num_instances)
-        first = [submit(k, traces[:PRUNE_AFTER]) for k in range(NUM_ONE_STAGE)]
+        first = [submit(k, traces[:PRUNE_AFTER]) for k in range(num_one_stage)]
         runs += [(plan, config) for plan in split_plans.result()]
-        first += [submit(k, traces[:PRUNE_AFTER]) for k in range(NUM_ONE_STAGE, len(runs))]
+        first += [submit(k, traces[:PRUNE_AFTER]) for k in range(num_one_stage, len(runs))]
         results = [[f.result() for f in fs] for fs in first]
         kept = [
             k
             for k in range(len(runs))
-            if k < NUM_ONE_STAGE or _trails_by(results[k], results[0]) <= PRUNE_RATIO
+            if k < num_one_stage or _trails_by(results[k], results[0]) <= PRUNE_RATIO
         ]
         rest = {k: submit(k, traces[PRUNE_AFTER:]) for k in kept}
         for k, fs in rest.items():
@@ -420,8 +496,8 @@ def choose_layout(
 
 
 def pick(candidates: Sequence[Candidate], num_traces: int, objective: str = "mean") -> Candidate:
-    """The layout to run among `candidates` (the NUM_ONE_STAGE one-stage forms first, plain
-    one stage the first of them; then the splits), simulated on `num_traces` traces.
+    """The layout to run among `candidates` (the one-stage forms first, plain one stage the
+    first of them; then the splits), simulated on `num_traces` traces.
 
     The one-stage form is `one_stage_form`'s. A split must beat plain one stage
     (`split_beats`), and the one-stage form kept by MIN_GAIN on its `objective` ratio and on the
@@ -433,10 +509,11 @@ def pick(candidates: Sequence[Candidate], num_traces: int, objective: str = "mea
     "Short traces"). The lowest average, not the lowest mean: two splits within 1% on the mean
     can be 10% apart on the p99."""
     plain = candidates[0]
-    single = one_stage_form(candidates[:NUM_ONE_STAGE], objective)
+    single = one_stage_form([c for c in candidates if c.num_stages == 1], objective)
     splits = [
         c
-        for c in candidates[NUM_ONE_STAGE:]
+        for c in candidates
+        if c.num_stages > 1
         if not c.is_pruned(num_traces)
         and split_beats(c, plain, objective)
         # No tail bound of its own against the form kept (1.0 admits up to twice its figure):

@@ -134,7 +134,7 @@ impl Baseline {
         match self.kind {
             BaselineKind::CacheAware => {
                 let least = self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, true, None)?;
-                Some(self.cache_holder(request, least).unwrap_or(least))
+                Some(cache_holder(&self.router, &self.cache_aware, request, least).unwrap_or(least))
             }
             BaselineKind::LeastLoad => {
                 self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, true, None)
@@ -162,38 +162,44 @@ impl Baseline {
         }
     }
 
-    /// The instance with room holding the longest part of `request`'s prompt, when the
-    /// cache-aware rule prefers it to `least` (the least-loaded instance).
-    fn cache_holder(&self, request: &NewRequest, least: InstanceId) -> Option<InstanceId> {
-        let turn = request.session?;
-        let num_requests = |inst: InstanceId| {
-            let load = self.router.loads.get(inst);
-            load.running.len() as u32 + load.num_queued()
-        };
-        let holder = self
-            .router
-            .prefixes
-            .holdings(turn.session)
-            .iter()
-            .filter(|h| self.router.layout.stage_of_instance(h.instance).is_some())
-            .filter(|h| self.has_room(h.instance, request.prompt_len))
-            .max_by_key(|h| (h.tokens.min(turn.prefix_len), std::cmp::Reverse(num_requests(h.instance))))?;
-        let matched = holder.tokens.min(turn.prefix_len);
-        let CacheAwareConfig { cache_threshold, balance_abs_threshold, balance_rel_threshold } = self.cache_aware;
-        if f64::from(matched) <= cache_threshold * f64::from(request.prompt_len) {
-            return None;
-        }
-        let (busy, free) = (num_requests(holder.instance), num_requests(least));
-        let is_imbalanced =
-            busy > free + balance_abs_threshold && f64::from(busy) > balance_rel_threshold * f64::from(free);
-        (!is_imbalanced).then_some(holder.instance)
-    }
-
     fn llumnix_rebalance(&mut self) -> Vec<Migration> {
         let instances = self.instances().to_vec();
         let LlumnixConfig { usage_gap, max_moves_per_tick } = self.llumnix;
         self.router.even_kv_usage(&instances, usage_gap, max_moves_per_tick, MigrationReason::Rebalance)
     }
+}
+
+/// The instance with room holding the longest part of `request`'s prompt, when the
+/// cache-aware rule (`config`) prefers it to `least`, the least-loaded instance of `router`'s
+/// fleet. Shared with cascade's one-stage form that runs this way
+/// ([`crate::cascade::OneStageTurns::CacheAware`]).
+pub(crate) fn cache_holder(
+    router: &Router,
+    config: &CacheAwareConfig,
+    request: &NewRequest,
+    least: InstanceId,
+) -> Option<InstanceId> {
+    let turn = request.session?;
+    let num_requests = |inst: InstanceId| {
+        let load = router.loads.get(inst);
+        load.running.len() as u32 + load.num_queued()
+    };
+    let holder = router
+        .prefixes
+        .holdings(turn.session)
+        .iter()
+        .filter(|h| router.layout.stage_of_instance(h.instance).is_some())
+        .filter(|h| router.loads.has_room(&router.profile, h.instance, request.prompt_len))
+        .max_by_key(|h| (h.tokens.min(turn.prefix_len), std::cmp::Reverse(num_requests(h.instance))))?;
+    let matched = holder.tokens.min(turn.prefix_len);
+    let CacheAwareConfig { cache_threshold, balance_abs_threshold, balance_rel_threshold } = *config;
+    if f64::from(matched) <= cache_threshold * f64::from(request.prompt_len) {
+        return None;
+    }
+    let (busy, free) = (num_requests(holder.instance), num_requests(least));
+    let is_imbalanced =
+        busy > free + balance_abs_threshold && f64::from(busy) > balance_rel_threshold * f64::from(free);
+    (!is_imbalanced).then_some(holder.instance)
 }
 
 impl Policy for Baseline {

@@ -126,7 +126,7 @@ impl Router {
         &self.loads
     }
 
-    fn check_len(&self, len: u32) -> Result<()> {
+    pub(crate) fn check_len(&self, len: u32) -> Result<()> {
         if len >= self.layout.max_len() {
             return Err(CoreError::invalid("context_len", len, format!("must be < max_len {}", self.layout.max_len())));
         }

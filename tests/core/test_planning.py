@@ -33,6 +33,7 @@ from cascadeinfer.stage_count import (
     SELECTION_REQUESTS,
     SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
+    SESSION_TURNS,
     Candidate,
     gaps_cv,
     one_stage_form,
@@ -314,6 +315,80 @@ def test_a_preset_is_judged_on_independent_draws_and_a_trace_on_resamples_of_its
     resampled = selection_traces(str(path), own, 5.0, 0, 1.0, 2000, 32_768)
     assert len(resampled) == SELECTION_SEEDS
     assert {p for t in resampled for _, p, _ in t} <= set(own.prompt_lens)
+
+
+def _write_sessions(path: Path, entries: list[tuple]) -> None:
+    rows = []
+    for at, prompt, output, *session in entries:
+        row = {"arrival_s": at, "prompt_len": prompt, "output_len": output}
+        if session:
+            row |= {"session_id": f"s{session[0]}", "turn": session[1], "prefix_len": session[2]}
+        rows.append(json.dumps(row) + "\n")
+    path.write_text("".join(rows))
+
+
+def test_a_trace_files_sessions_are_redrawn_whole_in_the_selection_traces(tmp_path: Path) -> None:
+    # Resampled request by request, the turns of a conversation would land in other sessions
+    # or none, and the simulated prefix caches would never be hit.
+    preset = workloads.get("sharegpt-multiturn")
+    path = tmp_path / "sessions.jsonl"
+    _write_sessions(path, preset.trace(1500, 6.0, "gamma", 2.0, 11))
+    own = load_requests(str(path), preset.max_len, clamp_prompts=True)
+    assert own.conversations is not None
+    by_start = sorted(own.conversations, key=lambda c: c.start_s)
+    assert [c.start_s for c in own.conversations] == [c.start_s for c in by_start]
+    turns = {c.requests: c for c in own.conversations}
+    traces = selection_traces(str(path), own, 3.0, 0, 1.0, 5000, preset.max_len)
+    assert len(traces) == SELECTION_SEEDS
+    for trace in traces:
+        assert trace == sorted(trace, key=lambda e: e[0])
+        sessions: dict[int, list[tuple]] = {}
+        for e in trace:
+            sessions.setdefault(e[3], []).append(e)
+        for drawn in sessions.values():
+            start = drawn[0][0]
+            # Every draw is one of the trace's conversations, its times stretched to 3 req/s.
+            scale = own.rate / 3.0
+            key = tuple(((e[0] - start) / scale, e[1], e[2], e[4], e[5]) for e in drawn)
+            match = [r for r in turns if len(r) == len(key)]
+            assert any(
+                all(abs(a[0] - b[0]) < 1e-6 and a[1:] == b[1:] for a, b in zip(r, key, strict=True))
+                for r in match
+            )
+        # As many requests as the trace (a draw of its whole population), give or take the
+        # conversations drawn twice or not at all.
+        assert 0.3 * 1500 < len(trace) < 3 * 1500
+    assert len({tuple(t) for t in traces}) == SELECTION_SEEDS
+    # Cut at the requests asked for, earliest first.
+    short = selection_traces(str(path), own, 3.0, 0, 1.0, 200, preset.max_len)
+    assert all(len(t) == 200 for t in short)
+    assert short[0] == traces[0][:200]
+
+
+def test_on_sessions_one_stage_also_runs_the_turns_as_the_baselines_place_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sessions.jsonl"
+    _write_sessions(path, workloads.get("agentic").trace(600, 3.0, "gamma", 2.0, 5))
+    profile = load_profile("gpu-h100-llama3-8b")
+    result = plan_stages(
+        num_instances=4, workload=str(path), profile=profile, seed=1, clamp_prompts=True
+    )
+    one_stage = [c for c in result.candidates if c.num_stages == 1]
+    assert [c.config.one_stage_turns for c in one_stage] == [
+        "cheapest",
+        "cheapest",
+        "cheapest",
+        *SESSION_TURNS,
+    ]
+    # Without sessions nothing changes.
+    _write_sessions(
+        path, [e[:3] for e in workloads.get("agentic").trace(600, 3.0, "gamma", 2.0, 5)]
+    )
+    result = plan_stages(
+        num_instances=4, workload=str(path), profile=profile, seed=1, clamp_prompts=True
+    )
+    assert sum(c.num_stages == 1 for c in result.candidates) == NUM_ONE_STAGE
 
 
 def test_selection_traces_carry_the_burstiness_asked_for() -> None:

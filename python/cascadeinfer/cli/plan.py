@@ -68,6 +68,7 @@ def as_json(result: PlanResult) -> dict[str, Any]:
                 "stages": c.num_stages,
                 "one_stage_balanced": c.config.is_one_stage_balanced,
                 "one_stage_kv_first": c.config.is_one_stage_kv_first,
+                "one_stage_turns": c.config.one_stage_turns,
                 "simulated_mean_e2e_s": c.simulated_mean_e2e_s,
                 "simulated_p99_e2e_s": c.simulated_p99_e2e_s,
                 "traces_simulated": len(c.per_trace),
@@ -76,6 +77,7 @@ def as_json(result: PlanResult) -> dict[str, Any]:
         ],
         "one_stage_balanced": result.config.is_one_stage_balanced,
         "one_stage_kv_first": result.config.is_one_stage_kv_first,
+        "one_stage_turns": result.config.one_stage_turns,
         "capacity_guarded": result.config.is_capacity_guarded,
         "solve_ms": result.solve_ms,
         "rate": result.rate,
@@ -85,11 +87,17 @@ def as_json(result: PlanResult) -> dict[str, Any]:
 
 
 def _label(c: Candidate) -> str:
-    if c.num_stages == 1 and c.config.is_one_stage_kv_first:
-        return "1 stage, KV first (Llumnix's way)"
-    if c.num_stages == 1:
-        return "1 stage, balanced" if c.config.is_one_stage_balanced else "1 stage (least-load)"
-    return f"{c.num_stages} stages"
+    if c.num_stages > 1:
+        return f"{c.num_stages} stages"
+    if c.config.is_one_stage_kv_first:
+        label = "1 stage, KV first (Llumnix's way)"
+    elif c.config.is_one_stage_balanced:
+        label = "1 stage, balanced"
+    else:
+        label = "1 stage (least-load)"
+    if c.config.one_stage_turns != "cheapest":
+        label += f", sessions' turns as {c.config.one_stage_turns}"
+    return label
 
 
 def as_table(result: PlanResult, args: argparse.Namespace) -> str:

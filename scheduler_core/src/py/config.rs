@@ -5,7 +5,8 @@ use pyo3::prelude::*;
 use crate::balance::BalanceConfig;
 use crate::baselines::LlumnixConfig;
 use crate::capacity::CapacityConfig;
-use crate::cascade::CascadeConfig;
+use crate::cascade::{CascadeConfig, OneStageTurns};
+use crate::error::CoreError;
 use crate::refine::RefineConfig;
 use crate::router::FirstTokenSlo;
 
@@ -48,6 +49,7 @@ pub(crate) struct PyCascadeConfig {
     is_refine_enabled: bool,
     is_one_stage_balanced: bool,
     is_one_stage_kv_first: bool,
+    one_stage_turns: String,
     capacity: PyCapacityConfig,
     is_capacity_guarded: bool,
     first_token: PyFirstTokenSlo,
@@ -59,9 +61,11 @@ pub(crate) struct PyLlumnixConfig {
     max_moves_per_tick: u32,
 }
 
-impl From<PyCascadeConfig> for CascadeConfig {
-    fn from(c: PyCascadeConfig) -> Self {
-        CascadeConfig {
+impl TryFrom<PyCascadeConfig> for CascadeConfig {
+    type Error = CoreError;
+
+    fn try_from(c: PyCascadeConfig) -> Result<Self, CoreError> {
+        Ok(CascadeConfig {
             balance: BalanceConfig {
                 start_imbalance: c.balance.start_imbalance,
                 stop_imbalance: c.balance.stop_imbalance,
@@ -80,6 +84,7 @@ impl From<PyCascadeConfig> for CascadeConfig {
             is_refine_enabled: c.is_refine_enabled,
             is_one_stage_balanced: c.is_one_stage_balanced,
             is_one_stage_kv_first: c.is_one_stage_kv_first,
+            one_stage_turns: OneStageTurns::from_name(&c.one_stage_turns)?,
             capacity: CapacityConfig {
                 margin: c.capacity.margin,
                 persist_s: c.capacity.persist_s,
@@ -90,7 +95,7 @@ impl From<PyCascadeConfig> for CascadeConfig {
                 base_s: c.first_token.base_s,
                 per_prompt_token_s: c.first_token.per_prompt_token_s,
             },
-        }
+        })
     }
 }
 

@@ -123,8 +123,8 @@ impl PyScheduler {
     ) -> PyResult<Self> {
         let layout = StageLayout::from_plan(&plan.inner, &ids(&instances)).map_err(to_py)?;
         let w = planned_for.as_ref().map(|w| &w.inner);
-        let policy =
-            CascadePolicy::new(profile.inner.clone(), layout, grid.inner.clone(), config.into(), w).map_err(to_py)?;
+        let config = config.try_into().map_err(to_py)?;
+        let policy = CascadePolicy::new(profile.inner.clone(), layout, grid.inner.clone(), config, w).map_err(to_py)?;
         Ok(PyScheduler { policy: Box::new(policy) })
     }
 
@@ -141,8 +141,9 @@ impl PyScheduler {
             .map(|(min_len, max_len, instances)| StageRange { min_len, max_len, instances: ids(&instances) })
             .collect();
         let layout = StageLayout::new(ranges).map_err(to_py)?;
-        let policy = CascadePolicy::new(profile.inner.clone(), layout, grid.inner.clone(), config.into(), None)
-            .map_err(to_py)?;
+        let config = config.try_into().map_err(to_py)?;
+        let policy =
+            CascadePolicy::new(profile.inner.clone(), layout, grid.inner.clone(), config, None).map_err(to_py)?;
         Ok(PyScheduler { policy: Box::new(policy) })
     }
 

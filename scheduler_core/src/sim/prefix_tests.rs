@@ -1,9 +1,14 @@
 //! Prefix caches in the simulator: hits, eviction, migrated KV, and traces without reuse.
 
-use super::tests::{baseline, bimodal, run, two_stage};
+use super::tests::{baseline, bimodal, ids, run, two_stage};
 use super::*;
+use crate::arrivals::{generate_trace, ArrivalProcess};
 use crate::baselines::BaselineKind;
+use crate::cascade::{CascadeConfig, CascadePolicy, OneStageTurns};
 use crate::cost::tests::gpu;
+use crate::grid::BucketGrid;
+use crate::layout::StageLayout;
+use crate::presets::Preset;
 use crate::session::{SessionId, SessionTurn};
 
 fn turn(arrival_s: f64, prompt_len: u32, output_len: u32, session: u64, turn: u32, prefix_len: u32) -> TraceRequest {
@@ -87,4 +92,34 @@ fn cache_aware_is_least_load_exactly_on_requests_without_sessions() {
     assert_eq!(ours.policy, "cache-aware");
     ours.policy = theirs.policy.clone();
     assert_eq!(ours, theirs);
+}
+
+/// One stage of `n` instances of cascade placing sessions' turns as `turns` says.
+fn one_stage_with_turns(p: &CostProfile, n: u32, turns: OneStageTurns) -> CascadePolicy {
+    let config = CascadeConfig { one_stage_turns: turns, is_refine_enabled: true, ..CascadeConfig::default() };
+    let layout = StageLayout::single(p.max_model_len, &ids(n)).unwrap();
+    let grid = BucketGrid::geometric(p.max_model_len, 64, 16).unwrap();
+    CascadePolicy::new(p.clone(), layout, grid, config, None).unwrap()
+}
+
+#[test]
+fn one_stage_placing_turns_as_a_baseline_does_is_that_baseline_exactly() {
+    // The one-stage forms the planner can fall back to on multi-turn traffic: turns placed
+    // blind to the caches (least-load) or by the cache-aware rule make that baseline's every
+    // decision, so the selection can pick whichever of them simulates better.
+    let p = gpu();
+    let trace = generate_trace(Preset::Agentic, 2000, 5.0, ArrivalProcess::Poisson, 3).unwrap();
+    assert!(trace.iter().any(|r| r.session.is_some_and(|s| s.prefix_len > 0)), "turns reuse prefixes");
+    for (turns, kind) in
+        [(OneStageTurns::LeastLoad, BaselineKind::LeastLoad), (OneStageTurns::CacheAware, BaselineKind::CacheAware)]
+    {
+        let expected = run(&mut baseline(kind, &p, 8), &p, &trace);
+        let mut got = run(&mut one_stage_with_turns(&p, 8, turns), &p, &trace);
+        got.policy = expected.policy.clone();
+        assert_eq!(got, expected, "{turns:?}");
+    }
+    // And cascade's own way is neither.
+    let own = run(&mut one_stage_with_turns(&p, 8, OneStageTurns::Cheapest), &p, &trace);
+    let least_load = run(&mut baseline(BaselineKind::LeastLoad, &p, 8), &p, &trace);
+    assert!(own.summary.prefix_cache_hit_rate > least_load.summary.prefix_cache_hit_rate);
 }
