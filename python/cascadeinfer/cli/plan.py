@@ -89,15 +89,11 @@ def as_json(result: PlanResult) -> dict[str, Any]:
 def _label(c: Candidate) -> str:
     if c.num_stages > 1:
         return f"{c.num_stages} stages"
-    if c.config.is_one_stage_kv_first:
-        label = "1 stage, KV first (Llumnix's way)"
-    elif c.config.is_one_stage_balanced:
-        label = "1 stage, balanced"
-    else:
-        label = "1 stage (least-load)"
     if c.config.one_stage_turns != "cheapest":
-        label += f", sessions' turns as {c.config.one_stage_turns}"
-    return label
+        return f"1 stage, sessions' turns placed as {c.config.one_stage_turns}"
+    if c.config.is_one_stage_kv_first:
+        return "1 stage, KV first (Llumnix's way)"
+    return "1 stage, balanced" if c.config.is_one_stage_balanced else "1 stage (least-load)"
 
 
 def as_table(result: PlanResult, args: argparse.Namespace) -> str:
