@@ -105,6 +105,31 @@ def test_every_worker_rpc_needs_the_token(cluster: Cluster, rpc: str) -> None:
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, rpc
 
 
+def test_a_request_aborted_on_its_worker_by_someone_else_ends_its_clients_stream(
+    cluster: Cluster,
+) -> None:
+    # An operator, or a second scheduler reaping what it takes for leftovers, aborts a request
+    # on its worker: the scheduler that placed it must end its client's stream, not wait for
+    # tokens that never come.
+    rid = "aborted-elsewhere"
+    stream = cluster.scheduler_stub().Generate(client_request([3] * 100, 8000, rid), timeout=60)
+    first = next(stream)
+    assert first.tokens.token_ids, "the request runs"
+    aborted = []
+    for k in range(len(cluster.workers)):
+        try:
+            cluster.worker_stub(k).Abort(worker_pb2.AbortRequest(request_id=rid), timeout=10)
+            aborted.append(k)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND
+    assert len(aborted) == 1
+    started = time.monotonic()
+    rest = list(stream)
+    assert time.monotonic() - started < 10
+    assert rest and rest[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+    assert sum(len(m.tokens.token_ids) for m in [first, *rest]) < 8000
+
+
 def test_health_stays_open_and_a_caller_with_the_token_is_served(cluster: Cluster) -> None:
     channel = grpc.insecure_channel(cluster.workers[0].address)
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)

@@ -302,6 +302,10 @@ class Coordinator:
             chunk = r.tokens
             token_ids = chunk.token_ids
             finish = FINISH_FROM_PROTO.get(r.finish_reason) if r.finish_reason else None
+            if finish is FinishReason.ABORT and worker_id != rec.worker_id:
+                # A copy dropped where it was not running: a migration's target told by the
+                # source to drop what it was sent. The request goes on where it runs.
+                continue
             if token_ids or finish is not None:
                 rec.deliver(chunk.first_index, token_ids, finish)
                 if (

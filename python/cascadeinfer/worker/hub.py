@@ -76,13 +76,37 @@ class Hub:
         for feed in self._step_subscribers:
             feed.add(report)
 
-    def end(self, request_id: str, reason: FinishReason, migrated_to: str = "") -> None:
-        """Ends a request's streams without a token (abort, migration)."""
+    def end(
+        self,
+        request_id: str,
+        reason: FinishReason,
+        migrated_to: str = "",
+        *,
+        tell_feeds: bool = False,
+    ) -> None:
+        """Ends a request's streams without a token (abort, migration). `tell_feeds`: the step
+        feeds report it finished with `reason` too, so a scheduler that placed it (and did not
+        end it itself) ends its client's stream. Off where the request goes on elsewhere: a
+        migration, or a drain or a dead engine, after which the scheduler resumes it."""
         tracked = self.requests.pop(request_id, None)
         if tracked is None:
             return
         for q in tracked.subscribers:
             q.put_nowait(StreamEnd(reason, tracked.context_len, migrated_to))
+        if tell_feeds and self._step_subscribers:
+            last = self.last_report
+            ended = RequestProgress(request_id, (), tracked.num_output, tracked.context_len, reason)
+            report = StepReport(
+                step_index=last.step_index if last else 0,
+                step_time_s=last.step_time_s if last else 0.0,
+                progress=(ended,),
+                num_running=last.num_running if last else 0,
+                num_waiting=last.num_waiting if last else 0,
+                kv_blocks_used=last.kv_blocks_used if last else 0,
+                kv_blocks_free=last.kv_blocks_free if last else 0,
+            )
+            for feed in self._step_subscribers:
+                feed.add(report)
 
     def announce(self) -> None:
         """Wakes every step feed with `None`: the worker's state changed (it is draining)."""

@@ -159,7 +159,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await self.state.loop.call(lambda e: e.abort(rid))
         except Exception as e:
             await fail(context, e, request_id=rid)
-        self.state.hub.end(rid, FinishReason.ABORT)
+        # Whoever asked (the scheduler that placed it, a migration's source dropping the copy
+        # it sent here, an operator), the feeds say it ended: a scheduler still streaming it
+        # to a client would otherwise wait for tokens that never come.
+        self.state.hub.end(rid, FinishReason.ABORT, tell_feeds=True)
         return worker_pb2.AbortResponse()
 
     async def GetLoad(
