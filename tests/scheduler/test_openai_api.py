@@ -579,7 +579,11 @@ def test_bad_token_unknown_model_and_bad_json(front: Front) -> None:
         front.client().completions.create(model="sim", prompt="still serving", max_tokens=2).usage
         is not None
     )
+    for k in range(3):  # distinct paths, one route: one series, whatever the paths
+        assert httpx.get(f"{front.scheduler.openai_url}/models/x{k}", timeout=30).status_code == 401
     metrics = httpx.get(front.scheduler.openai_url.removesuffix("/v1") + "/metrics").text
+    assert 'route="/v1/models/{name}",status="401"}' in metrics
+    assert "/v1/models/x0" not in metrics
     for status in (200, 400, 401, 404, 413):
         line = (
             f'cascade_scheduler_http_responses_total{{route="/v1/completions",status="{status}"}}'

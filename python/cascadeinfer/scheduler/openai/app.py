@@ -73,12 +73,17 @@ class OpenAIFront:
         every request of a serving fleet, and their guard answers every error itself, so
         Starlette's middleware and routing would only add their cost (a sixth of the front's
         time at thousands of short streams a second, docs/benchmarks.md, "Data plane")."""
-        completions, chat = self._guard(self.completions), self._guard(self.chat)
+        completions = self._guard(self.completions, "/v1/completions")
+        chat = self._guard(self.chat, "/v1/chat/completions")
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
-            Route("/v1/models", self._guard(self.models), methods=["GET"]),
-            Route("/v1/models/{name:path}", self._guard(self.model), methods=["GET"]),
+            Route("/v1/models", self._guard(self.models, "/v1/models"), methods=["GET"]),
+            Route(
+                "/v1/models/{name:path}",
+                self._guard(self.model, "/v1/models/{name}"),
+                methods=["GET"],
+            ),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
         ]
@@ -96,7 +101,11 @@ class OpenAIFront:
         return app
 
     # --- guards ----------------------------------------------------------------------------
-    def _guard(self, handler: Handler) -> Handler:
+    def _guard(self, handler: Handler, route: str) -> Handler:
+        """`handler` behind the token check, errors in OpenAI's shape and the response counter,
+        labelled by `route` (the template, never the path a client sent: one series per
+        distinct path would let anyone grow /metrics without bound)."""
+
         async def guarded(request: Request) -> Response:
             try:
                 self._check_token(request)
@@ -108,8 +117,7 @@ class OpenAIFront:
             except Exception:
                 log.exception("http_internal_error", path=request.scope["path"])
                 response = APIError(500, "internal error").response()
-            path = request.scope["path"]
-            self.c.metrics.http_responses.labels(path, response.status_code).inc()
+            self.c.metrics.http_responses.labels(route, response.status_code).inc()
             return response
 
         return guarded
