@@ -54,3 +54,20 @@ def test_a_port_another_program_listens_on_is_refused(binary: str, prog: str) ->
         args = SIM_WORKER if binary == WORKER else []
         out = run(binary, [*args, "--host", "127.0.0.1", "--port", str(port)])
     assert_refused(out, prog, f"127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize(
+    ("binary", "prog"), [(WORKER, "cascade-worker"), (SCHEDULER, "cascade-scheduler")]
+)
+def test_a_metrics_port_in_use_is_refused(binary: str, prog: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = SIM_WORKER if binary == WORKER else []
+        out = run(
+            binary, [*args, "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(port)]
+        )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"{prog}: error: cannot serve metrics on 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr

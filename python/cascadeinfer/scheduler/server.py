@@ -12,7 +12,6 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from cascadeinfer.daemon import (
     GRPC_MESSAGE_LIMIT,
@@ -21,6 +20,7 @@ from cascadeinfer.daemon import (
     StrictDecoding,
     run_daemon,
 )
+from cascadeinfer.metrics_http import serve_metrics
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
 from cascadeinfer.scheduler.coordinator import Coordinator
@@ -142,9 +142,7 @@ async def serve(config: SchedulerConfig) -> None:
     )
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     if config.metrics_port:
-        start_http_server(
-            config.metrics_port, addr=config.host, registry=coordinator.metrics.registry
-        )
+        serve_metrics(config.host, config.metrics_port, coordinator.metrics.registry)
     await server.start()
     http = await start_http_front(config, coordinator) if config.http_port is not None else None
     structlog.contextvars.bind_contextvars(scheduler=f"{config.host}:{port}")

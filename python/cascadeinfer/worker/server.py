@@ -13,7 +13,6 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from cascadeinfer.daemon import (
     CHANNEL_OPTIONS,
@@ -24,6 +23,7 @@ from cascadeinfer.daemon import (
     keepalive_options,
     run_daemon,
 )
+from cascadeinfer.metrics_http import serve_metrics
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.security import BearerTokenInterceptor, add_port
 from cascadeinfer.worker.config import WorkerConfig, parse_args
@@ -127,6 +127,8 @@ async def serve(config: WorkerConfig) -> None:
     )
     # Bound before the engine is built: a port in use fails at once, not after a model load.
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
+    if config.metrics_port:
+        serve_metrics(config.host, config.metrics_port, metrics.registry)
     engine_loop = EngineLoop(lambda: build_engine(config), loop, on_step)
     engine = await engine_loop.start()
     worker_id = config.worker_id or f"{config.host}:{port}"
@@ -149,8 +151,6 @@ async def serve(config: WorkerConfig) -> None:
     )
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.host, registry=state.metrics.registry)
     await server.start()
     try:
         await warm_up(engine_loop)

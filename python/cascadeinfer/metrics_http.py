@@ -1,0 +1,78 @@
+"""The Prometheus scrape endpoint of both daemons (`--metrics-port`), with bounds.
+
+prometheus_client's own `start_http_server` gives every connection a thread and never times
+one out: a few hundred idle connections held as many threads and descriptors for good (an
+adversarial probe ran a scheduler out of descriptors with them). Here a connection that sends
+no complete request within `read_timeout_s` is closed, at most MAX_CONNECTIONS are served at
+once (others are closed at once: a scrape retries), and a port that cannot be bound is a
+configuration error (ValueError: exit status 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+READ_TIMEOUT_S = 10.0
+"""A connection's socket reads and writes time out after this long."""
+MAX_CONNECTIONS = 32
+"""Connections served at once; a Prometheus server scrapes with one."""
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = READ_TIMEOUT_S  # StreamRequestHandler puts it on the socket
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes are not worth a log line each
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out or went away: nothing to report
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def serve_metrics(
+    host: str, port: int, registry: CollectorRegistry, read_timeout_s: float = READ_TIMEOUT_S
+) -> WSGIServer:
+    """Serves `registry` at http://host:port/ (any path) from a daemon thread; the server is
+    returned so a caller can `shutdown()` it."""
+    handler = type("_TimedHandler", (_Handler,), {"timeout": read_timeout_s})
+    server_class = _Server6 if ":" in host else _Server
+    try:
+        server = make_server(
+            host, port, make_wsgi_app(registry), server_class=server_class, handler_class=handler
+        )
+    except OSError as e:
+        raise ValueError(
+            f"cannot serve metrics on {host}:{port}: {e.strerror or e} (the port is in use, or "
+            "the host is not an address of this machine)"
+        ) from None
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
