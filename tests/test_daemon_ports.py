@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from cascadeinfer.launcher import SCHEDULER, WORKER
+from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
 
 from tests.worker.daemons import SIM_WORKER, start_scheduler, start_worker
 
@@ -70,4 +71,28 @@ def test_a_metrics_port_in_use_is_refused(binary: str, prog: str) -> None:
         )
     assert out.returncode == 2, out.stdout + out.stderr
     assert f"{prog}: error: cannot serve metrics on 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_http_port_in_use_is_refused_without_a_traceback(tmp_path: Path) -> None:
+    tokenizer = write_tiny_tokenizer(tmp_path / "tok")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run(
+            SCHEDULER,
+            [
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--http-port",
+                str(port),
+                "--tokenizer",
+                str(tokenizer),
+            ],
+        )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr

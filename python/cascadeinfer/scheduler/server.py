@@ -144,7 +144,12 @@ async def serve(config: SchedulerConfig) -> None:
     if config.metrics_port:
         serve_metrics(config.host, config.metrics_port, coordinator.metrics.registry)
     await server.start()
-    http = await start_http_front(config, coordinator) if config.http_port is not None else None
+    try:
+        http = await start_http_front(config, coordinator) if config.http_port is not None else None
+    except ValueError:
+        # A port in use: stop the gRPC server before the loop closes under it.
+        await server.stop(None)
+        raise
     structlog.contextvars.bind_contextvars(scheduler=f"{config.host}:{port}")
     failures = coordinator.metrics.background_failures
     health_task = asyncio.create_task(
