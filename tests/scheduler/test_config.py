@@ -124,3 +124,22 @@ def test_tls_files_that_do_not_load_are_refused_naming_the_file(tmp_path: Path) 
         argv = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
         with pytest.raises(ValueError, match=f"tls: {bad} = .* does not load"):
             parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('port = "abc"', "port = 'abc': expected an integer"),
+        ("workers = 5", "workers = 5: expected a list of a string"),
+        ("insecure = 1", "insecure = 1: expected true or false"),
+        ('tls = "x"', "tls must be a table"),
+        ("[tls]\ncert = 3", r"\[tls\]: cert = 3: expected a string"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_not_a_traceback(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ValueError, match=message):
+        from_toml(path)

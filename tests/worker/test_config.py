@@ -57,3 +57,21 @@ def test_unknown_toml_keys_are_refused(tmp_path: Path) -> None:
     path.write_text('engine = "sim"\nengnie = "vllm"\n')
     with pytest.raises(ValueError, match="engnie"):
         from_toml(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('port = "abc"', "port = 'abc': expected an integer"),
+        ("[sim]\nnum_blocks = 1.5", r"\[sim\]: num_blocks = 1.5: expected an integer"),
+        ("engine = 3", "engine = 3: expected a string"),
+        ("port = [", "w.toml: "),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_not_a_traceback(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "w.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ValueError, match=message):
+        from_toml(path)

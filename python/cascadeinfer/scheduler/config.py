@@ -19,6 +19,7 @@ from cascadeinfer.security import (
     read_token,
     tls_from_arguments,
 )
+from cascadeinfer.toml_config import check_types
 
 
 @dataclass(frozen=True)
@@ -194,11 +195,16 @@ def from_toml(path: Path) -> SchedulerConfig:
     unknown = set(doc) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    tls = TlsFiles(**doc.pop("tls", {}))
+    tls_doc = doc.pop("tls", {})
+    if not isinstance(tls_doc, dict):
+        raise ValueError(f"{path}: tls must be a table ([tls])")
+    check_types(f"{path} [tls]", tls_doc, TlsFiles)
+    tls = TlsFiles(**tls_doc)
     if isinstance(doc.get("workers"), list):
         doc["workers"] = tuple(doc["workers"])
     if isinstance(doc.get("stages"), str):
         doc["stages"] = parse_stages(doc["stages"])
+    check_types(str(path), doc, SchedulerConfig)
     return SchedulerConfig(**doc, tls=tls)
 
 

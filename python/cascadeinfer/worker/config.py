@@ -16,6 +16,7 @@ from cascadeinfer.security import (
     read_token,
     tls_from_arguments,
 )
+from cascadeinfer.toml_config import check_types
 from cascadeinfer.worker.engines.sim_engine import SimEngineConfig
 
 
@@ -74,14 +75,24 @@ class WorkerConfig:
 
 
 def from_toml(path: Path) -> WorkerConfig:
-    doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    """Reads a config file (see services/cascade-worker/worker.example.toml)."""
+    try:
+        doc: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
     known = {f.name for f in fields(WorkerConfig)} - {"auth_token"}
     unknown = set(doc) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    sim = SimEngineConfig(**doc.pop("sim", {}))
-    tls = TlsFiles(**doc.pop("tls", {}))
-    return WorkerConfig(**doc, sim=sim, tls=tls)
+    tables = {}
+    for name, cls in (("sim", SimEngineConfig), ("tls", TlsFiles)):
+        table = doc.pop(name, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: {name} must be a table ([{name}])")
+        check_types(f"{path} [{name}]", table, cls)
+        tables[name] = table
+    check_types(str(path), doc, WorkerConfig)
+    return WorkerConfig(**doc, sim=SimEngineConfig(**tables["sim"]), tls=TlsFiles(**tables["tls"]))
 
 
 def parse_args(argv: list[str] | None) -> WorkerConfig:
