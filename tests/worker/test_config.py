@@ -75,3 +75,15 @@ def test_a_value_of_the_wrong_type_is_named_not_a_traceback(
     path.write_text(text + "\n")
     with pytest.raises(ValueError, match=message):
         from_toml(path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--engine", "sim", "--sim-num-blocks", "-3"], "sim num_blocks = -3: must be >= 1"),
+        (["--engine", "sim", "--sim-num-blocks", "0"], "sim num_blocks = 0: must be >= 1"),
+    ],
+)
+def test_a_sim_engine_that_could_run_nothing_is_refused(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv)

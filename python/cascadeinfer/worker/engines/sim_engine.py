@@ -44,6 +44,18 @@ class SimEngineConfig:
     vocab_size: int = 32_000
     model: str = "sim"
 
+    def __post_init__(self) -> None:
+        # A non-positive block count or length would leave the engine unable to run anything:
+        # the warm-up request would wait for blocks forever, the daemon silent.
+        for name in ("kv_bytes_per_token", "num_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"sim {name} = {value}: must be >= 1")
+        if self.vocab_size < 2:
+            raise ValueError(f"sim vocab_size = {self.vocab_size}: must be >= 2")
+        if not (math.isfinite(self.time_scale) and self.time_scale >= 0):
+            raise ValueError(f"sim time_scale = {self.time_scale}: must be finite and >= 0")
+
 
 @dataclass(frozen=True)
 class SimStepCost:
