@@ -95,6 +95,9 @@ def test_token_comes_from_file_or_environment(
         (["--max-concurrent-migrations", "0"], "max_concurrent_migrations"),
         (["--ttft-slo-s", "-1"], "ttft_slo_s"),
         (["--ttft-slo-per-token-s", "nan"], "ttft_slo_per_token_s"),
+        (["--workers", "not-an-address"], "'not-an-address' is not HOST:PORT"),
+        (["--workers", "127.0.0.1:5000,127.0.0.1"], "'127.0.0.1' is not HOST:PORT"),
+        (["--workers", "h:0"], "'h:0' is not HOST:PORT"),
     ],
 )
 def test_bad_settings_are_refused_clearly(argv: list[str], message: str) -> None:

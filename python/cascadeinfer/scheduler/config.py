@@ -109,6 +109,8 @@ class SchedulerConfig:
             raise ValueError(f"policy = {self.policy!r}: known {', '.join(POLICY_NAMES)}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
+        for address in self.workers:
+            _check_worker_address(address)
         if self.max_queue < 0:
             raise ValueError(f"max_queue = {self.max_queue}: must be >= 0")
         if self.max_prompt_bytes < 0:
@@ -183,6 +185,14 @@ def parse_stages(text: str) -> tuple[StageSpec, ...]:
         except ValueError:
             raise ValueError(f"--stages {part!r}: expected MIN-MAX:WORKERS") from None
     return tuple(stages)
+
+
+def _check_worker_address(address: str) -> None:
+    """A worker address is HOST:PORT ([IPv6]:PORT): without a port the scheduler would retry
+    an address that can never answer, serving nothing and saying nothing."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"workers: {address!r} is not HOST:PORT (a port in [1, 65535])")
 
 
 def from_toml(path: Path) -> SchedulerConfig:
