@@ -17,7 +17,7 @@ import pytest
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc
 
 from tests.worker.daemons import start_worker
-from tests.worker.streams import run_to_end
+from tests.worker.streams import generate_request, run_to_end
 
 SIM = ["--engine", "sim", "--sim-kv-bytes-per-token", "64"]
 
@@ -109,5 +109,31 @@ def test_prometheus_metrics_carry_the_engine_name(tmp_path: Path) -> None:
         ]
         assert steps and float(steps[0].split()[-1]) >= 20
         assert 'cascade_worker_kv_blocks_free{engine="sim"}' in text
+    finally:
+        worker.stop()
+
+
+def _gauge(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    line = next(x for x in text.splitlines() if x.startswith(f'{name}{{engine="sim"}}'))
+    return float(line.split()[-1])
+
+
+def test_the_load_gauges_follow_a_cancelled_request_out_of_an_idle_engine(tmp_path: Path) -> None:
+    # A request cancelled while nothing else runs leaves no engine step to report it gone:
+    # the gauges must not keep its last step's values.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = start_worker([*SIM, "--metrics-port", str(port)], tmp_path)
+    try:
+        stream = worker.stub().Generate(generate_request("c", [1] * 100, 8000), timeout=60)
+        for k, _ in enumerate(stream):
+            if k > 5:
+                break
+        assert _gauge(port, "cascade_worker_running") == 1
+        stream.cancel()
+        wait_for(lambda: _gauge(port, "cascade_worker_running") == 0, timeout=10)
+        assert _gauge(port, "cascade_worker_kv_blocks_used") == 0
     finally:
         worker.stop()

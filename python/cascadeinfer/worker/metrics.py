@@ -77,13 +77,16 @@ class WorkerMetrics:
         ).labels(engine)
         self.engine = engine
 
+    def observe_load(self, running: int, waiting: int, kv_used: int, kv_free: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_used.set(kv_used)
+        self.kv_free.set(kv_free)
+
     def observe_step(self, r: StepReport) -> None:
         self.steps.inc()
         self.step_time.observe(r.step_time_s)
         self.batch_size.observe(len(r.progress))
-        self.running.set(r.num_running)
-        self.waiting.set(r.num_waiting)
-        self.kv_used.set(r.kv_blocks_used)
-        self.kv_free.set(r.kv_blocks_free)
+        self.observe_load(r.num_running, r.num_waiting, r.kv_blocks_used, r.kv_blocks_free)
         self.prompt_tokens.inc(r.prompt_tokens)
         self.prompt_tokens_cached.inc(r.prompt_tokens_cached)

@@ -15,6 +15,7 @@ from cascadeinfer.domain import check_request_id
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.worker import convert, kv_stream
 from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
+from cascadeinfer.worker.engine_loop import EngineDead
 from cascadeinfer.worker.errors import fail
 from cascadeinfer.worker.hub import StreamEnd, StreamItem
 from cascadeinfer.worker.migration import MigrationFailed, migrate_out
@@ -95,6 +96,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await self.state.loop.call(lambda e: e.abort(request_id))
         self.state.hub.end(request_id, FinishReason.ABORT)
         log.info("aborted_on_disconnect", request_id=request_id)
+        with contextlib.suppress(EngineError, EngineDead):
+            await self._load_now()
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: Context
@@ -163,24 +166,35 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         # it sent here, an operator), the feeds say it ended: a scheduler still streaming it
         # to a client would otherwise wait for tokens that never come.
         self.state.hub.end(rid, FinishReason.ABORT, tell_feeds=True)
+        with contextlib.suppress(EngineError, EngineDead):
+            await self._load_now()
         return worker_pb2.AbortResponse()
 
-    async def GetLoad(
-        self, request: worker_pb2.GetLoadRequest, context: Context
-    ) -> worker_pb2.LoadReport:
+    async def _load_now(self) -> tuple[int, int, int, int]:
+        """(running, waiting, KV blocks used, free) as they are now, also set on the load
+        gauges: the last step report goes stale once the engine idles (an abort leaves no step
+        to report it), and the hub knows what is here now."""
+
         def counts(e: Engine) -> tuple[int, int]:
             return e.num_free_blocks(), e.num_blocks_total
 
         free, total = await self.state.loop.call(counts)
         last = self.state.hub.last_report
-        # The last step report goes stale once the engine idles; the hub knows what is here now.
         present = len(self.state.hub.requests)
         running = min(last.num_running if last else 0, present)
+        self.state.metrics.observe_load(running, present - running, total - free, free)
+        return running, present - running, total - free, free
+
+    async def GetLoad(
+        self, request: worker_pb2.GetLoadRequest, context: Context
+    ) -> worker_pb2.LoadReport:
+        running, waiting, used, free = await self._load_now()
+        last = self.state.hub.last_report
         return worker_pb2.LoadReport(
             worker_id=self.state.worker_id,
             num_running=running,
-            num_waiting=present - running,
-            kv_blocks_used=total - free,
+            num_waiting=waiting,
+            kv_blocks_used=used,
             kv_blocks_free=free,
             kv_block_size=self.state.loop.engine.layout.block_size,
             sum_context_tokens=self.state.hub.sum_context(),
