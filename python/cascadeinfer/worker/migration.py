@@ -186,6 +186,13 @@ async def _recover(
         return  # never stopped: it is still running here
     try:
         rest = await export
+    except EngineError as e:
+        if e.code is ErrorCode.NOT_FOUND:
+            # It finished (or was aborted) as its move began: nothing to resume.
+            log.info("migration_export_found_nothing", error=str(e))
+            return
+        log.exception("migration_export_failed")
+        return
     except Exception:
         log.exception("migration_export_failed")
         return
