@@ -91,7 +91,19 @@ def wait_serving(process: subprocess.Popen[str], log_path: Path, timeout: float)
         time.sleep(0.1)
     if process.poll() is None:
         process.kill()
-    raise RuntimeError(f"{log_path.name} did not start serving:\n{log_path.read_text()[-3000:]}")
+    raise DaemonStartError(log_path)
+
+
+class DaemonStartError(RuntimeError):
+    """A daemon exited, or did not say it serves in time. `reason` is what it said about it:
+    its own error lines (`PROG: error: ...`), else the end of its log."""
+
+    def __init__(self, log_path: Path) -> None:
+        text = log_path.read_text(errors="replace")
+        said = [line for line in text.splitlines() if ": error: " in line or ": fatal: " in line]
+        self.log_path = log_path
+        self.reason = "\n".join(said) if said else text[-3000:]
+        super().__init__(f"{log_path.name} did not start serving:\n{self.reason}")
 
 
 def start_many(

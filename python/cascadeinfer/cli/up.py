@@ -7,6 +7,7 @@ import contextlib
 import os
 import secrets
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 from cascadeinfer.cli.client import generate, scheduler_stub
 from cascadeinfer.cli.status import format_state
 from cascadeinfer.config import POLICY_NAMES
-from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, start_many
+from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, DaemonStartError, start_many
 from cascadeinfer.proto.v1 import scheduler_pb2
 from cascadeinfer.proto.v1.scheduler_pb2_grpc import SchedulerServiceStub
 from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
@@ -128,53 +129,13 @@ def run(args: argparse.Namespace) -> int:
     # OMP_NUM_THREADS wins).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     try:
-        daemons = start_many(WORKER, [[*worker_args(args), *auth]] * args.workers, log_dir)
-        max_len = 8192 if args.engine == "sim" else 2048
-        # Doubling stages show migrations on any traffic; a workload or rate asks for a plan.
-        is_planned = args.workload is not None or args.rate is not None
-        stages = args.stages or (
-            default_stages(args.workers, max_len)
-            if args.policy == "cascade" and not is_planned
-            else None
-        )
-        sched_args = [*auth, "--workers", ",".join(d.address for d in daemons)]
-        sched_args += ["--policy", args.policy]
-        if stages:
-            sched_args += ["--stages", stages]
-        sched_args += ["--port", str(args.port), "--http-port", str(args.http_port)]
-        profile = args.profile or ("cpu-vllm-tiny-llama" if args.engine == "vllm" else None)
-        for flag, value in (("--profile", profile), ("--workload", args.workload)):
-            if value:
-                sched_args += [flag, value]
-        if args.rate is not None:
-            sched_args += ["--rate", str(args.rate)]
-        sched_args += ["--tokenizer", str(tokenizer_for(args, log_dir))]
-        scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120)[0]
-        daemons.append(scheduler)
-        for d in daemons[:-1]:
-            print(f"worker     {d.address} ({d.engine})")
-        print(f"scheduler  {scheduler.address} (policy {scheduler.engine})")
-        model = scheduler.openai_models[0] if scheduler.openai_models else "?"
-        print(f"openai     {scheduler.openai_url} (model {model!r})")
-        print(f"auth token {token_file} (every call needs it: --auth-token-file, or HTTP Bearer)\n")
-        stub = scheduler_stub(scheduler.address, token_file=str(token_file))
-        state = stub.GetClusterState(scheduler_pb2.GetClusterStateRequest())
-        print(format_state(state) + "\n")
-        if not args.no_demo:
-            demo(stub, list(state.stages))
-        if args.exit_after_demo:
-            return 0
-        print(
-            f"\nserving; try: cascade generate --address {scheduler.address} "
-            f"--auth-token-file {token_file} --prompt-token-ids 1,2,3 --max-tokens 16"
-        )
-        print(f"or: {curl_example(scheduler.openai_url, model, token_file)}")
-        print("Ctrl-C stops the cluster.", flush=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        with contextlib.suppress(KeyboardInterrupt):
-            stop.wait()
-        return 0
+        return _serve(args, log_dir, token_file, auth, daemons)
+    except DaemonStartError as e:
+        # Another cluster on the same ports, a model directory that is not there: the daemon's
+        # own error says what to change.
+        print(f"cascade up: error: {e.log_path.name} did not start:\n{e.reason}", file=sys.stderr)
+        print(f"(logs in {log_dir})", file=sys.stderr)
+        return 1
     finally:
         for d in reversed(daemons):
             try:
@@ -182,3 +143,61 @@ def run(args: argparse.Namespace) -> int:
             except Exception:
                 d.kill()
         print("cluster stopped")
+
+
+def _serve(
+    args: argparse.Namespace,
+    log_dir: Path,
+    token_file: Path,
+    auth: list[str],
+    daemons: list[Daemon],
+) -> int:
+    """Starts the cluster (each daemon appended to `daemons` as it serves), runs the demo, and
+    serves until Ctrl-C or SIGTERM."""
+    daemons += start_many(WORKER, [[*worker_args(args), *auth]] * args.workers, log_dir)
+    max_len = 8192 if args.engine == "sim" else 2048
+    # Doubling stages show migrations on any traffic; a workload or rate asks for a plan.
+    is_planned = args.workload is not None or args.rate is not None
+    stages = args.stages or (
+        default_stages(args.workers, max_len)
+        if args.policy == "cascade" and not is_planned
+        else None
+    )
+    sched_args = [*auth, "--workers", ",".join(d.address for d in daemons)]
+    sched_args += ["--policy", args.policy]
+    if stages:
+        sched_args += ["--stages", stages]
+    sched_args += ["--port", str(args.port), "--http-port", str(args.http_port)]
+    profile = args.profile or ("cpu-vllm-tiny-llama" if args.engine == "vllm" else None)
+    for flag, value in (("--profile", profile), ("--workload", args.workload)):
+        if value:
+            sched_args += [flag, value]
+    if args.rate is not None:
+        sched_args += ["--rate", str(args.rate)]
+    sched_args += ["--tokenizer", str(tokenizer_for(args, log_dir))]
+    scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120)[0]
+    daemons.append(scheduler)
+    for d in daemons[:-1]:
+        print(f"worker     {d.address} ({d.engine})")
+    print(f"scheduler  {scheduler.address} (policy {scheduler.engine})")
+    model = scheduler.openai_models[0] if scheduler.openai_models else "?"
+    print(f"openai     {scheduler.openai_url} (model {model!r})")
+    print(f"auth token {token_file} (every call needs it: --auth-token-file, or HTTP Bearer)\n")
+    stub = scheduler_stub(scheduler.address, token_file=str(token_file))
+    state = stub.GetClusterState(scheduler_pb2.GetClusterStateRequest())
+    print(format_state(state) + "\n")
+    if not args.no_demo:
+        demo(stub, list(state.stages))
+    if args.exit_after_demo:
+        return 0
+    print(
+        f"\nserving; try: cascade generate --address {scheduler.address} "
+        f"--auth-token-file {token_file} --prompt-token-ids 1,2,3 --max-tokens 16"
+    )
+    print(f"or: {curl_example(scheduler.openai_url, model, token_file)}")
+    print("Ctrl-C stops the cluster.", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    return 0
