@@ -82,8 +82,9 @@ def test_a_value_of_the_wrong_type_is_named_not_a_traceback(
     [
         (["--engine", "sim", "--sim-num-blocks", "-3"], "sim num_blocks = -3: must be >= 1"),
         (["--engine", "sim", "--sim-num-blocks", "0"], "sim num_blocks = 0: must be >= 1"),
+        (["--engine", "vllm", "--model", "/nonexistent/model"], "no such model directory"),
     ],
 )
-def test_a_sim_engine_that_could_run_nothing_is_refused(argv: list[str], message: str) -> None:
+def test_an_engine_that_could_run_nothing_is_refused(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_args(argv)

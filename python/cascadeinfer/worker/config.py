@@ -70,6 +70,11 @@ class WorkerConfig:
             raise ValueError(f"link_timeout_s = {self.link_timeout_s}: must be > 0")
         if self.orphan_timeout_s <= 0:
             raise ValueError(f"orphan_timeout_s = {self.orphan_timeout_s}: must be > 0")
+        # A path, not a hub id, that is not there: vLLM would take it for a malformed repo id
+        # and fail after a long import with a page of traceback.
+        is_path = self.model.startswith(("/", "./", "../", "~"))
+        if self.engine == "vllm" and is_path and not Path(self.model).expanduser().is_dir():
+            raise ValueError(f"model = {self.model!r}: no such model directory")
         self.tls.validate(is_server=True)
         check_exposure(self.host, self.auth_token, self.tls, self.insecure)
 
