@@ -109,39 +109,58 @@ def main() -> None:
         rate = round(factor * no_regret._capacity(path, args.instances), 3)
         jobs.append((str(path), rate, args.instances, num_requests, {}))
         shapes.append(f"{num_requests} req, {num_classes} classes, CV {cv:g}, {factor:.2f}x")
+    cells = run_cells(jobs, shapes, args.out)
+    print(f"\n{summary(cells)}; at or under 0.5x on the mean in {sum(c[0] <= 0.5 for c in cells)}")
+
+
+Cell = tuple[float, float, str | None]
+"""Cascade's mean and p99 over the best baseline's, and the baseline it ran exactly, if any."""
+
+
+def run_cells(
+    jobs: list[tuple[str, float, int, int, dict[str, list[float]]]],
+    shapes: list[str] | None,
+    out: Path | None,
+) -> list[Cell]:
+    """Runs `jobs` (`no_regret._cell`'s arguments) two at a time, printing a markdown row per
+    cell as it ends (with its `shapes` entry, when given) and appending its figures to `out`."""
+    shape_col = " shape |" if shapes else ""
     print(
-        "| trace | shape | rate | cascade mean / best | best (mean) | cascade p99 / best | best (p99) |"
+        f"| trace |{shape_col} rate | cascade mean / best | best (mean) | cascade p99 / best "
+        "| best (p99) |"
     )
-    print("|---|---|---|---|---|---|---|")
-    cells: list[tuple[float, float, str | None]] = []
+    print("|---" * (7 if shapes else 6) + "|")
+    cells: list[Cell] = []
     with ProcessPoolExecutor(2) as pool:
-        for shape, cell in zip(shapes, pool.map(no_regret._cell, jobs), strict=True):
+        for k, cell in enumerate(pool.map(no_regret._cell, jobs)):
             mean, p99, by_mean, by_p99 = no_regret._ratios(cell)
             ran_as = _ran_as(cell)
             cells.append((mean, p99, ran_as))
             flag = " **over**" if max(mean, p99) > no_regret.REGRET else ""
             note = f" (ran as {ran_as})" if ran_as else ""
+            shape = f" {shapes[k]} |" if shapes else ""
             print(
-                f"| {cell['trace']} | {shape} | {cell['rate']:g} | {mean:.3f}x | {by_mean} "
+                f"| {cell['trace']} |{shape} {cell['rate']:g} | {mean:.3f}x | {by_mean} "
                 f"| {p99:.3f}x | {by_p99} |{flag}{note}",
                 flush=True,
             )
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(json.dumps(cell | {"shape": shape}) + "\n")
+            if out:
+                with out.open("a") as f:
+                    f.write(json.dumps(cell | ({"shape": shapes[k]} if shapes else {})) + "\n")
+    return cells
+
+
+def summary(cells: list[Cell]) -> str:
+    """Cells over the bound, geometric means and the worst ratios, in one sentence."""
     regret = no_regret.REGRET
-    geo = (
-        math.exp(statistics.mean(math.log(c[0]) for c in cells)),
-        math.exp(statistics.mean(math.log(c[1]) for c in cells)),
-    )
+    geo = [math.exp(statistics.mean(math.log(c[k]) for c in cells)) for k in (0, 1)]
     over = [c for c in cells if max(c[0], c[1]) > regret]
-    print(
-        f"\n{len(cells)} cells: mean over {regret}x in {sum(c[0] > regret for c in cells)}, "
+    return (
+        f"{len(cells)} cells: mean over {regret}x in {sum(c[0] > regret for c in cells)}, "
         f"p99 over in {sum(c[1] > regret for c in cells)} ({sum(c[2] is not None for c in over)} "
         f"of the cells over ran a baseline decision for decision); geometric means "
         f"{geo[0]:.3f} (mean), {geo[1]:.3f} (p99); worst {max(c[0] for c in cells):.3f}x "
-        f"(mean), {max(c[1] for c in cells):.3f}x (p99); at or under 0.5x on the mean in "
-        f"{sum(c[0] <= 0.5 for c in cells)}"
+        f"(mean), {max(c[1] for c in cells):.3f}x (p99)"
     )
 
 

@@ -19,12 +19,8 @@ sim --workload TRACE --rate R --seed 1` does (default profile). About 2 minutes 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import statistics
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,32 +54,8 @@ def main() -> None:
             for factor in args.capacity_factors.split(","):
                 rate = round(float(factor) * capacity, 3)
                 jobs.append((str(path), rate, args.instances, args.requests, {}))
-    print("| trace | rate | cascade mean / best | best (mean) | cascade p99 / best | best (p99) |")
-    print("|---|---|---|---|---|---|")
-    cells: list[tuple[float, float, str | None]] = []
-    with ProcessPoolExecutor(2) as pool:
-        for cell in pool.map(no_regret._cell, jobs):
-            mean, p99, by_mean, by_p99 = no_regret._ratios(cell)
-            ran_as = random_mixtures._ran_as(cell)
-            cells.append((mean, p99, ran_as))
-            flag = " **over**" if max(mean, p99) > no_regret.REGRET else ""
-            note = f" (ran as {ran_as})" if ran_as else ""
-            print(
-                f"| {cell['trace']} | {cell['rate']:g} | {mean:.3f}x | {by_mean} "
-                f"| {p99:.3f}x | {by_p99} |{flag}{note}",
-                flush=True,
-            )
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(json.dumps(cell) + "\n")
-    regret = no_regret.REGRET
-    geo = [math.exp(statistics.mean(math.log(c[k]) for c in cells)) for k in (0, 1)]
-    print(
-        f"\n{len(cells)} cells: mean over {regret}x in {sum(c[0] > regret for c in cells)}, "
-        f"p99 over in {sum(c[1] > regret for c in cells)}; geometric means {geo[0]:.3f} (mean), "
-        f"{geo[1]:.3f} (p99); worst {max(c[0] for c in cells):.3f}x (mean), "
-        f"{max(c[1] for c in cells):.3f}x (p99)"
-    )
+    cells = random_mixtures.run_cells(jobs, None, args.out)
+    print(f"\n{random_mixtures.summary(cells)}")
 
 
 if __name__ == "__main__":
