@@ -136,6 +136,41 @@ def test_only_the_token_that_started_a_request_can_abort_it(cluster: Cluster) ->
     assert responses[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
 
 
+def test_two_clients_may_choose_the_same_id_and_neither_can_tell(cluster: Cluster) -> None:
+    # Ids are the clients' to choose: Bob picking the id Alice's running request has must
+    # neither be refused (that would tell him it is in use) nor touch hers.
+    started = threading.Event()
+    alices: list[scheduler_pb2.ClientGenerateResponse] = []
+
+    def run() -> None:
+        for r in cluster.scheduler_stub(ALICE).Generate(request("same-id", 8000), timeout=120):
+            alices.append(r)
+            started.set()
+
+    reader = threading.Thread(target=run)
+    reader.start()
+    assert started.wait(60)
+    bobs = list(cluster.scheduler_stub(BOB).Generate(request("same-id", 6), timeout=60))
+    assert bobs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert {r.request_id for r in bobs} == {"same-id"}
+    assert sum(len(r.tokens.token_ids) for r in bobs) == 6
+    with pytest.raises(grpc.RpcError) as e:  # Bob's is over; Alice's is not his
+        cluster.scheduler_stub(BOB).Abort(
+            scheduler_pb2.ClientAbortRequest(request_id="same-id"), timeout=10
+        )
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:  # Alice's own id twice: hers to know
+        list(cluster.scheduler_stub(ALICE).Generate(request("same-id", 4), timeout=60))
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert reader.is_alive(), "Bob's request touched Alice's"
+    cluster.scheduler_stub(ALICE).Abort(
+        scheduler_pb2.ClientAbortRequest(request_id="same-id"), timeout=10
+    )
+    reader.join(60)
+    assert alices[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+    assert {r.request_id for r in alices} == {"same-id"}
+
+
 def test_the_http_api_takes_the_client_tokens(cluster: Cluster) -> None:
     url = cluster.scheduler.openai_url + "/completions"
     body = {"model": cluster.scheduler.openai_models[0], "prompt": "Hi", "max_tokens": 3}

@@ -13,6 +13,7 @@ import asyncio
 import heapq
 import itertools
 import time
+import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,9 @@ class Coordinator:
         )
         self.policy: _core.Scheduler | None = None
         self.requests: dict[str, ClientRequest] = {}
+        """By `request_id`, the id the workers know."""
+        self._by_client: dict[tuple[str, str], ClientRequest] = {}
+        """By (owner, the id its client gave)."""
         self._by_core: dict[int, ClientRequest] = {}
         self._queue: list[tuple[int, int, str]] = []
         self._core_ids = itertools.count(1)
@@ -570,10 +574,7 @@ class Coordinator:
         owner: str = "",
     ) -> ClientRequest:
         _refuse_long_request_id(request_id)
-        if request_id in self.requests:
-            raise SchedulingError(
-                grpc.StatusCode.ALREADY_EXISTS, f"request id {request_id!r} is in use"
-            )
+        self._refuse_id_in_use(owner, request_id)
         if session_id is not None and len(session_id) > MAX_SESSION_ID_CHARS:
             raise SchedulingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -581,8 +582,23 @@ class Coordinator:
             )
         core_id = next(self._core_ids)
         return ClientRequest(
-            request_id, core_id, prompt, sampling, priority, session_id or None, owner=owner
+            request_id,
+            core_id,
+            prompt,
+            sampling,
+            priority,
+            session_id or None,
+            owner=owner,
+            client_id=request_id,
         )
+
+    def _refuse_id_in_use(self, owner: str, client_id: str) -> None:
+        """ALREADY_EXISTS when this owner already runs a request of this id; another owner's
+        request of the same id is not this one's business (`ClientRequest.client_id`)."""
+        if (owner, client_id) in self._by_client:
+            raise SchedulingError(
+                grpc.StatusCode.ALREADY_EXISTS, f"request id {client_id!r} is in use"
+            )
 
     async def submit(self, rec: ClientRequest) -> None:
         """Admits a request now or queues it; raises SchedulingError when it cannot be taken."""
@@ -593,7 +609,11 @@ class Coordinator:
                 f"prompt of {rec.context_len} tokens plus max_tokens {rec.sampling.max_tokens} "
                 f"exceeds the model's length {self.max_model_len}",
             )
+        self._refuse_id_in_use(rec.owner, rec.client_id)
+        if rec.request_id in self.requests:
+            rec.request_id = uuid.uuid4().hex  # another owner's request has this id
         self.requests[rec.request_id] = rec
+        self._by_client[(rec.owner, rec.client_id)] = rec
         self._by_core[rec.core_id] = rec
         try:
             placed = await self._try_place(rec)
@@ -619,6 +639,8 @@ class Coordinator:
 
     def _forget(self, rec: ClientRequest) -> None:
         self.requests.pop(rec.request_id, None)
+        if self._by_client.get((rec.owner, rec.client_id)) is rec:
+            del self._by_client[(rec.owner, rec.client_id)]
         self._by_core.pop(rec.core_id, None)
 
     async def _try_place(self, rec: ClientRequest) -> bool:
@@ -727,8 +749,11 @@ class Coordinator:
         another owner started is not found, as if it did not exist: ids are the clients' to
         choose, so one client must not end or probe another's."""
         _refuse_long_request_id(request_id)  # never an id in use; not echoed whole
-        rec = self.requests.get(request_id)
-        if rec is None or (owner is not None and owner != rec.owner):
+        if owner is None:
+            rec = self.requests.get(request_id)
+        else:
+            rec = self._by_client.get((owner, request_id))
+        if rec is None:
             raise SchedulingError(grpc.StatusCode.NOT_FOUND, f"no request {request_id!r}")
         link = self.pool.by_id.get(rec.worker_id or "")
         self._end(rec, FinishReason.ABORT)

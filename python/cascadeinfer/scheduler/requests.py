@@ -42,6 +42,10 @@ class ClientRequest:
     sessions place it where the conversation's KV is likely cached)."""
     owner: str = ""
     """Who may abort it: `security.credential_owner` of the credential it came with."""
+    client_id: str = ""
+    """The id its client gave (`request_id` when empty). Ids are the clients' to choose, so two
+    owners may pick the same one: the second then runs under an id of the scheduler's own
+    (`request_id`, what the workers see), and neither can tell the other's exists."""
     arrived_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -84,6 +88,9 @@ class ClientRequest:
     """Ended because the scheduler is stopping (its stream ends UNAVAILABLE)."""
     detokenizer: Detokenizer | None = None
     """Set for text prompts: the client gets text along with token ids."""
+
+    def __post_init__(self) -> None:
+        self.client_id = self.client_id or self.request_id
 
     @property
     def context_len(self) -> int:

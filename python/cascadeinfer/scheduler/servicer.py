@@ -53,7 +53,7 @@ def _timings(rec: ClientRequest) -> scheduler_pb2.RequestTimings:
 
 def _response(rec: ClientRequest, d: Delivery) -> scheduler_pb2.ClientGenerateResponse:
     r = scheduler_pb2.ClientGenerateResponse(
-        request_id=rec.request_id,
+        request_id=rec.client_id,
         tokens=common_pb2.TokenChunk(token_ids=d.token_ids, first_index=d.first_index),
     )
     if rec.detokenizer is not None:
