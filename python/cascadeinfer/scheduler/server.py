@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -40,21 +41,36 @@ log = structlog.get_logger("cascade-scheduler")
 HEALTH_INTERVAL_S = 0.2
 
 
+WAITING_LOG_S = 30.0
+"""While --workers are missing, how often the scheduler says which and why."""
+
+
 async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str, ...]) -> None:
-    """Connects the --workers list, retrying those not up yet."""
+    """Connects the --workers list, retrying those not up yet; every WAITING_LOG_S it says which
+    it still waits for (the scheduler serves nothing until they are all there), so a wrong
+    address or token does not look like a slow start."""
     pending = list(addresses)
     refused: set[str] = set()
+    said_at = time.monotonic()
     while pending:
         for address in list(pending):
             try:
                 await coordinator.add_worker(address)
                 pending.remove(address)
+                refused.discard(address)
             except WorkerUnreachable:
                 pass  # retried like a worker not up yet
             except WorkerCallError as e:
                 if e.code == grpc.StatusCode.UNAUTHENTICATED and address not in refused:
-                    refused.add(address)  # said once; retried like a worker not up yet
+                    refused.add(address)  # retried like a worker not up yet
                     log.error("worker_refused_token", address=address, error=e.details)
+        if pending and time.monotonic() - said_at >= WAITING_LOG_S:
+            said_at = time.monotonic()
+            log.warning(
+                "waiting_for_workers",
+                unreachable=[a for a in pending if a not in refused],
+                refused_token=sorted(refused),
+            )
         if pending:
             await asyncio.sleep(0.5)
 
