@@ -71,6 +71,15 @@ class Counters:
     plan_changed_at: float = 0.0
 
 
+def _longest_context(info: worker_pb2.WorkerInfo) -> int:
+    """The longest request a worker can run: its model's length, or its KV capacity where that
+    is less. vLLM refuses to start with less KV than one request of its max_model_len needs;
+    an engine that allowed it would hold such a request waiting for blocks forever, so the
+    scheduler refuses it up front instead."""
+    kv_tokens = info.kv_blocks_total * info.layout.block_size
+    return min(info.max_model_len, kv_tokens) if kv_tokens > 0 else info.max_model_len
+
+
 class Coordinator:
     def __init__(self, config: SchedulerConfig, pool: WorkerPool | None = None) -> None:
         """`pool` defaults to gRPC clients built from `config`; tests pass fakes."""
@@ -174,7 +183,7 @@ class Coordinator:
     def _build_policy(self) -> None:
         workers = self.pool.healthy()
         instances = [w.instance for w in workers]
-        self.max_model_len = min(w.info.max_model_len for w in workers)
+        self.max_model_len = min(_longest_context(w.info) for w in workers)
         c = self.config
         self.policy = build_policy(
             c.policy,
@@ -607,7 +616,8 @@ class Coordinator:
             raise SchedulingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt of {rec.context_len} tokens plus max_tokens {rec.sampling.max_tokens} "
-                f"exceeds the model's length {self.max_model_len}",
+                f"exceeds the model's length {self.max_model_len} (the longest context every "
+                "worker can hold)",
             )
         self._refuse_id_in_use(rec.owner, rec.client_id)
         if rec.request_id in self.requests:
