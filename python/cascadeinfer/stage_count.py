@@ -268,13 +268,13 @@ def conversation_trace(
     gap_stream: Iterator[float]
     if sum(start_gaps) <= 0:
         gap_stream = itertools.repeat(0.0)  # one conversation, or all starting at once
-    elif arrival_cv is None:
-        rate = len(start_gaps) / (sum(start_gaps) * time_scale)
-        gap_stream = _resampled_gaps(
-            random.Random(-(seed + SELECTION_SEED_OFFSET)), start_gaps, rate
-        )
     else:
-        gap_stream = _gamma_gaps(rng, len(start_gaps) / (sum(start_gaps) * time_scale), arrival_cv)
+        rate = len(start_gaps) / (sum(start_gaps) * time_scale)  # of conversations' starts
+        if arrival_cv is None:
+            own_rng = random.Random(-(seed + SELECTION_SEED_OFFSET))
+            gap_stream = _resampled_gaps(own_rng, start_gaps, rate)
+        else:
+            gap_stream = _gamma_gaps(rng, rate, arrival_cv)
     trace: list[TraceEntry] = []
     now, i = 0.0, 0
     for drawn in range(len(conversations)):

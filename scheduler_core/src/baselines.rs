@@ -132,10 +132,7 @@ impl Baseline {
         let prompt_len = request.prompt_len;
         let instances = self.instances().to_vec();
         match self.kind {
-            BaselineKind::CacheAware => {
-                let least = self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, true, None)?;
-                Some(cache_holder(&self.router, &self.cache_aware, request, least).unwrap_or(least))
-            }
+            BaselineKind::CacheAware => cache_aware_choice(&self.router, &self.cache_aware, request),
             BaselineKind::LeastLoad => {
                 self.router.loads.least_loaded(&self.router.profile, &instances, prompt_len, true, None)
             }
@@ -169,11 +166,24 @@ impl Baseline {
     }
 }
 
-/// The instance with room holding the longest part of `request`'s prompt, when the
-/// cache-aware rule (`config`) prefers it to `least`, the least-loaded instance of `router`'s
-/// fleet. Shared with cascade's one-stage form that runs this way
+/// Where the cache-aware rule (`config`) places `request` on `router`'s first stage (its whole
+/// fleet when it has one): the holder of the longest part of its prompt, unless that one is far
+/// busier than the least-loaded instance, which gets it otherwise; `None` when no instance has
+/// room. Shared with cascade's one-stage form that runs this way
 /// ([`crate::cascade::OneStageTurns::CacheAware`]).
-pub(crate) fn cache_holder(
+pub(crate) fn cache_aware_choice(
+    router: &Router,
+    config: &CacheAwareConfig,
+    request: &NewRequest,
+) -> Option<InstanceId> {
+    let instances = &router.layout.stages()[0].instances;
+    let least = router.loads.least_loaded(&router.profile, instances, request.prompt_len, true, None)?;
+    Some(cache_holder(router, config, request, least).unwrap_or(least))
+}
+
+/// The instance with room holding the longest part of `request`'s prompt, when the
+/// cache-aware rule (`config`) prefers it to `least`, the least-loaded instance.
+fn cache_holder(
     router: &Router,
     config: &CacheAwareConfig,
     request: &NewRequest,

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use crate::balance::{BalanceConfig, Balancer};
-use crate::baselines::{cache_holder, CacheAwareConfig, LlumnixConfig};
+use crate::baselines::{cache_aware_choice, CacheAwareConfig, LlumnixConfig};
 use crate::capacity::{CapacityConfig, CapacityGuard};
 use crate::cost::CostProfile;
 use crate::error::Result;
@@ -153,12 +153,9 @@ impl CascadePolicy {
     fn admit_turn_cache_aware(&mut self, new: &NewRequest) -> Result<Option<Admission>> {
         let NewRequest { id: request, prompt_len, session } = *new;
         self.router.check_len(prompt_len)?;
-        let instances = &self.router.layout.stages()[0].instances;
-        let Some(least) = self.router.loads.least_loaded(&self.router.profile, instances, prompt_len, true, None)
-        else {
+        let Some(instance) = cache_aware_choice(&self.router, &CacheAwareConfig::default(), new) else {
             return Ok(None);
         };
-        let instance = cache_holder(&self.router, &CacheAwareConfig::default(), new, least).unwrap_or(least);
         self.router.loads.add_queued(instance, request, prompt_len);
         if let Some(turn) = session {
             self.router.prefixes.placed(request, turn.session, instance, prompt_len);

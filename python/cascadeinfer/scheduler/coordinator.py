@@ -619,6 +619,7 @@ class Coordinator:
                 f"exceeds the model's length {self.max_model_len} (the longest context every "
                 "worker can hold)",
             )
+        # Again: new_request refused early, but another call may have taken the id since.
         self._refuse_id_in_use(rec.owner, rec.client_id)
         if rec.request_id in self.requests:
             rec.request_id = uuid.uuid4().hex  # another owner's request has this id

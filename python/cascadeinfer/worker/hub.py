@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cascadeinfer.worker.engine import FinishReason, RequestProgress, StepReport
 from cascadeinfer.worker.feed import FeedBuffer
@@ -94,17 +94,10 @@ class Hub:
         for q in tracked.subscribers:
             q.put_nowait(StreamEnd(reason, tracked.context_len, migrated_to))
         if tell_feeds and self._step_subscribers:
-            last = self.last_report
+            # The last step's counters, with this request's end as its only progress.
             ended = RequestProgress(request_id, (), tracked.num_output, tracked.context_len, reason)
-            report = StepReport(
-                step_index=last.step_index if last else 0,
-                step_time_s=last.step_time_s if last else 0.0,
-                progress=(ended,),
-                num_running=last.num_running if last else 0,
-                num_waiting=last.num_waiting if last else 0,
-                kv_blocks_used=last.kv_blocks_used if last else 0,
-                kv_blocks_free=last.kv_blocks_free if last else 0,
-            )
+            last = self.last_report or StepReport(0, 0.0, (), 0, 0, 0, 0)
+            report = replace(last, progress=(ended,))
             for feed in self._step_subscribers:
                 feed.add(report)
 
