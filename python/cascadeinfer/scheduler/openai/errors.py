@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 from starlette.responses import JSONResponse
 
-from cascadeinfer.scheduler.openai.schema import ErrorBody, ErrorResponse
+from cascadeinfer.scheduler.openai.schema import ErrorBody, ErrorResponse, json_type
 
 STATUS_OF_GRPC = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -85,23 +85,6 @@ def _most_telling(errors: list[ErrorDetails]) -> ErrorDetails:
     return max(errors, key=lambda x: len(x["loc"]))
 
 
-def _json_type(value: object) -> str:
-    """The JSON type of a parsed value, as a client wrote it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a decimal number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 def from_validation(e: ValidationError) -> APIError:
     """The most telling problem pydantic found, named by its field path (`messages.0.role`).
     A value of the wrong JSON type says which type it was ("max_tokens: Input should be a
@@ -115,10 +98,10 @@ def from_validation(e: ValidationError) -> APIError:
     if not first["loc"] and "field" in first.get("ctx", {}):
         return APIError(400, first["msg"], param=str(first["ctx"]["field"]))  # ours, worded
     if not first["loc"] and first["type"] == "model_type":
-        return APIError(400, f"the body should be a JSON object, got {_json_type(first['input'])}")
+        return APIError(400, f"the body should be a JSON object, got {json_type(first['input'])}")
     why = first["msg"]
     if first["type"].endswith("_type"):
-        why = f"{why}, got {_json_type(first['input'])}"
+        why = f"{why}, got {json_type(first['input'])}"
     message = f"{param}: {why}" if param else why
     if first["type"] == "extra_forbidden":
         message = f"{param}: not supported by this server"
