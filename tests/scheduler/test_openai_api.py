@@ -621,6 +621,9 @@ def test_bad_token_unknown_model_and_bad_json(front: Front) -> None:
     assert e.value.code == "model_not_found"
     r = httpx.post(url, content=b"{not json", headers=AUTH, timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    huge = b'{"model": "sim", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}"
+    r = httpx.post(url, content=huge, headers=AUTH, timeout=30)  # past Python's 4300 digits
+    assert r.status_code == 400 and "digits" in r.json()["error"]["message"], r.text
     r = httpx.post(url, content=b"x" * (5 << 20), headers=AUTH, timeout=30)
     assert r.status_code == 413
     assert (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -154,6 +155,12 @@ class OpenAIFront:
         except RecursionError:
             # Nesting deeper than the parser's stack (a few KiB of brackets does it).
             raise invalid("body is not JSON this server reads: nested too deeply") from None
+        except ValueError:
+            # Python's bound on integer conversion, which its JSON parser applies (a 500 before).
+            raise invalid(
+                f"body is not JSON this server reads: a number of over {sys.get_int_max_str_digits()}"
+                " digits"
+            ) from None
         try:
             return model.model_validate(raw)
         except ValidationError as e:
