@@ -101,6 +101,7 @@ class Coordinator:
         self._migrations = asyncio.Semaphore(config.max_concurrent_migrations)
         self._tasks: set[asyncio.Task[None]] = set()
         self._connecting: dict[str, asyncio.Future[WorkerLink]] = {}
+        self._said_id_in_use: set[str] = set()
         self._is_closing = False
         self.is_stopping = False
         """Set by `cut_off`: new requests are refused with UNAVAILABLE."""
@@ -179,6 +180,15 @@ class Coordinator:
                 self._left_in_plan.discard(instance)
         log.info("worker_added", worker_id=link.worker_id, address=address, instance=link.instance)
         return link
+
+    def say_id_in_use(self, address: str, why: str) -> None:
+        """Logs a worker refused for an id in use, once per address (it retries every second)."""
+        if address in self._said_id_in_use:
+            return
+        if len(self._said_id_in_use) >= 1024:
+            self._said_id_in_use.clear()
+        self._said_id_in_use.add(address)
+        log.error("worker_id_in_use", address=address, error=why)
 
     def _build_policy(self) -> None:
         workers = self.pool.healthy()

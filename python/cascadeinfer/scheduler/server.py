@@ -29,7 +29,7 @@ from cascadeinfer.scheduler.openai.server import STOP_GRACE_S, HttpFront, start_
 from cascadeinfer.scheduler.servicer import RegistryServicer, SchedulerServicer
 from cascadeinfer.scheduler.tasks import watch_essential
 from cascadeinfer.scheduler.worker_client import WorkerCallError
-from cascadeinfer.scheduler.workers import WorkerUnreachable
+from cascadeinfer.scheduler.workers import WorkerIdInUse, WorkerUnreachable
 from cascadeinfer.security import BearerTokenInterceptor, add_port
 
 SCHEDULER = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
@@ -51,6 +51,7 @@ async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str,
     address or token does not look like a slow start."""
     pending = list(addresses)
     refused: set[str] = set()
+    in_use: set[str] = set()
     said_at = time.monotonic()
     while pending:
         for address in list(pending):
@@ -58,6 +59,11 @@ async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str,
                 await coordinator.add_worker(address)
                 pending.remove(address)
                 refused.discard(address)
+                in_use.discard(address)
+            except WorkerIdInUse as e:
+                if address not in in_use:
+                    in_use.add(address)  # retried: the other may leave
+                    log.error("worker_id_in_use", address=address, error=str(e))
             except WorkerUnreachable:
                 pass  # retried like a worker not up yet
             except WorkerCallError as e:
@@ -68,8 +74,9 @@ async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str,
             said_at = time.monotonic()
             log.warning(
                 "waiting_for_workers",
-                unreachable=[a for a in pending if a not in refused],
+                unreachable=[a for a in pending if a not in refused | in_use],
                 refused_token=sorted(refused),
+                worker_id_in_use=sorted(in_use),
             )
         if pending:
             await asyncio.sleep(0.5)

@@ -16,6 +16,12 @@ class WorkerUnreachable(Exception):
     """A worker answered its info call but its step feed did not come up."""
 
 
+class WorkerIdInUse(WorkerUnreachable):
+    """Another worker, still connected, has the same worker id (two workers started with one
+    `--worker-id`, or the default host:port alike on two hosts). Ids key everything the
+    scheduler knows of a worker, so the second is refused until the first is gone."""
+
+
 @dataclass
 class WorkerLink:
     worker_id: str
@@ -51,16 +57,30 @@ class WorkerPool:
         self._next_instance = 0
 
     async def connect(self, address: str, worker_id: str = "") -> WorkerLink:
-        """Opens a client and reads the worker's info; raises WorkerCallError when down."""
+        """Opens a client and reads the worker's info; raises WorkerCallError when down, and
+        WorkerIdInUse for a worker whose id a connected worker at another address has (it
+        replaced that worker's entry: the scheduler never served, or added a new instance of
+        it at every heartbeat, each with a step feed of its own that nobody closed)."""
         client = self._clients(address)
         try:
             info = await client.info(self._call_timeout_s)
         except WorkerCallError:
             await client.close()
             raise
-        link = WorkerLink(
-            worker_id or info.worker_id or address, address, self._next_instance, client, info
-        )
+        worker_id = worker_id or info.worker_id or address
+        held = self.by_id.get(worker_id)
+        if held is not None and not held.is_gone:
+            await client.close()
+            if held.address == address:  # the same worker, draining or deregistered
+                raise WorkerUnreachable(
+                    f"{address}: worker {worker_id!r} is leaving; it can join again once its "
+                    "step feed has ended"
+                )
+            raise WorkerIdInUse(
+                f"worker id {worker_id!r} of {address} is the id of the worker at "
+                f"{held.address} already; give each worker its own --worker-id"
+            )
+        link = WorkerLink(worker_id, address, self._next_instance, client, info)
         self._next_instance += 1
         self.by_id[link.worker_id] = link
         self.by_instance[link.instance] = link

@@ -43,6 +43,9 @@ class Registration:
             kv_blocks_total=engine.num_blocks_total,
         )
         self._task: asyncio.Task[None] | None = None
+        self._was_registered = False
+        """Whether the scheduler ever took this worker: one it refused (its id in use by
+        another worker) must not deregister, which would take that other worker out."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._heartbeat())
@@ -56,12 +59,18 @@ class Registration:
                 )
                 if not is_registered:
                     log.info("registered", scheduler=self._scheduler)
-                is_registered = True
+                is_registered = self._was_registered = True
+                is_refused = False
                 await asyncio.sleep(max(response.heartbeat_interval_s, 0.1))
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.UNAUTHENTICATED and not is_refused:
                     is_refused = True  # said once: the tokens differ
                     log.error("scheduler_refused_token", scheduler=self._scheduler)
+                elif e.code() == grpc.StatusCode.ALREADY_EXISTS and not is_refused:
+                    is_refused = True  # said once: another worker has this worker's id
+                    log.error(
+                        "scheduler_refused_worker_id", scheduler=self._scheduler, error=e.details()
+                    )
                 elif is_registered:
                     log.warning(
                         "scheduler_unreachable", scheduler=self._scheduler, error=e.details()
@@ -73,6 +82,9 @@ class Registration:
         """Stops the heartbeat and tells the scheduler this worker is leaving."""
         if self._task is not None:
             self._task.cancel()
+        if not self._was_registered:
+            await self._channel.close()
+            return
         try:
             await self._stub.DeregisterWorker(
                 registry_pb2.DeregisterWorkerRequest(worker_id=self._request.worker_id),
