@@ -13,14 +13,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
 from cascadeinfer import CostProfile
 from cascadeinfer.launcher import SCHEDULER
 from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.scheduler.openai.protocol import EXCESS_CONNECTIONS as EXCESS
 from cascadeinfer.scheduler.text import load_tokenizer
 from cascadeinfer.worker.tiny_model import write_tiny_llama
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer
 
 from tests.scheduler.certs import make_certs
@@ -713,6 +716,16 @@ def test_queue_full_is_429_and_no_worker_is_503(front: Front, tmp_path: Path) ->
             r = httpx.get(f"{full.openai_url}/models", headers=AUTH, timeout=10)
             assert r.status_code == 503, r.text
             assert r.json()["error"]["type"] == "service_unavailable_error"
+            # Far past it, connections are closed as they come: idle ones that send nothing
+            # (no token needed) took every descriptor of the scheduler, gRPC API included.
+            fds = Path(f"/proc/{full.process.pid}/fd")
+            before = len(list(fds.iterdir()))
+            idle += [socket.create_connection((host, int(port))) for _ in range(4 * EXCESS)]
+            time.sleep(0.5)
+            held = len(list(fds.iterdir())) - before
+            assert held <= EXCESS + 8, f"{held} descriptors held for {4 * EXCESS} connections"
+            health = health_pb2_grpc.HealthStub(grpc.insecure_channel(full.address))
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
         finally:
             for s in idle:
                 s.close()

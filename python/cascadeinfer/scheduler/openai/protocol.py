@@ -78,9 +78,17 @@ async def _too_many_connections(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+EXCESS_CONNECTIONS = 256
+"""Connections past `http_max_connections` that are still taken in, to answer their request
+503 in JSON; the ones past these are closed at once. uvicorn counts its limit only when a
+request arrives, so connections that send nothing were all taken in: 20,000 of them (no token
+needed) used every descriptor of the scheduler, and its gRPC API, its metrics and its links to
+workers stalled while they lasted."""
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol that refuses an oversized or never-ending request head, and answers
-    past the connection limit in JSON."""
+    """HttpToolsProtocol that refuses an oversized or never-ending request head, answers past
+    the connection limit in JSON, and closes connections far past it as they come."""
 
     head_timeout_s = 30.0
     """From a request's first byte to the end of its headers, at most (set per server by
@@ -95,6 +103,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        limit = self.limit_concurrency
+        if limit is not None and len(self.connections) > limit + EXCESS_CONNECTIONS:
+            transport.abort()  # connection_lost follows and forgets it
+            return
         self._start_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
