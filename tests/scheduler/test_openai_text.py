@@ -20,6 +20,7 @@ from cascadeinfer.scheduler.openai.schema import ChatCompletionRequest, Completi
 from cascadeinfer.scheduler.openai.textstream import StopWatch, TextStream
 from cascadeinfer.scheduler.text import INLINE_ENCODE_CHARS, load_tokenizer
 from cascadeinfer.worker.tiny_model import write_tiny_llama
+from pydantic import ValidationError
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -129,7 +130,6 @@ async def test_fields_map_to_the_worker_sampling(files: ModelFiles) -> None:
         ({"echo": True}, "echo"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
-        ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
     ],
@@ -142,6 +142,13 @@ async def test_unsupported_values_are_refused_by_name(
         build_job(body, await completion_prompt(body, files, NO_BYTE_LIMIT), files, 4096, None)
     assert e.value.status == 400 and e.value.param == param
     assert param in e.value.message
+
+
+def test_a_batch_of_prompts_is_refused_as_the_body_is_read() -> None:
+    """A batch is refused by the schema, before any prompt is tokenized, so a body of many
+    prompts costs one check (the HTTP side of it is in test_openai_api)."""
+    with pytest.raises(ValidationError, match="a batch of 2 prompts"):
+        CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]})
 
 
 def test_http_port_needs_a_tokenizer(model_dir: Path) -> None:
