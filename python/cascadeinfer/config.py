@@ -59,7 +59,7 @@ class FirstTokenSlo:
                 raise ValueError(f"first-token SLO {name} must be finite and >= 0, got {value}")
 
 
-ONE_STAGE_TURNS = ("cheapest", "least-load", "cache-aware")
+ONE_STAGE_TURNS = ("cheapest", "blind", "cache-aware")
 """The ways a one-stage layout can place a turn of a session (`CascadeConfig.one_stage_turns`)."""
 
 
@@ -76,8 +76,9 @@ class CascadeConfig:
     one_stage_turns: str = "cheapest"
     """Where a one-stage layout places a turn of a session (ONE_STAGE_TURNS): "cheapest"
     (cascade's: where it costs least counting what each instance has cached, the holder kept
-    unless another is much cheaper), "least-load" (as a request without a session: least-load
-    exactly) or "cache-aware" (the cache-aware baseline's rule exactly)."""
+    unless another is much cheaper), "blind" (as a request without a session, blind to the
+    caches: least-load exactly, or Llumnix exactly with `is_one_stage_kv_first`) or
+    "cache-aware" (the cache-aware baseline's rule exactly)."""
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     is_capacity_guarded: bool = True
     """Move whole instances to a stage whose decode steps run slower than the pooled fleet's

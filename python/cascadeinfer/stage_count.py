@@ -128,13 +128,15 @@ NUM_ONE_STAGE = 3
 """One-stage candidates, first among the candidates: plain (least-load exactly), balanced,
 and run Llumnix's way (`CascadeConfig.is_one_stage_kv_first`). Either of the last two replaces
 the one before it only by beating it as `MIN_BALANCE_GAIN` says. Where the selection traces
-carry sessions, SESSION_TURNS add one more each, after them."""
-SESSION_TURNS = ("least-load", "cache-aware")
-"""Ways of placing a session's turns (`CascadeConfig.one_stage_turns`) tried as one-stage
-candidates besides cascade's own ("cheapest", which plain one stage runs) where the selection
-traces carry sessions: on ShareGPT conversations least-load, blind to the caches, kept the p99
-far lower than following them, and the cache-aware baseline's rule is the peers' own
-(docs/benchmarks.md, "Sessions in the selection traces")."""
+carry sessions, SESSION_FORMS add one more each, after them."""
+SESSION_FORMS = (("blind", False), ("blind", True), ("cache-aware", False))
+"""Ways of placing a session's turns (`CascadeConfig.one_stage_turns`, with
+`is_one_stage_kv_first`) tried as one-stage candidates besides cascade's own ("cheapest",
+which the forms above run) where the selection traces carry sessions: blind to the caches,
+least-load's way and Llumnix's (each that baseline exactly), and the cache-aware baseline's
+rule. On ShareGPT conversations the blind forms kept the p99 far lower than following the
+caches, and Llumnix's the lowest of all on some (docs/benchmarks.md, "Sessions in the
+selection traces", "Every baseline a one-stage form")."""
 
 
 @dataclass(frozen=True)
@@ -460,7 +462,10 @@ def choose_layout(
         (single_plan, replace(one_stage, is_one_stage_kv_first=True)),
     ]
     if any(len(entry) > 3 for trace in traces for entry in trace):
-        runs += [(single_plan, replace(one_stage, one_stage_turns=t)) for t in SESSION_TURNS]
+        runs += [
+            (single_plan, replace(one_stage, one_stage_turns=t, is_one_stage_kv_first=kv_first))
+            for t, kv_first in SESSION_FORMS
+        ]
     num_one_stage = len(runs)
     # The simulator and the partitioner release the GIL: the candidates' runs share the cores,
     # and the one-stage candidates run while the split plans are solved. Every candidate runs

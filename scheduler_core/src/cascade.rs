@@ -64,8 +64,9 @@ pub enum OneStageTurns {
     /// has not cached, the holder kept unless another is much cheaper ([`Router::admit_turn`]).
     #[default]
     Cheapest,
-    /// As a request without a session: least-load exactly.
-    LeastLoad,
+    /// As a request without a session, blind to the caches: least-load exactly, or the
+    /// Llumnix baseline exactly with `is_one_stage_kv_first`.
+    Blind,
     /// The cache-aware baseline's rule exactly (SGLang's gateway `cache_aware` at its defaults).
     CacheAware,
 }
@@ -74,13 +75,9 @@ impl OneStageTurns {
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "cheapest" => Ok(OneStageTurns::Cheapest),
-            "least-load" => Ok(OneStageTurns::LeastLoad),
+            "blind" => Ok(OneStageTurns::Blind),
             "cache-aware" => Ok(OneStageTurns::CacheAware),
-            _ => Err(crate::error::CoreError::invalid(
-                "one_stage_turns",
-                name,
-                "known: cheapest, least-load, cache-aware",
-            )),
+            _ => Err(crate::error::CoreError::invalid("one_stage_turns", name, "known: cheapest, blind, cache-aware")),
         }
     }
 }
@@ -194,14 +191,14 @@ impl Policy for CascadePolicy {
 
     fn admit(&mut self, new: &NewRequest, _now: f64) -> Result<Option<Admission>> {
         let NewRequest { id: request, prompt_len, session } = *new;
-        // A turn of a session goes where its conversation's KV makes it cheapest.
+        // A turn of a session goes where its conversation's KV makes it cheapest, unless one
+        // stage places turns as a baseline does.
         let is_one_stage = self.router.layout.stages().len() == 1;
-        let admission = if let Some(turn) = session {
-            match self.one_stage_turns {
-                OneStageTurns::LeastLoad if is_one_stage => self.router.admit(request, prompt_len)?,
-                OneStageTurns::CacheAware if is_one_stage => self.admit_turn_cache_aware(new)?,
-                _ => self.router.admit_turn(request, prompt_len, turn)?,
-            }
+        let turns = if is_one_stage { self.one_stage_turns } else { OneStageTurns::Cheapest };
+        let admission = if let (Some(turn), OneStageTurns::Cheapest) = (session, turns) {
+            self.router.admit_turn(request, prompt_len, turn)?
+        } else if let (Some(_), OneStageTurns::CacheAware) = (session, turns) {
+            self.admit_turn_cache_aware(new)?
         } else if self.is_kv_first() {
             self.router.admit_freest(request, prompt_len)?
         } else {

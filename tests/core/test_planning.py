@@ -33,7 +33,7 @@ from cascadeinfer.stage_count import (
     SELECTION_REQUESTS,
     SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
-    SESSION_TURNS,
+    SESSION_FORMS,
     Candidate,
     gaps_cv,
     one_stage_form,
@@ -375,11 +375,12 @@ def test_on_sessions_one_stage_also_runs_the_turns_as_the_baselines_place_them(
         num_instances=4, workload=str(path), profile=profile, seed=1, clamp_prompts=True
     )
     one_stage = [c for c in result.candidates if c.num_stages == 1]
-    assert [c.config.one_stage_turns for c in one_stage] == [
-        "cheapest",
-        "cheapest",
-        "cheapest",
-        *SESSION_TURNS,
+    forms = [(c.config.one_stage_turns, c.config.is_one_stage_kv_first) for c in one_stage]
+    assert forms == [
+        ("cheapest", False),
+        ("cheapest", False),
+        ("cheapest", True),
+        *SESSION_FORMS,
     ]
     # Without sessions nothing changes.
     _write_sessions(

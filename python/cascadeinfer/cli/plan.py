@@ -89,8 +89,11 @@ def as_json(result: PlanResult) -> dict[str, Any]:
 def _label(c: Candidate) -> str:
     if c.num_stages > 1:
         return f"{c.num_stages} stages"
-    if c.config.one_stage_turns != "cheapest":
-        return f"1 stage, sessions' turns placed as {c.config.one_stage_turns}"
+    if c.config.one_stage_turns == "blind":
+        baseline = "Llumnix" if c.config.is_one_stage_kv_first else "least-load"
+        return f"1 stage, turns blind to the caches ({baseline})"
+    if c.config.one_stage_turns == "cache-aware":
+        return "1 stage, turns placed as cache-aware"
     if c.config.is_one_stage_kv_first:
         return "1 stage, KV first (Llumnix's way)"
     return "1 stage, balanced" if c.config.is_one_stage_balanced else "1 stage (least-load)"

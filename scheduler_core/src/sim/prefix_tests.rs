@@ -94,9 +94,15 @@ fn cache_aware_is_least_load_exactly_on_requests_without_sessions() {
     assert_eq!(ours, theirs);
 }
 
-/// One stage of `n` instances of cascade placing sessions' turns as `turns` says.
-fn one_stage_with_turns(p: &CostProfile, n: u32, turns: OneStageTurns) -> CascadePolicy {
-    let config = CascadeConfig { one_stage_turns: turns, is_refine_enabled: true, ..CascadeConfig::default() };
+/// One stage of `n` instances of cascade placing sessions' turns as `turns` says (and other
+/// requests Llumnix's way where `is_kv_first`).
+fn one_stage_with_turns(p: &CostProfile, n: u32, turns: OneStageTurns, is_kv_first: bool) -> CascadePolicy {
+    let config = CascadeConfig {
+        one_stage_turns: turns,
+        is_one_stage_kv_first: is_kv_first,
+        is_refine_enabled: true,
+        ..CascadeConfig::default()
+    };
     let layout = StageLayout::single(p.max_model_len, &ids(n)).unwrap();
     let grid = BucketGrid::geometric(p.max_model_len, 64, 16).unwrap();
     CascadePolicy::new(p.clone(), layout, grid, config, None).unwrap()
@@ -105,21 +111,25 @@ fn one_stage_with_turns(p: &CostProfile, n: u32, turns: OneStageTurns) -> Cascad
 #[test]
 fn one_stage_placing_turns_as_a_baseline_does_is_that_baseline_exactly() {
     // The one-stage forms the planner can fall back to on multi-turn traffic: turns placed
-    // blind to the caches (least-load) or by the cache-aware rule make that baseline's every
-    // decision, so the selection can pick whichever of them simulates better.
+    // blind to the caches (least-load, or Llumnix's way) or by the cache-aware rule make that
+    // baseline's every decision, so the selection can pick whichever of them simulates better.
     let p = gpu();
     let trace = generate_trace(Preset::Agentic, 2000, 5.0, ArrivalProcess::Poisson, 3).unwrap();
     assert!(trace.iter().any(|r| r.session.is_some_and(|s| s.prefix_len > 0)), "turns reuse prefixes");
-    for (turns, kind) in
-        [(OneStageTurns::LeastLoad, BaselineKind::LeastLoad), (OneStageTurns::CacheAware, BaselineKind::CacheAware)]
-    {
+    for (turns, is_kv_first, kind) in [
+        (OneStageTurns::Blind, false, BaselineKind::LeastLoad),
+        (OneStageTurns::Blind, true, BaselineKind::Llumnix),
+        (OneStageTurns::CacheAware, false, BaselineKind::CacheAware),
+    ] {
         let expected = run(&mut baseline(kind, &p, 8), &p, &trace);
-        let mut got = run(&mut one_stage_with_turns(&p, 8, turns), &p, &trace);
-        got.policy = expected.policy.clone();
-        assert_eq!(got, expected, "{turns:?}");
+        let got = run(&mut one_stage_with_turns(&p, 8, turns, is_kv_first), &p, &trace);
+        // Every decision alike (the reports differ only in the policy's name and the label of
+        // Llumnix's moves).
+        assert_eq!(got.summary, expected.summary, "{turns:?}, KV first {is_kv_first}");
+        assert_eq!(got.requests, expected.requests, "{turns:?}, KV first {is_kv_first}");
     }
     // And cascade's own way is neither.
-    let own = run(&mut one_stage_with_turns(&p, 8, OneStageTurns::Cheapest), &p, &trace);
+    let own = run(&mut one_stage_with_turns(&p, 8, OneStageTurns::Cheapest, false), &p, &trace);
     let least_load = run(&mut baseline(BaselineKind::LeastLoad, &p, 8), &p, &trace);
     assert!(own.summary.prefix_cache_hit_rate > least_load.summary.prefix_cache_hit_rate);
 }
