@@ -371,15 +371,28 @@ impl LoadBook {
         needs_prefill: bool,
         horizon: f64,
     ) -> f64 {
+        self.marginal_cost_prefilling(profile, inst, len, if needs_prefill { len } else { 0 }, horizon)
+    }
+
+    /// [`LoadBook::marginal_cost`] of a request of `len` tokens that prefills `prefill` of them
+    /// there (a session's turn finds the rest in the prefix cache).
+    pub fn marginal_cost_prefilling(
+        &self,
+        profile: &CostProfile,
+        inst: InstanceId,
+        len: u32,
+        prefill: u32,
+        horizon: f64,
+    ) -> f64 {
         let load = self.get(inst);
         let others = load.running.len() as f64 + f64::from(load.num_queued());
         let before = profile.step_time(&load.batch());
         let after = profile.step_time(&load.batch().with_decode(len));
-        let prefill = if needs_prefill { profile.prefill_work(u64::from(len)) } else { 0.0 };
+        let prefill_s = if prefill > 0 { profile.prefill_work(u64::from(prefill)) } else { 0.0 };
         let horizon = horizon.max(1.0);
-        self.predicted_cost(profile, inst, len, needs_prefill)
+        self.cost_with_prefill(profile, inst, len, prefill)
             + (horizon - 1.0) * after
-            + others * (prefill + horizon * (after - before))
+            + others * (prefill_s + horizon * (after - before))
     }
 
     /// [`LoadBook::least_loaded`] by [`LoadBook::marginal_cost`]: the instance where one more
@@ -413,16 +426,19 @@ impl LoadBook {
     }
 
     /// Among `candidates` (instance, prompt tokens it would prefill there, a fixed extra cost
-    /// in seconds) with room for `tokens`, the one where the request costs least
-    /// ([`LoadBook::predicted_cost`] with that prefill, plus the extra); ties go to the first.
-    /// The same watermark rule as [`LoadBook::least_loaded`]. A session's turn prefills only
-    /// what an instance's prefix cache lacks, so the instance holding its conversation can be
-    /// the cheaper one though busier.
+    /// in seconds) with room for `tokens`, the one where the request costs everyone least over
+    /// `horizon` decode steps ([`LoadBook::marginal_cost_prefilling`], plus the extra); ties go
+    /// to the first. The same watermark rule as [`LoadBook::least_loaded`]. A session's turn
+    /// prefills only what an instance's prefix cache lacks, so the instance holding its
+    /// conversation can be the cheaper one though busier; the decode steps count too, or every
+    /// long conversation would stay where it started, several to an instance, each stretching
+    /// the others' steps for its whole answer.
     pub fn cheapest_with_prefill(
         &self,
         profile: &CostProfile,
         candidates: &[(InstanceId, u32, f64)],
         tokens: u32,
+        horizon: f64,
     ) -> Option<InstanceId> {
         [KV_WATERMARK, 1.0].into_iter().find_map(|fraction| {
             let mut best: Option<(f64, InstanceId)> = None;
@@ -430,7 +446,7 @@ impl LoadBook {
                 if !self.has_room_within(profile, inst, tokens, fraction) {
                     continue;
                 }
-                let t = self.cost_with_prefill(profile, inst, tokens, prefill) + extra;
+                let t = self.marginal_cost_prefilling(profile, inst, tokens, prefill, horizon) + extra;
                 if best.is_none_or(|(bt, _)| t < bt) {
                     best = Some((t, inst));
                 }

@@ -14,12 +14,16 @@ use crate::prefix_index::PrefixIndex;
 use crate::session::SessionTurn;
 
 /// How much costlier than the cheapest instance the one holding a session's KV may be and
-/// still take its next turn ([`Router::admit_turn`]). The predicted cost counts the whole
-/// prompt of every turn queued on an instance, though the cached part of it needs no prefill,
-/// so it overstates the backlog of an instance that holds sessions; and a turn moved off its
-/// holder recomputes its whole conversation. Chosen from 1.0, 1.5 and 3.0 on the multi-turn
-/// presets (docs/evaluation.md, "Multi-turn traffic"): 1.0 lost up to 9% of mean TTFT to the
-/// cache-aware baseline on agent sessions, 3.0 up to 6% of p99 end-to-end latency.
+/// still take its next turn ([`Router::admit_turn`]). The cost is the turn's marginal cost to
+/// everyone over its expected decode steps ([`LoadBook::marginal_cost_prefilling`]), which
+/// counts the whole prompt of every turn queued on an instance though the cached part of it
+/// needs no prefill, so it overstates the backlog of an instance that holds sessions; and a
+/// turn moved off its holder recomputes its whole conversation. Chosen from 1.0, 1.5 and 3.0
+/// on the multi-turn presets (docs/evaluation.md, "Multi-turn traffic") when the cost was the
+/// turn's first token alone: 1.0 lost up to 9% of mean TTFT to the cache-aware baseline on
+/// agent sessions, 3.0 up to 6% of p99 end-to-end latency. Kept when the decode steps joined
+/// the cost: on single trace cells 1.0 and 1.5 each led on some (docs/benchmarks.md, "Turns
+/// placed by what they cost everyone").
 const HOLDER_STICKINESS: f64 = 1.5;
 
 /// How many times cheaper per shared decode step the next stage must be for a new request to
@@ -312,7 +316,8 @@ impl Router {
                 candidates.push((h.instance, len - cached(h.instance), stall));
             }
         }
-        let mut instance = self.loads.cheapest_with_prefill(&self.profile, &candidates, len)?;
+        let horizon = self.horizon(home, len);
+        let mut instance = self.loads.cheapest_with_prefill(&self.profile, &candidates, len, horizon)?;
         // The instance holding most of the session stays its home unless another is
         // HOLDER_STICKINESS times cheaper.
         let holder = candidates
@@ -320,7 +325,9 @@ impl Router {
             .filter(|&&(i, prefill, _)| prefill < len && self.loads.has_room(&self.profile, i, len))
             .min_by_key(|&&(_, prefill, _)| prefill);
         if let Some(&(h, prefill, extra)) = holder {
-            let cost = |i: InstanceId, p: u32, e: f64| self.loads.cost_with_prefill(&self.profile, i, len, p) + e;
+            let cost = |i: InstanceId, p: u32, e: f64| {
+                self.loads.marginal_cost_prefilling(&self.profile, i, len, p, horizon) + e
+            };
             let &(_, best_prefill, best_extra) = candidates.iter().find(|c| c.0 == instance)?;
             if cost(h, prefill, extra) <= HOLDER_STICKINESS * cost(instance, best_prefill, best_extra) {
                 instance = h;
@@ -681,13 +688,40 @@ mod tests {
         assert_eq!(r.prefixes.cached_tokens(SessionId(5), InstanceId(2)), 3400);
         // Instance 2 is now the busier of its stage: a new prompt goes to 3, the session's
         // next turn stays with its 3,400 cached tokens on 2.
-        r.check_step(&(10..14).map(|k| entry(k, 2, 2000)).collect::<Vec<_>>()).unwrap();
+        r.check_step(&[entry(10, 2, 2000)]).unwrap();
         assert_eq!(r.admit(RequestId(2), 7000).unwrap().unwrap().instance, InstanceId(3));
         r.request_finished(RequestId(2), InstanceId(3));
         assert_eq!(r.admit_turn(RequestId(3), 7000, turn(3400)).unwrap().unwrap().instance, InstanceId(2));
         // Far busier, it is no longer worth it.
         r.check_step(&(10..200).map(|k| entry(k, 2, 6000)).collect::<Vec<_>>()).unwrap();
         assert_eq!(r.admit_turn(RequestId(4), 7000, turn(3400)).unwrap().unwrap().instance, InstanceId(3));
+    }
+
+    #[test]
+    fn a_turn_leaves_its_holder_when_the_long_decodes_there_cost_more_than_its_prefill_saves() {
+        use crate::session::{SessionId, SessionTurn};
+        let layout = StageLayout::single(131_072, &[InstanceId(0), InstanceId(1)]).unwrap();
+        let mut r = Router::new(gpu(), layout).unwrap();
+        let turn = |prefix_len| SessionTurn { session: SessionId(5), turn: 1, prefix_len };
+        r.check_step(&[entry(99, 1, 100)]).unwrap();
+        assert_eq!(r.admit_turn(RequestId(1), 60_000, turn(0)).unwrap().unwrap().instance, InstanceId(0));
+        r.check_step(&[entry(1, 0, 60_400), entry(99, 1, 101)]).unwrap();
+        r.request_finished(RequestId(1), InstanceId(0));
+        r.request_finished(RequestId(99), InstanceId(1));
+        // A light holder keeps the conversation: 600 tokens to prefill there against 61,000.
+        r.check_step(&[entry(2, 0, 2000)]).unwrap();
+        assert_eq!(r.admit_turn(RequestId(3), 61_000, turn(60_400)).unwrap().unwrap().instance, InstanceId(0));
+        r.request_finished(RequestId(3), InstanceId(0));
+        // Three other long conversations decoding on the holder: the turn would be first to
+        // its first token there, but its answer would stretch their steps and they its own, for
+        // hundreds of steps, which costs more than the prefill the cache saves. The cost of the
+        // first token alone still says stay.
+        let crowded: Vec<StepEntry> = (10..13).map(|k| entry(k, 0, 90_000)).collect();
+        r.check_step(&crowded).unwrap();
+        let first_token =
+            |r: &Router, i: u32, prefill: u32| r.loads.cost_with_prefill(&r.profile, InstanceId(i), 61_000, prefill);
+        assert!(first_token(&r, 0, 600) < first_token(&r, 1, 61_000));
+        assert_eq!(r.admit_turn(RequestId(4), 61_000, turn(60_400)).unwrap().unwrap().instance, InstanceId(1));
     }
 
     #[test]
