@@ -314,11 +314,7 @@ impl LoadBook {
     /// engine. A step time alone caps the backlog at one chunk, so an instance with minutes of
     /// queued prompts would look as good as one with a single chunk.
     pub fn predicted_cost(&self, profile: &CostProfile, inst: InstanceId, len: u32, needs_prefill: bool) -> f64 {
-        let load = self.get(inst);
-        let batch = load.batch().with_decode(len);
-        let queued = load.queued_tokens + if needs_prefill { u64::from(len) } else { 0 };
-        let steps = queued.div_ceil(u64::from(profile.max_batch_tokens.max(1))).max(1);
-        profile.step_time(&with_prefill_chunk(batch, queued, profile)) * steps as f64
+        self.cost_with_prefill(profile, inst, len, if needs_prefill { len } else { 0 })
     }
 
     /// Whether `inst` has KV room for `tokens` more.
