@@ -9,6 +9,7 @@ import ctypes
 import inspect
 import logging
 import os
+import resource
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -39,11 +40,35 @@ def keepalive_options(timeout_s: float) -> list[tuple[str, int]]:
     ]
 
 
-SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+HANDSHAKE_TIMEOUT_MS = 10_000
+"""How long a new connection to a gRPC server may take to finish its TLS handshake and send
+HTTP/2's opening settings. gRPC's default, 120 s, let 20,000 connections that sent nothing hold
+every descriptor of the scheduler for two minutes, its HTTP and gRPC APIs and its worker links
+stalled (docs/reliability.md, "A second adversarial probe"); a client on a real network needs a
+few round trips."""
+
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+]
 """Every server: gRPC binds with SO_REUSEPORT by default, so a second daemon started on a port
 another one serves on would share it, the kernel spreading new connections over both (clients
 and workers reaching a server other than the one they were given). Without it, that second
-bind fails (`security.add_port` turns that into a configuration error)."""
+bind fails (`security.add_port` turns that into a configuration error). And connections that
+do not start speaking within HANDSHAKE_TIMEOUT_MS are closed."""
+
+
+def raise_descriptor_limit() -> int:
+    """Raises the soft limit on open files to the hard one (as vLLM's servers and nginx's
+    `worker_rlimit_nofile` do) and returns the soft limit now in force. Every connection a
+    daemon serves holds a descriptor, and systemd's default soft limit, 1,024, is a few hundred
+    idle connections away from starving every port."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
 
 PING_TOLERANCE = [
     ("grpc.http2.min_ping_interval_without_data_ms", 100),

@@ -19,6 +19,7 @@ from cascadeinfer.daemon import (
     SERVER_OPTIONS,
     FatalError,
     StrictDecoding,
+    raise_descriptor_limit,
     run_daemon,
 )
 from cascadeinfer.metrics_http import serve_metrics
@@ -146,6 +147,7 @@ async def serve(config: SchedulerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    raise_descriptor_limit()  # every client connection holds a descriptor
     coordinator = Coordinator(config)
     interceptors: list[grpc.aio.ServerInterceptor] = (
         [BearerTokenInterceptor(config.auth_token, config.client_api_tokens, CLIENT_METHODS)]

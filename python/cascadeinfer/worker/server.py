@@ -21,6 +21,7 @@ from cascadeinfer.daemon import (
     FatalError,
     StrictDecoding,
     keepalive_options,
+    raise_descriptor_limit,
     run_daemon,
 )
 from cascadeinfer.metrics_http import serve_metrics
@@ -118,6 +119,7 @@ async def serve(config: WorkerConfig) -> None:
         [BearerTokenInterceptor(config.auth_token)] if needs_token else []
     )
     interceptors.append(StrictDecoding())  # after the token check: strangers get no parsing
+    raise_descriptor_limit()  # every connection held open holds a descriptor
     keepalive = keepalive_options(config.link_timeout_s)
     # Pings both ways: the scheduler's find a cut link, and ours drop the feed of a scheduler
     # cut off (which starts the orphan bound).

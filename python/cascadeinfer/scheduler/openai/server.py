@@ -6,20 +6,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
 from collections.abc import Iterator
 
+import structlog
 import uvicorn
 
+from cascadeinfer.daemon import raise_descriptor_limit
 from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.coordinator import Coordinator
 from cascadeinfer.scheduler.openai.app import OpenAIFront
 from cascadeinfer.scheduler.openai.model_files import load_model_files
-from cascadeinfer.scheduler.openai.protocol import bounded_head_protocol
+from cascadeinfer.scheduler.openai.protocol import EXCESS_CONNECTIONS, bounded_head_protocol
 
 STOP_GRACE_S = 3
 """How long connections still open when the scheduler stops get to finish their answers (the
 scheduler ended their requests first, so they only have a last event to write), then are cut."""
+
+
+log = structlog.get_logger("cascade-scheduler")
+
+
+def connection_limit(configured: int, descriptor_limit: int) -> int:
+    """The open HTTP connections to allow: `configured` (http_max_connections), lowered so
+    that they and the EXCESS_CONNECTIONS taken in past them hold at most half of the process's
+    `descriptor_limit`, the rest left to gRPC clients, worker links, metrics and files. Under a
+    soft limit of 1,024 (systemd's default) 8,192 connections would starve every other port."""
+    if descriptor_limit == resource.RLIM_INFINITY or descriptor_limit < 0:
+        return configured
+    return max(1, min(configured, descriptor_limit // 2 - EXCESS_CONNECTIONS))
 
 
 class _Server(uvicorn.Server):
@@ -73,6 +89,16 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
         body_timeout_s=config.http_request_timeout_s,
     )
     sock = _bind(config.host, config.http_port)
+    descriptors = raise_descriptor_limit()
+    max_connections = connection_limit(config.http_max_connections, descriptors)
+    if max_connections < config.http_max_connections:
+        log.warning(
+            "http_max_connections_lowered",
+            configured=config.http_max_connections,
+            allowed=max_connections,
+            open_files_limit=descriptors,
+            hint="raise the open-files limit (ulimit -n, LimitNOFILE=) to serve more",
+        )
     uv_config = uvicorn.Config(
         front.app(),
         log_config=None,
@@ -81,7 +107,7 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
         ws="none",
         http=bounded_head_protocol(config.http_request_timeout_s),
         proxy_headers=False,  # the front reads no client address; skip the per-request rewrite
-        limit_concurrency=config.http_max_connections,
+        limit_concurrency=max_connections,
         timeout_graceful_shutdown=STOP_GRACE_S,
         ssl_certfile=config.tls.cert or None,
         ssl_keyfile=config.tls.key or None,

@@ -1,0 +1,111 @@
+"""Connections that hold descriptors and send nothing cannot starve a daemon for long: a gRPC
+port closes them after its handshake timeout, the daemons raise their soft open-files limit to
+the hard one, and the HTTP front leaves half the descriptors to the other ports."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from cascadeinfer.daemon import HANDSHAKE_TIMEOUT_MS
+from cascadeinfer.launcher import SCHEDULER, _daemon_env, wait_serving
+from cascadeinfer.scheduler.openai.protocol import EXCESS_CONNECTIONS
+from cascadeinfer.scheduler.openai.server import connection_limit
+from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.worker.daemons import start_scheduler
+
+
+def _idle_connections(address: str, count: int) -> list[socket.socket]:
+    host, port = address.rsplit(":", 1)
+    return [socket.create_connection((host, int(port)), timeout=5) for _ in range(count)]
+
+
+def _answers(address: str) -> bool:
+    """Whether the gRPC health check answers at all (a scheduler without workers is not
+    serving, and says so)."""
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+    return reply.status in (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+
+
+def test_a_grpc_connection_that_sends_nothing_is_closed_after_the_handshake_timeout(
+    tmp_path: Path,
+) -> None:
+    scheduler = start_scheduler([], tmp_path)
+    conns = _idle_connections(scheduler.address, 20)
+    try:
+        opened = time.monotonic()
+        for c in conns:
+            c.settimeout(HANDSHAKE_TIMEOUT_MS / 1000 + 10 - (time.monotonic() - opened))
+            with contextlib.suppress(ConnectionResetError):
+                while c.recv(4096):  # the server's settings, then nothing until it closes
+                    pass
+        closed_after = time.monotonic() - opened
+        assert closed_after > HANDSHAKE_TIMEOUT_MS / 2000, "closed by the timeout, not at once"
+        assert _answers(scheduler.address)
+    finally:
+        for c in conns:
+            c.close()
+        scheduler.kill()
+
+
+def test_the_http_front_keeps_half_the_descriptors_for_the_other_ports(tmp_path: Path) -> None:
+    assert connection_limit(8192, 1024) == 512 - EXCESS_CONNECTIONS
+    assert connection_limit(8192, 65536) == 8192
+    assert connection_limit(8192, resource.RLIM_INFINITY) == 8192
+    assert connection_limit(8192, 300) == 1
+    # A scheduler whose hard limit is 1,024 (systemd's default soft limit) serves HTTP to 256
+    # connections, says so, and its gRPC port answers with every HTTP slot and overflow taken.
+    tokenizer = write_tiny_tokenizer(tmp_path / "tok")
+    log_path = tmp_path / "scheduler.log"
+    limit = 1024
+    args = ["--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--tokenizer", str(tokenizer)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [SCHEDULER, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_daemon_env(),
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
+        )
+    scheduler = wait_serving(process, log_path, 120)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    conns: list[socket.socket] = []
+    try:
+        assert "http_max_connections_lowered" in scheduler.log()
+        assert f'"allowed": {limit // 2 - EXCESS_CONNECTIONS}' in scheduler.log()
+        http = scheduler.openai_url.removeprefix("http://").removesuffix("/v1")
+        conns = _idle_connections(http, 2 * limit // 2)
+        assert _answers(scheduler.address)
+    finally:
+        for c in conns:
+            c.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        scheduler.kill()
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one() -> None:
+    code = "from cascadeinfer.daemon import raise_descriptor_limit; print(raise_descriptor_limit())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)),
+    )
+    assert out.stdout.strip() == "4096"
