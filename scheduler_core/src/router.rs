@@ -22,8 +22,9 @@ use crate::session::SessionTurn;
 /// on the multi-turn presets (docs/evaluation.md, "Multi-turn traffic") when the cost was the
 /// turn's first token alone: 1.0 lost up to 9% of mean TTFT to the cache-aware baseline on
 /// agent sessions, 3.0 up to 6% of p99 end-to-end latency. Kept when the decode steps joined
-/// the cost: on single trace cells 1.0 and 1.5 each led on some (docs/benchmarks.md, "Turns
-/// placed by what they cost everyone").
+/// the cost: on single trace cells 1.0 and 1.5 each led on some, and 2.0 traded a faster
+/// first token for a slower answer below saturation (docs/benchmarks.md, "Turns placed by what
+/// they cost everyone").
 const HOLDER_STICKINESS: f64 = 1.5;
 
 /// How many times cheaper per shared decode step the next stage must be for a new request to
