@@ -47,5 +47,6 @@ def test_the_workers_still_missing_are_named_with_why(monkeypatch: pytest.Monkey
     waiting = [e for e in logs if e["event"] == "waiting_for_workers"]
     assert len(waiting) >= 3, "said again while waiting"
     assert waiting[-1]["unreachable"] == ["down:1"]
+    assert waiting[-1]["errors"] == {"down:1": "down:1: connection refused"}
     assert waiting[-1]["refused_token"] == ["refuses:1"]
     assert sum(e["event"] == "worker_refused_token" for e in logs) == 1

@@ -53,6 +53,8 @@ async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str,
     pending = list(addresses)
     refused: set[str] = set()
     in_use: set[str] = set()
+    not_workers: set[str] = set()  # answers gRPC without WorkerService: itself, a scheduler
+    why: dict[str, str] = {}  # the last error of an address still missing
     said_at = time.monotonic()
     while pending:
         for address in list(pending):
@@ -61,23 +63,32 @@ async def connect_static_workers(coordinator: Coordinator, addresses: tuple[str,
                 pending.remove(address)
                 refused.discard(address)
                 in_use.discard(address)
+                not_workers.discard(address)
+                why.pop(address, None)
             except WorkerIdInUse as e:
                 if address not in in_use:
                     in_use.add(address)  # retried: the other may leave
                     log.error("worker_id_in_use", address=address, error=str(e))
-            except WorkerUnreachable:
-                pass  # retried like a worker not up yet
+            except WorkerUnreachable as e:
+                why[address] = str(e)  # retried like a worker not up yet
             except WorkerCallError as e:
+                why[address] = e.details
                 if e.code == grpc.StatusCode.UNAUTHENTICATED and address not in refused:
                     refused.add(address)  # retried like a worker not up yet
                     log.error("worker_refused_token", address=address, error=e.details)
+                elif e.code == grpc.StatusCode.UNIMPLEMENTED and address not in not_workers:
+                    not_workers.add(address)  # retried: a worker may take the port later
+                    log.error("worker_address_not_a_worker", address=address, error=e.details)
         if pending and time.monotonic() - said_at >= WAITING_LOG_S:
             said_at = time.monotonic()
+            unreachable = [a for a in pending if a not in refused | in_use | not_workers]
             log.warning(
                 "waiting_for_workers",
-                unreachable=[a for a in pending if a not in refused | in_use],
+                unreachable=unreachable,
                 refused_token=sorted(refused),
                 worker_id_in_use=sorted(in_use),
+                not_a_worker=sorted(not_workers),
+                errors={a: why[a] for a in unreachable if a in why},
             )
         if pending:
             await asyncio.sleep(0.5)

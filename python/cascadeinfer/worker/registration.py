@@ -51,7 +51,11 @@ class Registration:
         self._task = asyncio.create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
-        is_registered = is_refused = False
+        is_registered = False
+        # The failure last logged since the scheduler last took this worker: each is said
+        # once, so a worker that never registers still says why (it had said nothing while
+        # the address was down or not a scheduler at all).
+        said: grpc.StatusCode | None = None
         while True:
             try:
                 response = await self._stub.RegisterWorker(
@@ -60,23 +64,26 @@ class Registration:
                 if not is_registered:
                     log.info("registered", scheduler=self._scheduler)
                 is_registered = self._was_registered = True
-                is_refused = False
+                said = None
                 await asyncio.sleep(max(response.heartbeat_interval_s, 0.1))
             except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED and not is_refused:
-                    is_refused = True  # said once: the tokens differ
-                    log.error("scheduler_refused_token", scheduler=self._scheduler)
-                elif e.code() == grpc.StatusCode.ALREADY_EXISTS and not is_refused:
-                    is_refused = True  # said once: another worker has this worker's id
-                    log.error(
-                        "scheduler_refused_worker_id", scheduler=self._scheduler, error=e.details()
-                    )
-                elif is_registered:
-                    log.warning(
-                        "scheduler_unreachable", scheduler=self._scheduler, error=e.details()
-                    )
+                if e.code() != said:
+                    said = e.code()
+                    self._say_why(e)
                 is_registered = False
                 await asyncio.sleep(RETRY_S)
+
+    def _say_why(self, e: grpc.aio.AioRpcError) -> None:
+        code, scheduler = e.code(), self._scheduler
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            log.error("scheduler_refused_token", scheduler=scheduler)
+        elif code == grpc.StatusCode.ALREADY_EXISTS:
+            log.error("scheduler_refused_worker_id", scheduler=scheduler, error=e.details())
+        elif code == grpc.StatusCode.UNIMPLEMENTED:
+            # a worker, or any other gRPC service: retrying is kept (it may be replaced)
+            log.error("scheduler_address_not_a_scheduler", scheduler=scheduler)
+        else:
+            log.warning("scheduler_unreachable", scheduler=scheduler, error=e.details())
 
     async def stop(self) -> None:
         """Stops the heartbeat and tells the scheduler this worker is leaving."""
