@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 CASCADE = str(Path(sys.executable).parent / "cascade")
@@ -63,3 +65,40 @@ def test_up_on_ports_another_cluster_holds_says_why_and_exits() -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr
     assert out.stdout.splitlines()[-1] == "cluster stopped"
+
+
+def test_a_second_ctrl_c_while_stopping_leaves_no_daemon_running(tmp_path: Path) -> None:
+    """An impatient operator's second SIGINT (`kill -INT`, so only `cascade up` gets it) lands
+    while the scheduler drains. Before, it ended `cascade up` with a traceback and the
+    workers ran on, orphaned, on their ports."""
+    log = tmp_path / "up.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [CASCADE, "up", "--engine", "sim", "--workers", "2", "--http-port", "0", "--no-demo"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops" not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.2)
+        ports = [
+            int(line.split()[1].rsplit(":", 1)[1])
+            for line in log.read_text().splitlines()
+            if line.startswith("worker ") and line.endswith("(sim)")
+        ]
+        assert len(ports) == 2, log.read_text()
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # the scheduler takes a second or two to drain
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+        assert log.read_text().splitlines()[-1] == "cluster stopped", log.read_text()[-2000:]
+        for port in ports:
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", port)) != 0, f"a worker still serves on {port}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -137,12 +137,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"(logs in {log_dir})", file=sys.stderr)
         return 1
     finally:
-        for d in reversed(daemons):
-            try:
-                d.stop(timeout=60)
-            except Exception:
-                d.kill()
+        stop_all(daemons)
         print("cluster stopped")
+
+
+def stop_all(daemons: list[Daemon]) -> None:
+    """Drains each daemon, the scheduler first. A second Ctrl-C while they drain kills the rest
+    instead: it had ended `cascade up` with a traceback and left the workers running."""
+    is_impatient = False
+    for d in reversed(daemons):
+        try:
+            if is_impatient:
+                d.kill()
+            else:
+                d.stop(timeout=60)
+        except KeyboardInterrupt:
+            is_impatient = True
+            d.kill()
+        except Exception:
+            d.kill()
 
 
 def _serve(
