@@ -78,6 +78,9 @@ def test_a_second_ctrl_c_while_stopping_leaves_no_daemon_running(tmp_path: Path)
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
+            # As from a terminal: a test run started in the background (`cmd &` in a script,
+            # nohup) ignores SIGINT, and the child would inherit that and never see the Ctrl-C.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + 120
