@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import structlog
 import uvicorn
 
-from cascadeinfer.daemon import raise_descriptor_limit
 from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.coordinator import Coordinator
 from cascadeinfer.scheduler.openai.app import OpenAIFront
@@ -33,7 +32,7 @@ def connection_limit(configured: int, descriptor_limit: int) -> int:
     that they and the EXCESS_CONNECTIONS taken in past them hold at most half of the process's
     `descriptor_limit`, the rest left to gRPC clients, worker links, metrics and files. Under a
     soft limit of 1,024 (systemd's default) 8,192 connections would starve every other port."""
-    if descriptor_limit == resource.RLIM_INFINITY or descriptor_limit < 0:
+    if descriptor_limit == resource.RLIM_INFINITY:
         return configured
     return max(1, min(configured, descriptor_limit // 2 - EXCESS_CONNECTIONS))
 
@@ -89,7 +88,8 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
         body_timeout_s=config.http_request_timeout_s,
     )
     sock = _bind(config.host, config.http_port)
-    descriptors = raise_descriptor_limit()
+    # As `serve` left it (`daemon.raise_descriptor_limit`).
+    descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     max_connections = connection_limit(config.http_max_connections, descriptors)
     if max_connections < config.http_max_connections:
         log.warning(
