@@ -581,6 +581,30 @@ def test_a_request_head_or_body_that_never_completes_is_408(front: Front) -> Non
     _still_serves(front)
 
 
+def test_a_client_gone_before_its_body_arrived_is_no_internal_error(front: Front) -> None:
+    # Such a client made an error with a traceback and a 500 on the response counter each
+    # time: anyone could fill the log with them and set off an alert on internal errors.
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + TOKEN.encode()
+        + b"\r\nContent-Type: application/json\r\n"
+    )
+    host, port = front.scheduler.openai_url.removeprefix("http://").split("/")[0].split(":")
+    for rest in [b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n", b"Content-Length: 99\r\n\r\n{"]:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(head + rest)
+            time.sleep(0.3)  # the handler is reading the body when the client goes
+    deadline = time.monotonic() + 10
+    while front.scheduler.log().count("client_left_before_body") < 2:
+        assert time.monotonic() < deadline, "the scheduler did not see the clients leave"
+        time.sleep(0.1)
+    assert "http_internal_error" not in front.scheduler.log()
+    metrics = httpx.get(front.scheduler.openai_url.removesuffix("/v1") + "/metrics").text
+    assert 'route="/v1/completions",status="499"} 2.0' in metrics
+    assert 'route="/v1/completions",status="500"}' not in metrics
+    _still_serves(front)
+
+
 def test_a_request_http_cannot_parse_is_400_in_the_openai_error_shape(front: Front) -> None:
     # uvicorn answered these in plain text ("Invalid HTTP request received.").
     for head in [

@@ -18,7 +18,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -44,6 +44,9 @@ log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 4 << 20
 """Largest request body read; a bigger one is refused with 413 before it is read whole."""
+CLIENT_CLOSED_REQUEST = 499
+"""The status counted for a request whose client left before its body arrived (nginx's code;
+no response is sent)."""
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -115,6 +118,11 @@ class OpenAIFront:
                 response = await handler(request)
             except APIError as e:
                 response = e.response()
+            except ClientDisconnect:
+                # Gone before its body was in: nothing to answer and nothing wrong here (an
+                # error with a traceback each time let any client fill the log and the 500s).
+                log.info("client_left_before_body", path=request.scope["path"])
+                response = Response(status_code=CLIENT_CLOSED_REQUEST)
             except Exception:
                 log.exception("http_internal_error", path=request.scope["path"])
                 response = APIError(500, "internal error").response()
