@@ -45,6 +45,8 @@ class FakeWorker:
     peers: dict[str, FakeWorker] = field(default_factory=dict)
     is_draining: bool = False
     """Its feed opens saying it drains (SIGTERM came before the scheduler connected)."""
+    is_closed: bool = False
+    """The scheduler closed its client."""
     _feed: asyncio.Queue[worker_pb2.StepUpdate | WorkerCallError | None] = field(
         default_factory=asyncio.Queue
     )
@@ -115,6 +117,7 @@ class FakeWorker:
         return worker_pb2.LoadReport(num_running=len(self.started))
 
     async def close(self) -> None:
+        self.is_closed = True
         self._feed.put_nowait(None)
 
 

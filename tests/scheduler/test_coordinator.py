@@ -19,7 +19,12 @@ from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 from cascadeinfer.scheduler import requests
 from cascadeinfer.scheduler.config import SchedulerConfig, StageSpec
-from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator, SchedulingError
+from cascadeinfer.scheduler.coordinator import (
+    MAX_FAILED_WORKERS_KEPT,
+    SHUTTING_DOWN,
+    Coordinator,
+    SchedulingError,
+)
 from cascadeinfer.scheduler.requests import ClientRequest
 from cascadeinfer.scheduler.workers import WorkerPool, WorkerUnreachable
 
@@ -301,6 +306,34 @@ async def test_a_worker_that_is_draining_is_not_taken_into_the_plan(
     fakes["b"].is_draining = False
     await c.add_worker("b")
     assert sorted(w.address for w in c.pool.healthy()) == ["a", "b"]
+
+
+async def test_workers_gone_with_nothing_on_them_are_forgotten_but_the_latest_failures(
+    started: list[Coordinator],
+) -> None:
+    """Every worker that ever joined stayed listed, and counted unhealthy, for the life of the
+    scheduler, its client open: with each restart of a pod (a new address, a new id) one more.
+    Now one that left (drained) is forgotten once its feed ends, and of those that failed only
+    the latest MAX_FAILED_WORKERS_KEPT stay listed, for an operator to see."""
+    failing = [f"f{k}" for k in range(MAX_FAILED_WORKERS_KEPT + 3)]
+    c, fakes = await start(started, "a", "leaver", *failing, migration_timeout_s=0.01)
+    fakes["leaver"].step(is_draining=True)
+    await settle()
+    assert "leaver" in c.pool.by_id, "listed while it drains"
+    for name in ["leaver", *failing]:
+        fakes[name].die()
+    await settle()
+    listed = [w.worker_id for w in c.pool.by_id.values()]
+    assert listed == ["a", *failing[3:]]
+    unhealthy = c.metrics.registry.get_sample_value(
+        "cascade_scheduler_workers", {"state": "unhealthy"}
+    )
+    assert unhealthy == MAX_FAILED_WORKERS_KEPT
+    await asyncio.sleep(0.05)
+    assert [n for n, f in fakes.items() if f.is_closed] == ["leaver", *failing[:3]]
+    fakes["leaver"].is_draining = False
+    await c.add_worker("leaver")  # back, as a new instance
+    assert sorted(w.worker_id for w in c.pool.healthy()) == ["a", "leaver"]
 
 
 class _ChangingPolicy:

@@ -52,6 +52,9 @@ SHUTTING_DOWN = "the scheduler is shutting down"
 SHUTDOWN_ABORT_TIMEOUT_S = 2.0
 """How long a stopping scheduler waits for a worker to abort the requests it cut off; a worker
 that does not answer in time is left to its own orphan bound (`orphan_timeout_s`)."""
+MAX_FAILED_WORKERS_KEPT = 16
+"""Workers that failed (feed ended without a goodbye) still listed in the cluster state, as not
+healthy, once nothing runs there; older ones, and every worker that left, are forgotten."""
 
 
 class SchedulingError(Exception):
@@ -265,6 +268,7 @@ class Coordinator:
     async def worker_leaving(self, link: WorkerLink) -> None:
         """A draining worker: nothing new goes there, and what runs there moves to workers the
         core picks (what cannot move finishes there, or is resumed elsewhere when it leaves)."""
+        link.has_left = True
         if link.is_healthy:
             self._leave_policy(link)
             log.info("worker_leaving", worker_id=link.worker_id, requests=len(link.running))
@@ -277,17 +281,26 @@ class Coordinator:
         link.is_gone = True
         if link.is_healthy:
             self._leave_policy(link)
-        if not link.running:
-            return
-        log.warning(
-            "worker_failed", worker_id=link.worker_id, reason=why, requests=len(link.running)
-        )
+        if link.running:
+            log.warning(
+                "worker_failed", worker_id=link.worker_id, reason=why, requests=len(link.running)
+            )
         for rid in list(link.running):
             rec = self.requests.get(rid)
             if rec is None:
                 link.running.discard(rid)
             elif not rec.is_moving and not rec.is_placing:
                 await self._resume_elsewhere(rec, link)
+        for forgotten in self.pool.forget_gone(MAX_FAILED_WORKERS_KEPT, self._left_in_plan):
+            self._spawn(self._close_later(forgotten))
+
+    async def _close_later(self, link: WorkerLink) -> None:
+        """Closes a forgotten worker's client once a call still under way on it (a move's, an
+        abort's) has had its time: closing the channel at once would cut it."""
+        try:
+            await asyncio.sleep(self.config.migration_timeout_s)
+        finally:
+            await link.client.close()
 
     async def _resume_elsewhere(self, rec: ClientRequest, link: WorkerLink) -> None:
         """Resumes by recompute from the prompt plus what the client already has, unless it

@@ -3,7 +3,7 @@ and the latest load each reported."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from cascadeinfer.daemon import keepalive_options
@@ -32,6 +32,8 @@ class WorkerLink:
     is_healthy: bool = True
     is_gone: bool = False
     """Its step feed ended: nothing it ran is running there any more."""
+    has_left: bool = False
+    """It drained or deregistered: it said goodbye, it did not fail."""
     last_step: worker_pb2.StepUpdate | None = None
     running: set[str] = field(default_factory=set)
     """Request ids the scheduler placed (or moved) here and that have not finished."""
@@ -92,6 +94,23 @@ class WorkerPool:
             del self.by_id[link.worker_id]
         self.by_instance.pop(link.instance, None)
         await link.client.close()
+
+    def forget_gone(self, max_failed_kept: int, keep: Collection[int]) -> list[WorkerLink]:
+        """Forgets the workers whose feed ended and on which nothing runs: at once those that
+        left, and the longest-known of those that failed past `max_failed_kept` (the rest stay
+        listed as not healthy, for an operator to see). `keep`: instances the core still holds.
+        Returns them, for their clients to be closed. Kept for good, every worker that ever
+        joined stayed listed and counted unhealthy: with each restart of a pod a new one."""
+        gone = [
+            w for w in self.by_id.values() if w.is_gone and not w.running and w.instance not in keep
+        ]
+        failed = [w for w in gone if not w.has_left]
+        forgotten = [w for w in gone if w.has_left]
+        forgotten += failed[: max(0, len(failed) - max_failed_kept)]  # joined first, first out
+        for w in forgotten:
+            del self.by_id[w.worker_id]
+            self.by_instance.pop(w.instance, None)
+        return forgotten
 
     def healthy(self) -> list[WorkerLink]:
         return [w for w in self.by_id.values() if w.is_healthy]
