@@ -6,6 +6,7 @@ the target's answer), the gap a client sees (from the stop to the target's first
 step feed: for recompute mode this includes the target's prefill, which the pause does not), the
 total time, the KV bytes moved and the transfer rate (bytes / total time). Engine: `sim` with 32 KiB of KV per token (a Llama-3.2-1B
 sized cache: 16 layers x 8 KV heads x 64 x K,V x 2 bytes) unless --engine vllm is given.
+Between multiprocess vLLM workers the blocks go rank to rank unless `--kv-road daemons`.
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ def main() -> None:
         default="tiny",
         help="vllm engines: see LLAMA_8B_KV",
     )
+    parser.add_argument(
+        "--kv-road",
+        choices=["rank-to-rank", "daemons"],
+        default="rank-to-rank",
+        help="vllm-mp: blocks straight from rank to rank (the default), or through both "
+        "daemons and their ImportKV stream (kv_peer_host empty)",
+    )
     args = parser.parse_args()
     mode = (
         worker_pb2.MIGRATION_MODE_KV if args.mode == "kv" else worker_pb2.MIGRATION_MODE_RECOMPUTE
@@ -112,6 +120,8 @@ def main() -> None:
     if args.kv_geometry == "8b":
         max_model_len = max(4096, 2 ** (max(lengths) + 64).bit_length())
         engine_args = [*engine_args, *llama_8b_kv_args(Path(tmp) / "model", max_model_len)]
+    if args.engine == "vllm-mp" and args.kv_road == "daemons":
+        engine_args = [*engine_args, "--vllm-option", "kv_peer_host="]
     with workers([engine_args, engine_args], Path(tmp)) as (a, b):
         for length in lengths:
             samples = []

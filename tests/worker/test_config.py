@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from cascadeinfer.security import TOKEN_ENV
 from cascadeinfer.worker.config import from_toml, parse_args
+from cascadeinfer.worker.engines.factory import vllm_options
 
 EXAMPLE = (
     Path(__file__).resolve().parents[2] / "services" / "cascade-worker" / "worker.example.toml"
@@ -41,6 +42,20 @@ def test_vllm_options_and_load_format() -> None:
         ["--engine", "vllm", "--load-format", "dummy", "--vllm-option", "max_model_len=4096"]
     )
     assert config.vllm == {"load_format": "dummy", "max_model_len": 4096}
+
+
+def test_the_ranks_side_channel_listens_and_is_reached_as_the_daemon_is() -> None:
+    """Unless the [vllm] table says otherwise: bound on the daemon's host, advertised as the
+    host of its advertise_address (the only place a peer learns it from is GetInfo there)."""
+    config = parse_args(["--engine", "vllm", "--host", "0.0.0.0", "--insecure"])
+    assert vllm_options(config) == {"kv_peer_host": "0.0.0.0", "kv_peer_advertise_host": "0.0.0.0"}
+    argv = ["--engine", "vllm", "--host", "10.0.3.17", "--insecure"]
+    config = parse_args([*argv, "--advertise-address", "gpu-3.internal:50061"])
+    options = vllm_options(config)
+    assert options["kv_peer_host"] == "10.0.3.17"
+    assert options["kv_peer_advertise_host"] == "gpu-3.internal"
+    config = parse_args(["--engine", "vllm", "--vllm-option", "kv_peer_host=", "--insecure"])
+    assert vllm_options(config) == {"kv_peer_host": ""}  # the road turned off
 
 
 @pytest.mark.parametrize(

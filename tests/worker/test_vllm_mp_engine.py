@@ -31,6 +31,7 @@ from cascadeinfer.worker.engine import (
     ErrorCode,
     FinishReason,
     KVSnapshot,
+    KVTransfer,
     SamplingSpec,
     StepReport,
 )
@@ -227,7 +228,7 @@ engine.shutdown()
 
 
 @pytest.mark.parametrize("hops", [1, 2, 3])
-@pytest.mark.parametrize("mode", ["kv", "precopy", "recompute"])
+@pytest.mark.parametrize("mode", ["kv", "precopy", "rank-to-rank", "recompute"])
 def test_migrated_request_yields_the_unmoved_tokens(
     engines: tuple[VllmMpEngine, VllmMpEngine], hops: int, mode: str
 ) -> None:
@@ -246,14 +247,25 @@ def test_migrated_request_yields_the_unmoved_tokens(
             pre = here.copy_full_blocks(rid, 0)
             assert len(pre) >= 1
             transcript.step_until(here, rid, len(transcript.tokens[rid]) + 3)
-        rest = here.export_kv(rid, skip_blocks=len(pre))
-        snapshot = replace(rest, blocks=pre + rest.blocks)
+        if mode == "rank-to-rank":  # the same, each rank sending to the peer's rank
+            peer = there.kv_peer
+            assert peer is not None
+            transfer = KVTransfer(peer, f"{rid}-{hop}")
+            num_pre = here.send_full_blocks(rid, 0, transfer)
+            assert num_pre >= 1
+            transcript.step_until(here, rid, len(transcript.tokens[rid]) + 3)
+            snapshot = here.export_kv_to(rid, num_pre, transfer)
+            assert snapshot.transfer_id == transfer.transfer_id and snapshot.blocks == []
+        else:
+            rest = here.export_kv(rid, skip_blocks=len(pre))
+            snapshot = replace(rest, blocks=pre + rest.blocks)
         transcript.record(here.step())  # the tokens computed until the stop took effect
         assert list(snapshot.request.output_token_ids) == transcript.tokens[rid]
         assert snapshot.request.output_token_ids == tuple(reference[: len(transcript.tokens[rid])])
         cached = snapshot.request.context_len - 1
         assert snapshot.num_cached_tokens == cached
-        assert len(snapshot.blocks) == -(-cached // BLOCK)
+        if mode != "rank-to-rank":
+            assert len(snapshot.blocks) == -(-cached // BLOCK)
         assert not here.has_unfinished()
         if mode != "recompute":
             there.import_kv(snapshot)
@@ -359,6 +371,32 @@ def test_export_whose_bytes_never_come_resumes_by_recompute(
     source.import_kv(replace(rest, blocks=pre))  # as migrate_out resumes it on failure
     transcript.finish_all(source)
     assert transcript.tokens["cut"] == reference
+
+
+def test_a_peer_without_the_ticket_is_refused_and_the_request_runs_on(
+    engines: tuple[VllmMpEngine, VllmMpEngine],
+) -> None:
+    """A transfer to the target's ranks with a wrong ticket: the pre-copy reports the refusal
+    (before any stop, so migration can take the daemons' road), and an export so sent comes
+    back with no cached tokens, so the request resumes by recompute with the unmoved tokens.
+    The target's ranks keep nothing of it."""
+    source, target = engines
+    peer = target.kv_peer
+    assert peer is not None and len(peer.endpoints) == 1
+    assert peer.endpoints[0].startswith("tcp://127.0.0.1:")
+    forged = KVTransfer(replace(peer, ticket=b"0" * len(peer.ticket)), "forged")
+    reference = unmoved(target, request("forged"))
+    transcript = Transcript()
+    transcript.start(source, request("forged"))
+    transcript.step_until(source, "forged", 15)
+    with pytest.raises(RuntimeError, match="refused"):
+        source.send_full_blocks("forged", 0, forged)
+    rest = source.export_kv_to("forged", 0, forged)
+    transcript.record(source.step())
+    assert rest.num_cached_tokens == 0 and rest.blocks == [] and rest.transfer_id is None
+    source.import_kv(rest)  # as migrate_out resumes it on failure: by recompute
+    transcript.finish_all(source)
+    assert transcript.tokens["forged"] == reference
 
 
 def test_refused_imports_take_nothing_and_the_source_resumes(
@@ -500,7 +538,8 @@ def test_tensor_parallel_ranks_send_and_receive_their_shards(
 ) -> None:
     """Tensor parallelism 2 on CPU: two model-worker processes, each holding half the KV heads.
     A request exported from it (each rank sends its shard, joined per block) and imported back
-    (each rank gets its slice) yields the unmoved tokens, and zeroed shards change them. vLLM for
+    (each rank gets its slice) yields the unmoved tokens, and zeroed shards change them; so does
+    one sent rank to rank (each rank's shard to the endpoint of its number). vLLM for
     CPU binds each rank's threads to its own cores: one core each here."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -528,6 +567,19 @@ def test_tensor_parallel_ranks_send_and_receive_their_shards(
         transcript.tokens["tp-zeroed"] = list(snapshot.request.output_token_ids)
         transcript.finish_all(engine)
         assert transcript.tokens["tp-zeroed"] != reference
+        # Rank to rank, to the engine's own ranks: each rank sends its shard to its own
+        # number's endpoint.
+        peer = engine.kv_peer
+        assert peer is not None and len(peer.endpoints) == 2
+        transcript.start(engine, request("tp-direct"))
+        transcript.step_until(engine, "tp-direct", 20)
+        transfer = KVTransfer(peer, "tp-direct")
+        direct = engine.export_kv_to("tp-direct", 0, transfer)
+        transcript.record(engine.step())
+        assert direct.transfer_id == "tp-direct" and direct.num_cached_tokens > 0
+        engine.import_kv(direct)
+        transcript.finish_all(engine)
+        assert transcript.tokens["tp-direct"] == unmoved(engine, request("tp-direct"))
         assert blocks_in_use(engine) == 0
     finally:
         engine.shutdown()

@@ -3,6 +3,7 @@ token-exact splicing, block accounting, refusal paths, bad input, health, drain.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -73,6 +74,25 @@ def moves_kv(d: Daemon) -> bool:
     return not backend.endswith("+mp-recompute-only")
 
 
+def has_rank_to_rank(d: Daemon) -> bool:
+    """Whether the worker's ranks take KV straight from a peer's (multiprocess vLLM)."""
+    info = d.stub().GetInfo(worker_pb2.GetInfoRequest())
+    return info.HasField("kv_peer") and bool(info.kv_peer.endpoints)
+
+
+def moves_logged(d: Daemon, rid: str) -> list[bool]:
+    """For each migration of `rid` out of `d`: whether its blocks went rank to rank."""
+    moves = []
+    for line in d.log().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "migrated_out" and event.get("request_id") == rid:
+            moves.append(bool(event.get("rank_to_rank")))
+    return moves
+
+
 def free_blocks(d: Daemon) -> int:
     return int(d.stub().GetLoad(worker_pb2.GetLoadRequest()).kv_blocks_free)
 
@@ -124,6 +144,9 @@ def test_migrated_request_yields_exactly_the_unmoved_tokens(
         f"since they started: {recovered or 'none'}"
     )
     assert out.finish == common_pb2.FINISH_REASON_LENGTH
+    # Between multiprocess vLLM workers KV-mode blocks go rank to rank, never through us.
+    is_direct = mode == worker_pb2.MIGRATION_MODE_KV and has_rank_to_rank(a)
+    assert moves_logged(a, rid) + moves_logged(b, rid) == [is_direct] * hops
     assert [
         wait_free_blocks(a.stub(), start_free[0]),
         wait_free_blocks(b.stub(), start_free[1]),

@@ -7,7 +7,13 @@ from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 from cascadeinfer.wire import FINISH_TO_PROTO as FINISH_TO_PROTO
 from cascadeinfer.wire import sampling_from_proto as sampling_from_proto
 from cascadeinfer.wire import sampling_to_proto as sampling_to_proto
-from cascadeinfer.worker.engine import EngineRequest, KVLayout, RequestProgress, StepReport
+from cascadeinfer.worker.engine import (
+    EngineRequest,
+    KVLayout,
+    KVPeer,
+    RequestProgress,
+    StepReport,
+)
 
 
 def request_from_generate(m: worker_pb2.GenerateRequest) -> EngineRequest:
@@ -75,3 +81,19 @@ def step_to_proto(worker_id: str, r: StepReport) -> worker_pb2.StepUpdate:
         kv_blocks_used=r.kv_blocks_used,
         kv_blocks_free=r.kv_blocks_free,
     )
+
+
+def kv_peer_to_proto(peer: KVPeer | None) -> worker_pb2.KVPeer | None:
+    if peer is None:
+        return None
+    return worker_pb2.KVPeer(
+        endpoints=list(peer.endpoints), server_key=peer.server_key, ticket=peer.ticket
+    )
+
+
+def kv_peer_from_proto(info: worker_pb2.WorkerInfo) -> KVPeer | None:
+    """A worker's rank-to-rank side channel as its GetInfo tells it; None without one."""
+    if not info.HasField("kv_peer") or not info.kv_peer.endpoints:
+        return None
+    p = info.kv_peer
+    return KVPeer(tuple(p.endpoints), p.server_key, p.ticket)

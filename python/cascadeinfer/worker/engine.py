@@ -14,7 +14,7 @@ where it was.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 # The types the scheduler shares with the engine live in cascadeinfer.domain; re-exported here
 # for the engines, which take them from their interface module.
@@ -107,7 +107,30 @@ class KVSnapshot:
     num_cached_tokens: int
     """Tokens whose KV the blocks hold (the last sampled token has none yet)."""
     blocks: list[bytes] = field(default_factory=list)
-    """One opaque blob per block, in order; len == ceil(num_cached_tokens / block_size)."""
+    """One opaque blob per block, in order; len == ceil(num_cached_tokens / block_size).
+    Empty when the blocks went rank to rank (`transfer_id`)."""
+    transfer_id: str | None = None
+    """The blocks were sent straight to the importing engine's ranks under this id
+    (`RankToRankKV`); only that engine can resume the snapshot with its cached tokens."""
+
+
+@dataclass(frozen=True)
+class KVPeer:
+    """Where an engine's tensor-parallel ranks take KV shards straight from a peer's ranks of
+    the same number: `endpoints[r]` is rank r's, encrypted to `server_key` (CURVE, Z85), and
+    every part must carry `ticket`."""
+
+    endpoints: tuple[str, ...]
+    server_key: bytes
+    ticket: bytes
+
+
+@dataclass(frozen=True)
+class KVTransfer:
+    """One migration's rank-to-rank road: the target's ranks, and the id the parts go under."""
+
+    peer: KVPeer
+    transfer_id: str
 
 
 class Engine(Protocol):
@@ -172,3 +195,31 @@ class Engine(Protocol):
         ...
 
     def shutdown(self) -> None: ...
+
+
+@runtime_checkable
+class RankToRankKV(Protocol):
+    """What an engine whose ranks send KV shards straight to a peer's ranks offers besides
+    `Engine` (vLLM with its engine core in its own process): the bytes never pass through the
+    daemons. Migration takes this road when both engines have it."""
+
+    @property
+    def kv_peer(self) -> KVPeer | None:
+        """This engine's side channel for peers; None where it has none."""
+        ...
+
+    def send_full_blocks(self, request_id: str, start_block: int, transfer: KVTransfer) -> int:
+        """`Engine.copy_full_blocks`, sent to the peer's ranks; returns the blocks delivered.
+        Raises RuntimeError when a rank could not deliver them."""
+        ...
+
+    def export_kv_to(self, request_id: str, skip_blocks: int, transfer: KVTransfer) -> KVSnapshot:
+        """`Engine.export_kv`, the blocks sent to the peer's ranks: the snapshot has no blocks
+        and its `transfer_id` set, or, where the ranks could not deliver them, no cached
+        tokens (a recompute resume)."""
+        ...
+
+
+def kv_peer_of(engine: Engine) -> KVPeer | None:
+    """The engine's rank-to-rank side channel; None where it has none."""
+    return engine.kv_peer if isinstance(engine, RankToRankKV) else None

@@ -2,14 +2,16 @@
 
 Order on the wire: one header (request id, layout), block chunks numbered consecutively from 0,
 one commit (token state). The reader refuses anything else with INVALID_ARGUMENT, and a layout
-mismatch with FAILED_PRECONDITION as soon as the header arrives."""
+mismatch with FAILED_PRECONDITION as soon as the header arrives. Where the blocks went rank to
+rank (`KVSnapshot.transfer_id`), the stream has no block chunks and the commit names the
+transfer."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
-from cascadeinfer.domain import check_request_id
+from cascadeinfer.domain import check_bounded_text, check_request_id
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.worker import convert
 from cascadeinfer.worker.engine import (
@@ -20,6 +22,8 @@ from cascadeinfer.worker.engine import (
     KVSnapshot,
 )
 
+MAX_TRANSFER_ID_CHARS = 64
+"""Longest rank-to-rank transfer id taken (the daemons make 32 hex digits)."""
 MAX_CHUNK_BYTES = 1 << 20
 """Blocks per message are grouped up to this size (one block may exceed it alone). Measured on
 loopback: 1 MiB messages moved bytes several times faster than 4 or 16 MiB ones."""
@@ -57,6 +61,7 @@ def commit(snapshot: KVSnapshot, num_blocks: int) -> worker_pb2.KVChunk:
             sampling=convert.sampling_to_proto(req.sampling),
             num_cached_tokens=snapshot.num_cached_tokens,
             num_blocks=num_blocks,
+            transfer_id=snapshot.transfer_id or "",
         )
     )
 
@@ -178,7 +183,12 @@ async def _read(
             blocks.extend(chunk.blocks.blocks)
         elif part == "commit":
             c = chunk.commit
-            if c.num_blocks != len(blocks):
+            transfer_id = c.transfer_id or None
+            if transfer_id is not None:
+                check_bounded_text("transfer_id", transfer_id, MAX_TRANSFER_ID_CHARS)
+                if blocks or not has_layout or c.num_cached_tokens == 0:
+                    raise _invalid("a rank-to-rank commit comes after a layout and no blocks")
+            elif c.num_blocks != len(blocks):
                 raise _invalid(
                     f"KV stream truncated: commit says {c.num_blocks} blocks, {len(blocks)} arrived"
                 )
@@ -192,7 +202,7 @@ async def _read(
                 raise _invalid("a KV commit with cached tokens needs a header with a layout")
             async for _ in chunks:
                 raise _invalid("a KV chunk arrived after the commit")
-            return KVSnapshot(request, layout, c.num_cached_tokens, blocks)
+            return KVSnapshot(request, layout, c.num_cached_tokens, blocks, transfer_id)
         else:
             raise _invalid("empty KV chunk")
     raise _invalid("KV stream truncated: it ended without a commit")

@@ -7,15 +7,23 @@ worth of copying whatever the sequence length. Recompute mode sends only token i
 target re-prefills them (for workers whose KV layouts differ, and always from an engine that
 cannot move KV blocks: vLLM with its engine core in another process).
 
+Between two engines whose ranks talk to each other (`RankToRankKV`: vLLM with its engine core
+in its own process, the target's GetInfo naming its ranks' side channel) the blocks go rank to
+rank and the ImportKV stream carries only the header and the commit; where the target's ranks
+cannot be reached before the stop, the blocks take the ImportKV stream as before.
+
 On any failure after the stop, the caller's cancellation included, the source resumes the
-request from its own snapshot, so the client's stream goes on here without a gap; a target that
-may have resumed it too (the outcome is unknown) is told to drop its copy.
+request from its own snapshot (by recompute where its blocks went rank to rank), so the
+client's stream goes on here without a gap; a target that may have resumed it too (the outcome
+is unknown) is told to drop its copy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +33,16 @@ import structlog
 from cascadeinfer.domain import check_bounded_text, check_request_id
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.worker import convert, kv_stream
-from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
+from cascadeinfer.worker.engine import (
+    Engine,
+    EngineError,
+    ErrorCode,
+    FinishReason,
+    KVSnapshot,
+    KVTransfer,
+    RankToRankKV,
+    kv_peer_of,
+)
 from cascadeinfer.worker.state import MIGRATION_DEADLINE_S, WorkerState
 
 if TYPE_CHECKING:
@@ -70,6 +87,9 @@ async def migrate_out(
         # The scheduler asks for KV mode; an engine whose blocks cannot leave resumes the
         # request on the target by recompute instead of refusing the move.
         recompute = True
+    pre: list[bytes] = []
+    num_pre = 0
+    transfer: KVTransfer | None = None
     if not recompute:
         # Refuse before touching the request when the target could not use our blocks.
         try:
@@ -83,9 +103,18 @@ async def migrate_out(
             raise MigrationFailed(
                 grpc.StatusCode.FAILED_PRECONDITION, f"target KV layout differs: {problem}"
             )
-        pre = await state.loop.call(lambda e: e.copy_full_blocks(request_id, 0))
-    else:
-        pre = []
+        transfer = _rank_to_rank(state.loop.engine, info)
+        if transfer is not None:
+            road = transfer
+            try:
+                num_pre = await state.loop.call(lambda e: _send(e, request_id, 0, road))
+            except RuntimeError as e:
+                # Before the stop nothing is lost: the blocks take the ImportKV stream.
+                log.warning("kv_rank_to_rank_failed", request_id=request_id, error=str(e))
+                transfer = None
+        if transfer is None:
+            pre = await state.loop.call(lambda e: e.copy_full_blocks(request_id, 0))
+            num_pre = len(pre)
 
     call = peer.ImportKV(timeout=MIGRATION_DEADLINE_S)
     export: asyncio.Future[KVSnapshot] | None = None
@@ -98,14 +127,19 @@ async def migrate_out(
         paused = time.perf_counter()
         # Shielded: a cancelled caller must not drop the snapshot of a request already stopped.
         export = asyncio.ensure_future(
-            state.loop.call(lambda e: e.export_kv(request_id, skip_blocks=len(pre)))
+            state.loop.call(lambda e: _export(e, request_id, num_pre, transfer))
         )
         rest = await asyncio.shield(export)
-        snapshot = KVSnapshot(rest.request, rest.layout, rest.num_cached_tokens, pre + rest.blocks)
+        snapshot = KVSnapshot(
+            rest.request, rest.layout, rest.num_cached_tokens, pre + rest.blocks, rest.transfer_id
+        )
         is_committed = True
         if recompute:
             final = KVSnapshot(rest.request, rest.layout, 0, [])
             await _write(call, kv_stream.commit(final, 0))
+        elif snapshot.transfer_id is not None:
+            num_blocks = math.ceil(snapshot.num_cached_tokens / layout.block_size)
+            await _write(call, kv_stream.commit(snapshot, num_blocks))
         else:
             for chunk in kv_stream.block_chunks(rest.blocks, len(pre)):
                 await _write(call, chunk)
@@ -124,7 +158,8 @@ async def migrate_out(
     assert snapshot is not None
     resumed = time.perf_counter()
     # Recompute sends token ids only.
-    num_bytes = 0 if recompute else sum(len(b) for b in snapshot.blocks)
+    num_blocks = math.ceil(snapshot.num_cached_tokens / layout.block_size)
+    num_bytes = 0 if recompute else num_blocks * layout.block_bytes
     state.hub.end(request_id, FinishReason.MIGRATED, migrated_to=target)
     m = state.metrics
     m.migrations.labels(state.engine_name, "out", "recompute" if recompute else "kv").inc()
@@ -134,8 +169,9 @@ async def migrate_out(
         "migrated_out",
         request_id=request_id,
         target=target,
-        blocks=len(snapshot.blocks),
-        precopied=len(pre),
+        blocks=num_blocks,
+        precopied=num_pre,
+        rank_to_rank=snapshot.transfer_id is not None,
         bytes=num_bytes,
         pause_s=resumed - paused,
         imported=response.request_id,
@@ -143,6 +179,28 @@ async def migrate_out(
     return MigrationResult(
         snapshot.request.context_len, num_bytes, resumed - paused, resumed - started
     )
+
+
+def _rank_to_rank(engine: Engine, target: worker_pb2.WorkerInfo) -> KVTransfer | None:
+    """The road for this migration's blocks when both ends' ranks talk to each other."""
+    peer = convert.kv_peer_from_proto(target)
+    if kv_peer_of(engine) is None or peer is None:
+        return None
+    return KVTransfer(peer, uuid.uuid4().hex)
+
+
+def _send(engine: Engine, request_id: str, start_block: int, transfer: KVTransfer) -> int:
+    assert isinstance(engine, RankToRankKV)
+    return engine.send_full_blocks(request_id, start_block, transfer)
+
+
+def _export(
+    engine: Engine, request_id: str, skip_blocks: int, transfer: KVTransfer | None
+) -> KVSnapshot:
+    if transfer is None:
+        return engine.export_kv(request_id, skip_blocks=skip_blocks)
+    assert isinstance(engine, RankToRankKV)
+    return engine.export_kv_to(request_id, skip_blocks, transfer)
 
 
 async def _write(call: Any, chunk: worker_pb2.KVChunk) -> None:
@@ -196,7 +254,11 @@ async def _recover(
     except Exception:
         log.exception("migration_export_failed")
         return
-    snapshot = KVSnapshot(rest.request, rest.layout, rest.num_cached_tokens, pre + rest.blocks)
+    if rest.transfer_id is not None:
+        # Its blocks went to the target's ranks: it resumes here by recompute.
+        snapshot = KVSnapshot(rest.request, rest.layout, 0, [])
+    else:
+        snapshot = KVSnapshot(rest.request, rest.layout, rest.num_cached_tokens, pre + rest.blocks)
     rid = snapshot.request.request_id
 
     def resume(e: Engine) -> None:

@@ -14,7 +14,14 @@ from cascadeinfer.daemon import release_freed_memory
 from cascadeinfer.domain import check_request_id
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.worker import convert, kv_stream
-from cascadeinfer.worker.engine import Engine, EngineError, ErrorCode, FinishReason, KVSnapshot
+from cascadeinfer.worker.engine import (
+    Engine,
+    EngineError,
+    ErrorCode,
+    FinishReason,
+    KVSnapshot,
+    kv_peer_of,
+)
 from cascadeinfer.worker.engine_loop import EngineDead
 from cascadeinfer.worker.errors import fail
 from cascadeinfer.worker.hub import StreamEnd, StreamItem
@@ -236,6 +243,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             max_model_len=engine.max_model_len,
             layout=convert.layout_to_proto(engine.layout),
             kv_blocks_total=engine.num_blocks_total,
+            kv_peer=convert.kv_peer_to_proto(kv_peer_of(engine)),
         )
 
     async def ExportKV(
@@ -299,6 +307,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise _Draining()
         if req.request_id in self.state.hub.requests:
             raise EngineError(ErrorCode.ALREADY_EXISTS, f"request id {req.request_id!r} is in use")
+        if snapshot.transfer_id is not None and kv_peer_of(self.state.loop.engine) is None:
+            raise EngineError(
+                ErrorCode.FAILED_PRECONDITION, "this worker's engine takes no KV rank to rank"
+            )
         self.state.hub.track(req.request_id, req.context_len, len(req.output_token_ids))
         try:
             if snapshot.num_cached_tokens == 0:

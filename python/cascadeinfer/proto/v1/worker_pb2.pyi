@@ -430,6 +430,7 @@ class WorkerInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
     LAYOUT_FIELD_NUMBER: _builtins.int
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _builtins.int
+    KV_PEER_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     engine: _builtins.str
     """"vllm" or "sim"."""
@@ -438,6 +439,12 @@ class WorkerInfo(_message.Message):
     kv_blocks_total: _builtins.int
     @_builtins.property
     def layout(self) -> _common_pb2.KVLayout: ...
+    @_builtins.property
+    def kv_peer(self) -> Global___KVPeer:
+        """Where a peer's tensor-parallel ranks send this worker's ranks KV shards directly (the
+        rank-to-rank side channel); unset where the engine has none (then KV travels in ImportKV).
+        """
+
     def __init__(
         self,
         *,
@@ -447,14 +454,47 @@ class WorkerInfo(_message.Message):
         max_model_len: _builtins.int = ...,
         layout: _common_pb2.KVLayout | None = ...,
         kv_blocks_total: _builtins.int = ...,
+        kv_peer: Global___KVPeer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kv_peer", b"kv_peer", "layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "kv_blocks_total", b"kv_blocks_total", "layout", b"layout", "max_model_len", b"max_model_len", "model", b"model", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "kv_blocks_total", b"kv_blocks_total", "kv_peer", b"kv_peer", "layout", b"layout", "max_model_len", b"max_model_len", "model", b"model", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class KVPeer(_message.Message):
+    """A worker's rank-to-rank side channel: rank r of a peer sends its shards to endpoints[r]
+    (ZeroMQ over TCP, CURVE-encrypted to server_key), each message carrying the ticket. Only an
+    authenticated GetInfo hands these out, so knowing the ticket is the right to send.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    SERVER_KEY_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    server_key: _builtins.bytes
+    """The ranks' CURVE public key, Z85-encoded (40 bytes)."""
+    ticket: _builtins.bytes
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        endpoints: _abc.Iterable[_builtins.str] | None = ...,
+        server_key: _builtins.bytes = ...,
+        ticket: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "server_key", b"server_key", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KVPeer: _TypeAlias = KVPeer  # noqa: Y015
 
 @_typing.final
 class ExportKVRequest(_message.Message):
@@ -536,8 +576,13 @@ class KVCommit(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     NUM_CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     NUM_BLOCKS_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
     num_cached_tokens: _builtins.int
     num_blocks: _builtins.int
+    transfer_id: _builtins.str
+    """Set when the stream carried no blocks: the source's ranks sent all num_blocks of them
+    straight to this worker's ranks (its GetInfo kv_peer) under this id.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -552,10 +597,11 @@ class KVCommit(_message.Message):
         sampling: _common_pb2.SamplingParams | None = ...,
         num_cached_tokens: _builtins.int = ...,
         num_blocks: _builtins.int = ...,
+        transfer_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_blocks", b"num_blocks", "num_cached_tokens", b"num_cached_tokens", "output_token_ids", b"output_token_ids", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_blocks", b"num_blocks", "num_cached_tokens", b"num_cached_tokens", "output_token_ids", b"output_token_ids", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

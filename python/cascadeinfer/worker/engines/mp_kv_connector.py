@@ -29,8 +29,16 @@ a directory only the daemon's user can enter):
   arrive within LOAD_WAIT_S are reported in `failed_recving`, and `kv_load_failure_policy =
   "recompute"` recomputes the request's context instead.
 
-Known limit: the bytes pass through both daemons (gRPC in between), not rank to rank between
-hosts.
+- peer (a peer's rank -> this rank of the same number, ROUTER/DEALER over TCP): the rank-to-rank
+  road between workers. Each rank binds a TCP port on the host the operator configures, with
+  ZeroMQ's CURVE encryption under the engine's key pair, and tells the daemon its endpoint
+  (a "hello" on the export channel); the daemon publishes the endpoints, the public key and a
+  random ticket in GetInfo. A copy or stop order that names a transfer (a peer's endpoints, key
+  and ticket, and an id) makes each rank send its shard straight to the peer's rank, which
+  checks the ticket, holds the part in its inbox under the transfer id and answers; the rank
+  then tells its daemon the part was delivered (or why not), without the bytes. The daemon
+  never holds them, and the peer's daemon adds the request with the transfer id as its
+  migration id. Messages are capped at what this engine's whole cache holds.
 """
 
 from __future__ import annotations
@@ -78,6 +86,17 @@ EXPORT_KEY = "cascade_export"
 IMPORT_PREFIX_KEY = "cascade_import_prefix"
 """kv_connector_extra_config keys: the shared secret and the side channels' addresses (the
 import address gets `.RANK` appended)."""
+PEER_HOST_KEY = "cascade_peer_host"
+PEER_ADVERTISE_KEY = "cascade_peer_advertise"
+PEER_PORT_KEY = "cascade_peer_port"
+PEER_SECRET_KEY_KEY = "cascade_peer_secret_key"
+PEER_TICKET_KEY = "cascade_peer_ticket"
+"""kv_connector_extra_config keys of the rank-to-rank side channel: the address each rank
+binds (port + rank; port 0: one the system picks) and the host peers connect to, the ranks'
+CURVE secret key (Z85) and the ticket peers must show. Absent: no rank-to-rank channel."""
+PEER_ACK_TIMEOUT_S = 20.0
+"""How long a rank waits for a peer's rank to confirm a part before reporting it undelivered
+(the daemon's own wait, `mp_kv_channel`, is longer)."""
 LOAD_WAIT_S = 10.0
 """How long a load waits for its bytes before it is reported failed (and recomputed). The
 daemon sends them before it adds the request, so they are normally there already; the wait
@@ -105,17 +124,43 @@ class Load:
 
 
 @dataclass(frozen=True)
+class PeerTransfer:
+    """Where a copy or an export goes rank to rank: `endpoints[r]` is the peer's rank r."""
+
+    endpoints: tuple[str, ...]
+    server_key: str
+    """The peer ranks' CURVE public key (Z85)."""
+    ticket: str
+    transfer_id: str
+    """The peer holds the parts under this id (its migration id for the import)."""
+
+    @staticmethod
+    def from_order(order: dict[str, Any]) -> PeerTransfer | None:
+        t = order.get("transfer")
+        if t is None:
+            return None
+        return PeerTransfer(
+            tuple(str(e) for e in t["endpoints"]),
+            str(t["server_key"]),
+            str(t["ticket"]),
+            str(t["transfer_id"]),
+        )
+
+
+@dataclass(frozen=True)
 class Save:
     request_id: str
     tag: str
-    """What the shards are sent under: the request's tag, or COPY_SUFFIX added for a pre-copy."""
+    """The request's tag."""
     block_ids: tuple[int, ...]
     releases: bool
     """An export: report the request in finished_sending so vLLM frees its blocks."""
-
-
-COPY_SUFFIX = "#copy"
-"""Pre-copied shards are sent under the request's tag plus this."""
+    order_id: str = ""
+    """The daemon's order, echoed in what goes back to it."""
+    first_block: int = 0
+    """The request's block number of block_ids[0]."""
+    transfer: PeerTransfer | None = None
+    """Send to a peer's rank instead of the daemon (the daemon gets a delivery note)."""
 
 
 @dataclass
@@ -150,6 +195,18 @@ class CascadeMpConnector(KVConnectorBase_V1):
                 str(extra[EXPORT_KEY]),
                 str(extra[IMPORT_PREFIX_KEY]),
             )
+            if PEER_HOST_KEY in extra:
+                self._worker.open_peer_channel(
+                    str(extra[PEER_HOST_KEY]),
+                    str(extra[PEER_ADVERTISE_KEY]),
+                    int(extra[PEER_PORT_KEY]),
+                    str(extra[PEER_SECRET_KEY_KEY]),
+                    str(extra[PEER_TICKET_KEY]),
+                    # One message never holds more than this rank's whole cache.
+                    max_message_bytes=sum(t.size for t in kv_cache_config.kv_cache_tensors)
+                    + (1 << 20),
+                )
+            self._worker.start()
 
     # ---- scheduler side (engine-core process) ---------------------------------------------
 
@@ -230,8 +287,8 @@ class _SchedulerSide:
         self._orders: queue.Queue[dict[str, Any]] = queue.Queue()
         self._running: dict[str, Request] = {}
         """Tag -> the live request, seen when vLLM first asked about it."""
-        self._exporting: dict[str, int] = {}
-        """Tag -> blocks already pre-copied (left out of the export)."""
+        self._exporting: dict[str, tuple[int, str, PeerTransfer | None]] = {}
+        """Tag -> blocks already pre-copied (left out of the export), and where it goes."""
         self._started: set[str] = set()
         self._loads: list[Load] = []
         self._saves: list[Save] = []
@@ -282,14 +339,16 @@ class _SchedulerSide:
                 order = self._orders.get_nowait()
             except queue.Empty:
                 break
-            tag, first = str(order["tag"]), int(order["first_block"])
+            tag, first, order_id = str(order["tag"]), int(order["first_block"]), str(order["id"])
+            transfer = PeerTransfer.from_order(order)
             request = self._running.get(tag)
             is_live = request is not None and not request.is_finished()
             if order["op"] == "copy":
                 blocks = self._full_blocks(request)[first:] if is_live else ()
-                self._saves.append(Save("", tag + COPY_SUFFIX, tuple(blocks), releases=False))
+                save = Save("", tag, tuple(blocks), False, order_id, first, transfer)
+                self._saves.append(save)
             elif is_live and request is not None:
-                self._exporting[tag] = first
+                self._exporting[tag] = (first, order_id, transfer)
                 # Ends the request with "length" after the token this step computes.
                 request.max_tokens = min(request.max_tokens, request.num_output_tokens + 1)
         meta = MpConnectorMetadata(loads=self._loads, saves=self._saves, discards=self._discards)
@@ -305,12 +364,13 @@ class _SchedulerSide:
         migration_id = params.get(MIGRATION_ID_KEY)
         if migration_id is not None:
             self._started.discard(str(migration_id))
-        first = self._exporting.pop(tag, None)
-        if first is None:
+        exporting = self._exporting.pop(tag, None)
+        if exporting is None:
             return False, None
+        first, order_id, transfer = exporting
         num_cached = request.num_computed_tokens
         blocks = tuple(block_ids[first : math.ceil(num_cached / self._c._block_size)])
-        self._saves.append(Save(request.request_id, tag, blocks, releases=True))
+        self._saves.append(Save(request.request_id, tag, blocks, True, order_id, first, transfer))
         return True, {TAG_KEY: tag, NUM_CACHED_TOKENS_KEY: num_cached}
 
     def _full_blocks(self, request: Request | None) -> list[int]:
@@ -324,10 +384,35 @@ class _SchedulerSide:
         return bool(self._saves or self._loads or self._discards or not self._orders.empty())
 
 
+def _bracketed(host: str) -> str:
+    """An IPv6 address in brackets, as a TCP endpoint writes it."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _header(**fields: object) -> bytes:
+    return json.dumps(fields).encode()
+
+
 def _snapshot_tokens(request: Request, params: dict[str, Any]) -> int:
     """Tokens an imported snapshot restores: never the last one, which is computed again to
     sample the next."""
     return min(int(params[NUM_CACHED_TOKENS_KEY]), request.num_tokens - 1)
+
+
+def _dealer(
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    server_key: str,
+    public: bytes,
+    secret: bytes,
+) -> zmq.Socket[bytes]:
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
+    socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    return socket
 
 
 class _WorkerSide:
@@ -344,32 +429,91 @@ class _WorkerSide:
         self._results = threading.Lock()
         self._received: set[str] = set()
         self._failed: set[str] = set()
+        self._export_address = export_address
         self._out = connector._context.socket(zmq.PUSH)
         self._out.connect(export_address)
         self._inbox: ShardInbox[Load] = ShardInbox(
             wait_s=LOAD_WAIT_S, ttl_s=INBOX_TTL_S, max_entries=INBOX_MAX_SNAPSHOTS
         )
-        inbound = connector._context.socket(zmq.PULL)
-        inbound.bind(import_address(import_prefix, rank))
-        threading.Thread(target=self._receive, args=(inbound,), daemon=True).start()
+        self._inbound = connector._context.socket(zmq.PULL)
+        self._inbound.bind(import_address(import_prefix, rank))
+        self._peers: zmq.Socket[bytes] | None = None
+        self._peer_ticket = b""
+        self._outgoing: queue.Queue[tuple[Save, list[memoryview]]] = queue.Queue()
         threading.Thread(target=self._load_forever, daemon=True).start()
 
-    def _receive(self, socket: zmq.Socket[bytes]) -> None:
+    def open_peer_channel(
+        self,
+        host: str,
+        advertise: str,
+        port: int,
+        secret_key: str,
+        ticket: str,
+        max_message_bytes: int,
+    ) -> None:
+        """Binds the rank-to-rank channel and tells the daemon its endpoint (see module)."""
+        peers = self._c._context.socket(zmq.ROUTER)
+        peers.setsockopt(zmq.CURVE_SERVER, 1)
+        peers.setsockopt(zmq.CURVE_SECRETKEY, secret_key.encode())
+        peers.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        peers.setsockopt(zmq.LINGER, 0)
+        peers.bind(f"tcp://{_bracketed(host)}:{port + self._rank if port else 0}")
+        self._peers = peers
+        self._peer_ticket = ticket.encode()
+        bound_port = peers.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
+        endpoint = f"tcp://{_bracketed(advertise)}:{bound_port}"
+        self._out.send_multipart([self._c._secret, _header(hello=self._rank, endpoint=endpoint)])
+        threading.Thread(target=self._send_forever, daemon=True).start()
+
+    def start(self) -> None:
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._inbound, zmq.POLLIN)
+        if self._peers is not None:
+            poller.register(self._peers, zmq.POLLIN)
         while True:
-            frames = socket.recv_multipart(copy=False)
-            if len(frames) < 2 or not is_authentic(self._c._secret, frames[0].bytes):
-                continue
-            header = json.loads(frames[1].bytes)
-            # Views of ZeroMQ's own buffers: the shards are copied once, into the blocks.
-            shards: list[Shard] = [frame.buffer for frame in frames[2:]]
-            self._inbox.put(str(header["migration_id"]), shards)
+            for socket, _ in poller.poll():
+                if socket is self._inbound:
+                    self._take_from_daemon(self._inbound.recv_multipart(copy=False))
+                else:
+                    self._take_from_peer(socket.recv_multipart(copy=False))
+
+    def _take_from_daemon(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2 or not is_authentic(self._c._secret, frames[0].bytes):
+            return
+        header = json.loads(frames[1].bytes)
+        # Views of ZeroMQ's own buffers: the shards are copied once, into the blocks.
+        shards: list[Shard] = [frame.buffer for frame in frames[2:]]
+        self._inbox.put(str(header["migration_id"]), shards)
+
+    def _take_from_peer(self, frames: list[zmq.Frame]) -> None:
+        """[peer identity, ticket, header, shard...]: a part of a snapshot, answered with
+        [identity, "ok" or "refused", header]."""
+        assert self._peers is not None
+        if len(frames) < 3:
+            return
+        identity, header = frames[0].bytes, frames[2].bytes
+        if not is_authentic(self._peer_ticket, frames[1].bytes):
+            self._peers.send_multipart([identity, b"refused", header])
+            return
+        try:
+            part = json.loads(header)
+            transfer_id, first = str(part["transfer_id"]), int(part["first_block"])
+            is_last = bool(part["is_last"])
+        except (ValueError, KeyError, TypeError):
+            self._peers.send_multipart([identity, b"refused", header])
+            return
+        self._inbox.put(transfer_id, [f.buffer for f in frames[3:]], first, is_last)
+        self._peers.send_multipart([identity, b"ok", header])
 
     def load(self, meta: MpConnectorMetadata) -> None:
         """Hands the step's load orders to the loader thread; returns at once."""
         for migration_id in meta.discards:
             self._inbox.discard(migration_id)
         for load in meta.loads:
-            self._inbox.expect(load.migration_id, load)
+            self._inbox.expect(load.migration_id, load, load.first_block + len(load.block_ids))
 
     def _load_forever(self) -> None:
         # The blocks written here belong to requests vLLM parks until they are reported
@@ -407,8 +551,46 @@ class _WorkerSide:
 
     def save(self, meta: MpConnectorMetadata) -> None:
         for save in meta.saves:
+            # The one copy out of the cache, here on the forward pass's thread: the blocks may
+            # be freed or refilled once this step is over.
             blobs = read_block_rows(self.caches, self._c._num_blocks, save.block_ids)
-            header = json.dumps({"tag": save.tag, "rank": self._rank}).encode()
-            self._out.send_multipart([self._c._secret, header, *blobs], copy=False)
+            if save.transfer is not None:
+                self._outgoing.put((save, blobs))  # the sender thread waits for the peer
+            else:
+                header = _header(order=save.order_id, rank=self._rank)
+                self._out.send_multipart([self._c._secret, header, *blobs], copy=False)
             if save.releases:
                 self._sent.add(save.request_id)
+
+    def _send_forever(self) -> None:
+        """Sends parts to peers' ranks, one at a time, and tells the daemon each outcome."""
+        notes = self._c._context.socket(zmq.PUSH)  # sockets are not shared between threads
+        notes.connect(self._export_address)
+        public, secret = zmq.curve_keypair()
+        peers: dict[tuple[str, str], zmq.Socket[bytes]] = {}
+        while True:
+            save, blobs = self._outgoing.get()
+            assert save.transfer is not None
+            t = save.transfer
+            key = (t.endpoints[self._rank], t.server_key)
+            if key not in peers:
+                peers[key] = _dealer(self._c._context, key[0], t.server_key, public, secret)
+            header = _header(
+                transfer_id=t.transfer_id,
+                first_block=save.first_block,
+                is_last=save.releases,
+            )
+            socket = peers[key]
+            socket.send_multipart([t.ticket.encode(), header, *blobs], copy=False)
+            answer = b"no answer"
+            if socket.poll(int(PEER_ACK_TIMEOUT_S * 1000)):
+                answer, echoed = socket.recv_multipart()[:2]
+                answer = answer if echoed == header else b"a mismatched answer"
+            if answer != b"ok":
+                socket.close(linger=0)  # drops what is queued; the next part reconnects
+                del peers[key]
+            note = _header(order=save.order_id, rank=self._rank, delivered=len(blobs))
+            if answer != b"ok":
+                error = answer.decode(errors="replace")
+                note = _header(order=save.order_id, rank=self._rank, error=error)
+            notes.send_multipart([self._c._secret, note])

@@ -1,9 +1,11 @@
 """Imported KV shards meeting the loads that wait for them, in one tensor-parallel rank.
 
-An import reaches a rank on two roads: the daemon sends the snapshot's bytes over the side
-channel (a receiver thread `put`s them here), and vLLM's scheduler allocates the request's
-blocks and hands the rank a load order in the step's connector metadata (`expect`). Either may
-come first. The rank's loader thread asks `next_due` for whatever can be settled now: loads
+An import reaches a rank on two roads: the snapshot's bytes come over a side channel (a
+receiver thread `put`s them here: from the daemon in one piece, or from the peer's rank of the
+same number in parts, the pre-copied blocks first and the rest after the stop), and vLLM's
+scheduler allocates the request's blocks and hands the rank a load order in the step's
+connector metadata (`expect`). Either may come first; a load is settled once its blocks are all
+here or the snapshot's last part came. The rank's loader thread asks `next_due` for whatever can be settled now: loads
 whose bytes are here (to write), and loads whose bytes did not come by their deadline (to
 report as failed, so vLLM recomputes them). Loads never block the rank's forward pass: that is
 the point of loading asynchronously.
@@ -53,24 +55,31 @@ class ShardInbox(Generic[Order]):
         self._max_entries = max_entries
         self._clock = clock
         self._changed = threading.Condition()
-        self._shards: OrderedDict[str, tuple[float, list[Shard]]] = OrderedDict()
-        """Migration id -> (arrival time, the rank's shard of each block), oldest first."""
-        self._waiting: list[tuple[str, float, Order]] = []
-        """(migration id, deadline, order) of loads whose bytes are not here yet."""
+        self._shards: OrderedDict[str, _Parts] = OrderedDict()
+        """Migration id -> the parts of its snapshot that arrived, oldest snapshot first."""
+        self._waiting: list[tuple[str, int, float, Order]] = []
+        """(migration id, blocks needed, deadline, order) of loads whose bytes are not here."""
 
-    def put(self, migration_id: str, shards: list[Shard]) -> None:
-        """A snapshot's bytes arrived (receiver thread)."""
+    def put(
+        self, migration_id: str, shards: list[Shard], first_block: int = 0, is_last: bool = True
+    ) -> None:
+        """Blocks `first_block..` of a snapshot arrived (receiver thread); `is_last`: no more
+        will come for it."""
         with self._changed:
             now = self._clock()
-            self._shards[migration_id] = (now, shards)
-            self._shards.move_to_end(migration_id)
+            parts = self._shards.get(migration_id)
+            if parts is None:
+                parts = self._shards[migration_id] = _Parts(now)
+            parts.add(first_block, shards, is_last)
             self._evict(now)
             self._changed.notify_all()
 
-    def expect(self, migration_id: str, order: Order) -> None:
-        """vLLM ordered a load; its bytes are due within `wait_s`."""
+    def expect(self, migration_id: str, order: Order, num_blocks: int) -> None:
+        """vLLM ordered a load that needs the snapshot's first `num_blocks` blocks; they are
+        due within `wait_s`."""
         with self._changed:
-            self._waiting.append((migration_id, self._clock() + self._wait_s, order))
+            deadline = self._clock() + self._wait_s
+            self._waiting.append((migration_id, num_blocks, deadline, order))
             self._changed.notify_all()
 
     def discard(self, migration_id: str) -> None:
@@ -87,7 +96,7 @@ class ShardInbox(Generic[Order]):
                 due = self._take_due(now)
                 if due.ready or due.expired:
                     return due
-                wake = [deadline for _, deadline, _ in self._waiting]
+                wake = [deadline for _, _, deadline, _ in self._waiting]
                 if limit is not None:
                     wake.append(limit)
                     if now >= limit:
@@ -101,22 +110,46 @@ class ShardInbox(Generic[Order]):
     def _take_due(self, now: float) -> Due[Order]:
         ready: list[tuple[Order, list[Shard]]] = []
         expired: list[Order] = []
-        still: list[tuple[str, float, Order]] = []
-        for migration_id, deadline, order in self._waiting:
-            held = self._shards.pop(migration_id, None)
-            if held is not None:
-                ready.append((order, held[1]))
+        still: list[tuple[str, int, float, Order]] = []
+        for migration_id, num_blocks, deadline, order in self._waiting:
+            parts = self._shards.get(migration_id)
+            if parts is not None and (parts.is_complete or parts.num_leading() >= num_blocks):
+                del self._shards[migration_id]
+                ready.append((order, parts.leading()))
             elif deadline <= now:
                 expired.append(order)
             else:
-                still.append((migration_id, deadline, order))
+                still.append((migration_id, num_blocks, deadline, order))
         self._waiting = still
         self._evict(now)
         return Due(ready, expired)
 
     def _evict(self, now: float) -> None:
         while self._shards:
-            oldest, (arrived, _) = next(iter(self._shards.items()))
-            if len(self._shards) <= self._max_entries and now - arrived < self._ttl_s:
+            oldest, parts = next(iter(self._shards.items()))
+            if len(self._shards) <= self._max_entries and now - parts.arrived < self._ttl_s:
                 return
             del self._shards[oldest]
+
+
+class _Parts:
+    """The parts of one snapshot that arrived, by first block."""
+
+    def __init__(self, arrived: float) -> None:
+        self.arrived = arrived
+        self.is_complete = False
+        self._by_first: dict[int, list[Shard]] = {}
+
+    def add(self, first_block: int, shards: list[Shard], is_last: bool) -> None:
+        self._by_first[first_block] = shards
+        self.is_complete = self.is_complete or is_last
+
+    def leading(self) -> list[Shard]:
+        """The blocks from 0 on, as far as they run without a gap."""
+        out: list[Shard] = []
+        while (part := self._by_first.get(len(out))) is not None and part:
+            out.extend(part)
+        return out
+
+    def num_leading(self) -> int:
+        return len(self.leading())

@@ -103,6 +103,16 @@ class VllmEngineConfig:
     move_kv: bool = True
     """Multiprocess engine only: load the cross-process KV connector (`mp_kv_connector.py`) so
     migrations can move KV blocks; False leaves vLLM without a connector (recompute only)."""
+    kv_peer_host: str = "127.0.0.1"
+    """Multiprocess engine with `move_kv`: the address each tensor-parallel rank binds for
+    peers' ranks to send it KV directly (rank to rank, TCP, CURVE-encrypted, ticket checked);
+    the worker daemon defaults it to its own `host`. "" turns the road off (the blocks then
+    pass through both daemons' ImportKV stream)."""
+    kv_peer_port: int = 0
+    """Rank r binds kv_peer_port + r; 0 lets the system pick a free port for each rank."""
+    kv_peer_advertise_host: str = ""
+    """The host peers connect to (a name or an address); "" = kv_peer_host. The worker daemon
+    defaults it to the host of its `advertise_address`."""
 
     def validate(self) -> None:
         """ValueError naming the first bad field."""
@@ -115,6 +125,7 @@ class VllmEngineConfig:
             (self.cpu_kv_cache_gib >= 1, "cpu_kv_cache_gib", "must be >= 1"),
             (self.max_transfer_steps >= 1, "max_transfer_steps", "must be >= 1"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1"),
+            (0 <= self.kv_peer_port <= 65535, "kv_peer_port", "must be in [0, 65535]"),
             (
                 self.multiprocess or self.tensor_parallel_size == 1,
                 "tensor_parallel_size",
@@ -492,6 +503,12 @@ def check_snapshot(snapshot: KVSnapshot, layout: KVLayout) -> None:
             f"num_cached_tokens = {snapshot.num_cached_tokens}: must be context_len - 1 "
             f"= {request.context_len - 1}",
         )
+    if snapshot.transfer_id is not None:
+        if snapshot.blocks:
+            raise EngineError(
+                ErrorCode.INVALID_ARGUMENT, "a snapshot sent rank to rank carries no blocks"
+            )
+        return
     num_blocks = math.ceil(snapshot.num_cached_tokens / layout.block_size)
     if len(snapshot.blocks) != num_blocks:
         raise EngineError(

@@ -18,7 +18,9 @@ through `mp_kv_connector.py` and its side channels (`mp_kv_channel.py`): `export
 engine core to stop the request, collects its final tokens from the request's last output and
 its blocks from every rank; `import_kv` sends a snapshot's blocks to the ranks and adds the
 request with a migration id; `copy_full_blocks` has the ranks send a request's full blocks
-while vLLM goes on decoding it (the pre-copy). Without `move_kv`, recompute only: `export_kv` returns the tokens
+while vLLM goes on decoding it (the pre-copy). Between two such engines the blocks go rank to
+rank instead (`send_full_blocks`, `export_kv_to`; `RankToRankKV` in engine.py): each rank sends
+its shard to the peer's rank over TCP and the daemons see only delivery notes. Without `move_kv`, recompute only: `export_kv` returns the tokens
 without blocks, and `copy_full_blocks` (and importing blocks) is refused with
 FAILED_PRECONDITION before anything is stopped. Known limits as in `vllm_engine.py` (greedy
 decoding is reproduced exactly; penalties and seeded sampling are not).
@@ -42,7 +44,9 @@ from cascadeinfer.worker.engine import (
     ErrorCode,
     FinishReason,
     KVLayout,
+    KVPeer,
     KVSnapshot,
+    KVTransfer,
     RequestProgress,
     StepReport,
 )
@@ -102,7 +106,16 @@ class VllmMpEngine:
         self._config = config
         self._aloop = asyncio.new_event_loop()
         self._batches = _Batches()
-        self._channel = KVChannel(config.tensor_parallel_size) if config.move_kv else None
+        self._channel = (
+            KVChannel(
+                config.tensor_parallel_size,
+                config.kv_peer_host or None,
+                config.kv_peer_port,
+                config.kv_peer_advertise_host,
+            )
+            if config.move_kv
+            else None
+        )
         mark_daemon()  # the engine core and its workers end with this process (parent_watch.py)
         started = time.perf_counter()
         try:
@@ -138,6 +151,10 @@ class VllmMpEngine:
     @property
     def layout(self) -> KVLayout:
         return self._layout
+
+    @property
+    def kv_peer(self) -> KVPeer | None:
+        return self._channel.peer if self._channel is not None else None
 
     @property
     def max_model_len(self) -> int:
@@ -230,6 +247,18 @@ class VllmMpEngine:
     def copy_full_blocks(self, request_id: str, start_block: int) -> list[bytes]:
         """The request's full blocks from start_block on, copied by the ranks while the engine
         core goes on decoding it (this thread waits; vLLM does not)."""
+        channel, order = self._order_copy(request_id, start_block, None)
+        return channel.receive_export(order, _EXPORT_TIMEOUT_S)
+
+    def send_full_blocks(self, request_id: str, start_block: int, transfer: KVTransfer) -> int:
+        """`copy_full_blocks`, each rank sending its shard to the peer's rank of its number."""
+        channel, order = self._order_copy(request_id, start_block, transfer)
+        return channel.receive_delivered(order, _EXPORT_TIMEOUT_S)
+
+    def _order_copy(
+        self, request_id: str, start_block: int, transfer: KVTransfer | None
+    ) -> tuple[KVChannel, str]:
+        """Orders the ranks to copy; returns the channel and the order's id."""
         tracked = self._get(request_id)
         if self._channel is None:
             raise EngineError(ErrorCode.FAILED_PRECONDITION, _NO_KV_MOVES)
@@ -238,15 +267,14 @@ class VllmMpEngine:
                 ErrorCode.INVALID_ARGUMENT, f"start_block = {start_block}: must be >= 0"
             )
         self._require_decoding(tracked)
-        self._channel.copy(request_id, start_block)
-        return self._channel.receive_export(request_id + mkc.COPY_SUFFIX, _EXPORT_TIMEOUT_S)
+        return self._channel, self._channel.copy(request_id, start_block, transfer)
 
     def export_kv(self, request_id: str, skip_blocks: int = 0) -> KVSnapshot:
         """Stops the request and returns its tokens, with its KV blocks under `move_kv` (the
         first skip_blocks left out: copied already)."""
         tracked = self._get(request_id)
         if self._channel is not None:
-            return self._export_with_kv(tracked, self._channel, skip_blocks)
+            return self._export_with_kv(tracked, self._channel, skip_blocks, None)
         if skip_blocks != 0:
             raise EngineError(
                 ErrorCode.INVALID_ARGUMENT, f"skip_blocks = {skip_blocks}: {_NO_KV_MOVES}"
@@ -271,6 +299,15 @@ class VllmMpEngine:
         )
         return KVSnapshot(request, self._layout, 0, [])
 
+    def export_kv_to(self, request_id: str, skip_blocks: int, transfer: KVTransfer) -> KVSnapshot:
+        """`export_kv`, each rank sending its shard to the peer's rank of its number: the
+        snapshot has no blocks and `transfer_id` set (no cached tokens where a rank could not
+        deliver them: the request then resumes by recompute)."""
+        tracked = self._get(request_id)
+        if self._channel is None:
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, _NO_KV_MOVES)
+        return self._export_with_kv(tracked, self._channel, skip_blocks, transfer)
+
     def import_kv(self, snapshot: KVSnapshot) -> None:
         """Resumes a snapshot: its blocks go to the ranks first (without `move_kv`, a snapshot
         with blocks is refused and one without is recomputed)."""
@@ -294,8 +331,11 @@ class VllmMpEngine:
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"{request.request_id!r} needs {blocks_needed} KV blocks, {free} are free",
             )
-        migration_id = uuid.uuid4().hex
-        self._channel.send_import(migration_id, snapshot.blocks)
+        if snapshot.transfer_id is not None:
+            migration_id = snapshot.transfer_id  # the peer's ranks sent ours the blocks
+        else:
+            migration_id = uuid.uuid4().hex
+            self._channel.send_import(migration_id, snapshot.blocks)
         self._submit(
             request,
             {
@@ -317,7 +357,9 @@ class VllmMpEngine:
                 f"request_id = {rid!r}: not decoding yet (waiting or in prefill)",
             )
 
-    def _export_with_kv(self, tracked: _Tracked, channel: KVChannel, skip: int) -> KVSnapshot:
+    def _export_with_kv(
+        self, tracked: _Tracked, channel: KVChannel, skip: int, transfer: KVTransfer | None
+    ) -> KVSnapshot:
         rid = tracked.request.request_id
         self._require_decoding(tracked)
         # Tokens with KV now: every token but the last sampled one.
@@ -328,17 +370,21 @@ class VllmMpEngine:
                 ErrorCode.INVALID_ARGUMENT,
                 f"skip_blocks = {skip}: must be in [0, {num_full}] (full blocks)",
             )
-        channel.stop(rid, skip)
+        order = channel.stop(rid, skip, transfer)
         params = self._take_until_finished(tracked)
         if params is None or mkc.NUM_CACHED_TOKENS_KEY not in params:
             # It finished on its own before the stop took effect: report that finish.
             raise EngineError(ErrorCode.NOT_FOUND, f"request_id = {rid!r}: finished")
+        blocks: list[bytes] | None = []
         try:
-            blocks: list[bytes] | None = channel.receive_export(rid, _EXPORT_TIMEOUT_S)
-        except RuntimeError:
+            if transfer is None:
+                blocks = channel.receive_export(order, _EXPORT_TIMEOUT_S)
+            else:
+                channel.receive_delivered(order, _EXPORT_TIMEOUT_S)
+        except RuntimeError as exc:
             # The side channel broke after the stop: the request is resumed by recompute
             # (a snapshot with no cached tokens), never lost.
-            log.warning("kv_export_incomplete_recompute", request_id=rid)
+            log.warning("kv_export_incomplete_recompute", request_id=rid, error=str(exc))
             blocks = None
         request = EngineRequest(
             request_id=rid,
@@ -354,7 +400,8 @@ class VllmMpEngine:
         num_cached = int(params[mkc.NUM_CACHED_TOKENS_KEY])
         if num_cached != request.context_len - 1:
             raise RuntimeError(f"{rid!r}: vLLM cached {num_cached} tokens of {request.context_len}")
-        return KVSnapshot(request, self._layout, num_cached, blocks)
+        transfer_id = transfer.transfer_id if transfer is not None else None
+        return KVSnapshot(request, self._layout, num_cached, blocks, transfer_id)
 
     def _take_until_finished(self, tracked: _Tracked) -> dict[str, Any] | None:
         """Moves a stopping request's outputs into `_pending` (as progress: it does not end
