@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
+from cascadeinfer.worker import kv_stream
+from cascadeinfer.worker.engine import EngineError, ErrorCode
 
 from tests.worker.daemons import Daemon, start_worker
 from tests.worker.streams import run_to_end
@@ -122,3 +125,60 @@ def test_kv_imports_in_flight_are_bounded_together_by_the_free_kv(tmp_path: Path
         assert run_to_end(d.stub(), "after", [1, 2, 3], 3), "still serving"
     finally:
         d.kill()
+
+
+def test_kv_imports_in_flight_are_bounded_by_host_memory_too(tmp_path: Path) -> None:
+    """The free KV is no bound on the host's memory: a sim worker's default KV is 50 GiB, and
+    50 stalled imports of 8 MiB each took its RSS from 60 to 930 MiB with room for 6,000 more.
+    With --max-import-mib 40, a second 30-block import is refused while the first holds its
+    blocks, though the free KV would take hundreds of them."""
+    d = start_worker([*BIG_BLOCKS, "--max-import-mib", "40"], tmp_path)
+    try:
+        info = d.stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
+        assert info.kv_blocks_total > 200, "the free KV alone would take both imports"
+        block = b"\1" * info.layout.block_bytes
+        release = threading.Event()
+
+        def stalled(request_id: str, wait: bool) -> Iterator[worker_pb2.KVChunk]:
+            yield worker_pb2.KVChunk(
+                header=worker_pb2.KVHeader(request_id=request_id, layout=info.layout)
+            )
+            for i in range(30):
+                yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=i, blocks=[block]))
+            if wait:
+                release.wait(30)
+
+        def refusal(request_id: str, wait: bool) -> grpc.RpcError:
+            try:
+                d.stub().ImportKV(stalled(request_id, wait), timeout=30)
+            except grpc.RpcError as e:
+                return e
+            raise AssertionError("accepted")
+
+        errors: dict[str, grpc.RpcError] = {}
+        first = threading.Thread(target=lambda: errors.setdefault("a", refusal("a", True)))
+        first.start()
+        time.sleep(2)  # its 30 blocks are in
+        second = refusal("b", False)
+        assert second.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, second.details()
+        assert "memory" in (second.details() or "")
+        release.set()
+        first.join(30)
+        assert "truncated" in (errors["a"].details() or ""), "the first took all its blocks"
+        assert run_to_end(d.stub(), "after", [1, 2, 3], 3), "still serving"
+    finally:
+        d.kill()
+
+
+def test_by_default_imports_in_flight_get_a_share_of_the_available_memory() -> None:
+    available = kv_stream.available_memory_bytes()
+    assert available is not None, "no /proc/meminfo"
+    block_bytes = 1 << 20
+    share = available // kv_stream.IMPORT_MEMORY_SHARE // block_bytes
+    budget = kv_stream.ImportBudget()
+    with budget.stream(free_blocks=share * 10, block_bytes=block_bytes) as reserve:
+        reserve(share // 2)  # counted, not allocated
+        with pytest.raises(EngineError) as e:
+            reserve(share)
+    assert e.value.code is ErrorCode.RESOURCE_EXHAUSTED and "memory" in e.value.message
+    assert budget.held == 0

@@ -46,6 +46,9 @@ class WorkerConfig:
     orphan_timeout_s: float = 30.0
     """Detached requests (a scheduler's) are aborted once no step feed has been open this long:
     their scheduler is gone and nobody will read them. Longer than a scheduler restart."""
+    max_import_mib: int = 0
+    """KV blocks the migrations coming in may hold in memory together before they land, in MiB;
+    0: a quarter of the memory available when each begins (kv_stream.IMPORT_MEMORY_SHARE)."""
     auth_token_file: str = ""
     """File with the cluster's bearer token, else $CASCADE_AUTH_TOKEN: every WorkerService call
     must carry it, and this worker sends it to the scheduler and to peer workers."""
@@ -70,6 +73,8 @@ class WorkerConfig:
             raise ValueError(f"link_timeout_s = {self.link_timeout_s}: must be > 0")
         if self.orphan_timeout_s <= 0:
             raise ValueError(f"orphan_timeout_s = {self.orphan_timeout_s}: must be > 0")
+        if self.max_import_mib < 0:
+            raise ValueError(f"max_import_mib = {self.max_import_mib}: must be >= 0")
         # A path, not a hub id, that is not there: vLLM would take it for a malformed repo id
         # and fail after a long import with a page of traceback.
         is_path = self.model.startswith(("/", "./", "../", "~"))
@@ -124,6 +129,11 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
         type=float,
         help="abort detached requests once no step feed has followed them this long",
     )
+    p.add_argument(
+        "--max-import-mib",
+        type=int,
+        help="KV of incoming migrations held in memory at once, MiB (0: a quarter of available)",
+    )
     p.add_argument("--scheduler", help="cascade-scheduler address to register with")
     p.add_argument(
         "--advertise-address", help="address the scheduler and peers use (default host:port)"
@@ -171,6 +181,7 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
             "drain_timeout_s",
             "orphan_timeout_s",
             "link_timeout_s",
+            "max_import_mib",
             "scheduler",
             "advertise_address",
             "auth_token_file",

@@ -39,6 +39,7 @@ from cascadeinfer.worker.engine import (
 from cascadeinfer.worker.engine_loop import EngineDead, EngineLoop
 from cascadeinfer.worker.engines.factory import build_engine
 from cascadeinfer.worker.hub import Hub
+from cascadeinfer.worker.kv_stream import ImportBudget
 from cascadeinfer.worker.metrics import WorkerMetrics
 from cascadeinfer.worker.reaper import reap_forever
 from cascadeinfer.worker.registration import Registration
@@ -144,6 +145,7 @@ async def serve(config: WorkerConfig) -> None:
         tls=config.tls,
         token=config.auth_token,
         link_options=keepalive,
+        import_budget=ImportBudget(config.max_import_mib << 20),
     )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state), server)
     health_servicer = health.aio.HealthServicer()

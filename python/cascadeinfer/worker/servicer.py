@@ -276,7 +276,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         max_blocks = -(-engine.max_model_len // engine.layout.block_size)
         try:
             free = await self.state.loop.call(lambda e: e.num_free_blocks())
-            with self.state.import_budget.stream(free) as reserve:
+            with self.state.import_budget.stream(free, engine.layout.block_bytes) as reserve:
                 snapshot = await kv_stream.read_snapshot(
                     request_iterator, engine.layout, max_blocks, reserve
                 )
