@@ -336,6 +336,32 @@ async def test_workers_gone_with_nothing_on_them_are_forgotten_but_the_latest_fa
     assert sorted(w.worker_id for w in c.pool.healthy()) == ["a", "leaver"]
 
 
+async def test_a_worker_back_under_its_id_retires_its_old_link(
+    started: list[Coordinator],
+) -> None:
+    """A worker restarted under the same id: the old link's client is closed and its instance
+    dropped. Before, both stayed behind for good, one more of each at every restart."""
+    c, fakes = await start(started, "a", "b", migration_timeout_s=0.01)
+    for _ in range(3):
+        before = fakes["b"]
+        before.die()
+        await settle()
+        fakes["b"] = FakeWorker("b", peers=fakes)  # restarted: a new process
+        await c.add_worker("b")
+        await asyncio.sleep(0.05)
+        assert before.is_closed and not fakes["b"].is_closed
+    assert sorted(w.worker_id for w in c.pool.healthy()) == ["a", "b"]
+    assert sorted(c.pool.by_instance) == [0, 4], "one instance per worker"
+    # The only worker dies and comes back: the core kept its instance until then.
+    fakes["a"].die()
+    fakes["b"].die()
+    await settle()
+    fakes["b"] = FakeWorker("b", peers=fakes)
+    await c.add_worker("b")
+    assert [w.worker_id for w in c.pool.healthy()] == ["b"]
+    assert [link.worker_id for link in c.pool.by_instance.values()] == ["a", "b"]
+
+
 class _ChangingPolicy:
     """The real core, except that its next tick reports a layout change of `kind`."""
 

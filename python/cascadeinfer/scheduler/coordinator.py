@@ -160,6 +160,9 @@ class Coordinator:
 
     async def _connect(self, address: str, worker_id: str) -> WorkerLink:
         link = await self.pool.connect(address, worker_id)
+        old, link.replaced = link.replaced, None
+        if old is not None:
+            self._retire_link(old)
         link.is_healthy = False  # not placeable before its feed is reconciled
         reconciled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         follow = self._spawn(self._follow(link, reconciled))
@@ -181,6 +184,13 @@ class Coordinator:
             for instance in list(self._left_in_plan):
                 self.policy.remove_instance(instance)
                 self._left_in_plan.discard(instance)
+                kept = self.pool.by_instance.get(instance)
+                if (
+                    kept is not None
+                    and kept.is_gone
+                    and self.pool.by_id.get(kept.worker_id) is not kept
+                ):
+                    del self.pool.by_instance[instance]  # replaced while the core held it
         log.info("worker_added", worker_id=link.worker_id, address=address, instance=link.instance)
         return link
 
@@ -293,6 +303,14 @@ class Coordinator:
                 await self._resume_elsewhere(rec, link)
         for forgotten in self.pool.forget_gone(MAX_FAILED_WORKERS_KEPT, self._left_in_plan):
             self._spawn(self._close_later(forgotten))
+
+    def _retire_link(self, old: WorkerLink) -> None:
+        """A gone link that a new one of the same worker id replaced: its instance is dropped
+        (unless the core still holds it) and its client closed. Each restart of a worker left
+        both behind for good: an entry of `by_instance` and an open channel."""
+        if old.instance not in self._left_in_plan:
+            self.pool.by_instance.pop(old.instance, None)
+        self._spawn(self._close_later(old))
 
     async def _close_later(self, link: WorkerLink) -> None:
         """Closes a forgotten worker's client once a call still under way on it (a move's, an

@@ -34,6 +34,9 @@ class WorkerLink:
     """Its step feed ended: nothing it ran is running there any more."""
     has_left: bool = False
     """It drained or deregistered: it said goodbye, it did not fail."""
+    replaced: WorkerLink | None = None
+    """The gone link of the same worker id that this one took the place of, until the
+    coordinator has retired it (its client closed, its instance dropped)."""
     last_step: worker_pb2.StepUpdate | None = None
     running: set[str] = field(default_factory=set)
     """Request ids the scheduler placed (or moved) here and that have not finished."""
@@ -82,7 +85,7 @@ class WorkerPool:
                 f"worker id {worker_id!r} of {address} is the id of the worker at "
                 f"{held.address} already; give each worker its own --worker-id"
             )
-        link = WorkerLink(worker_id, address, self._next_instance, client, info)
+        link = WorkerLink(worker_id, address, self._next_instance, client, info, replaced=held)
         self._next_instance += 1
         self.by_id[link.worker_id] = link
         self.by_instance[link.instance] = link
