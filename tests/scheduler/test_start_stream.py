@@ -6,12 +6,14 @@ Generate calls instead."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.scheduler.worker_client import GrpcWorkerClient, WorkerCallError
+from cascadeinfer.security import TlsFiles, aio_channel
 
 Context = grpc.aio.ServicerContext[object, object]
 
@@ -108,3 +110,27 @@ async def test_a_worker_that_is_gone_fails_the_start_with_its_status() -> None:
         assert failed.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         await client.close()
+
+
+async def test_a_worker_that_dies_leaves_no_task_of_its_stream_behind() -> None:
+    """On a channel with the cluster token (interceptors), a start stream that a worker's death
+    ended left grpc's task that feeds it waiting for good: destroyed pending when collected,
+    asyncio logged two errors at each worker failure."""
+    loop = asyncio.get_running_loop()
+    errors: list[str] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context["message"]))
+    server, address = await serve(BatchingWorker())
+    client = GrpcWorkerClient(aio_channel(address, TlsFiles(), token="t"))
+    try:
+        await client.start_detached(request("a"), 10)
+        await server.stop(None)  # the worker dies
+        with pytest.raises(WorkerCallError) as failed:
+            await client.start_detached(request("b"), 10)
+        assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await client.close()
+    await asyncio.sleep(0.1)
+    del client
+    gc.collect()
+    await asyncio.sleep(0.1)
+    assert errors == []

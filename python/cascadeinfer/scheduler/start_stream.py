@@ -51,7 +51,7 @@ class StartStream:
         self._writer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._aborts: set[asyncio.Task[None]] = set()
-        """Aborts of starts whose caller left (`_abandon`)."""
+        """Aborts of starts whose caller left (`_abandon`), and the ends of broken calls."""
         self._timeout_s = 10.0
         """How long the worker has to answer a batch (the callers' timeout) before the stream
         is taken to be broken."""
@@ -178,6 +178,13 @@ class StartStream:
             return
         self._call = None
         call.cancel()
+        # A call that ended by itself (the worker died) ignores cancel(), and on a channel with
+        # interceptors (the cluster token) the task grpc feeds it from then waits for the next
+        # write for good: destroyed pending when collected, asyncio logged two errors at each
+        # worker failure. Ending the writes ends that task.
+        task = asyncio.get_running_loop().create_task(_end_writes(call))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
         while self._in_flight:
             _, future = self._in_flight.popleft()
             if not future.done():
@@ -190,3 +197,8 @@ class StartStream:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+async def _end_writes(call: Call) -> None:
+    with contextlib.suppress(Exception):  # it may have ended its writes already
+        await call.done_writing()
