@@ -91,6 +91,21 @@ def test_a_snapshot_sent_in_parts_settles_once_its_blocks_are_all_here() -> None
     assert box.next_due(timeout_s=0).ready == [("load-2", [b"a", b"b", b"c"])]
 
 
+def test_held_bytes_are_bounded_oldest_snapshot_first() -> None:
+    clock = Clock()
+    box: ShardInbox[str] = ShardInbox(
+        wait_s=10.0, ttl_s=60.0, max_entries=8, max_bytes=10, clock=clock
+    )
+    box.put("m1", [b"aaaa"], is_last=False)
+    box.put("m2", [memoryview(b"bbbb")])
+    box.put("m1", [b"cccc"], first_block=1)  # 12 bytes held: m1, the oldest, goes whole
+    assert box.num_held() == 1
+    box.expect("m2", "load-2", 1)
+    assert box.next_due(timeout_s=0).ready == [("load-2", [memoryview(b"bbbb")])]
+    box.put("m3", [b"x" * 10])  # at the bound, kept
+    assert box.num_held() == 1
+
+
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError):
         ShardInbox(wait_s=0.0, ttl_s=1.0, max_entries=1)

@@ -189,11 +189,14 @@ class CascadeMpConnector(KVConnectorBase_V1):
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
+            # Nothing imported can land more than this rank's whole cache.
+            cache_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
             self._worker = _WorkerSide(
                 self,
                 get_tensor_model_parallel_rank(),
                 str(extra[EXPORT_KEY]),
                 str(extra[IMPORT_PREFIX_KEY]),
+                cache_bytes,
             )
             if PEER_HOST_KEY in extra:
                 self._worker.open_peer_channel(
@@ -202,9 +205,7 @@ class CascadeMpConnector(KVConnectorBase_V1):
                     int(extra[PEER_PORT_KEY]),
                     str(extra[PEER_SECRET_KEY_KEY]),
                     str(extra[PEER_TICKET_KEY]),
-                    # One message never holds more than this rank's whole cache.
-                    max_message_bytes=sum(t.size for t in kv_cache_config.kv_cache_tensors)
-                    + (1 << 20),
+                    max_message_bytes=cache_bytes + (1 << 20),
                 )
             self._worker.start()
 
@@ -420,7 +421,12 @@ class _WorkerSide:
     ones into the inbox and a loader thread writes them into their blocks (see module)."""
 
     def __init__(
-        self, connector: CascadeMpConnector, rank: int, export_address: str, import_prefix: str
+        self,
+        connector: CascadeMpConnector,
+        rank: int,
+        export_address: str,
+        import_prefix: str,
+        cache_bytes: int,
     ) -> None:
         self._c = connector
         self._rank = rank
@@ -433,7 +439,10 @@ class _WorkerSide:
         self._out = connector._context.socket(zmq.PUSH)
         self._out.connect(export_address)
         self._inbox: ShardInbox[Load] = ShardInbox(
-            wait_s=LOAD_WAIT_S, ttl_s=INBOX_TTL_S, max_entries=INBOX_MAX_SNAPSHOTS
+            wait_s=LOAD_WAIT_S,
+            ttl_s=INBOX_TTL_S,
+            max_entries=INBOX_MAX_SNAPSHOTS,
+            max_bytes=max(cache_bytes, 1),
         )
         self._inbound = connector._context.socket(zmq.PULL)
         self._inbound.bind(import_address(import_prefix, rank))

@@ -12,7 +12,8 @@ the point of loading asynchronously.
 
 Bounds: shards nobody asks for (the request was refused after its bytes were sent, or its
 prefix was all cached locally, see `discard`) are dropped after `ttl_s`, and at most
-`max_entries` snapshots are held, oldest dropped first.
+`max_entries` snapshots and `max_bytes` bytes are held, oldest snapshots dropped first (no
+import can land more than the rank's whole cache, so that is the natural byte bound).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class ShardInbox(Generic[Order]):
         wait_s: float,
         ttl_s: float,
         max_entries: int,
+        max_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if wait_s <= 0 or ttl_s <= 0 or max_entries < 1:
@@ -53,6 +55,8 @@ class ShardInbox(Generic[Order]):
         self._wait_s = wait_s
         self._ttl_s = ttl_s
         self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._num_bytes = 0
         self._clock = clock
         self._changed = threading.Condition()
         self._shards: OrderedDict[str, _Parts] = OrderedDict()
@@ -70,7 +74,7 @@ class ShardInbox(Generic[Order]):
             parts = self._shards.get(migration_id)
             if parts is None:
                 parts = self._shards[migration_id] = _Parts(now)
-            parts.add(first_block, shards, is_last)
+            self._num_bytes += parts.add(first_block, shards, is_last)
             self._evict(now)
             self._changed.notify_all()
 
@@ -85,7 +89,7 @@ class ShardInbox(Generic[Order]):
     def discard(self, migration_id: str) -> None:
         """No load will ask for these bytes (everything they hold was cached already)."""
         with self._changed:
-            self._shards.pop(migration_id, None)
+            self._drop(migration_id)
 
     def next_due(self, timeout_s: float | None = None) -> Due[Order]:
         """Blocks until some load can be settled (or timeout_s passes), then hands it out."""
@@ -114,7 +118,7 @@ class ShardInbox(Generic[Order]):
         for migration_id, num_blocks, deadline, order in self._waiting:
             parts = self._shards.get(migration_id)
             if parts is not None and (parts.is_complete or parts.num_leading() >= num_blocks):
-                del self._shards[migration_id]
+                self._drop(migration_id)
                 ready.append((order, parts.leading()))
             elif deadline <= now:
                 expired.append(order)
@@ -127,9 +131,23 @@ class ShardInbox(Generic[Order]):
     def _evict(self, now: float) -> None:
         while self._shards:
             oldest, parts = next(iter(self._shards.items()))
-            if len(self._shards) <= self._max_entries and now - parts.arrived < self._ttl_s:
+            is_over_bytes = self._max_bytes is not None and self._num_bytes > self._max_bytes
+            if (
+                len(self._shards) <= self._max_entries
+                and now - parts.arrived < self._ttl_s
+                and not is_over_bytes
+            ):
                 return
-            del self._shards[oldest]
+            self._drop(oldest)
+
+    def _drop(self, migration_id: str) -> None:
+        parts = self._shards.pop(migration_id, None)
+        if parts is not None:
+            self._num_bytes -= parts.num_bytes
+
+
+def _size(shard: Shard) -> int:
+    return shard.nbytes if isinstance(shard, memoryview) else len(shard)
 
 
 class _Parts:
@@ -138,11 +156,17 @@ class _Parts:
     def __init__(self, arrived: float) -> None:
         self.arrived = arrived
         self.is_complete = False
+        self.num_bytes = 0
         self._by_first: dict[int, list[Shard]] = {}
 
-    def add(self, first_block: int, shards: list[Shard], is_last: bool) -> None:
+    def add(self, first_block: int, shards: list[Shard], is_last: bool) -> int:
+        """Files a part; returns the bytes it added (a part sent twice replaces itself)."""
+        replaced = self._by_first.get(first_block, [])
         self._by_first[first_block] = shards
         self.is_complete = self.is_complete or is_last
+        added = sum(map(_size, shards)) - sum(map(_size, replaced))
+        self.num_bytes += added
+        return added
 
     def leading(self) -> list[Shard]:
         """The blocks from 0 on, as far as they run without a gap."""
