@@ -78,7 +78,7 @@ def _invalid(message: str) -> EngineError:
 
 IMPORT_MEMORY_SHARE = 4
 """The imports in flight may hold at most 1/IMPORT_MEMORY_SHARE of the memory available when
-each begins: a block buffered in flight took 2.3 times its size in RSS (50 stalled streams of
+each begins: a block buffered in flight took 2.2 times its size in RSS (50 stalled streams of
 8 MiB: +870 MiB), and the free KV alone is no bound on the host's memory (a sim worker's
 default KV is 50 GiB; a GPU's can exceed the host's free memory, a CPU one is that memory)."""
 
