@@ -118,6 +118,7 @@ async def migrate_out(
 
     call = peer.ImportKV(timeout=MIGRATION_DEADLINE_S)
     export: asyncio.Future[KVSnapshot] | None = None
+    rest: KVSnapshot | None = None
     snapshot: KVSnapshot | None = None
     is_committed = False
     try:
@@ -152,6 +153,10 @@ async def migrate_out(
         state.metrics.migration_failures.labels(state.engine_name, "out").inc()
         undecided = is_committed and not _is_refusal(e)
         await asyncio.shield(_recover(state, export, pre, peer if undecided else None))
+        # The error raised from here holds this frame (its traceback) and the frame holds the
+        # error: a cycle only a full collection frees. Drop the KV bytes it would keep alive.
+        pre.clear()
+        export = rest = snapshot = None
         if isinstance(e, grpc.aio.AioRpcError):
             raise MigrationFailed(e.code(), f"target {target} refused: {e.details()}") from None
         raise
