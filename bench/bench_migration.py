@@ -103,10 +103,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--kv-road",
-        choices=["rank-to-rank", "daemons"],
+        choices=["rank-to-rank", "rank-to-rank-unencrypted", "daemons"],
         default="rank-to-rank",
-        help="vllm-mp: blocks straight from rank to rank (the default), or through both "
-        "daemons and their ImportKV stream (kv_peer_host empty)",
+        help="vllm-mp: blocks straight from rank to rank (the default; unencrypted: "
+        "kv_peer_encrypt=false), or through both daemons and their ImportKV stream "
+        "(kv_peer_host empty)",
     )
     args = parser.parse_args()
     mode = (
@@ -120,8 +121,9 @@ def main() -> None:
     if args.kv_geometry == "8b":
         max_model_len = max(4096, 2 ** (max(lengths) + 64).bit_length())
         engine_args = [*engine_args, *llama_8b_kv_args(Path(tmp) / "model", max_model_len)]
-    if args.engine == "vllm-mp" and args.kv_road == "daemons":
-        engine_args = [*engine_args, "--vllm-option", "kv_peer_host="]
+    road_options = {"daemons": "kv_peer_host=", "rank-to-rank-unencrypted": "kv_peer_encrypt=false"}
+    if args.engine == "vllm-mp" and args.kv_road in road_options:
+        engine_args = [*engine_args, "--vllm-option", road_options[args.kv_road]]
     with workers([engine_args, engine_args], Path(tmp)) as (a, b):
         for length in lengths:
             samples = []

@@ -382,7 +382,7 @@ def test_a_peer_without_the_ticket_is_refused_and_the_request_runs_on(
     The target's ranks keep nothing of it."""
     source, target = engines
     peer = target.kv_peer
-    assert peer is not None and len(peer.endpoints) == 1
+    assert peer is not None and len(peer.endpoints) == 1 and len(peer.server_key) == 40
     assert peer.endpoints[0].startswith("tcp://127.0.0.1:")
     forged = KVTransfer(replace(peer, ticket=b"0" * len(peer.ticket)), "forged")
     reference = unmoved(target, request("forged"))
@@ -545,7 +545,8 @@ def test_tensor_parallel_ranks_send_and_receive_their_shards(
     if len(cpus) < 2:
         pytest.skip("tensor parallelism 2 on CPU needs 2 cores")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
-    engine = VllmMpEngine(replace(mp_config, tensor_parallel_size=2))
+    # Its rank-to-rank channel unencrypted (the pair's is encrypted): both kinds are covered.
+    engine = VllmMpEngine(replace(mp_config, tensor_parallel_size=2, kv_peer_encrypt=False))
     try:
         assert len(set(engine.engine_core_pids())) == 2
         assert engine.layout.backend == "vllm-mp-tp2" and engine.layout.num_kv_heads == 2
@@ -570,7 +571,7 @@ def test_tensor_parallel_ranks_send_and_receive_their_shards(
         # Rank to rank, to the engine's own ranks: each rank sends its shard to its own
         # number's endpoint.
         peer = engine.kv_peer
-        assert peer is not None and len(peer.endpoints) == 2
+        assert peer is not None and len(peer.endpoints) == 2 and peer.server_key == b""
         transcript.start(engine, request("tp-direct"))
         transcript.step_until(engine, "tp-direct", 20)
         transfer = KVTransfer(peer, "tp-direct")

@@ -117,8 +117,8 @@ class KVSnapshot:
 @dataclass(frozen=True)
 class KVPeer:
     """Where an engine's tensor-parallel ranks take KV shards straight from a peer's ranks of
-    the same number: `endpoints[r]` is rank r's, encrypted to `server_key` (CURVE, Z85), and
-    every part must carry `ticket`."""
+    the same number: `endpoints[r]` is rank r's, encrypted to `server_key` (CURVE, Z85; empty:
+    not encrypted), and every part must carry `ticket`."""
 
     endpoints: tuple[str, ...]
     server_key: bytes

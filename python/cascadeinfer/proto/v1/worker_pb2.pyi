@@ -477,7 +477,9 @@ class KVPeer(_message.Message):
     SERVER_KEY_FIELD_NUMBER: _builtins.int
     TICKET_FIELD_NUMBER: _builtins.int
     server_key: _builtins.bytes
-    """The ranks' CURVE public key, Z85-encoded (40 bytes)."""
+    """The ranks' CURVE public key, Z85-encoded (40 bytes); empty where the channel is not
+    encrypted (the operator's choice for a trusted network).
+    """
     ticket: _builtins.bytes
     @_builtins.property
     def endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...

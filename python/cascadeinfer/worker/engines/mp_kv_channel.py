@@ -4,7 +4,8 @@ shards from and to each tensor-parallel rank, and the ranks' rank-to-rank channe
 The sockets are ipc files in a fresh directory only this user can enter, and every message
 carries a random per-engine secret that the connector checks (see mp_kv_connector.py). The
 rank-to-rank channel (`peer_host` given) is TCP on that host, encrypted with a CURVE key pair
-made here, and a peer must show the ticket made here (`KVPeer`, which GetInfo hands out).
+made here (unless `peer_encrypt` is off), and a peer must show the ticket made here (`KVPeer`,
+which GetInfo hands out).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class KVChannel:
         peer_host: str | None = None,
         peer_port: int = 0,
         peer_advertise: str = "",
+        peer_encrypt: bool = True,
     ) -> None:
         """`peer_host`: the address the ranks bind for peers (None: no rank-to-rank channel),
         `peer_advertise`: the host peers connect to ("" = peer_host)."""
@@ -44,7 +46,7 @@ class KVChannel:
         self._peer_host = peer_host
         self._peer_port = peer_port
         self._peer_advertise = peer_advertise or peer_host
-        self._peer_public, self._peer_secret = zmq.curve_keypair()
+        self._peer_public, self._peer_secret = zmq.curve_keypair() if peer_encrypt else (b"", b"")
         self._peer_ticket = secrets.token_hex(32)
         self._endpoints: dict[int, str] = {}
         self._dir = tempfile.mkdtemp(prefix="cascade-kv-")
@@ -73,9 +75,10 @@ class KVChannel:
                 mkc.PEER_HOST_KEY: self._peer_host,
                 mkc.PEER_ADVERTISE_KEY: str(self._peer_advertise),
                 mkc.PEER_PORT_KEY: str(self._peer_port),
-                mkc.PEER_SECRET_KEY_KEY: self._peer_secret.decode(),
                 mkc.PEER_TICKET_KEY: self._peer_ticket,
             }
+            if self._peer_secret:
+                config[mkc.PEER_SECRET_KEY_KEY] = self._peer_secret.decode()
         return config
 
     def connect(self) -> None:

@@ -90,6 +90,7 @@ PEER_HOST_KEY = "cascade_peer_host"
 PEER_ADVERTISE_KEY = "cascade_peer_advertise"
 PEER_PORT_KEY = "cascade_peer_port"
 PEER_SECRET_KEY_KEY = "cascade_peer_secret_key"
+"""(Absent: the channel is not encrypted, only ticket-checked.)"""
 PEER_TICKET_KEY = "cascade_peer_ticket"
 """kv_connector_extra_config keys of the rank-to-rank side channel: the address each rank
 binds (port + rank; port 0: one the system picks) and the host peers connect to, the ranks'
@@ -129,7 +130,7 @@ class PeerTransfer:
 
     endpoints: tuple[str, ...]
     server_key: str
-    """The peer ranks' CURVE public key (Z85)."""
+    """The peer ranks' CURVE public key (Z85); "": the peer does not encrypt."""
     ticket: str
     transfer_id: str
     """The peer holds the parts under this id (its migration id for the import)."""
@@ -203,7 +204,7 @@ class CascadeMpConnector(KVConnectorBase_V1):
                     str(extra[PEER_HOST_KEY]),
                     str(extra[PEER_ADVERTISE_KEY]),
                     int(extra[PEER_PORT_KEY]),
-                    str(extra[PEER_SECRET_KEY_KEY]),
+                    str(extra.get(PEER_SECRET_KEY_KEY, "")),
                     str(extra[PEER_TICKET_KEY]),
                     max_message_bytes=cache_bytes + (1 << 20),
                 )
@@ -408,9 +409,10 @@ def _dealer(
     secret: bytes,
 ) -> zmq.Socket[bytes]:
     socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
-    socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
-    socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    if server_key:
+        socket.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
+        socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
     socket.setsockopt(zmq.LINGER, 0)
     socket.connect(endpoint)
     return socket
@@ -462,8 +464,9 @@ class _WorkerSide:
     ) -> None:
         """Binds the rank-to-rank channel and tells the daemon its endpoint (see module)."""
         peers = self._c._context.socket(zmq.ROUTER)
-        peers.setsockopt(zmq.CURVE_SERVER, 1)
-        peers.setsockopt(zmq.CURVE_SECRETKEY, secret_key.encode())
+        if secret_key:
+            peers.setsockopt(zmq.CURVE_SERVER, 1)
+            peers.setsockopt(zmq.CURVE_SECRETKEY, secret_key.encode())
         peers.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         peers.setsockopt(zmq.LINGER, 0)
         peers.bind(f"tcp://{_bracketed(host)}:{port + self._rank if port else 0}")

@@ -110,6 +110,10 @@ class VllmEngineConfig:
     pass through both daemons' ImportKV stream)."""
     kv_peer_port: int = 0
     """Rank r binds kv_peer_port + r; 0 lets the system pick a free port for each rank."""
+    kv_peer_encrypt: bool = True
+    """Encrypt the rank-to-rank channel (ZeroMQ CURVE). False sends KV in the clear, checked
+    only by the ticket (itself sent in the clear), for networks the operator trusts: about 2.5x
+    the bytes per second per core (`docs/benchmarks.md`)."""
     kv_peer_advertise_host: str = ""
     """The host peers connect to (a name or an address); "" = kv_peer_host. The worker daemon
     defaults it to the host of its `advertise_address`."""

@@ -112,6 +112,7 @@ class VllmMpEngine:
                 config.kv_peer_host or None,
                 config.kv_peer_port,
                 config.kv_peer_advertise_host,
+                config.kv_peer_encrypt,
             )
             if config.move_kv
             else None
