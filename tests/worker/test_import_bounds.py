@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -39,6 +40,33 @@ def rss_mib(d: Daemon, field: str = "VmRSS") -> float:
 
 def peak_rss_mib(d: Daemon) -> float:
     return rss_mib(d, "VmHWM")
+
+
+class StalledImports:
+    """Imports of `num_blocks` blocks that end without a commit; one started with `wait`
+    holds its blocks until `release` is set."""
+
+    def __init__(self, d: Daemon, layout: Any, num_blocks: int) -> None:
+        self.d, self.layout, self.num_blocks = d, layout, num_blocks
+        self.block = b"\1" * layout.block_bytes
+        self.release = threading.Event()
+
+    def chunks(self, request_id: str, wait: bool) -> Iterator[worker_pb2.KVChunk]:
+        yield worker_pb2.KVChunk(
+            header=worker_pb2.KVHeader(request_id=request_id, layout=self.layout)
+        )
+        for i in range(self.num_blocks):
+            yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=i, blocks=[self.block]))
+        if wait:
+            self.release.wait(30)
+        # Ends without a commit: the worker refuses it as truncated.
+
+    def refusal(self, request_id: str, wait: bool = False) -> grpc.RpcError:
+        try:
+            self.d.stub().ImportKV(self.chunks(request_id, wait), timeout=30)
+        except grpc.RpcError as e:
+            return e
+        raise AssertionError("accepted")
 
 
 def test_an_oversized_kv_stream_is_refused_early_and_not_buffered(tmp_path: Path) -> None:
@@ -90,36 +118,17 @@ def test_kv_imports_in_flight_are_bounded_together_by_the_free_kv(tmp_path: Path
     d = start_worker([*BIG_BLOCKS, "--sim-num-blocks", "96"], tmp_path)
     try:
         layout = d.stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=10).layout
-        block = b"\1" * layout.block_bytes
-        release = threading.Event()
-
-        def stalled(request_id: str, wait: bool) -> Iterator[worker_pb2.KVChunk]:
-            yield worker_pb2.KVChunk(
-                header=worker_pb2.KVHeader(request_id=request_id, layout=layout)
-            )
-            for i in range(60):  # of 96 free; a request holds at most 64
-                yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=i, blocks=[block]))
-            if wait:
-                release.wait(30)
-            # Ends without a commit: the worker refuses it as truncated.
-
-        def refusal(request_id: str, wait: bool) -> grpc.RpcError:
-            try:
-                d.stub().ImportKV(stalled(request_id, wait), timeout=30)
-            except grpc.RpcError as e:
-                return e
-            raise AssertionError("accepted")
-
+        imports = StalledImports(d, layout, 60)  # of 96 free; a request holds at most 64
         errors: dict[str, grpc.RpcError] = {}
-        first = threading.Thread(target=lambda: errors.setdefault("a", refusal("a", True)))
+        first = threading.Thread(target=lambda: errors.setdefault("a", imports.refusal("a", True)))
         first.start()
         time.sleep(2)  # its 60 blocks are in
-        second = refusal("b", False)
+        second = imports.refusal("b")
         assert second.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, second.details()
-        release.set()
+        imports.release.set()
         first.join(30)
         assert errors["a"].code() == grpc.StatusCode.INVALID_ARGUMENT, errors["a"].details()
-        third = refusal("c", False)
+        third = imports.refusal("c")
         assert third.code() == grpc.StatusCode.INVALID_ARGUMENT, third.details()
         assert "truncated" in (third.details() or ""), "all 60 blocks were taken"
         assert run_to_end(d.stub(), "after", [1, 2, 3], 3), "still serving"
@@ -136,33 +145,15 @@ def test_kv_imports_in_flight_are_bounded_by_host_memory_too(tmp_path: Path) -> 
     try:
         info = d.stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
         assert info.kv_blocks_total > 200, "the free KV alone would take both imports"
-        block = b"\1" * info.layout.block_bytes
-        release = threading.Event()
-
-        def stalled(request_id: str, wait: bool) -> Iterator[worker_pb2.KVChunk]:
-            yield worker_pb2.KVChunk(
-                header=worker_pb2.KVHeader(request_id=request_id, layout=info.layout)
-            )
-            for i in range(30):
-                yield worker_pb2.KVChunk(blocks=worker_pb2.KVBlocks(first_block=i, blocks=[block]))
-            if wait:
-                release.wait(30)
-
-        def refusal(request_id: str, wait: bool) -> grpc.RpcError:
-            try:
-                d.stub().ImportKV(stalled(request_id, wait), timeout=30)
-            except grpc.RpcError as e:
-                return e
-            raise AssertionError("accepted")
-
+        imports = StalledImports(d, info.layout, 30)
         errors: dict[str, grpc.RpcError] = {}
-        first = threading.Thread(target=lambda: errors.setdefault("a", refusal("a", True)))
+        first = threading.Thread(target=lambda: errors.setdefault("a", imports.refusal("a", True)))
         first.start()
         time.sleep(2)  # its 30 blocks are in
-        second = refusal("b", False)
+        second = imports.refusal("b")
         assert second.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, second.details()
         assert "memory" in (second.details() or "")
-        release.set()
+        imports.release.set()
         first.join(30)
         assert "truncated" in (errors["a"].details() or ""), "the first took all its blocks"
         assert run_to_end(d.stub(), "after", [1, 2, 3], 3), "still serving"
