@@ -137,6 +137,38 @@ async def test_a_full_queue_refuses_with_resource_exhausted(
     assert "one-too-many" not in c.requests
 
 
+async def test_one_clients_backlog_neither_fills_the_queue_nor_goes_before_another_client(
+    started: list[Coordinator], tmp_path: Path
+) -> None:
+    """A client (credential) that queues many requests is held to max_queue_per_client, and
+    another client's request queued after them starts as soon as room frees, not after them."""
+    c, fakes = await start(
+        started, "a", profile=small_kv_profile(tmp_path, 300), max_queue=10, max_queue_per_client=3
+    )
+    a = fakes["a"]
+
+    async def submit_as(owner: str, rid: str) -> None:
+        rec = c.new_request(rid, tuple(range(1, 201)), SamplingSpec(1000), 0, owner=owner)
+        await c.submit(rec)
+        await settle()
+
+    await submit_as("flooder", "running")
+    for k in range(3):
+        await submit_as("flooder", f"flood-{k}")
+    with pytest.raises(SchedulingError) as refused:
+        await submit_as("flooder", "flood-3")
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_queue_per_client" in refused.value.message
+    await submit_as("polite", "polite-1")
+    assert c.queue_depth == 4 and set(a.started) == {"running"}
+    a.step(Step("running", 0, (7,), 201, LENGTH))
+    await settle()
+    assert set(a.started) == {"running", "flood-0"}
+    a.step(Step("flood-0", 0, (7,), 201, LENGTH))
+    await settle()
+    assert "polite-1" in a.started, "the other client's turn came before the flood's rest"
+
+
 async def test_a_worker_that_refuses_a_request_fails_it_with_the_workers_status(
     started: list[Coordinator],
 ) -> None:

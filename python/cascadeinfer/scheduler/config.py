@@ -54,6 +54,9 @@ class SchedulerConfig:
     new request whose first token is predicted to miss it in its own stage where it comes in
     time (docs/design/partitioner.md)."""
     max_queue: int = 1024
+    max_queue_per_client: int = 0
+    """Most queued requests one credential (client token) may hold; beyond, its new requests
+    are refused RESOURCE_EXHAUSTED while other clients' are still queued. 0: max_queue."""
     max_prompt_bytes: int = 0
     """Largest text prompt in UTF-8 bytes, checked before tokenizing; 0: 16 bytes per token of
     the model's context (a few times what a prompt that fits can take)."""
@@ -113,6 +116,8 @@ class SchedulerConfig:
             _check_worker_address(address)
         if self.max_queue < 0:
             raise ValueError(f"max_queue = {self.max_queue}: must be >= 0")
+        if self.max_queue_per_client < 0:
+            raise ValueError(f"max_queue_per_client = {self.max_queue_per_client}: must be >= 0")
         if self.max_prompt_bytes < 0:
             raise ValueError(f"max_prompt_bytes = {self.max_prompt_bytes}: must be >= 0")
         if self.max_stream_lag_tokens < 1:
@@ -233,6 +238,11 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     p.add_argument("--rate", type=float, help="arrival rate the initial plan is for")
     p.add_argument("--stages", help="explicit stages MIN-MAX:WORKERS,... instead of a plan")
     p.add_argument("--max-queue", type=int)
+    p.add_argument(
+        "--max-queue-per-client",
+        type=int,
+        help="queued requests one client credential may hold (default 0: --max-queue)",
+    )
     p.add_argument("--max-prompt-bytes", type=int, help="text prompt size limit (0: from context)")
     p.add_argument("--max-stream-lag-tokens", type=int, help="unread tokens allowed per client")
     p.add_argument(
@@ -313,6 +323,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "workload",
             "rate",
             "max_queue",
+            "max_queue_per_client",
             "max_prompt_bytes",
             "max_stream_lag_tokens",
             "tick_interval_s",

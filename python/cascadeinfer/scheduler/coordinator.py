@@ -10,7 +10,6 @@ here can be tested with fake workers (tests/scheduler/test_coordinator.py).
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import time
 import uuid
@@ -27,6 +26,7 @@ from cascadeinfer.domain import MAX_REQUEST_ID_CHARS, FinishReason, SamplingSpec
 from cascadeinfer.planning import load_profile
 from cascadeinfer.policies import FixedStage, build_policy
 from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.scheduler.admission_queue import AdmissionQueue, QueueFull
 from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
 from cascadeinfer.scheduler.ratelimit import TokenBucket
@@ -98,9 +98,8 @@ class Coordinator:
         self._by_client: dict[tuple[str, str], ClientRequest] = {}
         """By (owner, the id its client gave)."""
         self._by_core: dict[int, ClientRequest] = {}
-        self._queue: list[tuple[int, int, str]] = []
+        self._queue = AdmissionQueue(config.max_queue, config.max_queue_per_client)
         self._core_ids = itertools.count(1)
-        self._seq = itertools.count()
         self._migrations = asyncio.Semaphore(config.max_concurrent_migrations)
         self._tasks: set[asyncio.Task[None]] = set()
         self._connecting: dict[str, asyncio.Future[WorkerLink]] = {}
@@ -674,13 +673,11 @@ class Coordinator:
             raise
         if placed:
             return
-        if len(self._queue) >= self.config.max_queue:
+        try:
+            self._queue.push(rec.request_id, rec.owner, rec.priority)
+        except QueueFull as e:
             self._forget(rec)
-            raise SchedulingError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"admission queue is full ({self.config.max_queue})",
-            )
-        heapq.heappush(self._queue, (-rec.priority, next(self._seq), rec.request_id))
+            raise SchedulingError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
 
     def _check_open(self) -> None:
         """Raises UNAVAILABLE unless a request arriving now could be admitted."""
@@ -691,6 +688,7 @@ class Coordinator:
 
     def _forget(self, rec: ClientRequest) -> None:
         self.requests.pop(rec.request_id, None)
+        self._queue.discard(rec.request_id)
         if self._by_client.get((rec.owner, rec.client_id)) is rec:
             del self._by_client[(rec.owner, rec.client_id)]
         self._by_core.pop(rec.core_id, None)
@@ -774,15 +772,14 @@ class Coordinator:
             log.error("resume_refused", request_id=rec.request_id, error=e.message)
             self._end(rec, FinishReason.ABORT)
             return
-        heapq.heappush(self._queue, (-(10**9), next(self._seq), rec.request_id))
+        self._queue.resume(rec.request_id, rec.owner)
 
     def _drain_queue(self) -> None:
         if self._queue:
             self._spawn(self._drain_queue_async())
 
     async def _drain_queue_async(self) -> None:
-        while self._queue:
-            _, _, rid = heapq.heappop(self._queue)
+        while (rid := self._queue.pop()) is not None:
             rec = self.requests.get(rid)
             if rec is None or rec.is_done:
                 continue
@@ -793,7 +790,7 @@ class Coordinator:
                 self._end(rec, FinishReason.ABORT)
                 continue
             if not placed:
-                heapq.heappush(self._queue, (-rec.priority, next(self._seq), rid))
+                self._queue.requeue(rid, rec.owner, rec.priority)
                 return
 
     async def abort(self, request_id: str, owner: str | None = None) -> None:
