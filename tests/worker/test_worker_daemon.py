@@ -222,6 +222,50 @@ def test_refused_migrations_leave_the_request_running_on_the_source(tmp_path: Pa
         )
 
 
+def test_a_cut_rank_to_rank_road_falls_back_to_the_import_stream_and_stays_off(
+    tmp_path: Path,
+) -> None:
+    """The target's ranks advertise an address nothing listens on (a firewall between the ranks'
+    ports looks the same): the first move waits for the ranks' answer, then sends the blocks
+    over ImportKV before stopping the request, which goes on on the target; the next move to
+    that target takes ImportKV at once. Requests of 30,000 tokens, so they outlast the wait."""
+    from cascadeinfer.worker.tiny_model import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "model", max_position_embeddings=32768)
+    long = [*VLLM_MP, "--model", str(model), "--vllm-option", "max_model_len=32768"]
+    long += ["--vllm-option", "load_format=cascade-dummy"]  # seeded random weights
+    unreachable = [*long, "--vllm-option", "kv_peer_advertise_host=127.0.0.2"]
+    with workers([long, unreachable], tmp_path) as (a, b):
+        assert has_rank_to_rank(b)
+        for rid in ("cut-1", "cut-2"):
+            out = Spliced()
+            feed = FeedReader(b.stub(), {rid: out})
+            try:
+                reader = GenerateReader(a.stub(), generate_request(rid, PROMPT, 30_000), out)
+                reader.wait_tokens(40)
+                started = time.monotonic()
+                result = migrate(a, b, rid)
+                took = time.monotonic() - started
+                assert result.num_bytes > 0, "moved with its KV, not by recompute"
+                reader.join()
+                moved_at = len(out.tokens)
+                deadline = time.monotonic() + 60
+                while len(out.tokens) < moved_at + 20:  # it decodes on, on the target
+                    assert time.monotonic() < deadline, "no tokens from the target"
+                    time.sleep(0.05)
+                assert out.ordered()[:40] and out.duplicates == 0
+            finally:
+                feed.close()
+                abort_if_present(b.stub(), rid)
+                abort_if_present(a.stub(), rid)
+            assert moves_logged(a, rid) == [False]
+            if rid == "cut-1":
+                assert took > 15, "waited for the ranks' answer first"
+                assert "kv_rank_to_rank_failed" in a.log()
+            else:
+                assert took < 15, f"the road stayed off: {took:.1f} s"
+
+
 @pytest.mark.parametrize(
     ("request_", "code"),
     [

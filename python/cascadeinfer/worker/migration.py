@@ -104,13 +104,19 @@ async def migrate_out(
                 grpc.StatusCode.FAILED_PRECONDITION, f"target KV layout differs: {problem}"
             )
         transfer = _rank_to_rank(state.loop.engine, info)
+        if transfer is not None and not state.may_go_rank_to_rank(target, time.monotonic()):
+            transfer = None
         if transfer is not None:
             road = transfer
             try:
                 num_pre = await state.loop.call(lambda e: _send(e, request_id, 0, road))
             except RuntimeError as e:
-                # Before the stop nothing is lost: the blocks take the ImportKV stream.
-                log.warning("kv_rank_to_rank_failed", request_id=request_id, error=str(e))
+                # Before the stop nothing is lost: the blocks take the ImportKV stream, now
+                # and for a while (RANK_TO_RANK_RETRY_S).
+                state.rank_to_rank_failed(target, time.monotonic())
+                log.warning(
+                    "kv_rank_to_rank_failed", request_id=request_id, target=target, error=str(e)
+                )
                 transfer = None
         if transfer is None:
             pre = await state.loop.call(lambda e: e.copy_full_blocks(request_id, 0))
@@ -131,6 +137,9 @@ async def migrate_out(
             state.loop.call(lambda e: _export(e, request_id, num_pre, transfer))
         )
         rest = await asyncio.shield(export)
+        if transfer is not None and rest.transfer_id is None:
+            # The ranks could not deliver after the stop: it resumes there by recompute.
+            state.rank_to_rank_failed(target, time.monotonic())
         snapshot = KVSnapshot(
             rest.request, rest.layout, rest.num_cached_tokens, pre + rest.blocks, rest.transfer_id
         )

@@ -20,6 +20,10 @@ MAX_PEERS = 64
 """Peer channels kept open (more workers than a cluster migrates between at once)."""
 MIGRATION_DEADLINE_S = 60
 """How long a migration's transfer may take (MigrateOut's ImportKV deadline)."""
+RANK_TO_RANK_RETRY_S = 300.0
+"""After the rank-to-rank road to a target failed, its moves take the ImportKV stream for this
+long: a road that is cut (a firewall between the ranks' ports) costs each move a rank's whole
+wait for an answer before it falls back."""
 
 if TYPE_CHECKING:
     from cascadeinfer.proto.v1.worker_pb2_grpc import WorkerServiceAsyncStub
@@ -45,6 +49,20 @@ class WorkerState:
         default_factory=OrderedDict
     )
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
+    _rank_to_rank_down: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    """Targets whose rank-to-rank road failed, until when it is not tried."""
+
+    def may_go_rank_to_rank(self, target: str, now: float) -> bool:
+        until = self._rank_to_rank_down.get(target)
+        if until is not None and now >= until:
+            del self._rank_to_rank_down[target]
+        return until is None or now >= until
+
+    def rank_to_rank_failed(self, target: str, now: float) -> None:
+        self._rank_to_rank_down[target] = now + RANK_TO_RANK_RETRY_S
+        self._rank_to_rank_down.move_to_end(target)
+        while len(self._rank_to_rank_down) > MAX_PEERS:
+            self._rank_to_rank_down.popitem(last=False)
 
     def peer(self, address: str) -> WorkerServiceAsyncStub:
         """A cached stub for another worker (migration targets). The cache keeps the
