@@ -126,7 +126,9 @@ async def test_a_worker_that_dies_leaves_no_task_of_its_stream_behind() -> None:
         await server.stop(None)  # the worker dies
         with pytest.raises(WorkerCallError) as failed:
             await client.start_detached(request("b"), 10)
-        assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+        # A write racing the call's death fails in grpc's core at times ("Internal error from
+        # Core", INTERNAL: once in a CI run); the coordinator takes both alike (re-queues).
+        assert failed.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
     finally:
         await client.close()
     await asyncio.sleep(0.1)
