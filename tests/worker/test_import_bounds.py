@@ -68,6 +68,18 @@ class StalledImports:
             return e
         raise AssertionError("accepted")
 
+    def second_while_first_holds(self) -> tuple[grpc.RpcError, grpc.RpcError]:
+        """Import "a" stalls holding its blocks while "b" is tried, then "a" is let go:
+        how each ended."""
+        errors: dict[str, grpc.RpcError] = {}
+        first = threading.Thread(target=lambda: errors.setdefault("a", self.refusal("a", True)))
+        first.start()
+        time.sleep(2)  # its blocks are in
+        second = self.refusal("b")
+        self.release.set()
+        first.join(30)
+        return errors["a"], second
+
 
 def test_an_oversized_kv_stream_is_refused_early_and_not_buffered(tmp_path: Path) -> None:
     d = start_worker(BIG_BLOCKS, tmp_path)
@@ -119,15 +131,9 @@ def test_kv_imports_in_flight_are_bounded_together_by_the_free_kv(tmp_path: Path
     try:
         layout = d.stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=10).layout
         imports = StalledImports(d, layout, 60)  # of 96 free; a request holds at most 64
-        errors: dict[str, grpc.RpcError] = {}
-        first = threading.Thread(target=lambda: errors.setdefault("a", imports.refusal("a", True)))
-        first.start()
-        time.sleep(2)  # its 60 blocks are in
-        second = imports.refusal("b")
+        first, second = imports.second_while_first_holds()
         assert second.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, second.details()
-        imports.release.set()
-        first.join(30)
-        assert errors["a"].code() == grpc.StatusCode.INVALID_ARGUMENT, errors["a"].details()
+        assert first.code() == grpc.StatusCode.INVALID_ARGUMENT, first.details()
         third = imports.refusal("c")
         assert third.code() == grpc.StatusCode.INVALID_ARGUMENT, third.details()
         assert "truncated" in (third.details() or ""), "all 60 blocks were taken"
@@ -146,16 +152,10 @@ def test_kv_imports_in_flight_are_bounded_by_host_memory_too(tmp_path: Path) -> 
         info = d.stub().GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
         assert info.kv_blocks_total > 200, "the free KV alone would take both imports"
         imports = StalledImports(d, info.layout, 30)
-        errors: dict[str, grpc.RpcError] = {}
-        first = threading.Thread(target=lambda: errors.setdefault("a", imports.refusal("a", True)))
-        first.start()
-        time.sleep(2)  # its 30 blocks are in
-        second = imports.refusal("b")
+        first, second = imports.second_while_first_holds()
         assert second.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, second.details()
         assert "memory" in (second.details() or "")
-        imports.release.set()
-        first.join(30)
-        assert "truncated" in (errors["a"].details() or ""), "the first took all its blocks"
+        assert "truncated" in (first.details() or ""), "the first took all its blocks"
         assert run_to_end(d.stub(), "after", [1, 2, 3], 3), "still serving"
     finally:
         d.kill()

@@ -116,13 +116,7 @@ class KVChannel:
     def _order(self, order: dict[str, object], transfer: KVTransfer | None) -> str:
         order["id"] = order_id = secrets.token_hex(8)
         if transfer is not None:
-            peer = transfer.peer
-            order["transfer"] = {
-                "endpoints": list(peer.endpoints),
-                "server_key": peer.server_key.decode(),
-                "ticket": peer.ticket.decode(),
-                "transfer_id": transfer.transfer_id,
-            }
+            order["transfer"] = mkc.transfer_to_order(transfer)
         if self._control is None:
             self._control = self._context.socket(zmq.REQ)
             self._control.setsockopt(zmq.RCVTIMEO, _CONTROL_TIMEOUT_MS)

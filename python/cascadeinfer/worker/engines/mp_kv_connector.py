@@ -48,6 +48,7 @@ import json
 import math
 import queue
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
+from cascadeinfer.worker.engine import KVPeer, KVTransfer
 from cascadeinfer.worker.engines.kv_blocks import read_block_rows, write_blocks
 from cascadeinfer.worker.engines.kv_connector import layer_caches_of
 from cascadeinfer.worker.engines.parent_watch import watch_parent
@@ -95,6 +97,8 @@ PEER_TICKET_KEY = "cascade_peer_ticket"
 """kv_connector_extra_config keys of the rank-to-rank side channel: the address each rank
 binds (port + rank; port 0: one the system picks) and the host peers connect to, the ranks'
 CURVE secret key (Z85) and the ticket peers must show. Absent: no rank-to-rank channel."""
+MAX_PEER_SOCKETS = 64
+"""Sockets a rank keeps open to peers' ranks (least recently used closed beyond)."""
 PEER_ACK_TIMEOUT_S = 20.0
 """How long a rank waits for a peer's rank to confirm a part before reporting it undelivered
 (the daemon's own wait, `mp_kv_channel`, is longer)."""
@@ -124,35 +128,32 @@ class Load:
     first_block: int
 
 
-@dataclass(frozen=True)
-class PeerTransfer:
-    """Where a copy or an export goes rank to rank: `endpoints[r]` is the peer's rank r."""
+def transfer_to_order(transfer: KVTransfer) -> dict[str, Any]:
+    """A transfer as a control order carries it (JSON), to the engine core and the ranks."""
+    peer = transfer.peer
+    return {
+        "endpoints": list(peer.endpoints),
+        "server_key": peer.server_key.decode(),
+        "ticket": peer.ticket.decode(),
+        "transfer_id": transfer.transfer_id,
+    }
 
-    endpoints: tuple[str, ...]
-    server_key: str
-    """The peer ranks' CURVE public key (Z85); "": the peer does not encrypt."""
-    ticket: str
-    transfer_id: str
-    """The peer holds the parts under this id (its migration id for the import)."""
 
-    @staticmethod
-    def from_order(order: dict[str, Any]) -> PeerTransfer | None:
-        t = order.get("transfer")
-        if t is None:
-            return None
-        return PeerTransfer(
-            tuple(str(e) for e in t["endpoints"]),
-            str(t["server_key"]),
-            str(t["ticket"]),
-            str(t["transfer_id"]),
-        )
+def transfer_from_order(order: dict[str, Any]) -> KVTransfer | None:
+    t = order.get("transfer")
+    if t is None:
+        return None
+    peer = KVPeer(
+        tuple(str(e) for e in t["endpoints"]),
+        str(t["server_key"]).encode(),
+        str(t["ticket"]).encode(),
+    )
+    return KVTransfer(peer, str(t["transfer_id"]))
 
 
 @dataclass(frozen=True)
 class Save:
     request_id: str
-    tag: str
-    """The request's tag."""
     block_ids: tuple[int, ...]
     releases: bool
     """An export: report the request in finished_sending so vLLM frees its blocks."""
@@ -160,7 +161,7 @@ class Save:
     """The daemon's order, echoed in what goes back to it."""
     first_block: int = 0
     """The request's block number of block_ids[0]."""
-    transfer: PeerTransfer | None = None
+    transfer: KVTransfer | None = None
     """Send to a peer's rank instead of the daemon (the daemon gets a delivery note)."""
 
 
@@ -289,7 +290,7 @@ class _SchedulerSide:
         self._orders: queue.Queue[dict[str, Any]] = queue.Queue()
         self._running: dict[str, Request] = {}
         """Tag -> the live request, seen when vLLM first asked about it."""
-        self._exporting: dict[str, tuple[int, str, PeerTransfer | None]] = {}
+        self._exporting: dict[str, tuple[int, str, KVTransfer | None]] = {}
         """Tag -> blocks already pre-copied (left out of the export), and where it goes."""
         self._started: set[str] = set()
         self._loads: list[Load] = []
@@ -342,13 +343,12 @@ class _SchedulerSide:
             except queue.Empty:
                 break
             tag, first, order_id = str(order["tag"]), int(order["first_block"]), str(order["id"])
-            transfer = PeerTransfer.from_order(order)
+            transfer = transfer_from_order(order)
             request = self._running.get(tag)
             is_live = request is not None and not request.is_finished()
             if order["op"] == "copy":
                 blocks = self._full_blocks(request)[first:] if is_live else ()
-                save = Save("", tag, tuple(blocks), False, order_id, first, transfer)
-                self._saves.append(save)
+                self._saves.append(Save("", tuple(blocks), False, order_id, first, transfer))
             elif is_live and request is not None:
                 self._exporting[tag] = (first, order_id, transfer)
                 # Ends the request with "length" after the token this step computes.
@@ -372,7 +372,7 @@ class _SchedulerSide:
         first, order_id, transfer = exporting
         num_cached = request.num_computed_tokens
         blocks = tuple(block_ids[first : math.ceil(num_cached / self._c._block_size)])
-        self._saves.append(Save(request.request_id, tag, blocks, True, order_id, first, transfer))
+        self._saves.append(Save(request.request_id, blocks, True, order_id, first, transfer))
         return True, {TAG_KEY: tag, NUM_CACHED_TOKENS_KEY: num_cached}
 
     def _full_blocks(self, request: Request | None) -> list[int]:
@@ -404,13 +404,13 @@ def _snapshot_tokens(request: Request, params: dict[str, Any]) -> int:
 def _dealer(
     context: zmq.Context[zmq.Socket[bytes]],
     endpoint: str,
-    server_key: str,
+    server_key: bytes,
     public: bytes,
     secret: bytes,
 ) -> zmq.Socket[bytes]:
     socket = context.socket(zmq.DEALER)
     if server_key:
-        socket.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
+        socket.setsockopt(zmq.CURVE_SERVERKEY, server_key)
         socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
         socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
     socket.setsockopt(zmq.LINGER, 0)
@@ -579,30 +579,34 @@ class _WorkerSide:
         notes = self._c._context.socket(zmq.PUSH)  # sockets are not shared between threads
         notes.connect(self._export_address)
         public, secret = zmq.curve_keypair()
-        peers: dict[tuple[str, str], zmq.Socket[bytes]] = {}
+        peers: OrderedDict[tuple[str, bytes], zmq.Socket[bytes]] = OrderedDict()
         while True:
             save, blobs = self._outgoing.get()
             assert save.transfer is not None
-            t = save.transfer
-            key = (t.endpoints[self._rank], t.server_key)
-            if key not in peers:
-                peers[key] = _dealer(self._c._context, key[0], t.server_key, public, secret)
+            peer = save.transfer.peer
+            key = (peer.endpoints[self._rank], peer.server_key)
+            if key in peers:
+                peers.move_to_end(key)
+            else:
+                peers[key] = _dealer(self._c._context, key[0], peer.server_key, public, secret)
+                if len(peers) > MAX_PEER_SOCKETS:
+                    peers.popitem(last=False)[1].close(linger=0)
             header = _header(
-                transfer_id=t.transfer_id,
+                transfer_id=save.transfer.transfer_id,
                 first_block=save.first_block,
                 is_last=save.releases,
             )
             socket = peers[key]
-            socket.send_multipart([t.ticket.encode(), header, *blobs], copy=False)
+            socket.send_multipart([peer.ticket, header, *blobs], copy=False)
             answer = b"no answer"
             if socket.poll(int(PEER_ACK_TIMEOUT_S * 1000)):
                 answer, echoed = socket.recv_multipart()[:2]
                 answer = answer if echoed == header else b"a mismatched answer"
+            outcome: dict[str, object] = {"delivered": len(blobs)}
             if answer != b"ok":
                 socket.close(linger=0)  # drops what is queued; the next part reconnects
                 del peers[key]
-            note = _header(order=save.order_id, rank=self._rank, delivered=len(blobs))
-            if answer != b"ok":
-                error = answer.decode(errors="replace")
-                note = _header(order=save.order_id, rank=self._rank, error=error)
-            notes.send_multipart([self._c._secret, note])
+                outcome = {"error": answer.decode(errors="replace")}
+            notes.send_multipart(
+                [self._c._secret, _header(order=save.order_id, rank=self._rank, **outcome)]
+            )

@@ -117,9 +117,10 @@ class ShardInbox(Generic[Order]):
         still: list[tuple[str, int, float, Order]] = []
         for migration_id, num_blocks, deadline, order in self._waiting:
             parts = self._shards.get(migration_id)
-            if parts is not None and (parts.is_complete or parts.num_leading() >= num_blocks):
+            leading = parts.leading() if parts is not None else []
+            if parts is not None and (parts.is_complete or len(leading) >= num_blocks):
                 self._drop(migration_id)
-                ready.append((order, parts.leading()))
+                ready.append((order, leading))
             elif deadline <= now:
                 expired.append(order)
             else:
@@ -174,6 +175,3 @@ class _Parts:
         while (part := self._by_first.get(len(out))) is not None and part:
             out.extend(part)
         return out
-
-    def num_leading(self) -> int:
-        return len(self.leading())
