@@ -3,14 +3,19 @@
 //! ```text
 //! step(batch) = step_overhead_s
 //!             + per_sequence_s      * n                      (per decode request: MLP, sampling)
-//!             + per_context_token_s * (S + h * (n*Lmax - S))  (decode attention, S = sum of contexts)
+//!             + per_context_token_s * max(S + h * (n*Lmax - S),   (decode attention, S = sum of
+//!                                         min(n, f) * Lmax)        contexts, Lmax = longest)
 //!             + per_prefill_token_s * P                       (prefill tokens: linear layers)
 //!             + prefill_attention_s * Q                       (prefill attention pairs)
 //! ```
 //! `h` (`heterogeneity`) is the share of the idle attention slots `n*Lmax - S` that costs real
-//! time: attention kernels that split work per request keep streaming multiprocessors waiting on
-//! the longest request. `h = 0` means the step follows total context (what vLLM on CPU shows,
-//! see docs/design/cost-model.md); `h = 1` means every request costs as much as the longest.
+//! time. `f` (`longest_request_floor`) is the critical path: a decode kernel that gives each
+//! request one thread block per KV head (no split of the KV axis, which is what FlashAttention's
+//! heuristic picks once the batch fills the GPU) runs the longest request on a few
+//! multiprocessors, so the step's attention lasts at least `f` times that request's fair share.
+//! `min(n, f)` keeps the floor under the fully padded cost `n * Lmax`. Both were measured on an
+//! H100-class GPU (docs/design/cost-model.md); `h = f = 0` means the step follows total context
+//! (what vLLM on CPU shows).
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +36,10 @@ pub struct CostProfile {
     pub per_context_token_s: f64,
     /// Share in [0, 1] of the padding slots `n*Lmax - S` that cost time.
     pub heterogeneity: f64,
+    /// Decode attention lasts at least `min(n, floor) * Lmax` context tokens' worth: the
+    /// longest request runs on a `1/floor` share of the GPU. 0 (the default) turns it off.
+    #[serde(default)]
+    pub longest_request_floor: f64,
     /// Per prefill token (linear layers), seconds.
     pub per_prefill_token_s: f64,
     /// Per (query token, context token) pair of prefill attention, seconds.
@@ -107,6 +116,7 @@ impl CostProfile {
             ("per_prefill_token_s", self.per_prefill_token_s),
             ("prefill_attention_s", self.prefill_attention_s),
             ("migration_pause_s", self.migration_pause_s),
+            ("longest_request_floor", self.longest_request_floor),
         ];
         for (field, value) in non_negative {
             if !value.is_finite() || value < 0.0 {
@@ -150,10 +160,12 @@ impl CostProfile {
     pub fn step_time(&self, batch: &BatchShape) -> f64 {
         let n = f64::from(batch.num_decode);
         let sum = batch.sum_context as f64;
-        let padding = (n * f64::from(batch.max_context) - sum).max(0.0);
+        let longest = f64::from(batch.max_context);
+        let padding = (n * longest - sum).max(0.0);
+        let critical_path = n.min(self.longest_request_floor) * longest;
         self.step_overhead_s
             + self.per_sequence_s * n
-            + self.per_context_token_s * (sum + self.heterogeneity * padding)
+            + self.per_context_token_s * (sum + self.heterogeneity * padding).max(critical_path)
             + self.per_prefill_token_s * f64::from(batch.prefill_tokens)
             + self.prefill_attention_s * batch.prefill_pairs as f64
     }
@@ -208,12 +220,37 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_longest_request_floor_bounds_attention_from_below_and_padding_from_above() {
+        let p = CostProfile { heterogeneity: 0.0, longest_request_floor: 20.0, ..gpu() };
+        let attention = |q: &CostProfile, b: &BatchShape| {
+            q.step_time(b) - q.step_time(&BatchShape { sum_context: 0, max_context: 0, ..*b })
+        };
+        // 100 requests, one of 32K among short ones: the floor (20 x 32K) exceeds S.
+        let skewed =
+            BatchShape { num_decode: 100, sum_context: 99 * 256 + 32_768, max_context: 32_768, ..Default::default() };
+        let expect = p.per_context_token_s * 20.0 * 32_768.0;
+        assert!((attention(&p, &skewed) - expect).abs() < 1e-12 * expect.max(1.0));
+        // Uniform batches are untouched: S = n * Lmax >= min(n, f) * Lmax.
+        let uniform = BatchShape { num_decode: 100, sum_context: 100 * 4096, max_context: 4096, ..Default::default() };
+        let plain = CostProfile { longest_request_floor: 0.0, ..p.clone() };
+        assert_eq!(p.step_time(&uniform), plain.step_time(&uniform));
+        // Few requests: never more than the fully padded batch (h = 1).
+        let few =
+            BatchShape { num_decode: 4, sum_context: 3 * 256 + 32_768, max_context: 32_768, ..Default::default() };
+        let padded = CostProfile { heterogeneity: 1.0, longest_request_floor: 0.0, ..p.clone() };
+        assert!(attention(&p, &few) <= attention(&padded, &few) + 1e-15);
+        assert!(attention(&p, &few) > attention(&plain, &few));
+    }
+
+    #[test]
     fn validation_names_the_field() {
         let bad = CostProfile { per_context_token_s: f64::NAN, ..gpu() };
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("per_context_token_s"), "{err}");
         let bad = CostProfile { heterogeneity: 1.5, ..gpu() };
         assert!(bad.validate().unwrap_err().to_string().contains("heterogeneity"));
+        let bad = CostProfile { longest_request_floor: -1.0, ..gpu() };
+        assert!(bad.validate().unwrap_err().to_string().contains("longest_request_floor"));
         let bad = CostProfile { kv_capacity_tokens: 0, ..gpu() };
         assert!(bad.validate().unwrap_err().to_string().contains("kv_capacity_tokens"));
     }

@@ -134,9 +134,13 @@ impl<'a> RangeTable<'a> {
         let longest_context = if top > i { f64::from(self.edges[top]) } else { 0.0 };
         let mean_context = if decode_tokens > 0.0 { context / decode_tokens } else { 0.0 };
         // Per decode token: per-request cost plus attention over the context, where the padding
-        // to the batch's longest request costs `heterogeneity` of full price.
-        let per_token = p.per_sequence_s
-            + p.per_context_token_s * (mean_context + p.heterogeneity * (longest_context - mean_context).max(0.0));
+        // to the batch's longest request costs `heterogeneity` of full price, and the longest
+        // request's critical path is spread over the largest batch (a lower bound of that term:
+        // the batch size is not known here; the selection by simulation sees the exact one).
+        let padded = mean_context + p.heterogeneity * (longest_context - mean_context).max(0.0);
+        let batch = f64::from(p.max_num_seqs);
+        let critical_path = batch.min(p.longest_request_floor) * longest_context / batch;
+        let per_token = p.per_sequence_s + p.per_context_token_s * padded.max(critical_path);
         let crossings_in = if i > 0 { self.crossings[i] } else { 0.0 };
         StageLoad {
             decode_tokens,

@@ -54,11 +54,15 @@ def test_overload_is_infeasible_with_a_reason(gpu_profile: CostProfile, grid: Bu
 def test_heterogeneity_is_what_makes_splitting_pay(
     gpu_profile: CostProfile, grid: BucketGrid
 ) -> None:
-    """With h=0 a skewed batch costs what a uniform one does; h>0 charges the padding."""
+    """With h=0 and no floor a skewed batch costs what a uniform one does; either term charges it."""
     skewed = gpu_profile.step_time(16, 16 * 1024, 12_000)
     uniform = gpu_profile.step_time(16, 16 * 1024, 1024)
     assert skewed > uniform
     doc = json.loads(gpu_profile.to_json())
     doc["heterogeneity"] = 0.0
+    doc["longest_request_floor"] = 0.0
     flat = CostProfile.from_json(json.dumps(doc))
     assert flat.step_time(16, 16 * 1024, 12_000) == flat.step_time(16, 16 * 1024, 1024)
+    for term, value in (("heterogeneity", 0.1), ("longest_request_floor", 4.0)):
+        one = CostProfile.from_json(json.dumps({**doc, term: value}))
+        assert one.step_time(16, 16 * 1024, 12_000) > one.step_time(16, 16 * 1024, 1024), term
