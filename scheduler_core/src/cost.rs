@@ -13,7 +13,8 @@
 //! request one thread block per KV head (no split of the KV axis, which is what FlashAttention's
 //! heuristic picks once the batch fills the GPU) runs the longest request on a few
 //! multiprocessors, so the step's attention lasts at least `f` times that request's fair share.
-//! `min(n, f)` keeps the floor under the fully padded cost `n * Lmax`. Both were measured on an
+//! `min(n, f)` keeps the floor under the fully padded cost `n * Lmax`; below
+//! `longest_request_floor_from` requests the kernel splits the KV axis and there is no floor. Both were measured on an
 //! H100-class GPU (docs/design/cost-model.md); `h = f = 0` means the step follows total context
 //! (what vLLM on CPU shows).
 
@@ -40,6 +41,11 @@ pub struct CostProfile {
     /// longest request runs on a `1/floor` share of the GPU. 0 (the default) turns it off.
     #[serde(default)]
     pub longest_request_floor: f64,
+    /// Batches of fewer decode requests than this have no floor: FlashAttention splits the KV
+    /// axis while `n * kv_heads` thread blocks leave the GPU under 80% full. 0 (the default):
+    /// the floor holds at every batch size.
+    #[serde(default)]
+    pub longest_request_floor_from: u32,
     /// Per prefill token (linear layers), seconds.
     pub per_prefill_token_s: f64,
     /// Per (query token, context token) pair of prefill attention, seconds.
@@ -162,7 +168,11 @@ impl CostProfile {
         let sum = batch.sum_context as f64;
         let longest = f64::from(batch.max_context);
         let padding = (n * longest - sum).max(0.0);
-        let critical_path = n.min(self.longest_request_floor) * longest;
+        let critical_path = if batch.num_decode >= self.longest_request_floor_from {
+            n.min(self.longest_request_floor) * longest
+        } else {
+            0.0
+        };
         self.step_overhead_s
             + self.per_sequence_s * n
             + self.per_context_token_s * (sum + self.heterogeneity * padding).max(critical_path)
@@ -209,19 +219,19 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn one_long_request_stretches_the_step_when_h_is_positive() {
+    fn one_long_request_stretches_the_step_when_h_or_the_floor_is_positive() {
         let p = gpu();
         let homogeneous =
             BatchShape { num_decode: 16, sum_context: 16 * 1024, max_context: 1024, ..Default::default() };
         let skewed = BatchShape { num_decode: 16, sum_context: 16 * 1024, max_context: 12_000, ..Default::default() };
         assert!(p.step_time(&skewed) > p.step_time(&homogeneous));
-        let flat = CostProfile { heterogeneity: 0.0, ..p };
+        let flat = CostProfile { heterogeneity: 0.0, longest_request_floor: 0.0, ..p };
         assert_eq!(flat.step_time(&skewed), flat.step_time(&homogeneous));
     }
 
     #[test]
     fn the_longest_request_floor_bounds_attention_from_below_and_padding_from_above() {
-        let p = CostProfile { heterogeneity: 0.0, longest_request_floor: 20.0, ..gpu() };
+        let p = CostProfile { heterogeneity: 0.0, longest_request_floor: 20.0, longest_request_floor_from: 0, ..gpu() };
         let attention = |q: &CostProfile, b: &BatchShape| {
             q.step_time(b) - q.step_time(&BatchShape { sum_context: 0, max_context: 0, ..*b })
         };
@@ -240,6 +250,10 @@ pub(crate) mod tests {
         let padded = CostProfile { heterogeneity: 1.0, longest_request_floor: 0.0, ..p.clone() };
         assert!(attention(&p, &few) <= attention(&padded, &few) + 1e-15);
         assert!(attention(&p, &few) > attention(&plain, &few));
+        // Below `longest_request_floor_from` the kernel splits: no floor.
+        let splitting = CostProfile { longest_request_floor_from: 14, ..p.clone() };
+        assert_eq!(attention(&splitting, &few), attention(&plain, &few));
+        assert_eq!(attention(&splitting, &skewed), attention(&p, &skewed));
     }
 
     #[test]
