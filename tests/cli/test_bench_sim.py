@@ -149,7 +149,7 @@ def test_bench_sim_counts_the_capacity_guards_moves_and_can_turn_it_off() -> Non
     """Bursty long documents load the long stage unevenly; with the guard on, instances move to
     it (counted among the layout changes), and --no-capacity-guard runs the plan unchanged."""
     args = ["--workload", "long-context-mixed", "--instances", "16", "--requests", "2000"]
-    args += ["--rate", "8", "--arrival", "gamma", "--cv", "2", "--json"]
+    args += ["--rate", "14", "--arrival", "gamma", "--cv", "2", "--json"]
     guarded = json.loads(cascade("bench", "sim", *args))
     assert 0 < guarded["capacity_moves"] <= guarded["layout_changes"]
     plain = json.loads(cascade("bench", "sim", *args, "--no-capacity-guard"))
