@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -118,7 +119,16 @@ async def test_a_worker_that_dies_leaves_no_task_of_its_stream_behind() -> None:
     asyncio logged two errors at each worker failure."""
     loop = asyncio.get_running_loop()
     errors: list[str] = []
-    loop.set_exception_handler(lambda _, context: errors.append(context["message"]))
+
+    def record(_: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # grpc/grpc#25364: every test's new event loop binds grpc's one completion queue again,
+        # and a loop woken for an event another read raises BlockingIOError there; harmless,
+        # and not this test's question (seen once in a CI run).
+        spurious = isinstance(context.get("exception"), BlockingIOError)
+        if not (spurious and "PollerCompletionQueue" in context["message"]):
+            errors.append(context["message"])
+
+    loop.set_exception_handler(record)
     server, address = await serve(BatchingWorker())
     client = GrpcWorkerClient(aio_channel(address, TlsFiles(), token="t"))
     try:
