@@ -1,13 +1,14 @@
 """What the cost model's padding term is worth on each preset: least-load run once with the
-profile as shipped and once with its heterogeneity term set to 0 (no batch pays for padding),
+profile as shipped and once with its heterogeneity term and longest-request floor set to 0 (no
+batch pays for padding),
 beside cascade, on the evaluation's presets and rates.
 
     python bench/padding_bound.py [--workloads long-context-mixed,reasoning,production-mix,bimodal]
                                   [--factors 0.75,1,1.25,1.5] [--seeds 0,1,2] [--requests 3000]
 
-Stages cut the padding term of the step time (`docs/design/cost-model.md`:
-`c * h * (n * Lmax - S)`), and a split also keeps long prefills off the instances where short
-requests decode, and packs KV differently. Least-load with `h = 0` keeps every other cost and
+Stages cut the padding terms of the step time (`docs/design/cost-model.md`:
+`c * max(S + h * (n * Lmax - S), min(n, f) * Lmax)` against `c * S`), and a split also keeps long prefills off the instances where short
+requests decode, and packs KV differently. Least-load with `h = f = 0` keeps every other cost and
 drops the padding (its load estimates use the same profile, so its placements change a little
 too): `padding-free / least-load` is what removing all padding would give a least-load fleet.
 Where cascade does better than that, its gain is not the padding alone; where the traffic has
@@ -37,7 +38,8 @@ def _profile(heterogeneity: float | None) -> _core.CostProfile:
     doc = json.loads(builtin_profile_path(PROFILE).read_text())
     if heterogeneity is not None:
         doc["heterogeneity"] = heterogeneity
-        doc["name"] = f"{PROFILE}-h{heterogeneity:g}"
+        doc["longest_request_floor"] = 0.0
+        doc["name"] = f"{PROFILE}-h{heterogeneity:g}-no-floor"
     return profile_from_json(json.dumps(doc))
 
 
