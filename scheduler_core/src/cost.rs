@@ -14,9 +14,10 @@
 //! heuristic picks once the batch fills the GPU) runs the longest request on a few
 //! multiprocessors, so the step's attention lasts at least `f` times that request's fair share.
 //! `min(n, f)` keeps the floor under the fully padded cost `n * Lmax`; below
-//! `longest_request_floor_from` requests the kernel splits the KV axis and there is no floor. Both were measured on an
-//! H100-class GPU (docs/design/cost-model.md); `h = f = 0` means the step follows total context
-//! (what vLLM on CPU shows).
+//! `longest_request_floor_from` requests the kernel splits the KV axis and there is no floor.
+//! Both were measured on an H200, which has the H100's 132 multiprocessors
+//! (docs/design/cost-model.md); `h = f = 0` means the step follows total context (what vLLM on
+//! CPU shows).
 
 use serde::{Deserialize, Serialize};
 
