@@ -169,16 +169,21 @@ impl CostProfile {
         let sum = batch.sum_context as f64;
         let longest = f64::from(batch.max_context);
         let padding = (n * longest - sum).max(0.0);
-        let critical_path = if batch.num_decode >= self.longest_request_floor_from {
-            n.min(self.longest_request_floor) * longest
-        } else {
-            0.0
-        };
+        let critical_path = self.critical_path(batch.num_decode, longest);
         self.step_overhead_s
             + self.per_sequence_s * n
             + self.per_context_token_s * (sum + self.heterogeneity * padding).max(critical_path)
             + self.per_prefill_token_s * f64::from(batch.prefill_tokens)
             + self.prefill_attention_s * batch.prefill_pairs as f64
+    }
+
+    /// The longest request's attention floor in context tokens, `min(n, f) * longest`, for a
+    /// batch of `num_decode` requests (0 below `longest_request_floor_from`).
+    pub fn critical_path(&self, num_decode: u32, longest: f64) -> f64 {
+        if num_decode < self.longest_request_floor_from {
+            return 0.0;
+        }
+        f64::from(num_decode).min(self.longest_request_floor) * longest
     }
 
     /// Compute time of a whole prefill of `prompt_len` tokens (no overhead), seconds.

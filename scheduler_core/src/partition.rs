@@ -138,12 +138,7 @@ impl<'a> RangeTable<'a> {
         // request's critical path is spread over the largest batch (a lower bound of that term:
         // the batch size is not known here; the selection by simulation sees the exact one).
         let padded = mean_context + p.heterogeneity * (longest_context - mean_context).max(0.0);
-        let batch = f64::from(p.max_num_seqs);
-        let critical_path = if p.max_num_seqs >= p.longest_request_floor_from {
-            batch.min(p.longest_request_floor) * longest_context / batch
-        } else {
-            0.0
-        };
+        let critical_path = p.critical_path(p.max_num_seqs, longest_context) / f64::from(p.max_num_seqs);
         let per_token = p.per_sequence_s + p.per_context_token_s * padded.max(critical_path);
         let crossings_in = if i > 0 { self.crossings[i] } else { 0.0 };
         StageLoad {
