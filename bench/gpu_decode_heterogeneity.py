@@ -36,6 +36,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -302,30 +303,67 @@ def critical_batches_for(n: int) -> list[tuple[str, list[int]]]:
 
 
 def fit(
-    rows: list[dict[str, Any]], kernel: str, sizes: list[int] | None = None
+    rows: list[dict[str, Any]], kernel: str, min_n: int = 0, capped: bool = True
 ) -> dict[str, float]:
-    """Least squares of T = a_n + c*S + e*padding over the rows of one kernel; h = e/c."""
-    use = [r for r in rows if r["kernel"] == kernel and (sizes is None or r["n"] in sizes)]
+    """The cost model's attention term fitted to one kernel's rows of at least `min_n` requests:
+    T = a_n + c * max(S + h * padding, f' * Lmax), f' = min(n, f) when `capped` (as
+    `CostProfile::critical_path`) else f; a per-n intercept for launch and reduction. Least
+    squares weighted by 1/T (relative errors) for each h (steps of 0.01) and f (0, 2-39.5 in
+    steps of 0.5); the best by rms, with the best linear-only fit (f = 0) and the assumed
+    h = 0.35 beside it."""
+    use = [r for r in rows if r["kernel"] == kernel and r["n"] >= min_n]
     ns = sorted({r["n"] for r in use})
-    x = torch.zeros(len(use), len(ns) + 2, dtype=torch.float64)
-    y = torch.zeros(len(use), 1, dtype=torch.float64)
+    y = np.array([r["ms"] for r in use])
+    onehot = np.zeros((len(use), len(ns)))
     for i, r in enumerate(use):
-        x[i, ns.index(r["n"])] = 1.0
-        x[i, len(ns)] = r["S"] / 1e6
-        x[i, len(ns) + 1] = r["padding"] / 1e6
-        y[i, 0] = r["ms"]
-    sol = torch.linalg.lstsq(x, y).solution[:, 0]
-    pred = x @ sol
-    rel = ((pred - y[:, 0]) / y[:, 0]).abs()
-    c_ms_per_mtok = float(sol[len(ns)])
-    e_ms_per_mtok = float(sol[len(ns) + 1])
+        onehot[i, ns.index(r["n"])] = 1.0
+    total = np.array([r["S"] for r in use], dtype=float)
+    padding = np.array([r["padding"] for r in use], dtype=float)
+    longest = np.array([r["Lmax"] for r in use], dtype=float)
+    n = np.array([r["n"] for r in use], dtype=float)
+
+    def solve(h: float, f: float) -> tuple[float, float, float]:
+        floor = (np.minimum(n, f) if capped else f) * longest
+        x = np.hstack([onehot, (np.maximum(total + h * padding, floor) / 1e6)[:, None]])
+        sol = np.linalg.lstsq(x / y[:, None], np.ones(len(y)), rcond=None)[0]
+        err = (x @ sol - y) / y
+        return float(np.sqrt((err**2).mean())), float(np.abs(err).max()), float(sol[-1])
+
+    floors = [0.0, *np.arange(2.0, 40.0, 0.5)]
+    grid = [(solve(h, f), h, f) for h in np.round(np.arange(0.0, 1.001, 0.01), 2) for f in floors]
+    (rms, worst, c), h, f = min(grid, key=lambda g: g[0][0])
+    (lin_rms, lin_worst, _), lin_h, _ = min((g for g in grid if g[2] == 0.0), key=lambda g: g[0][0])
+    assumed_rms, assumed_worst, _ = solve(0.35, 0.0)
     return {
-        "c_s_per_token_per_layer": c_ms_per_mtok * 1e-9,
-        "c_s_per_token_32_layers": c_ms_per_mtok * 1e-9 * LAYERS,
-        "h": e_ms_per_mtok / c_ms_per_mtok if c_ms_per_mtok else float("nan"),
-        "max_rel_error": float(rel.max()),
-        "points": float(len(use)),
+        "h": float(h),
+        "f": float(f),
+        "c_s_per_token_32_layers": c * 1e-9 * LAYERS,
+        "rms_error": rms,
+        "max_error": worst,
+        "linear_h": float(lin_h),
+        "linear_rms_error": lin_rms,
+        "linear_max_error": lin_worst,
+        "assumed_0.35_rms_error": assumed_rms,
+        "assumed_0.35_max_error": assumed_worst,
     }
+
+
+FITS = (
+    ("FA2, n >= 32", "fa2-varlen", 32, True),
+    ("FA2, all n", "fa2-varlen", 0, True),
+    ("no split, all n (floor not capped at n)", "triton-nosplit", 0, False),
+    ("split 512, all n", "triton-split512", 0, True),
+)
+"""The fits docs/design/cost-model.md tabulates: (label, kernel, least n, floor capped at n)."""
+
+
+def fit_all(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    fits = {}
+    for label, kernel, min_n, capped in FITS:
+        if any(r["kernel"] == kernel for r in rows):
+            fits[label] = fit(rows, kernel, min_n, capped)
+            print(label, json.dumps(fits[label]), flush=True)
+    return fits
 
 
 def gemm_step_ms(n: int, weights: list[torch.Tensor], lm_head: torch.Tensor) -> float:
@@ -373,7 +411,14 @@ def main() -> int:
         help="mix: uniform and skewed batches; critical: one long request among short ones",
     )
     parser.add_argument("--no-gemm", action="store_true", help="skip the matrix products")
+    parser.add_argument(
+        "--refit", metavar="JSON", help="fit a saved run again (no GPU needed) and print the fits"
+    )
     args = parser.parse_args()
+    if args.refit:
+        with open(args.refit) as saved:
+            fit_all(json.load(saved)["rows"])
+        return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check(device)
     if args.check_only:
@@ -421,20 +466,15 @@ def main() -> int:
             del batch
             torch.cuda.empty_cache()
     print(f"attention timed in {time.monotonic() - started:.0f} s", flush=True)
-    fits = {}
-    sizes = sorted({r["n"] for r in rows})
-    for kernel in kernels:
-        fits[kernel] = {"all": fit(rows, kernel)}
-        for n in sizes:
-            fits[kernel][f"n={n}"] = fit(rows, kernel, [n])
-        print(kernel, json.dumps(fits[kernel]), flush=True)
-    gemms: dict[int, float] = {}
-    if args.no_gemm:
-        with open(args.out, "w") as out:
-            json.dump(
-                {"info": info, "rows": rows, "fits": fits, "gemm_step_ms": gemms}, out, indent=1
-            )
-        return 0
+    fits = fit_all(rows)
+    gemms: dict[int, float] = {} if args.no_gemm else gemm_steps_ms()
+    with open(args.out, "w") as out:
+        json.dump({"info": info, "rows": rows, "fits": fits, "gemm_step_ms": gemms}, out, indent=1)
+    return 0
+
+
+def gemm_steps_ms() -> dict[int, float]:
+    """The step's matrix products (Llama-3-8B's weights) at several batch sizes."""
     weights = []
     for _ in range(LAYERS):
         weights += [
@@ -446,12 +486,11 @@ def main() -> int:
             torch.randn(INTERMEDIATE, HIDDEN, dtype=torch.bfloat16, device="cuda"),
         ]
     lm_head = torch.randn(HIDDEN, VOCAB, dtype=torch.bfloat16, device="cuda")
+    gemms = {}
     for n in [1, 8, 32, 128, 256]:
         gemms[n] = gemm_step_ms(n, weights, lm_head)
         print(json.dumps({"gemm_step_n": n, "ms": gemms[n]}), flush=True)
-    with open(args.out, "w") as out:
-        json.dump({"info": info, "rows": rows, "fits": fits, "gemm_step_ms": gemms}, out, indent=1)
-    return 0
+    return gemms
 
 
 if __name__ == "__main__":
