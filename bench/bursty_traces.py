@@ -156,6 +156,25 @@ def shifting(rng: random.Random, progress: float) -> Lengths:
     return chat(rng) if progress < 0.5 else production(rng)
 
 
+def chat_then_documents(rng: random.Random, progress: float) -> Lengths:
+    """Chat for the first half of the trace, then long documents (`long_context` without its
+    chat): with `phased` arrivals, many short requests, then few long ones."""
+    if progress < 0.5:
+        return chat(rng)
+    while True:
+        prompt, output = long_context(rng)
+        if prompt > 4096:
+            return prompt, output
+
+
+def documents_then_chat(rng: random.Random, progress: float) -> Lengths:
+    return chat_then_documents(rng, 1.0 - progress)
+
+
+def reasoning_then_chat(rng: random.Random, progress: float) -> Lengths:
+    return reasoning(rng) if progress < 0.5 else chat(rng)
+
+
 def long_context(rng: random.Random) -> Lengths:
     u = rng.random()
     if u < 0.6:
@@ -215,6 +234,22 @@ def wave(depth: float = 0.6) -> Callable[[], Arrivals]:
     )
 
 
+def phased(first: float, second: float, cv: float = 1.5) -> Callable[[], Arrivals]:
+    """Gamma gaps (coefficient of variation `cv`) at `first` times the mean rate for the first
+    half of the trace, then at `second` times it: the rate moves with the kind of traffic, as
+    when a chat front end's daytime load gives way to batch document jobs."""
+    shape = 1.0 / cv**2
+
+    def arrivals() -> Arrivals:
+        def gap(rng: random.Random, progress: float) -> float:
+            rate = RATE * (first if progress < 0.5 else second)
+            return rng.gammavariate(shape, 1.0 / (rate * shape))
+
+        return gap
+
+    return arrivals
+
+
 def ramp(low: float = 0.3, high: float = 1.7) -> Callable[[], Arrivals]:
     """Poisson arrivals whose rate climbs linearly from `low` to `high` times the mean over the
     trace: load that only grows."""
@@ -268,6 +303,11 @@ TRACES: dict[str, tuple[Callable[[random.Random, float], Lengths], Callable[[], 
     "spiky": (_steady(reasoning), on_off(4.0, 0.25, 20.0), 1213),
     "bigout": (_steady(long_answers), gamma(1.0), 1217),
     "rag": (_steady(retrieval), gamma(3.0), 1223),
+    # Added in the twenty-fourth session: traffic whose rate moves with its lengths (the
+    # selection traces had drawn a trace's lengths and gaps apart, which these expose).
+    "tshift": (chat_then_documents, phased(1.7, 0.3), 1301),
+    "tshiftr": (documents_then_chat, phased(0.3, 1.7), 1303),
+    "rchat": (reasoning_then_chat, phased(0.4, 1.6, 2.0), 1307),
 }
 
 

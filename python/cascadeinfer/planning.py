@@ -86,8 +86,9 @@ class Requests:
     num_trace_requests: int | None = None
     """How many requests a trace holds (None for a preset)."""
     arrival_gaps: list[float] | None = None
-    """A trace's inter-arrival gaps in arrival order (None for a preset): the selection
-    traces resample them, so bursts keep the length they had."""
+    """A trace's gap before each request of `prompt_lens` (None for a preset): the selection
+    traces resample requests with their gaps, so bursts keep the length they had and the
+    requests that came in them."""
     conversations: list[Conversation] | None = None
     """A trace's sessions and lone requests in order of their first arrival, lengths fitted as
     the others (None for a preset or a trace without sessions): the selection traces redraw
@@ -117,22 +118,26 @@ def load_requests(
         prompts = [r.prompt_len for r in trace]
         outputs = [r.output_len for r in trace]
         rate = arrival_rate(trace)
-        arrivals = sorted(r.arrival_s for r in trace)
+        arrivals = [r.arrival_s for r in trace]  # read_trace sorts them
         cv = gaps_cv(arrivals)
-        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+        gaps = _gaps_before(arrivals)
         num_trace = len(trace)
         if any(r.session_id is not None for r in trace):
             conversations = _conversations(trace, max_len, clamp_prompts)
     else:
         raise workloads.not_found(workload)
-    kept_p, kept_o, dropped, truncated = [], [], 0, 0
-    for p, o in zip(prompts, outputs, strict=True):
+    kept_p, kept_o, kept_gaps, dropped, truncated = [], [], [], 0, 0
+    for k, (p, o) in enumerate(zip(prompts, outputs, strict=True)):
         if p >= max_len and clamp_prompts:
             truncated += 1
             p, o = clamp_lengths(p, o, max_len)
         elif p >= max_len:
             dropped += 1
+            if gaps is not None and k + 1 < len(gaps):
+                gaps[k + 1] += gaps[k]  # the next request's gap is from the last one kept
             continue
+        if gaps is not None:
+            kept_gaps.append(gaps[k])
         if p + o > max_len:
             truncated += 1
             o = max_len - p
@@ -140,7 +145,17 @@ def load_requests(
         kept_o.append(o)
     if not kept_p:
         raise ValueError(f"every request of {workload!r} is longer than max_len {max_len}")
+    if gaps is not None:
+        gaps = kept_gaps
     return Requests(kept_p, kept_o, rate, dropped, truncated, cv, num_trace, gaps, conversations)
+
+
+def _gaps_before(arrivals: Sequence[float]) -> list[float]:
+    """Each request's time since the one before it (sorted `arrivals`); the first request,
+    which has none, gets the mean gap."""
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    mean = (arrivals[-1] - arrivals[0]) / len(gaps) if gaps else 0.0
+    return [mean, *gaps]
 
 
 def _conversations(
@@ -184,7 +199,7 @@ def selection_traces(
     of that length (independent realizations: a heavy-tailed preset's short trace can be far
     lighter or heavier than its long-run mix, and the layout must hold on the draw that
     comes); a trace file has one realization, so SELECTION_SEEDS block resamples of its
-    requests and of its gaps between arrivals, `gaps` (`stage_count.selection_trace`; Gamma
+    requests, each with its gap before it, `gaps` (`stage_count.selection_trace`; Gamma
     gaps of `arrival_cv` without them); `num_traces` of them instead where given
     (`stage_count.selection_shape`). A trace with sessions has its conversations redrawn whole
     instead (`stage_count.conversation_trace`), so the prefix caches its turns reuse are

@@ -411,7 +411,7 @@ def test_a_trace_files_bursts_keep_their_length_in_the_selection_traces(tmp_path
         rows.append(f'{{"arrival_s": {now:.3f}, "prompt_len": {100 + i % 7}, "output_len": 50}}\n')
     path.write_text("".join(rows))
     own = load_requests(str(path), 32_768)
-    assert own.arrival_gaps is not None and len(own.arrival_gaps) == 2999
+    assert own.arrival_gaps is not None and len(own.arrival_gaps) == 3000
     rate = 4.0
     for trace in selection_traces(
         str(path), own, rate, 0, 1.0, 2000, 32_768, gaps=own.arrival_gaps
@@ -426,13 +426,40 @@ def test_a_trace_files_bursts_keep_their_length_in_the_selection_traces(tmp_path
         own,
         rate,
         0,
-        gaps_cv([0.0, *itertools.accumulate(own.arrival_gaps)]),
+        gaps_cv([0.0, *itertools.accumulate(own.arrival_gaps[1:])]),
         2000,
         32_768,
     )
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(gamma[0])]
     short = [g < statistics.mean(gaps) for g in gaps]
     assert sum(a != b for a, b in itertools.pairwise(short)) > 500
+
+
+def test_a_trace_files_requests_keep_their_own_gaps_in_the_selection_traces(
+    tmp_path: Path,
+) -> None:
+    # Short chat at 20 req/s, then documents at 2 req/s: drawn apart, documents would land in
+    # the chat's short gaps (an overload the trace never had).
+    path = tmp_path / "shift.jsonl"
+    now, rows = 0.0, []
+    for i in range(2000):
+        is_chat = i < 1000
+        now += 0.05 if is_chat else 0.5
+        prompt = 100 if is_chat else 20_000
+        rows.append(f'{{"arrival_s": {now:.3f}, "prompt_len": {prompt}, "output_len": 50}}\n')
+    path.write_text("".join(rows))
+    own = load_requests(str(path), 32_768)
+    rate = float(own.rate or 0)
+    for trace in selection_traces(
+        str(path), own, rate, 0, 1.0, 2000, 32_768, gaps=own.arrival_gaps
+    ):
+        gap_before: dict[bool, list[float]] = {True: [], False: []}
+        for a, b in itertools.pairwise(trace):
+            gap_before[b[1] == 100].append(b[0] - a[0])
+        assert gap_before[True] and gap_before[False]
+        # Rescaled to the trace's own rate, each keeps its own gap, but for a block's first.
+        assert statistics.median(gap_before[True]) == pytest.approx(0.05, rel=0.01)
+        assert statistics.median(gap_before[False]) == pytest.approx(0.5, rel=0.01)
 
 
 def test_the_selection_trace_is_not_the_benchmark_trace_of_the_same_seed() -> None:
