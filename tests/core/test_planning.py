@@ -208,15 +208,45 @@ def test_a_split_is_held_to_plain_one_stage_on_the_tail_and_the_pick_weighs_both
     # Behind plain one stage on the tail: never taken, whatever the mean gains.
     tail_worse = split(4, [(6.0, 101.0), (6.0, 101.0), (6.0, 101.0)])
     assert pick([*forms, tail_worse], 3) is balanced
-    # Ahead of plain one stage but not of the balanced form by MIN_GAIN on both together.
-    marginal = split(3, [(9.2, 89.0), (9.2, 89.0), (9.2, 89.0)])
+    # Ahead of plain one stage but not of the balanced form by MIN_GAIN on the mean.
+    marginal = split(3, [(9.3, 89.0), (9.3, 89.0), (9.3, 89.0)])
     assert pick([*forms, marginal], 3) is balanced
+    # The balanced form's tail gain shows on every trace: a split that gives back more than
+    # KEPT_TAIL_SLACK of it is not taken, however far ahead on the mean.
+    dearer_tail = split(2, [(6.0, 93.0), (6.0, 93.0), (6.0, 93.0)])
+    assert pick([*forms, dearer_tail], 3) is balanced
     # Of two splits within 1% on the mean, the one far ahead on the tail.
     sharper_tail = split(2, [(6.6, 75.0), (6.6, 75.0), (6.6, 75.0)])
     assert pick([*forms, ahead, sharper_tail], 3) is sharper_tail
     # A split dropped before the last trace is not a candidate.
     pruned = split(6, [(1.0, 10.0), (1.0, 10.0)])
     assert pick([*forms, pruned], 3) is balanced
+
+
+def test_a_split_is_held_to_a_balanced_forms_tail_only_where_every_trace_shows_it() -> None:
+    def split(per_trace: list[tuple[float, float]]) -> Candidate:
+        return replace(_one_stage(CascadeConfig(), per_trace), num_stages=2)
+
+    plain = _one_stage(CascadeConfig(), [(10.0, 100.0), (10.0, 100.0), (10.0, 100.0)])
+    # Balanced ahead on two traces, behind on the third: its tail gain is a draw's.
+    balanced = _one_stage(
+        CascadeConfig(is_one_stage_balanced=True), [(9.0, 85.0), (9.0, 85.0), (10.3, 106.0)]
+    )
+    forms = [plain, balanced]
+    assert one_stage_form(forms) is balanced
+    # 11% ahead of the balanced form on the mean, ahead of plain one stage on the tail, 4%
+    # behind the balanced form's (on one trace far behind): taken, though the average of the
+    # two ratios to the balanced form (0.97) is short of 1 - MIN_GAIN.
+    ahead = split([(8.4, 85.0), (8.4, 86.0), (8.4, 118.0)])
+    assert pick([*forms, ahead], 3) is ahead
+    # ... but not one 6% behind the balanced form's tail (KEPT_TAIL_SLACK).
+    far_tail = split([(8.4, 85.0), (8.4, 86.0), (8.4, 125.0)])
+    assert pick([*forms, far_tail], 3) is balanced
+    # The same balanced form with a tail gain on every trace holds the split to it, within
+    # KEPT_STEADY_TAIL_SLACK.
+    steady = replace(balanced, per_trace=((9.0, 85.0), (9.0, 85.0), (10.0, 94.0)))
+    assert one_stage_form([plain, steady]) is steady
+    assert pick([plain, steady, ahead], 3) is steady
 
 
 def test_the_selection_simulates_the_settings_it_is_given() -> None:
