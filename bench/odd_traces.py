@@ -13,7 +13,13 @@ The traces (a fixed seed; written to a temporary folder):
   capacity);
 - instants: 50 requests at each of 30 instants 10 s apart;
 - day: 5,000 chat-like requests over a day, 0.02-0.1 req/s on a sine (what a sparse trace
-  costs in wall time).
+  costs in wall time);
+- rate_shift: 2,000 chat requests at 25 req/s, then 2,000 documents of 4-30K tokens at 4 req/s;
+- cyclic: six phases of 500 requests, chat at 20 req/s and documents (~15K tokens) at 3 req/s
+  in turn;
+- front: 300 reasoning requests (answers ~4,000 tokens) at 10 req/s, then chat at 12 req/s;
+- agent_bursts: 30 bursts of 100 requests at once, a minute apart, prompts ~30K tokens and
+  answers ~80.
 """
 
 from __future__ import annotations
@@ -68,6 +74,34 @@ def traces() -> dict[str, list[Row]]:
         t += day_rng.expovariate(0.06 + 0.04 * math.sin(2 * math.pi * t / 86_400))
         day.append((t, _ln(day_rng, 7, 1.2), _ln(day_rng, 5.5, 1.2)))
     out["day"] = day
+    # Added in the twenty-fourth session: the rate moving with the kind of traffic.
+    chat = _poisson(rng, 2000, 25)
+    docs = _poisson(rng, 2000, 4, chat[-1])
+    out["rate_shift"] = [(t, rng.randint(50, 600), rng.randint(50, 500)) for t in chat] + [
+        (t, rng.randint(4000, 30_000), rng.randint(100, 1000)) for t in docs
+    ]
+    cyclic: list[Row] = []
+    for phase in range(6):
+        start = cyclic[-1][0] if cyclic else 0.0
+        if phase % 2 == 0:
+            cyclic += [
+                (t, _ln(rng, 5, 1), _ln(rng, 5.3, 0.9)) for t in _poisson(rng, 500, 20, start)
+            ]
+        else:
+            cyclic += [
+                (t, min(120_000, _ln(rng, 9.6, 0.8)), _ln(rng, 5.7, 0.8))
+                for t in _poisson(rng, 500, 3, start)
+            ]
+    out["cyclic"] = cyclic
+    reasoning = _poisson(rng, 300, 10)
+    out["front"] = [(t, _ln(rng, 5.7, 0.8), min(30_000, _ln(rng, 8.3, 0.8))) for t in reasoning] + [
+        (t, _ln(rng, 5, 1), _ln(rng, 5.3, 0.9)) for t in _poisson(rng, 2700, 12, reasoning[-1])
+    ]
+    out["agent_bursts"] = [
+        (b * 60.0 + k * 0.01, min(100_000, _ln(rng, 10.3, 0.4)), _ln(rng, 4.4, 0.8))
+        for b in range(30)
+        for k in range(100)
+    ]
     return out
 
 
