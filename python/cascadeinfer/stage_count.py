@@ -470,26 +470,19 @@ def one_stage_form(one_stage: Sequence[Candidate], objective: str = "mean") -> C
 def _gains_on_every_trace(c: Candidate, base: Candidate, objective: str) -> bool:
     """Whether `c` finished everything, its `objective` ratio to `base` averages at most 1, and
     its other figure is at least STEADY_TAIL_GAIN below `base`'s on every selection trace."""
-    if math.isnan(c.simulated_mean_e2e_s) or math.isnan(base.simulated_mean_e2e_s):
-        return False
-    other = 0 if objective == "p99" else 1
-    return paired_ratios(c, base, objective)[0] <= 1.0 and all(
-        a[other] / b[other] <= 1.0 - STEADY_TAIL_GAIN
-        for a, b in zip(c.per_trace, base.per_trace, strict=True)
-    )
+    return _steady_tail_gain(c, base, objective) and paired_ratios(c, base, objective)[0] <= 1.0
 
 
-def _steady_tail_gain(single: Candidate, plain: Candidate, objective: str) -> bool:
-    """Whether `single`, a one-stage form other than `plain`, has the figure that is not the
-    `objective` at least STEADY_TAIL_GAIN below plain one stage's on every selection trace."""
-    if single is plain or math.isnan(single.simulated_mean_e2e_s):
-        return False
-    if math.isnan(plain.simulated_mean_e2e_s):
+def _steady_tail_gain(c: Candidate, base: Candidate, objective: str) -> bool:
+    """Whether `c` and `base` finished everything and `c`'s figure that is not the `objective`
+    is at least STEADY_TAIL_GAIN below `base`'s on every selection trace (False for `base`
+    itself)."""
+    if c is base or math.isnan(c.simulated_mean_e2e_s) or math.isnan(base.simulated_mean_e2e_s):
         return False
     other = 0 if objective == "p99" else 1
     return all(
         a[other] / b[other] <= 1.0 - STEADY_TAIL_GAIN
-        for a, b in zip(single.per_trace, plain.per_trace, strict=True)
+        for a, b in zip(c.per_trace, base.per_trace, strict=True)
     )
 
 
