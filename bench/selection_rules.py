@@ -32,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bursty_traces
 import random_mixtures
 from cascadeinfer import stage_count
-from cascadeinfer.config import CascadeConfig, FirstTokenSlo
-from cascadeinfer.evaluation.goodput import GoodputSlo
-from cascadeinfer.evaluation.simbench import make_trace
-from cascadeinfer.planning import load_profile, plan_stages
+from cascadeinfer.evaluation.simbench import SimSetup, policy_options, setup_trace
+from cascadeinfer.planning import load_profile
+from cascadeinfer.policies import plan_cascade
 from cascadeinfer.stage_count import Candidate, simulated_e2e
 
 PROFILE = "gpu-h100-llama3-8b"
@@ -59,32 +58,25 @@ def _trace_file(name: str, directory: Path) -> Path:
 def _collect_cell(args: tuple[str, float, str]) -> dict[str, object]:
     name, rate, directory = args
     path = _trace_file(name, Path(directory))
-    profile = load_profile(PROFILE)
-    slo = GoodputSlo()
-    config = CascadeConfig(first_token=FirstTokenSlo(slo.ttft_base_s, slo.ttft_per_prompt_token_s))
     num_requests = sum(1 for line in path.open() if line.strip())
-    trace = make_trace(
-        str(path), num_requests=num_requests, rate=rate, max_len=profile.max_model_len
-    )
-    # As `run_at_rate` plans for cascade (`build_policy`).
-    result = plan_stages(
-        num_instances=INSTANCES,
+    setup = SimSetup(
+        policy="cascade",
+        profile=load_profile(PROFILE),
         workload=str(path),
-        profile=profile,
-        rate=rate,
-        max_len=profile.max_model_len,
+        num_instances=INSTANCES,
+        num_requests=num_requests,
         seed=1,
-        back_off_when_infeasible=True,
-        clamp_prompts=True,
-        objective="mean",
-        horizon_requests=len(trace),
-        config=config,
     )
+    trace = setup_trace(setup, rate)
+    # The plan `run_at_rate` runs cascade with, and every candidate it chose among.
+    result = plan_cascade(setup.profile, INSTANCES, **policy_options(setup, rate, len(trace)))
     candidates = [
         {
             "num_stages": c.num_stages,
             "selection": c.per_trace,
-            "on_trace": simulated_e2e(c.plan, result.workload, profile, INSTANCES, trace, c.config),
+            "on_trace": simulated_e2e(
+                c.plan, result.workload, setup.profile, INSTANCES, trace, c.config
+            ),
         }
         for c in result.candidates
     ]

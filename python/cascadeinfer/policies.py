@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from cascadeinfer import _core
 from cascadeinfer.config import POLICY_NAMES, CascadeConfig
-from cascadeinfer.planning import plan_stages
+from cascadeinfer.planning import PlanResult, plan_stages
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,44 @@ def build_policy(
         return _core.Scheduler.cascade_with_stages(
             profile, spec, grid, cascade_config or CascadeConfig()
         )
-    result = plan_stages(
-        num_instances=len(instances),
+    result = plan_cascade(
+        profile,
+        len(instances),
+        max_len=max_len,
+        workload=workload,
+        rate=rate,
+        seed=seed,
+        plan_within_capacity=plan_within_capacity,
+        clamp_prompts=clamp_prompts,
+        arrival_cv=arrival_cv,
+        objective=objective,
+        horizon_requests=horizon_requests,
+        cascade_config=cascade_config,
+    )
+    return _core.Scheduler.cascade(
+        profile, result.plan, instances, result.workload.grid, result.config, result.workload
+    )
+
+
+def plan_cascade(
+    profile: _core.CostProfile,
+    num_instances: int,
+    *,
+    max_len: int,
+    workload: str = "short-chat",
+    rate: float | None = None,
+    seed: int = 0,
+    plan_within_capacity: bool = False,
+    clamp_prompts: bool = False,
+    arrival_cv: float | None = None,
+    objective: str = "mean",
+    horizon_requests: int | None = None,
+    cascade_config: CascadeConfig | None = None,
+) -> PlanResult:
+    """The plan `build_policy` runs cascade with when no stages are given (its arguments mean
+    the same), with every layout candidate the selection simulated."""
+    return plan_stages(
+        num_instances=num_instances,
         workload=workload,
         profile=profile,
         rate=rate,
@@ -74,7 +110,4 @@ def build_policy(
         objective=objective,
         horizon_requests=horizon_requests,
         config=cascade_config,
-    )
-    return _core.Scheduler.cascade(
-        profile, result.plan, instances, result.workload.grid, result.config, result.workload
     )

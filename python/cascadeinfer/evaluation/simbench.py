@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cascadeinfer import _core, workloads
 from cascadeinfer.config import CascadeConfig, FirstTokenSlo
@@ -108,32 +109,36 @@ def setup_trace(setup: SimSetup, rate: float) -> Trace:
     )
 
 
-def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.SimReport]:
-    """One simulation at `rate` req/s; the cascade plan is made for this workload and rate."""
-    max_len = setup.profile.max_model_len
-    trace = setup_trace(setup, rate)
-    instances = list(range(setup.num_instances))
-    policy = build_policy(
-        setup.policy,
-        setup.profile,
-        instances,
-        max_len=max_len,
-        workload=setup.workload,
-        rate=rate,
-        seed=setup.seed,
-        plan_within_capacity=True,
-        clamp_prompts=True,
+def policy_options(setup: SimSetup, rate: float, num_requests: int) -> dict[str, Any]:
+    """`build_policy`'s (and `plan_cascade`'s) keyword arguments for `setup` at `rate` on a
+    trace of `num_requests` requests: cascade plans for this workload and rate."""
+    return {
+        "max_len": setup.profile.max_model_len,
+        "workload": setup.workload,
+        "rate": rate,
+        "seed": setup.seed,
+        "plan_within_capacity": True,
+        "clamp_prompts": True,
         # Gamma arrivals of a preset plan for their burstiness; a trace file's own gaps say it.
-        arrival_cv=setup.cv if setup.arrival == "gamma" else None,
-        objective=setup.objective,
-        horizon_requests=len(trace),
+        "arrival_cv": setup.cv if setup.arrival == "gamma" else None,
+        "objective": setup.objective,
+        "horizon_requests": num_requests,
         # The first-token level the run's goodput counts is the one cascade places for.
-        cascade_config=CascadeConfig(
+        "cascade_config": CascadeConfig(
             is_capacity_guarded=setup.is_capacity_guarded,
             first_token=FirstTokenSlo(
                 setup.goodput_slo.ttft_base_s, setup.goodput_slo.ttft_per_prompt_token_s
             ),
         ),
+    }
+
+
+def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.SimReport]:
+    """One simulation at `rate` req/s; the cascade plan is made for this workload and rate."""
+    trace = setup_trace(setup, rate)
+    instances = list(range(setup.num_instances))
+    policy = build_policy(
+        setup.policy, setup.profile, instances, **policy_options(setup, rate, len(trace))
     )
     report = _core.simulate(
         policy,
