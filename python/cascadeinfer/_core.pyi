@@ -255,6 +255,9 @@ def partition(
 def single_stage_plan(
     workload: Workload, profile: CostProfile, num_instances: int
 ) -> StagePlan: ...
+def resized_plan(
+    workload: Workload, profile: CostProfile, plan: StagePlan, sizes: list[int]
+) -> StagePlan: ...
 def partition_by_stage_count(
     workload: Workload, profile: CostProfile, num_instances: int, max_stages: int
 ) -> list[StagePlan | None]: ...

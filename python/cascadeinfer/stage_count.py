@@ -138,6 +138,15 @@ the low-load gains `MIN_BALANCE_GAIN` guards against had a resample going the ot
 (docs/benchmarks.md, "A tail gain every resample shows")."""
 
 
+SIZE_SEARCH_ROUNDS = 4
+"""The most instance moves the size search makes from the best split (`_search_sizes`)."""
+SIZE_SEARCH_FINALISTS = 2
+"""Neighbouring layouts of each round that run on every selection trace."""
+SIZE_GAIN = 0.01
+"""A move between stages must cut `pick`'s score of the layout (the average of its mean and
+p99 ratios to the one-stage form kept) by this much."""
+
+
 PRUNE_AFTER = 2
 """Traces every candidate runs on before the splits that trail far behind are dropped."""
 PRUNE_RATIO = 1.2
@@ -169,6 +178,9 @@ class Candidate:
     """(mean, p99) end-to-end latency on each selection trace, in the traces' order (NaN where
     a request did not finish): candidates are compared trace by trace. A split dropped after
     PRUNE_AFTER traces holds only those."""
+    is_resized: bool = False
+    """Made by the size search (`_search_sizes`): another candidate's stage ranges on other
+    instance counts."""
 
     @property
     def simulated_mean_e2e_s(self) -> float:
@@ -547,11 +559,95 @@ def choose_layout(
         rest = {k: submit(k, traces[PRUNE_AFTER:]) for k in kept}
         for k, fs in rest.items():
             results[k] += [f.result() for f in fs]
-    candidates = [
-        Candidate(len(plan.stages), plan, cfg, tuple(per_trace))
-        for (plan, cfg), per_trace in zip(runs, results, strict=True)
-    ]
+        candidates = [
+            Candidate(len(plan.stages), plan, cfg, tuple(per_trace))
+            for (plan, cfg), per_trace in zip(runs, results, strict=True)
+        ]
+        rules = _SplitRules.of(candidates, len(traces), objective)
+        splits = [c for c in candidates[num_one_stage:] if not c.is_pruned(len(traces))]
+        if splits:
+            start = min(splits, key=lambda c: (not rules.admits(c), rules.score(c)))
+            candidates += _search_sizes(start, rules, summary, profile, num_instances, traces, pool)
     return pick(candidates, len(traces), objective), candidates
+
+
+def _search_sizes(
+    start: Candidate,
+    rules: _SplitRules,
+    summary: _core.Workload,
+    profile: _core.CostProfile,
+    num_instances: int,
+    traces: Sequence[Sequence[TraceEntry]],
+    pool: ThreadPoolExecutor,
+) -> list[Candidate]:
+    """Layouts with `start`'s stage ranges and other instance counts: one instance at a time
+    moves from one stage to another while that cuts `pick`'s score of the layout by SIZE_GAIN,
+    keeping it a layout `pick` admits where `start` was one, at most SIZE_SEARCH_ROUNDS moves.
+    Returns each layout moved to, the last the best. Every neighbour runs on the first
+    PRUNE_AFTER traces, the SIZE_SEARCH_FINALISTS closest to the layout moved from on all.
+
+    Why: the partitioner sizes stages for a steady state, where the long stages hold every
+    request that grows into them for as long as it decodes there. A finite run, and bursts of
+    new requests, load the short stages more than that: on reasoning traffic (answers of
+    thousands of tokens) the partitioner's sizes left the first stages' batches as large as
+    least-load's, for 0.96x its mean, where instances moved to the short stages ran at 0.78x
+    (docs/benchmarks.md, "Stage sizes searched by simulation")."""
+    found: list[Candidate] = []
+    current, config = start, start.config
+    for _ in range(SIZE_SEARCH_ROUNDS):
+        plans = [
+            _core.resized_plan(summary, profile, current.plan, list(sizes))
+            for sizes in _size_neighbours([s.num_instances for s in current.plan.stages])
+        ]
+
+        def run(
+            plan: _core.StagePlan, on: Sequence[Sequence[TraceEntry]]
+        ) -> list[Future[tuple[float, float]]]:
+            return [
+                pool.submit(simulated_e2e, plan, summary, profile, num_instances, t, config)
+                for t in on
+            ]
+
+        heads = [(plan, run(plan, traces[:PRUNE_AFTER])) for plan in plans]
+        first = [(plan, [f.result() for f in fs]) for plan, fs in heads]
+        first.sort(key=lambda pr: _trails_by(pr[1], current.per_trace[:PRUNE_AFTER]))
+        finalists = [
+            (plan, per_trace, run(plan, traces[PRUNE_AFTER:]))
+            for plan, per_trace in first[:SIZE_SEARCH_FINALISTS]
+        ]
+        tried = [
+            Candidate(
+                current.num_stages,
+                plan,
+                config,
+                (*per_trace, *(f.result() for f in rest)),
+                is_resized=True,
+            )
+            for plan, per_trace, rest in finalists
+        ]
+        eligible = [c for c in tried if rules.admits(c) or not rules.admits(current)]
+        if not eligible:
+            break
+        best = min(eligible, key=rules.score)
+        if (
+            math.isnan(best.simulated_mean_e2e_s)
+            or rules.score(best) > rules.score(current) - SIZE_GAIN
+        ):
+            break
+        found.append(best)
+        current = best
+    return found
+
+
+def _size_neighbours(sizes: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    """`sizes` with one instance moved to a neighbouring stage, every stage keeping one."""
+    for src, dst in itertools.permutations(range(len(sizes)), 2):
+        if True:
+            if sizes[src] > 1:
+                moved = list(sizes)
+                moved[src] -= 1
+                moved[dst] += 1
+                yield tuple(moved)
 
 
 def pick(candidates: Sequence[Candidate], num_traces: int, objective: str = "mean") -> Candidate:
@@ -573,21 +669,46 @@ def pick(candidates: Sequence[Candidate], num_traces: int, objective: str = "mea
     away a split 15% ahead of a balanced form on the mean for one resample's p99, and the
     balanced form ran at 1.05x / 1.12x least-load's mean and p99, the split at 0.81x / 0.77x
     (docs/benchmarks.md, "A split held to the form kept's tail")."""
-    plain = candidates[0]
-    single = one_stage_form([c for c in candidates if c.num_stages == 1], objective)
-    # The tail bound against the form kept: close to its own figure where every selection
-    # trace shows its tail gain (the traffic's, not one draw's); looser otherwise, plain one
-    # stage's, in `split_beats`, being the one that holds.
-    steady = _steady_tail_gain(single, plain, objective)
-    tail_slack = KEPT_STEADY_TAIL_SLACK if steady else KEPT_TAIL_SLACK
-    splits = [
-        c
-        for c in candidates
-        if c.num_stages > 1
-        if not c.is_pruned(num_traces)
-        and split_beats(c, plain, objective)
-        and _beats(c, single, objective, 0.0, -MIN_GAIN, tail_slack)
-    ]
+    rules = _SplitRules.of(candidates, num_traces, objective)
+    splits = [c for c in candidates if c.num_stages > 1 and rules.admits(c)]
     if not splits:
-        return single
-    return min(splits, key=lambda c: (sum(paired_ratios(c, single, objective)) / 2, c.num_stages))
+        return rules.single
+    return min(splits, key=lambda c: (rules.score(c), c.num_stages))
+
+
+@dataclass(frozen=True)
+class _SplitRules:
+    """What `pick` asks of a split, against plain one stage and the one-stage form kept."""
+
+    plain: Candidate
+    single: Candidate
+    """The one-stage form kept (`one_stage_form`)."""
+    num_traces: int
+    objective: str
+    tail_slack: float
+    """The bound on a split's tail ratio to `single`, less 1."""
+
+    @staticmethod
+    def of(candidates: Sequence[Candidate], num_traces: int, objective: str) -> _SplitRules:
+        plain = candidates[0]
+        single = one_stage_form([c for c in candidates if c.num_stages == 1], objective)
+        # The tail bound against the form kept: close to its own figure where every selection
+        # trace shows its tail gain (the traffic's, not one draw's); looser otherwise, plain
+        # one stage's, in `split_beats`, being the one that holds.
+        steady = _steady_tail_gain(single, plain, objective)
+        tail_slack = KEPT_STEADY_TAIL_SLACK if steady else KEPT_TAIL_SLACK
+        return _SplitRules(plain, single, num_traces, objective, tail_slack)
+
+    def admits(self, c: Candidate) -> bool:
+        """Whether split `c` ran on every trace, beats plain one stage (`split_beats`) and
+        beats the form kept by MIN_GAIN on its objective ratio, with the average of both
+        ratios at most 1 and the other at most 1 + `tail_slack`."""
+        return (
+            not c.is_pruned(self.num_traces)
+            and split_beats(c, self.plain, self.objective)
+            and _beats(c, self.single, self.objective, 0.0, -MIN_GAIN, self.tail_slack)
+        )
+
+    def score(self, c: Candidate) -> float:
+        """The average of `c`'s two ratios to the form kept: the lower, the better."""
+        return sum(paired_ratios(c, self.single, self.objective)) / 2

@@ -442,6 +442,48 @@ pub fn single_stage(workload: &WorkloadSummary, profile: &CostProfile, num_insta
     Ok(StagePlan { stages: vec![stage], objective_s: cost / workload.arrival_rate })
 }
 
+/// `plan`'s stage ranges on `sizes` instances each (the layout selection's size search). The
+/// model predicts each stage where it finds the stage feasible; where it does not (it prices a
+/// stage at its steady state, which a finite run's long stage may never reach) the prediction
+/// is left at zero and the objective is infinite, as in [`single_stage`], and the planner
+/// judges the layout by simulation. Every size must be at least 1 and every stage range must
+/// be a range of `workload`'s grid.
+pub fn resized(
+    workload: &WorkloadSummary,
+    profile: &CostProfile,
+    plan: &StagePlan,
+    sizes: &[u32],
+) -> Result<StagePlan> {
+    profile.validate()?;
+    if sizes.len() != plan.stages.len() {
+        return Err(CoreError::invalid(
+            "sizes",
+            sizes.len(),
+            format!("must give one size for each of the plan's {} stages", plan.stages.len()),
+        ));
+    }
+    if let Some(&zero) = sizes.iter().find(|&&m| m == 0) {
+        return Err(CoreError::invalid("sizes", zero, "every stage needs at least 1 instance"));
+    }
+    let table = RangeTable::new(workload, profile);
+    let edges = workload.grid.edges();
+    let bucket = |len: u32| {
+        edges
+            .binary_search(&len)
+            .map_err(|_| CoreError::invalid("stage bound", len, "must be an edge of the workload's grid"))
+    };
+    let mut cost = 0.0;
+    let mut stages = Vec::with_capacity(sizes.len());
+    for (stage, &m) in plan.stages.iter().zip(sizes) {
+        let (i, j) = (bucket(stage.min_len)?, bucket(stage.max_len)?);
+        let (c, prediction) =
+            table.predict(&table.load(i, j), m).unwrap_or((f64::INFINITY, StagePrediction::default()));
+        cost += c;
+        stages.push(StageSpec { min_len: stage.min_len, max_len: stage.max_len, num_instances: m, prediction });
+    }
+    Ok(StagePlan { stages, objective_s: cost / workload.arrival_rate })
+}
+
 /// (start bucket, end bucket, instances) of each stage, last stage first.
 fn walk_back(layers: &[Table], nb: usize, n: usize, layered: bool) -> Vec<(usize, usize, usize)> {
     let mut out = Vec::new();

@@ -34,6 +34,8 @@ from cascadeinfer.stage_count import (
     SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
     SESSION_FORMS,
+    SIZE_GAIN,
+    SIZE_SEARCH_ROUNDS,
     Candidate,
     gaps_cv,
     one_stage_form,
@@ -78,9 +80,10 @@ def test_the_layout_is_chosen_by_simulation_against_one_stage() -> None:
     assert (plain.num_stages, balanced.num_stages, kv_first.num_stages) == (1, 1, 1)
     assert not plain.config.is_one_stage_balanced and balanced.config.is_one_stage_balanced
     assert kv_first.config.is_one_stage_kv_first and not plain.config.is_one_stage_kv_first
-    counts = [c.num_stages for c in chosen.candidates[NUM_ONE_STAGE:]]
+    from_partitioner = [c for c in chosen.candidates[NUM_ONE_STAGE:] if not c.is_resized]
+    counts = [c.num_stages for c in from_partitioner]
     assert counts == sorted(set(counts)) and counts[-1] == len(analytic.plan.stages)
-    assert chosen.candidates[-1].plan.objective_s == analytic.plan.objective_s
+    assert from_partitioner[-1].plan.objective_s == analytic.plan.objective_s
     assert len(chosen.plan.stages) == 1
     picked = next(c for c in chosen.candidates[:NUM_ONE_STAGE] if c.config == chosen.config)
     # Every split lost to one stage by the selection's own rule: trace by trace, on as many
@@ -275,6 +278,61 @@ def test_a_split_is_taken_where_it_pays() -> None:
         and sum(paired_ratios(picked, single, "mean")) / 2 <= 1 - MIN_GAIN
         for single in chosen.candidates[:NUM_ONE_STAGE]
     )
+
+
+def test_stage_sizes_are_searched_from_the_best_split_by_simulation() -> None:
+    # Reasoning traffic past capacity (answers of thousands of tokens, bursty): the
+    # partitioner's sizes, made for a steady state, give the long stages what a 3,000-request
+    # run never fills; moving instances to the short stages wins on the selection traces and
+    # on the run's own trace.
+    profile = load_profile("gpu-h100-llama3-8b")
+    rate, cv, num_requests = 29.3, 2.0, 3000
+    chosen = plan_stages(
+        num_instances=16,
+        workload="reasoning",
+        profile=profile,
+        rate=rate,
+        seed=1,
+        back_off_when_infeasible=True,
+        clamp_prompts=True,
+        arrival_cv=cv,
+        horizon_requests=num_requests,
+    )
+    picked = next(c for c in chosen.candidates if c.plan is chosen.plan)
+    assert picked.is_resized
+    resized = [c for c in chosen.candidates if c.is_resized]
+    assert 1 <= len(resized) <= SIZE_SEARCH_ROUNDS
+    # All from one split of the partitioner's: its ranges, all instances, other sizes, each
+    # move lowering the score `pick` ranks splits by.
+    ranges = [(s.min_len, s.max_len) for s in resized[0].plan.stages]
+    start = next(
+        c
+        for c in chosen.candidates
+        if not c.is_resized and [(s.min_len, s.max_len) for s in c.plan.stages] == ranges
+    )
+    single = one_stage_form([c for c in chosen.candidates if c.num_stages == 1])
+    score = sum(paired_ratios(start, single, "mean")) / 2
+    for c in resized:
+        assert [(s.min_len, s.max_len) for s in c.plan.stages] == ranges
+        assert sum(s.num_instances for s in c.plan.stages) == 16
+        assert min(s.num_instances for s in c.plan.stages) >= 1
+        assert c.config == start.config
+        assert sum(paired_ratios(c, single, "mean")) / 2 <= score - SIZE_GAIN
+        score = sum(paired_ratios(c, single, "mean")) / 2
+    trace = make_trace(
+        "reasoning",
+        num_requests=num_requests,
+        rate=rate,
+        arrival="gamma",
+        cv=cv,
+        seed=1,
+        max_len=profile.max_model_len,
+    )
+    on_trace = [
+        simulated_e2e(c.plan, chosen.workload, profile, 16, trace, c.config)
+        for c in (start, picked)
+    ]
+    assert on_trace[1][0] < 0.95 * on_trace[0][0], on_trace
 
 
 def test_selection_traces_are_as_long_as_the_traffic_and_more_of_them_when_it_is_short(

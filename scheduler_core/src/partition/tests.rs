@@ -176,3 +176,35 @@ fn one_solve_gives_the_plan_of_every_stage_limit() {
     )
     .is_err());
 }
+
+#[test]
+fn a_plan_resized_to_its_own_sizes_is_the_plan_and_other_sizes_keep_its_ranges() {
+    let profile = gpu();
+    let grid = BucketGrid::geometric(Preset::LongContextMixed.max_len(), 32, 16).unwrap();
+    let w = WorkloadSummary::from_samples(&grid, &Preset::LongContextMixed.sample(2000, 3), 4.0).unwrap();
+    let plan = partition(&w, &profile, &PartitionOptions { num_instances: 16, max_stages: Some(3) }).unwrap();
+    assert_eq!(plan.stages.len(), 3);
+    let sizes: Vec<u32> = plan.stages.iter().map(|s| s.num_instances).collect();
+    let same = resized(&w, &profile, &plan, &sizes).unwrap();
+    assert_eq!(format!("{plan:?}"), format!("{same:?}"));
+
+    // One instance from the last stage to the first: same ranges, the model's prediction for
+    // each stage at its new size, and an infinite objective where the model finds a stage
+    // infeasible (a single instance cannot carry the long stage).
+    let mut moved = sizes.clone();
+    moved[2] -= 1;
+    moved[0] += 1;
+    let other = resized(&w, &profile, &plan, &moved).unwrap();
+    let table = RangeTable::new(&w, &profile);
+    for ((a, b), &m) in plan.stages.iter().zip(&other.stages).zip(&moved) {
+        assert_eq!((a.min_len, a.max_len, m), (b.min_len, b.max_len, b.num_instances));
+        let (i, j) = (grid.edges().binary_search(&a.min_len).unwrap(), grid.edges().binary_search(&a.max_len).unwrap());
+        let expected = table.predict(&table.load(i, j), m).map(|(_, p)| p).unwrap_or_default();
+        assert_eq!(b.prediction, expected);
+    }
+    let starved = resized(&w, &profile, &plan, &[sizes[0] + sizes[2] - 1, sizes[1], 1]).unwrap();
+    assert!(starved.objective_s.is_infinite(), "{starved:?}");
+
+    assert!(resized(&w, &profile, &plan, &[16]).is_err(), "one size for three stages");
+    assert!(resized(&w, &profile, &plan, &[sizes[0] + sizes[2], sizes[1], 0]).is_err(), "an empty stage");
+}

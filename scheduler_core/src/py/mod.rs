@@ -26,6 +26,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model::partition, m)?)?;
     m.add_function(wrap_pyfunction!(model::single_stage_plan, m)?)?;
     m.add_function(wrap_pyfunction!(model::partition_by_stage_count, m)?)?;
+    m.add_function(wrap_pyfunction!(model::resized_plan, m)?)?;
     m.add_function(wrap_pyfunction!(model::preset_names, m)?)?;
     m.add_function(wrap_pyfunction!(model::preset_max_len, m)?)?;
     m.add_function(wrap_pyfunction!(model::sample_preset, m)?)?;

@@ -266,6 +266,18 @@ pub(crate) fn single_stage_plan(
     Ok(PyStagePlan { inner: plan })
 }
 
+/// `plan`'s stage ranges on `sizes` instances each (see `partition::resized`).
+#[pyfunction]
+pub(crate) fn resized_plan(
+    workload: &PyWorkload,
+    profile: &PyCostProfile,
+    plan: &PyStagePlan,
+    sizes: Vec<u32>,
+) -> PyResult<PyStagePlan> {
+    let plan = crate::partition::resized(&workload.inner, &profile.inner, &plan.inner, &sizes).map_err(to_py)?;
+    Ok(PyStagePlan { inner: plan })
+}
+
 /// For every `k` in `1..=max_stages`, what `partition(..., k)` returns (`None` where infeasible),
 /// from one solve (releases the GIL while solving).
 #[pyfunction]
