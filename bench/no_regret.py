@@ -107,6 +107,18 @@ def _seeds(text: str) -> list[int]:
     return list(range(int(lo), int(hi or lo) + 1))
 
 
+def load_baselines(path: Path | None) -> dict[tuple[str, float], dict[str, list[float]]]:
+    """The baselines' figures of each cell (trace name, rate) of an earlier --out file (none
+    without one), for `_cell` to reuse."""
+    known: dict[tuple[str, float], dict[str, list[float]]] = {}
+    if path:
+        for line in path.read_text().splitlines():
+            cell = json.loads(line)
+            figures = {k: v for k, v in cell["figures"].items() if k != "cascade"}
+            known[(cell["trace"], float(cell["rate"]))] = figures
+    return known
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", default="p2,prod,reasoning,r2,lc")
@@ -126,12 +138,7 @@ def main() -> None:
         "(valid while the baselines' code and the simulator's results are unchanged)",
     )
     args = p.parse_args()
-    known: dict[tuple[str, float], dict[str, list[float]]] = {}
-    if args.baselines_from:
-        for line in args.baselines_from.read_text().splitlines():
-            cell = json.loads(line)
-            figures = {k: v for k, v in cell["figures"].items() if k != "cascade"}
-            known[(cell["trace"], float(cell["rate"]))] = figures
+    known = load_baselines(args.baselines_from)
     tmp = Path(tempfile.mkdtemp(prefix="no-regret-"))
     jobs = []
     for kind in args.kinds.split(","):

@@ -4,6 +4,7 @@ variation, a random length and a random load. Nothing here was chosen by looking
 the point is to find the shapes of traffic `bench/no_regret.py`'s named kinds do not cover.
 
     python bench/random_mixtures.py [--seeds 1-40] [--instances 16] [--out FILE.jsonl]
+                                    [--baselines-from EARLIER.jsonl]
 
 A seed fixes its trace and its load: a class's weight is uniform on [0, 1), its prompt median
 log-uniform on [30, 40,000] tokens and its answer median on [5, 8,000] (log-normal spreads
@@ -99,7 +100,14 @@ def main() -> None:
     p.add_argument("--seeds", default="1-40", help="trace seeds, FIRST-LAST")
     p.add_argument("--instances", type=int, default=16)
     p.add_argument("--out", type=Path, help="also write every cell's figures as JSONL")
+    p.add_argument(
+        "--baselines-from",
+        type=Path,
+        help="an earlier --out file: its baselines' figures are reused and only cascade runs "
+        "(valid while the baselines' code and the simulator's results are unchanged)",
+    )
     args = p.parse_args()
+    known = no_regret.load_baselines(args.baselines_from)
     tmp = Path(tempfile.mkdtemp(prefix="random-mixtures-"))
     jobs: list[tuple[str, float, int, int, dict[str, list[float]]]] = []
     shapes: list[str] = []
@@ -107,7 +115,9 @@ def main() -> None:
         path = tmp / f"mix-{seed}.jsonl"
         num_requests, cv, num_classes, factor = write_trace(seed, path)
         rate = round(factor * no_regret._capacity(path, args.instances), 3)
-        jobs.append((str(path), rate, args.instances, num_requests, {}))
+        jobs.append(
+            (str(path), rate, args.instances, num_requests, known.get((path.stem, rate), {}))
+        )
         shapes.append(f"{num_requests} req, {num_classes} classes, CV {cv:g}, {factor:.2f}x")
     cells = run_cells(jobs, shapes, args.out)
     print(f"\n{summary(cells)}; at or under 0.5x on the mean in {sum(c[0] <= 0.5 for c in cells)}")

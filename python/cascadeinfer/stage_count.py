@@ -26,8 +26,8 @@ and the two ratios' average shows the same gain (`MIN_GAIN` again), and beats th
 form kept by `MIN_GAIN` on the mean and on the average too, all as the mean over the selection
 traces of its per-trace ratio; of those, the lowest average wins (`pick`); otherwise the fleet
 runs as one stage.
-Boundaries and instance counts within a count stay the partitioner's; runtime refinement keeps
-the count it is given.
+Boundaries within a count stay the partitioner's; instance counts are searched from the best
+split by simulation (`_search_sizes`). Runtime refinement keeps the count it is given.
 """
 
 from __future__ import annotations
@@ -142,6 +142,8 @@ SIZE_SEARCH_ROUNDS = 4
 """The most instance moves the size search makes from the best split (`_search_sizes`)."""
 SIZE_SEARCH_FINALISTS = 2
 """Neighbouring layouts of each round that run on every selection trace."""
+MAX_SIZE_NEIGHBOURS = 30
+"""Past this many layouts one move away (six stages), moves go to a neighbouring stage only."""
 SIZE_GAIN = 0.01
 """A move between stages must cut `pick`'s score of the layout (the average of its mean and
 p99 ratios to the one-stage form kept) by this much."""
@@ -640,14 +642,19 @@ def _search_sizes(
 
 
 def _size_neighbours(sizes: Sequence[int]) -> Iterator[tuple[int, ...]]:
-    """`sizes` with one instance moved to a neighbouring stage, every stage keeping one."""
-    for src, dst in itertools.permutations(range(len(sizes)), 2):
-        if True:
-            if sizes[src] > 1:
-                moved = list(sizes)
-                moved[src] -= 1
-                moved[dst] += 1
-                yield tuple(moved)
+    """`sizes` with one instance moved from one stage to another, every stage keeping one: to
+    any other stage while that makes at most MAX_SIZE_NEIGHBOURS layouts, else to a
+    neighbouring stage only (the search's cost grows with the count)."""
+    k = len(sizes)
+    pairs: Iterator[tuple[int, int]] = itertools.permutations(range(k), 2)
+    if k * (k - 1) > MAX_SIZE_NEIGHBOURS:
+        pairs = ((a, b) for a, b in pairs if abs(a - b) == 1)
+    for src, dst in pairs:
+        if sizes[src] > 1:
+            moved = list(sizes)
+            moved[src] -= 1
+            moved[dst] += 1
+            yield tuple(moved)
 
 
 def pick(candidates: Sequence[Candidate], num_traces: int, objective: str = "mean") -> Candidate:
