@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
+from cascadeinfer import _core
 from cascadeinfer.config import CascadeConfig
 from cascadeinfer.planning import PlanResult, load_profile, plan_stages
 from cascadeinfer.stage_count import OBJECTIVES, Candidate
@@ -48,6 +50,12 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def _predicted(s: _core.PlannedStage) -> bool:
+    """Whether the model predicted this stage: a stage it finds infeasible at its size (a
+    one-stage plan, or sizes the selection searched) carries zeros."""
+    return s.tpot_s > 0
+
+
 def as_json(result: PlanResult) -> dict[str, Any]:
     return {
         "stages": [
@@ -55,17 +63,20 @@ def as_json(result: PlanResult) -> dict[str, Any]:
                 "min_len": s.min_len,
                 "max_len": s.max_len,
                 "instances": s.num_instances,
-                "predicted_tpot_s": s.tpot_s,
-                "predicted_utilization": s.utilization,
-                "predicted_queue_wait_s": s.queue_wait_s,
+                "predicted_tpot_s": s.tpot_s if _predicted(s) else None,
+                "predicted_utilization": s.utilization if _predicted(s) else None,
+                "predicted_queue_wait_s": s.queue_wait_s if _predicted(s) else None,
             }
             for s in result.plan.stages
         ],
-        "objective": result.plan.objective_s,
+        # None where the model finds the layout infeasible (the simulation chose it).
+        "objective": result.plan.objective_s if math.isfinite(result.plan.objective_s) else None,
         "objective_name": "predicted mean end-to-end latency (s)",
         "stage_count_candidates": [
             {
                 "stages": c.num_stages,
+                "instances": [s.num_instances for s in c.plan.stages],
+                "sizes_searched": c.is_resized,
                 "one_stage_balanced": c.config.is_one_stage_balanced,
                 "one_stage_kv_first": c.config.is_one_stage_kv_first,
                 "one_stage_turns": c.config.one_stage_turns,
@@ -88,7 +99,8 @@ def as_json(result: PlanResult) -> dict[str, Any]:
 
 def _label(c: Candidate) -> str:
     if c.num_stages > 1:
-        return f"{c.num_stages} stages"
+        sizes = "/".join(str(s.num_instances) for s in c.plan.stages)
+        return f"{c.num_stages} stages ({sizes}{', sizes searched' if c.is_resized else ''})"
     if c.config.one_stage_turns == "blind":
         baseline = "Llumnix" if c.config.is_one_stage_kv_first else "least-load"
         return f"1 stage, turns blind to the caches ({baseline})"
@@ -107,14 +119,19 @@ def as_table(result: PlanResult, args: argparse.Namespace) -> str:
         f"{'wait_ms':>8}",
     ]
     for k, s in enumerate(result.plan.stages):
-        lines.append(
-            f"{k:>5} {s.min_len:>8} {s.max_len:>8} {s.num_instances:>4} {s.utilization:>6.1%} "
-            f"{s.tpot_s * 1e3:>8.2f} {s.queue_wait_s * 1e3:>8.2f}"
+        model = (
+            f"{s.utilization:>6.1%} {s.tpot_s * 1e3:>8.2f} {s.queue_wait_s * 1e3:>8.2f}"
+            if _predicted(s)
+            else f"{'-':>6} {'-':>8} {'-':>8}"
         )
-    lines.append(
-        f"predicted mean end-to-end latency {result.plan.objective_s:.3f} s; "
-        f"solved in {result.solve_ms:.1f} ms"
+        lines.append(f"{k:>5} {s.min_len:>8} {s.max_len:>8} {s.num_instances:>4} {model}")
+    objective = result.plan.objective_s
+    predicted = (
+        f"predicted mean end-to-end latency {objective:.3f} s"
+        if math.isfinite(objective)
+        else "the model finds this layout infeasible (the simulation chose it)"
     )
+    lines.append(f"{predicted}; solved in {result.solve_ms:.1f} ms")
     if result.candidates:
         num_traces = max(len(c.per_trace) for c in result.candidates)
         simulated = ", ".join(
