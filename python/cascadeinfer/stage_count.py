@@ -584,7 +584,8 @@ def _search_sizes(
 ) -> list[Candidate]:
     """Layouts with `start`'s stage ranges and other instance counts: one instance at a time
     moves from one stage to another while that cuts `pick`'s score of the layout by SIZE_GAIN,
-    keeping it a layout `pick` admits where `start` was one, at most SIZE_SEARCH_ROUNDS moves.
+    on all selection traces and on those that did not choose it (`_holdout_gain`), keeping it
+    a layout `pick` admits where `start` was one, at most SIZE_SEARCH_ROUNDS moves.
     Returns each layout moved to, the last the best. Every neighbour runs on the first
     PRUNE_AFTER traces, the SIZE_SEARCH_FINALISTS closest to the layout moved from on all.
 
@@ -634,11 +635,23 @@ def _search_sizes(
         if (
             math.isnan(best.simulated_mean_e2e_s)
             or rules.score(best) > rules.score(current) - SIZE_GAIN
+            or _holdout_gain(best, current) < SIZE_GAIN
         ):
             break
         found.append(best)
         current = best
     return found
+
+
+def _holdout_gain(c: Candidate, current: Candidate) -> float:
+    """1 less the average of `c`'s two ratios to `current` on the traces after PRUNE_AFTER,
+    which did not choose the finalists: the best of up to 30 layouts on two traces shows a
+    gain there by chance."""
+    pairs = list(zip(c.per_trace[PRUNE_AFTER:], current.per_trace[PRUNE_AFTER:], strict=True))
+    if not pairs:
+        return 0.0
+    ratios = [(a[0] / b[0] + a[1] / b[1]) / 2 for a, b in pairs]
+    return 1.0 - sum(ratios) / len(ratios)
 
 
 def _size_neighbours(sizes: Sequence[int]) -> Iterator[tuple[int, ...]]:

@@ -312,6 +312,7 @@ def test_stage_sizes_are_searched_from_the_best_split_by_simulation() -> None:
     )
     single = one_stage_form([c for c in chosen.candidates if c.num_stages == 1])
     score = sum(paired_ratios(start, single, "mean")) / 2
+    before = start
     for c in resized:
         assert [(s.min_len, s.max_len) for s in c.plan.stages] == ranges
         assert sum(s.num_instances for s in c.plan.stages) == 16
@@ -319,6 +320,12 @@ def test_stage_sizes_are_searched_from_the_best_split_by_simulation() -> None:
         assert c.config == start.config
         assert sum(paired_ratios(c, single, "mean")) / 2 <= score - SIZE_GAIN
         score = sum(paired_ratios(c, single, "mean")) / 2
+        # ... and the move's gain shows on the traces that did not choose it.
+        held_out = list(zip(c.per_trace, before.per_trace, strict=True))[PRUNE_AFTER:]
+        assert held_out
+        average = statistics.mean((a[0] / b[0] + a[1] / b[1]) / 2 for a, b in held_out)
+        assert average <= 1 - SIZE_GAIN
+        before = c
     trace = make_trace(
         "reasoning",
         num_requests=num_requests,
