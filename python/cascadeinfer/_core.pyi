@@ -24,6 +24,7 @@ __all__ = [
     "partition_by_stage_count",
     "preset_max_len",
     "preset_names",
+    "resized_plan",
     "sample_preset",
     "session_arrival_times",
     "simulate",
