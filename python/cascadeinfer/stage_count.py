@@ -648,11 +648,10 @@ def _holdout_gain(c: Candidate, current: Candidate) -> float:
     """1 less the average of `c`'s two ratios to `current` on the traces after PRUNE_AFTER,
     which did not choose the finalists: the best of up to 30 layouts on two traces shows a
     gain there by chance."""
-    pairs = list(zip(c.per_trace[PRUNE_AFTER:], current.per_trace[PRUNE_AFTER:], strict=True))
-    if not pairs:
+    if len(c.per_trace) <= PRUNE_AFTER:
         return 0.0
-    ratios = [(a[0] / b[0] + a[1] / b[1]) / 2 for a, b in pairs]
-    return 1.0 - sum(ratios) / len(ratios)
+    held_out, before = (replace(x, per_trace=x.per_trace[PRUNE_AFTER:]) for x in (c, current))
+    return 1.0 - sum(paired_ratios(held_out, before, "mean")) / 2
 
 
 def _size_neighbours(sizes: Sequence[int]) -> Iterator[tuple[int, ...]]:
