@@ -139,7 +139,7 @@ the low-load gains `MIN_BALANCE_GAIN` guards against had a resample going the ot
 
 
 SIZE_SEARCH_ROUNDS = 4
-"""The most instance moves the size search makes from the best split (`_search_sizes`)."""
+"""The most instance moves the size search makes from one split (`_search_sizes`)."""
 SIZE_SEARCH_STARTS = 2
 """Splits the size search starts from, the best first by `pick`'s rules (admitted first, then
 the lowest score); the next only while no split is admitted. The best-scored split is not
@@ -646,9 +646,9 @@ def _search_sizes(
         ]
         admitted = [c for c in tried if rules.admits(c)]
         if admitted and not rules.admits(current):
-            best = min(admitted, key=rules.score)
+            best = min(admitted, key=rules.score)  # into the layouts `pick` takes
         else:
-            eligible = admitted or ([] if rules.admits(current) else tried)
+            eligible = admitted if rules.admits(current) else tried
             if not eligible:
                 break
             best = min(eligible, key=rules.score)
