@@ -25,8 +25,8 @@ stage on the simulated mean by `MIN_GAIN`, its simulated p99 is not above plain'
 and the two ratios' average shows the same gain (`MIN_GAIN` again), and beats the one-stage
 form kept by `MIN_GAIN` on the mean and on the average too, all as the mean over the selection
 traces of its per-trace ratio; or, short of those margins, it is not behind either on
-either figure on any selection trace and ahead on average (`STEADY_SPLIT_GAIN`); of those, the lowest average wins
-(`pick`); otherwise the fleet runs as one stage.
+either figure on any selection trace and ahead on average (`STEADY_SPLIT_GAIN`); of those,
+the lowest average wins (`pick`); otherwise the fleet runs as one stage.
 Boundaries within a count stay the partitioner's; instance counts are searched from the best
 splits by simulation (`_search_sizes`). Runtime refinement keeps the count it is given.
 """
@@ -766,8 +766,8 @@ class _SplitRules:
         beats the form kept by MIN_GAIN on its objective ratio, with the average of both
         ratios at most 1 and the other at most 1 + `tail_slack`; or, short of those margins,
         is not behind plain one stage nor the form kept on either figure on any trace and
-        ahead on average (`_steady_split_gain`): a gain every resample shows is the traffic's, as
-        `_steady_tail_gain` reasons for the one-stage forms."""
+        ahead on average (`_steady_split_gain`): a gain every resample shows is the
+        traffic's, as `_steady_tail_gain` reasons for the one-stage forms."""
         if c.is_pruned(self.num_traces):
             return False
         if split_beats(c, self.plain, self.objective) and _beats(
