@@ -507,11 +507,20 @@ def _gains_on_every_trace(c: Candidate, base: Candidate, objective: str) -> bool
     return _steady_tail_gain(c, base, objective) and paired_ratios(c, base, objective)[0] <= 1.0
 
 
+def _both_finished_apart(c: Candidate, base: Candidate) -> bool:
+    """Whether `c` is not `base` and both finished every request on every trace they ran."""
+    return (
+        c is not base
+        and not math.isnan(c.simulated_mean_e2e_s)
+        and not math.isnan(base.simulated_mean_e2e_s)
+    )
+
+
 def _steady_tail_gain(c: Candidate, base: Candidate, objective: str) -> bool:
     """Whether `c` and `base` finished everything and `c`'s figure that is not the `objective`
     is at least STEADY_TAIL_GAIN below `base`'s on every selection trace (False for `base`
     itself)."""
-    if c is base or math.isnan(c.simulated_mean_e2e_s) or math.isnan(base.simulated_mean_e2e_s):
+    if not _both_finished_apart(c, base):
         return False
     other = 0 if objective == "p99" else 1
     return all(
@@ -523,7 +532,7 @@ def _steady_tail_gain(c: Candidate, base: Candidate, objective: str) -> bool:
 def _steady_split_gain(c: Candidate, base: Candidate) -> bool:
     """Whether `c` and `base` finished everything, `c` is not behind `base` on either figure
     on any selection trace, and the average of its two ratios is STEADY_SPLIT_GAIN below 1."""
-    if c is base or math.isnan(c.simulated_mean_e2e_s) or math.isnan(base.simulated_mean_e2e_s):
+    if not _both_finished_apart(c, base):
         return False
     return (
         all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(c.per_trace, base.per_trace, strict=True))
