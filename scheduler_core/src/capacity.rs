@@ -112,7 +112,7 @@ impl CapacityGuard {
     }
 
     /// The layout after moving one instance to a stage that runs hot, when one does and the
-    /// move is predicted to pay; `None` otherwise.
+    /// moves it takes to cool it are predicted to pay; `None` otherwise.
     pub fn decide(
         &mut self,
         layout: &StageLayout,
@@ -138,15 +138,30 @@ impl CapacityGuard {
         if now - since < self.config.persist_s || now - self.last_move < self.config.cooldown_s {
             return None;
         }
-        let hot_after = per_stage[hot].step_over(profile, count(hot) + 1);
-        let (donor, donor_after) = (0..stages.len())
-            .filter(|&j| j != hot && count(j) >= 2)
-            .map(|j| (j, per_stage[j].step_over(profile, count(j) - 1)))
-            .filter(|&(_, after)| after <= pooled * (1.0 + self.config.margin))
-            .min_by(|a, b| a.1.total_cmp(&b.1))?;
-        if hot_after.max(donor_after) > step[hot] * (1.0 - MIN_GAIN) {
+        // What the other stages can spare: instances each can give while it still steps within
+        // the margin of the pooled fleet and faster than the hot stage would after the move
+        // (keeping one).
+        let within = pooled * (1.0 + self.config.margin);
+        let donor_bound = within.min(step[hot] * (1.0 - MIN_GAIN));
+        let spare = |j: usize| {
+            (1..count(j)).take_while(|&s| per_stage[j].step_over(profile, count(j) - s) <= donor_bound).count()
+        };
+        let total_spare: usize = (0..stages.len()).filter(|&j| j != hot).map(spare).sum();
+        // Judged over the moves it takes to bring the hot stage within the margin (or all the
+        // others can spare), not the first alone: past `longest_request_floor_from` requests an
+        // instance, the step follows the longest context, and one more instance may change
+        // nothing while three would halve it (the late stages holding the longest generations
+        // as a trace drains).
+        let target = (1..=total_spare)
+            .find(|&m| per_stage[hot].step_over(profile, count(hot) + m) <= within)
+            .unwrap_or(total_spare);
+        if target == 0 || per_stage[hot].step_over(profile, count(hot) + target) > step[hot] * (1.0 - MIN_GAIN) {
             return None;
         }
+        let donor = (0..stages.len()).filter(|&j| j != hot && spare(j) >= 1).min_by(|&a, &b| {
+            let after = |j: usize| per_stage[j].step_over(profile, count(j) - 1);
+            after(a).total_cmp(&after(b))
+        })?;
         // The donor's instance with the least KV: the least work left behind on it, and the
         // fewest tokens to migrate when it moves to an earlier stage (its requests then
         // exceed their new stage's bound and go back to their own).
@@ -239,6 +254,41 @@ mod tests {
         assert_eq!(next.stages()[1].instances.len(), 2);
         assert_eq!(next.stages()[1].max_len, 131_072);
         assert!(guard.decide(&next, &loads, &p, 12.0).is_none(), "cooldown");
+    }
+
+    /// Twelve idle short-stage instances; two long-stage ones with 36 requests each, one at
+    /// 30K tokens and the rest at 8K: past the profile's floor, where the step follows the
+    /// longest context.
+    fn drained_into_the_last_stage() -> (StageLayout, LoadBook) {
+        let layout = StageLayout::new(vec![
+            StageRange { min_len: 0, max_len: 4096, instances: ids(&(0..12).collect::<Vec<_>>()) },
+            StageRange { min_len: 4096, max_len: 131_072, instances: ids(&[12, 13]) },
+        ])
+        .unwrap();
+        let mut loads = LoadBook::default();
+        loads.begin_refresh();
+        for inst in 12..14 {
+            for k in 0..36 {
+                let len = if k == 0 { 30_000 } else { 8_000 };
+                loads.record(InstanceId(inst), RequestId(u64::from(inst) * 100 + k), len);
+            }
+        }
+        loads.end_refresh();
+        (layout, loads)
+    }
+
+    #[test]
+    fn a_stage_past_the_floor_takes_instances_though_one_alone_would_not_pay() {
+        let (layout, loads) = drained_into_the_last_stage();
+        let p = gpu();
+        let long = StageLoad::of(&loads, &layout.stages()[1].instances);
+        // The case this is about: one more instance leaves every batch past the floor.
+        assert!(long.step_over(&p, 3) > long.step_over(&p, 2) * (1.0 - MIN_GAIN));
+        let mut guard = CapacityGuard::new(CapacityConfig::default()).unwrap();
+        assert!(guard.decide(&layout, &loads, &p, 0.0).is_none());
+        let next = guard.decide(&layout, &loads, &p, 10.0).expect("the moves it takes pay together");
+        assert!(next.stages()[1].instances.len() > 2);
+        assert_eq!(next.num_instances(), 14);
     }
 
     #[test]

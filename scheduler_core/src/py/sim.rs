@@ -87,7 +87,8 @@ impl PySimReport {
         self.inner.failed_migrations_by_cause.clone()
     }
 
-    /// Per stage at every tick: time_s, stage, min_len, max_len, num_running, kv_tokens.
+    /// Per stage at every tick: time_s, stage, min_len, max_len, num_instances, num_running,
+    /// kv_tokens.
     fn stage_load<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = &self.inner.stage_load;
         let d = PyDict::new(py);
@@ -95,6 +96,7 @@ impl PySimReport {
         d.set_item("stage", s.iter().map(|x| x.stage).collect::<Vec<u32>>())?;
         d.set_item("min_len", s.iter().map(|x| x.min_len).collect::<Vec<u32>>())?;
         d.set_item("max_len", s.iter().map(|x| x.max_len).collect::<Vec<u32>>())?;
+        d.set_item("num_instances", s.iter().map(|x| x.num_instances).collect::<Vec<u32>>())?;
         d.set_item("num_running", s.iter().map(|x| x.num_running).collect::<Vec<u32>>())?;
         d.set_item("kv_tokens", s.iter().map(|x| x.kv_tokens).collect::<Vec<u64>>())?;
         Ok(d)

@@ -73,6 +73,8 @@ pub struct StageLoadSample {
     pub stage: u32,
     pub min_len: u32,
     pub max_len: u32,
+    /// Instances in the stage at that time (the capacity guard and refinement change it).
+    pub num_instances: u32,
     /// Requests in the running batches of the stage's instances.
     pub num_running: u32,
     /// KV allocated on those instances (blocks times block size, reservations included).

@@ -343,6 +343,7 @@ impl<'a> Simulation<'a> {
                 stage: k as u32,
                 min_len: stage.min_len,
                 max_len: stage.max_len,
+                num_instances: stage.instances.len() as u32,
                 num_running,
                 kv_tokens: kv_blocks * u64::from(self.p.block_size),
             });
