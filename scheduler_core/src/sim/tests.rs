@@ -178,6 +178,7 @@ fn the_stage_load_series_has_every_stage_at_every_tick() {
     let last_finish = report.requests.iter().filter_map(|r| r.finished_s).fold(0.0, f64::max);
     assert!((s.len() as f64 / 2.0 - last_finish / 0.5).abs() <= 1.0, "{} samples", s.len());
     assert!(s.chunks(2).all(|c| c[0].stage == 0 && c[1].stage == 1 && c[0].time_s == c[1].time_s));
+    assert!(s.chunks(2).all(|c| c[0].num_instances + c[1].num_instances == 4), "a tick's stages hold the fleet");
     assert!(s.iter().any(|x| x.num_running > 0 && x.kv_tokens > 0));
     assert!(s.iter().all(|x| x.kv_tokens <= 2 * p.kv_capacity_tokens));
 }
