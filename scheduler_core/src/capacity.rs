@@ -139,8 +139,7 @@ impl CapacityGuard {
             return None;
         }
         // What the other stages can spare: instances each can give while it still steps within
-        // the margin of the pooled fleet and faster than the hot stage would after the move
-        // (keeping one).
+        // the margin of the pooled fleet and 5% under the hot stage's step (keeping one).
         let within = pooled * (1.0 + self.config.margin);
         let donor_bound = within.min(step[hot] * (1.0 - MIN_GAIN));
         let spare = |j: usize| {
@@ -150,8 +149,8 @@ impl CapacityGuard {
         // Judged over the moves it takes to bring the hot stage within the margin (or all the
         // others can spare), not the first alone: past `longest_request_floor_from` requests an
         // instance, the step follows the longest context, and one more instance may change
-        // nothing while three would halve it (the late stages holding the longest generations
-        // as a trace drains).
+        // nothing while a few more would halve it (the late stages holding the longest
+        // generations as a trace drains).
         let target = (1..=total_spare)
             .find(|&m| per_stage[hot].step_over(profile, count(hot) + m) <= within)
             .unwrap_or(total_spare);
