@@ -142,10 +142,17 @@ impl CapacityGuard {
         // the margin of the pooled fleet and 5% under the hot stage's step (keeping one).
         let within = pooled * (1.0 + self.config.margin);
         let donor_bound = within.min(step[hot] * (1.0 - MIN_GAIN));
-        let spare = |j: usize| {
-            (1..count(j)).take_while(|&s| per_stage[j].step_over(profile, count(j) - s) <= donor_bound).count()
-        };
-        let total_spare: usize = (0..stages.len()).filter(|&j| j != hot).map(spare).sum();
+        let spare: Vec<usize> = (0..stages.len())
+            .map(|j| {
+                let can_give = |s: &usize| per_stage[j].step_over(profile, count(j) - s) <= donor_bound;
+                if j == hot {
+                    0
+                } else {
+                    (1..count(j)).take_while(can_give).count()
+                }
+            })
+            .collect();
+        let total_spare: usize = spare.iter().sum();
         // Judged over the moves it takes to bring the hot stage within the margin (or all the
         // others can spare), not the first alone: past `longest_request_floor_from` requests an
         // instance, the step follows the longest context, and one more instance may change
@@ -157,10 +164,11 @@ impl CapacityGuard {
         if target == 0 || per_stage[hot].step_over(profile, count(hot) + target) > step[hot] * (1.0 - MIN_GAIN) {
             return None;
         }
-        let donor = (0..stages.len()).filter(|&j| j != hot && spare(j) >= 1).min_by(|&a, &b| {
-            let after = |j: usize| per_stage[j].step_over(profile, count(j) - 1);
-            after(a).total_cmp(&after(b))
-        })?;
+        let donor = (0..stages.len())
+            .filter(|&j| spare[j] >= 1)
+            .map(|j| (j, per_stage[j].step_over(profile, count(j) - 1)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))?
+            .0;
         // The donor's instance with the least KV: the least work left behind on it, and the
         // fewest tokens to migrate when it moves to an earlier stage (its requests then
         // exceed their new stage's bound and go back to their own).
