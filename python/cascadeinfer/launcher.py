@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -89,9 +90,32 @@ def wait_serving(process: subprocess.Popen[str], log_path: Path, timeout: float)
             models = tuple(name for name in models if name != "-")
             return Daemon(process, m.group(1), log_path, m.group(2), url, models)
         time.sleep(0.1)
-    if process.poll() is None:
-        process.kill()
+    end_processes([process])
     raise DaemonStartError(log_path)
+
+
+STOP_GRACE_S = 10.0
+"""How long a daemon that is not serving yet gets, after SIGTERM, to end what it started (a
+vLLM worker: the engine core it is building) before SIGKILL."""
+
+
+def end_processes(processes: list[subprocess.Popen[str]], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to each live process, then SIGKILL to those still there after `grace_s` (or at
+    once on a second Ctrl-C). Not SIGKILL first: a vLLM worker killed while its engine starts
+    leaves the engine core behind, waiting minutes for its start-up handshake."""
+    live = [p for p in processes if p.poll() is None]
+    try:
+        for p in live:
+            p.terminate()
+        deadline = time.monotonic() + grace_s
+        for p in live:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.0, deadline - time.monotonic()))
+    finally:
+        for p in live:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 class DaemonStartError(RuntimeError):
@@ -116,8 +140,6 @@ def start_many(
         for process, log_path in spawned:
             daemons.append(wait_serving(process, log_path, timeout))
     except BaseException:
-        for process, _ in spawned:
-            if process.poll() is None:
-                process.kill()
+        end_processes([process for process, _ in spawned])
         raise
     return daemons

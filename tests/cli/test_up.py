@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 CASCADE = str(Path(sys.executable).parent / "cascade")
 
 
@@ -105,3 +107,43 @@ def test_a_second_ctrl_c_while_stopping_leaves_no_daemon_running(tmp_path: Path)
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_ctrl_c_while_a_vllm_engine_starts_stops_everything_it_started(tmp_path: Path) -> None:
+    """Ctrl-C to `cascade up` alone (`kill -INT`) while its vLLM worker builds the engine: one
+    line says so, exit 130, and no process it started is left. Before, a traceback, and the
+    worker was killed outright, leaving its engine core to wait five minutes for a handshake."""
+    pytest.importorskip("vllm")
+    psutil = pytest.importorskip("psutil")
+    log = tmp_path / "up.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [CASCADE, "up", "--engine", "vllm", "--workers", "1", "--http-port", "0"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    try:
+        up = psutil.Process(process.pid)
+        deadline = time.monotonic() + 180
+        while True:
+            started = up.children(recursive=True)
+            titles = " ".join(" ".join(p.cmdline()) for p in started if p.is_running())
+            if "spawn_main" in titles or "EngineCore" in titles:
+                break  # the worker daemon has spawned vLLM's engine core
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no engine core appeared"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text()
+    assert "cascade up: interrupted while starting" in text and "Traceback" not in text, text
+    assert text.splitlines()[-1] == "cluster stopped"
+    _, alive = psutil.wait_procs(started, timeout=15)
+    running = [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not running, [(p.pid, p.cmdline()) for p in alive]

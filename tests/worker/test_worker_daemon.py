@@ -3,14 +3,17 @@ token-exact splicing, block accounting, refusal paths, bad input, health, drain.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from cascadeinfer.launcher import WORKER, spawn
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -552,6 +555,70 @@ def test_a_killed_multiprocess_vllm_worker_takes_its_engine_processes_along(
         d.kill()
     _, alive = psutil.wait_procs(helpers, timeout=30)
     assert not alive, [(p.pid, p.name()) for p in alive]
+
+
+@pytest.mark.parametrize(
+    ("sig", "engine_processes"),
+    [(signal.SIGTERM, 1), (signal.SIGINT, 2)],
+    ids=["SIGTERM-engine-core-started", "SIGINT-model-worker-started"],
+)
+def test_a_worker_stopped_while_its_vllm_engine_starts_ends_its_engine_processes(
+    sig: signal.Signals, engine_processes: int, tmp_path: Path
+) -> None:
+    """A stop before the engine is built (a rolling restart, Ctrl-C while a model loads): the
+    daemon ends the engine core it spawned, and the model worker the engine core spawned, and
+    exits 0. Before, it died of the signal; the engine core, waiting for its start-up
+    handshake, ran on for five minutes, and a model worker loaded its model to the end."""
+    psutil = pytest.importorskip("psutil")
+    process, log_path = spawn(WORKER, VLLM_MP, tmp_path)
+    try:
+        daemon = psutil.Process(process.pid)
+        deadline = time.monotonic() + 120
+        while True:
+            helpers = _children(daemon)
+            # vLLM's processes (multiprocessing's resource tracker aside) by their command line:
+            # the spawned ones, whatever title they have set by now.
+            engine = [p for p in helpers if "resource_tracker" not in " ".join(p.cmdline())]
+            if len(engine) >= engine_processes:
+                break
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the engine's processes did not appear"
+            time.sleep(0.1)
+        process.send_signal(sig)
+        assert process.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "serving on" not in log_path.read_text(), "the engine was built before the signal"
+    assert '"event": "stopped_while_starting"' in log_path.read_text()
+    # Ended before the daemon exited (not on their own, later: vLLM's model worker notices
+    # its engine core's death only once its model is loaded).
+    assert not _running(psutil, engine, timeout=2)
+    assert not _running(psutil, helpers, timeout=10)  # the tracker ends once they all have
+
+
+def _running(psutil: Any, processes: list[Any], timeout: float) -> list[tuple[int, str]]:
+    """Those of `processes` still running after `timeout` s (an exited process that init has
+    not reaped yet, a zombie, has ended)."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    running = []
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                running.append((p.pid, p.name()))
+    return running
+
+
+def _children(process: Any) -> list[Any]:
+    """A psutil process's descendants, those that ended while listed left out."""
+    import psutil
+
+    found = []
+    for p in process.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.cmdline()
+            found.append(p)
+    return found
 
 
 @pytest.mark.parametrize("victim", ["VLLM::EngineCore", "VLLM::Worker"])

@@ -130,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     try:
         return _serve(args, log_dir, token_file, auth, daemons)
+    except KeyboardInterrupt:
+        # Ctrl-C before the cluster served: what had started is stopped below.
+        print("cascade up: interrupted while starting", file=sys.stderr)
+        return 130
     except DaemonStartError as e:
         # Another cluster on the same ports, a model directory that is not there: the daemon's
         # own error says what to change.

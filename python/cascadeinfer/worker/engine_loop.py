@@ -15,6 +15,7 @@ after that fails with `EngineDead` instead of waiting forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -138,14 +139,26 @@ class EngineLoop:
             except queue.Empty:
                 return True
 
+    def _settle_ready(self, engine: Engine | None, error: BaseException | None) -> None:
+        """Hands the build's outcome to `start`, unless nobody waits for it any more (the
+        daemon was stopped during the build and ended the engine's processes)."""
+        if self._ready.done():
+            return
+        if error is not None:
+            self._ready.set_exception(error)
+        else:
+            self._ready.set_result(engine)  # type: ignore[arg-type]
+
     def _run(self) -> None:
         try:
             engine = self._engine = self._build()
         except BaseException as e:
             self._stopped.set()
-            self._loop.call_soon_threadsafe(self._ready.set_exception, e)
+            # The loop is closed when the daemon stopped during the build and has exited.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._settle_ready, None, e)
             return
-        self._loop.call_soon_threadsafe(self._ready.set_result, engine)
+        self._loop.call_soon_threadsafe(self._settle_ready, engine, None)
         error: BaseException | None = None
         try:
             while self._run_commands(block=not engine.has_unfinished()):

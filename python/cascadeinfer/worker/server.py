@@ -38,6 +38,7 @@ from cascadeinfer.worker.engine import (
 )
 from cascadeinfer.worker.engine_loop import EngineDead, EngineLoop
 from cascadeinfer.worker.engines.factory import build_engine
+from cascadeinfer.worker.engines.parent_watch import end_helper_processes
 from cascadeinfer.worker.hub import Hub
 from cascadeinfer.worker.kv_stream import ImportBudget
 from cascadeinfer.worker.metrics import WorkerMetrics
@@ -100,6 +101,22 @@ async def _shut_down_dead(engine: Engine) -> None:
         log.warning("engine_shutdown_failed", error=repr(e))
 
 
+async def _built_unless_stopped(engine_loop: EngineLoop, stop: asyncio.Event) -> Engine | None:
+    """The engine once built, or None if `stop` is set first. A vLLM engine takes from seconds
+    (the tiny model on CPU) to minutes (a large model on GPUs) to build; a daemon that ended on
+    the signal meanwhile left the engine core it had spawned waiting five minutes for its
+    start-up handshake (vLLM's HANDSHAKE_TIMEOUT_MINS), holding its memory."""
+    building = asyncio.ensure_future(engine_loop.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({building, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if building.done():
+        stopping.cancel()
+        return building.result()
+    # The build goes on in the engine thread (a daemon thread) until its processes are gone.
+    building.cancel()
+    return None
+
+
 def _report_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background_task_failed", task=task.get_name(), error=repr(task.exception()))
@@ -132,8 +149,16 @@ async def serve(config: WorkerConfig) -> None:
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     if config.metrics_port:
         serve_metrics(config.host, config.metrics_port, metrics.registry)
+    # From here a stop signal drains (once serving) or ends the engine being built.
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     engine_loop = EngineLoop(lambda: build_engine(config), loop, on_step)
-    engine = await engine_loop.start()
+    engine = await _built_unless_stopped(engine_loop, stop)
+    if engine is None:
+        ended = await asyncio.to_thread(end_helper_processes)
+        log.info("stopped_while_starting", helper_processes_ended=ended)
+        return
     worker_id = config.worker_id or f"{config.host}:{port}"
     structlog.contextvars.bind_contextvars(worker_id=worker_id, engine=engine.name)
     state = WorkerState(
@@ -180,9 +205,6 @@ async def serve(config: WorkerConfig) -> None:
 
     reaper = asyncio.create_task(reap_forever(state, config.orphan_timeout_s))
     reaper.add_done_callback(_report_crash)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     engine_loop.died.add_done_callback(lambda _: stop.set())
     await stop.wait()
     reaper.cancel()

@@ -10,11 +10,18 @@ The daemon's pid comes in the environment (`mark_daemon`, before the engine star
 helper starts its watch only once our code loads in it, after vLLM has set the process up:
 a daemon killed during that start-up (a big model loads for minutes) is already gone when the
 watch starts, so "my parent changed" alone would never fire there.
+
+A daemon stopped (SIGTERM, SIGINT) before its engine is built ends those processes itself
+(`end_helper_processes`): an engine core still waiting for its start-up handshake has loaded
+none of our code, so no watch runs in it, and it would wait five minutes for the handshake.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
+import signal
 import threading
 import time
 
@@ -57,3 +64,52 @@ def _watch(parent: int, daemon_pid: int | None) -> None:
     while os.getppid() == parent and (daemon_pid is None or is_alive(daemon_pid)):
         time.sleep(_POLL_S)
     os._exit(1)
+
+
+def end_helper_processes(grace_s: float = 3.0) -> int:
+    """The daemon's side, for a stop before its engine was built: ends the processes this one
+    started through multiprocessing (vLLM's engine core) and theirs (its model workers, which
+    would otherwise load their model to the end before they notice): SIGTERM, then SIGKILL
+    for those still there after `grace_s` (an engine core that is waiting for its handshake,
+    or loading a model, notes a SIGTERM and goes on). Returns how many processes it ended."""
+    helpers = multiprocessing.active_children()
+    pids = [q for p in helpers if p.pid is not None for q in (p.pid, *_descendants(p.pid))]
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in helpers:
+        p.join(max(0.0, deadline - time.monotonic()))
+    while time.monotonic() < deadline and any(is_alive(q) for q in pids):
+        time.sleep(0.05)
+    _signal_all(pids, signal.SIGKILL)
+    for p in helpers:
+        p.join(5)
+    return len(pids)
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid`, from /proc (none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # ended meanwhile
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
