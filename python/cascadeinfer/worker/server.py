@@ -1,5 +1,6 @@
 """cascade-worker: starts the engine and the gRPC server (WorkerService, health, reflection),
-reports SERVING after warm-up, and drains on SIGTERM."""
+reports SERVING after warm-up, and drains on SIGTERM (a SIGTERM while the engine is still being
+built ends the processes the build started, and the daemon)."""
 
 from __future__ import annotations
 
