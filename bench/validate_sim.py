@@ -46,15 +46,15 @@ import json
 import math
 import os
 import random
-import re
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
 from bench_scheduler import cpu_seconds, free_port
@@ -67,6 +67,8 @@ from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, start_many
 from cascadeinfer.policies import FixedStage, build_policy
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from cascadeinfer.traces import TraceEntry
+
+from tests.worker.metrics import prompt_counters, step_counters
 
 PROFILES = Path(__file__).resolve().parents[1] / "python" / "cascadeinfer" / "profiles"
 
@@ -93,29 +95,6 @@ class Case:
     sessions: bool = False
     """Replay `session_trace` (multi-turn) instead of the `workload` preset."""
     notes: list[str] = field(default_factory=list)
-
-
-def metrics_text(port: int) -> str:
-    """A worker's Prometheus exposition."""
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-
-
-def step_counters(port: int) -> tuple[float, float]:
-    """(seconds, steps) a worker has spent in engine steps, from its Prometheus exporter."""
-    text = metrics_text(port)
-    values = dict(
-        re.findall(r"^cascade_worker_step_seconds_(sum|count)\{[^}]*\} (\S+)$", text, re.M)
-    )
-    return float(values["sum"]), float(values["count"])
-
-
-def prompt_counters(port: int) -> tuple[float, float]:
-    """(prompt tokens started, of them served by the prefix cache) of a worker so far."""
-    text = metrics_text(port)
-    values = dict(
-        re.findall(r"^cascade_worker_prompt_tokens(|_cached)_total\{[^}]*\} (\S+)$", text, re.M)
-    )
-    return float(values[""]), float(values["_cached"])
 
 
 def session_trace(

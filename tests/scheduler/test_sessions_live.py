@@ -9,10 +9,8 @@ sequence under least-load is the control that shows the check can fail."""
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from tests.worker.daemons import Daemon, free_port, start_scheduler, workers
+from tests.worker.metrics import prompt_counters
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -35,15 +34,6 @@ BLOCK_TOKENS = 32
 class Worker:
     daemon: Daemon
     metrics_port: int
-
-    def prompt_counters(self) -> tuple[float, float]:
-        """(prompt tokens started here, of them served by the prefix cache) so far."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        values = dict(
-            re.findall(r"^cascade_worker_prompt_tokens(|_cached)_total\{[^}]*\} (\S+)$", text, re.M)
-        )
-        return float(values[""]), float(values["_cached"])
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +85,9 @@ def next_turn_placement(
         prompt = [(salt * 7919 + 37 * k) % 1000 + 1 for k in range(FIRST_PROMPT_TOKENS)]
         session = f"conversation-{salt}"
 
-        before = [w.prompt_counters() for w in pair]
+        before = [prompt_counters(w.metrics_port) for w in pair]
         answer = generate(stub, request(f"turn-1-{salt}", prompt, 8, session))
-        after = [w.prompt_counters() for w in pair]
+        after = [prompt_counters(w.metrics_port) for w in pair]
         (holder,) = [i for i in range(2) if after[i][0] > before[i][0]]
 
         # Both instances are idle: the long request goes to the first, which must be the
@@ -111,10 +101,10 @@ def next_turn_placement(
             time.sleep(0.05)
         assert running_by_address(stub)[pair[1 - holder].daemon.address] == 0
 
-        before = [w.prompt_counters() for w in pair]
+        before = [prompt_counters(w.metrics_port) for w in pair]
         next_prompt = prompt + answer + [(salt + 11 * k) % 1000 + 1 for k in range(NEW_TOKENS)]
         generate(stub, request(f"turn-2-{salt}", next_prompt, 4, session))
-        after = [w.prompt_counters() for w in pair]
+        after = [prompt_counters(w.metrics_port) for w in pair]
         (placed,) = [i for i in range(2) if after[i][0] > before[i][0]]
         assert after[placed][0] - before[placed][0] == len(next_prompt)
         cached = after[placed][1] - before[placed][1]
