@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import grpc
 import pytest
 from cascadeinfer.launcher import WORKER, spawn
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from cascadeinfer.worker.engines.helper_guard import GRACE_S
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.worker.daemons import Daemon, start_worker, workers
@@ -572,18 +574,7 @@ def test_a_worker_stopped_while_its_vllm_engine_starts_ends_its_engine_processes
     psutil = pytest.importorskip("psutil")
     process, log_path = spawn(WORKER, VLLM_MP, tmp_path)
     try:
-        daemon = psutil.Process(process.pid)
-        deadline = time.monotonic() + 120
-        while True:
-            helpers = _children(daemon)
-            # vLLM's processes (multiprocessing's resource tracker aside) by their command line:
-            # the spawned ones, whatever title they have set by now.
-            engine = [p for p in helpers if "resource_tracker" not in " ".join(p.cmdline())]
-            if len(engine) >= engine_processes:
-                break
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the engine's processes did not appear"
-            time.sleep(0.1)
+        helpers, engine = _wait_for_engine_processes(psutil, process, log_path, engine_processes)
         process.send_signal(sig)
         assert process.wait(timeout=30) == 0, log_path.read_text()[-3000:]
     finally:
@@ -595,6 +586,51 @@ def test_a_worker_stopped_while_its_vllm_engine_starts_ends_its_engine_processes
     # its engine core's death only once its model is loaded).
     assert not _running(psutil, engine, timeout=2)
     assert not _running(psutil, helpers, timeout=10)  # the tracker ends once they all have
+
+
+def test_a_worker_killed_while_its_vllm_engine_starts_leaves_no_engine_process(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL during the start (an impatient operator, a supervisor's stop timeout, the OOM
+    killer): nothing of the daemon runs to end its helpers, and the engine core, waiting for
+    its start-up handshake with none of our code loaded, used to run on for five minutes,
+    holding its memory (on a GPU host, what the replacement daemon needs). The helper guard
+    the daemon started first ends it within its grace."""
+    psutil = pytest.importorskip("psutil")
+    process, log_path = spawn(WORKER, VLLM_MP, tmp_path)
+    try:
+        helpers, engine = _wait_for_engine_processes(psutil, process, log_path, 1)
+        process.kill()
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "serving on" not in log_path.read_text(), "the engine was built before the kill"
+    assert not _running(psutil, engine, timeout=GRACE_S + 5)
+    assert not _running(psutil, helpers, timeout=10)
+
+
+def _wait_for_engine_processes(
+    psutil: Any, process: subprocess.Popen[str], log_path: Path, count: int
+) -> tuple[list[Any], list[Any]]:
+    """Once `count` of vLLM's processes run under a starting daemon: all its descendants, and
+    vLLM's among them, told apart by their command lines (multiprocessing's resource tracker
+    and our helper guard are not vLLM's; the spawned ones show, whatever title they have set
+    by now)."""
+    daemon = psutil.Process(process.pid)
+    deadline = time.monotonic() + 120
+    while True:
+        helpers = _children(daemon)
+        engine = [
+            p
+            for p in helpers
+            if not any(s in " ".join(p.cmdline()) for s in ("resource_tracker", "helper_guard"))
+        ]
+        if len(engine) >= count:
+            return helpers, engine
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the engine's processes did not appear"
+        time.sleep(0.1)
 
 
 def _running(psutil: Any, processes: list[Any], timeout: float) -> list[tuple[int, str]]:

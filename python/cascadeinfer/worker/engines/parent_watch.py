@@ -14,6 +14,8 @@ watch starts, so "my parent changed" alone would never fire there.
 A daemon stopped (SIGTERM, SIGINT) before its engine is built ends those processes itself
 (`end_helper_processes`): an engine core still waiting for its start-up handshake has loaded
 none of our code, so no watch runs in it, and it would wait five minutes for the handshake.
+A daemon killed then (SIGKILL) cannot; the helper guard it started first does
+(`helper_guard.py`).
 """
 
 from __future__ import annotations
@@ -21,19 +23,38 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
+
+from cascadeinfer.worker.engines import helper_guard
 
 DAEMON_PID_ENV = "CASCADE_WORKER_DAEMON_PID"
 """The worker daemon's pid, inherited by the engine core and its workers."""
 _POLL_S = 1.0
 _started = False
+_guard: subprocess.Popen[bytes] | None = None
+"""The helper guard; held for the daemon's life (its stdin is the pipe whose EOF it waits for)."""
 
 
 def mark_daemon() -> None:
-    """Called by the daemon before it starts helper processes: they inherit its pid."""
+    """Called by the daemon before it starts helper processes: they inherit its pid and its
+    mark, and the helper guard, started here once, ends the marked ones when it is gone."""
+    global _guard
     os.environ[DAEMON_PID_ENV] = str(os.getpid())
+    if _guard is not None and _guard.poll() is None:
+        return
+    mark = secrets.token_hex(8)
+    os.environ[helper_guard.MARK_ENV] = mark
+    unmarked = {k: v for k, v in os.environ.items() if k != helper_guard.MARK_ENV}
+    _guard = subprocess.Popen(
+        [sys.executable, "-I", helper_guard.__file__, mark, str(os.getpid())],
+        stdin=subprocess.PIPE,
+        env=unmarked,
+    )
 
 
 def watch_parent() -> None:
