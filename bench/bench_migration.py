@@ -133,15 +133,19 @@ def main() -> None:
                 src, dst = (a, b) if rep % 2 == 0 else (b, a)
                 prompt = [(k * 7 + rep) % 1000 + 1 for k in range(length - 8)]
                 max_tokens = 4000 if args.engine == "sim" else max_model_len - len(prompt)
-                reader = GenerateReader(src.stub(), generate_request(rid, prompt, max_tokens), out)
-                reader.wait_tokens(8, timeout=300)
+                # A 16K-token prompt's CPU prefill takes minutes here.
+                slack_s = 300 + length * 0.06
+                reader = GenerateReader(
+                    src.stub(), generate_request(rid, prompt, max_tokens), out, 2 * slack_s
+                )
+                reader.wait_tokens(8, timeout=slack_s)
                 first = FirstArrival()
                 feed = FeedReader(dst.stub(), {rid: first})
                 r = src.stub().MigrateOut(
                     worker_pb2.MigrateOutRequest(
                         request_id=rid, target_address=dst.address, mode=mode
                     ),
-                    timeout=300,
+                    timeout=slack_s,
                 )
                 answered = time.perf_counter()
                 while not first.arrived_at and time.perf_counter() - answered < 60:
@@ -150,7 +154,7 @@ def main() -> None:
                 gap = first.arrived_at - (answered - r.pause_s)
                 feed.close()
                 dst.stub().Abort(worker_pb2.AbortRequest(request_id=rid))
-                reader.join()
+                reader.join(slack_s)
                 samples.append((r.context_len, r.pause_s, r.total_s, r.num_bytes, gap))
             ctx = samples[0][0]
             pause = statistics.median(s[1] for s in samples)

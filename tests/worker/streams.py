@@ -103,17 +103,19 @@ class FeedReader:
 
 
 class GenerateReader:
-    """Consumes one Generate stream in a thread."""
+    """Consumes one Generate stream in a thread; `deadline_s` is the whole stream's (a long
+    prompt's CPU prefill alone can outlast the default)."""
 
     def __init__(
         self,
         stub: worker_pb2_grpc.WorkerServiceStub,
         request: worker_pb2.GenerateRequest,
         out: Spliced,
+        deadline_s: float = 120,
     ) -> None:
         self.responses: list[worker_pb2.GenerateResponse] = []
         self.error: grpc.RpcError | None = None
-        self.call = stub.Generate(request, timeout=120)
+        self.call = stub.Generate(request, timeout=deadline_s)
         self.out = out
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

@@ -53,6 +53,7 @@ def mark_daemon() -> None:
     _guard = subprocess.Popen(
         [sys.executable, "-I", helper_guard.__file__, mark, str(os.getpid())],
         stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,  # it prints nothing; a reader of the daemon's waits for EOF
         env=unmarked,
     )
 
