@@ -119,7 +119,9 @@ def main() -> None:
     max_model_len = 4096
     tmp = tempfile.mkdtemp(prefix="bench-migration-")
     if args.kv_geometry == "8b":
-        max_model_len = max(4096, 2 ** (max(lengths) + 64).bit_length())
+        # Room for the longest prompt and its decode, no more: each worker's KV pool is sized
+        # from it, and two pools for 32K tokens (8 GiB each) ran this 24 GiB host out of memory.
+        max_model_len = max(4096, -(-(max(lengths) + 1024) // 1024) * 1024)
         engine_args = [*engine_args, *llama_8b_kv_args(Path(tmp) / "model", max_model_len)]
     road_options = {"daemons": "kv_peer_host=", "rank-to-rank-unencrypted": "kv_peer_encrypt=false"}
     if args.engine == "vllm-mp" and args.kv_road in road_options:
