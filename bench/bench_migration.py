@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -89,6 +91,22 @@ class FirstArrival(Spliced):
         super().add(chunk, finish)
 
 
+@dataclass
+class StepClock(Spliced):
+    """Records when each chunk of the source's stream arrives: one per engine step."""
+
+    arrivals: list[float] = field(default_factory=list)
+
+    def add(self, chunk: common_pb2.TokenChunk, finish: int) -> None:
+        self.arrivals.append(time.perf_counter())
+        super().add(chunk, finish)
+
+    def step_s(self) -> float:
+        """The median gap between chunks after the first (decode steps before the stop)."""
+        gaps = [b - a for a, b in zip(self.arrivals[1:], self.arrivals[2:], strict=False)]
+        return statistics.median(gaps) if gaps else math.nan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
@@ -131,7 +149,7 @@ def main() -> None:
             samples = []
             for rep in range(args.repeats):
                 rid = f"m{length}-{rep}"
-                out = Spliced()
+                out = StepClock()
                 src, dst = (a, b) if rep % 2 == 0 else (b, a)
                 prompt = [(k * 7 + rep) % 1000 + 1 for k in range(length - 8)]
                 max_tokens = 4000 if args.engine == "sim" else max_model_len - len(prompt)
@@ -141,6 +159,7 @@ def main() -> None:
                     src.stub(), generate_request(rid, prompt, max_tokens), out, 2 * slack_s
                 )
                 reader.wait_tokens(8, timeout=slack_s)
+                step = out.step_s()
                 first = FirstArrival()
                 feed = FeedReader(dst.stub(), {rid: first})
                 r = src.stub().MigrateOut(
@@ -157,22 +176,23 @@ def main() -> None:
                 feed.close()
                 dst.stub().Abort(worker_pb2.AbortRequest(request_id=rid))
                 reader.join(slack_s)
-                samples.append((r.context_len, r.pause_s, r.total_s, r.num_bytes, gap))
+                samples.append((r.context_len, r.pause_s, r.total_s, r.num_bytes, gap, step))
             ctx = samples[0][0]
             pause = statistics.median(s[1] for s in samples)
             total = statistics.median(s[2] for s in samples)
             nbytes = samples[0][3]
             gap = statistics.median(s[4] for s in samples)
-            rows.append((ctx, pause, gap, total, nbytes, nbytes / total if total else 0.0))
+            step = statistics.median(s[5] for s in samples)
+            rows.append((ctx, pause, gap, total, nbytes, nbytes / total if total else 0.0, step))
     print(
         f"| context tokens | pause ms (median of {args.repeats}) | gap to first token ms "
-        "| total ms | KV MiB | MiB/s |"
+        "| total ms | KV MiB | MiB/s | decode step ms before |"
     )
-    print("|---|---|---|---|---|---|")
-    for ctx, pause, gap, total, nbytes, rate in rows:
+    print("|---|---|---|---|---|---|---|")
+    for ctx, pause, gap, total, nbytes, rate, step in rows:
         print(
             f"| {ctx} | {pause * 1e3:.1f} | {gap * 1e3:.1f} | {total * 1e3:.1f} "
-            f"| {nbytes / 2**20:.1f} | {rate / 2**20:.0f} |"
+            f"| {nbytes / 2**20:.1f} | {rate / 2**20:.0f} | {step * 1e3:.1f} |"
         )
 
 
