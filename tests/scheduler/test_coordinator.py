@@ -50,11 +50,17 @@ async def started() -> AsyncIterator[list[Coordinator]]:
 
 
 async def start(
-    started: list[Coordinator], *addresses: str, ghosts: tuple[str, ...] = (), **config: object
+    started: list[Coordinator],
+    *addresses: str,
+    ghosts: tuple[str, ...] = (),
+    max_model_len: int = 4096,
+    **config: object,
 ) -> tuple[Coordinator, dict[str, FakeWorker]]:
-    """A coordinator over fake workers at `addresses`; the first runs `ghosts` (requests no
-    scheduler placed there, as after a scheduler crash)."""
+    """A coordinator over fake workers at `addresses` holding `max_model_len` tokens each; the
+    first runs `ghosts` (requests no scheduler placed there, as after a scheduler crash)."""
     fakes = fake_cluster(*addresses)
+    for fake in fakes.values():
+        fake.max_model_len = max_model_len
     for rid in ghosts:
         fakes[addresses[0]].started[rid] = worker_pb2.GenerateRequest(request_id=rid, detach=True)
     pool = WorkerPool(lambda address: fakes[address])
@@ -268,6 +274,61 @@ async def test_a_failed_migration_leaves_the_request_streaming_from_its_source(
     a.step(Step("r", 4, (5,), 65, LENGTH))
     await settle()
     assert rec.tokens == [1, 2, 3, 4, 5] and rec.finish == FinishReason.LENGTH
+
+
+async def test_fixed_stages_short_of_the_workers_length_bound_what_is_admitted(
+    started: list[Coordinator],
+) -> None:
+    """`--stages` ending at 4096 over workers that hold 8192: a request that would grow past
+    the last stage has no stage to go to. It used to be admitted, and at 4096 tokens the core
+    refused its step, which ended the scheduler's reader of that worker's feed: every request
+    there hung, health still SERVING."""
+    c, fakes = await start(
+        started, "a", "b", policy="cascade", stages=TWO_STAGES, max_model_len=8192
+    )
+    assert c.max_model_len == 4096
+    with pytest.raises(SchedulingError) as refused:
+        await submit(c, "too-long", 60, max_tokens=4037)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "4096" in str(refused.value)
+    rec = await submit(c, "fits", 60, max_tokens=4036)
+    assert set(fakes["a"].started) == {"fits"} and not rec.is_done
+
+
+async def test_a_step_the_policy_refuses_does_not_stop_the_feed(
+    started: list[Coordinator],
+) -> None:
+    """A length the core refuses (a worker that reports past the stages' bound): the tokens
+    reach the client, no migration is decided for that step, and the next steps of the same
+    feed are still read."""
+    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
+    a = fakes["a"]
+    rec = await submit(c, "r", 30, max_tokens=10)
+    a.step(Step("r", 0, (1, 2), 5000))  # past the last stage's bound
+    await settle()
+    assert c.metrics.policy_step_errors._value.get() == 1
+    a.step(Step("r", 2, (3,), 33, LENGTH))
+    await settle()
+    assert rec.tokens == [1, 2, 3] and rec.finish == FinishReason.LENGTH
+
+
+async def test_a_fault_of_the_scheduler_on_a_feed_gives_the_worker_up_rather_than_hang(
+    started: list[Coordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any other error while a feed message is handled (a bug of ours): the worker is given
+    up on as if its feed had broken, so its requests resume elsewhere, instead of staying
+    placed there with nobody reading their tokens."""
+    c, fakes = await start(started, "a", "b")
+    rec = await submit(c, "r", 30, max_tokens=10)
+    assert set(fakes["a"].started) == {"r"}
+
+    def broken(link: object, update: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(c, "_on_step", broken)
+    fakes["a"].step(Step("r", 0, (1,), 31))
+    await settle()
+    assert "r" in fakes["b"].started and rec.worker_id == "b" and not rec.is_done
 
 
 async def test_a_source_dying_mid_migration_resumes_the_request_where_it_fits(

@@ -205,13 +205,13 @@ class Coordinator:
     def _build_policy(self) -> None:
         workers = self.pool.healthy()
         instances = [w.instance for w in workers]
-        self.max_model_len = min(_longest_context(w.info) for w in workers)
+        longest = min(_longest_context(w.info) for w in workers)
         c = self.config
         self.policy = build_policy(
             c.policy,
             self.profile,
             instances,
-            max_len=self.max_model_len,
+            max_len=longest,
             workload=c.workload,
             rate=c.rate,
             stages=[FixedStage(s.min_len, s.max_len, s.num_workers) for s in c.stages],
@@ -221,6 +221,12 @@ class Coordinator:
                 first_token=FirstTokenSlo(c.ttft_slo_s, c.ttft_slo_per_token_s),
             ),
         )
+        # Fixed stages may end short of the workers' length: what grows past the last stage's
+        # bound has no stage to go to, so admission holds requests to it.
+        served = max(hi for _, hi, _ in self.policy.stages())
+        if served < longest:
+            log.warning("stages_shorter_than_workers", stages_max_len=served, workers=longest)
+        self.max_model_len = min(longest, served)
         self.counters.plan_changed_at = time.time()
         log.info("policy_ready", policy=c.policy, stages=self.policy.stages())
 
@@ -244,6 +250,12 @@ class Coordinator:
             if not reconciled.done():
                 reconciled.set_exception(e)
                 return
+        except Exception as e:
+            # A fault of this scheduler's, not the worker's: the worker is given up on (its
+            # requests resume elsewhere, it is linked again later) rather than left placed on
+            # with nobody reading its feed, which hung every request there.
+            log.error("step_feed_failed", worker=link.address, error=repr(e), exc_info=e)
+            why = f"the scheduler failed on its step feed: {e!r}"
         if not reconciled.done():
             reconciled.set_exception(WorkerUnreachable(f"{link.address}: {why}"))
             return
@@ -375,7 +387,16 @@ class Coordinator:
                 lens.append(r.context_len)
         if self.policy is not None and ids and link.is_healthy:
             started = time.perf_counter()
-            moves = self.policy.on_step(ids, [link.instance] * len(ids), lens, time.monotonic())
+            try:
+                moves = self.policy.on_step(ids, [link.instance] * len(ids), lens, time.monotonic())
+            except ValueError as e:
+                # The core refused a length (admission holds requests to the stages' bound, so
+                # this is a bug): the feed goes on, its tokens were delivered above; only this
+                # step's migrations are skipped. Before, the error ended the feed's reader and
+                # every request on the worker hung.
+                self.metrics.policy_step_errors.inc()
+                log.error("policy_step_refused", worker=link.address, error=str(e))
+                moves = []
             self.metrics.on_step_seconds.observe(time.perf_counter() - started)
             for m in moves:
                 self._spawn(self._migrate(m))
@@ -657,7 +678,7 @@ class Coordinator:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt of {rec.context_len} tokens plus max_tokens {rec.sampling.max_tokens} "
                 f"exceeds the model's length {self.max_model_len} (the longest context every "
-                "worker can hold)",
+                "worker can hold and the stages serve)",
             )
         # Again: new_request refused early, but another call may have taken the id since.
         self._refuse_id_in_use(rec.owner, rec.client_id)

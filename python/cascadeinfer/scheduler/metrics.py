@@ -103,6 +103,12 @@ class SchedulerMetrics:
             ["task"],
             registry=r,
         )
+        self.policy_step_errors = Counter(
+            "cascade_scheduler_policy_step_errors",
+            "Engine steps the policy refused (a length past the stages' last bound): the "
+            "tokens were delivered, no migration was decided for that step",
+            registry=r,
+        )
         self.ghosts_aborted = Counter(
             "cascade_scheduler_ghosts_aborted",
             "Detached requests a worker's feed snapshot showed that this scheduler did not put "
