@@ -94,6 +94,10 @@ pub struct CascadePolicy {
     is_one_stage_balanced: bool,
     is_one_stage_kv_first: bool,
     one_stage_turns: OneStageTurns,
+    /// The stage boundaries the plan (or the operator's stages, or the last refinement) chose.
+    /// An instance leaving a stage of one merges that stage into a neighbour; instances that
+    /// join later restore these boundaries, one per instance.
+    planned_bounds: Vec<u32>,
 }
 
 impl CascadePolicy {
@@ -118,6 +122,7 @@ impl CascadePolicy {
             None
         };
         let capacity = if config.is_capacity_guarded { Some(CapacityGuard::new(config.capacity)?) } else { None };
+        let planned_bounds = inner_bounds(&layout);
         let mut router = Router::new(profile, layout)?;
         if let Some(w) = planned_for.filter(|w| w.mean_output_len > 0.0) {
             router.set_output_horizon(w.mean_output_len);
@@ -132,6 +137,17 @@ impl CascadePolicy {
             is_one_stage_balanced: config.is_one_stage_balanced,
             is_one_stage_kv_first: config.is_one_stage_kv_first,
             one_stage_turns: config.one_stage_turns,
+            planned_bounds,
+        })
+    }
+
+    /// A planned boundary that an instance's departure merged away, with the stage that now
+    /// spans it: the lowest such.
+    fn merged_bound(&self) -> Option<(usize, u32)> {
+        let stages = self.router.layout.stages();
+        self.planned_bounds.iter().find_map(|&b| {
+            let k = stages.iter().position(|s| s.min_len < b && b < s.max_len)?;
+            Some((k, b))
         })
     }
 
@@ -224,6 +240,7 @@ impl Policy for CascadePolicy {
         if let Some(refiner) = &mut self.refiner {
             refiner.advance(now);
             if let Some((layout, _)) = refiner.decide(&self.router.layout, &self.router.profile, now) {
+                self.planned_bounds = inner_bounds(&layout);
                 self.router.layout = layout.clone();
                 outcome.new_layout = Some((layout, LayoutChange::Refinement));
                 outcome.migrations = self.realign();
@@ -260,8 +277,13 @@ impl Policy for CascadePolicy {
         &mut self.router
     }
 
-    /// A new instance joins the stage whose instances are the most loaded.
+    /// A new instance restores a planned stage an earlier departure merged away (it takes the
+    /// lower part, which new requests enter); otherwise it joins the stage whose instances are
+    /// the most loaded.
     fn add_instance(&mut self, instance: InstanceId) -> Result<()> {
+        if let Some((stage, bound)) = self.merged_bound() {
+            return self.router.layout.split_for(instance, stage, bound);
+        }
         let r = &self.router;
         let mean_step = |k: usize| {
             let insts = &r.layout.stages()[k].instances;
@@ -270,6 +292,11 @@ impl Policy for CascadePolicy {
         let busiest = (0..r.layout.stages().len()).max_by(|&a, &b| mean_step(a).total_cmp(&mean_step(b))).unwrap();
         self.router.layout.add_instance(instance, busiest)
     }
+}
+
+/// The boundaries between a layout's stages.
+fn inner_bounds(layout: &StageLayout) -> Vec<u32> {
+    layout.stages().iter().skip(1).map(|s| s.min_len).collect()
 }
 
 #[cfg(test)]

@@ -133,6 +133,25 @@ impl StageLayout {
         Ok(())
     }
 
+    /// Splits stage `stage` at `boundary` (strictly inside its range): a new instance takes the
+    /// lower part alone, the stage's instances keep the upper part, where the requests that
+    /// already grew past the boundary are.
+    pub fn split_for(&mut self, inst: InstanceId, stage: usize, boundary: u32) -> Result<()> {
+        if self.stage_of_instance(inst).is_some() {
+            return Err(CoreError::invalid("instance", inst.0, "already in the layout"));
+        }
+        let range = self.stages.get(stage).ok_or(CoreError::Unknown { kind: "stage", id: stage as u64 })?;
+        if !(range.min_len < boundary && boundary < range.max_len) {
+            return Err(CoreError::invalid("boundary", boundary, format!("must be inside stage {stage}")));
+        }
+        let lower = StageRange { min_len: range.min_len, max_len: boundary, instances: vec![inst] };
+        let mut stages = self.stages.clone();
+        stages[stage].min_len = boundary;
+        stages.insert(stage, lower);
+        *self = StageLayout::new(stages)?;
+        Ok(())
+    }
+
     /// Moves an instance to stage `stage`; its own stage must keep at least one other.
     pub fn move_instance(&mut self, inst: InstanceId, stage: usize) -> Result<()> {
         let from =

@@ -331,6 +331,25 @@ async def test_a_fault_of_the_scheduler_on_a_feed_gives_the_worker_up_rather_tha
     assert "r" in fakes["b"].started and rec.worker_id == "b" and not rec.is_done
 
 
+async def test_a_worker_that_joins_after_one_died_restores_the_stage_it_left(
+    started: list[Coordinator],
+) -> None:
+    """Two stages of one worker each: the death of one merges its stage into the other (no
+    neighbour could spare one). The worker that then joins (the same one restarted under a
+    new address, or any other) splits it again at the planned bound; before, the layout
+    stayed one stage for good."""
+    c, fakes = await start(started, "a", "b", "c", policy="cascade", stages=(*TWO_STAGES,))
+    assert c.policy is not None
+    fakes["b"].die()
+    await settle()
+    fakes["c"].die()
+    await settle()
+    assert c.policy.stages() == [(0, 4096, [0])]
+    fakes["d"] = FakeWorker("d", peers=fakes)
+    await c.add_worker("d")
+    assert [(lo, hi) for lo, hi, _ in c.policy.stages()] == [(0, 64), (64, 4096)]
+
+
 async def test_a_source_dying_mid_migration_resumes_the_request_where_it_fits(
     started: list[Coordinator],
 ) -> None:

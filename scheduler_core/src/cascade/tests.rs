@@ -1,5 +1,6 @@
 use super::*;
 use crate::cost::tests::gpu;
+use crate::layout::StageRange;
 use crate::partition::{partition, PartitionOptions};
 use crate::presets::Preset;
 use crate::rng::Rng;
@@ -233,4 +234,28 @@ fn a_capacity_move_to_a_later_stage_migrates_nothing() {
     assert_eq!(policy.layout().stages()[1].instances.len(), 2);
     // The short requests on the moved instance keep decoding there: no bound was crossed.
     assert!(policy.on_step(&entries, 31.0).unwrap().is_empty());
+}
+
+fn ranges(policy: &CascadePolicy) -> Vec<(u32, u32, Vec<u32>)> {
+    policy.layout().stages().iter().map(|s| (s.min_len, s.max_len, s.instances.iter().map(|i| i.0).collect())).collect()
+}
+
+#[test]
+fn instances_that_join_restore_the_stages_a_departure_merged() {
+    // Three stages of one instance each (the operator's `--stages`, or a small plan).
+    let stage = |min_len, max_len, i| StageRange { min_len, max_len, instances: vec![InstanceId(i)] };
+    let layout = StageLayout::new(vec![stage(0, 256, 0), stage(256, 4096, 1), stage(4096, 8192, 2)]).unwrap();
+    let grid = BucketGrid::geometric(8192, 64, 16).unwrap();
+    let mut policy = CascadePolicy::new(gpu(), layout, grid, CascadeConfig::default(), None).unwrap();
+    policy.remove_instance(InstanceId(1)).unwrap();
+    policy.remove_instance(InstanceId(2)).unwrap();
+    assert_eq!(ranges(&policy), vec![(0, 8192, vec![0])], "no neighbour could spare one");
+    policy.add_instance(InstanceId(3)).unwrap();
+    assert_eq!(ranges(&policy), vec![(0, 256, vec![3]), (256, 8192, vec![0])]);
+    policy.add_instance(InstanceId(4)).unwrap();
+    assert_eq!(ranges(&policy), vec![(0, 256, vec![3]), (256, 4096, vec![4]), (4096, 8192, vec![0])]);
+    // Every planned stage back: the next one joins the busiest stage, as before.
+    policy.add_instance(InstanceId(5)).unwrap();
+    assert_eq!(policy.layout().stages().len(), 3);
+    assert_eq!(policy.layout().num_instances(), 4);
 }
