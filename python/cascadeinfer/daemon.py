@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import resource
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -24,6 +25,12 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
     ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
 ]
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that stop a daemon gracefully (drain, end streams with an error event). SIGHUP is
+one: a daemon started from a shell gets it when the terminal closes, and its default killed
+the daemon mid-stream; there is no configuration to reload."""
 
 
 def keepalive_options(timeout_s: float) -> list[tuple[str, int]]:

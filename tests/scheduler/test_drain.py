@@ -44,9 +44,16 @@ def wait_workers(stub: scheduler_pb2_grpc.SchedulerServiceStub, n: int) -> None:
     raise AssertionError(f"{n} workers did not register")
 
 
-@pytest.mark.parametrize("drain_timeout_s", [60, 0], ids=["moved-away", "resumed-elsewhere"])
-def test_a_draining_worker_loses_no_request(tmp_path: Path, drain_timeout_s: int) -> None:
-    """The workers register themselves (so the leaving one also deregisters)."""
+@pytest.mark.parametrize(
+    ("drain_timeout_s", "sig"),
+    [(60, signal.SIGTERM), (0, signal.SIGTERM), (60, signal.SIGHUP)],
+    ids=["moved-away", "resumed-elsewhere", "moved-away-on-SIGHUP"],
+)
+def test_a_draining_worker_loses_no_request(
+    tmp_path: Path, drain_timeout_s: int, sig: signal.Signals
+) -> None:
+    """The workers register themselves (so the leaving one also deregisters). SIGHUP (the
+    terminal it was started from closed) drains as SIGTERM does; it used to kill the worker."""
     scheduler = start_scheduler(["--min-workers", "2", "--policy", "least-load"], tmp_path)
     join = ["--scheduler", scheduler.address]
     leaving_args = [*SLOW_SIM, *join, "--drain-timeout-s", str(drain_timeout_s)]
@@ -83,7 +90,7 @@ def test_a_draining_worker_loses_no_request(tmp_path: Path, drain_timeout_s: int
             for e in started:
                 assert e.wait(60)
             signalled = time.monotonic()
-            leaving.process.send_signal(signal.SIGTERM)
+            leaving.process.send_signal(sig)
             assert leaving.process.wait(timeout=60) == 0
             exited_after_s = time.monotonic() - signalled
             for t in threads:

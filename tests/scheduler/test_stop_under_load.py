@@ -95,7 +95,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stopped_scheduler_ends_every_stream_clearly_and_aborts_on_its_workers(
     tmp_path: Path, sig: signal.Signals
 ) -> None:

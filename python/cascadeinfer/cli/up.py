@@ -214,7 +214,8 @@ def _serve(
     print(f"or: {curl_example(scheduler.openai_url, model, token_file)}")
     print("Ctrl-C stops the cluster.", flush=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops it as Ctrl-C does
+        signal.signal(sig, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -17,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from cascadeinfer.daemon import (
     GRPC_MESSAGE_LIMIT,
     SERVER_OPTIONS,
+    STOP_SIGNALS,
     FatalError,
     StrictDecoding,
     raise_descriptor_limit,
@@ -156,7 +156,7 @@ async def serve(config: SchedulerConfig) -> None:
     # kills it).
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     raise_descriptor_limit()  # every client connection holds a descriptor
     coordinator = Coordinator(config)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import signal
 import time
 
 import grpc
@@ -19,6 +18,7 @@ from cascadeinfer.daemon import (
     CHANNEL_OPTIONS,
     PING_TOLERANCE,
     SERVER_OPTIONS,
+    STOP_SIGNALS,
     FatalError,
     StrictDecoding,
     keepalive_options,
@@ -152,7 +152,7 @@ async def serve(config: WorkerConfig) -> None:
         serve_metrics(config.host, config.metrics_port, metrics.registry)
     # From here a stop signal drains (once serving) or ends the engine being built.
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     engine_loop = EngineLoop(lambda: build_engine(config), loop, on_step)
     engine = await _built_unless_stopped(engine_loop, stop)
