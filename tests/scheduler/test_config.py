@@ -98,6 +98,13 @@ def test_token_comes_from_file_or_environment(
         (["--workers", "not-an-address"], "'not-an-address' is not HOST:PORT"),
         (["--workers", "127.0.0.1:5000,127.0.0.1"], "'127.0.0.1' is not HOST:PORT"),
         (["--workers", "h:0"], "'h:0' is not HOST:PORT"),
+        # Checked at start, not once the workers are there (after the servers listened).
+        (["--stages", "100-0:1"], r"stages\[0\].min_len = 100: must be 0"),
+        (["--stages", "0-100:1,50-8192:1"], r"stages\[1\].min_len = 50: must be 100"),
+        (["--stages", "0-100:1,100-100:1"], r"stages\[1\] = \[100, 100\): must be non-empty"),
+        (["--stages", "0-100:0,100-200:1"], "has 0 workers"),
+        (["--rate", "-3"], "rate = -3.0: must be > 0"),
+        (["--rate", "nan"], "rate = nan"),
     ],
 )
 def test_bad_settings_are_refused_clearly(argv: list[str], message: str) -> None:

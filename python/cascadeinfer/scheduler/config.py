@@ -141,6 +141,9 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_optional_migrations_per_s = {self.max_optional_migrations_per_s}: must be >= 0"
             )
+        if self.rate is not None and not (math.isfinite(self.rate) and self.rate > 0):
+            raise ValueError(f"rate = {self.rate}: must be > 0")
+        _check_stages(self.stages)
         if self.stages and sum(s.num_workers for s in self.stages) > max(
             self.min_workers, len(self.workers)
         ):
@@ -190,6 +193,22 @@ def parse_stages(text: str) -> tuple[StageSpec, ...]:
         except ValueError:
             raise ValueError(f"--stages {part!r}: expected MIN-MAX:WORKERS") from None
     return tuple(stages)
+
+
+def _check_stages(stages: tuple[StageSpec, ...]) -> None:
+    """The core's rules for a layout (`StageLayout::new`), checked at start: the core checks
+    them only once the workers are there, after the servers listen."""
+    for k, s in enumerate(stages):
+        expected_min = stages[k - 1].max_len if k else 0
+        if s.min_len != expected_min:
+            raise ValueError(
+                f"stages[{k}].min_len = {s.min_len}: must be {expected_min} "
+                "(stages start at 0 and are contiguous)"
+            )
+        if s.max_len <= s.min_len:
+            raise ValueError(f"stages[{k}] = [{s.min_len}, {s.max_len}): must be non-empty")
+        if s.num_workers < 1:
+            raise ValueError(f"stages[{k}] has {s.num_workers} workers: must be >= 1")
 
 
 def _check_worker_address(address: str) -> None:
