@@ -17,8 +17,9 @@ from cascadeinfer.cli.client import generate, scheduler_stub
 from cascadeinfer.cli.status import format_state
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, DaemonStartError, start_many
-from cascadeinfer.proto.v1 import scheduler_pb2
+from cascadeinfer.proto.v1 import scheduler_pb2, worker_pb2
 from cascadeinfer.proto.v1.scheduler_pb2_grpc import SchedulerServiceStub
+from cascadeinfer.security import token_metadata
 from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
 
 
@@ -63,6 +64,14 @@ def worker_args(args: argparse.Namespace) -> list[str]:
             str(args.sim_time_scale),
         ]
     return ["--engine", "vllm", *(["--model", args.model] if args.model else [])]
+
+
+def _max_model_len(worker: Daemon, token: str) -> int:
+    """The longest context the worker serves, as it reports it."""
+    info = worker.stub().GetInfo(
+        worker_pb2.GetInfoRequest(), metadata=token_metadata(token), timeout=30
+    )
+    return int(info.max_model_len)
 
 
 def default_stages(num_workers: int, max_len: int) -> str:
@@ -172,7 +181,10 @@ def _serve(
     """Starts the cluster (each daemon appended to `daemons` as it serves), runs the demo, and
     serves until Ctrl-C or SIGTERM."""
     daemons += start_many(WORKER, [[*worker_args(args), *auth]] * args.workers, log_dir)
-    max_len = 8192 if args.engine == "sim" else 2048
+    # The default stages end where the workers' length does: a shorter last stage would
+    # bound what the scheduler admits below what the model serves.
+    token = token_file.read_text().strip()
+    max_len = min(_max_model_len(d, token) for d in daemons)
     # Doubling stages show migrations on any traffic; a workload or rate asks for a plan.
     is_planned = args.workload is not None or args.rate is not None
     stages = args.stages or (
