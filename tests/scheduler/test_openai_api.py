@@ -325,7 +325,7 @@ def test_null_in_an_optional_field_means_its_default(front: Front) -> None:
         ({"temperature": 7}, "temperature"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
-        ({"max_tokens": 5000}, None),
+        ({"max_tokens": 5000}, "max_tokens"),
     ],
 )
 def test_bad_chat_requests_are_400_naming_the_field(

@@ -146,6 +146,12 @@ def build_job(
                 f"{max_model_len}",
                 "prompt",
             )
+    elif len(prompt) + max_tokens > max_model_len:
+        raise invalid(
+            f"max_tokens {max_tokens} plus the prompt's {len(prompt)} tokens exceeds the "
+            f"model's length {max_model_len}",
+            "max_tokens",
+        )
     stop_ids = list(body.stop_token_ids)
     if not body.ignore_eos:
         stop_ids += [t for t in files.eos_token_ids if t not in stop_ids]
