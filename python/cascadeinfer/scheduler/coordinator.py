@@ -705,7 +705,10 @@ class Coordinator:
         if self.is_stopping:
             raise SchedulingError(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         if not self.can_place:
-            raise SchedulingError(grpc.StatusCode.UNAVAILABLE, "no worker is serving (none joined yet, or all are gone or draining)")
+            raise SchedulingError(
+                grpc.StatusCode.UNAVAILABLE,
+                "no worker is serving (none joined yet, or all are gone or draining)",
+            )
 
     def _forget(self, rec: ClientRequest) -> None:
         self.requests.pop(rec.request_id, None)

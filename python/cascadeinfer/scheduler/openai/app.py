@@ -181,7 +181,9 @@ class OpenAIFront:
 
     def _check_model(self, name: str) -> None:
         if self.c.policy is None or not self.c.pool.healthy():
-            raise APIError(503, "no worker is serving (none joined yet, or all are gone or draining)")
+            raise APIError(
+                503, "no worker is serving (none joined yet, or all are gone or draining)"
+            )
         if name not in self.served_names():
             raise APIError(
                 404,
