@@ -807,6 +807,40 @@ def test_https_with_the_scheduler_certificate(tmp_path: Path) -> None:
         scheduler.kill()
 
 
+def test_https_requires_a_client_certificate_where_grpc_does(tmp_path: Path) -> None:
+    """`--tls-require-client-cert` holds for the HTTP API too: a client without a certificate
+    signed by the CA fails the handshake; with one it is served. Before, the gRPC port
+    refused such clients and the HTTP API on the same host served them (a scheduler that
+    requires client certificates needs no token to start on a public address)."""
+    certs = make_certs(tmp_path / "certs")
+    tls = ["--tls-cert", str(certs.cert), "--tls-key", str(certs.key), "--tls-ca", str(certs.ca)]
+    model_dir = write_tiny_llama(tmp_path / "model")
+    args = ["--tokenizer", str(model_dir), "--http-port", "0", "--min-workers", "1", *tls]
+    scheduler = start_scheduler([*args, "--tls-require-client-cert"], tmp_path)
+    try:
+        worker = start_worker([*SIM, "--scheduler", scheduler.address, *tls], tmp_path)
+        try:
+            models = scheduler.openai_url + "/models"
+            anonymous = ssl.create_default_context(cafile=str(certs.ca))
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(models, verify=anonymous, timeout=10)
+            other = make_certs(tmp_path / "other", ca_name="another-ca")
+            stranger = ssl.create_default_context(cafile=str(certs.ca))
+            stranger.load_cert_chain(str(other.cert), str(other.key))
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(models, verify=stranger, timeout=10)
+            member = ssl.create_default_context(cafile=str(certs.ca))
+            member.load_cert_chain(str(certs.cert), str(certs.key))
+            deadline = time.monotonic() + 30
+            while (r := httpx.get(models, verify=member, timeout=10)).status_code != 200:
+                assert time.monotonic() < deadline, r.text  # 503 until the worker joined
+                time.sleep(0.2)
+        finally:
+            worker.kill()
+    finally:
+        scheduler.kill()
+
+
 def test_an_http_port_in_use_is_a_clear_configuration_error(tmp_path: Path) -> None:
     model_dir = write_tiny_llama(tmp_path / "model")
     with socket.socket() as taken:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import resource
 import socket
+import ssl
 from collections.abc import Iterator
 
 import structlog
@@ -111,6 +112,11 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
         timeout_graceful_shutdown=STOP_GRACE_S,
         ssl_certfile=config.tls.cert or None,
         ssl_keyfile=config.tls.key or None,
+        # mTLS holds for the HTTP API as for gRPC: without it, a scheduler that required
+        # client certificates (and so needed no token to start on a public address) served
+        # its OpenAI API to anyone.
+        ssl_ca_certs=config.tls.ca or None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if config.tls.require_client_cert else ssl.CERT_NONE,
     )
     server = _Server(uv_config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
