@@ -26,7 +26,7 @@ from cascadeinfer.scheduler.coordinator import (
     SchedulingError,
 )
 from cascadeinfer.scheduler.requests import ClientRequest
-from cascadeinfer.scheduler.workers import WorkerPool, WorkerUnreachable
+from cascadeinfer.scheduler.workers import WorkerIdMismatch, WorkerPool, WorkerUnreachable
 
 from tests.scheduler.fake_workers import FakeWorker, Step, fake_cluster
 
@@ -348,6 +348,26 @@ async def test_a_worker_that_joins_after_one_died_restores_the_stage_it_left(
     fakes["d"] = FakeWorker("d", peers=fakes)
     await c.add_worker("d")
     assert [(lo, hi) for lo, hi, _ in c.policy.stages()] == [(0, 64), (64, 4096)]
+
+
+async def test_a_registration_under_an_id_the_worker_does_not_answer_to_is_refused(
+    started: list[Coordinator],
+) -> None:
+    """Another spelling of a connected worker's address under a made-up id (a buggy or
+    hostile registrant): refused. It used to give the worker a second link, whose feed
+    reconciliation aborted every request the first had placed there."""
+    c, fakes = await start(started, "a", "b")
+    rec = await submit(c, "r", 30, max_tokens=10)
+    holder = rec.worker_id
+    assert holder is not None
+    # The same worker under another address string: it answers with its own id.
+    fakes["alias-of-" + holder] = FakeWorker(holder, peers=fakes)
+    with pytest.raises(WorkerIdMismatch, match="answers as worker"):
+        await c.add_worker("alias-of-" + holder, "alias")
+    assert not fakes[holder].aborted and len(c.pool.by_id) == 2
+    fakes[holder].step(Step("r", 0, (1,), 31, LENGTH))
+    await settle()
+    assert rec.tokens == [1] and rec.finish == FinishReason.LENGTH
 
 
 async def test_a_source_dying_mid_migration_resumes_the_request_where_it_fits(

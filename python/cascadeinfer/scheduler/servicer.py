@@ -23,7 +23,12 @@ from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator, Sched
 from cascadeinfer.scheduler.requests import ClientRequest, Delivery
 from cascadeinfer.scheduler.text import Detokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
-from cascadeinfer.scheduler.workers import WorkerIdInUse, WorkerLink, WorkerUnreachable
+from cascadeinfer.scheduler.workers import (
+    WorkerIdInUse,
+    WorkerIdMismatch,
+    WorkerLink,
+    WorkerUnreachable,
+)
 from cascadeinfer.security import credential_owner
 from cascadeinfer.wire import FINISH_TO_PROTO, sampling_from_proto
 
@@ -213,6 +218,8 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         except WorkerIdInUse as e:
             self.c.say_id_in_use(request.address, str(e))
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except WorkerIdMismatch as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except WorkerUnreachable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return registry_pb2.RegisterWorkerResponse(heartbeat_interval_s=HEARTBEAT_S)

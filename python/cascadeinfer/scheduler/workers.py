@@ -16,6 +16,12 @@ class WorkerUnreachable(Exception):
     """A worker answered its info call but its step feed did not come up."""
 
 
+class WorkerIdMismatch(WorkerUnreachable):
+    """A registration named a worker id that the worker at its address does not answer to
+    (another spelling of a connected worker's address, under a made-up id, would have given
+    that worker a second link whose feed reconciliation aborted what the first placed)."""
+
+
 class WorkerIdInUse(WorkerUnreachable):
     """Another worker, still connected, has the same worker id (two workers started with one
     `--worker-id`, or the default host:port alike on two hosts). Ids key everything the
@@ -72,6 +78,12 @@ class WorkerPool:
         except WorkerCallError:
             await client.close()
             raise
+        if worker_id and info.worker_id and worker_id != info.worker_id:
+            await client.close()
+            raise WorkerIdMismatch(
+                f"{address[:256]} answers as worker {info.worker_id[:256]!r}, not "
+                f"{worker_id[:256]!r}: a registration names the worker at its address"
+            )
         worker_id = worker_id or info.worker_id or address
         held = self.by_id.get(worker_id)
         if held is not None and not held.is_gone:
