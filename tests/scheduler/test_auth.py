@@ -161,6 +161,25 @@ def test_a_rogue_worker_cannot_register_nor_deregister_a_real_one(cluster: Clust
     )
 
 
+def test_a_registration_with_an_oversized_id_or_address_is_refused_without_echoing_it(
+    cluster: Cluster,
+) -> None:
+    """With the token: a 10 KB address used to be copied into the error details, which then
+    overflowed gRPC's metadata limit (RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT)."""
+    registry = registry_pb2_grpc.WorkerRegistryStub(
+        grpc.insecure_channel(cluster.scheduler.address)
+    )
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    for request in (
+        registry_pb2.RegisterWorkerRequest(worker_id="w" * 100_000, address="127.0.0.1:1"),
+        registry_pb2.RegisterWorkerRequest(worker_id="w", address="h" * 10_000 + ":1"),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            registry.RegisterWorker(request, metadata=metadata, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "longer than 256 characters" in (e.value.details() or "")
+
+
 def stream(
     stub: scheduler_pb2_grpc.SchedulerServiceStub,
     request: scheduler_pb2.ClientGenerateRequest,

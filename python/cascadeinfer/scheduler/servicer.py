@@ -198,6 +198,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return state
 
 
+MAX_REGISTRATION_FIELD = 256
+"""Longest worker id or address a registration may give (both are logged and listed)."""
+
+
 class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
@@ -209,6 +213,13 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "worker_id and address are required"
             )
+        for name in ("worker_id", "address"):
+            if len(getattr(request, name)) > MAX_REGISTRATION_FIELD:
+                # Not echoed: a long value in the error overflowed gRPC's metadata limit.
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{name} is longer than {MAX_REGISTRATION_FIELD} characters",
+                )
         try:
             await self.c.add_worker(request.address, request.worker_id)
         except WorkerCallError as e:
