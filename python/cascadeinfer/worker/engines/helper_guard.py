@@ -57,11 +57,11 @@ def marked(mark: str) -> list[int]:
 
 def end(pids: list[int], grace_s: float) -> None:
     """SIGTERM to each of `pids`, SIGKILL to those still running after `grace_s`."""
-    _signal_all(pids, signal.SIGTERM)
+    signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(_is_running(p) for p in pids):
         time.sleep(0.05)
-    _signal_all([p for p in pids if _is_running(p)], signal.SIGKILL)
+    signal_all([p for p in pids if _is_running(p)], signal.SIGKILL)
 
 
 def wait_for_daemon_end(daemon_pid: int) -> None:
@@ -84,7 +84,7 @@ def _is_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+def signal_all(pids: list[int], sig: signal.Signals) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)

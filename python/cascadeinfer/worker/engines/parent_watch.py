@@ -24,7 +24,6 @@ import contextlib
 import multiprocessing
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -96,22 +95,10 @@ def end_helper_processes(grace_s: float = 3.0) -> int:
     or loading a model, notes a SIGTERM and goes on). Returns how many processes it ended."""
     helpers = multiprocessing.active_children()
     pids = [q for p in helpers if p.pid is not None for q in (p.pid, *_descendants(p.pid))]
-    _signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in helpers:
-        p.join(max(0.0, deadline - time.monotonic()))
-    while time.monotonic() < deadline and any(is_alive(q) for q in pids):
-        time.sleep(0.05)
-    _signal_all(pids, signal.SIGKILL)
+    helper_guard.end(pids, grace_s)  # an exited child, a zombie until joined, counts as ended
     for p in helpers:
         p.join(5)
     return len(pids)
-
-
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
 
 
 def _descendants(pid: int) -> list[int]:
