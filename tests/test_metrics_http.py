@@ -4,6 +4,7 @@ connections served at once are bounded, and a port in use is a clear configurati
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import urllib.request
 
@@ -62,3 +63,57 @@ def test_a_port_in_use_is_a_configuration_error() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(ValueError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             serve_metrics("127.0.0.1", port, _registry())
+
+
+def test_clients_dripping_a_request_head_lose_their_slots_at_the_head_deadline() -> None:
+    # A byte every 0.1 s never trips the per-read timeout (1 s): before the head deadline,
+    # MAX_CONNECTIONS such clients held every slot for as long as they kept dripping, and
+    # every scrape was refused.
+    head_timeout_s = 1.5
+    server = serve_metrics(
+        "127.0.0.1", 0, _registry(), read_timeout_s=1.0, head_timeout_s=head_timeout_s
+    )
+    port = server.server_address[1]
+    drip = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Drip: " + b"a" * 1000
+    drippers = [
+        socket.create_connection(("127.0.0.1", port)) for _ in range(metrics_http.MAX_CONNECTIONS)
+    ]
+    started = time.monotonic()
+    closed_after: dict[int, float] = {}
+    stop = threading.Event()
+
+    def keep_dripping() -> None:
+        k = 0
+        while not stop.is_set() and k < len(drip):
+            for n, s in enumerate(drippers):
+                if n in closed_after:
+                    continue
+                try:
+                    s.sendall(drip[k : k + 1])
+                    gone = s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if gone:
+                    closed_after[n] = time.monotonic() - started
+            k += 1
+            time.sleep(0.1)
+
+    dripping = threading.Thread(target=keep_dripping, daemon=True)
+    dripping.start()
+    try:
+        time.sleep(head_timeout_s + 1.0)
+        assert dripping.is_alive(), "the clients are still dripping"
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert b"probe_total 1.0" in body
+        assert len(closed_after) == len(drippers), f"{len(closed_after)} dripping clients closed"
+        assert all(
+            head_timeout_s * 0.9 <= t < head_timeout_s + 1.0 for t in closed_after.values()
+        ), closed_after
+    finally:
+        stop.set()
+        dripping.join()
+        for s in drippers:
+            s.close()
+        server.shutdown()

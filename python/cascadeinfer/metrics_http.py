@@ -3,15 +3,21 @@
 prometheus_client's own `start_http_server` gives every connection a thread and never times
 one out: a few hundred idle connections held as many threads and descriptors for good (an
 adversarial probe ran a scheduler out of descriptors with them). Here a connection that sends
-no complete request within `read_timeout_s` is closed, at most MAX_CONNECTIONS are served at
+nothing for `read_timeout_s` is closed, at most MAX_CONNECTIONS are served at
 once (others are closed at once: a scrape retries), and a port that cannot be bound is a
 configuration error (ValueError: exit status 2), not a traceback.
+
+The read timeout is per read: a client sending a byte a second never hit it, and 32 of them held
+every slot, so no scrape was served. The whole request head therefore has a deadline too,
+`head_timeout_s` from the connection's accept; a connection past it is closed.
 """
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
+import time
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -20,12 +26,54 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 READ_TIMEOUT_S = 10.0
 """A connection's socket reads and writes time out after this long."""
+HEAD_TIMEOUT_S = 10.0
+"""A connection's request head (request line and headers) must be in within this long of its
+accept, however steadily its bytes come."""
 MAX_CONNECTIONS = 32
 """Connections served at once; a Prometheus server scrapes with one."""
 
 
+class _HeadDeadlineReader(io.RawIOBase):
+    """The socket's input, each read bounded by the time left to `deadline` (monotonic) as well
+    as by the per-read `timeout`: past the deadline, reads raise TimeoutError."""
+
+    def __init__(self, sock: socket.socket, timeout: float, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._timeout = timeout
+        self.deadline: float | None = deadline
+        """None once the head is in (the answer's writes keep the plain per-call timeout)."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request head not complete in time")
+            self._sock.settimeout(min(self._timeout, left))
+        return self._sock.recv_into(buffer)
+
+
 class _Handler(WSGIRequestHandler):
     timeout = READ_TIMEOUT_S  # StreamRequestHandler puts it on the socket
+    head_timeout_s = HEAD_TIMEOUT_S
+    _reader: _HeadDeadlineReader
+
+    def setup(self) -> None:
+        super().setup()
+        # The handler is made as its thread starts, right after the accept.
+        deadline = time.monotonic() + self.head_timeout_s
+        self.rfile.close()  # the plain buffered socket file, replaced (the socket stays open)
+        self._reader = _HeadDeadlineReader(self.connection, self.timeout, deadline)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers
+        self._reader.deadline = None
+        self.connection.settimeout(self.timeout)
+        return parsed
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # scrapes are not worth a log line each
@@ -33,6 +81,9 @@ class _Handler(WSGIRequestHandler):
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    request_queue_size = 128
+    """The listen backlog. socketserver's 5 dropped the SYNs of a burst of connections (32 took
+    5 s to connect, in 1 s retries), connections past MAX_CONNECTIONS are closed at once anyway."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -59,11 +110,17 @@ class _Server6(_Server):
 
 
 def serve_metrics(
-    host: str, port: int, registry: CollectorRegistry, read_timeout_s: float = READ_TIMEOUT_S
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    read_timeout_s: float = READ_TIMEOUT_S,
+    head_timeout_s: float = HEAD_TIMEOUT_S,
 ) -> WSGIServer:
     """Serves `registry` at http://host:port/ (any path) from a daemon thread; the server is
     returned so a caller can `shutdown()` it."""
-    handler = type("_TimedHandler", (_Handler,), {"timeout": read_timeout_s})
+    handler = type(
+        "_TimedHandler", (_Handler,), {"timeout": read_timeout_s, "head_timeout_s": head_timeout_s}
+    )
     server_class = _Server6 if ":" in host else _Server
     try:
         server = make_server(

@@ -213,6 +213,24 @@ def test_a_session_key_comes_as_a_header_or_the_user_field_and_is_bounded(front:
         )
 
 
+def test_a_session_header_is_utf_8_bounded_in_characters_as_over_grpc(front: Front) -> None:
+    # The header was read as Latin-1: 256 two-byte characters counted 512 and were refused,
+    # while the same key as `user` (or a gRPC session_id) was taken.
+    url = f"{front.scheduler.openai_url}/completions"
+    body = {"model": "sim", "prompt": "x", "max_tokens": 2}
+
+    def post(session: bytes) -> httpx.Response:
+        return httpx.post(url, json=body, headers={**AUTH, "X-Session-Id": session}, timeout=30)
+
+    assert post("é".encode() * 256).status_code == 200
+    r = post("é".encode() * 257)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == "x-session-id: longer than 256 characters"
+    r = post(b"conv-\xff")
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == "x-session-id: not valid UTF-8"
+
+
 def test_chat_streams_the_same_text_as_the_whole_answer(front: Front) -> None:
     client = front.client()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! 🙂"}]

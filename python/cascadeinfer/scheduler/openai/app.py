@@ -204,6 +204,12 @@ class OpenAIFront:
         `user` (OpenAI's end-user id, which names one conversation for clients that keep one
         per user, as agents do). None without either."""
         given = request.headers.get("x-session-id", "")
+        # Starlette reads header values as Latin-1, one character a byte: a UTF-8 value was
+        # bounded in bytes and keyed on mojibake, unlike the same text as `user` or over gRPC.
+        try:
+            given = given.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            raise invalid("x-session-id: not valid UTF-8") from None
         if len(given) > MAX_SESSION_ID_CHARS:
             raise invalid(f"x-session-id: longer than {MAX_SESSION_ID_CHARS} characters")
         return given or body.user or None

@@ -20,6 +20,10 @@ from cascadeinfer.scheduler.openai.app import OpenAIFront
 from cascadeinfer.scheduler.openai.model_files import load_model_files
 from cascadeinfer.scheduler.openai.protocol import EXCESS_CONNECTIONS, bounded_head_protocol
 
+HANDSHAKE_TIMEOUT_S = 10.0
+"""An HTTPS connection whose TLS handshake is not done this long after its accept (or within
+`http_request_timeout_s`, where that is shorter) is closed. uvicorn leaves asyncio's default,
+60 s: connections that never finished a handshake were held a minute each."""
 STOP_GRACE_S = 3
 """How long connections still open when the scheduler stops get to finish their answers (the
 scheduler ended their requests first, so they only have a last event to write), then are cut."""
@@ -39,9 +43,49 @@ def connection_limit(configured: int, descriptor_limit: int) -> int:
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, handshake_timeout_s: float) -> None:
+        super().__init__(config)
+        self.handshake_timeout_s = handshake_timeout_s
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's startup for the listening sockets given (the only way this front starts),
+        with the TLS handshake timeout it has no setting for (`loop.create_server` takes one).
+
+        Handshakes under way still count against no limit: the TLS layer runs them before the
+        HTTP protocol hears of the connection, and tells it nothing of one that fails or times
+        out, so they cannot be counted without a TLS layer of our own. `loop.start_tls` after
+        the accept would be one, but uvloop starts reading a connection after its
+        `connection_made` returns, so a ClientHello can reach the plain protocol first and be
+        lost. The timeout bounds them instead: a flood holds what it opens in this time."""
+        assert sockets is not None
+        await self.lifespan.startup()  # "off": nothing to run
+        config = self.config
+        loop = asyncio.get_running_loop()
+
+        def create_protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=loop,
+            )
+
+        timeout = self.handshake_timeout_s if config.ssl is not None else None
+        self.servers = [
+            await loop.create_server(
+                create_protocol,
+                sock=sock,
+                ssl=config.ssl,
+                backlog=config.backlog,
+                ssl_handshake_timeout=timeout,
+            )
+            for sock in sockets
+        ]
+        self.started = True
 
 
 class HttpFront:
@@ -118,7 +162,7 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
         ssl_ca_certs=config.tls.ca or None,
         ssl_cert_reqs=ssl.CERT_REQUIRED if config.tls.require_client_cert else ssl.CERT_NONE,
     )
-    server = _Server(uv_config)
+    server = _Server(uv_config, min(HANDSHAKE_TIMEOUT_S, config.http_request_timeout_s))
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
