@@ -384,6 +384,33 @@ fn solve_layers(table: &RangeTable, k: usize, n: usize) -> Vec<Table> {
     layers
 }
 
+/// Why no plan of `n` instances carries the workload: the busy instances it needs past what
+/// `n` can give, or a context no instance can hold (naming only the cause that holds).
+fn infeasible_reason(table: &RangeTable, workload: &WorkloadSummary, nb: usize, n: usize) -> String {
+    let total = table.load(0, nb);
+    let profile = table.profile;
+    let available = n as f64 * profile.max_utilization;
+    let longest_held = (profile.kv_capacity_tokens as f64).min(f64::from(profile.max_model_len));
+    if total.work > available {
+        format!(
+            "{n} instances cannot carry {:.2} req/s of this workload: it needs about {:.1} busy instances, \
+             and {n} give at most {available:.1} (max_utilization {})",
+            workload.arrival_rate, total.work, profile.max_utilization
+        )
+    } else if total.longest_context > longest_held {
+        format!(
+            "a context of {} tokens does not fit an instance (KV capacity {} tokens, max_model_len {})",
+            total.longest_context, profile.kv_capacity_tokens, profile.max_model_len
+        )
+    } else {
+        format!(
+            "{n} instances cannot carry {:.2} req/s of this workload: the requests it keeps running at \
+             once exceed the instances' batch ({} sequences) or KV ({} tokens) limits",
+            workload.arrival_rate, profile.max_num_seqs, profile.kv_capacity_tokens
+        )
+    }
+}
+
 /// The plan covering every bucket with every instance: from the one table, or (`layered`) from
 /// the cheapest of `tables[1..]` (the first on a tie).
 fn best_plan(table: &RangeTable, workload: &WorkloadSummary, tables: &[Table], layered: bool) -> Result<StagePlan> {
@@ -395,20 +422,8 @@ fn best_plan(table: &RangeTable, workload: &WorkloadSummary, tables: &[Table], l
         tables
     };
     let cost = tables[tables.len() - 1].cost[nb][n];
-    let profile = table.profile;
     if !cost.is_finite() {
-        let total = table.load(0, nb);
-        return Err(CoreError::Infeasible(format!(
-            "{} instances cannot carry {:.2} req/s of this workload: it needs about {:.1} busy instances \
-             (max_utilization {}), or a context of {} tokens exceeds the KV capacity {} / max_model_len {}",
-            n,
-            workload.arrival_rate,
-            total.work,
-            profile.max_utilization,
-            total.longest_context,
-            profile.kv_capacity_tokens,
-            profile.max_model_len
-        )));
+        return Err(CoreError::Infeasible(infeasible_reason(table, workload, nb, n)));
     }
     // Rebuild the stage list from the parents, from the last bucket back.
     let edges = workload.grid.edges();

@@ -127,6 +127,19 @@ fn overload_is_reported_as_infeasible() {
     let w = WorkloadSummary::from_samples(&grid, &Preset::ShortChat.sample(1000, 1), 1e6).unwrap();
     let err = partition(&w, &gpu(), &PartitionOptions { num_instances: 2, max_stages: None }).unwrap_err();
     assert!(matches!(err, CoreError::Infeasible(_)), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("busy instances") && !message.contains("context"), "{message}");
+}
+
+#[test]
+fn a_context_no_instance_holds_is_named_as_the_cause() {
+    let grid = BucketGrid::geometric(8192, 16, 16).unwrap();
+    let samples = vec![RequestSample { prompt_len: 6000, output_len: 100 }; 10];
+    let w = WorkloadSummary::from_samples(&grid, &samples, 0.01).unwrap();
+    let small_kv = CostProfile { kv_capacity_tokens: 4096, ..gpu() };
+    let err = partition(&w, &small_kv, &PartitionOptions { num_instances: 4, max_stages: None }).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("does not fit an instance") && !message.contains("busy"), "{message}");
 }
 
 #[test]
