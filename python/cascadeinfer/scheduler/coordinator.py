@@ -34,7 +34,13 @@ from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS, ClientRequest
 from cascadeinfer.scheduler.tasks import report_failure
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
-from cascadeinfer.scheduler.workers import WorkerLink, WorkerPool, WorkerUnreachable, grpc_clients
+from cascadeinfer.scheduler.workers import (
+    WorkerLink,
+    WorkerNotDraining,
+    WorkerPool,
+    WorkerUnreachable,
+    grpc_clients,
+)
 from cascadeinfer.wire import FINISH_FROM_PROTO, sampling_to_proto
 
 log = structlog.get_logger(__name__)
@@ -52,6 +58,9 @@ SHUTTING_DOWN = "the scheduler is shutting down"
 SHUTDOWN_ABORT_TIMEOUT_S = 2.0
 """How long a stopping scheduler waits for a worker to abort the requests it cut off; a worker
 that does not answer in time is left to its own orphan bound (`orphan_timeout_s`)."""
+LEAVE_CHECK_TIMEOUT_S = 3.0
+"""How long a DeregisterWorker (or the registration of a worker taken out as leaving) waits for
+the worker's own word on whether it drains; under the 5 s a worker gives its own goodbye."""
 MAX_FAILED_WORKERS_KEPT = 16
 """Workers that failed (feed ended without a goodbye) still listed in the cluster state, as not
 healthy, once nothing runs there; older ones, and every worker that left, are forgotten."""
@@ -138,6 +147,9 @@ class Coordinator:
         for link in self.pool.by_id.values():
             if link.address == address and link.is_healthy:
                 return link
+        back = await self._rejoin(address, worker_id)
+        if back is not None:
+            return back
         pending = self._connecting.get(address)
         if pending is not None:  # a heartbeat while the first registration is under way
             return await asyncio.shield(pending)
@@ -174,12 +186,23 @@ class Coordinator:
                 why = f"{address}: no step feed within {RECONCILE_TIMEOUT_S} s"
                 raise WorkerUnreachable(why) from None
             raise
+        self._join_policy(link)
+        log.info("worker_added", worker_id=link.worker_id, address=address, instance=link.instance)
+        return link
+
+    def _join_policy(self, link: WorkerLink) -> None:
+        """Makes a worker placeable: into the core's layout (or the first plan, once enough
+        workers are healthy), and out of it every instance of a worker gone that the core had
+        to keep (`_left_in_plan`)."""
         link.is_healthy = True
         if self.policy is None:
             if len(self.pool.healthy()) >= self.config.min_workers:
                 self._build_policy()
         else:
-            self.policy.add_instance(link.instance)
+            if link.instance in self._left_in_plan:  # the core kept it: it is there still
+                self._left_in_plan.discard(link.instance)
+            else:
+                self.policy.add_instance(link.instance)
             for instance in list(self._left_in_plan):
                 self.policy.remove_instance(instance)
                 self._left_in_plan.discard(instance)
@@ -190,8 +213,6 @@ class Coordinator:
                     and self.pool.by_id.get(kept.worker_id) is not kept
                 ):
                     del self.pool.by_instance[instance]  # replaced while the core held it
-        log.info("worker_added", worker_id=link.worker_id, address=address, instance=link.instance)
-        return link
 
     def say_id_in_use(self, address: str, why: str) -> None:
         """Logs a worker refused for an id in use, once per address (it retries every second)."""
@@ -295,6 +316,59 @@ class Coordinator:
             log.info("worker_leaving", worker_id=link.worker_id, requests=len(link.running))
             for rid in list(link.running):
                 self._spawn(self._move_off(link, rid))
+
+    async def deregister(self, link: WorkerLink) -> None:
+        """A DeregisterWorker for `link`: the worker leaves (`worker_leaving`), unless it
+        answers at its registered address, as itself, that it is not draining; then it keeps
+        its place and WorkerNotDraining is raised. A worker deregisters itself only once it
+        drains (its goodbye comes after it marked itself draining), so a goodbye it does not
+        confirm is someone else's: any holder of the registry's credential used to take a
+        healthy worker out of the plan with one call, until that worker restarted. A worker
+        that does not answer (dead, cut off) leaves as before."""
+        if not link.has_left and not link.is_gone and await self._is_serving(link):
+            raise WorkerNotDraining(
+                f"worker {link.worker_id[:256]!r} at {link.address} answers that it is serving "
+                "and not draining: it stays; a worker deregisters itself when it drains"
+            )
+        await self.worker_leaving(link)
+
+    async def _is_serving(self, link: WorkerLink) -> bool:
+        """Whether the worker at `link`'s address answers, as the worker that joined there,
+        that it is not draining. No answer within LEAVE_CHECK_TIMEOUT_S, an error, or another
+        worker's answer: False."""
+        try:
+            load = await link.client.load(LEAVE_CHECK_TIMEOUT_S)
+        except WorkerCallError:
+            return False
+        return load.worker_id == link.info.worker_id and not load.is_draining
+
+    async def _rejoin(self, address: str, worker_id: str) -> WorkerLink | None:
+        """Puts back into the plan a worker at `address` taken out as leaving whose feed is
+        still open, when it answers that it is not draining and nothing of the scheduler's
+        runs there any more (the core forgot its loads when it left; its moves are over):
+        taken out by a DeregisterWorker while it could not be asked (stalled, a link that
+        dropped a call), it used to be refused as leaving until it restarted. None when there
+        is no such worker, or it cannot come back (yet): the caller goes on as for a new one."""
+        leaving = (w for w in self.pool.by_id.values() if w.address == address and w.has_left)
+        link = next((w for w in leaving if not w.is_gone), None)
+        if link is None or link.running or (worker_id and worker_id != link.worker_id):
+            return None
+        if not await self._is_serving(link):
+            return None
+        if link.is_healthy:  # another registration put it back meanwhile
+            return link
+        if not link.has_left or link.is_gone or link.running or self._is_closing:
+            return None
+        link.has_left = False
+        self._join_policy(link)
+        log.warning(
+            "worker_rejoined",
+            worker_id=link.worker_id,
+            address=address,
+            instance=link.instance,
+            why="taken out as leaving, it answers that it is not draining",
+        )
+        return link
 
     async def _worker_gone(self, link: WorkerLink, why: str) -> None:
         """Resumes by recompute elsewhere whatever the scheduler still had on `link` (a request

@@ -15,6 +15,20 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 
 DECISION_BUCKETS = (1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2)
 
 
+REFUSAL_REASONS = frozenset(
+    {
+        "invalid_argument",  # an empty or oversized worker id or address
+        "unreachable",  # the address did not answer, or its step feed did not come up
+        "id_mismatch",  # the worker at the address answers to another id
+        "id_in_use",  # another connected worker has the id
+        "leaving",  # the worker drains or was deregistered; its feed has not ended yet
+        "unknown_worker",  # a goodbye for an id the scheduler does not know
+        "not_draining",  # a goodbye the worker itself says is not its own: it is not draining
+    }
+)
+"""Label values of `registrations_refused`: a fixed set, never a caller's string."""
+
+
 @dataclass(frozen=True)
 class StageLatency:
     """One entry stage's latency histograms, looked up once (a `labels` call per finished
@@ -118,6 +132,13 @@ class SchedulerMetrics:
         self.foreign_steps = Counter(
             "cascade_scheduler_foreign_steps",
             "Step-feed entries ignored: a worker reported a request the scheduler did not put there",
+            registry=r,
+        )
+        self.registrations_refused = Counter(
+            "cascade_scheduler_registrations_refused",
+            "WorkerRegistry calls refused, by call (register, deregister) and reason (one of "
+            "REFUSAL_REASONS); calls without the cluster's credential are refused before",
+            ["rpc", "reason"],
             registry=r,
         )
         self.admit_seconds = self.decision.labels("admit")

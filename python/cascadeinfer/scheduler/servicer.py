@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 import structlog
@@ -20,13 +22,16 @@ from cascadeinfer.proto.v1 import (
     worker_pb2,
 )
 from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator, SchedulingError
+from cascadeinfer.scheduler.metrics import REFUSAL_REASONS
 from cascadeinfer.scheduler.requests import ClientRequest, Delivery
 from cascadeinfer.scheduler.text import Detokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
 from cascadeinfer.scheduler.workers import (
     WorkerIdInUse,
     WorkerIdMismatch,
+    WorkerLeaving,
     WorkerLink,
+    WorkerNotDraining,
     WorkerUnreachable,
 )
 from cascadeinfer.security import credential_owner
@@ -200,48 +205,121 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
 MAX_REGISTRATION_FIELD = 256
 """Longest worker id or address a registration may give (both are logged and listed)."""
+MAX_LOGGED_FIELD = 64
+"""Characters of a caller's worker id or address put into a refusal's log line (of its error
+message, four times as many): never a caller's string unbounded."""
+REFUSAL_LOG_INTERVAL_S = 60.0
+"""A refusal of the same call for the same reason, worker id and address is logged once in this
+long (a refused worker tries again every second); every refusal is counted."""
+MAX_REFUSALS_REMEMBERED = 1024
+
+
+def _clip(value: str, limit: int = MAX_LOGGED_FIELD) -> str:
+    """A caller's string cut to `limit` characters for a log line."""
+    return value if len(value) <= limit else value[:limit] + "..."
 
 
 class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
+        self._logged: dict[tuple[str, str, str, str], float] = {}
+        """When each (call, reason, worker id, address) refusal was last logged."""
+
+    async def _refuse(
+        self,
+        context: Context,
+        rpc: str,
+        reason: str,
+        code: grpc.StatusCode,
+        message: str,
+        worker_id: str,
+        address: str = "",
+    ) -> NoReturn:
+        """Counts (`registrations_refused`, by `reason`, one of REFUSAL_REASONS), logs (cut
+        short, once per REFUSAL_LOG_INTERVAL_S for the same caller's refusal) and refuses a
+        registry call. Failed registrations used to leave no trace on the scheduler."""
+        assert reason in REFUSAL_REASONS, reason
+        self.c.metrics.registrations_refused.labels(rpc, reason).inc()
+        key = (rpc, reason, _clip(worker_id), _clip(address))
+        now = time.monotonic()
+        last = self._logged.get(key)
+        if last is None or now - last >= REFUSAL_LOG_INTERVAL_S:
+            if len(self._logged) >= MAX_REFUSALS_REMEMBERED:
+                self._logged.clear()
+            self._logged[key] = now
+            log.warning(
+                "worker_registration_refused",
+                rpc=rpc,
+                reason=reason,
+                code=code.name,
+                worker_id=key[2],
+                address=key[3],
+                peer=_clip(context.peer() or ""),
+                error=_clip(message, 4 * MAX_LOGGED_FIELD),
+            )
+        await context.abort(code, message)
 
     async def RegisterWorker(
         self, request: registry_pb2.RegisterWorkerRequest, context: Context
     ) -> registry_pb2.RegisterWorkerResponse:
-        if not request.worker_id or not request.address:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "worker_id and address are required"
+        worker_id, address = request.worker_id, request.address
+
+        async def refuse(reason: str, code: grpc.StatusCode, message: str) -> NoReturn:
+            await self._refuse(context, "register", reason, code, message, worker_id, address)
+
+        if not worker_id or not address:
+            await refuse(
+                "invalid_argument",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "worker_id and address are required",
             )
         for name in ("worker_id", "address"):
             if len(getattr(request, name)) > MAX_REGISTRATION_FIELD:
                 # Not echoed: a long value in the error overflowed gRPC's metadata limit.
-                await context.abort(
+                await refuse(
+                    "invalid_argument",
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"{name} is longer than {MAX_REGISTRATION_FIELD} characters",
                 )
         try:
-            await self.c.add_worker(request.address, request.worker_id)
+            await self.c.add_worker(address, worker_id)
         except WorkerCallError as e:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"cannot reach {request.address}: {e.details}"
+            await refuse(
+                "unreachable", grpc.StatusCode.UNAVAILABLE, f"cannot reach {address}: {e.details}"
             )
         except WorkerIdInUse as e:
-            self.c.say_id_in_use(request.address, str(e))
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+            self.c.say_id_in_use(address, str(e))
+            await refuse("id_in_use", grpc.StatusCode.ALREADY_EXISTS, str(e))
         except WorkerIdMismatch as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            await refuse("id_mismatch", grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except WorkerLeaving as e:
+            await refuse("leaving", grpc.StatusCode.UNAVAILABLE, str(e))
         except WorkerUnreachable as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await refuse("unreachable", grpc.StatusCode.UNAVAILABLE, str(e))
         return registry_pb2.RegisterWorkerResponse(heartbeat_interval_s=HEARTBEAT_S)
 
     async def DeregisterWorker(
         self, request: registry_pb2.DeregisterWorkerRequest, context: Context
     ) -> registry_pb2.DeregisterWorkerResponse:
-        link = self.c.pool.by_id.get(request.worker_id)
+        """Honoured once the worker confirms it: see `Coordinator.deregister`."""
+        worker_id = request.worker_id
+
+        async def refuse(reason: str, code: grpc.StatusCode, message: str) -> NoReturn:
+            await self._refuse(context, "deregister", reason, code, message, worker_id)
+
+        if len(worker_id) > MAX_REGISTRATION_FIELD:
+            await refuse(
+                "invalid_argument",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"worker_id is longer than {MAX_REGISTRATION_FIELD} characters",
+            )
+        link = self.c.pool.by_id.get(worker_id)
         if link is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no worker {request.worker_id!r}")
-        await self.c.worker_leaving(link)
+            await refuse("unknown_worker", grpc.StatusCode.NOT_FOUND, f"no worker {worker_id!r}")
+        try:
+            await self.c.deregister(link)
+        except WorkerNotDraining as e:
+            await refuse("not_draining", grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return registry_pb2.DeregisterWorkerResponse()
 
 

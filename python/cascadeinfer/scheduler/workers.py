@@ -28,6 +28,18 @@ class WorkerIdInUse(WorkerUnreachable):
     scheduler knows of a worker, so the second is refused until the first is gone."""
 
 
+class WorkerLeaving(WorkerUnreachable):
+    """A registration of a worker the scheduler is taking out (it drains, or deregistered) whose
+    step feed has not ended yet: refused until it has, or until the worker answers that it is
+    not draining (`Coordinator.add_worker` puts such a worker back)."""
+
+
+class WorkerNotDraining(Exception):
+    """A DeregisterWorker for a worker that answers, at its registered address and as itself,
+    that it is serving and not draining: the call is not the worker's own goodbye (a worker
+    marks itself draining before it deregisters), so the worker keeps its place."""
+
+
 @dataclass
 class WorkerLink:
     worker_id: str
@@ -89,7 +101,7 @@ class WorkerPool:
         if held is not None and not held.is_gone:
             await client.close()
             if held.address == address:  # the same worker, draining or deregistered
-                raise WorkerUnreachable(
+                raise WorkerLeaving(
                     f"{address}: worker {worker_id!r} is leaving; it can join again once its "
                     "step feed has ended"
                 )
