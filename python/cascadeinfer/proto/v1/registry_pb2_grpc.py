@@ -58,7 +58,10 @@ class WorkerRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeregisterWorker(self, request, context):
-        """A draining worker leaves: the scheduler sends it nothing new. NOT_FOUND if unknown.
+        """A draining worker leaves: the scheduler sends it nothing new. NOT_FOUND if unknown;
+        FAILED_PRECONDITION if the worker answers (GetLoad) that it is not draining: only a
+        worker's own goodbye, sent once it drains, or one for a worker that no longer answers,
+        is honoured.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,11 @@ class WorkerRegistryStub:
     heartbeat. Idempotent. INVALID_ARGUMENT for an empty worker_id or address.
     """
     DeregisterWorker: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeregisterWorkerRequest, _registry_pb2.DeregisterWorkerResponse]
-    """A draining worker leaves: the scheduler sends it nothing new. NOT_FOUND if unknown."""
+    """A draining worker leaves: the scheduler sends it nothing new. NOT_FOUND if unknown;
+    FAILED_PRECONDITION if the worker answers (GetLoad) that it is not draining: only a
+    worker's own goodbye, sent once it drains, or one for a worker that no longer answers,
+    is honoured.
+    """
 
 @_typing.type_check_only
 class WorkerRegistryAsyncStub(WorkerRegistryStub):
@@ -48,7 +52,11 @@ class WorkerRegistryAsyncStub(WorkerRegistryStub):
     heartbeat. Idempotent. INVALID_ARGUMENT for an empty worker_id or address.
     """
     DeregisterWorker: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeregisterWorkerRequest, _registry_pb2.DeregisterWorkerResponse]  # type: ignore[assignment]
-    """A draining worker leaves: the scheduler sends it nothing new. NOT_FOUND if unknown."""
+    """A draining worker leaves: the scheduler sends it nothing new. NOT_FOUND if unknown;
+    FAILED_PRECONDITION if the worker answers (GetLoad) that it is not draining: only a
+    worker's own goodbye, sent once it drains, or one for a worker that no longer answers,
+    is honoured.
+    """
 
 class WorkerRegistryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -67,6 +75,10 @@ class WorkerRegistryServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.DeregisterWorkerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.DeregisterWorkerResponse, _abc.Awaitable[_registry_pb2.DeregisterWorkerResponse]]:
-        """A draining worker leaves: the scheduler sends it nothing new. NOT_FOUND if unknown."""
+        """A draining worker leaves: the scheduler sends it nothing new. NOT_FOUND if unknown;
+        FAILED_PRECONDITION if the worker answers (GetLoad) that it is not draining: only a
+        worker's own goodbye, sent once it drains, or one for a worker that no longer answers,
+        is honoured.
+        """
 
 def add_WorkerRegistryServicer_to_server(servicer: WorkerRegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
