@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 from cascadeinfer import CostProfile
 from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
@@ -304,12 +305,16 @@ async def test_a_step_the_policy_refuses_does_not_stop_the_feed(
     c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
     a = fakes["a"]
     rec = await submit(c, "r", 30, max_tokens=10)
-    a.step(Step("r", 0, (1, 2), 5000))  # past the last stage's bound
+    with capture_logs() as logs:
+        a.step(Step("r", 0, (1, 2), 5000))  # past the last stage's bound
+        await settle()
+        a.step(Step("r", 2, (3,), 5001))  # and again: counted, not logged again
+        await settle()
+    assert c.metrics.policy_step_errors._value.get() == 2
+    assert [e["event"] for e in logs].count("policy_step_refused") == 1
+    a.step(Step("r", 3, (4,), 33, LENGTH))
     await settle()
-    assert c.metrics.policy_step_errors._value.get() == 1
-    a.step(Step("r", 2, (3,), 33, LENGTH))
-    await settle()
-    assert rec.tokens == [1, 2, 3] and rec.finish == FinishReason.LENGTH
+    assert rec.tokens == [1, 2, 3, 4] and rec.finish == FinishReason.LENGTH
 
 
 async def test_a_fault_of_the_scheduler_on_a_feed_gives_the_worker_up_rather_than_hang(

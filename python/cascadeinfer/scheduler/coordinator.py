@@ -61,6 +61,8 @@ that does not answer in time is left to its own orphan bound (`orphan_timeout_s`
 LEAVE_CHECK_TIMEOUT_S = 3.0
 """How long a DeregisterWorker (or the registration of a worker taken out as leaving) waits for
 the worker's own word on whether it drains; under the 5 s a worker gives its own goodbye."""
+STEP_REFUSAL_LOG_S = 60.0
+"""A worker's steps the core refused are logged at most once in this long (all are counted)."""
 MAX_FAILED_WORKERS_KEPT = 16
 """Workers that failed (feed ended without a goodbye) still listed in the cluster state, as not
 healthy, once nothing runs there; older ones, and every worker that left, are forgotten."""
@@ -469,12 +471,30 @@ class Coordinator:
                 # step's migrations are skipped. Before, the error ended the feed's reader and
                 # every request on the worker hung.
                 self.metrics.policy_step_errors.inc()
-                log.error("policy_step_refused", worker=link.address, error=str(e))
+                self._say_step_refused(link, e)
                 moves = []
             self.metrics.on_step_seconds.observe(time.perf_counter() - started)
             for m in moves:
                 self._spawn(self._migrate(m))
         self._drain_queue()
+
+    @staticmethod
+    def _say_step_refused(link: WorkerLink, error: ValueError) -> None:
+        """Logs a step of `link`'s the core refused, at most once per STEP_REFUSAL_LOG_S with
+        the count of those left out: a worker that keeps reporting a bad length would
+        otherwise write a line every step (every one is counted in `policy_step_errors`)."""
+        now = time.monotonic()
+        if now - link.step_refusals_logged_at < STEP_REFUSAL_LOG_S:
+            link.step_refusals_unlogged += 1
+            return
+        log.error(
+            "policy_step_refused",
+            worker=link.address,
+            error=str(error)[:256],
+            not_logged_since_last=link.step_refusals_unlogged,
+        )
+        link.step_refusals_logged_at = now
+        link.step_refusals_unlogged = 0
 
     def _retire(self, rec: ClientRequest) -> None:
         """Forgets a finished request (it must have its finish reason) and records it."""

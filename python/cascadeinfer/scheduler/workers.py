@@ -58,6 +58,10 @@ class WorkerLink:
     last_step: worker_pb2.StepUpdate | None = None
     running: set[str] = field(default_factory=set)
     """Request ids the scheduler placed (or moved) here and that have not finished."""
+    step_refusals_logged_at: float = float("-inf")
+    """When a step of this worker's that the core refused was last logged (monotonic)."""
+    step_refusals_unlogged: int = 0
+    """Refused steps since then, counted but not logged."""
 
 
 ClientFactory = Callable[[str], WorkerClient]
