@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from structlog.testing import capture_logs
 from cascadeinfer import CostProfile
 from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
@@ -28,6 +27,7 @@ from cascadeinfer.scheduler.coordinator import (
 )
 from cascadeinfer.scheduler.requests import ClientRequest
 from cascadeinfer.scheduler.workers import WorkerIdMismatch, WorkerPool, WorkerUnreachable
+from structlog.testing import capture_logs
 
 from tests.scheduler.fake_workers import FakeWorker, Step, fake_cluster
 
