@@ -687,6 +687,40 @@ def test_bad_token_unknown_model_and_bad_json(front: Front) -> None:
         assert line in metrics, status
 
 
+def test_an_error_quotes_at_most_a_bounded_part_of_what_the_client_sent(front: Front) -> None:
+    """An unknown key, a model name or a path came back whole (a 3 MB key twice in one body),
+    which a client that never read its answer kept in the scheduler's memory."""
+    url = f"{front.scheduler.openai_url}/completions"
+    key = "k" * 300_000
+    r = httpx.post(url, json={"model": "sim", "prompt": "x", key: 1}, headers=AUTH, timeout=30)
+    assert r.status_code == 400 and len(r.content) < 4096, len(r.content)
+    assert "(300000 characters)" in r.json()["error"]["param"]
+    r = httpx.post(url, json={"model": "m" * 300_000, "prompt": "x"}, headers=AUTH, timeout=30)
+    assert r.status_code == 404 and len(r.content) < 4096, len(r.content)
+    assert r.json()["error"]["code"] == "model_not_found"
+    r = httpx.get(f"{front.scheduler.openai_url}/{'p' * 50_000}", timeout=30)
+    assert r.status_code == 404 and len(r.content) < 4096, len(r.content)
+
+
+def test_a_trailing_slash_is_not_redirected_to_the_host_a_client_names(front: Front) -> None:
+    # Starlette's slash redirect answered 307 to http://<Host header>/v1/completions, untokened.
+    url = f"{front.scheduler.openai_url}/completions/"
+    r = httpx.post(url, json={}, headers={"Host": "evil.example"}, timeout=30)
+    assert r.status_code == 404 and "location" not in r.headers, r.headers
+    metrics = httpx.get(front.scheduler.openai_url.removesuffix("/v1") + "/metrics").text
+    assert 'cascade_scheduler_http_responses_total{route="unrouted",status="404"}' in metrics
+
+
+def test_a_request_id_header_is_utf_8_as_over_grpc(front: Front) -> None:
+    # Read as Latin-1, "café" came back as "cafÃ©": not the id the same client gives over gRPC.
+    url = f"{front.scheduler.openai_url}/completions"
+    body = {"model": "sim", "prompt": "x", "max_tokens": 2}
+    r = httpx.post(url, json=body, headers={**AUTH, "X-Request-Id": "café-1".encode()}, timeout=30)
+    assert r.status_code == 200 and r.json()["id"] == "café-1", r.text
+    r = httpx.post(url, json=body, headers={**AUTH, "X-Request-Id": b"id-\xff"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-request-id", r.text
+
+
 def wait_idle(front: Front, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while front.num_running() and time.monotonic() < deadline:

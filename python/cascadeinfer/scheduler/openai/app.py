@@ -47,6 +47,8 @@ MAX_BODY_BYTES = 4 << 20
 CLIENT_CLOSED_REQUEST = 499
 """The status counted for a request whose client left before its body arrived (nginx's code;
 no response is sent)."""
+UNROUTED = "unrouted"
+"""The route label of answers to paths (or methods) the front does not serve."""
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -91,7 +93,12 @@ class OpenAIFront:
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
         ]
-        rest = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+        rest = Starlette(
+            routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed}
+        )
+        # Starlette answers a path with a slash too many by a 307 to the Host header's origin,
+        # before any token check: an open redirect to wherever a client's Host says.
+        rest.router.redirect_slashes = False
         direct = {"/v1/completions": completions, "/v1/chat/completions": chat}
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -130,6 +137,14 @@ class OpenAIFront:
             return response
 
         return guarded
+
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        self.c.metrics.http_responses.labels(UNROUTED, 404).inc()
+        return APIError(404, f"no route {request.url.path}").response()
+
+    async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        self.c.metrics.http_responses.labels(UNROUTED, 405).inc()
+        return APIError(405, f"{request.method} is not allowed on {request.url.path}").response()
 
     def _check_token(self, request: Request) -> None:
         if not self._tokens:
@@ -193,9 +208,7 @@ class OpenAIFront:
             )
 
     def _request_id(self, request: Request, prefix: str) -> str:
-        given = request.headers.get("x-request-id", "")
-        if len(given) > MAX_REQUEST_ID_CHARS:
-            raise invalid(f"x-request-id: longer than {MAX_REQUEST_ID_CHARS} characters")
+        given = _header_text(request, "x-request-id", MAX_REQUEST_ID_CHARS)
         return given or f"{prefix}-{uuid.uuid4().hex}"
 
     @staticmethod
@@ -203,15 +216,7 @@ class OpenAIFront:
         """The conversation a request continues: the `X-Session-Id` header, else the body's
         `user` (OpenAI's end-user id, which names one conversation for clients that keep one
         per user, as agents do). None without either."""
-        given = request.headers.get("x-session-id", "")
-        # Starlette reads header values as Latin-1, one character a byte: a UTF-8 value was
-        # bounded in bytes and keyed on mojibake, unlike the same text as `user` or over gRPC.
-        try:
-            given = given.encode("latin-1").decode("utf-8")
-        except UnicodeDecodeError:
-            raise invalid("x-session-id: not valid UTF-8") from None
-        if len(given) > MAX_SESSION_ID_CHARS:
-            raise invalid(f"x-session-id: longer than {MAX_SESSION_ID_CHARS} characters")
+        given = _header_text(request, "x-session-id", MAX_SESSION_ID_CHARS)
         return given or body.user or None
 
     # --- routes ----------------------------------------------------------------------------
@@ -278,9 +283,16 @@ class OpenAIFront:
         return JSONResponse(whole.model_dump())
 
 
-async def _not_found(request: Request, exc: Exception) -> Response:
-    return APIError(404, f"no route {request.url.path}").response()
-
-
-async def _not_allowed(request: Request, exc: Exception) -> Response:
-    return APIError(405, f"{request.method} is not allowed on {request.url.path}").response()
+def _header_text(request: Request, name: str, max_chars: int) -> str:
+    """Header `name` as UTF-8 text of at most `max_chars` characters ("" when absent), the
+    bound and the form its gRPC field has. Starlette reads header values as Latin-1, one
+    character a byte: a UTF-8 id was bounded in bytes and kept as mojibake, so the same id sent
+    over gRPC or in the body named something else."""
+    given = request.headers.get(name, "")
+    try:
+        given = given.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid(f"{name}: not valid UTF-8", name) from None
+    if len(given) > max_chars:
+        raise invalid(f"{name}: longer than {max_chars} characters", name)
+    return given

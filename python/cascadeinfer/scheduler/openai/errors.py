@@ -35,16 +35,32 @@ TYPE_OF_STATUS = {
 }
 
 
+MAX_MESSAGE_CHARS = 1024
+"""Longest error message sent; longer ones (which quote a client's value) are cut."""
+MAX_PARAM_CHARS = 256
+"""Longest `param` (a field path, which may hold a client's key) sent."""
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class APIError(Exception):
-    """A request the front refuses; becomes an OpenAI error body with `status`."""
+    """A request the front refuses; becomes an OpenAI error body with `status`.
+
+    Message and param are cut (`clip`): they quote what the client sent (an unknown key, a
+    model name, a path), and a 3 MB key came back twice in one body, which a client that
+    never reads its answer kept in the scheduler's memory (30 such connections: +280 MB)."""
 
     def __init__(
         self, status: int, message: str, *, param: str | None = None, code: str | None = None
     ) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = None if param is None else clip(param, MAX_PARAM_CHARS)
         self.code = code
 
     def body(self) -> ErrorResponse:
