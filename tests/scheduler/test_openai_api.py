@@ -638,6 +638,24 @@ def test_a_request_http_cannot_parse_is_400_in_the_openai_error_shape(front: Fro
     _still_serves(front)
 
 
+def test_a_transfer_coding_other_than_chunked_is_501(front: Front) -> None:
+    # `gzip, chunked` was read as plain chunked and answered 200: a proxy in front that applies
+    # the gzip reads another body than the one served (a smuggling seam).
+    body = b'{"model": "sim", "prompt": "x", "max_tokens": 2}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    for coding in (b"gzip, chunked", b"deflate,chunked"):
+        head = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + TOKEN.encode()
+            + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: "
+            + coding
+            + b"\r\n\r\n"
+        )
+        answer, _ = _raw_exchange(front, [head + chunked])
+        assert answer.startswith(b"HTTP/1.1 501 "), (coding, answer[:200])
+    _still_serves(front)
+
+
 def test_a_connection_answered_before_its_body_arrived_is_not_held_forever(front: Front) -> None:
     # Answered (401: no token) while most of the declared body is still to come. One more
     # byte then disarmed uvicorn's keep-alive timer and nothing re-armed it: the connection,

@@ -102,6 +102,13 @@ class OpenAIFront:
         direct = {"/v1/completions": completions, "/v1/chat/completions": chat}
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and _has_unknown_coding(scope):
+                self.c.metrics.http_responses.labels(UNROUTED, 501).inc()
+                error = APIError(501, "transfer codings other than chunked are not supported")
+                response = error.response()
+                response.headers["connection"] = "close"  # its body is not read
+                await response(scope, receive, send)
+                return
             handler = direct.get(scope["path"]) if scope["type"] == "http" else None
             if handler is None or scope["method"] != "POST":
                 await rest(scope, receive, send)
@@ -281,6 +288,17 @@ class OpenAIFront:
             return Response(status_code=499)  # the client left; nobody reads this
         whole = reply.chat(*result) if is_chat else reply.completion(*result)
         return JSONResponse(whole.model_dump())
+
+
+def _has_unknown_coding(scope: Scope) -> bool:
+    """Whether the request names a transfer coding other than plain `chunked`. The parser
+    reads any such body as chunked and drops the rest (`gzip, chunked` was read as identity),
+    which a proxy in front that applies the coding would read otherwise: RFC 9112 has a server
+    refuse a coding it does not apply (501)."""
+    return any(
+        name == b"transfer-encoding" and value.strip().lower() != b"chunked"
+        for name, value in scope["headers"]
+    )
 
 
 def _header_text(request: Request, name: str, max_chars: int) -> str:

@@ -31,6 +31,7 @@ TYPE_OF_STATUS = {
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    501: "invalid_request_error",
     503: "service_unavailable_error",
 }
 
