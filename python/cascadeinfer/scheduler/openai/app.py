@@ -105,9 +105,9 @@ class OpenAIFront:
             if scope["type"] == "http" and _has_unknown_coding(scope):
                 self.c.metrics.http_responses.labels(UNROUTED, 501).inc()
                 error = APIError(501, "transfer codings other than chunked are not supported")
-                response = error.response()
-                response.headers["connection"] = "close"  # its body is not read
-                await response(scope, receive, send)
+                refusal = error.response()
+                refusal.headers["connection"] = "close"  # its body is not read
+                await refusal(scope, receive, send)
                 return
             handler = direct.get(scope["path"]) if scope["type"] == "http" else None
             if handler is None or scope["method"] != "POST":
