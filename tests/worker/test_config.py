@@ -103,3 +103,19 @@ def test_a_value_of_the_wrong_type_is_named_not_a_traceback(
 def test_an_engine_that_could_run_nothing_is_refused(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_num_batched_tokens": 0}, "vllm.max_num_batched_tokens = 0: None or >= 1"),
+        ({"max_num_batched_token": 4096}, r"unknown options \['max_num_batched_token'\]"),
+    ],
+)
+def test_a_vllm_option_out_of_bounds_or_unknown_is_named(
+    tmp_path: Path, options: dict[str, int], message: str
+) -> None:
+    from cascadeinfer.worker.engines.vllm_engine import resolve_config
+
+    with pytest.raises(ValueError, match=message):
+        resolve_config(str(tmp_path), options).validate()

@@ -83,6 +83,10 @@ class VllmEngineConfig:
     """Tokens per KV block; the CPU backend needs a multiple of 32."""
     max_model_len: int = 2048
     max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    """Tokens one engine step computes (vLLM's chunked-prefill budget); None leaves vLLM's
+    default. A smaller budget cuts a long prompt's prefill into more steps: shorter stalls for
+    the decodes beside it, and less activation memory per step."""
     num_blocks: int | None = None
     """Caps the KV pool (vLLM's num_gpu_blocks_override); None sizes it from memory."""
     cpu_kv_cache_gib: int = 1
@@ -126,6 +130,11 @@ class VllmEngineConfig:
             (self.block_size > 0 and self.block_size % 32 == 0, "block_size", "multiple of 32"),
             (self.max_model_len >= 2, "max_model_len", "must be >= 2"),
             (self.num_blocks is None or self.num_blocks >= 2, "num_blocks", "None or >= 2"),
+            (
+                self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+                "max_num_batched_tokens",
+                "None or >= 1",
+            ),
             (self.cpu_kv_cache_gib >= 1, "cpu_kv_cache_gib", "must be >= 1"),
             (self.max_transfer_steps >= 1, "max_transfer_steps", "must be >= 1"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1"),
@@ -626,6 +635,7 @@ def _build_llm_engine(config: VllmEngineConfig, hub_id: str) -> LLMEngine:
         block_size=config.block_size,
         max_model_len=config.max_model_len,
         max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
         num_gpu_blocks_override=config.num_blocks,
         enable_prefix_caching=config.enable_prefix_caching,
         enforce_eager=config.enforce_eager,

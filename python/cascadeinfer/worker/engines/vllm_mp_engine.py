@@ -557,6 +557,7 @@ def engine_args(config: VllmEngineConfig) -> AsyncEngineArgs:
         block_size=config.block_size,
         max_model_len=config.max_model_len,
         max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
         num_gpu_blocks_override=config.num_blocks,
         enable_prefix_caching=config.enable_prefix_caching,
         enforce_eager=config.enforce_eager,
