@@ -260,6 +260,26 @@ async def test_bursts_larger_than_the_lag_bound_reach_a_client_that_reads(
     assert not rec.is_done and rec.num_unsent == 20
 
 
+async def test_a_move_the_request_ended_before_is_overtaken_not_failed(
+    started: list[Coordinator],
+) -> None:
+    """The source no longer has the request (it finished, or its client left mid-move): not a
+    fault, and not counted as one (an alert on failed moves fired on clients leaving)."""
+    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
+    a = fakes["a"]
+    a.fail_migrate = grpc.StatusCode.NOT_FOUND
+    rec = await submit(c, "r", 60)
+    a.step(Step("r", 0, (1, 2, 3, 4), 64))  # at the stage bound: the core moves it to b
+    await settle()
+    moves = c.metrics.migrations
+    assert moves.labels("stage_bound", "overtaken")._value.get() >= 1
+    assert moves.labels("stage_bound", "failed")._value.get() == 0
+    assert c.counters.num_failed_migrations == 0
+    a.step(Step("r", 4, (5,), 65, LENGTH))
+    await settle()
+    assert rec.tokens == [1, 2, 3, 4, 5] and rec.finish == FinishReason.LENGTH
+
+
 async def test_a_failed_migration_leaves_the_request_streaming_from_its_source(
     started: list[Coordinator],
 ) -> None:

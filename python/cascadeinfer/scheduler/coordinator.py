@@ -560,17 +560,23 @@ class Coordinator:
         try:
             moved = await self._migrate_out(rec, src, dst)
         except WorkerCallError as e:
-            if e.code == grpc.StatusCode.NOT_FOUND:
-                # The worker finished it already; its feed is behind. Stop asking it to
-                # move a request it no longer has (the finish is on its way).
+            # NOT_FOUND: the request ended on the worker (finished, or its client left) before
+            # it could move; its feed is behind. Stop asking it to move a request it no longer
+            # has (the finish is on its way). Not a fault: counted apart from failures, which
+            # an operator's alert watches (clients leaving mid-move showed as failed moves).
+            is_overtaken = e.code == grpc.StatusCode.NOT_FOUND
+            if is_overtaken:
                 rec.gone_from = src.worker_id
             if dst.worker_id != rec.worker_id:
                 rec.holders.discard(dst.worker_id)
-            self.counters.num_failed_migrations += 1
             self.policy.migration_done(m, False)
-            self.metrics.migrations.labels(m.reason.value, "failed").inc()
+            if is_overtaken:
+                self.metrics.migrations.labels(m.reason.value, "overtaken").inc()
+            else:
+                self.counters.num_failed_migrations += 1
+                self.metrics.migrations.labels(m.reason.value, "failed").inc()
             log.info(
-                "migration_failed",
+                "migration_overtaken" if is_overtaken else "migration_failed",
                 request_id=rec.request_id,
                 reason=m.reason.value,
                 error=e.details,

@@ -87,7 +87,8 @@ class SchedulerMetrics:
         )
         self.migrations = Counter(
             "cascade_scheduler_migrations",
-            "Migrations, by reason and outcome (ok, failed, rate_limited)",
+            "Migrations, by reason and outcome (ok, failed, rate_limited, overtaken: the request "
+            "ended before it could move)",
             ["reason", "outcome"],
             registry=r,
         )
