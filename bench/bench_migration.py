@@ -71,8 +71,13 @@ def llama_8b_kv_args(directory: Path, max_model_len: int) -> list[str]:
         "load_format": "cascade-dummy",
         "served_model_name": "llama-8b-kv",
         "max_model_len": max_model_len,
-        # Two requests of max_model_len tokens, at 128 KiB each.
-        "cpu_kv_cache_gib": -(-2 * max_model_len * 128 // 2**20),
+        # One request of max_model_len tokens at 128 KiB each, plus 2,048 tokens: each moved
+        # request is aborted before the next starts. Room for two (9 GiB a worker at 32K
+        # tokens) ran this 24 GiB host out of memory.
+        "cpu_kv_cache_gib": -(-(max_model_len + 2048) * 128 // 2**20),
+        # A 32K-token prompt prefilled in one step took one worker to 14 GiB and the OOM
+        # killer took it: chunks of 4,096 tokens.
+        "max_num_batched_tokens": 4096,
     }
     args = ["--model", str(path)]
     for k, v in options.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import inspect
 import logging
 import os
@@ -85,13 +84,6 @@ PING_TOLERANCE = [
 answers pings more often than every 5 minutes with GOAWAY, which would break an idle step feed)."""
 
 C = TypeVar("C")
-
-
-def release_freed_memory() -> None:
-    """Hands memory Python has freed back to the OS (glibc keeps freed heap pages, so a process
-    would otherwise stay at the high-water mark of a refused transfer)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def configure_logging() -> None:

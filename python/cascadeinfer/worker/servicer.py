@@ -10,8 +10,8 @@ from dataclasses import replace
 import grpc
 import structlog
 
-from cascadeinfer.daemon import release_freed_memory
 from cascadeinfer.domain import check_request_id
+from cascadeinfer.memory import release_freed_memory
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.worker import convert, kv_stream
 from cascadeinfer.worker.engine import (

@@ -61,11 +61,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
+from cascadeinfer.memory import TRIM_AFTER_BYTES, release_freed_memory
 from cascadeinfer.worker.engine import KVPeer, KVTransfer
 from cascadeinfer.worker.engines.kv_blocks import read_block_rows, write_blocks
 from cascadeinfer.worker.engines.kv_connector import layer_caches_of
 from cascadeinfer.worker.engines.parent_watch import watch_parent
-from cascadeinfer.worker.engines.shard_inbox import Shard, ShardInbox
+from cascadeinfer.worker.engines.shard_inbox import Due, Shard, ShardInbox
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -531,18 +532,27 @@ class _WorkerSide:
         # The blocks written here belong to requests vLLM parks until they are reported
         # received: no forward pass reads or writes them meanwhile.
         while True:
-            due = self._inbox.next_due(timeout_s=1.0)  # the timeout lets stale bytes expire
-            for load, shards in due.ready:
-                wanted = shards[load.first_block :][: len(load.block_ids)]
-                is_written = len(wanted) == len(load.block_ids)
-                if is_written:
-                    try:
-                        write_blocks(self.caches, self._c._num_blocks, load.block_ids, wanted)
-                    except (RuntimeError, ValueError):
-                        is_written = False  # bytes of the wrong size: recomputed instead
-                self._settle(load, is_written)
-            for load in due.expired:
-                self._settle(load, False)
+            # The timeout lets stale bytes expire. The received bytes are freed when
+            # `_settle_due` returns, before the trim.
+            if self._settle_due(self._inbox.next_due(timeout_s=1.0)) >= TRIM_AFTER_BYTES:
+                release_freed_memory()
+
+    def _settle_due(self, due: Due[Load]) -> int:
+        """Writes the blocks of the loads `due` readies and settles them and the expired ones;
+        returns the bytes received for them."""
+        num_bytes = sum(memoryview(b).nbytes for _, shards in due.ready for b in shards)
+        for load, shards in due.ready:
+            wanted = shards[load.first_block :][: len(load.block_ids)]
+            is_written = len(wanted) == len(load.block_ids)
+            if is_written:
+                try:
+                    write_blocks(self.caches, self._c._num_blocks, load.block_ids, wanted)
+                except (RuntimeError, ValueError):
+                    is_written = False  # bytes of the wrong size: recomputed instead
+            self._settle(load, is_written)
+        for load in due.expired:
+            self._settle(load, False)
+        return num_bytes
 
     def _settle(self, load: Load, is_written: bool) -> None:
         with self._results:
@@ -610,3 +620,7 @@ class _WorkerSide:
             notes.send_multipart(
                 [self._c._secret, _header(order=save.order_id, rank=self._rank, **outcome)]
             )
+            num_bytes = sum(memoryview(b).nbytes for b in blobs)
+            del save, blobs  # the copies read out of the cache, freed before the trim
+            if num_bytes >= TRIM_AFTER_BYTES:
+                release_freed_memory()
