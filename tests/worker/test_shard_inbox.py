@@ -109,3 +109,17 @@ def test_held_bytes_are_bounded_oldest_snapshot_first() -> None:
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError):
         ShardInbox(wait_s=0.0, ttl_s=1.0, max_entries=1)
+
+
+def test_a_snapshot_still_arriving_does_not_age_out() -> None:
+    # A pre-copy of a 32K-token request (4.3 GB) can take longer than the TTL: its first part
+    # must still be there when the last comes.
+    clock = Clock()
+    box = inbox(clock)
+    box.put("m1", [b"a"], is_last=False)
+    clock.now = 50.0
+    box.put("m1", [b"b"], first_block=1, is_last=False)
+    clock.now = 100.0
+    box.put("m1", [b"c"], first_block=2)
+    box.expect("m1", "load-1", 3)
+    assert box.next_due(timeout_s=0).ready == [("load-1", [b"a", b"b", b"c"])]

@@ -101,13 +101,25 @@ CURVE secret key (Z85) and the ticket peers must show. Absent: no rank-to-rank c
 MAX_PEER_SOCKETS = 64
 """Sockets a rank keeps open to peers' ranks (least recently used closed beyond)."""
 PEER_ACK_TIMEOUT_S = 20.0
-"""How long a rank waits for a peer's rank to confirm a part before reporting it undelivered
-(the daemon's own wait, `mp_kv_channel`, is longer)."""
+"""How long a rank waits for a peer's rank to confirm a part, beyond the part's bytes at
+MIN_TRANSFER_BYTES_PER_S, before reporting it undelivered (the daemon's own wait is longer)."""
+MIN_TRANSFER_BYTES_PER_S = 32 << 20
+"""The slowest rate a wait for KV bytes allows for: a 32K-token request of an 8B model (4.3 GB)
+took longer than a fixed 30 s over an encrypted channel on 2 CPU cores, and the move fell back
+to recompute. Encrypted rank to rank moved 90-212 MiB/s there (docs/benchmarks.md)."""
+
+
+def transfer_wait_s(base_s: float, num_bytes: int) -> float:
+    """A wait for `num_bytes` to move: `base_s` plus their time at MIN_TRANSFER_BYTES_PER_S."""
+    return base_s + num_bytes / MIN_TRANSFER_BYTES_PER_S
+
+
 LOAD_WAIT_S = 10.0
 """How long a load waits for its bytes before it is reported failed (and recomputed). The
 daemon sends them before it adds the request, so they are normally there already; the wait
 stalls nothing but the request itself."""
 INBOX_TTL_S = 60.0
+"""Imported bytes no load claimed are dropped this long after their snapshot's last part."""
 INBOX_MAX_SNAPSHOTS = 64
 """Bounds on the imported bytes a rank holds for loads not ordered (yet)."""
 
@@ -608,8 +620,9 @@ class _WorkerSide:
             )
             socket = peers[key]
             socket.send_multipart([peer.ticket, header, *blobs], copy=False)
+            num_bytes = sum(memoryview(b).nbytes for b in blobs)
             answer = b"no answer"
-            if socket.poll(int(PEER_ACK_TIMEOUT_S * 1000)):
+            if socket.poll(int(transfer_wait_s(PEER_ACK_TIMEOUT_S, num_bytes) * 1000)):
                 answer, echoed = socket.recv_multipart()[:2]
                 answer = answer if echoed == header else b"a mismatched answer"
             outcome: dict[str, object] = {"delivered": len(blobs)}
@@ -620,7 +633,6 @@ class _WorkerSide:
             notes.send_multipart(
                 [self._c._secret, _header(order=save.order_id, rank=self._rank, **outcome)]
             )
-            num_bytes = sum(memoryview(b).nbytes for b in blobs)
             del save, blobs  # the copies read out of the cache, freed before the trim
             if num_bytes >= TRIM_AFTER_BYTES:
                 release_freed_memory()

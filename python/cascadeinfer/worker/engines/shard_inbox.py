@@ -74,6 +74,11 @@ class ShardInbox(Generic[Order]):
             parts = self._shards.get(migration_id)
             if parts is None:
                 parts = self._shards[migration_id] = _Parts(now)
+            else:
+                # Age counts from a snapshot's last part: a pre-copy of 4 GB can take longer
+                # than the TTL, and its first part must not expire meanwhile. (The order stays
+                # by first arrival: the byte and count bounds drop the oldest snapshot first.)
+                parts.arrived = now
             self._num_bytes += parts.add(first_block, shards, is_last)
             self._evict(now)
             self._changed.notify_all()

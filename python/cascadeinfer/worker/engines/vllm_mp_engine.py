@@ -248,18 +248,25 @@ class VllmMpEngine:
     def copy_full_blocks(self, request_id: str, start_block: int) -> list[bytes]:
         """The request's full blocks from start_block on, copied by the ranks while the engine
         core goes on decoding it (this thread waits; vLLM does not)."""
-        channel, order = self._order_copy(request_id, start_block, None)
-        return channel.receive_export(order, _EXPORT_TIMEOUT_S)
+        channel, order, wait_s = self._order_copy(request_id, start_block, None)
+        return channel.receive_export(order, wait_s)
 
     def send_full_blocks(self, request_id: str, start_block: int, transfer: KVTransfer) -> int:
         """`copy_full_blocks`, each rank sending its shard to the peer's rank of its number."""
-        channel, order = self._order_copy(request_id, start_block, transfer)
-        return channel.receive_delivered(order, _EXPORT_TIMEOUT_S)
+        channel, order, wait_s = self._order_copy(request_id, start_block, transfer)
+        return channel.receive_delivered(order, wait_s)
+
+    def _blocks_wait_s(self, num_blocks: int) -> float:
+        """How long to wait for `num_blocks` blocks to be copied or delivered: longer than a
+        rank waits for its peer (`mkc.PEER_ACK_TIMEOUT_S`), and growing with the bytes."""
+        num_bytes = max(num_blocks, 0) * self._layout.block_bytes
+        return mkc.transfer_wait_s(_EXPORT_TIMEOUT_S, num_bytes)
 
     def _order_copy(
         self, request_id: str, start_block: int, transfer: KVTransfer | None
-    ) -> tuple[KVChannel, str]:
-        """Orders the ranks to copy; returns the channel and the order's id."""
+    ) -> tuple[KVChannel, str, float]:
+        """Orders the ranks to copy; returns the channel, the order's id and how long to wait
+        for it (the blocks full now, and one more that fills meanwhile)."""
         tracked = self._get(request_id)
         if self._channel is None:
             raise EngineError(ErrorCode.FAILED_PRECONDITION, _NO_KV_MOVES)
@@ -268,7 +275,9 @@ class VllmMpEngine:
                 ErrorCode.INVALID_ARGUMENT, f"start_block = {start_block}: must be >= 0"
             )
         self._require_decoding(tracked)
-        return self._channel, self._channel.copy(request_id, start_block, transfer)
+        num_cached = len(tracked.request.prompt_token_ids) + len(tracked.outputs)
+        wait_s = self._blocks_wait_s(num_cached // self._layout.block_size + 1 - start_block)
+        return self._channel, self._channel.copy(request_id, start_block, transfer), wait_s
 
     def export_kv(self, request_id: str, skip_blocks: int = 0) -> KVSnapshot:
         """Stops the request and returns its tokens, with its KV blocks under `move_kv` (the
@@ -378,10 +387,11 @@ class VllmMpEngine:
             raise EngineError(ErrorCode.NOT_FOUND, f"request_id = {rid!r}: finished")
         blocks: list[bytes] | None = []
         try:
+            wait_s = self._blocks_wait_s(num_full + 1 - skip)
             if transfer is None:
-                blocks = channel.receive_export(order, _EXPORT_TIMEOUT_S)
+                blocks = channel.receive_export(order, wait_s)
             else:
-                channel.receive_delivered(order, _EXPORT_TIMEOUT_S)
+                channel.receive_delivered(order, wait_s)
         except RuntimeError as exc:
             # The side channel broke after the stop: the request is resumed by recompute
             # (a snapshot with no cached tokens), never lost.
