@@ -28,6 +28,7 @@ from cascadeinfer.policies import FixedStage, build_policy
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.scheduler.admission_queue import AdmissionQueue, QueueFull
 from cascadeinfer.scheduler.config import SchedulerConfig
+from cascadeinfer.scheduler.log_throttle import LogThrottle
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
 from cascadeinfer.scheduler.ratelimit import TokenBucket
 from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS, ClientRequest
@@ -114,7 +115,7 @@ class Coordinator:
         self._migrations = asyncio.Semaphore(config.max_concurrent_migrations)
         self._tasks: set[asyncio.Task[None]] = set()
         self._connecting: dict[str, asyncio.Future[WorkerLink]] = {}
-        self._said_id_in_use: set[str] = set()
+        self._said_id_in_use = LogThrottle()
         self._is_closing = False
         self.is_stopping = False
         """Set by `cut_off`: new requests are refused with UNAVAILABLE."""
@@ -218,12 +219,8 @@ class Coordinator:
 
     def say_id_in_use(self, address: str, why: str) -> None:
         """Logs a worker refused for an id in use, once per address (it retries every second)."""
-        if address in self._said_id_in_use:
-            return
-        if len(self._said_id_in_use) >= 1024:
-            self._said_id_in_use.clear()
-        self._said_id_in_use.add(address)
-        log.error("worker_id_in_use", address=address, error=why)
+        if self._said_id_in_use.should_log(address, time.monotonic()):
+            log.error("worker_id_in_use", address=address, error=why)
 
     def _build_policy(self) -> None:
         workers = self.pool.healthy()

@@ -22,6 +22,7 @@ from cascadeinfer.proto.v1 import (
     worker_pb2,
 )
 from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator, SchedulingError
+from cascadeinfer.scheduler.log_throttle import LogThrottle
 from cascadeinfer.scheduler.metrics import REFUSAL_REASONS
 from cascadeinfer.scheduler.requests import ClientRequest, Delivery
 from cascadeinfer.scheduler.text import Detokenizer
@@ -211,7 +212,6 @@ message, four times as many): never a caller's string unbounded."""
 REFUSAL_LOG_INTERVAL_S = 60.0
 """A refusal of the same call for the same reason, worker id and address is logged once in this
 long (a refused worker tries again every second); every refusal is counted."""
-MAX_REFUSALS_REMEMBERED = 1024
 
 
 def _clip(value: str, limit: int = MAX_LOGGED_FIELD) -> str:
@@ -222,8 +222,8 @@ def _clip(value: str, limit: int = MAX_LOGGED_FIELD) -> str:
 class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
-        self._logged: dict[tuple[str, str, str, str], float] = {}
-        """When each (call, reason, worker id, address) refusal was last logged."""
+        self._refusals_logged = LogThrottle(REFUSAL_LOG_INTERVAL_S)
+        """By (call, reason, worker id, address)."""
 
     async def _refuse(
         self,
@@ -241,12 +241,7 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         assert reason in REFUSAL_REASONS, reason
         self.c.metrics.registrations_refused.labels(rpc, reason).inc()
         key = (rpc, reason, _clip(worker_id), _clip(address))
-        now = time.monotonic()
-        last = self._logged.get(key)
-        if last is None or now - last >= REFUSAL_LOG_INTERVAL_S:
-            if len(self._logged) >= MAX_REFUSALS_REMEMBERED:
-                self._logged.clear()
-            self._logged[key] = now
+        if self._refusals_logged.should_log(key, time.monotonic()):
             log.warning(
                 "worker_registration_refused",
                 rpc=rpc,
