@@ -239,6 +239,10 @@ impl Policy for Baseline {
         self.router.check_step(entries)
     }
 
+    fn on_repeat_step(&mut self, instance: InstanceId, _now: f64) -> Option<Result<Vec<Migration>>> {
+        self.router.check_repeat_step(instance)
+    }
+
     fn tick(&mut self, _now: f64) -> TickOutcome {
         let migrations = if self.kind == BaselineKind::Llumnix { self.llumnix_rebalance() } else { Vec::new() };
         TickOutcome { migrations, new_layout: None }

@@ -235,6 +235,15 @@ impl Policy for CascadePolicy {
         Ok(migrations)
     }
 
+    fn on_repeat_step(&mut self, instance: InstanceId, _now: f64) -> Option<Result<Vec<Migration>>> {
+        let migrations = self.router.check_repeat_step(instance)?;
+        if let (Ok(_), Some(refiner)) = (&migrations, &mut self.refiner) {
+            // The lengths the feed would have listed, in its order: the book's after the step.
+            refiner.observe_lens(self.router.loads.get(instance).running.iter().map(|&(_, len)| len));
+        }
+        Some(migrations)
+    }
+
     fn tick(&mut self, now: f64) -> TickOutcome {
         let mut outcome = TickOutcome::default();
         if let Some(refiner) = &mut self.refiner {

@@ -117,6 +117,10 @@ pub struct LoadBook {
     before: Vec<(InstanceId, Vec<(RequestId, u32)>)>,
     /// Emptied lists kept for reuse (the simulator refreshes millions of times).
     spare: Vec<Vec<(RequestId, u32)>>,
+    /// Per instance, whether its running list is still exactly what its last step feed listed,
+    /// in that order (nothing moved, finished or was added there since): what lets
+    /// [`LoadBook::advance_as_fed`] stand for the next feed.
+    is_as_fed: Vec<bool>,
 }
 
 /// `LoadBook::confirmed_of` of an instance whose refresh left the old order.
@@ -147,6 +151,7 @@ impl LoadBook {
         self.loads.resize_with(inst.index() + 1, InstanceLoad::default);
         self.epoch_of.resize(inst.index() + 1, 0);
         self.confirmed_of.resize(inst.index() + 1, 0);
+        self.is_as_fed.resize(inst.index() + 1, false);
     }
 
     /// Starts a refresh: instances named in the following `record` calls are rebuilt from them.
@@ -175,6 +180,9 @@ impl LoadBook {
         // Whatever an in-order refresh did not reach was not listed again.
         for k in 0..self.refreshed.len() {
             let inst = self.refreshed[k];
+            // The running list becomes the feed's, in its order (what is set aside below
+            // either is listed later in it or leaves for the queued list).
+            self.is_as_fed[inst.index()] = true;
             let confirmed = self.confirmed_of[inst.index()];
             if confirmed != OUT_OF_ORDER && (confirmed as usize) < self.loads[inst.index()].running.len() {
                 self.set_aside_unconfirmed(inst, confirmed as usize);
@@ -268,18 +276,42 @@ impl LoadBook {
     pub fn move_request(&mut self, request: RequestId, from: InstanceId, to: InstanceId, len: u32) {
         self.get_mut(from).remove(request);
         self.get_mut(to).push(request, len);
+        self.is_as_fed[from.index()] = false;
+        self.is_as_fed[to.index()] = false;
     }
 
     /// Drops a finished request (running or still queued) from an instance's load.
     pub fn forget_request(&mut self, inst: InstanceId, request: RequestId) {
-        self.get_mut(inst).remove(request);
+        if self.get_mut(inst).remove(request).is_some() {
+            self.is_as_fed[inst.index()] = false;
+        }
     }
 
     /// Forgets an instance entirely (it left the cluster).
     pub fn clear(&mut self, inst: InstanceId) {
         if let Some(load) = self.loads.get_mut(inst.index()) {
             *load = InstanceLoad::default();
+            self.is_as_fed[inst.index()] = false;
         }
+    }
+
+    /// What a refresh from a feed listing `inst`'s running requests as the book holds them,
+    /// each one token longer, would do (a step in which nothing started, finished or moved
+    /// there), in one pass without the feed; false, with nothing changed, unless the book
+    /// still holds exactly what `inst`'s last feed listed (`is_as_fed`) and that was not
+    /// empty. The simulator's engines repeat the same batch for most steps.
+    pub fn advance_as_fed(&mut self, inst: InstanceId) -> bool {
+        let idx = inst.index();
+        if !self.is_as_fed.get(idx).copied().unwrap_or(false) || self.loads[idx].running.is_empty() {
+            return false;
+        }
+        let load = &mut self.loads[idx];
+        for e in &mut load.running {
+            e.1 += 1;
+        }
+        load.sum_context += load.running.len() as u64;
+        load.max_context += 1;
+        true
     }
 
     /// Predicted time of `inst`'s next step: its decodes plus a chunk of its queued prefill.
@@ -607,13 +639,17 @@ mod tests {
 
     proptest::proptest! {
         /// Feeds that keep, reorder, drop and add requests, with finishes between them: the
-        /// book holds what a rebuild from each feed holds, in the feed's order.
+        /// book holds what a rebuild from each feed holds, in the feed's order. A repeat step
+        /// (`advance_as_fed`) is taken exactly when the book still holds the last feed, and
+        /// then equals a rebuild from that feed one token on.
         #[test]
         fn an_in_place_refresh_equals_a_rebuild_from_the_feed(
-            ops in proptest::collection::vec((0u8..4, proptest::collection::vec(0u64..12, 0..10)), 1..30)
+            ops in proptest::collection::vec((0u8..5, proptest::collection::vec(0u64..12, 0..10)), 1..30)
         ) {
             let inst = InstanceId(1);
             let (mut book, mut reference) = (LoadBook::default(), Reference::default());
+            // Whether the reference's running list is still the last feed, as listed.
+            let mut is_as_fed = false;
             for (step, (op, ids)) in ops.into_iter().enumerate() {
                 let len = step as u32 + 1;
                 let feed: Option<Vec<(RequestId, u32)>> = match op {
@@ -640,16 +676,27 @@ mod tests {
                         }
                         book.end_refresh();
                         reference.refresh(&feed);
+                        is_as_fed |= !feed.is_empty();
                         !feed.is_empty()
                     }
                     (2, None) => {
                         if let Some(&id) = ids.first() {
                             let r = RequestId(id);
                             book.forget_request(inst, r);
+                            is_as_fed &= !reference.running.iter().any(|e| e.0 == r);
                             reference.running.retain(|e| e.0 != r);
                             reference.queued.retain(|e| e.0 != r);
                         }
                         false
+                    }
+                    (4, None) => {
+                        let is_taken = book.advance_as_fed(inst);
+                        proptest::prop_assert_eq!(is_taken, is_as_fed && !reference.running.is_empty());
+                        if is_taken {
+                            let feed: Vec<(RequestId, u32)> = reference.running.iter().map(|&(r, l)| (r, l + 1)).collect();
+                            reference.refresh(&feed);
+                        }
+                        is_taken
                     }
                     _ => {
                         if let Some(&id) = ids.first() {
@@ -681,6 +728,36 @@ mod tests {
                 proptest::prop_assert_eq!(load.queued_tokens, reference.queued.iter().map(|e| u64::from(e.1)).sum::<u64>());
             }
         }
+    }
+
+    #[test]
+    fn a_move_either_way_ends_the_repeat_steps_of_both_instances() {
+        let (a, b) = (InstanceId(0), InstanceId(1));
+        let mut book = LoadBook::default();
+        book.begin_refresh();
+        for (inst, r) in [(a, 1), (a, 2), (b, 3)] {
+            book.record(inst, RequestId(r), 100);
+        }
+        book.end_refresh();
+        assert!(book.advance_as_fed(a) && book.advance_as_fed(b));
+        assert_eq!((book.get(a).sum_context, book.get(a).max_context), (202, 101));
+        book.move_request(RequestId(2), a, b, 101);
+        assert!(!book.advance_as_fed(a) && !book.advance_as_fed(b), "neither holds its last feed");
+        assert_eq!(book.get(b).sum_context, 202, "nothing advanced");
+        // The next feed of each makes it so again.
+        book.begin_refresh();
+        book.record(a, RequestId(1), 102);
+        book.record(a, RequestId(4), 10);
+        book.end_refresh();
+        assert!(book.advance_as_fed(a) && !book.advance_as_fed(b));
+        assert_eq!(book.get(a).running, vec![(RequestId(1), 103), (RequestId(4), 11)]);
+        // A queued request that leaves changes nothing the feed listed; a running one does.
+        book.add_queued(a, RequestId(9), 50);
+        book.forget_request(a, RequestId(9));
+        assert!(book.advance_as_fed(a));
+        book.forget_request(a, RequestId(1));
+        assert!(!book.advance_as_fed(a));
+        assert_eq!(book.get(a).running, vec![(RequestId(4), 12)]);
     }
 
     #[test]

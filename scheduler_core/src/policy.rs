@@ -121,6 +121,16 @@ pub trait Policy: Send + Sync {
     /// here have their load replaced by what is listed) and returns the migrations to start.
     fn on_step(&mut self, entries: &[StepEntry], now: f64) -> Result<Vec<Migration>>;
 
+    /// `on_step` for a step of `instance` whose feed would list exactly the requests of its
+    /// last feed, in the same order, each one token longer (nothing started, finished, left or
+    /// joined there): the same answer and state without the feed, which the simulator, whose
+    /// engines repeat the same batch for most steps, then need not build. `None`, with nothing
+    /// changed, when the policy cannot answer so (its view of the instance changed since that
+    /// feed); the caller then calls `on_step` with the feed. The default always says `None`.
+    fn on_repeat_step(&mut self, _instance: InstanceId, _now: f64) -> Option<Result<Vec<Migration>>> {
+        None
+    }
+
     /// Periodic work: balancing, refinement, rebalancing.
     fn tick(&mut self, now: f64) -> TickOutcome;
 

@@ -153,10 +153,15 @@ impl Refiner {
 
     /// One engine step: every entry is one decode token at its context length.
     pub fn observe_step(&mut self, entries: &[StepEntry]) {
-        for e in entries {
-            let b = self.bucket(e.context_len);
+        self.observe_lens(entries.iter().map(|e| e.context_len));
+    }
+
+    /// `observe_step` of a step whose entries have these context lengths, in this order.
+    pub fn observe_lens(&mut self, lens: impl Iterator<Item = u32>) {
+        for len in lens {
+            let b = self.bucket(len);
             self.decode_tokens[b] += 1.0;
-            self.decode_context[b] += f64::from(e.context_len);
+            self.decode_context[b] += f64::from(len);
         }
     }
 

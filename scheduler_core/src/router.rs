@@ -383,8 +383,38 @@ impl Router {
             }
         }
         self.loads.end_refresh();
+        self.migrate_crossed(crossed.into_iter().map(|(e, _)| e))
+    }
+
+    /// [`Router::check_step`] for a feed that would list `instance`'s running requests as
+    /// the book holds them, each one token longer ([`LoadBook::advance_as_fed`]): the same
+    /// book and migrations without the feed. `None`, with nothing changed, when the book no
+    /// longer holds what the instance's last feed listed or the instance is in no stage;
+    /// the caller then sends the feed to `check_step`.
+    pub fn check_repeat_step(&mut self, instance: InstanceId) -> Option<Result<Vec<Migration>>> {
+        let stage = self.layout.stage_of_instance(instance)?;
+        if !self.loads.advance_as_fed(instance) {
+            return None;
+        }
+        let max_len = self.layout.stages()[stage].max_len;
+        let load = self.loads.get(instance);
+        if load.max_context < max_len {
+            return Some(Ok(Vec::new()));
+        }
+        let crossed: Vec<StepEntry> = load
+            .running
+            .iter()
+            .filter(|&&(_, len)| len >= max_len)
+            .map(|&(request, context_len)| StepEntry { request, instance, context_len })
+            .collect();
+        Some(self.migrate_crossed(crossed.into_iter()))
+    }
+
+    /// Stage-bound migrations for `crossed`, the entries of a feed at or past their stage's
+    /// upper bound, in feed order (those already moving are left alone).
+    fn migrate_crossed(&mut self, crossed: impl Iterator<Item = StepEntry>) -> Result<Vec<Migration>> {
         let mut out = Vec::new();
-        for (e, _) in crossed {
+        for e in crossed {
             if self.in_flight.contains(&e.request) {
                 continue;
             }

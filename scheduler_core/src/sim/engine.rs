@@ -120,6 +120,14 @@ pub(super) struct Instance {
     pub prefill: Vec<(u32, u32)>,
     /// Migrations whose bulk copy ended during the step in progress; they pause at its end.
     pub pending_pauses: Vec<u32>,
+    /// Whether the step in progress decodes exactly the requests the step before it decoded,
+    /// in the same order, and that step was decodes only and finished none: then, unless one
+    /// finishes now, its feed is the last one with every length one longer.
+    is_repeat: bool,
+    /// Whether the last step's feed listed exactly its decodes (it had no prefill and
+    /// finished none), and those decodes, for the next batch formed from scratch to compare.
+    was_decodes_only: bool,
+    last_decode: Vec<u32>,
     pub peaks: Peaks,
     /// Sessions' KV kept in free blocks; `None` when the trace has no sessions.
     pub cache: Option<Box<PrefixCache>>,
@@ -136,6 +144,9 @@ impl Instance {
             decode: Vec::new(),
             prefill: Vec::new(),
             pending_pauses: Vec::new(),
+            is_repeat: false,
+            was_decodes_only: false,
+            last_decode: Vec::new(),
             peaks: Peaks::default(),
             cache: None,
         }
@@ -229,9 +240,11 @@ impl Instance {
                 debug_assert_eq!(shape.num_decode, n);
                 self.peaks.batch_tokens = self.peaks.batch_tokens.max(n);
                 self.peaks.batch_seqs = self.peaks.batch_seqs.max(n);
+                self.is_repeat = true;
                 return shape;
             }
         }
+        std::mem::swap(&mut self.decode, &mut self.last_decode);
         self.decode.clear();
         self.prefill.clear();
         let mut shape = BatchShape::default();
@@ -282,6 +295,8 @@ impl Instance {
         }
         self.peaks.batch_tokens = self.peaks.batch_tokens.max(p.max_batch_tokens - budget);
         self.peaks.batch_seqs = self.peaks.batch_seqs.max(self.num_scheduled());
+        // A batch formed anew can still be the last one again (a step that needed a block).
+        self.is_repeat = self.was_decodes_only && self.prefill.is_empty() && self.decode == self.last_decode;
         shape
     }
 
@@ -298,6 +313,9 @@ impl Instance {
     /// Applies the step that ends at `now`: every decode and every completed prefill samples a
     /// token. Requests that go on are listed in `feed.entries` (decodes first, as the worker's
     /// step feed lists them), finished ones in `feed.finished` (`Phase::Done`, blocks freed).
+    /// A step that repeated the last one's batch and finished nothing lists no entries and
+    /// sets `feed.is_repeat` instead: its feed is the last one, every length one longer
+    /// ([`Instance::list_decodes`] writes it out).
     /// When the step was decodes only, none finished and each can decode again into blocks it
     /// holds, returns the shape of that next batch (for `schedule`).
     pub fn finish_step(
@@ -309,7 +327,10 @@ impl Instance {
         feed: &mut StepFeed,
     ) -> Option<BatchShape> {
         let num_finished = feed.finished.len();
-        feed.entries.reserve(self.decode.len() + self.prefill.len());
+        let is_listed = !self.is_repeat;
+        if is_listed {
+            feed.entries.reserve(self.decode.len() + self.prefill.len());
+        }
         let block_size = u64::from(p.block_size);
         let mut next = BatchShape::default();
         let mut has_blocks = true;
@@ -317,7 +338,7 @@ impl Instance {
             let seq = &mut seqs[r as usize];
             debug_assert_eq!(seq.phase, Phase::Running);
             seq.num_computed = seq.context_len();
-            emit(p, self.id, r, seq, times, now, feed);
+            emit(p, self.id, r, seq, times, now, feed, is_listed);
             // Its next decode needs KV for one more token.
             let ctx = seq.context_len();
             has_blocks &= u64::from(ctx) <= u64::from(seq.num_blocks) * block_size;
@@ -330,8 +351,13 @@ impl Instance {
             let seq = &mut seqs[r as usize];
             seq.num_computed += chunk;
             if !seq.is_prefilling() {
-                emit(p, self.id, r, seq, times, now, feed);
+                emit(p, self.id, r, seq, times, now, feed, true);
             }
+        }
+        feed.is_repeat = self.is_repeat && feed.finished.len() == num_finished;
+        self.was_decodes_only = self.prefill.is_empty() && feed.finished.len() == num_finished;
+        if self.is_repeat && !feed.is_repeat {
+            self.list_decodes(seqs, feed); // the others' entries, as a feed would list them
         }
         if feed.finished.len() > num_finished {
             let mut freed = 0;
@@ -347,6 +373,23 @@ impl Instance {
         }
         is_plain.then_some(next)
     }
+
+    /// Lists in `feed.entries` the requests of the step that just ended here as its feed
+    /// names them, for a step that decoded only (a repeat step): those that go on, in order.
+    pub fn list_decodes(&self, seqs: &[Seq], feed: &mut StepFeed) {
+        debug_assert!(self.prefill.is_empty());
+        feed.entries.reserve(self.decode.len());
+        for &r in &self.decode {
+            let seq = &seqs[r as usize];
+            if seq.phase != Phase::Done {
+                feed.entries.push(StepEntry {
+                    request: RequestId(u64::from(r)),
+                    instance: self.id,
+                    context_len: seq.context_len(),
+                });
+            }
+        }
+    }
 }
 
 /// What one step produced, as the worker's step feed reports it.
@@ -356,10 +399,15 @@ pub(super) struct StepFeed {
     pub entries: Vec<StepEntry>,
     /// Requests that finished (their blocks are freed by the caller).
     pub finished: Vec<u32>,
+    /// The step repeated the last one's batch and finished nothing: `entries` is empty, and
+    /// the feed is the last one with every length one longer.
+    pub is_repeat: bool,
 }
 
-/// Samples one token of request `r` on instance `id` and lists it in `feed`.
+/// Samples one token of request `r` on instance `id` and lists it in `feed` (its entries only
+/// when `is_listed`).
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn emit(
     p: &EngineParams,
     id: InstanceId,
@@ -368,6 +416,7 @@ fn emit(
     times: &mut [Timeline],
     now: f64,
     feed: &mut StepFeed,
+    is_listed: bool,
 ) {
     seq.num_generated += 1;
     // The first token ever (a preempted request keeps the tokens it generated).
@@ -378,7 +427,7 @@ fn emit(
         seq.phase = Phase::Done;
         times[r as usize].finished_s = now;
         feed.finished.push(r);
-    } else {
+    } else if is_listed {
         feed.entries.push(StepEntry { request: RequestId(u64::from(r)), instance: id, context_len: seq.context_len() });
     }
 }

@@ -4,6 +4,7 @@
 
 use super::tests::{baseline, bimodal, ids, two_stage};
 use super::*;
+use crate::arrivals::{generate_trace, ArrivalProcess};
 use crate::baselines::BaselineKind;
 use crate::cascade::{CascadeConfig, CascadePolicy};
 use crate::cost::tests::gpu;
@@ -20,6 +21,7 @@ use crate::workload::WorkloadSummary;
 enum Call {
     Admit { request: NewRequest, now: f64, answer: Result<Option<Admission>> },
     OnStep { entries: Vec<StepEntry>, now: f64, answer: Result<Vec<Migration>> },
+    OnRepeatStep { instance: InstanceId, now: f64, answer: Option<Result<Vec<Migration>>> },
     Tick { now: f64, answer: TickOutcome },
     MigrationDone { migration: Migration, succeeded: bool },
     RequestFinished { request: RequestId, instance: InstanceId },
@@ -30,7 +32,10 @@ enum Call {
 impl Call {
     fn now(&self) -> Option<f64> {
         match self {
-            Call::Admit { now, .. } | Call::OnStep { now, .. } | Call::Tick { now, .. } => Some(*now),
+            Call::Admit { now, .. }
+            | Call::OnStep { now, .. }
+            | Call::OnRepeatStep { now, .. }
+            | Call::Tick { now, .. } => Some(*now),
             _ => None,
         }
     }
@@ -55,6 +60,12 @@ impl Policy for Recording {
     fn on_step(&mut self, entries: &[StepEntry], now: f64) -> Result<Vec<Migration>> {
         let answer = self.inner.on_step(entries, now);
         self.calls.push(Call::OnStep { entries: entries.to_vec(), now, answer: answer.clone() });
+        answer
+    }
+
+    fn on_repeat_step(&mut self, instance: InstanceId, now: f64) -> Option<Result<Vec<Migration>>> {
+        let answer = self.inner.on_repeat_step(instance, now);
+        self.calls.push(Call::OnRepeatStep { instance, now, answer: answer.clone() });
         answer
     }
 
@@ -102,6 +113,9 @@ fn replay(policy: &mut dyn Policy, calls: &[Call]) {
             Call::OnStep { entries, now, .. } => {
                 let answer = policy.on_step(&entries, now);
                 Call::OnStep { entries, now, answer }
+            }
+            Call::OnRepeatStep { instance, now, .. } => {
+                Call::OnRepeatStep { instance, now, answer: policy.on_repeat_step(instance, now) }
             }
             Call::Tick { now, .. } => Call::Tick { now, answer: policy.tick(now) },
             Call::MigrationDone { migration, succeeded } => {
@@ -156,6 +170,7 @@ fn the_simulator_calls_the_policy_and_nothing_else() {
         assert!(count(|c| matches!(c, Call::Admit { .. })) >= trace.len());
         assert!(
             count(|c| matches!(c, Call::OnStep { .. })) > trace.len()
+                && count(|c| matches!(c, Call::OnRepeatStep { answer: Some(_), .. })) > trace.len()
                 && count(|c| matches!(c, Call::Tick { .. })) > 100
         );
         let landed = count(|c| matches!(c, Call::MigrationDone { succeeded: true, .. }));
@@ -170,4 +185,77 @@ fn the_simulator_calls_the_policy_and_nothing_else() {
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "the simulated clock never goes back");
         replay(make().as_mut(), &calls);
     }
+}
+
+/// A policy that takes every feed whole: the simulator then builds the feed of every step,
+/// repeat steps included.
+struct WholeFeeds(Box<dyn Policy>);
+
+impl Policy for WholeFeeds {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn admit(&mut self, request: &NewRequest, now: f64) -> Result<Option<Admission>> {
+        self.0.admit(request, now)
+    }
+    fn on_step(&mut self, entries: &[StepEntry], now: f64) -> Result<Vec<Migration>> {
+        self.0.on_step(entries, now)
+    }
+    fn tick(&mut self, now: f64) -> TickOutcome {
+        self.0.tick(now)
+    }
+    fn add_instance(&mut self, instance: InstanceId) -> Result<()> {
+        self.0.add_instance(instance)
+    }
+    fn remove_instance(&mut self, instance: InstanceId) -> Result<()> {
+        self.0.remove_instance(instance)
+    }
+    fn migration_done(&mut self, migration: &Migration, succeeded: bool) {
+        self.0.migration_done(migration, succeeded);
+    }
+    fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
+        self.0.request_finished(request, instance);
+    }
+    fn router(&self) -> &Router {
+        self.0.router()
+    }
+    fn router_mut(&mut self) -> &mut Router {
+        self.0.router_mut()
+    }
+}
+
+/// A repeat step answered without its feed (`Policy::on_repeat_step`) leaves every policy
+/// where the whole feed would: the same run, request for request, for cascade with refinement
+/// and stage-bound moves, every baseline, a pool small enough to preempt, and sessions.
+#[test]
+fn repeat_steps_answered_without_their_feed_change_nothing() {
+    let p = gpu();
+    let mut small = gpu();
+    small.kv_capacity_tokens = 64_000;
+    let session_trace = generate_trace(Preset::Agentic, 600, 4.0, ArrivalProcess::Poisson, 3).unwrap();
+    assert!(session_trace.iter().all(|r| r.session.is_some()));
+    let policies: [fn() -> Box<dyn Policy>; 5] = [
+        planned_cascade,
+        || Box::new(two_stage(&gpu(), 1024, 4)),
+        || Box::new(baseline(BaselineKind::LeastLoad, &gpu(), 4)),
+        || Box::new(baseline(BaselineKind::Llumnix, &gpu(), 4)),
+        || Box::new(baseline(BaselineKind::RoundRobin, &gpu(), 4)),
+    ];
+    let (mut num_preemptions, mut num_cache_hits) = (0, 0);
+    for (profile, trace) in [(&p, bimodal(1500, 6.0, 8)), (&small, bimodal(800, 6.0, 9)), (&p, session_trace)] {
+        for make in policies {
+            let mut fast = make();
+            let n = fast.layout().num_instances() as u32;
+            let mut with_shortcut = simulate(fast.as_mut(), profile, &trace, &ids(n), &SimConfig::default()).unwrap();
+            let mut whole = WholeFeeds(make());
+            let mut without = simulate(&mut whole, profile, &trace, &ids(n), &SimConfig::default()).unwrap();
+            with_shortcut.summary.sim_wall_s = 0.0;
+            without.summary.sim_wall_s = 0.0;
+            assert!(with_shortcut.summary.completed > 0);
+            assert_eq!(with_shortcut, without, "{}", with_shortcut.policy);
+            num_preemptions += with_shortcut.num_preemptions;
+            num_cache_hits += u64::from(with_shortcut.summary.prefix_cache_hit_rate > 0.0);
+        }
+    }
+    assert!(num_preemptions > 0 && num_cache_hits > 0, "no preemption or no cache hit: the test would prove little");
 }

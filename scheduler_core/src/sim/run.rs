@@ -278,10 +278,21 @@ impl<'a> Simulation<'a> {
             self.last_finish_s = self.now;
             self.policy.request_finished(RequestId(u64::from(r)), id);
         }
-        if !self.feed.entries.is_empty() {
-            for m in self.policy.on_step(&self.feed.entries, self.now)? {
-                self.migrate(m);
+        let migrations = if self.feed.is_repeat {
+            match self.policy.on_repeat_step(id, self.now) {
+                Some(answer) => answer?,
+                None => {
+                    self.instances[slot as usize].list_decodes(&self.seqs, &mut self.feed);
+                    self.policy.on_step(&self.feed.entries, self.now)?
+                }
             }
+        } else if !self.feed.entries.is_empty() {
+            self.policy.on_step(&self.feed.entries, self.now)?
+        } else {
+            Vec::new()
+        };
+        for m in migrations {
+            self.migrate(m);
         }
         if !self.instances[slot as usize].pending_pauses.is_empty() {
             let mut pauses = std::mem::take(&mut self.instances[slot as usize].pending_pauses);
