@@ -128,6 +128,10 @@ pub(super) struct Instance {
     /// finished none), and those decodes, for the next batch formed from scratch to compare.
     was_decodes_only: bool,
     last_decode: Vec<u32>,
+    /// The decodes of the last step whose next decode needs one more block, in batch order,
+    /// and how many blocks they need together.
+    needs_block: Vec<u32>,
+    num_blocks_needed: u64,
     pub peaks: Peaks,
     /// Sessions' KV kept in free blocks; `None` when the trace has no sessions.
     pub cache: Option<Box<PrefixCache>>,
@@ -147,6 +151,8 @@ impl Instance {
             is_repeat: false,
             was_decodes_only: false,
             last_decode: Vec::new(),
+            needs_block: Vec::new(),
+            num_blocks_needed: 0,
             peaks: Peaks::default(),
             cache: None,
         }
@@ -230,13 +236,23 @@ impl Instance {
         if let Some(shape) = next_decode {
             // Unless requests joined, left or wait since, the same requests decode again:
             // what the loops below would find, request by request, since each decodes one
-            // token into blocks it holds.
+            // token, into blocks it holds or, while the pool has them for all, blocks it
+            // gets in batch order without preempting anyone.
             let n = self.running.len() as u32;
             let is_same = self.waiting.is_empty()
                 && self.prefill.is_empty()
                 && self.running.len() == self.decode.len()
                 && self.running.iter().zip(&self.decode).all(|(a, b)| a == b);
-            if is_same && n <= p.max_batch_tokens.min(p.max_num_seqs) && self.used_blocks <= p.total_blocks {
+            if is_same
+                && n <= p.max_batch_tokens.min(p.max_num_seqs)
+                && self.used_blocks + self.num_blocks_needed <= p.total_blocks
+            {
+                for k in 0..self.needs_block.len() {
+                    let seq = &mut seqs[self.needs_block[k] as usize];
+                    let tokens = seq.context_len();
+                    let is_grown = self.grow(p, seq, tokens);
+                    debug_assert!(is_grown);
+                }
                 debug_assert_eq!(shape.num_decode, n);
                 self.peaks.batch_tokens = self.peaks.batch_tokens.max(n);
                 self.peaks.batch_seqs = self.peaks.batch_seqs.max(n);
@@ -316,8 +332,8 @@ impl Instance {
     /// A step that repeated the last one's batch and finished nothing lists no entries and
     /// sets `feed.is_repeat` instead: its feed is the last one, every length one longer
     /// ([`Instance::list_decodes`] writes it out).
-    /// When the step was decodes only, none finished and each can decode again into blocks it
-    /// holds, returns the shape of that next batch (for `schedule`).
+    /// When the step was decodes only and none finished, returns the shape of the next batch
+    /// of the same decodes (for `schedule`, which gives them the blocks they need then).
     pub fn finish_step(
         &mut self,
         p: &EngineParams,
@@ -333,7 +349,8 @@ impl Instance {
         }
         let block_size = u64::from(p.block_size);
         let mut next = BatchShape::default();
-        let mut has_blocks = true;
+        self.needs_block.clear();
+        self.num_blocks_needed = 0;
         for &r in &self.decode {
             let seq = &mut seqs[r as usize];
             debug_assert_eq!(seq.phase, Phase::Running);
@@ -341,12 +358,15 @@ impl Instance {
             emit(p, self.id, r, seq, times, now, feed, is_listed);
             // Its next decode needs KV for one more token.
             let ctx = seq.context_len();
-            has_blocks &= u64::from(ctx) <= u64::from(seq.num_blocks) * block_size;
+            if u64::from(ctx) > u64::from(seq.num_blocks) * block_size && seq.phase != Phase::Done {
+                self.needs_block.push(r);
+                self.num_blocks_needed += u64::from(p.blocks_for(ctx) - seq.num_blocks);
+            }
             next.sum_context += u64::from(ctx);
             next.max_context = next.max_context.max(ctx);
         }
         next.num_decode = self.decode.len() as u32;
-        let is_plain = has_blocks && self.prefill.is_empty() && feed.finished.len() == num_finished;
+        let is_plain = self.prefill.is_empty() && feed.finished.len() == num_finished;
         for &(r, chunk) in &self.prefill {
             let seq = &mut seqs[r as usize];
             seq.num_computed += chunk;
@@ -473,28 +493,39 @@ mod tests {
 
     #[test]
     fn the_next_decode_a_step_reports_is_the_batch_formed_from_scratch() {
-        let p = params(1000);
-        let mut seqs = vec![Seq::new(30, 50), Seq::new(14, 50), Seq::new(5, 3)];
-        let mut times =
-            vec![Timeline { arrival_s: 0.0, admitted_s: 0.0, first_token_s: f64::NAN, finished_s: f64::NAN }; 3];
-        let mut inst = Instance::new(InstanceId(0));
-        for r in 0..3 {
-            admit(&mut inst, &mut seqs, r);
-        }
-        let (mut feed, mut next, mut num_reported) = (StepFeed::default(), None, 0);
-        for t in 1..40 {
-            let fast = inst.schedule(&p, &mut seqs, next);
-            let (decode, prefill) = (inst.decode.clone(), inst.prefill.clone());
-            if next.is_some() {
-                num_reported += 1;
-                assert_eq!(fast, inst.schedule(&p, &mut seqs, None), "step {t}");
-                assert_eq!((&decode, &prefill), (&inst.decode, &inst.prefill));
+        // Two engines in lockstep, one told what each step reports of the next batch, the other
+        // forming every batch from scratch: they hold the same blocks and batches at every
+        // step, through block boundaries, finishes and, with 8 blocks for 9 at the peak, a
+        // preemption.
+        for total_blocks in [1000, 8] {
+            let p = params(total_blocks);
+            let mut seqs = vec![Seq::new(30, 50), Seq::new(14, 50), Seq::new(5, 3)];
+            let mut times =
+                vec![Timeline { arrival_s: 0.0, admitted_s: 0.0, first_token_s: f64::NAN, finished_s: f64::NAN }; 3];
+            let (mut fast, mut scratch) = (Instance::new(InstanceId(0)), Instance::new(InstanceId(1)));
+            let mut scratch_seqs = seqs.clone();
+            for r in 0..3 {
+                admit(&mut fast, &mut seqs, r);
+                admit(&mut scratch, &mut scratch_seqs, r);
             }
-            feed.entries.clear();
-            next = inst.finish_step(&p, &mut seqs, &mut times, f64::from(t), &mut feed);
+            let (mut feed, mut next, mut num_reported) = (StepFeed::default(), None, 0);
+            for t in 1..80 {
+                num_reported += u32::from(next.is_some());
+                let shape = fast.schedule(&p, &mut seqs, next);
+                assert_eq!(shape, scratch.schedule(&p, &mut scratch_seqs, None), "step {t}");
+                assert_eq!((&fast.decode, &fast.prefill), (&scratch.decode, &scratch.prefill));
+                assert_eq!(fast.used_blocks, scratch.used_blocks);
+                let blocks = |seqs: &[Seq]| seqs.iter().map(|s| (s.num_blocks, s.num_preemptions)).collect::<Vec<_>>();
+                assert_eq!(blocks(&seqs), blocks(&scratch_seqs), "step {t}");
+                next = fast.finish_step(&p, &mut seqs, &mut times, f64::from(t), &mut feed);
+                scratch.finish_step(&p, &mut scratch_seqs, &mut times, f64::from(t), &mut feed);
+            }
+            assert!(seqs.iter().all(|s| s.phase == Phase::Done));
+            assert!(num_reported > 40, "{num_reported}: the test would prove little");
+            if total_blocks == 8 {
+                assert!(seqs.iter().any(|s| s.num_preemptions > 0), "no preemption: the test would prove little");
+            }
         }
-        // Steps that cross a block boundary or finish a request form the batch from scratch.
-        assert!(num_reported > 20 && num_reported < 39, "{num_reported}");
     }
 
     #[test]
