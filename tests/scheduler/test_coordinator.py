@@ -21,6 +21,7 @@ from cascadeinfer.scheduler import requests
 from cascadeinfer.scheduler.config import SchedulerConfig, StageSpec
 from cascadeinfer.scheduler.coordinator import (
     MAX_FAILED_WORKERS_KEPT,
+    MAX_START_ERRORS,
     SHUTTING_DOWN,
     Coordinator,
     SchedulingError,
@@ -185,6 +186,27 @@ async def test_a_worker_that_refuses_a_request_fails_it_with_the_workers_status(
         await submit(c, "r", 10)
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert not c.requests
+
+
+async def test_a_request_a_worker_fails_to_start_every_time_ends_instead_of_waiting(
+    started: list[Coordinator],
+) -> None:
+    # vLLM 0.32's own validation errors (stop_token_ids past the vocabulary) reached the
+    # worker as INTERNAL, and the request was queued and tried again every half second for as
+    # long as its client waited.
+    c, fakes = await start(started, "a")
+    fakes["a"].refuse_start = grpc.StatusCode.INTERNAL
+    rec = await submit(c, "r", 10)
+    assert not rec.is_done  # one INTERNAL may be a start stream that broke: tried again
+    for _ in range(MAX_START_ERRORS):
+        fakes["a"].step()
+        await settle()
+    assert rec.finish == FinishReason.ABORT
+    assert rec.num_start_errors == MAX_START_ERRORS
+    assert "r" not in c.requests
+    fakes["a"].refuse_start = None
+    await submit(c, "next", 10)
+    assert "next" in fakes["a"].started
 
 
 async def test_a_client_that_stops_reading_has_its_request_ended_and_aborted(

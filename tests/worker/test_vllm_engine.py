@@ -420,6 +420,12 @@ def test_recompute_mode_yields_the_unmoved_tokens(
         (replace(request("bad"), sampling=SamplingSpec(max_tokens=5, top_p=0.0)), "top_p"),
         (replace(request("bad"), sampling=SamplingSpec(max_tokens=5, temperature=-1)), "temp"),
         (replace(request("bad", max_tokens=3), output_token_ids=(1, 2, 3)), "output_token_ids"),
+        # Refused by vLLM itself, with an error that is no ValueError (VLLMValidationError).
+        (
+            replace(request("bad"), sampling=SamplingSpec(max_tokens=5, stop_token_ids=(1024,))),
+            "stop_token_ids",
+        ),
+        (replace(request("bad"), sampling=SamplingSpec(max_tokens=5, temperature=2.5)), "temp"),
     ],
 )
 def test_bad_requests_are_invalid_arguments(

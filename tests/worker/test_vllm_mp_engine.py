@@ -19,6 +19,7 @@ import sys
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -523,6 +524,14 @@ def test_error_codes(engines: tuple[VllmMpEngine, VllmMpEngine]) -> None:
     assert code_of(lambda: source.add_request(bad)) is ErrorCode.INVALID_ARGUMENT
     too_long = replace(request("long"), prompt_token_ids=(3,) * 1024)
     assert code_of(lambda: source.add_request(too_long)) is ErrorCode.INVALID_ARGUMENT
+    # Refused by vLLM itself, with an error that is no ValueError (VLLMValidationError): it
+    # was INTERNAL, which the scheduler retried for as long as the client waited.
+    for name, sampling in [
+        ("stop-oov", SamplingSpec(max_tokens=5, stop_token_ids=(1024,))),
+        ("too-hot", SamplingSpec(max_tokens=5, temperature=2.5)),
+    ]:
+        refused = EngineRequest(name, prompt_for(name), sampling)
+        assert code_of(partial(source.add_request, refused)) is ErrorCode.INVALID_ARGUMENT
     source.add_request(request("codes"))
     assert code_of(lambda: source.add_request(request("codes"))) is ErrorCode.ALREADY_EXISTS
     source.abort("codes")

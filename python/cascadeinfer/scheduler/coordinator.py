@@ -64,6 +64,13 @@ LEAVE_CHECK_TIMEOUT_S = 3.0
 the worker's own word on whether it drains; under the 5 s a worker gives its own goodbye."""
 STEP_REFUSAL_LOG_S = 60.0
 """A worker's steps the core refused are logged at most once in this long (all are counted)."""
+MAX_START_ERRORS = 3
+"""INTERNAL answers to a request's placements before the request ends (HTTP 503, gRPC
+FINISH_REASON_ABORT) rather than waits for another try: a worker's bug that refuses it every
+time (vLLM 0.32's own validation errors, before the worker knew them) was retried every half
+second for as long as the client waited, a traceback in the worker's log each time. A start
+stream that breaks (INTERNAL too, the worker dying) is a rare one-off and fits well under the
+bound."""
 MAX_FAILED_WORKERS_KEPT = 16
 """Workers that failed (feed ended without a goodbye) still listed in the cluster state, as not
 healthy, once nothing runs there; older ones, and every worker that left, are forgotten."""
@@ -852,6 +859,13 @@ class Coordinator:
             self._unplace(rec, link)
             if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
                 raise SchedulingError(e.code, e.details) from None
+            if e.code == grpc.StatusCode.INTERNAL:
+                rec.num_start_errors += 1
+                if rec.num_start_errors >= MAX_START_ERRORS:
+                    raise SchedulingError(
+                        grpc.StatusCode.INTERNAL,
+                        f"the worker failed to start the request {rec.num_start_errors} times",
+                    ) from None
             return False
         except asyncio.CancelledError:
             # The caller left mid-placement (a gRPC client that cancelled, or whose deadline

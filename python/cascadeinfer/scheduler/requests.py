@@ -64,6 +64,8 @@ class ClientRequest:
     entry_stage: int = 0
     """The stage the request was first admitted to (metrics are labelled by it)."""
     num_migrations: int = 0
+    num_start_errors: int = 0
+    """Placements a worker answered INTERNAL (`coordinator.MAX_START_ERRORS` bounds them)."""
     tokens: list[int] = field(default_factory=list)
     """Every output token delivered to the client, in order."""
     pending: dict[int, int] = field(default_factory=dict)

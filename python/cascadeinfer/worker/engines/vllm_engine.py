@@ -414,7 +414,7 @@ class VllmEngine:
             internal_id = self._llm.add_request(
                 request.request_id, {"prompt_token_ids": prompt}, params
             )
-        except ValueError as exc:
+        except vllm_refusals() as exc:
             raise EngineError(
                 ErrorCode.INVALID_ARGUMENT, f"vLLM refused the request: {exc}"
             ) from exc
@@ -561,6 +561,17 @@ def validate_request(request: EngineRequest, vocab_size: int, max_model_len: int
             raise EngineError(ErrorCode.INVALID_ARGUMENT, message)
 
 
+def vllm_refusals() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it refuses: ValueError, and its own client errors
+    (`VLLMValidationError`: stop_token_ids past the vocabulary, a temperature over 2), which
+    are no ValueError in vLLM 0.32. Either is INVALID_ARGUMENT for that request; caught as
+    anything else it was INTERNAL, which the scheduler retried every half second while the
+    client waited, a traceback logged each time."""
+    from vllm.exceptions import VLLMClientError
+
+    return (ValueError, VLLMClientError)
+
+
 def to_sampling_params(request: EngineRequest, kv_params: dict[str, Any] | None) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -578,7 +589,7 @@ def to_sampling_params(request: EngineRequest, kv_params: dict[str, Any] | None)
             output_kind=RequestOutputKind.DELTA,
             extra_args={"kv_transfer_params": kv_params} if kv_params else None,
         )
-    except ValueError as exc:
+    except vllm_refusals() as exc:
         raise EngineError(ErrorCode.INVALID_ARGUMENT, f"sampling: {exc}") from exc
 
 

@@ -61,6 +61,7 @@ from cascadeinfer.worker.engines.vllm_engine import (
     register_seeded_dummy_loader,
     to_sampling_params,
     validate_request,
+    vllm_refusals,
 )
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ class VllmMpEngine:
             collector = self._aloop.run_until_complete(
                 self._llm.add_request(request.request_id, {"prompt_token_ids": prompt}, params)
             )
-        except ValueError as exc:
+        except vllm_refusals() as exc:
             raise EngineError(
                 ErrorCode.INVALID_ARGUMENT, f"vLLM refused the request: {exc}"
             ) from exc
