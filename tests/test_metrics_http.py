@@ -1,17 +1,22 @@
 """The scrape endpoint (`--metrics-port`) of both daemons: idle connections are closed, the
-connections served at once are bounded, and a port in use is a clear configuration error."""
+connections served at once are bounded, renders are bounded however fast scrapes come, and a
+port in use is a clear configuration error."""
 
 from __future__ import annotations
 
+import gzip
 import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 from cascadeinfer import metrics_http
 from cascadeinfer.metrics_http import serve_metrics
+from cascadeinfer.metrics_page import RENDER_BURST, RENDERS_PER_S
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics_core import Metric
 
 
 def _registry() -> CollectorRegistry:
@@ -52,6 +57,58 @@ def test_connections_past_the_bound_are_closed_at_once(monkeypatch: pytest.Monke
         time.sleep(0.3)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
         assert b"probe_total" in body
+    finally:
+        server.shutdown()
+
+
+class CountingRegistry(CollectorRegistry):
+    """Counts its collections: each render of a page collects once."""
+
+    num_collects = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.num_collects += 1
+        yield from super().collect()
+
+
+def test_a_burst_of_scrapes_renders_the_page_a_bounded_number_of_times() -> None:
+    # Each scrape rendered the registry anew under the GIL, beside the daemon's event loop:
+    # 32 connections scraping without pause cost it as much as a flood of the API's /metrics.
+    registry = CountingRegistry()
+    counter = Counter("probe", "a counter", registry=registry)
+    server = serve_metrics("127.0.0.1", 0, registry)
+    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+
+    def scrape_many() -> None:
+        for _ in range(25):
+            assert b"probe_total" in urllib.request.urlopen(url, timeout=10).read()
+
+    try:
+        started = time.monotonic()
+        scrapers = [threading.Thread(target=scrape_many) for _ in range(8)]
+        for t in scrapers:
+            t.start()
+        for t in scrapers:
+            t.join()
+        took = time.monotonic() - started
+        renders = registry.num_collects
+        assert renders <= RENDER_BURST + RENDERS_PER_S * took + 1, (renders, took)
+        # The page follows the registry once a render is due again.
+        counter.inc()
+        time.sleep(1 / RENDERS_PER_S + 0.1)
+        assert b"probe_total 1.0" in urllib.request.urlopen(url, timeout=10).read()
+        # Prometheus asks for OpenMetrics, gzipped; it gets that, as from prometheus_client.
+        asked = urllib.request.Request(
+            url,
+            headers={
+                "Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+                "Accept-Encoding": "gzip",
+            },
+        )
+        with urllib.request.urlopen(asked, timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert r.headers["Content-Encoding"] == "gzip"
+            assert gzip.decompress(r.read()).endswith(b"# EOF\n")
     finally:
         server.shutdown()
 

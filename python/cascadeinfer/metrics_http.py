@@ -10,6 +10,10 @@ configuration error (ValueError: exit status 2), not a traceback.
 The read timeout is per read: a client sending a byte a second never hit it, and 32 of them held
 every slot, so no scrape was served. The whole request head therefore has a deadline too,
 `head_timeout_s` from the connection's accept; a connection past it is closed.
+
+The page itself is rendered at a bounded rate (`metrics_page`): each render runs under the GIL,
+beside the daemon's event loop, so 32 connections scraping without pause slowed the loop as a
+flood of the API port's `/metrics` did.
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ import io
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
+
+from cascadeinfer.metrics_page import MetricsPage
 
 READ_TIMEOUT_S = 10.0
 """A connection's socket reads and writes time out after this long."""
@@ -109,6 +118,27 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
+def _scrape_app(page: MetricsPage) -> Callable[..., Iterable[bytes]]:
+    """prometheus_client's WSGI app as Prometheus uses it (GET on any path, OpenMetrics or
+    the text format as the Accept header asks, gzip where accepted), serving `page`. Its
+    `name[]` filter is left out: each filter would be a page of its own to render."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] != "GET":
+            start_response("405 Method Not Allowed", [("Allow", "GET")])
+            return [b""]
+        _, asked = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        is_openmetrics = asked.startswith("application/openmetrics-text")
+        is_gzipped = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", ""))
+        headers = [("Content-Type", OPENMETRICS if is_openmetrics else CONTENT_TYPE_PLAIN_0_0_4)]
+        if is_gzipped:
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [page.get(is_openmetrics=is_openmetrics, is_gzipped=is_gzipped)]
+
+    return app
+
+
 def serve_metrics(
     host: str,
     port: int,
@@ -124,7 +154,11 @@ def serve_metrics(
     server_class = _Server6 if ":" in host else _Server
     try:
         server = make_server(
-            host, port, make_wsgi_app(registry), server_class=server_class, handler_class=handler
+            host,
+            port,
+            _scrape_app(MetricsPage(registry)),
+            server_class=server_class,
+            handler_class=handler,
         )
     except OSError as e:
         raise ValueError(

@@ -5,6 +5,7 @@ stages (so requests migrate mid-stream), with a bearer token and the tiny model'
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -19,8 +20,10 @@ import openai
 import pytest
 from cascadeinfer import CostProfile
 from cascadeinfer.launcher import SCHEDULER
+from cascadeinfer.metrics_page import RENDER_BURST, RENDERS_PER_S
 from cascadeinfer.proto.v1 import worker_pb2
 from cascadeinfer.scheduler.openai.protocol import EXCESS_CONNECTIONS as EXCESS
+from cascadeinfer.scheduler.openai.protocol import MAX_TARGET_BYTES
 from cascadeinfer.scheduler.text import load_tokenizer
 from cascadeinfer.worker.tiny_model import write_tiny_llama
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -577,6 +580,59 @@ def test_an_oversized_request_head_is_431_and_the_connection_closes(front: Front
     _still_serves(front)
 
 
+def test_a_request_target_over_its_bound_is_414_and_the_connection_closes(front: Front) -> None:
+    # A 70 KB target got the parser's plain 400 (httptools' URL parser keeps 16-bit offsets),
+    # and one of up to 64 KB was served.
+    for target, parts in [
+        (b"/v1/models?" + b"a" * 70_000, 1),  # whole in one write
+        (b"/v1/models/" + b"m" * (MAX_TARGET_BYTES + 1000), 20),  # still arriving when refused
+    ]:
+        request = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        size = -(-len(request) // parts)
+        pieces = [request[k : k + size] for k in range(0, len(request), size)]
+        answer, _ = _raw_exchange(front, pieces)
+        assert answer.startswith(b"HTTP/1.1 414 URI Too Long\r\n"), answer[:200]
+        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["message"] == f"request target over {MAX_TARGET_BYTES} bytes", error
+    # A target at the bound is read as before.
+    padding = b"a" * (MAX_TARGET_BYTES - len(b"/v1/models?"))
+    request = b"GET /v1/models?" + padding + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer, _ = _raw_exchange(front, [request])
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]  # no token: it reached the app
+    _still_serves(front)
+
+
+def test_a_burst_of_metrics_scrapes_renders_the_page_a_bounded_number_of_times(
+    front: Front,
+) -> None:
+    # /metrics needs no token, and each scrape rendered the whole registry on the event loop:
+    # 700 scrapes a second doubled the completion p50. A counter that changes before every
+    # scrape shows how many renders there were: as many as the distinct values seen.
+    base = front.scheduler.openai_url.removesuffix("/v1")
+    line = re.compile(
+        r'^cascade_scheduler_http_responses_total\{route="/v1/models",status="200"\} (\S+)$', re.M
+    )
+    num_scrapes = 100
+    with httpx.Client(headers=AUTH, timeout=10) as http:
+
+        def models_answered() -> float:
+            found = line.search(http.get(f"{base}/metrics").text)
+            return float(found.group(1)) if found else 0.0
+
+        time.sleep(1 / RENDERS_PER_S + 0.1)  # a fresh render is due
+        before = models_answered()
+        started = time.monotonic()
+        seen = []
+        for _ in range(num_scrapes):
+            assert http.get(f"{base}/v1/models").status_code == 200
+            seen.append(models_answered())
+        took = time.monotonic() - started
+        assert len(set(seen)) <= RENDER_BURST + RENDERS_PER_S * took + 1, (len(set(seen)), took)
+        # Once a render is due again, the page shows every answer.
+        time.sleep(1 / RENDERS_PER_S + 0.1)
+        assert models_answered() == before + num_scrapes
+
+
 def test_a_request_head_or_body_that_never_completes_is_408(front: Front) -> None:
     # Headers that stop coming (a slowloris): answered and closed after the timeout.
     answer, took = _raw_exchange(front, [b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"])
@@ -716,7 +772,8 @@ def test_an_error_quotes_at_most_a_bounded_part_of_what_the_client_sent(front: F
     r = httpx.post(url, json={"model": "m" * 300_000, "prompt": "x"}, headers=AUTH, timeout=30)
     assert r.status_code == 404 and len(r.content) < 4096, len(r.content)
     assert r.json()["error"]["code"] == "model_not_found"
-    r = httpx.get(f"{front.scheduler.openai_url}/{'p' * 50_000}", timeout=30)
+    # A path just under the target bound (a longer one is 414, see below).
+    r = httpx.get(f"{front.scheduler.openai_url}/{'p' * 8_000}", timeout=30)
     assert r.status_code == 404 and len(r.content) < 4096, len(r.content)
 
 

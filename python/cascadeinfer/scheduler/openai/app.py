@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -24,6 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cascadeinfer.domain import MAX_REQUEST_ID_CHARS
+from cascadeinfer.metrics_page import MetricsPage
 from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator
 from cascadeinfer.scheduler.openai.errors import APIError, from_validation, invalid
 from cascadeinfer.scheduler.openai.generation import Runner, unless_disconnected
@@ -72,6 +73,8 @@ class OpenAIFront:
         self._tokens = [t.encode() for t in tokens]
         """Any of these opens the API (the scheduler's client tokens); none: it is open."""
         self._model_name = model_name
+        self._metrics_page = MetricsPage(coordinator.metrics.registry)
+        """/metrics needs no token: its renders are bounded so scrapes cannot load the loop."""
         self.started = int(time.time())
 
     def app(self) -> ASGIApp:
@@ -236,9 +239,9 @@ class OpenAIFront:
         return JSONResponse({"status": "ok"})
 
     async def metrics(self, request: Request) -> Response:
-        """The scheduler's Prometheus metrics on the API port too (open, as /health is)."""
-        body = generate_latest(self.c.metrics.registry)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        """The scheduler's Prometheus metrics on the API port too (open, as /health is), at
+        most a fraction of a second old under a flood of scrapes (`metrics_page`)."""
+        return Response(self._metrics_page.get(), media_type=CONTENT_TYPE_LATEST)
 
     def _card(self, name: str) -> ModelCard:
         return ModelCard(id=name, created=self.started, max_model_len=self.c.max_model_len)

@@ -6,7 +6,8 @@ sends a byte every few seconds holds its connection (and its slot under `http_ma
 forever. Here a head larger than `MAX_HEAD_BYTES` is answered 431 and one not complete within
 `head_timeout_s` (the scheduler's `http_request_timeout_s`) of its first byte is answered 408;
 either way the connection closes. A connection that sends nothing is closed after that time
-too. (The body has its own bounds in the app: `MAX_BODY_BYTES` and the same timeout.)
+too, and a request target (path and query) over `MAX_TARGET_BYTES` is answered 414 as it
+arrives. (The body has its own bounds in the app: `MAX_BODY_BYTES` and the same timeout.)
 
 A request answered before its body came in whole (401, 404, 413) is another gap: uvicorn drops
 the rest of the body as it arrives, but its first byte cancels the keep-alive timer and nothing
@@ -26,6 +27,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 MAX_HEAD_BYTES = 64 * 1024
 """Request line plus headers, at most (bearer tokens and the usual headers take a few hundred)."""
+MAX_TARGET_BYTES = 8 * 1024
+"""Longest request target (path and query) read; a longer one is answered 414 URI Too Long as
+soon as it is over, and the connection closes. The front's paths are short (the longest names a
+model, `/v1/models/NAME`) and it reads no query; nginx and Apache answer 414 past 8 KiB too.
+Before, a target of up to 64 KiB was served and a longer one got the parser's plain 400
+(httptools' `parse_url` keeps offsets in 16 bits)."""
 
 
 LINGER_S = 2.0
@@ -86,6 +93,11 @@ needed) used every descriptor of the scheduler, and its gRPC API, its metrics an
 workers stalled while they lasted."""
 
 
+class _TargetTooLong(Exception):
+    """Raised in the parser's URL callback, which stops the parser: the request goes no further,
+    and uvicorn hands the failure to `send_400_response`, which answers 414 instead."""
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     """HttpToolsProtocol that refuses an oversized or never-ending request head, answers past
     the connection limit in JSON, and closes connections far past it as they come."""
@@ -97,6 +109,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _in_head = False
     _dropped_bytes = -1
     """Bytes dropped since a refusal; -1 before any."""
+    _is_target_too_long = False
     _head_deadline: asyncio.TimerHandle | None = None
     _body_deadline: asyncio.TimerHandle | None = None
     """Armed while the body of a request that was answered already is still coming."""
@@ -129,9 +142,22 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 431, "Request Header Fields Too Large", f"request head over {MAX_HEAD_BYTES} bytes"
             )
 
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)  # called once per piece of the target the parser has read
+        if len(self.url) > MAX_TARGET_BYTES:
+            self._is_target_too_long = True
+            raise _TargetTooLong
+
     def send_400_response(self, msg: str) -> None:
         """A request the HTTP parser refuses (a bad Content-Length, both it and chunked, no
-        request line), in the OpenAI error shape rather than uvicorn's plain text."""
+        request line), in the OpenAI error shape rather than uvicorn's plain text; 414 for a
+        target stopped by `on_url`."""
+        if self._is_target_too_long:
+            # `_refuse` reads what the client still sends before it closes: it may be sending
+            # the rest of its long target, and a close with unread input resets the connection.
+            message = f"request target over {MAX_TARGET_BYTES} bytes"
+            self._refuse(414, "URI Too Long", message)
+            return
         self.transport.write(_error(400, "Bad Request", msg))
         self.transport.close()
 
