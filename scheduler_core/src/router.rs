@@ -371,7 +371,7 @@ impl Router {
     /// stage its length now belongs to). Requests already migrating are skipped.
     pub fn check_step(&mut self, entries: &[StepEntry]) -> Result<Vec<Migration>> {
         self.loads.begin_refresh();
-        let mut crossed: Vec<(StepEntry, usize)> = Vec::new();
+        let mut crossed: Vec<StepEntry> = Vec::new();
         for e in entries {
             let Some(stage) = self.layout.stage_of_instance(e.instance) else {
                 self.loads.end_refresh();
@@ -379,11 +379,11 @@ impl Router {
             };
             self.loads.record(e.instance, e.request, e.context_len);
             if e.context_len >= self.layout.stages()[stage].max_len {
-                crossed.push((*e, stage));
+                crossed.push(*e);
             }
         }
         self.loads.end_refresh();
-        self.migrate_crossed(crossed.into_iter().map(|(e, _)| e))
+        self.migrate_crossed(crossed.into_iter())
     }
 
     /// [`Router::check_step`] for a feed that would list `instance`'s running requests as
