@@ -3,7 +3,9 @@ run as a user would, on small simulated workloads."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,14 +40,22 @@ def test_trace_gen_writes_a_bursty_trace(tmp_path: Path) -> None:
 def test_bench_sim_prints_the_documented_keys_for_a_preset_and_a_trace(tmp_path: Path) -> None:
     base = ["bench", "sim", "--instances", "4", "--requests", "400", "--rate", "2", "--json"]
     doc = json.loads(cascade(*base, "--workload", "bimodal", "--policy", "cascade"))
-    assert set(doc) >= SIM_SUMMARY_KEYS | {"goodput", "goodput_req_s"}
+    assert set(doc) >= SIM_SUMMARY_KEYS | {"goodput", "goodput_req_s", "stages", "plan_wall_s"}
     assert doc["completed"] == 400
     assert 0 < doc["mean_ttft_s"] <= doc["mean_e2e_s"] <= doc["p99_e2e_s"]
+    # The layout the run started with: stages of consecutive lengths over the 4 instances.
+    stages = re.findall(r"\[(\d+), (\d+)\) x(\d+)", doc["stages"])
+    assert stages and stages[0][0] == "0" and sum(int(n) for _, _, n in stages) == 4
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(stages))
+    assert doc["plan_wall_s"] > 0
     trace = tmp_path / "t.jsonl"
     cascade("trace", "gen", "--workload", "short-chat", "--requests", "300", "--rate", "3",
             "--out", str(trace))  # fmt: skip
     doc = json.loads(cascade(*base, "--workload", str(trace), "--policy", "round-robin"))
     assert doc["completed"] == 300 and doc["migrations"] == 0
+    assert doc["stages"] == "[0, 131072) x4", "a baseline: one stage of every length"
+    text = cascade(*base[:-1], "--workload", str(trace), "--policy", "least-load")
+    assert "stages                [0, 131072) x4" in text
 
 
 @pytest.mark.parametrize("policy", ["least-load", "cascade"])

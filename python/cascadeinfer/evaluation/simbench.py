@@ -8,6 +8,7 @@ scheduler uses, and the simulator drives it through the same `Policy` interface.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,22 @@ SUMMARY_KEYS = (
     "prefix_cache_hit_rate",
     "layout_changes",
     "capacity_moves",
+    "stages",
+    "plan_wall_s",
     "sim_wall_s",
 )
 """What `cascade bench sim` prints: the keys a live run has, goodput under the setup's
 `GoodputSlo`, the share of prompt tokens served from prefix caches (0 without sessions), the
 times cascade changed its stage layout (of them, the capacity guard's instance moves; 0 for
-the baselines), and the simulator's wall time."""
+the baselines), the layout the run started with (`stages`, as `describe_stages` writes it),
+the wall time of building the policy (`plan_wall_s`: cascade's planning, all its simulations
+included; about 0 for a baseline) and the simulator's wall time."""
+
+
+def describe_stages(stages: list[tuple[int, int, list[int]]]) -> str:
+    """A layout (`Scheduler.stages()`) as `[0, 6658) x6, [6658, 131072) x10`: each stage's
+    context lengths and its number of instances; a baseline is one stage of every length."""
+    return ", ".join(f"[{lo}, {hi}) x{len(instances)}" for lo, hi, instances in stages)
 
 
 def clamp(trace: Trace, max_len: int) -> Trace:
@@ -133,13 +144,17 @@ def policy_options(setup: SimSetup, rate: float, num_requests: int) -> dict[str,
     }
 
 
-def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.SimReport]:
-    """One simulation at `rate` req/s; the cascade plan is made for this workload and rate."""
+def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, Any], _core.SimReport]:
+    """One simulation at `rate` req/s; the cascade plan is made for this workload and rate.
+    Every figure of the summary is a number but `stages` (`describe_stages`)."""
     trace = setup_trace(setup, rate)
     instances = list(range(setup.num_instances))
+    started = time.perf_counter()
     policy = build_policy(
         setup.policy, setup.profile, instances, **policy_options(setup, rate, len(trace))
     )
+    plan_wall_s = time.perf_counter() - started
+    stages = describe_stages(policy.stages())
     report = _core.simulate(
         policy,
         setup.profile,
@@ -149,7 +164,7 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.S
         max_concurrent_migrations=setup.max_concurrent_migrations,
         max_optional_migrations_per_s=setup.max_optional_migrations_per_s,
     )
-    summary = dict(report.summary())
+    summary: dict[str, Any] = dict(report.summary())
     r = report.requests()
     summary |= goodput(
         setup.goodput_slo,
@@ -163,6 +178,8 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, float], _core.S
     summary["requests"] = len(trace)
     summary["layout_changes"] = report.num_layout_changes
     summary["capacity_moves"] = report.num_capacity_moves
+    summary["stages"] = stages
+    summary["plan_wall_s"] = plan_wall_s
     return summary, report
 
 
