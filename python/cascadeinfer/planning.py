@@ -303,6 +303,9 @@ def plan_stages(
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
     if rate is not None and not rate > 0:
         raise ValueError(f"rate must be > 0, got {rate}")
+    if arrival_cv is not None and not (math.isfinite(arrival_cv) and arrival_cv > 0):
+        # Checked here: 0 would read as "not given" below and plan for Poisson instead.
+        raise ValueError(f"arrival_cv must be finite and > 0, got {arrival_cv}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}: known {', '.join(OBJECTIVES)}")
     max_len = max_len or profile.max_model_len

@@ -56,6 +56,20 @@ def test_plan_from_a_trace_uses_its_rate(tmp_path: Path) -> None:
     assert json.loads(out.stdout)["rate"] == pytest.approx(2.0)
 
 
+def test_plan_for_bursty_arrivals_simulates_them() -> None:
+    """`--arrival gamma --cv C` plans for bursts, as `cascade bench sim` does for a preset: the
+    layout selection simulates Gamma gaps, and every candidate waits longer in them."""
+    base = ["plan", "--instances", "8", "--workload", "bimodal", "--rate", "10", "--json"]
+    steady, bursty = cascade(*base), cascade(*base, "--arrival", "gamma", "--cv", "4")
+    assert steady.returncode == bursty.returncode == 0, steady.stderr + bursty.stderr
+
+    def one_stage_p99(out: subprocess.CompletedProcess[str]) -> float:
+        candidates = json.loads(out.stdout)["stage_count_candidates"]
+        return float(candidates[0]["simulated_p99_e2e_s"])  # plain one stage, always first
+
+    assert one_stage_p99(bursty) > 1.2 * one_stage_p99(steady)
+
+
 def test_plan_says_whether_it_planned_for_the_capacity_guard() -> None:
     base = ["plan", "--instances", "8", "--workload", "long-context-mixed", "--json"]
     guarded, plain = cascade(*base), cascade(*base, "--no-capacity-guard")
@@ -75,6 +89,9 @@ def test_plan_says_whether_it_planned_for_the_capacity_guard() -> None:
         ),
         (["--instances", "1", "--workload", "agentic", "--rate", "1000"], "infeasible"),
         (["--instances", "4", "--workload", "short-chat", "--rate", "-1"], "rate"),
+        # 0 once read as "no burstiness given" and planned for Poisson arrivals.
+        (["--instances", "4", "--workload", "bimodal", "--arrival", "gamma", "--cv", "0"], "cv"),
+        (["--instances", "4", "--workload", "bimodal", "--arrival", "gamma", "--cv", "nan"], "cv"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(args: list[str], message: str) -> None:

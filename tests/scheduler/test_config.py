@@ -105,6 +105,8 @@ def test_token_comes_from_file_or_environment(
         (["--stages", "0-100:0,100-200:1"], "has 0 workers"),
         (["--rate", "-3"], "rate = -3.0: must be > 0"),
         (["--rate", "nan"], "rate = nan"),
+        (["--arrival-cv", "0"], "arrival_cv = 0.0: must be > 0"),
+        (["--arrival-cv", "inf"], "arrival_cv = inf"),
     ],
 )
 def test_bad_settings_are_refused_clearly(argv: list[str], message: str) -> None:

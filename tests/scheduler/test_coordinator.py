@@ -17,6 +17,7 @@ import pytest
 from cascadeinfer import CostProfile
 from cascadeinfer.domain import FinishReason, SamplingSpec
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
+from cascadeinfer.scheduler import coordinator as coordinator_module
 from cascadeinfer.scheduler import requests
 from cascadeinfer.scheduler.config import SchedulerConfig, StageSpec
 from cascadeinfer.scheduler.coordinator import (
@@ -186,6 +187,21 @@ async def test_a_worker_that_refuses_a_request_fails_it_with_the_workers_status(
         await submit(c, "r", 10)
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert not c.requests
+
+
+async def test_the_first_plan_is_made_for_the_configured_burstiness(
+    started: list[Coordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    planned: list[dict[str, object]] = []
+    real_build = coordinator_module.build_policy
+
+    def build(*args: object, **kwargs: object) -> object:
+        planned.append(kwargs)
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(coordinator_module, "build_policy", build)
+    await start(started, "a", "b", policy="cascade", workload="bimodal", arrival_cv=3.0)
+    assert planned and planned[-1]["arrival_cv"] == 3.0
 
 
 async def test_a_request_a_worker_fails_to_start_every_time_ends_instead_of_waiting(

@@ -42,6 +42,10 @@ class SchedulerConfig:
     workload: str = "short-chat"
     """Preset or trace the initial cascade plan is made for (refinement adapts it)."""
     rate: float | None = None
+    arrival_cv: float | None = None
+    """Burstiness the initial plan is for: the coefficient of variation of the gaps between
+    arrivals (1 is Poisson, 2-4 bursty). None: a trace's own gaps, else 1. The layout selection
+    simulates Gamma arrivals of this variation, so a bursty fleet gets stages sized for bursts."""
     stages: tuple[StageSpec, ...] = ()
     """Explicit cascade stages instead of a plan: each (min_len, max_len, workers)."""
     is_capacity_guarded: bool = True
@@ -143,6 +147,10 @@ class SchedulerConfig:
             )
         if self.rate is not None and not (math.isfinite(self.rate) and self.rate > 0):
             raise ValueError(f"rate = {self.rate}: must be > 0")
+        if self.arrival_cv is not None and not (
+            math.isfinite(self.arrival_cv) and self.arrival_cv > 0
+        ):
+            raise ValueError(f"arrival_cv = {self.arrival_cv}: must be > 0")
         _check_stages(self.stages)
         if self.stages and sum(s.num_workers for s in self.stages) > max(
             self.min_workers, len(self.workers)
@@ -255,6 +263,12 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     p.add_argument("--profile", help="cost profile name or JSON file")
     p.add_argument("--workload", help="preset or trace the initial plan is for")
     p.add_argument("--rate", type=float, help="arrival rate the initial plan is for")
+    p.add_argument(
+        "--arrival-cv",
+        type=float,
+        help="burstiness the initial plan is for: coefficient of variation of inter-arrival "
+        "gaps (1 = Poisson; default: a trace's own, else 1)",
+    )
     p.add_argument("--stages", help="explicit stages MIN-MAX:WORKERS,... instead of a plan")
     p.add_argument("--max-queue", type=int)
     p.add_argument(
@@ -341,6 +355,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "profile",
             "workload",
             "rate",
+            "arrival_cv",
             "max_queue",
             "max_queue_per_client",
             "max_prompt_bytes",

@@ -241,6 +241,7 @@ class Coordinator:
             max_len=longest,
             workload=c.workload,
             rate=c.rate,
+            arrival_cv=c.arrival_cv,
             stages=[FixedStage(s.min_len, s.max_len, s.num_workers) for s in c.stages],
             seed=c.seed,
             cascade_config=CascadeConfig(
