@@ -28,6 +28,8 @@ from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
+from cascadeinfer.ratelimit import TokenBucket
+
 RENDERS_PER_S = 4.0
 """Fresh renders a second, sustained: a flood of scrapes costs at most this many (under 1% of
 a core for the scheduler's registry) and gets pages at most 1/RENDERS_PER_S s old."""
@@ -65,11 +67,8 @@ class MetricsPage:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
-        self._renders_per_s = renders_per_s
-        self._burst = burst
         self._clock = clock
-        self._tokens = float(burst)
-        self._refilled_at = clock()
+        self._renders = TokenBucket(renders_per_s, burst, clock())
         self._pages: dict[bool, _Page] = {}
         self._lock = threading.Lock()
 
@@ -77,7 +76,7 @@ class MetricsPage:
         """The page in the format asked for, fresh unless fresh renders are spent."""
         with self._lock:
             page = self._pages.get(is_openmetrics)
-            if self._take_token() or page is None:
+            if self._renders.try_take(self._clock()) or page is None:
                 page = _Page(render(self._registry, is_openmetrics=is_openmetrics))
                 self._pages[is_openmetrics] = page
             if not is_gzipped:
@@ -85,13 +84,3 @@ class MetricsPage:
             if page.gzipped is None:
                 page.gzipped = gzip.compress(page.body)
             return page.gzipped
-
-    def _take_token(self) -> bool:
-        now = self._clock()
-        refill = (now - self._refilled_at) * self._renders_per_s
-        self._tokens = min(float(self._burst), self._tokens + refill)
-        self._refilled_at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True

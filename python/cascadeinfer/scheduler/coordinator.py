@@ -26,11 +26,11 @@ from cascadeinfer.domain import MAX_REQUEST_ID_CHARS, FinishReason, SamplingSpec
 from cascadeinfer.planning import load_profile
 from cascadeinfer.policies import FixedStage, build_policy
 from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.ratelimit import TokenBucket
 from cascadeinfer.scheduler.admission_queue import AdmissionQueue, QueueFull
 from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.log_throttle import LogThrottle
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
-from cascadeinfer.scheduler.ratelimit import TokenBucket
 from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS, ClientRequest
 from cascadeinfer.scheduler.tasks import report_failure
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer

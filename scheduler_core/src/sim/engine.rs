@@ -375,7 +375,7 @@ impl Instance {
             }
         }
         feed.is_repeat = self.is_repeat && feed.finished.len() == num_finished;
-        self.was_decodes_only = self.prefill.is_empty() && feed.finished.len() == num_finished;
+        self.was_decodes_only = is_plain;
         if self.is_repeat && !feed.is_repeat {
             self.list_decodes(seqs, feed); // the others' entries, as a feed would list them
         }
@@ -402,11 +402,7 @@ impl Instance {
         for &r in &self.decode {
             let seq = &seqs[r as usize];
             if seq.phase != Phase::Done {
-                feed.entries.push(StepEntry {
-                    request: RequestId(u64::from(r)),
-                    instance: self.id,
-                    context_len: seq.context_len(),
-                });
+                feed.entries.push(entry(self.id, r, seq));
             }
         }
     }
@@ -448,8 +444,14 @@ fn emit(
         times[r as usize].finished_s = now;
         feed.finished.push(r);
     } else if is_listed {
-        feed.entries.push(StepEntry { request: RequestId(u64::from(r)), instance: id, context_len: seq.context_len() });
+        feed.entries.push(entry(id, r, seq));
     }
+}
+
+/// Request `r`'s line in a step feed of instance `id`.
+#[inline]
+fn entry(id: InstanceId, r: u32, seq: &Seq) -> StepEntry {
+    StepEntry { request: RequestId(u64::from(r)), instance: id, context_len: seq.context_len() }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-"""A token bucket: at most `rate` events a second on average, bursts of up to `burst`."""
+"""A token bucket: at most `rate` events a second on average, bursts of up to `burst`
+(the scheduler's optional migrations, the daemons' metrics renders)."""
 
 from __future__ import annotations
 
