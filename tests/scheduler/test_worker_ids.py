@@ -52,6 +52,8 @@ def test_a_worker_registering_with_an_id_in_use_is_refused_and_its_goodbye_harms
             refused = _events(second.log(), "scheduler_refused_worker_id")
             assert len(refused) == 1 and first.address in str(refused[0]["error"])
             assert len(_events(scheduler.log(), "worker_id_in_use")) == 1
+            refusals = _events(scheduler.log(), "worker_registration_refused")
+            assert not [e for e in refusals if e["reason"] == "id_in_use"], "said once, not twice"
             assert second.stop() == 0
             time.sleep(1)
             state = _state(scheduler.address)

@@ -234,14 +234,18 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
         message: str,
         worker_id: str,
         address: str = "",
+        *,
+        is_said: bool = False,
     ) -> NoReturn:
         """Counts (`registrations_refused`, by `reason`, one of REFUSAL_REASONS), logs (cut
         short, once per REFUSAL_LOG_INTERVAL_S for the same caller's refusal) and refuses a
-        registry call. Failed registrations used to leave no trace on the scheduler."""
+        registry call. Failed registrations used to leave no trace on the scheduler.
+        `is_said`: a line of its own said it already (`worker_id_in_use`), and this one is not
+        written: an id in use was logged twice, as an error and as this warning."""
         assert reason in REFUSAL_REASONS, reason
         self.c.metrics.registrations_refused.labels(rpc, reason).inc()
         key = (rpc, reason, _clip(worker_id), _clip(address))
-        if self._refusals_logged.should_log(key, time.monotonic()):
+        if not is_said and self._refusals_logged.should_log(key, time.monotonic()):
             log.warning(
                 "worker_registration_refused",
                 rpc=rpc,
@@ -259,8 +263,12 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
     ) -> registry_pb2.RegisterWorkerResponse:
         worker_id, address = request.worker_id, request.address
 
-        async def refuse(reason: str, code: grpc.StatusCode, message: str) -> NoReturn:
-            await self._refuse(context, "register", reason, code, message, worker_id, address)
+        async def refuse(
+            reason: str, code: grpc.StatusCode, message: str, *, is_said: bool = False
+        ) -> NoReturn:
+            await self._refuse(
+                context, "register", reason, code, message, worker_id, address, is_said=is_said
+            )
 
         if not worker_id or not address:
             await refuse(
@@ -284,7 +292,7 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
             )
         except WorkerIdInUse as e:
             self.c.say_id_in_use(address, str(e))
-            await refuse("id_in_use", grpc.StatusCode.ALREADY_EXISTS, str(e))
+            await refuse("id_in_use", grpc.StatusCode.ALREADY_EXISTS, str(e), is_said=True)
         except WorkerIdMismatch as e:
             await refuse("id_mismatch", grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except WorkerLeaving as e:

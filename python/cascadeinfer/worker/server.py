@@ -43,7 +43,7 @@ from cascadeinfer.worker.engines.parent_watch import end_helper_processes
 from cascadeinfer.worker.hub import Hub
 from cascadeinfer.worker.kv_stream import ImportBudget
 from cascadeinfer.worker.metrics import WorkerMetrics
-from cascadeinfer.worker.reaper import reap_forever
+from cascadeinfer.worker.reaper import orphans, reap_forever
 from cascadeinfer.worker.registration import Registration
 from cascadeinfer.worker.servicer import WorkerServicer
 from cascadeinfer.worker.state import WorkerState
@@ -67,17 +67,31 @@ def _abort(engine: Engine, request_id: str) -> None:
 async def drain(state: WorkerState, timeout_s: float) -> None:
     """Waits for running requests to finish or be moved away (a scheduler that follows the
     step feed moves them once it sees the drain); aborts what is left at the deadline, with
-    ABORT on its direct streams, then ends the step feeds so a scheduler resumes it elsewhere."""
+    ABORT on its direct streams, then ends the step feeds so a scheduler resumes it elsewhere.
+
+    Detached requests that no step feed follows are aborted at once rather than at the
+    deadline: nobody reads their tokens and nobody will move them (their scheduler is gone,
+    and one that links to a draining worker takes nothing from it). A worker stopped after
+    its scheduler crashed ran them for its whole drain timeout (30 s by default), past a
+    supervisor's usual stop grace."""
     deadline = time.monotonic() + timeout_s
     while state.hub.requests and time.monotonic() < deadline and not state.loop.died.done():
-        await asyncio.sleep(0.05)
+        hub = state.hub
+        for rid in orphans(hub.requests, hub.unfollowed_since, time.monotonic(), 0.0):
+            await _end_at_shutdown(state, rid, "no step feed follows it")
+        if hub.requests:
+            await asyncio.sleep(0.05)
     for rid in list(state.hub.requests):
-        # EngineError: already gone (finished or mid-migration); EngineDead: nothing runs.
-        with contextlib.suppress(EngineError, EngineDead):
-            await state.loop.call(functools.partial(_abort, request_id=rid))
-        state.hub.end(rid, FinishReason.ABORT)
-        log.warning("aborted_at_shutdown", request_id=rid)
+        await _end_at_shutdown(state, rid, "the drain timed out")
     state.hub.close_feeds()
+
+
+async def _end_at_shutdown(state: WorkerState, request_id: str, why: str) -> None:
+    # EngineError: already gone (finished or mid-migration); EngineDead: nothing runs.
+    with contextlib.suppress(EngineError, EngineDead):
+        await state.loop.call(functools.partial(_abort, request_id=request_id))
+    state.hub.end(request_id, FinishReason.ABORT)
+    log.warning("aborted_at_shutdown", request_id=request_id, why=why)
 
 
 async def abandon(state: WorkerState, error: BaseException) -> None:

@@ -43,7 +43,8 @@ MAX_LINGER_BYTES = 1 << 20
 """... or until this much was dropped."""
 
 
-def _error(status: int, reason: str, message: str) -> bytes:
+def error_answer(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 answer in the OpenAI error shape that closes the connection."""
     body = json.dumps(
         {
             "error": {
@@ -158,7 +159,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             message = f"request target over {MAX_TARGET_BYTES} bytes"
             self._refuse(414, "URI Too Long", message)
             return
-        self.transport.write(_error(400, "Bad Request", msg))
+        self.transport.write(error_answer(400, "Bad Request", msg))
         self.transport.close()
 
     def on_message_begin(self) -> None:
@@ -229,7 +230,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._stop_head_deadline()
         if self.transport.is_closing():
             return
-        self.transport.write(_error(status, reason, message))
+        self.transport.write(error_answer(status, reason, message))
         if not self.transport.can_write_eof():
             self.transport.close()  # TLS: no half-close
             return

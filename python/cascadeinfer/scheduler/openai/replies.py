@@ -50,7 +50,18 @@ class ChunkTemplate:
         self._tail = tail + "\n\n"
 
     def event(self, text: str) -> str:
-        return self._head + json.dumps(text, ensure_ascii=False) + self._tail
+        return self._head + _sse_json(text) + self._tail
+
+
+UNICODE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+"""Characters JSON may carry raw that many line readers end a line at: SSE ends lines at CR and
+LF only, but Python's `splitlines` and httpx's `iter_lines` (hand-written clients, scripts) also
+split at these, cutting an event's JSON in two. Escaped, they decode to the same text; one
+random-weight completion in about 300 had a U+0085 (a byte tokenizer's text)."""
+
+
+def _sse_json(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False).translate(UNICODE_LINE_BREAKS)
 
 
 class Reply:

@@ -19,6 +19,7 @@ from cascadeinfer.scheduler.coordinator import Coordinator
 from cascadeinfer.scheduler.openai.app import OpenAIFront
 from cascadeinfer.scheduler.openai.model_files import load_model_files
 from cascadeinfer.scheduler.openai.protocol import EXCESS_CONNECTIONS, bounded_head_protocol
+from cascadeinfer.scheduler.openai.tls_accept import TlsListener
 
 HANDSHAKE_TIMEOUT_S = 10.0
 """An HTTPS connection whose TLS handshake is not done this long after its accept (or within
@@ -52,15 +53,10 @@ class _Server(uvicorn.Server):
         yield
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        """uvicorn's startup for the listening sockets given (the only way this front starts),
-        with the TLS handshake timeout it has no setting for (`loop.create_server` takes one).
-
-        Handshakes under way still count against no limit: the TLS layer runs them before the
-        HTTP protocol hears of the connection, and tells it nothing of one that fails or times
-        out, so they cannot be counted without a TLS layer of our own. `loop.start_tls` after
-        the accept would be one, but uvloop starts reading a connection after its
-        `connection_made` returns, so a ClientHello can reach the plain protocol first and be
-        lost. The timeout bounds them instead: a flood holds what it opens in this time."""
+        """uvicorn's startup for the listening sockets given (the only way this front starts).
+        HTTPS goes through the front's own accept loop (`TlsListener`), with the handshake
+        timeout uvicorn has no setting for, and with handshakes under way counted against the
+        connection bound."""
         assert sockets is not None
         await self.lifespan.startup()  # "off": nothing to run
         config = self.config
@@ -74,17 +70,29 @@ class _Server(uvicorn.Server):
                 _loop=loop,
             )
 
-        timeout = self.handshake_timeout_s if config.ssl is not None else None
-        self.servers = [
-            await loop.create_server(
-                create_protocol,
-                sock=sock,
-                ssl=config.ssl,
-                backlog=config.backlog,
-                ssl_handshake_timeout=timeout,
-            )
-            for sock in sockets
-        ]
+        if config.ssl is not None:
+            # Our own accept loop (tls_accept.py): handshakes count against the connection
+            # bound, and plain HTTP gets a 400 instead of an empty reply.
+            limit = config.limit_concurrency
+            bound = limit + EXCESS_CONNECTIONS if limit is not None else 1 << 30
+            for sock in sockets:
+                sock.listen(config.backlog)
+            self.servers = [
+                TlsListener(  # type: ignore[misc]
+                    sock,
+                    config.ssl,
+                    create_protocol,
+                    self.handshake_timeout_s,
+                    lambda: len(self.server_state.connections),
+                    bound,
+                )
+                for sock in sockets
+            ]
+        else:
+            self.servers = [
+                await loop.create_server(create_protocol, sock=sock, backlog=config.backlog)
+                for sock in sockets
+            ]
         self.started = True
 
 
