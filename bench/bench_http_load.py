@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
 
-from bench.bench_scheduler import cpu_seconds, py_spy
+from bench.bench_scheduler import cpu_seconds, py_spy, require_py_spy
 from tests.worker.daemons import start_scheduler, workers
 
 HERE = Path(__file__).resolve().parent
@@ -67,6 +67,7 @@ def main() -> None:
     args = p.parse_args()
     profiles = Path(args.profile_dir) if args.profile_dir else None
     if profiles is not None:
+        require_py_spy()
         profiles.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp_name:

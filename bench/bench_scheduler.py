@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -106,6 +107,26 @@ def overhead(n: int, tmp: Path) -> dict[str, float]:
     }
 
 
+def require_tool(path: Path, why: str, install: str) -> None:
+    """Exits 2 with one line when the tool at `path` is missing, before any daemon starts:
+    found only when first run, it was a FileNotFoundError traceback after the warm-up."""
+    if not os.access(path, os.X_OK):
+        print(
+            f"{Path(sys.argv[0]).name}: error: {path.name} is not installed at {path} ({why}): "
+            f"{install}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
+def require_py_spy() -> None:
+    """py-spy is not a dev dependency (`make setup` leaves it out); .venv is made by uv, with no
+    pip in it, so the hint names uv as scripts/bootstrap.sh finds it."""
+    uv = "uv" if shutil.which("uv") else ".venv-tools/bin/uv"
+    install = f"install it with `{uv} pip install --python {sys.executable} py-spy`"
+    require_tool(PY_SPY, "--profile-dir samples the scheduler with it", install)
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -114,8 +135,9 @@ def cpu_seconds(pid: int) -> float:
 
 @contextlib.contextmanager
 def py_spy(pid: int, out: Path | None) -> Iterator[None]:
-    """Samples `pid` with py-spy (`pip install py-spy`) into `out` (collapsed stacks, thread
-    names included) while the block runs; nothing when `out` is None."""
+    """Samples `pid` with py-spy (`require_py_spy` says how to install it) into `out`
+    (collapsed stacks, thread names included) while the block runs; nothing when `out` is
+    None."""
     if out is None:
         yield
         return
@@ -307,6 +329,11 @@ def main() -> None:
         "DIR/relay.txt (collapsed stacks; summarize with bench/profile_summary.py)",
     )
     args = p.parse_args()
+    require_tool(
+        GHZ, "the streams and relay runs use it", "`make setup-engine` installs it (needs go)"
+    )
+    if args.profile_dir:
+        require_py_spy()
     with tempfile.TemporaryDirectory() as tmp:
         result: dict[str, object] = {}
         if args.overhead_requests:

@@ -19,22 +19,40 @@ def frame_name(frame: str) -> str:
     return f"{name} ({file})" if file else name
 
 
+def read_stacks(path: Path) -> list[tuple[list[str], int]]:
+    """Each line's frames (thread first) and sample count; a ValueError names the first line
+    that is not `frame;frame;... COUNT`."""
+    stacks = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        try:
+            stacks.append((stack.split(";"), int(count_text)))
+        except ValueError:
+            raise ValueError(
+                f"{path}:{number}: not a py-spy raw stack line (`py-spy record -f raw`)"
+            ) from None
+    return stacks
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("path")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
+    try:
+        stacks = read_stacks(Path(args.path))
+    except OSError as e:  # one line and exit 2, as for a bad flag: no traceback
+        p.error(f"{args.path}: {e.strerror}")
+    except ValueError as e:
+        p.error(str(e))
     threads: Counter[str] = Counter()
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
-    for line in Path(args.path).read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
-        count = int(count_text)
+    for frames, count in stacks:
         total += count
-        frames = stack.split(";")
         threads[frames[0]] += count
         names = [frame_name(f) for f in frames[1:]] or [frames[0]]
         own[names[-1]] += count

@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import grpc
 from cascadeinfer.proto.v1 import worker_pb2_grpc
 
 BIN = Path(sys.executable).parent
+LOOPBACK = "127.0.0.1"
 WORKER = str(BIN / "cascade-worker")
 SCHEDULER = str(BIN / "cascade-scheduler")
 SERVING = re.compile(r"cascade-(?:worker|scheduler) serving on (\S+) (?:engine|policy)=([\w-]+)")
@@ -55,7 +57,7 @@ class Daemon:
 
 
 def spawn(
-    binary: str, args: list[str], log_dir: Path, host: str = "127.0.0.1"
+    binary: str, args: list[str], log_dir: Path, host: str = LOOPBACK
 ) -> tuple[subprocess.Popen[str], Path]:
     """Starts a daemon on a free port; both output streams go to a log file (vLLM logs on
     stdout, and an unread pipe would block the daemon)."""
@@ -69,6 +71,19 @@ def spawn(
             env=_daemon_env(),
         )
     return process, log_path
+
+
+def can_listen(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a daemon could listen on host:port now. Bound as the daemons bind, with
+    SO_REUSEADDR: a port that a closed connection still holds (TIME_WAIT) is free to them, a port
+    some process listens on is not. Only a hint: the port may be taken before the daemon binds."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _daemon_env() -> dict[str, str]:

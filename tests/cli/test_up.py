@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +36,8 @@ def test_up_with_sim_workers_runs_the_demo_and_stops_cleanly() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    assert any(line.startswith("auth token ") for line in lines), "the cluster has a token"
+    tokens = [line.split()[2] for line in lines if line.startswith("auth token ")]
+    assert len(tokens) == 1, "the cluster has a token"
     stage_rows = [
         line
         for line in lines
@@ -45,28 +48,78 @@ def test_up_with_sim_workers_runs_the_demo_and_stops_cleanly() -> None:
     assert len(demos) == 3
     text_demo = [line for line in lines if line.startswith("demo-text: 24 tokens (length)")]
     assert len(text_demo) == 1, out.stdout
+    assert "sim engine: no model" in text_demo[0] and "weights" not in text_demo[0]
     assert "migrations 1" in demos[1], "the second demo request grows past the first bound"
     assert all("(length)" in d for d in demos)
     assert lines[-1] == "cluster stopped"
+    # The stopped cluster's token is gone from /tmp; its logs stay where the first line said.
+    log_dir = Path(re.findall(r"\(logs in (\S+)\)", out.stdout)[0])
+    assert Path(tokens[0]).parent == log_dir and not Path(tokens[0]).exists()
+    assert (
+        sorted(p.name.split("-")[1] for p in log_dir.glob("*.log"))
+        == ["scheduler"] + ["worker"] * 3
+    )
 
 
-def test_up_on_ports_another_cluster_holds_says_why_and_exits() -> None:
+@pytest.mark.parametrize("flag", ["--http-port", "--port"])
+def test_up_on_ports_another_cluster_holds_says_why_and_how_to_recover(flag: str) -> None:
+    """A second `cascade up` meets the first one's HTTP port (8000 by default): it says so, and
+    which flag picks another, before starting any worker (a vLLM one takes minutes)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         out = subprocess.run(
-            [CASCADE, "up", "--engine", "sim", "--workers", "1", "--http-port", str(port)],
+            [
+                CASCADE,
+                "up",
+                "--engine",
+                "sim",
+                "--workers",
+                "1",
+                "--http-port",
+                "0",
+                flag,
+                str(port),
+            ],
             capture_output=True,
             text=True,
             timeout=300,
             check=False,
         )
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert "cascade up: error: cascade-scheduler" in out.stderr
-    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"cascade up: error: cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert f"choose another with {flag} PORT (0 picks a free port)" in out.stderr
     assert "Traceback" not in out.stderr
-    assert out.stdout.splitlines()[-1] == "cluster stopped"
+    assert out.stdout == "", "nothing started"
+
+
+def test_a_port_taken_while_the_workers_start_gets_the_same_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The check before starting cannot hold the port: when the scheduler then fails to bind
+    it, its own error is followed by the hint."""
+    from cascadeinfer.cli import up
+    from cascadeinfer.cli.main import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # `run` would set it for its workers
+    with socket.socket() as taken:
+        # SO_REUSEADDR and not listening yet: the check's own bind passes, as for a free port.
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        real_serve = up._serve
+
+        def serve_after_the_port_is_taken(*args: Any) -> int:
+            taken.listen()  # as a second cluster would, between the check and the bind
+            return real_serve(*args)
+
+        monkeypatch.setattr(up, "_serve", serve_after_the_port_is_taken)
+        code = main(["up", "--engine", "sim", "--workers", "1", "--http-port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"http_port = {port}: cannot listen on 127.0.0.1:{port}" in err, "the scheduler's"
+    assert "choose another with --http-port PORT (0 picks a free port)" in err
 
 
 def test_a_second_ctrl_c_while_stopping_leaves_no_daemon_running(tmp_path: Path) -> None:

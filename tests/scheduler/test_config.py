@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.scheduler.config import SchedulerConfig, from_toml, parse_args
 from cascadeinfer.security import CLIENT_TOKEN_ENV, TOKEN_ENV, read_caller_token
 
@@ -18,6 +19,13 @@ def test_example_config_parses() -> None:
     assert config.port == 50051
     assert config.tls.ca.endswith("ca.pem") and not config.tls.require_client_cert
     assert config.max_optional_migrations_per_s == 4.0
+
+
+def test_example_config_lists_every_policy() -> None:
+    """The comment beside `policy` is where a reader of the example learns the choices."""
+    line = next(li for li in EXAMPLE.read_text().splitlines() if li.startswith("policy ="))
+    listed = line.split("#", 1)[1].split("|")
+    assert [name.strip() for name in listed] == list(POLICY_NAMES)
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:

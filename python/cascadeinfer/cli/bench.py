@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from cascadeinfer import workloads
+from cascadeinfer.cli.arrival import add_arrival_arguments, gamma_cv
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.evaluation import live
 from cascadeinfer.evaluation.goodput import GoodputSlo
@@ -32,8 +33,7 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default="gpu-h100-llama3-8b", help="built-in name or JSON file")
-    p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
-    p.add_argument("--cv", type=float, default=1.0, help="gamma: inter-arrival CV")
+    add_arrival_arguments(p)
     slo = GoodputSlo()
     p.add_argument(
         "--goodput-ttft-s",
@@ -106,7 +106,7 @@ def _setup(args: argparse.Namespace, policy: str) -> SimSetup:
         num_instances=args.instances,
         num_requests=args.requests,
         arrival=args.arrival,
-        cv=args.cv,
+        cv=gamma_cv(args),
         seed=args.seed,
         objective=args.objective,
         is_capacity_guarded=not args.no_capacity_guard,

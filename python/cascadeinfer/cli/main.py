@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Rules across flags that argparse cannot state (`--cv` needs `--arrival gamma`): a
+    # subcommand names its check, which exits 2 with that subcommand's usage.
+    check = getattr(args, "check_args", None)
+    if check is not None:
+        check(args)
     try:
         code: int = args.run(args)
     except (ValueError, OSError) as e:

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from cascadeinfer import _core
+from cascadeinfer.cli.arrival import add_arrival_arguments, gamma_cv
 from cascadeinfer.config import CascadeConfig
 from cascadeinfer.planning import PlanResult, load_profile, plan_stages
 from cascadeinfer.stage_count import OBJECTIVES, Candidate
@@ -32,13 +33,9 @@ def add_parser(sub: Any) -> None:
         help="arrivals per second (default: the trace's rate, "
         "or 60%% of the fleet's estimated capacity for a preset)",
     )
-    p.add_argument(
-        "--arrival",
-        choices=["poisson", "gamma"],
-        default="poisson",
-        help="arrival process to plan for (a trace file's own gaps unless gamma is named)",
+    add_arrival_arguments(
+        p, "arrival process to plan for (a trace file's own gaps unless gamma is named)"
     )
-    p.add_argument("--cv", type=float, default=1.0, help="gamma: inter-arrival CV")
     p.add_argument("--max-stages", type=int, help="at most this many stages")
     p.add_argument(
         "--objective",
@@ -176,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         max_stages=args.max_stages,
         objective=args.objective,
         seed=args.seed,
-        arrival_cv=args.cv if args.arrival == "gamma" else None,
+        arrival_cv=gamma_cv(args) if args.arrival == "gamma" else None,
         config=CascadeConfig(is_capacity_guarded=not args.no_capacity_guard),
     )
     print(json.dumps(as_json(result), indent=2) if args.json else as_table(result, args))

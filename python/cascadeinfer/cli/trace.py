@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cascadeinfer import workloads
+from cascadeinfer.cli.arrival import add_arrival_arguments, gamma_cv
 from cascadeinfer.traces import from_entries, read_trace, write_trace
 
 
@@ -24,8 +25,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--workload", required=True, help=f"preset: {workloads.describe_names()}")
     g.add_argument("--requests", type=int, required=True, help="number of requests")
     g.add_argument("--rate", type=float, required=True, help="mean arrival rate, requests/s")
-    g.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
-    g.add_argument("--cv", type=float, default=1.0, help="gamma: inter-arrival CV (burstiness)")
+    add_arrival_arguments(g)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-len", type=int, help="clamp prompt+output to this many tokens")
     g.add_argument("--out", required=True, help="JSONL file to write")
@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     trace = workloads.get(args.workload).trace(
-        args.requests, args.rate, args.arrival, args.cv, args.seed
+        args.requests, args.rate, args.arrival, gamma_cv(args), args.seed
     )
     if args.max_len:
         from cascadeinfer.evaluation.simbench import clamp

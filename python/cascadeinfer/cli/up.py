@@ -16,7 +16,15 @@ from typing import Any
 from cascadeinfer.cli.client import generate, scheduler_stub
 from cascadeinfer.cli.status import format_state
 from cascadeinfer.config import POLICY_NAMES
-from cascadeinfer.launcher import SCHEDULER, WORKER, Daemon, DaemonStartError, start_many
+from cascadeinfer.launcher import (
+    LOOPBACK,
+    SCHEDULER,
+    WORKER,
+    Daemon,
+    DaemonStartError,
+    can_listen,
+    start_many,
+)
 from cascadeinfer.proto.v1 import scheduler_pb2, worker_pb2
 from cascadeinfer.proto.v1.scheduler_pb2_grpc import SchedulerServiceStub
 from cascadeinfer.security import token_metadata
@@ -85,8 +93,20 @@ def default_stages(num_workers: int, max_len: int) -> str:
     return ",".join(f"{lo}-{hi}:{n}" for lo, hi, n in zip(bounds, bounds[1:], counts, strict=False))
 
 
-def demo(stub: SchedulerServiceStub, stages: list[scheduler_pb2.StageState]) -> None:
-    """Requests that start short and grow past the first stage bounds, printed as they finish."""
+def text_note(args: argparse.Namespace) -> str:
+    """What the demo's text comes from, so that nonsense is not taken for a broken cluster."""
+    if args.engine == "sim":
+        return " (sim engine: no model, made-up token ids decoded to text)"
+    if not args.model:
+        return " (random weights: noise, but real text)"
+    return ""
+
+
+def demo(
+    stub: SchedulerServiceStub, stages: list[scheduler_pb2.StageState], note: str = ""
+) -> None:
+    """Requests that start short and grow past the first stage bounds, printed as they finish;
+    then one text prompt, its answer followed by `note`."""
     bound = stages[0].max_len if len(stages) > 1 else 64
     cases = [(16, 32), (max(8, bound - 40), 120), (max(8, bound + 20), 2 * bound)]
     for i, (prompt_len, max_tokens) in enumerate(cases):
@@ -101,7 +121,7 @@ def demo(stub: SchedulerServiceStub, stages: list[scheduler_pb2.StageState]) -> 
     g = generate(stub, "Hello from CascadeInfer!", 24, "demo-text")
     print(
         f"demo-text: {len(g.token_ids)} tokens ({g.finish_reason}) for a text prompt; "
-        f"text {g.text!r} (random weights: noise, but real text)"
+        f"text {g.text!r}{note}"
     )
 
 
@@ -127,7 +147,23 @@ def write_token(log_dir: Path) -> Path:
     return path
 
 
+def taken_port(args: argparse.Namespace) -> str | None:
+    """Why a port given on the command line cannot be listened on now (a second `cascade up`
+    meets the first one's default --http-port), with the flag that picks another; else None."""
+    for flag, port in (("--port", args.port), ("--http-port", args.http_port)):
+        # 0 picks a free port; one out of range is the scheduler's to refuse (exit 2).
+        if 0 < port < 65536 and not can_listen(port):
+            return (
+                f"cannot listen on {LOOPBACK}:{port}: the port is in use (another cascade up?); "
+                f"choose another with {flag} PORT (0 picks a free port)"
+            )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    # Before any worker starts (a vLLM one takes minutes): a ValueError exits 2.
+    if (taken := taken_port(args)) is not None:
+        raise ValueError(taken)
     log_dir = Path(tempfile.mkdtemp(prefix="cascade-up-"))
     token_file = write_token(log_dir)
     auth = ["--auth-token-file", str(token_file)]
@@ -147,10 +183,15 @@ def run(args: argparse.Namespace) -> int:
         # Another cluster on the same ports, a model directory that is not there: the daemon's
         # own error says what to change.
         print(f"cascade up: error: {e.log_path.name} did not start:\n{e.reason}", file=sys.stderr)
+        if (taken := taken_port(args)) is not None:  # taken while the workers started
+            print(f"cascade up: {taken}", file=sys.stderr)
         print(f"(logs in {log_dir})", file=sys.stderr)
         return 1
     finally:
         stop_all(daemons)
+        # The token opens the cluster; once it is stopped, the file would only linger in /tmp.
+        # The directory is this run's own (mkdtemp), so nobody else's file goes; the logs stay.
+        token_file.unlink(missing_ok=True)
         print("cluster stopped")
 
 
@@ -211,12 +252,15 @@ def _serve(
     print(f"scheduler  {scheduler.address} (policy {scheduler.engine})")
     model = scheduler.openai_models[0] if scheduler.openai_models else "?"
     print(f"openai     {scheduler.openai_url} (model {model!r})")
-    print(f"auth token {token_file} (every call needs it: --auth-token-file, or HTTP Bearer)\n")
+    print(
+        f"auth token {token_file} (every call needs it: --auth-token-file, or HTTP Bearer; "
+        "deleted when the cluster stops)\n"
+    )
     stub = scheduler_stub(scheduler.address, token_file=str(token_file))
     state = stub.GetClusterState(scheduler_pb2.GetClusterStateRequest())
     print(format_state(state) + "\n")
     if not args.no_demo:
-        demo(stub, list(state.stages))
+        demo(stub, list(state.stages), text_note(args))
     if args.exit_after_demo:
         return 0
     print(

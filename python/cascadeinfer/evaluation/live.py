@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from cascadeinfer import workloads
+from cascadeinfer.cli.arrival import add_arrival_arguments, gamma_cv
 from cascadeinfer.cli.client import add_connection_args
 from cascadeinfer.evaluation.simbench import make_trace
 from cascadeinfer.evaluation.summary import RequestRecord, summarize
@@ -209,8 +210,7 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
         help=f"requests to send (preset default {DEFAULT_PRESET_REQUESTS}; trace: all)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
-    p.add_argument("--cv", type=float, default=1.0, help="gamma: inter-arrival CV")
+    add_arrival_arguments(p)
     p.add_argument(
         "--max-len",
         type=int,
@@ -237,7 +237,7 @@ def trace_from_args(args: argparse.Namespace) -> list[TraceEntry]:
         num_requests=count,
         rate=args.rate,
         arrival=args.arrival,
-        cv=args.cv,
+        cv=gamma_cv(args),
         seed=args.seed,
         max_len=args.max_len or NO_LENGTH_LIMIT,
     )
