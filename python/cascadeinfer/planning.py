@@ -16,13 +16,13 @@ from cascadeinfer.config import CascadeConfig
 from cascadeinfer.stage_count import (
     OBJECTIVES,
     PRESET_SELECTION_SEEDS,
-    SELECTION_REQUESTS,
     SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
     Candidate,
     Conversation,
     choose_layout,
     conversation_trace,
+    default_selection_requests,
     gaps_cv,
     selection_shape,
     selection_trace,
@@ -295,9 +295,9 @@ def plan_stages(
     own, else 1.0, Poisson). `objective`: what the selection minimizes, "mean" or "p99"
     end-to-end latency (stage_count.OBJECTIVES). `horizon_requests`: how many requests the
     traffic to plan for holds (a benchmark's run; default: a trace's own count but at least
-    SELECTION_REQUESTS, else SELECTION_REQUESTS); the candidates' simulations run that many, up
-    to MAX_SELECTION_REQUESTS, on more selection traces when fewer than SELECTION_REQUESTS
-    (`stage_count.selection_shape`). `config`: the
+    `default_selection_requests`, else that); the candidates' simulations run that many, up to
+    a bound that grows with the fleet, on more selection traces when fewer than
+    SELECTION_REQUESTS (`stage_count.selection_shape`). `config`: the
     cascade settings the candidates run with (default CascadeConfig())."""
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
@@ -355,8 +355,10 @@ def plan_stages(
         # trace file serves far more than the file holds, so never less than a full-length
         # selection trace there.
         n, num_traces = selection_shape(
-            horizon_requests or max(requests.num_trace_requests or 0, SELECTION_REQUESTS),
+            horizon_requests
+            or max(requests.num_trace_requests or 0, default_selection_requests(num_instances)),
             PRESET_SELECTION_SEEDS if workloads.is_workload(workload) else SELECTION_SEEDS,
+            num_instances,
         )
         # A trace's own gaps unless a burstiness was asked for.
         gaps = requests.arrival_gaps if arrival_cv is None else None

@@ -46,13 +46,35 @@ from cascadeinfer.config import CascadeConfig
 from cascadeinfer.traces import TraceEntry
 
 SELECTION_REQUESTS = 2000
-"""Requests in one candidate simulation when the horizon to plan for is not known: enough for
-a stable mean, a few ms to ~0.1 s each."""
+"""Requests in one candidate simulation when the horizon to plan for is not known, on a fleet
+of up to REFERENCE_FLEET instances (`default_selection_requests`): enough for a stable mean, a
+few ms to ~0.1 s each. Also the count below which a run is short and gets more selection
+traces (`selection_shape`): how noisy a trace's mean is depends on its requests, not on the
+fleet."""
 MAX_SELECTION_REQUESTS = 5000
-"""The most requests a candidate simulation runs. Near saturation a queue grows over the whole
-run, so a selection trace shorter than the traffic it plans for understates the overload that
-decides between candidates (agentic at 6 req/s: 17 s mean in 2,000 requests, 40 s in 3,000);
-planning for a trace simulates as many requests as it has, up to this."""
+"""The most requests a candidate simulation runs on a fleet of up to REFERENCE_FLEET instances.
+Near saturation a queue grows over the whole run, so a selection trace shorter than the traffic
+it plans for understates the overload that decides between candidates (agentic at 6 req/s: 17 s
+mean in 2,000 requests, 40 s in 3,000); planning for a trace simulates as many requests as it
+has, up to this (`selection_shape` scales it to larger fleets)."""
+REFERENCE_FLEET = 16
+"""The fleet SELECTION_REQUESTS and MAX_SELECTION_REQUESTS were measured on. A larger fleet gets
+proportionally more, so a selection trace spans as many seconds of traffic at the same load:
+the rate that loads a fleet grows with its size, and a count fixed at 5,000 requests spans 41 s
+on 64 instances at production-mix's planned rate (123 req/s), less than its p99 request lives
+(64-87 s). The
+simulation then sees the fleet fill and never its steady state: on 20,000-request runs on 64
+instances it kept one stage or two where the run needed more, and ran at 0.98-1.04x
+least-load's mean and p99 on the production-mix and reasoning presets, against 0.69-0.78x with
+20,000-request selection traces; on 20 bursty traces of that length the geometric means of
+cascade over the best baseline went from 0.731 / 0.834 (mean / p99) to 0.651 / 0.770
+(docs/benchmarks.md, "Selection traces as long as the fleet needs")."""
+MAX_SCALED_SELECTION_REQUESTS = 20_000
+"""The most requests a candidate simulation runs on any fleet, which bounds the planning time:
+10-61 s on 64 instances at 20,000 requests, where 5,000 took 2-13 s (10,000 kept the gains
+below 60% of capacity and lost those near it). Past
+REFERENCE_FLEET * MAX_SCALED_SELECTION_REQUESTS / MAX_SELECTION_REQUESTS = 64 instances a
+selection trace spans less traffic than on 16, as before this scaling."""
 SELECTION_SEEDS = 6
 """Selection traces per candidate for a trace file (block resamples of its one realization);
 the candidates' ratios to one stage are averaged over them. Six, not three: on 160 bursty trace
@@ -219,21 +241,39 @@ class Candidate:
         return len(self.per_trace) < num_traces
 
 
-def selection_shape(horizon_requests: int | None, num_traces: int) -> tuple[int, int]:
-    """Requests per selection trace and selection traces per candidate, for traffic of
-    `horizon_requests` requests (None: not known) and `num_traces` traces at full length.
+def default_selection_requests(num_instances: int) -> int:
+    """Requests in one selection trace when the traffic to plan for has no known length (a
+    service planned from a preset): SELECTION_REQUESTS, scaled up past REFERENCE_FLEET
+    instances as `selection_shape` scales its bound."""
+    return min(_scaled(SELECTION_REQUESTS, num_instances), MAX_SCALED_SELECTION_REQUESTS)
 
-    A trace as long as the traffic planned for, up to MAX_SELECTION_REQUESTS: how far queues
-    grow, and how much of the run is the fill from an empty fleet, depend on the length. On
-    bursty traces of 800 requests, selection traces of 2,000 found splits 14-24% ahead of one
-    stage on the mean; on the traces themselves they ran at up to 1.12x the best baseline's mean
-    and 1.26x its p99, where traces of 800 requests put the same splits behind one stage
-    (docs/benchmarks.md, "Short traces"). A shorter trace is a noisier sample, so there are
-    more of them, as many requests in all as `num_traces` of SELECTION_REQUESTS (at most
-    MAX_SELECTION_TRACES); the simulation time stays about the same."""
+
+def _scaled(requests: int, num_instances: int) -> int:
+    """`requests` for a fleet of REFERENCE_FLEET instances, for `num_instances` (never fewer)."""
+    return max(requests, math.ceil(requests * num_instances / REFERENCE_FLEET))
+
+
+def selection_shape(
+    horizon_requests: int | None, num_traces: int, num_instances: int = REFERENCE_FLEET
+) -> tuple[int, int]:
+    """Requests per selection trace and selection traces per candidate, for traffic of
+    `horizon_requests` requests (None: not known) on `num_instances` instances, and
+    `num_traces` traces at full length.
+
+    A trace as long as the traffic planned for, up to MAX_SELECTION_REQUESTS on REFERENCE_FLEET
+    instances and proportionally more on a larger fleet (at most MAX_SCALED_SELECTION_REQUESTS):
+    how far queues grow, and how much of the run is the fill from an empty fleet, depend on the
+    length. On bursty traces of 800 requests, selection traces of 2,000 found splits 14-24%
+    ahead of one stage on the mean; on the traces themselves they ran at up to 1.12x the best
+    baseline's mean and 1.26x its p99, where traces of 800 requests put the same splits behind
+    one stage (docs/benchmarks.md, "Short traces"). A shorter trace than SELECTION_REQUESTS is
+    a noisier sample, so there are more of them, as many requests in all as `num_traces` of
+    SELECTION_REQUESTS (at most MAX_SELECTION_TRACES); the simulation time stays about the
+    same."""
     if horizon_requests is None:
-        return SELECTION_REQUESTS, num_traces
-    n = max(1, min(horizon_requests, MAX_SELECTION_REQUESTS))
+        return default_selection_requests(num_instances), num_traces
+    bound = min(_scaled(MAX_SELECTION_REQUESTS, num_instances), MAX_SCALED_SELECTION_REQUESTS)
+    n = max(1, min(horizon_requests, bound))
     if n >= SELECTION_REQUESTS:
         return n, num_traces
     return n, min(MAX_SELECTION_TRACES, math.ceil(num_traces * SELECTION_REQUESTS / n))

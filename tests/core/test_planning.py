@@ -25,12 +25,14 @@ from cascadeinfer.planning import (
 )
 from cascadeinfer.stage_count import (
     MAX_P99_SLACK,
+    MAX_SCALED_SELECTION_REQUESTS,
     MAX_SELECTION_REQUESTS,
     MAX_SELECTION_TRACES,
     MIN_GAIN,
     NUM_ONE_STAGE,
     PRESET_SELECTION_SEEDS,
     PRUNE_AFTER,
+    REFERENCE_FLEET,
     SELECTION_REQUESTS,
     SELECTION_SEED_OFFSET,
     SELECTION_SEEDS,
@@ -40,6 +42,7 @@ from cascadeinfer.stage_count import (
     SIZE_SEARCH_STARTS,
     STEADY_SPLIT_GAIN,
     Candidate,
+    default_selection_requests,
     gaps_cv,
     one_stage_form,
     paired_ratios,
@@ -438,6 +441,17 @@ def test_selection_traces_are_as_long_as_the_traffic_and_more_of_them_when_it_is
     assert selection_shape(800, 6) == (800, 15)
     assert selection_shape(800, 5) == (800, 13)
     assert selection_shape(10, 6) == (10, MAX_SELECTION_TRACES)
+    # A larger fleet gets proportionally longer traces, so they span as much traffic as on
+    # REFERENCE_FLEET instances, up to a bound on all fleets; a smaller one never shorter ones.
+    # How short a short run is does not change with the fleet.
+    assert selection_shape(10**6, 6, 4 * REFERENCE_FLEET) == (4 * MAX_SELECTION_REQUESTS, 6)
+    assert selection_shape(10**6, 6, 1) == (MAX_SELECTION_REQUESTS, 6)
+    assert selection_shape(10**6, 6, 4096) == (MAX_SCALED_SELECTION_REQUESTS, 6)
+    assert selection_shape(12_000, 6, 2 * REFERENCE_FLEET) == (2 * MAX_SELECTION_REQUESTS, 6)
+    assert selection_shape(800, 6, 8 * REFERENCE_FLEET) == (800, 15)
+    assert selection_shape(None, 6, 2 * REFERENCE_FLEET) == (2 * SELECTION_REQUESTS, 6)
+    assert default_selection_requests(REFERENCE_FLEET) == SELECTION_REQUESTS
+    assert default_selection_requests(4096) == MAX_SCALED_SELECTION_REQUESTS
     # A run of 300 requests is judged on 30 resamples of 300 requests; a service planned from
     # the same file (no run length given) on full-length ones.
     path = _poisson_trace(tmp_path / "short.jsonl", 300, 2.0, (50, 3000), 300, seed=5)
