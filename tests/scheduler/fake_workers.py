@@ -47,6 +47,12 @@ class FakeWorker:
     """Its feed opens saying it drains (SIGTERM came before the scheduler connected)."""
     is_closed: bool = False
     """The scheduler closed its client."""
+    hold_load: asyncio.Event | None = None
+    """load waits for this before it answers (a stalled worker)."""
+    fail_load: grpc.StatusCode | None = None
+    """Fail every load with this status."""
+    num_calls: dict[str, int] = field(default_factory=dict)
+    """Calls of info and load so far, by name."""
     _feed: asyncio.Queue[worker_pb2.StepUpdate | WorkerCallError | None] = field(
         default_factory=asyncio.Queue
     )
@@ -72,6 +78,7 @@ class FakeWorker:
 
     # --- the WorkerClient interface -------------------------------------------------------
     async def info(self, timeout_s: float) -> worker_pb2.WorkerInfo:
+        self.num_calls["info"] = self.num_calls.get("info", 0) + 1
         return worker_pb2.WorkerInfo(
             worker_id=self.address, engine="fake", max_model_len=self.max_model_len
         )
@@ -114,7 +121,18 @@ class FakeWorker:
             yield item
 
     async def load(self, timeout_s: float) -> worker_pb2.LoadReport:
-        return worker_pb2.LoadReport(num_running=len(self.started))
+        self.num_calls["load"] = self.num_calls.get("load", 0) + 1
+        if self.hold_load is not None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self.hold_load.wait()
+            except TimeoutError:
+                raise WorkerCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer") from None
+        if self.fail_load is not None:
+            raise WorkerCallError(self.fail_load, "load failed in the fake")
+        return worker_pb2.LoadReport(
+            worker_id=self.address, num_running=len(self.started), is_draining=self.is_draining
+        )
 
     async def close(self) -> None:
         self.is_closed = True

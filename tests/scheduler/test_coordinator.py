@@ -28,7 +28,12 @@ from cascadeinfer.scheduler.coordinator import (
     SchedulingError,
 )
 from cascadeinfer.scheduler.requests import ClientRequest
-from cascadeinfer.scheduler.workers import WorkerIdMismatch, WorkerPool, WorkerUnreachable
+from cascadeinfer.scheduler.workers import (
+    WorkerIdMismatch,
+    WorkerLeaving,
+    WorkerPool,
+    WorkerUnreachable,
+)
 from structlog.testing import capture_logs
 
 from tests.scheduler.fake_workers import FakeWorker, Step, fake_cluster
@@ -501,6 +506,49 @@ async def test_a_worker_that_is_draining_is_not_taken_into_the_plan(
     fakes["b"].is_draining = False
     await c.add_worker("b")
     assert sorted(w.address for w in c.pool.healthy()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("is_moving", [False, True], ids=["idle", "requests-moving"])
+async def test_a_registration_at_a_draining_workers_address_is_refused_without_a_call(
+    started: list[Coordinator], is_moving: bool
+) -> None:
+    """A worker whose feed said it drains is refused as leaving at once, however slowly it
+    answers: each registration at its address used to ask it for its load (idle: up to 3 s
+    when it was stalled) or for its info (requests still moving off it), for the same
+    refusal."""
+    c, fakes = await start(started, "a", "b")
+    if is_moving:
+        for k in range(2):  # one on each worker
+            await submit(c, f"r{k}", 10)
+    b = c.pool.by_id["b"]
+    assert bool(b.running) == is_moving
+    fakes["b"].hold_migrate = asyncio.Event()  # its moves take a while
+    fakes["b"].hold_load = asyncio.Event()  # and it answers nothing meanwhile
+    fakes["b"].is_draining = True
+    fakes["b"].step(is_draining=True)
+    await settle()
+    assert b.has_left and bool(b.running) == is_moving, "taken out"
+    calls = dict(fakes["b"].num_calls)
+    with pytest.raises(WorkerLeaving):
+        await asyncio.wait_for(c.add_worker("b", "b"), 0.5)
+    assert fakes["b"].num_calls == calls, "the worker was asked"
+    assert [w.address for w in c.pool.healthy()] == ["a"]
+
+
+async def test_a_worker_taken_out_by_a_goodbye_it_did_not_confirm_is_asked_and_comes_back(
+    started: list[Coordinator],
+) -> None:
+    """Its feed never said it drains: only its answer tells, so a registration asks it."""
+    c, fakes = await start(started, "a", "b")
+    fakes["b"].fail_load = grpc.StatusCode.UNAVAILABLE  # it cannot be asked: the goodbye holds
+    await c.deregister(c.pool.by_id["b"])
+    assert [w.address for w in c.pool.healthy()] == ["a"]
+    with pytest.raises(WorkerLeaving):
+        await c.add_worker("b", "b")
+    fakes["b"].fail_load = None
+    await c.add_worker("b", "b")
+    assert sorted(w.address for w in c.pool.healthy()) == ["a", "b"]
+    assert fakes["b"].num_calls["load"] == 3
 
 
 async def test_workers_gone_with_nothing_on_them_are_forgotten_but_the_latest_failures(

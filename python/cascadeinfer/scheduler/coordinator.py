@@ -36,6 +36,7 @@ from cascadeinfer.scheduler.tasks import report_failure
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
 from cascadeinfer.scheduler.workers import (
+    WorkerLeaving,
     WorkerLink,
     WorkerNotDraining,
     WorkerPool,
@@ -355,12 +356,22 @@ class Coordinator:
         runs there any more (the core forgot its loads when it left; its moves are over):
         taken out by a DeregisterWorker while it could not be asked (stalled, a link that
         dropped a call), it used to be refused as leaving until it restarted. None when there
-        is no such worker, or it cannot come back (yet): the caller goes on as for a new one."""
+        is no such worker, or it cannot come back (yet): the caller goes on as for a new one.
+
+        The checks that need no call come first. A worker whose feed said it drains is refused
+        at once (WorkerLeaving, as the pool would after asking for its info): it never serves
+        again, and no other process listens at its address while its feed is open (servers
+        bind without SO_REUSEPORT). Each registration at a draining worker's address used to
+        wait for its load, up to LEAVE_CHECK_TIMEOUT_S when it was stalled, and then for its
+        info. Only a worker taken out by a goodbye its feed never confirmed is asked: nothing
+        but its own answer tells whether it serves again."""
         leaving = (w for w in self.pool.by_id.values() if w.address == address and w.has_left)
         link = next((w for w in leaving if not w.is_gone), None)
-        if link is None or link.running or (worker_id and worker_id != link.worker_id):
+        if link is None or (worker_id and worker_id != link.worker_id) or self._is_closing:
             return None
-        if not await self._is_serving(link):
+        if link.is_draining:
+            raise WorkerLeaving.of(address, link.worker_id)
+        if link.running or not await self._is_serving(link):
             return None
         if link.is_healthy:  # another registration put it back meanwhile
             return link

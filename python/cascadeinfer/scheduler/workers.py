@@ -33,6 +33,13 @@ class WorkerLeaving(WorkerUnreachable):
     step feed has not ended yet: refused until it has, or until the worker answers that it is
     not draining (`Coordinator.add_worker` puts such a worker back)."""
 
+    @classmethod
+    def of(cls, address: str, worker_id: str) -> WorkerLeaving:
+        return cls(
+            f"{address}: worker {worker_id!r} is leaving; it can join again once its step feed "
+            "has ended"
+        )
+
 
 class WorkerNotDraining(Exception):
     """A DeregisterWorker for a worker that answers, at its registered address and as itself,
@@ -62,6 +69,11 @@ class WorkerLink:
     """When a step of this worker's that the core refused was last logged (monotonic)."""
     step_refusals_unlogged: int = 0
     """Refused steps since then, counted but not logged."""
+
+    @property
+    def is_draining(self) -> bool:
+        """Its step feed said it drains: the process there will not serve again."""
+        return self.last_step is not None and self.last_step.is_draining
 
 
 ClientFactory = Callable[[str], WorkerClient]
@@ -105,10 +117,7 @@ class WorkerPool:
         if held is not None and not held.is_gone:
             await client.close()
             if held.address == address:  # the same worker, draining or deregistered
-                raise WorkerLeaving(
-                    f"{address}: worker {worker_id!r} is leaving; it can join again once its "
-                    "step feed has ended"
-                )
+                raise WorkerLeaving.of(address, worker_id)
             raise WorkerIdInUse(
                 f"worker id {worker_id!r} of {address} is the id of the worker at "
                 f"{held.address} already; give each worker its own --worker-id"

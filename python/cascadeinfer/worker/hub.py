@@ -47,6 +47,9 @@ class Hub:
         self.requests: dict[str, TrackedRequest] = {}
         self._step_subscribers: list[FeedBuffer] = []
         self._is_closed = False
+        self.closed = asyncio.Event()
+        """Set once the drain is over (or the engine died): every stream a caller keeps open
+        for what comes next ends then (the step feeds, the scheduler's StartDetached)."""
         self.last_report: StepReport | None = None
         self.unfollowed_since: float | None = time.monotonic()
         """Since when no step feed is open (None while one is): detached requests are leased
@@ -107,8 +110,9 @@ class Hub:
             feed.announce()
 
     def close_feeds(self) -> None:
-        """Ends every step feed (the drain is over)."""
+        """Ends every step feed (the drain is over), and sets `closed`."""
         self._is_closed = True
+        self.closed.set()
         for feed in self._step_subscribers:
             feed.end()
 

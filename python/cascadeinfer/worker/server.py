@@ -234,8 +234,9 @@ async def serve(config: WorkerConfig) -> None:
     if registration is not None:
         await registration.stop()
     await drain(state, config.drain_timeout_s)
-    # After an engine death the streams have their ends already; a scheduler's open
-    # StartDetached stream would otherwise hold the exit for the whole grace.
+    # The streams a caller holds open for what comes next (step feeds, a scheduler's
+    # StartDetached) ended with the drain (`Hub.closed`); the grace is for calls still
+    # answering. After an engine death nothing is left to finish.
     await server.stop(grace=1 if engine_loop.died.done() else 5)
     await state.close()
     engine_loop.stop()

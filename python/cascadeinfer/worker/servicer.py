@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -68,6 +69,41 @@ def coalesce(item: StreamItem, queue: asyncio.Queue[StreamItem]) -> StreamItem:
         tokens.extend(nxt.new_token_ids)
         last = nxt
     return replace(last, new_token_ids=tuple(tokens), first_index=item.first_index)
+
+
+DRAINED = "worker drained; send the request elsewhere"
+
+T = TypeVar("T")
+
+
+async def until_set(items: AsyncIterator[T], event: asyncio.Event) -> AsyncIterator[T]:
+    """`items` until they end or `event` is set; a read under way then is cancelled (an item
+    read by then is still handed over)."""
+    it = aiter(items)
+    stop = asyncio.ensure_future(event.wait())
+    read: asyncio.Future[T] | None = None
+    try:
+        while not event.is_set():
+            read = asyncio.ensure_future(anext(it))
+            await asyncio.wait((read, stop), return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                return
+            try:
+                item = read.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        stop.cancel()
+        if read is not None and not read.done():  # also when the caller is cancelled
+            read.cancel()
+            read.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Marks a cancelled read's outcome seen (it may end with the call's error instead)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _Draining(Exception):
@@ -146,8 +182,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def StartDetached(
         self, request_iterator: AsyncIterator[worker_pb2.StartBatch], context: Context
     ) -> AsyncIterator[worker_pb2.StartResults]:
-        async for batch in request_iterator:
+        """Answers each batch of starts until the caller ends the stream or the drain is over;
+        then UNAVAILABLE, as for a start refused while draining (the scheduler re-places what
+        was in flight). A scheduler keeps this stream open for its next placement: the server's
+        stop waited its whole grace (5 s) for it after every drain."""
+        async for batch in until_set(request_iterator, self.state.hub.closed):
             yield await start_batch(self.state, batch.requests)
+        if self.state.hub.closed.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINED)
 
     async def Attach(
         self, request: worker_pb2.AttachRequest, context: Context
