@@ -24,7 +24,13 @@ def add_parser(sub: Any) -> None:
     g = traces.add_parser("gen", help="write a trace sampled from a workload preset")
     g.add_argument("--workload", required=True, help=f"preset: {workloads.describe_names()}")
     g.add_argument("--requests", type=int, required=True, help="number of requests")
-    g.add_argument("--rate", type=float, required=True, help="mean arrival rate, requests/s")
+    g.add_argument(
+        "--rate",
+        type=float,
+        required=True,
+        help="mean arrival rate, requests/s (presets with sessions: the steady-state rate, "
+        "reached once sessions overlap; docs/design/workloads.md)",
+    )
     add_arrival_arguments(g)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-len", type=int, help="clamp prompt+output to this many tokens")

@@ -35,6 +35,8 @@ class WorkerLeaving(WorkerUnreachable):
 
     @classmethod
     def of(cls, address: str, worker_id: str) -> WorkerLeaving:
+        """The refusal of a registration at `address` while worker `worker_id` leaves it (the
+        pool's, and the coordinator's without a call once the feed said it drains)."""
         return cls(
             f"{address}: worker {worker_id!r} is leaving; it can join again once its step feed "
             "has ended"
