@@ -7,7 +7,7 @@ BIN := .venv/bin
 .PHONY: help setup setup-engine run plan-demo test lint test-rust test-python bench bench-rust bench-python bench-migration bench-scheduler evaluation proto clean
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 setup: ## Make .venv with the package (Rust core built in release) and the dev tools
 	scripts/bootstrap.sh
