@@ -245,12 +245,14 @@ def default_selection_requests(num_instances: int) -> int:
     """Requests in one selection trace when the traffic to plan for has no known length (a
     service planned from a preset): SELECTION_REQUESTS, scaled up past REFERENCE_FLEET
     instances as `selection_shape` scales its bound."""
-    return min(_scaled(SELECTION_REQUESTS, num_instances), MAX_SCALED_SELECTION_REQUESTS)
+    return _scaled(SELECTION_REQUESTS, num_instances)
 
 
 def _scaled(requests: int, num_instances: int) -> int:
-    """`requests` for a fleet of REFERENCE_FLEET instances, for `num_instances` (never fewer)."""
-    return max(requests, math.ceil(requests * num_instances / REFERENCE_FLEET))
+    """`requests` for a fleet of REFERENCE_FLEET instances, for `num_instances` (never fewer,
+    at most MAX_SCALED_SELECTION_REQUESTS)."""
+    scaled = max(requests, math.ceil(requests * num_instances / REFERENCE_FLEET))
+    return min(scaled, MAX_SCALED_SELECTION_REQUESTS)
 
 
 def selection_shape(
@@ -272,8 +274,7 @@ def selection_shape(
     same."""
     if horizon_requests is None:
         return default_selection_requests(num_instances), num_traces
-    bound = min(_scaled(MAX_SELECTION_REQUESTS, num_instances), MAX_SCALED_SELECTION_REQUESTS)
-    n = max(1, min(horizon_requests, bound))
+    n = max(1, min(horizon_requests, _scaled(MAX_SELECTION_REQUESTS, num_instances)))
     if n >= SELECTION_REQUESTS:
         return n, num_traces
     return n, min(MAX_SELECTION_TRACES, math.ceil(num_traces * SELECTION_REQUESTS / n))

@@ -46,7 +46,6 @@ class Hub:
     def __init__(self) -> None:
         self.requests: dict[str, TrackedRequest] = {}
         self._step_subscribers: list[FeedBuffer] = []
-        self._is_closed = False
         self.closed = asyncio.Event()
         """Set once the drain is over (or the engine died): every stream a caller keeps open
         for what comes next ends then (the step feeds, the scheduler's StartDetached)."""
@@ -111,7 +110,6 @@ class Hub:
 
     def close_feeds(self) -> None:
         """Ends every step feed (the drain is over), and sets `closed`."""
-        self._is_closed = True
         self.closed.set()
         for feed in self._step_subscribers:
             feed.end()
@@ -123,7 +121,7 @@ class Hub:
         self._step_subscribers.append(feed)
         self.unfollowed_since = None
         try:
-            while not self._is_closed:
+            while not self.closed.is_set():
                 try:
                     item = await feed.take()
                 except EOFError:
