@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,12 @@ def test_round_trip_sorted_by_arrival(tmp_path: Path) -> None:
     back = read_trace(path)
     assert [r.arrival_s for r in back] == [0.0, 1.0, 2.0]
     assert arrival_rate(back) == pytest.approx(1.0)
+
+
+def test_a_trace_arriving_at_one_instant_has_an_infinite_rate() -> None:
+    """An offline batch (or a single request): no span to divide by, and no rate below it."""
+    assert arrival_rate([TraceRequest(3.0, 10, 5)] * 4) == math.inf
+    assert arrival_rate([TraceRequest(3.0, 10, 5)]) == math.inf
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,8 @@ class Requests:
     prompt_lens: list[int]
     output_lens: list[int]
     rate: float | None
+    """A trace's arrival rate (`math.inf` when its requests all arrive at once; None for a
+    preset)."""
     num_dropped: int
     """Requests whose prompt alone reaches the model's max length: they cannot be served."""
     num_truncated: int
@@ -204,7 +206,7 @@ def selection_traces(
     (`stage_count.selection_shape`). A trace with sessions has its conversations redrawn whole
     instead (`stage_count.conversation_trace`), so the prefix caches its turns reuse are
     simulated. Lengths are fitted as `load_requests` fits them."""
-    if requests.conversations and requests.rate:
+    if requests.conversations and requests.rate and math.isfinite(requests.rate):
         return [
             conversation_trace(
                 requests.conversations,
@@ -286,7 +288,10 @@ def plan_stages(
     config: CascadeConfig | None = None,
 ) -> PlanResult:
     """Plans stages for a preset or trace. The rate is, in order: `rate`, the trace's own,
-    or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload. `max_len`
+    or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload; a trace whose
+    requests all arrive at once (an offline batch) loads the fleet fully, so the partitioner
+    plans for its capacity and the candidates are simulated on batches arriving at once too.
+    `max_len`
     (default: the profile's max_model_len) is the longest context the fleet serves;
     `clamp_prompts` as in `load_requests`. `choose_count_by_simulation`: the number of stages
     and whether to split at all are chosen by simulating the candidates against one stage
@@ -301,8 +306,8 @@ def plan_stages(
     cascade settings the candidates run with (default CascadeConfig())."""
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
-    if rate is not None and not rate > 0:
-        raise ValueError(f"rate must be > 0, got {rate}")
+    if rate is not None and not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"rate must be finite and > 0, got {rate}")
     if arrival_cv is not None and not (math.isfinite(arrival_cv) and arrival_cv > 0):
         # Checked here: 0 would read as "not given" below and plan for Poisson instead.
         raise ValueError(f"arrival_cv must be finite and > 0, got {arrival_cv}")
@@ -312,10 +317,12 @@ def plan_stages(
     grid = _core.BucketGrid.geometric(max_len, num_buckets)
     requests = load_requests(workload, max_len, seed, clamp_prompts=clamp_prompts)
     chosen = rate or requests.rate
-    is_estimated = chosen is None
+    is_estimated = chosen is None or math.isinf(chosen)
 
     if chosen is None:
         chosen = DEFAULT_UTILIZATION * fleet_capacity(requests, grid, profile, num_instances)
+    elif math.isinf(chosen):
+        chosen = fleet_capacity(requests, grid, profile, num_instances)
     elif back_off_when_infeasible:
         # Past capacity (a benchmark's rate search), back off from the capacity rather than
         # from the asked rate, so the tries below reach a rate the fleet can carry.

@@ -306,14 +306,15 @@ def selection_trace(
     `gaps` (a trace's gap before each of its requests) the requests are drawn with their own
     gaps, rescaled to `rate`, in blocks of `TRACE_BLOCK` consecutive ones from random starts;
     without them, lengths in blocks of `SELECTION_BLOCK` and Gamma gaps of coefficient of
-    variation `arrival_cv` (1.0 is Poisson)."""
+    variation `arrival_cv` (1.0 is Poisson); at a `rate` of `math.inf` (an offline batch)
+    every request arrives at once."""
     rng = random.Random(seed + SELECTION_SEED_OFFSET)
     n = len(prompt_lens)
     if gaps and sum(gaps) > 0:
         if len(gaps) != n:
             raise ValueError(f"{len(gaps)} gaps for {n} requests: one gap before each")
         return _joint_resample(rng, prompt_lens, output_lens, gaps, rate, num_requests)
-    gap_stream = _gamma_gaps(rng, rate, arrival_cv)
+    gap_stream = itertools.repeat(0.0) if math.isinf(rate) else _gamma_gaps(rng, rate, arrival_cv)
     now, i = 0.0, 0
     trace: list[TraceEntry] = []
     for k in range(num_requests):

@@ -11,6 +11,7 @@ In memory a trace is a list of tuples (`TraceEntry`): `(arrival_s, prompt_len, o
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,8 +135,9 @@ def write_trace(path: str | Path, requests: Iterable[TraceRequest]) -> None:
 
 
 def arrival_rate(requests: list[TraceRequest]) -> float:
-    """Requests per second over the trace's span."""
+    """Requests per second over the trace's span (sorted `requests`); `math.inf` when they all
+    arrive at the same instant, as an offline batch does (a single request included)."""
     span = requests[-1].arrival_s - requests[0].arrival_s
     if len(requests) < 2 or span <= 0:
-        raise TraceError("a trace needs at least two distinct arrival times to define a rate")
+        return math.inf
     return (len(requests) - 1) / span

@@ -74,23 +74,50 @@ def test_a_trace_recorded_past_capacity_replays_at_its_own_rate(
     assert doc["mean_ttft_s"] > 1.0, "two instances cannot keep up with the recorded rate"
 
 
+@pytest.mark.parametrize("policy", ["least-load", "cascade"])
+def test_a_trace_arriving_all_at_once_replays_as_an_offline_batch(
+    tmp_path: Path, policy: str
+) -> None:
+    """A batch sent at once (a throughput benchmark) runs as recorded: every request at the
+    same instant, its rate reported as null; cascade plans for the fleet's capacity. It used
+    to be refused, a rate being undefined."""
+    trace = tmp_path / "batch.jsonl"
+    lines = [(100, 10), (9000, 400), (300, 2000)] * 40
+    trace.write_text(
+        "".join(f'{{"arrival_s": 5.0, "prompt_len": {p}, "output_len": {o}}}\n' for p, o in lines)
+    )
+    args = ["bench", "sim", "--workload", str(trace), "--instances", "4", "--json"]
+    doc = json.loads(cascade(*args, "--policy", policy))
+    assert doc["completed"] == doc["requests"] == 120
+    assert doc["rate"] is None
+    assert doc["mean_ttft_s"] > 0.5, "120 prompts at once queue for prefill on 4 instances"
+
+
 def test_a_trace_arriving_all_at_once_is_not_run_under_a_rate_it_cannot_have(
     tmp_path: Path,
 ) -> None:
-    """Rescaling multiplies a trace's gaps; with none, --rate would only relabel a run of
-    everything at once. Refused, with the reason, as a trace without a rate is."""
+    """Rescaling multiplies a trace's gaps; with none, --rate, a rate search or a sweep would
+    only relabel a run of everything at once. Refused, with the reason."""
     trace = tmp_path / "batch.jsonl"
     trace.write_text('{"arrival_s": 5.0, "prompt_len": 100, "output_len": 10}\n' * 8)
-    for rate in ([], ["--rate", "5"]):
+    base = ["--workload", str(trace), "--instances", "2"]
+    for args in (
+        ["bench", "sim", *base, "--rate", "5"],
+        ["bench", "sim", *base, "--find-max-rate"],
+        ["bench", "compare", *base, "--out", str(tmp_path / "cmp")],
+    ):
         out = subprocess.run(
-            [CASCADE, "bench", "sim", "--workload", str(trace), "--instances", "2", *rate],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+            [CASCADE, *args], capture_output=True, text=True, timeout=120, check=False
         )
-        assert out.returncode == 2 and "Traceback" not in out.stderr
-        assert "arrive at once" in out.stderr or "two distinct arrival times" in out.stderr
+        assert out.returncode == 2 and "Traceback" not in out.stderr, args
+        assert "arrive at once" in out.stderr, args
+
+
+def test_cascade_plan_names_a_batch_that_arrives_at_once(tmp_path: Path) -> None:
+    trace = tmp_path / "batch.jsonl"
+    trace.write_text('{"arrival_s": 0.0, "prompt_len": 100, "output_len": 10}\n' * 50)
+    out = cascade("plan", "--instances", "2", "--workload", str(trace))
+    assert "arriving at once (planned for the fleet's capacity" in out
 
 
 def test_cascade_splits_long_documents_from_chat_and_migrates_across_the_bounds() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import random
 import statistics
 from dataclasses import replace
@@ -18,6 +19,7 @@ from cascadeinfer.evaluation.simbench import make_trace
 from cascadeinfer.planning import (
     PlanResult,
     clamp_lengths,
+    fleet_capacity,
     load_profile,
     load_requests,
     plan_stages,
@@ -594,6 +596,23 @@ def test_selection_traces_carry_the_burstiness_asked_for() -> None:
     assert 0.9 < gaps_cv([t for t, _, _ in poisson]) < 1.1
     assert 2.2 < gaps_cv([t for t, _, _ in bursty]) < 2.8
     assert abs(bursty[-1][0] / len(bursty) - 0.2) < 0.05
+
+
+def test_a_batch_arriving_at_once_is_planned_at_capacity_on_batches_arriving_at_once(
+    tmp_path: Path,
+) -> None:
+    trace = tmp_path / "batch.jsonl"
+    trace.write_text('{"arrival_s": 2.0, "prompt_len": 300, "output_len": 50}\n' * 30)
+    requests = load_requests(str(trace), 8192)
+    assert requests.rate == math.inf
+    drawn = selection_trace(
+        requests.prompt_lens, requests.output_lens, math.inf, 0, gaps=requests.arrival_gaps
+    )
+    assert {t for t, _, _ in drawn} == {0.0}
+    profile = load_profile("gpu-h100-llama3-8b")
+    result = plan_stages(num_instances=2, workload=str(trace), profile=profile, max_len=8192)
+    capacity = fleet_capacity(requests, _core.BucketGrid.geometric(8192, 128), profile, 2)
+    assert 0 < result.rate <= capacity
 
 
 def test_a_trace_files_bursts_keep_their_length_in_the_selection_traces(tmp_path: Path) -> None:

@@ -135,6 +135,7 @@ def run_sim(args: argparse.Namespace) -> int:
             print(f"{args.policy} on {args.workload}, {args.instances} instances, simulated:")
             _print_summary(summary)
         return 0
+    _check_rescalable(args.workload, rate)
     slo = Slo(args.slo_p99_ttft_s, args.slo_p99_tpot_s)
     best, at_best, runs = find_max_rate(lambda r: run_at_rate(setup, r)[0], slo, start=rate)
     bounded = math.isfinite(best)
@@ -160,15 +161,25 @@ def run_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_rescalable(workload: str, rate: float) -> None:
+    """A rate search or sweep rescales a trace's gaps; one that arrives at once has none."""
+    if math.isinf(rate):
+        raise ValueError(
+            f"trace {workload!r}: its requests all arrive at once, so there are no gaps to "
+            "rescale to other rates; `cascade bench sim` replays it as it is"
+        )
+
+
 def run_compare(args: argparse.Namespace) -> int:
     from cascadeinfer.evaluation.compare import compare
 
     base = _setup(args, "cascade")
-    rates = (
-        [float(r) for r in args.rates.split(",")]
-        if args.rates
-        else [f * default_rate(base) for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)]
-    )
+    if args.rates:
+        rates = [float(r) for r in args.rates.split(",")]
+    else:
+        recorded = default_rate(base)
+        _check_rescalable(args.workload, recorded)
+        rates = [f * recorded for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)]
     slo = None if args.no_max_rate else Slo(args.slo_p99_ttft_s, args.slo_p99_tpot_s)
     path = compare(base, rates, slo, args.out)
     print(path.read_text())

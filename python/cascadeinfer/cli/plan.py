@@ -116,9 +116,14 @@ def _label(c: Candidate) -> str:
 
 
 def as_table(result: PlanResult, args: argparse.Namespace) -> str:
+    at_once = args.rate is None and result.requests.rate == math.inf
+    pace = (
+        f"arriving at once (planned for the fleet's capacity, {result.rate:.3f} req/s)"
+        if at_once
+        else f"at {result.rate:.3f} req/s"
+    )
     lines = [
-        f"workload {args.workload} at {result.rate:.3f} req/s on {args.instances} instances "
-        f"(profile {args.profile})",
+        f"workload {args.workload} {pace} on {args.instances} instances (profile {args.profile})",
         f"{'stage':>5} {'min_len':>8} {'max_len':>8} {'inst':>4} {'util':>6} {'tpot_ms':>8} "
         f"{'wait_ms':>8}",
     ]

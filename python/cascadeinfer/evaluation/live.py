@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import random
 import sys
 import time
@@ -270,7 +269,8 @@ def run_live(args: argparse.Namespace) -> dict[str, Any]:
     if args.rate and args.time_scale > 0:
         rate = args.rate / args.time_scale
     else:
-        rate = (len(trace) - 1) / span if len(trace) > 1 and span > 0 else math.nan
+        # None (JSON null) for a trace that arrives at once, as `cascade bench sim` reports it.
+        rate = (len(trace) - 1) / span if len(trace) > 1 and span > 0 else None
     return {
         **summarize(records, makespan),
         "wall_s": wall,

@@ -64,7 +64,8 @@ def make_trace(
     max_len: int,
 ) -> Trace:
     """A workload (`cascadeinfer.workloads`) sampled at `rate`, or a JSONL trace file (its
-    first `num_requests` requests, arrivals rescaled to `rate` when one is given)."""
+    first `num_requests` requests, arrivals rescaled to `rate` when one is given; as recorded
+    at a `rate` of `math.inf`, a trace's own when it arrives at once)."""
     if workloads.is_workload(workload):
         trace = workloads.get(workload).trace(num_requests, rate, arrival, cv, seed)
     elif not Path(workload).is_file():
@@ -74,14 +75,16 @@ def make_trace(
         if not requests:
             raise ValueError(f"trace {workload!r} is empty")
         span = requests[-1].arrival_s - requests[0].arrival_s
-        if rate and span == 0 and len(requests) > 1:
+        # `default_rate` of a trace that arrives at once is infinite: replayed as it is.
+        rescale = bool(rate) and math.isfinite(rate)
+        if rescale and span == 0 and len(requests) > 1:
             # Rescaling multiplies gaps; none to multiply would run the trace at once under
             # the label of `rate`.
             raise ValueError(
                 f"trace {workload!r}: its {len(requests)} requests all arrive at once, so "
                 f"there are no gaps to rescale to {rate:g} req/s"
             )
-        scale = (len(requests) - 1) / rate / span if rate and span > 0 else 1.0
+        scale = (len(requests) - 1) / rate / span if rescale and span > 0 else 1.0
         trace = to_entries(requests, requests[0].arrival_s, scale)
     return clamp(trace, max_len)
 
@@ -126,7 +129,8 @@ def policy_options(setup: SimSetup, rate: float, num_requests: int) -> dict[str,
     return {
         "max_len": setup.profile.max_model_len,
         "workload": setup.workload,
-        "rate": rate,
+        # A trace that arrives at once (`default_rate` infinite) is planned from its own.
+        "rate": rate if math.isfinite(rate) else None,
         "seed": setup.seed,
         "plan_within_capacity": True,
         "clamp_prompts": True,
@@ -174,7 +178,7 @@ def run_at_rate(setup: SimSetup, rate: float) -> tuple[dict[str, Any], _core.Sim
         r["e2e_s"],
         r["arrival_s"],
     )
-    summary["rate"] = rate
+    summary["rate"] = rate if math.isfinite(rate) else None  # None: all at once, as recorded
     summary["requests"] = len(trace)
     summary["layout_changes"] = report.num_layout_changes
     summary["capacity_moves"] = report.num_capacity_moves
@@ -251,7 +255,8 @@ def find_max_rate(
 
 def default_rate(setup: SimSetup) -> float:
     """The rate a run takes when none is given: a trace's own arrival rate, as recorded (past
-    the fleet's capacity too: replaying an overload is a benchmark, not an error); for a
+    the fleet's capacity too: replaying an overload is a benchmark, not an error; `math.inf`
+    for one whose requests all arrive at once, which `run_at_rate` replays so); for a
     preset, what `cascade plan` would plan for on this fleet (60% of capacity)."""
     from cascadeinfer.planning import plan_stages
 
