@@ -286,6 +286,16 @@ impl Policy for CascadePolicy {
         &mut self.router
     }
 
+    fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
+        // A request placed again while it ran (a drain moving it off) may have been refused.
+        self.refused.remove(&request);
+        self.router.request_finished(request, instance);
+    }
+
+    fn request_withdrawn(&mut self, request: RequestId) {
+        self.refused.remove(&request);
+    }
+
     /// A new instance restores a planned stage an earlier departure merged away (it takes the
     /// lower part, which new requests enter); otherwise it joins the stage whose instances are
     /// the most loaded.

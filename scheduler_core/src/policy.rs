@@ -150,6 +150,12 @@ pub trait Policy: Send + Sync {
         self.router_mut().request_finished(request, instance);
     }
 
+    /// A request `admit` refused left the caller's queue without being admitted (its client
+    /// gave up, or the queue turned it away): what the policy kept for its retries goes, so
+    /// a scheduler under overload with impatient clients holds nothing for them. Harmless for
+    /// a request that was admitted. The default keeps nothing.
+    fn request_withdrawn(&mut self, _request: RequestId) {}
+
     /// The current layout (a single stage for policies without stages).
     fn layout(&self) -> &StageLayout {
         self.router().layout()

@@ -827,6 +827,9 @@ class Coordinator:
             )
 
     def _forget(self, rec: ClientRequest) -> None:
+        if self.policy is not None:
+            # Its retries' bookkeeping, were it refused while queued (a no-op otherwise).
+            self.policy.request_withdrawn(rec.core_id)
         self.requests.pop(rec.request_id, None)
         self._queue.discard(rec.request_id)
         if self._by_client.get((rec.owner, rec.client_id)) is rec:

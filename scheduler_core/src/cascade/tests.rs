@@ -171,6 +171,26 @@ fn a_refused_request_counts_as_one_arrival_however_often_it_is_retried() {
 }
 
 #[test]
+fn a_refused_request_is_forgotten_when_it_is_withdrawn_or_finishes() {
+    let mut policy = planned_policy(Preset::ShortChat, 4.0, refining());
+    let mut request = 0;
+    while policy.admit(&NewRequest::new(RequestId(request), 100), 0.0).unwrap().is_some() {
+        request += 1;
+    }
+    // Everything is full: these wait in the caller's queue, and two of them give up there.
+    for r in request..request + 3 {
+        assert!(policy.admit(&NewRequest::new(RequestId(r), 100), 0.0).unwrap().is_none());
+    }
+    assert_eq!(policy.refused.len(), 3);
+    policy.request_withdrawn(RequestId(request));
+    policy.request_withdrawn(RequestId(request + 1));
+    assert_eq!(policy.refused.len(), 1);
+    // The last one was running elsewhere all along (a drain asked to move it) and finishes.
+    policy.request_finished(RequestId(request + 2), InstanceId(0));
+    assert!(policy.refused.is_empty(), "nothing is kept for requests that are gone");
+}
+
+#[test]
 fn the_capacity_guard_settles_on_a_steady_workload() {
     // Long-context traffic on a layout that gives its long stage a quarter of the fleet: the
     // guard moves instances there, then stops, and never returns to a layout it left.

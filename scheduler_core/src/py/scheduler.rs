@@ -230,6 +230,11 @@ impl PyScheduler {
         self.policy.request_finished(RequestId(request_id), InstanceId(instance));
     }
 
+    /// A request `admit` refused leaves the queue unadmitted (cancelled, or turned away).
+    fn request_withdrawn(&mut self, request_id: u64) {
+        self.policy.request_withdrawn(RequestId(request_id));
+    }
+
     /// Current stages as `(min_len, max_len, [instance ids])`.
     fn stages(&self) -> Vec<(u32, u32, Vec<u32>)> {
         self.policy
