@@ -27,6 +27,17 @@ def test_round_trip_sorted_by_arrival(tmp_path: Path) -> None:
     assert arrival_rate(back) == pytest.approx(1.0)
 
 
+def test_a_byte_order_mark_and_crlf_line_ends_are_read_as_the_editors_meant(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(
+        b'\xef\xbb\xbf{"arrival_s": 0.0, "prompt_len": 10, "output_len": 5}\r\n'
+        b'{"arrival_s": 1.0, "prompt_len": 20, "output_len": 7}\r\n\r\n'
+    )
+    assert [(r.prompt_len, r.output_len) for r in read_trace(path)] == [(10, 5), (20, 7)]
+
+
 def test_a_trace_arriving_at_one_instant_has_an_infinite_rate() -> None:
     """An offline batch (or a single request): no span to divide by, and no rate below it."""
     assert arrival_rate([TraceRequest(3.0, 10, 5)] * 4) == math.inf

@@ -112,7 +112,8 @@ def _parse_line(line: str, where: str) -> TraceRequest:
 def read_trace(path: str | Path) -> list[TraceRequest]:
     """All requests of a JSONL trace, sorted by arrival; blank lines are skipped."""
     requests = []
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark, as editors on Windows write one, is not part of line 1.
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if line.strip():
                 requests.append(_parse_line(line, f"{path}:{number}"))
