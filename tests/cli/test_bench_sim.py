@@ -74,6 +74,24 @@ def test_a_trace_recorded_past_capacity_replays_at_its_own_rate(
     assert doc["mean_ttft_s"] > 1.0, "two instances cannot keep up with the recorded rate"
 
 
+def test_a_trace_runs_whole_and_a_part_of_it_at_that_parts_own_rate(tmp_path: Path) -> None:
+    """Without --requests a trace file runs whole (it once ran its first 10,000 only); with it,
+    the first REQUESTS run as recorded, not rescaled to the whole trace's mean rate."""
+    trace = tmp_path / "two-phases.jsonl"
+    fast = [i * 0.05 for i in range(300)]  # 20 req/s, then 1 req/s
+    slow = [fast[-1] + 1.0 + i for i in range(100)]
+    trace.write_text(
+        "".join(f'{{"arrival_s": {t}, "prompt_len": 200, "output_len": 20}}\n' for t in fast + slow)
+    )
+    args = ["bench", "sim", "--policy", "least-load", "--workload", str(trace), "--json"]
+    whole = json.loads(cascade(*args))
+    assert whole["requests"] == whole["completed"] == 400
+    assert whole["rate"] == pytest.approx(399 / (slow[-1] - fast[0]))
+    part = json.loads(cascade(*args, "--requests", "300"))
+    assert part["requests"] == 300
+    assert part["rate"] == pytest.approx(20.0)
+
+
 @pytest.mark.parametrize("policy", ["least-load", "cascade"])
 def test_a_trace_arriving_all_at_once_replays_as_an_offline_batch(
     tmp_path: Path, policy: str

@@ -24,13 +24,23 @@ from cascadeinfer.evaluation.simbench import (
 from cascadeinfer.planning import load_profile
 from cascadeinfer.stage_count import OBJECTIVES
 
+PRESET_REQUESTS = 10_000
+"""Requests drawn from a preset unless --requests says otherwise."""
+WHOLE_TRACE = 1 << 62
+"""--requests for a trace file by default: all of it (a run replays a trace as recorded)."""
+
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workload", required=True, help=f"preset ({workloads.describe_names()}) or JSONL"
     )
     p.add_argument("--instances", type=int, default=16)
-    p.add_argument("--requests", type=int, default=10_000)
+    p.add_argument(
+        "--requests",
+        type=int,
+        help=f"requests to simulate (a preset: {PRESET_REQUESTS:,}; a trace: all of it, "
+        "else its first REQUESTS)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default="gpu-h100-llama3-8b", help="built-in name or JSON file")
     add_arrival_arguments(p)
@@ -98,13 +108,21 @@ def add_parser(sub: Any) -> None:
     live_parser.set_defaults(run=run_live)
 
 
+def _num_requests(args: argparse.Namespace) -> int:
+    if args.requests is not None:
+        if args.requests < 1:
+            raise ValueError(f"--requests {args.requests}: must be >= 1")
+        return int(args.requests)
+    return PRESET_REQUESTS if workloads.is_workload(args.workload) else WHOLE_TRACE
+
+
 def _setup(args: argparse.Namespace, policy: str) -> SimSetup:
     return SimSetup(
         policy=policy,
         profile=load_profile(args.profile),
         workload=args.workload,
         num_instances=args.instances,
-        num_requests=args.requests,
+        num_requests=_num_requests(args),
         arrival=args.arrival,
         cv=gamma_cv(args),
         seed=args.seed,

@@ -261,7 +261,8 @@ def default_rate(setup: SimSetup) -> float:
     from cascadeinfer.planning import plan_stages
 
     if not workloads.is_workload(setup.workload):
-        return arrival_rate(read_trace(setup.workload))
+        # The requests the run replays: a trace's first part can come faster than its whole.
+        return arrival_rate(read_trace(setup.workload)[: setup.num_requests])
     return plan_stages(
         num_instances=setup.num_instances,
         workload=setup.workload,
