@@ -96,3 +96,16 @@ def test_an_http_port_in_use_is_refused_without_a_traceback(tmp_path: Path) -> N
     assert out.returncode == 2, out.stdout + out.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("binary", "prog"), [(WORKER, "cascade-worker"), (SCHEDULER, "cascade-scheduler")]
+)
+def test_a_metrics_port_out_of_range_is_refused_without_a_traceback(binary: str, prog: str) -> None:
+    """It was the socket module's OverflowError, a traceback and exit status 1, once the
+    daemon had started (docs/reliability.md, "A tenth adversarial probe")."""
+    args = SIM_WORKER if binary == WORKER else []
+    out = run(binary, [*args, "--port", "0", "--metrics-port", "99999"])
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"{prog}: error: metrics_port = 99999: must be in [0, 65535]" in out.stderr
+    assert "Traceback" not in out.stderr

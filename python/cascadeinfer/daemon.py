@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import os
 import resource
 import signal
@@ -141,6 +142,24 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         else:
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
+
+
+def check_seconds(name: str, value: float, *, may_be_zero: bool = False) -> None:
+    """A duration (or a rate) of the configuration is a finite number above zero (or at least
+    zero): NaN passed every `value <= 0` check, and NaN or infinity then broke the daemon
+    later (a traceback as it set up keepalive, a scheduler that died at its first tick) or
+    quietly turned a bound off (orphaned requests never reaped)."""
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (is_number and math.isfinite(value) and (value >= 0 if may_be_zero else value > 0)):
+        bound = ">= 0" if may_be_zero else "> 0"
+        raise ValueError(f"{name} = {value!r}: must be a finite number {bound}")
+
+
+def check_port(name: str, value: int) -> None:
+    """A port to listen on is in [0, 65535] (0: any free one): a metrics port out of range
+    ended the daemon with the socket module's OverflowError and a traceback."""
+    if not 0 <= value < 65536:
+        raise ValueError(f"{name} = {value}: must be in [0, 65535]")
 
 
 class FatalError(Exception):

@@ -8,11 +8,23 @@ field's annotation, so the error names the file, the key and what it should be.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+
+def check_table(where: str, doc: Mapping[str, Any], cls: type) -> None:
+    """Raises ValueError for a key of a table (`[tls]`, `[sim]`) that `cls` has no field for,
+    then checks the types: an unknown key in a table ended the daemon with a TypeError
+    traceback from the dataclass's constructor."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(doc) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    check_types(where, doc, cls)
 
 
 def check_types(where: str, doc: Mapping[str, Any], cls: type) -> None:

@@ -59,6 +59,16 @@ def test_the_first_token_level_comes_from_flags_or_the_file(tmp_path: Path) -> N
         parse_args(["--config", str(path)])
 
 
+def test_stages_in_the_file_may_be_a_list_of_parts(tmp_path: Path) -> None:
+    """A TOML list is what a reader of the example writes; it ended in a traceback."""
+    path = tmp_path / "s.toml"
+    path.write_text('stages = ["0-256:1", "256-8192:2"]\nmin_workers = 3\n')
+    assert [(s.min_len, s.max_len, s.num_workers) for s in from_toml(path).stages] == [
+        (0, 256, 1),
+        (256, 8192, 2),
+    ]
+
+
 def test_unknown_key_is_named(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text("max_queu = 3\n")
@@ -115,6 +125,17 @@ def test_token_comes_from_file_or_environment(
         (["--rate", "nan"], "rate = nan"),
         (["--arrival-cv", "0"], "arrival_cv = 0.0: must be > 0"),
         (["--arrival-cv", "inf"], "arrival_cv = inf"),
+        # NaN passed every `<= 0` check: a NaN tick started a scheduler that died at its first
+        # tick with a traceback; a NaN link timeout said "cannot convert float NaN to integer".
+        (["--tick-interval-s", "nan"], "tick_interval_s = nan: must be a finite number > 0"),
+        (["--tick-interval-s", "inf"], "tick_interval_s = inf"),  # it would never tick
+        (["--worker-link-timeout-s", "nan"], "worker_link_timeout_s = nan"),
+        (["--worker-call-timeout-s", "inf"], "worker_call_timeout_s = inf"),
+        (["--migration-timeout-s", "nan"], "migration_timeout_s = nan"),
+        (["--max-optional-migrations-per-s", "nan"], "max_optional_migrations_per_s = nan"),
+        # A metrics port out of range was the socket module's OverflowError, with a traceback.
+        (["--metrics-port", "99999"], "metrics_port = 99999: must be in"),
+        (["--metrics-port", "-1"], "metrics_port = -1: must be in"),
     ],
 )
 def test_bad_settings_are_refused_clearly(argv: list[str], message: str) -> None:
@@ -154,6 +175,9 @@ def test_tls_files_that_do_not_load_are_refused_naming_the_file(tmp_path: Path) 
         ("insecure = 1", "insecure = 1: expected true or false"),
         ('tls = "x"', "tls must be a table"),
         ("[tls]\ncert = 3", r"\[tls\]: cert = 3: expected a string"),
+        # Both were a traceback (TypeError; AttributeError from deep inside the validation).
+        ("[tls]\ncerts = 'x.pem'", r"\[tls\]: unknown keys \['certs'\]"),
+        ("stages = [256]", "stages = \\[256\\]: expected a string 'MIN-MAX:WORKERS"),
     ],
 )
 def test_a_value_of_the_wrong_type_is_named_not_a_traceback(

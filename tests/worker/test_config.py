@@ -60,7 +60,16 @@ def test_the_ranks_side_channel_listens_and_is_reached_as_the_daemon_is() -> Non
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["--engine", "vllm", "--vllm-option", "oops"], "KEY=VALUE"), (["--port", "70000"], "port")],
+    [
+        (["--engine", "vllm", "--vllm-option", "oops"], "KEY=VALUE"),
+        (["--port", "70000"], "port"),
+        # Each was a traceback (OverflowError), or a bound silently off (NaN never expires).
+        (["--metrics-port", "99999"], "metrics_port = 99999: must be in"),
+        (["--link-timeout-s", "inf"], "link_timeout_s = inf: must be a finite number > 0"),
+        (["--link-timeout-s", "nan"], "link_timeout_s = nan"),
+        (["--orphan-timeout-s", "nan"], "orphan_timeout_s = nan"),
+        (["--drain-timeout-s", "nan"], "drain_timeout_s = nan: must be a finite number >= 0"),
+    ],
 )
 def test_bad_values_name_the_field(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -81,6 +90,9 @@ def test_unknown_toml_keys_are_refused(tmp_path: Path) -> None:
         ("[sim]\nnum_blocks = 1.5", r"\[sim\]: num_blocks = 1.5: expected an integer"),
         ("engine = 3", "engine = 3: expected a string"),
         ("port = [", "w.toml: "),
+        # Both were a TypeError traceback from the table's dataclass.
+        ("[sim]\ntime_scal = 0.5", r"\[sim\]: unknown keys \['time_scal'\]"),
+        ("[tls]\ncerts = 'x.pem'", r"\[tls\]: unknown keys \['certs'\]"),
     ],
 )
 def test_a_value_of_the_wrong_type_is_named_not_a_traceback(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cascadeinfer.config import POLICY_NAMES
+from cascadeinfer.daemon import check_port, check_seconds
 from cascadeinfer.scheduler.text import load_tokenizer
 from cascadeinfer.security import (
     TlsFiles,
@@ -19,7 +20,7 @@ from cascadeinfer.security import (
     read_token,
     tls_from_arguments,
 )
-from cascadeinfer.toml_config import check_types
+from cascadeinfer.toml_config import check_table, check_types
 
 
 @dataclass(frozen=True)
@@ -126,24 +127,24 @@ class SchedulerConfig:
             raise ValueError(f"max_prompt_bytes = {self.max_prompt_bytes}: must be >= 0")
         if self.max_stream_lag_tokens < 1:
             raise ValueError(f"max_stream_lag_tokens = {self.max_stream_lag_tokens}: must be >= 1")
-        if self.worker_link_timeout_s <= 0:
-            raise ValueError(f"worker_link_timeout_s = {self.worker_link_timeout_s}: must be > 0")
-        for name in ("worker_call_timeout_s", "migration_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} = {getattr(self, name)}: must be > 0")
+        for name in (
+            "worker_link_timeout_s",
+            "worker_call_timeout_s",
+            "migration_timeout_s",
+            "tick_interval_s",
+        ):
+            check_seconds(name, getattr(self, name))
+        check_seconds(
+            "max_optional_migrations_per_s", self.max_optional_migrations_per_s, may_be_zero=True
+        )
+        check_port("metrics_port", self.metrics_port)
         for name in ("ttft_slo_s", "ttft_slo_per_token_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} = {value!r}: must be a number, finite and >= 0")
-        if self.tick_interval_s <= 0:
-            raise ValueError(f"tick_interval_s = {self.tick_interval_s}: must be > 0")
         if self.max_concurrent_migrations < 1:
             raise ValueError(
                 f"max_concurrent_migrations = {self.max_concurrent_migrations}: must be >= 1"
-            )
-        if self.max_optional_migrations_per_s < 0:
-            raise ValueError(
-                f"max_optional_migrations_per_s = {self.max_optional_migrations_per_s}: must be >= 0"
             )
         if self.rate is not None and not (math.isfinite(self.rate) and self.rate > 0):
             raise ValueError(f"rate = {self.rate}: must be > 0")
@@ -184,8 +185,7 @@ class SchedulerConfig:
             )
         if self.http_max_connections < 1:
             raise ValueError(f"http_max_connections = {self.http_max_connections}: must be >= 1")
-        if not self.http_request_timeout_s > 0:
-            raise ValueError(f"http_request_timeout_s = {self.http_request_timeout_s}: must be > 0")
+        check_seconds("http_request_timeout_s", self.http_request_timeout_s)
         if self.chat_template and not Path(self.chat_template).is_file():
             raise ValueError(f"chat_template = {self.chat_template!r} is not a readable file")
 
@@ -240,14 +240,27 @@ def from_toml(path: Path) -> SchedulerConfig:
     tls_doc = doc.pop("tls", {})
     if not isinstance(tls_doc, dict):
         raise ValueError(f"{path}: tls must be a table ([tls])")
-    check_types(f"{path} [tls]", tls_doc, TlsFiles)
+    check_table(f"{path} [tls]", tls_doc, TlsFiles)
     tls = TlsFiles(**tls_doc)
     if isinstance(doc.get("workers"), list):
         doc["workers"] = tuple(doc["workers"])
-    if isinstance(doc.get("stages"), str):
-        doc["stages"] = parse_stages(doc["stages"])
+    if "stages" in doc:
+        doc["stages"] = _stages_from_toml(path, doc["stages"])
     check_types(str(path), doc, SchedulerConfig)
     return SchedulerConfig(**doc, tls=tls)
+
+
+def _stages_from_toml(path: Path, value: object) -> tuple[StageSpec, ...]:
+    """`stages` as the flag writes it ("0-512:2,512-8192:2") or as a list of such parts
+    (["0-512:2", "512-8192:2"]); a list ended the daemon with an AttributeError traceback."""
+    if isinstance(value, list) and all(isinstance(part, str) for part in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{path}: stages = {value!r}: expected a string 'MIN-MAX:WORKERS,...' or a list "
+            "of 'MIN-MAX:WORKERS' strings"
+        )
+    return parse_stages(value)
 
 
 def parse_args(argv: list[str] | None) -> SchedulerConfig:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cascadeinfer.daemon import check_port, check_seconds
 from cascadeinfer.security import (
     TlsFiles,
     add_tls_arguments,
@@ -16,7 +17,7 @@ from cascadeinfer.security import (
     read_token,
     tls_from_arguments,
 )
-from cascadeinfer.toml_config import check_types
+from cascadeinfer.toml_config import check_table, check_types
 from cascadeinfer.worker.engines.sim_engine import SimEngineConfig
 
 
@@ -67,12 +68,10 @@ class WorkerConfig:
             raise ValueError(f"engine = {self.engine!r}: must be 'vllm' or 'sim'")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
-        if self.drain_timeout_s < 0:
-            raise ValueError(f"drain_timeout_s = {self.drain_timeout_s}: must be >= 0")
-        if self.link_timeout_s <= 0:
-            raise ValueError(f"link_timeout_s = {self.link_timeout_s}: must be > 0")
-        if self.orphan_timeout_s <= 0:
-            raise ValueError(f"orphan_timeout_s = {self.orphan_timeout_s}: must be > 0")
+        check_port("metrics_port", self.metrics_port)
+        check_seconds("drain_timeout_s", self.drain_timeout_s, may_be_zero=True)
+        check_seconds("link_timeout_s", self.link_timeout_s)
+        check_seconds("orphan_timeout_s", self.orphan_timeout_s)
         if self.max_import_mib < 0:
             raise ValueError(f"max_import_mib = {self.max_import_mib}: must be >= 0")
         # A path, not a hub id, that is not there: vLLM would take it for a malformed repo id
@@ -99,7 +98,7 @@ def from_toml(path: Path) -> WorkerConfig:
         table = doc.pop(name, {})
         if not isinstance(table, dict):
             raise ValueError(f"{path}: {name} must be a table ([{name}])")
-        check_types(f"{path} [{name}]", table, cls)
+        check_table(f"{path} [{name}]", table, cls)
         tables[name] = table
     check_types(str(path), doc, WorkerConfig)
     return WorkerConfig(**doc, sim=SimEngineConfig(**tables["sim"]), tls=TlsFiles(**tables["tls"]))

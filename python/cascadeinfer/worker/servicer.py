@@ -95,7 +95,11 @@ async def until_set(items: AsyncIterator[T], event: asyncio.Event) -> AsyncItera
             yield item
     finally:
         stop.cancel()
-        if read is not None and not read.done():  # also when the caller is cancelled
+        if read is not None:  # also when the caller is cancelled
+            # A read may end by itself in the instant the call is cancelled (the caller's link
+            # broke: grpc ends the request iterator, StopAsyncIteration, and cancels the
+            # handler): done, never looked at, asyncio logged "Task exception was never
+            # retrieved" at error level on every worker at each scheduler crash or cut link.
             read.cancel()
             read.add_done_callback(_retrieve)
 
