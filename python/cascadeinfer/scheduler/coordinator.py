@@ -311,9 +311,16 @@ class Coordinator:
         if self.policy is not None:
             try:
                 self.policy.remove_instance(link.instance)
-            except ValueError as e:
+            except ValueError:
+                # The core keeps its last instance (a layout needs one); so does `can_place`'s
+                # count, and new requests get UNAVAILABLE until a worker registers.
                 self._left_in_plan.add(link.instance)
-                log.error("no_workers_left", error=str(e))
+                log.error(
+                    "no_workers_left",
+                    worker=link.address,
+                    detail="the last placeable worker left: new requests are refused "
+                    "until a worker registers",
+                )
 
     async def worker_leaving(self, link: WorkerLink) -> None:
         """A draining worker: nothing new goes there, and what runs there moves to workers the
