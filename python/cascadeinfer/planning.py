@@ -291,8 +291,7 @@ def plan_stages(
     or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload; a trace whose
     requests all arrive at once (an offline batch) loads the fleet fully, so the partitioner
     plans for its capacity and the candidates are simulated on batches arriving at once too.
-    `max_len`
-    (default: the profile's max_model_len) is the longest context the fleet serves;
+    `max_len` (default: the profile's max_model_len) is the longest context the fleet serves;
     `clamp_prompts` as in `load_requests`. `choose_count_by_simulation`: the number of stages
     and whether to split at all are chosen by simulating the candidates against one stage
     (stage_count.py), not the partitioner's own pick. `arrival_cv`: the burstiness of the
