@@ -178,6 +178,16 @@ def test_balancing_is_kept_only_where_the_mean_gains() -> None:
     assert one_stage_form([plain, tail_worse]) is plain
     # With the p99 as the objective the figures swap roles.
     assert one_stage_form([plain, tail_only], "p99") is tail_only
+    # A large tail gain (over LARGE_TAIL_GAIN on average) that no trace contradicts, one only
+    # tying, at a mean within 1%: the traffic's, as turns placed blind to the caches show.
+    large_tail = _one_stage(balanced, [(10.05, 80.0), (10.05, 70.0), (10.05, 100.0)])
+    assert one_stage_form([plain, large_tail]) is large_tail
+    # ... not where one trace goes the other way,
+    contradicted = _one_stage(balanced, [(10.05, 70.0), (10.05, 70.0), (10.05, 101.0)])
+    assert one_stage_form([plain, contradicted]) is plain
+    # ... nor at a mean 2% higher.
+    dearer_large = _one_stage(balanced, [(10.2, 80.0), (10.2, 70.0), (10.2, 100.0)])
+    assert one_stage_form([plain, dearer_large]) is plain
 
 
 def test_a_split_must_show_its_gain_on_mean_and_tail_together() -> None:
