@@ -563,12 +563,11 @@ def _large_tail_gain(c: Candidate, base: Candidate, objective: str) -> bool:
     selection trace, and that figure's ratio averages at most 1 - LARGE_TAIL_GAIN."""
     if not _both_finished_apart(c, base):
         return False
-    other = 0 if objective == "p99" else 1
     primary, secondary = paired_ratios(c, base, objective)
     return (
         primary <= 1.0 + MIN_BALANCE_GAIN
         and secondary <= 1.0 - LARGE_TAIL_GAIN
-        and all(a[other] <= b[other] for a, b in zip(c.per_trace, base.per_trace, strict=True))
+        and all(r <= 1.0 for r in _other_ratios(c, base, objective))
     )
 
 
@@ -587,17 +586,19 @@ def _both_finished_apart(c: Candidate, base: Candidate) -> bool:
     )
 
 
+def _other_ratios(c: Candidate, base: Candidate, objective: str) -> list[float]:
+    """`c`'s figure that is not the `objective` over `base`'s, selection trace by trace."""
+    other = 0 if objective == "p99" else 1
+    return [a[other] / b[other] for a, b in zip(c.per_trace, base.per_trace, strict=True)]
+
+
 def _steady_tail_gain(c: Candidate, base: Candidate, objective: str) -> bool:
     """Whether `c` and `base` finished everything and `c`'s figure that is not the `objective`
     is at least STEADY_TAIL_GAIN below `base`'s on every selection trace (False for `base`
     itself)."""
     if not _both_finished_apart(c, base):
         return False
-    other = 0 if objective == "p99" else 1
-    return all(
-        a[other] / b[other] <= 1.0 - STEADY_TAIL_GAIN
-        for a, b in zip(c.per_trace, base.per_trace, strict=True)
-    )
+    return all(r <= 1.0 - STEADY_TAIL_GAIN for r in _other_ratios(c, base, objective))
 
 
 def _steady_split_gain(c: Candidate, base: Candidate) -> bool:

@@ -15,6 +15,7 @@ from cascadeinfer.evaluation import live
 from cascadeinfer.evaluation.goodput import GoodputSlo
 from cascadeinfer.evaluation.simbench import (
     SUMMARY_KEYS,
+    WHOLE_TRACE,
     SimSetup,
     Slo,
     default_rate,
@@ -26,8 +27,6 @@ from cascadeinfer.stage_count import OBJECTIVES
 
 PRESET_REQUESTS = 10_000
 """Requests drawn from a preset unless --requests says otherwise."""
-WHOLE_TRACE = 1 << 62
-"""--requests for a trace file by default: all of it (a run replays a trace as recorded)."""
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:

@@ -31,7 +31,7 @@ import grpc
 from cascadeinfer import workloads
 from cascadeinfer.cli.arrival import add_arrival_arguments, gamma_cv
 from cascadeinfer.cli.client import add_connection_args
-from cascadeinfer.evaluation.simbench import make_trace
+from cascadeinfer.evaluation.simbench import WHOLE_TRACE, make_trace
 from cascadeinfer.evaluation.summary import RequestRecord, summarize
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.security import TlsFiles, aio_channel, read_caller_token, token_metadata
@@ -45,6 +45,7 @@ PromptBuilder = Callable[[int, int], list[int]]
 
 DEFAULT_PRESET_REQUESTS = 200
 NO_LENGTH_LIMIT = 1 << 31
+"""--max-len when none is given: no request is clamped."""
 COMPLETE = (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
 
 
@@ -230,7 +231,7 @@ def trace_from_args(args: argparse.Namespace) -> list[TraceEntry]:
         raise ValueError("--rate is required with --workload")
     if args.max_len is not None and args.max_len < 2:
         raise ValueError(f"--max-len {args.max_len}: must be >= 2")
-    count = args.requests or (DEFAULT_PRESET_REQUESTS if args.workload else NO_LENGTH_LIMIT)
+    count = args.requests or (DEFAULT_PRESET_REQUESTS if args.workload else WHOLE_TRACE)
     return make_trace(
         args.workload or args.trace,
         num_requests=count,

@@ -53,6 +53,11 @@ def clamp(trace: Trace, max_len: int) -> Trace:
     return [with_lengths(e, *clamp_lengths(e[1], e[2], max_len)) for e in trace]
 
 
+WHOLE_TRACE = 1 << 31
+"""A request count no trace file reaches: `make_trace` then takes all of it (a run replays a
+trace as recorded unless told to take its first part)."""
+
+
 def make_trace(
     workload: str,
     *,

@@ -139,9 +139,7 @@ class SchedulerConfig:
         )
         check_port("metrics_port", self.metrics_port)
         for name in ("ttft_slo_s", "ttft_slo_per_token_s"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} = {value!r}: must be a number, finite and >= 0")
+            check_seconds(name, getattr(self, name), may_be_zero=True)
         if self.max_concurrent_migrations < 1:
             raise ValueError(
                 f"max_concurrent_migrations = {self.max_concurrent_migrations}: must be >= 1"
