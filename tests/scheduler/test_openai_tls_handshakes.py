@@ -38,6 +38,14 @@ class Https:
     def models(self) -> httpx.Response:
         return self.client.get(f"https://{self.host}:{self.port}/v1/models", timeout=10)
 
+    def models_status(self) -> int | None:
+        """`models()`'s status, or None for a connection reset at its accept: the server has
+        not yet seen closed connections leave, so their slots still count."""
+        try:
+            return self.models().status_code
+        except httpx.ConnectError:
+            return None
+
 
 @contextmanager
 def _https(tmp: Path, *extra: str) -> Iterator[Https]:
@@ -125,7 +133,7 @@ def test_handshakes_under_way_count_against_the_connection_bound(tmp_path: Path)
             for s in silent:
                 s.close()
         deadline = time.monotonic() + 10
-        while https.models().status_code != 200 and time.monotonic() < deadline:
+        while https.models_status() != 200 and time.monotonic() < deadline:
             time.sleep(0.2)  # their slots are free again once they closed
         assert https.models().status_code == 200
 
