@@ -205,8 +205,14 @@ impl Policy for CascadePolicy {
         "cascade"
     }
 
-    fn admit(&mut self, new: &NewRequest, _now: f64) -> Result<Option<Admission>> {
+    fn admit(&mut self, new: &NewRequest, now: f64) -> Result<Option<Admission>> {
         let NewRequest { id: request, prompt_len, session } = *new;
+        let wakes = self.is_idle();
+        if let (Some(refiner), true) = (&mut self.refiner, wakes) {
+            // Idle ticks leave the history alone (`tick`): it ages over the idle stretch now,
+            // before the traffic that ends it is observed.
+            refiner.advance(now);
+        }
         // A turn of a session goes where its conversation's KV makes it cheapest, unless one
         // stage places turns as a baseline does.
         let is_one_stage = self.router.layout.stages().len() == 1;
@@ -246,7 +252,11 @@ impl Policy for CascadePolicy {
 
     fn tick(&mut self, now: f64) -> TickOutcome {
         let mut outcome = TickOutcome::default();
-        if let Some(refiner) = &mut self.refiner {
+        // An idle fleet gives refinement nothing to observe and nothing to move: its history
+        // ages at the next admission instead (`admit`), so that idle ticks are no-ops (the
+        // contract of `Policy::tick`). The guard and the balancer see no load and only reset.
+        let is_idle = self.is_idle();
+        if let (Some(refiner), false) = (&mut self.refiner, is_idle) {
             refiner.advance(now);
             if let Some((layout, _)) = refiner.decide(&self.router.layout, &self.router.profile, now) {
                 self.planned_bounds = inner_bounds(&layout);
@@ -294,6 +304,10 @@ impl Policy for CascadePolicy {
 
     fn request_withdrawn(&mut self, request: RequestId) {
         self.refused.remove(&request);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.refused.is_empty() && self.router.is_idle()
     }
 
     /// A new instance restores a planned stage an earlier departure merged away (it takes the

@@ -139,6 +139,11 @@ impl LoadBook {
         self.loads.get(inst.index()).unwrap_or(&EMPTY)
     }
 
+    /// Whether no request is placed on any instance, running or queued.
+    pub fn is_empty(&self) -> bool {
+        self.loads.iter().all(|l| l.running.is_empty() && l.queued.is_empty())
+    }
+
     fn get_mut(&mut self, inst: InstanceId) -> &mut InstanceLoad {
         if self.loads.len() <= inst.index() {
             self.grow(inst);
@@ -284,6 +289,15 @@ impl LoadBook {
     pub fn forget_request(&mut self, inst: InstanceId, request: RequestId) {
         if self.get_mut(inst).remove(request).is_some() {
             self.is_as_fed[inst.index()] = false;
+        }
+    }
+
+    /// Drops a finished request from every instance's load (a scan of the whole book).
+    pub fn forget_everywhere(&mut self, request: RequestId) {
+        for k in 0..self.loads.len() {
+            if self.loads[k].remove(request).is_some() {
+                self.is_as_fed[k] = false;
+            }
         }
     }
 

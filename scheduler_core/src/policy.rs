@@ -132,7 +132,19 @@ pub trait Policy: Send + Sync {
     }
 
     /// Periodic work: balancing, refinement, rebalancing.
+    ///
+    /// While [`Policy::is_idle`], a tick may reset state (a balancer's hysteresis) but a
+    /// second one in a row changes nothing and returns nothing, so a caller may skip every
+    /// tick of an idle stretch after the first: the simulator does, and a day-long trace with
+    /// minutes between its requests plans in seconds instead of ticking every 0.5 s through
+    /// the gaps.
     fn tick(&mut self, now: f64) -> TickOutcome;
+
+    /// Whether nothing is placed, in flight or waiting for a retry of `admit`: the fleet is
+    /// idle as far as the policy knows (see [`Policy::tick`]).
+    fn is_idle(&self) -> bool {
+        self.router().is_idle()
+    }
 
     fn add_instance(&mut self, instance: InstanceId) -> Result<()>;
 

@@ -176,7 +176,8 @@ impl Refiner {
     pub fn advance(&mut self, now: f64) {
         let Some(last) = self.last_advance.replace(now) else { return };
         let dt = (now - last).max(0.0);
-        let keep = 0.5f64.powf(dt / self.config.half_life_s);
+        let decay_rate = std::f64::consts::LN_2 / self.config.half_life_s;
+        let keep = (-dt * decay_rate).exp();
         for v in [
             &mut self.decode_tokens,
             &mut self.decode_context,
@@ -184,10 +185,12 @@ impl Refiner {
             &mut self.prefill_tokens,
             &mut self.prefill_pairs,
         ] {
-            v.iter_mut().for_each(|x| *x *= keep);
+            v.iter_mut().for_each(|x| *x = forget_faded(*x * keep));
         }
-        // The decayed integral of dt: observations made over `dt` carry weight about `keep`..1.
-        self.window_s = self.window_s * keep + dt * (1.0 + keep) / 2.0;
+        // The decayed integral of time: what a steady rate of observations over `dt` weighs,
+        // exactly, so that one call over an idle stretch ages the history as calls every tick
+        // would.
+        self.window_s = self.window_s * keep - (-dt * decay_rate).exp_m1() / decay_rate;
     }
 
     /// The observed traffic as rates, or `None` before enough has been seen.
@@ -339,6 +342,23 @@ impl Refiner {
             }
         }
         best
+    }
+}
+
+/// Below this a decayed weight is 0: 500 half-lives since its bucket was last observed (8 hours
+/// at the default half-life). Far smaller weights changed no sum they entered, but rates
+/// derived from them reached the subnormal range, where arithmetic runs up to a hundred times
+/// slower on x86: a bucket left unobserved for a day of simulated traffic made every tick's
+/// range table crawl. It also stops such a bucket from counting as traffic (the longest
+/// context a stage is priced for).
+const FORGOTTEN_WEIGHT: f64 = 1e-150;
+
+/// `x`, or 0 below [`FORGOTTEN_WEIGHT`].
+fn forget_faded(x: f64) -> f64 {
+    if x < FORGOTTEN_WEIGHT {
+        0.0
+    } else {
+        x
     }
 }
 

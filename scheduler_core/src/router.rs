@@ -127,6 +127,12 @@ impl Router {
         &self.layout
     }
 
+    /// Whether the fleet is idle as far as the router knows: no request placed anywhere and
+    /// no migration in flight.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.is_empty() && self.loads.is_empty()
+    }
+
     pub fn loads(&self) -> &LoadBook {
         &self.loads
     }
@@ -521,7 +527,11 @@ impl Router {
 
     /// Ends an in-flight migration; on failure the load goes back to the source.
     pub fn migration_done(&mut self, m: &Migration, succeeded: bool) {
-        self.in_flight.remove(&m.request);
+        if !self.in_flight.remove(&m.request) {
+            // It finished during the move (`request_finished` forgot it everywhere): putting
+            // its load back on the source would leave a request there that never ends.
+            return;
+        }
         if succeeded {
             // It kept decoding on the source during the bulk copy, so the source's feed may
             // have listed it again since the move was decided.
@@ -532,14 +542,23 @@ impl Router {
         }
     }
 
+    /// A request left `instance`. One that finished while it was being moved may be held on
+    /// the move's target too (the book moved it when the move was decided, and a refresh of
+    /// the target that did not list it took it for preempted), so it is forgotten everywhere:
+    /// forgetting it on `instance` alone left a request in the book that never ends, and the
+    /// instance holding it looked loaded for the rest of the run (one per interrupted move).
     pub fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
-        self.in_flight.remove(&request);
+        let was_moving = self.in_flight.remove(&request);
         if self.prefixes.follows(request) {
             let running = &self.loads.get(instance).running;
             let context_len = running.iter().find(|&&(r, _)| r == request).map(|&(_, len)| len);
             self.prefixes.finished(request, instance, context_len);
         }
-        self.loads.forget_request(instance, request);
+        if was_moving {
+            self.loads.forget_everywhere(request);
+        } else {
+            self.loads.forget_request(instance, request);
+        }
     }
 }
 

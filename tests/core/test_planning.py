@@ -420,11 +420,12 @@ def test_stage_sizes_are_searched_from_the_best_split_by_simulation() -> None:
 
 
 def test_the_size_search_moves_a_split_into_the_layouts_the_pick_admits() -> None:
-    # Bimodal traffic (chat and 16K-token documents) at 0.75x of the planned rate: every
-    # split of the partitioner's is ~20% ahead of one stage on the mean and 1-4% behind on the
-    # p99, so `pick` admits none; with one instance fewer in the chat stage, the two-stage
-    # split keeps the documents' tail and most of the gain, and the search moves there.
-    chosen = _plan_for_benchmark("bimodal", 18.3, seed=1)
+    # Bimodal traffic (chat and 16K-token documents) at 0.7x of the planned rate: no split of
+    # the partitioner's passes `pick`; with one instance moved, a two-stage split keeps the
+    # documents' tail and most of the gain, and the search moves there. (At 18.3 req/s, the
+    # rate until the book forgot requests that finished while moving, the partitioner's own
+    # five-stage split passes.)
+    chosen = _plan_for_benchmark("bimodal", 17.0, seed=1)
     picked = next(c for c in chosen.candidates if c.plan is chosen.plan)
     assert picked.is_resized and picked.num_stages > 1
     num_traces = len(picked.per_trace)
@@ -439,7 +440,7 @@ def test_the_size_search_moves_a_split_into_the_layouts_the_pick_admits() -> Non
     mean, p99 = paired_ratios(picked, plain, "mean")
     assert mean <= 1 - MIN_GAIN and p99 <= 1 + MAX_P99_SLACK
     # On the run's own trace: the mean well below one stage's, the tail not above it.
-    (one_stage, split) = _on_benchmark_trace(chosen, "bimodal", 18.3, 1, plain, picked)
+    (one_stage, split) = _on_benchmark_trace(chosen, "bimodal", 17.0, 1, plain, picked)
     assert split[0] < 0.9 * one_stage[0] and split[1] <= 1.02 * one_stage[1], (one_stage, split)
 
 

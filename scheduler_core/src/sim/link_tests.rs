@@ -222,6 +222,9 @@ impl Policy for WholeFeeds {
     fn router_mut(&mut self) -> &mut Router {
         self.0.router_mut()
     }
+    fn is_idle(&self) -> bool {
+        self.0.is_idle()
+    }
 }
 
 /// A repeat step answered without its feed (`Policy::on_repeat_step`) leaves every policy
@@ -258,4 +261,113 @@ fn repeat_steps_answered_without_their_feed_change_nothing() {
         }
     }
     assert!(num_preemptions > 0 && num_cache_hits > 0, "no preemption or no cache hit: the test would prove little");
+}
+
+/// A policy that never says it is idle: the simulator then runs every tick of an idle stretch.
+struct NeverIdle(Box<dyn Policy>);
+
+impl Policy for NeverIdle {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn admit(&mut self, request: &NewRequest, now: f64) -> Result<Option<Admission>> {
+        self.0.admit(request, now)
+    }
+    fn on_step(&mut self, entries: &[StepEntry], now: f64) -> Result<Vec<Migration>> {
+        self.0.on_step(entries, now)
+    }
+    fn on_repeat_step(&mut self, instance: InstanceId, now: f64) -> Option<Result<Vec<Migration>>> {
+        self.0.on_repeat_step(instance, now)
+    }
+    fn tick(&mut self, now: f64) -> TickOutcome {
+        self.0.tick(now)
+    }
+    fn add_instance(&mut self, instance: InstanceId) -> Result<()> {
+        self.0.add_instance(instance)
+    }
+    fn remove_instance(&mut self, instance: InstanceId) -> Result<()> {
+        self.0.remove_instance(instance)
+    }
+    fn migration_done(&mut self, migration: &Migration, succeeded: bool) {
+        self.0.migration_done(migration, succeeded);
+    }
+    fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
+        self.0.request_finished(request, instance);
+    }
+    fn request_withdrawn(&mut self, request: RequestId) {
+        self.0.request_withdrawn(request);
+    }
+    fn router(&self) -> &Router {
+        self.0.router()
+    }
+    fn router_mut(&mut self) -> &mut Router {
+        self.0.router_mut()
+    }
+    fn is_idle(&self) -> bool {
+        false
+    }
+}
+
+/// Ticks parked through idle stretches (`Simulation::tick`) leave every policy where ticking
+/// through them would: the same run, request for request, on a trace that alternates busy
+/// minutes (refinement and balancing at work) with idle ones, for cascade with refinement,
+/// a two-stage cascade and every baseline. Only the idle stretches' stage-load samples go.
+#[test]
+fn ticks_parked_while_the_fleet_idles_change_nothing() {
+    let p = gpu();
+    // Bursts of 300 bimodal requests at 6 req/s, 20 minutes apart.
+    let mut trace = Vec::new();
+    for burst in 0..4 {
+        let start = burst as f64 * 1200.0;
+        trace.extend(
+            bimodal(300, 6.0, 20 + burst).into_iter().map(|r| TraceRequest { arrival_s: r.arrival_s + start, ..r }),
+        );
+    }
+    let policies: [fn() -> Box<dyn Policy>; 5] = [
+        planned_cascade,
+        || Box::new(two_stage(&gpu(), 1024, 4)),
+        || Box::new(baseline(BaselineKind::LeastLoad, &gpu(), 4)),
+        || Box::new(baseline(BaselineKind::Llumnix, &gpu(), 4)),
+        || Box::new(baseline(BaselineKind::RoundRobin, &gpu(), 4)),
+    ];
+    for make in policies {
+        let mut parked = make();
+        let n = parked.layout().num_instances() as u32;
+        let mut with_parking = simulate(parked.as_mut(), &p, &trace, &ids(n), &SimConfig::default()).unwrap();
+        let mut every = NeverIdle(make());
+        let mut without = simulate(&mut every, &p, &trace, &ids(n), &SimConfig::default()).unwrap();
+        let name = with_parking.policy.clone();
+        assert_eq!(with_parking.summary.completed, 1200, "{name}");
+        let (samples, all_samples) = (with_parking.stage_load.len(), without.stage_load.len());
+        assert!(samples * 2 < all_samples, "{name}: {samples} of {all_samples} ticks run: none parked?");
+        for report in [&mut with_parking, &mut without] {
+            report.summary.sim_wall_s = 0.0;
+            report.stage_load.clear();
+        }
+        assert_eq!(with_parking, without, "{name}");
+    }
+}
+
+/// A run leaves nothing in the policy's book: every request it placed finished, and so left
+/// it, also those that finished while being moved (Llumnix's moves here interrupt some that
+/// way, which left a request held on an instance for the rest of the run).
+#[test]
+fn the_book_is_empty_when_every_request_finished() {
+    let p = gpu();
+    let trace = bimodal(300, 6.0, 20);
+    let policies: [fn() -> Box<dyn Policy>; 3] = [
+        planned_cascade,
+        || Box::new(two_stage(&gpu(), 1024, 2)),
+        || Box::new(baseline(BaselineKind::Llumnix, &gpu(), 4)),
+    ];
+    let mut num_interrupted = 0;
+    for make in policies {
+        let mut policy = make();
+        let n = policy.layout().num_instances() as u32;
+        let report = simulate(policy.as_mut(), &p, &trace, &ids(n), &SimConfig::default()).unwrap();
+        assert_eq!(report.summary.completed, 300);
+        num_interrupted += report.failed_migrations_by_cause.get("interrupted").copied().unwrap_or(0);
+        assert!(policy.is_idle(), "{}: the book still holds {:?}", report.policy, policy.router().loads());
+    }
+    assert!(num_interrupted > 0, "no move was interrupted: the test would prove little");
 }

@@ -56,6 +56,8 @@ pub(super) struct Simulation<'a> {
     pub(super) last_finish_s: f64,
     pub(super) stalled_since: Option<f64>,
     pub(super) stage_load: Vec<StageLoadSample>,
+    /// When the next tick is due while ticks are parked through an idle stretch (`tick`).
+    pub(super) parked_tick_s: Option<f64>,
 }
 
 impl<'a> Simulation<'a> {
@@ -120,6 +122,7 @@ impl<'a> Simulation<'a> {
             last_finish_s: 0.0,
             stalled_since: None,
             stage_load: Vec::new(),
+            parked_tick_s: None,
         })
     }
 
@@ -130,6 +133,7 @@ impl<'a> Simulation<'a> {
             // An arrival goes first unless an event comes no later.
             let Some((t, kind)) = self.events.pop_unless_after(next_arrival_s) else {
                 let Some(&r) = self.order.get(self.num_arrived) else { break };
+                self.unpark_tick(next_arrival_s);
                 self.now = next_arrival_s;
                 self.num_arrived += 1;
                 next_arrival_s = self.arrival_s(self.num_arrived);
@@ -314,6 +318,7 @@ impl<'a> Simulation<'a> {
 
     /// The coordinator's `tick_forever` body; false ends the run (stalled too long).
     fn tick(&mut self) -> Result<bool> {
+        let was_idle = self.policy.is_idle();
         let outcome = self.policy.tick(self.now);
         self.num_layout_changes += u64::from(outcome.new_layout.is_some());
         self.num_capacity_moves +=
@@ -335,8 +340,37 @@ impl<'a> Simulation<'a> {
         } else if self.now - *self.stalled_since.get_or_insert(self.now) > MAX_STALL_S {
             return Ok(false);
         }
-        self.events.push(self.now + self.config.tick_interval_s, EventKind::Tick);
+        let next_tick_s = self.now + self.config.tick_interval_s;
+        if was_idle && self.is_idle() {
+            self.parked_tick_s = Some(next_tick_s);
+        } else {
+            self.events.push(next_tick_s, EventKind::Tick);
+        }
         Ok(true)
+    }
+
+    /// Whether nothing can happen before the next arrival: nothing queued, running, in flight
+    /// or placed as far as the policy knows, and a request still to come. The ticks of such a
+    /// stretch after an idle one are no-ops (`Policy::tick`), so `tick` parks them and
+    /// `unpark_tick` skips them: the loop then jumps from one arrival to the next, where a
+    /// trace with minutes between requests cost thousands of ticks per request. What is left
+    /// out is their stage-load samples (every stage idle).
+    fn is_idle(&self) -> bool {
+        self.num_arrived < self.order.len()
+            && self.queue.is_empty()
+            && self.flights.num_active == 0
+            && self.instances.iter().all(|i| !i.is_busy && !i.has_work())
+            && self.policy.is_idle()
+    }
+
+    /// Schedules the first tick after `arrival_s` on the ticks' own clock (ticks due at the
+    /// arrival itself came first, and were no-ops) when ticks are parked.
+    fn unpark_tick(&mut self, arrival_s: f64) {
+        let Some(mut t) = self.parked_tick_s.take() else { return };
+        while t <= arrival_s {
+            t += self.config.tick_interval_s;
+        }
+        self.events.push(t, EventKind::Tick);
     }
 
     fn sample_stage_load(&mut self) {
