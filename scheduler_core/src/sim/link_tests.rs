@@ -187,44 +187,82 @@ fn the_simulator_calls_the_policy_and_nothing_else() {
     }
 }
 
-/// A policy that takes every feed whole: the simulator then builds the feed of every step,
-/// repeat steps included.
-struct WholeFeeds(Box<dyn Policy>);
+/// A policy that passes every call on to the one it wraps, but for one shortcut it turns down:
+/// a repeat step's answer without its feed (`whole_feeds`: the simulator then builds the feed
+/// of every step) or the word that the fleet is idle (`never_idle`: the simulator then runs
+/// every tick of an idle stretch).
+struct Declining {
+    inner: Box<dyn Policy>,
+    whole_feeds: bool,
+    never_idle: bool,
+}
 
-impl Policy for WholeFeeds {
+impl Declining {
+    fn whole_feeds(inner: Box<dyn Policy>) -> Self {
+        Declining { inner, whole_feeds: true, never_idle: false }
+    }
+
+    fn never_idle(inner: Box<dyn Policy>) -> Self {
+        Declining { inner, whole_feeds: false, never_idle: true }
+    }
+}
+
+impl Policy for Declining {
     fn name(&self) -> &'static str {
-        self.0.name()
+        self.inner.name()
     }
     fn admit(&mut self, request: &NewRequest, now: f64) -> Result<Option<Admission>> {
-        self.0.admit(request, now)
+        self.inner.admit(request, now)
     }
     fn on_step(&mut self, entries: &[StepEntry], now: f64) -> Result<Vec<Migration>> {
-        self.0.on_step(entries, now)
+        self.inner.on_step(entries, now)
+    }
+    fn on_repeat_step(&mut self, instance: InstanceId, now: f64) -> Option<Result<Vec<Migration>>> {
+        if self.whole_feeds {
+            return None;
+        }
+        self.inner.on_repeat_step(instance, now)
     }
     fn tick(&mut self, now: f64) -> TickOutcome {
-        self.0.tick(now)
+        self.inner.tick(now)
     }
     fn add_instance(&mut self, instance: InstanceId) -> Result<()> {
-        self.0.add_instance(instance)
+        self.inner.add_instance(instance)
     }
     fn remove_instance(&mut self, instance: InstanceId) -> Result<()> {
-        self.0.remove_instance(instance)
+        self.inner.remove_instance(instance)
     }
     fn migration_done(&mut self, migration: &Migration, succeeded: bool) {
-        self.0.migration_done(migration, succeeded);
+        self.inner.migration_done(migration, succeeded);
     }
     fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
-        self.0.request_finished(request, instance);
+        self.inner.request_finished(request, instance);
+    }
+    fn request_withdrawn(&mut self, request: RequestId) {
+        self.inner.request_withdrawn(request);
     }
     fn router(&self) -> &Router {
-        self.0.router()
+        self.inner.router()
     }
     fn router_mut(&mut self) -> &mut Router {
-        self.0.router_mut()
+        self.inner.router_mut()
     }
     fn is_idle(&self) -> bool {
-        self.0.is_idle()
+        !self.never_idle && self.inner.is_idle()
     }
+}
+
+/// Cascade planned with refinement on, a two-stage cascade and the baselines that decide
+/// differently (cache-aware is least-load without sessions; power-of-two is least-load over two
+/// instances drawn at random).
+fn every_kind_of_policy() -> [fn() -> Box<dyn Policy>; 5] {
+    [
+        planned_cascade,
+        || Box::new(two_stage(&gpu(), 1024, 4)),
+        || Box::new(baseline(BaselineKind::LeastLoad, &gpu(), 4)),
+        || Box::new(baseline(BaselineKind::Llumnix, &gpu(), 4)),
+        || Box::new(baseline(BaselineKind::RoundRobin, &gpu(), 4)),
+    ]
 }
 
 /// A repeat step answered without its feed (`Policy::on_repeat_step`) leaves every policy
@@ -237,20 +275,14 @@ fn repeat_steps_answered_without_their_feed_change_nothing() {
     small.kv_capacity_tokens = 64_000;
     let session_trace = generate_trace(Preset::Agentic, 600, 4.0, ArrivalProcess::Poisson, 3).unwrap();
     assert!(session_trace.iter().all(|r| r.session.is_some()));
-    let policies: [fn() -> Box<dyn Policy>; 5] = [
-        planned_cascade,
-        || Box::new(two_stage(&gpu(), 1024, 4)),
-        || Box::new(baseline(BaselineKind::LeastLoad, &gpu(), 4)),
-        || Box::new(baseline(BaselineKind::Llumnix, &gpu(), 4)),
-        || Box::new(baseline(BaselineKind::RoundRobin, &gpu(), 4)),
-    ];
+    let policies = every_kind_of_policy();
     let (mut num_preemptions, mut num_cache_hits) = (0, 0);
     for (profile, trace) in [(&p, bimodal(1500, 6.0, 8)), (&small, bimodal(800, 6.0, 9)), (&p, session_trace)] {
         for make in policies {
             let mut fast = make();
             let n = fast.layout().num_instances() as u32;
             let mut with_shortcut = simulate(fast.as_mut(), profile, &trace, &ids(n), &SimConfig::default()).unwrap();
-            let mut whole = WholeFeeds(make());
+            let mut whole = Declining::whole_feeds(make());
             let mut without = simulate(&mut whole, profile, &trace, &ids(n), &SimConfig::default()).unwrap();
             with_shortcut.summary.sim_wall_s = 0.0;
             without.summary.sim_wall_s = 0.0;
@@ -261,51 +293,6 @@ fn repeat_steps_answered_without_their_feed_change_nothing() {
         }
     }
     assert!(num_preemptions > 0 && num_cache_hits > 0, "no preemption or no cache hit: the test would prove little");
-}
-
-/// A policy that never says it is idle: the simulator then runs every tick of an idle stretch.
-struct NeverIdle(Box<dyn Policy>);
-
-impl Policy for NeverIdle {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn admit(&mut self, request: &NewRequest, now: f64) -> Result<Option<Admission>> {
-        self.0.admit(request, now)
-    }
-    fn on_step(&mut self, entries: &[StepEntry], now: f64) -> Result<Vec<Migration>> {
-        self.0.on_step(entries, now)
-    }
-    fn on_repeat_step(&mut self, instance: InstanceId, now: f64) -> Option<Result<Vec<Migration>>> {
-        self.0.on_repeat_step(instance, now)
-    }
-    fn tick(&mut self, now: f64) -> TickOutcome {
-        self.0.tick(now)
-    }
-    fn add_instance(&mut self, instance: InstanceId) -> Result<()> {
-        self.0.add_instance(instance)
-    }
-    fn remove_instance(&mut self, instance: InstanceId) -> Result<()> {
-        self.0.remove_instance(instance)
-    }
-    fn migration_done(&mut self, migration: &Migration, succeeded: bool) {
-        self.0.migration_done(migration, succeeded);
-    }
-    fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
-        self.0.request_finished(request, instance);
-    }
-    fn request_withdrawn(&mut self, request: RequestId) {
-        self.0.request_withdrawn(request);
-    }
-    fn router(&self) -> &Router {
-        self.0.router()
-    }
-    fn router_mut(&mut self) -> &mut Router {
-        self.0.router_mut()
-    }
-    fn is_idle(&self) -> bool {
-        false
-    }
 }
 
 /// Ticks parked through idle stretches (`Simulation::tick`) leave every policy where ticking
@@ -323,18 +310,12 @@ fn ticks_parked_while_the_fleet_idles_change_nothing() {
             bimodal(300, 6.0, 20 + burst).into_iter().map(|r| TraceRequest { arrival_s: r.arrival_s + start, ..r }),
         );
     }
-    let policies: [fn() -> Box<dyn Policy>; 5] = [
-        planned_cascade,
-        || Box::new(two_stage(&gpu(), 1024, 4)),
-        || Box::new(baseline(BaselineKind::LeastLoad, &gpu(), 4)),
-        || Box::new(baseline(BaselineKind::Llumnix, &gpu(), 4)),
-        || Box::new(baseline(BaselineKind::RoundRobin, &gpu(), 4)),
-    ];
+    let policies = every_kind_of_policy();
     for make in policies {
         let mut parked = make();
         let n = parked.layout().num_instances() as u32;
         let mut with_parking = simulate(parked.as_mut(), &p, &trace, &ids(n), &SimConfig::default()).unwrap();
-        let mut every = NeverIdle(make());
+        let mut every = Declining::never_idle(make());
         let mut without = simulate(&mut every, &p, &trace, &ids(n), &SimConfig::default()).unwrap();
         let name = with_parking.policy.clone();
         assert_eq!(with_parking.summary.completed, 1200, "{name}");
