@@ -550,7 +550,7 @@ def test_a_killed_multiprocess_vllm_worker_takes_its_engine_processes_along(
         helpers = psutil.Process(d.process.pid).children(recursive=True)
         # The engine core, its model worker and multiprocessing's resource tracker (titles
         # vary: vLLM retitles argv, torch renames the main thread).
-        titles = " ".join(" ".join(p.cmdline()) for p in helpers)
+        titles = " ".join(_command_line(p) for p in helpers)
         assert len(helpers) >= 2 and "EngineCore" in titles, titles
         assert run_to_end(d.stub(), "before-kill", PROMPT, 5)
     finally:
@@ -624,7 +624,8 @@ def _wait_for_engine_processes(
         engine = [
             p
             for p in helpers
-            if not any(s in " ".join(p.cmdline()) for s in ("resource_tracker", "helper_guard"))
+            if (command := _command_line(p))
+            and not any(s in command for s in ("resource_tracker", "helper_guard"))
         ]
         if len(engine) >= count:
             return helpers, engine
@@ -643,6 +644,18 @@ def _running(psutil: Any, processes: list[Any], timeout: float) -> list[tuple[in
             if p.status() != psutil.STATUS_ZOMBIE:
                 running.append((p.pid, p.name()))
     return running
+
+
+def _command_line(process: Any) -> str:
+    """A psutil process's command line, or "" once it has ended: a process vLLM starts and ends
+    during start-up can exit, and turn zombie, between being listed and being asked (psutil's
+    `ZombieProcess` is a `NoSuchProcess`; it failed a fresh-clone CI run once)."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def _children(process: Any) -> list[Any]:
