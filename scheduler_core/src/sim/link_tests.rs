@@ -297,8 +297,8 @@ fn repeat_steps_answered_without_their_feed_change_nothing() {
 
 /// Ticks parked through idle stretches (`Simulation::tick`) leave every policy where ticking
 /// through them would: the same run, request for request, on a trace that alternates busy
-/// minutes (refinement and balancing at work) with idle ones, for cascade with refinement,
-/// a two-stage cascade and every baseline. Only the idle stretches' stage-load samples go.
+/// minutes (refinement and balancing at work) with idle ones, for every kind of policy
+/// (`every_kind_of_policy`). Only the idle stretches' stage-load samples go.
 #[test]
 fn ticks_parked_while_the_fleet_idles_change_nothing() {
     let p = gpu();
