@@ -21,6 +21,11 @@ pub struct InstanceLoad {
     /// Bounds on the ids in `queued` (exact after every change): a feed entry outside them is
     /// not queued, which spares most entries a scan of the list (it can hold hundreds).
     queued_ids: (u64, u64),
+    /// Requests being moved here, counted in `running` from the move's decision: this
+    /// instance's feeds do not list them until they land, and a request a feed leaves out is
+    /// otherwise taken for preempted (queued, its whole context a prefill to come), which made
+    /// every move's target look a prefill chunk slower for the whole copy.
+    arriving: Vec<RequestId>,
 }
 
 impl InstanceLoad {
@@ -55,6 +60,9 @@ impl InstanceLoad {
 
     /// Takes `request` off this instance, queued or running.
     fn remove(&mut self, request: RequestId) -> Option<u32> {
+        if !self.arriving.is_empty() {
+            self.arriving.retain(|&r| r != request);
+        }
         if self.dequeue(request) {
             return None;
         }
@@ -135,6 +143,7 @@ impl LoadBook {
             queued: Vec::new(),
             queued_tokens: 0,
             queued_ids: (u64::MAX, 0),
+            arriving: Vec::new(),
         };
         self.loads.get(inst.index()).unwrap_or(&EMPTY)
     }
@@ -209,6 +218,10 @@ impl LoadBook {
                     next += k + 1;
                 } else if let Some(k) = load.running[..next].iter().position(is_at) {
                     next = k + 1;
+                } else if load.arriving.contains(&request) {
+                    // Not here yet, not preempted: it keeps its place until it lands.
+                    load.push(request, len);
+                    self.is_as_fed[inst.index()] = false;
                 } else if !load.queued.iter().any(is_at) {
                     load.enqueue(request, len);
                 }
@@ -277,10 +290,35 @@ impl LoadBook {
         self.get_mut(inst).enqueue(request, prompt_len);
     }
 
-    /// Moves a running request's load from one instance to another (a migration decided).
+    /// Moves a running request's load from one instance to another (a migration decided): it
+    /// counts as running on `to`, though `to`'s feeds leave it out until it lands there
+    /// ([`LoadBook::arrived`]).
     pub fn move_request(&mut self, request: RequestId, from: InstanceId, to: InstanceId, len: u32) {
         self.get_mut(from).remove(request);
-        self.get_mut(to).push(request, len);
+        let target = self.get_mut(to);
+        target.push(request, len);
+        target.arriving.push(request);
+        self.is_as_fed[from.index()] = false;
+        self.is_as_fed[to.index()] = false;
+    }
+
+    /// A move of `request` to `inst` ended in its landing there: from now on `inst`'s feeds
+    /// list it, and one that does not means it was preempted.
+    pub fn arrived(&mut self, inst: InstanceId, request: RequestId) {
+        if let Some(load) = self.loads.get_mut(inst.index()) {
+            load.arriving.retain(|&r| r != request);
+        }
+    }
+
+    /// A move of `request` from `from` to `to` failed: its load leaves `to` and stays on
+    /// `from`, where it kept decoding (once, though `from`'s feeds may have listed it again
+    /// since the move was decided).
+    pub fn move_back(&mut self, request: RequestId, from: InstanceId, to: InstanceId, len: u32) {
+        self.get_mut(to).remove(request);
+        let source = self.get_mut(from);
+        if !source.running.iter().any(|&(r, _)| r == request) && !source.queued.iter().any(|&(r, _)| r == request) {
+            source.push(request, len);
+        }
         self.is_as_fed[from.index()] = false;
         self.is_as_fed[to.index()] = false;
     }
@@ -772,6 +810,44 @@ mod tests {
         book.forget_request(a, RequestId(1));
         assert!(!book.advance_as_fed(a));
         assert_eq!(book.get(a).running, vec![(RequestId(4), 12)]);
+    }
+
+    #[test]
+    fn a_request_on_its_way_counts_as_running_on_its_target_until_it_lands() {
+        let profile = gpu();
+        let (a, b) = (InstanceId(0), InstanceId(1));
+        let feed = |book: &mut LoadBook, entries: &[(InstanceId, u64, u32)]| {
+            book.begin_refresh();
+            for &(inst, r, len) in entries {
+                book.record(inst, RequestId(r), len);
+            }
+            book.end_refresh();
+        };
+        let mut book = LoadBook::default();
+        feed(&mut book, &[(a, 1, 30_000), (b, 2, 100)]);
+        let idle_step = book.predicted_step(&profile, b);
+        book.move_request(RequestId(1), a, b, 30_000);
+        // The copy runs: the source still lists it, the target not yet.
+        feed(&mut book, &[(a, 1, 30_001), (b, 2, 101)]);
+        let target = book.get(b);
+        assert_eq!((target.num_queued(), target.running.len()), (0, 2), "not taken for preempted on the target");
+        assert!(!book.advance_as_fed(b), "the target's book is not its feed");
+        let step = book.predicted_step(&profile, b);
+        assert!(step < idle_step + profile.prefill_work(8192) / 2.0, "a decode more, no prefill: {idle_step} {step}");
+        // It lands; from then on, a feed of the target without it means it was preempted.
+        book.forget_request(a, RequestId(1));
+        book.arrived(b, RequestId(1));
+        feed(&mut book, &[(b, 2, 102)]);
+        assert_eq!(book.get(b).queued, vec![(RequestId(1), 30_000)]);
+        // A move that fails leaves the load once on its source, though its feed listed it again.
+        feed(&mut book, &[(a, 3, 500), (b, 1, 30_001), (b, 2, 103)]);
+        book.move_request(RequestId(3), a, b, 500);
+        feed(&mut book, &[(a, 3, 501)]);
+        book.move_back(RequestId(3), a, b, 500);
+        assert_eq!(book.get(a).running, vec![(RequestId(3), 501)]);
+        assert_eq!(book.get(b).kv_tokens(), 30_001 + 103);
+        feed(&mut book, &[(b, 1, 30_002), (b, 2, 104)]);
+        assert_eq!(book.get(b).num_queued(), 0, "nothing is on its way to the target any more");
     }
 
     #[test]

@@ -536,9 +536,10 @@ impl Router {
             // It kept decoding on the source during the bulk copy, so the source's feed may
             // have listed it again since the move was decided.
             self.loads.forget_request(m.from, m.request);
+            self.loads.arrived(m.to, m.request);
             self.prefixes.moved(m.request, m.to, m.context_len);
         } else {
-            self.loads.move_request(m.request, m.to, m.from, m.context_len);
+            self.loads.move_back(m.request, m.from, m.to, m.context_len);
         }
     }
 
