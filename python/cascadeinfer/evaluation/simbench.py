@@ -205,6 +205,10 @@ class Slo:
         )
 
 
+MAX_RATE_FACTOR = 64.0
+"""How far above its start `find_max_rate` searches before it calls the rate unbounded."""
+
+
 def find_max_rate(
     run: Callable[[float], dict[str, float]],
     slo: Slo,
@@ -212,7 +216,7 @@ def find_max_rate(
     start: float,
     relative_tolerance: float = 0.03,
     max_runs: int = 24,
-    max_factor: float = 64.0,
+    max_factor: float = MAX_RATE_FACTOR,
 ) -> tuple[float, dict[str, float] | None, list[dict[str, float]]]:
     """The highest rate meeting `slo`: doubling (or halving) from `start` to bracket it, then
     bisection to `relative_tolerance`. Returns the rate (0 if none met; `math.inf` if the SLO
@@ -221,7 +225,9 @@ def find_max_rate(
 
     The cap is for traffic whose load does not follow the rate: the turns of a multi-turn
     preset come one think time after the last, so past the rate at which every session has
-    started the trace offers no more load, and doubling would go on for ever."""
+    started the trace offers no more load, and doubling would go on for ever; and a finite
+    trace replayed fast enough arrives as one burst, which a fleet with KV room for all of it
+    may serve within the SLO."""
     runs: list[dict[str, float]] = []
 
     def meets(rate: float) -> tuple[bool, dict[str, float]]:
