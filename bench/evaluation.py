@@ -136,7 +136,7 @@ def _sustainable_row(title: str, c: Comparison) -> str:
         return f"| {title} | {c.max_rates['cascade']:.3g} | {best} {c.max_rates[best]:.3g} | {ratio:.2f}x |"
     cap = MAX_RATE_FACTOR * c.rates[len(c.rates) // 2]
     why = (
-        f"the SLO held at the search's cap, {MAX_RATE_FACTOR:g}x the planned rate ({cap:.3g} req/s), "
+        f"the SLO held at the search's cap, {MAX_RATE_FACTOR:g}x the planned rate ({cap:,.0f} req/s), "
         f"for {', '.join(capped)}: past some rate a run's finite trace arrives as one burst, "
         "and session turns are paced by think time, so the offered load stops growing"
     )
@@ -144,7 +144,7 @@ def _sustainable_row(title: str, c: Comparison) -> str:
     if capped == ["cascade"] and bounded:
         best = max(bounded, key=lambda p: c.max_rates[p])
         ratio = f">= {cap / c.max_rates[best]:.2f}x" if c.max_rates[best] > 0 else "-"
-        return f"| {title} | >= {cap:.3g} | {best} {c.max_rates[best]:.3g} | {ratio} ({why}) |"
+        return f"| {title} | >= {cap:,.0f} | {best} {c.max_rates[best]:.3g} | {ratio} ({why}) |"
     return f"| {title} | not bounded | - | - ({why}) |"
 
 
