@@ -140,9 +140,8 @@ def _sustainable_row(title: str, c: Comparison) -> str:
         f"for {', '.join(capped)}: past some rate a run's finite trace arrives as one burst, "
         "and session turns are paced by think time, so the offered load stops growing"
     )
-    bounded = [p for p in BASELINES if p not in capped]
-    if capped == ["cascade"] and bounded:
-        best = max(bounded, key=lambda p: c.max_rates[p])
+    if capped == ["cascade"]:
+        best = max(BASELINES, key=lambda p: c.max_rates[p])
         ratio = f">= {cap / c.max_rates[best]:.2f}x" if c.max_rates[best] > 0 else "-"
         return f"| {title} | >= {cap:,.0f} | {best} {c.max_rates[best]:.3g} | {ratio} ({why}) |"
     return f"| {title} | not bounded | - | - ({why}) |"
