@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import pytest
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from cascadeinfer.security import TOKEN_ENV
 from cascadeinfer.worker.config import from_toml, parse_args
 from cascadeinfer.worker.engines.factory import vllm_options
+
+from tests.worker.daemons import SIM_WORKER, workers
 
 EXAMPLE = (
     Path(__file__).resolve().parents[2] / "services" / "cascade-worker" / "worker.example.toml"
@@ -131,3 +135,17 @@ def test_a_vllm_option_out_of_bounds_or_unknown_is_named(
 
     with pytest.raises(ValueError, match=message):
         resolve_config(str(tmp_path), options).validate()
+
+
+def test_a_worker_with_the_smallest_sim_vocabulary_starts_and_serves(tmp_path: Path) -> None:
+    """--sim-vocab-size 2 is accepted, so the daemon must also warm up and serve with it (its
+    warm-up prompt held ids up to 4: the worker died at start with a traceback)."""
+    with workers([[*SIM_WORKER, "--sim-vocab-size", "2"]], tmp_path) as (worker,):
+        stub = worker_pb2_grpc.WorkerServiceStub(grpc.insecure_channel(worker.address))
+        request = worker_pb2.GenerateRequest(
+            request_id="r",
+            prompt_token_ids=[0, 1, 1],
+            sampling=common_pb2.SamplingParams(max_tokens=3, ignore_eos=True),
+        )
+        tokens = [t for r in stub.Generate(request, timeout=30) for t in r.tokens.token_ids]
+    assert len(tokens) == 3 and set(tokens) <= {0, 1}

@@ -53,8 +53,10 @@ log = structlog.get_logger("cascade-worker")
 
 
 async def warm_up(loop: EngineLoop) -> None:
-    """One short request through the engine before reporting SERVING."""
-    request = EngineRequest("warmup", (1, 2, 3, 4), SamplingSpec(max_tokens=2, ignore_eos=True))
+    """One short request through the engine before reporting SERVING. Its prompt is id 1
+    only: every vocabulary the engines accept holds it (the sim's can be as small as 2), where
+    ids up to 4 ended a worker with a small sim vocabulary in a traceback at start."""
+    request = EngineRequest("warmup", (1, 1, 1, 1), SamplingSpec(max_tokens=2, ignore_eos=True))
     await loop.call(lambda e: e.add_request(request))
     while await loop.call(lambda e: e.has_unfinished()):
         await asyncio.sleep(0.01)
