@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import cast
 
 import pytest
 from cascadeinfer.scheduler.config import parse_args
@@ -21,6 +22,7 @@ from cascadeinfer.scheduler.openai.textstream import StopWatch, TextStream
 from cascadeinfer.scheduler.text import INLINE_ENCODE_CHARS, load_tokenizer
 from cascadeinfer.worker.tiny_model import write_tiny_llama
 from pydantic import ValidationError
+from tokenizers import Tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -82,6 +84,43 @@ def test_text_pieces_never_split_a_character(files: ModelFiles) -> None:
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert sum(1 for p in pieces if p == "") > 0, "some tokens end inside a character"
+
+
+class CountingTokenizer:
+    """The tokenizer, counting the token ids it is asked to decode."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.num_decoded = 0
+
+    def decode(self, ids: list[int]) -> str:
+        self.num_decoded += len(ids)
+        return self.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["special tokens", "invalid UTF-8"])
+def test_tokens_that_make_no_text_cost_linear_time(files: ModelFiles, kind: str) -> None:
+    """An output of tokens that never complete a character (special tokens, which decode to
+    nothing, as a model given ignore_eos may emit its end token again and again; or bytes that
+    are no UTF-8) was held back whole and decoded again at every token: 4,000 such tokens
+    decoded about 8 million ids, O(n^2) on the scheduler's event loop. Text around such a run
+    still comes out whole."""
+    tok = files.tokenizer
+    if kind == "special tokens":
+        filler = next(i for i in range(tok.get_vocab_size()) if tok.decode([i]) == "")
+    else:
+        filler = next(i for i in range(tok.get_vocab_size()) if tok.decode([i]) == "\ufffd")
+    n = 4000
+    counting = CountingTokenizer(tok)
+    stream = TextStream(cast(Tokenizer, counting), ())
+    head = tok.encode("ab", add_special_tokens=False).ids
+    tail = tok.encode("é🙂c", add_special_tokens=False).ids
+    ids = [*head, *[filler] * n, *tail]
+    pieces = [stream.feed((t,), is_last=k == len(ids) - 1).text for k, t in enumerate(ids)]
+    assert counting.num_decoded < 100 * len(ids), counting.num_decoded
+    text = "".join(pieces)
+    assert text.startswith("ab") and text.endswith("é🙂c"), text[:20] + text[-20:]
+    assert text.strip("ab\ufffdé🙂c") == ""
 
 
 def test_stop_strings_match_across_pieces_and_nothing_of_them_leaks() -> None:
