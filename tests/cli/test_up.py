@@ -61,6 +61,23 @@ def test_up_with_sim_workers_runs_the_demo_and_stops_cleanly() -> None:
     )
 
 
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_up_with_no_workers_says_so_before_starting_anything(count: str) -> None:
+    """`--workers 0` ended in a ZeroDivisionError traceback; `-1` made a directory, started
+    nothing and failed on `min() arg is an empty sequence`."""
+    out = subprocess.run(
+        [CASCADE, "up", "--engine", "sim", "--workers", count, "--http-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"cascade up: error: --workers {count}: must be >= 1" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stdout == "", "nothing started"
+
+
 @pytest.mark.parametrize("flag", ["--http-port", "--port"])
 def test_up_on_ports_another_cluster_holds_says_why_and_how_to_recover(flag: str) -> None:
     """A second `cascade up` meets the first one's HTTP port (8000 by default): it says so, and

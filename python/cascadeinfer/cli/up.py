@@ -162,6 +162,9 @@ def taken_port(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     # Before any worker starts (a vLLM one takes minutes): a ValueError exits 2.
+    if args.workers < 1:
+        # 0 was a ZeroDivisionError traceback; -1 started nothing and then failed on min().
+        raise ValueError(f"--workers {args.workers}: must be >= 1")
     if (taken := taken_port(args)) is not None:
         raise ValueError(taken)
     log_dir = Path(tempfile.mkdtemp(prefix="cascade-up-"))
