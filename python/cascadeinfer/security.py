@@ -171,8 +171,35 @@ def sync_channel(address: str, tls: TlsFiles) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
+def checked_token(token: str, source: str) -> str:
+    """`token` if it can travel as a bearer token: one line of printable ASCII, what a gRPC
+    metadata value may hold.
+
+    Anything else cannot be sent at all: gRPC refuses the header before the call leaves (a
+    worker given a two-line token file served, never registered, and said nothing: its
+    heartbeat died of grpc's `ExecuteBatchError`), and HTTP clients cannot send it either, so
+    a scheduler holding it served a port nobody could open. Refused at start, naming the
+    position of the first bad character, never the token.
+    """
+    for i, ch in enumerate(token):
+        if not " " <= ch <= "~":
+            what = (
+                "a line break"
+                if ch in "\r\n"
+                else "a control character"
+                if ch.isascii()
+                else "not ASCII"
+            )
+            raise ValueError(
+                f"{source}: a token must be one line of printable ASCII; "
+                f"its character {i + 1} is {what}"
+            )
+    return token
+
+
 def read_token(token_file: str) -> str:
-    """The bearer token from a file (first line) or else from $CASCADE_AUTH_TOKEN; '' for none.
+    """The bearer token from a file (the whole file, surrounding whitespace dropped) or else from
+    $CASCADE_AUTH_TOKEN; '' for none.
 
     Never from a flag: command lines are visible to every user of the host.
     """
@@ -181,10 +208,12 @@ def read_token(token_file: str) -> str:
             token = Path(token_file).read_text(encoding="utf-8").strip()
         except OSError as e:
             raise ValueError(f"auth token file {token_file!r}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"auth token file {token_file!r} is not UTF-8 text") from None
         if not token:
             raise ValueError(f"auth token file {token_file!r} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV, "").strip()
+        return checked_token(token, f"auth token file {token_file!r}")
+    return checked_token(os.environ.get(TOKEN_ENV, "").strip(), f"${TOKEN_ENV}")
 
 
 def read_caller_token(token_file: str) -> str:
@@ -192,7 +221,8 @@ def read_caller_token(token_file: str) -> str:
     else $CASCADE_AUTH_TOKEN (the cluster's, which opens the client API too); '' for none."""
     if token_file:
         return read_token(token_file)
-    return os.environ.get(CLIENT_TOKEN_ENV, "").strip() or read_token("")
+    token = os.environ.get(CLIENT_TOKEN_ENV, "").strip()
+    return checked_token(token, f"${CLIENT_TOKEN_ENV}") if token else read_token("")
 
 
 def read_client_tokens(tokens_file: str) -> tuple[str, ...]:
@@ -204,12 +234,18 @@ def read_client_tokens(tokens_file: str) -> tuple[str, ...]:
             lines = Path(tokens_file).read_text(encoding="utf-8").splitlines()
         except OSError as e:
             raise ValueError(f"client tokens file {tokens_file!r}: {e.strerror}") from None
-        tokens = tuple(t for t in (line.strip() for line in lines) if t and not t.startswith("#"))
+        except UnicodeDecodeError:
+            raise ValueError(f"client tokens file {tokens_file!r} is not UTF-8 text") from None
+        tokens = tuple(
+            checked_token(t, f"client tokens file {tokens_file!r}, line {n}")
+            for n, t in enumerate((line.strip() for line in lines), start=1)
+            if t and not t.startswith("#")
+        )
         if not tokens:
             raise ValueError(f"client tokens file {tokens_file!r} holds no token")
         return tokens
     token = os.environ.get(CLIENT_TOKEN_ENV, "").strip()
-    return (token,) if token else ()
+    return (checked_token(token, f"${CLIENT_TOKEN_ENV}"),) if token else ()
 
 
 def credential_owner(authorization: str) -> str:

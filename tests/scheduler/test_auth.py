@@ -311,3 +311,35 @@ def test_the_worker_a_request_left_cannot_write_into_it_afterwards(cluster: Clus
     assert last.timings.num_migrations == 1
     assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert tokens == reference
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        ("cluster-token\nsecond line\n", "its character 14 is a line break"),
+        ("clüster-token", "its character 3 is not ASCII"),
+        ("cluster\x07token", "its character 8 is a control character"),
+    ],
+    ids=["two-lines", "non-ascii", "control"],
+)
+@pytest.mark.parametrize("binary", [WORKER, SCHEDULER], ids=["worker", "scheduler"])
+def test_a_token_no_caller_could_send_is_refused_at_start(
+    binary: str, content: str, what: str, tmp_path: Path
+) -> None:
+    """A token that cannot travel in a header: a worker given one served, but its
+    registration died inside grpc ("Illegal header value") with nothing in its log and no
+    retry, and a scheduler given one served a port no caller could open."""
+    token_file = tmp_path / "token"
+    token_file.write_text(content, encoding="utf-8")
+    args = [binary, "--port", "0", "--auth-token-file", str(token_file)]
+    if binary == WORKER:
+        args += ["--engine", "sim", "--scheduler", "127.0.0.1:9"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"auth token file '{token_file}': a token must be one line of printable ASCII" in (
+        out.stderr
+    )
+    assert what in out.stderr
+    assert "Traceback" not in out.stderr and "cluster" not in out.stderr.replace(
+        str(token_file), ""
+    ), "the token is not echoed"
