@@ -547,6 +547,28 @@ def test_a_body_that_is_not_a_json_object_is_400_saying_so(front: Front) -> None
         assert r.json()["error"]["message"] == f"the body should be a JSON object, got {kind}"
 
 
+def test_a_body_not_sent_as_json_is_415_and_never_runs(front: Front) -> None:
+    """`text/plain` and the form types are what a web page may POST to any origin without a
+    CORS preflight; the front read such bodies as JSON and ran them, so on a scheduler without
+    a token (the loopback default) any page its user opened could start requests. JSON types
+    with parameters, `+json` types and a body with no type named are still read."""
+    url = f"{front.scheduler.openai_url}/completions"
+    body = json.dumps({"model": "sim", "prompt": "hi", "max_tokens": 2}).encode()
+    for kind in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x"]:
+        r = httpx.post(url, content=body, headers={**AUTH, "Content-Type": kind}, timeout=30)
+        assert r.status_code == 415, (kind, r.text)
+        assert "Content-Type: application/json" in r.json()["error"]["message"]
+    for kind in ["application/json; charset=utf-8", "Application/JSON", "application/x+json"]:
+        r = httpx.post(url, content=body, headers={**AUTH, "Content-Type": kind}, timeout=30)
+        assert r.status_code == 200, (kind, r.text)
+    r = httpx.post(url, content=body, headers=AUTH, timeout=30)  # no Content-Type at all
+    assert r.status_code == 200, r.text
+    metrics = httpx.get(front.scheduler.openai_url.removesuffix("/v1") + "/metrics").text
+    assert 'cascade_scheduler_http_responses_total{route="/v1/completions",status="415"} 3.0' in (
+        metrics
+    )
+
+
 def _raw_exchange(front: Front, parts: list[bytes], pause_s: float = 0.0) -> tuple[bytes, float]:
     """Sends `parts` on one connection (pausing `pause_s` before the last) and reads until the
     server closes it; returns what came back and how long the server took to close."""

@@ -167,6 +167,8 @@ class OpenAIFront:
             raise APIError(401, "missing or wrong bearer token", code="invalid_api_key")
 
     async def _parse(self, request: Request, model: type[M]) -> M:
+        if not _is_json_or_unnamed(request.headers.get("content-type")):
+            raise APIError(415, "the body must be JSON: send Content-Type: application/json")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
@@ -302,6 +304,20 @@ def _has_unknown_coding(scope: Scope) -> bool:
         name == b"transfer-encoding" and value.strip().lower() != b"chunked"
         for name, value in scope["headers"]
     )
+
+
+def _is_json_or_unnamed(content_type: str | None) -> bool:
+    """Whether a body of this media type is read as JSON: `application/json`, any
+    `application/*+json`, or none named (FastAPI's rule, as vLLM's front applies it). A body
+    sent as `text/plain` (or a form type) was parsed as JSON too: those are the types a web
+    page may POST to another origin without asking it first (no CORS preflight), so any page
+    a user of a scheduler without a token (the loopback default) opened could start requests
+    on it (FastAPI's CVE-2021-32677)."""
+    if content_type is None:
+        return True
+    media = content_type.partition(";")[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
 def _header_text(request: Request, name: str, max_chars: int) -> str:

@@ -29,6 +29,7 @@ TYPE_OF_STATUS = {
     408: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     501: "invalid_request_error",
