@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -155,3 +156,48 @@ def test_a_stopped_scheduler_ends_every_stream_clearly_and_aborts_on_its_workers
         for line in log.splitlines():
             if not line.startswith("cascade-scheduler "):
                 json.loads(line)
+
+
+def test_a_request_whose_body_is_still_arriving_at_the_stop_is_503_at_once(
+    tmp_path: Path,
+) -> None:
+    """A client still sending its body when the scheduler stops gets the 503 a new request
+    gets. uvicorn waited for such handlers through its 3 s stop grace and then cancelled them:
+    each client got a plain-text 500, the log one "Exception in ASGI application" traceback
+    per connection, and the stop took the grace longer."""
+    model_dir = write_tiny_llama(tmp_path / "model")
+    with workers([SIM_WORKER], tmp_path) as daemons:
+        args = ["--workers", daemons[0].address, "--http-port", "0"]
+        scheduler = start_scheduler([*args, "--tokenizer", str(model_dir)], tmp_path)
+        host, port = scheduler.openai_url.removeprefix("http://").split("/")[0].split(":")
+        body = json.dumps({"model": "sim", "prompt": "hi", "max_tokens": 2}).encode()
+        head = (
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        connections = [socket.create_connection((host, int(port)), timeout=20) for _ in range(4)]
+        try:
+            for c in connections:
+                c.sendall(head + body[:5])  # the rest never comes
+            time.sleep(0.5)  # each handler is reading its body
+            stopped_at = time.monotonic()
+            scheduler.process.send_signal(signal.SIGTERM)
+            answers = []
+            for c in connections:
+                answer = b""
+                while chunk := c.recv(65536):
+                    answer += chunk
+                answers.append(answer.decode())
+            assert scheduler.process.wait(timeout=30) == 0, scheduler.log()[-3000:]
+            took = time.monotonic() - stopped_at
+        finally:
+            for c in connections:
+                c.close()
+            scheduler.kill()
+        for answer in answers:
+            assert answer.startswith("HTTP/1.1 503 "), answer
+            error = json.loads(answer.partition("\r\n\r\n")[2])["error"]
+            assert SHUTTING_DOWN in error["message"], answer
+        assert took < 2.0, f"stopped in {took:.1f} s"
+        log = scheduler.log()
+        assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]

@@ -76,6 +76,9 @@ class OpenAIFront:
         self._metrics_page = MetricsPage(coordinator.metrics.registry)
         """/metrics needs no token: its renders are bounded so scrapes cannot load the loop."""
         self.started = int(time.time())
+        self._reading_bodies: set[asyncio.Task[object]] = set()
+        """Handlers waiting for the rest of a request body (`refuse_bodies_in_flight`)."""
+        self._is_refusing_bodies = False
 
     def app(self) -> ASGIApp:
         """The Starlette app, behind a direct path for the two generation routes: they take
@@ -173,6 +176,9 @@ class OpenAIFront:
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
         body = bytearray()
+        reader = asyncio.current_task()
+        assert reader is not None
+        self._reading_bodies.add(reader)
         try:
             async with asyncio.timeout(self.body_timeout_s):
                 async for chunk in request.stream():
@@ -183,6 +189,13 @@ class OpenAIFront:
             raise APIError(
                 408, f"request body not received within {self.body_timeout_s:g} s"
             ) from None
+        except asyncio.CancelledError:
+            if not self._is_refusing_bodies:
+                raise
+            reader.uncancel()  # our own cancel (refuse_bodies_in_flight): answer it
+            raise APIError(503, SHUTTING_DOWN) from None
+        finally:
+            self._reading_bodies.discard(reader)
         try:
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -200,6 +213,15 @@ class OpenAIFront:
             return model.model_validate(raw)
         except ValidationError as e:
             raise from_validation(e) from None
+
+    def refuse_bodies_in_flight(self) -> None:
+        """Answers 503 (the scheduler stops) to every request whose body is still arriving,
+        as to one that arrives now. uvicorn waits for such handlers through its whole stop
+        grace, then cancels them: each client got a plain-text 500 and the log an
+        "Exception in ASGI application" traceback, and the stop took the grace longer."""
+        self._is_refusing_bodies = True
+        for reader in self._reading_bodies:
+            reader.cancel()
 
     def served_names(self) -> list[str]:
         if self._model_name:

@@ -111,7 +111,9 @@ class HttpFront:
         return self._front.served_names()
 
     async def stop(self) -> None:
-        """Stops taking connections; those still open get STOP_GRACE_S, then are cut."""
+        """Stops taking connections; those still open get STOP_GRACE_S, then are cut. A
+        request whose body is still arriving is answered 503 at once."""
+        self._front.refuse_bodies_in_flight()
         self._server.should_exit = True
         await self._task
 
