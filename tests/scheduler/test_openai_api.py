@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 from cascadeinfer import CostProfile
 from cascadeinfer.launcher import SCHEDULER
 from cascadeinfer.metrics_page import RENDER_BURST, RENDERS_PER_S
-from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.proto.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from cascadeinfer.scheduler.openai.protocol import EXCESS_CONNECTIONS as EXCESS
 from cascadeinfer.scheduler.openai.protocol import MAX_TARGET_BYTES
 from cascadeinfer.scheduler.text import load_tokenizer
@@ -37,6 +38,7 @@ TOKEN = "s3cret-http"
 SIM = ["--engine", "sim", "--sim-vocab-size", "1024", "--sim-max-model-len", "4096"]
 SIM += ["--sim-kv-bytes-per-token", "64"]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH_MD = (("authorization", f"Bearer {TOKEN}"),)
 STREAM_LAG = 64
 REQUEST_TIMEOUT_S = 2.0
 
@@ -823,6 +825,49 @@ def wait_idle(front: Front, timeout: float = 20) -> None:
     while front.num_running() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert front.num_running() == 0, "the request still runs on a worker"
+
+
+def _abort_when_running(front: Front, request_id: str) -> None:
+    """Sends the scheduler's Abort for `request_id` (this client's token) once it runs."""
+    deadline = time.monotonic() + 20
+    while not front.num_running():
+        assert time.monotonic() < deadline, "the request never ran"
+        time.sleep(0.05)
+    channel = grpc.insecure_channel(front.scheduler.address)
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    stub.Abort(
+        scheduler_pb2.ClientAbortRequest(request_id=request_id), metadata=AUTH_MD, timeout=10
+    )
+    channel.close()
+
+
+def test_a_request_its_client_aborts_is_499_and_not_run_again(front: Front) -> None:
+    """A request ended by its client's Abort (gRPC, same token) was answered 503 "no worker
+    could finish it": the openai SDK retries a 503 by default, so it sent the request again
+    and it ran to its end, as if never aborted. Now 499, which clients do not retry."""
+    client = openai.OpenAI(base_url=front.scheduler.openai_url, api_key=TOKEN, max_retries=2)
+    body = {"model": "sim", "prompt": "x", "max_tokens": 3000, "extra_body": {"ignore_eos": True}}
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(
+            client.completions.create, **body, extra_headers={"X-Request-Id": "abort-whole"}
+        )
+        _abort_when_running(front, "abort-whole")
+        with pytest.raises(openai.APIStatusError) as e:
+            whole.result(timeout=60)
+    assert e.value.status_code == 499, e.value
+    assert "ended by its client's Abort" in e.value.message
+    wait_idle(front, timeout=5)
+
+    url = f"{front.scheduler.openai_url}/completions"
+    stream_body = {"model": "sim", "prompt": "x", "max_tokens": 3000, "stream": True}
+    headers = {**AUTH, "X-Request-Id": "abort-stream"}
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(_abort_when_running, front, "abort-stream")
+        with httpx.stream("POST", url, json=stream_body, headers=headers, timeout=60) as r:
+            events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+        later.result(timeout=30)
+    assert events[-1] == "[DONE]"
+    assert "ended by its client's Abort" in json.loads(events[-2])["error"]["message"]
 
 
 def test_a_client_that_disconnects_has_its_request_aborted(front: Front) -> None:

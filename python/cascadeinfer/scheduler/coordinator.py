@@ -962,6 +962,7 @@ class Coordinator:
         if rec is None:
             raise SchedulingError(grpc.StatusCode.NOT_FOUND, f"no request {request_id!r}")
         link = self.pool.by_id.get(rec.worker_id or "")
+        rec.is_aborted_by_client = owner is not None
         self._end(rec, FinishReason.ABORT)
         if link is not None and link.is_healthy:
             await self._abort_on(link, request_id)

@@ -88,6 +88,8 @@ class ClientRequest:
     """Ended because the client fell too far behind (its stream ends RESOURCE_EXHAUSTED)."""
     is_cut_off: bool = False
     """Ended because the scheduler is stopping (its stream ends UNAVAILABLE)."""
+    is_aborted_by_client: bool = False
+    """Ended by its client's own Abort call (HTTP: 499, which clients do not retry)."""
     detokenizer: Detokenizer | None = None
     """Set for text prompts: the client gets text along with token ids."""
 

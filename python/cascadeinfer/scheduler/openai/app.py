@@ -26,7 +26,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cascadeinfer.domain import MAX_REQUEST_ID_CHARS
 from cascadeinfer.metrics_page import MetricsPage
 from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator
-from cascadeinfer.scheduler.openai.errors import APIError, from_validation, invalid
+from cascadeinfer.scheduler.openai.errors import (
+    CLIENT_CLOSED_REQUEST,
+    APIError,
+    from_validation,
+    invalid,
+)
 from cascadeinfer.scheduler.openai.generation import Runner, unless_disconnected
 from cascadeinfer.scheduler.openai.model_files import ModelFiles
 from cascadeinfer.scheduler.openai.params import Job, build_job, chat_prompt, completion_prompt
@@ -45,9 +50,6 @@ log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 4 << 20
 """Largest request body read; a bigger one is refused with 413 before it is read whole."""
-CLIENT_CLOSED_REQUEST = 499
-"""The status counted for a request whose client left before its body arrived (nginx's code;
-no response is sent)."""
 UNROUTED = "unrouted"
 """The route label of answers to paths (or methods) the front does not serve."""
 M = TypeVar("M", bound=BaseModel)
@@ -312,7 +314,7 @@ class OpenAIFront:
             return sse(events(steps, usage))
         result = await unless_disconnected(gather(steps), request.receive)
         if result is None:
-            return Response(status_code=499)  # the client left; nobody reads this
+            return Response(status_code=CLIENT_CLOSED_REQUEST)  # the client left; nobody reads this
         whole = reply.chat(*result) if is_chat else reply.completion(*result)
         return JSONResponse(whole.model_dump())
 

@@ -31,11 +31,16 @@ TYPE_OF_STATUS = {
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
+    499: "invalid_request_error",
     500: "server_error",
     501: "invalid_request_error",
     503: "service_unavailable_error",
 }
 
+
+CLIENT_CLOSED_REQUEST = 499
+"""A request its client ended: its own Abort call (gRPC's CANCELLED, as Google's APIs map it to
+HTTP), or a client that left before its body arrived (nginx's code; no response is sent)."""
 
 MAX_MESSAGE_CHARS = 1024
 """Longest error message sent; longer ones (which quote a client's value) are cut."""

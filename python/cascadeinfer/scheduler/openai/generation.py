@@ -15,7 +15,12 @@ from starlette.types import Receive
 
 from cascadeinfer.domain import EngineError, FinishReason
 from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator, SchedulingError
-from cascadeinfer.scheduler.openai.errors import APIError, from_grpc, invalid
+from cascadeinfer.scheduler.openai.errors import (
+    CLIENT_CLOSED_REQUEST,
+    APIError,
+    from_grpc,
+    invalid,
+)
 from cascadeinfer.scheduler.openai.params import Job
 from cascadeinfer.scheduler.openai.schema import FinishReasonName
 from cascadeinfer.scheduler.openai.textstream import TextStream
@@ -88,6 +93,12 @@ class Runner:
                             "the client fell more than "
                             f"{self.c.config.max_stream_lag_tokens} tokens behind its stream "
                             "(max_stream_lag_tokens); the request was ended",
+                        )
+                    if rec.is_aborted_by_client:
+                        # Not the 503 below: clients retry a 503 (the openai SDK by default),
+                        # and ran the request they had just aborted again, to its end.
+                        raise APIError(
+                            CLIENT_CLOSED_REQUEST, "the request was ended by its client's Abort"
                         )
                     if d.finish not in FINISH_NAMES:
                         raise APIError(
