@@ -10,6 +10,13 @@
 //! than a passing burst, an instance moves to it from the stage that can best spare one.
 //! Within-stage balancing moves requests; this moves capacity between stages.
 //!
+//! A stage's load includes the new requests waiting for admission because it and every later
+//! stage lacked KV room: the book shows only what runs, so a last stage full of long decodes,
+//! with long prompts queued for it, looked no hotter than its running batch, and those prompts
+//! waited for its KV while the earlier stages had room to spare (at high load on bursty
+//! production-like traffic, three times as long as under least-load: `docs/benchmarks.md`,
+//! "Waiting demand in the capacity guard").
+//!
 //! Requests on a moved instance stay and finish there. Moved to a later stage they are shorter
 //! than its range, as a spilled admission is, so nothing migrates; moved to an earlier stage,
 //! those past its bound go back to their own stage at the next step (the donor's instance with
@@ -81,6 +88,12 @@ impl StageLoad {
         s
     }
 
+    fn add(&mut self, len: u32) {
+        self.num_decode += 1;
+        self.sum_context += u64::from(len);
+        self.max_context = self.max_context.max(len);
+    }
+
     /// Mean decode step time if the stage's running requests were spread evenly over
     /// `instances` instances, each padding to the stage's longest context. Queued prefill is
     /// left out: it comes in bursts that admission and balancing spread, while the guard is
@@ -113,10 +126,14 @@ impl CapacityGuard {
 
     /// The layout after moving one instance to a stage that runs hot, when one does and the
     /// moves it takes to cool it are predicted to pay; `None` otherwise.
+    /// `refused` are the prompt lengths of the requests waiting for admission because their
+    /// stage and every later one lacked KV room: demand the book does not show, counted in
+    /// their own stage and in the pooled fleet as if they ran.
     pub fn decide(
         &mut self,
         layout: &StageLayout,
         loads: &LoadBook,
+        refused: &[u32],
         profile: &CostProfile,
         now: f64,
     ) -> Option<StageLayout> {
@@ -125,10 +142,13 @@ impl CapacityGuard {
             self.hot_since = None;
             return None;
         }
-        let per_stage: Vec<StageLoad> = stages.iter().map(|s| StageLoad::of(loads, &s.instances)).collect();
+        let mut per_stage: Vec<StageLoad> = stages.iter().map(|s| StageLoad::of(loads, &s.instances)).collect();
+        for &len in refused {
+            per_stage[layout.stage_of_len(len)].add(len);
+        }
         let count = |k: usize| stages[k].instances.len();
         let step: Vec<f64> = (0..stages.len()).map(|k| per_stage[k].step_over(profile, count(k))).collect();
-        let pooled = pooled_step(layout, loads, profile);
+        let pooled = pooled_step(layout, loads, refused, profile);
         let hot = (0..stages.len()).max_by(|&a, &b| step[a].total_cmp(&step[b]))?;
         if step[hot] <= pooled * (1.0 + self.config.margin) {
             self.hot_since = None;
@@ -185,9 +205,12 @@ impl CapacityGuard {
 /// least-load spreads them: each instance holds the fleet's mean batch, padding to the longest
 /// of that many contexts drawn from all running ones (the `n/(n+1)` quantile, the expected
 /// maximum of `n` draws).
-fn pooled_step(layout: &StageLayout, loads: &LoadBook, profile: &CostProfile) -> f64 {
-    let mut contexts: Vec<u32> =
-        layout.instances().flat_map(|i| loads.get(i).running.iter().map(|&(_, len)| len)).collect();
+fn pooled_step(layout: &StageLayout, loads: &LoadBook, refused: &[u32], profile: &CostProfile) -> f64 {
+    let mut contexts: Vec<u32> = layout
+        .instances()
+        .flat_map(|i| loads.get(i).running.iter().map(|&(_, len)| len))
+        .chain(refused.iter().copied())
+        .collect();
     let num_instances = layout.num_instances().max(1);
     let mut total = StageLoad {
         num_decode: contexts.len() as u64,
@@ -255,12 +278,12 @@ mod tests {
         let (layout, loads) = skewed();
         let mut guard = CapacityGuard::new(CapacityConfig::default()).unwrap();
         let p = gpu();
-        assert!(guard.decide(&layout, &loads, &p, 0.0).is_none(), "a fresh excess waits persist_s");
-        let next = guard.decide(&layout, &loads, &p, 10.0).expect("moves once the excess has held");
+        assert!(guard.decide(&layout, &loads, &[], &p, 0.0).is_none(), "a fresh excess waits persist_s");
+        let next = guard.decide(&layout, &loads, &[], &p, 10.0).expect("moves once the excess has held");
         assert_eq!(next.stages()[0].instances.len(), 2);
         assert_eq!(next.stages()[1].instances.len(), 2);
         assert_eq!(next.stages()[1].max_len, 131_072);
-        assert!(guard.decide(&next, &loads, &p, 12.0).is_none(), "cooldown");
+        assert!(guard.decide(&next, &loads, &[], &p, 12.0).is_none(), "cooldown");
     }
 
     /// Twelve idle short-stage instances; two long-stage ones with 36 requests each, one at
@@ -292,8 +315,8 @@ mod tests {
         // The case this is about: one more instance leaves every batch past the floor.
         assert!(long.step_over(&p, 3) > long.step_over(&p, 2) * (1.0 - MIN_GAIN));
         let mut guard = CapacityGuard::new(CapacityConfig::default()).unwrap();
-        assert!(guard.decide(&layout, &loads, &p, 0.0).is_none());
-        let next = guard.decide(&layout, &loads, &p, 10.0).expect("the moves it takes pay together");
+        assert!(guard.decide(&layout, &loads, &[], &p, 0.0).is_none());
+        let next = guard.decide(&layout, &loads, &[], &p, 10.0).expect("the moves it takes pay together");
         assert!(next.stages()[1].instances.len() > 2);
         assert_eq!(next.num_instances(), 14);
     }
@@ -316,10 +339,10 @@ mod tests {
         let p = gpu();
         for t in 0..120 {
             let loads = if (60..63).contains(&t) { &burst } else { &calm };
-            assert!(guard.decide(&layout, loads, &p, f64::from(t)).is_none(), "moved at {t} s");
+            assert!(guard.decide(&layout, loads, &[], &p, f64::from(t)).is_none(), "moved at {t} s");
         }
         // The same load held for good does move.
-        assert!((120..200).any(|t| guard.decide(&layout, &burst, &p, f64::from(t)).is_some()));
+        assert!((120..200).any(|t| guard.decide(&layout, &burst, &[], &p, f64::from(t)).is_some()));
     }
 
     #[test]
@@ -328,8 +351,26 @@ mod tests {
         let loads = even();
         let mut guard = CapacityGuard::new(CapacityConfig::default()).unwrap();
         for t in 0..60 {
-            assert!(guard.decide(&layout, &loads, &gpu(), f64::from(t)).is_none());
+            assert!(guard.decide(&layout, &loads, &[], &gpu(), f64::from(t)).is_none());
         }
+    }
+
+    #[test]
+    fn long_prompts_waiting_for_a_full_stage_count_as_its_load() {
+        let (layout, _) = skewed();
+        let loads = even();
+        let p = gpu();
+        // Twenty prompts of 30K tokens wait for the long stage, whose running batch alone
+        // is as light as the others'.
+        let refused = [30_000; 20];
+        let mut guard = CapacityGuard::new(CapacityConfig::default()).unwrap();
+        for t in 0..30 {
+            assert!(guard.decide(&layout, &loads, &[], &p, f64::from(t)).is_none(), "moved at {t} s unprompted");
+        }
+        let mut guard = CapacityGuard::new(CapacityConfig::default()).unwrap();
+        let moved = (0..30).find_map(|t| guard.decide(&layout, &loads, &refused, &p, f64::from(t)));
+        let next = moved.expect("the waiting demand makes the long stage hot");
+        assert_eq!(next.stages()[1].instances.len(), 2);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The cascade policy: length stages with per-token routing, within-stage balancing and
 //! runtime range refinement.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -88,9 +88,10 @@ pub struct CascadePolicy {
     balancer: Balancer,
     refiner: Option<Refiner>,
     capacity: Option<CapacityGuard>,
-    /// Requests refused admission so far: the caller asks again for them, and refinement must
-    /// count each arrival once, not once per retry.
-    refused: HashSet<RequestId>,
+    /// Requests refused admission so far, with their prompt lengths: the caller asks again for
+    /// them, refinement must count each arrival once, not once per retry, and the capacity
+    /// guard counts them as demand on their stage.
+    refused: HashMap<RequestId, u32>,
     is_one_stage_balanced: bool,
     is_one_stage_kv_first: bool,
     one_stage_turns: OneStageTurns,
@@ -133,7 +134,7 @@ impl CascadePolicy {
             balancer: Balancer::new(config.balance)?,
             refiner,
             capacity,
-            refused: HashSet::new(),
+            refused: HashMap::new(),
             is_one_stage_balanced: config.is_one_stage_balanced,
             is_one_stage_kv_first: config.is_one_stage_kv_first,
             one_stage_turns: config.one_stage_turns,
@@ -226,7 +227,11 @@ impl Policy for CascadePolicy {
         } else {
             self.router.admit(request, prompt_len)?
         };
-        let is_retry = if admission.is_some() { self.refused.remove(&request) } else { !self.refused.insert(request) };
+        let is_retry = if admission.is_some() {
+            self.refused.remove(&request).is_some()
+        } else {
+            self.refused.insert(request, prompt_len).is_some()
+        };
         if let (Some(refiner), false) = (&mut self.refiner, is_retry) {
             refiner.observe_arrival(prompt_len);
         }
@@ -266,7 +271,9 @@ impl Policy for CascadePolicy {
             }
         }
         if let Some(guard) = &mut self.capacity {
-            if let Some(layout) = guard.decide(&self.router.layout, &self.router.loads, &self.router.profile, now) {
+            let stranded = stranded_demand(&self.router, &self.refused);
+            let router = &self.router;
+            if let Some(layout) = guard.decide(&router.layout, &router.loads, &stranded, &router.profile, now) {
                 self.router.layout = layout.clone();
                 outcome.new_layout = Some((layout, LayoutChange::CapacityMove));
             }
@@ -325,6 +332,33 @@ impl Policy for CascadePolicy {
         let busiest = (0..r.layout.stages().len()).max_by(|&a, &b| mean_step(a).total_cmp(&mean_step(b))).unwrap();
         self.router.layout.add_instance(instance, busiest)
     }
+}
+
+/// The prompt lengths of the `refused` requests (prompt lengths by request) that the fleet as a
+/// whole has KV room for: each reserved in turn, longest first, on the instance with the most
+/// free KV tokens left. Those waited only because their own stage and the later ones were
+/// full, which a pooled fleet would not have made them do, and they are the demand the
+/// capacity guard counts ([`CapacityGuard::decide`]). The others wait under least-load too
+/// (the fleet is full): counting them would move capacity for an overload no layout relieves.
+fn stranded_demand(router: &Router, refused: &HashMap<RequestId, u32>) -> Vec<u32> {
+    if refused.is_empty() {
+        return Vec::new();
+    }
+    let capacity = router.profile.kv_capacity_tokens;
+    let mut free: Vec<u64> =
+        router.layout.instances().map(|i| capacity.saturating_sub(router.loads.get(i).kv_tokens())).collect();
+    let mut lens: Vec<u32> = refused.values().copied().collect();
+    lens.sort_unstable_by(|a, b| b.cmp(a));
+    lens.into_iter()
+        .filter(|&len| {
+            let Some(most) = free.iter_mut().max() else { return false };
+            let fits = *most >= u64::from(len);
+            if fits {
+                *most -= u64::from(len);
+            }
+            fits
+        })
+        .collect()
 }
 
 /// The boundaries between a layout's stages.

@@ -256,6 +256,51 @@ fn a_capacity_move_to_a_later_stage_migrates_nothing() {
     assert!(policy.on_step(&entries, 31.0).unwrap().is_empty());
 }
 
+#[test]
+fn long_prompts_refused_for_a_full_last_stage_bring_it_an_instance() {
+    // The long stage's one instance runs three requests of 130K tokens (its KV all but full);
+    // the short stage's three run 100 of 2,000 each (their KV half full). The batches alone
+    // leave every stage within the guard's margin; long prompts waiting for the long stage's
+    // KV, which the short stage has room for, do not.
+    let grid = BucketGrid::geometric(131_072, 64, 64).unwrap();
+    let layout = || {
+        StageLayout::new(vec![
+            StageRange { min_len: 0, max_len: 4096, instances: (0..3).map(InstanceId).collect() },
+            StageRange { min_len: 4096, max_len: 131_072, instances: vec![InstanceId(3)] },
+        ])
+        .unwrap()
+    };
+    let config = CascadeConfig { is_capacity_guarded: true, ..CascadeConfig::default() };
+    let run = |short_len: u32, waiting: u64| {
+        let mut entries: Vec<StepEntry> = (0..300)
+            .map(|r| StepEntry { request: RequestId(r), instance: InstanceId((r % 3) as u32), context_len: short_len })
+            .collect();
+        entries.extend((500..503).map(|r| StepEntry {
+            request: RequestId(r),
+            instance: InstanceId(3),
+            context_len: 130_000,
+        }));
+        let mut policy = CascadePolicy::new(gpu(), layout(), grid.clone(), config, None).unwrap();
+        for t in 0..60 {
+            policy.on_step(&entries, f64::from(t)).unwrap();
+            for r in 1000..1000 + waiting {
+                let admitted = policy.admit(&NewRequest::new(RequestId(r), 30_000), f64::from(t)).unwrap();
+                assert!(admitted.is_none(), "no KV room in the long stage");
+            }
+            if let Some((_, change)) = policy.tick(f64::from(t)).new_layout {
+                assert_eq!(change, LayoutChange::CapacityMove);
+                return Some(policy.layout().stages()[1].instances.len());
+            }
+        }
+        None
+    };
+    assert_eq!(run(2000, 0), None, "the running batches alone move nothing");
+    assert_eq!(run(2000, 20), Some(2), "the waiting prompts are the long stage's load too");
+    // With the short stage's KV full as well, they would wait under least-load too: an
+    // overload no move relieves.
+    assert_eq!(run(4000, 20), None, "a full fleet's queue moves nothing");
+}
+
 fn ranges(policy: &CascadePolicy) -> Vec<(u32, u32, Vec<u32>)> {
     policy.layout().stages().iter().map(|s| (s.min_len, s.max_len, s.instances.iter().map(|i| i.0).collect())).collect()
 }
