@@ -116,6 +116,8 @@ def test_token_comes_from_file_or_environment(
         (["--workers", "not-an-address"], "'not-an-address' is not HOST:PORT"),
         (["--workers", "127.0.0.1:5000,127.0.0.1"], "'127.0.0.1' is not HOST:PORT"),
         (["--workers", "h:0"], "'h:0' is not HOST:PORT"),
+        # It waited for two workers for good, silently, with one there.
+        (["--workers", "h:5000,h:5001,h:5000"], "'h:5000' is listed twice"),
         # Checked at start, not once the workers are there (after the servers listened).
         (["--stages", "100-0:1"], r"stages\[0\].min_len = 100: must be 0"),
         (["--stages", "0-100:1,50-8192:1"], r"stages\[1\].min_len = 50: must be 100"),

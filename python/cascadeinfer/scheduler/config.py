@@ -117,8 +117,12 @@ class SchedulerConfig:
             raise ValueError(f"policy = {self.policy!r}: known {', '.join(POLICY_NAMES)}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
-        for address in self.workers:
+        for k, address in enumerate(self.workers):
             _check_worker_address(address)
+            if address in self.workers[:k]:
+                # One worker counted twice: --min-workers (the list's length) is never
+                # reached, and the scheduler served nothing and said nothing.
+                raise ValueError(f"workers: {address!r} is listed twice")
         if self.max_queue < 0:
             raise ValueError(f"max_queue = {self.max_queue}: must be >= 0")
         if self.max_queue_per_client < 0:
