@@ -80,6 +80,36 @@ def test_a_static_worker_that_restarts_is_taken_back(tmp_path: Path) -> None:
         scheduler.kill()
 
 
+def test_a_worker_back_with_a_shorter_length_is_not_placed_on(tmp_path: Path) -> None:
+    """A worker restarted with a smaller max_model_len than the scheduler admits by: it was
+    taken back and placed on, and every request it got that the scheduler had accepted (a
+    prompt past its new length) failed INVALID_ARGUMENT, every other one under round-robin.
+    Now it is kept out, with one `worker_too_short` line naming both lengths."""
+    ports = [free_port(), free_port()]
+    workers = [start_worker([*SIM, "--port", str(p)], tmp_path) for p in ports]
+    addresses = ",".join(w.address for w in workers)
+    scheduler = start_scheduler(["--workers", addresses, "--policy", "round-robin"], tmp_path)
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
+    try:
+        wait_until_workers(scheduler.address, 2)
+        workers[0].kill()
+        wait_until_workers(scheduler.address, 1, timeout=10)
+        short = [*SIM, "--sim-max-model-len", "1024", "--port", str(ports[0])]
+        workers[0] = start_worker(short, tmp_path)
+        time.sleep(3 * 1.0)  # the scheduler tries a static worker that left every second
+        for _ in range(4):
+            out = stub.Generate(ids_request([1] * 2000, 10), timeout=30)
+            assert sum(len(r.tokens.token_ids) for r in out) == 10
+        assert healthy_workers(scheduler.address) == 1
+    finally:
+        for w in workers:
+            w.kill()
+        scheduler.kill()
+    log = scheduler.log()
+    assert log.count('"event": "worker_too_short"') == 1, log[-3000:]
+    assert "at most 1024 tokens, less than the model length 4096" in log
+
+
 def test_accepted_requests_end_clearly_when_no_worker_is_left(tmp_path: Path) -> None:
     """The only worker killed under load: the streams it served end with ABORT once no worker
     has come back within the link timeout (they waited with no end, retried on the dead worker

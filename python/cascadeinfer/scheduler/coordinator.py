@@ -40,6 +40,7 @@ from cascadeinfer.scheduler.workers import (
     WorkerLink,
     WorkerNotDraining,
     WorkerPool,
+    WorkerTooShort,
     WorkerUnreachable,
     grpc_clients,
 )
@@ -124,6 +125,7 @@ class Coordinator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._connecting: dict[str, asyncio.Future[WorkerLink]] = {}
         self._said_id_in_use = LogThrottle()
+        self._said_too_short = LogThrottle()
         self._is_closing = False
         self.is_stopping = False
         """Set by `cut_off`: new requests are refused with UNAVAILABLE."""
@@ -185,6 +187,18 @@ class Coordinator:
         old, link.replaced = link.replaced, None
         if old is not None:
             self._retire_link(old)
+        longest = _longest_context(link.info)
+        if self.policy is not None and longest < self.max_model_len:
+            await self.pool.drop(link)
+            why = (
+                f"worker {link.worker_id[:256]!r} at {address[:256]} holds requests of at most "
+                f"{longest} tokens, less than the model length {self.max_model_len} this "
+                "scheduler admits requests by: start it with at least that length (and KV), "
+                "or restart the scheduler"
+            )
+            if self._said_too_short.should_log(address, time.monotonic()):
+                log.error("worker_too_short", address=address, error=why)
+            raise WorkerTooShort(why)
         link.is_healthy = False  # not placeable before its feed is reconciled
         reconciled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         follow = self._spawn(self._follow(link, reconciled))

@@ -28,6 +28,13 @@ class WorkerIdInUse(WorkerUnreachable):
     scheduler knows of a worker, so the second is refused until the first is gone."""
 
 
+class WorkerTooShort(WorkerUnreachable):
+    """A worker that holds shorter requests than the model length the scheduler admits by (set
+    when its first plan was made): placed there, a request the scheduler accepted was refused
+    by the worker (a worker restarted with a smaller max_model_len or KV; every other request
+    on round-robin got INVALID_ARGUMENT "leaves no room")."""
+
+
 class WorkerLeaving(WorkerUnreachable):
     """A registration of a worker the scheduler is taking out (it drains, or deregistered) whose
     step feed has not ended yet: refused until it has, or until the worker answers that it is
