@@ -101,12 +101,21 @@ def test_a_worker_back_with_a_shorter_length_is_not_placed_on(tmp_path: Path) ->
             out = stub.Generate(ids_request([1] * 2000, 10), timeout=30)
             assert sum(len(r.tokens.token_ids) for r in out) == 10
         assert healthy_workers(scheduler.address) == 1
+        # One that registers is refused so, and says that it was, not that it cannot reach.
+        workers.append(start_worker([*short[:-2], "--scheduler", scheduler.address], tmp_path))
+        deadline = time.monotonic() + 15
+        while '"event": "scheduler_refused_worker"' not in workers[-1].log():
+            assert time.monotonic() < deadline, workers[-1].log()[-2000:]
+            time.sleep(0.2)
+        assert "less than the model length 4096" in workers[-1].log()
+        assert "scheduler_unreachable" not in workers[-1].log()
+        assert healthy_workers(scheduler.address) == 1
     finally:
         for w in workers:
             w.kill()
         scheduler.kill()
     log = scheduler.log()
-    assert log.count('"event": "worker_too_short"') == 1, log[-3000:]
+    assert log.count('"event": "worker_too_short"') == 2, log[-3000:]  # once per address
     assert "at most 1024 tokens, less than the model length 4096" in log
 
 

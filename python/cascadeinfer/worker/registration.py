@@ -79,6 +79,11 @@ class Registration:
             log.error("scheduler_refused_token", scheduler=scheduler)
         elif code == grpc.StatusCode.ALREADY_EXISTS:
             log.error("scheduler_refused_worker_id", scheduler=scheduler, error=e.details())
+        elif code == grpc.StatusCode.FAILED_PRECONDITION:
+            # Reachable, and it will not take this worker as it is (an id the worker does not
+            # answer to, a length shorter than the scheduler admits): it was logged as
+            # "scheduler_unreachable", a warning that sent operators after the network.
+            log.error("scheduler_refused_worker", scheduler=scheduler, error=e.details())
         elif code == grpc.StatusCode.UNIMPLEMENTED:
             # a worker, or any other gRPC service: retrying is kept (it may be replaced)
             log.error("scheduler_address_not_a_scheduler", scheduler=scheduler)
