@@ -61,21 +61,28 @@ def test_up_with_sim_workers_runs_the_demo_and_stops_cleanly() -> None:
     )
 
 
+def _refused_before_starting(args: list[str], timeout: float) -> str:
+    """Runs `cascade up --engine sim ARGS`, checks it exits 2 with no traceback and nothing
+    started (stdout empty), and returns its stderr."""
+    out = subprocess.run(
+        [CASCADE, "up", "--engine", "sim", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stdout == "", "nothing started"
+    return out.stderr
+
+
 @pytest.mark.parametrize("count", ["0", "-1"])
 def test_up_with_no_workers_says_so_before_starting_anything(count: str) -> None:
     """`--workers 0` ended in a ZeroDivisionError traceback; `-1` made a directory, started
     nothing and failed on `min() arg is an empty sequence`."""
-    out = subprocess.run(
-        [CASCADE, "up", "--engine", "sim", "--workers", count, "--http-port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert f"cascade up: error: --workers {count}: must be >= 1" in out.stderr
-    assert "Traceback" not in out.stderr
-    assert out.stdout == "", "nothing started"
+    stderr = _refused_before_starting(["--workers", count, "--http-port", "0"], timeout=60)
+    assert f"cascade up: error: --workers {count}: must be >= 1" in stderr
 
 
 @pytest.mark.parametrize("flag", ["--http-port", "--port"])
@@ -86,29 +93,10 @@ def test_up_on_ports_another_cluster_holds_says_why_and_how_to_recover(flag: str
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = subprocess.run(
-            [
-                CASCADE,
-                "up",
-                "--engine",
-                "sim",
-                "--workers",
-                "1",
-                "--http-port",
-                "0",
-                flag,
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert f"cascade up: error: cannot listen on 127.0.0.1:{port}" in out.stderr
-    assert f"choose another with {flag} PORT (0 picks a free port)" in out.stderr
-    assert "Traceback" not in out.stderr
-    assert out.stdout == "", "nothing started"
+        args = ["--workers", "1", "--http-port", "0", flag, str(port)]
+        stderr = _refused_before_starting(args, timeout=300)
+    assert f"cascade up: error: cannot listen on 127.0.0.1:{port}" in stderr
+    assert f"choose another with {flag} PORT (0 picks a free port)" in stderr
 
 
 def test_a_port_taken_while_the_workers_start_gets_the_same_hint(
