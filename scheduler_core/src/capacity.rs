@@ -126,9 +126,10 @@ impl CapacityGuard {
 
     /// The layout after moving one instance to a stage that runs hot, when one does and the
     /// moves it takes to cool it are predicted to pay; `None` otherwise.
-    /// `refused` are the prompt lengths of the requests waiting for admission because their
-    /// stage and every later one lacked KV room: demand the book does not show, counted in
-    /// their own stage and in the pooled fleet as if they ran.
+    /// `refused` are the prompt lengths of requests waiting for admission because their stage
+    /// and every later one lacked KV room (the cascade policy passes those the fleet as a whole
+    /// has room for): demand the book does not show, counted in their own stage and in the
+    /// pooled fleet as if they ran.
     pub fn decide(
         &mut self,
         layout: &StageLayout,
