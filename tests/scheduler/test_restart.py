@@ -119,6 +119,35 @@ def test_a_worker_back_with_a_shorter_length_is_not_placed_on(tmp_path: Path) ->
     assert "at most 1024 tokens, less than the model length 4096" in log
 
 
+def test_a_worker_of_another_model_is_not_placed_on(tmp_path: Path) -> None:
+    """A worker serving another model joining a scheduler whose workers serve one: it was
+    placed on (requests for the one model got the other's output, every other one under
+    round-robin) and `/v1/models` listed both. Now it is kept out, with one
+    `worker_serves_another_model` line naming both models."""
+    first = start_worker(SIM, tmp_path)
+    scheduler = start_scheduler(["--workers", first.address, "--policy", "round-robin"], tmp_path)
+    config = tmp_path / "other-model.toml"
+    config.write_text('engine = "sim"\n[sim]\nmodel = "other-model"\nmax_model_len = 4096\n')
+    workers = [first]
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
+    try:
+        wait_until_workers(scheduler.address, 1)
+        other = ["--config", str(config), "--scheduler", scheduler.address]
+        workers.append(start_worker(other, tmp_path))
+        time.sleep(3 * 1.0)  # its registration, and a retry or two
+        for _ in range(4):
+            out = stub.Generate(ids_request([1] * 100, 10), timeout=30)
+            assert sum(len(r.tokens.token_ids) for r in out) == 10
+        assert healthy_workers(scheduler.address) == 1
+    finally:
+        for w in workers:
+            w.kill()
+        scheduler.kill()
+    log = scheduler.log()
+    assert log.count('"event": "worker_serves_another_model"') == 1, log[-3000:]
+    assert "serves model 'other-model', not 'sim'" in log
+
+
 def test_accepted_requests_end_clearly_when_no_worker_is_left(tmp_path: Path) -> None:
     """The only worker killed under load: the streams it served end with ABORT once no worker
     has come back within the link timeout (they waited with no end, retried on the dead worker

@@ -40,6 +40,7 @@ from cascadeinfer.scheduler.workers import (
     WorkerLink,
     WorkerNotDraining,
     WorkerPool,
+    WorkerServesAnotherModel,
     WorkerTooShort,
     WorkerUnreachable,
     grpc_clients,
@@ -126,6 +127,7 @@ class Coordinator:
         self._connecting: dict[str, asyncio.Future[WorkerLink]] = {}
         self._said_id_in_use = LogThrottle()
         self._said_too_short = LogThrottle()
+        self._said_other_model = LogThrottle()
         self._is_closing = False
         self.is_stopping = False
         """Set by `cut_off`: new requests are refused with UNAVAILABLE."""
@@ -199,6 +201,18 @@ class Coordinator:
             if self._said_too_short.should_log(address, time.monotonic()):
                 log.error("worker_too_short", address=address, error=why)
             raise WorkerTooShort(why)
+        served = {w.info.model for w in self.pool.healthy() if w is not link}
+        if served and link.info.model not in served:
+            await self.pool.drop(link)
+            why = (
+                f"worker {link.worker_id[:256]!r} at {address[:256]} serves model "
+                f"{link.info.model[:256]!r}, not {', '.join(repr(m[:256]) for m in sorted(served))} "
+                "as the workers already serving do: a scheduler serves one model (start the "
+                "worker with the same model; vLLM workers with the same --served-model-name)"
+            )
+            if self._said_other_model.should_log(address, time.monotonic()):
+                log.error("worker_serves_another_model", address=address, error=why)
+            raise WorkerServesAnotherModel(why)
         link.is_healthy = False  # not placeable before its feed is reconciled
         reconciled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         follow = self._spawn(self._follow(link, reconciled))

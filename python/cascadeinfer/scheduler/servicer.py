@@ -33,6 +33,7 @@ from cascadeinfer.scheduler.workers import (
     WorkerLeaving,
     WorkerLink,
     WorkerNotDraining,
+    WorkerServesAnotherModel,
     WorkerTooShort,
     WorkerUnreachable,
 )
@@ -298,6 +299,8 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
             await refuse("id_mismatch", grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except WorkerTooShort as e:
             await refuse("too_short", grpc.StatusCode.FAILED_PRECONDITION, str(e), is_said=True)
+        except WorkerServesAnotherModel as e:
+            await refuse("another_model", grpc.StatusCode.FAILED_PRECONDITION, str(e), is_said=True)
         except WorkerLeaving as e:
             await refuse("leaving", grpc.StatusCode.UNAVAILABLE, str(e))
         except WorkerUnreachable as e:

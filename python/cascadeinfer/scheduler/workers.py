@@ -35,6 +35,12 @@ class WorkerTooShort(WorkerUnreachable):
     on round-robin got INVALID_ARGUMENT "leaves no room")."""
 
 
+class WorkerServesAnotherModel(WorkerUnreachable):
+    """A worker whose model is not the one the workers already serving serve. Requests and
+    `/v1/models` name one model; placed on, such a worker answered requests for that model
+    with another's output (and its name showed up as a second model in `/v1/models`)."""
+
+
 class WorkerLeaving(WorkerUnreachable):
     """A registration of a worker the scheduler is taking out (it drains, or deregistered) whose
     step feed has not ended yet: refused until it has, or until the worker answers that it is
