@@ -32,6 +32,16 @@ def wait_until_workers(address: str, count: int, timeout: float = 60) -> None:
     raise AssertionError(f"{count} workers did not register with {address}")
 
 
+def assert_served_by_one_worker(address: str, prompt_len: int) -> None:
+    """Four requests of `prompt_len` tokens all served whole (round-robin would put every
+    other one on a second worker), and one healthy worker."""
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(address))
+    for _ in range(4):
+        out = stub.Generate(ids_request([1] * prompt_len, 10), timeout=30)
+        assert sum(len(r.tokens.token_ids) for r in out) == 10
+    assert healthy_workers(address) == 1
+
+
 def served_tokens(address: str) -> int:
     stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(address))
     out = stub.Generate(ids_request(list(range(1, 80)), 60), timeout=60)
@@ -89,7 +99,6 @@ def test_a_worker_back_with_a_shorter_length_is_not_placed_on(tmp_path: Path) ->
     workers = [start_worker([*SIM, "--port", str(p)], tmp_path) for p in ports]
     addresses = ",".join(w.address for w in workers)
     scheduler = start_scheduler(["--workers", addresses, "--policy", "round-robin"], tmp_path)
-    stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
     try:
         wait_until_workers(scheduler.address, 2)
         workers[0].kill()
@@ -97,10 +106,7 @@ def test_a_worker_back_with_a_shorter_length_is_not_placed_on(tmp_path: Path) ->
         short = [*SIM, "--sim-max-model-len", "1024", "--port", str(ports[0])]
         workers[0] = start_worker(short, tmp_path)
         time.sleep(3 * 1.0)  # the scheduler tries a static worker that left every second
-        for _ in range(4):
-            out = stub.Generate(ids_request([1] * 2000, 10), timeout=30)
-            assert sum(len(r.tokens.token_ids) for r in out) == 10
-        assert healthy_workers(scheduler.address) == 1
+        assert_served_by_one_worker(scheduler.address, prompt_len=2000)
         # One that registers is refused so, and says that it was, not that it cannot reach.
         workers.append(start_worker([*short[:-2], "--scheduler", scheduler.address], tmp_path))
         deadline = time.monotonic() + 15
@@ -129,16 +135,12 @@ def test_a_worker_of_another_model_is_not_placed_on(tmp_path: Path) -> None:
     config = tmp_path / "other-model.toml"
     config.write_text('engine = "sim"\n[sim]\nmodel = "other-model"\nmax_model_len = 4096\n')
     workers = [first]
-    stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
     try:
         wait_until_workers(scheduler.address, 1)
         other = ["--config", str(config), "--scheduler", scheduler.address]
         workers.append(start_worker(other, tmp_path))
         time.sleep(3 * 1.0)  # its registration, and a retry or two
-        for _ in range(4):
-            out = stub.Generate(ids_request([1] * 100, 10), timeout=30)
-            assert sum(len(r.tokens.token_ids) for r in out) == 10
-        assert healthy_workers(scheduler.address) == 1
+        assert_served_by_one_worker(scheduler.address, prompt_len=100)
     finally:
         for w in workers:
             w.kill()

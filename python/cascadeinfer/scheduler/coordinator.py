@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import structlog
@@ -184,6 +184,17 @@ class Coordinator:
             del self._connecting[address]
         return link
 
+    async def _keep_out(
+        self, link: WorkerLink, said: LogThrottle, event: str, error: WorkerUnreachable
+    ) -> NoReturn:
+        """Drops `link`, a worker the cluster cannot take as it is, and raises `error`; logs
+        `event` at most once per `said`'s interval for its address (a static worker is tried
+        again every second, a registering one at every heartbeat)."""
+        await self.pool.drop(link)
+        if said.should_log(link.address, time.monotonic()):
+            log.error(event, address=link.address, error=str(error))
+        raise error
+
     async def _connect(self, address: str, worker_id: str) -> WorkerLink:
         link = await self.pool.connect(address, worker_id)
         old, link.replaced = link.replaced, None
@@ -191,28 +202,25 @@ class Coordinator:
             self._retire_link(old)
         longest = _longest_context(link.info)
         if self.policy is not None and longest < self.max_model_len:
-            await self.pool.drop(link)
             why = (
                 f"worker {link.worker_id[:256]!r} at {address[:256]} holds requests of at most "
                 f"{longest} tokens, less than the model length {self.max_model_len} this "
                 "scheduler admits requests by: start it with at least that length (and KV), "
                 "or restart the scheduler"
             )
-            if self._said_too_short.should_log(address, time.monotonic()):
-                log.error("worker_too_short", address=address, error=why)
-            raise WorkerTooShort(why)
+            await self._keep_out(
+                link, self._said_too_short, "worker_too_short", WorkerTooShort(why)
+            )
         served = {w.info.model for w in self.pool.healthy() if w is not link}
         if served and link.info.model not in served:
-            await self.pool.drop(link)
             why = (
                 f"worker {link.worker_id[:256]!r} at {address[:256]} serves model "
                 f"{link.info.model[:256]!r}, not {', '.join(repr(m[:256]) for m in sorted(served))} "
                 "as the workers already serving do: a scheduler serves one model (start the "
                 "worker with the same model; vLLM workers with the same --served-model-name)"
             )
-            if self._said_other_model.should_log(address, time.monotonic()):
-                log.error("worker_serves_another_model", address=address, error=why)
-            raise WorkerServesAnotherModel(why)
+            error = WorkerServesAnotherModel(why)
+            await self._keep_out(link, self._said_other_model, "worker_serves_another_model", error)
         link.is_healthy = False  # not placeable before its feed is reconciled
         reconciled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         follow = self._spawn(self._follow(link, reconciled))
