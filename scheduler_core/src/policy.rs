@@ -44,7 +44,8 @@ pub struct Admission {
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MigrationReason {
-    /// The request's context reached its stage's upper bound.
+    /// The request's context is past its stage's bounds: it grew to the upper one, or it was
+    /// prefilled in a later stage than its own and now decodes (a visitor, sent home).
     StageBound,
     /// Within-stage load balancing.
     Balance,

@@ -71,6 +71,15 @@ impl FirstTokenSlo {
 /// workload the layout was planned for is not known ([`Router::set_output_horizon`]).
 const DEFAULT_OUTPUT_HORIZON: f64 = 512.0;
 
+/// Where a new request goes: an instance, its stage, and whether it only visits there for its
+/// prefill (a later stage than its own, [`Router::first_token_in_time`]).
+#[derive(Copy, Clone, Debug, PartialEq)]
+struct Placement {
+    instance: InstanceId,
+    stage: usize,
+    is_visit: bool,
+}
+
 /// Routes requests over a stage layout. Holds the loads it has been told about and the
 /// requests whose migration is in flight (so a request is never sent twice).
 #[derive(Clone, Debug)]
@@ -87,6 +96,9 @@ pub struct Router {
     output_horizon: f64,
     /// The first-token service level new requests are placed to meet.
     first_token: FirstTokenSlo,
+    /// Requests prefilled on an instance of a later stage than their own, for a first token in
+    /// time ([`Router::first_token_in_time`]), that go home once they decode there.
+    pub(crate) visitors: HashSet<RequestId>,
 }
 
 impl Router {
@@ -101,6 +113,7 @@ impl Router {
             prefixes,
             output_horizon: DEFAULT_OUTPUT_HORIZON,
             first_token: FirstTokenSlo::default(),
+            visitors: HashSet::new(),
         })
     }
 
@@ -154,32 +167,36 @@ impl Router {
     /// swamps the stage of long contexts: [`Router::cheaper_prefill_before`]).
     pub fn admit(&mut self, request: RequestId, prompt_len: u32) -> Result<Option<Admission>> {
         self.check_len(prompt_len)?;
-        let Some((instance, stage)) = self.place_new(prompt_len) else { return Ok(None) };
+        let Some(Placement { instance, stage, is_visit }) = self.place_new(prompt_len) else { return Ok(None) };
+        if is_visit {
+            self.visitors.insert(request);
+        }
         self.loads.add_queued(instance, request, prompt_len);
         Ok(Some(Admission { instance, stage }))
     }
 
     /// [`Router::admit`]'s choice for a new request of `len` tokens, without admitting it.
-    fn place_new(&self, len: u32) -> Option<(InstanceId, usize)> {
+    fn place_new(&self, len: u32) -> Option<Placement> {
         let home = self.layout.stage_of_len(len);
+        let stay = |(instance, stage)| Placement { instance, stage, is_visit: false };
         let (instance, stage) = self.best_from_stage(home, len, true, None)?;
         if stage != home || self.layout.stages().len() == 1 {
-            return Some((instance, stage));
+            return Some(stay((instance, stage)));
         }
         // What the request costs on the best instance of its own stage, which both ways out
         // of it are weighed against.
         let home_horizon = self.horizon(home, len);
         let at_home = self.loads.marginal_cost(&self.profile, instance, len, true, home_horizon);
         if let Some(next) = self.cheaper_next_stage(home, at_home / home_horizon, len) {
-            return Some((next, home + 1));
+            return Some(stay((next, home + 1)));
         }
         if let Some(earlier) = self.cheaper_prefill_before(home, instance, at_home, home_horizon, len) {
-            return Some((earlier, home - 1));
+            return Some(stay((earlier, home - 1)));
         }
         if let Some(in_time) = self.first_token_in_time(home, instance, at_home, len) {
             return Some(in_time);
         }
-        Some((instance, home))
+        Some(stay((instance, home)))
     }
 
     /// What [`Router::first_token_in_time`] aims at for a prompt of `len` tokens: halfway
@@ -201,6 +218,12 @@ impl Router {
     /// marginal cost on `chosen`; `None` otherwise. Unlike [`Router::cheaper_prefill_before`],
     /// an earlier stage's side leaves out the decode at home: counted there too, fewer first
     /// tokens came in time for the same end-to-end latency (the variants in the benchmarks).
+    /// In a later stage it either stays for its decode there, or only visits for its prefill
+    /// and is sent home with its KV at its first decode ([`Router::send_visitor_home`]),
+    /// priced as the earlier stage's side is; whichever costs less. A short prompt's whole
+    /// stay among longer contexts costs more than any wait for a first token, so without the
+    /// visit a burst on the short stage had nowhere to go (`docs/benchmarks.md`, "Prefill
+    /// visits to a later stage").
     ///
     /// Stages sized for the mean put the long prompts on a few instances, where a burst of
     /// documents queues for prefill: on bursty production-like traffic the mean first token
@@ -209,40 +232,44 @@ impl Router {
     /// (`docs/benchmarks.md`, "First token in time"). A mean-latency cost alone cannot see
     /// this: the wait of one long prompt weighs as much as the same wait spread over the short
     /// decodes its prefill would stall elsewhere.
-    fn first_token_in_time(
-        &self,
-        home: usize,
-        chosen: InstanceId,
-        at_home: f64,
-        len: u32,
-    ) -> Option<(InstanceId, usize)> {
+    fn first_token_in_time(&self, home: usize, chosen: InstanceId, at_home: f64, len: u32) -> Option<Placement> {
         let target = self.first_token_target(len);
         if self.loads.predicted_cost(&self.profile, chosen, len, true) <= target {
             return None;
         }
-        let mut best: Option<(f64, InstanceId, usize)> = None;
+        let mut best: Option<(f64, Placement)> = None;
         for (k, stage) in self.layout.stages().iter().enumerate() {
             if k == home {
                 continue;
             }
-            let (stall, horizon) = if k < home {
-                (self.profile.migration_stall(u64::from(len)), 1.0)
-            } else {
-                (0.0, self.horizon(k, len))
-            };
+            let stall = self.profile.migration_stall(u64::from(len));
+            let stall_before_first = if k < home { stall } else { 0.0 };
             for &inst in &stage.instances {
                 if !self.loads.has_room(&self.profile, inst, len)
-                    || self.loads.predicted_cost(&self.profile, inst, len, true) + stall > target
+                    || self.loads.predicted_cost(&self.profile, inst, len, true) + stall_before_first > target
                 {
                     continue;
                 }
-                let cost = self.loads.marginal_cost(&self.profile, inst, len, true, horizon) + stall;
-                if cost <= at_home && best.is_none_or(|(b, _, _)| cost < b) {
-                    best = Some((cost, inst, k));
+                // Its prefill there and the move home (an earlier stage's bound sends it on
+                // with its first token; a visitor to a later one is sent back), or, in a
+                // later stage, its whole stay there if that costs less.
+                let visit = self.loads.marginal_cost(&self.profile, inst, len, true, 1.0) + stall;
+                let (cost, is_visit) = if k < home {
+                    (visit, false)
+                } else {
+                    let spill = self.loads.marginal_cost(&self.profile, inst, len, true, self.horizon(k, len));
+                    if visit < spill {
+                        (visit, true)
+                    } else {
+                        (spill, false)
+                    }
+                };
+                if cost <= at_home && best.as_ref().is_none_or(|(b, _)| cost < *b) {
+                    best = Some((cost, Placement { instance: inst, stage: k, is_visit }));
                 }
             }
         }
-        best.map(|(_, inst, k)| (inst, k))
+        best.map(|(_, p)| p)
     }
 
     /// The best instance of the stage before `home` when prefilling a new request of `len`
@@ -294,12 +321,17 @@ impl Router {
     pub fn admit_turn(&mut self, request: RequestId, prompt_len: u32, turn: SessionTurn) -> Result<Option<Admission>> {
         self.check_len(prompt_len)?;
         let home = self.layout.stage_of_len(prompt_len);
+        let placed = || self.place_new(prompt_len);
         let choice = if self.prefixes.holdings(turn.session).is_empty() {
-            self.place_new(prompt_len)
+            placed()
         } else {
-            self.cheapest_with_cache(home, prompt_len, turn).or_else(|| self.place_new(prompt_len))
+            let by_cache = self.cheapest_with_cache(home, prompt_len, turn);
+            by_cache.map(|(instance, stage)| Placement { instance, stage, is_visit: false }).or_else(placed)
         };
-        let Some((instance, stage)) = choice else { return Ok(None) };
+        let Some(Placement { instance, stage, is_visit }) = choice else { return Ok(None) };
+        if is_visit {
+            self.visitors.insert(request);
+        }
         self.loads.add_queued(instance, request, prompt_len);
         self.prefixes.placed(request, turn.session, instance, prompt_len);
         Ok(Some(Admission { instance, stage }))
@@ -374,7 +406,8 @@ impl Router {
 
     /// Refreshes the loads of the instances in `entries` and returns a migration for every
     /// request that reached its stage's upper bound (target: the least-loaded instance of the
-    /// stage its length now belongs to). Requests already migrating are skipped.
+    /// stage its length now belongs to), and for every visitor now decoding that its own stage
+    /// has room for ([`Router::send_visitor_home`]). Requests already migrating are skipped.
     pub fn check_step(&mut self, entries: &[StepEntry]) -> Result<Vec<Migration>> {
         self.loads.begin_refresh();
         let mut crossed: Vec<StepEntry> = Vec::new();
@@ -389,7 +422,32 @@ impl Router {
             }
         }
         self.loads.end_refresh();
-        self.migrate_crossed(crossed.into_iter())
+        let mut out = self.migrate_crossed(crossed.into_iter())?;
+        if !self.visitors.is_empty() {
+            out.extend(entries.iter().filter_map(|e| self.send_visitor_home(e)));
+        }
+        Ok(out)
+    }
+
+    /// A migration of `e` to its own stage when it is a visitor ([`Router::visitors`]) now
+    /// decoding in a later stage, and an instance of its own stage (or of a stage before the
+    /// one it visits) has room; `None` otherwise (tried again next step).
+    fn send_visitor_home(&mut self, e: &StepEntry) -> Option<Migration> {
+        if !self.visitors.contains(&e.request) || self.in_flight.contains(&e.request) {
+            return None;
+        }
+        let here = self.layout.stage_of_instance(e.instance)?;
+        let home = self.layout.stage_of_len(e.context_len);
+        if home >= here {
+            // It grew into the stage it visits (or the layout moved): it is home.
+            self.visitors.remove(&e.request);
+            return None;
+        }
+        let (to, stage) = self.best_from_stage(home, e.context_len, false, Some(e.instance))?;
+        if stage >= here {
+            return None;
+        }
+        Some(self.start_migration(*e, to, MigrationReason::StageBound))
     }
 
     /// [`Router::check_step`] for a feed that would list `instance`'s running requests as
@@ -399,6 +457,10 @@ impl Router {
     /// the caller then sends the feed to `check_step`.
     pub fn check_repeat_step(&mut self, instance: InstanceId) -> Option<Result<Vec<Migration>>> {
         let stage = self.layout.stage_of_instance(instance)?;
+        if !self.visitors.is_empty() && self.loads.get(instance).running.iter().any(|(r, _)| self.visitors.contains(r))
+        {
+            return None; // a visitor waiting to go home: `check_step` sends it
+        }
         if !self.loads.advance_as_fed(instance) {
             return None;
         }
@@ -533,6 +595,7 @@ impl Router {
             return;
         }
         if succeeded {
+            self.visitors.remove(&m.request);
             // It kept decoding on the source during the bulk copy, so the source's feed may
             // have listed it again since the move was decided.
             self.loads.forget_request(m.from, m.request);
@@ -550,6 +613,7 @@ impl Router {
     /// instance holding it looked loaded for the rest of the run (one per interrupted move).
     pub fn request_finished(&mut self, request: RequestId, instance: InstanceId) {
         let was_moving = self.in_flight.remove(&request);
+        self.visitors.remove(&request);
         if self.prefixes.follows(request) {
             let running = &self.loads.get(instance).running;
             let context_len = running.iter().find(|&&(r, _)| r == request).map(|&(_, len)| len);
@@ -672,6 +736,56 @@ mod tests {
         r.set_first_token_slo(FirstTokenSlo { base_s: level, per_prompt_token_s: 0.0 }).unwrap();
         assert!(home > r.first_token_target(12_000) && away < r.first_token_target(12_000));
         assert_eq!(r.admit(RequestId(1), 12_000).unwrap().unwrap().stage, 0);
+    }
+
+    #[test]
+    fn a_short_prompt_late_at_home_visits_a_later_stage_for_its_prefill_and_goes_home_decoding() {
+        // A burst of prompts waits on both instances of the short stage; the middle stage's
+        // instances decode long contexts, a step there costs more than at home.
+        let swamped = || {
+            let mut r = router();
+            for i in 0..2 {
+                for q in 0..40 {
+                    r.loads.add_queued(InstanceId(i), RequestId(1000 + u64::from(i) * 100 + q), 900);
+                }
+            }
+            let decoding: Vec<StepEntry> =
+                (0..60).flat_map(|q| [entry(5000 + q, 2, 7000), entry(6000 + q, 3, 7000)]).collect();
+            r.check_step(&decoding).unwrap();
+            r
+        };
+        let mut r = swamped();
+        assert!(r.loads.predicted_cost(&r.profile, InstanceId(0), 500, true) > r.first_token_target(500));
+        let a = r.admit(RequestId(1), 500).unwrap().unwrap();
+        assert!(a.stage > 0, "prefilled where its first token is in time");
+        assert!(r.visitors.contains(&RequestId(1)));
+        // Its first decode: its own stage still has room, so it goes home with its KV (a
+        // repeat step is declined, so the full feed reaches `check_step`).
+        assert!(r.check_repeat_step(a.instance).is_none());
+        let moves = r.check_step(&[entry(1, a.instance.0, 501)]).unwrap();
+        assert_eq!(moves.len(), 1);
+        assert_eq!(r.layout.stage_of_instance(moves[0].to), Some(0));
+        assert_eq!(moves[0].context_len, 501);
+        assert!(r.check_step(&[entry(1, a.instance.0, 502)]).unwrap().is_empty(), "sent once");
+        r.migration_done(&moves[0], true);
+        assert!(r.visitors.is_empty());
+        // A failed move leaves it a visitor, sent again at its next step.
+        let mut r = swamped();
+        let a = r.admit(RequestId(1), 500).unwrap().unwrap();
+        let [m] = r.check_step(&[entry(1, a.instance.0, 501)]).unwrap()[..] else { panic!() };
+        r.migration_done(&m, false);
+        assert_eq!(r.check_step(&[entry(1, a.instance.0, 502)]).unwrap().len(), 1);
+        // A request that starts in a later stage for its whole stay (here the short stage
+        // has no room) is no visitor and stays where it decodes.
+        let mut r = router();
+        for i in 0..2 {
+            r.loads.add_queued(InstanceId(i), RequestId(3000 + u64::from(i)), 409_000);
+        }
+        let a = r.admit(RequestId(1), 500).unwrap().unwrap();
+        assert_eq!(a.stage, 1);
+        assert!(r.visitors.is_empty());
+        r.loads.clear(InstanceId(0));
+        assert!(r.check_step(&[entry(1, a.instance.0, 501)]).unwrap().is_empty());
     }
 
     #[test]
