@@ -123,6 +123,9 @@ class SchedulerConfig:
                 # One worker counted twice: --min-workers (the list's length) is never
                 # reached, and the scheduler served nothing and said nothing.
                 raise ValueError(f"workers: {address!r} is listed twice")
+        if self.min_workers < 1:
+            # -1 was taken as 1 and 0 as the default: a typo the operator never heard of.
+            raise ValueError(f"min_workers = {self.min_workers}: must be >= 1")
         if self.max_queue < 0:
             raise ValueError(f"max_queue = {self.max_queue}: must be >= 0")
         if self.max_queue_per_client < 0:
@@ -404,7 +407,11 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
     config = replace(
         config,
         tls=tls_from_arguments(config.tls, a),
-        min_workers=a.min_workers or max(config.min_workers, len(config.workers), 1),
+        min_workers=(
+            a.min_workers
+            if a.min_workers is not None
+            else max(config.min_workers, len(config.workers), 1)
+        ),
         auth_token=read_token(config.auth_token_file),
         client_tokens=read_client_tokens(config.client_tokens_file),
     )
