@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from cascadeinfer.daemon import CHANNEL_OPTIONS
+from cascadeinfer.daemon import CHANNEL_OPTIONS, RECONNECT_OPTIONS
 
 TOKEN_ENV = "CASCADE_AUTH_TOKEN"
 """Environment variable holding the cluster's bearer token, for daemons and the CLI alike."""
@@ -154,10 +154,11 @@ def add_port(server: grpc.aio.Server, address: str, tls: TlsFiles) -> int:
 def aio_channel(
     address: str, tls: TlsFiles, token: str = "", options: Sequence[tuple[str, int]] = ()
 ) -> grpc.aio.Channel:
-    """A channel between daemons: TLS when configured, the cluster's token on every call;
-    `options` add to the message limits (keepalive, for links that must notice a cut)."""
+    """A channel between daemons: TLS when configured, the cluster's token on every call, a
+    reconnect backoff of at most a second (`RECONNECT_OPTIONS`); `options` add to these
+    (keepalive, for links that must notice a cut)."""
     interceptors = _aio_token_interceptors(token)
-    all_options = [*CHANNEL_OPTIONS, *options]
+    all_options = [*CHANNEL_OPTIONS, *RECONNECT_OPTIONS, *options]
     if tls.is_enabled:
         return grpc.aio.secure_channel(
             address, tls.channel_credentials(), options=all_options, interceptors=interceptors
