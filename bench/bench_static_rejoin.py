@@ -18,28 +18,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.scheduler.test_restart import SIM, wait_until_workers
-from tests.worker.daemons import free_port, start_scheduler, start_worker
+from tests.scheduler.test_restart import SIM, first_of_two_static_workers_down, wait_until_workers
+from tests.worker.daemons import start_worker
 
 
 def rejoin_s(outage_s: float, log_dir: Path) -> float:
-    ports = [free_port(), free_port()]
-    workers = [start_worker([*SIM, "--port", str(p)], log_dir) for p in ports]
-    addresses = ",".join(w.address for w in workers)
-    scheduler = start_scheduler(["--workers", addresses, "--policy", "round-robin"], log_dir)
-    try:
-        wait_until_workers(scheduler.address, 2)
-        workers[0].kill()
-        wait_until_workers(scheduler.address, 1, timeout=10)
+    round_robin = ["--policy", "round-robin"]
+    with first_of_two_static_workers_down(round_robin, log_dir) as (scheduler, workers, port):
         time.sleep(outage_s)
-        workers[0] = start_worker([*SIM, "--port", str(ports[0])], log_dir)
+        workers[0] = start_worker([*SIM, "--port", str(port)], log_dir)
         started = time.monotonic()
         wait_until_workers(scheduler.address, 2, timeout=180)
         return time.monotonic() - started
-    finally:
-        for w in workers:
-            w.kill()
-        scheduler.kill()
 
 
 def main() -> None:

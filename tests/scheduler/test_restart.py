@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -70,24 +72,36 @@ def test_workers_register_again_after_a_scheduler_restart(tmp_path: Path) -> Non
         scheduler.kill()
 
 
-def test_a_static_worker_that_restarts_is_taken_back(tmp_path: Path) -> None:
-    """A worker of the `--workers` list sends no heartbeat: once its feed ended (killed), the
-    scheduler never placed a request on it again, even after it was back on its address."""
+@contextmanager
+def first_of_two_static_workers_down(
+    scheduler_args: list[str], log_dir: Path
+) -> Iterator[tuple[Daemon, list[Daemon], int]]:
+    """Two sim workers on ports of their own and a scheduler over them (`--workers`), the
+    first killed once both had joined: yields the scheduler, the workers (the caller may put
+    a new one in the first place) and the first one's port. Everything is killed at the end."""
     ports = [free_port(), free_port()]
-    workers = [start_worker([*SIM, "--port", str(p)], tmp_path) for p in ports]
+    workers = [start_worker([*SIM, "--port", str(p)], log_dir) for p in ports]
     addresses = ",".join(w.address for w in workers)
-    scheduler = start_scheduler(["--workers", addresses, "--stages", "0-64:1,64-4096:1"], tmp_path)
+    scheduler = start_scheduler(["--workers", addresses, *scheduler_args], log_dir)
     try:
         wait_until_workers(scheduler.address, 2)
         workers[0].kill()
         wait_until_workers(scheduler.address, 1, timeout=10)
-        workers[0] = start_worker([*SIM, "--port", str(ports[0])], tmp_path)
-        wait_until_workers(scheduler.address, 2, timeout=15)
-        assert served_tokens(scheduler.address) == 60, "both stages serve again"
+        yield scheduler, workers, ports[0]
     finally:
         for w in workers:
             w.kill()
         scheduler.kill()
+
+
+def test_a_static_worker_that_restarts_is_taken_back(tmp_path: Path) -> None:
+    """A worker of the `--workers` list sends no heartbeat: once its feed ended (killed), the
+    scheduler never placed a request on it again, even after it was back on its address."""
+    stages = ["--stages", "0-64:1,64-4096:1"]
+    with first_of_two_static_workers_down(stages, tmp_path) as (scheduler, workers, port):
+        workers[0] = start_worker([*SIM, "--port", str(port)], tmp_path)
+        wait_until_workers(scheduler.address, 2, timeout=15)
+        assert served_tokens(scheduler.address) == 60, "both stages serve again"
 
 
 def test_a_worker_back_with_a_shorter_length_is_not_placed_on(tmp_path: Path) -> None:
@@ -95,15 +109,9 @@ def test_a_worker_back_with_a_shorter_length_is_not_placed_on(tmp_path: Path) ->
     taken back and placed on, and every request it got that the scheduler had accepted (a
     prompt past its new length) failed INVALID_ARGUMENT, every other one under round-robin.
     Now it is kept out, with one `worker_too_short` line naming both lengths."""
-    ports = [free_port(), free_port()]
-    workers = [start_worker([*SIM, "--port", str(p)], tmp_path) for p in ports]
-    addresses = ",".join(w.address for w in workers)
-    scheduler = start_scheduler(["--workers", addresses, "--policy", "round-robin"], tmp_path)
-    try:
-        wait_until_workers(scheduler.address, 2)
-        workers[0].kill()
-        wait_until_workers(scheduler.address, 1, timeout=10)
-        short = [*SIM, "--sim-max-model-len", "1024", "--port", str(ports[0])]
+    round_robin = ["--policy", "round-robin"]
+    with first_of_two_static_workers_down(round_robin, tmp_path) as (scheduler, workers, port):
+        short = [*SIM, "--sim-max-model-len", "1024", "--port", str(port)]
         workers[0] = start_worker(short, tmp_path)
         time.sleep(3 * 1.0)  # the scheduler tries a static worker that left every second
         assert_served_by_one_worker(scheduler.address, prompt_len=2000)
@@ -116,10 +124,6 @@ def test_a_worker_back_with_a_shorter_length_is_not_placed_on(tmp_path: Path) ->
         assert "less than the model length 4096" in workers[-1].log()
         assert "scheduler_unreachable" not in workers[-1].log()
         assert healthy_workers(scheduler.address) == 1
-    finally:
-        for w in workers:
-            w.kill()
-        scheduler.kill()
     log = scheduler.log()
     assert log.count('"event": "worker_too_short"') == 2, log[-3000:]  # once per address
     assert "at most 1024 tokens, less than the model length 4096" in log
