@@ -1,6 +1,6 @@
 //! The cascade router: admission by prompt length, and the per-token stage-bound check.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +80,13 @@ struct Placement {
     is_visit: bool,
 }
 
+impl Placement {
+    /// A placement for the request's whole stay (or until it grows past the stage).
+    fn stay(instance: InstanceId, stage: usize) -> Self {
+        Placement { instance, stage, is_visit: false }
+    }
+}
+
 /// Routes requests over a stage layout. Holds the loads it has been told about and the
 /// requests whose migration is in flight (so a request is never sent twice).
 #[derive(Clone, Debug)]
@@ -97,8 +104,9 @@ pub struct Router {
     /// The first-token service level new requests are placed to meet.
     first_token: FirstTokenSlo,
     /// Requests prefilled on an instance of a later stage than their own, for a first token in
-    /// time ([`Router::first_token_in_time`]), that go home once they decode there.
-    pub(crate) visitors: HashSet<RequestId>,
+    /// time ([`Router::first_token_in_time`]), that go home once they decode there; with the
+    /// instance they visit (a repeat step there is declined while one is held).
+    pub(crate) visitors: HashMap<RequestId, InstanceId>,
 }
 
 impl Router {
@@ -113,7 +121,7 @@ impl Router {
             prefixes,
             output_horizon: DEFAULT_OUTPUT_HORIZON,
             first_token: FirstTokenSlo::default(),
-            visitors: HashSet::new(),
+            visitors: HashMap::new(),
         })
     }
 
@@ -169,7 +177,7 @@ impl Router {
         self.check_len(prompt_len)?;
         let Some(Placement { instance, stage, is_visit }) = self.place_new(prompt_len) else { return Ok(None) };
         if is_visit {
-            self.visitors.insert(request);
+            self.visitors.insert(request, instance);
         }
         self.loads.add_queued(instance, request, prompt_len);
         Ok(Some(Admission { instance, stage }))
@@ -178,25 +186,24 @@ impl Router {
     /// [`Router::admit`]'s choice for a new request of `len` tokens, without admitting it.
     fn place_new(&self, len: u32) -> Option<Placement> {
         let home = self.layout.stage_of_len(len);
-        let stay = |(instance, stage)| Placement { instance, stage, is_visit: false };
         let (instance, stage) = self.best_from_stage(home, len, true, None)?;
         if stage != home || self.layout.stages().len() == 1 {
-            return Some(stay((instance, stage)));
+            return Some(Placement::stay(instance, stage));
         }
         // What the request costs on the best instance of its own stage, which both ways out
         // of it are weighed against.
         let home_horizon = self.horizon(home, len);
         let at_home = self.loads.marginal_cost(&self.profile, instance, len, true, home_horizon);
         if let Some(next) = self.cheaper_next_stage(home, at_home / home_horizon, len) {
-            return Some(stay((next, home + 1)));
+            return Some(Placement::stay(next, home + 1));
         }
         if let Some(earlier) = self.cheaper_prefill_before(home, instance, at_home, home_horizon, len) {
-            return Some(stay((earlier, home - 1)));
+            return Some(Placement::stay(earlier, home - 1));
         }
         if let Some(in_time) = self.first_token_in_time(home, instance, at_home, len) {
             return Some(in_time);
         }
-        Some(stay((instance, home)))
+        Some(Placement::stay(instance, home))
     }
 
     /// What [`Router::first_token_in_time`] aims at for a prompt of `len` tokens: halfway
@@ -326,11 +333,11 @@ impl Router {
             placed()
         } else {
             let by_cache = self.cheapest_with_cache(home, prompt_len, turn);
-            by_cache.map(|(instance, stage)| Placement { instance, stage, is_visit: false }).or_else(placed)
+            by_cache.map(|(instance, stage)| Placement::stay(instance, stage)).or_else(placed)
         };
         let Some(Placement { instance, stage, is_visit }) = choice else { return Ok(None) };
         if is_visit {
-            self.visitors.insert(request);
+            self.visitors.insert(request, instance);
         }
         self.loads.add_queued(instance, request, prompt_len);
         self.prefixes.placed(request, turn.session, instance, prompt_len);
@@ -433,7 +440,7 @@ impl Router {
     /// decoding in a later stage, and an instance of its own stage (or of a stage before the
     /// one it visits) has room; `None` otherwise (tried again next step).
     fn send_visitor_home(&mut self, e: &StepEntry) -> Option<Migration> {
-        if !self.visitors.contains(&e.request) || self.in_flight.contains(&e.request) {
+        if !self.visitors.contains_key(&e.request) || self.in_flight.contains(&e.request) {
             return None;
         }
         let here = self.layout.stage_of_instance(e.instance)?;
@@ -457,8 +464,7 @@ impl Router {
     /// the caller then sends the feed to `check_step`.
     pub fn check_repeat_step(&mut self, instance: InstanceId) -> Option<Result<Vec<Migration>>> {
         let stage = self.layout.stage_of_instance(instance)?;
-        if !self.visitors.is_empty() && self.loads.get(instance).running.iter().any(|(r, _)| self.visitors.contains(r))
-        {
+        if self.visitors.values().any(|&at| at == instance) {
             return None; // a visitor waiting to go home: `check_step` sends it
         }
         if !self.loads.advance_as_fed(instance) {
@@ -758,7 +764,7 @@ mod tests {
         assert!(r.loads.predicted_cost(&r.profile, InstanceId(0), 500, true) > r.first_token_target(500));
         let a = r.admit(RequestId(1), 500).unwrap().unwrap();
         assert!(a.stage > 0, "prefilled where its first token is in time");
-        assert!(r.visitors.contains(&RequestId(1)));
+        assert!(r.visitors.contains_key(&RequestId(1)));
         // Its first decode: its own stage still has room, so it goes home with its KV (a
         // repeat step is declined, so the full feed reaches `check_step`).
         assert!(r.check_repeat_step(a.instance).is_none());
