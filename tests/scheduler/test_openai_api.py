@@ -965,6 +965,38 @@ def test_queue_full_is_429_and_no_worker_is_503(front: Front, tmp_path: Path) ->
         none.stop()
 
 
+def test_a_front_without_a_token_answers_only_loopback_host_names(
+    front: Front, tmp_path: Path
+) -> None:
+    """DNS rebinding: a page the user opens renames its origin to 127.0.0.1, and its browser
+    then calls the API with the page's name as Host. Without a token on loopback, the front
+    answers only Host names of this machine's loopback; with a token, any (test above)."""
+    args = ["--tokenizer", str(front.model_dir), "--http-port", "0"]
+    open_front = start_scheduler([*args, "--workers", front.workers[1].address], tmp_path)
+    try:
+        base = open_front.openai_url.removesuffix("/v1")
+        port = base.rsplit(":", 1)[1]
+        for host in [f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", f"[::1]:{port}"]:
+            r = httpx.get(f"{base}/v1/models", headers={"Host": host}, timeout=10)
+            assert r.status_code == 200, (host, r.text)
+        for host in [f"attacker.example:{port}", "attacker.example", f"127.0.0.1.nip.io:{port}"]:
+            for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions")]:
+                r = httpx.request(
+                    method,
+                    f"{base}{path}",
+                    headers={"Host": host},
+                    json={"model": "sim", "prompt": "hi", "max_tokens": 2},
+                    timeout=10,
+                )
+                assert r.status_code == 403, (host, path, r.text)
+                assert r.json()["error"]["code"] == "host_not_allowed"
+        client = openai.OpenAI(base_url=open_front.openai_url, api_key="unused", max_retries=0)
+        answer = client.completions.create(model="sim", prompt="hi", max_tokens=2)
+        assert answer.usage is not None and answer.usage.completion_tokens == 2
+    finally:
+        open_front.stop()
+
+
 def test_https_with_the_scheduler_certificate(tmp_path: Path) -> None:
     """With --tls-cert the HTTP API is HTTPS: a client trusting the CA streams, plain HTTP
     to the same port gets a 400 that says so."""

@@ -172,8 +172,8 @@ def test_a_request_whose_body_is_still_arriving_at_the_stop_is_503_at_once(
         host, port = scheduler.openai_url.removeprefix("http://").split("/")[0].split(":")
         body = json.dumps({"model": "sim", "prompt": "hi", "max_tokens": 2}).encode()
         head = (
-            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
         connections = [socket.create_connection((host, int(port)), timeout=20) for _ in range(4)]
         try:

@@ -44,7 +44,7 @@ from cascadeinfer.scheduler.openai.schema import (
     SamplingFields,
 )
 from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS
-from cascadeinfer.security import credential_owner
+from cascadeinfer.security import credential_owner, is_loopback
 
 log = structlog.get_logger(__name__)
 
@@ -65,8 +65,14 @@ class OpenAIFront:
         tokens: Sequence[str],
         model_name: str,
         body_timeout_s: float = 30.0,
+        serves_loopback_names_only: bool = False,
     ) -> None:
         self.c = coordinator
+        self.serves_loopback_names_only = serves_loopback_names_only
+        """Refuse (403) a request whose `Host` is not a loopback name. Set for a front with no
+        token on a loopback address: a web page the user opens can rename its own origin to
+        127.0.0.1 (DNS rebinding), and the browser then lets it call the API and read the
+        answers; the browser sends the page's name as `Host`, which this refuses."""
         self.body_timeout_s = body_timeout_s
         """A body not received whole within this is refused with 408: a client that declares a
         length and never sends it would otherwise hold its connection and handler forever."""
@@ -110,6 +116,21 @@ class OpenAIFront:
         direct = {"/v1/completions": completions, "/v1/chat/completions": chat}
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if (
+                scope["type"] == "http"
+                and self.serves_loopback_names_only
+                and not _names_loopback(scope)
+            ):
+                self.c.metrics.http_responses.labels(UNROUTED, 403).inc()
+                error = APIError(
+                    403,
+                    "this scheduler has no client token and answers only requests to a "
+                    "loopback name (localhost, 127.0.0.1, [::1]); give it a token "
+                    "(--auth-token-file) to serve other host names",
+                    code="host_not_allowed",
+                )
+                await error.response()(scope, receive, send)
+                return
             if scope["type"] == "http" and _has_unknown_coding(scope):
                 self.c.metrics.http_responses.labels(UNROUTED, 501).inc()
                 error = APIError(501, "transfer codings other than chunked are not supported")
@@ -317,6 +338,24 @@ class OpenAIFront:
             return Response(status_code=CLIENT_CLOSED_REQUEST)  # the client left; nobody reads this
         whole = reply.chat(*result) if is_chat else reply.completion(*result)
         return JSONResponse(whole.model_dump())
+
+
+def _names_loopback(scope: Scope) -> bool:
+    """Whether the request's `Host` names this machine's loopback: `localhost` (or a name under
+    `.localhost`, which browsers resolve to loopback themselves), or a loopback address, with
+    or without a port. A request without `Host` passes (browsers always send one)."""
+    host = next((value for name, value in scope["headers"] if name == b"host"), None)
+    if host is None:
+        return True
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):  # an IPv6 literal, [::1] or [::1]:8000
+        name = text[1 : text.find("]")] if "]" in text else text
+    else:
+        name, colon, port = text.rpartition(":")
+        if not colon or not port.isdigit():
+            name = text
+    name = name.rstrip(".")
+    return is_loopback(name) or name.endswith(".localhost")
 
 
 def _has_unknown_coding(scope: Scope) -> bool:

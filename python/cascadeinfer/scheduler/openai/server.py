@@ -20,6 +20,7 @@ from cascadeinfer.scheduler.openai.app import OpenAIFront
 from cascadeinfer.scheduler.openai.model_files import load_model_files
 from cascadeinfer.scheduler.openai.protocol import EXCESS_CONNECTIONS, bounded_head_protocol
 from cascadeinfer.scheduler.openai.tls_accept import TlsListener
+from cascadeinfer.security import is_loopback
 
 HANDSHAKE_TIMEOUT_S = 10.0
 """An HTTPS connection whose TLS handshake is not done this long after its accept (or within
@@ -141,6 +142,11 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
         tokens=config.client_api_tokens,
         model_name=config.served_model_name,
         body_timeout_s=config.http_request_timeout_s,
+        serves_loopback_names_only=(
+            not config.client_api_tokens
+            and is_loopback(config.host)
+            and not config.tls.require_client_cert
+        ),
     )
     sock = _bind(config.host, config.http_port)
     # As `serve` left it (`daemon.raise_descriptor_limit`).
