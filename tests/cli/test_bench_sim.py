@@ -111,6 +111,23 @@ def test_a_trace_arriving_all_at_once_replays_as_an_offline_batch(
     assert doc["mean_ttft_s"] > 0.5, "120 prompts at once queue for prefill on 4 instances"
 
 
+def test_figures_a_run_cannot_have_are_null_in_standard_json(tmp_path: Path) -> None:
+    """With one token per answer no request has a time per output token: the figure is null,
+    not the bare NaN Python writes by default, which strict JSON parsers refuse."""
+    trace = tmp_path / "one-token.jsonl"
+    trace.write_text(
+        "".join(
+            f'{{"arrival_s": {k * 0.1}, "prompt_len": 50, "output_len": 1}}\n' for k in range(20)
+        )
+    )
+    args = ["bench", "sim", "--workload", str(trace), "--instances", "2", "--json"]
+    text = cascade(*args, "--policy", "least-load")
+    doc = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+    assert doc["completed"] == 20
+    assert doc["mean_tpot_s"] is None and doc["p99_tpot_s"] is None
+    assert doc["mean_e2e_s"] > 0
+
+
 def test_a_trace_arriving_all_at_once_is_not_run_under_a_rate_it_cannot_have(
     tmp_path: Path,
 ) -> None:

@@ -25,6 +25,24 @@ from cascadeinfer.evaluation.simbench import (
 from cascadeinfer.planning import load_profile
 from cascadeinfer.stage_count import OBJECTIVES
 
+
+def json_text(doc: Any) -> str:
+    """`doc` as standard JSON, NaN and infinities as null (a TPOT where no request made a
+    second token, a mean over no finished request). Python's `json` writes them as bare `NaN`
+    and `Infinity`, which jq, Go, JavaScript and every other strict parser refuse."""
+    return json.dumps(_finite_or_none(doc), allow_nan=False)
+
+
+def _finite_or_none(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite_or_none(v) for v in x]
+    return x
+
+
 PRESET_REQUESTS = 10_000
 """Requests drawn from a preset unless --requests says otherwise."""
 
@@ -147,7 +165,7 @@ def run_sim(args: argparse.Namespace) -> int:
     if not args.find_max_rate:
         summary, _ = run_at_rate(setup, rate)
         if args.json:
-            print(json.dumps(summary))
+            print(json_text(summary))
         else:
             print(f"{args.policy} on {args.workload}, {args.instances} instances, simulated:")
             _print_summary(summary)
@@ -164,7 +182,7 @@ def run_sim(args: argparse.Namespace) -> int:
         "runs": len(runs),
     }
     if args.json:
-        print(json.dumps(doc))
+        print(json_text(doc))
     elif not bounded:
         print(
             f"{args.policy}: the SLO {vars(slo)} held at every rate tried, up to 64x {rate:.4g} "
@@ -206,7 +224,7 @@ def run_compare(args: argparse.Namespace) -> int:
 def run_live(args: argparse.Namespace) -> int:
     summary = live.run_live(args)
     if args.json:
-        print(json.dumps(summary))
+        print(json_text(summary))
     else:
         print(f"replayed against {args.address}:")
         _print_summary(summary)
