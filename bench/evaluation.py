@@ -2,7 +2,7 @@
 GPU-class profile, on every workload family (long documents, agent sessions, reasoning,
 production mix, real ShareGPT conversations, two length modes) with bursty arrivals (Gamma,
 CV 2), on 3 seeds, at rates from light load to past saturation, plus the highest rate each
-policy sustains within one SLO (seed 0); then long-context and agentic on the CPU profile
+policy sustains within one SLO (on every seed); then long-context and agentic on the CPU profile
 calibrated here (Poisson, seed 0), and refinement on a steady and a shifting workload.
 
 Writes docs/evaluation/<workload>-<arrival>-s<seed>-<profile>/{compare.md,*.png} and
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -91,12 +92,11 @@ def main() -> None:
             )
             planned = default_rate(replace(base, seed=0))
             rates = [f * planned for f in RATE_FACTORS]
-            slo = SLOS[GPU] if seed == 0 else None
             out = OUT / f"{workload}-gamma{BURSTY_CV:g}-s{seed}-{GPU}"
-            comparisons.append(run_comparison(base, rates, slo, str(out)))
+            comparisons.append(run_comparison(base, rates, SLOS[GPU], str(out)))
             print(f"{workload} seed {seed}: {out}", flush=True)
         rows += _no_regret_rows(f"{workload} (Gamma CV {BURSTY_CV:g})", comparisons)
-        sustainable.append(_sustainable_row(workload, comparisons[0]))
+        sustainable.append(_sustainable_row(workload, comparisons))
     if not args.skip_cpu:
         cpu = load_profile(CPU_PROFILE)
         for workload in CPU_WORKLOADS:
@@ -105,7 +105,7 @@ def main() -> None:
             out = OUT / f"{workload}-poisson-s0-{cpu.name}"
             c = run_comparison(base, rates, SLOS[cpu.name], str(out))
             rows += _no_regret_rows(f"{workload} (Poisson, CPU profile)", [c])
-            sustainable.append(_sustainable_row(f"{workload} (CPU profile)", c))
+            sustainable.append(_sustainable_row(f"{workload} (CPU profile, seed 0)", [c]))
     refinement = _refinement(gpu, args.instances, args.requests)
     _write(rows, sustainable, refinement, time.perf_counter() - started)
 
@@ -123,28 +123,49 @@ def _no_regret_rows(title: str, comparisons: list[Comparison]) -> list[str]:
     return rows
 
 
-def _sustainable_row(title: str, c: Comparison) -> str:
-    """Cascade's highest rate within the SLO against the best baseline's. A policy whose SLO
-    still held at the search's cap (`MAX_RATE_FACTOR` times the planned rate) has no bound;
-    cascade's ratio is then a lower bound where the best baseline has one."""
-    capped = [p for p, r in c.max_rates.items() if not math.isfinite(r)]
-    if not capped:
-        best = max(BASELINES, key=lambda p: c.max_rates[p])
-        ratio = (
-            c.max_rates["cascade"] / c.max_rates[best] if c.max_rates[best] > 0 else float("nan")
-        )
-        return f"| {title} | {c.max_rates['cascade']:.3g} | {best} {c.max_rates[best]:.3g} | {ratio:.2f}x |"
-    cap = MAX_RATE_FACTOR * c.rates[len(c.rates) // 2]
-    why = (
-        f"the SLO held at the search's cap, {MAX_RATE_FACTOR:g}x the planned rate ({cap:,.0f} req/s), "
-        f"for {', '.join(capped)}: past some rate a run's finite trace arrives as one burst, "
-        "and session turns are paced by think time, so the offered load stops growing"
-    )
-    if capped == ["cascade"]:
-        best = max(BASELINES, key=lambda p: c.max_rates[p])
-        ratio = f">= {cap / c.max_rates[best]:.2f}x" if c.max_rates[best] > 0 else "-"
-        return f"| {title} | >= {cap:,.0f} | {best} {c.max_rates[best]:.3g} | {ratio} ({why}) |"
-    return f"| {title} | not bounded | - | - ({why}) |"
+UNBOUNDED = (
+    "not bounded: the SLO held at the search's cap, "
+    f"{MAX_RATE_FACTOR:g}x the planned rate; past some rate a run's finite trace arrives as "
+    "one burst, and session turns are paced by think time, so the offered load stops growing"
+)
+
+
+def _sustainable_row(title: str, comparisons: list[Comparison]) -> str:
+    """Cascade's highest rate within the SLO against the best baseline's, seed by seed (the
+    searches sit on a knife's edge: p99 TPOT stays within a few percent of its bound over a
+    wide range of rates, so one seed's figure can move far with a small change), and the
+    median of the per-seed ratios with their range where every seed has a finite one."""
+    cells = [_sustainable_cell(c) for c in comparisons]
+    ratios = [ratio for _, _, ratio, _ in cells if ratio is not None]
+    if len(ratios) == len(cells):
+        summary = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+    else:
+        summary = " / ".join(text for _, _, _, text in cells)
+    if any("not bounded" in f"{a} {b}" for a, b, _, _ in cells):
+        summary += f" ({UNBOUNDED})"
+    cascade = " / ".join(a for a, _, _, _ in cells)
+    best = " / ".join(b for _, b, _, _ in cells)
+    return f"| {title} | {cascade} | {best} | {summary} |"
+
+
+def _sustainable_cell(c: Comparison) -> tuple[str, str, float | None, str]:
+    """One seed's cascade rate, best baseline and its rate, cascade / best (None where a rate
+    has no bound: the SLO still held at the search's cap, `MAX_RATE_FACTOR` times the planned
+    rate), and that ratio as text (a lower bound where only cascade's rate has none)."""
+
+    def rate(p: str) -> str:
+        r = c.max_rates[p]
+        return f"{r:.3g}" if math.isfinite(r) else "not bounded"
+
+    best = max(BASELINES, key=lambda p: c.max_rates[p])
+    mine, theirs = c.max_rates["cascade"], c.max_rates[best]
+    if math.isfinite(mine) and math.isfinite(theirs):
+        ratio = mine / theirs if theirs > 0 else float("nan")
+        return rate("cascade"), f"{best} {rate(best)}", ratio, f"{ratio:.2f}x"
+    if math.isfinite(theirs) and theirs > 0:
+        cap = MAX_RATE_FACTOR * c.rates[len(c.rates) // 2]
+        return rate("cascade"), f"{best} {rate(best)}", None, f">= {cap / theirs:.2f}x"
+    return rate("cascade"), f"{best} {rate(best)}", None, "-"
 
 
 def _refinement(profile: _core.CostProfile, instances: int, requests: int) -> list[str]:
@@ -192,13 +213,15 @@ def _write(rows: list[str], sustainable: list[str], refinement: list[str], wall_
         "|---|---|---|---|",
         *rows,
         "",
-        "## Highest rate within the SLO (seed 0)",
+        "## Highest rate within the SLO",
         "",
         f"GPU profile: p99 TTFT <= {SLOS[GPU].p99_ttft_s} s, p99 TPOT <= "
         f"{SLOS[GPU].p99_tpot_s} s and every request completed; CPU profile: p99 TTFT <= "
-        "15 s. Bisection to 3%.",
+        "15 s. Bisection to 3%, on each seed's trace (GPU profile: seeds 0 / 1 / 2). The last "
+        "column is the median of the per-seed ratios and their range.",
         "",
-        "| workload | cascade (req/s) | best baseline (req/s) | cascade / best |",
+        "| workload | cascade (req/s), per seed | best baseline (req/s), per seed "
+        "| cascade / best: median (range) |",
         "|---|---|---|---|",
         *sustainable,
         "",
