@@ -62,6 +62,17 @@ def test_a_trace_arriving_at_one_instant_has_an_infinite_rate() -> None:
             '{"arrival_s": 0, "prompt_len": 3, "output_len": 5, "session_id": "a", "prefix_len": 3}',
             "prefix_len",
         ),
+        # Python's parser reads these tokens; each failed later as an OverflowError or a
+        # TypeError traceback (not a ValueError), or as an error naming no line.
+        ('{"arrival_s": 0, "prompt_len": Infinity, "output_len": 5}', "prompt_len.*finite"),
+        ('{"arrival_s": NaN, "prompt_len": 3, "output_len": 5}', "arrival_s.*finite"),
+        ('{"arrival_s": 1e308, "prompt_len": 3, "output_len": 5}', "arrival_s.*out of range"),
+        (
+            '{"arrival_s": 0, "prompt_len": 3, "output_len": 5, "session_id": "a", '
+            '"turn": 99999999999999999999}',
+            "turn.*out of range",
+        ),
+        ("[" * 200_000, "nested too deeply"),
     ],
 )
 def test_bad_lines_name_file_line_and_field(tmp_path: Path, line: str, message: str) -> None:

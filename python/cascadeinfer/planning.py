@@ -58,7 +58,10 @@ def load_profile(name_or_path: str) -> _core.CostProfile:
 def profile_from_json(text: str) -> _core.CostProfile:
     """Parses a profile. JSON proper has no NaN or Infinity, but Python writes them; name the
     field holding one instead of failing on the token."""
-    doc = json.loads(text)
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise ValueError("profile: JSON nested too deeply") from None
     if isinstance(doc, dict):
         for field, value in doc.items():
             if isinstance(value, float) and not math.isfinite(value):

@@ -71,10 +71,22 @@ class TraceError(ValueError):
     """A trace line that is not a valid request; the message names the file and line."""
 
 
+MAX_ARRIVAL_S = 1e12
+"""Latest arrival a trace may name (about 31,700 years): Unix times fit, and the gaps' squares
+stay finite (1e308 overflowed the burstiness estimate)."""
+MAX_COUNT = 2**31 - 1
+"""Largest token count or turn index: the core holds them in 32 bits."""
+
+
 def _field(obj: dict[str, object], name: str, where: str) -> float:
     value = obj.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TraceError(f"{where}: field {name!r} must be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TraceError(f"{where}: field {name!r} must be finite, got {value}")
+    limit = MAX_ARRIVAL_S if name == "arrival_s" else MAX_COUNT
+    if abs(value) > limit:
+        raise TraceError(f"{where}: field {name!r} = {value} is out of range (at most {limit:g})")
     return float(value)
 
 
@@ -83,6 +95,8 @@ def _parse_line(line: str, where: str) -> TraceRequest:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise TraceError(f"{where}: not JSON ({e.msg})") from None
+    except RecursionError:
+        raise TraceError(f"{where}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise TraceError(f"{where}: expected a JSON object")
     arrival = _field(obj, "arrival_s", where)

@@ -81,7 +81,13 @@ def test_plan_says_whether_it_planned_for_the_capacity_guard() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--instances", "0", "--workload", "short-chat"], "num_instances"),
+        (["--instances", "0", "--workload", "short-chat"], "--instances"),
+        # Past what the core holds or the machine can plan: an allocation abort after minutes.
+        (["--instances", "1000000", "--workload", "short-chat"], "--instances"),
+        # Past the core's integers: a TypeError traceback from its conversion.
+        (["--instances", "4", "--workload", "short-chat", "--seed", "-1"], "--seed"),
+        (["--instances", "4", "--workload", "short-chat", "--seed", str(2**80)], "--seed"),
+        (["--instances", "4", "--workload", "bimodal", "--arrival", "gamma", "--cv", "1e300"], "cv"),
         (["--instances", "4", "--workload", "nope"], "neither a preset"),
         (
             ["--instances", "4", "--workload", "short-chat", "--profile", "nope"],

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import functools
 
+from cascadeinfer.cli import flags
+
 ARRIVALS = ("poisson", "gamma")
 DEFAULT_CV = 1.0
 """The Gamma gaps' coefficient of variation when `--arrival gamma` names none (1: as bursty as
@@ -21,7 +23,7 @@ def add_arrival_arguments(p: argparse.ArgumentParser, arrival_help: str | None =
     p.add_argument("--arrival", choices=ARRIVALS, default="poisson", help=arrival_help)
     p.add_argument(
         "--cv",
-        type=float,
+        type=flags.cv,
         help=f"inter-arrival coefficient of variation; needs --arrival gamma (default {DEFAULT_CV:g})",
     )
     p.set_defaults(check_args=functools.partial(check_arrival_args, p))

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from cascadeinfer import workloads
+from cascadeinfer.cli import flags
 from cascadeinfer.cli.arrival import add_arrival_arguments, gamma_cv
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.evaluation import live
@@ -51,14 +52,14 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workload", required=True, help=f"preset ({workloads.describe_names()}) or JSONL"
     )
-    p.add_argument("--instances", type=int, default=16)
+    p.add_argument("--instances", type=flags.num_instances, default=16)
     p.add_argument(
         "--requests",
-        type=int,
+        type=flags.num_requests,
         help=f"requests to simulate (a preset: {PRESET_REQUESTS:,}; a trace: all of it, "
         "else its first REQUESTS)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=flags.seed, default=0)
     p.add_argument("--profile", default="gpu-h100-llama3-8b", help="built-in name or JSON file")
     add_arrival_arguments(p)
     slo = GoodputSlo()

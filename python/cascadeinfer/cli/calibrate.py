@@ -13,6 +13,7 @@ from typing import Any
 from cascadeinfer.calibrate.measure import Measurement
 from cascadeinfer.calibrate.profile import check_profile, write_profile
 from cascadeinfer.calibrate.session import Calibration, calibrate, make_probe
+from cascadeinfer.cli import flags
 from cascadeinfer.domain import EngineError
 from cascadeinfer.planning import load_profile
 from cascadeinfer.worker.config import parse_engine_option
@@ -67,7 +68,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--name", help="name of the fitted profile")
     p.add_argument("--out", type=Path, help="write the fitted profile here")
     p.add_argument("--quick", action="store_true", help="a small grid (tests, smoke runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed for prompts and point order")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seed for prompts and point order")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)
 

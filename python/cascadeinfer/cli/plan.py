@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from cascadeinfer import _core
+from cascadeinfer.cli import flags
 from cascadeinfer.cli.arrival import add_arrival_arguments, gamma_cv
 from cascadeinfer.config import CascadeConfig
 from cascadeinfer.planning import PlanResult, load_profile, plan_stages
@@ -22,7 +23,9 @@ def add_parser(sub: Any) -> None:
         "minimizes the predicted mean end-to-end latency; the number of stages is the one whose "
         "best plan has the lowest mean latency in the cluster simulator.",
     )
-    p.add_argument("--instances", type=int, required=True, help="number of engine instances")
+    p.add_argument(
+        "--instances", type=flags.num_instances, required=True, help="number of engine instances"
+    )
     p.add_argument("--workload", required=True, help="preset name or JSONL trace file")
     p.add_argument(
         "--profile", default="gpu-h100-llama3-8b", help="built-in profile name or JSON file"
@@ -49,7 +52,7 @@ def add_parser(sub: Any) -> None:
         help="plan for a scheduler run with --no-capacity-guard (stage sizes stay as planned)",
     )
     p.add_argument("--buckets", type=int, default=128, help="length buckets (boundary resolution)")
-    p.add_argument("--seed", type=int, default=0, help="seed for preset sampling")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seed for preset sampling")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cascadeinfer import workloads
+from cascadeinfer.cli import flags
 from cascadeinfer.cli.arrival import add_arrival_arguments, gamma_cv
 from cascadeinfer.traces import from_entries, read_trace, write_trace
 
@@ -23,7 +24,7 @@ def add_parser(sub: Any) -> None:
     traces = p.add_subparsers(dest="trace_command", required=True, metavar="ACTION")
     g = traces.add_parser("gen", help="write a trace sampled from a workload preset")
     g.add_argument("--workload", required=True, help=f"preset: {workloads.describe_names()}")
-    g.add_argument("--requests", type=int, required=True, help="number of requests")
+    g.add_argument("--requests", type=flags.num_requests, required=True, help="number of requests")
     g.add_argument(
         "--rate",
         type=float,
@@ -32,14 +33,16 @@ def add_parser(sub: Any) -> None:
         "reached once sessions overlap; docs/design/workloads.md)",
     )
     add_arrival_arguments(g)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=flags.seed, default=0)
     g.add_argument("--max-len", type=int, help="clamp prompt+output to this many tokens")
     g.add_argument("--out", required=True, help="JSONL file to write")
     g.set_defaults(run=run)
     s = traces.add_parser("stats", help="prompt and output length statistics of a workload")
     s.add_argument("workload", help=f"JSONL trace, or preset: {workloads.describe_names()}")
-    s.add_argument("--requests", type=int, default=20_000, help="requests drawn from a preset")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--requests", type=flags.num_requests, default=20_000, help="requests drawn from a preset"
+    )
+    s.add_argument("--seed", type=flags.seed, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=run_stats)
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from cascadeinfer import workloads
+from cascadeinfer.cli import flags
 from cascadeinfer.cli.arrival import add_arrival_arguments, gamma_cv
 from cascadeinfer.cli.client import add_connection_args
 from cascadeinfer.evaluation.simbench import WHOLE_TRACE, make_trace
@@ -206,10 +207,10 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--requests",
-        type=int,
+        type=flags.num_requests,
         help=f"requests to send (preset default {DEFAULT_PRESET_REQUESTS}; trace: all)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=flags.seed, default=0)
     add_arrival_arguments(p)
     p.add_argument(
         "--max-len",
