@@ -87,7 +87,10 @@ def test_plan_says_whether_it_planned_for_the_capacity_guard() -> None:
         # Past the core's integers: a TypeError traceback from its conversion.
         (["--instances", "4", "--workload", "short-chat", "--seed", "-1"], "--seed"),
         (["--instances", "4", "--workload", "short-chat", "--seed", str(2**80)], "--seed"),
-        (["--instances", "4", "--workload", "bimodal", "--arrival", "gamma", "--cv", "1e300"], "cv"),
+        (
+            ["--instances", "4", "--workload", "bimodal", "--arrival", "gamma", "--cv", "1e300"],
+            "cv",
+        ),
         (["--instances", "4", "--workload", "nope"], "neither a preset"),
         (
             ["--instances", "4", "--workload", "short-chat", "--profile", "nope"],
