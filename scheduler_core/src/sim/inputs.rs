@@ -6,6 +6,10 @@ use crate::error::{CoreError, Result};
 use crate::ids::InstanceId;
 use crate::policy::Policy;
 
+/// Latest arrival a run simulates (about 31,700 years): the simulated clock must still move by
+/// a tick there (past 2^53 half-seconds `now + tick` is `now`, and ticks never end).
+const MAX_ARRIVAL_S: f64 = 1e12;
+
 /// Every request must be servable: lengths within the model, the policy and one instance's KV.
 pub(super) fn validate_trace(trace: &[TraceRequest], p: &EngineParams, policy_max_len: u32) -> Result<()> {
     if trace.is_empty() {
@@ -19,6 +23,8 @@ pub(super) fn validate_trace(trace: &[TraceRequest], p: &EngineParams, policy_ma
         let total = u64::from(r.prompt_len) + u64::from(r.output_len);
         let problem = if !(r.arrival_s.is_finite() && r.arrival_s >= 0.0) {
             Some(("arrival_s", r.arrival_s.to_string(), "must be finite and >= 0".to_string()))
+        } else if r.arrival_s > MAX_ARRIVAL_S {
+            Some(("arrival_s", format!("{:e}", r.arrival_s), format!("must be at most {MAX_ARRIVAL_S:e} s")))
         } else if r.prompt_len == 0 || r.output_len == 0 {
             Some(("prompt_len/output_len", format!("{}/{}", r.prompt_len, r.output_len), "must be >= 1".to_string()))
         } else if total > u64::from(p.max_model_len.min(policy_max_len)) {

@@ -329,6 +329,23 @@ fn ticks_parked_while_the_fleet_idles_change_nothing() {
     }
 }
 
+/// Requests millennia apart: the ticks parked between them jump over the idle stretch (added
+/// one by one, 8 * 10^11 additions a gap, the run took hours).
+#[test]
+fn requests_millennia_apart_run_at_once() {
+    let p = gpu();
+    let trace: Vec<TraceRequest> = (0..3)
+        .map(|k| TraceRequest { arrival_s: k as f64 * 4e11, prompt_len: 100, output_len: 20, session: None })
+        .collect();
+    for make in every_kind_of_policy() {
+        let mut policy = make();
+        let n = policy.layout().num_instances() as u32;
+        let report = simulate(policy.as_mut(), &p, &trace, &ids(n), &SimConfig::default()).unwrap();
+        assert_eq!(report.summary.completed, 3, "{}", report.policy);
+        assert!(report.summary.p99_e2e_s < 1.0, "{}: {:?}", report.policy, report.summary);
+    }
+}
+
 /// A run leaves nothing in the policy's book: every request it placed finished, and so left
 /// it, also those that finished while being moved (Llumnix's moves here interrupt some that
 /// way, which left a request held on an instance for the rest of the run).

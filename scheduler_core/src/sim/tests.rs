@@ -198,6 +198,9 @@ fn bad_inputs_name_what_is_wrong() {
     assert!(err(&mut rr, &too_long, &ids(2), &config).contains("max_len"));
     let zero = [TraceRequest::new(0.0, 10, 0)];
     assert!(err(&mut rr, &zero, &ids(2), &config).contains("output_len"));
+    // Past 2^53 half-seconds a tick no longer moves the clock: the run never ended.
+    let far = [TraceRequest::new(0.0, 10, 10), TraceRequest::new(1e300, 10, 10)];
+    assert!(err(&mut rr, &far, &ids(2), &config).contains("arrival_s"));
     let no_ticks = SimConfig { tick_interval_s: 0.0, ..config };
     assert!(err(&mut rr, &trace, &ids(2), &no_ticks).contains("tick_interval_s"));
     let small = CostProfile { kv_capacity_tokens: 1024, ..p.clone() };
