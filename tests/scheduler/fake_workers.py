@@ -91,7 +91,7 @@ class FakeWorker:
         self.started[request.request_id] = request
 
     async def migrate_out(
-        self, request_id: str, target_address: str, timeout_s: float
+        self, request_id: str, target_address: str, timeout_s: float, *, recompute: bool = False
     ) -> worker_pb2.MigrateOutResponse:
         if self.hold_migrate is not None:
             await self.hold_migrate.wait()

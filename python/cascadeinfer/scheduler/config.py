@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cascadeinfer import workloads
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.daemon import check_port, check_seconds
 from cascadeinfer.scheduler.text import load_tokenizer
@@ -21,6 +22,7 @@ from cascadeinfer.security import (
     tls_from_arguments,
 )
 from cascadeinfer.toml_config import check_table, check_types
+from cascadeinfer.traces import read_trace
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,11 @@ class SchedulerConfig:
         ):
             raise ValueError(f"arrival_cv = {self.arrival_cv}: must be > 0")
         _check_stages(self.stages)
+        if self.policy == "cascade" and not self.stages:
+            # Read at start: it was read only when the first plan was made, after the
+            # scheduler had said it was serving (a missing file then stopped it, or left it
+            # refusing every request).
+            _check_workload(self.workload)
         if self.stages and sum(s.num_workers for s in self.stages) > max(
             self.min_workers, len(self.workers)
         ):
@@ -206,6 +213,18 @@ def parse_stages(text: str) -> tuple[StageSpec, ...]:
         except ValueError:
             raise ValueError(f"--stages {part!r}: expected MIN-MAX:WORKERS") from None
     return tuple(stages)
+
+
+def _check_workload(workload: str) -> None:
+    """A preset name, or a trace file whose every line is a valid request."""
+    if workloads.is_workload(workload):
+        return
+    if not Path(workload).is_file():
+        raise workloads.not_found(workload)
+    try:
+        read_trace(workload)
+    except OSError as e:
+        raise ValueError(f"workload {workload!r}: cannot read it ({e.strerror})") from None
 
 
 def _check_stages(stages: tuple[StageSpec, ...]) -> None:

@@ -74,6 +74,9 @@ time (vLLM 0.32's own validation errors, before the worker knew them) was retrie
 second for as long as the client waited, a traceback in the worker's log each time. A start
 stream that breaks (INTERNAL too, the worker dying) is a rare one-off and fits well under the
 bound."""
+FALLBACK_POLICY = "least-load"
+"""What a scheduler serves with when cascade's first plan cannot be made for its workers: one
+stage, which is what cascade's own no-regret fallback runs."""
 MAX_FAILED_WORKERS_KEPT = 16
 """Workers that failed (feed ended without a goodbye) still listed in the cluster state, as not
 healthy, once nothing runs there; older ones, and every worker that left, are forgotten."""
@@ -115,6 +118,9 @@ class Coordinator:
             config.worker_call_timeout_s,
         )
         self.policy: _core.Scheduler | None = None
+        self.serving_policy = config.policy
+        """The policy placing requests: the configured one, or FALLBACK_POLICY where its first
+        plan failed (`_build_policy`)."""
         self.requests: dict[str, ClientRequest] = {}
         """By `request_id`, the id the workers know."""
         self._by_client: dict[tuple[str, str], ClientRequest] = {}
@@ -244,7 +250,13 @@ class Coordinator:
         link.is_healthy = True
         if self.policy is None:
             if len(self.pool.healthy()) >= self.config.min_workers:
-                self._build_policy()
+                try:
+                    self._build_policy()
+                except BaseException:
+                    # Not placeable without a plan: marked healthy, it was listed as serving
+                    # while every request was refused, and later heartbeats found it joined.
+                    link.is_healthy = False
+                    raise
         else:
             if link.instance in self._left_in_plan:  # the core kept it: it is there still
                 self._left_in_plan.discard(link.instance)
@@ -267,25 +279,44 @@ class Coordinator:
             log.error("worker_id_in_use", address=address, error=why)
 
     def _build_policy(self) -> None:
+        """The first plan, for the healthy workers. A rate past what they can carry is planned
+        for at the highest rate they can: refusing every request because the traffic
+        forecast is too high would serve nobody. A plan that cannot be made for them at all (a
+        worker whose KV holds fewer tokens than the planner's length buckets) falls back to
+        one stage placed by least load, with an error saying why."""
         workers = self.pool.healthy()
         instances = [w.instance for w in workers]
         longest = min(_longest_context(w.info) for w in workers)
         c = self.config
-        self.policy = build_policy(
-            c.policy,
-            self.profile,
-            instances,
-            max_len=longest,
-            workload=c.workload,
-            rate=c.rate,
-            arrival_cv=c.arrival_cv,
-            stages=[FixedStage(s.min_len, s.max_len, s.num_workers) for s in c.stages],
-            seed=c.seed,
-            cascade_config=CascadeConfig(
-                is_capacity_guarded=c.is_capacity_guarded,
-                first_token=FirstTokenSlo(c.ttft_slo_s, c.ttft_slo_per_token_s),
-            ),
-        )
+        try:
+            self.policy = build_policy(
+                c.policy,
+                self.profile,
+                instances,
+                max_len=longest,
+                workload=c.workload,
+                rate=c.rate,
+                arrival_cv=c.arrival_cv,
+                stages=[FixedStage(s.min_len, s.max_len, s.num_workers) for s in c.stages],
+                seed=c.seed,
+                plan_within_capacity=True,
+                cascade_config=CascadeConfig(
+                    is_capacity_guarded=c.is_capacity_guarded,
+                    first_token=FirstTokenSlo(c.ttft_slo_s, c.ttft_slo_per_token_s),
+                ),
+            )
+        except ValueError as e:
+            if c.policy != "cascade" or c.stages:
+                raise
+            log.error(
+                "plan_failed",
+                error=str(e),
+                serving=FALLBACK_POLICY,
+                workers=len(instances),
+                hint="check --workload and --rate against the workers' lengths and KV",
+            )
+            self.policy = build_policy(FALLBACK_POLICY, self.profile, instances, max_len=longest)
+        self.serving_policy = self.policy.name
         # Fixed stages may end short of the workers' length: what grows past the last stage's
         # bound has no stage to go to, so admission holds requests to it.
         served = max(hi for _, hi, _ in self.policy.stages())
@@ -293,7 +324,7 @@ class Coordinator:
             log.warning("stages_shorter_than_workers", stages_max_len=served, workers=longest)
         self.max_model_len = min(longest, served)
         self.counters.plan_changed_at = time.time()
-        log.info("policy_ready", policy=c.policy, stages=self.policy.stages())
+        log.info("policy_ready", policy=self.serving_policy, stages=self.policy.stages())
 
     async def _follow(self, link: WorkerLink, reconciled: asyncio.Future[None]) -> None:
         """Reads a worker's step feed until it ends; an end or a break means the worker is gone
@@ -652,10 +683,17 @@ class Coordinator:
         self, rec: ClientRequest, src: WorkerLink, dst: WorkerLink
     ) -> worker_pb2.MigrateOutResponse:
         """Has `src` move `rec` to `dst`, within the limit of concurrent transfers; raises the
-        worker's WorkerCallError on failure."""
+        worker's WorkerCallError on failure. Between workers whose KV layouts differ (another
+        tensor-parallel degree, dtype or attention backend for the same model) the target
+        computes the KV again: a worker refuses blocks it cannot use, and the move, asked
+        again at every step, never happened (thousands of failures a minute in the log)."""
+        recompute = src.info.layout != dst.info.layout
         async with self._migrations:
             return await src.client.migrate_out(
-                rec.request_id, dst.address, self.config.migration_timeout_s
+                rec.request_id,
+                dst.address,
+                self.config.migration_timeout_s,
+                recompute=recompute,
             )
 
     def _moved(

@@ -176,7 +176,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         stages = c.policy.stages() if c.policy is not None else []
         stage_of = {inst: k for k, (_, _, insts) in enumerate(stages) for inst in insts}
         state = scheduler_pb2.ClusterState(
-            policy=c.config.policy,
+            policy=c.serving_policy,
             plan_changed_at=c.counters.plan_changed_at,
             num_plan_changes=c.counters.num_plan_changes,
             queue_depth=c.queue_depth,

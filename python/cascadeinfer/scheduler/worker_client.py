@@ -39,10 +39,11 @@ class WorkerClient(Protocol):
         ...
 
     async def migrate_out(
-        self, request_id: str, target_address: str, timeout_s: float
+        self, request_id: str, target_address: str, timeout_s: float, *, recompute: bool = False
     ) -> worker_pb2.MigrateOutResponse:
         """Moves a running request to the worker at `target_address`; returns once it runs
-        there (a failure leaves it running here, or resumed here)."""
+        there (a failure leaves it running here, or resumed here). `recompute`: the target
+        computes the request's KV again instead of receiving it."""
         ...
 
     async def abort(self, request_id: str, timeout_s: float) -> None: ...
@@ -95,9 +96,12 @@ class GrpcWorkerClient:
             raise _call_error(e) from None
 
     async def migrate_out(
-        self, request_id: str, target_address: str, timeout_s: float
+        self, request_id: str, target_address: str, timeout_s: float, *, recompute: bool = False
     ) -> worker_pb2.MigrateOutResponse:
-        request = worker_pb2.MigrateOutRequest(request_id=request_id, target_address=target_address)
+        mode = worker_pb2.MIGRATION_MODE_RECOMPUTE if recompute else worker_pb2.MIGRATION_MODE_KV
+        request = worker_pb2.MigrateOutRequest(
+            request_id=request_id, target_address=target_address, mode=mode
+        )
         try:
             return await self._stub.MigrateOut(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
