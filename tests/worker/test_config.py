@@ -111,8 +111,18 @@ def test_a_value_of_the_wrong_type_is_named_not_a_traceback(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--engine", "sim", "--sim-num-blocks", "-3"], "sim num_blocks = -3: must be >= 1"),
-        (["--engine", "sim", "--sim-num-blocks", "0"], "sim num_blocks = 0: must be >= 1"),
+        (["--engine", "sim", "--sim-num-blocks", "-3"], "sim num_blocks = -3: must be in"),
+        (["--engine", "sim", "--sim-num-blocks", "0"], "sim num_blocks = 0: must be in"),
+        # The warm-up request could not fit: the worker died at warm-up with a traceback.
+        (
+            ["--engine", "sim", "--sim-max-model-len", "4"],
+            r"sim max_model_len = 4: must be in \[8,",
+        ),
+        # Past 32 bits: the worker said it served, then died registering.
+        (
+            ["--engine", "sim", "--sim-max-model-len", "50000000000"],
+            "sim max_model_len = 50000000000",
+        ),
         (["--engine", "vllm", "--model", "/nonexistent/model"], "no such model directory"),
     ],
 )

@@ -29,6 +29,13 @@ from cascadeinfer.worker.engine import (
     StepReport,
 )
 
+MIN_MAX_MODEL_LEN = 8
+"""Shortest sim model length: the daemon's warm-up request (a 4-token prompt, 2 tokens out)
+must fit (1-4 ended the worker at warm-up with a traceback)."""
+MAX_COUNT = 2**31 - 1
+"""Largest sim count (length, blocks, bytes per token, vocabulary): the worker's messages carry
+them in 32 bits."""
+
 
 @dataclass(frozen=True)
 class SimEngineConfig:
@@ -46,13 +53,14 @@ class SimEngineConfig:
 
     def __post_init__(self) -> None:
         # A non-positive block count or length would leave the engine unable to run anything:
-        # the warm-up request would wait for blocks forever, the daemon silent.
-        for name in ("kv_bytes_per_token", "num_blocks", "max_model_len"):
+        # the warm-up request would wait for blocks forever, the daemon silent. Past 32 bits
+        # the worker said it served, then died registering ("Value out of range").
+        lowest = {"max_model_len": MIN_MAX_MODEL_LEN, "vocab_size": 2}
+        for name in ("kv_bytes_per_token", "num_blocks", "max_model_len", "vocab_size"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"sim {name} = {value}: must be >= 1")
-        if self.vocab_size < 2:
-            raise ValueError(f"sim vocab_size = {self.vocab_size}: must be >= 2")
+            low = lowest.get(name, 1)
+            if value is not None and not low <= value <= MAX_COUNT:
+                raise ValueError(f"sim {name} = {value}: must be in [{low}, {MAX_COUNT}]")
         if not (math.isfinite(self.time_scale) and self.time_scale >= 0):
             raise ValueError(f"sim time_scale = {self.time_scale}: must be finite and >= 0")
 
