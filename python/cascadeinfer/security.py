@@ -265,13 +265,16 @@ def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
 
 
 def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach ('localhost', 127.0.0.0/8, ::1)."""
+    """True for addresses only this machine can reach ('localhost', 127.0.0.0/8, ::1, and
+    127.0.0.0/8 written as IPv4-mapped IPv6, which Python 3.11 does not count as loopback)."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def check_exposure(host: str, token: str, tls: TlsFiles, insecure: bool) -> None:

@@ -365,6 +365,14 @@ def test_bad_chat_requests_are_400_naming_the_field(
         assert error["param"] == param and error["message"].startswith(param)
 
 
+def test_a_prompt_that_alone_fills_the_model_names_the_prompt(front: Front) -> None:
+    """It named max_tokens, which no value could have fixed."""
+    payload = {"model": "sim", "prompt": [5] * 4096, "max_tokens": 3}
+    r = httpx.post(f"{front.scheduler.openai_url}/completions", json=payload, headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt", r.text
+
+
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
@@ -976,10 +984,13 @@ def test_a_front_without_a_token_answers_only_loopback_host_names(
     try:
         base = open_front.openai_url.removesuffix("/v1")
         port = base.rsplit(":", 1)[1]
-        for host in [f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", f"[::1]:{port}"]:
+        loopback = [f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", f"[::1]:{port}"]
+        loopback += [f"[::ffff:127.0.0.1]:{port}", "localhost:"]
+        for host in loopback:
             r = httpx.get(f"{base}/v1/models", headers={"Host": host}, timeout=10)
             assert r.status_code == 200, (host, r.text)
-        for host in [f"attacker.example:{port}", "attacker.example", f"127.0.0.1.nip.io:{port}"]:
+        others = [f"attacker.example:{port}", "attacker.example", f"127.0.0.1.nip.io:{port}"]
+        for host in [*others, "[::1]attacker.example"]:
             for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions")]:
                 r = httpx.request(
                     method,
@@ -990,6 +1001,11 @@ def test_a_front_without_a_token_answers_only_loopback_host_names(
                 )
                 assert r.status_code == 403, (host, path, r.text)
                 assert r.json()["error"]["code"] == "host_not_allowed"
+        # Two Host lines: which one a proxy in front went by is unknown (RFC 9112: 400).
+        two = "GET /v1/models HTTP/1.1\r\nHost: localhost\r\nHost: attacker.example\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as c:
+            c.sendall(two.encode())
+            assert c.recv(65536).split(b"\r\n", 1)[0].split(b" ")[1] in (b"400", b"403")
         client = openai.OpenAI(base_url=open_front.openai_url, api_key="unused", max_retries=0)
         answer = client.completions.create(model="sim", prompt="hi", max_tokens=2)
         assert answer.usage is not None and answer.usage.completion_tokens == 2

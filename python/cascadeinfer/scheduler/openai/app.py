@@ -343,19 +343,31 @@ class OpenAIFront:
 def _names_loopback(scope: Scope) -> bool:
     """Whether the request's `Host` names this machine's loopback: `localhost` (or a name under
     `.localhost`, which browsers resolve to loopback themselves), or a loopback address, with
-    or without a port. A request without `Host` passes (browsers always send one)."""
-    host = next((value for name, value in scope["headers"] if name == b"host"), None)
-    if host is None:
+    or without a port. A request without `Host` passes (browsers always send one); one with
+    two does not (RFC 9112 has a server refuse it, and which one a proxy went by is unknown)."""
+    hosts = [value for name, value in scope["headers"] if name == b"host"]
+    if not hosts:
         return True
-    text = host.decode("latin-1").strip().lower()
-    if text.startswith("["):  # an IPv6 literal, [::1] or [::1]:8000
-        name = text[1 : text.find("]")] if "]" in text else text
+    if len(hosts) > 1:
+        return False
+    text = hosts[0].decode("latin-1").strip().lower()
+    if text.startswith("["):  # an IPv6 literal: [::1], [::1]:8000
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket or not _is_port_suffix(rest):
+            return False
     else:
         name, colon, port = text.rpartition(":")
-        if not colon or not port.isdigit():
+        if not colon:
             name = text
+        elif not _is_port_suffix(colon + port) or ":" in name:
+            return False
     name = name.rstrip(".")
     return is_loopback(name) or name.endswith(".localhost")
+
+
+def _is_port_suffix(text: str) -> bool:
+    """'' or ':' followed by digits (an empty port is valid, RFC 3986)."""
+    return text == "" or (text.startswith(":") and (text[1:].isdigit() or text == ":"))
 
 
 def _has_unknown_coding(scope: Scope) -> bool:

@@ -138,14 +138,15 @@ def build_job(
 ) -> Job:
     """`max_tokens` defaults to what the model's length leaves after the prompt."""
     check_unsupported(body)
+    if len(prompt) >= max_model_len:
+        # The prompt alone: naming max_tokens sent a client to the wrong field.
+        raise invalid(
+            f"prompt of {len(prompt)} tokens leaves no room in the model's length "
+            f"{max_model_len}",
+            "prompt",
+        )
     if max_tokens is None:
         max_tokens = max_model_len - len(prompt)
-        if max_tokens < 1:
-            raise invalid(
-                f"prompt of {len(prompt)} tokens leaves no room in the model's length "
-                f"{max_model_len}",
-                "prompt",
-            )
     elif len(prompt) + max_tokens > max_model_len:
         raise invalid(
             f"max_tokens {max_tokens} plus the prompt's {len(prompt)} tokens exceeds the "
