@@ -74,6 +74,10 @@ def test_a_workload_that_cannot_be_read_is_refused_at_start(tmp_path: Path) -> N
         (str(tmp_path / "missing.jsonl"), "neither a preset"),
         (str(bad), "finite"),
     ]:
-        with pytest.raises(RuntimeError) as e:
-            start_scheduler(["--workload", workload], tmp_path, timeout=30)
-        assert message in str(e.value)
+        try:
+            started = start_scheduler(["--workload", workload], tmp_path, timeout=30)
+        except RuntimeError as e:
+            assert message in str(e)
+        else:
+            started.kill()
+            pytest.fail(f"served with --workload {workload}")
