@@ -141,8 +141,7 @@ def build_job(
     if len(prompt) >= max_model_len:
         # The prompt alone: naming max_tokens sent a client to the wrong field.
         raise invalid(
-            f"prompt of {len(prompt)} tokens leaves no room in the model's length "
-            f"{max_model_len}",
+            f"prompt of {len(prompt)} tokens leaves no room in the model's length {max_model_len}",
             "prompt",
         )
     if max_tokens is None:
