@@ -180,47 +180,43 @@ def test_killing_a_worker_mid_stream_loses_no_request(tmp_path: Path) -> None:
             scheduler.stop()
 
 
+def _cross_one_bound(
+    tmp_path: Path, worker_args: list[list[str]], prompt: list[int], max_tokens: int, stages: str
+) -> str:
+    """One request through a scheduler over two workers in two stages (`stages`), crossing
+    the bound between them: the client's tokens must equal the first worker serving it alone,
+    after exactly one move. Returns the scheduler's log."""
+    with workers(worker_args, tmp_path) as daemons:
+        reference = run_to_end(daemons[0].stub(), "ref", prompt, max_tokens)
+        addresses = ",".join(d.address for d in daemons)
+        scheduler = start_scheduler(["--workers", addresses, "--stages", stages], tmp_path)
+        try:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
+            tokens, last = collect(stub, client_request(prompt, max_tokens, "crossing"))
+            assert tokens == reference
+            assert last.timings.num_migrations == 1
+            return scheduler.log()
+        finally:
+            scheduler.stop()
+
+
 def test_workers_whose_kv_layouts_differ_move_requests_by_recompute(tmp_path: Path) -> None:
     """Same model, other KV geometry (as another tensor-parallel degree or dtype gives): the
     target recomputes the request's KV. Asked to take blocks it cannot use, the target refused
     every move, and the scheduler asked again at every step: 287 failures a second for one
     request, which never left its stage."""
     other = [*SIM, "--sim-kv-bytes-per-token", "256"]
-    with workers([SIM, other], tmp_path) as daemons:
-        prompt = [(29 * k) % 997 + 1 for k in range(200)]
-        reference = run_to_end(daemons[0].stub(), "ref", prompt, 150)
-        addresses = ",".join(d.address for d in daemons)
-        scheduler = start_scheduler(
-            ["--workers", addresses, "--stages", "0-256:1,256-8192:1"], tmp_path
-        )
-        try:
-            stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
-            tokens, last = collect(stub, client_request(prompt, 150, "crossing"))
-            assert tokens == reference
-            assert last.timings.num_migrations == 1
-            assert "migration_failed" not in scheduler.log()
-        finally:
-            scheduler.stop()
+    prompt = [(29 * k) % 997 + 1 for k in range(200)]
+    log = _cross_one_bound(tmp_path, [SIM, other], prompt, 150, "0-256:1,256-8192:1")
+    assert "migration_failed" not in log
 
 
 def test_two_vllm_workers_migrate_across_the_bound_with_exact_greedy_tokens(tmp_path: Path) -> None:
     """Real vLLM engines on CPU: the request crosses the 128-token bound between the two
     workers' stages, and the client's tokens equal one engine serving it alone."""
     vllm = ["--engine", "vllm"]
-    with workers([vllm, vllm], tmp_path) as daemons:
-        prompt = [(37 * k) % 1000 + 1 for k in range(60)]
-        reference = run_to_end(daemons[0].stub(), "ref", prompt, 300)
-        addresses = ",".join(d.address for d in daemons)
-        scheduler = start_scheduler(
-            ["--workers", addresses, "--stages", "0-128:1,128-2048:1"], tmp_path
-        )
-        try:
-            stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
-            tokens, last = collect(stub, client_request(prompt, 300, "crossing"))
-            assert tokens == reference
-            assert last.timings.num_migrations == 1
-        finally:
-            scheduler.stop()
+    prompt = [(37 * k) % 1000 + 1 for k in range(60)]
+    _cross_one_bound(tmp_path, [vllm, vllm], prompt, 300, "0-128:1,128-2048:1")
 
 
 def test_a_full_admission_queue_is_resource_exhausted(tmp_path: Path) -> None:
