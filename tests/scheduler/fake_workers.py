@@ -42,6 +42,11 @@ class FakeWorker:
     """abort gets no answer: it fails with DEADLINE_EXCEEDED once its timeout passes."""
     hold_migrate: asyncio.Event | None = None
     """migrate_out waits for this before it answers (a transfer in flight)."""
+    migrated_context_len: int = 0
+    """The context length migrate_out reports the request had when it moved."""
+    refuses_ids_in_use: bool = False
+    """start_detached refuses an id it runs already (not aborted) with ALREADY_EXISTS, as a
+    real worker does."""
     peers: dict[str, FakeWorker] = field(default_factory=dict)
     is_draining: bool = False
     """Its feed opens saying it drains (SIGTERM came before the scheduler connected)."""
@@ -88,7 +93,10 @@ class FakeWorker:
             raise WorkerCallError(self.refuse_start, "refused by the fake")
         if self.hold_start is not None:
             await self.hold_start.wait()
-        self.started[request.request_id] = request
+        rid = request.request_id
+        if self.refuses_ids_in_use and rid in self.started and rid not in self.aborted:
+            raise WorkerCallError(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is in use")
+        self.started[rid] = request
 
     async def migrate_out(
         self, request_id: str, target_address: str, timeout_s: float, *, recompute: bool = False
@@ -98,7 +106,7 @@ class FakeWorker:
         if self.fail_migrate is not None:
             raise WorkerCallError(self.fail_migrate, "migration failed in the fake")
         self.peers[target_address].started[request_id] = self.started.pop(request_id)
-        return worker_pb2.MigrateOutResponse()
+        return worker_pb2.MigrateOutResponse(context_len=self.migrated_context_len)
 
     async def abort(self, request_id: str, timeout_s: float) -> None:
         if self.is_abort_unanswered:

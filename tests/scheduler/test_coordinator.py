@@ -459,6 +459,57 @@ async def test_a_source_dying_mid_migration_resumes_the_request_where_it_fits(
     assert rec.worker_id == "b" and not rec.is_done
 
 
+async def test_a_source_dying_before_its_last_tokens_arrive_resumes_from_what_the_client_has(
+    started: list[Coordinator],
+) -> None:
+    """The source made tokens 4 and 5 before the move, and died before its feed carried them;
+    the target went on from 6. The client waited for the gap for good while the request ran to
+    its end unread (a vLLM worker stopped, then killed 0.15 s later: two runs of two)."""
+    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
+    a, b = fakes["a"], fakes["b"]
+    a.migrated_context_len = 66
+    rec = await submit(c, "r", 60)
+    a.step(Step("r", 0, (1, 2, 3, 4), 64))  # at the stage bound: the core moves it to b
+    await settle()
+    assert rec.worker_id == "b"
+    b.step(Step("r", 6, (7, 8), 68))
+    a.die()
+    await settle()
+    assert b.aborted == ["r"], "the copy that went on past the gap"
+    assert list(b.started["r"].output_token_ids) == [1, 2, 3, 4], "resumed from the client's"
+    assert rec.worker_id == "b" and not rec.is_done and not rec.pending
+    b.step(Step("r", 4, (5, 6, 7), 67))
+    await settle()
+    assert rec.tokens == [1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_a_resume_where_a_stale_copy_runs_aborts_the_copy_rather_than_the_request(
+    started: list[Coordinator],
+) -> None:
+    """The target took the request, then the source died before answering the move: the
+    resume found the id in use there and ended the request (ABORT) with that worker healthy."""
+    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
+    a, b = fakes["a"], fakes["b"]
+    b.refuses_ids_in_use = True
+    a.hold_migrate = asyncio.Event()
+    a.fail_migrate = grpc.StatusCode.UNAVAILABLE
+    rec = await submit(c, "r", 60)
+    a.step(Step("r", 0, (1, 2, 3, 4), 64))
+    await settle()
+    assert rec.is_moving
+    b.started["r"] = worker_pb2.GenerateRequest(request_id="r", detach=True)  # it landed
+    a.die()
+    await settle()
+    a.hold_migrate.set()  # the answer never comes: the move fails, and the request resumes
+    for _ in range(5):
+        await settle()
+        b.step()  # a step drains the queue
+    await settle()
+    assert not rec.is_done, rec.finish
+    assert b.aborted == ["r"]
+    assert list(b.started["r"].output_token_ids) == [1, 2, 3, 4]
+
+
 async def test_a_finish_that_arrives_before_the_tokens_ahead_of_it_waits_for_them(
     started: list[Coordinator],
 ) -> None:

@@ -478,6 +478,15 @@ class Coordinator:
                 link.running.discard(rid)
             elif not rec.is_moving and not rec.is_placing:
                 await self._resume_elsewhere(rec, link)
+        for rec in list(self.requests.values()):
+            if (
+                rec.owed_by is not None
+                and rec.owed_by[0] == link.worker_id
+                and len(rec.tokens) < rec.owed_by[1]
+                and rec.worker_id not in (None, link.worker_id)
+                and not (rec.is_done or rec.is_moving or rec.is_placing)
+            ):
+                await self._resume_past_lost_tokens(rec)
         for forgotten in self.pool.forget_gone(MAX_FAILED_WORKERS_KEPT, self._left_in_plan):
             self._spawn(self._close_later(forgotten))
 
@@ -496,6 +505,30 @@ class Coordinator:
             await asyncio.sleep(self.config.migration_timeout_s)
         finally:
             await link.client.close()
+
+    async def _resume_past_lost_tokens(self, rec: ClientRequest) -> None:
+        """A request whose last move's source died before its feed delivered the tokens made
+        there: the target went on past them, and the client waited for the gap for good (the
+        request ran to its end unread). Its copy on the target is aborted, and it resumes by
+        recompute from what the client has."""
+        assert rec.owed_by is not None
+        log.warning(
+            "tokens_lost_with_source",
+            request_id=rec.request_id,
+            source=rec.owed_by[0],
+            delivered=len(rec.tokens),
+            owed=rec.owed_by[1],
+        )
+        rec.owed_by = None
+        target = self.pool.by_id.get(rec.worker_id or "")
+        if target is not None:
+            self._unplace(rec, target)
+            if not target.is_gone:
+                await self._abort_on(target, rec.request_id)
+        rec.worker_id = None
+        rec.pending.clear()
+        rec.finish_after = None
+        await self._place(rec)
 
     async def _resume_elsewhere(self, rec: ClientRequest, link: WorkerLink) -> None:
         """Resumes by recompute from the prompt plus what the client already has, unless it
@@ -708,6 +741,7 @@ class Coordinator:
         if not rec.is_done:
             dst.running.add(rec.request_id)
             rec.worker_id = dst.worker_id
+            rec.owed_by = (src.worker_id, moved.context_len - len(rec.prompt_token_ids))
         # The source's feed may still carry its last tokens for a moment; after that, nothing
         # it reports under this id is this request's.
         asyncio.get_running_loop().call_later(
@@ -953,6 +987,13 @@ class Coordinator:
             await link.client.start_detached(request, self.config.worker_call_timeout_s)
         except WorkerCallError as e:
             self._unplace(rec, link)
+            if e.code == grpc.StatusCode.ALREADY_EXISTS and rec.admitted_at is not None:
+                # A resume where a copy of it runs already, unfollowed: the target of a move
+                # whose source died before answering had taken it. The request was ended
+                # (ABORT) with that worker healthy; the copy goes, and it is placed again.
+                log.warning("stale_copy_aborted", request_id=rec.request_id, worker=link.worker_id)
+                await self._abort_on(link, rec.request_id)
+                return False
             if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
                 raise SchedulingError(e.code, e.details) from None
             if e.code == grpc.StatusCode.INTERNAL:

@@ -61,6 +61,9 @@ class ClientRequest:
     lost meanwhile must not also re-place it, or it would be placed twice)."""
     gone_from: str | None = None
     """A worker that said it no longer has this request while its feed still showed it."""
+    owed_by: tuple[str, int] | None = None
+    """(worker, n) after a move off that worker: its feed still owes the client the first n
+    output tokens (made there before the move; the target goes on from n)."""
     entry_stage: int = 0
     """The stage the request was first admitted to (metrics are labelled by it)."""
     num_migrations: int = 0
