@@ -1,5 +1,6 @@
-"""A caller without the token is refused before its message is decoded: a real grpc.aio server
-with the bearer-token interceptor, whose method's request deserializer counts its calls."""
+"""A caller without the token is refused before its message is decoded, or even received: a
+real grpc.aio server with the bearer-token interceptor, whose method's request deserializer
+counts its calls, and whose receive limit a received message would exceed."""
 
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ def test_a_strangers_message_is_refused_unread() -> None:
     )
 
     async def scenario() -> None:
-        server = grpc.aio.server(interceptors=[BearerTokenInterceptor("secret")])
+        server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor("secret")],
+            options=[("grpc.max_receive_message_length", 1 << 20)],
+        )
         server.add_generic_rpc_handlers((handler,))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -44,6 +48,13 @@ def test_a_strangers_message_is_refused_unread() -> None:
                         await call(b"x" * 4096, metadata=metadata, timeout=10)
                     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 assert decoded == [], "a refused message was decoded"
+                # Received, it would be refused for its size (RESOURCE_EXHAUSTED): a stranger's
+                # calls of 60 MiB each were read whole before the refusal, and twelve at once
+                # held a worker at 955 MiB.
+                big = channel.unary_unary(METHOD)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await big(b"x" * (4 << 20), timeout=10)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value.details()
                 ok = await call(b"hi", metadata=(("authorization", "Bearer secret"),), timeout=10)
                 assert ok == b"hi" and decoded == [b"hi"]
         finally:
