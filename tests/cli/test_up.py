@@ -205,3 +205,38 @@ def test_ctrl_c_while_a_vllm_engine_starts_stops_everything_it_started(tmp_path:
     _, alive = psutil.wait_procs(started, timeout=15)
     running = [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not running, [(p.pid, p.cmdline()) for p in alive]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_while_starting_stops_everything_started(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A supervisor's SIGTERM, or a closed terminal's SIGHUP, before the cluster serves. It
+    used to end `cascade up` alone: its worker and scheduler served on, with nobody to stop
+    them, and the token stayed in /tmp."""
+    psutil = pytest.importorskip("psutil")
+    log = tmp_path / "up.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [CASCADE, "up", "--engine", "sim", "--workers", "1", "--http-port", "0", "--no-demo"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        up = psutil.Process(process.pid)
+        deadline = time.monotonic() + 60
+        while not up.children() and time.monotonic() < deadline:  # a worker is starting
+            time.sleep(0.05)
+        started = up.children(recursive=True)
+        assert started, log.read_text()
+        process.send_signal(sig)
+        process.wait(timeout=60)
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+        token_dir = re.search(r"logs in (\S+)\)", log.read_text())
+        assert token_dir is not None and not (Path(token_dir.group(1)) / "token").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

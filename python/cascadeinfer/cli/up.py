@@ -167,6 +167,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers {args.workers}: must be >= 1")
     if (taken := taken_port(args)) is not None:
         raise ValueError(taken)
+    # A closed terminal (SIGHUP) or a supervisor's stop (SIGTERM) stops the cluster as Ctrl-C
+    # does, while it starts too: they used to end `cascade up` before its daemons, which then
+    # served on with nobody to stop them and the token left in /tmp.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     log_dir = Path(tempfile.mkdtemp(prefix="cascade-up-"))
     token_file = write_token(log_dir)
     auth = ["--auth-token-file", str(token_file)]
@@ -272,9 +277,11 @@ def _serve(
     )
     print(f"or: {curl_example(scheduler.openai_url, model, token_file)}")
     print("Ctrl-C stops the cluster.", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops it as Ctrl-C does
-        signal.signal(sig, lambda *_: stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        stop.wait()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, SIGTERM or SIGHUP (`_interrupt`)
+        threading.Event().wait()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM and SIGHUP as Ctrl-C: the cluster started so far is stopped."""
+    raise KeyboardInterrupt
