@@ -126,6 +126,14 @@ def test_token_comes_from_file_or_environment(
         (["--stages", "0-100:1,50-8192:1"], r"stages\[1\].min_len = 50: must be 100"),
         (["--stages", "0-100:1,100-100:1"], r"stages\[1\] = \[100, 100\): must be non-empty"),
         (["--stages", "0-100:0,100-200:1"], "has 0 workers"),
+        # The first plan came with one worker up: the scheduler served, then stopped.
+        (
+            ["--workers", "h:1,h:2", "--min-workers", "1", "--stages", "0-96:1,96-2048:1"],
+            "stages ask for 2 workers, more than min_workers = 1",
+        ),
+        (["--stages", "0-96:1,96-2048:1"], "stages ask for 2 workers, more than min_workers = 1"),
+        # A workload the first plan cannot read: it stopped the scheduler, or left it refusing.
+        (["--workload", "/nonexistent.jsonl"], "neither a preset"),
         (["--rate", "-3"], "rate = -3.0: must be > 0"),
         (["--rate", "nan"], "rate = nan"),
         (["--arrival-cv", "0"], "arrival_cv = 0.0: must be > 0"),

@@ -165,10 +165,16 @@ class SchedulerConfig:
             # scheduler had said it was serving (a missing file then stopped it, or left it
             # refusing every request).
             _check_workload(self.workload)
-        if self.stages and sum(s.num_workers for s in self.stages) > max(
-            self.min_workers, len(self.workers)
-        ):
-            raise ValueError("stages ask for more workers than --workers / --min-workers provide")
+        wanted = sum(s.num_workers for s in self.stages)
+        if wanted > self.min_workers:
+            # The first plan is made once min_workers are up: with fewer than the stages name,
+            # the scheduler said it served and then stopped ("stages ask for more than the 1
+            # instances there are"), as after `--workers A,B --min-workers 1`.
+            raise ValueError(
+                f"stages ask for {wanted} workers, more than min_workers = {self.min_workers} "
+                "(the first plan is made once that many are up): raise --min-workers, or "
+                "give the stages fewer workers"
+            )
         self.tls.validate(is_server=True)
         check_exposure(self.host, self.auth_token, self.tls, self.insecure)
         if self.auth_token and self.auth_token in self.client_tokens:
