@@ -19,8 +19,10 @@ Known limits:
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -169,6 +171,8 @@ def resolve_config(model: str, options: Mapping[str, Any]) -> VllmEngineConfig:
         raise ValueError(f"vllm: unknown options {sorted(unknown)}; known: {sorted(known)}")
     if not model:
         directory = Path(tempfile.mkdtemp(prefix="cascade-tiny-llama-"))
+        # Gone with the process (every worker start left one in /tmp: 225 on the probe's host).
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
         defaults: dict[str, Any] = {
             "served_model_name": TINY_MODEL_NAME,
             "load_format": SEEDED_DUMMY_LOAD_FORMAT,
