@@ -77,12 +77,13 @@ def _refused_before_starting(args: list[str], timeout: float) -> str:
     return out.stderr
 
 
-@pytest.mark.parametrize("count", ["0", "-1"])
-def test_up_with_no_workers_says_so_before_starting_anything(count: str) -> None:
+@pytest.mark.parametrize("count", ["0", "-1", "100000"])
+def test_up_with_no_workers_or_too_many_says_so_before_starting_anything(count: str) -> None:
     """`--workers 0` ended in a ZeroDivisionError traceback; `-1` made a directory, started
-    nothing and failed on `min() arg is an empty sequence`."""
+    nothing and failed on `min() arg is an empty sequence`; a hundred thousand would all have
+    started at once."""
     stderr = _refused_before_starting(["--workers", count, "--http-port", "0"], timeout=60)
-    assert f"cascade up: error: --workers {count}: must be >= 1" in stderr
+    assert f"cascade up: error: --workers {count}: must be in [1, 64]" in stderr
 
 
 @pytest.mark.parametrize("flag", ["--http-port", "--port"])

@@ -160,11 +160,16 @@ def taken_port(args: argparse.Namespace) -> str | None:
     return None
 
 
+MAX_LOCAL_WORKERS = 64
+"""Workers one `cascade up` starts, all at once, on this one machine."""
+
+
 def run(args: argparse.Namespace) -> int:
     # Before any worker starts (a vLLM one takes minutes): a ValueError exits 2.
-    if args.workers < 1:
-        # 0 was a ZeroDivisionError traceback; -1 started nothing and then failed on min().
-        raise ValueError(f"--workers {args.workers}: must be >= 1")
+    if not 1 <= args.workers <= MAX_LOCAL_WORKERS:
+        # 0 was a ZeroDivisionError traceback; -1 started nothing and then failed on min();
+        # thousands would all start at once on this machine.
+        raise ValueError(f"--workers {args.workers}: must be in [1, {MAX_LOCAL_WORKERS}]")
     if (taken := taken_port(args)) is not None:
         raise ValueError(taken)
     # A closed terminal (SIGHUP) or a supervisor's stop (SIGTERM) stops the cluster as Ctrl-C
