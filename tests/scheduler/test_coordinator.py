@@ -510,6 +510,23 @@ async def test_a_resume_where_a_stale_copy_runs_aborts_the_copy_rather_than_the_
     assert list(b.started["r"].output_token_ids) == [1, 2, 3, 4]
 
 
+async def test_a_request_moved_by_a_call_the_scheduler_did_not_make_resumes_where_it_follows(
+    started: list[Coordinator],
+) -> None:
+    """An operator's MigrateOut or ExportKV took the request off its worker: the feed there
+    said nothing, the copy elsewhere was not followed, and the client waited for good."""
+    c, fakes = await start(started, "a", "b")
+    a, b = fakes["a"], fakes["b"]
+    rec = await submit(c, "r", 10)
+    here, there = (a, b) if "r" in a.started else (b, a)
+    here.step(Step("r", 0, (1, 2, 3), 13))
+    here.step(Step("r", 3, (), 13, common_pb2.FINISH_REASON_MIGRATED))
+    await settle()
+    assert not rec.is_done
+    resumed = there.started.get("r") or here.started["r"]
+    assert list(resumed.output_token_ids) == [1, 2, 3], "resumed from what the client has"
+
+
 async def test_a_finish_that_arrives_before_the_tokens_ahead_of_it_waits_for_them(
     started: list[Coordinator],
 ) -> None:

@@ -180,6 +180,41 @@ def test_killing_a_worker_mid_stream_loses_no_request(tmp_path: Path) -> None:
             scheduler.stop()
 
 
+def test_a_request_an_operator_moves_by_hand_still_reaches_its_client(tmp_path: Path) -> None:
+    """MigrateOut called on a worker directly (the worker's README lists it as a tool) for a
+    request the scheduler placed: its client stopped mid-stream and waited for good, while
+    the request ran to its end unread on the other worker."""
+    with workers([SIM, SIM], tmp_path) as daemons:
+        prompt = [(31 * k) % 997 + 1 for k in range(40)]
+        reference = run_to_end(daemons[0].stub(), "ref", prompt, 400)
+        addresses = ",".join(d.address for d in daemons)
+        scheduler = start_scheduler(["--workers", addresses, "--policy", "least-load"], tmp_path)
+        try:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
+            result: list[list[int]] = []
+            reader = threading.Thread(
+                target=lambda: result.append(collect(stub, client_request(prompt, 400, "hand"))[0])
+            )
+            reader.start()
+            threading.Event().wait(0.5)  # it is decoding on one of the two
+            for here, there in (daemons, daemons[::-1]):  # the one that has it moves it
+                request = worker_pb2.MigrateOutRequest(
+                    request_id="hand", target_address=there.address
+                )
+                try:
+                    here.stub().MigrateOut(request, timeout=30)
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.NOT_FOUND, e.details()
+            else:
+                raise AssertionError("neither worker had the request")
+            reader.join(60)
+            assert result == [reference]
+            assert "moved_without_the_scheduler" in scheduler.log()
+        finally:
+            scheduler.stop()
+
+
 def _cross_one_bound(
     tmp_path: Path, worker_args: list[list[str]], prompt: list[int], max_tokens: int, stages: str
 ) -> str:

@@ -25,7 +25,7 @@ from cascadeinfer.config import CascadeConfig, FirstTokenSlo
 from cascadeinfer.domain import MAX_REQUEST_ID_CHARS, FinishReason, SamplingSpec
 from cascadeinfer.planning import load_profile
 from cascadeinfer.policies import FixedStage, build_policy
-from cascadeinfer.proto.v1 import worker_pb2
+from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 from cascadeinfer.ratelimit import TokenBucket
 from cascadeinfer.scheduler.admission_queue import AdmissionQueue, QueueFull
 from cascadeinfer.scheduler.config import SchedulerConfig
@@ -530,6 +530,18 @@ class Coordinator:
         rec.finish_after = None
         await self._place(rec)
 
+    async def _resume_moved_away(self, rec: ClientRequest, link: WorkerLink) -> None:
+        """A request its worker says it moved, by no call of the scheduler's: it is placed
+        again, by recompute from what the client has (its copy elsewhere, if any, runs on
+        unread: nothing says where it went but the worker's log)."""
+        if rec.is_done or rec.worker_id != link.worker_id or rec.is_moving:
+            return
+        log.warning("moved_without_the_scheduler", request_id=rec.request_id, worker=link.worker_id)
+        self._unplace(rec, link)
+        rec.pending.clear()
+        rec.finish_after = None
+        await self._place(rec)
+
     async def _resume_elsewhere(self, rec: ClientRequest, link: WorkerLink) -> None:
         """Resumes by recompute from the prompt plus what the client already has, unless it
         left `link` meanwhile (a move that completed while other requests were resumed)."""
@@ -565,6 +577,13 @@ class Coordinator:
                 continue
             chunk = r.tokens
             token_ids = chunk.token_ids
+            if r.finish_reason == common_pb2.FINISH_REASON_MIGRATED:
+                if worker_id == rec.worker_id and not rec.is_moving:
+                    # Moved or exported by a call the scheduler did not make (an operator's
+                    # MigrateOut or ExportKV): it follows no copy elsewhere, and the client's
+                    # stream stopped there. It resumes where the scheduler places it.
+                    self._spawn(self._resume_moved_away(rec, link))
+                continue
             finish = FINISH_FROM_PROTO.get(r.finish_reason) if r.finish_reason else None
             if finish is FinishReason.ABORT and worker_id != rec.worker_id:
                 # A copy dropped where it was not running: a migration's target told by the

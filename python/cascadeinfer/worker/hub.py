@@ -88,8 +88,9 @@ class Hub:
     ) -> None:
         """Ends a request's streams without a token (abort, migration). `tell_feeds`: the step
         feeds report it finished with `reason` too, so a scheduler that placed it (and did not
-        end it itself) ends its client's stream. Off where the request goes on elsewhere: a
-        migration, or a drain or a dead engine, after which the scheduler resumes it."""
+        end it itself) ends its client's stream, or, for a move it did not ask for (an
+        operator's MigrateOut or ExportKV), resumes it where it can follow it. Off where the
+        scheduler resumes the request anyway: a drain or a dead engine."""
         tracked = self.requests.pop(request_id, None)
         if tracked is None:
             return

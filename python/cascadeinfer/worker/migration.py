@@ -174,7 +174,7 @@ async def migrate_out(
     # Recompute sends token ids only.
     num_blocks = math.ceil(snapshot.num_cached_tokens / layout.block_size)
     num_bytes = 0 if recompute else num_blocks * layout.block_bytes
-    state.hub.end(request_id, FinishReason.MIGRATED, migrated_to=target)
+    state.hub.end(request_id, FinishReason.MIGRATED, migrated_to=target, tell_feeds=True)
     m = state.metrics
     m.migrations.labels(state.engine_name, "out", "recompute" if recompute else "kv").inc()
     m.migration_bytes.labels(state.engine_name, "out").inc(num_bytes)

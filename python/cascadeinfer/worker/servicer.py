@@ -309,7 +309,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             delivered = True
         finally:
             if delivered:
-                self.state.hub.end(rid, FinishReason.MIGRATED, migrated_to=context.peer())
+                self.state.hub.end(
+                    rid, FinishReason.MIGRATED, migrated_to=context.peer(), tell_feeds=True
+                )
             else:  # the reader went away: the request must not be lost
                 await self.state.loop.call(lambda e: e.import_kv(snapshot))
 
