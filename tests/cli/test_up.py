@@ -128,14 +128,12 @@ def test_a_port_taken_while_the_workers_start_gets_the_same_hint(
     assert "choose another with --http-port PORT (0 picks a free port)" in err
 
 
-def test_a_second_ctrl_c_while_stopping_leaves_no_daemon_running(tmp_path: Path) -> None:
-    """An impatient operator's second SIGINT (`kill -INT`, so only `cascade up` gets it) lands
-    while the scheduler drains. Before, it ended `cascade up` with a traceback and the
-    workers ran on, orphaned, on their ports."""
-    log = tmp_path / "up.log"
+def _up_with_sim_workers(num_workers: int, log: Path) -> subprocess.Popen[str]:
+    """`cascade up` with sim workers and no demo, its output in `log`."""
+    args = ["up", "--engine", "sim", "--workers", str(num_workers), "--http-port", "0"]
     with open(log, "w") as out:
-        process = subprocess.Popen(
-            [CASCADE, "up", "--engine", "sim", "--workers", "2", "--http-port", "0", "--no-demo"],
+        return subprocess.Popen(
+            [CASCADE, *args, "--no-demo"],
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
@@ -143,6 +141,14 @@ def test_a_second_ctrl_c_while_stopping_leaves_no_daemon_running(tmp_path: Path)
             # nohup) ignores SIGINT, and the child would inherit that and never see the Ctrl-C.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
+
+
+def test_a_second_ctrl_c_while_stopping_leaves_no_daemon_running(tmp_path: Path) -> None:
+    """An impatient operator's second SIGINT (`kill -INT`, so only `cascade up` gets it) lands
+    while the scheduler drains. Before, it ended `cascade up` with a traceback and the
+    workers ran on, orphaned, on their ports."""
+    log = tmp_path / "up.log"
+    process = _up_with_sim_workers(2, log)
     try:
         deadline = time.monotonic() + 120
         while "Ctrl-C stops" not in log.read_text() and time.monotonic() < deadline:
@@ -217,13 +223,7 @@ def test_a_stop_signal_while_starting_stops_everything_started(
     them, and the token stayed in /tmp."""
     psutil = pytest.importorskip("psutil")
     log = tmp_path / "up.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [CASCADE, "up", "--engine", "sim", "--workers", "1", "--http-port", "0", "--no-demo"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    process = _up_with_sim_workers(1, log)
     try:
         up = psutil.Process(process.pid)
         deadline = time.monotonic() + 60

@@ -438,21 +438,30 @@ async def test_a_registration_under_an_id_the_worker_does_not_answer_to_is_refus
     assert rec.tokens == [1] and rec.finish == FinishReason.LENGTH
 
 
+async def a_move_that_will_fail_in_flight(
+    started: list[Coordinator],
+) -> tuple[FakeWorker, FakeWorker, asyncio.Event, ClientRequest]:
+    """Request "r" with tokens 1-4 moving from worker a to b, held until the returned event
+    is set, then failing (UNAVAILABLE)."""
+    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
+    a, b = fakes["a"], fakes["b"]
+    a.hold_migrate = held = asyncio.Event()
+    a.fail_migrate = grpc.StatusCode.UNAVAILABLE
+    rec = await submit(c, "r", 60)
+    a.step(Step("r", 0, (1, 2, 3, 4), 64))  # at the stage bound: the core moves it to b
+    await settle()
+    assert rec.is_moving
+    return a, b, held, rec
+
+
 async def test_a_source_dying_mid_migration_resumes_the_request_where_it_fits(
     started: list[Coordinator],
 ) -> None:
-    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
-    a, b = fakes["a"], fakes["b"]
-    a.hold_migrate = asyncio.Event()
-    a.fail_migrate = grpc.StatusCode.UNAVAILABLE
-    rec = await submit(c, "r", 60)
-    a.step(Step("r", 0, (1, 2, 3, 4), 64))
-    await settle()
-    assert rec.is_moving
+    a, b, held, rec = await a_move_that_will_fail_in_flight(started)
     a.die()  # its feed breaks while the move is in flight
     await settle()
     assert not b.started, "the move decides, not the broken feed"
-    a.hold_migrate.set()  # the move fails: a is gone, so nothing runs the request
+    held.set()  # the move fails: a is gone, so nothing runs the request
     await settle()
     resumed = b.started["r"]
     assert list(resumed.output_token_ids) == [1, 2, 3, 4], "resumed from what the client has"
@@ -488,19 +497,12 @@ async def test_a_resume_where_a_stale_copy_runs_aborts_the_copy_rather_than_the_
 ) -> None:
     """The target took the request, then the source died before answering the move: the
     resume found the id in use there and ended the request (ABORT) with that worker healthy."""
-    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
-    a, b = fakes["a"], fakes["b"]
+    a, b, held, rec = await a_move_that_will_fail_in_flight(started)
     b.refuses_ids_in_use = True
-    a.hold_migrate = asyncio.Event()
-    a.fail_migrate = grpc.StatusCode.UNAVAILABLE
-    rec = await submit(c, "r", 60)
-    a.step(Step("r", 0, (1, 2, 3, 4), 64))
-    await settle()
-    assert rec.is_moving
     b.started["r"] = worker_pb2.GenerateRequest(request_id="r", detach=True)  # it landed
     a.die()
     await settle()
-    a.hold_migrate.set()  # the answer never comes: the move fails, and the request resumes
+    held.set()  # the answer never comes: the move fails, and the request resumes
     for _ in range(5):
         await settle()
         b.step()  # a step drains the queue
