@@ -7,6 +7,11 @@ scheduler and sim worker daemons on loopback; memory is the daemons' RSS from /p
 3. 500 clients that open a stream of 1,500 (then 6,000) tokens and read nothing for 20 s: the
    scheduler's RSS, and how their streams end (past max_stream_lag_tokens, 4096 by default,
    RESOURCE_EXHAUSTED).
+4. Callers without the token, all at once: 12 calls of a 60 MiB message to a worker started
+   with `--auth-token-file`, 40 of 15 MiB to a scheduler likewise: each daemon's RSS before,
+   at its peak and after (every call is refused UNAUTHENTICATED).
+
+    .venv/bin/python bench/bench_abuse.py [--only strangers]
 """
 
 from __future__ import annotations
@@ -132,14 +137,70 @@ def idle_readers(scheduler: Daemon, num: int, max_tokens: int) -> None:
     )
 
 
+def strangers(daemon: Daemon, method: str, num_calls: int, size_mib: int) -> None:
+    """`num_calls` unary calls of `method` at once, each a junk message of `size_mib` MiB and
+    no token; the daemon's RSS before, at its peak (sampled every 50 ms) and 3 s after."""
+    # Field 2, length-delimited, `size_mib` MiB of junk: refused before it is decoded anyway.
+    size = size_mib << 20
+    length = bytearray()
+    while True:
+        length.append((size & 0x7F) | (0x80 if size > 0x7F else 0))
+        size >>= 7
+        if not size:
+            break
+    message = b"\x12" + bytes(length) + b"\x01" * (size_mib << 20)
+    codes: list[str] = []
+
+    def call() -> None:
+        channel = grpc.insecure_channel(
+            daemon.address, options=[("grpc.max_send_message_length", -1)]
+        )
+        send = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+        try:
+            send(message, timeout=60)
+            codes.append("OK")
+        except grpc.RpcError as e:
+            codes.append(e.code().name)
+        finally:
+            channel.close()
+
+    before = rss_mib(daemon)
+    threads = [threading.Thread(target=call) for _ in range(num_calls)]
+    for t in threads:
+        t.start()
+    peak = before
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, rss_mib(daemon))
+        time.sleep(0.05)
+    time.sleep(3)
+    print(
+        f"{num_calls} x {size_mib} MiB to {method} without a token: {sorted(set(codes))}; RSS "
+        f"{before:.0f} MiB before, {peak:.0f} at the peak, {rss_mib(daemon):.0f} after"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--text-mb", type=int, default=40)
     p.add_argument("--import-mib", type=int, default=2048)
     p.add_argument("--idle-readers", type=int, default=500)
+    p.add_argument("--only", choices=["strangers"], help="run that scenario alone")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        token = tmp / "token"
+        token.write_text("bench-abuse-token")
+        with workers([[*SIM_WORKER, "--auth-token-file", str(token)]], tmp) as (guarded,):
+            strangers(guarded, "/cascadeinfer.v1.WorkerService/Generate", 12, 60)
+            scheduler = start_scheduler(
+                ["--workers", guarded.address, "--auth-token-file", str(token)], tmp
+            )
+            try:
+                strangers(scheduler, "/cascadeinfer.v1.SchedulerService/Generate", 40, 15)
+            finally:
+                scheduler.stop()
+        if args.only:
+            return
         tokenizer = write_byte_tokenizer(tmp / "tokenizer")
         big_blocks = ["--engine", "sim", "--sim-kv-bytes-per-token", str(1 << 16)]
         big_blocks += ["--sim-max-model-len", "8192"]
