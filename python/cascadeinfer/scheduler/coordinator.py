@@ -525,10 +525,7 @@ class Coordinator:
             self._unplace(rec, target)
             if not target.is_gone:
                 await self._abort_on(target, rec.request_id)
-        rec.worker_id = None
-        rec.pending.clear()
-        rec.finish_after = None
-        await self._place(rec)
+        await self._place_from_delivered(rec)
 
     async def _resume_moved_away(self, rec: ClientRequest, link: WorkerLink) -> None:
         """A request its worker says it moved, by no call of the scheduler's: it is placed
@@ -538,9 +535,7 @@ class Coordinator:
             return
         log.warning("moved_without_the_scheduler", request_id=rec.request_id, worker=link.worker_id)
         self._unplace(rec, link)
-        rec.pending.clear()
-        rec.finish_after = None
-        await self._place(rec)
+        await self._place_from_delivered(rec)
 
     async def _resume_elsewhere(self, rec: ClientRequest, link: WorkerLink) -> None:
         """Resumes by recompute from the prompt plus what the client already has, unless it
@@ -549,6 +544,11 @@ class Coordinator:
         rec.holders.discard(link.worker_id)
         if rec.is_done or rec.worker_id != link.worker_id:
             return
+        await self._place_from_delivered(rec)
+
+    async def _place_from_delivered(self, rec: ClientRequest) -> None:
+        """Places `rec` again, to be recomputed from the tokens its client has: whatever
+        arrived past them, and a finish that came with it, belong to a copy no longer followed."""
         rec.pending.clear()
         rec.finish_after = None
         rec.worker_id = None
