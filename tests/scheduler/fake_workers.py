@@ -115,6 +115,12 @@ class FakeWorker:
         self.aborted.append(request_id)
 
     async def step_feed(self) -> AsyncIterator[worker_pb2.StepUpdate]:
+        # A client closed before this feed opened ended the feed it had, not this one: a
+        # real worker opens a new stream.
+        queued = [self._feed.get_nowait() for _ in range(self._feed.qsize())]
+        for item in queued:
+            if item is not None:
+                self._feed.put_nowait(item)
         # Like a real worker, the feed opens with a snapshot of what runs here (all detached).
         snapshot = worker_pb2.StepUpdate(worker_id=self.address, is_draining=self.is_draining)
         for rid in self.started:

@@ -32,7 +32,7 @@ from cascadeinfer.scheduler.config import SchedulerConfig
 from cascadeinfer.scheduler.log_throttle import LogThrottle
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
 from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS, ClientRequest
-from cascadeinfer.scheduler.tasks import report_failure
+from cascadeinfer.scheduler.tasks import report_failure, run_in_daemon_thread
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
 from cascadeinfer.scheduler.worker_client import WorkerCallError
 from cascadeinfer.scheduler.workers import (
@@ -142,6 +142,9 @@ class Coordinator:
         self._left_in_plan: set[int] = set()
         """Instances of workers gone or leaving that the core kept (it cannot remove its last
         one); removed once another worker joins."""
+        self._first_plan: asyncio.Future[None] | None = None
+        """Settled once the first plan being made (off the event loop) is made or failed;
+        None while none is being made. Workers that register meanwhile wait for it."""
         self.counters = Counters()
         self.max_model_len = 0
         rate = config.max_optional_migrations_per_s
@@ -202,6 +205,7 @@ class Coordinator:
         raise error
 
     async def _connect(self, address: str, worker_id: str) -> WorkerLink:
+        await self._first_plan_settled()  # then the checks below see the plan's model length
         link = await self.pool.connect(address, worker_id)
         old, link.replaced = link.replaced, None
         if old is not None:
@@ -239,24 +243,34 @@ class Coordinator:
                 why = f"{address}: no step feed within {RECONCILE_TIMEOUT_S} s"
                 raise WorkerUnreachable(why) from None
             raise
-        self._join_policy(link)
+        await self._join_policy(link)
         log.info("worker_added", worker_id=link.worker_id, address=address, instance=link.instance)
         return link
 
-    def _join_policy(self, link: WorkerLink) -> None:
+    async def _first_plan_settled(self) -> None:
+        """Returns once no first plan is being made (at once when none is)."""
+        while self._first_plan is not None:
+            await asyncio.shield(self._first_plan)
+
+    async def _join_policy(self, link: WorkerLink) -> None:
         """Makes a worker placeable: into the core's layout (or the first plan, once enough
         workers are healthy), and out of it every instance of a worker gone that the core had
         to keep (`_left_in_plan`)."""
+        await self._first_plan_settled()
+        if link.is_gone or link.has_left:  # its feed ended or it drains: nothing may go there
+            raise WorkerUnreachable(f"{link.address}: the worker left as it joined")
         link.is_healthy = True
         if self.policy is None:
             if len(self.pool.healthy()) >= self.config.min_workers:
                 try:
-                    self._build_policy()
+                    await self._plan_first()
                 except BaseException:
                     # Not placeable without a plan: marked healthy, it was listed as serving
                     # while every request was refused, and later heartbeats found it joined.
                     link.is_healthy = False
                     raise
+                if not link.is_healthy:  # gone while the plan was made (`_plan_first`)
+                    return
         else:
             if link.instance in self._left_in_plan:  # the core kept it: it is there still
                 self._left_in_plan.discard(link.instance)
@@ -278,18 +292,59 @@ class Coordinator:
         if self._said_id_in_use.should_log(address, time.monotonic()):
             log.error("worker_id_in_use", address=address, error=why)
 
-    def _build_policy(self) -> None:
-        """The first plan, for the healthy workers. A rate past what they can carry is planned
-        for at the highest rate they can: refusing every request because the traffic
-        forecast is too high would serve nobody. A plan that cannot be made for them at all (a
-        worker whose KV holds fewer tokens than the planner's length buckets) falls back to
-        one stage placed by least load, with an error saying why."""
-        workers = self.pool.healthy()
+    async def _plan_first(self) -> None:
+        """Makes the first plan, for the workers healthy now, on a thread of its own: on 64
+        workers it takes seconds (tens under load), and on the event loop every RPC, feed and
+        health check waited for it. Workers registering meanwhile wait for it
+        (`_first_plan_settled`) and then join the plan made; workers that left meanwhile are
+        taken out of it before anything is placed."""
+        settled = self._first_plan = asyncio.get_running_loop().create_future()
+        try:
+            workers = self.pool.healthy()
+            started = time.perf_counter()
+            policy = await run_in_daemon_thread("first-plan", lambda: self._build_policy(workers))
+            self._install_first_policy(policy, workers, time.perf_counter() - started)
+        finally:
+            self._first_plan = None
+            settled.set_result(None)
+
+    def _install_first_policy(
+        self, policy: _core.Scheduler, workers: list[WorkerLink], seconds: float
+    ) -> None:
+        """Serves with `policy`, planned for `workers`; those that left while it was made
+        leave it now (no await between: nothing sees the plan with them in it)."""
+        self.policy = policy
+        self.serving_policy = policy.name
+        served = max(hi for _, hi, _ in policy.stages())
+        longest = min(_longest_context(w.info) for w in workers)
+        # Fixed stages may end short of the workers' length: what grows past the last stage's
+        # bound has no stage to go to, so admission holds requests to it.
+        if served < longest:
+            log.warning("stages_shorter_than_workers", stages_max_len=served, workers=longest)
+        self.max_model_len = min(longest, served)
+        self.counters.plan_changed_at = time.time()
+        for link in workers:
+            if not link.is_healthy:
+                self._leave_policy(link)
+        log.info(
+            "policy_ready",
+            policy=self.serving_policy,
+            stages=policy.stages(),
+            plan_seconds=round(seconds, 3),
+        )
+
+    def _build_policy(self, workers: list[WorkerLink]) -> _core.Scheduler:
+        """The first plan, for `workers` (run off the event loop: it touches no state of the
+        coordinator). A rate past what they can carry is planned for at the highest rate they
+        can: refusing every request because the traffic forecast is too high would serve
+        nobody. A plan that cannot be made for them at all (a worker whose KV holds fewer
+        tokens than the planner's length buckets) falls back to one stage placed by least
+        load, with an error saying why."""
         instances = [w.instance for w in workers]
         longest = min(_longest_context(w.info) for w in workers)
         c = self.config
         try:
-            self.policy = build_policy(
+            return build_policy(
                 c.policy,
                 self.profile,
                 instances,
@@ -315,16 +370,7 @@ class Coordinator:
                 workers=len(instances),
                 hint="check --workload and --rate against the workers' lengths and KV",
             )
-            self.policy = build_policy(FALLBACK_POLICY, self.profile, instances, max_len=longest)
-        self.serving_policy = self.policy.name
-        # Fixed stages may end short of the workers' length: what grows past the last stage's
-        # bound has no stage to go to, so admission holds requests to it.
-        served = max(hi for _, hi, _ in self.policy.stages())
-        if served < longest:
-            log.warning("stages_shorter_than_workers", stages_max_len=served, workers=longest)
-        self.max_model_len = min(longest, served)
-        self.counters.plan_changed_at = time.time()
-        log.info("policy_ready", policy=self.serving_policy, stages=self.policy.stages())
+            return build_policy(FALLBACK_POLICY, self.profile, instances, max_len=longest)
 
     async def _follow(self, link: WorkerLink, reconciled: asyncio.Future[None]) -> None:
         """Reads a worker's step feed until it ends; an end or a break means the worker is gone
@@ -447,12 +493,13 @@ class Coordinator:
             raise WorkerLeaving.of(address, link.worker_id)
         if link.running or not await self._is_serving(link):
             return None
+        await self._first_plan_settled()
         if link.is_healthy:  # another registration put it back meanwhile
             return link
         if not link.has_left or link.is_gone or link.running or self._is_closing:
             return None
         link.has_left = False
-        self._join_policy(link)
+        await self._join_policy(link)
         log.warning(
             "worker_rejoined",
             worker_id=link.worker_id,
