@@ -47,6 +47,33 @@ one: a daemon started from a shell gets it when the terminal closes, and its def
 the daemon mid-stream; there is no configuration to reload."""
 
 
+PARENT_PID_ENV = "CASCADE_STOP_WITH_PARENT_PID"
+"""Set by a launcher (`cascade up`) to its pid: the daemon stops as on SIGTERM when that
+process ends (`stop_with_parent`)."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent() -> None:
+    """Ties this daemon's life to the launcher's named in PARENT_PID_ENV: SIGTERM when it
+    ends, so the daemon drains and exits. Without it, `cascade up` killed with SIGKILL (an
+    OOM kill, `kill -9`, a supervisor's last resort) left its workers and scheduler serving,
+    with nobody to stop them and its token in /tmp. The variable is taken out of the
+    environment (what this daemon starts is its own). A launcher already gone when the tie is
+    made means nobody started this daemon that can stop it: it exits at once."""
+    parent = os.environ.pop(PARENT_PID_ENV, "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes  # Linux only: prctl has no Python binding
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return
+    if os.getppid() != int(parent):
+        print("the launcher that started this daemon has exited: not starting", file=sys.stderr)
+        sys.exit(1)
+
+
 def keepalive_options(timeout_s: float) -> list[tuple[str, int]]:
     """Pings that find a silent peer within about `timeout_s`: a ping every half of it, and
     the link is broken when one goes unanswered for the other half. Without them a cut link
@@ -188,6 +215,7 @@ def run_daemon(
     argv: list[str] | None = None,
 ) -> None:
     configure_logging()
+    stop_with_parent()
     try:
         config = parse_args(argv)
         loop_factory = new_event_loop

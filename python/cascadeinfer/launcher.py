@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from cascadeinfer.daemon import PARENT_PID_ENV
 from cascadeinfer.proto.v1 import worker_pb2_grpc
 
 BIN = Path(sys.executable).parent
@@ -57,10 +58,18 @@ class Daemon:
 
 
 def spawn(
-    binary: str, args: list[str], log_dir: Path, host: str = LOOPBACK
+    binary: str,
+    args: list[str],
+    log_dir: Path,
+    host: str = LOOPBACK,
+    *,
+    stop_with_parent: bool = False,
 ) -> tuple[subprocess.Popen[str], Path]:
     """Starts a daemon on a free port; both output streams go to a log file (vLLM logs on
-    stdout, and an unread pipe would block the daemon)."""
+    stdout, and an unread pipe would block the daemon). `stop_with_parent`: the daemon gets
+    SIGTERM (and drains) when this process ends, however it ends (`daemon.stop_with_parent`);
+    only for a parent that spawns from its main thread, since Linux sends the signal when the
+    spawning thread exits."""
     log_path = log_dir / f"{Path(binary).name}-{time.monotonic_ns()}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
@@ -68,7 +77,7 @@ def spawn(
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_daemon_env(),
+            env=_daemon_env(stop_with_parent),
         )
     return process, log_path
 
@@ -86,12 +95,15 @@ def can_listen(port: int, host: str = LOOPBACK) -> bool:
     return True
 
 
-def _daemon_env() -> dict[str, str]:
+def _daemon_env(stop_with_parent: bool = False) -> dict[str, str]:
     """This process's environment, less VLLM_ENABLE_V1_MULTIPROCESSING: the in-process vLLM
     engine sets it to 0 in the process that hosts it (a test run, a calibration), and a worker
     inheriting that would run its multiprocess engine's model inside the engine core, not in
     a worker process per rank. Each worker's engine sets what it needs."""
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    skip = ("VLLM_ENABLE_V1_MULTIPROCESSING", PARENT_PID_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in skip}
+    if stop_with_parent:
+        env[PARENT_PID_ENV] = str(os.getpid())
     return {**env, "PYTHONUNBUFFERED": "1"}
 
 
@@ -146,10 +158,15 @@ class DaemonStartError(RuntimeError):
 
 
 def start_many(
-    binary: str, arg_lists: list[list[str]], log_dir: Path, timeout: float = 240
+    binary: str,
+    arg_lists: list[list[str]],
+    log_dir: Path,
+    timeout: float = 240,
+    *,
+    stop_with_parent: bool = False,
 ) -> list[Daemon]:
     """Starts several daemons at once (engines load in parallel) and waits for all."""
-    spawned = [spawn(binary, args, log_dir) for args in arg_lists]
+    spawned = [spawn(binary, a, log_dir, stop_with_parent=stop_with_parent) for a in arg_lists]
     daemons: list[Daemon] = []
     try:
         for process, log_path in spawned:

@@ -241,3 +241,27 @@ def test_a_stop_signal_while_starting_stops_everything_started(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_killed_up_takes_its_daemons_with_it(tmp_path: Path) -> None:
+    """SIGKILL of `cascade up` (an OOM kill, `kill -9`): nothing of it runs to stop its
+    daemons, and they used to serve on, with nobody to stop them. Each is tied to it by a
+    parent-death signal now, and drains and exits on it."""
+    psutil = pytest.importorskip("psutil")
+    log = tmp_path / "up.log"
+    process = _up_with_sim_workers(2, log)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops" not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.2)
+        started = psutil.Process(process.pid).children(recursive=True)
+        assert len(started) == 3, [p.cmdline() for p in started]  # two workers, a scheduler
+        process.kill()
+        process.wait()
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -234,7 +234,8 @@ def _serve(
 ) -> int:
     """Starts the cluster (each daemon appended to `daemons` as it serves), runs the demo, and
     serves until Ctrl-C or SIGTERM."""
-    daemons += start_many(WORKER, [[*worker_args(args), *auth]] * args.workers, log_dir)
+    worker_lists = [[*worker_args(args), *auth]] * args.workers
+    daemons += start_many(WORKER, worker_lists, log_dir, stop_with_parent=True)
     # The default stages end where the workers' length does: a shorter last stage would
     # bound what the scheduler admits below what the model serves.
     token = token_file.read_text().strip()
@@ -258,7 +259,7 @@ def _serve(
     if args.rate is not None:
         sched_args += ["--rate", str(args.rate)]
     sched_args += ["--tokenizer", str(tokenizer_for(args, log_dir))]
-    scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120)[0]
+    scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120, stop_with_parent=True)[0]
     daemons.append(scheduler)
     for d in daemons[:-1]:
         print(f"worker     {d.address} ({d.engine})")
