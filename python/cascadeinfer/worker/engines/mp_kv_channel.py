@@ -14,12 +14,12 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 import time
 from typing import Any
 
 import zmq
 
+from cascadeinfer.scratch_dirs import make_scratch_dir
 from cascadeinfer.worker.engine import KVPeer, KVTransfer
 from cascadeinfer.worker.engines import mp_kv_connector as mkc
 
@@ -49,7 +49,7 @@ class KVChannel:
         self._peer_public, self._peer_secret = zmq.curve_keypair() if peer_encrypt else (b"", b"")
         self._peer_ticket = secrets.token_hex(32)
         self._endpoints: dict[int, str] = {}
-        self._dir = tempfile.mkdtemp(prefix="cascade-kv-")
+        self._dir = str(make_scratch_dir("cascade-kv-"))
         os.chmod(self._dir, 0o700)
         self._context = zmq.Context()
         self._control: zmq.Socket[bytes] | None = None

@@ -23,15 +23,14 @@ import atexit
 import math
 import os
 import shutil
-import tempfile
 import time
 import uuid
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from cascadeinfer.scratch_dirs import make_scratch_dir
 from cascadeinfer.worker.engine import (
     EngineError,
     EngineRequest,
@@ -170,8 +169,9 @@ def resolve_config(model: str, options: Mapping[str, Any]) -> VllmEngineConfig:
     if unknown:
         raise ValueError(f"vllm: unknown options {sorted(unknown)}; known: {sorted(known)}")
     if not model:
-        directory = Path(tempfile.mkdtemp(prefix="cascade-tiny-llama-"))
-        # Gone with the process (every worker start left one in /tmp: 225 on the probe's host).
+        directory = make_scratch_dir("cascade-tiny-llama-")
+        # Gone with the process (every worker start left one in /tmp: 225 on the probe's host),
+        # or, where it was killed, with the next start's sweep (`make_scratch_dir`).
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
         defaults: dict[str, Any] = {
             "served_model_name": TINY_MODEL_NAME,
