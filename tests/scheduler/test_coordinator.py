@@ -604,6 +604,97 @@ async def test_the_first_plan_is_made_off_the_event_loop(
     assert sorted(w.address for w in c.pool.healthy()) == ["b", "c"]
 
 
+async def test_the_first_plan_outlives_the_registrations_that_wait_for_it(
+    started: list[Coordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registration has a 5 s deadline, and a plan for 64 workers took longer under load
+    (the thirteenth probe): the registration that started the plan was cancelled, the plan
+    with it, and nothing made it again, so every request was refused for good; a worker whose
+    registration ended while it waited for the plan was refused as "leaving" at every
+    heartbeat after. Now the plan is made and installed whoever waits for it, the worker that
+    started it is in it, and one that gave up waiting joins at its next registration."""
+    gate = threading.Event()
+    real_build = coordinator_module.build_policy
+
+    def slow_build(*args: object, **kwargs: object) -> object:
+        assert gate.wait(10), "the test never let the plan finish"
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(coordinator_module, "build_policy", slow_build)
+    fakes = fake_cluster("a", "b", "c")
+    c = Coordinator(
+        SchedulerConfig(min_workers=2, policy="least-load"),
+        WorkerPool(lambda address: fakes[address]),  # type: ignore[arg-type]
+    )
+    started.append(c)
+    await c.add_worker("a")
+    # b and c register at once: the first to join starts the plan, the other waits for it
+    # with its feed up.
+    registrations = [asyncio.create_task(c.add_worker(address)) for address in ("b", "c")]
+    while c._first_plan is None:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    joined = [w.address for w in c.pool.healthy()]
+    waiting = [w.address for w in c.pool.by_id.values() if not w.is_healthy]
+    assert len(joined) == 2 and len(waiting) == 1, "one started the plan, one waits for it"
+    for registration in registrations:  # both past their deadline
+        registration.cancel()
+    await asyncio.gather(*registrations, return_exceptions=True)
+    gate.set()
+    for _ in range(200):
+        if c.policy is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert c.policy is not None and c.can_place, "the plan was made though nobody waited"
+    assert sorted(w.address for w in c.pool.healthy()) == joined
+    assert waiting[0] not in c.pool.by_id, "forgotten, not held as leaving"
+    await asyncio.wait_for(c.add_worker(waiting[0]), 5)  # its next registration joins
+    assert sorted(w.address for w in c.pool.healthy()) == ["a", "b", "c"]
+    placed_on = sorted(i for _, _, instances in c.policy.stages() for i in instances)
+    assert placed_on == sorted(w.instance for w in c.pool.healthy())
+
+
+async def test_workers_of_a_first_plan_that_failed_join_afresh(
+    started: list[Coordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan that fails after the registration that started it gave up: its workers are
+    forgotten, not left listed as healthy with no plan (every request refused while they
+    looked joined), and their next registrations try the plan again."""
+    gate = threading.Event()
+    real_build = coordinator_module.build_policy
+    fail = [True]
+
+    def flaky_build(*args: object, **kwargs: object) -> object:
+        assert gate.wait(10), "the test never let the plan finish"
+        if fail[0]:
+            raise RuntimeError("no plan this time")
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(coordinator_module, "build_policy", flaky_build)
+    fakes = fake_cluster("a", "b")
+    c = Coordinator(
+        SchedulerConfig(min_workers=2, policy="least-load"),
+        WorkerPool(lambda address: fakes[address]),  # type: ignore[arg-type]
+    )
+    started.append(c)
+    await c.add_worker("a")
+    starter = asyncio.create_task(c.add_worker("b"))
+    while c._first_plan is None:
+        await asyncio.sleep(0.01)
+    starter.cancel()
+    await asyncio.gather(starter, return_exceptions=True)
+    with capture_logs() as logs:
+        gate.set()
+        while c._first_plan is not None:
+            await asyncio.sleep(0.01)
+    assert any(e["event"] == "first_plan_failed" for e in logs)
+    assert c.policy is None and not c.pool.healthy() and not c.can_place
+    fail[0] = False
+    await c.add_worker("a")
+    await asyncio.wait_for(c.add_worker("b"), 5)
+    assert c.policy is not None and sorted(w.address for w in c.pool.healthy()) == ["a", "b"]
+
+
 async def test_a_worker_that_is_draining_is_not_taken_into_the_plan(
     started: list[Coordinator],
 ) -> None:

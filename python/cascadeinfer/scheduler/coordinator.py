@@ -108,6 +108,12 @@ def _longest_context(info: worker_pb2.WorkerInfo) -> int:
     return min(info.max_model_len, kv_tokens) if kv_tokens > 0 else info.max_model_len
 
 
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Marks a task's exception as seen (asyncio warns of one nobody retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Coordinator:
     def __init__(self, config: SchedulerConfig, pool: WorkerPool | None = None) -> None:
         """`pool` defaults to gRPC clients built from `config`; tests pass fakes."""
@@ -142,9 +148,9 @@ class Coordinator:
         self._left_in_plan: set[int] = set()
         """Instances of workers gone or leaving that the core kept (it cannot remove its last
         one); removed once another worker joins."""
-        self._first_plan: asyncio.Future[None] | None = None
-        """Settled once the first plan being made (off the event loop) is made or failed;
-        None while none is being made. Workers that register meanwhile wait for it."""
+        self._first_plan: asyncio.Task[None] | None = None
+        """The task making the first plan (off the event loop, `_make_first_plan`); None while
+        none is being made. Workers that register meanwhile wait for it."""
         self.counters = Counters()
         self.max_model_len = 0
         rate = config.max_optional_migrations_per_s
@@ -243,14 +249,27 @@ class Coordinator:
                 why = f"{address}: no step feed within {RECONCILE_TIMEOUT_S} s"
                 raise WorkerUnreachable(why) from None
             raise
-        await self._join_policy(link)
+        try:
+            await self._join_policy(link)
+        except BaseException:
+            if link.is_healthy:  # in the first plan, made after its registration gave up
+                log.info("worker_added", worker_id=link.worker_id, address=address)
+            else:
+                # Not joined (the plan failed, or the registration's deadline passed while it
+                # waited for the plan): forgotten, so its next registration starts afresh.
+                # Kept with its feed open, it was refused as "leaving" at every heartbeat.
+                follow.cancel()
+                await self.pool.drop(link)
+            raise
         log.info("worker_added", worker_id=link.worker_id, address=address, instance=link.instance)
         return link
 
     async def _first_plan_settled(self) -> None:
-        """Returns once no first plan is being made (at once when none is)."""
-        while self._first_plan is not None:
-            await asyncio.shield(self._first_plan)
+        """Returns once no first plan is being made (at once when none is). Waiting is all it
+        does: a caller cancelled meanwhile (a registration past its deadline) leaves the plan
+        to go on."""
+        while (making := self._first_plan) is not None:
+            await asyncio.wait([making])
 
     async def _join_policy(self, link: WorkerLink) -> None:
         """Makes a worker placeable: into the core's layout (or the first plan, once enough
@@ -262,14 +281,25 @@ class Coordinator:
         link.is_healthy = True
         if self.policy is None:
             if len(self.pool.healthy()) >= self.config.min_workers:
+                making = self._first_plan = asyncio.get_running_loop().create_task(
+                    self._make_first_plan(), name="first_plan"
+                )
+                self._tasks.add(making)  # `close` cancels it
+                making.add_done_callback(self._tasks.discard)
+                making.add_done_callback(_retrieved)  # its failure is logged where it fails
                 try:
-                    await self._plan_first()
+                    # Shielded: a registration past its deadline (5 s; a plan for 64 workers
+                    # took longer under load) cancelled the plan with it, and with nothing to
+                    # make it again, every request was refused for good.
+                    await asyncio.shield(making)
+                except asyncio.CancelledError:
+                    raise  # the plan goes on, and this worker is in it
                 except BaseException:
                     # Not placeable without a plan: marked healthy, it was listed as serving
                     # while every request was refused, and later heartbeats found it joined.
                     link.is_healthy = False
                     raise
-                if not link.is_healthy:  # gone while the plan was made (`_plan_first`)
+                if not link.is_healthy:  # gone while the plan was made
                     return
         else:
             if link.instance in self._left_in_plan:  # the core kept it: it is there still
@@ -292,21 +322,30 @@ class Coordinator:
         if self._said_id_in_use.should_log(address, time.monotonic()):
             log.error("worker_id_in_use", address=address, error=why)
 
-    async def _plan_first(self) -> None:
+    async def _make_first_plan(self) -> None:
         """Makes the first plan, for the workers healthy now, on a thread of its own: on 64
         workers it takes seconds (tens under load), and on the event loop every RPC, feed and
         health check waited for it. Workers registering meanwhile wait for it
         (`_first_plan_settled`) and then join the plan made; workers that left meanwhile are
-        taken out of it before anything is placed."""
-        settled = self._first_plan = asyncio.get_running_loop().create_future()
+        taken out of it before anything is placed. A plan that cannot be made is logged here
+        too (its registration may be gone)."""
+        workers = self.pool.healthy()
         try:
-            workers = self.pool.healthy()
             started = time.perf_counter()
             policy = await run_in_daemon_thread("first-plan", lambda: self._build_policy(workers))
             self._install_first_policy(policy, workers, time.perf_counter() - started)
+        except Exception as e:
+            log.error("first_plan_failed", error=str(e)[:512])
+            # Not placeable without a plan. Kept healthy, they were listed as serving while
+            # every request was refused, and their heartbeats found them joined; kept unhealthy
+            # with their feeds open, they were refused as leaving. Forgotten, each joins afresh
+            # at its next registration, which tries the plan again.
+            for link in workers:
+                link.is_healthy = False
+                await self.pool.drop(link)
+            raise
         finally:
             self._first_plan = None
-            settled.set_result(None)
 
     def _install_first_policy(
         self, policy: _core.Scheduler, workers: list[WorkerLink], seconds: float
