@@ -47,6 +47,23 @@ one: a daemon started from a shell gets it when the terminal closes, and its def
 the daemon mid-stream; there is no configuration to reload."""
 
 
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+"""Signals whose default (to end the process at once) a daemon does not take: log rotation
+tools send SIGUSR1, and each of these killed a daemon mid-stream with no drain. Logged and
+ignored; only the STOP_SIGNALS stop a daemon."""
+
+
+def ignore_stray_signals() -> None:
+    """Installs IGNORED_SIGNALS' handler (a log line each). Python handlers, not SIG_IGN: a
+    child the daemon starts with exec (vLLM's engine processes) gets the defaults back."""
+
+    def say(signum: int, _frame: object) -> None:
+        structlog.get_logger(__name__).warning("signal_ignored", signal=signal.Signals(signum).name)
+
+    for sig in IGNORED_SIGNALS:
+        signal.signal(sig, say)
+
+
 PARENT_PID_ENV = "CASCADE_STOP_WITH_PARENT_PID"
 """Set by a launcher (`cascade up`) to its pid: the daemon stops as on SIGTERM when that
 process ends (`stop_with_parent`)."""
@@ -216,6 +233,7 @@ def run_daemon(
 ) -> None:
     configure_logging()
     stop_with_parent()
+    ignore_stray_signals()
     try:
         config = parse_args(argv)
         loop_factory = new_event_loop

@@ -172,6 +172,11 @@ def sync_channel(address: str, tls: TlsFiles) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
+MAX_TOKEN_CHARS = 4096
+"""Longest bearer token taken: with `Bearer ` and the call's other metadata it stays well within
+gRPC's 16 KiB metadata limit and any HTTP server's header limit."""
+
+
 def checked_token(token: str, source: str) -> str:
     """`token` if it can travel as a bearer token: one line of printable ASCII, what a gRPC
     metadata value may hold.
@@ -180,8 +185,14 @@ def checked_token(token: str, source: str) -> str:
     worker given a two-line token file served, never registered, and said nothing: its
     heartbeat died of grpc's `ExecuteBatchError`), and HTTP clients cannot send it either, so
     a scheduler holding it served a port nobody could open. Refused at start, naming the
-    position of the first bad character, never the token.
+    position of the first bad character, never the token. Nor can a token longer than
+    MAX_TOKEN_CHARS: gRPC refuses metadata past 16 KiB, so a 20,000-character token was taken
+    at start and every call with it failed (RESOURCE_EXHAUSTED).
     """
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ValueError(
+            f"{source}: a token must be at most {MAX_TOKEN_CHARS} characters, not {len(token)}"
+        )
     for i, ch in enumerate(token):
         if not " " <= ch <= "~":
             what = (

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.scheduler.config import SchedulerConfig, from_toml, parse_args
 from cascadeinfer.security import CLIENT_TOKEN_ENV, TOKEN_ENV, read_caller_token
+from cascadeinfer.toml_config import MAX_CONFIG_BYTES
+from cascadeinfer.worker.config import parse_args as parse_worker_args
 
 from tests.scheduler.certs import make_certs
 
@@ -149,6 +152,8 @@ def test_token_comes_from_file_or_environment(
         # A metrics port out of range was the socket module's OverflowError, with a traceback.
         (["--metrics-port", "99999"], "metrics_port = 99999: must be in"),
         (["--metrics-port", "-1"], "metrics_port = -1: must be in"),
+        # As good as no bound on a buffer.
+        (["--max-queue", str(10**29)], r"max_queue = 10{29}: must be in \[0, 1000000\]"),
     ],
 )
 def test_bad_settings_are_refused_clearly(argv: list[str], message: str) -> None:
@@ -200,3 +205,41 @@ def test_a_value_of_the_wrong_type_is_named_not_a_traceback(
     path.write_text(text + "\n")
     with pytest.raises(ValueError, match=message):
         from_toml(path)
+
+
+def test_config_files_a_daemon_cannot_read_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """A FIFO hung the daemon at start without a word, /dev/zero grew it to 9.5 GB, and a file
+    nested 100,000 deep ended it with a 3,000-line RecursionError traceback."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    huge = tmp_path / "huge.toml"
+    huge.write_text("# " + "a" * (MAX_CONFIG_BYTES + 10) + "\n")
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"port = \xff\n")
+    cases = [
+        (fifo, "not a regular file"),
+        (Path("/dev/zero"), "not a regular file"),
+        (deep, "nested too deeply|TOML|Invalid"),
+        (huge, "over 1048576 bytes"),
+        (binary, "not UTF-8"),
+        (tmp_path / "missing.toml", "No such file"),
+    ]
+    for path, message in cases:
+        for parse in (parse_args, parse_worker_args):
+            with pytest.raises(ValueError, match=message) as caught:
+                parse(["--config", str(path)])
+            assert str(path) in str(caught.value)
+
+
+def test_a_token_too_long_for_grpc_metadata_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """20,000 characters were taken at start, and every call then failed: gRPC refuses
+    metadata past 16 KiB (RESOURCE_EXHAUSTED)."""
+    monkeypatch.setenv(TOKEN_ENV, "t" * 20_000)
+    with pytest.raises(ValueError, match=r"\$CASCADE_AUTH_TOKEN: a token must be at most 4096"):
+        parse_args([])
+    monkeypatch.setenv(TOKEN_ENV, "t" * 4096)
+    assert parse_args([]).auth_token == "t" * 4096

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,11 @@ from cascadeinfer.security import (
     read_token,
     tls_from_arguments,
 )
-from cascadeinfer.toml_config import check_table, check_types
+from cascadeinfer.toml_config import check_table, check_types, read_toml
 from cascadeinfer.traces import read_trace
+
+MAX_QUEUE_LIMIT = 1_000_000
+"""Largest `max_queue` (and `max_queue_per_client`) taken: each queued request holds its prompt."""
 
 
 @dataclass(frozen=True)
@@ -128,10 +130,11 @@ class SchedulerConfig:
         if self.min_workers < 1:
             # -1 was taken as 1 and 0 as the default: a typo the operator never heard of.
             raise ValueError(f"min_workers = {self.min_workers}: must be >= 1")
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue = {self.max_queue}: must be >= 0")
-        if self.max_queue_per_client < 0:
-            raise ValueError(f"max_queue_per_client = {self.max_queue_per_client}: must be >= 0")
+        # Bounded: a queue is a buffer, and 10^29 was taken (as good as no bound at all).
+        for name in ("max_queue", "max_queue_per_client"):
+            value = getattr(self, name)
+            if not 0 <= value <= MAX_QUEUE_LIMIT:
+                raise ValueError(f"{name} = {value}: must be in [0, {MAX_QUEUE_LIMIT}]")
         if self.max_prompt_bytes < 0:
             raise ValueError(f"max_prompt_bytes = {self.max_prompt_bytes}: must be >= 0")
         if self.max_stream_lag_tokens < 1:
@@ -259,10 +262,7 @@ def _check_worker_address(address: str) -> None:
 
 def from_toml(path: Path) -> SchedulerConfig:
     """Reads a config file (see services/cascade-scheduler/scheduler.example.toml)."""
-    try:
-        doc: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    doc = read_toml(path)
     known = {f.name for f in fields(SchedulerConfig)} - {"auth_token", "client_tokens"}
     unknown = set(doc) - known
     if unknown:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from cascadeinfer.security import (
     read_token,
     tls_from_arguments,
 )
-from cascadeinfer.toml_config import check_table, check_types
+from cascadeinfer.toml_config import check_table, check_types, read_toml
 from cascadeinfer.worker.engines.sim_engine import SimEngineConfig
 
 
@@ -85,10 +84,7 @@ class WorkerConfig:
 
 def from_toml(path: Path) -> WorkerConfig:
     """Reads a config file (see services/cascade-worker/worker.example.toml)."""
-    try:
-        doc: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    doc = read_toml(path)
     known = {f.name for f in fields(WorkerConfig)} - {"auth_token"}
     unknown = set(doc) - known
     if unknown:
