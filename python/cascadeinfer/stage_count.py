@@ -793,7 +793,13 @@ def _size_neighbours(sizes: Sequence[int]) -> Iterator[tuple[int, ...]]:
             yield tuple(moved)
 
 
-def pick(candidates: Sequence[Candidate], num_traces: int, objective: str = "mean") -> Candidate:
+def pick(
+    candidates: Sequence[Candidate],
+    num_traces: int,
+    objective: str = "mean",
+    *,
+    with_least_regret: bool = True,
+) -> Candidate:
     """The layout to run among `candidates` (the one-stage forms first, plain one stage the
     first of them; then the splits), simulated on `num_traces` traces.
 
@@ -811,10 +817,16 @@ def pick(candidates: Sequence[Candidate], num_traces: int, objective: str = "mea
     of the two ratios to fall by MIN_GAIN as well, as until the twenty-fourth session, turned
     away a split 15% ahead of a balanced form on the mean for one resample's p99, and the
     balanced form ran at 1.05x / 1.12x least-load's mean and p99, the split at 0.81x / 0.77x
-    (docs/benchmarks.md, "A split held to the form kept's tail")."""
+    (docs/benchmarks.md, "A split held to the form kept's tail").
+
+    Last, where the layout so chosen trails a baseline's form on either figure, the candidate
+    of least regret against them runs (`_least_regret`; `with_least_regret` False leaves it
+    out, for comparisons)."""
     rules = _SplitRules.of(candidates, num_traces, objective)
     splits = [c for c in candidates if c.num_stages > 1 and rules.admits(c)]
     chosen = min(splits, key=lambda c: (rules.score(c), c.num_stages)) if splits else rules.single
+    if not with_least_regret:  # the rules alone (bench/selection_on_trace.py compares)
+        return chosen
     return _least_regret(candidates, chosen, num_traces)
 
 
