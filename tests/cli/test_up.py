@@ -143,6 +143,14 @@ def _up_with_sim_workers(num_workers: int, log: Path) -> subprocess.Popen[str]:
         )
 
 
+def _wait_until_serving(process: subprocess.Popen[str], log: Path) -> None:
+    """Until `cascade up` says how to stop the cluster it serves."""
+    deadline = time.monotonic() + 120
+    while "Ctrl-C stops" not in log.read_text() and time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        time.sleep(0.2)
+
+
 def test_a_second_ctrl_c_while_stopping_leaves_no_daemon_running(tmp_path: Path) -> None:
     """An impatient operator's second SIGINT (`kill -INT`, so only `cascade up` gets it) lands
     while the scheduler drains. Before, it ended `cascade up` with a traceback and the
@@ -150,10 +158,7 @@ def test_a_second_ctrl_c_while_stopping_leaves_no_daemon_running(tmp_path: Path)
     log = tmp_path / "up.log"
     process = _up_with_sim_workers(2, log)
     try:
-        deadline = time.monotonic() + 120
-        while "Ctrl-C stops" not in log.read_text() and time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()
-            time.sleep(0.2)
+        _wait_until_serving(process, log)
         ports = [
             int(line.split()[1].rsplit(":", 1)[1])
             for line in log.read_text().splitlines()
@@ -251,10 +256,7 @@ def test_a_killed_up_takes_its_daemons_with_it(tmp_path: Path) -> None:
     log = tmp_path / "up.log"
     process = _up_with_sim_workers(2, log)
     try:
-        deadline = time.monotonic() + 120
-        while "Ctrl-C stops" not in log.read_text() and time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()
-            time.sleep(0.2)
+        _wait_until_serving(process, log)
         started = psutil.Process(process.pid).children(recursive=True)
         assert len(started) == 3, [p.cmdline() for p in started]  # two workers, a scheduler
         process.kill()

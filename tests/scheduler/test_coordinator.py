@@ -11,6 +11,7 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -561,6 +562,39 @@ async def test_a_worker_joins_once_the_ghosts_it_runs_are_aborted(
     assert c.can_place
 
 
+@dataclass
+class HeldPlanner:
+    """The first plan's build, held on a gate the test opens, on fake workers a, b and c
+    (`min_workers` 2): what the build was asked for, and whether it fails."""
+
+    coordinator: Coordinator
+    fakes: dict[str, FakeWorker]
+    gate: threading.Event = field(default_factory=threading.Event)
+    planned_for: list[list[int]] = field(default_factory=list)
+    fails: bool = False
+
+
+def held_planner(started: list[Coordinator], monkeypatch: pytest.MonkeyPatch) -> HeldPlanner:
+    real_build = coordinator_module.build_policy
+    fakes = fake_cluster("a", "b", "c")
+    c = Coordinator(
+        SchedulerConfig(min_workers=2, policy="least-load"),
+        WorkerPool(lambda address: fakes[address]),  # type: ignore[arg-type]
+    )
+    started.append(c)
+    held = HeldPlanner(c, fakes)
+
+    def build(*args: object, **kwargs: object) -> object:
+        held.planned_for.append(list(args[2]))  # type: ignore[call-overload]
+        assert held.gate.wait(10), "the test never let the plan finish"
+        if held.fails:
+            raise RuntimeError("no plan this time")
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(coordinator_module, "build_policy", build)
+    return held
+
+
 async def test_the_first_plan_is_made_off_the_event_loop(
     started: list[Coordinator], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -568,22 +602,8 @@ async def test_the_first_plan_is_made_off_the_event_loop(
     loop, every RPC, feed and health check waited for it. Now the loop goes on while it is
     made; a worker registering meanwhile joins the plan once it exists, and one that left
     meanwhile is out of it before anything is placed."""
-    gate = threading.Event()
-    planned_for: list[list[int]] = []
-    real_build = coordinator_module.build_policy
-
-    def slow_build(*args: object, **kwargs: object) -> object:
-        planned_for.append(list(args[2]))  # type: ignore[call-overload]
-        assert gate.wait(10), "the test never let the plan finish"
-        return real_build(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(coordinator_module, "build_policy", slow_build)
-    fakes = fake_cluster("a", "b", "c")
-    c = Coordinator(
-        SchedulerConfig(min_workers=2, policy="least-load"),
-        WorkerPool(lambda address: fakes[address]),  # type: ignore[arg-type]
-    )
-    started.append(c)
+    held = held_planner(started, monkeypatch)
+    c, fakes, gate, planned_for = held.coordinator, held.fakes, held.gate, held.planned_for
     await c.add_worker("a")
     second = asyncio.create_task(c.add_worker("b"))  # brings the count to 2: the plan starts
     for _ in range(100):
@@ -613,20 +633,8 @@ async def test_the_first_plan_outlives_the_registrations_that_wait_for_it(
     registration ended while it waited for the plan was refused as "leaving" at every
     heartbeat after. Now the plan is made and installed whoever waits for it, the worker that
     started it is in it, and one that gave up waiting joins at its next registration."""
-    gate = threading.Event()
-    real_build = coordinator_module.build_policy
-
-    def slow_build(*args: object, **kwargs: object) -> object:
-        assert gate.wait(10), "the test never let the plan finish"
-        return real_build(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(coordinator_module, "build_policy", slow_build)
-    fakes = fake_cluster("a", "b", "c")
-    c = Coordinator(
-        SchedulerConfig(min_workers=2, policy="least-load"),
-        WorkerPool(lambda address: fakes[address]),  # type: ignore[arg-type]
-    )
-    started.append(c)
+    held = held_planner(started, monkeypatch)
+    c, gate = held.coordinator, held.gate
     await c.add_worker("a")
     # b and c register at once: the first to join starts the plan, the other waits for it
     # with its feed up.
@@ -660,23 +668,9 @@ async def test_workers_of_a_first_plan_that_failed_join_afresh(
     """A plan that fails after the registration that started it gave up: its workers are
     forgotten, not left listed as healthy with no plan (every request refused while they
     looked joined), and their next registrations try the plan again."""
-    gate = threading.Event()
-    real_build = coordinator_module.build_policy
-    fail = [True]
-
-    def flaky_build(*args: object, **kwargs: object) -> object:
-        assert gate.wait(10), "the test never let the plan finish"
-        if fail[0]:
-            raise RuntimeError("no plan this time")
-        return real_build(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(coordinator_module, "build_policy", flaky_build)
-    fakes = fake_cluster("a", "b")
-    c = Coordinator(
-        SchedulerConfig(min_workers=2, policy="least-load"),
-        WorkerPool(lambda address: fakes[address]),  # type: ignore[arg-type]
-    )
-    started.append(c)
+    held = held_planner(started, monkeypatch)
+    held.fails = True
+    c, gate = held.coordinator, held.gate
     await c.add_worker("a")
     starter = asyncio.create_task(c.add_worker("b"))
     while c._first_plan is None:
@@ -689,7 +683,7 @@ async def test_workers_of_a_first_plan_that_failed_join_afresh(
             await asyncio.sleep(0.01)
     assert any(e["event"] == "first_plan_failed" for e in logs)
     assert c.policy is None and not c.pool.healthy() and not c.can_place
-    fail[0] = False
+    held.fails = False
     await c.add_worker("a")
     await asyncio.wait_for(c.add_worker("b"), 5)
     assert c.policy is not None and sorted(w.address for w in c.pool.healthy()) == ["a", "b"]
