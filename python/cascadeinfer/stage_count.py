@@ -852,24 +852,20 @@ def _least_regret(candidates: Sequence[Candidate], chosen: Candidate, num_traces
         if c.num_stages == 1 and not c.config.is_one_stage_balanced and not c.is_pruned(num_traces)
     ]
     ran = [c for c in candidates if not c.is_pruned(num_traces)]
-    if chosen.is_pruned(num_traces) or any(_has_unfinished(c) for c in forms):
+    if chosen.is_pruned(num_traces) or any(math.isnan(c.simulated_mean_e2e_s) for c in forms):
         return chosen  # past what the fleet carries: the rules above decide alone
     behind = regret(chosen, forms)
     if behind <= 1.0:
         return chosen
-    least = min(ran, key=lambda c: regret(c, forms))
-    return least if regret(least, forms) < behind else chosen
-
-
-def _has_unfinished(c: Candidate) -> bool:
-    return any(math.isnan(m) or math.isnan(p) for m, p in c.per_trace)
+    least, lowest = min(((c, regret(c, forms)) for c in ran), key=lambda scored: scored[1])
+    return least if lowest < behind else chosen
 
 
 def regret(c: Candidate, forms: Sequence[Candidate]) -> float:
     """The larger of `c`'s mean and p99 end-to-end latency over the lowest of `forms` for that
     figure, each ratio averaged over the selection traces trace by trace (inf where `c` left a
     request unfinished): what the issue bounds by 1.02 against the best baseline."""
-    if _has_unfinished(c):
+    if math.isnan(c.simulated_mean_e2e_s):
         return math.inf
     traces = range(len(c.per_trace))
     by_mean = [c.per_trace[t][0] / min(f.per_trace[t][0] for f in forms) for t in traces]
