@@ -1,25 +1,32 @@
 """Connections that hold descriptors and send nothing cannot starve a daemon for long: a gRPC
-port closes them after its handshake timeout, the daemons raise their soft open-files limit to
-the hard one, and the HTTP front leaves half the descriptors to the other ports."""
+port closes them after its handshake timeout, and those that finished it once they carry no
+call for a while; it holds at most a quarter of the descriptors; the daemons raise their soft
+open-files limit to the hard one, and the HTTP front leaves half the descriptors to the other
+ports."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
-from cascadeinfer.daemon import HANDSHAKE_TIMEOUT_MS
-from cascadeinfer.launcher import SCHEDULER, _daemon_env, wait_serving
+import pytest
+from cascadeinfer.daemon import HANDSHAKE_TIMEOUT_MS, IDLE_CONNECTION_MS, connection_limit_options
+from cascadeinfer.launcher import SCHEDULER, Daemon, _daemon_env, wait_serving
 from cascadeinfer.scheduler.openai.protocol import EXCESS_CONNECTIONS
 from cascadeinfer.scheduler.openai.server import connection_limit
 from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests import h2_raw
 from tests.worker.daemons import start_scheduler
 
 
@@ -62,16 +69,10 @@ def test_a_grpc_connection_that_sends_nothing_is_closed_after_the_handshake_time
         scheduler.kill()
 
 
-def test_the_http_front_keeps_half_the_descriptors_for_the_other_ports(tmp_path: Path) -> None:
-    assert connection_limit(8192, 1024) == 512 - EXCESS_CONNECTIONS
-    assert connection_limit(8192, 65536) == 8192
-    assert connection_limit(8192, resource.RLIM_INFINITY) == 8192
-    assert connection_limit(8192, 300) == 1
-    # A scheduler whose hard limit is 1,024 (systemd's default soft limit) serves HTTP to 256
-    # connections, says so, and its gRPC port answers with every HTTP slot and overflow taken.
+def _start_scheduler_limited_to(limit: int, tmp_path: Path) -> Daemon:
+    """A scheduler (with its HTTP front) whose open-files limit, hard and soft, is `limit`."""
     tokenizer = write_tiny_tokenizer(tmp_path / "tok")
     log_path = tmp_path / "scheduler.log"
-    limit = 1024
     args = ["--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--tokenizer", str(tokenizer)]
     with open(log_path, "w") as log:
         process = subprocess.Popen(
@@ -82,7 +83,60 @@ def test_the_http_front_keeps_half_the_descriptors_for_the_other_ports(tmp_path:
             env=_daemon_env(),
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
         )
-    scheduler = wait_serving(process, log_path, 120)
+    return wait_serving(process, log_path, 120)
+
+
+def _http_answers(scheduler: Daemon) -> bool:
+    """Whether the HTTP front answers at all (503 without workers)."""
+    url = scheduler.openai_url.removesuffix("/v1") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except urllib.error.HTTPError as e:
+        return e.code == 503
+
+
+def test_idle_grpc_connections_are_bounded_and_closed(tmp_path: Path) -> None:
+    """Connections that finish the HTTP/2 handshake and then carry no call: at most a quarter
+    of the descriptors are taken (new gRPC clients are refused meanwhile, the HTTP front and
+    everything else keep theirs), and each is closed after IDLE_CONNECTION_MS. Both were
+    unbounded: 1,100 of them took every descriptor of a scheduler limited to 1,024."""
+    assert connection_limit_options(1024) == [("grpc.max_allowed_incoming_connections", 256)]
+    assert connection_limit_options(resource.RLIM_INFINITY)[0][1] == 10_000
+    limit = 1024
+    scheduler = _start_scheduler_limited_to(limit, tmp_path)
+    port = int(scheduler.address.rsplit(":", 1)[1])
+    conns: list[socket.socket] = []
+    try:
+        opened = time.monotonic()
+        for _ in range(limit // 4 + 100):
+            with contextlib.suppress(ConnectionError):  # past the bound: closed as it arrives
+                conns.append(h2_raw.connect(port))
+        time.sleep(1.0)
+        descriptors = len(os.listdir(f"/proc/{scheduler.process.pid}/fd"))
+        assert descriptors < limit // 2, "the connections past the bound were closed"
+        assert _http_answers(scheduler)
+        with pytest.raises(grpc.RpcError):
+            _answers(scheduler.address)  # every gRPC slot is taken, for now
+        closed = [h2_raw.is_closed_by_peer(c, IDLE_CONNECTION_MS / 1000 + 15) for c in conns]
+        assert all(closed)
+        assert time.monotonic() - opened > IDLE_CONNECTION_MS / 2000, "closed for idling"
+        assert _answers(scheduler.address)
+    finally:
+        for c in conns:
+            c.close()
+        scheduler.kill()
+
+
+def test_the_http_front_keeps_half_the_descriptors_for_the_other_ports(tmp_path: Path) -> None:
+    assert connection_limit(8192, 1024) == 512 - EXCESS_CONNECTIONS
+    assert connection_limit(8192, 65536) == 8192
+    assert connection_limit(8192, resource.RLIM_INFINITY) == 8192
+    assert connection_limit(8192, 300) == 1
+    # A scheduler whose hard limit is 1,024 (systemd's default soft limit) serves HTTP to 256
+    # connections, says so, and its gRPC port answers with every HTTP slot and overflow taken.
+    limit = 1024
+    scheduler = _start_scheduler_limited_to(limit, tmp_path)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     conns: list[socket.socket] = []

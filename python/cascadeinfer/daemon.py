@@ -112,15 +112,42 @@ every descriptor of the scheduler for two minutes, its HTTP and gRPC APIs and it
 stalled (docs/reliability.md, "A second adversarial probe"); a client on a real network needs a
 few round trips."""
 
+IDLE_CONNECTION_MS = 30_000
+"""How long a gRPC server keeps a connection that carries no call. gRPC's default is for ever:
+2,000 connections that finished their handshake and sent nothing more were held as long as
+their client liked, and 1,100 of them took every descriptor of a scheduler limited to 1,024
+(docs/reliability.md, "A thirteenth adversarial probe"). A client whose channel idles that
+long gets a GOAWAY, and its channel connects again at its next call, as gRPC channels do.
+Streams (a worker's step feed, a client's Generate) are calls: they are never idle."""
+
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
 ]
 """Every server: gRPC binds with SO_REUSEPORT by default, so a second daemon started on a port
 another one serves on would share it, the kernel spreading new connections over both (clients
 and workers reaching a server other than the one they were given). Without it, that second
-bind fails (`security.add_port` turns that into a configuration error). And connections that
-do not start speaking within HANDSHAKE_TIMEOUT_MS are closed."""
+bind fails (`security.add_port` turns that into a configuration error). Connections that do
+not start speaking within HANDSHAKE_TIMEOUT_MS are closed, and so are those that carry no call
+for IDLE_CONNECTION_MS (`connection_limit_options` bounds how many there are at once)."""
+
+MAX_GRPC_CONNECTIONS = 10_000
+"""Most connections one gRPC server holds at once, however many descriptors it may open: far
+more than a fleet's workers and clients (a client should hold one channel, not one connection
+per call), and about 0.5 GB of gRPC's buffers when each holds little."""
+
+
+def connection_limit_options(descriptor_limit: int) -> list[tuple[str, int]]:
+    """A gRPC server's bound on the connections it holds: MAX_GRPC_CONNECTIONS, and at most a
+    quarter of the process's `descriptor_limit` (the HTTP front may take half, the rest is for
+    the links to workers, metrics and files). Connections past it are closed as they arrive,
+    so a flood of idle connections refuses new gRPC clients for a while (IDLE_CONNECTION_MS)
+    instead of starving every port of the daemon, its links to the workers included."""
+    allowed = MAX_GRPC_CONNECTIONS
+    if descriptor_limit != resource.RLIM_INFINITY:
+        allowed = max(16, min(allowed, descriptor_limit // 4))
+    return [("grpc.max_allowed_incoming_connections", allowed)]
 
 
 def raise_descriptor_limit() -> int:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
+from tests import h2_raw
 from tests.worker.daemons import SIM_WORKER, Daemon, free_port, start_scheduler, workers
 
 METRICS_PORT = free_port()
@@ -65,3 +66,35 @@ def test_a_request_whose_client_leaves_during_admission_does_not_run_on(
     assert placed(stub) == (0, 0)
     tokens = [t for r in stub.Generate(request(5), timeout=30) for t in r.tokens.token_ids]
     assert len(tokens) == 5, "the scheduler serves on"
+
+
+def test_a_client_that_leaves_while_its_stream_waits_on_it_is_a_disconnect(
+    scheduler: Daemon,
+) -> None:
+    """Streams that give the scheduler no window to write in (HTTP/2 flow control), then
+    leave: each is a client that left (`client_disconnected`, its request aborted on the
+    worker), not a failure of the stream's handler logged at error level with gRPC's
+    traceback (`ExecuteBatchError`, as it was)."""
+    port = int(scheduler.address.rsplit(":", 1)[1])
+    message = request(MAX_TOKENS).SerializeToString()
+    before = scheduler.log().count('"client_disconnected"')
+    connections = []
+    for _ in range(4):
+        s = h2_raw.connect(port, window=0)
+        for k in range(3):
+            h2_raw.open_unary_stream(
+                s, 1 + 2 * k, "/cascadeinfer.v1.SchedulerService/Generate", message
+            )
+        connections.append(s)
+    time.sleep(2.0)  # each stream's first write waits for a window that never comes
+    for s in connections:
+        s.close()
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(scheduler.address))
+    deadline = time.monotonic() + 10
+    while placed(stub) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert placed(stub) == (0, 0)
+    log = scheduler.log()
+    assert log.count('"client_disconnected"') - before == 12
+    assert "ExecuteBatchError" not in log
+    assert '"level": "error"' not in log

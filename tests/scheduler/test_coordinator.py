@@ -13,12 +13,13 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import pytest
 from cascadeinfer import CostProfile
 from cascadeinfer.domain import FinishReason, SamplingSpec
-from cascadeinfer.proto.v1 import common_pb2, worker_pb2
+from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, worker_pb2
 from cascadeinfer.scheduler import coordinator as coordinator_module
 from cascadeinfer.scheduler import requests
 from cascadeinfer.scheduler.config import SchedulerConfig, StageSpec
@@ -30,6 +31,7 @@ from cascadeinfer.scheduler.coordinator import (
     SchedulingError,
 )
 from cascadeinfer.scheduler.requests import ClientRequest
+from cascadeinfer.scheduler.servicer import SchedulerServicer
 from cascadeinfer.scheduler.workers import (
     WorkerIdMismatch,
     WorkerLeaving,
@@ -247,6 +249,92 @@ async def test_a_client_that_stops_reading_has_its_request_ended_and_aborted(
     assert rec.is_overflowed and rec.finish == FinishReason.ABORT
     assert fakes["a"].aborted == ["slow"]
     assert "slow" not in c.requests
+
+
+class _Aborted(Exception):
+    pass
+
+
+class StalledClientContext:
+    """A gRPC servicer context whose client stopped reading: every write after the first
+    `writable` waits for ever (HTTP/2 flow control), as a socket with a zero window does."""
+
+    def __init__(self, writable: int) -> None:
+        self.writable = writable
+        self.status: tuple[grpc.StatusCode, str] | None = None
+        self.blocked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    async def write(self, _message: object) -> None:
+        if self.writable <= 0:
+            await self.blocked  # for ever, unless the test makes the client leave
+        self.writable -= 1
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        self.status = (code, details)
+        raise _Aborted
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return self.status is not None
+
+
+async def test_a_stream_blocked_on_a_client_that_stopped_reading_ends_with_its_request(
+    started: list[Coordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler was blocked in its write, so it never sent the RESOURCE_EXHAUSTED of a
+    request ended for lag: the stream stayed open until the client left."""
+    monkeypatch.setattr(requests, "STALLED_WRITE_S", 0.0)
+    c, fakes = await start(started, "a", max_stream_lag_tokens=8)
+    context = StalledClientContext(writable=1)
+    request = scheduler_pb2.ClientGenerateRequest(
+        request_id="slow", sampling=common_pb2.SamplingParams(max_tokens=1000)
+    )
+    request.prompt_token_ids.ids.extend(range(1, 11))
+    stream = asyncio.ensure_future(SchedulerServicer(c).Generate(request, context))  # type: ignore[arg-type]
+    await settle()
+    fakes["a"].step(Step("slow", 0, (1,), 11))  # written
+    await settle()
+    fakes["a"].step(Step("slow", 1, (2,), 12))  # its write blocks
+    await settle()
+    fakes["a"].step(Step("slow", 2, tuple(range(10)), 22))  # past the bound
+    with pytest.raises(_Aborted):
+        await asyncio.wait_for(stream, 2)
+    assert context.status is not None
+    assert context.status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_stream_lag_tokens" in context.status[1]
+    assert fakes["a"].aborted == ["slow"]
+
+
+async def test_a_client_that_leaves_during_a_blocked_write_is_a_disconnect_not_a_failure(
+    started: list[Coordinator],
+) -> None:
+    """gRPC fails the blocked write (ExecuteBatchError) without cancelling the handler; raised
+    on, it was logged at error level with a traceback, as a failure of the handler. The
+    abort on the worker is the coordinator's task: gRPC cancels what the handler awaits."""
+    c, fakes = await start(started, "a")
+    context = StalledClientContext(writable=0)
+    request = scheduler_pb2.ClientGenerateRequest(
+        request_id="gone", sampling=common_pb2.SamplingParams(max_tokens=1000)
+    )
+    request.prompt_token_ids.ids.extend(range(1, 11))
+    with capture_logs() as logs:
+        stream = asyncio.ensure_future(SchedulerServicer(c).Generate(request, context))  # type: ignore[arg-type]
+        await settle()
+        fakes["a"].step(Step("gone", 0, (1,), 11))  # its write blocks
+        await settle()
+        context.blocked.set_exception(RuntimeError("Failed execute_batch"))  # the client left
+        with pytest.raises(asyncio.CancelledError):  # what gRPC ends quietly
+            await asyncio.wait_for(stream, 2)
+        await settle()
+    assert [e["event"] for e in logs if e["log_level"] in ("info", "warning", "error")] == [
+        "client_disconnected"
+    ]
+    assert fakes["a"].aborted == ["gone"]
 
 
 async def test_a_stopping_scheduler_ends_every_request_and_aborts_it_on_its_worker(

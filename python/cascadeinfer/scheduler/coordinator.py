@@ -750,7 +750,7 @@ class Coordinator:
     def _give_up(self, rec: ClientRequest) -> None:
         """Ends a request whose client stopped reading, so its unread tokens have a bound."""
         log.warning("client_too_slow", request_id=rec.request_id, unread=rec.num_unsent)
-        rec.is_overflowed = True
+        rec.note_ended_by_scheduler(is_overflowed=True)
         link = self.pool.by_id.get(rec.worker_id or "")
         self._end(rec, FinishReason.ABORT)
         if link is not None and link.is_healthy:
@@ -1187,6 +1187,19 @@ class Coordinator:
         if link is not None and link.is_healthy:
             await self._abort_on(link, request_id)
 
+    def abandon(self, request_id: str) -> None:
+        """Ends a request whose client left, and aborts it on its worker in a task of the
+        coordinator's own. The client's handler is being torn down: gRPC and Starlette cancel
+        what it awaits, and an abort awaited there was cut short while the request ran on,
+        unread, to its max_tokens."""
+        rec = self.requests.get(request_id)
+        if rec is None:
+            return
+        link = self.pool.by_id.get(rec.worker_id or "")
+        self._end(rec, FinishReason.ABORT)
+        if link is not None and link.is_healthy:
+            self._spawn(self._abort_on(link, request_id))
+
     def cut_off(self) -> list[tuple[WorkerLink, str]]:
         """The first step of a graceful stop: refuses new requests from now on (UNAVAILABLE)
         and ends every accepted one, placed or queued, so each client stream ends at once
@@ -1200,7 +1213,7 @@ class Coordinator:
                 link = self.pool.by_id.get(worker_id)
                 if link is not None and not link.is_gone:
                     placed.append((link, rec.request_id))
-            rec.is_cut_off = True
+            rec.note_ended_by_scheduler(is_cut_off=True)
             self._end(rec, FinishReason.ABORT)
         self._queue.clear()
         if accepted:

@@ -91,6 +91,10 @@ class ClientRequest:
     """Ended because the client fell too far behind (its stream ends RESOURCE_EXHAUSTED)."""
     is_cut_off: bool = False
     """Ended because the scheduler is stopping (its stream ends UNAVAILABLE)."""
+    writing_front: asyncio.Task[object] | None = None
+    """The client's front while it is in a write to the client: `note_ended_by_scheduler`
+    cancels that write. A client that stops reading holds a write for ever (HTTP/2 flow
+    control), and its stream must still end once the scheduler ended its request."""
     is_aborted_by_client: bool = False
     """Ended by its client's own Abort call (HTTP: 499, which clients do not retry)."""
     detokenizer: Detokenizer | None = None
@@ -168,6 +172,19 @@ class ClientRequest:
                 return delivery
             self.front_busy_since = None
             await self.has_news.wait()
+
+    def note_ended_by_scheduler(
+        self, *, is_overflowed: bool = False, is_cut_off: bool = False
+    ) -> None:
+        """Marks why the scheduler ends this request (its front reports it to the client)."""
+        self.is_overflowed = self.is_overflowed or is_overflowed
+        self.is_cut_off = self.is_cut_off or is_cut_off
+        if self.writing_front is not None:
+            self.writing_front.cancel()
+
+    @property
+    def is_ended_by_scheduler(self) -> bool:
+        return self.is_overflowed or self.is_cut_off
 
     def end(self, reason: FinishReason) -> None:
         """Ends the request without more tokens (abort, failure)."""

@@ -19,6 +19,7 @@ from cascadeinfer.daemon import (
     STOP_SIGNALS,
     FatalError,
     StrictDecoding,
+    connection_limit_options,
     raise_descriptor_limit,
     run_daemon,
 )
@@ -141,12 +142,13 @@ its largest messages are text prompts (16 bytes per token of context by default,
 client's oversized message is refused (RESOURCE_EXHAUSTED) before it is buffered whole."""
 
 
-def server_options(config: SchedulerConfig) -> list[tuple[str, int]]:
+def server_options(config: SchedulerConfig, descriptor_limit: int) -> list[tuple[str, int]]:
     limit = max(CLIENT_MESSAGE_LIMIT, config.max_prompt_bytes + (1 << 20))
     return [
         ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
         ("grpc.max_receive_message_length", limit),
         *SERVER_OPTIONS,
+        *connection_limit_options(descriptor_limit),
     ]
 
 
@@ -158,7 +160,7 @@ async def serve(config: SchedulerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    raise_descriptor_limit()  # every client connection holds a descriptor
+    descriptor_limit = raise_descriptor_limit()  # every client connection holds a descriptor
     coordinator = Coordinator(config)
     interceptors: list[grpc.aio.ServerInterceptor] = (
         [BearerTokenInterceptor(config.auth_token, config.client_api_tokens, CLIENT_METHODS)]
@@ -166,7 +168,9 @@ async def serve(config: SchedulerConfig) -> None:
         else []
     )
     interceptors.append(StrictDecoding())  # after the token check: strangers get no parsing
-    server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
+    server = grpc.aio.server(
+        options=server_options(config, descriptor_limit), interceptors=interceptors
+    )
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
         SchedulerServicer(coordinator), server
     )

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
@@ -84,27 +82,42 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
 
-    async def Generate(
+    async def Generate(  # type: ignore[override]  # the stubs know only the iterator form
         self, request: scheduler_pb2.ClientGenerateRequest, context: Context
-    ) -> AsyncIterator[scheduler_pb2.ClientGenerateResponse]:
+    ) -> None:
+        """Streams with `context.write`, not `yield`, so that a write the client holds up can
+        be given up (`note_ended_by_scheduler`): gRPC's aio API takes either form."""
         rec = await self._admit(request, context)
+        front = asyncio.current_task()
         done = False
         try:
             while not done:
                 delivery = await rec.next_delivery()
                 done = delivery.finish is not None
-                if done and rec.is_cut_off:
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE, f"{SHUTTING_DOWN}; the request was ended"
-                    )
-                if done and rec.is_overflowed:
-                    await context.abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"the client fell more than {self.c.config.max_stream_lag_tokens} "
-                        "tokens behind its stream (max_stream_lag_tokens); the request was ended",
-                    )
+                if done and rec.is_ended_by_scheduler:
+                    await self._abort_ended(rec, context)
                 self.c.metrics.tokens.inc(len(delivery.token_ids))
-                yield _response(rec, delivery)
+                rec.writing_front = front
+                try:
+                    await context.write(_response(rec, delivery))
+                except asyncio.CancelledError:
+                    # The scheduler ended the request while this write waited on a client that
+                    # stopped reading (`note_ended_by_scheduler`): end the stream with why.
+                    # Otherwise the client left and gRPC cancelled this handler.
+                    if not rec.is_ended_by_scheduler or front is None or context.cancelled():
+                        raise
+                    front.uncancel()
+                    done = True
+                    await self._abort_ended(rec, context)
+                except Exception as e:
+                    # The client left during a write that waited on it: gRPC fails the write
+                    # (ExecuteBatchError) without cancelling the handler. Raised on, or
+                    # returned from, that is logged at error level with a traceback, as a
+                    # failure of this handler; a cancelled handler ends quietly, as when the
+                    # client leaves between writes. The finally below aborts the request.
+                    raise asyncio.CancelledError from e
+                finally:
+                    rec.writing_front = None
         finally:
             if not done:
                 log.info(
@@ -115,8 +128,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     tokens_pending=sorted(rec.pending)[:3],
                     migrations=rec.num_migrations,
                 )
-                with contextlib.suppress(SchedulingError):
-                    await self.c.abort(rec.request_id)
+                self.c.abandon(rec.request_id)
+
+    async def _abort_ended(self, rec: ClientRequest, context: Context) -> NoReturn:
+        """Ends the stream of a request the scheduler ended, with the status that says why."""
+        if rec.is_cut_off:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"{SHUTTING_DOWN}; the request was ended"
+            )
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the client fell more than {self.c.config.max_stream_lag_tokens} "
+            "tokens behind its stream (max_stream_lag_tokens); the request was ended",
+        )
 
     async def _admit(
         self, request: scheduler_pb2.ClientGenerateRequest, context: Context

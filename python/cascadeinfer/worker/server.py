@@ -21,6 +21,7 @@ from cascadeinfer.daemon import (
     STOP_SIGNALS,
     FatalError,
     StrictDecoding,
+    connection_limit_options,
     keepalive_options,
     raise_descriptor_limit,
     run_daemon,
@@ -154,12 +155,18 @@ async def serve(config: WorkerConfig) -> None:
         [BearerTokenInterceptor(config.auth_token)] if needs_token else []
     )
     interceptors.append(StrictDecoding())  # after the token check: strangers get no parsing
-    raise_descriptor_limit()  # every connection held open holds a descriptor
+    descriptor_limit = raise_descriptor_limit()  # every connection held open holds one
     keepalive = keepalive_options(config.link_timeout_s)
     # Pings both ways: the scheduler's find a cut link, and ours drop the feed of a scheduler
     # cut off (which starts the orphan bound).
     server = grpc.aio.server(
-        options=[*CHANNEL_OPTIONS, *keepalive, *PING_TOLERANCE, *SERVER_OPTIONS],
+        options=[
+            *CHANNEL_OPTIONS,
+            *keepalive,
+            *PING_TOLERANCE,
+            *SERVER_OPTIONS,
+            *connection_limit_options(descriptor_limit),
+        ],
         interceptors=interceptors,
     )
     # Bound before the engine is built: a port in use fails at once, not after a model load.

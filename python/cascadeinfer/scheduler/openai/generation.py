@@ -5,7 +5,6 @@ stop string, a dropped connection, a cancelled handler)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -50,7 +49,6 @@ class Runner:
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
-        self._aborts: set[asyncio.Task[None]] = set()
 
     async def submit(self, request_id: str, job: Job, owner: str = "") -> ClientRequest:
         """Admits or queues the request for `owner` (`security.credential_owner`); raises
@@ -113,16 +111,10 @@ class Runner:
                 self.abort_later(rec)
 
     def abort_later(self, rec: ClientRequest) -> None:
-        """Ends the request now and tells its worker in a task of its own: the caller may be
-        inside a cancelled scope, where an await would not run."""
+        """Ends the request now and tells its worker in a task of its own (the caller may be
+        inside a cancelled scope, where an await would not run)."""
         log.info("client_left", request_id=rec.request_id, tokens_sent=len(rec.tokens))
-        task = asyncio.get_running_loop().create_task(self._abort(rec.request_id))
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
-
-    async def _abort(self, request_id: str) -> None:
-        with contextlib.suppress(SchedulingError):
-            await self.c.abort(request_id)
+        self.c.abandon(rec.request_id)
 
 
 async def until_disconnect(receive: Receive) -> None:
