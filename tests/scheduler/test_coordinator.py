@@ -642,6 +642,47 @@ async def test_a_finish_that_arrives_before_the_tokens_ahead_of_it_waits_for_the
     assert deliveries[-1].finish == FinishReason.LENGTH
 
 
+async def test_a_move_sources_tokens_that_arrive_long_after_the_move_still_reach_the_client(
+    started: list[Coordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy scheduler reads its feeds seconds behind. The source's last tokens, arriving
+    after the grace that followed the move, were dropped as a stranger's: the client's stream
+    waited on the gap for good (17 of 200 streams of a `bench_scheduler.py` relay run)."""
+    monkeypatch.setattr(coordinator_module, "FEED_LAG_GRACE_S", 0.01)
+    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
+    a, b = fakes["a"], fakes["b"]
+    a.migrated_context_len = 66  # the source made 6 tokens; its feed has brought 4
+    rec = await submit(c, "r", 60, max_tokens=8)
+    a.step(Step("r", 0, (1, 2, 3, 4), 64))
+    await settle()
+    assert rec.worker_id == "b" and rec.owed_by == ("a", 6)
+    b.step(Step("r", 6, (7, 8), 68, LENGTH))
+    await asyncio.sleep(0.1)  # ten graces: the source's feed is that far behind
+    a.step(Step("r", 4, (5, 6), 66))
+    await settle()
+    assert rec.tokens == [1, 2, 3, 4, 5, 6, 7, 8] and rec.finish == FinishReason.LENGTH
+    assert c.metrics.foreign_steps._value.get() == 0
+
+
+async def test_a_move_source_is_no_longer_followed_once_the_client_has_its_tokens(
+    started: list[Coordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(coordinator_module, "FEED_LAG_GRACE_S", 0.01)
+    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
+    a = fakes["a"]
+    a.migrated_context_len = 64
+    rec = await submit(c, "r", 60, max_tokens=100)
+    a.step(Step("r", 0, (1, 2, 3, 4), 64))
+    await settle()
+    assert rec.worker_id == "b"
+    await asyncio.sleep(0.05)
+    assert rec.holders == {"b"}
+    a.step(Step("r", 4, (99,), 65))  # a stray copy's token: not the client's
+    await settle()
+    assert rec.tokens == [1, 2, 3, 4]
+    assert c.metrics.foreign_steps._value.get() == 1
+
+
 async def test_a_worker_joins_once_the_ghosts_it_runs_are_aborted(
     started: list[Coordinator],
 ) -> None:

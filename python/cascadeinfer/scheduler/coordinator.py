@@ -51,7 +51,8 @@ log = structlog.get_logger(__name__)
 
 
 FEED_LAG_GRACE_S = 2.0
-"""How long a migration source's feed is still trusted for the request it gave away."""
+"""How long a migration source's feed is still trusted for the request it gave away, once
+the client has every token the source made (`_forget_holder`)."""
 
 RECONCILE_TIMEOUT_S = 10.0
 """How long a connecting worker has to open its step feed (whose first message is reconciled)
@@ -843,15 +844,14 @@ class Coordinator:
         moved: worker_pb2.MigrateOutResponse,
     ) -> None:
         src.running.discard(rec.request_id)
+        made_at_source = moved.context_len - len(rec.prompt_token_ids)
         if not rec.is_done:
             dst.running.add(rec.request_id)
             rec.worker_id = dst.worker_id
-            rec.owed_by = (src.worker_id, moved.context_len - len(rec.prompt_token_ids))
-        # The source's feed may still carry its last tokens for a moment; after that, nothing
-        # it reports under this id is this request's.
-        asyncio.get_running_loop().call_later(
-            FEED_LAG_GRACE_S, self._forget_holder, rec, src.worker_id
-        )
+            rec.owed_by = (src.worker_id, made_at_source)
+        # The source's feed may still carry its last tokens; once they are here, nothing it
+        # reports under this id is this request's.
+        self._forget_holder_later(rec, src.worker_id, made_at_source)
         rec.num_migrations += 1
         self.counters.num_migrations += 1
         self.metrics.migrations.labels(reason, "ok").inc()
@@ -867,10 +867,28 @@ class Coordinator:
             total_s=round(moved.total_s, 6),
         )
 
-    @staticmethod
-    def _forget_holder(rec: ClientRequest, worker_id: str) -> None:
-        if rec.worker_id != worker_id and not rec.is_moving:
-            rec.holders.discard(worker_id)
+    def _forget_holder_later(self, rec: ClientRequest, worker_id: str, owed_until: int) -> None:
+        asyncio.get_running_loop().call_later(
+            FEED_LAG_GRACE_S, self._forget_holder, rec, worker_id, owed_until
+        )
+
+    def _forget_holder(self, rec: ClientRequest, worker_id: str, owed_until: int) -> None:
+        """Stops following `worker_id`'s feed for `rec`, a move's source, unless the request
+        runs there again, or the feed still owes the client tokens made there before the move
+        (the first `owed_until`), or another move is under way: it is asked again later. A
+        busy scheduler reads its feeds seconds behind; those tokens, dropped as a stranger's
+        once a fixed grace had passed, left a gap the client's stream waited on for good (17
+        of the 200 streams of a `bench_scheduler.py` relay run)."""
+        if rec.worker_id == worker_id or rec.is_done:
+            return
+        link = self.pool.by_id.get(worker_id)
+        is_owing = len(rec.tokens) < owed_until and link is not None and not link.is_gone
+        if is_owing or rec.is_moving:
+            # A source that is gone owes nothing more: `_worker_gone` resumes the request past
+            # the tokens lost with it.
+            self._forget_holder_later(rec, worker_id, owed_until)
+            return
+        rec.holders.discard(worker_id)
 
     async def _move_off(self, src: WorkerLink, request_id: str) -> None:
         """Moves a request off a draining worker to the instance the core admits it to; on
