@@ -8,6 +8,14 @@ errors are `ValueError`s of one class per failure: `InvalidArgumentError`, `Infe
 `UnknownIdError`.
 """
 
+import os
+
+# gRPC's C core prints its INFO lines to stderr unless told otherwise (a GOAWAY received from a
+# server closing an idle connection, every 30 s of a channel's idling), between the daemons'
+# JSON log lines; its errors still come out. Set before any module imports grpc; an
+# operator's own GRPC_VERBOSITY wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from cascadeinfer._core import (
     BucketGrid,
     CostProfile,
