@@ -111,8 +111,8 @@ class Runner:
                 self.abort_later(rec)
 
     def abort_later(self, rec: ClientRequest) -> None:
-        """Ends the request now and tells its worker in a task of its own (the caller may be
-        inside a cancelled scope, where an await would not run)."""
+        """Ends the request now; the coordinator tells its worker in a task of its own (the
+        caller may be inside a cancelled scope, where an await would not run)."""
         log.info("client_left", request_id=rec.request_id, tokens_sent=len(rec.tokens))
         self.c.abandon(rec.request_id)
 
