@@ -80,6 +80,14 @@ def cell(job: Job) -> dict[str, object]:
         "baselines": figures,
         "candidates": runs,
         "picks": {name: candidates.index(c) for name, c in picks.items()},
+        # What the selection saw of each candidate, for trying other rules offline: its
+        # (mean, p99) on each selection trace, and whether it is a baseline's one-stage form.
+        "selection": [[list(t) for t in c.per_trace] for c in candidates],
+        "is_form": [
+            c.num_stages == 1 and not c.config.is_one_stage_balanced and not c.is_pruned(num_traces)
+            for c in candidates
+        ],
+        "is_pruned": [c.is_pruned(num_traces) for c in candidates],
     }
 
 
