@@ -752,6 +752,11 @@ class Coordinator:
         """Ends a request whose client stopped reading, so its unread tokens have a bound."""
         log.warning("client_too_slow", request_id=rec.request_id, unread=rec.num_unsent)
         rec.note_ended_by_scheduler(is_overflowed=True)
+        self._end_and_abort_later(rec)
+
+    def _end_and_abort_later(self, rec: ClientRequest) -> None:
+        """Ends `rec` (ABORT) and aborts it on its worker in a task of the coordinator's own,
+        which no caller's cancellation can cut short."""
         link = self.pool.by_id.get(rec.worker_id or "")
         self._end(rec, FinishReason.ABORT)
         if link is not None and link.is_healthy:
@@ -1211,12 +1216,8 @@ class Coordinator:
         what it awaits, and an abort awaited there was cut short while the request ran on,
         unread, to its max_tokens."""
         rec = self.requests.get(request_id)
-        if rec is None:
-            return
-        link = self.pool.by_id.get(rec.worker_id or "")
-        self._end(rec, FinishReason.ABORT)
-        if link is not None and link.is_healthy:
-            self._spawn(self._abort_on(link, request_id))
+        if rec is not None:
+            self._end_and_abort_later(rec)
 
     def cut_off(self) -> list[tuple[WorkerLink, str]]:
         """The first step of a graceful stop: refuses new requests from now on (UNAVAILABLE)

@@ -89,6 +89,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         be given up (`note_ended_by_scheduler`): gRPC's aio API takes either form."""
         rec = await self._admit(request, context)
         front = asyncio.current_task()
+        assert front is not None  # a handler runs as a task
         done = False
         try:
             while not done:
@@ -104,7 +105,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     # The scheduler ended the request while this write waited on a client that
                     # stopped reading (`note_ended_by_scheduler`): end the stream with why.
                     # Otherwise the client left and gRPC cancelled this handler.
-                    if not rec.is_ended_by_scheduler or front is None or context.cancelled():
+                    if not rec.is_ended_by_scheduler or context.cancelled():
                         raise
                     front.uncancel()
                     done = True
