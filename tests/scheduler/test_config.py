@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from cascadeinfer.scheduler.config import SchedulerConfig, from_toml, parse_args
 from cascadeinfer.security import CLIENT_TOKEN_ENV, TOKEN_ENV, read_caller_token
 from cascadeinfer.toml_config import MAX_CONFIG_BYTES
 from cascadeinfer.worker.config import parse_args as parse_worker_args
+from cascadeinfer.worker.tiny_model import write_tiny_llama
 
 from tests.scheduler.certs import make_certs
 
@@ -163,6 +165,14 @@ def test_bad_settings_are_refused_clearly(argv: list[str], message: str) -> None
 
 def test_defaults_validate() -> None:
     SchedulerConfig().validate()
+
+
+def test_a_body_budget_below_one_body_is_refused(tmp_path: Path) -> None:
+    model_dir = write_tiny_llama(tmp_path / "model")
+    http = SchedulerConfig(http_port=0, tokenizer=str(model_dir))
+    http.validate()
+    with pytest.raises(ValueError, match="http_max_body_bytes_in_flight = 1000: must be at least"):
+        replace(http, http_max_body_bytes_in_flight=1000).validate()
 
 
 def test_tls_files_that_do_not_load_are_refused_naming_the_file(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 AUTH_MD = (("authorization", f"Bearer {TOKEN}"),)
 STREAM_LAG = 64
 REQUEST_TIMEOUT_S = 2.0
+BODIES_IN_FLIGHT = 6 << 20
 
 
 @dataclass
@@ -89,6 +90,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         # Small bounds, so the tests below can show they hold for HTTP clients too.
         args += ["--max-stream-lag-tokens", str(STREAM_LAG), "--max-prompt-bytes", "4096"]
         args += ["--http-request-timeout-s", str(REQUEST_TIMEOUT_S)]
+        args += ["--http-max-body-bytes-in-flight", str(BODIES_IN_FLIGHT)]
         scheduler = start_scheduler(args, tmp)
         try:
             yield Front(scheduler, daemons, load_tokenizer(str(model_dir)), model_dir)
@@ -685,6 +687,44 @@ def test_a_request_head_or_body_that_never_completes_is_408(front: Front) -> Non
     answer, took = _raw_exchange(front, [])
     assert answer == b"" and took < REQUEST_TIMEOUT_S + 10
     _still_serves(front)
+
+
+def test_bodies_arriving_at_once_are_bounded_in_total_and_the_bound_frees(front: Front) -> None:
+    # Each body is bounded (4 MiB) and timed, but 400 slow ones at once held 1.66 GB: past
+    # --http-max-body-bytes-in-flight (6 MiB here) a body is refused, with its connection.
+    request = b'{"model": "sim", "prompt": "hi", "max_tokens": 2}'
+    part, rest = 2_500_000, 1000
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + TOKEN.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        % (len(request) + part + rest)
+    )
+    host, port = front.scheduler.openai_url.removeprefix("http://").split("/")[0].split(":")
+    held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
+    try:
+        for s in held:  # two bodies, 5 MB together, short of their last bytes
+            s.sendall(head + request + b" " * part)
+        time.sleep(0.5)  # both read as far as they came
+        # A third, past the bound by its last bytes (the answer comes once they are read, so
+        # none are left unread when the connection closes, which would reset it).
+        third = b" " * (BODIES_IN_FLIGHT - 2 * (len(request) + part) + 100)
+        answer, _ = _raw_exchange(front, [head, third])
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert b"retry-after: 1" in answer.lower()
+        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "server_busy" and "in-flight" in error["message"], error
+        for s in held:  # the two held bodies end and are served
+            s.sendall(b" " * rest)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in held:
+            s.close()
+    # The bound frees with the bodies read: a body as large as the third is taken now.
+    body = request + b" " * len(third)
+    r = httpx.post(f"{front.scheduler.openai_url}/completions", content=body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert "http_internal_error" not in front.scheduler.log()
 
 
 def test_a_client_gone_before_its_body_arrived_is_no_internal_error(front: Front) -> None:

@@ -34,6 +34,11 @@ class StageSpec:
     num_workers: int
 
 
+HTTP_MAX_BODY_BYTES = 4 << 20
+"""Largest HTTP request body the front reads; a bigger one is refused with 413 before it is
+read whole."""
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     host: str = "127.0.0.1"
@@ -115,6 +120,11 @@ class SchedulerConfig:
     """Open HTTP connections at most; a request on one more is answered 503."""
     http_request_timeout_s: float = 30.0
     """An HTTP request's head, and then its body, must each arrive within this (else 408)."""
+    http_max_body_bytes_in_flight: int = 64 * HTTP_MAX_BODY_BYTES
+    """Bytes of request bodies the HTTP front holds at once while they arrive, over every
+    connection; a body that would take it past this is answered 503 and its connection closed.
+    Each body is bounded (4 MiB) and must arrive within http_request_timeout_s, but 400 slow
+    bodies at once held 1.66 GB (docs/reliability.md, "The thirteenth probe's leftovers")."""
 
     def validate(self) -> None:
         if self.policy not in POLICY_NAMES:
@@ -207,6 +217,11 @@ class SchedulerConfig:
         if self.http_max_connections < 1:
             raise ValueError(f"http_max_connections = {self.http_max_connections}: must be >= 1")
         check_seconds("http_request_timeout_s", self.http_request_timeout_s)
+        if self.http_max_body_bytes_in_flight < HTTP_MAX_BODY_BYTES:
+            raise ValueError(
+                f"http_max_body_bytes_in_flight = {self.http_max_body_bytes_in_flight}: must "
+                f"be at least one body's bound, {HTTP_MAX_BODY_BYTES}"
+            )
         if self.chat_template and not Path(self.chat_template).is_file():
             raise ValueError(f"chat_template = {self.chat_template!r} is not a readable file")
 
@@ -329,6 +344,12 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
         type=float,
         help="seconds an HTTP request's head, then its body, may take to arrive (else 408)",
     )
+    p.add_argument(
+        "--http-max-body-bytes-in-flight",
+        type=int,
+        help="bytes of HTTP request bodies held at once while they arrive, all connections "
+        "together (a body past it: 503); default 256 MiB",
+    )
     p.add_argument("--tick-interval-s", type=float)
     p.add_argument(
         "--worker-link-timeout-s",
@@ -421,6 +442,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "chat_template",
             "http_max_connections",
             "http_request_timeout_s",
+            "http_max_body_bytes_in_flight",
             "insecure",
         )
     }

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cascadeinfer.domain import MAX_REQUEST_ID_CHARS
 from cascadeinfer.metrics_page import MetricsPage
+from cascadeinfer.scheduler.config import HTTP_MAX_BODY_BYTES
 from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator
 from cascadeinfer.scheduler.openai.errors import (
     CLIENT_CLOSED_REQUEST,
@@ -48,8 +49,10 @@ from cascadeinfer.security import credential_owner, is_loopback
 
 log = structlog.get_logger(__name__)
 
-MAX_BODY_BYTES = 4 << 20
-"""Largest request body read; a bigger one is refused with 413 before it is read whole."""
+BODIES_FULL = (
+    "this server holds as many request bodies as it may while they arrive "
+    "(--http-max-body-bytes-in-flight); retry shortly"
+)
 UNROUTED = "unrouted"
 """The route label of answers to paths (or methods) the front does not serve."""
 M = TypeVar("M", bound=BaseModel)
@@ -65,6 +68,7 @@ class OpenAIFront:
         tokens: Sequence[str],
         model_name: str,
         body_timeout_s: float = 30.0,
+        max_body_bytes_in_flight: int = 64 * HTTP_MAX_BODY_BYTES,
         serves_loopback_names_only: bool = False,
     ) -> None:
         self.c = coordinator
@@ -86,6 +90,11 @@ class OpenAIFront:
         self.started = int(time.time())
         self._reading_bodies: set[asyncio.Task[object]] = set()
         """Handlers waiting for the rest of a request body (`refuse_bodies_in_flight`)."""
+        self.max_body_bytes_in_flight = max_body_bytes_in_flight
+        """Bytes of bodies still arriving that the handlers may hold together: each body is
+        bounded (HTTP_MAX_BODY_BYTES) and timed (`body_timeout_s`), but not how many arrive at
+        once (SchedulerConfig.http_max_body_bytes_in_flight says why)."""
+        self._body_bytes_in_flight = 0
         self._is_refusing_bodies = False
 
     def app(self) -> ASGIApp:
@@ -196,8 +205,8 @@ class OpenAIFront:
         if not _is_json_or_unnamed(request.headers.get("content-type")):
             raise APIError(415, "the body must be JSON: send Content-Type: application/json")
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if declared.isdigit() and int(declared) > HTTP_MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {HTTP_MAX_BODY_BYTES} bytes")
         body = bytearray()
         reader = asyncio.current_task()
         assert reader is not None
@@ -205,9 +214,18 @@ class OpenAIFront:
         try:
             async with asyncio.timeout(self.body_timeout_s):
                 async for chunk in request.stream():
+                    if len(body) + len(chunk) > HTTP_MAX_BODY_BYTES:
+                        raise APIError(413, f"request body over {HTTP_MAX_BODY_BYTES} bytes")
+                    if self._body_bytes_in_flight + len(chunk) > self.max_body_bytes_in_flight:
+                        # The rest of its body is not read: the connection cannot carry on.
+                        raise APIError(
+                            503,
+                            BODIES_FULL,
+                            code="server_busy",
+                            headers={"retry-after": "1", "connection": "close"},
+                        )
                     body += chunk
-                    if len(body) > MAX_BODY_BYTES:
-                        raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
+                    self._body_bytes_in_flight += len(chunk)
         except TimeoutError:
             raise APIError(
                 408, f"request body not received within {self.body_timeout_s:g} s"
@@ -219,6 +237,7 @@ class OpenAIFront:
             raise APIError(503, SHUTTING_DOWN) from None
         finally:
             self._reading_bodies.discard(reader)
+            self._body_bytes_in_flight -= len(body)
         try:
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -62,7 +62,13 @@ class APIError(Exception):
     never reads its answer kept in the scheduler's memory (30 such connections: +280 MB)."""
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
@@ -70,6 +76,7 @@ class APIError(Exception):
         self.message = message
         self.param = None if param is None else clip(param, MAX_PARAM_CHARS)
         self.code = code
+        self.headers = headers
 
     def body(self) -> ErrorResponse:
         kind = TYPE_OF_STATUS.get(self.status, "server_error")
@@ -78,7 +85,7 @@ class APIError(Exception):
         )
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
 
 
 def invalid(message: str, param: str | None = None) -> APIError:

@@ -7,7 +7,7 @@ forever. Here a head larger than `MAX_HEAD_BYTES` is answered 431 and one not co
 `head_timeout_s` (the scheduler's `http_request_timeout_s`) of its first byte is answered 408;
 either way the connection closes. A connection that sends nothing is closed after that time
 too, and a request target (path and query) over `MAX_TARGET_BYTES` is answered 414 as it
-arrives. (The body has its own bounds in the app: `MAX_BODY_BYTES` and the same timeout.)
+arrives. (The body has its own bounds in the app: `HTTP_MAX_BODY_BYTES` and the same timeout.)
 
 A request answered before its body came in whole (401, 404, 413) is another gap: uvicorn drops
 the rest of the body as it arrives, but its first byte cancels the keep-alive timer and nothing

@@ -142,6 +142,7 @@ async def start_http_front(config: SchedulerConfig, coordinator: Coordinator) ->
         tokens=config.client_api_tokens,
         model_name=config.served_model_name,
         body_timeout_s=config.http_request_timeout_s,
+        max_body_bytes_in_flight=config.http_max_body_bytes_in_flight,
         serves_loopback_names_only=(
             not config.client_api_tokens
             and is_loopback(config.host)
