@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,6 +309,34 @@ async def test_a_stream_blocked_on_a_client_that_stopped_reading_ends_with_its_r
     assert context.status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_stream_lag_tokens" in context.status[1]
     assert fakes["a"].aborted == ["slow"]
+
+
+async def test_a_prompt_of_ids_past_the_model_length_is_refused_before_python_holds_its_ids(
+    started: list[Coordinator],
+) -> None:
+    """A 15 MB message of 3 million ids became a tuple of Python ints (~150 MiB with the
+    message) before the length refused it; ten such calls at once held the scheduler's event
+    loop for seconds and 1.5 GB, kept after (docs/reliability.md, "A fourteenth probe")."""
+    c, _ = await start(started, "a")  # 4,096 tokens
+    context = StalledClientContext(writable=0)
+    request = scheduler_pb2.ClientGenerateRequest(
+        request_id="huge", sampling=common_pb2.SamplingParams(max_tokens=4)
+    )
+    request.prompt_token_ids.ids.extend(range(1000, 2_001_000))  # past the small-int cache
+    tracemalloc.start()
+    try:
+        with pytest.raises(_Aborted):
+            await SchedulerServicer(c).Generate(request, context)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert context.status is not None
+    assert context.status[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "prompt of 2000000 tokens plus max_tokens 4 exceeds the model's length 4096"
+        in (context.status[1])
+    )
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB allocated (a tuple of the ids: ~70 MiB)"
 
 
 async def test_a_client_that_leaves_during_a_blocked_write_is_a_disconnect_not_a_failure(

@@ -505,9 +505,13 @@ def test_a_chat_of_too_many_messages_or_parts_is_400_before_it_is_rendered(
 @pytest.mark.parametrize(
     ("route", "body", "param", "words"),
     [
-        ("completions", {"prompt": [5] * 400_000 + [-1]}, "prompt.400000", "greater than"),
-        ("completions", {"prompt": [-1] * 400_000}, "prompt.0", "greater than or equal to 0"),
-        ("completions", {"prompt": [[5] * 400_000 + ["x"]]}, "prompt.0.400000", "integer"),
+        # Under the model's length (4,096 here) each id is checked, the first bad one named;
+        # past it the length alone refuses the list, before any id is looked at.
+        ("completions", {"prompt": [5] * 4000 + [-1]}, "prompt.4000", "greater than"),
+        ("completions", {"prompt": [-1] * 4000}, "prompt.0", "greater than or equal to 0"),
+        ("completions", {"prompt": [[5] * 4000 + ["x"]]}, "prompt.0.4000", "integer"),
+        ("completions", {"prompt": [-1] * 400_000}, "prompt", "prompt of 400000 tokens leaves"),
+        ("completions", {"prompt": [[5] * 400_000 + ["x"]]}, "prompt", "400001 tokens leaves"),
         ("completions", {"prompt": ["a"] * 400_000}, "prompt", "a batch of 400000 prompts"),
         ("completions", {f"k{i}": 1 for i in range(250_000)}, "k0", "not supported"),
         ("completions", {"logit_bias": {str(i): "x" for i in range(250_000)}}, "logit_bias.0", ""),

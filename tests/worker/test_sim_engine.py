@@ -113,3 +113,23 @@ def test_step_time_follows_the_cost_model() -> None:
     # GPU profile: 6 ms of overhead per step at least.
     assert all(r.step_time_s >= 0.006 for r in reports)
     assert engine.name == "sim" and engine.layout.backend == "sim"
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_in_the_prompt_and_the_stop_list() -> None:
+    # Stop ids were taken whatever they were (never matching), where vLLM refuses them: a
+    # client tested on the sim engine met a 400 first on vLLM.
+    engine = SimEngine(FAST)
+    vocab = FAST.vocab_size
+    for bad, words in [
+        (EngineRequest("p", (1, vocab), SamplingSpec(max_tokens=4)), "token id"),
+        (
+            EngineRequest("s", PROMPT, SamplingSpec(max_tokens=4, stop_token_ids=(2, vocab))),
+            "stop_token_ids: id",
+        ),
+    ]:
+        with pytest.raises(EngineError) as e:
+            engine.add_request(bad)
+        assert e.value.code == ErrorCode.INVALID_ARGUMENT
+        assert f"{words} {vocab} is outside the vocabulary" in e.value.message
+    engine.add_request(EngineRequest("ok", PROMPT, SamplingSpec(4, stop_token_ids=(vocab - 1,))))
+    assert run(engine)["ok"]

@@ -1031,14 +1031,7 @@ class Coordinator:
 
     async def submit(self, rec: ClientRequest) -> None:
         """Admits a request now or queues it; raises SchedulingError when it cannot be taken."""
-        self._check_open()
-        if rec.context_len + rec.sampling.max_tokens > self.max_model_len:
-            raise SchedulingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt of {rec.context_len} tokens plus max_tokens {rec.sampling.max_tokens} "
-                f"exceeds the model's length {self.max_model_len} (the longest context every "
-                "worker can hold and the stages serve)",
-            )
+        self.check_fits(rec.context_len, rec.sampling.max_tokens)
         # Again: new_request refused early, but another call may have taken the id since.
         self._refuse_id_in_use(rec.owner, rec.client_id)
         if rec.request_id in self.requests:
@@ -1058,6 +1051,21 @@ class Coordinator:
         except QueueFull as e:
             self._forget(rec)
             raise SchedulingError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        """Raises UNAVAILABLE unless a request could be admitted now, and INVALID_ARGUMENT for
+        a prompt of `prompt_len` tokens that leaves no room for `max_tokens` within the
+        model's length. The fronts ask before they turn a prompt into Python objects: a 15 MB
+        message of 3 million token ids made a 150 MiB tuple before this refused it, ten such
+        calls at once held 1.5 GB (docs/reliability.md, "A fourteenth probe")."""
+        self._check_open()
+        if prompt_len + max_tokens > self.max_model_len:
+            raise SchedulingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt of {prompt_len} tokens plus max_tokens {max_tokens} "
+                f"exceeds the model's length {self.max_model_len} (the longest context every "
+                "worker can hold and the stages serve)",
+            )
 
     def _check_open(self) -> None:
         """Raises UNAVAILABLE unless a request arriving now could be admitted."""

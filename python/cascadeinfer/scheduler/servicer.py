@@ -180,10 +180,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             )
         if kind == "text":
             return await self.c.encode_text(request.text)
-        ids = tuple(request.prompt_token_ids.ids)
+        ids = request.prompt_token_ids.ids
         if not ids:
             raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
-        return ids
+        self.c.check_fits(len(ids), max(request.sampling.max_tokens, 1))  # before tuple()
+        return tuple(ids)
 
     async def Abort(
         self, request: scheduler_pb2.ClientAbortRequest, context: Context

@@ -158,7 +158,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             check_request_id(rid)
             if rid in self.state.hub.requests:
                 raise EngineError(ErrorCode.ALREADY_EXISTS, f"request id {rid!r} is in use")
-            req = convert.request_from_generate(request)
+            req = convert.request_from_generate(request, self.state.loop.engine.max_model_len)
             self.state.hub.track(rid, req.context_len, len(req.output_token_ids))
             # Subscribe before the engine sees it: a short request can finish, and leave the
             # hub, before this coroutine runs again.

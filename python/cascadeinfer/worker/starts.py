@@ -71,7 +71,7 @@ async def start_batch(
             check_request_id(rid)
             if rid in hub.requests:
                 raise EngineError(ErrorCode.ALREADY_EXISTS, f"request id {rid!r} is in use")
-            req = convert.request_from_generate(m)
+            req = convert.request_from_generate(m, state.loop.engine.max_model_len)
         except Exception as e:
             results[i] = _error_result(rid, e)
             continue

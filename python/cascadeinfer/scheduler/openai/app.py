@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import structlog
@@ -38,6 +38,7 @@ from cascadeinfer.scheduler.openai.model_files import ModelFiles
 from cascadeinfer.scheduler.openai.params import Job, build_job, chat_prompt, completion_prompt
 from cascadeinfer.scheduler.openai.replies import Reply, gather, sse
 from cascadeinfer.scheduler.openai.schema import (
+    MAX_MODEL_LEN,
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
@@ -57,6 +58,20 @@ UNROUTED = "unrouted"
 """The route label of answers to paths (or methods) the front does not serve."""
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Answering:
+    """What answering a request needs of its body, taken out of it before the request runs:
+    a parsed body (up to HTTP_MAX_BODY_BYTES, most of it in fields no prompt renders, such as
+    a message's `name`) held by a handler that waits for a whole generation kept 4 MiB a
+    request, past --http-max-body-bytes-in-flight, which counts bodies only while they arrive
+    (100 such chats: 83 -> 463 MiB, docs/reliability.md, "A fourteenth probe")."""
+
+    model: str
+    is_stream: bool
+    include_usage: bool
+    session_id: str | None
 
 
 class OpenAIFront:
@@ -252,7 +267,7 @@ class OpenAIFront:
                 " digits"
             ) from None
         try:
-            return model.model_validate(raw)
+            return model.model_validate(raw, context={MAX_MODEL_LEN: self.c.max_model_len})
         except ValidationError as e:
             raise from_validation(e) from None
 
@@ -326,7 +341,9 @@ class OpenAIFront:
         self._check_model(body.model)
         prompt = await completion_prompt(body, self.files, self.c.max_prompt_bytes)
         job = build_job(body, prompt, self.files, self.c.max_model_len, body.max_tokens)
-        return await self._answer(request, body, job, is_chat=False)
+        answering = self._answering(request, body)
+        del body  # not held while the request runs (`Answering`)
+        return await self._answer(request, job, answering, is_chat=False)
 
     async def chat(self, request: Request) -> Response:
         body = await self._parse(request, ChatCompletionRequest)
@@ -336,22 +353,31 @@ class OpenAIFront:
         prompt = await chat_prompt(body, self.files, self.c.max_prompt_bytes)
         max_tokens = body.max_completion_tokens or body.max_tokens
         job = build_job(body, prompt, self.files, self.c.max_model_len, max_tokens)
-        return await self._answer(request, body, job, is_chat=True)
+        answering = self._answering(request, body)
+        del body  # not held while the request runs (`Answering`)
+        return await self._answer(request, job, answering, is_chat=True)
+
+    def _answering(self, request: Request, body: SamplingFields) -> Answering:
+        return Answering(
+            model=body.model,
+            is_stream=body.stream,
+            include_usage=body.stream_options is not None and body.stream_options.include_usage,
+            session_id=self._session_id(request, body),
+        )
 
     async def _answer(
-        self, request: Request, body: SamplingFields, job: Job, *, is_chat: bool
+        self, request: Request, job: Job, answering: Answering, *, is_chat: bool
     ) -> Response:
         """Submits the job and answers as a stream or, once it is done, as one object."""
         rid = self._request_id(request, "chatcmpl" if is_chat else "cmpl")
-        job = replace(job, session_id=self._session_id(request, body))
+        job = replace(job, session_id=answering.session_id)
         owner = credential_owner(request.headers.get("authorization", ""))
         rec = await self.runner.submit(rid, job, owner)
-        reply = Reply(rid, body.model, len(job.prompt))
+        reply = Reply(rid, answering.model, len(job.prompt))
         steps = self.runner.steps(rec, job)
-        if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
+        if answering.is_stream:
             events = reply.chat_events if is_chat else reply.completion_events
-            return sse(events(steps, usage))
+            return sse(events(steps, answering.include_usage))
         result = await unless_disconnected(gather(steps), request.receive)
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)  # the client left; nobody reads this

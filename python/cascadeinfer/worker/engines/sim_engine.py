@@ -192,6 +192,15 @@ class SimEngine:
             raise EngineError(
                 ErrorCode.INVALID_ARGUMENT, f"token id {bad} is outside the vocabulary"
             )
+        # As vLLM refuses them (a 400 through the HTTP front); taken, they never matched.
+        bad = next(
+            (t for t in request.sampling.stop_token_ids if not 0 <= t < self.config.vocab_size),
+            None,
+        )
+        if bad is not None:
+            raise EngineError(
+                ErrorCode.INVALID_ARGUMENT, f"stop_token_ids: id {bad} is outside the vocabulary"
+            )
 
     def add_request(self, request: EngineRequest) -> None:
         self._validate(request)
