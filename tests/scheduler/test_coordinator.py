@@ -11,7 +11,6 @@ import asyncio
 import json
 import threading
 import tracemalloc
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -52,14 +51,6 @@ async def settle() -> None:
     """Lets the coordinator's background tasks (placements, migrations) run."""
     for _ in range(20):
         await asyncio.sleep(0)
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[list[Coordinator]]:
-    coordinators: list[Coordinator] = []
-    yield coordinators
-    for c in coordinators:
-        await c.close()
 
 
 async def start(

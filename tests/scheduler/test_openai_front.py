@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import pytest
 from cascadeinfer.proto.v1 import common_pb2
 from cascadeinfer.scheduler.coordinator import Coordinator
 from cascadeinfer.scheduler.openai.app import OpenAIFront
@@ -19,14 +17,6 @@ from cascadeinfer.worker.tiny_model import write_tiny_llama
 
 from tests.scheduler.fake_workers import Step
 from tests.scheduler.test_coordinator import settle, start
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[list[Coordinator]]:
-    coordinators: list[Coordinator] = []
-    yield coordinators
-    for c in coordinators:
-        await c.close()
 
 
 async def test_a_request_that_waits_for_its_whole_answer_holds_no_parsed_body(
