@@ -66,6 +66,25 @@ sim engine and vLLM alike scan it), so a list of millions (what a 16 MiB message
 every step of the worker slow for all its requests."""
 
 
+def check_num_stop_ids(count: int) -> None:
+    """Raises INVALID_ARGUMENT for more than MAX_STOP_TOKEN_IDS stop tokens."""
+    if count > MAX_STOP_TOKEN_IDS:
+        raise EngineError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"stop_token_ids: {count} ids; at most {MAX_STOP_TOKEN_IDS}",
+        )
+
+
+def check_context_fits(context_len: int, max_model_len: int) -> None:
+    """Raises INVALID_ARGUMENT for a context that leaves no token of room below
+    `max_model_len`."""
+    if context_len >= max_model_len:
+        raise EngineError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"prompt of {context_len} tokens leaves no room below max_model_len {max_model_len}",
+        )
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     max_tokens: int
@@ -79,11 +98,7 @@ class SamplingSpec:
 
     def validate(self) -> None:
         """Raises INVALID_ARGUMENT naming the first bad field."""
-        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise EngineError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"stop_token_ids: {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}",
-            )
+        check_num_stop_ids(len(self.stop_token_ids))
         checks = [
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]"),

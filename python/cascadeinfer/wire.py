@@ -3,13 +3,7 @@ place: the scheduler and the worker import this, never each other's modules."""
 
 from __future__ import annotations
 
-from cascadeinfer.domain import (
-    MAX_STOP_TOKEN_IDS,
-    EngineError,
-    ErrorCode,
-    FinishReason,
-    SamplingSpec,
-)
+from cascadeinfer.domain import FinishReason, SamplingSpec, check_num_stop_ids
 from cascadeinfer.proto.v1 import common_pb2
 
 FINISH_TO_PROTO = {
@@ -24,11 +18,7 @@ FINISH_TO_PROTO = {
 def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingSpec:
     """Raises INVALID_ARGUMENT for more than MAX_STOP_TOKEN_IDS stop ids before they become a
     tuple of Python ints (`SamplingSpec.validate` checks it again for specs made otherwise)."""
-    if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise EngineError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"stop_token_ids: {len(p.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}",
-        )
+    check_num_stop_ids(len(p.stop_token_ids))
     return SamplingSpec(
         max_tokens=p.max_tokens,
         temperature=p.temperature,

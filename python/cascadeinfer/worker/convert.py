@@ -3,7 +3,7 @@ layouts); what the scheduler shares (sampling, finish reasons) is in `cascadeinf
 
 from __future__ import annotations
 
-from cascadeinfer.domain import EngineError, ErrorCode
+from cascadeinfer.domain import check_context_fits
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 from cascadeinfer.wire import FINISH_TO_PROTO as FINISH_TO_PROTO
 from cascadeinfer.wire import sampling_from_proto as sampling_from_proto
@@ -21,12 +21,7 @@ def request_from_generate(m: worker_pb2.GenerateRequest, max_model_len: int) -> 
     """Raises INVALID_ARGUMENT for a context that leaves no room below `max_model_len` before
     its token ids become Python ints: one 40 MB call of 8 million ids took a worker from 56 to
     486 MiB, kept after the engine refused it (docs/reliability.md, "A fourteenth probe")."""
-    context_len = len(m.prompt_token_ids) + len(m.output_token_ids)
-    if context_len >= max_model_len:
-        raise EngineError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"prompt of {context_len} tokens leaves no room below max_model_len {max_model_len}",
-        )
+    check_context_fits(len(m.prompt_token_ids) + len(m.output_token_ids), max_model_len)
     return EngineRequest(
         request_id=m.request_id,
         prompt_token_ids=tuple(m.prompt_token_ids),

@@ -12,6 +12,7 @@ from cascadeinfer.domain import SamplingSpec
 from cascadeinfer.scheduler.openai.errors import invalid
 from cascadeinfer.scheduler.openai.model_files import ModelFiles
 from cascadeinfer.scheduler.openai.schema import (
+    PROMPT_TOO_LONG,
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
@@ -140,10 +141,7 @@ def build_job(
     check_unsupported(body)
     if len(prompt) >= max_model_len:
         # The prompt alone: naming max_tokens sent a client to the wrong field.
-        raise invalid(
-            f"prompt of {len(prompt)} tokens leaves no room in the model's length {max_model_len}",
-            "prompt",
-        )
+        raise invalid(PROMPT_TOO_LONG.format(n=len(prompt), limit=max_model_len), "prompt")
     if max_tokens is None:
         max_tokens = max_model_len - len(prompt)
     elif len(prompt) + max_tokens > max_model_len:

@@ -141,11 +141,16 @@ def check_prompt_list(prompt: list[Any], max_model_len: int = 0) -> None:
             raise _bad_token(token, f"prompt.{i}")
 
 
+PROMPT_TOO_LONG = "prompt of {n} tokens leaves no room in the model's length {limit}"
+"""A prompt (whatever max_tokens says: naming it sent clients to the wrong field) that leaves no
+room in the model's length."""
+
+
 def _check_room(ids: list[Any], max_model_len: int) -> None:
     if max_model_len and len(ids) >= max_model_len:
         raise PydanticCustomError(
             "prompt_too_long",
-            "prompt of {n} tokens leaves no room in the model's length {limit}",
+            PROMPT_TOO_LONG,
             {"field": "prompt", "n": len(ids), "limit": max_model_len},
         )
 

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from cascadeinfer.domain import check_context_fits
 from cascadeinfer.planning import load_profile
 from cascadeinfer.worker.engine import (
     EngineError,
@@ -176,31 +177,22 @@ class SimEngine:
             )
         if not request.prompt_token_ids:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
-        if request.context_len >= self._max_model_len:
-            raise EngineError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"prompt of {request.context_len} tokens leaves no room below max_model_len {self._max_model_len}",
-            )
+        check_context_fits(request.context_len, self._max_model_len)
         if request.remaining_tokens < 1:
             raise EngineError(
                 ErrorCode.INVALID_ARGUMENT, "output_token_ids already reach max_tokens"
             )
-        bad = next(
-            (t for t in request.prompt_token_ids if not 0 <= t < self.config.vocab_size), None
-        )
-        if bad is not None:
-            raise EngineError(
-                ErrorCode.INVALID_ARGUMENT, f"token id {bad} is outside the vocabulary"
-            )
-        # As vLLM refuses them (a 400 through the HTTP front); taken, they never matched.
-        bad = next(
-            (t for t in request.sampling.stop_token_ids if not 0 <= t < self.config.vocab_size),
-            None,
-        )
-        if bad is not None:
-            raise EngineError(
-                ErrorCode.INVALID_ARGUMENT, f"stop_token_ids: id {bad} is outside the vocabulary"
-            )
+        # Stop ids too, as vLLM refuses them (a 400 through the HTTP front); taken, they
+        # never matched.
+        for what, ids in [
+            ("token id", request.prompt_token_ids),
+            ("stop_token_ids: id", request.sampling.stop_token_ids),
+        ]:
+            bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
+            if bad is not None:
+                raise EngineError(
+                    ErrorCode.INVALID_ARGUMENT, f"{what} {bad} is outside the vocabulary"
+                )
 
     def add_request(self, request: EngineRequest) -> None:
         self._validate(request)
