@@ -114,7 +114,7 @@ class FakeWorker:
             raise WorkerCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer from the fake")
         self.aborted.append(request_id)
 
-    async def step_feed(self) -> AsyncIterator[worker_pb2.StepUpdate]:
+    async def step_feed(self, scheduler_id: str) -> AsyncIterator[worker_pb2.StepUpdate]:
         # A client closed before this feed opened ended the feed it had, not this one: a
         # real worker opens a new stream.
         queued = [self._feed.get_nowait() for _ in range(self._feed.qsize())]

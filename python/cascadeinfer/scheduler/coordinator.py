@@ -23,13 +23,13 @@ import structlog
 from cascadeinfer import _core
 from cascadeinfer.config import CascadeConfig, FirstTokenSlo
 from cascadeinfer.domain import MAX_REQUEST_ID_CHARS, FinishReason, SamplingSpec
+from cascadeinfer.log_throttle import LogThrottle
 from cascadeinfer.planning import load_profile
 from cascadeinfer.policies import FixedStage, build_policy
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
 from cascadeinfer.ratelimit import TokenBucket
 from cascadeinfer.scheduler.admission_queue import AdmissionQueue, QueueFull
 from cascadeinfer.scheduler.config import SchedulerConfig
-from cascadeinfer.scheduler.log_throttle import LogThrottle
 from cascadeinfer.scheduler.metrics import SchedulerMetrics
 from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS, ClientRequest
 from cascadeinfer.scheduler.tasks import report_failure, run_in_daemon_thread
@@ -41,6 +41,7 @@ from cascadeinfer.scheduler.workers import (
     WorkerNotDraining,
     WorkerPool,
     WorkerServesAnotherModel,
+    WorkerServesAnotherScheduler,
     WorkerTooShort,
     WorkerUnreachable,
     grpc_clients,
@@ -57,6 +58,9 @@ the client has every token the source made (`_forget_holder`)."""
 RECONCILE_TIMEOUT_S = 10.0
 """How long a connecting worker has to open its step feed (whose first message is reconciled)
 before its registration is refused (it registers again with its next heartbeat)."""
+HELD_LOG_INTERVAL_S = 60.0
+"""How often a worker held by another scheduler is logged (a static worker is tried again every
+second, a registering one at every heartbeat)."""
 PROMPT_BYTES_PER_TOKEN = 16
 """Default text prompt limit per token of context: a few times the bytes a token averages."""
 SHUTTING_DOWN = "the scheduler is shutting down"
@@ -141,6 +145,11 @@ class Coordinator:
         self._said_id_in_use = LogThrottle()
         self._said_too_short = LogThrottle()
         self._said_other_model = LogThrottle()
+        self._said_held = LogThrottle(HELD_LOG_INTERVAL_S)
+        self.scheduler_id = uuid.uuid4().hex
+        """Names this scheduler to the workers when it opens their step feeds: a worker serves
+        one scheduler at a time (`worker/claim.py`). New at every start, so a restarted
+        scheduler takes its workers once its predecessor's feeds are closed."""
         self._is_closing = False
         self.is_stopping = False
         """Set by `cut_off`: new requests are refused with UNAVAILABLE."""
@@ -249,6 +258,10 @@ class Coordinator:
             if isinstance(e, asyncio.TimeoutError):
                 why = f"{address}: no step feed within {RECONCILE_TIMEOUT_S} s"
                 raise WorkerUnreachable(why) from None
+            if isinstance(e, WorkerServesAnotherScheduler) and self._said_held.should_log(
+                address, time.monotonic()
+            ):
+                log.error("worker_serves_another_scheduler", address=address, error=str(e))
             raise
         try:
             await self._join_policy(link)
@@ -418,7 +431,7 @@ class Coordinator:
         settled once the first message (what runs there) is reconciled, or the feed fails."""
         why = "step feed ended"
         try:
-            async for update in link.client.step_feed():
+            async for update in link.client.step_feed(self.scheduler_id):
                 if not reconciled.done():
                     if update.is_draining:  # leaving: nothing may be placed there
                         draining = WorkerUnreachable(f"{link.address}: the worker is draining")
@@ -430,7 +443,11 @@ class Coordinator:
         except WorkerCallError as e:
             why = e.details
             if not reconciled.done():
-                reconciled.set_exception(e)
+                if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                    held = WorkerServesAnotherScheduler(f"{link.address}: {e.details}")
+                    reconciled.set_exception(held)
+                else:
+                    reconciled.set_exception(e)
                 return
         except Exception as e:
             # A fault of this scheduler's, not the worker's: the worker is given up on (its

@@ -11,6 +11,7 @@ import grpc
 import structlog
 
 from cascadeinfer.domain import EngineError
+from cascadeinfer.log_throttle import LogThrottle
 from cascadeinfer.proto.v1 import (
     common_pb2,
     registry_pb2,
@@ -20,7 +21,6 @@ from cascadeinfer.proto.v1 import (
     worker_pb2,
 )
 from cascadeinfer.scheduler.coordinator import SHUTTING_DOWN, Coordinator, SchedulingError
-from cascadeinfer.scheduler.log_throttle import LogThrottle
 from cascadeinfer.scheduler.metrics import REFUSAL_REASONS
 from cascadeinfer.scheduler.requests import ClientRequest, Delivery
 from cascadeinfer.scheduler.text import Detokenizer
@@ -32,6 +32,7 @@ from cascadeinfer.scheduler.workers import (
     WorkerLink,
     WorkerNotDraining,
     WorkerServesAnotherModel,
+    WorkerServesAnotherScheduler,
     WorkerTooShort,
     WorkerUnreachable,
 )
@@ -327,6 +328,10 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
             await refuse("too_short", grpc.StatusCode.FAILED_PRECONDITION, str(e), is_said=True)
         except WorkerServesAnotherModel as e:
             await refuse("another_model", grpc.StatusCode.FAILED_PRECONDITION, str(e), is_said=True)
+        except WorkerServesAnotherScheduler as e:
+            await refuse(
+                "another_scheduler", grpc.StatusCode.FAILED_PRECONDITION, str(e), is_said=True
+            )
         except WorkerLeaving as e:
             await refuse("leaving", grpc.StatusCode.UNAVAILABLE, str(e))
         except WorkerUnreachable as e:

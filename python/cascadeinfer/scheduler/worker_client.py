@@ -48,9 +48,10 @@ class WorkerClient(Protocol):
 
     async def abort(self, request_id: str, timeout_s: float) -> None: ...
 
-    def step_feed(self) -> AsyncIterator[worker_pb2.StepUpdate]:
+    def step_feed(self, scheduler_id: str) -> AsyncIterator[worker_pb2.StepUpdate]:
         """Every engine step's update, from a snapshot of what runs there; ends (or raises
-        WorkerCallError) when the worker is gone."""
+        WorkerCallError) when the worker is gone. `scheduler_id` names the reader: a worker
+        serves one scheduler at a time, and refuses another's feed with FAILED_PRECONDITION."""
         ...
 
     async def load(self, timeout_s: float) -> worker_pb2.LoadReport: ...
@@ -115,9 +116,10 @@ class GrpcWorkerClient:
         except grpc.aio.AioRpcError as e:
             raise _call_error(e) from None
 
-    async def step_feed(self) -> AsyncIterator[worker_pb2.StepUpdate]:
+    async def step_feed(self, scheduler_id: str) -> AsyncIterator[worker_pb2.StepUpdate]:
         try:
-            async for update in self._stub.StreamSteps(worker_pb2.StreamStepsRequest()):
+            asked = worker_pb2.StreamStepsRequest(scheduler_id=scheduler_id)
+            async for update in self._stub.StreamSteps(asked):
                 yield update
         except grpc.aio.AioRpcError as e:
             raise _call_error(e) from None

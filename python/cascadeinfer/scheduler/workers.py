@@ -41,6 +41,13 @@ class WorkerServesAnotherModel(WorkerUnreachable):
     with another's output (and its name showed up as a second model in `/v1/models`)."""
 
 
+class WorkerServesAnotherScheduler(WorkerUnreachable):
+    """A worker that refused this scheduler's step feed because another scheduler's is open
+    there (`worker/claim.py`): a scheduler aborts what it finds on a worker that it did not
+    place, so two on one worker abort each other's requests. Tried again until the other lets
+    the worker go."""
+
+
 class WorkerLeaving(WorkerUnreachable):
     """A registration of a worker the scheduler is taking out (it drains, or deregistered) whose
     step feed has not ended yet: refused until it has, or until the worker answers that it is

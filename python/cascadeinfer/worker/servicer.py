@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -12,9 +13,11 @@ import grpc
 import structlog
 
 from cascadeinfer.domain import check_request_id
+from cascadeinfer.log_throttle import LogThrottle
 from cascadeinfer.memory import release_freed_memory
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.worker import convert, kv_stream
+from cascadeinfer.worker.claim import HeldByAnotherScheduler
 from cascadeinfer.worker.engine import (
     Engine,
     EngineError,
@@ -25,7 +28,7 @@ from cascadeinfer.worker.engine import (
 )
 from cascadeinfer.worker.engine_loop import EngineDead
 from cascadeinfer.worker.errors import fail
-from cascadeinfer.worker.hub import StreamEnd, StreamItem
+from cascadeinfer.worker.hub import Hub, StreamEnd, StreamItem
 from cascadeinfer.worker.migration import MigrationFailed, migrate_out
 from cascadeinfer.worker.starts import start_batch
 from cascadeinfer.worker.state import WorkerState
@@ -110,6 +113,10 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+HELD_LOG_INTERVAL_S = 60.0
+"""How often a scheduler refused for another's hold is logged (it tries again every second)."""
+
+
 class _Draining(Exception):
     """An import completed after the worker began to drain."""
 
@@ -117,6 +124,7 @@ class _Draining(Exception):
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, state: WorkerState) -> None:
         self.state = state
+        self._said_held = LogThrottle(HELD_LOG_INTERVAL_S)
 
     async def _stream(
         self, request_id: str, queue: asyncio.Queue[StreamItem]
@@ -258,7 +266,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def StreamSteps(
         self, request: worker_pb2.StreamStepsRequest, context: Context
     ) -> AsyncIterator[worker_pb2.StepUpdate]:
-        hub = self.state.hub
+        hub, claim, scheduler_id = self.state.hub, self.state.claim, request.scheduler_id
+        try:
+            claim.take(scheduler_id, context.peer())
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except HeldByAnotherScheduler as e:
+            if self._said_held.should_log(scheduler_id, time.monotonic()):
+                log.warning(
+                    "feed_refused_another_scheduler", scheduler_id=scheduler_id, error=str(e)
+                )
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        try:
+            async for update in self._steps(hub):
+                yield update
+        finally:
+            claim.release(scheduler_id)
+
+    async def _steps(self, hub: Hub) -> AsyncIterator[worker_pb2.StepUpdate]:
+        """A snapshot of what runs here, then one update per step (or change of state)."""
         yield worker_pb2.StepUpdate(
             worker_id=self.state.worker_id,
             step_index=hub.last_report.step_index if hub.last_report else 0,

@@ -11,6 +11,7 @@ import grpc
 
 from cascadeinfer.proto.v1 import worker_pb2_grpc
 from cascadeinfer.security import TlsFiles, aio_channel
+from cascadeinfer.worker.claim import SchedulerClaim
 from cascadeinfer.worker.engine_loop import EngineLoop
 from cascadeinfer.worker.hub import Hub
 from cascadeinfer.worker.kv_stream import ImportBudget
@@ -43,6 +44,8 @@ class WorkerState:
     link_options: list[tuple[str, int]] = field(default_factory=list)
     """Channel options for links to peers (keepalive)."""
     is_draining: bool = False
+    claim: SchedulerClaim = field(default_factory=SchedulerClaim)
+    """The scheduler this worker serves, held while its step feeds are open."""
     import_budget: ImportBudget = field(default_factory=ImportBudget)
     """KV blocks the imports in flight hold in memory, bounded together by the free KV."""
     _peers: OrderedDict[str, tuple[grpc.aio.Channel, WorkerServiceAsyncStub]] = field(

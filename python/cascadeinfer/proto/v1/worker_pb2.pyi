@@ -307,12 +307,20 @@ Global___LoadReport: _TypeAlias = LoadReport  # noqa: Y015
 class StreamStepsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    SCHEDULER_ID_FIELD_NUMBER: _builtins.int
+    scheduler_id: _builtins.str
+    """The scheduler that reads the feed: an id of its own, new at every start. Empty for a
+    reader that places nothing (a tool, a calibration): it neither holds the worker nor is
+    refused.
+    """
     def __init__(
         self,
+        *,
+        scheduler_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scheduler_id", b"scheduler_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -138,7 +138,9 @@ class WorkerServiceServicer:
         a scheduler routes on. Sends a snapshot of the running requests first, and a message
         without requests when the worker starts draining. Ends (OK) when the drain is over.
         Detached requests are leased to the feeds: when no feed has been open for the worker's
-        orphan_timeout_s, they are aborted.
+        orphan_timeout_s, they are aborted. A worker serves one scheduler at a time: while a
+        feed named by one scheduler is open, a feed named by another is refused
+        (FAILED_PRECONDITION), since a scheduler aborts what it finds there that it did not place.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

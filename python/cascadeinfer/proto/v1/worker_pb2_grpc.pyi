@@ -60,7 +60,9 @@ class WorkerServiceStub:
     a scheduler routes on. Sends a snapshot of the running requests first, and a message
     without requests when the worker starts draining. Ends (OK) when the drain is over.
     Detached requests are leased to the feeds: when no feed has been open for the worker's
-    orphan_timeout_s, they are aborted.
+    orphan_timeout_s, they are aborted. A worker serves one scheduler at a time: while a
+    feed named by one scheduler is open, a feed named by another is refused
+    (FAILED_PRECONDITION), since a scheduler aborts what it finds there that it did not place.
     """
     GetInfo: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetInfoRequest, _worker_pb2.WorkerInfo]
     """Engine, model and KV layout, for compatibility checks before a migration."""
@@ -110,7 +112,9 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     a scheduler routes on. Sends a snapshot of the running requests first, and a message
     without requests when the worker starts draining. Ends (OK) when the drain is over.
     Detached requests are leased to the feeds: when no feed has been open for the worker's
-    orphan_timeout_s, they are aborted.
+    orphan_timeout_s, they are aborted. A worker serves one scheduler at a time: while a
+    feed named by one scheduler is open, a feed named by another is refused
+    (FAILED_PRECONDITION), since a scheduler aborts what it finds there that it did not place.
     """
     GetInfo: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetInfoRequest, _worker_pb2.WorkerInfo]  # type: ignore[assignment]
     """Engine, model and KV layout, for compatibility checks before a migration."""
@@ -193,7 +197,9 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         a scheduler routes on. Sends a snapshot of the running requests first, and a message
         without requests when the worker starts draining. Ends (OK) when the drain is over.
         Detached requests are leased to the feeds: when no feed has been open for the worker's
-        orphan_timeout_s, they are aborted.
+        orphan_timeout_s, they are aborted. A worker serves one scheduler at a time: while a
+        feed named by one scheduler is open, a feed named by another is refused
+        (FAILED_PRECONDITION), since a scheduler aborts what it finds there that it did not place.
         """
 
     @_abc_1.abstractmethod

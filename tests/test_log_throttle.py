@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cascadeinfer.scheduler.log_throttle import LogThrottle
+from cascadeinfer.log_throttle import LogThrottle
 
 
 def test_a_key_is_logged_once_per_interval() -> None:
