@@ -37,14 +37,20 @@ from cascadeinfer import _core
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.evaluation.simbench import SimSetup, run_at_rate
 from cascadeinfer.planning import fleet_capacity, load_profile, load_requests
+from cascadeinfer.stage_count import OBJECTIVES
 
 PROFILE = "gpu-h100-llama3-8b"
 REGRET = 1.02
 """The issue's bound: cascade at most 2% above the best baseline on mean and on p99."""
 
 
-def _cell(args: tuple[str, float, int, int, dict[str, list[float]]]) -> dict[str, object]:
-    trace, rate, instances, requests, known = args
+Job = tuple[str, float, int, int, dict[str, list[float]], str]
+"""(trace, rate, instances, requests, the baselines' figures already known, cascade's
+objective)."""
+
+
+def _cell(args: Job) -> dict[str, object]:
+    trace, rate, instances, requests, known, objective = args
     figures: dict[str, object] = dict(known)
     for policy in POLICY_NAMES:
         if policy in figures:
@@ -56,6 +62,7 @@ def _cell(args: tuple[str, float, int, int, dict[str, list[float]]]) -> dict[str
             num_instances=instances,
             num_requests=requests,
             seed=1,
+            objective=objective,
         )
         summary, report = run_at_rate(setup, rate)
         figures[policy] = (
@@ -107,6 +114,15 @@ def _seeds(text: str) -> list[int]:
     return list(range(int(lo), int(hi or lo) + 1))
 
 
+def add_objective_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="mean",
+        help="what cascade's layout selection optimizes (as `cascade bench sim --objective`)",
+    )
+
+
 def load_baselines(path: Path | None) -> dict[tuple[str, float], dict[str, list[float]]]:
     """The baselines' figures of each cell (trace name, rate) of an earlier --out file (none
     without one), for `_cell` to reuse."""
@@ -131,6 +147,7 @@ def main() -> None:
     p.add_argument("--instances", type=int, default=16)
     p.add_argument("--requests", type=int, default=3000, help="requests per trace")
     p.add_argument("--out", type=Path, help="also write every cell's figures as JSONL")
+    add_objective_argument(p)
     p.add_argument(
         "--baselines-from",
         type=Path,
@@ -158,6 +175,7 @@ def main() -> None:
                     args.instances,
                     args.requests,
                     known.get((path.stem, float(r)), {}),
+                    args.objective,
                 )
                 for r in rates
             ]

@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--seeds", default="1-40", help="trace seeds, FIRST-LAST")
     p.add_argument("--instances", type=int, default=16)
     p.add_argument("--out", type=Path, help="also write every cell's figures as JSONL")
+    no_regret.add_objective_argument(p)
     p.add_argument(
         "--baselines-from",
         type=Path,
@@ -109,26 +110,35 @@ def main() -> None:
     args = p.parse_args()
     known = no_regret.load_baselines(args.baselines_from)
     tmp = Path(tempfile.mkdtemp(prefix="random-mixtures-"))
-    jobs: list[tuple[str, float, int, int, dict[str, list[float]]]] = []
+    jobs: list[no_regret.Job] = []
     shapes: list[str] = []
     for seed in no_regret._seeds(args.seeds):
         path = tmp / f"mix-{seed}.jsonl"
         num_requests, cv, num_classes, factor = write_trace(seed, path)
         rate = round(factor * no_regret._capacity(path, args.instances), 3)
         jobs.append(
-            (str(path), rate, args.instances, num_requests, known.get((path.stem, rate), {}))
+            (
+                str(path),
+                rate,
+                args.instances,
+                num_requests,
+                known.get((path.stem, rate), {}),
+                args.objective,
+            )
         )
         shapes.append(f"{num_requests} req, {num_classes} classes, CV {cv:g}, {factor:.2f}x")
     cells = run_cells(jobs, shapes, args.out)
     print(f"\n{summary(cells)}; at or under 0.5x on the mean in {sum(c[0] <= 0.5 for c in cells)}")
+    print(goodput_summary(cells))
 
 
-Cell = tuple[float, float, str | None]
-"""Cascade's mean and p99 over the best baseline's, and the baseline it ran exactly, if any."""
+Cell = tuple[float, float, str | None, float, float]
+"""Cascade's mean and p99 over the best baseline's, the baseline it ran exactly (if any), and
+cascade's goodput less the best baseline's (the highest), and its p99 TTFT over the best."""
 
 
 def run_cells(
-    jobs: list[tuple[str, float, int, int, dict[str, list[float]]]],
+    jobs: list[no_regret.Job],
     shapes: list[str] | None,
     out: Path | None,
 ) -> list[Cell]:
@@ -145,7 +155,10 @@ def run_cells(
         for k, cell in enumerate(pool.map(no_regret._cell, jobs)):
             mean, p99, by_mean, by_p99 = no_regret._ratios(cell)
             ran_as = _ran_as(cell)
-            cells.append((mean, p99, ran_as))
+            first_token = no_regret._first_token(cell)
+            assert first_token is not None  # every cell run here records TTFT and goodput
+            p99_ttft, goodput, best_goodput = first_token[1], first_token[2], first_token[3]
+            cells.append((mean, p99, ran_as, goodput - best_goodput, p99_ttft))
             flag = " **over**" if max(mean, p99) > no_regret.REGRET else ""
             note = f" (ran as {ran_as})" if ran_as else ""
             shape = f" {shapes[k]} |" if shapes else ""
@@ -158,6 +171,22 @@ def run_cells(
                 with out.open("a") as f:
                     f.write(json.dumps(cell | ({"shape": shapes[k]} if shapes else {})) + "\n")
     return cells
+
+
+def goodput_summary(cells: list[Cell]) -> str:
+    """Goodput against the best baseline's, and p99 TTFT, in one sentence."""
+    behind = [c[3] for c in cells if c[3] < -GOODPUT_POINT]
+    ttft = math.exp(statistics.mean(math.log(c[4]) for c in cells))
+    worst = min(c[3] for c in cells)
+    return (
+        f"goodput more than a point below the best baseline's in {len(behind)} cells "
+        f"(worst {worst:+.3f}, mean difference {statistics.mean(c[3] for c in cells):+.4f}); "
+        f"p99 TTFT over the best baseline's: geometric mean {ttft:.3f}"
+    )
+
+
+GOODPUT_POINT = 0.01
+"""A point of goodput (a share of requests): smaller differences are not counted as behind."""
 
 
 def summary(cells: list[Cell]) -> str:

@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="also write every cell's figures as JSONL")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="session-traces-"))
-    jobs: list[tuple[str, float, int, int, dict[str, list[float]]]] = []
+    jobs: list[no_regret.Job] = []
     for kind in args.kinds.split(","):
         preset = workloads.get(kind)
         for seed in no_regret._seeds(args.seeds):
@@ -53,7 +53,7 @@ def main() -> None:
             capacity = no_regret._capacity(path, args.instances)
             for factor in args.capacity_factors.split(","):
                 rate = round(float(factor) * capacity, 3)
-                jobs.append((str(path), rate, args.instances, args.requests, {}))
+                jobs.append((str(path), rate, args.instances, args.requests, {}, "mean"))
     cells = random_mixtures.run_cells(jobs, None, args.out)
     print(f"\n{random_mixtures.summary(cells)}")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cascadeinfer import _core, workloads
 from cascadeinfer.config import CascadeConfig
+from cascadeinfer.goodput import GoodputSlo
 from cascadeinfer.stage_count import (
     OBJECTIVES,
     PRESET_SELECTION_SEEDS,
@@ -289,6 +290,7 @@ def plan_stages(
     objective: str = "mean",
     horizon_requests: int | None = None,
     config: CascadeConfig | None = None,
+    goodput_slo: GoodputSlo | None = None,
 ) -> PlanResult:
     """Plans stages for a preset or trace. The rate is, in order: `rate`, the trace's own,
     or DEFAULT_UTILIZATION of the fleet's estimated capacity for this workload; a trace whose
@@ -299,8 +301,9 @@ def plan_stages(
     and whether to split at all are chosen by simulating the candidates against one stage
     (stage_count.py), not the partitioner's own pick. `arrival_cv`: the burstiness of the
     traffic to plan for (the coefficient of variation of inter-arrival gaps; default: a trace's
-    own, else 1.0, Poisson). `objective`: what the selection minimizes, "mean" or "p99"
-    end-to-end latency (stage_count.OBJECTIVES). `horizon_requests`: how many requests the
+    own, else 1.0, Poisson). `objective`: what the selection optimizes, "mean" or "p99"
+    end-to-end latency, or "goodput" against `goodput_slo` (default GoodputSlo())
+    (stage_count.OBJECTIVES). `horizon_requests`: how many requests the
     traffic to plan for holds (a benchmark's run; default: a trace's own count but at least
     `default_selection_requests`, else that); the candidates' simulations run that many, up to
     a bound that grows with the fleet, on more selection traces when fewer than
@@ -375,7 +378,14 @@ def plan_stages(
             workload, requests, target, seed, cv, n, max_len, clamp_prompts, gaps, num_traces
         )
         chosen_candidate, candidates = choose_layout(
-            plan, summary, profile, num_instances, traces, config, objective=objective
+            plan,
+            summary,
+            profile,
+            num_instances,
+            traces,
+            config,
+            objective=objective,
+            goodput_slo=goodput_slo,
         )
         plan, config = chosen_candidate.plan, chosen_candidate.config
     solve_ms = (time.perf_counter() - start) * 1000.0

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from cascadeinfer import _core
 from cascadeinfer.config import POLICY_NAMES, CascadeConfig
+from cascadeinfer.goodput import GoodputSlo
 from cascadeinfer.planning import PlanResult, plan_stages
 
 
@@ -36,6 +37,7 @@ def build_policy(
     objective: str = "mean",
     horizon_requests: int | None = None,
     cascade_config: CascadeConfig | None = None,
+    goodput_slo: GoodputSlo | None = None,
 ) -> _core.Scheduler:
     """`name` is one of POLICY_NAMES. Cascade uses `stages` when given (instances beyond them
     join the last stage), else a plan from the partitioner for `workload` at `rate`.
@@ -43,8 +45,9 @@ def build_policy(
     can (benchmarks run past saturation on purpose); otherwise it is an error.
     `clamp_prompts`: plan for prompts cut to `max_len` as the benchmarks cut them, instead of
     without the prompts no instance can hold. `arrival_cv`: the burstiness to plan for
-    (`plan_stages`); `objective`: what the layout selection minimizes, `horizon_requests`: how
-    many requests it simulates (`plan_stages`). `cascade_config`: cascade's settings (default
+    (`plan_stages`); `objective`: what the layout selection optimizes (`goodput_slo`: the
+    targets its goodput counts), `horizon_requests`: how many requests it simulates
+    (`plan_stages`). `cascade_config`: cascade's settings (default
     `CascadeConfig()`); the layout selection simulates with them."""
     if name not in POLICY_NAMES:
         raise ValueError(f"policy {name!r}: known {', '.join(POLICY_NAMES)}")
@@ -74,6 +77,7 @@ def build_policy(
         objective=objective,
         horizon_requests=horizon_requests,
         cascade_config=cascade_config,
+        goodput_slo=goodput_slo,
     )
     return _core.Scheduler.cascade(
         profile, result.plan, instances, result.workload.grid, result.config, result.workload
@@ -94,6 +98,7 @@ def plan_cascade(
     objective: str = "mean",
     horizon_requests: int | None = None,
     cascade_config: CascadeConfig | None = None,
+    goodput_slo: GoodputSlo | None = None,
 ) -> PlanResult:
     """The plan `build_policy` runs cascade with when no stages are given (its arguments mean
     the same), with every layout candidate the selection simulated."""
@@ -110,4 +115,5 @@ def plan_cascade(
         objective=objective,
         horizon_requests=horizon_requests,
         config=cascade_config,
+        goodput_slo=goodput_slo,
     )

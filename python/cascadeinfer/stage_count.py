@@ -44,6 +44,7 @@ from dataclasses import dataclass, replace
 
 from cascadeinfer import _core
 from cascadeinfer.config import CascadeConfig
+from cascadeinfer.goodput import GoodputSlo, goodput
 from cascadeinfer.traces import TraceEntry
 
 SELECTION_REQUESTS = 2000
@@ -236,6 +237,10 @@ class Candidate:
     is_resized: bool = False
     """Made by the size search (`_search_sizes`): another candidate's stage ranges on other
     instance counts."""
+    goodput_per_trace: tuple[float, ...] = ()
+    """The share of requests meeting the goodput SLO on each selection trace run, in the
+    traces' order (NaN where a request did not finish); empty unless the objective is
+    goodput."""
 
     @property
     def simulated_mean_e2e_s(self) -> float:
@@ -246,6 +251,14 @@ class Candidate:
     @property
     def simulated_p99_e2e_s(self) -> float:
         return sum(p for _, p in self.per_trace) / len(self.per_trace)
+
+    @property
+    def simulated_goodput(self) -> float:
+        """Goodput averaged over the traces run; NaN where not measured or a request did not
+        finish."""
+        if not self.goodput_per_trace:
+            return math.nan
+        return sum(self.goodput_per_trace) / len(self.goodput_per_trace)
 
     def is_pruned(self, num_traces: int) -> bool:
         """Whether this candidate was dropped before running on all `num_traces` traces."""
@@ -455,14 +468,36 @@ def simulated_e2e(
 ) -> tuple[float, float]:
     """Mean and p99 end-to-end latency of the plan's layout on `trace`, with the policy as it
     will run (`config`, default CascadeConfig()); NaN when a request did not finish."""
+    mean, p99, _ = simulated_figures(plan, summary, profile, num_instances, trace, config)
+    return mean, p99
+
+
+def simulated_figures(
+    plan: _core.StagePlan,
+    summary: _core.Workload,
+    profile: _core.CostProfile,
+    num_instances: int,
+    trace: Sequence[TraceEntry],
+    config: CascadeConfig | None = None,
+    slo: GoodputSlo | None = None,
+) -> tuple[float, float, float]:
+    """`simulated_e2e`'s two figures and, with `slo`, the share of requests meeting it (NaN
+    without one, and all three NaN when a request did not finish)."""
     instances = list(range(num_instances))
     policy = _core.Scheduler.cascade(
         profile, plan, instances, summary.grid, config or CascadeConfig(), summary
     )
-    result = _core.simulate(policy, profile, trace, instances).summary()
+    report = _core.simulate(policy, profile, trace, instances)
+    result = report.summary()
     if result["completed"] < len(trace):
-        return math.nan, math.nan
-    return float(result["mean_e2e_s"]), float(result["p99_e2e_s"])
+        return math.nan, math.nan, math.nan
+    share = math.nan
+    if slo is not None:
+        r = report.requests()
+        prompt_lens = [int(p) for p in r["prompt_len"]]
+        met = goodput(slo, prompt_lens, r["ttft_s"], r["tpot_s"], r["e2e_s"], r["arrival_s"])
+        share = met["goodput"]
+    return float(result["mean_e2e_s"]), float(result["p99_e2e_s"]), share
 
 
 def _split_plans(
@@ -488,14 +523,28 @@ def _split_plans(
     return plans
 
 
-OBJECTIVES = ("mean", "p99")
-"""What the layout selection minimizes: mean or p99 end-to-end latency; the other figure is
-the one allowed `MAX_P99_SLACK` (named for the default objective)."""
+OBJECTIVES = ("mean", "p99", "goodput")
+"""What the layout selection optimizes: mean or p99 end-to-end latency (the other figure is
+the one allowed `MAX_P99_SLACK`, named for the default objective), or goodput, the share of
+requests meeting a TTFT and a TPOT target (`GoodputSlo`), with the mean second
+(`_by_goodput`)."""
+
+GOODPUT_SLACK = 0.01
+"""Under the goodput objective, candidates within this share of requests of the best simulated
+goodput tie, and the layout the latency rules pick stays among them. Goodput is a share of a
+few thousand requests per selection trace, and on mixtures where a split wins on latency it
+gave up 11-26% of goodput (long prompts' prefills crowd the few instances of the long stage,
+whose decode steps then run past the TPOT target), while one stage kept it; a point is what
+the draws' noise leaves undecided (docs/benchmarks.md, "Goodput as the objective")."""
 
 
-def _trails_by(
-    per_trace: Sequence[tuple[float, float]], plain: Sequence[tuple[float, float]]
-) -> float:
+def latency_objective(objective: str) -> str:
+    """The latency figure the split rules rank by for `objective`: goodput ranks its ties by
+    the mean."""
+    return "p99" if objective == "p99" else "mean"
+
+
+def _trails_by(per_trace: Sequence[tuple[float, ...]], plain: Sequence[tuple[float, ...]]) -> float:
     """Mean over traces of the mean-latency ratio to plain one stage: 0 where one stage left
     requests unfinished (any split that finishes beats it), inf where the split did."""
     if any(math.isnan(b[0]) for b in plain):
@@ -627,12 +676,15 @@ def choose_layout(
     traces: Sequence[Sequence[TraceEntry]],
     config: CascadeConfig | None = None,
     objective: str = "mean",
+    goodput_slo: GoodputSlo | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
     """`best` is the partitioner's unconstrained plan, `config` the policy configuration to
-    run (default CascadeConfig()), `objective` one of OBJECTIVES. Returns the chosen candidate
+    run (default CascadeConfig()), `objective` one of OBJECTIVES; `goodput_slo` the targets
+    the goodput objective counts (default GoodputSlo()). Returns the chosen candidate
     (`pick`) and every candidate simulated."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}: known {', '.join(OBJECTIVES)}")
+    slo = (goodput_slo or GoodputSlo()) if objective == "goodput" else None
     config = config or CascadeConfig()
     single_plan = _core.single_stage_plan(summary, profile, num_instances)
     one_stage = replace(config, is_one_stage_balanced=False, is_one_stage_kv_first=False)
@@ -653,10 +705,10 @@ def choose_layout(
     # cannot plausibly win and skips the rest.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
 
-        def submit(k: int, on: Sequence[Sequence[TraceEntry]]) -> list[Future[tuple[float, float]]]:
+        def submit(k: int, on: Sequence[Sequence[TraceEntry]]) -> list[Future[Figures]]:
             plan, cfg = runs[k]
             return [
-                pool.submit(simulated_e2e, plan, summary, profile, num_instances, t, cfg)
+                pool.submit(simulated_figures, plan, summary, profile, num_instances, t, cfg, slo)
                 for t in on
             ]
 
@@ -674,17 +726,38 @@ def choose_layout(
         for k, fs in rest.items():
             results[k] += [f.result() for f in fs]
         candidates = [
-            Candidate(len(plan.stages), plan, cfg, tuple(per_trace))
-            for (plan, cfg), per_trace in zip(runs, results, strict=True)
+            _candidate(len(plan.stages), plan, cfg, figures, slo)
+            for (plan, cfg), figures in zip(runs, results, strict=True)
         ]
-        rules = _SplitRules.of(candidates, len(traces), objective)
+        rules = _SplitRules.of(candidates, len(traces), latency_objective(objective))
         splits = [c for c in candidates[num_one_stage:] if not c.is_pruned(len(traces))]
         starts = sorted(splits, key=lambda c: (not rules.admits(c), rules.score(c)))
         for start in starts[:SIZE_SEARCH_STARTS]:
-            candidates += _search_sizes(start, rules, summary, profile, num_instances, traces, pool)
+            candidates += _search_sizes(
+                start, rules, summary, profile, num_instances, traces, pool, slo
+            )
             if any(c.num_stages > 1 and rules.admits(c) for c in candidates):
                 break
     return pick(candidates, len(traces), objective), candidates
+
+
+Figures = tuple[float, float, float]
+"""(mean, p99, goodput) of one candidate on one selection trace (`simulated_figures`)."""
+
+
+def _candidate(
+    num_stages: int,
+    plan: _core.StagePlan,
+    config: CascadeConfig,
+    figures: Sequence[Figures],
+    slo: GoodputSlo | None,
+    *,
+    is_resized: bool = False,
+) -> Candidate:
+    """A candidate with its figures on each trace it ran (goodput where `slo` measured it)."""
+    per_trace = tuple((mean, p99) for mean, p99, _ in figures)
+    shares = tuple(share for _, _, share in figures) if slo is not None else ()
+    return Candidate(num_stages, plan, config, per_trace, is_resized, shares)
 
 
 def _search_sizes(
@@ -695,6 +768,7 @@ def _search_sizes(
     num_instances: int,
     traces: Sequence[Sequence[TraceEntry]],
     pool: ThreadPoolExecutor,
+    slo: GoodputSlo | None = None,
 ) -> list[Candidate]:
     """Layouts with `start`'s stage ranges and other instance counts: one instance at a time
     moves from one stage to another while that cuts `pick`'s score of the layout by SIZE_GAIN,
@@ -723,11 +797,11 @@ def _search_sizes(
             for sizes in _size_neighbours([s.num_instances for s in current.plan.stages])
         ]
 
-        def run(
-            plan: _core.StagePlan, on: Sequence[Sequence[TraceEntry]]
-        ) -> list[Future[tuple[float, float]]]:
+        def run(plan: _core.StagePlan, on: Sequence[Sequence[TraceEntry]]) -> list[Future[Figures]]:
             return [
-                pool.submit(simulated_e2e, plan, summary, profile, num_instances, t, config)
+                pool.submit(
+                    simulated_figures, plan, summary, profile, num_instances, t, config, slo
+                )
                 for t in on
             ]
 
@@ -735,18 +809,19 @@ def _search_sizes(
         first = [(plan, [f.result() for f in fs]) for plan, fs in heads]
         first.sort(key=lambda pr: _trails_by(pr[1], current.per_trace[:PRUNE_AFTER]))
         finalists = [
-            (plan, per_trace, run(plan, traces[PRUNE_AFTER:]))
-            for plan, per_trace in first[:SIZE_SEARCH_FINALISTS]
+            (plan, figures, run(plan, traces[PRUNE_AFTER:]))
+            for plan, figures in first[:SIZE_SEARCH_FINALISTS]
         ]
         tried = [
-            Candidate(
+            _candidate(
                 current.num_stages,
                 plan,
                 config,
-                (*per_trace, *(f.result() for f in rest)),
+                [*figures, *(f.result() for f in rest)],
+                slo,
                 is_resized=True,
             )
-            for plan, per_trace, rest in finalists
+            for plan, figures, rest in finalists
         ]
         admitted = [c for c in tried if rules.admits(c)]
         if admitted and not rules.admits(current):
@@ -821,7 +896,13 @@ def pick(
 
     Last, where the layout so chosen trails a baseline's form on either figure, the candidate
     of least regret against them runs (`_least_regret`; `with_least_regret` False leaves it
-    out, for comparisons)."""
+    out, for comparisons).
+
+    Under the goodput objective, the layout so chosen runs unless another candidate's
+    simulated goodput is more than GOODPUT_SLACK higher (`_by_goodput`)."""
+    if objective == "goodput":
+        by_latency = pick(candidates, num_traces, "mean", with_least_regret=with_least_regret)
+        return _by_goodput(candidates, num_traces, by_latency)
     rules = _SplitRules.of(candidates, num_traces, objective)
     splits = [c for c in candidates if c.num_stages > 1 and rules.admits(c)]
     chosen = min(splits, key=lambda c: (rules.score(c), c.num_stages)) if splits else rules.single
@@ -859,6 +940,27 @@ def _least_regret(candidates: Sequence[Candidate], chosen: Candidate, num_traces
         return chosen
     least, lowest = min(((c, regret(c, forms)) for c in ran), key=lambda scored: scored[1])
     return least if lowest < behind else chosen
+
+
+def _by_goodput(
+    candidates: Sequence[Candidate], num_traces: int, by_latency: Candidate
+) -> Candidate:
+    """`by_latency`, unless a candidate that ran on every selection trace has a simulated
+    goodput more than GOODPUT_SLACK above its own: then, of the candidates within
+    GOODPUT_SLACK of the highest goodput, the one with the lowest mean end-to-end latency
+    (trace by trace over plain one stage's; fewer stages on a tie). A candidate that left a
+    request unfinished has no goodput and is never taken here."""
+    ran = [
+        c for c in candidates if not c.is_pruned(num_traces) and not math.isnan(c.simulated_goodput)
+    ]
+    if not ran:
+        return by_latency
+    best = max(c.simulated_goodput for c in ran)
+    if by_latency.simulated_goodput >= best - GOODPUT_SLACK:  # False where NaN
+        return by_latency
+    plain = candidates[0]
+    tied = [c for c in ran if c.simulated_goodput >= best - GOODPUT_SLACK]
+    return min(tied, key=lambda c: (_trails_by(c.per_trace, plain.per_trace), c.num_stages))
 
 
 def regret(c: Candidate, forms: Sequence[Candidate]) -> float:

@@ -16,6 +16,7 @@ import pytest
 from cascadeinfer import _core, workloads
 from cascadeinfer.config import CascadeConfig
 from cascadeinfer.evaluation.simbench import make_trace
+from cascadeinfer.goodput import GoodputSlo
 from cascadeinfer.planning import (
     PlanResult,
     clamp_lengths,
@@ -26,6 +27,7 @@ from cascadeinfer.planning import (
     selection_traces,
 )
 from cascadeinfer.stage_count import (
+    GOODPUT_SLACK,
     MAX_P99_SLACK,
     MAX_SCALED_SELECTION_REQUESTS,
     MAX_SELECTION_REQUESTS,
@@ -53,6 +55,7 @@ from cascadeinfer.stage_count import (
     selection_shape,
     selection_trace,
     simulated_e2e,
+    simulated_figures,
     split_beats,
 )
 
@@ -767,3 +770,67 @@ def _is_least_admitted(
         if r <= 1 - MIN_GAIN and s <= 1 + MAX_P99_SLACK and (r + s) / 2 <= 1 - MIN_GAIN
     ]
     return bool(admitted) and paired_ratios(picked, single, objective)[0] == min(admitted)
+
+
+def test_the_goodput_objective_keeps_the_latency_pick_unless_another_meets_the_slo_clearly_more() -> (
+    None
+):
+    plain = _one_stage(CascadeConfig(), [(10.0, 100.0)] * 3)
+    split = replace(_one_stage(CascadeConfig(), [(8.0, 90.0)] * 3), num_stages=2)
+    assert pick([plain, split], 3) is split  # far ahead on both latency figures
+
+    def with_goodput(c: Candidate, share: float) -> Candidate:
+        return replace(c, goodput_per_trace=(share,) * 3)
+
+    # The split gives up 20 points of goodput (a long stage's prefills past the TPOT target):
+    # one stage runs.
+    assert pick([with_goodput(plain, 0.9), with_goodput(split, 0.7)], 3, "goodput").num_stages == 1
+    # Within GOODPUT_SLACK the latency rules decide, as under the mean.
+    close = 0.9 - GOODPUT_SLACK / 2
+    assert (
+        pick([with_goodput(plain, 0.9), with_goodput(split, close)], 3, "goodput").num_stages == 2
+    )
+    # Where the latency pick trails, of the candidates within GOODPUT_SLACK of the best goodput
+    # the lowest mean runs: a slower split that meets the SLO as often as one stage, ahead of
+    # one stage on the mean.
+    slower = replace(_one_stage(CascadeConfig(), [(9.5, 95.0)] * 3), num_stages=3)
+    picked = pick(
+        [with_goodput(plain, 0.80), with_goodput(split, 0.70), with_goodput(slower, 0.805)],
+        3,
+        "goodput",
+    )
+    assert picked.num_stages == 3
+    # A candidate that left a request unfinished has no goodput to be taken for.
+    unfinished = replace(split, per_trace=((math.nan, math.nan),) * 3)
+    candidates = [with_goodput(plain, 0.9), replace(unfinished, goodput_per_trace=(math.nan,) * 3)]
+    assert pick(candidates, 3, "goodput").num_stages == 1
+
+
+def test_a_plan_for_goodput_measures_every_candidate_s_goodput_and_runs_the_best() -> None:
+    profile = load_profile("gpu-h100-llama3-8b")
+    result = plan_stages(
+        num_instances=8,
+        workload="production-mix",
+        profile=profile,
+        seed=3,
+        horizon_requests=800,
+        objective="goodput",
+    )
+    ran = [c for c in result.candidates if not c.is_pruned(len(result.candidates[0].per_trace))]
+    assert all(len(c.goodput_per_trace) == len(c.per_trace) for c in result.candidates)
+    chosen = next(
+        c for c in result.candidates if c.plan is result.plan and c.config == result.config
+    )
+    best = max(c.simulated_goodput for c in ran)
+    assert chosen.simulated_goodput >= best - GOODPUT_SLACK
+    # The figures are those of the simulation itself.
+    trace = make_trace(
+        "production-mix", num_requests=300, rate=result.rate, seed=11, max_len=profile.max_model_len
+    )
+    mean, p99, share = simulated_figures(
+        result.plan, result.workload, profile, 8, trace, result.config, GoodputSlo()
+    )
+    assert (mean, p99) == simulated_e2e(
+        result.plan, result.workload, profile, 8, trace, result.config
+    )
+    assert 0.0 <= share <= 1.0

@@ -13,7 +13,6 @@ from cascadeinfer.cli import flags
 from cascadeinfer.cli.arrival import add_arrival_arguments, gamma_cv
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.evaluation import live
-from cascadeinfer.evaluation.goodput import GoodputSlo
 from cascadeinfer.evaluation.simbench import (
     SUMMARY_KEYS,
     WHOLE_TRACE,
@@ -23,6 +22,7 @@ from cascadeinfer.evaluation.simbench import (
     find_max_rate,
     run_at_rate,
 )
+from cascadeinfer.goodput import GoodputSlo
 from cascadeinfer.planning import load_profile
 from cascadeinfer.stage_count import OBJECTIVES
 
@@ -82,7 +82,8 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
         "--objective",
         choices=OBJECTIVES,
         default="mean",
-        help="cascade: what the layout chosen by simulation minimizes (mean or p99 e2e)",
+        help="cascade: what the layout chosen by simulation optimizes (mean or p99 e2e, or "
+        "goodput by the --goodput-* targets)",
     )
     p.add_argument(
         "--no-capacity-guard",

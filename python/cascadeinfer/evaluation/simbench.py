@@ -16,8 +16,8 @@ from typing import Any
 
 from cascadeinfer import _core, workloads
 from cascadeinfer.config import CascadeConfig, FirstTokenSlo
-from cascadeinfer.evaluation.goodput import GOODPUT_KEYS, GoodputSlo, goodput
 from cascadeinfer.evaluation.summary import SUMMARY_KEYS as LIVE_KEYS
+from cascadeinfer.goodput import GOODPUT_KEYS, GoodputSlo, goodput
 from cascadeinfer.planning import clamp_lengths
 from cascadeinfer.policies import build_policy
 from cascadeinfer.traces import TraceEntry, arrival_rate, read_trace, to_entries, with_lengths
@@ -109,7 +109,8 @@ class SimSetup:
     max_optional_migrations_per_s: float = 4.0
     goodput_slo: GoodputSlo = field(default_factory=GoodputSlo)
     objective: str = "mean"
-    """What cascade's layout selection minimizes (`plan_stages`)."""
+    """What cascade's layout selection optimizes (`plan_stages`); its goodput counts
+    `goodput_slo`."""
     is_capacity_guarded: bool = True
     """Cascade runs with the capacity guard (`CascadeConfig.is_capacity_guarded`), as the
     scheduler does unless started with --no-capacity-guard."""
@@ -142,6 +143,7 @@ def policy_options(setup: SimSetup, rate: float, num_requests: int) -> dict[str,
         # Gamma arrivals of a preset plan for their burstiness; a trace file's own gaps say it.
         "arrival_cv": setup.cv if setup.arrival == "gamma" else None,
         "objective": setup.objective,
+        "goodput_slo": setup.goodput_slo,
         "horizon_requests": num_requests,
         # The first-token level the run's goodput counts is the one cascade places for.
         "cascade_config": CascadeConfig(

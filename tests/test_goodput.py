@@ -7,8 +7,8 @@ import json
 import math
 
 import pytest
-from cascadeinfer.evaluation.goodput import GoodputSlo, goodput
 from cascadeinfer.evaluation.simbench import SimSetup, run_at_rate
+from cascadeinfer.goodput import GoodputSlo, goodput
 from cascadeinfer.planning import load_profile
 
 from tests.cli.test_bench_sim import cascade
