@@ -90,6 +90,10 @@ def as_json(result: PlanResult) -> dict[str, Any]:
                 "one_stage_turns": c.config.one_stage_turns,
                 "simulated_mean_e2e_s": c.simulated_mean_e2e_s,
                 "simulated_p99_e2e_s": c.simulated_p99_e2e_s,
+                # Measured under --objective goodput only; None otherwise.
+                "simulated_goodput": None
+                if math.isnan(c.simulated_goodput)
+                else c.simulated_goodput,
                 "traces_simulated": len(c.per_trace),
             }
             for c in result.candidates
@@ -149,6 +153,7 @@ def as_table(result: PlanResult, args: argparse.Namespace) -> str:
         num_traces = max(len(c.per_trace) for c in result.candidates)
         simulated = ", ".join(
             f"{_label(c)} {c.simulated_mean_e2e_s:.2f}/{c.simulated_p99_e2e_s:.1f} s"
+            + (f", goodput {c.simulated_goodput:.1%}" if c.goodput_per_trace else "")
             + (f" (dropped after {len(c.per_trace)} traces)" if c.is_pruned(num_traces) else "")
             for c in result.candidates
         )
