@@ -6,6 +6,11 @@ from __future__ import annotations
 from cascadeinfer.domain import FinishReason, SamplingSpec, check_num_stop_ids
 from cascadeinfer.proto.v1 import common_pb2
 
+PLACED_BY_KEY = "cascade-scheduler-id"
+"""The call metadata in which a scheduler names itself on its placements (StartDetached, a
+detached Generate): a worker takes them from the scheduler that holds it only
+(`worker/claim.py`)."""
+
 FINISH_TO_PROTO = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
     FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from cascadeinfer.proto.v1 import common_pb2, worker_pb2
-from cascadeinfer.scheduler.worker_client import WorkerCallError
+from cascadeinfer.scheduler.worker_client import FeedReader, WorkerCallError
 
 
 @dataclass
@@ -114,7 +114,7 @@ class FakeWorker:
             raise WorkerCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer from the fake")
         self.aborted.append(request_id)
 
-    async def step_feed(self, scheduler_id: str) -> AsyncIterator[worker_pb2.StepUpdate]:
+    async def step_feed(self, reader: FeedReader) -> AsyncIterator[worker_pb2.StepUpdate]:
         # A client closed before this feed opened ended the feed it had, not this one: a
         # real worker opens a new stream.
         queued = [self._feed.get_nowait() for _ in range(self._feed.qsize())]

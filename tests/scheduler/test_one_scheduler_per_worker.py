@@ -8,13 +8,21 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from cascadeinfer.launcher import SCHEDULER, spawn, wait_serving
-from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
+from cascadeinfer.proto.v1 import (
+    common_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 
-from tests.worker.daemons import SIM_WORKER, start_scheduler, workers
+from tests.worker.daemons import SIM_WORKER, free_port, start_scheduler, workers
+from tests.worker.streams import generate_request
 
 MAX_TOKENS = 1500
 """Long enough on a sim worker (a few ms a step) to run while the second scheduler starts."""
@@ -113,3 +121,107 @@ def test_a_feed_named_by_another_scheduler_is_refused_while_one_is_open(tmp_path
                 assert time.monotonic() < deadline, "the hold outlived its feeds"
                 time.sleep(0.1)
         anonymous.cancel()
+
+
+def feed(stub: worker_pb2_grpc.WorkerServiceStub, sid: str, started: float, serving: bool) -> Any:
+    return stub.StreamSteps(
+        worker_pb2.StreamStepsRequest(
+            scheduler_id=sid, scheduler_started_at_s=started, scheduler_is_serving=serving
+        )
+    )
+
+
+def test_a_scheduler_that_serves_or_started_first_takes_a_worker_over(tmp_path: Path) -> None:
+    with workers([SIM_WORKER], tmp_path) as (worker,):
+        stub = worker.stub()
+        later = feed(stub, "later", 200.0, False)
+        next(later)
+        # Neither serves yet: the one started first takes the worker (two schedulers started
+        # together each held part of their list and waited for the rest for good).
+        first = feed(stub, "first", 100.0, False)
+        next(first)
+        with pytest.raises(grpc.RpcError) as ended:
+            list(later)
+        assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'first' took this worker over" in (ended.value.details() or "")
+        with pytest.raises(grpc.RpcError) as refused:
+            next(feed(stub, "later", 200.0, False))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # One that serves clients takes it from one still linking its list, started first or
+        # not (a standby held the worker a serving scheduler lost for a moment).
+        serving = feed(stub, "serving", 300.0, True)
+        next(serving)
+        with pytest.raises(grpc.RpcError):
+            list(first)
+        # ... and keeps it against anyone, serving or not: what runs there is its own.
+        for sid, started, is_serving in (("early", 1.0, False), ("other", 1.0, True)):
+            with pytest.raises(grpc.RpcError) as kept:
+                next(feed(stub, sid, started, is_serving))
+            assert kept.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # A placement named by another scheduler is refused; the holder's is taken.
+        batch = worker_pb2.StartBatch(requests=[generate_request("placed", [3] * 20, 4)])
+        batch.requests[0].detach = True
+        results = list(
+            stub.StartDetached(iter([batch]), metadata=(("cascade-scheduler-id", "first"),))
+        )
+        assert results[0].results[0].code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert worker.stub().GetLoad(worker_pb2.GetLoadRequest()).num_running == 0
+        results = list(
+            stub.StartDetached(iter([batch]), metadata=(("cascade-scheduler-id", "serving"),))
+        )
+        assert results[0].results[0].code == 0
+        serving.cancel()
+
+
+def test_two_schedulers_started_together_on_the_same_workers_end_with_one_serving(
+    tmp_path: Path,
+) -> None:
+    with workers([SIM_WORKER] * 2, tmp_path) as daemons:
+        addresses = [d.address for d in daemons]
+        started = [
+            spawn(SCHEDULER, ["--workers", ",".join(order), "--policy", "least-load"], tmp_path)
+            for order in (addresses, addresses[::-1])
+        ]
+        try:
+            deadline = time.monotonic() + 60
+            serving: list[int] = []
+            while not serving:
+                assert time.monotonic() < deadline, "neither scheduler serves"
+                serving = [
+                    k for k, (_, log) in enumerate(started) if "serving on" in log.read_text()
+                ]
+                time.sleep(0.2)
+            time.sleep(3)  # the other one keeps waiting, refused
+            assert [
+                k for k, (_, log) in enumerate(started) if "serving on" in log.read_text()
+            ] == serving
+            process, log_path = started[serving[0]]
+            one = wait_serving(process, log_path, 10)
+            finished = generate(one.address, "after-the-race", 20)
+            assert sum(len(r.tokens.token_ids) for r in finished) == 20
+        finally:
+            for process, _ in started:
+                process.terminate()
+                process.wait(timeout=60)
+
+
+def test_a_worker_registering_with_a_scheduler_another_one_holds_it_for_is_refused_cleanly(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    with workers([[*SIM_WORKER, "--scheduler", f"127.0.0.1:{port}"]], tmp_path) as (worker,):
+        holder = start_scheduler(["--workers", worker.address, "--policy", "least-load"], tmp_path)
+        other = None
+        try:
+            other = start_scheduler(["--port", str(port), "--policy", "least-load"], tmp_path)
+            wait_for_line(worker.log_path, "scheduler_refused_worker", 30)
+            assert "AssertionError" not in worker.log()  # FAILED_PRECONDITION, not UNKNOWN
+            assert "this worker serves scheduler" in worker.log()
+            wait_for_line(other.log_path, "worker_serves_another_scheduler", 30)
+            assert "Traceback" not in other.log() and "AssertionError" not in other.log()
+            finished = generate(holder.address, "still-the-holder's", 20)
+            assert sum(len(r.tokens.token_ids) for r in finished) == 20
+        finally:
+            holder.stop()
+            if other is not None:
+                other.stop()

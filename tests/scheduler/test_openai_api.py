@@ -961,8 +961,16 @@ def test_queue_full_is_429_and_no_worker_is_503(front: Front, tmp_path: Path) ->
         "--http-max-connections",
         "4",
     ]
+    # A worker of its own: a worker serves one scheduler (the module's holds its workers).
+    with workers([SIM], tmp_path) as (own,):
+        _queue_full_is_429_and_no_worker_is_503(front, tmp_path, token_file, own, small)
+
+
+def _queue_full_is_429_and_no_worker_is_503(
+    front: Front, tmp_path: Path, token_file: Path, own: Daemon, small: list[str]
+) -> None:
     full = start_scheduler(
-        scheduler_args(front.model_dir, token_file, "--workers", front.workers[1].address, *small),
+        scheduler_args(front.model_dir, token_file, "--workers", own.address, *small),
         tmp_path,
     )
     try:
@@ -1002,9 +1010,7 @@ def test_queue_full_is_429_and_no_worker_is_503(front: Front, tmp_path: Path) ->
     finally:
         full.stop()
     none = start_scheduler(
-        scheduler_args(
-            front.model_dir, token_file, "--workers", front.workers[1].address, "--min-workers", "2"
-        ),
+        scheduler_args(front.model_dir, token_file, "--workers", own.address, "--min-workers", "2"),
         tmp_path,
     )
     try:
@@ -1024,7 +1030,14 @@ def test_a_front_without_a_token_answers_only_loopback_host_names(
     then calls the API with the page's name as Host. Without a token on loopback, the front
     answers only Host names of this machine's loopback; with a token, any (test above)."""
     args = ["--tokenizer", str(front.model_dir), "--http-port", "0"]
-    open_front = start_scheduler([*args, "--workers", front.workers[1].address], tmp_path)
+    # A worker of its own: a worker serves one scheduler (the module's holds its workers).
+    with workers([SIM], tmp_path) as (own,):
+        _answers_only_loopback_host_names(
+            start_scheduler([*args, "--workers", own.address], tmp_path)
+        )
+
+
+def _answers_only_loopback_host_names(open_front: Daemon) -> None:
     try:
         base = open_front.openai_url.removesuffix("/v1")
         port = base.rsplit(":", 1)[1]

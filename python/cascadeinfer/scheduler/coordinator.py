@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -34,7 +34,7 @@ from cascadeinfer.scheduler.metrics import SchedulerMetrics
 from cascadeinfer.scheduler.requests import MAX_SESSION_ID_CHARS, ClientRequest
 from cascadeinfer.scheduler.tasks import report_failure, run_in_daemon_thread
 from cascadeinfer.scheduler.text import encode_off_loop, is_over_bytes, load_tokenizer
-from cascadeinfer.scheduler.worker_client import WorkerCallError
+from cascadeinfer.scheduler.worker_client import FeedReader, WorkerCallError
 from cascadeinfer.scheduler.workers import (
     WorkerLeaving,
     WorkerLink,
@@ -124,8 +124,18 @@ class Coordinator:
         """`pool` defaults to gRPC clients built from `config`; tests pass fakes."""
         self.config = config
         self.profile = load_profile(config.profile)
+        self.scheduler_id = uuid.uuid4().hex
+        """Names this scheduler to the workers, on its step feeds and placements: a worker
+        serves one scheduler at a time (`worker/claim.py`). New at every start, so a restarted
+        scheduler takes its workers once its predecessor's feeds are closed."""
+        self.started_at_s = time.time()
+        self.is_serving = False
+        """Set once its --workers list is linked (at once without one): a scheduler still
+        linking it is outranked on a worker by one that serves (`worker/claim.py`)."""
         self.pool = pool or WorkerPool(
-            grpc_clients(config.tls, config.auth_token, config.worker_link_timeout_s),
+            grpc_clients(
+                config.tls, config.auth_token, config.worker_link_timeout_s, self.scheduler_id
+            ),
             config.worker_call_timeout_s,
         )
         self.policy: _core.Scheduler | None = None
@@ -146,10 +156,6 @@ class Coordinator:
         self._said_too_short = LogThrottle()
         self._said_other_model = LogThrottle()
         self._said_held = LogThrottle(HELD_LOG_INTERVAL_S)
-        self.scheduler_id = uuid.uuid4().hex
-        """Names this scheduler to the workers when it opens their step feeds: a worker serves
-        one scheduler at a time (`worker/claim.py`). New at every start, so a restarted
-        scheduler takes its workers once its predecessor's feeds are closed."""
         self._is_closing = False
         self.is_stopping = False
         """Set by `cut_off`: new requests are refused with UNAVAILABLE."""
@@ -180,6 +186,27 @@ class Coordinator:
         )
 
     # --- workers ---------------------------------------------------------------------------
+    async def now_serving(self) -> None:
+        """Marks this scheduler serving (its --workers list is linked), and says so to the
+        workers it holds: the feeds it opened while linking the list said it did not serve
+        yet, and a serving scheduler that a worker registered with took that worker over from
+        an idle one (`worker/claim.py`). One feed more each, closed at its first message: the
+        worker keeps the latest word of its holder."""
+        self.is_serving = True
+        reader = FeedReader(self.scheduler_id, self.started_at_s, True)
+
+        async def tell(link: WorkerLink) -> None:
+            feed = link.client.step_feed(reader)
+            try:
+                await asyncio.wait_for(anext(feed), self.config.worker_call_timeout_s)
+            except (WorkerCallError, TimeoutError, StopAsyncIteration) as e:
+                log.info("serving_not_told", worker=link.address, error=repr(e))
+            finally:
+                if isinstance(feed, AsyncGenerator):
+                    await feed.aclose()
+
+        await asyncio.gather(*(tell(w) for w in self.pool.healthy()))
+
     async def add_worker(self, address: str, worker_id: str = "") -> WorkerLink:
         """Connects a worker and puts it in the plan once its step feed is up and the ghosts
         it ran are aborted (so nothing is placed beside a stale copy of the same request).
@@ -431,7 +458,8 @@ class Coordinator:
         settled once the first message (what runs there) is reconciled, or the feed fails."""
         why = "step feed ended"
         try:
-            async for update in link.client.step_feed(self.scheduler_id):
+            reader = FeedReader(self.scheduler_id, self.started_at_s, self.is_serving)
+            async for update in link.client.step_feed(reader):
                 if not reconciled.done():
                     if update.is_draining:  # leaving: nothing may be placed there
                         draining = WorkerUnreachable(f"{link.address}: the worker is draining")

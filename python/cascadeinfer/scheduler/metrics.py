@@ -22,6 +22,7 @@ REFUSAL_REASONS = frozenset(
         "id_mismatch",  # the worker at the address answers to another id
         "id_in_use",  # another connected worker has the id
         "too_short",  # it holds shorter requests than the scheduler admits
+        "another_scheduler",  # another scheduler holds it (worker/claim.py)
         "another_model",  # it serves another model than the workers already serving
         "leaving",  # the worker drains or was deregistered; its feed has not ended yet
         "unknown_worker",  # a goodbye for an id the scheduler does not know

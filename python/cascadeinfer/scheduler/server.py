@@ -207,6 +207,7 @@ async def serve(config: SchedulerConfig) -> None:
             )
             watch_essential(keep, failures, stop)
             essential.append(keep)
+        await coordinator.now_serving()  # outranks, on a worker, a scheduler still linking
         _announce(config, port, http)
         await stop.wait()
     await _shut_down(health_servicer, essential, http, server, coordinator)

@@ -43,8 +43,12 @@ class StartStream:
     """Batched detached starts on one worker; `start` is what `WorkerClient.start_detached`
     does."""
 
-    def __init__(self, stub: WorkerServiceAsyncStub) -> None:
+    def __init__(
+        self, stub: WorkerServiceAsyncStub, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self._stub = stub
+        self._metadata = metadata
+        """Sent with the stream: the scheduler's name on its placements."""
         self._call: Call | None = None
         self._queued: list[tuple[worker_pb2.GenerateRequest, asyncio.Future[None]]] = []
         self._in_flight: deque[tuple[str, asyncio.Future[None]]] = deque()
@@ -107,7 +111,7 @@ class StartStream:
     def _open(self) -> Call:
         if self._call is not None:
             return self._call
-        call: Call = self._stub.StartDetached()
+        call: Call = self._stub.StartDetached(metadata=self._metadata)
         self._call = call
         self._reader = asyncio.get_running_loop().create_task(
             self._read(call), name="start_stream_read"

@@ -10,6 +10,7 @@ it; anything else: it could not be reached), never a transport's own exception t
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
@@ -18,6 +19,7 @@ from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.scheduler.start_stream import StartStream
 from cascadeinfer.scheduler.worker_errors import WorkerCallError
 from cascadeinfer.security import TlsFiles, aio_channel
+from cascadeinfer.wire import PLACED_BY_KEY
 
 __all__ = ["GrpcWorkerClient", "WorkerCallError", "WorkerClient"]
 
@@ -48,10 +50,11 @@ class WorkerClient(Protocol):
 
     async def abort(self, request_id: str, timeout_s: float) -> None: ...
 
-    def step_feed(self, scheduler_id: str) -> AsyncIterator[worker_pb2.StepUpdate]:
+    def step_feed(self, reader: FeedReader) -> AsyncIterator[worker_pb2.StepUpdate]:
         """Every engine step's update, from a snapshot of what runs there; ends (or raises
-        WorkerCallError) when the worker is gone. `scheduler_id` names the reader: a worker
-        serves one scheduler at a time, and refuses another's feed with FAILED_PRECONDITION."""
+        WorkerCallError) when the worker is gone. `reader` names the scheduler: a worker serves
+        one scheduler at a time, and refuses (or ends, when taken over) another's feed with
+        FAILED_PRECONDITION (`worker/claim.py`)."""
         ...
 
     async def load(self, timeout_s: float) -> worker_pb2.LoadReport: ...
@@ -59,21 +62,40 @@ class WorkerClient(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class FeedReader:
+    """The scheduler opening a step feed, as the worker ranks it (`worker/claim.py`)."""
+
+    scheduler_id: str
+    started_at_s: float
+    """Unix time."""
+    is_serving: bool
+    """It serves clients: its --workers list is linked."""
+
+
 class GrpcWorkerClient:
     """A worker over its gRPC API (the channel carries TLS and the cluster's token)."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, scheduler_id: str = "") -> None:
         self._channel = channel
         self._stub: WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)
-        self._starts: StartStream | None = StartStream(self._stub)
+        self._placed_by = ((PLACED_BY_KEY, scheduler_id),) if scheduler_id else ()
+        """Names this scheduler on its placements: a worker takes them from the scheduler that
+        holds it only (`worker/claim.py`)."""
+        self._starts: StartStream | None = StartStream(self._stub, self._placed_by)
         """Batched starts; None for a worker without StartDetached (an older version), which
         gets one detached Generate call per start."""
 
     @classmethod
     def connect(
-        cls, address: str, tls: TlsFiles, token: str, options: Sequence[tuple[str, int]] = ()
+        cls,
+        address: str,
+        tls: TlsFiles,
+        token: str,
+        options: Sequence[tuple[str, int]] = (),
+        scheduler_id: str = "",
     ) -> GrpcWorkerClient:
-        return cls(aio_channel(address, tls, token, options))
+        return cls(aio_channel(address, tls, token, options), scheduler_id)
 
     async def info(self, timeout_s: float) -> worker_pb2.WorkerInfo:
         try:
@@ -91,7 +113,9 @@ class GrpcWorkerClient:
             starts, self._starts = self._starts, None
             await starts.close()
         try:
-            async for _ in self._stub.Generate(request, timeout=timeout_s):
+            async for _ in self._stub.Generate(
+                request, timeout=timeout_s, metadata=self._placed_by
+            ):
                 pass
         except grpc.aio.AioRpcError as e:
             raise _call_error(e) from None
@@ -116,9 +140,13 @@ class GrpcWorkerClient:
         except grpc.aio.AioRpcError as e:
             raise _call_error(e) from None
 
-    async def step_feed(self, scheduler_id: str) -> AsyncIterator[worker_pb2.StepUpdate]:
+    async def step_feed(self, reader: FeedReader) -> AsyncIterator[worker_pb2.StepUpdate]:
         try:
-            asked = worker_pb2.StreamStepsRequest(scheduler_id=scheduler_id)
+            asked = worker_pb2.StreamStepsRequest(
+                scheduler_id=reader.scheduler_id,
+                scheduler_started_at_s=reader.started_at_s,
+                scheduler_is_serving=reader.is_serving,
+            )
             async for update in self._stub.StreamSteps(asked):
                 yield update
         except grpc.aio.AioRpcError as e:

@@ -102,11 +102,13 @@ ClientFactory = Callable[[str], WorkerClient]
 """Makes the client for a worker's address (the daemon's: gRPC; tests': fakes)."""
 
 
-def grpc_clients(tls: TlsFiles, token: str = "", link_timeout_s: float = 10.0) -> ClientFactory:
-    """gRPC clients with TLS when configured, the cluster's token, and keepalive pings that
-    notice a cut link within about `link_timeout_s`."""
+def grpc_clients(
+    tls: TlsFiles, token: str = "", link_timeout_s: float = 10.0, scheduler_id: str = ""
+) -> ClientFactory:
+    """gRPC clients with TLS when configured, the cluster's token, keepalive pings that notice
+    a cut link within about `link_timeout_s`, and `scheduler_id` on every placement."""
     options = keepalive_options(link_timeout_s)
-    return lambda address: GrpcWorkerClient.connect(address, tls, token, options)
+    return lambda address: GrpcWorkerClient.connect(address, tls, token, options, scheduler_id)
 
 
 class WorkerPool:

@@ -16,8 +16,9 @@ from cascadeinfer.domain import check_request_id
 from cascadeinfer.log_throttle import LogThrottle
 from cascadeinfer.memory import release_freed_memory
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
+from cascadeinfer.wire import PLACED_BY_KEY
 from cascadeinfer.worker import convert, kv_stream
-from cascadeinfer.worker.claim import HeldByAnotherScheduler
+from cascadeinfer.worker.claim import HeldByAnotherScheduler, SchedulerRank
 from cascadeinfer.worker.engine import (
     Engine,
     EngineError,
@@ -30,7 +31,7 @@ from cascadeinfer.worker.engine_loop import EngineDead
 from cascadeinfer.worker.errors import fail
 from cascadeinfer.worker.hub import Hub, StreamEnd, StreamItem
 from cascadeinfer.worker.migration import MigrationFailed, migrate_out
-from cascadeinfer.worker.starts import start_batch
+from cascadeinfer.worker.starts import NOT_THE_HOLDER, start_batch
 from cascadeinfer.worker.state import WorkerState
 
 log = structlog.get_logger(__name__)
@@ -113,6 +114,14 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _placed_by(context: Context) -> str:
+    """The scheduler a placement names (`PLACED_BY_KEY` metadata); empty for none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == PLACED_BY_KEY:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""
+
+
 HELD_LOG_INTERVAL_S = 60.0
 """How often a scheduler refused for another's hold is logged (it tries again every second)."""
 
@@ -162,6 +171,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, "worker is draining; send the request elsewhere"
             )
         rid = request.request_id
+        if request.detach and not self.state.claim.may_place(_placed_by(context)):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_THE_HOLDER)
         try:
             check_request_id(rid)
             if rid in self.state.hub.requests:
@@ -198,8 +209,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         then UNAVAILABLE, as for a start refused while draining (the scheduler re-places what
         was in flight). A scheduler keeps this stream open for its next placement: the server's
         stop waited its whole grace (5 s) for it after every drain."""
+        placed_by = _placed_by(context)
         async for batch in until_set(request_iterator, self.state.hub.closed):
-            yield await start_batch(self.state, batch.requests)
+            yield await start_batch(self.state, batch.requests, placed_by)
         if self.state.hub.closed.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINED)
 
@@ -267,8 +279,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.StreamStepsRequest, context: Context
     ) -> AsyncIterator[worker_pb2.StepUpdate]:
         hub, claim, scheduler_id = self.state.hub, self.state.claim, request.scheduler_id
+        rank = SchedulerRank(
+            scheduler_id, request.scheduler_started_at_s, request.scheduler_is_serving
+        )
         try:
-            claim.take(scheduler_id, context.peer())
+            taken_over = claim.take(rank, context.peer())
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except HeldByAnotherScheduler as e:
@@ -278,10 +293,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 )
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         try:
-            async for update in self._steps(hub):
+            updates = self._steps(hub)
+            async for update in updates if taken_over is None else until_set(updates, taken_over):
                 yield update
         finally:
-            claim.release(scheduler_id)
+            claim.release(taken_over)
+        if taken_over is not None and taken_over.is_set():
+            holder = claim.holder.scheduler_id if claim.holder else "another scheduler"
+            log.warning("feed_taken_over", scheduler_id=scheduler_id, by=holder)
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"scheduler {holder!r} took this worker over (it serves clients and this "
+                "scheduler does not yet, or neither does and it started first): a worker serves "
+                "one scheduler",
+            )
 
     async def _steps(self, hub: Hub) -> AsyncIterator[worker_pb2.StepUpdate]:
         """A snapshot of what runs here, then one update per step (or change of state)."""

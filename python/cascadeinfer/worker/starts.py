@@ -54,18 +54,31 @@ def _add_all(engine: Engine, requests: list[EngineRequest]) -> list[Exception | 
     return outcomes
 
 
+NOT_THE_HOLDER = (
+    "this worker serves another scheduler (its step feed is not this scheduler's): send the "
+    "request elsewhere"
+)
+
+
 async def start_batch(
-    state: WorkerState, batch: Sequence[worker_pb2.GenerateRequest]
+    state: WorkerState, batch: Sequence[worker_pb2.GenerateRequest], placed_by: str = ""
 ) -> worker_pb2.StartResults:
+    """Starts `batch`, each request answered apart. A batch named by a scheduler that does not
+    hold this worker (`placed_by`, `SchedulerClaim.may_place`) is refused whole, UNAVAILABLE:
+    a scheduler that lost the worker to another must not run requests nobody reads here."""
     results: list[worker_pb2.StartResult | None] = [None] * len(batch)
     accepted: list[tuple[int, EngineRequest]] = []
     hub = state.hub
+    is_holder = state.claim.may_place(placed_by)
     for i, m in enumerate(batch):
         rid = m.request_id
         if state.is_draining:
             results[i] = _refused(
                 rid, grpc.StatusCode.UNAVAILABLE, "worker is draining; send the request elsewhere"
             )
+            continue
+        if not is_holder:
+            results[i] = _refused(rid, grpc.StatusCode.UNAVAILABLE, NOT_THE_HOLDER)
             continue
         try:
             check_request_id(rid)

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from cascadeinfer.proto.v1 import common_pb2 as cascadeinfer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61scadeinfer/v1/worker.proto\x12\x0f\x63\x61scadeinfer.v1\x1a\x1c\x63\x61scadeinfer/v1/common.proto\"\x9c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.cascadeinfer.v1.SamplingParams\x12\x18\n\x10output_token_ids\x18\x04 \x03(\r\x12\x0e\n\x06\x64\x65tach\x18\x05 \x01(\x08\"@\n\nStartBatch\x12\x32\n\x08requests\x18\x01 \x03(\x0b\x32 .cascadeinfer.v1.GenerateRequest\"U\n\x0bStartResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0b\x63ontext_len\x18\x04 \x01(\r\"=\n\x0cStartResults\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.cascadeinfer.v1.StartResult\"\xb3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x01(\x0b\x32\x1b.cascadeinfer.v1.TokenChunk\x12\x34\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1d.cascadeinfer.v1.FinishReason\x12\x13\n\x0b\x63ontext_len\x18\x04 \x01(\r\x12\x13\n\x0bmigrated_to\x18\x05 \x01(\t\"#\n\rAttachRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x10\n\x0eGetLoadRequest\"\xdb\x01\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x15\n\rkv_block_size\x18\x06 \x01(\r\x12\x1a\n\x12sum_context_tokens\x18\x07 \x01(\x04\x12\x18\n\x10mean_step_time_s\x18\x08 \x01(\x01\x12\x13\n\x0bis_draining\x18\t \x01(\x08\"*\n\x12StreamStepsRequest\x12\x14\n\x0cscheduler_id\x18\x01 \x01(\t\"\xae\x01\n\x0bRequestStep\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x01(\x0b\x32\x1b.cascadeinfer.v1.TokenChunk\x12\x13\n\x0b\x63ontext_len\x18\x03 \x01(\r\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.cascadeinfer.v1.FinishReason\x12\x13\n\x0bis_detached\x18\x05 \x01(\x08\"\xe7\x01\n\nStepUpdate\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\x04\x12\x13\n\x0bstep_time_s\x18\x03 \x01(\x01\x12.\n\x08requests\x18\x04 \x03(\x0b\x32\x1c.cascadeinfer.v1.RequestStep\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x13\n\x0bis_draining\x18\t \x01(\x08\"\x10\n\x0eGetInfoRequest\"\xc3\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12)\n\x06layout\x18\x05 \x01(\x0b\x32\x19.cascadeinfer.v1.KVLayout\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12(\n\x07kv_peer\x18\x07 \x01(\x0b\x32\x17.cascadeinfer.v1.KVPeer\"?\n\x06KVPeer\x12\x11\n\tendpoints\x18\x01 \x03(\t\x12\x12\n\nserver_key\x18\x02 \x01(\x0c\x12\x0e\n\x06ticket\x18\x03 \x01(\x0c\"%\n\x0f\x45xportKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"I\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.cascadeinfer.v1.KVLayout\"/\n\x08KVBlocks\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\r\x12\x0e\n\x06\x62locks\x18\x02 \x03(\x0c\"\xb5\x01\n\x08KVCommit\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x18\n\x10output_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.cascadeinfer.v1.SamplingParams\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x13\n\x0btransfer_id\x18\x06 \x01(\t\"\x98\x01\n\x07KVChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.cascadeinfer.v1.KVHeaderH\x00\x12+\n\x06\x62locks\x18\x02 \x01(\x0b\x32\x19.cascadeinfer.v1.KVBlocksH\x00\x12+\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x19.cascadeinfer.v1.KVCommitH\x00\x42\x06\n\x04part\"M\n\x10ImportKVResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\"m\n\x11MigrateOutRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etarget_address\x18\x02 \x01(\t\x12,\n\x04mode\x18\x03 \x01(\x0e\x32\x1e.cascadeinfer.v1.MigrationMode\"r\n\x12MigrateOutResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ontext_len\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07pause_s\x18\x04 \x01(\x01\x12\x0f\n\x07total_s\x18\x05 \x01(\x01*D\n\rMigrationMode\x12\x15\n\x11MIGRATION_MODE_KV\x10\x00\x12\x1c\n\x18MIGRATION_MODE_RECOMPUTE\x10\x01\x32\x9b\x06\n\rWorkerService\x12Q\n\x08Generate\x12 .cascadeinfer.v1.GenerateRequest\x1a!.cascadeinfer.v1.GenerateResponse0\x01\x12O\n\rStartDetached\x12\x1b.cascadeinfer.v1.StartBatch\x1a\x1d.cascadeinfer.v1.StartResults(\x01\x30\x01\x12M\n\x06\x41ttach\x12\x1e.cascadeinfer.v1.AttachRequest\x1a!.cascadeinfer.v1.GenerateResponse0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.cascadeinfer.v1.AbortRequest\x1a\x1e.cascadeinfer.v1.AbortResponse\x12G\n\x07GetLoad\x12\x1f.cascadeinfer.v1.GetLoadRequest\x1a\x1b.cascadeinfer.v1.LoadReport\x12Q\n\x0bStreamSteps\x12#.cascadeinfer.v1.StreamStepsRequest\x1a\x1b.cascadeinfer.v1.StepUpdate0\x01\x12G\n\x07GetInfo\x12\x1f.cascadeinfer.v1.GetInfoRequest\x1a\x1b.cascadeinfer.v1.WorkerInfo\x12H\n\x08\x45xportKV\x12 .cascadeinfer.v1.ExportKVRequest\x1a\x18.cascadeinfer.v1.KVChunk0\x01\x12I\n\x08ImportKV\x12\x18.cascadeinfer.v1.KVChunk\x1a!.cascadeinfer.v1.ImportKVResponse(\x01\x12U\n\nMigrateOut\x12\".cascadeinfer.v1.MigrateOutRequest\x1a#.cascadeinfer.v1.MigrateOutResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61scadeinfer/v1/worker.proto\x12\x0f\x63\x61scadeinfer.v1\x1a\x1c\x63\x61scadeinfer/v1/common.proto\"\x9c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.cascadeinfer.v1.SamplingParams\x12\x18\n\x10output_token_ids\x18\x04 \x03(\r\x12\x0e\n\x06\x64\x65tach\x18\x05 \x01(\x08\"@\n\nStartBatch\x12\x32\n\x08requests\x18\x01 \x03(\x0b\x32 .cascadeinfer.v1.GenerateRequest\"U\n\x0bStartResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0b\x63ontext_len\x18\x04 \x01(\r\"=\n\x0cStartResults\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.cascadeinfer.v1.StartResult\"\xb3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x01(\x0b\x32\x1b.cascadeinfer.v1.TokenChunk\x12\x34\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1d.cascadeinfer.v1.FinishReason\x12\x13\n\x0b\x63ontext_len\x18\x04 \x01(\r\x12\x13\n\x0bmigrated_to\x18\x05 \x01(\t\"#\n\rAttachRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x10\n\x0eGetLoadRequest\"\xdb\x01\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x15\n\rkv_block_size\x18\x06 \x01(\r\x12\x1a\n\x12sum_context_tokens\x18\x07 \x01(\x04\x12\x18\n\x10mean_step_time_s\x18\x08 \x01(\x01\x12\x13\n\x0bis_draining\x18\t \x01(\x08\"h\n\x12StreamStepsRequest\x12\x14\n\x0cscheduler_id\x18\x01 \x01(\t\x12\x1e\n\x16scheduler_started_at_s\x18\x02 \x01(\x01\x12\x1c\n\x14scheduler_is_serving\x18\x03 \x01(\x08\"\xae\x01\n\x0bRequestStep\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x01(\x0b\x32\x1b.cascadeinfer.v1.TokenChunk\x12\x13\n\x0b\x63ontext_len\x18\x03 \x01(\r\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.cascadeinfer.v1.FinishReason\x12\x13\n\x0bis_detached\x18\x05 \x01(\x08\"\xe7\x01\n\nStepUpdate\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\x04\x12\x13\n\x0bstep_time_s\x18\x03 \x01(\x01\x12.\n\x08requests\x18\x04 \x03(\x0b\x32\x1c.cascadeinfer.v1.RequestStep\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x08 \x01(\r\x12\x13\n\x0bis_draining\x18\t \x01(\x08\"\x10\n\x0eGetInfoRequest\"\xc3\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12)\n\x06layout\x18\x05 \x01(\x0b\x32\x19.cascadeinfer.v1.KVLayout\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12(\n\x07kv_peer\x18\x07 \x01(\x0b\x32\x17.cascadeinfer.v1.KVPeer\"?\n\x06KVPeer\x12\x11\n\tendpoints\x18\x01 \x03(\t\x12\x12\n\nserver_key\x18\x02 \x01(\x0c\x12\x0e\n\x06ticket\x18\x03 \x01(\x0c\"%\n\x0f\x45xportKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"I\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06layout\x18\x02 \x01(\x0b\x32\x19.cascadeinfer.v1.KVLayout\"/\n\x08KVBlocks\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\r\x12\x0e\n\x06\x62locks\x18\x02 \x03(\x0c\"\xb5\x01\n\x08KVCommit\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x18\n\x10output_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.cascadeinfer.v1.SamplingParams\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x13\n\x0btransfer_id\x18\x06 \x01(\t\"\x98\x01\n\x07KVChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.cascadeinfer.v1.KVHeaderH\x00\x12+\n\x06\x62locks\x18\x02 \x01(\x0b\x32\x19.cascadeinfer.v1.KVBlocksH\x00\x12+\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x19.cascadeinfer.v1.KVCommitH\x00\x42\x06\n\x04part\"M\n\x10ImportKVResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\"m\n\x11MigrateOutRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etarget_address\x18\x02 \x01(\t\x12,\n\x04mode\x18\x03 \x01(\x0e\x32\x1e.cascadeinfer.v1.MigrationMode\"r\n\x12MigrateOutResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ontext_len\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07pause_s\x18\x04 \x01(\x01\x12\x0f\n\x07total_s\x18\x05 \x01(\x01*D\n\rMigrationMode\x12\x15\n\x11MIGRATION_MODE_KV\x10\x00\x12\x1c\n\x18MIGRATION_MODE_RECOMPUTE\x10\x01\x32\x9b\x06\n\rWorkerService\x12Q\n\x08Generate\x12 .cascadeinfer.v1.GenerateRequest\x1a!.cascadeinfer.v1.GenerateResponse0\x01\x12O\n\rStartDetached\x12\x1b.cascadeinfer.v1.StartBatch\x1a\x1d.cascadeinfer.v1.StartResults(\x01\x30\x01\x12M\n\x06\x41ttach\x12\x1e.cascadeinfer.v1.AttachRequest\x1a!.cascadeinfer.v1.GenerateResponse0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.cascadeinfer.v1.AbortRequest\x1a\x1e.cascadeinfer.v1.AbortResponse\x12G\n\x07GetLoad\x12\x1f.cascadeinfer.v1.GetLoadRequest\x1a\x1b.cascadeinfer.v1.LoadReport\x12Q\n\x0bStreamSteps\x12#.cascadeinfer.v1.StreamStepsRequest\x1a\x1b.cascadeinfer.v1.StepUpdate0\x01\x12G\n\x07GetInfo\x12\x1f.cascadeinfer.v1.GetInfoRequest\x1a\x1b.cascadeinfer.v1.WorkerInfo\x12H\n\x08\x45xportKV\x12 .cascadeinfer.v1.ExportKVRequest\x1a\x18.cascadeinfer.v1.KVChunk0\x01\x12I\n\x08ImportKV\x12\x18.cascadeinfer.v1.KVChunk\x1a!.cascadeinfer.v1.ImportKVResponse(\x01\x12U\n\nMigrateOut\x12\".cascadeinfer.v1.MigrateOutRequest\x1a#.cascadeinfer.v1.MigrateOutResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cascadeinfer.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MIGRATIONMODE']._serialized_start=2510
-  _globals['_MIGRATIONMODE']._serialized_end=2578
+  _globals['_MIGRATIONMODE']._serialized_start=2572
+  _globals['_MIGRATIONMODE']._serialized_end=2640
   _globals['_GENERATEREQUEST']._serialized_start=80
   _globals['_GENERATEREQUEST']._serialized_end=236
   _globals['_STARTBATCH']._serialized_start=238
@@ -55,33 +55,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADREPORT']._serialized_start=745
   _globals['_LOADREPORT']._serialized_end=964
   _globals['_STREAMSTEPSREQUEST']._serialized_start=966
-  _globals['_STREAMSTEPSREQUEST']._serialized_end=1008
-  _globals['_REQUESTSTEP']._serialized_start=1011
-  _globals['_REQUESTSTEP']._serialized_end=1185
-  _globals['_STEPUPDATE']._serialized_start=1188
-  _globals['_STEPUPDATE']._serialized_end=1419
-  _globals['_GETINFOREQUEST']._serialized_start=1421
-  _globals['_GETINFOREQUEST']._serialized_end=1437
-  _globals['_WORKERINFO']._serialized_start=1440
-  _globals['_WORKERINFO']._serialized_end=1635
-  _globals['_KVPEER']._serialized_start=1637
-  _globals['_KVPEER']._serialized_end=1700
-  _globals['_EXPORTKVREQUEST']._serialized_start=1702
-  _globals['_EXPORTKVREQUEST']._serialized_end=1739
-  _globals['_KVHEADER']._serialized_start=1741
-  _globals['_KVHEADER']._serialized_end=1814
-  _globals['_KVBLOCKS']._serialized_start=1816
-  _globals['_KVBLOCKS']._serialized_end=1863
-  _globals['_KVCOMMIT']._serialized_start=1866
-  _globals['_KVCOMMIT']._serialized_end=2047
-  _globals['_KVCHUNK']._serialized_start=2050
-  _globals['_KVCHUNK']._serialized_end=2202
-  _globals['_IMPORTKVRESPONSE']._serialized_start=2204
-  _globals['_IMPORTKVRESPONSE']._serialized_end=2281
-  _globals['_MIGRATEOUTREQUEST']._serialized_start=2283
-  _globals['_MIGRATEOUTREQUEST']._serialized_end=2392
-  _globals['_MIGRATEOUTRESPONSE']._serialized_start=2394
-  _globals['_MIGRATEOUTRESPONSE']._serialized_end=2508
-  _globals['_WORKERSERVICE']._serialized_start=2581
-  _globals['_WORKERSERVICE']._serialized_end=3376
+  _globals['_STREAMSTEPSREQUEST']._serialized_end=1070
+  _globals['_REQUESTSTEP']._serialized_start=1073
+  _globals['_REQUESTSTEP']._serialized_end=1247
+  _globals['_STEPUPDATE']._serialized_start=1250
+  _globals['_STEPUPDATE']._serialized_end=1481
+  _globals['_GETINFOREQUEST']._serialized_start=1483
+  _globals['_GETINFOREQUEST']._serialized_end=1499
+  _globals['_WORKERINFO']._serialized_start=1502
+  _globals['_WORKERINFO']._serialized_end=1697
+  _globals['_KVPEER']._serialized_start=1699
+  _globals['_KVPEER']._serialized_end=1762
+  _globals['_EXPORTKVREQUEST']._serialized_start=1764
+  _globals['_EXPORTKVREQUEST']._serialized_end=1801
+  _globals['_KVHEADER']._serialized_start=1803
+  _globals['_KVHEADER']._serialized_end=1876
+  _globals['_KVBLOCKS']._serialized_start=1878
+  _globals['_KVBLOCKS']._serialized_end=1925
+  _globals['_KVCOMMIT']._serialized_start=1928
+  _globals['_KVCOMMIT']._serialized_end=2109
+  _globals['_KVCHUNK']._serialized_start=2112
+  _globals['_KVCHUNK']._serialized_end=2264
+  _globals['_IMPORTKVRESPONSE']._serialized_start=2266
+  _globals['_IMPORTKVRESPONSE']._serialized_end=2343
+  _globals['_MIGRATEOUTREQUEST']._serialized_start=2345
+  _globals['_MIGRATEOUTREQUEST']._serialized_end=2454
+  _globals['_MIGRATEOUTRESPONSE']._serialized_start=2456
+  _globals['_MIGRATEOUTRESPONSE']._serialized_end=2570
+  _globals['_WORKERSERVICE']._serialized_start=2643
+  _globals['_WORKERSERVICE']._serialized_end=3438
 # @@protoc_insertion_point(module_scope)

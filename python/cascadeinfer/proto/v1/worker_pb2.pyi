@@ -308,19 +308,28 @@ class StreamStepsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SCHEDULER_ID_FIELD_NUMBER: _builtins.int
+    SCHEDULER_STARTED_AT_S_FIELD_NUMBER: _builtins.int
+    SCHEDULER_IS_SERVING_FIELD_NUMBER: _builtins.int
     scheduler_id: _builtins.str
     """The scheduler that reads the feed: an id of its own, new at every start. Empty for a
     reader that places nothing (a tool, a calibration): it neither holds the worker nor is
     refused.
     """
+    scheduler_started_at_s: _builtins.float
+    """When that scheduler started (Unix time, s), and whether it serves clients yet (its list of
+    workers is linked): how it ranks against another scheduler holding this worker.
+    """
+    scheduler_is_serving: _builtins.bool
     def __init__(
         self,
         *,
         scheduler_id: _builtins.str = ...,
+        scheduler_started_at_s: _builtins.float = ...,
+        scheduler_is_serving: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["scheduler_id", b"scheduler_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scheduler_id", b"scheduler_id", "scheduler_is_serving", b"scheduler_is_serving", "scheduler_started_at_s", b"scheduler_started_at_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -138,9 +138,13 @@ class WorkerServiceServicer:
         a scheduler routes on. Sends a snapshot of the running requests first, and a message
         without requests when the worker starts draining. Ends (OK) when the drain is over.
         Detached requests are leased to the feeds: when no feed has been open for the worker's
-        orphan_timeout_s, they are aborted. A worker serves one scheduler at a time: while a
-        feed named by one scheduler is open, a feed named by another is refused
-        (FAILED_PRECONDITION), since a scheduler aborts what it finds there that it did not place.
+        orphan_timeout_s, they are aborted. A worker serves one scheduler at a time, since a
+        scheduler aborts what it finds there that it did not place: while a feed named by one
+        scheduler is open, a feed named by another is refused (FAILED_PRECONDITION) unless the
+        other outranks it (it serves and the holder does not yet, or neither serves and it started
+        first); the holder's feeds then end with FAILED_PRECONDITION. Placements (StartDetached, a
+        detached Generate) that carry a scheduler id in the `cascade-scheduler-id` metadata are
+        taken from the holder only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
