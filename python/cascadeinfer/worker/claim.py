@@ -112,11 +112,11 @@ class SchedulerClaim:
         if not self._feeds:
             self.holder, self.holder_peer = None, ""
 
-    def may_place(self, scheduler_id: str) -> bool:
-        """Whether a placement named by `scheduler_id` may run here: only the holder's, which
-        shows it serves clients (its feeds may have opened while it still linked its list, and
-        said otherwise). One without an id (a client streaming its own request, a tool) is not
-        the claim's to judge."""
+    def accepts_placement(self, scheduler_id: str) -> bool:
+        """Whether a placement named by `scheduler_id` may run here: only the holder's. Taking
+        one also records that the holder serves clients (its feeds may have opened while it
+        still linked its list, and said otherwise). One without an id (a client streaming its
+        own request, a tool) is not the claim's to judge."""
         if not scheduler_id:
             return True
         holder = self.holder

@@ -171,7 +171,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, "worker is draining; send the request elsewhere"
             )
         rid = request.request_id
-        if request.detach and not self.state.claim.may_place(_placed_by(context)):
+        if request.detach and not self.state.claim.accepts_placement(_placed_by(context)):
             await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_THE_HOLDER)
         try:
             check_request_id(rid)

@@ -64,12 +64,12 @@ async def start_batch(
     state: WorkerState, batch: Sequence[worker_pb2.GenerateRequest], placed_by: str = ""
 ) -> worker_pb2.StartResults:
     """Starts `batch`, each request answered apart. A batch named by a scheduler that does not
-    hold this worker (`placed_by`, `SchedulerClaim.may_place`) is refused whole, UNAVAILABLE:
+    hold this worker (`placed_by`, `SchedulerClaim.accepts_placement`) is refused whole, UNAVAILABLE:
     a scheduler that lost the worker to another must not run requests nobody reads here."""
     results: list[worker_pb2.StartResult | None] = [None] * len(batch)
     accepted: list[tuple[int, EngineRequest]] = []
     hub = state.hub
-    is_holder = state.claim.may_place(placed_by)
+    is_holder = state.claim.accepts_placement(placed_by)
     for i, m in enumerate(batch):
         rid = m.request_id
         if state.is_draining:
