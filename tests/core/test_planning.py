@@ -16,7 +16,7 @@ import pytest
 from cascadeinfer import _core, workloads
 from cascadeinfer.config import CascadeConfig
 from cascadeinfer.evaluation.simbench import make_trace
-from cascadeinfer.goodput import GoodputSlo
+from cascadeinfer.goodput import GoodputSlo, goodput
 from cascadeinfer.planning import (
     PlanResult,
     clamp_lengths,
@@ -27,6 +27,7 @@ from cascadeinfer.planning import (
     selection_traces,
 )
 from cascadeinfer.stage_count import (
+    GOODPUT_GUARD,
     GOODPUT_SLACK,
     MAX_P99_SLACK,
     MAX_SCALED_SELECTION_REQUESTS,
@@ -806,6 +807,39 @@ def test_the_goodput_objective_keeps_the_latency_pick_unless_another_meets_the_s
     assert pick(candidates, 3, "goodput").num_stages == 1
 
 
+def test_the_latency_pick_gives_way_where_it_trails_the_best_goodput_past_the_guard() -> None:
+    plain = _one_stage(CascadeConfig(), [(10.0, 100.0)] * 3)
+    split = replace(_one_stage(CascadeConfig(), [(8.0, 90.0)] * 3), num_stages=2)
+
+    def with_goodput(c: Candidate, share: float) -> Candidate:
+        return replace(c, goodput_per_trace=(share,) * 3)
+
+    for objective in ("mean", "p99"):
+        # Within GOODPUT_GUARD of the best goodput, the latency rules decide alone.
+        near = 0.9 - GOODPUT_GUARD / 2
+        assert (
+            pick([with_goodput(plain, 0.9), with_goodput(split, near)], 3, objective).num_stages
+            == 2
+        )
+        # A split that wins the latency by starving 20 points of the SLO gives way to one stage.
+        far = [with_goodput(plain, 0.9), with_goodput(split, 0.7)]
+        assert pick(far, 3, objective).num_stages == 1
+        # Of the candidates within the guard, the one of least regret against the baselines'
+        # forms (mean and tail alike), not the best goodput: a slower split 2 points behind
+        # one stage's goodput, ahead of it on both figures.
+        slower = with_goodput(
+            replace(_one_stage(CascadeConfig(), [(9.5, 95.0)] * 3), num_stages=3), 0.88
+        )
+        assert pick([*far, slower], 3, objective).num_stages == 3
+        # Never goodput at the price of the latency bound: a candidate that meets the SLO more
+        # often but runs behind the baselines' forms on the tail leaves the pick alone.
+        worse_tail = replace(_one_stage(CascadeConfig(), [(9.0, 110.0)] * 3), num_stages=3)
+        level = [with_goodput(plain, 0.7), with_goodput(split, 0.7)]
+        assert pick([*level, with_goodput(worse_tail, 0.9)], 3, objective).num_stages == 2
+    # Without goodput measured (candidates made before it was), nothing changes.
+    assert pick([plain, split], 3).num_stages == 2
+
+
 def test_a_plan_for_goodput_measures_every_candidate_s_goodput_and_runs_the_best() -> None:
     profile = load_profile("gpu-h100-llama3-8b")
     result = plan_stages(
@@ -834,3 +868,24 @@ def test_a_plan_for_goodput_measures_every_candidate_s_goodput_and_runs_the_best
         result.plan, result.workload, profile, 8, trace, result.config
     )
     assert 0.0 <= share <= 1.0
+    # The share the core counts is `goodput`'s over the same run's requests, on a trace busy
+    # enough that some requests miss.
+    busy = make_trace(
+        "production-mix",
+        num_requests=300,
+        rate=4 * result.rate,
+        seed=11,
+        max_len=profile.max_model_len,
+    )
+    _, _, share = simulated_figures(
+        result.plan, result.workload, profile, 8, busy, result.config, GoodputSlo()
+    )
+    instances = list(range(8))
+    policy = _core.Scheduler.cascade(
+        profile, result.plan, instances, result.workload.grid, result.config, result.workload
+    )
+    r = _core.simulate(policy, profile, busy, instances).requests()
+    prompt_lens = [int(p) for p in r["prompt_len"]]
+    met = goodput(GoodputSlo(), prompt_lens, r["ttft_s"], r["tpot_s"], r["e2e_s"], r["arrival_s"])
+    assert share == met["goodput"]
+    assert 0.0 < share < 1.0, "a trace that tells meeting from missing apart"

@@ -71,6 +71,14 @@ impl PySimReport {
         Ok(d)
     }
 
+    /// The share of all requests meeting a TTFT target of `ttft_base_s +
+    /// ttft_per_prompt_token_s * prompt_len` and a TPOT target of `tpot_s`
+    /// (`cascadeinfer.goodput.goodput`'s "goodput", computed here without the per-request
+    /// lists); NaN for an empty trace.
+    fn goodput(&self, ttft_base_s: f64, ttft_per_prompt_token_s: f64, tpot_s: f64) -> f64 {
+        self.inner.goodput(ttft_base_s, ttft_per_prompt_token_s, tpot_s)
+    }
+
     /// Landed migrations by reason.
     fn migrations_by_reason(&self) -> BTreeMap<&'static str, u64> {
         self.inner.migrations_by_reason.clone()

@@ -49,7 +49,7 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 
-pub use report::{InstanceStats, RequestRecord, SimReport, SimSummary, StageLoadSample};
+pub use report::{goodput, InstanceStats, RequestRecord, SimReport, SimSummary, StageLoadSample};
 
 use crate::arrivals::TraceRequest;
 use crate::cost::CostProfile;

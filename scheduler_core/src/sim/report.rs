@@ -123,6 +123,34 @@ pub struct SimReport {
     pub instances: Vec<InstanceStats>,
 }
 
+impl SimReport {
+    /// The share of all requests that finished with TTFT at most `ttft_base_s +
+    /// ttft_per_prompt_token_s * prompt_len` and TPOT at most `tpot_s` (`goodput`).
+    pub fn goodput(&self, ttft_base_s: f64, ttft_per_prompt_token_s: f64, tpot_s: f64) -> f64 {
+        goodput(&self.requests, ttft_base_s, ttft_per_prompt_token_s, tpot_s)
+    }
+}
+
+/// The share of `records` that finished with TTFT at most `ttft_base_s +
+/// ttft_per_prompt_token_s * prompt_len` and TPOT at most `tpot_s` (single-token outputs have no
+/// TPOT and meet it): the goodput of DistServe-style evaluations, as `cascadeinfer.goodput`
+/// defines it for Python. Here so the layout selection can weigh every simulation's goodput
+/// without a per-request list crossing into Python. NaN for no records.
+pub fn goodput(records: &[RequestRecord], ttft_base_s: f64, ttft_per_prompt_token_s: f64, tpot_s: f64) -> f64 {
+    if records.is_empty() {
+        return f64::NAN;
+    }
+    let met = records
+        .iter()
+        .filter(|r| {
+            let (Some(_), Some(ttft)) = (r.finished_s, r.ttft_s()) else { return false };
+            ttft <= ttft_base_s + ttft_per_prompt_token_s * f64::from(r.prompt_len)
+                && r.tpot_s().is_none_or(|t| t <= tpot_s)
+        })
+        .count();
+    met as f64 / records.len() as f64
+}
+
 fn mean(values: &[f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -193,5 +221,30 @@ mod tests {
         };
         assert_eq!((r.ttft_s(), r.e2e_s(), r.tpot_s()), (Some(0.5), Some(1.5), Some(0.25)));
         assert_eq!(RequestRecord { output_len: 1, ..r }.tpot_s(), None);
+    }
+
+    #[test]
+    fn goodput_counts_finished_requests_meeting_both_targets_over_all() {
+        let r = RequestRecord {
+            request: RequestId(0),
+            prompt_len: 1000,
+            output_len: 11,
+            arrival_s: 0.0,
+            admitted_s: Some(0.0),
+            first_token_s: Some(1.0), // within 1 s + 0.2 ms x 1000 tokens
+            finished_s: Some(2.0),    // TPOT 0.1 s, the target
+            num_migrations: 0,
+            num_preemptions: 0,
+            num_cached_prompt_tokens: 0,
+        };
+        let records = [
+            r,
+            RequestRecord { first_token_s: Some(1.25), finished_s: Some(2.25), ..r }, // TTFT late
+            RequestRecord { finished_s: Some(2.5), ..r },                             // TPOT over
+            RequestRecord { finished_s: None, ..r },                                  // unfinished
+            RequestRecord { output_len: 1, finished_s: Some(1.0), ..r },              // no TPOT
+        ];
+        assert_eq!(goodput(&records, 1.0, 2e-4, 0.1), 2.0 / 5.0);
+        assert!(goodput(&[], 1.0, 2e-4, 0.1).is_nan());
     }
 }
