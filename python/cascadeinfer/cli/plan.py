@@ -90,7 +90,8 @@ def as_json(result: PlanResult) -> dict[str, Any]:
                 "one_stage_turns": c.config.one_stage_turns,
                 "simulated_mean_e2e_s": c.simulated_mean_e2e_s,
                 "simulated_p99_e2e_s": c.simulated_p99_e2e_s,
-                # Measured under --objective goodput only; None otherwise.
+                # Against the default targets (the goodput objective and the goodput guard
+                # weigh it); None where a request did not finish.
                 "simulated_goodput": None
                 if math.isnan(c.simulated_goodput)
                 else c.simulated_goodput,
