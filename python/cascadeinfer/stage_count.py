@@ -27,7 +27,10 @@ and the two ratios' average shows the same gain (`MIN_GAIN` again), and beats th
 form kept by `MIN_GAIN` on the mean and on the average too, all as the mean over the selection
 traces of its per-trace ratio; or, short of those margins, it is not behind either on
 either figure on any selection trace and ahead on average (`STEADY_SPLIT_GAIN`); of those,
-the lowest average wins (`pick`); otherwise the fleet runs as one stage.
+the lowest average wins (`pick`); otherwise the fleet runs as one stage. Where that layout
+trails a baseline's form in selection, the one of least regret runs (`_least_regret`); where
+it trails the best candidate's goodput by more than `GOODPUT_GUARD`, the one of least regret
+among those near the best goodput (`_goodput_guard`).
 Boundaries within a count stay the partitioner's; instance counts are searched from the best
 splits by simulation (`_search_sizes`). Runtime refinement keeps the count it is given.
 """
