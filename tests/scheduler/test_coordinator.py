@@ -19,6 +19,7 @@ import grpc
 import pytest
 from cascadeinfer import CostProfile
 from cascadeinfer.domain import FinishReason, SamplingSpec
+from cascadeinfer.goodput import GoodputSlo
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, worker_pb2
 from cascadeinfer.scheduler import coordinator as coordinator_module
 from cascadeinfer.scheduler import requests
@@ -190,7 +191,7 @@ async def test_a_worker_that_refuses_a_request_fails_it_with_the_workers_status(
     assert not c.requests
 
 
-async def test_the_first_plan_is_made_for_the_configured_burstiness(
+async def test_the_first_plan_is_made_for_the_configured_burstiness_and_service_level(
     started: list[Coordinator], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     planned: list[dict[str, object]] = []
@@ -201,8 +202,19 @@ async def test_the_first_plan_is_made_for_the_configured_burstiness(
         return real_build(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(coordinator_module, "build_policy", build)
-    await start(started, "a", "b", policy="cascade", workload="bimodal", arrival_cv=3.0)
+    await start(
+        started,
+        "a",
+        "b",
+        policy="cascade",
+        workload="bimodal",
+        arrival_cv=3.0,
+        ttft_slo_s=0.5,
+        ttft_slo_per_token_s=1e-4,
+    )
     assert planned and planned[-1]["arrival_cv"] == 3.0
+    # The layout selection's goodput guard counts the first-token level the scheduler serves.
+    assert planned[-1]["goodput_slo"] == GoodputSlo(0.5, 1e-4)
 
 
 async def test_a_request_a_worker_fails_to_start_every_time_ends_instead_of_waiting(

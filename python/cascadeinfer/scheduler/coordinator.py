@@ -23,6 +23,7 @@ import structlog
 from cascadeinfer import _core
 from cascadeinfer.config import CascadeConfig, FirstTokenSlo
 from cascadeinfer.domain import MAX_REQUEST_ID_CHARS, FinishReason, SamplingSpec
+from cascadeinfer.goodput import GoodputSlo
 from cascadeinfer.log_throttle import LogThrottle
 from cascadeinfer.planning import load_profile
 from cascadeinfer.policies import FixedStage, build_policy
@@ -439,6 +440,8 @@ class Coordinator:
                     is_capacity_guarded=c.is_capacity_guarded,
                     first_token=FirstTokenSlo(c.ttft_slo_s, c.ttft_slo_per_token_s),
                 ),
+                # The layout selection's goodput guard counts the same first-token level.
+                goodput_slo=GoodputSlo(c.ttft_slo_s, c.ttft_slo_per_token_s),
             )
         except ValueError as e:
             if c.policy != "cascade" or c.stages:
