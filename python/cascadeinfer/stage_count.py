@@ -692,8 +692,8 @@ def choose_layout(
 ) -> tuple[Candidate, list[Candidate]]:
     """`best` is the partitioner's unconstrained plan, `config` the policy configuration to
     run (default CascadeConfig()), `objective` one of OBJECTIVES; `goodput_slo` the targets
-    the goodput objective and the goodput guard count (default GoodputSlo()). Returns the chosen candidate
-    (`pick`) and every candidate simulated."""
+    the goodput objective and the goodput guard count (default GoodputSlo()). Returns the
+    chosen candidate (`pick`) and every candidate simulated."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}: known {', '.join(OBJECTIVES)}")
     slo = goodput_slo or GoodputSlo()
