@@ -267,3 +267,42 @@ def test_a_killed_up_takes_its_daemons_with_it(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_up_says_when_a_daemon_exits_and_stops_the_cluster_when_the_scheduler_does(
+    tmp_path: Path,
+) -> None:
+    """A worker killed under `cascade up` is reported once (and reaped), the cluster serving on;
+    the scheduler's exit stops the rest and ends `cascade up` with 1. Before, `cascade up`
+    waited on nothing: the dead daemons stayed zombies, and after its scheduler stopped it
+    went on with "Ctrl-C stops the cluster" over a cluster that served nothing."""
+    psutil = pytest.importorskip("psutil")
+    log = tmp_path / "up.log"
+    process = _up_with_sim_workers(2, log)
+    try:
+        _wait_until_serving(process, log)
+        up = psutil.Process(process.pid)
+        started = up.children(recursive=True)
+        workers = [p for p in started if "cascade-worker" in " ".join(p.cmdline())]
+        (scheduler,) = [p for p in started if "cascade-scheduler" in " ".join(p.cmdline())]
+        assert len(workers) == 2, [p.cmdline() for p in started]
+        workers[0].kill()
+        deadline = time.monotonic() + 30
+        while "exited with code -9" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "1 of 2 still running" in text, text[-2000:]
+        assert not workers[0].is_running(), "reaped, not left a zombie"
+        assert process.poll() is None, "one worker's exit leaves the cluster serving"
+        scheduler.terminate()
+        assert process.wait(timeout=60) == 1, log.read_text()[-2000:]
+        text = log.read_text()
+        assert "the scheduler exited with code 0" in text and "stopping the cluster" in text, text
+        assert text.splitlines()[-1] == "cluster stopped"
+        assert text.count("exited with code") == 2, "each exit reported once"
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -9,7 +9,7 @@ import secrets
 import signal
 import sys
 import tempfile
-import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -284,8 +284,44 @@ def _serve(
     print(f"or: {curl_example(scheduler.openai_url, model, token_file)}")
     print("Ctrl-C stops the cluster.", flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, SIGTERM or SIGHUP (`_interrupt`)
-        threading.Event().wait()
+        return _watch(daemons[:-1], scheduler)
     return 0
+
+
+WATCH_INTERVAL_S = 1.0
+"""How often `cascade up` checks that the daemons it started still run."""
+
+
+def _watch(workers: list[Daemon], scheduler: Daemon) -> int:
+    """Until Ctrl-C: says so once when a daemon of the cluster exits (reaping it), and returns
+    1 when the scheduler does, so the workers are stopped (`run`'s `finally`). A worker's exit
+    leaves the cluster serving on the others; a worker the operator starts again on the same
+    port rejoins it. Before, `cascade up` waited on nothing: killed daemons stayed zombies, and
+    after its scheduler stopped it went on saying "Ctrl-C stops the cluster" over a cluster
+    that served nothing."""
+    gone: set[str] = set()
+    while True:
+        time.sleep(WATCH_INTERVAL_S)
+        for d in workers:
+            code = d.process.poll()
+            if code is not None and d.address not in gone:
+                gone.add(d.address)
+                left = len(workers) - len(gone)
+                print(
+                    f"cascade up: worker {d.address} exited with code {code} (log {d.log_path}); "
+                    f"{left} of {len(workers)} still running",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        code = scheduler.process.poll()
+        if code is not None:
+            print(
+                f"cascade up: the scheduler exited with code {code} (log {scheduler.log_path}); "
+                "stopping the cluster",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
 
 
 def _interrupt(signum: int, frame: object) -> None:
