@@ -1041,3 +1041,33 @@ async def test_a_request_left_without_any_worker_goes_on_when_one_joins(
         assert [w.address for w in c.pool.healthy()] == ["b"]
     finally:
         ticking.cancel()
+
+
+async def test_the_cluster_state_shows_nothing_running_on_a_worker_that_is_gone(
+    started: list[Coordinator],
+) -> None:
+    c, fakes = await start(started, "a", "b")
+    for address in ("a", "b"):
+        fakes[address]._feed.put_nowait(
+            worker_pb2.StepUpdate(worker_id=address, num_running=18, kv_blocks_used=564)
+        )
+    await settle()
+    fakes["a"].die()
+    await settle()
+
+    class Context:
+        pass
+
+    state = await SchedulerServicer(c).GetClusterState(
+        scheduler_pb2.GetClusterStateRequest(),
+        Context(),  # type: ignore[arg-type]
+    )
+    shown = {w.address: w for w in state.workers}
+    assert not shown["a"].is_healthy
+    assert (shown["a"].num_running, shown["a"].kv_blocks_used) == (0, 0)
+    # A live worker's own report, asked for at the call, is what shows for it.
+    assert shown["b"].is_healthy
+    assert (shown["b"].num_running, shown["b"].kv_blocks_used) == (
+        (await fakes["b"].load(1.0)).num_running,
+        (await fakes["b"].load(1.0)).kv_blocks_used,
+    )

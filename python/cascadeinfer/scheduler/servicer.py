@@ -216,7 +216,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         loads = await asyncio.gather(*(_live_load(w) for w in links))
         for w, load in zip(links, loads, strict=True):
             # An idle worker sends no step feed, so its last step report goes stale; ask it.
-            now = load or w.last_step
+            # A worker that is not healthy shows nothing running: what it ran when its feed
+            # broke was resumed elsewhere or ended, and counting it twice overstated the load
+            # (the sixteenth probe: a killed worker showed 18 running for as long as it was gone).
+            now = load or (w.last_step if w.is_healthy else None)
             state.workers.append(
                 scheduler_pb2.WorkerState(
                     worker_id=w.worker_id,
