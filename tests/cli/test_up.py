@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,27 @@ def _wait_until_serving(process: subprocess.Popen[str], log: Path) -> None:
         time.sleep(0.2)
 
 
+@contextlib.contextmanager
+def _serving_up(num_workers: int, log: Path) -> Iterator[subprocess.Popen[str]]:
+    """`cascade up` with sim workers, once it serves; killed on the way out if still running."""
+    process = _up_with_sim_workers(num_workers, log)
+    try:
+        _wait_until_serving(process, log)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _assert_all_ended(started: list[Any]) -> None:
+    """Every process in `started` (psutil processes) is gone within 30 s."""
+    import psutil
+
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+
+
 def test_a_second_ctrl_c_while_stopping_leaves_no_daemon_running(tmp_path: Path) -> None:
     """An impatient operator's second SIGINT (`kill -INT`, so only `cascade up` gets it) lands
     while the scheduler drains. Before, it ended `cascade up` with a traceback and the
@@ -254,19 +277,12 @@ def test_a_killed_up_takes_its_daemons_with_it(tmp_path: Path) -> None:
     parent-death signal now, and drains and exits on it."""
     psutil = pytest.importorskip("psutil")
     log = tmp_path / "up.log"
-    process = _up_with_sim_workers(2, log)
-    try:
-        _wait_until_serving(process, log)
+    with _serving_up(2, log) as process:
         started = psutil.Process(process.pid).children(recursive=True)
         assert len(started) == 3, [p.cmdline() for p in started]  # two workers, a scheduler
         process.kill()
         process.wait()
-        _, alive = psutil.wait_procs(started, timeout=30)
-        assert not alive, f"left running: {[p.cmdline() for p in alive]}"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        _assert_all_ended(started)
 
 
 def test_up_says_when_a_daemon_exits_and_stops_the_cluster_when_the_scheduler_does(
@@ -278,9 +294,7 @@ def test_up_says_when_a_daemon_exits_and_stops_the_cluster_when_the_scheduler_do
     went on with "Ctrl-C stops the cluster" over a cluster that served nothing."""
     psutil = pytest.importorskip("psutil")
     log = tmp_path / "up.log"
-    process = _up_with_sim_workers(2, log)
-    try:
-        _wait_until_serving(process, log)
+    with _serving_up(2, log) as process:
         up = psutil.Process(process.pid)
         started = up.children(recursive=True)
         workers = [p for p in started if "cascade-worker" in " ".join(p.cmdline())]
@@ -300,9 +314,4 @@ def test_up_says_when_a_daemon_exits_and_stops_the_cluster_when_the_scheduler_do
         assert "the scheduler exited with code 0" in text and "stopping the cluster" in text, text
         assert text.splitlines()[-1] == "cluster stopped"
         assert text.count("exited with code") == 2, "each exit reported once"
-        _, alive = psutil.wait_procs(started, timeout=30)
-        assert not alive, f"left running: {[p.cmdline() for p in alive]}"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        _assert_all_ended(started)
