@@ -154,6 +154,29 @@ def test_a_worker_of_another_model_is_not_placed_on(tmp_path: Path) -> None:
     assert "serves model 'other-model', not 'sim'" in log
 
 
+def test_a_worker_of_another_vocabulary_is_not_placed_on(tmp_path: Path) -> None:
+    """A worker restarted with another vocabulary under the same model name (another
+    tokenizer): it was taken in, and every text prompt's ids its stage got were refused
+    there (the sixteenth probe's F6). Now it is kept out like a worker of another model, with
+    one line naming both vocabularies."""
+    first = start_worker(SIM, tmp_path)
+    scheduler = start_scheduler(["--workers", first.address, "--policy", "round-robin"], tmp_path)
+    workers = [first]
+    try:
+        wait_until_workers(scheduler.address, 1)
+        other = [*SIM, "--sim-vocab-size", "100", "--scheduler", scheduler.address]
+        workers.append(start_worker(other, tmp_path))
+        time.sleep(3 * 1.0)  # its registration, and a retry or two
+        assert_served_by_one_worker(scheduler.address, prompt_len=100)
+    finally:
+        for w in workers:
+            w.kill()
+        scheduler.kill()
+    log = scheduler.log()
+    assert log.count('"event": "worker_serves_another_model"') == 1, log[-3000:]
+    assert "with a vocabulary of 100 tokens, not 32000" in log
+
+
 def test_accepted_requests_end_clearly_when_no_worker_is_left(tmp_path: Path) -> None:
     """The only worker killed under load: the streams it served end with ABORT once no worker
     has come back within the link timeout (they waited with no end, retried on the dead worker

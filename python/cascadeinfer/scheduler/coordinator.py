@@ -105,6 +105,31 @@ class Counters:
     plan_changed_at: float = 0.0
 
 
+def _another_model(link: WorkerLink, serving: list[WorkerLink]) -> str | None:
+    """Why `link` cannot join the `serving` workers, or None: a scheduler serves one model,
+    so a worker must serve the same model name and, where both say, the same vocabulary (a
+    worker restarted with another tokenizer under the same name took every new request of its
+    stage and failed each text prompt's token ids, the sixteenth probe's F6)."""
+    who = f"worker {link.worker_id[:256]!r} at {link.address[:256]}"
+    models = {w.info.model for w in serving}
+    if models and link.info.model not in models:
+        return (
+            f"{who} serves model {link.info.model[:256]!r}, not "
+            f"{', '.join(repr(m[:256]) for m in sorted(models))} as the workers already serving "
+            "do: a scheduler serves one model (start the worker with the same model; vLLM "
+            "workers with the same --served-model-name)"
+        )
+    vocabularies = {w.info.vocab_size for w in serving if w.info.vocab_size}
+    if link.info.vocab_size and vocabularies and link.info.vocab_size not in vocabularies:
+        return (
+            f"{who} serves model {link.info.model[:256]!r} with a vocabulary of "
+            f"{link.info.vocab_size} tokens, not {', '.join(map(str, sorted(vocabularies)))} as "
+            "the workers already serving do: token ids would mean other tokens there (start it "
+            "with the same model and tokenizer)"
+        )
+    return None
+
+
 def _longest_context(info: worker_pb2.WorkerInfo) -> int:
     """The longest request a worker can run: its model's length, or its KV capacity where that
     is less. vLLM refuses to start with less KV than one request of its max_model_len needs;
@@ -265,15 +290,9 @@ class Coordinator:
             await self._keep_out(
                 link, self._said_too_short, "worker_too_short", WorkerTooShort(why)
             )
-        served = {w.info.model for w in self.pool.healthy() if w is not link}
-        if served and link.info.model not in served:
-            why = (
-                f"worker {link.worker_id[:256]!r} at {address[:256]} serves model "
-                f"{link.info.model[:256]!r}, not {', '.join(repr(m[:256]) for m in sorted(served))} "
-                "as the workers already serving do: a scheduler serves one model (start the "
-                "worker with the same model; vLLM workers with the same --served-model-name)"
-            )
-            error = WorkerServesAnotherModel(why)
+        serving = [w for w in self.pool.healthy() if w is not link]
+        if (mismatch := _another_model(link, serving)) is not None:
+            error = WorkerServesAnotherModel(mismatch)
             await self._keep_out(link, self._said_other_model, "worker_serves_another_model", error)
         link.is_healthy = False  # not placeable before its feed is reconciled
         reconciled: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -338,6 +338,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             engine=engine.name,
             model=engine.layout.model,
             max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
             layout=convert.layout_to_proto(engine.layout),
             kv_blocks_total=engine.num_blocks_total,
             kv_peer=convert.kv_peer_to_proto(kv_peer_of(engine)),

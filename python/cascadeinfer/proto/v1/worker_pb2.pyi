@@ -448,12 +448,18 @@ class WorkerInfo(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _builtins.int
     KV_PEER_FIELD_NUMBER: _builtins.int
+    VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     engine: _builtins.str
     """"vllm" or "sim"."""
     model: _builtins.str
     max_model_len: _builtins.int
     kv_blocks_total: _builtins.int
+    vocab_size: _builtins.int
+    """Token ids the model takes: [0, vocab_size). A scheduler keeps out a worker whose
+    vocabulary differs from its serving workers' (token ids mean different tokens there); 0
+    where a worker does not say.
+    """
     @_builtins.property
     def layout(self) -> _common_pb2.KVLayout: ...
     @_builtins.property
@@ -472,10 +478,11 @@ class WorkerInfo(_message.Message):
         layout: _common_pb2.KVLayout | None = ...,
         kv_blocks_total: _builtins.int = ...,
         kv_peer: Global___KVPeer | None = ...,
+        vocab_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kv_peer", b"kv_peer", "layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "kv_blocks_total", b"kv_blocks_total", "kv_peer", b"kv_peer", "layout", b"layout", "max_model_len", b"max_model_len", "model", b"model", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "kv_blocks_total", b"kv_blocks_total", "kv_peer", b"kv_peer", "layout", b"layout", "max_model_len", b"max_model_len", "model", b"model", "vocab_size", b"vocab_size", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -156,6 +156,10 @@ class SimEngine:
         return self._max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
     def num_blocks_total(self) -> int:
         return self._num_blocks
 

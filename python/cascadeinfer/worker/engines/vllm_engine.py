@@ -268,6 +268,10 @@ class VllmEngine:
         return self._config.max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
     def num_blocks_total(self) -> int:
         # Block 0 is vLLM's null block and is never handed out.
         return int(self._scheduler.kv_cache_manager.block_pool.num_gpu_blocks) - 1

@@ -163,6 +163,10 @@ class VllmMpEngine:
         return self._config.max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
     def num_blocks_total(self) -> int:
         return self._num_blocks_total
 
