@@ -129,27 +129,32 @@ def test_a_worker_back_with_a_shorter_length_is_not_placed_on(tmp_path: Path) ->
     assert "at most 1024 tokens, less than the model length 4096" in log
 
 
-def test_a_worker_of_another_model_is_not_placed_on(tmp_path: Path) -> None:
-    """A worker serving another model joining a scheduler whose workers serve one: it was
-    placed on (requests for the one model got the other's output, every other one under
-    round-robin) and `/v1/models` listed both. Now it is kept out, with one
-    `worker_serves_another_model` line naming both models."""
+def second_worker_kept_out(worker_args: list[str], tmp_path: Path) -> str:
+    """A sim worker serving under round-robin, then a second one started with `worker_args`
+    registering: the cluster serves on the first alone. Returns the scheduler's log."""
     first = start_worker(SIM, tmp_path)
     scheduler = start_scheduler(["--workers", first.address, "--policy", "round-robin"], tmp_path)
-    config = tmp_path / "other-model.toml"
-    config.write_text('engine = "sim"\n[sim]\nmodel = "other-model"\nmax_model_len = 4096\n')
     workers = [first]
     try:
         wait_until_workers(scheduler.address, 1)
-        other = ["--config", str(config), "--scheduler", scheduler.address]
-        workers.append(start_worker(other, tmp_path))
+        workers.append(start_worker([*worker_args, "--scheduler", scheduler.address], tmp_path))
         time.sleep(3 * 1.0)  # its registration, and a retry or two
         assert_served_by_one_worker(scheduler.address, prompt_len=100)
     finally:
         for w in workers:
             w.kill()
         scheduler.kill()
-    log = scheduler.log()
+    return scheduler.log()
+
+
+def test_a_worker_of_another_model_is_not_placed_on(tmp_path: Path) -> None:
+    """A worker serving another model joining a scheduler whose workers serve one: it was
+    placed on (requests for the one model got the other's output, every other one under
+    round-robin) and `/v1/models` listed both. Now it is kept out, with one
+    `worker_serves_another_model` line naming both models."""
+    config = tmp_path / "other-model.toml"
+    config.write_text('engine = "sim"\n[sim]\nmodel = "other-model"\nmax_model_len = 4096\n')
+    log = second_worker_kept_out(["--config", str(config)], tmp_path)
     assert log.count('"event": "worker_serves_another_model"') == 1, log[-3000:]
     assert "serves model 'other-model', not 'sim'" in log
 
@@ -159,20 +164,7 @@ def test_a_worker_of_another_vocabulary_is_not_placed_on(tmp_path: Path) -> None
     tokenizer): it was taken in, and every text prompt's ids its stage got were refused
     there (the sixteenth probe's F6). Now it is kept out like a worker of another model, with
     one line naming both vocabularies."""
-    first = start_worker(SIM, tmp_path)
-    scheduler = start_scheduler(["--workers", first.address, "--policy", "round-robin"], tmp_path)
-    workers = [first]
-    try:
-        wait_until_workers(scheduler.address, 1)
-        other = [*SIM, "--sim-vocab-size", "100", "--scheduler", scheduler.address]
-        workers.append(start_worker(other, tmp_path))
-        time.sleep(3 * 1.0)  # its registration, and a retry or two
-        assert_served_by_one_worker(scheduler.address, prompt_len=100)
-    finally:
-        for w in workers:
-            w.kill()
-        scheduler.kill()
-    log = scheduler.log()
+    log = second_worker_kept_out([*SIM, "--sim-vocab-size", "100"], tmp_path)
     assert log.count('"event": "worker_serves_another_model"') == 1, log[-3000:]
     assert "with a vocabulary of 100 tokens, not 32000" in log
 
