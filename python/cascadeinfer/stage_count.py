@@ -738,7 +738,7 @@ def choose_layout(
         for k, fs in rest.items():
             results[k] += [f.result() for f in fs]
         candidates = [
-            _candidate(len(plan.stages), plan, cfg, figures, slo)
+            _candidate(len(plan.stages), plan, cfg, figures)
             for (plan, cfg), figures in zip(runs, results, strict=True)
         ]
         rules = _SplitRules.of(candidates, len(traces), latency_objective(objective))
@@ -762,13 +762,12 @@ def _candidate(
     plan: _core.StagePlan,
     config: CascadeConfig,
     figures: Sequence[Figures],
-    slo: GoodputSlo | None,
     *,
     is_resized: bool = False,
 ) -> Candidate:
-    """A candidate with its figures on each trace it ran (goodput where `slo` measured it)."""
+    """A candidate with its figures on each trace it ran."""
     per_trace = tuple((mean, p99) for mean, p99, _ in figures)
-    shares = tuple(share for _, _, share in figures) if slo is not None else ()
+    shares = tuple(share for _, _, share in figures)
     return Candidate(num_stages, plan, config, per_trace, is_resized, shares)
 
 
@@ -780,7 +779,7 @@ def _search_sizes(
     num_instances: int,
     traces: Sequence[Sequence[TraceEntry]],
     pool: ThreadPoolExecutor,
-    slo: GoodputSlo | None = None,
+    slo: GoodputSlo,
 ) -> list[Candidate]:
     """Layouts with `start`'s stage ranges and other instance counts: one instance at a time
     moves from one stage to another while that cuts `pick`'s score of the layout by SIZE_GAIN,
@@ -830,7 +829,6 @@ def _search_sizes(
                 plan,
                 config,
                 [*figures, *(f.result() for f in rest)],
-                slo,
                 is_resized=True,
             )
             for plan, figures, rest in finalists

@@ -154,7 +154,11 @@ def as_table(result: PlanResult, args: argparse.Namespace) -> str:
         num_traces = max(len(c.per_trace) for c in result.candidates)
         simulated = ", ".join(
             f"{_label(c)} {c.simulated_mean_e2e_s:.2f}/{c.simulated_p99_e2e_s:.1f} s"
-            + (f", goodput {c.simulated_goodput:.1%}" if c.goodput_per_trace else "")
+            + (
+                f", goodput {c.simulated_goodput:.1%}"
+                if not math.isnan(c.simulated_goodput)
+                else ""
+            )
             + (f" (dropped after {len(c.per_trace)} traces)" if c.is_pruned(num_traces) else "")
             for c in result.candidates
         )

@@ -219,7 +219,7 @@ class Coordinator:
         an idle one (`worker/claim.py`). One feed more each, closed at its first message: the
         worker keeps the latest word of its holder."""
         self.is_serving = True
-        reader = FeedReader(self.scheduler_id, self.started_at_s, True)
+        reader = self._feed_reader()
 
         async def tell(link: WorkerLink) -> None:
             feed = link.client.step_feed(reader)
@@ -232,6 +232,10 @@ class Coordinator:
                     await feed.aclose()
 
         await asyncio.gather(*(tell(w) for w in self.pool.healthy()))
+
+    def _feed_reader(self) -> FeedReader:
+        """How this scheduler names itself on a step feed it opens now."""
+        return FeedReader(self.scheduler_id, self.started_at_s, self.is_serving)
 
     async def add_worker(self, address: str, worker_id: str = "") -> WorkerLink:
         """Connects a worker and puts it in the plan once its step feed is up and the ghosts
@@ -480,8 +484,7 @@ class Coordinator:
         settled once the first message (what runs there) is reconciled, or the feed fails."""
         why = "step feed ended"
         try:
-            reader = FeedReader(self.scheduler_id, self.started_at_s, self.is_serving)
-            async for update in link.client.step_feed(reader):
+            async for update in link.client.step_feed(self._feed_reader()):
                 if not reconciled.done():
                     if update.is_draining:  # leaving: nothing may be placed there
                         draining = WorkerUnreachable(f"{link.address}: the worker is draining")
