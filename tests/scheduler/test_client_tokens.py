@@ -7,6 +7,7 @@ A request can be aborted only with the token it was started with."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,45 @@ def test_two_clients_may_choose_the_same_id_and_neither_can_tell(cluster: Cluste
     reader.join(60)
     assert alices[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
     assert {r.request_id for r in alices} == {"same-id"}
+
+
+def test_a_client_aborting_its_own_request_leaves_another_owners_of_the_same_id_alone(
+    cluster: Cluster,
+) -> None:
+    # Bob's request runs on its worker under an id of the scheduler's own (Alice's holds the
+    # id they share there); his Abort once went to the worker under the shared id and ended
+    # Alice's request, while his ran on, unread, to its max_tokens.
+    streams: dict[str, list[scheduler_pb2.ClientGenerateResponse]] = {ALICE: [], BOB: []}
+    started = {ALICE: threading.Event(), BOB: threading.Event()}
+
+    def run(token: str) -> None:
+        for r in cluster.scheduler_stub(token).Generate(request("shared", 8000), timeout=120):
+            streams[token].append(r)
+            started[token].set()
+
+    readers = {t: threading.Thread(target=run, args=(t,)) for t in (ALICE, BOB)}
+    for token in (ALICE, BOB):
+        readers[token].start()
+        assert started[token].wait(60)
+    cluster.scheduler_stub(BOB).Abort(
+        scheduler_pb2.ClientAbortRequest(request_id="shared"), timeout=10
+    )
+    readers[BOB].join(60)
+    assert streams[BOB][-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+    state = cluster.scheduler_stub(CLUSTER).GetClusterState
+    deadline = time.monotonic() + 20
+    while sum(w.num_running for w in state(scheduler_pb2.GetClusterStateRequest()).workers) > 1:
+        assert time.monotonic() < deadline, "Bob's request ran on after his Abort"
+        time.sleep(0.2)
+    received = len(streams[ALICE])
+    time.sleep(0.5)
+    assert readers[ALICE].is_alive(), "Bob's Abort ended Alice's request"
+    assert len(streams[ALICE]) > received, "Alice's request stopped making tokens"
+    cluster.scheduler_stub(ALICE).Abort(
+        scheduler_pb2.ClientAbortRequest(request_id="shared"), timeout=10
+    )
+    readers[ALICE].join(60)
+    assert streams[ALICE][-1].finish_reason == common_pb2.FINISH_REASON_ABORT
 
 
 def test_the_http_api_takes_the_client_tokens(cluster: Cluster) -> None:

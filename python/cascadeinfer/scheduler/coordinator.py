@@ -1286,7 +1286,8 @@ class Coordinator:
         rec.is_aborted_by_client = owner is not None
         self._end(rec, FinishReason.ABORT)
         if link is not None and link.is_healthy:
-            await self._abort_on(link, request_id)
+            # The scheduler's id for it: a client's id can be another owner's request there.
+            await self._abort_on(link, rec.request_id)
 
     def abandon(self, request_id: str) -> None:
         """Ends a request whose client left, and aborts it on its worker in a task of the
