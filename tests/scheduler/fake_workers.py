@@ -58,6 +58,9 @@ class FakeWorker:
     """Fail every load with this status."""
     num_calls: dict[str, int] = field(default_factory=dict)
     """Calls of info and load so far, by name."""
+    requests_taken: list[tuple[str, str]] = field(default_factory=list)
+    """("start" or "abort", request id) in the order the worker took them (a start once it
+    holds the request)."""
     _feed: asyncio.Queue[worker_pb2.StepUpdate | WorkerCallError | None] = field(
         default_factory=asyncio.Queue
     )
@@ -97,6 +100,7 @@ class FakeWorker:
         if self.refuses_ids_in_use and rid in self.started and rid not in self.aborted:
             raise WorkerCallError(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is in use")
         self.started[rid] = request
+        self.requests_taken.append(("start", rid))
 
     async def migrate_out(
         self, request_id: str, target_address: str, timeout_s: float, *, recompute: bool = False
@@ -113,6 +117,7 @@ class FakeWorker:
             await asyncio.sleep(timeout_s)
             raise WorkerCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer from the fake")
         self.aborted.append(request_id)
+        self.requests_taken.append(("abort", request_id))
 
     async def step_feed(self, reader: FeedReader) -> AsyncIterator[worker_pb2.StepUpdate]:
         # A client closed before this feed opened ended the feed it had, not this one: a

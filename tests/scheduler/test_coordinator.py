@@ -405,6 +405,45 @@ async def test_a_stopping_scheduler_ends_every_request_and_aborts_it_on_its_work
     assert "placing" in b.started and b.aborted == ["placing"]
 
 
+async def test_a_request_aborted_while_its_worker_takes_it_is_aborted_there_once_it_has_it(
+    started: list[Coordinator],
+) -> None:
+    """The client's Abort came while the start was in flight: the abort sent then reached the
+    worker before the request did, which then ran on, unread, to its max_tokens (two or three
+    requests a run in the seventeenth probe's start-then-Abort loop)."""
+    c, fakes = await start(started, "a")
+    a = fakes["a"]
+    a.hold_start = asyncio.Event()
+    rec = c.new_request("r", tuple(range(1, 11)), SamplingSpec(1000), 0, None)
+    placing = asyncio.create_task(c.submit(rec))
+    await settle()
+    await c.abort("r")
+    assert rec.finish == FinishReason.ABORT
+    a.hold_start.set()
+    await asyncio.wait_for(placing, 2)
+    await settle()
+    assert a.requests_taken[-2:] == [("start", "r"), ("abort", "r")]
+
+
+async def test_a_request_aborted_during_its_move_is_aborted_on_the_target_it_moved_to(
+    started: list[Coordinator],
+) -> None:
+    """The Abort went to the move's source, which had stopped the request for the move; the
+    move then landed, and the target's copy ran on, unread (the seventeenth probe, F4)."""
+    c, fakes = await start(started, "a", "b", policy="cascade", stages=TWO_STAGES)
+    a, b = fakes["a"], fakes["b"]
+    a.hold_migrate = held = asyncio.Event()
+    rec = await submit(c, "r", 60)
+    a.step(Step("r", 0, (1, 2, 3, 4), 64))  # at the stage bound: the core moves it to b
+    await settle()
+    assert rec.is_moving
+    await c.abort("r")
+    held.set()
+    await settle()
+    assert "r" in b.started and b.requests_taken[-1] == ("abort", "r")
+    assert not c.requests
+
+
 async def test_bursts_larger_than_the_lag_bound_reach_a_client_that_reads(
     started: list[Coordinator],
 ) -> None:

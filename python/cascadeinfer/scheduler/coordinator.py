@@ -924,6 +924,10 @@ class Coordinator:
             dst.running.add(rec.request_id)
             rec.worker_id = dst.worker_id
             rec.owed_by = (src.worker_id, made_at_source)
+        else:
+            # Ended during the move (its client aborted or left): the abort went to the
+            # source, which had stopped it for the move, so the target's copy is nobody's.
+            self._spawn(self._abort_on(dst, rec.request_id))
         # The source's feed may still carry its last tokens; once they are here, nothing it
         # reports under this id is this request's.
         self._forget_holder_later(rec, src.worker_id, made_at_source)
@@ -1222,6 +1226,11 @@ class Coordinator:
             # The scheduler began to stop while the worker took it: nobody will read it, and
             # the abort `cut_off` sent may have come before the request.
             await self.abort_all([(link, rec.request_id)])
+            return True
+        if rec.is_done:
+            # Ended while the worker took it (its client aborted or left): the abort sent then
+            # may have come before the request, which would run on, unread, to its max_tokens.
+            await self._abort_on(link, rec.request_id)
             return True
         if link.is_gone:
             # Its feed ended while the request was being placed: nobody follows it there (the
