@@ -247,6 +247,15 @@ def check_port(name: str, value: int) -> None:
         raise ValueError(f"{name} = {value}: must be in [0, 65535]")
 
 
+def check_address(name: str, address: str) -> None:
+    """An address to dial is HOST:PORT ([IPv6]:PORT) with a port in [1, 65535]: without a
+    port a daemon retried an address that can never answer, and a port past 65535 wrapped
+    around in the resolver, so 127.0.0.1:70000 dialled port 4464 without a word."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{name}: {address!r} is not HOST:PORT (a port in [1, 65535])")
+
+
 class FatalError(Exception):
     """The daemon cannot go on (an essential background task died): `run_daemon` exits 1 after
     the daemon has shut down, so its supervisor restarts it."""

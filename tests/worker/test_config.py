@@ -73,6 +73,10 @@ def test_the_ranks_side_channel_listens_and_is_reached_as_the_daemon_is() -> Non
         (["--link-timeout-s", "nan"], "link_timeout_s = nan"),
         (["--orphan-timeout-s", "nan"], "orphan_timeout_s = nan"),
         (["--drain-timeout-s", "nan"], "drain_timeout_s = nan: must be a finite number >= 0"),
+        # Past 65535 the resolver wrapped the port: 127.0.0.1:70000 dialled port 4464.
+        (["--scheduler", "127.0.0.1:70000"], "scheduler: '127.0.0.1:70000' is not HOST:PORT"),
+        (["--scheduler", "127.0.0.1"], "scheduler: '127.0.0.1' is not HOST:PORT"),
+        (["--advertise-address", "h:99999"], "advertise_address: 'h:99999' is not HOST:PORT"),
     ],
 )
 def test_bad_values_name_the_field(argv: list[str], message: str) -> None:

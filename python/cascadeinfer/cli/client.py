@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cascadeinfer.daemon import check_address
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.security import TlsFiles, client_channel, read_caller_token
 
@@ -31,6 +32,7 @@ def add_connection_args(p: Any) -> None:
 def scheduler_stub(
     address: str, args: argparse.Namespace | None = None, token_file: str = ""
 ) -> scheduler_pb2_grpc.SchedulerServiceStub:
+    check_address("address", address)
     tls, token = TlsFiles(), read_caller_token(token_file)
     if args is not None:
         tls = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)

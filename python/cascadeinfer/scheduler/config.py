@@ -10,7 +10,7 @@ from typing import Any
 
 from cascadeinfer import workloads
 from cascadeinfer.config import POLICY_NAMES
-from cascadeinfer.daemon import check_port, check_seconds
+from cascadeinfer.daemon import check_address, check_port, check_seconds
 from cascadeinfer.scheduler.text import load_tokenizer
 from cascadeinfer.security import (
     TlsFiles,
@@ -132,7 +132,7 @@ class SchedulerConfig:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
         for k, address in enumerate(self.workers):
-            _check_worker_address(address)
+            check_address("workers", address)
             if address in self.workers[:k]:
                 # One worker counted twice: --min-workers (the list's length) is never
                 # reached, and the scheduler served nothing and said nothing.
@@ -265,14 +265,6 @@ def _check_stages(stages: tuple[StageSpec, ...]) -> None:
             raise ValueError(f"stages[{k}] = [{s.min_len}, {s.max_len}): must be non-empty")
         if s.num_workers < 1:
             raise ValueError(f"stages[{k}] has {s.num_workers} workers: must be >= 1")
-
-
-def _check_worker_address(address: str) -> None:
-    """A worker address is HOST:PORT ([IPv6]:PORT): without a port the scheduler would retry
-    an address that can never answer, serving nothing and saying nothing."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"workers: {address!r} is not HOST:PORT (a port in [1, 65535])")
 
 
 def from_toml(path: Path) -> SchedulerConfig:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cascadeinfer.daemon import check_port, check_seconds
+from cascadeinfer.daemon import check_address, check_port, check_seconds
 from cascadeinfer.security import (
     TlsFiles,
     add_tls_arguments,
@@ -68,6 +68,9 @@ class WorkerConfig:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
         check_port("metrics_port", self.metrics_port)
+        for name in ("scheduler", "advertise_address"):
+            if getattr(self, name):
+                check_address(name, getattr(self, name))
         check_seconds("drain_timeout_s", self.drain_timeout_s, may_be_zero=True)
         check_seconds("link_timeout_s", self.link_timeout_s)
         check_seconds("orphan_timeout_s", self.orphan_timeout_s)
