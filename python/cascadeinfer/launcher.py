@@ -45,11 +45,28 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    @property
+    def name(self) -> str:
+        """The daemon's program: cascade-worker or cascade-scheduler."""
+        return Path(str(self.process.args[0])).name  # type: ignore[index]
+
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, then wait (the daemons drain first)."""
+        self.terminate()
+        return self.process.wait(timeout=timeout)
+
+    def terminate(self) -> None:
+        """SIGTERM (the daemon drains, then exits), unless it has exited."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the daemon exits within `timeout` seconds."""
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def kill(self) -> None:
         if self.process.poll() is None:

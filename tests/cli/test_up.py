@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,29 @@ def test_up_with_no_workers_or_too_many_says_so_before_starting_anything(count: 
     assert f"cascade up: error: --workers {count}: must be in [1, 64]" in stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "port = 70000: must be in [0, 65535]"),
+        (["--http-port", "-1"], "http_port = -1: must be in [0, 65535]"),
+        (["--sim-time-scale", "nan"], "sim time_scale = nan"),
+        (["--rate", "nan"], "rate = nan: must be > 0"),
+        (["--stages", "garbage"], "--stages 'garbage': expected MIN-MAX:WORKERS"),
+        (["--profile", "nonexistent"], "profile 'nonexistent' is neither a built-in"),
+        (["--workload", "nonexistent"], "workload 'nonexistent' is neither a preset"),
+        (["--model", "/nonexistent"], "--model is for --engine vllm"),
+        (["--stop-timeout-s", "0"], "--stop-timeout-s = 0.0: must be a finite number > 0"),
+    ],
+)
+def test_a_value_a_daemon_would_refuse_is_refused_before_any_starts(
+    args: list[str], message: str
+) -> None:
+    """Each started the workers, then failed (exit 1) when a daemon refused it, and left a log
+    directory in /tmp; `--model` with the sim engine was silently ignored."""
+    stderr = _refused_before_starting(["--workers", "1", "--http-port", "0", *args], timeout=60)
+    assert f"cascade up: error: {message}" in stderr, stderr
+
+
 @pytest.mark.parametrize("flag", ["--http-port", "--port"])
 def test_up_on_ports_another_cluster_holds_says_why_and_how_to_recover(flag: str) -> None:
     """A second `cascade up` meets the first one's HTTP port (8000 by default): it says so, and
@@ -130,9 +153,11 @@ def test_a_port_taken_while_the_workers_start_gets_the_same_hint(
     assert "choose another with --http-port PORT (0 picks a free port)" in err
 
 
-def _up_with_sim_workers(num_workers: int, log: Path) -> subprocess.Popen[str]:
-    """`cascade up` with sim workers and no demo, its output in `log`."""
-    args = ["up", "--engine", "sim", "--workers", str(num_workers), "--http-port", "0"]
+def _up_with_sim_workers(
+    num_workers: int, log: Path, extra: Sequence[str] = ()
+) -> subprocess.Popen[str]:
+    """`cascade up` with sim workers and no demo (and `extra` flags), its output in `log`."""
+    args = ["up", "--engine", "sim", "--workers", str(num_workers), "--http-port", "0", *extra]
     with open(log, "w") as out:
         return subprocess.Popen(
             [CASCADE, *args, "--no-demo"],
@@ -154,9 +179,11 @@ def _wait_until_serving(process: subprocess.Popen[str], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def _serving_up(num_workers: int, log: Path) -> Iterator[subprocess.Popen[str]]:
+def _serving_up(
+    num_workers: int, log: Path, extra: Sequence[str] = ()
+) -> Iterator[subprocess.Popen[str]]:
     """`cascade up` with sim workers, once it serves; killed on the way out if still running."""
-    process = _up_with_sim_workers(num_workers, log)
+    process = _up_with_sim_workers(num_workers, log, extra)
     try:
         _wait_until_serving(process, log)
         yield process
@@ -282,6 +309,28 @@ def test_a_killed_up_takes_its_daemons_with_it(tmp_path: Path) -> None:
         assert len(started) == 3, [p.cmdline() for p in started]  # two workers, a scheduler
         process.kill()
         process.wait()
+        _assert_all_ended(started)
+
+
+def test_workers_that_do_not_stop_are_killed_together_and_named(tmp_path: Path) -> None:
+    """Two frozen workers (SIGSTOP): `cascade up` stopped them one after another, a silent
+    minute each, then said "cluster stopped" as if they had."""
+    psutil = pytest.importorskip("psutil")
+    log = tmp_path / "up.log"
+    with _serving_up(2, log, ["--stop-timeout-s", "3"]) as process:
+        started = psutil.Process(process.pid).children(recursive=True)
+        workers = [p for p in started if "cascade-worker" in " ".join(p.cmdline())]
+        assert len(workers) == 2, [p.cmdline() for p in started]
+        for w in workers:
+            w.suspend()
+        stopping = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        took = time.monotonic() - stopping
+        text = log.read_text()
+        assert text.count("did not stop within 3 s; killed") == 2, text[-2000:]
+        assert took < 2 * 3, f"{took:.1f} s: the workers were waited on one after another"
+        assert text.splitlines()[-1] == "cluster stopped"
         _assert_all_ended(started)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from cascadeinfer.cli.client import generate, scheduler_stub
 from cascadeinfer.cli.status import format_state
 from cascadeinfer.config import POLICY_NAMES
+from cascadeinfer.daemon import check_seconds
 from cascadeinfer.launcher import (
     LOOPBACK,
     SCHEDULER,
@@ -27,8 +28,13 @@ from cascadeinfer.launcher import (
 )
 from cascadeinfer.proto.v1 import scheduler_pb2, worker_pb2
 from cascadeinfer.proto.v1.scheduler_pb2_grpc import SchedulerServiceStub
+from cascadeinfer.scheduler import config as scheduler_config
 from cascadeinfer.security import token_metadata
+from cascadeinfer.worker import config as worker_config
 from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
+
+STOP_TIMEOUT_S = 60.0
+"""How long the daemons get to drain once told to stop, before `cascade up` kills them."""
 
 
 def add_parser(sub: Any) -> None:
@@ -54,6 +60,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--no-demo", action="store_true", help="skip the demo requests")
     p.add_argument("--exit-after-demo", action="store_true", help="stop the cluster after the demo")
+    p.add_argument(
+        "--stop-timeout-s",
+        type=float,
+        default=STOP_TIMEOUT_S,
+        help="on stop, how long the daemons get to drain before they are killed",
+    )
     p.set_defaults(run=run)
 
 
@@ -72,6 +84,44 @@ def worker_args(args: argparse.Namespace) -> list[str]:
             str(args.sim_time_scale),
         ]
     return ["--engine", "vllm", *(["--model", args.model] if args.model else [])]
+
+
+def scheduler_args(
+    args: argparse.Namespace, workers: str, stages: str | None, tokenizer: Path | None
+) -> list[str]:
+    """The flags `cascade up` passes its scheduler, but for its token: the `workers` it
+    started (comma-separated addresses), the `stages` and the `tokenizer` files when set."""
+    out = ["--workers", workers, "--policy", args.policy]
+    if stages:
+        out += ["--stages", stages]
+    out += ["--port", str(args.port), "--http-port", str(args.http_port)]
+    profile = args.profile or ("cpu-vllm-tiny-llama" if args.engine == "vllm" else None)
+    for flag, value in (("--profile", profile), ("--workload", args.workload)):
+        if value:
+            out += [flag, value]
+    if args.rate is not None:
+        out += ["--rate", str(args.rate)]
+    if tokenizer is not None:
+        out += ["--tokenizer", str(tokenizer)]
+    return out
+
+
+def check_daemon_flags(args: argparse.Namespace) -> None:
+    """Runs the daemons' own checks of what `cascade up` passes them, before any worker starts
+    (a vLLM worker takes minutes to): a value either daemon would refuse (`--port 70000`,
+    `--rate nan`, `--stages` that do not add up, a profile or workload that is not there)
+    raises its ValueError here, so `cascade up` exits 2 at once and leaves nothing behind.
+    It used to start the workers first, then fail with 1 and a log directory in /tmp."""
+    if args.engine == "sim" and args.model:
+        raise ValueError("--model is for --engine vllm: the sim engine has no model")
+    placeholders = ",".join(f"{LOOPBACK}:{k + 1}" for k in range(args.workers))
+    try:
+        worker_config.parse_args(worker_args(args))
+        with tempfile.TemporaryDirectory(prefix="cascade-up-check-") as tmp:
+            tokenizer = tokenizer_for(args, Path(tmp))
+            scheduler_config.parse_args(scheduler_args(args, placeholders, args.stages, tokenizer))
+    except SystemExit as e:  # argparse's own refusal, already printed
+        raise ValueError("a value cascade up passes on was refused (above)") from e
 
 
 def _max_model_len(worker: Daemon, token: str) -> int:
@@ -172,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers {args.workers}: must be in [1, {MAX_LOCAL_WORKERS}]")
     if (taken := taken_port(args)) is not None:
         raise ValueError(taken)
+    check_seconds("--stop-timeout-s", args.stop_timeout_s)
+    check_daemon_flags(args)
     # A closed terminal (SIGHUP) or a supervisor's stop (SIGTERM) stops the cluster as Ctrl-C
     # does, while it starts too: they used to end `cascade up` before its daemons, which then
     # served on with nobody to stop them and the token left in /tmp.
@@ -201,27 +253,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"(logs in {log_dir})", file=sys.stderr)
         return 1
     finally:
-        stop_all(daemons)
+        stop_all(daemons, args.stop_timeout_s)
         # The token opens the cluster; once it is stopped, the file would only linger in /tmp.
         # The directory is this run's own (mkdtemp), so nobody else's file goes; the logs stay.
         token_file.unlink(missing_ok=True)
         print("cluster stopped")
 
 
-def stop_all(daemons: list[Daemon]) -> None:
-    """Drains each daemon, the scheduler first. A second Ctrl-C while they drain kills the rest
-    instead: it had ended `cascade up` with a traceback and left the workers running."""
-    is_impatient = False
-    for d in reversed(daemons):
-        try:
-            if is_impatient:
-                d.kill()
-            else:
-                d.stop(timeout=60)
-        except KeyboardInterrupt:
-            is_impatient = True
+def stop_all(daemons: list[Daemon], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Drains the scheduler (started last, so it stops taking requests first), then every
+    worker at once, each group within `timeout_s`; a daemon still running then (frozen, or
+    stuck) is killed and named. Stopped one by one, each stuck worker cost a silent minute,
+    and the live ones behind it got their SIGTERM only then. A second Ctrl-C while they drain
+    kills the rest instead: it had ended `cascade up` with a traceback and left the workers
+    running."""
+    try:
+        for group in (daemons[-1:], daemons[:-1]):
+            _stop_together(group, timeout_s)
+    except (KeyboardInterrupt, Exception):
+        for d in daemons:
             d.kill()
-        except Exception:
+
+
+def _stop_together(group: list[Daemon], timeout_s: float) -> None:
+    """SIGTERM to every daemon of `group`, then waits for them together; kills and names each
+    one still running after `timeout_s`."""
+    for d in group:
+        d.terminate()
+    deadline = time.monotonic() + timeout_s
+    for d in group:
+        if not d.wait(max(0.0, deadline - time.monotonic())):
+            print(
+                f"cascade up: {d.name} {d.address} did not stop within {timeout_s:g} s; killed",
+                file=sys.stderr,
+                flush=True,
+            )
             d.kill()
 
 
@@ -247,18 +313,8 @@ def _serve(
         if args.policy == "cascade" and not is_planned
         else None
     )
-    sched_args = [*auth, "--workers", ",".join(d.address for d in daemons)]
-    sched_args += ["--policy", args.policy]
-    if stages:
-        sched_args += ["--stages", stages]
-    sched_args += ["--port", str(args.port), "--http-port", str(args.http_port)]
-    profile = args.profile or ("cpu-vllm-tiny-llama" if args.engine == "vllm" else None)
-    for flag, value in (("--profile", profile), ("--workload", args.workload)):
-        if value:
-            sched_args += [flag, value]
-    if args.rate is not None:
-        sched_args += ["--rate", str(args.rate)]
-    sched_args += ["--tokenizer", str(tokenizer_for(args, log_dir))]
+    addresses = ",".join(d.address for d in daemons)
+    sched_args = [*auth, *scheduler_args(args, addresses, stages, tokenizer_for(args, log_dir))]
     scheduler = start_many(SCHEDULER, [sched_args], log_dir, timeout=120, stop_with_parent=True)[0]
     daemons.append(scheduler)
     for d in daemons[:-1]:

@@ -11,6 +11,7 @@ from typing import Any
 from cascadeinfer import workloads
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.daemon import check_address, check_port, check_seconds
+from cascadeinfer.planning import load_profile
 from cascadeinfer.scheduler.text import load_tokenizer
 from cascadeinfer.security import (
     TlsFiles,
@@ -131,6 +132,9 @@ class SchedulerConfig:
             raise ValueError(f"policy = {self.policy!r}: known {', '.join(POLICY_NAMES)}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
+        # Read here, not first by the plan: `cascade up` runs these checks before it starts
+        # any worker.
+        load_profile(self.profile)
         for k, address in enumerate(self.workers):
             check_address("workers", address)
             if address in self.workers[:k]:
