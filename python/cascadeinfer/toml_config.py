@@ -38,7 +38,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     if len(data) > MAX_CONFIG_BYTES:
         raise ValueError(f"{path}: over {MAX_CONFIG_BYTES} bytes; a config file is a few lines")
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not TOML, and tomllib
+        # said only "Invalid statement (at line 1, column 1)".
+        return tomllib.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:

@@ -1,5 +1,6 @@
-"""The commands that dial a scheduler refuse an address they cannot mean, before dialling: a
-port past 65535 wrapped around in the resolver (`127.0.0.1:99999` dialled port 34463)."""
+"""The commands that dial a scheduler refuse what they cannot mean before dialling: an address
+whose port is past 65535 (it wrapped around in the resolver: `127.0.0.1:99999` dialled port
+34463), and prompt token ids the protocol cannot carry."""
 
 from __future__ import annotations
 
@@ -22,3 +23,20 @@ def test_an_address_without_a_port_in_range_is_refused_with_a_line(
     err = capsys.readouterr().err
     assert f"address: '{address}' is not HOST:PORT (a port in [1, 65535])" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ("-1", "token ids are in [0, 4294967295]"),
+        ("4294967296", "token ids are in [0, 4294967295]"),
+        ("1,,2", "expected comma-separated integers"),  # it was taken for 1,2
+        ("1,x", "expected comma-separated integers"),
+    ],
+)
+def test_prompt_token_ids_out_of_the_protocols_range_are_named(
+    ids: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--address", "127.0.0.1:1", "--max-tokens", "1"]
+    assert main([*argv, "--prompt-token-ids", ids]) == 2
+    assert f"--prompt-token-ids {ids!r}: {message}" in capsys.readouterr().err

@@ -91,6 +91,13 @@ def test_unknown_toml_keys_are_refused(tmp_path: Path) -> None:
         from_toml(path)
 
 
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # Windows editors write one; tomllib said only "Invalid statement (at line 1, column 1)".
+    path = tmp_path / "w.toml"
+    path.write_bytes(b"\xef\xbb\xbfport = 5123\n")
+    assert parse_args(["--config", str(path)]).port == 5123
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

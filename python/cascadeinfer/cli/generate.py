@@ -26,10 +26,18 @@ def add_parser(sub: Any) -> None:
 
 
 def parse_token_ids(text: str) -> list[int]:
+    """Comma-separated token ids, each in [0, 2**32) as the protocol carries them: `-1` was
+    refused by protobuf as "Value out of range: -1", not naming the flag, and `1,,2` taken for
+    `1,2`."""
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        ids = [int(t) for t in text.split(",")]
     except ValueError:
-        raise ValueError(f"--prompt-token-ids {text!r}: expected integers") from None
+        raise ValueError(
+            f"--prompt-token-ids {text!r}: expected comma-separated integers"
+        ) from None
+    if not ids or not all(0 <= i < 1 << 32 for i in ids):
+        raise ValueError(f"--prompt-token-ids {text!r}: token ids are in [0, 4294967295]")
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:
