@@ -1230,7 +1230,8 @@ class Coordinator:
         if rec.is_done:
             # Ended while the worker took it (its client aborted or left): the abort sent then
             # may have come before the request, which would run on, unread, to its max_tokens.
-            await self._abort_on(link, rec.request_id)
+            # In a task of its own: the queue's drain waits on this placement.
+            self._spawn(self._abort_on(link, rec.request_id))
             return True
         if link.is_gone:
             # Its feed ended while the request was being placed: nobody follows it there (the
