@@ -87,10 +87,10 @@ def worker_args(args: argparse.Namespace) -> list[str]:
 
 
 def scheduler_args(
-    args: argparse.Namespace, workers: str, stages: str | None, tokenizer: Path | None
+    args: argparse.Namespace, workers: str, stages: str | None, tokenizer: Path
 ) -> list[str]:
     """The flags `cascade up` passes its scheduler, but for its token: the `workers` it
-    started (comma-separated addresses), the `stages` and the `tokenizer` files when set."""
+    started (comma-separated addresses), the `stages` when set, and the `tokenizer` files."""
     out = ["--workers", workers, "--policy", args.policy]
     if stages:
         out += ["--stages", stages]
@@ -101,9 +101,7 @@ def scheduler_args(
             out += [flag, value]
     if args.rate is not None:
         out += ["--rate", str(args.rate)]
-    if tokenizer is not None:
-        out += ["--tokenizer", str(tokenizer)]
-    return out
+    return [*out, "--tokenizer", str(tokenizer)]
 
 
 def check_daemon_flags(args: argparse.Namespace) -> None:
@@ -114,14 +112,11 @@ def check_daemon_flags(args: argparse.Namespace) -> None:
     It used to start the workers first, then fail with 1 and a log directory in /tmp."""
     if args.engine == "sim" and args.model:
         raise ValueError("--model is for --engine vllm: the sim engine has no model")
+    worker_config.parse_args(worker_args(args))
     placeholders = ",".join(f"{LOOPBACK}:{k + 1}" for k in range(args.workers))
-    try:
-        worker_config.parse_args(worker_args(args))
-        with tempfile.TemporaryDirectory(prefix="cascade-up-check-") as tmp:
-            tokenizer = tokenizer_for(args, Path(tmp))
-            scheduler_config.parse_args(scheduler_args(args, placeholders, args.stages, tokenizer))
-    except SystemExit as e:  # argparse's own refusal, already printed
-        raise ValueError("a value cascade up passes on was refused (above)") from e
+    with tempfile.TemporaryDirectory(prefix="cascade-up-check-") as tmp:
+        tokenizer = tokenizer_for(args, Path(tmp))
+        scheduler_config.parse_args(scheduler_args(args, placeholders, args.stages, tokenizer))
 
 
 def _max_model_len(worker: Daemon, token: str) -> int:
