@@ -9,7 +9,9 @@ scheduler and sim worker daemons on loopback; memory is the daemons' RSS from /p
    RESOURCE_EXHAUSTED).
 4. Callers without the token, all at once: 12 calls of a 60 MiB message to a worker started
    with `--auth-token-file`, 40 of 15 MiB to a scheduler likewise: each daemon's RSS before,
-   at its peak and after (every call is refused UNAUTHENTICATED).
+   at its peak and after (every call is refused UNAUTHENTICATED). The same to gRPC health on
+   each daemon's API port (refused UNAUTHENTICATED: health takes the token there) and on its
+   `--health-port` (open, refused RESOURCE_EXHAUSTED for the message's size).
 
     .venv/bin/python bench/bench_abuse.py [--only strangers]
 """
@@ -31,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from cascadeinfer.worker.tiny_model import write_byte_tokenizer
 
-from tests.worker.daemons import SIM_WORKER, Daemon, start_scheduler, workers
+from tests.worker.daemons import SIM_WORKER, Daemon, free_port, start_scheduler, workers
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
 def rss_mib(d: Daemon, field: str = "VmRSS") -> float:
@@ -137,9 +141,12 @@ def idle_readers(scheduler: Daemon, num: int, max_tokens: int) -> None:
     )
 
 
-def strangers(daemon: Daemon, method: str, num_calls: int, size_mib: int) -> None:
+def strangers(
+    daemon: Daemon, method: str, num_calls: int, size_mib: int, port: int | None = None
+) -> None:
     """`num_calls` unary calls of `method` at once, each a junk message of `size_mib` MiB and
-    no token; the daemon's RSS before, at its peak (sampled every 50 ms) and 3 s after."""
+    no token, to the daemon's API port or `port`; the daemon's RSS before, at its peak
+    (sampled every 50 ms) and 3 s after."""
     # Field 2, length-delimited, `size_mib` MiB of junk: refused before it is decoded anyway.
     size = size_mib << 20
     length = bytearray()
@@ -152,9 +159,8 @@ def strangers(daemon: Daemon, method: str, num_calls: int, size_mib: int) -> Non
     codes: list[str] = []
 
     def call() -> None:
-        channel = grpc.insecure_channel(
-            daemon.address, options=[("grpc.max_send_message_length", -1)]
-        )
+        address = daemon.address if port is None else f"127.0.0.1:{port}"
+        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)])
         send = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
         try:
             send(message, timeout=60)
@@ -173,8 +179,10 @@ def strangers(daemon: Daemon, method: str, num_calls: int, size_mib: int) -> Non
         peak = max(peak, rss_mib(daemon))
         time.sleep(0.05)
     time.sleep(3)
+    where = "the API port" if port is None else "the health port"
     print(
-        f"{num_calls} x {size_mib} MiB to {method} without a token: {sorted(set(codes))}; RSS "
+        f"{num_calls} x {size_mib} MiB to {method} on {where} without a token: "
+        f"{sorted(set(codes))}; RSS "
         f"{before:.0f} MiB before, {peak:.0f} at the peak, {rss_mib(daemon):.0f} after"
     )
 
@@ -190,13 +198,20 @@ def main() -> None:
         tmp = Path(tmp_name)
         token = tmp / "token"
         token.write_text("bench-abuse-token")
-        with workers([[*SIM_WORKER, "--auth-token-file", str(token)]], tmp) as (guarded,):
+        auth = ["--auth-token-file", str(token)]
+        worker_health, scheduler_health = free_port(), free_port()
+        worker_args = [*SIM_WORKER, *auth, "--health-port", str(worker_health)]
+        with workers([worker_args], tmp) as (guarded,):
             strangers(guarded, "/cascadeinfer.v1.WorkerService/Generate", 12, 60)
+            strangers(guarded, HEALTH_CHECK, 12, 60)
+            strangers(guarded, HEALTH_CHECK, 12, 60, worker_health)
             scheduler = start_scheduler(
-                ["--workers", guarded.address, "--auth-token-file", str(token)], tmp
+                ["--workers", guarded.address, *auth, "--health-port", str(scheduler_health)], tmp
             )
             try:
                 strangers(scheduler, "/cascadeinfer.v1.SchedulerService/Generate", 40, 15)
+                strangers(scheduler, HEALTH_CHECK, 40, 15)
+                strangers(scheduler, HEALTH_CHECK, 40, 15, scheduler_health)
             finally:
                 scheduler.stop()
         if args.only:

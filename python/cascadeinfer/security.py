@@ -30,8 +30,12 @@ TOKEN_ENV = "CASCADE_AUTH_TOKEN"
 CLIENT_TOKEN_ENV = "CASCADE_CLIENT_TOKEN"
 """Environment variable holding a client token (`read_client_tokens`)."""
 
-OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-"""Services any caller may use without a token: probes and schema discovery."""
+PROBE_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+"""Probes and schema discovery: any token the port takes opens them (the cluster's or a
+client's). They were open to callers without one, and an open method's messages are read whole
+before its handler runs, so strangers' partial messages to health held hundreds of MB
+(docs/reliability.md, F2 of the seventeenth probe). Probes that send no token use the health
+port (`health_port.py`)."""
 
 
 @dataclass(frozen=True)
@@ -304,8 +308,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     `token` (the cluster's) opens every method except those in `client_methods`, which take
     any of `client_tokens` instead (`SchedulerConfig.client_api_tokens`: the clients' and the
-    cluster's). A method no token guards is open. Health and reflection stay open so load
-    balancers and tools can probe the port.
+    cluster's). A method no token guards is open. Health and reflection (PROBE_SERVICES)
+    take any of the tokens; probes without one use the health port (`health_port.py`).
     """
 
     def __init__(
@@ -317,6 +321,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._cluster = [f"Bearer {token}".encode()] if token else []
         self._clients = [f"Bearer {t}".encode() for t in client_tokens]
         self._client_methods = frozenset(client_methods)
+        self._any = [*self._cluster, *(t for t in self._clients if t not in self._cluster)]
 
     async def intercept_service(
         self,
@@ -327,9 +332,14 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         method: str = details.method
-        if handler is None or method.startswith(OPEN_SERVICES):
+        if handler is None:
             return handler
-        expected = self._clients if method in self._client_methods else self._cluster
+        if method.startswith(PROBE_SERVICES):
+            expected = self._any
+        elif method in self._client_methods:
+            expected = self._clients
+        else:
+            expected = self._cluster
         if not expected:
             return handler
         metadata = dict(details.invocation_metadata or ())

@@ -27,6 +27,8 @@ from cascadeinfer.proto.v1 import (
 from cascadeinfer.scheduler.config import parse_args
 from cascadeinfer.security import TlsFiles, client_channel
 from cascadeinfer.worker.tiny_model import write_tiny_llama
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.worker.daemons import SIM_WORKER, Daemon, start_scheduler, workers
 
@@ -89,6 +91,29 @@ def test_each_client_token_opens_generation_and_the_cluster_token_still_does(
     for token in ("", "wrong"):
         with pytest.raises(grpc.RpcError) as e:
             list(cluster.scheduler_stub(token).Generate(request("", 4), timeout=60))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_and_reflection_take_a_client_token_as_well_as_the_cluster_token(
+    cluster: Cluster,
+) -> None:
+    for token in (ALICE, BOB, CLUSTER):
+        channel = client_channel(cluster.scheduler.address, TlsFiles(), token)
+        # Health follows the scheduler within HEALTH_INTERVAL_S, so a first answer may lag.
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+        assert any(r.status == health_pb2.HealthCheckResponse.SERVING for r in watch)
+        watch.cancel()
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        asked = reflection_pb2.ServerReflectionRequest(list_services="")
+        metadata = (("authorization", f"Bearer {token}"),)  # the channel's adds to unary calls
+        listed = next(reflection.ServerReflectionInfo(iter([asked]), metadata=metadata, timeout=10))
+        assert "grpc.health.v1.Health" in {s.name for s in listed.list_services_response.service}
+    for token in ("", "wrong"):
+        channel = client_channel(cluster.scheduler.address, TlsFiles(), token)
+        with pytest.raises(grpc.RpcError) as e:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 

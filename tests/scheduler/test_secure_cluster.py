@@ -171,9 +171,15 @@ def test_missing_or_wrong_token_is_unauthenticated_and_service_keeps_serving(
     with pytest.raises(grpc.RpcError) as e:
         stub.GetClusterState(scheduler_pb2.GetClusterStateRequest(), timeout=30)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    # Health stays open to probes; the API still serves a good caller.
+    # Health takes the token too (probes without one use --health-port); the API still serves
+    # a good caller.
     channel = grpc.secure_channel(cluster.scheduler.address, cluster.credentials())
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    with pytest.raises(grpc.RpcError) as e:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    health = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(), metadata=AUTH, timeout=30
+    )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     out = list(stub.Generate(ids_request([1, 2, 3], 4), metadata=AUTH, timeout=60))
     assert sum(len(r.tokens.token_ids) for r in out) == 4

@@ -94,6 +94,9 @@ class SchedulerConfig:
     stage bound are the pipeline itself and are only capped by max_concurrent_migrations."""
     metrics_port: int = 0
     """Prometheus HTTP exporter; 0 turns it off."""
+    health_port: int = 0
+    """gRPC health alone, open to probes without a token (`health_port.py`); 0 turns it off.
+    With a token, health on the API port takes one."""
     tokenizer: str = ""
     """A Hugging Face tokenizer directory or tokenizer.json for text prompts; empty: token ids only."""
     auth_token_file: str = ""
@@ -164,6 +167,7 @@ class SchedulerConfig:
             "max_optional_migrations_per_s", self.max_optional_migrations_per_s, may_be_zero=True
         )
         check_port("metrics_port", self.metrics_port)
+        check_port("health_port", self.health_port)
         for name in ("ttft_slo_s", "ttft_slo_per_token_s"):
             check_seconds(name, getattr(self, name), may_be_zero=True)
         if self.max_concurrent_migrations < 1:
@@ -379,6 +383,9 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
         help="first-token service level, per prompt token (s; default 0.0002)",
     )
     p.add_argument("--metrics-port", type=int, help="Prometheus exporter port (0: off)")
+    p.add_argument(
+        "--health-port", type=int, help="gRPC health for probes without a token (0: off)"
+    )
     p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json for text prompts")
     p.add_argument(
         "--auth-token-file",
@@ -430,6 +437,7 @@ def parse_args(argv: list[str] | None) -> SchedulerConfig:
             "ttft_slo_s",
             "ttft_slo_per_token_s",
             "metrics_port",
+            "health_port",
             "tokenizer",
             "auth_token_file",
             "client_tokens_file",

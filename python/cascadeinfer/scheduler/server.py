@@ -23,6 +23,7 @@ from cascadeinfer.daemon import (
     raise_descriptor_limit,
     run_daemon,
 )
+from cascadeinfer.health_port import health_server
 from cascadeinfer.metrics_http import serve_metrics
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
@@ -181,14 +182,18 @@ async def serve(config: SchedulerConfig) -> None:
         (SCHEDULER, REGISTRY, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
+    servers = [server]
+    if config.health_port:
+        servers.append(health_server(config.host, config.health_port, health_servicer)[0])
     if config.metrics_port:
         serve_metrics(config.host, config.metrics_port, coordinator.metrics.registry)
-    await server.start()
+    for s in servers:
+        await s.start()
     try:
         http = await start_http_front(config, coordinator) if config.http_port is not None else None
     except ValueError:
-        # A port in use: stop the gRPC server before the loop closes under it.
-        await server.stop(None)
+        # A port in use: stop the gRPC servers before the loop closes under them.
+        await asyncio.gather(*(s.stop(None) for s in servers))
         raise
     structlog.contextvars.bind_contextvars(scheduler=f"{config.host}:{port}")
     failures = coordinator.metrics.background_failures
@@ -210,7 +215,7 @@ async def serve(config: SchedulerConfig) -> None:
         await coordinator.now_serving()  # outranks, on a worker, a scheduler still linking
         _announce(config, port, http)
         await stop.wait()
-    await _shut_down(health_servicer, essential, http, server, coordinator)
+    await _shut_down(health_servicer, essential, http, servers, coordinator)
     for task in essential:
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise FatalError(f"{task.get_name()} failed: {task.exception()!r}")
@@ -233,6 +238,7 @@ def _announce(config: SchedulerConfig, port: int, http: HttpFront | None) -> Non
         client_tokens=len(config.client_tokens),
         tokenizer=config.tokenizer or None,
         http=http.url if http is not None else None,
+        health_port=config.health_port or None,
     )
 
 
@@ -255,20 +261,20 @@ async def _shut_down(
     health_servicer: health.aio.HealthServicer,
     tasks: list[asyncio.Task[None]],
     http: HttpFront | None,
-    server: grpc.aio.Server,
+    servers: list[grpc.aio.Server],
     coordinator: Coordinator,
 ) -> None:
     """In this order: new requests refused (HTTP 503, gRPC UNAVAILABLE) and every accepted one
     ended, so each open stream ends at once with a clear error (`Coordinator.cut_off`); the
     background tasks cancelled and NOT_SERVING; then at the same time the ended requests aborted
-    on their workers (each call bounded) and both servers stopped (connections still open get
+    on their workers (each call bounded) and the servers stopped (connections still open get
     STOP_GRACE_S to write their last answer); then the worker links closed."""
     placed = coordinator.cut_off()
     for task in tasks:
         task.cancel()
     for name in ("", SCHEDULER):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    stopping = [coordinator.abort_all(placed), server.stop(grace=STOP_GRACE_S)]
+    stopping = [coordinator.abort_all(placed), *(s.stop(grace=STOP_GRACE_S) for s in servers)]
     if http is not None:
         stopping.append(http.stop())
     await asyncio.gather(*stopping)

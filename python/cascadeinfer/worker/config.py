@@ -33,6 +33,9 @@ class WorkerConfig:
     """Defaults to host:port."""
     metrics_port: int = 0
     """Prometheus HTTP exporter; 0 turns it off."""
+    health_port: int = 0
+    """gRPC health alone, open to probes without a token (`health_port.py`); 0 turns it off.
+    With a token, health on the API port takes one."""
     scheduler: str = ""
     """cascade-scheduler address to register with (and heartbeat to); empty: none."""
     advertise_address: str = ""
@@ -68,6 +71,7 @@ class WorkerConfig:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
         check_port("metrics_port", self.metrics_port)
+        check_port("health_port", self.health_port)
         for name in ("scheduler", "advertise_address"):
             if getattr(self, name):
                 check_address(name, getattr(self, name))
@@ -116,6 +120,9 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
     p.add_argument("--port", type=int)
     p.add_argument("--worker-id")
     p.add_argument("--metrics-port", type=int)
+    p.add_argument(
+        "--health-port", type=int, help="gRPC health for probes without a token (0: off)"
+    )
     p.add_argument("--drain-timeout-s", type=float)
     p.add_argument(
         "--link-timeout-s",
@@ -176,6 +183,7 @@ def parse_args(argv: list[str] | None) -> WorkerConfig:
             "port",
             "worker_id",
             "metrics_port",
+            "health_port",
             "drain_timeout_s",
             "orphan_timeout_s",
             "link_timeout_s",

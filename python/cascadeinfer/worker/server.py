@@ -26,6 +26,7 @@ from cascadeinfer.daemon import (
     raise_descriptor_limit,
     run_daemon,
 )
+from cascadeinfer.health_port import health_server
 from cascadeinfer.metrics_http import serve_metrics
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.security import BearerTokenInterceptor, add_port
@@ -171,91 +172,106 @@ async def serve(config: WorkerConfig) -> None:
     )
     # Bound before the engine is built: a port in use fails at once, not after a model load.
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
-    if config.metrics_port:
-        serve_metrics(config.host, config.metrics_port, metrics.registry)
-    # From here a stop signal drains (once serving) or ends the engine being built.
-    stop = asyncio.Event()
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
-    engine_loop = EngineLoop(lambda: build_engine(config), loop, on_step)
-    engine = await _built_unless_stopped(engine_loop, stop)
-    if engine is None:
-        ended = await asyncio.to_thread(end_helper_processes)
-        log.info("stopped_while_starting", helper_processes_ended=ended)
-        return
-    worker_id = config.worker_id or f"{config.host}:{port}"
-    structlog.contextvars.bind_contextvars(worker_id=worker_id, engine=engine.name)
-    state = WorkerState(
-        worker_id,
-        engine.name,
-        engine_loop,
-        hub,
-        metrics,
-        tls=config.tls,
-        token=config.auth_token,
-        link_options=keepalive,
-        import_budget=ImportBudget(config.max_import_mib << 20),
-    )
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state), server)
+    # The health port answers NOT_SERVING from the start, through the model's load.
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
+    probes = None
     try:
-        await warm_up(engine_loop)
-    except EngineDead as e:
-        # Nothing was served yet: no request to end, no scheduler told of this worker.
-        log.error("engine_died", error=str(e), during="warm-up")
-        await server.stop(grace=None)
-        engine_loop.stop()
-        await _shut_down_dead(engine)
-        raise FatalError(f"the engine died during warm-up, before serving ({e})") from e
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    # The launcher and tests read this line to learn the port.
-    print(f"cascade-worker serving on {config.host}:{port} engine={engine.name}", flush=True)
-    log.info("serving", port=port, model=engine.layout.model, max_model_len=engine.max_model_len)
-    registration = None
-    if config.scheduler:
-        address = config.advertise_address or f"{config.host}:{port}"
-        registration = Registration(
-            config.scheduler, worker_id, address, engine, config.tls, config.auth_token
+        if config.health_port:
+            probes, _ = health_server(config.host, config.health_port, health_servicer)
+            await probes.start()
+        if config.metrics_port:
+            serve_metrics(config.host, config.metrics_port, metrics.registry)
+        # From here a stop signal drains (once serving) or ends the engine being built.
+        stop = asyncio.Event()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop.set)
+        engine_loop = EngineLoop(lambda: build_engine(config), loop, on_step)
+        engine = await _built_unless_stopped(engine_loop, stop)
+        if engine is None:
+            ended = await asyncio.to_thread(end_helper_processes)
+            log.info("stopped_while_starting", helper_processes_ended=ended)
+            return
+        worker_id = config.worker_id or f"{config.host}:{port}"
+        structlog.contextvars.bind_contextvars(worker_id=worker_id, engine=engine.name)
+        state = WorkerState(
+            worker_id,
+            engine.name,
+            engine_loop,
+            hub,
+            metrics,
+            tls=config.tls,
+            token=config.auth_token,
+            link_options=keepalive,
+            import_budget=ImportBudget(config.max_import_mib << 20),
         )
-        registration.start()
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        await server.start()
+        try:
+            await warm_up(engine_loop)
+        except EngineDead as e:
+            # Nothing was served yet: no request to end, no scheduler told of this worker.
+            log.error("engine_died", error=str(e), during="warm-up")
+            await server.stop(grace=None)
+            engine_loop.stop()
+            await _shut_down_dead(engine)
+            raise FatalError(f"the engine died during warm-up, before serving ({e})") from e
+        for name in ("", SERVICE):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # The launcher and tests read this line to learn the port.
+        print(f"cascade-worker serving on {config.host}:{port} engine={engine.name}", flush=True)
+        log.info(
+            "serving",
+            port=port,
+            health_port=config.health_port or None,
+            model=engine.layout.model,
+            max_model_len=engine.max_model_len,
+        )
+        registration = None
+        if config.scheduler:
+            address = config.advertise_address or f"{config.host}:{port}"
+            registration = Registration(
+                config.scheduler, worker_id, address, engine, config.tls, config.auth_token
+            )
+            registration.start()
 
-    reaper = asyncio.create_task(reap_forever(state, config.orphan_timeout_s))
-    reaper.add_done_callback(_report_crash)
-    engine_loop.died.add_done_callback(lambda _: stop.set())
-    await stop.wait()
-    reaper.cancel()
-    if engine_loop.died.done():
-        await abandon(state, engine_loop.died.result())
-    else:
-        log.info("draining", running=len(hub.requests))
-    state.is_draining = True  # no new requests from here on
-    hub.announce()  # a scheduler on the step feed starts moving the requests away
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if registration is not None:
-        await registration.stop()
-    await drain(state, config.drain_timeout_s)
-    # The streams a caller holds open for what comes next (step feeds, a scheduler's
-    # StartDetached) ended with the drain (`Hub.closed`); the grace is for calls still
-    # answering. After an engine death nothing is left to finish.
-    await server.stop(grace=1 if engine_loop.died.done() else 5)
-    await state.close()
-    engine_loop.stop()
-    if engine_loop.died.done():
-        await _shut_down_dead(engine)
-        raise FatalError(f"the engine died ({engine_loop.died.result()!r}); see engine_died")
-    # Off the event loop: the multiprocess vLLM engine runs its own asyncio loop to shut down,
-    # which cannot run on a thread that runs another (it raised, and the daemon exited 1).
-    await asyncio.to_thread(engine.shutdown)
-    log.info("stopped")
+        reaper = asyncio.create_task(reap_forever(state, config.orphan_timeout_s))
+        reaper.add_done_callback(_report_crash)
+        engine_loop.died.add_done_callback(lambda _: stop.set())
+        await stop.wait()
+        reaper.cancel()
+        if engine_loop.died.done():
+            await abandon(state, engine_loop.died.result())
+        else:
+            log.info("draining", running=len(hub.requests))
+        state.is_draining = True  # no new requests from here on
+        hub.announce()  # a scheduler on the step feed starts moving the requests away
+        for name in ("", SERVICE):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if registration is not None:
+            await registration.stop()
+        await drain(state, config.drain_timeout_s)
+        # The streams a caller holds open for what comes next (step feeds, a scheduler's
+        # StartDetached) ended with the drain (`Hub.closed`); the grace is for calls still
+        # answering. After an engine death nothing is left to finish.
+        await server.stop(grace=1 if engine_loop.died.done() else 5)
+        await state.close()
+        engine_loop.stop()
+        if engine_loop.died.done():
+            await _shut_down_dead(engine)
+            raise FatalError(f"the engine died ({engine_loop.died.result()!r}); see engine_died")
+        # Off the event loop: the multiprocess vLLM engine runs its own asyncio loop to shut down,
+        # which cannot run on a thread that runs another (it raised, and the daemon exited 1).
+        await asyncio.to_thread(engine.shutdown)
+        log.info("stopped")
+    finally:
+        if probes is not None:
+            await probes.stop(grace=None)
 
 
 def main(argv: list[str] | None = None) -> None:
