@@ -609,6 +609,40 @@ def _still_serves(front: Front) -> None:
     assert r.status_code == 200
 
 
+def test_an_http_1_0_client_gets_a_stream_delimited_by_the_close_not_chunked(
+    front: Front,
+) -> None:
+    # HTTP/1.0 has no chunked coding (RFC 9112, 6.1); uvicorn sent it to such a client anyway.
+    body = json.dumps({"model": "sim", "prompt": "hi", "max_tokens": 5, "stream": True}).encode()
+    head = (
+        b"POST /v1/completions HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer "
+        + TOKEN.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    answer, _ = _raw_exchange(front, [head + body])  # it reads until the server closes
+    status, _, rest = answer.partition(b"\r\n")
+    headers, _, events = rest.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 200"), answer[:300]
+    names = {line.split(b":")[0].lower() for line in headers.split(b"\r\n")}
+    assert b"transfer-encoding" not in names and b"content-length" not in names, headers
+    assert b"connection: close" in headers.lower()
+    # The events as they were written, no chunk sizes between them.
+    data = [e.removeprefix(b"data: ") for e in events.split(b"\n\n") if e]
+    assert data[-1] == b"[DONE]", events[-200:]
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks)
+    # A whole answer (it has a Content-Length) is unchanged, and a 1.1 stream is still chunked.
+    models = b"GET /v1/models HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+    answer, _ = _raw_exchange(front, [models + b"\r\n\r\n"])
+    assert b"content-length:" in answer.lower() and b'"object":"list"' in answer.replace(b" ", b"")
+    eleven = head.replace(b"HTTP/1.0", b"HTTP/1.1").replace(
+        b"Host: x", b"Host: x\r\nConnection: close"
+    )
+    answer, _ = _raw_exchange(front, [eleven + body])
+    assert b"transfer-encoding: chunked" in answer.lower()
+    _still_serves(front)
+
+
 def test_an_oversized_request_head_is_431_and_the_connection_closes(front: Front) -> None:
     head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
     headers = [b"X-Filler-%d: %s\r\n" % (k, b"b" * 8000) for k in range(40)]  # 320 KB
@@ -1003,7 +1037,8 @@ def _queue_full_is_429_and_no_worker_is_503(
             held = len(list(fds.iterdir())) - before
             assert held <= EXCESS + 8, f"{held} descriptors held for {4 * EXCESS} connections"
             health = health_pb2_grpc.HealthStub(grpc.insecure_channel(full.address))
-            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            checked = health.Check(health_pb2.HealthCheckRequest(), metadata=AUTH_MD, timeout=10)
+            assert checked.status
         finally:
             for s in idle:
                 s.close()

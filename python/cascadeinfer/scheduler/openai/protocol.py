@@ -21,7 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 
-from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
+from uvicorn._types import (
+    ASGI3Application,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
@@ -99,6 +105,31 @@ class _TargetTooLong(Exception):
     and uvicorn hands the failure to `send_400_response`, which answers 414 instead."""
 
 
+class _CloseDelimitedCycle(RequestResponseCycle):
+    """The exchange of an HTTP/1.0 request. uvicorn's httptools protocol sends a response
+    without a Content-Length (a stream) in chunks whatever the request's version, and HTTP/1.0
+    has no chunked coding (RFC 9112, 6.1: a server must not send it to a 1.0 client): the
+    client reads the chunk sizes as data. Such a response here is delimited by closing the
+    connection instead (RFC 9112, 6.3), which is how a 1.0 client reads any body without a
+    length. Answers with a Content-Length are unchanged."""
+
+    _is_close_delimited = False
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start" and not self.response_started:
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            if b"content-length" not in names and b"transfer-encoding" not in names:
+                self._is_close_delimited = True
+                self.chunked_encoding = False
+                self.keep_alive = False  # the close ends the body
+        elif message["type"] == "http.response.body" and self._is_close_delimited:
+            # uvicorn counts a body down from its Content-Length, which this one has not: let
+            # each piece through, and the last one end it.
+            size = len(message.get("body", b""))
+            self.expected_content_length = size + int(message.get("more_body", False))
+        await super().send(message)
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     """HttpToolsProtocol that refuses an oversized or never-ending request head, answers past
     the connection limit in JSON, and closes connections far past it as they come."""
@@ -174,6 +205,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._in_head = False
         self._stop_head_deadline()
         super().on_headers_complete()
+        # The exchange just made (started, or queued behind a pipelined one); its first send
+        # comes later, from the app's task.
+        cycle = self.cycle
+        is_new = type(cycle) is RequestResponseCycle and not cycle.response_started
+        if self.scope.get("http_version") == "1.0" and is_new:
+            cycle.__class__ = _CloseDelimitedCycle
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
