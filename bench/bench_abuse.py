@@ -12,6 +12,9 @@ scheduler and sim worker daemons on loopback; memory is the daemons' RSS from /p
    at its peak and after (every call is refused UNAUTHENTICATED). The same to gRPC health on
    each daemon's API port (refused UNAUTHENTICATED: health takes the token there) and on its
    `--health-port` (open, refused RESOURCE_EXHAUSTED for the message's size).
+5. Partial messages to the scheduler's `--health-port`: 500 connections, each opening 8 Check
+   calls whose 4 KiB message never completes, held 3 s, three rounds: the scheduler's RSS
+   after each, and whether a fresh Check is answered while they are held.
 
     .venv/bin/python bench/bench_abuse.py [--only strangers]
 """
@@ -19,6 +22,7 @@ scheduler and sim worker daemons on loopback; memory is the daemons' RSS from /p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import threading
@@ -32,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from cascadeinfer.worker.tiny_model import write_byte_tokenizer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests import h2_raw
 from tests.worker.daemons import SIM_WORKER, Daemon, free_port, start_scheduler, workers
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -187,6 +193,45 @@ def strangers(
     )
 
 
+def partial_health(scheduler: Daemon, port: int, num_connections: int, rounds: int) -> None:
+    """`rounds` times: `num_connections` connections to the health `port`, each opening 8
+    Check calls with a 4,096-byte message of which 4,090 bytes come, held 3 s; the
+    scheduler's RSS then and after they close, and a fresh Check's answer meanwhile."""
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    before = rss_mib(scheduler)
+    for k in range(rounds):
+        held = []
+        for _ in range(num_connections):
+            try:
+                s = h2_raw.connect(port)
+            except OSError:
+                continue
+            for stream in range(1, 17, 2):
+                headers = h2_raw.grpc_call_headers("/grpc.health.v1.Health/Check")
+                partial = b"\x00" + (4096).to_bytes(4, "big") + b"\x00" * 4090
+                with contextlib.suppress(OSError):
+                    s.sendall(
+                        h2_raw.frame(h2_raw.HEADERS, h2_raw.END_HEADERS, stream, headers)
+                        + h2_raw.frame(h2_raw.DATA, 0, stream, partial)
+                    )
+            held.append(s)
+        time.sleep(3)
+        try:
+            answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            fresh = health_pb2.HealthCheckResponse.ServingStatus.Name(answer)
+        except grpc.RpcError as e:
+            fresh = e.code().name
+        during = rss_mib(scheduler)
+        for s in held:
+            s.close()
+        time.sleep(1)
+        print(
+            f"round {k + 1}: {num_connections} connections x 8 partial Check messages to the "
+            f"health port: RSS {before:.0f} MiB before, {during:.0f} held, "
+            f"{rss_mib(scheduler):.0f} after; a fresh Check meanwhile: {fresh}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--text-mb", type=int, default=40)
@@ -212,6 +257,7 @@ def main() -> None:
                 strangers(scheduler, "/cascadeinfer.v1.SchedulerService/Generate", 40, 15)
                 strangers(scheduler, HEALTH_CHECK, 40, 15)
                 strangers(scheduler, HEALTH_CHECK, 40, 15, scheduler_health)
+                partial_health(scheduler, scheduler_health, 500, 3)
             finally:
                 scheduler.stop()
         if args.only:

@@ -1,11 +1,16 @@
 """The commands that dial a scheduler refuse what they cannot mean before dialling: an address
 whose port is past 65535 (it wrapped around in the resolver: `127.0.0.1:99999` dialled port
-34463), and prompt token ids the protocol cannot carry."""
+34463), and prompt token ids or a max_tokens the protocol cannot carry; and one that is not a
+scheduler's API port is named as such."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cascadeinfer.cli.main import main
+
+from tests.worker.daemons import SIM_WORKER, workers
 
 
 @pytest.mark.parametrize(
@@ -40,3 +45,26 @@ def test_prompt_token_ids_out_of_the_protocols_range_are_named(
     argv = ["generate", "--address", "127.0.0.1:1", "--max-tokens", "1"]
     assert main([*argv, "--prompt-token-ids", ids]) == 2
     assert f"--prompt-token-ids {ids!r}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("max_tokens", ["0", "-1", "4294967296", "99999999999"])
+def test_max_tokens_out_of_the_protocols_range_is_named(
+    max_tokens: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--address", "127.0.0.1:1", "--prompt-token-ids", "1"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--max-tokens", max_tokens])
+    assert e.value.code == 2
+    assert f"argument --max-tokens: {max_tokens} is out of range" in capsys.readouterr().err
+
+
+def test_an_address_that_is_not_a_schedulers_api_port_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A worker answers UNIMPLEMENTED ("Method not found!") to the scheduler's calls.
+    with workers([SIM_WORKER], tmp_path) as (worker,):
+        for argv in (["status"], ["generate", "--prompt-token-ids", "1", "--max-tokens", "1"]):
+            assert main([*argv, "--address", worker.address]) == 1
+            err = capsys.readouterr().err
+            assert "UNIMPLEMENTED" in err
+            assert f"{worker.address} does not serve the scheduler's API" in err

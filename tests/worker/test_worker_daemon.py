@@ -19,6 +19,7 @@ from cascadeinfer.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from cascadeinfer.worker.engines.helper_guard import GRACE_S
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests import h2_raw
 from tests.worker.daemons import Daemon, start_worker, workers
 from tests.worker.streams import (
     FeedReader,
@@ -484,6 +485,38 @@ def test_health_and_reflection(pair: list[Daemon]) -> None:
         refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     )
     assert svc in [s.name for s in answer.list_services_response.service]
+
+
+def test_a_watch_that_grants_no_window_holds_up_neither_health_nor_the_drain(
+    tmp_path: Path,
+) -> None:
+    """grpc_health's servicer wrote to every Watch under the lock its status changes take: a
+    Watch whose caller grants no flow-control window held the worker at NOT_SERVING's change,
+    so SIGTERM never got past it (docs/reliability.md, "An eighteenth probe", F1). Keepalive
+    pings, which these callers never answer, would end their connections after the link
+    timeout: it is made far longer than the wait here."""
+    d = start_worker([*ARGS["sim"], "--link-timeout-s", "300"], tmp_path)
+    port = int(d.address.rsplit(":", 1)[1])
+    stuck = [h2_raw.connect(port, window=0) for _ in range(3)]
+    try:
+        for s in stuck:
+            h2_raw.open_unary_stream(s, 1, "/grpc.health.v1.Health/Watch", b"")
+        time.sleep(0.5)  # their first status waits on the window they never grant
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(d.address))
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        d.process.send_signal(signal.SIGTERM)
+        # Another watcher hears the drain, and the worker exits with the Watches still held.
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert d.wait(timeout=20), "the worker did not exit while the Watches were held"
+        assert d.process.returncode == 0
+    finally:
+        for s in stuck:
+            s.close()
+        d.kill()
 
 
 @pytest.mark.parametrize("kind", ["sim", "vllm-mp"])

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+
 from cascadeinfer.daemon import check_address
 from cascadeinfer.proto.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.security import TlsFiles, client_channel, read_caller_token
@@ -83,3 +85,15 @@ def generate(
         last.timings,
         "".join(text),
     )
+
+
+def describe_rpc_error(e: grpc.RpcError, address: str) -> str:
+    """What a failed call says, and for UNIMPLEMENTED what it most likely means: the address
+    is not a scheduler's API port (a worker, a health port). gRPC says "Method not found!"."""
+    code: grpc.StatusCode = e.code()
+    text = f"{code.name}: {e.details()}"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        text += (
+            f" ({address} does not serve the scheduler's API: is it a cascade-scheduler's --port?)"
+        )
+    return text

@@ -35,6 +35,9 @@ def _integer(low: int, high: int) -> Callable[[str], int]:
 
 
 seed = _integer(0, MAX_SEED)
+max_tokens = _integer(1, 2**32 - 1)
+"""What the protocol carries (`max_tokens` is a uint32): past it protobuf's "Value out of
+range" named no flag."""
 num_instances = _integer(1, MAX_INSTANCES)
 num_requests = _integer(1, MAX_REQUESTS)
 

@@ -9,7 +9,13 @@ from typing import Any
 
 import grpc
 
-from cascadeinfer.cli.client import add_connection_args, generate, scheduler_stub
+from cascadeinfer.cli import flags
+from cascadeinfer.cli.client import (
+    add_connection_args,
+    describe_rpc_error,
+    generate,
+    scheduler_stub,
+)
 from cascadeinfer.proto.v1 import scheduler_pb2
 
 
@@ -19,7 +25,7 @@ def add_parser(sub: Any) -> None:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-token-ids", help="comma-separated token ids")
     prompt.add_argument("--text", help="a text prompt (needs a tokenizer on the scheduler)")
-    p.add_argument("--max-tokens", type=int, required=True)
+    p.add_argument("--max-tokens", type=flags.max_tokens, required=True)
     p.add_argument("--request-id", default="")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(run=run)
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         stub = scheduler_stub(args.address, args)
         g = generate(stub, prompt, args.max_tokens, args.request_id, stream)
     except grpc.RpcError as e:
-        print(f"cascade generate: {e.code().name}: {e.details()}", file=sys.stderr)
+        print(f"cascade generate: {describe_rpc_error(e, args.address)}", file=sys.stderr)
         return 1
     t = g.timings
     if args.json:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import grpc
 
 from cascadeinfer.cli import bench, calibrate, generate, plan, status, trace, up
+from cascadeinfer.cli.client import describe_rpc_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 2
     except grpc.RpcError as e:
-        print(f"cascade {args.command}: {e.code().name}: {e.details()}", file=sys.stderr)
+        address = getattr(args, "address", "the address")
+        print(f"cascade {args.command}: {describe_rpc_error(e, address)}", file=sys.stderr)
         return 1
     return code
 

@@ -23,7 +23,7 @@ from cascadeinfer.daemon import (
     raise_descriptor_limit,
     run_daemon,
 )
-from cascadeinfer.health_port import health_server
+from cascadeinfer.health_port import HealthService, health_server
 from cascadeinfer.metrics_http import serve_metrics
 from cascadeinfer.proto.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from cascadeinfer.scheduler.config import SchedulerConfig, parse_args
@@ -119,7 +119,7 @@ async def keep_static_workers(coordinator: Coordinator, addresses: tuple[str, ..
             log.info("static_worker_back", worker_id=link.worker_id, address=address)
 
 
-async def report_health(servicer: health.aio.HealthServicer, coordinator: Coordinator) -> None:
+async def report_health(servicer: HealthService, coordinator: Coordinator) -> None:
     """SERVING exactly while a request could be placed (enough workers known and healthy)."""
     last = None
     while True:
@@ -130,7 +130,7 @@ async def report_health(servicer: health.aio.HealthServicer, coordinator: Coordi
         )
         if status != last:
             for name in ("", SCHEDULER):
-                await servicer.set(name, status)
+                servicer.set(name, status)
             log.info("health", serving=status == health_pb2.HealthCheckResponse.SERVING)
             last = status
         await asyncio.sleep(HEALTH_INTERVAL_S)
@@ -176,7 +176,9 @@ async def serve(config: SchedulerConfig) -> None:
         SchedulerServicer(coordinator), server
     )
     registry_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(coordinator), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthService()
+    for name in ("", SCHEDULER):  # until `report_health` says otherwise
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SCHEDULER, REGISTRY, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -258,7 +260,7 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) 
 
 
 async def _shut_down(
-    health_servicer: health.aio.HealthServicer,
+    health_servicer: HealthService,
     tasks: list[asyncio.Task[None]],
     http: HttpFront | None,
     servers: list[grpc.aio.Server],
@@ -273,7 +275,8 @@ async def _shut_down(
     for task in tasks:
         task.cancel()
     for name in ("", SCHEDULER):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer.close()  # every Watch ends with that, not at the end of the grace
     stopping = [coordinator.abort_all(placed), *(s.stop(grace=STOP_GRACE_S) for s in servers)]
     if http is not None:
         stopping.append(http.stop())

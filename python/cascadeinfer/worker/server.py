@@ -26,7 +26,7 @@ from cascadeinfer.daemon import (
     raise_descriptor_limit,
     run_daemon,
 )
-from cascadeinfer.health_port import health_server
+from cascadeinfer.health_port import HealthService, health_server
 from cascadeinfer.metrics_http import serve_metrics
 from cascadeinfer.proto.v1 import worker_pb2, worker_pb2_grpc
 from cascadeinfer.security import BearerTokenInterceptor, add_port
@@ -173,9 +173,9 @@ async def serve(config: WorkerConfig) -> None:
     # Bound before the engine is built: a port in use fails at once, not after a model load.
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     # The health port answers NOT_SERVING from the start, through the model's load.
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthService()
     for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     probes = None
     try:
         if config.health_port:
@@ -222,7 +222,7 @@ async def serve(config: WorkerConfig) -> None:
             await _shut_down_dead(engine)
             raise FatalError(f"the engine died during warm-up, before serving ({e})") from e
         for name in ("", SERVICE):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         # The launcher and tests read this line to learn the port.
         print(f"cascade-worker serving on {config.host}:{port} engine={engine.name}", flush=True)
         log.info(
@@ -252,13 +252,14 @@ async def serve(config: WorkerConfig) -> None:
         state.is_draining = True  # no new requests from here on
         hub.announce()  # a scheduler on the step feed starts moving the requests away
         for name in ("", SERVICE):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if registration is not None:
             await registration.stop()
         await drain(state, config.drain_timeout_s)
         # The streams a caller holds open for what comes next (step feeds, a scheduler's
         # StartDetached) ended with the drain (`Hub.closed`); the grace is for calls still
         # answering. After an engine death nothing is left to finish.
+        health_servicer.close()
         await server.stop(grace=1 if engine_loop.died.done() else 5)
         await state.close()
         engine_loop.stop()
