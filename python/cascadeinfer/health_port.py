@@ -25,6 +25,9 @@ from cascadeinfer.security import TlsFiles, add_port
 
 Status: TypeAlias = int
 """A `HealthCheckResponse.ServingStatus` value."""
+Context: TypeAlias = grpc.aio.ServicerContext[
+    health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+]
 
 
 class HealthService(health_pb2_grpc.HealthServicer):
@@ -59,9 +62,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
     async def Check(
         self,
         request: health_pb2.HealthCheckRequest,
-        context: grpc.aio.ServicerContext[
-            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
-        ],
+        context: Context,
     ) -> health_pb2.HealthCheckResponse:
         status = self._statuses.get(request.service)
         if status is None:
@@ -71,9 +72,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
     async def Watch(
         self,
         request: health_pb2.HealthCheckRequest,
-        context: grpc.aio.ServicerContext[
-            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
-        ],
+        context: Context,
     ) -> None:
         sent = None
         while True:
@@ -142,9 +141,7 @@ class _CheckOnly(health_pb2_grpc.HealthServicer):
     async def Check(
         self,
         request: health_pb2.HealthCheckRequest,
-        context: grpc.aio.ServicerContext[
-            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
-        ],
+        context: Context,
     ) -> health_pb2.HealthCheckResponse:
         return await self._service.Check(request, context)
 
