@@ -40,14 +40,18 @@ class HealthService(health_pb2_grpc.HealthServicer):
     answering SERVING (docs/reliability.md, "An eighteenth probe", F1). Here `set` only records
     and wakes; each Watch writes from its own handler, so a stuck one holds itself alone."""
 
-    def __init__(self) -> None:
-        self._statuses: dict[str, Status] = {}
+    def __init__(self, service: str) -> None:
+        """The daemon's `service` and the whole server ("") share one status, NOT_SERVING
+        until `set`."""
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        self._statuses: dict[str, Status] = {"": not_serving, service: not_serving}
         self._changed = asyncio.Event()
         self._is_closed = False
 
-    def set(self, service: str, status: Status) -> None:
-        """Records `service`'s status; every Watch of it sends the new one."""
-        self._statuses[service] = status
+    def set(self, status: Status) -> None:
+        """Records the daemon's status; every Watch sends the new one."""
+        for service in self._statuses:
+            self._statuses[service] = status
         self._wake()
 
     def close(self) -> None:
@@ -146,11 +150,12 @@ class _CheckOnly(health_pb2_grpc.HealthServicer):
         return await self._service.Check(request, context)
 
 
-def health_server(host: str, port: int, service: HealthService) -> tuple[grpc.aio.Server, int]:
+def health_server(host: str, port: int, service: HealthService) -> grpc.aio.Server:
     """A server bound to `host`:`port`, not yet started, answering `service`'s Check (the API
-    port's own service, so both say the same), and the port it bound. Plaintext: the probes it
-    is for speak no TLS, and a status is all it tells. A port that cannot be bound is a
-    configuration error (ValueError)."""
+    port's own service, so both say the same). Plaintext: the probes it is for speak no TLS,
+    and a status is all it tells. A port that cannot be bound is a configuration error
+    (ValueError)."""
     server = grpc.aio.server(options=HEALTH_SERVER_OPTIONS)
     health_pb2_grpc.add_HealthServicer_to_server(_CheckOnly(service), server)
-    return server, add_port(server, f"{host}:{port}", TlsFiles())
+    add_port(server, f"{host}:{port}", TlsFiles())
+    return server

@@ -129,8 +129,7 @@ async def report_health(servicer: HealthService, coordinator: Coordinator) -> No
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         if status != last:
-            for name in ("", SCHEDULER):
-                servicer.set(name, status)
+            servicer.set(status)
             log.info("health", serving=status == health_pb2.HealthCheckResponse.SERVING)
             last = status
         await asyncio.sleep(HEALTH_INTERVAL_S)
@@ -176,9 +175,7 @@ async def serve(config: SchedulerConfig) -> None:
         SchedulerServicer(coordinator), server
     )
     registry_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(coordinator), server)
-    health_servicer = HealthService()
-    for name in ("", SCHEDULER):  # until `report_health` says otherwise
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer = HealthService(SCHEDULER)  # NOT_SERVING until `report_health` says
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SCHEDULER, REGISTRY, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -186,7 +183,7 @@ async def serve(config: SchedulerConfig) -> None:
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     servers = [server]
     if config.health_port:
-        servers.append(health_server(config.host, config.health_port, health_servicer)[0])
+        servers.append(health_server(config.host, config.health_port, health_servicer))
     if config.metrics_port:
         serve_metrics(config.host, config.metrics_port, coordinator.metrics.registry)
     for s in servers:
@@ -274,8 +271,7 @@ async def _shut_down(
     placed = coordinator.cut_off()
     for task in tasks:
         task.cancel()
-    for name in ("", SCHEDULER):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer.set(health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.close()  # every Watch ends with that, not at the end of the grace
     stopping = [coordinator.abort_all(placed), *(s.stop(grace=STOP_GRACE_S) for s in servers)]
     if http is not None:

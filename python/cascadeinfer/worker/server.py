@@ -173,13 +173,11 @@ async def serve(config: WorkerConfig) -> None:
     # Bound before the engine is built: a port in use fails at once, not after a model load.
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     # The health port answers NOT_SERVING from the start, through the model's load.
-    health_servicer = HealthService()
-    for name in ("", SERVICE):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer = HealthService(SERVICE)
     probes = None
     try:
         if config.health_port:
-            probes, _ = health_server(config.host, config.health_port, health_servicer)
+            probes = health_server(config.host, config.health_port, health_servicer)
             await probes.start()
         if config.metrics_port:
             serve_metrics(config.host, config.metrics_port, metrics.registry)
@@ -221,8 +219,7 @@ async def serve(config: WorkerConfig) -> None:
             engine_loop.stop()
             await _shut_down_dead(engine)
             raise FatalError(f"the engine died during warm-up, before serving ({e})") from e
-        for name in ("", SERVICE):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(health_pb2.HealthCheckResponse.SERVING)
         # The launcher and tests read this line to learn the port.
         print(f"cascade-worker serving on {config.host}:{port} engine={engine.name}", flush=True)
         log.info(
@@ -251,8 +248,7 @@ async def serve(config: WorkerConfig) -> None:
             log.info("draining", running=len(hub.requests))
         state.is_draining = True  # no new requests from here on
         hub.announce()  # a scheduler on the step feed starts moving the requests away
-        for name in ("", SERVICE):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_servicer.set(health_pb2.HealthCheckResponse.NOT_SERVING)
         if registration is not None:
             await registration.stop()
         await drain(state, config.drain_timeout_s)
