@@ -229,3 +229,25 @@ def test_bench_sim_counts_the_capacity_guards_moves_and_can_turn_it_off() -> Non
     assert plain["completed"] == guarded["completed"] == 2000
     baseline = json.loads(cascade("bench", "sim", *args, "--policy", "least-load"))
     assert baseline["capacity_moves"] == baseline["layout_changes"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        # 0 once read as "no rate given" and ran the preset's default rate without a word.
+        (["sim", "--rate", "0"], "--rate"),
+        (["sim", "--rate", "1e-300"], "--rate"),
+        # NaN failed every rate and reported "highest rate within the SLO: 0 req/s".
+        (["sim", "--find-max-rate", "--slo-p99-ttft-s", "nan"], "--slo-p99-ttft-s"),
+        (["compare", "--rates", "1,abc", "--out", "unused"], "--rates"),
+    ],
+)
+def test_a_rate_or_slo_no_run_can_have_is_refused_naming_its_flag(
+    args: list[str], flag: str
+) -> None:
+    out = subprocess.run(
+        [CASCADE, "bench", *args, "--workload", "short-chat", "--requests", "50"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stdout
+    assert f"argument {flag}" in out.stderr and "Traceback" not in out.stderr

@@ -98,6 +98,10 @@ def test_plan_says_whether_it_planned_for_the_capacity_guard() -> None:
         ),
         (["--instances", "1", "--workload", "agentic", "--rate", "1000"], "infeasible"),
         (["--instances", "4", "--workload", "short-chat", "--rate", "-1"], "rate"),
+        # Refused deep in the simulator as "invalid arrival_s = 3.5e299 (request 0)".
+        (["--instances", "4", "--workload", "short-chat", "--rate", "1e-300"], "--rate"),
+        (["--instances", "4", "--workload", "short-chat", "--buckets", "-3"], "--buckets"),
+        (["--instances", "4", "--workload", "short-chat", "--max-stages", "0"], "--max-stages"),
         # 0 once read as "no burstiness given" and planned for Poisson arrivals.
         (["--instances", "4", "--workload", "bimodal", "--arrival", "gamma", "--cv", "0"], "cv"),
         (["--instances", "4", "--workload", "bimodal", "--arrival", "gamma", "--cv", "nan"], "cv"),

@@ -101,12 +101,12 @@ def add_parser(sub: Any) -> None:
     _workload_args(s)
     s.add_argument(
         "--rate",
-        type=float,
+        type=flags.rate,
         help="requests/s (default: a trace's own rate; for a preset, 60%% of the estimated capacity)",
     )
     s.add_argument("--find-max-rate", action="store_true", help="search the highest rate in SLO")
-    s.add_argument("--slo-p99-ttft-s", type=float, default=5.0)
-    s.add_argument("--slo-p99-tpot-s", type=float, default=0.2)
+    s.add_argument("--slo-p99-ttft-s", type=flags.seconds, default=5.0)
+    s.add_argument("--slo-p99-tpot-s", type=flags.seconds, default=0.2)
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=run_sim)
 
@@ -114,10 +114,11 @@ def add_parser(sub: Any) -> None:
     _workload_args(c)
     c.add_argument(
         "--rates",
+        type=flags.rates,
         help="comma-separated requests/s (default: 0.25x to 1.5x of a trace's own rate, or of the rate planned for a preset)",
     )
-    c.add_argument("--slo-p99-ttft-s", type=float, default=5.0)
-    c.add_argument("--slo-p99-tpot-s", type=float, default=0.2)
+    c.add_argument("--slo-p99-ttft-s", type=flags.seconds, default=5.0)
+    c.add_argument("--slo-p99-tpot-s", type=flags.seconds, default=0.2)
     c.add_argument("--no-max-rate", action="store_true", help="skip the sustainable-rate search")
     c.add_argument("--out", default="bench-compare", help="directory for the table and plots")
     c.set_defaults(run=run_compare)
@@ -163,7 +164,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def run_sim(args: argparse.Namespace) -> int:
     setup = _setup(args, args.policy)
-    rate = args.rate or default_rate(setup)
+    rate = default_rate(setup) if args.rate is None else args.rate
     if not args.find_max_rate:
         summary, _ = run_at_rate(setup, rate)
         if args.json:
@@ -212,7 +213,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     base = _setup(args, "cascade")
     if args.rates:
-        rates = [float(r) for r in args.rates.split(",")]
+        rates = args.rates
     else:
         recorded = default_rate(base)
         _check_rescalable(args.workload, recorded)

@@ -51,3 +51,49 @@ def cv(text: str) -> float:
     if not (math.isfinite(value) and 0 < value <= MAX_CV):
         raise argparse.ArgumentTypeError(f"cv = {text}: must be > 0 and at most {MAX_CV:g}")
     return value
+
+
+MIN_RATE = 1e-5
+"""About one request a day. The simulator refuses arrivals past 1e12 s, which MAX_REQUESTS
+requests reach at this rate: below it `--rate 1e-300` was refused as "invalid arrival_s =
+3.5e299 (request 0)", which named no flag."""
+MAX_RATE = 1e9
+"""Past any fleet's capacity by orders of magnitude (a trace at this rate arrives as one
+burst); above it the planner's infeasibility message printed 300-digit numbers."""
+
+
+def rate(text: str) -> float:
+    """Arrivals per second: finite and in [MIN_RATE, MAX_RATE]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and MIN_RATE <= value <= MAX_RATE):
+        raise argparse.ArgumentTypeError(
+            f"rate = {text}: must be in [{MIN_RATE:g}, {MAX_RATE:g}] requests/s"
+        )
+    return value
+
+
+def rates(text: str) -> list[float]:
+    """A comma-separated list of `rate`s."""
+    return [rate(part.strip()) for part in text.split(",")]
+
+
+def seconds(text: str) -> float:
+    """A latency target: finite and > 0 (NaN or a negative bound made every rate fail the SLO,
+    reported as "highest rate within the SLO: 0 req/s")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number of seconds > 0")
+    return value
+
+
+MAX_BUCKETS = 4096
+"""Length buckets of the partition: the dynamic program's time grows with their square
+(256 buckets on 512 instances plan in about 10 s, docs/benchmarks.md)."""
+num_buckets = _integer(1, MAX_BUCKETS)
+max_stages = _integer(1, MAX_INSTANCES)

@@ -32,14 +32,14 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--rate",
-        type=float,
+        type=flags.rate,
         help="arrivals per second (default: the trace's rate, "
         "or 60%% of the fleet's estimated capacity for a preset)",
     )
     add_arrival_arguments(
         p, "arrival process to plan for (a trace file's own gaps unless gamma is named)"
     )
-    p.add_argument("--max-stages", type=int, help="at most this many stages")
+    p.add_argument("--max-stages", type=flags.max_stages, help="at most this many stages")
     p.add_argument(
         "--objective",
         choices=OBJECTIVES,
@@ -52,7 +52,12 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="plan for a scheduler run with --no-capacity-guard (stage sizes stay as planned)",
     )
-    p.add_argument("--buckets", type=int, default=128, help="length buckets (boundary resolution)")
+    p.add_argument(
+        "--buckets",
+        type=flags.num_buckets,
+        default=128,
+        help="length buckets (boundary resolution)",
+    )
     p.add_argument("--seed", type=flags.seed, default=0, help="seed for preset sampling")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)

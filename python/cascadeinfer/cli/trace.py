@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--requests", type=flags.num_requests, required=True, help="number of requests")
     g.add_argument(
         "--rate",
-        type=float,
+        type=flags.rate,
         required=True,
         help="mean arrival rate, requests/s (presets with sessions: the steady-state rate, "
         "reached once sessions overlap; docs/design/workloads.md)",

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cascadeinfer.cli import flags
 from cascadeinfer.cli.client import generate, scheduler_stub
 from cascadeinfer.cli.status import format_state
 from cascadeinfer.config import POLICY_NAMES
@@ -54,7 +55,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--workload", help="preset or trace to plan stages for (default: doubling stages)"
     )
-    p.add_argument("--rate", type=float, help="arrival rate to plan stages for")
+    p.add_argument("--rate", type=flags.rate, help="arrival rate to plan stages for")
     p.add_argument(
         "--sim-time-scale", type=float, default=1.0, help="sim: step time factor (0: no wait)"
     )
