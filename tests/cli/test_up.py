@@ -94,7 +94,7 @@ def test_up_with_no_workers_or_too_many_says_so_before_starting_anything(count: 
         (["--port", "70000"], "port = 70000: must be in [0, 65535]"),
         (["--http-port", "-1"], "http_port = -1: must be in [0, 65535]"),
         (["--sim-time-scale", "nan"], "sim time_scale = nan"),
-        (["--rate", "nan"], "rate = nan: must be > 0"),
+        (["--rate", "nan"], "argument --rate: rate = nan: must be in"),
         (["--stages", "garbage"], "--stages 'garbage': expected MIN-MAX:WORKERS"),
         (["--profile", "nonexistent"], "profile 'nonexistent' is neither a built-in"),
         (["--workload", "nonexistent"], "workload 'nonexistent' is neither a preset"),
