@@ -1110,3 +1110,39 @@ async def test_the_cluster_state_shows_nothing_running_on_a_worker_that_is_gone(
         (await fakes["b"].load(1.0)).num_running,
         (await fakes["b"].load(1.0)).kv_blocks_used,
     )
+
+
+async def test_tokens_a_feed_never_sends_end_the_request_held_on_them(
+    started: list[Coordinator],
+) -> None:
+    """A worker (broken or lying) finishes a request at an index past a gap it never fills, and
+    floods tokens past its max_tokens. The client gets what it asked for at most, and the
+    request ends ABORT after three link timeouts instead of hanging until the client gives up
+    (for ever without a timeout)."""
+    c, fakes = await start(started, "a", tick_interval_s=0.01, worker_link_timeout_s=0.1)
+    a = fakes["a"]
+    rec = await submit(c, "r", 10, max_tokens=50)
+    a.step(Step("r", 0, (1, 2, 3), 13), Step("r", 10, tuple(range(5000)), 5013, LENGTH))
+    await settle()
+    assert rec.tokens == [1, 2, 3] and not rec.is_done
+    assert len(rec.pending) == 40, "only the indices up to max_tokens are kept"
+    assert c.metrics.tokens_past_max._value.get() == 1
+    ticking = asyncio.create_task(c.tick_forever())
+    try:
+        await asyncio.sleep(0.15)
+        assert not rec.is_done, "a gap may fill within the bound (a migration's source)"
+        await asyncio.sleep(0.4)
+        assert rec.is_done and rec.finish == FinishReason.ABORT
+        await settle()
+        assert a.aborted == ["r"]
+    finally:
+        ticking.cancel()
+
+
+async def test_a_worker_that_says_it_holds_no_token_is_kept_out(
+    started: list[Coordinator],
+) -> None:
+    """The first worker sets the length requests are admitted by: one that said 0 was taken
+    in, and every request was then refused as "over 0 bytes"."""
+    with pytest.raises(WorkerUnreachable, match="no request fits"):
+        await start(started, "a", max_model_len=0)

@@ -56,6 +56,15 @@ FEED_LAG_GRACE_S = 2.0
 """How long a migration source's feed is still trusted for the request it gave away, once
 the client has every token the source made (`_forget_holder`)."""
 
+MIN_CONTEXT = 2
+"""The shortest context a worker must hold to be taken in: a prompt token and one output."""
+
+HELD_GAP_LINK_TIMEOUTS = 3
+"""How many `worker_link_timeout_s` a request's tokens may wait on a gap before them
+(`_end_held`). A migration's gap fills once the source's feed brings its last tokens: within
+moments, seconds where a busy scheduler reads its feeds behind; a feed silent for one link
+timeout is a lost link by the link's own measure."""
+
 RECONCILE_TIMEOUT_S = 10.0
 """How long a connecting worker has to open its step feed (whose first message is reconciled)
 before its registration is refused (it registers again with its next heartbeat)."""
@@ -187,6 +196,9 @@ class Coordinator:
         """Set by `cut_off`: new requests are refused with UNAVAILABLE."""
         self._no_worker_since: float | None = None
         """Since when no worker has been healthy (None while one is)."""
+        self._held_on_gaps: dict[str, ClientRequest] = {}
+        """Requests whose delivered tokens or finish wait on a gap before them
+        (`ClientRequest.held_since`), for `_end_held` to look at every tick."""
         self._left_in_plan: set[int] = set()
         """Instances of workers gone or leaving that the core kept (it cannot remove its last
         one); removed once another worker joins."""
@@ -284,6 +296,17 @@ class Coordinator:
         if old is not None:
             self._retire_link(old)
         longest = _longest_context(link.info)
+        if longest < MIN_CONTEXT:
+            # The first worker sets the length every request is admitted by: one that said 0
+            # was taken in, and every request was refused as "over 0 bytes".
+            why = (
+                f"worker {link.worker_id[:256]!r} at {address[:256]} says it holds requests "
+                f"of at most {longest} tokens (max_model_len {link.info.max_model_len}): no "
+                "request fits; check the worker's engine settings"
+            )
+            await self._keep_out(
+                link, self._said_too_short, "worker_too_short", WorkerTooShort(why)
+            )
         if self.policy is not None and longest < self.max_model_len:
             why = (
                 f"worker {link.worker_id[:256]!r} at {address[:256]} holds requests of at most "
@@ -747,7 +770,10 @@ class Coordinator:
                 # source to drop what it was sent. The request goes on where it runs.
                 continue
             if token_ids or finish is not None:
-                rec.deliver(chunk.first_index, token_ids, finish)
+                if rec.deliver(chunk.first_index, token_ids, finish):
+                    self.metrics.tokens_past_max.inc()
+                if rec.held_since is not None:
+                    self._held_on_gaps[rec.request_id] = rec
                 if (
                     rec.finish is None
                     and rec.num_unsent > max_lag
@@ -1018,6 +1044,7 @@ class Coordinator:
             for m in migrations:
                 self._spawn(self._migrate(m))
             self._end_stranded(time.monotonic())
+            self._end_held(time.monotonic())
             self._drain_queue()
 
     def _end_stranded(self, now: float) -> None:
@@ -1041,6 +1068,27 @@ class Coordinator:
             log.warning("stranded_requests_ended", requests=len(stranded))
         for rec in stranded:
             self._end(rec, FinishReason.ABORT)
+
+    def _end_held(self, now: float) -> None:
+        """Ends with ABORT the requests whose tokens or finish have waited on a gap for
+        HELD_GAP_LINK_TIMEOUTS link timeouts: the tokens before it were never sent (a worker's
+        bug or lie). Before, such a request hung until its client gave up, one without a
+        timeout for ever, though its worker had finished it (docs/reliability.md, "A
+        nineteenth probe")."""
+        bound = HELD_GAP_LINK_TIMEOUTS * self.config.worker_link_timeout_s
+        for request_id, rec in list(self._held_on_gaps.items()):
+            if rec.is_done or rec.held_since is None:
+                del self._held_on_gaps[request_id]
+            elif now - rec.held_since >= bound:
+                del self._held_on_gaps[request_id]
+                log.warning(
+                    "tokens_never_came",
+                    request_id=request_id,
+                    worker_id=rec.worker_id,
+                    delivered=len(rec.tokens),
+                    waiting=len(rec.pending),
+                )
+                self._end_and_abort_later(rec)
 
     # --- admission -------------------------------------------------------------------------
     @property

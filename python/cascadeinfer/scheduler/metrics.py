@@ -138,6 +138,12 @@ class SchedulerMetrics:
             "Step-feed entries ignored: a worker reported a request the scheduler did not put there",
             registry=r,
         )
+        self.tokens_past_max = Counter(
+            "cascade_scheduler_tokens_past_max_tokens",
+            "Step-feed entries that carried tokens past their request's max_tokens (dropped: "
+            "a worker's bug or a lie; no engine sends them)",
+            registry=r,
+        )
         self.registrations_refused = Counter(
             "cascade_scheduler_registrations_refused",
             "WorkerRegistry calls refused, by call (register, deregister) and reason (one of "

@@ -76,6 +76,11 @@ class ClientRequest:
     finish: FinishReason | None = None
     finish_after: tuple[int, FinishReason] | None = None
     """A finish that arrived with output index N: it takes effect once N tokens are here."""
+    held_since: float | None = None
+    """Since when delivered tokens or a finish have waited on a gap before them (None while
+    nothing does). A migration's gap fills within moments; one that never fills is a
+    worker's bug or lie, and `coordinator` ends the request after a bound instead of leaving
+    its client waiting for ever."""
     num_sent: int = 0
     """Tokens the client's front has taken (`take_delivery`); the coordinator bounds the rest
     (`tokens[num_sent:]`) by max_stream_lag_tokens once the front stalls (`is_stalled`)."""
@@ -113,10 +118,24 @@ class ClientRequest:
 
     def deliver(
         self, first_index: int, token_ids: Sequence[int], finish: FinishReason | None
-    ) -> None:
-        """Takes tokens from any worker's feed; passes on each index exactly once, in order."""
+    ) -> int:
+        """Takes tokens from any worker's feed; passes on each index exactly once, in order.
+        Returns how many it dropped for lying past `max_tokens`.
+
+        A worker's feed is trusted for the requests placed on it, but not past what they asked
+        for: tokens at index `max_tokens` and beyond are dropped, and a finish beyond it counts
+        at it. Before, a feed that sent tokens past a gap that never filled grew `pending`
+        without bound (a scheduler at 2.1 GB after 8 s, one `generate` of 3,000 tokens), and
+        one that sent more than asked handed them to the client (5,050 tokens for max_tokens
+        50; docs/reliability.md, "A nineteenth probe")."""
         if self.finish is not None:
-            return
+            return 0
+        limit = self.sampling.max_tokens
+        num_dropped = 0
+        if first_index + len(token_ids) > limit:
+            kept = max(0, limit - first_index)
+            num_dropped = len(token_ids) - kept
+            token_ids = token_ids[:kept]
         tokens = self.tokens
         start = len(tokens)
         if first_index == start and not self.pending:
@@ -132,7 +151,7 @@ class ClientRequest:
         if is_fresh and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if finish is not None:
-            self.finish_after = (first_index + len(token_ids), finish)
+            self.finish_after = (min(first_index + len(token_ids), limit), finish)
         # A finish is final only once every token before it has arrived: a migration target
         # can finish the request before the source's last tokens reach the scheduler.
         if self.finish_after is not None and len(tokens) >= self.finish_after[0]:
@@ -140,6 +159,12 @@ class ClientRequest:
             self.finished_at = time.monotonic()
         if is_fresh or self.finish is not None:
             self.has_news.set()
+        if self.finish is None and (self.pending or self.finish_after is not None):
+            if self.held_since is None:
+                self.held_since = time.monotonic()
+        else:
+            self.held_since = None
+        return num_dropped
 
     @property
     def num_unsent(self) -> int:
