@@ -18,12 +18,12 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from cascadeinfer.daemon import CHANNEL_OPTIONS, RECONNECT_OPTIONS
+from cascadeinfer.small_files import read_small_file, read_small_text
 
 TOKEN_ENV = "CASCADE_AUTH_TOKEN"
 """Environment variable holding the cluster's bearer token, for daemons and the CLI alike."""
@@ -62,8 +62,8 @@ class TlsFiles:
             raise ValueError("tls: require_client_cert needs ca (the CA clients are checked with)")
         for name in ("cert", "key", "ca"):
             path = getattr(self, name)
-            if path and not Path(path).is_file():
-                raise ValueError(f"tls: {name} = {path!r} is not a readable file")
+            if path:
+                read_small_file(path, f"tls: {name} =")  # a regular file of a bounded size
         self._check_loads()
 
     def _check_loads(self) -> None:
@@ -91,7 +91,7 @@ class TlsFiles:
 
     def _read(self, name: str) -> bytes | None:
         path = getattr(self, name)
-        return Path(path).read_bytes() if path else None
+        return read_small_file(path, f"tls: {name} =") if path else None
 
     def server_credentials(self) -> grpc.ServerCredentials:
         key, cert = self._read("key"), self._read("cert")
@@ -220,12 +220,9 @@ def read_token(token_file: str) -> str:
     Never from a flag: command lines are visible to every user of the host.
     """
     if token_file:
-        try:
-            token = Path(token_file).read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ValueError(f"auth token file {token_file!r}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"auth token file {token_file!r} is not UTF-8 text") from None
+        # A token is one line of at most MAX_TOKEN_CHARS; a little more is read, so that a
+        # longer one is refused by `checked_token` with its length.
+        token = read_small_text(token_file, "auth token file", 4 * MAX_TOKEN_CHARS).strip()
         if not token:
             raise ValueError(f"auth token file {token_file!r} is empty")
         return checked_token(token, f"auth token file {token_file!r}")
@@ -246,12 +243,7 @@ def read_client_tokens(tokens_file: str) -> tuple[str, ...]:
     (blank lines and lines starting with # skipped), else $CASCADE_CLIENT_TOKEN; () for none,
     and then only the cluster's token (`read_token`) opens the client API."""
     if tokens_file:
-        try:
-            lines = Path(tokens_file).read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise ValueError(f"client tokens file {tokens_file!r}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"client tokens file {tokens_file!r} is not UTF-8 text") from None
+        lines = read_small_text(tokens_file, "client tokens file").splitlines()
         tokens = tuple(
             checked_token(t, f"client tokens file {tokens_file!r}, line {n}")
             for n, t in enumerate((line.strip() for line in lines), start=1)

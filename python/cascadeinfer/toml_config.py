@@ -9,13 +9,14 @@ field's annotation, so the error names the file, the key and what it should be.
 from __future__ import annotations
 
 import dataclasses
-import stat
 import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from cascadeinfer.small_files import read_small_text
 
 MAX_CONFIG_BYTES = 1 << 20
 """Largest config file read. A daemon's config is a few hundred bytes; `--config /dev/zero`
@@ -27,22 +28,11 @@ def read_toml(path: Path) -> dict[str, Any]:
     regular file (a FIFO with no writer hung the daemon at start, silently), over
     MAX_CONFIG_BYTES, not UTF-8 TOML, or nested too deeply to parse (100,000 levels ended the
     daemon with a 3,000-line RecursionError traceback)."""
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not TOML, and tomllib said
+    # only "Invalid statement (at line 1, column 1)".
+    text = read_small_text(path, "config file", MAX_CONFIG_BYTES)
     try:
-        # Checked before opening: opening a FIFO waits for a writer.
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise ValueError(f"{path}: not a regular file")
-        with path.open("rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path}: over {MAX_CONFIG_BYTES} bytes; a config file is a few lines")
-    try:
-        # utf-8-sig: a byte-order mark (Windows editors write one) is not TOML, and tomllib
-        # said only "Invalid statement (at line 1, column 1)".
-        return tomllib.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: {e}") from None
     except RecursionError:

@@ -17,6 +17,7 @@ from cascadeinfer.scheduler.openai.chat_template import (
     read_tokenizer_config,
     token_text,
 )
+from cascadeinfer.small_files import read_small_text
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def load_model_files(tokenizer: Tokenizer, path: str, chat_template_file: str = 
     directory = Path(path) if Path(path).is_dir() else Path(path).parent
     config = read_tokenizer_config(directory)
     if chat_template_file:
-        source: str | None = Path(chat_template_file).read_text(encoding="utf-8")
+        source: str | None = read_small_text(chat_template_file, "chat template")
     else:
         source = find_template(directory, config)
     eos: list[int] = []
