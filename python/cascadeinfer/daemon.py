@@ -229,15 +229,25 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+MAX_SECONDS = 1e6
+"""The largest duration (or rate) a configuration takes: about 11.6 days, past any real
+timeout and short of where gRPC's C integers and nanosecond deadlines overflow (a link timeout
+of 1e7 s ended a daemon with an OverflowError traceback, and a call timeout of 1e10 s failed
+every call at once as past its deadline)."""
+
+
 def check_seconds(name: str, value: float, *, may_be_zero: bool = False) -> None:
     """A duration (or a rate) of the configuration is a finite number above zero (or at least
-    zero): NaN passed every `value <= 0` check, and NaN or infinity then broke the daemon
-    later (a traceback as it set up keepalive, a scheduler that died at its first tick) or
-    quietly turned a bound off (orphaned requests never reaped)."""
+    zero) and at most MAX_SECONDS: NaN passed every `value <= 0` check, and NaN or infinity
+    then broke the daemon later (a traceback as it set up keepalive, a scheduler that died at
+    its first tick) or quietly turned a bound off (orphaned requests never reaped)."""
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not (is_number and math.isfinite(value) and (value >= 0 if may_be_zero else value > 0)):
+    is_above = value >= 0 if may_be_zero else value > 0
+    if not (is_number and math.isfinite(value) and is_above and value <= MAX_SECONDS):
         bound = ">= 0" if may_be_zero else "> 0"
-        raise ValueError(f"{name} = {value!r}: must be a finite number {bound}")
+        raise ValueError(
+            f"{name} = {value!r}: must be a finite number {bound} and at most {MAX_SECONDS:g}"
+        )
 
 
 def check_port(name: str, value: int) -> None:

@@ -156,6 +156,14 @@ def test_token_comes_from_file_or_environment(
         (["--metrics-port", "-1"], "metrics_port = -1: must be in"),
         # As good as no bound on a buffer.
         (["--max-queue", str(10**29)], r"max_queue = 10{29}: must be in \[0, 1000000\]"),
+        # Finite but past gRPC's integers: an OverflowError traceback once the first worker
+        # linked; a call timeout of 1e10 s failed every call at once, one of 1e-7 s queued
+        # every placement again without end.
+        (["--worker-link-timeout-s", "1e7"], "worker_link_timeout_s = 10000000.0: must be a"),
+        (["--worker-call-timeout-s", "1e10"], "at most 1e\\+06"),
+        (["--worker-call-timeout-s", "1e-7"], "worker_call_timeout_s = 1e-07: must be at least"),
+        (["--migration-timeout-s", "0.001"], "migration_timeout_s = 0.001: must be at least"),
+        (["--max-prompt-bytes", "3000000000"], "max_prompt_bytes = 3000000000: must be in"),
     ],
 )
 def test_bad_settings_are_refused_clearly(argv: list[str], message: str) -> None:

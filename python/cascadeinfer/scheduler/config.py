@@ -27,6 +27,14 @@ from cascadeinfer.traces import read_trace
 MAX_QUEUE_LIMIT = 1_000_000
 """Largest `max_queue` (and `max_queue_per_client`) taken: each queued request holds its prompt."""
 
+MAX_PROMPT_BYTES = 1 << 30
+"""Largest `max_prompt_bytes` taken: the gRPC message limit it sets is a 32-bit integer, and
+3,000,000,000 ended the scheduler with an OverflowError traceback."""
+
+MIN_CALL_TIMEOUT_S = 0.01
+"""Shortest `worker_call_timeout_s` and `migration_timeout_s` taken: at 1e-7 s every placement
+timed out and was queued again, without end and without a word."""
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -152,8 +160,10 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not 0 <= value <= MAX_QUEUE_LIMIT:
                 raise ValueError(f"{name} = {value}: must be in [0, {MAX_QUEUE_LIMIT}]")
-        if self.max_prompt_bytes < 0:
-            raise ValueError(f"max_prompt_bytes = {self.max_prompt_bytes}: must be >= 0")
+        if not 0 <= self.max_prompt_bytes <= MAX_PROMPT_BYTES:
+            raise ValueError(
+                f"max_prompt_bytes = {self.max_prompt_bytes}: must be in [0, {MAX_PROMPT_BYTES}]"
+            )
         if self.max_stream_lag_tokens < 1:
             raise ValueError(f"max_stream_lag_tokens = {self.max_stream_lag_tokens}: must be >= 1")
         for name in (
@@ -163,6 +173,12 @@ class SchedulerConfig:
             "tick_interval_s",
         ):
             check_seconds(name, getattr(self, name))
+        for name in ("worker_call_timeout_s", "migration_timeout_s"):
+            if getattr(self, name) < MIN_CALL_TIMEOUT_S:
+                raise ValueError(
+                    f"{name} = {getattr(self, name)!r}: must be at least {MIN_CALL_TIMEOUT_S} s "
+                    "(no call to a worker finishes sooner)"
+                )
         check_seconds(
             "max_optional_migrations_per_s", self.max_optional_migrations_per_s, may_be_zero=True
         )
