@@ -5,6 +5,7 @@ the wire in `cascadeinfer.wire`, so neither daemon imports the other's internals
 from __future__ import annotations
 
 import enum
+import unicodedata
 from dataclasses import dataclass
 
 
@@ -58,6 +59,27 @@ def check_bounded_text(name: str, value: str, max_chars: int) -> None:
         raise EngineError(
             ErrorCode.INVALID_ARGUMENT, f"{name} is longer than {max_chars} characters"
         )
+
+
+MAX_WORKER_ID_CHARS = 256
+"""Longest worker id a worker may take and a registration may give (ids are logged and listed
+by `cascade status`)."""
+
+_UNPRINTABLE = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+"""Unicode categories of characters a terminal acts on or cannot show: control and format
+characters, surrogates, private and unassigned code points, line and paragraph separators."""
+
+
+def worker_id_problem(worker_id: str) -> str | None:
+    """Why `worker_id` cannot name a worker, or None. An id with a newline and ANSI escapes was
+    taken, and `cascade status` printed it raw: it cleared the operator's screen and drew a
+    fake table row; a 300-character one served, then failed every registration for ever."""
+    if len(worker_id) > MAX_WORKER_ID_CHARS:
+        return f"worker_id is longer than {MAX_WORKER_ID_CHARS} characters"
+    for k, char in enumerate(worker_id, start=1):
+        if unicodedata.category(char) in _UNPRINTABLE:
+            return f"worker_id: its character {k} (U+{ord(char):04X}) is not printable"
+    return None
 
 
 MAX_STOP_TOKEN_IDS = 1024

@@ -276,7 +276,7 @@ def test_token_and_certificate_files_a_daemon_cannot_read_are_refused_naming_the
             parse_worker_args(["--engine", "sim", "--auth-token-file", str(path)])
         with pytest.raises(ValueError, match=message):
             read_caller_token(str(path))
-    with pytest.raises(ValueError, match="tls: cert = .*: not a regular file"):
+    with pytest.raises(ValueError, match=r"tls: cert = .*: not a regular file"):
         parse_args(["--tls-cert", "/dev/zero", "--tls-key", "/dev/zero"])
 
 

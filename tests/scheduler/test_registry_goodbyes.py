@@ -187,6 +187,11 @@ def _refuse_some(cluster: Cluster, loner: Daemon) -> None:
             registry_pb2.RegisterWorkerRequest(worker_id="w" * 5000, address="h:1"),
             "INVALID_ARGUMENT",
         ),
+        # ANSI escapes that `cascade status` printed raw onto the operator's terminal.
+        (
+            registry_pb2.RegisterWorkerRequest(worker_id="ok\n\x1b[2J", address="h:1"),
+            "INVALID_ARGUMENT",
+        ),
         (
             registry_pb2.RegisterWorkerRequest(worker_id="impostor", address=loner.address),
             "FAILED_PRECONDITION",
@@ -204,7 +209,7 @@ def _refuse_some(cluster: Cluster, loner: Daemon) -> None:
         assert e.value.code().name == code, request
     assert cluster.refusals() == {
         ("register", "unreachable"): 2.0,
-        ("register", "invalid_argument"): 2.0,
+        ("register", "invalid_argument"): 3.0,
         ("register", "id_mismatch"): 1.0,
         ("deregister", "unknown_worker"): 1.0,
         ("deregister", "invalid_argument"): 1.0,
@@ -213,6 +218,7 @@ def _refuse_some(cluster: Cluster, loner: Daemon) -> None:
     assert sorted((str(line["rpc"]), str(line["reason"])) for line in lines) == sorted(
         [
             ("register", "unreachable"),
+            ("register", "invalid_argument"),
             ("register", "invalid_argument"),
             ("register", "invalid_argument"),
             ("register", "id_mismatch"),

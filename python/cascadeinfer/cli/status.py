@@ -19,18 +19,29 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def shown(text: str) -> str:
+    """`text` as a terminal may print it: what is not printable escaped as Python writes it
+    (ids come from workers and clients; one with ANSI escapes cleared the operator's screen
+    and drew a fake row of this table)."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def format_state(state: scheduler_pb2.ClusterState) -> str:
-    lines = [f"policy {state.policy}; {state.num_migrations} migrations; queue {state.queue_depth}"]
+    lines = [
+        f"policy {shown(state.policy)}; {state.num_migrations} migrations; "
+        f"queue {state.queue_depth}"
+    ]
     lines.append(f"{'stage':>5} {'min_len':>8} {'max_len':>8}  workers")
     for k, s in enumerate(state.stages):
-        lines.append(f"{k:>5} {s.min_len:>8} {s.max_len:>8}  {', '.join(s.worker_ids)}")
+        workers = ", ".join(shown(w) for w in s.worker_ids)
+        lines.append(f"{k:>5} {s.min_len:>8} {s.max_len:>8}  {workers}")
     lines.append(
         f"{'worker':<24} {'stage':>5} {'healthy':>7} {'running':>7} {'kv used':>8} {'engine':>6}"
     )
     for w in state.workers:
         lines.append(
-            f"{w.worker_id:<24} {w.stage:>5} {'yes' if w.is_healthy else 'no':>7} {w.num_running:>7} "
-            f"{w.kv_blocks_used:>8} {w.engine:>6}"
+            f"{shown(w.worker_id):<24} {w.stage:>5} {'yes' if w.is_healthy else 'no':>7} "
+            f"{w.num_running:>7} {w.kv_blocks_used:>8} {shown(w.engine):>6}"
         )
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ from typing import NoReturn
 import grpc
 import structlog
 
-from cascadeinfer.domain import EngineError
+from cascadeinfer.domain import MAX_WORKER_ID_CHARS, EngineError, worker_id_problem
 from cascadeinfer.log_throttle import LogThrottle
 from cascadeinfer.proto.v1 import (
     common_pb2,
@@ -236,7 +236,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return state
 
 
-MAX_REGISTRATION_FIELD = 256
+MAX_REGISTRATION_FIELD = MAX_WORKER_ID_CHARS
 """Longest worker id or address a registration may give (both are logged and listed)."""
 MAX_LOGGED_FIELD = 64
 """Characters of a caller's worker id or address put into a refusal's log line (of its error
@@ -316,6 +316,8 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"{name} is longer than {MAX_REGISTRATION_FIELD} characters",
                 )
+        if (problem := worker_id_problem(worker_id)) is not None:
+            await refuse("invalid_argument", grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             await self.c.add_worker(address, worker_id)
         except WorkerCallError as e:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cascadeinfer.daemon import check_address, check_port, check_seconds
+from cascadeinfer.domain import worker_id_problem
 from cascadeinfer.security import (
     TlsFiles,
     add_tls_arguments,
@@ -75,6 +76,8 @@ class WorkerConfig:
         for name in ("scheduler", "advertise_address"):
             if getattr(self, name):
                 check_address(name, getattr(self, name))
+        if (problem := worker_id_problem(self.worker_id)) is not None:
+            raise ValueError(problem)
         check_seconds("drain_timeout_s", self.drain_timeout_s, may_be_zero=True)
         check_seconds("link_timeout_s", self.link_timeout_s)
         check_seconds("orphan_timeout_s", self.orphan_timeout_s)
