@@ -18,9 +18,17 @@ from cascadeinfer.cli.client import (
 )
 from cascadeinfer.proto.v1 import scheduler_pb2
 
+FINISHED = ("length", "stop")
+"""Finish reasons of a request that ran to its end; any other (abort) exits 1."""
+
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("generate", help="stream one request through a cascade-scheduler")
+    p = sub.add_parser(
+        "generate",
+        help="stream one request through a cascade-scheduler",
+        description="Exits 0 for a request that finished (length or stop), 1 for one that "
+        "failed or that the cluster ended (abort).",
+    )
     add_connection_args(p)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-token-ids", help="comma-separated token ids")
@@ -81,4 +89,6 @@ def run(args: argparse.Namespace) -> int:
             f"\n[{g.request_id}] {len(g.token_ids)} tokens, finish={g.finish_reason}, ttft={t.ttft_s * 1e3:.1f} ms, "
             f"tpot={t.tpot_s * 1e3:.2f} ms, total={t.total_s:.2f} s, migrations={t.num_migrations}"
         )
-    return 0
+    # A request the cluster ended (its worker drained or died with nobody to take it over)
+    # is a failure to a script, though its stream ended cleanly.
+    return 0 if g.finish_reason in FINISHED else 1
