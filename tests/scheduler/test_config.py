@@ -124,8 +124,9 @@ def test_token_comes_from_file_or_environment(
         # It waited for two workers for good, silently, with one there.
         (["--workers", "h:5000,h:5001,h:5000"], "'h:5000' is listed twice"),
         # -1 routed as if it said 1, and 0 fell back to the default, both without a word.
-        (["--min-workers", "-1"], r"min_workers = -1: must be >= 1"),
-        (["--min-workers", "0"], r"min_workers = 0: must be >= 1"),
+        (["--min-workers", "-1"], r"min_workers = -1: must be in \[1, 4096\]"),
+        (["--min-workers", "0"], r"min_workers = 0: must be in \[1, 4096\]"),
+        (["--min-workers", str(10**23)], r"min_workers = 10{23}: must be in"),
         # Checked at start, not once the workers are there (after the servers listened).
         (["--stages", "100-0:1"], r"stages\[0\].min_len = 100: must be 0"),
         (["--stages", "0-100:1,50-8192:1"], r"stages\[1\].min_len = 50: must be 100"),

@@ -1146,3 +1146,23 @@ async def test_a_worker_that_says_it_holds_no_token_is_kept_out(
     in, and every request was then refused as "over 0 bytes"."""
     with pytest.raises(WorkerUnreachable, match="no request fits"):
         await start(started, "a", max_model_len=0)
+
+
+async def test_requests_before_min_workers_joined_are_told_what_the_scheduler_waits_for(
+    started: list[Coordinator],
+) -> None:
+    """One worker of min_workers 2 joined: requests were refused as "none joined yet", and
+    nothing said the scheduler waited for more."""
+    fakes = fake_cluster("a", "b")
+    pool = WorkerPool(lambda address: fakes[address])
+    c = Coordinator(SchedulerConfig(min_workers=2, policy="least-load"), pool)
+    started.append(c)
+    with capture_logs() as logs:
+        await c.add_worker("a")
+    waiting = [e for e in logs if e["event"] == "waiting_for_min_workers"]
+    assert [(e["joined"], e["min_workers"]) for e in waiting] == [(1, 2)]
+    with pytest.raises(SchedulingError, match=r"waiting for min_workers = 2 .*\(1 joined\)"):
+        await submit(c, "r", 10)
+    await c.add_worker("b")
+    rec = await submit(c, "r", 10)
+    assert rec.worker_id in ("a", "b")

@@ -27,6 +27,9 @@ from cascadeinfer.traces import read_trace
 MAX_QUEUE_LIMIT = 1_000_000
 """Largest `max_queue` (and `max_queue_per_client`) taken: each queued request holds its prompt."""
 
+MAX_WORKERS = 4096
+"""Largest `min_workers` taken: the largest fleet `cascade plan` plans for."""
+
 MAX_PROMPT_BYTES = 1 << 30
 """Largest `max_prompt_bytes` taken: the gRPC message limit it sets is a 32-bit integer, and
 3,000,000,000 ended the scheduler with an OverflowError traceback."""
@@ -152,9 +155,10 @@ class SchedulerConfig:
                 # One worker counted twice: --min-workers (the list's length) is never
                 # reached, and the scheduler served nothing and said nothing.
                 raise ValueError(f"workers: {address!r} is listed twice")
-        if self.min_workers < 1:
-            # -1 was taken as 1 and 0 as the default: a typo the operator never heard of.
-            raise ValueError(f"min_workers = {self.min_workers}: must be >= 1")
+        if not 1 <= self.min_workers <= MAX_WORKERS:
+            # -1 was taken as 1 and 0 as the default: a typo the operator never heard of;
+            # 10^23 was taken too, and never met.
+            raise ValueError(f"min_workers = {self.min_workers}: must be in [1, {MAX_WORKERS}]")
         # Bounded: a queue is a buffer, and 10^29 was taken (as good as no bound at all).
         for name in ("max_queue", "max_queue_per_client"):
             value = getattr(self, name)

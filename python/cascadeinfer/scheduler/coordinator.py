@@ -368,7 +368,12 @@ class Coordinator:
             raise WorkerUnreachable(f"{link.address}: the worker left as it joined")
         link.is_healthy = True
         if self.policy is None:
-            if len(self.pool.healthy()) >= self.config.min_workers:
+            joined = len(self.pool.healthy())
+            if joined < self.config.min_workers:
+                log.info(
+                    "waiting_for_min_workers", joined=joined, min_workers=self.config.min_workers
+                )
+            else:
                 making = self._first_plan = asyncio.get_running_loop().create_task(
                     self._make_first_plan(), name="first_plan"
                 )
@@ -1194,6 +1199,13 @@ class Coordinator:
         if self.is_stopping:
             raise SchedulingError(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         if not self.can_place:
+            joined = len(self.pool.healthy())
+            if self.policy is None and joined:
+                raise SchedulingError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"waiting for min_workers = {self.config.min_workers} workers before the "
+                    f"first plan ({joined} joined)",
+                )
             raise SchedulingError(
                 grpc.StatusCode.UNAVAILABLE,
                 "no worker is serving (none joined yet, or all are gone or draining)",
