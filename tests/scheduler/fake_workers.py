@@ -29,6 +29,8 @@ class Step:
 class FakeWorker:
     address: str
     max_model_len: int = 4096
+    vocab_size: int = 0
+    """What its info says of its vocabulary (0: nothing, as an engine that does not say)."""
     started: dict[str, worker_pb2.GenerateRequest] = field(default_factory=dict)
     """Requests started here, by id (moved-in ones included)."""
     aborted: list[str] = field(default_factory=list)
@@ -88,7 +90,10 @@ class FakeWorker:
     async def info(self, timeout_s: float) -> worker_pb2.WorkerInfo:
         self.num_calls["info"] = self.num_calls.get("info", 0) + 1
         return worker_pb2.WorkerInfo(
-            worker_id=self.address, engine="fake", max_model_len=self.max_model_len
+            worker_id=self.address,
+            engine="fake",
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
         )
 
     async def start_detached(self, request: worker_pb2.GenerateRequest, timeout_s: float) -> None:

@@ -1166,3 +1166,28 @@ async def test_requests_before_min_workers_joined_are_told_what_the_scheduler_wa
     await c.add_worker("b")
     rec = await submit(c, "r", 10)
     assert rec.worker_id in ("a", "b")
+
+
+async def test_a_tokenizer_of_another_size_than_the_workers_vocabulary_is_logged(
+    started: list[Coordinator],
+) -> None:
+    """A 1,024-token tokenizer over workers of 32,000: every completion came back 200 with
+    empty text (ids the tokenizer does not know decode to nothing), and nothing was logged."""
+    from tokenizers import Tokenizer, models
+
+    for vocab_size, event, level in [
+        (32_000, "vocabulary_larger_than_tokenizer", "warning"),
+        (2, "tokenizer_larger_than_vocabulary", "error"),
+    ]:
+        fakes = fake_cluster("a")
+        fakes["a"].vocab_size = vocab_size
+        c = Coordinator(SchedulerConfig(policy="least-load"), WorkerPool(fakes.get))
+        started.append(c)
+        c.tokenizer = Tokenizer(models.WordLevel({"x": 0, "y": 1, "z": 2}, unk_token="x"))
+        with capture_logs() as logs:
+            await c.add_worker("a")
+            await c.add_worker("a")  # said once per worker
+        said = [e for e in logs if "tokenizer" in e["event"]]
+        assert [(e["event"], e["log_level"]) for e in said] == [(event, level)]
+        assert (said[0]["tokenizer_tokens"], said[0]["worker_vocabulary"]) == (3, vocab_size)
+        assert (await submit(c, "r", 10)).worker_id == "a", "the worker serves all the same"

@@ -190,6 +190,7 @@ class Coordinator:
         self._said_id_in_use = LogThrottle()
         self._said_too_short = LogThrottle()
         self._said_other_model = LogThrottle()
+        self._said_vocabulary = LogThrottle()
         self._said_held = LogThrottle(HELD_LOG_INTERVAL_S)
         self._is_closing = False
         self.is_stopping = False
@@ -321,6 +322,7 @@ class Coordinator:
         if (mismatch := _another_model(link, serving)) is not None:
             error = WorkerServesAnotherModel(mismatch)
             await self._keep_out(link, self._said_other_model, "worker_serves_another_model", error)
+        self._say_tokenizer_mismatch(link)
         link.is_healthy = False  # not placeable before its feed is reconciled
         reconciled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         follow = self._spawn(self._follow(link, reconciled))
@@ -351,6 +353,34 @@ class Coordinator:
             raise
         log.info("worker_added", worker_id=link.worker_id, address=address, instance=link.instance)
         return link
+
+    def _say_tokenizer_mismatch(self, link: WorkerLink) -> None:
+        """Logs where the scheduler's tokenizer and `link`'s vocabulary differ in size. Output
+        ids the tokenizer does not know decode to nothing: with a 1,024-token tokenizer over
+        workers of 32,000, every completion came back 200 with empty text and nothing was
+        logged. Not refused: vLLM reports its embedding table's size, which models pad past
+        their tokenizer's (so a larger vocabulary is a warning); a smaller one is an error, since
+        text prompts then hold ids the worker refuses."""
+        if self.tokenizer is None or not link.info.vocab_size:
+            return
+        ours, theirs = self.tokenizer.get_vocab_size(), link.info.vocab_size
+        if ours == theirs or not self._said_vocabulary.should_log(link.address, time.monotonic()):
+            return
+        fields = {"worker": link.address, "tokenizer_tokens": ours, "worker_vocabulary": theirs}
+        if theirs > ours:
+            log.warning(
+                "vocabulary_larger_than_tokenizer",
+                **fields,
+                why=f"output ids from {ours} up decode to no text (fine for a model whose "
+                "vocabulary is padded; otherwise --tokenizer is another model's)",
+            )
+        else:
+            log.error(
+                "tokenizer_larger_than_vocabulary",
+                **fields,
+                why=f"text prompts holding ids from {theirs} up are refused; --tokenizer is "
+                "likely another model's",
+            )
 
     async def _first_plan_settled(self) -> None:
         """Returns once no first plan is being made (at once when none is). Waiting is all it
