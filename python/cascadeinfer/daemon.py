@@ -257,6 +257,21 @@ def check_port(name: str, value: int) -> None:
         raise ValueError(f"{name} = {value}: must be in [0, 65535]")
 
 
+def check_distinct_ports(ports: dict[str, int | None]) -> None:
+    """The ports a daemon listens on, by name, are apart (0 and None, any free one or none,
+    excepted): two equal ones failed at the second bind with "the port is in use, or the host
+    is not an address of this machine", naming neither flag."""
+    seen: dict[int, str] = {}
+    for name, port in ports.items():
+        if not port:
+            continue
+        if port in seen:
+            raise ValueError(
+                f"{seen[port]} and {name} are both {port}: each needs a port of its own"
+            )
+        seen[port] = name
+
+
 def check_address(name: str, address: str) -> None:
     """An address to dial is HOST:PORT ([IPv6]:PORT) with a port in [1, 65535]: without a
     port a daemon retried an address that can never answer, and a port past 65535 wrapped

@@ -165,6 +165,9 @@ def test_token_comes_from_file_or_environment(
         (["--worker-call-timeout-s", "1e-7"], "worker_call_timeout_s = 1e-07: must be at least"),
         (["--migration-timeout-s", "0.001"], "migration_timeout_s = 0.001: must be at least"),
         (["--max-prompt-bytes", "3000000000"], "max_prompt_bytes = 3000000000: must be in"),
+        # Refused at the second bind as "the port is in use", naming neither flag.
+        (["--port", "5000", "--health-port", "5000"], "port and health_port are both 5000"),
+        (["--metrics-port", "5001", "--health-port", "5001"], "metrics_port and health_port"),
     ],
 )
 def test_bad_settings_are_refused_clearly(argv: list[str], message: str) -> None:

@@ -79,6 +79,7 @@ def test_the_ranks_side_channel_listens_and_is_reached_as_the_daemon_is() -> Non
             r"worker_id: its character 3 \(U\+000A\) is not printable",
         ),
         (["--worker-id", "w" * 300], "worker_id is longer than 256 characters"),
+        (["--port", "5000", "--metrics-port", "5000"], "port and metrics_port are both 5000"),
         # Past gRPC's C int of keepalive milliseconds: an OverflowError traceback.
         (["--link-timeout-s", "1e7"], "link_timeout_s = 10000000.0: must be a finite number"),
         # Past 65535 the resolver wrapped the port: 127.0.0.1:70000 dialled port 4464.

@@ -10,7 +10,7 @@ from typing import Any
 
 from cascadeinfer import workloads
 from cascadeinfer.config import POLICY_NAMES
-from cascadeinfer.daemon import check_address, check_port, check_seconds
+from cascadeinfer.daemon import check_address, check_distinct_ports, check_port, check_seconds
 from cascadeinfer.planning import load_profile
 from cascadeinfer.scheduler.text import load_tokenizer
 from cascadeinfer.security import (
@@ -188,6 +188,14 @@ class SchedulerConfig:
         )
         check_port("metrics_port", self.metrics_port)
         check_port("health_port", self.health_port)
+        check_distinct_ports(
+            {
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "health_port": self.health_port,
+                "http_port": self.http_port,
+            }
+        )
         for name in ("ttft_slo_s", "ttft_slo_per_token_s"):
             check_seconds(name, getattr(self, name), may_be_zero=True)
         if self.max_concurrent_migrations < 1:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cascadeinfer.daemon import check_address, check_port, check_seconds
+from cascadeinfer.daemon import check_address, check_distinct_ports, check_port, check_seconds
 from cascadeinfer.domain import worker_id_problem
 from cascadeinfer.security import (
     TlsFiles,
@@ -73,6 +73,9 @@ class WorkerConfig:
             raise ValueError(f"port = {self.port}: must be in [0, 65535]")
         check_port("metrics_port", self.metrics_port)
         check_port("health_port", self.health_port)
+        check_distinct_ports(
+            {"port": self.port, "metrics_port": self.metrics_port, "health_port": self.health_port}
+        )
         for name in ("scheduler", "advertise_address"):
             if getattr(self, name):
                 check_address(name, getattr(self, name))
