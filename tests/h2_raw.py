@@ -88,3 +88,26 @@ def is_closed_by_peer(s: socket.socket, wait_s: float) -> bool:
     except ConnectionResetError:
         return True
     return False
+
+
+def server_settings(port: int) -> dict[int, int]:
+    """The settings a server opens an HTTP/2 connection with, by identifier (RFC 9113, 6.5.2;
+    3 is MAX_CONCURRENT_STREAMS)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        data = b""
+        while True:
+            while len(data) < 9:
+                data += s.recv(65536) or b""
+            length = int.from_bytes(data[:3], "big")
+            while len(data) < 9 + length:
+                data += s.recv(65536) or b""
+            kind, flags, payload = data[3], data[4], data[9 : 9 + length]
+            data = data[9 + length :]
+            if kind == SETTINGS and not flags & ACK:
+                return {
+                    int.from_bytes(payload[k : k + 2], "big"): int.from_bytes(
+                        payload[k + 2 : k + 6], "big"
+                    )
+                    for k in range(0, len(payload), 6)
+                }

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cascadeinfer.daemon import HANDSHAKE_TIMEOUT_MS, IDLE_CONNECTION_MS, connection_limit_options
+from cascadeinfer.daemon import (
+    HANDSHAKE_TIMEOUT_MS,
+    IDLE_CONNECTION_MS,
+    STREAMS_PER_CONNECTION,
+    connection_limit_options,
+)
+from cascadeinfer.health_port import HEALTH_STREAMS_PER_CONNECTION
 from cascadeinfer.launcher import SCHEDULER, Daemon, _daemon_env, wait_serving
 from cascadeinfer.scheduler.openai.protocol import EXCESS_CONNECTIONS
 from cascadeinfer.scheduler.openai.server import connection_limit
@@ -27,7 +33,7 @@ from cascadeinfer.worker.tiny_model import write_tiny_tokenizer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import h2_raw
-from tests.worker.daemons import start_scheduler
+from tests.worker.daemons import free_port, start_scheduler
 
 
 def _idle_connections(address: str, count: int) -> list[socket.socket]:
@@ -125,6 +131,21 @@ def test_idle_grpc_connections_are_bounded_and_closed(tmp_path: Path) -> None:
     finally:
         for c in conns:
             c.close()
+        scheduler.kill()
+
+
+def test_a_connection_carries_a_bounded_number_of_calls_at_once(tmp_path: Path) -> None:
+    """gRPC's default is no bound: streams opened and reset at once ("rapid reset") each
+    started a call in Python, and four such connections took a scheduler from 79 to 236 MB.
+    The bound is what the server announces in its first SETTINGS (MAX_CONCURRENT_STREAMS),
+    which gRPC's core enforces before Python sees a stream; the health port keeps its own."""
+    health_port = free_port()
+    scheduler = start_scheduler(["--health-port", str(health_port)], tmp_path)
+    try:
+        port = int(scheduler.address.rsplit(":", 1)[1])
+        assert h2_raw.server_settings(port)[3] == STREAMS_PER_CONNECTION
+        assert h2_raw.server_settings(health_port)[3] == HEALTH_STREAMS_PER_CONNECTION
+    finally:
         scheduler.kill()
 
 

@@ -120,17 +120,29 @@ their client liked, and 1,100 of them took every descriptor of a scheduler limit
 long gets a GOAWAY, and its channel connects again at its next call, as gRPC channels do.
 Streams (a worker's step feed, a client's Generate) are calls: they are never idle."""
 
+STREAMS_PER_CONNECTION = 256
+"""Most calls one connection carries at once (gRPC's default: no bound). A caller that opens
+streams and resets them at once (HTTP/2 "rapid reset", CVE-2023-44487) had grpc-python start a
+call for each, and run the token check's refusal: four such connections for 8 s took a
+scheduler from 79 to 236 MB, kept, at 1.5 cores, and a client's 20-token call beside them took
+up to 1.75 s (0.13 s alone). With the bound, gRPC's core refuses the streams past it before
+Python sees them: 121 MB, and the call beside them at most 0.14 s (docs/reliability.md, "A
+nineteenth probe"). A client that wants more calls at once on one connection waits for a slot
+(gRPC's clients honour the setting) or opens another channel."""
+
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
     ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
+    ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
 ]
 """Every server: gRPC binds with SO_REUSEPORT by default, so a second daemon started on a port
 another one serves on would share it, the kernel spreading new connections over both (clients
 and workers reaching a server other than the one they were given). Without it, that second
 bind fails (`security.add_port` turns that into a configuration error). Connections that do
 not start speaking within HANDSHAKE_TIMEOUT_MS are closed, and so are those that carry no call
-for IDLE_CONNECTION_MS (`connection_limit_options` bounds how many there are at once)."""
+for IDLE_CONNECTION_MS (`connection_limit_options` bounds how many there are at once); one
+carries at most STREAMS_PER_CONNECTION calls at once."""
 
 MAX_GRPC_CONNECTIONS = 10_000
 """Most connections one gRPC server holds at once, however many descriptors it may open: far

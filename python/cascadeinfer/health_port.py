@@ -123,6 +123,9 @@ a connection with a call open, so without it strangers could hold every slot for
 they liked."""
 CONNECTION_AGE_GRACE_MS = 5_000
 
+_HEALTH_OWN = {"grpc.max_connection_idle_ms", "grpc.max_concurrent_streams"}
+"""Options of every server (`daemon.SERVER_OPTIONS`) the health port sets its own way."""
+
 HEALTH_SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", HEALTH_MESSAGE_LIMIT),
     ("grpc.max_send_message_length", HEALTH_MESSAGE_LIMIT),
@@ -131,7 +134,7 @@ HEALTH_SERVER_OPTIONS = [
     ("grpc.max_connection_idle_ms", IDLE_MS),
     ("grpc.max_connection_age_ms", CONNECTION_AGE_MS),
     ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS),
-    *((name, value) for name, value in SERVER_OPTIONS if name != "grpc.max_connection_idle_ms"),
+    *((name, value) for name, value in SERVER_OPTIONS if name not in _HEALTH_OWN),
 ]
 
 
