@@ -42,6 +42,11 @@ ESTIMATE_BACKOFF = 0.7
 """Factor an estimated default rate shrinks by while the partitioner finds it infeasible."""
 ESTIMATE_BACKOFF_TRIES = 12
 
+MAX_INSTANCES = 4096
+"""The largest fleet planned for (`cascade plan --instances`, a scheduler's `min_workers`):
+planning and simulating a fleet take time and memory that grow with it, 512 instances plan in
+about 10 s on 2 cores (docs/benchmarks.md, "Planning time")."""
+
 PRESET_SAMPLES = 20_000
 
 

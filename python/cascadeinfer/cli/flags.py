@@ -9,10 +9,9 @@ import argparse
 import math
 from collections.abc import Callable
 
+from cascadeinfer.planning import MAX_INSTANCES
+
 MAX_SEED = 2**32 - 1
-MAX_INSTANCES = 4096
-"""Planning and simulating a fleet take time and memory that grow with it: 512 instances plan
-in about 10 s on 2 cores (docs/benchmarks.md, "Planning time")."""
 MAX_REQUESTS = 10_000_000
 """A simulated request holds about a hundred bytes of state and a million run in seconds."""
 MAX_CV = 100.0
@@ -34,6 +33,13 @@ def _integer(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 seed = _integer(0, MAX_SEED)
 max_tokens = _integer(1, 2**32 - 1)
 """What the protocol carries (`max_tokens` is a uint32): past it protobuf's "Value out of
@@ -44,10 +50,7 @@ num_requests = _integer(1, MAX_REQUESTS)
 
 def cv(text: str) -> float:
     """A coefficient of variation: finite, > 0 and at most MAX_CV."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not (math.isfinite(value) and 0 < value <= MAX_CV):
         raise argparse.ArgumentTypeError(f"cv = {text}: must be > 0 and at most {MAX_CV:g}")
     return value
@@ -64,10 +67,7 @@ burst); above it the planner's infeasibility message printed 300-digit numbers."
 
 def rate(text: str) -> float:
     """Arrivals per second: finite and in [MIN_RATE, MAX_RATE]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not (math.isfinite(value) and MIN_RATE <= value <= MAX_RATE):
         raise argparse.ArgumentTypeError(
             f"rate = {text}: must be in [{MIN_RATE:g}, {MAX_RATE:g}] requests/s"
@@ -83,10 +83,7 @@ def rates(text: str) -> list[float]:
 def seconds(text: str) -> float:
     """A latency target: finite and > 0 (NaN or a negative bound made every rate fail the SLO,
     reported as "highest rate within the SLO: 0 req/s")."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text}: must be a finite number of seconds > 0")
     return value

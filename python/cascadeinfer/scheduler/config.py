@@ -11,7 +11,7 @@ from typing import Any
 from cascadeinfer import workloads
 from cascadeinfer.config import POLICY_NAMES
 from cascadeinfer.daemon import check_address, check_distinct_ports, check_port, check_seconds
-from cascadeinfer.planning import load_profile
+from cascadeinfer.planning import MAX_INSTANCES, load_profile
 from cascadeinfer.scheduler.text import load_tokenizer
 from cascadeinfer.security import (
     TlsFiles,
@@ -26,9 +26,6 @@ from cascadeinfer.traces import read_trace
 
 MAX_QUEUE_LIMIT = 1_000_000
 """Largest `max_queue` (and `max_queue_per_client`) taken: each queued request holds its prompt."""
-
-MAX_WORKERS = 4096
-"""Largest `min_workers` taken: the largest fleet `cascade plan` plans for."""
 
 MAX_PROMPT_BYTES = 1 << 30
 """Largest `max_prompt_bytes` taken: the gRPC message limit it sets is a 32-bit integer, and
@@ -155,10 +152,10 @@ class SchedulerConfig:
                 # One worker counted twice: --min-workers (the list's length) is never
                 # reached, and the scheduler served nothing and said nothing.
                 raise ValueError(f"workers: {address!r} is listed twice")
-        if not 1 <= self.min_workers <= MAX_WORKERS:
+        if not 1 <= self.min_workers <= MAX_INSTANCES:
             # -1 was taken as 1 and 0 as the default: a typo the operator never heard of;
             # 10^23 was taken too, and never met.
-            raise ValueError(f"min_workers = {self.min_workers}: must be in [1, {MAX_WORKERS}]")
+            raise ValueError(f"min_workers = {self.min_workers}: must be in [1, {MAX_INSTANCES}]")
         # Bounded: a queue is a buffer, and 10^29 was taken (as good as no bound at all).
         for name in ("max_queue", "max_queue_per_client"):
             value = getattr(self, name)

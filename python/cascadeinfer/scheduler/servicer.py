@@ -308,16 +308,15 @@ class RegistryServicer(registry_pb2_grpc.WorkerRegistryServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "worker_id and address are required",
             )
-        for name in ("worker_id", "address"):
-            if len(getattr(request, name)) > MAX_REGISTRATION_FIELD:
-                # Not echoed: a long value in the error overflowed gRPC's metadata limit.
-                await refuse(
-                    "invalid_argument",
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{name} is longer than {MAX_REGISTRATION_FIELD} characters",
-                )
+        # Neither is echoed: a long value in the error overflowed gRPC's metadata limit.
         if (problem := worker_id_problem(worker_id)) is not None:
             await refuse("invalid_argument", grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if len(address) > MAX_REGISTRATION_FIELD:
+            await refuse(
+                "invalid_argument",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"address is longer than {MAX_REGISTRATION_FIELD} characters",
+            )
         try:
             await self.c.add_worker(address, worker_id)
         except WorkerCallError as e:
